@@ -1,0 +1,527 @@
+//! Map names, keys, values and counter indices shared by `lb-ebpf` and `lb-daemon`.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields (so no byte the kernel copies is
+//! left uninitialised) and a compile-time size assertion. Addresses are 16 bytes wide so IPv6
+//! needs no ABI change; ports and addresses are kept in network byte order, as on the wire.
+
+/// Map names, as they appear in the eBPF object (and in `bpftool map`).
+pub mod maps {
+    /// (VIP, port, protocol) -> [`super::Service`].
+    pub const SERVICES: &str = "services";
+    /// Server index -> [`super::Server`]; one entry per (service, server) line.
+    pub const SERVERS: &str = "servers";
+    /// Per-service scheduler rows: `service id * RING_SIZE + slot` -> server index.
+    pub const SCHED_TABLE: &str = "sched_table";
+    /// Per-CPU round-robin cursor, one per service.
+    pub const RR_CURSOR: &str = "rr_cursor";
+    /// LRU: [`super::FlowKey`] -> [`super::Connection`].
+    pub const CONNECTIONS: &str = "connections";
+    /// LRU: [`super::PersistKey`] -> [`super::Persist`].
+    pub const PERSISTENCE: &str = "persistence";
+    /// Per-CPU global counters indexed by [`super::Stat`].
+    pub const STAT: &str = "stat";
+    /// Per-CPU [`super::Counters`] per service id.
+    pub const SERVICE_STATS: &str = "service_stats";
+    /// Per-CPU [`super::Counters`] per server index.
+    pub const SERVER_STATS: &str = "server_stats";
+    /// One [`super::Settings`] record: timeout, debug, active flag, local addresses.
+    pub const SETTINGS: &str = "settings";
+    /// lb_decap: ATM address -> 1 for every ATM whose IPIP packets are accepted.
+    pub const DECAP_SOURCES: &str = "decap_sources";
+    /// lb_decap: per-CPU counters indexed by [`super::DecapStat`].
+    pub const DECAP_STAT: &str = "decap_stat";
+}
+
+/// Program names in the eBPF object.
+pub mod programs {
+    /// The balancer, attached to the ATM's interfaces.
+    pub const LB_XDP: &str = "lb_xdp";
+    /// IPIP decapsulation for real servers in tunnel mode.
+    pub const LB_DECAP: &str = "lb_decap";
+}
+
+/// Slots in one service's scheduler row (a prime, as Maglev needs; also the cap of a WRR sequence).
+pub const RING_SIZE: u32 = 65_537;
+
+/// Default capacities (the `config` table), used when the config file names none.
+pub const DEFAULT_SERVICES: u32 = 64;
+pub const DEFAULT_SERVERS: u32 = 256;
+pub const DEFAULT_CONNECTIONS: u32 = 262_144;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A 16-byte address. IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`); each word holds the
+/// bytes in network order, exactly as loaded from a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr {
+    pub w: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<Addr>() == 16);
+
+/// `0x0000ffff` in network byte order: the third word of an IPv4-mapped address.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Addr {
+    /// From an IPv4 address as loaded from a packet (network byte order in memory).
+    #[inline(always)]
+    pub const fn v4_raw(raw: u32) -> Self {
+        Addr {
+            w: [0, 0, V4_MAPPED, raw],
+        }
+    }
+
+    /// The IPv4 address in network byte order as stored in a packet, if this is one.
+    #[inline(always)]
+    pub const fn as_v4_raw(&self) -> Option<u32> {
+        if self.w[0] == 0 && self.w[1] == 0 && self.w[2] == V4_MAPPED {
+            Some(self.w[3])
+        } else {
+            None
+        }
+    }
+
+    pub const fn from_v4_octets(o: [u8; 4]) -> Self {
+        Self::v4_raw(u32::from_ne_bytes(o))
+    }
+
+    pub fn octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.w[i].to_ne_bytes();
+            out[i * 4..i * 4 + 4].copy_from_slice(&b);
+            i += 1;
+        }
+        out
+    }
+}
+
+#[cfg(feature = "std")]
+impl From<core::net::Ipv4Addr> for Addr {
+    fn from(a: core::net::Ipv4Addr) -> Self {
+        Addr::from_v4_octets(a.octets())
+    }
+}
+
+#[cfg(feature = "std")]
+impl From<core::net::IpAddr> for Addr {
+    fn from(a: core::net::IpAddr) -> Self {
+        match a {
+            core::net::IpAddr::V4(v4) => v4.into(),
+            core::net::IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let mut w = [0u32; 4];
+                for (i, c) in o.chunks_exact(4).enumerate() {
+                    w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                Addr { w }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl Addr {
+    pub fn to_ip(&self) -> core::net::IpAddr {
+        match self.as_v4_raw() {
+            Some(raw) => core::net::IpAddr::V4(core::net::Ipv4Addr::from(raw.to_ne_bytes())),
+            None => core::net::IpAddr::V6(core::net::Ipv6Addr::from(self.octets())),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl core::fmt::Debug for Addr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.to_ip())
+    }
+}
+
+#[cfg(not(feature = "std"))]
+impl core::fmt::Debug for Addr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Addr").field("w", &self.w).finish()
+    }
+}
+
+/// A port in network byte order from one in host order.
+#[inline(always)]
+pub const fn port_be(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Scheduler of a service: how its row in `sched_table` is filled and indexed.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sched {
+    /// Round robin: each up server once, cycled by a per-CPU cursor.
+    Rr = 1,
+    /// Weighted round robin: an interleaved weighted sequence, cycled by the cursor.
+    Wrr = 2,
+    /// Source hash: the client address hashed into the weighted sequence.
+    Sh = 3,
+    /// Maglev: the 5-tuple hashed into a `RING_SIZE` Maglev ring.
+    Maglev = 4,
+}
+
+impl Sched {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Sched::Rr),
+            2 => Some(Sched::Wrr),
+            3 => Some(Sched::Sh),
+            4 => Some(Sched::Maglev),
+            _ => None,
+        }
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Sched::Rr => "rr",
+            Sched::Wrr => "wrr",
+            Sched::Sh => "sh",
+            Sched::Maglev => "maglev",
+        }
+    }
+}
+
+/// Forwarding method of a server, chosen per server as in TCL.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Rewrite the destination MAC; the server holds the VIP on `lo`.
+    Direct = 1,
+    /// IPv4-in-IPv4 to the server, outer source the ATM.
+    Tunnel = 2,
+    /// Destination and source rewritten; replies translated back on the ATM.
+    Nat = 3,
+}
+
+impl Method {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Method::Direct),
+            2 => Some(Method::Tunnel),
+            3 => Some(Method::Nat),
+            _ => None,
+        }
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Method::Direct => "direct",
+            Method::Tunnel => "tunnel",
+            Method::Nat => "nat",
+        }
+    }
+}
+
+/// Key of `services`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// Value of `services`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Index of the service's row in `sched_table`, `rr_cursor` and `service_stats`.
+    pub id: u32,
+    /// Valid slots in the service's row; 0 means no server can take a new connection.
+    pub table_len: u32,
+    /// Seconds a client sticks to its server; 0 = not sticky.
+    pub persistence_s: u32,
+    /// A [`Sched`] value.
+    pub sched: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 16);
+
+/// [`Server::flags`]: the server is up (passed its checks and is enabled).
+pub const SERVER_UP: u8 = 1;
+
+/// Value of `servers` (an array indexed by server index).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Server {
+    /// The real server's address.
+    pub addr: Addr,
+    /// The VIP of the service this line belongs to (restored as source on NAT replies).
+    pub vip: Addr,
+    /// Server port, network byte order.
+    pub port: u16,
+    /// Service port, network byte order.
+    pub vport: u16,
+    /// A [`Method`] value.
+    pub method: u8,
+    /// [`SERVER_UP`].
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Scheduler weight (the daemon builds the tables from it; kept here for the tables).
+    pub weight: u32,
+    /// The service's id.
+    pub service: u32,
+    /// MAC of the server (direct) or of the next hop, resolved by the daemon: used when the
+    /// kernel's FIB has no neighbour entry yet. All zero = unknown.
+    pub mac: [u8; 6],
+    pub _pad2: [u8; 2],
+    /// Egress interface matching `mac` (0 = unknown).
+    pub ifindex: u32,
+    pub _pad3: u32,
+}
+const _: () = assert!(core::mem::size_of::<Server>() == 64);
+
+/// Key of `connections`: a 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// [`Connection::flags`]: the connection is NAT-ed.
+pub const CONN_NAT: u16 = 1;
+/// [`Connection::flags`]: this entry is the server-to-ATM leg of a NAT connection.
+pub const CONN_REPLY: u16 = 2;
+/// [`Connection::flags`]: a FIN was seen.
+pub const CONN_FIN: u16 = 4;
+/// [`Connection::flags`]: a RST was seen.
+pub const CONN_RST: u16 = 8;
+
+/// Value of `connections`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Server index.
+    pub server: u32,
+    /// `CONN_*` bits.
+    pub flags: u16,
+    /// NAT forward leg: our source port toward the server. NAT reply leg: the client's port.
+    pub nat_port: u16,
+    /// NAT forward leg: our source address toward the server. NAT reply leg: the client's address.
+    pub nat_addr: Addr,
+}
+const _: () = assert!(core::mem::size_of::<Connection>() == 48);
+
+/// Key of `persistence`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, Hash)]
+pub struct PersistKey {
+    pub client: Addr,
+    pub service: u32,
+}
+const _: () = assert!(core::mem::size_of::<PersistKey>() == 20);
+
+/// Value of `persistence`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Persist {
+    pub last_seen_ns: u64,
+    pub server: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Persist>() == 16);
+
+/// [`Settings::flags`]: this ATM is primary; without it every packet passes untouched.
+pub const SETTINGS_ACTIVE: u32 = 1;
+
+/// The one record of `settings`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Idle time after which a connection counts as new.
+    pub timeout_ns: u64,
+    /// 1: one log record per new connection.
+    pub debug: u32,
+    /// `SETTINGS_*` bits.
+    pub flags: u32,
+    /// The ATM's own address: the outer source of IPIP packets.
+    pub local_addr: Addr,
+    /// NAT: the source address used toward servers.
+    pub nat_addr: Addr,
+    /// NAT: first source port to hand out (host order).
+    pub nat_port_min: u16,
+    /// NAT: last source port to hand out (host order).
+    pub nat_port_max: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 56);
+
+/// Per-service and per-server traffic counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+
+/// Indices of the per-CPU `stat` array. Every packet lands in exactly one of the outcome
+/// counters (`Passed`, `Forwarded`, `Drop*`), so they add up to `Packets`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Every packet the program saw.
+    Packets = 0,
+    /// Packets for a service (to a VIP, or NAT replies from a server).
+    VipPackets,
+    /// Bytes of those packets.
+    VipBytes,
+    /// Connections created.
+    NewConns,
+    /// Outcome: passed to the stack untouched.
+    Passed,
+    /// Outcome: forwarded by XDP_TX or XDP_REDIRECT.
+    Forwarded,
+    /// Outcome: malformed or truncated header.
+    DropMalformed,
+    /// Outcome: a non-first IPv4 fragment for a service.
+    DropFragment,
+    /// Outcome: no server can take the connection (none up, or the chosen one is down).
+    DropNoServer,
+    /// Outcome: no route or neighbour toward the server.
+    DropNoRoute,
+    /// Outcome: NAT source ports exhausted toward that server.
+    DropNatPorts,
+    /// Outcome: the packet could not be rewritten (head adjustment failed, bad ICMP quote).
+    DropError,
+    /// ICMP errors steered to a connection's server (also counted as forwarded or dropped).
+    IcmpSteered,
+}
+
+impl Stat {
+    pub const COUNT: u32 = Stat::IcmpSteered as u32 + 1;
+    pub const ALL: [Stat; Stat::COUNT as usize] = [
+        Stat::Packets,
+        Stat::VipPackets,
+        Stat::VipBytes,
+        Stat::NewConns,
+        Stat::Passed,
+        Stat::Forwarded,
+        Stat::DropMalformed,
+        Stat::DropFragment,
+        Stat::DropNoServer,
+        Stat::DropNoRoute,
+        Stat::DropNatPorts,
+        Stat::DropError,
+        Stat::IcmpSteered,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Packets => "packets",
+            Stat::VipPackets => "vip_packets",
+            Stat::VipBytes => "vip_bytes",
+            Stat::NewConns => "new_connections",
+            Stat::Passed => "passed",
+            Stat::Forwarded => "forwarded",
+            Stat::DropMalformed => "drop_malformed",
+            Stat::DropFragment => "drop_fragment",
+            Stat::DropNoServer => "drop_no_server",
+            Stat::DropNoRoute => "drop_no_route",
+            Stat::DropNatPorts => "drop_nat_ports",
+            Stat::DropError => "drop_error",
+            Stat::IcmpSteered => "icmp_steered",
+        }
+    }
+    /// The drop outcomes, whose sum is the `stat` table's "dropped".
+    pub const DROPS: [Stat; 6] = [
+        Stat::DropMalformed,
+        Stat::DropFragment,
+        Stat::DropNoServer,
+        Stat::DropNoRoute,
+        Stat::DropNatPorts,
+        Stat::DropError,
+    ];
+}
+
+/// Indices of lb_decap's per-CPU `decap_stat` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapStat {
+    /// Every packet the program saw.
+    Packets = 0,
+    /// IPIP packets from a configured ATM, decapsulated and passed up.
+    Decapsulated,
+    /// Everything else, passed untouched.
+    Passed,
+    /// Malformed IPIP from a configured ATM, dropped.
+    Dropped,
+}
+
+impl DecapStat {
+    pub const COUNT: u32 = DecapStat::Dropped as u32 + 1;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, has explicit padding fields and no pointers, so
+    // any bit pattern the kernel hands back is a valid value.
+    unsafe impl aya::Pod for super::Addr {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Server {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Connection {}
+    unsafe impl aya::Pod for super::PersistKey {}
+    unsafe impl aya::Pod for super::Persist {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use core::net::Ipv4Addr;
+    use std::string::ToString;
+
+    #[test]
+    fn v4_addresses_round_trip_and_are_mapped() {
+        let a = Addr::from(Ipv4Addr::new(192, 0, 2, 10));
+        assert_eq!(a.as_v4_raw(), Some(u32::from_ne_bytes([192, 0, 2, 10])));
+        assert_eq!(
+            &a.octets()[..],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 10][..]
+        );
+        assert_eq!(a.to_ip().to_string(), "192.0.2.10");
+    }
+
+    #[test]
+    fn stat_all_is_in_index_order() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{}", s.name());
+        }
+    }
+
+    #[test]
+    fn enums_round_trip() {
+        for s in [Sched::Rr, Sched::Wrr, Sched::Sh, Sched::Maglev] {
+            assert_eq!(Sched::from_u8(s as u8), Some(s));
+        }
+        for m in [Method::Direct, Method::Tunnel, Method::Nat] {
+            assert_eq!(Method::from_u8(m as u8), Some(m));
+        }
+        assert_eq!(Sched::from_u8(0), None);
+        assert_eq!(Method::from_u8(9), None);
+    }
+}

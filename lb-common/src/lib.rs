@@ -1,0 +1,16 @@
+//! The one definition of everything that crosses between the XDP programs and userspace:
+//! map names, map keys and values, counter indices, and the pure helpers both sides rely on
+//! (checksum arithmetic, flow hashing). Built `no_std` for the BPF target; the `user`
+//! feature adds `aya::Pod` impls and the table builders that need an allocator.
+#![no_std]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod abi;
+pub mod csum;
+pub mod hash;
+#[cfg(feature = "std")]
+pub mod sched;
+
+pub use abi::*;

@@ -1,0 +1,290 @@
+//! Scheduler tables, computed by the daemon and only indexed by the dataplane: a weighted
+//! Maglev ring, a smooth weighted round-robin sequence and a plain round-robin sequence.
+//! Each table is a list of server indices that becomes one service's row of `sched_table`.
+
+use crate::abi::{Addr, RING_SIZE, Sched};
+use std::vec;
+use std::vec::Vec;
+
+/// One server as the table builders see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Server index (the value stored in the table).
+    pub id: u32,
+    /// Stable identity (address and port) that fixes the server's Maglev permutation, so that
+    /// every ATM computes the same ring whatever the order of the config.
+    pub key: u64,
+    /// 0 = drain: no slots.
+    pub weight: u32,
+}
+
+impl Backend {
+    pub fn new(id: u32, addr: Addr, port: u16, weight: u32) -> Self {
+        let mut bytes = [0u8; 18];
+        bytes[..16].copy_from_slice(&addr.octets());
+        bytes[16..].copy_from_slice(&port.to_be_bytes());
+        Backend {
+            id,
+            key: fnv1a(&bytes),
+            weight,
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// splitmix64's finaliser with a seed: two independent hashes of one key.
+fn remix(key: u64, seed: u64) -> u64 {
+    let mut z = key ^ seed;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The table for `sched` over `backends` (servers that are up; weight 0 ones get no slots).
+/// Empty when no backend has a weight: the service then refuses new connections.
+pub fn table(sched: Sched, backends: &[Backend]) -> Vec<u32> {
+    match sched {
+        Sched::Rr => rr(backends),
+        Sched::Wrr | Sched::Sh => wrr(backends, RING_SIZE as usize),
+        Sched::Maglev => maglev(backends, RING_SIZE as usize),
+    }
+}
+
+/// Every backend with a non-zero weight once, in the given order.
+pub fn rr(backends: &[Backend]) -> Vec<u32> {
+    backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| b.id)
+        .collect()
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Smooth weighted round robin (as nginx does it): one period of the sequence, with each
+/// backend appearing `weight / gcd` times and spread out rather than in bursts. When the
+/// period would exceed `cap`, the weights are scaled down to fit (every weight stays >= 1).
+pub fn wrr(backends: &[Backend], cap: usize) -> Vec<u32> {
+    let live: Vec<&Backend> = backends.iter().filter(|b| b.weight > 0).collect();
+    if live.is_empty() {
+        return Vec::new();
+    }
+    let g = live.iter().fold(0u64, |g, b| gcd(g, b.weight as u64));
+    let mut weights: Vec<u64> = live.iter().map(|b| b.weight as u64 / g).collect();
+    let total: u64 = weights.iter().sum();
+    if total > cap as u64 {
+        for w in weights.iter_mut() {
+            *w = ((*w * cap as u64) / total).max(1);
+        }
+        // Scaling with max(1) can still overshoot with many tiny weights; trim the largest.
+        while weights.iter().sum::<u64>() > cap as u64 {
+            let (i, _) = weights
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, w)| **w)
+                .expect("non-empty");
+            weights[i] -= 1;
+        }
+    }
+    let total: u64 = weights.iter().sum();
+    let mut current = vec![0i64; live.len()];
+    let mut seq = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..live.len() {
+            current[i] += weights[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        seq.push(live[best].id);
+    }
+    seq
+}
+
+/// A weighted Maglev ring of `m` slots (`m` prime). Each backend walks its own permutation of
+/// the slots (offset and skip from its key); in each round every backend earns credit in
+/// proportion to its weight and claims one free slot per full credit, so slot shares follow
+/// weights and removing a backend frees only its own slots plus a few reshuffled ones.
+pub fn maglev(backends: &[Backend], m: usize) -> Vec<u32> {
+    let mut live: Vec<&Backend> = backends.iter().filter(|b| b.weight > 0).collect();
+    // Slots contested within a round go to the first in this order: make it the keys' order,
+    // not the config's, so every ATM builds the same ring.
+    live.sort_by_key(|b| (b.key, b.id));
+    if live.is_empty() {
+        return Vec::new();
+    }
+    const EMPTY: u32 = u32::MAX;
+    let m64 = m as u64;
+    let perms: Vec<(u64, u64)> = live
+        .iter()
+        .map(|b| {
+            let offset = remix(b.key, 0x5851_f42d_4c95_7f2d) % m64;
+            let skip = remix(b.key, 0x1405_7b7e_f767_814f) % (m64 - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let wmax = live
+        .iter()
+        .map(|b| b.weight as u64)
+        .max()
+        .expect("non-empty");
+    let mut next = vec![0u64; live.len()];
+    let mut credit = vec![0u64; live.len()];
+    let mut ring = vec![EMPTY; m];
+    let mut filled = 0usize;
+    loop {
+        for i in 0..live.len() {
+            credit[i] += live[i].weight as u64;
+            while credit[i] >= wmax {
+                credit[i] -= wmax;
+                let (offset, skip) = perms[i];
+                loop {
+                    let c = ((offset + next[i] * skip) % m64) as usize;
+                    next[i] += 1;
+                    if ring[c] == EMPTY {
+                        ring[c] = live[i].id;
+                        filled += 1;
+                        break;
+                    }
+                }
+                if filled == m {
+                    return ring;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::Ipv4Addr;
+    use std::collections::HashMap;
+
+    fn backends(weights: &[u32]) -> Vec<Backend> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let ip = Ipv4Addr::new(192, 0, 2, 10 + i as u8);
+                Backend::new(i as u32, ip.into(), 80, *w)
+            })
+            .collect()
+    }
+
+    fn shares(table: &[u32]) -> HashMap<u32, usize> {
+        let mut m = HashMap::new();
+        for id in table {
+            *m.entry(*id).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn maglev_shares_follow_weights_within_one_percent() {
+        for weights in [
+            vec![1, 1, 1],
+            vec![1, 2, 3, 4],
+            vec![5, 1],
+            vec![100, 1, 50, 7, 3],
+        ] {
+            let b = backends(&weights);
+            let ring = maglev(&b, RING_SIZE as usize);
+            assert_eq!(ring.len(), RING_SIZE as usize);
+            let total_w: u32 = weights.iter().sum();
+            let s = shares(&ring);
+            for (i, w) in weights.iter().enumerate() {
+                let got = *s.get(&(i as u32)).unwrap_or(&0) as f64 / ring.len() as f64;
+                let want = *w as f64 / total_w as f64;
+                assert!(
+                    (got - want).abs() <= 0.01,
+                    "weights {weights:?}: server {i} has {got:.4}, wants {want:.4}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn maglev_removal_moves_about_one_nth() {
+        for n in [3usize, 5, 10, 50] {
+            let b = backends(&vec![1; n]);
+            let before = maglev(&b, RING_SIZE as usize);
+            for gone in [0, n / 2, n - 1] {
+                let rest: Vec<Backend> =
+                    b.iter().copied().filter(|x| x.id != gone as u32).collect();
+                let after = maglev(&rest, RING_SIZE as usize);
+                let moved = before
+                    .iter()
+                    .zip(&after)
+                    .filter(|(x, y)| x != y && **x != gone as u32)
+                    .count();
+                let freed = before.iter().filter(|x| **x == gone as u32).count();
+                let changed = moved + freed;
+                let bound = RING_SIZE as f64 * (1.0 / n as f64 + 0.01);
+                assert!(
+                    (changed as f64) <= bound,
+                    "n={n}, removing {gone}: {changed} slots changed, bound {bound:.0}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn maglev_is_independent_of_backend_order() {
+        let b = backends(&[1, 2, 3]);
+        let mut rev = b.clone();
+        rev.reverse();
+        assert_eq!(maglev(&b, 251), maglev(&rev, 251));
+    }
+
+    #[test]
+    fn weight_zero_gets_no_slots_and_all_zero_gives_empty_tables() {
+        let b = backends(&[1, 0, 1]);
+        for s in [Sched::Rr, Sched::Wrr, Sched::Sh, Sched::Maglev] {
+            let t = table(s, &b);
+            assert!(!t.is_empty());
+            assert!(!t.contains(&1), "{s:?}");
+            assert!(table(s, &backends(&[0, 0])).is_empty(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn wrr_sequence_is_weighted_and_interleaved() {
+        let seq = wrr(&backends(&[5, 1, 1]), 1000);
+        assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
+        let seq = wrr(&backends(&[2, 4, 6]), 1000);
+        assert_eq!(seq.len(), 6, "gcd reduces the period");
+        let s = shares(&seq);
+        assert_eq!((s[&0], s[&1], s[&2]), (1, 2, 3));
+        // No server appears twice in a row when another has weight as large.
+        let seq = wrr(&backends(&[3, 3]), 1000);
+        assert!(seq.windows(2).all(|w| w[0] != w[1]), "{seq:?}");
+    }
+
+    #[test]
+    fn wrr_scales_down_to_the_cap() {
+        let seq = wrr(&backends(&[60_000, 30_000, 1]), 1000);
+        assert!(seq.len() <= 1000);
+        let s = shares(&seq);
+        assert!(s[&2] >= 1, "every live server keeps a slot");
+        let ratio = s[&0] as f64 / s[&1] as f64;
+        assert!((ratio - 2.0).abs() < 0.05, "{ratio}");
+    }
+
+    #[test]
+    fn rr_lists_live_servers_once() {
+        assert_eq!(rr(&backends(&[3, 0, 1])), vec![0, 2]);
+    }
+}

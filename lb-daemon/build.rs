@@ -1,0 +1,115 @@
+//! Builds the eBPF object (the `lb-ebpf` crate) for `bpfel-unknown-none` and leaves it in
+//! OUT_DIR for `include_bytes_aligned!`, so that a plain `cargo build` or `cargo test` of the
+//! workspace is enough. The recipe (Debian's rustc with its prebuilt BPF `core`, bpf-linker)
+//! is described in docs/TOOLCHAIN.md; `cargo xtask setup` installs it.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Debian's compiler, which has a precompiled `core` for the BPF targets (rustup's has none).
+const BPF_RUSTC: &str = "/usr/bin/rustc";
+const BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none";
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let workspace = manifest_dir.parent().unwrap().to_path_buf();
+    for p in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-common/src",
+        "lb-common/Cargo.toml",
+    ] {
+        println!("cargo:rerun-if-changed={}", workspace.join(p).display());
+    }
+    println!("cargo:rerun-if-env-changed=LB_BPF_LINKER");
+
+    let linker = find_linker();
+    let mut missing = Vec::new();
+    if !Path::new(BPF_RUSTC).exists() {
+        missing.push(format!("{BPF_RUSTC} (Debian package rustc-web)"));
+    }
+    if !Path::new(BPF_CORE).exists() {
+        missing.push(format!(
+            "{BPF_CORE} (Debian package libstd-rust-web-dev-bpf)"
+        ));
+    }
+    if linker.is_none() {
+        missing.push("bpf-linker (cargo install bpf-linker)".to_string());
+    }
+    if !missing.is_empty() {
+        panic!(
+            "\n\nthe eBPF toolchain is missing: {}.\nrun `cargo xtask setup` (as root) to install it.\n\n",
+            missing.join(", ")
+        );
+    }
+    let linker = linker.unwrap();
+
+    // A target directory of its own: the outer cargo holds the lock on its profile directory,
+    // and sharing one BPF build between dev, release and clippy builds saves a minute each.
+    let target_root = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let target_dir = target_root.join("bpf");
+
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&workspace)
+        .args(["build", "--package", "lb-ebpf", "--profile", "bpf"])
+        .args(["--target", "bpfel-unknown-none", "--target-dir"])
+        .arg(&target_dir)
+        .env("RUSTC", BPF_RUSTC)
+        // The stable Debian compiler must accept the feature gates aya-ebpf uses.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+    // Whatever the outer build was run with (clippy's wrapper, coverage flags) must not reach
+    // the BPF compiler.
+    for var in [
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTDOCFLAGS",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run cargo to build lb-ebpf: {e}"));
+    if !out.status.success() {
+        panic!(
+            "building the eBPF object (lb-ebpf) failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let object = target_dir.join("bpfel-unknown-none/bpf/lb-ebpf");
+    let dest = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("lb-ebpf.o");
+    std::fs::copy(&object, &dest)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), dest.display()));
+}
+
+/// bpf-linker from `LB_BPF_LINKER`, PATH, or cargo's bin directory (which a build script's
+/// PATH may lack).
+fn find_linker() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("LB_BPF_LINKER") {
+        return Some(PathBuf::from(p));
+    }
+    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(home).join("bin"));
+    }
+    if let Some(home) = env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("bpf-linker"))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,407 @@
+//! Packet fixtures as data: a description, an input frame, the expected XDP action and the
+//! expected output frame, run through BPF_PROG_TEST_RUN. On a mismatch both frames are printed
+//! decoded. Checksums of every output frame are verified by etherparse, independently of the
+//! dataplane's own arithmetic.
+
+use std::fmt::Write;
+
+use etherparse::{
+    Ipv4Header, Ipv4Slice, NetSlice, PacketBuilder, SlicedPacket, TcpHeaderSlice, TransportSlice,
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub fn action_name(a: u32) -> &'static str {
+    match a {
+        XDP_ABORTED => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        XDP_TX => "XDP_TX",
+        XDP_REDIRECT => "XDP_REDIRECT",
+        _ => "XDP_?",
+    }
+}
+
+/// One packet through the program and what must come out.
+pub struct Fixture {
+    pub description: String,
+    pub input: Vec<u8>,
+    pub action: u32,
+    /// The frame the program must leave; `None` means untouched (the input itself).
+    pub output: Option<Vec<u8>>,
+}
+
+impl Fixture {
+    pub fn new(description: impl Into<String>, input: Vec<u8>, action: u32) -> Fixture {
+        Fixture {
+            description: description.into(),
+            input,
+            action,
+            output: None,
+        }
+    }
+
+    pub fn output(mut self, frame: Vec<u8>) -> Fixture {
+        self.output = Some(frame);
+        self
+    }
+
+    /// Compares what the program did with what the fixture expects; on a mismatch the error
+    /// holds both frames decoded.
+    pub fn check(&self, action: u32, out: &[u8]) -> Result<(), String> {
+        let want = self.output.as_deref().unwrap_or(&self.input);
+        let mut problems = Vec::new();
+        if action != self.action {
+            problems.push(format!(
+                "action {} (want {})",
+                action_name(action),
+                action_name(self.action)
+            ));
+        }
+        // A dropped frame's bytes do not matter.
+        if self.action != XDP_DROP && out != want {
+            problems.push("output frame differs".to_string());
+        }
+        if (self.action == XDP_TX || self.action == XDP_REDIRECT)
+            && let Err(e) = verify_checksums(out)
+        {
+            problems.push(format!("checksum: {e}"));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "fixture \"{}\": {}\n  input:\n{}\n  expected:\n{}\n  got:\n{}",
+            self.description,
+            problems.join("; "),
+            indent(&decode(&self.input)),
+            indent(&decode(want)),
+            indent(&decode(out)),
+        ))
+    }
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// A human-readable decoding of an Ethernet frame (with an IPIP inner packet if there is
+/// one) followed by a hex dump.
+pub fn decode(frame: &[u8]) -> String {
+    let mut s = String::new();
+    match SlicedPacket::from_ethernet(frame) {
+        Err(e) => {
+            let _ = writeln!(s, "undecodable: {e}");
+        }
+        Ok(p) => {
+            if let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link {
+                let _ = write!(
+                    s,
+                    "eth {} -> {} type {:#06x}",
+                    mac(&eth.source()),
+                    mac(&eth.destination()),
+                    eth.ether_type().0
+                );
+            }
+            match &p.net {
+                Some(NetSlice::Ipv4(ip)) => {
+                    s.push_str(" | ");
+                    describe_ipv4(&mut s, ip);
+                    if ip.header().protocol() == etherparse::IpNumber::IPV4
+                        && let Ok(inner) = Ipv4Slice::from_slice(ip.payload().payload)
+                    {
+                        s.push_str("\n  inner ");
+                        describe_ipv4(&mut s, &inner);
+                    }
+                }
+                Some(_) => s.push_str(" | non-IPv4"),
+                None => {}
+            }
+            describe_transport(&mut s, &p.transport);
+            s.push('\n');
+        }
+    }
+    for chunk in frame.chunks(16) {
+        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = writeln!(s, "{}", hex.join(" "));
+    }
+    s
+}
+
+fn describe_ipv4(s: &mut String, ip: &Ipv4Slice) {
+    let h = ip.header();
+    let _ = write!(
+        s,
+        "ipv4 {} -> {} proto {} ttl {} id {} len {} frag {} csum {:#06x}",
+        h.source_addr(),
+        h.destination_addr(),
+        h.protocol().0,
+        h.ttl(),
+        h.identification(),
+        h.total_len(),
+        h.fragments_offset().value(),
+        h.header_checksum()
+    );
+    if ip.header().protocol() == etherparse::IpNumber::IPV4 {
+        return;
+    }
+    let payload = ip.payload().payload;
+    if h.protocol() == etherparse::IpNumber::TCP
+        && let Ok(t) = TcpHeaderSlice::from_slice(payload)
+    {
+        let _ = write!(
+            s,
+            " | tcp {} -> {} seq {} flags {}{}{}{} csum {:#06x}",
+            t.source_port(),
+            t.destination_port(),
+            t.sequence_number(),
+            if t.syn() { "S" } else { "" },
+            if t.ack() { "A" } else { "" },
+            if t.fin() { "F" } else { "" },
+            if t.rst() { "R" } else { "" },
+            t.checksum()
+        );
+    }
+}
+
+fn describe_transport(s: &mut String, t: &Option<TransportSlice>) {
+    match t {
+        Some(TransportSlice::Udp(u)) => {
+            let _ = write!(
+                s,
+                " | udp {} -> {} csum {:#06x}",
+                u.source_port(),
+                u.destination_port(),
+                u.checksum()
+            );
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            let _ = write!(s, " | icmp type {} code {}", i.type_u8(), i.code_u8());
+        }
+        _ => {}
+    }
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Checks the IPv4 header checksum and the TCP/UDP checksum (of the inner packet too, for
+/// IPIP) by etherparse's own computation.
+pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    if frame.len() < 14 {
+        return Err("frame shorter than Ethernet".into());
+    }
+    if frame[12..14] != [0x08, 0x00] {
+        return Ok(());
+    }
+    verify_ipv4(&frame[14..], 0)
+}
+
+fn verify_ipv4(packet: &[u8], depth: u32) -> Result<(), String> {
+    let ip = Ipv4Slice::from_slice(packet).map_err(|e| format!("ipv4: {e}"))?;
+    let h = ip.header().to_header();
+    if h.header_checksum != h.calc_header_checksum() {
+        return Err(format!(
+            "ipv4 header checksum {:#06x}, correct {:#06x}",
+            h.header_checksum,
+            h.calc_header_checksum()
+        ));
+    }
+    let payload = ip.payload().payload;
+    if ip.payload().fragmented {
+        return Ok(());
+    }
+    match h.protocol {
+        etherparse::IpNumber::IPV4 if depth == 0 => verify_ipv4(payload, 1),
+        etherparse::IpNumber::TCP => {
+            let t = TcpHeaderSlice::from_slice(payload).map_err(|e| format!("tcp: {e}"))?;
+            let body = &payload[t.slice().len()..];
+            let want = t
+                .to_header()
+                .calc_checksum_ipv4(&h, body)
+                .map_err(|e| format!("tcp checksum: {e}"))?;
+            if t.checksum() != want {
+                return Err(format!(
+                    "tcp checksum {:#06x}, correct {want:#06x}",
+                    t.checksum()
+                ));
+            }
+            Ok(())
+        }
+        etherparse::IpNumber::UDP => {
+            let u =
+                etherparse::UdpHeaderSlice::from_slice(payload).map_err(|e| format!("udp: {e}"))?;
+            if u.checksum() == 0 {
+                return Ok(());
+            }
+            let body = &payload[8..];
+            let want = u
+                .to_header()
+                .calc_checksum_ipv4(&h, body)
+                .map_err(|e| format!("udp checksum: {e}"))?;
+            if u.checksum() != want {
+                return Err(format!(
+                    "udp checksum {:#06x}, correct {want:#06x}",
+                    u.checksum()
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Builders for the frames fixtures use.
+pub mod frames {
+    use super::*;
+
+    pub type Mac = [u8; 6];
+
+    /// TCP flags for [`tcp`].
+    #[derive(Clone, Copy, Default)]
+    pub struct Flags {
+        pub syn: bool,
+        pub ack: bool,
+        pub fin: bool,
+        pub rst: bool,
+    }
+    pub const SYN: Flags = Flags {
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+    };
+    pub const ACK: Flags = Flags {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
+    pub const FIN: Flags = Flags {
+        syn: false,
+        ack: true,
+        fin: true,
+        rst: false,
+    };
+
+    /// An Ethernet/IPv4/TCP frame.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tcp(
+        smac: Mac,
+        dmac: Mac,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        flags: Flags,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut b = PacketBuilder::ethernet2(smac, dmac)
+            .ipv4(src, dst, 64)
+            .tcp(sport, dport, 1000, 64240);
+        if flags.syn {
+            b = b.syn();
+        }
+        if flags.ack {
+            b = b.ack(1);
+        }
+        if flags.fin {
+            b = b.fin();
+        }
+        if flags.rst {
+            b = b.rst();
+        }
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).expect("build tcp frame");
+        out
+    }
+
+    /// An Ethernet/IPv4/UDP frame.
+    pub fn udp(
+        smac: Mac,
+        dmac: Mac,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(smac, dmac)
+            .ipv4(src, dst, 64)
+            .udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).expect("build udp frame");
+        out
+    }
+
+    /// An Ethernet header in front of `packet` (an IPv4 packet).
+    pub fn ethernet(smac: Mac, dmac: Mac, packet: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(14 + packet.len());
+        out.extend_from_slice(&dmac);
+        out.extend_from_slice(&smac);
+        out.extend_from_slice(&[0x08, 0x00]);
+        out.extend_from_slice(packet);
+        out
+    }
+
+    /// Recomputes the IPv4 header checksum of the frame's (outer) IPv4 header in place.
+    pub fn fix_ipv4_checksum(frame: &mut [u8]) {
+        let ihl = ((frame[14] & 0x0f) as usize) * 4;
+        let h = Ipv4Header::from_slice(&frame[14..14 + ihl])
+            .expect("ipv4 header")
+            .0;
+        let c = h.calc_header_checksum();
+        frame[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frames::*;
+    use super::*;
+
+    const A: Mac = [2, 0, 0, 0, 0, 1];
+    const B: Mac = [2, 0, 0, 0, 0, 2];
+
+    #[test]
+    fn built_frames_have_correct_checksums_and_corruption_is_caught() {
+        let f = tcp(A, B, [192, 0, 2, 1], 1234, [192, 0, 2, 2], 80, SYN, b"x");
+        verify_checksums(&f).unwrap();
+        let mut bad = f.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(verify_checksums(&bad).unwrap_err().contains("tcp checksum"));
+        let mut bad = f.clone();
+        bad[22] ^= 1; // ttl
+        assert!(verify_checksums(&bad).unwrap_err().contains("ipv4 header"));
+        let u = udp(A, B, [192, 0, 2, 1], 1234, [192, 0, 2, 2], 53, b"q");
+        verify_checksums(&u).unwrap();
+    }
+
+    #[test]
+    fn a_mismatch_prints_both_frames_decoded() {
+        let f = tcp(A, B, [192, 0, 2, 1], 1234, [192, 0, 2, 2], 80, SYN, b"");
+        let fx = Fixture::new("demo", f.clone(), XDP_PASS);
+        fx.check(XDP_PASS, &f).unwrap();
+        let mut other = f.clone();
+        other[0] = 0xff;
+        let err = fx.check(XDP_TX, &other).unwrap_err();
+        assert!(err.contains("action XDP_TX (want XDP_PASS)"), "{err}");
+        assert!(err.contains("output frame differs"), "{err}");
+        assert!(
+            err.contains("ipv4 192.0.2.1 -> 192.0.2.2") && err.contains("tcp 1234 -> 80"),
+            "{err}"
+        );
+        assert!(
+            err.contains("eth 02:00:00:00:00:01 -> ff:00:00:00:00:02"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! A small lab builder: network namespaces joined by veth pairs (and bridges), with addresses,
+//! routes and the veth settings XDP needs; processes started in it are killed and the
+//! namespaces deleted when the `Lab` drops, whatever happened in between.
+
+use std::{
+    collections::HashMap,
+    process::{Child, Command},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::netns::NetNs;
+
+#[derive(Default)]
+pub struct Lab {
+    spaces: Vec<NetNs>,
+    index: HashMap<String, usize>,
+    children: Vec<(String, Child)>,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        Lab::default()
+    }
+
+    /// Adds a namespace called `label` (its real name is made unique).
+    pub fn add_ns(&mut self, label: &str) -> &NetNs {
+        assert!(!self.index.contains_key(label), "namespace {label} twice");
+        let ns = NetNs::new(label);
+        // The labs are IPv4 only: no router solicitations or MLD reports in the counters.
+        ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
+        self.spaces.push(ns);
+        self.index.insert(label.to_string(), self.spaces.len() - 1);
+        self.spaces.last().unwrap()
+    }
+
+    pub fn ns(&self, label: &str) -> &NetNs {
+        let i = self
+            .index
+            .get(label)
+            .unwrap_or_else(|| panic!("no namespace {label} in this lab"));
+        &self.spaces[*i]
+    }
+
+    /// A veth pair from `a` = (namespace, device) to `b`, both ends up, with checksum and
+    /// segmentation offloads off (frames rewritten by XDP must carry full checksums) and GRO
+    /// on (frames XDP sends into a veth are dropped unless the far end has NAPI: GRO or XDP).
+    pub fn veth(&mut self, a: (&str, &str), b: (&str, &str)) {
+        let (na, nb) = (
+            self.ns(a.0).name().to_string(),
+            self.ns(b.0).name().to_string(),
+        );
+        let tmp_a = format!("lbv{}", rand_suffix());
+        let tmp_b = format!("lbw{}", rand_suffix());
+        crate::netns::run_ok(Command::new("ip").args([
+            "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b,
+        ]));
+        for (tmp, (label, dev), ns) in [(&tmp_a, a, &na), (&tmp_b, b, &nb)] {
+            crate::netns::run_ok(Command::new("ip").args(["link", "set", tmp, "netns", ns]));
+            let space = self.ns(label);
+            space.exec_ok(&["ip", "link", "set", tmp, "name", dev]);
+            space.exec_ok(&["ip", "link", "set", dev, "up"]);
+            space.exec_ok(&[
+                "ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off", "gro", "on",
+            ]);
+        }
+    }
+
+    /// A bridge `name` in namespace `ns`, up, with `ports` (devices already in `ns`) enslaved.
+    pub fn bridge(&self, ns: &str, name: &str, ports: &[&str]) {
+        let space = self.ns(ns);
+        space.exec_ok(&["ip", "link", "add", name, "type", "bridge"]);
+        space.exec_ok(&[
+            "ip",
+            "link",
+            "set",
+            name,
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+        ]);
+        space.exec_ok(&["ip", "link", "set", name, "up"]);
+        for p in ports {
+            space.exec_ok(&["ip", "link", "set", p, "master", name]);
+        }
+    }
+
+    pub fn addr(&self, ns: &str, dev: &str, cidr: &str) {
+        self.ns(ns)
+            .exec_ok(&["ip", "addr", "add", cidr, "dev", dev]);
+    }
+
+    pub fn mac(&self, ns: &str, dev: &str, mac: &str) {
+        self.ns(ns)
+            .exec_ok(&["ip", "link", "set", dev, "address", mac]);
+    }
+
+    /// `ip route add ARGS...` in `ns`.
+    pub fn route(&self, ns: &str, args: &[&str]) {
+        let mut v = vec!["ip", "route", "add"];
+        v.extend_from_slice(args);
+        self.ns(ns).exec_ok(&v);
+    }
+
+    /// `sysctl -w key=value` in `ns`.
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) {
+        self.ns(ns)
+            .exec_ok(&["sysctl", "-q", "-w", &format!("{key}={value}")]);
+    }
+
+    /// Starts a long-running process in `ns`; it is killed when the lab drops.
+    pub fn spawn(&mut self, ns: &str, args: &[&str]) {
+        let child = self.ns(ns).spawn(args);
+        self.children.push((format!("{ns}: {args:?}"), child));
+    }
+
+    /// Kills the processes started in `ns` so far (to inject a failure).
+    pub fn kill(&mut self, ns: &str) {
+        let prefix = format!("{ns}: ");
+        for (what, child) in self.children.iter_mut() {
+            if what.starts_with(&prefix) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Waits until `cond` holds, polling every 20 ms, for at most `limit`; panics with `what`.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            if start.elapsed() > limit {
+                panic!("timed out after {limit:?} waiting for {what}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in self.children.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // NetNs::drop deletes each namespace (and the veths in it).
+        self.spaces.clear();
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{:x}{:x}",
+        std::process::id() & 0xffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,144 @@
+//! `cargo xtask setup`: installs what the build, the tests and the lab need, checking each
+//! piece first and saying in one line what it installs and why. Idempotent; safe to run on
+//! every `cargo xtask test` and `cargo xtask demo`. The recipe is docs/TOOLCHAIN.md.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util;
+
+/// A Debian package, how to tell it is installed, and why we need it.
+struct Package {
+    name: &'static str,
+    why: &'static str,
+}
+
+const PACKAGES: &[Package] = &[
+    Package {
+        name: "rustc-web",
+        why: "Debian's rustc, the one compiler here with a prebuilt core for the BPF target",
+    },
+    Package {
+        name: "libstd-rust-web-dev-bpf",
+        why: "the precompiled core/alloc for bpfel-unknown-none (rust-src cannot be fetched)",
+    },
+    Package {
+        name: "iproute2",
+        why: "ip: network namespaces, veths, addresses and routes for the labs",
+    },
+    Package {
+        name: "ethtool",
+        why: "veth offload settings that XDP forwarding needs",
+    },
+    Package {
+        name: "procps",
+        why: "sysctl, to switch forwarding and ARP behaviour inside lab namespaces",
+    },
+];
+
+/// bpf-linker's version, pinned with the LLVM it is built against (docs/TOOLCHAIN.md).
+const BPF_LINKER: &str = "0.13.0";
+const LLVM_PACKAGE: &str = "llvm-22-dev";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn run() -> Result<()> {
+    util::step("setup: checking the toolchain and lab tools");
+    let mut apt = Apt::default();
+    let mut installed = 0;
+    for p in PACKAGES {
+        if apt.ensure(p.name, p.why)? {
+            installed += 1;
+        }
+    }
+    if !bpf_linker_ok() {
+        apt.ensure(
+            LLVM_PACKAGE,
+            "LLVM 22 libraries to build bpf-linker against",
+        )?;
+        println!(
+            "installing bpf-linker {BPF_LINKER}: links the eBPF object (built against LLVM 22, \
+             about two minutes)"
+        );
+        util::run(
+            Command::new(cargo())
+                .args(["install", "--quiet"])
+                .arg(format!("bpf-linker@{BPF_LINKER}"))
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+        )
+        .context("installing bpf-linker failed")?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker {BPF_LINKER} was installed but does not run");
+        }
+        installed += 1;
+    }
+    if !util::succeeds(Command::new(cargo()).args(["nextest", "--version"])) {
+        println!("installing cargo-nextest: runs every test tier and ends with one summary");
+        util::run(Command::new(cargo()).args(["install", "--locked", "--quiet", "cargo-nextest"]))
+            .context("installing cargo-nextest failed")?;
+        installed += 1;
+    }
+    if installed == 0 {
+        println!("setup: everything is already installed");
+    }
+    Ok(())
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn bpf_linker_ok() -> bool {
+    let out = Command::new("bpf-linker").arg("--version").output();
+    matches!(out, Ok(o) if o.status.success()
+        && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER))
+}
+
+/// Installs Debian packages, running `apt-get update` once before the first install.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    /// Installs `name` unless it is installed; true if it installed it.
+    fn ensure(&mut self, name: &str, why: &str) -> Result<bool> {
+        if is_installed(name) {
+            return Ok(false);
+        }
+        println!("installing {name}: {why}");
+        util::require_root("installing Debian packages")?;
+        if !self.updated {
+            util::run(
+                Command::new("apt-get")
+                    .args(["update", "-qq"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+            .context("apt-get update failed: is Debian's archive reachable?")?;
+            self.updated = true;
+        }
+        util::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends", name])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .with_context(|| format!("could not install the Debian package {name}"))?;
+        if !is_installed(name) {
+            bail!("apt-get reported success but {name} is not installed");
+        }
+        Ok(true)
+    }
+}
+
+fn is_installed(name: &str) -> bool {
+    // rustc-web's compiler, checked by the file the build uses as well as by dpkg.
+    if name == "rustc-web" && !Path::new("/usr/bin/rustc").exists() {
+        return false;
+    }
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output();
+    matches!(out, Ok(o) if o.status.success()
+        && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
