@@ -8,6 +8,8 @@
 pub mod maps {
     /// (VIP, port, protocol) -> [`super::Service`].
     pub const SERVICES: &str = "services";
+    /// VIP -> number of services on it: the cheap first test that lets other traffic pass.
+    pub const VIPS: &str = "vips";
     /// Server index -> [`super::Server`]; one entry per (service, server) line.
     pub const SERVERS: &str = "servers";
     /// Per-service scheduler rows: `service id * RING_SIZE + slot` -> server index.
@@ -271,13 +273,13 @@ pub struct Server {
     pub weight: u32,
     /// The service's id.
     pub service: u32,
-    /// MAC of the server (direct) or of the next hop, resolved by the daemon: used when the
-    /// kernel's FIB has no neighbour entry yet. All zero = unknown.
+    /// MAC of the server (or of the next hop toward it), resolved by the daemon: used when the
+    /// kernel's FIB has no neighbour entry. All zero = unknown.
     pub mac: [u8; 6],
-    pub _pad2: [u8; 2],
+    /// Our MAC on `ifindex`, the source of frames sent with `mac`.
+    pub smac: [u8; 6],
     /// Egress interface matching `mac` (0 = unknown).
     pub ifindex: u32,
-    pub _pad3: u32,
 }
 const _: () = assert!(core::mem::size_of::<Server>() == 64);
 
@@ -321,8 +323,15 @@ pub struct Connection {
     pub nat_port: u16,
     /// NAT forward leg: our source address toward the server. NAT reply leg: the client's address.
     pub nat_addr: Addr,
+    /// NAT reply leg: the MAC the client's packets came from (the client or its router), used
+    /// toward the client when the kernel's FIB has no neighbour entry for it.
+    pub peer_mac: [u8; 6],
+    /// NAT reply leg: our MAC that the client's packets were sent to.
+    pub local_mac: [u8; 6],
+    /// NAT reply leg: the interface the client's packets arrived on.
+    pub ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<Connection>() == 48);
+const _: () = assert!(core::mem::size_of::<Connection>() == 64);
 
 /// Key of `persistence`.
 #[repr(C)]
@@ -404,8 +413,11 @@ pub enum Stat {
     DropNoRoute,
     /// Outcome: NAT source ports exhausted toward that server.
     DropNatPorts,
-    /// Outcome: the packet could not be rewritten (head adjustment failed, bad ICMP quote).
+    /// Outcome: the packet could not be rewritten (head adjustment failed).
     DropError,
+    /// Outcome: too big for the path to the server once encapsulated (an ICMP
+    /// fragmentation-needed is sent back when the client set DF).
+    DropTooBig,
     /// ICMP errors steered to a connection's server (also counted as forwarded or dropped).
     IcmpSteered,
 }
@@ -425,6 +437,7 @@ impl Stat {
         Stat::DropNoRoute,
         Stat::DropNatPorts,
         Stat::DropError,
+        Stat::DropTooBig,
         Stat::IcmpSteered,
     ];
     pub const fn name(self) -> &'static str {
@@ -441,17 +454,19 @@ impl Stat {
             Stat::DropNoRoute => "drop_no_route",
             Stat::DropNatPorts => "drop_nat_ports",
             Stat::DropError => "drop_error",
+            Stat::DropTooBig => "drop_too_big",
             Stat::IcmpSteered => "icmp_steered",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".
-    pub const DROPS: [Stat; 6] = [
+    pub const DROPS: [Stat; 7] = [
         Stat::DropMalformed,
         Stat::DropFragment,
         Stat::DropNoServer,
         Stat::DropNoRoute,
         Stat::DropNatPorts,
         Stat::DropError,
+        Stat::DropTooBig,
     ];
 }
 

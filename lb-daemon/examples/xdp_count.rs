@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_common::{Addr, IPPROTO_TCP, IPPROTO_UDP, Service, ServiceKey, Stat};
+use lb_common::{
+    Addr, IPPROTO_TCP, IPPROTO_UDP, SETTINGS_ACTIVE, Service, ServiceKey, Settings, Stat,
+};
 use lb_daemon::dataplane::{AttachMode, Dataplane};
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -39,7 +41,7 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let mut dp = Dataplane::load()?;
+    let mut dp = Dataplane::load(Default::default())?;
     let mode = dp.attach(iface, AttachMode::Driver)?;
     dp.set_service(
         ServiceKey {
@@ -50,6 +52,10 @@ fn main() -> Result<()> {
         },
         Service::default(),
     )?;
+    dp.set_settings(&Settings {
+        flags: SETTINGS_ACTIVE,
+        ..Default::default()
+    })?;
     println!(
         "lb_xdp attached to {iface} in {} mode; service {vip}:{port}",
         mode.name()

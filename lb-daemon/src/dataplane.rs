@@ -1,16 +1,28 @@
-//! The typed interface to the XDP programs: load the embedded object, attach it to interfaces,
-//! program its maps, read its counters, and run it on a frame through BPF_PROG_TEST_RUN.
-//! The daemon and the tests use the same calls.
+//! The typed interface to the XDP programs: load the embedded object with the capacities of
+//! the `config` table, attach the programs to interfaces, program services, servers and
+//! scheduler rows, read connections and counters, and run a program on a frame through
+//! BPF_PROG_TEST_RUN. The daemon and the tests use the same calls.
 
 // aya's ProgramError and MapError are large; these errors are rare and far from any packet.
 #![allow(clippy::result_large_err)]
 
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+};
+
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
 };
-use lb_common::{Service, ServiceKey, Stat, maps, programs};
+use aya_log::EbpfLogger;
+use lb_common::{
+    Addr, Connection, Counters, DecapStat, FlowKey, Method, RING_SIZE, SERVER_UP, Sched, Server,
+    Service, ServiceKey, Settings, Stat, maps, programs,
+    sched::{self, Backend},
+};
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -44,6 +56,32 @@ pub enum Error {
         #[source]
         source: MapError,
     },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Capacities of the maps: the `config` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: u32,
+    pub servers: u32,
+    pub connections: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Capacities {
+            services: lb_common::DEFAULT_SERVICES,
+            servers: lb_common::DEFAULT_SERVERS,
+            connections: lb_common::DEFAULT_CONNECTIONS,
+        }
+    }
 }
 
 /// How to attach an XDP program to an interface.
@@ -73,13 +111,6 @@ impl Attached {
     }
 }
 
-/// A loaded balancer: the `lb_xdp` program and its maps.
-pub struct Dataplane {
-    ebpf: Ebpf,
-    services: HashMap<MapData, ServiceKey, Service>,
-    stat: PerCpuArray<MapData, u64>,
-}
-
 /// The global counters summed over CPUs, indexed by [`Stat`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats(pub [u64; Stat::COUNT as usize]);
@@ -94,55 +125,418 @@ impl Stats {
     }
 }
 
+/// The scheduler table, mapped into our memory (the map is created BPF_F_MMAPABLE), so that
+/// rewriting a 65,537-slot Maglev row is a copy rather than 65,537 system calls. An array
+/// map stores each value in an 8-byte element (value sizes are rounded up to 8), value first.
+struct SchedTable {
+    ptr: NonNull<u32>,
+    entries: usize,
+    /// Keeps the map (and so the mapping's backing) alive.
+    _map: MapData,
+}
+
+/// Bytes per element of a BPF array map whose values are 4 bytes.
+const SCHED_STRIDE: usize = 8;
+
+// SAFETY: the mapping is plain shared memory owned by this value; writes go through &mut self.
+unsafe impl Send for SchedTable {}
+
+impl SchedTable {
+    fn new(map: Map, entries: usize) -> Result<Self, Error> {
+        let Map::Array(data) = map else {
+            return Err(Error::Invalid(format!(
+                "map {} is not an array",
+                maps::SCHED_TABLE
+            )));
+        };
+        // SAFETY: mapping a BPF array map fd as the kernel documents for BPF_F_MMAPABLE.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::bytes(entries),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Io {
+                what: format!("mmap of map {}", maps::SCHED_TABLE),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(SchedTable {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned a non-null address"),
+            entries,
+            _map: data,
+        })
+    }
+
+    fn bytes(entries: usize) -> usize {
+        (entries * SCHED_STRIDE).next_multiple_of(page_size())
+    }
+
+    /// The u32 holding element `i`.
+    fn slot(&self, i: usize) -> *mut u32 {
+        debug_assert!(i < self.entries);
+        // SAFETY: in bounds of the mapping (callers check i < entries).
+        unsafe { self.ptr.as_ptr().add(i * SCHED_STRIDE / 4) }
+    }
+
+    fn write_row(&mut self, service: u32, table: &[u32]) -> bool {
+        let start = service as usize * RING_SIZE as usize;
+        if table.len() > RING_SIZE as usize || start + RING_SIZE as usize > self.entries {
+            return false;
+        }
+        for (i, v) in table.iter().enumerate() {
+            // SAFETY: in bounds, checked above; the kernel reads these words concurrently,
+            // which is fine for aligned 4-byte stores.
+            unsafe { std::ptr::write_volatile(self.slot(start + i), *v) };
+        }
+        true
+    }
+
+    fn read_row(&self, service: u32, len: usize) -> Option<Vec<u32>> {
+        let start = service as usize * RING_SIZE as usize;
+        if len > RING_SIZE as usize || start + RING_SIZE as usize > self.entries {
+            return None;
+        }
+        // SAFETY: in bounds, checked above.
+        Some(
+            (0..len)
+                .map(|i| unsafe { std::ptr::read_volatile(self.slot(start + i)) })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for SchedTable {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::bytes(self.entries)) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: plain libc call.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// A loaded balancer: the `lb_xdp` and `lb_decap` programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    caps: Capacities,
+    /// Drains the programs' log records (the per-connection debug log) into `log`.
+    logger: Option<EbpfLogger<Box<dyn log::Log>>>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    vips: HashMap<MapData, Addr, u32>,
+    servers: Array<MapData, Server>,
+    sched: SchedTable,
+    connections: HashMap<MapData, FlowKey, Connection>,
+    stat: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    server_stats: PerCpuArray<MapData, Counters>,
+    settings: Array<MapData, Settings>,
+    decap_sources: HashMap<MapData, Addr, u32>,
+    decap_stat: PerCpuArray<MapData, u64>,
+    /// Services programmed, to keep the per-VIP counts in `vips` right.
+    service_keys: HashSet<ServiceKey>,
+    vip_counts: StdHashMap<Addr, u32>,
+    /// Services installed with [`Dataplane::install`], by id, to rebuild their rows.
+    installed: StdHashMap<u32, Installed>,
+}
+
+/// A real server of a service, as the control plane describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub addr: std::net::Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub method: Method,
+    /// Passed its checks and is enabled.
+    pub up: bool,
+}
+
+/// A service and its servers, as the control plane describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vip: std::net::Ipv4Addr,
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub sched: Sched,
+    /// Seconds a client sticks to its server; 0 = off.
+    pub persistence_s: u32,
+    pub servers: Vec<ServerSpec>,
+}
+
+impl ServiceSpec {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: self.vip.into(),
+            port: self.port.to_be(),
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+}
+
+struct Installed {
+    spec: ServiceSpec,
+    /// Index of the first server; the others follow.
+    first: u32,
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
     ebpf.take_map(name)
         .ok_or(Error::Missing { kind: "map", name })
 }
 
+macro_rules! typed_map {
+    ($ebpf:expr, $ty:ident, $name:expr) => {
+        $ty::try_from(take_map($ebpf, $name)?).map_err(map_err($name))?
+    };
+}
+
 impl Dataplane {
-    /// Loads the object and the `lb_xdp` program (not yet attached anywhere).
-    pub fn load() -> Result<Self, Error> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-        {
-            let prog: &mut Xdp = program(&mut ebpf, programs::LB_XDP)?;
-            prog.load().map_err(|source| Error::Program {
-                name: programs::LB_XDP,
-                source,
-            })?;
-        }
-        let services = HashMap::try_from(take_map(&mut ebpf, maps::SERVICES)?)
-            .map_err(map_err(maps::SERVICES))?;
-        let stat =
-            PerCpuArray::try_from(take_map(&mut ebpf, maps::STAT)?).map_err(map_err(maps::STAT))?;
-        Ok(Dataplane {
-            ebpf,
-            services,
-            stat,
-        })
+    /// Loads the object with the given capacities; the debug log goes to the global logger.
+    pub fn load(caps: Capacities) -> Result<Self, Error> {
+        Self::load_with_logger(caps, Box::new(GlobalLog))
     }
 
-    /// Attaches `lb_xdp` to `interface`. The attachment lives as long as the `Dataplane`.
+    /// Loads the object with the given capacities; the programs' log records (the debug
+    /// log) go to `log` whenever [`Dataplane::flush_log`] is called.
+    pub fn load_with_logger(caps: Capacities, log: Box<dyn log::Log>) -> Result<Self, Error> {
+        if caps.services == 0 || caps.servers == 0 || caps.connections == 0 {
+            return Err(Error::Invalid(format!(
+                "capacities must be at least 1: {caps:?}"
+            )));
+        }
+        let sched_entries = caps
+            .services
+            .checked_mul(RING_SIZE)
+            .ok_or_else(|| Error::Invalid(format!("{} services is too many", caps.services)))?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::SERVICES, caps.services)
+            .map_max_entries(maps::VIPS, caps.services)
+            .map_max_entries(maps::SERVERS, caps.servers)
+            .map_max_entries(maps::SCHED_TABLE, sched_entries)
+            .map_max_entries(maps::RR_CURSOR, caps.services)
+            .map_max_entries(maps::CONNECTIONS, caps.connections)
+            .map_max_entries(maps::PERSISTENCE, caps.connections)
+            .map_max_entries(maps::SERVICE_STATS, caps.services)
+            .map_max_entries(maps::SERVER_STATS, caps.servers)
+            .load(OBJECT)?;
+        // The logger must exist before the programs load: it owns the ring buffer they use.
+        let logger = EbpfLogger::init_with_logger(&mut ebpf, log).ok();
+        for name in [programs::LB_XDP, programs::LB_DECAP] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        let sched = SchedTable::new(
+            take_map(&mut ebpf, maps::SCHED_TABLE)?,
+            sched_entries as usize,
+        )?;
+        let mut dp = Dataplane {
+            services: typed_map!(&mut ebpf, HashMap, maps::SERVICES),
+            vips: typed_map!(&mut ebpf, HashMap, maps::VIPS),
+            servers: typed_map!(&mut ebpf, Array, maps::SERVERS),
+            connections: typed_map!(&mut ebpf, HashMap, maps::CONNECTIONS),
+            stat: typed_map!(&mut ebpf, PerCpuArray, maps::STAT),
+            service_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVICE_STATS),
+            server_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVER_STATS),
+            settings: typed_map!(&mut ebpf, Array, maps::SETTINGS),
+            decap_sources: typed_map!(&mut ebpf, HashMap, maps::DECAP_SOURCES),
+            decap_stat: typed_map!(&mut ebpf, PerCpuArray, maps::DECAP_STAT),
+            sched,
+            logger,
+            caps,
+            ebpf,
+            service_keys: HashSet::new(),
+            vip_counts: StdHashMap::new(),
+            installed: StdHashMap::new(),
+        };
+        // Inactive until told otherwise: a fresh ATM passes everything.
+        dp.set_settings(&Settings::default())?;
+        Ok(dp)
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        self.caps
+    }
+
+    /// Attaches `lb_xdp` to `interface` (of the calling thread's network namespace). The
+    /// attachment lives as long as the `Dataplane`.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, Error> {
-        let prog: &mut Xdp = program(&mut self.ebpf, programs::LB_XDP)?;
-        attach(prog, programs::LB_XDP, interface, mode)
+        attach(
+            program(&mut self.ebpf, programs::LB_XDP)?,
+            programs::LB_XDP,
+            interface,
+            mode,
+        )
+    }
+
+    /// Attaches `lb_decap` (for a real server in tunnel mode) to `interface`.
+    pub fn attach_decap(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, Error> {
+        attach(
+            program(&mut self.ebpf, programs::LB_DECAP)?,
+            programs::LB_DECAP,
+            interface,
+            mode,
+        )
+    }
+
+    /// Replaces the settings record (timeout, debug, active flag, local and NAT addresses).
+    pub fn set_settings(&mut self, s: &Settings) -> Result<(), Error> {
+        self.settings.set(0, s, 0).map_err(map_err(maps::SETTINGS))
+    }
+
+    pub fn settings(&self) -> Result<Settings, Error> {
+        self.settings.get(&0, 0).map_err(map_err(maps::SETTINGS))
     }
 
     /// Adds or replaces a service.
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<(), Error> {
+        if service.id >= self.caps.services {
+            return Err(Error::Invalid(format!(
+                "service id {} is beyond the capacity of {} services",
+                service.id, self.caps.services
+            )));
+        }
         self.services
             .insert(key, service, 0)
-            .map_err(map_err(maps::SERVICES))
+            .map_err(map_err(maps::SERVICES))?;
+        if self.service_keys.insert(key) {
+            let n = self.vip_counts.entry(key.vip).or_default();
+            *n += 1;
+            let n = *n;
+            self.vips
+                .insert(key.vip, n, 0)
+                .map_err(map_err(maps::VIPS))?;
+        }
+        Ok(())
     }
 
     /// Removes a service; removing one that is not there is not an error.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Error> {
         match self.services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::SERVICES)(e)),
+        }
+        if self.service_keys.remove(key) {
+            let n = self.vip_counts.entry(key.vip).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.vip_counts.remove(&key.vip);
+                match self.vips.remove(&key.vip) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(maps::VIPS)(e)),
+                }
+            } else {
+                let n = *n;
+                self.vips
+                    .insert(key.vip, n, 0)
+                    .map_err(map_err(maps::VIPS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The services as the dataplane has them.
+    pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>, Error> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::SERVICES))
+    }
+
+    /// Writes server record `index`.
+    pub fn set_server(&mut self, index: u32, server: &Server) -> Result<(), Error> {
+        self.servers
+            .set(index, server, 0)
+            .map_err(map_err(maps::SERVERS))
+    }
+
+    pub fn server(&self, index: u32) -> Result<Server, Error> {
+        self.servers.get(&index, 0).map_err(map_err(maps::SERVERS))
+    }
+
+    /// Writes the scheduler row of service `id` (server indices, at most `RING_SIZE`). The
+    /// caller then sets the service's `table_len` to `table.len()`.
+    pub fn set_table(&mut self, service: u32, table: &[u32]) -> Result<(), Error> {
+        if table.len() > RING_SIZE as usize {
+            return Err(Error::Invalid(format!(
+                "a scheduler row holds at most {RING_SIZE} slots, not {}",
+                table.len()
+            )));
+        }
+        if !self.sched.write_row(service, table) {
+            return Err(Error::Invalid(format!(
+                "service id {service} is beyond the capacity of {} services",
+                self.caps.services
+            )));
+        }
+        Ok(())
+    }
+
+    /// The first `len` slots of the scheduler row of service `id`.
+    pub fn table(&self, service: u32, len: usize) -> Option<Vec<u32>> {
+        self.sched.read_row(service, len)
+    }
+
+    /// Sets the ATM addresses `lb_decap` accepts IPIP packets from.
+    pub fn set_decap_sources(&mut self, atms: &[Addr]) -> Result<(), Error> {
+        let old: Vec<Addr> = self
+            .decap_sources
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::DECAP_SOURCES))?;
+        for a in old.iter().filter(|a| !atms.contains(a)) {
+            let _ = self.decap_sources.remove(a);
+        }
+        for a in atms {
+            self.decap_sources
+                .insert(a, 1, 0)
+                .map_err(map_err(maps::DECAP_SOURCES))?;
+        }
+        Ok(())
+    }
+
+    /// Every entry of the connection table (both legs of NAT connections).
+    pub fn connections(&self) -> Result<Vec<(FlowKey, Connection)>, Error> {
+        let mut out = Vec::new();
+        for item in self.connections.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                // An entry evicted or expired between listing its key and reading it.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::CONNECTIONS)(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn connection(&self, key: &FlowKey) -> Option<Connection> {
+        self.connections.get(key, 0).ok()
+    }
+
+    /// Installs a connection entry (connection sync on a backup, tests).
+    pub fn set_connection(&mut self, key: &FlowKey, conn: &Connection) -> Result<(), Error> {
+        self.connections
+            .insert(key, conn, 0)
+            .map_err(map_err(maps::CONNECTIONS))
+    }
+
+    pub fn remove_connection(&mut self, key: &FlowKey) -> Result<(), Error> {
+        match self.connections.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::SERVICES)(e)),
+            Err(e) => Err(map_err(maps::CONNECTIONS)(e)),
         }
     }
 
@@ -156,24 +550,229 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Runs `lb_xdp` once on `frame` (BPF_PROG_TEST_RUN) as if it arrived on the interface
+    /// lb_decap's counters, summed over CPUs, indexed by [`DecapStat`].
+    pub fn decap_stats(&self) -> Result<[u64; DecapStat::COUNT as usize], Error> {
+        let mut out = [0u64; DecapStat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .decap_stat
+                .get(&(i as u32), 0)
+                .map_err(map_err(maps::DECAP_STAT))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Packets and bytes of service `id`, summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<Counters, Error> {
+        sum_counters(&self.service_stats, id, maps::SERVICE_STATS)
+    }
+
+    /// Packets and bytes of server `index`, summed over CPUs.
+    pub fn server_counters(&self, index: u32) -> Result<Counters, Error> {
+        sum_counters(&self.server_stats, index, maps::SERVER_STATS)
+    }
+
+    /// Programs service `id`: its servers at indices `first..first + n`, its scheduler row
+    /// from the servers that are up, then the service record itself (so the row is complete
+    /// before any packet can index it).
+    pub fn install(&mut self, id: u32, first: u32, spec: &ServiceSpec) -> Result<(), Error> {
+        let n = spec.servers.len() as u32;
+        if first
+            .checked_add(n)
+            .is_none_or(|end| end > self.caps.servers)
+        {
+            return Err(Error::Invalid(format!(
+                "servers {first}..{} are beyond the capacity of {} servers",
+                first as u64 + n as u64,
+                self.caps.servers
+            )));
+        }
+        if let Some(old) = self.installed.get(&id)
+            && old.spec.key() != spec.key()
+        {
+            let old_key = old.spec.key();
+            self.remove_service(&old_key)?;
+        }
+        for (i, s) in spec.servers.iter().enumerate() {
+            let record = Server {
+                addr: s.addr.into(),
+                vip: spec.vip.into(),
+                port: s.port.to_be(),
+                vport: spec.port.to_be(),
+                method: s.method as u8,
+                flags: if s.up { SERVER_UP } else { 0 },
+                weight: s.weight,
+                service: id,
+                ..Default::default()
+            };
+            self.set_server(first + i as u32, &record)?;
+        }
+        self.installed.insert(
+            id,
+            Installed {
+                spec: spec.clone(),
+                first,
+            },
+        );
+        self.rebuild(id)
+    }
+
+    /// Marks server `pos` of service `id` up or down and sets its weight, then rebuilds the
+    /// service's row: a server that went down leaves the table at once.
+    pub fn set_server_state(
+        &mut self,
+        id: u32,
+        pos: usize,
+        up: bool,
+        weight: u32,
+    ) -> Result<(), Error> {
+        let inst = self
+            .installed
+            .get_mut(&id)
+            .ok_or_else(|| Error::Invalid(format!("no service with id {id}")))?;
+        let s = inst
+            .spec
+            .servers
+            .get_mut(pos)
+            .ok_or_else(|| Error::Invalid(format!("service {id} has no server {pos}")))?;
+        s.up = up;
+        s.weight = weight;
+        let index = inst.first + pos as u32;
+        let mut record = self.server(index)?;
+        record.flags = if up { SERVER_UP } else { 0 };
+        record.weight = weight;
+        self.set_server(index, &record)?;
+        self.rebuild(id)
+    }
+
+    /// Recomputes service `id`'s row from its servers and republishes its record.
+    fn rebuild(&mut self, id: u32) -> Result<(), Error> {
+        let inst = &self.installed[&id];
+        let backends: Vec<Backend> = inst
+            .spec
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.up)
+            .map(|(i, s)| Backend::new(inst.first + i as u32, s.addr.into(), s.port, s.weight))
+            .collect();
+        let table = sched::table(inst.spec.sched, &backends);
+        let key = inst.spec.key();
+        let record = Service {
+            id,
+            table_len: table.len() as u32,
+            persistence_s: inst.spec.persistence_s,
+            sched: inst.spec.sched as u8,
+            flags: 0,
+            _pad: [0; 2],
+        };
+        self.set_table(id, &table)?;
+        self.set_service(key, record)
+    }
+
+    /// Removes service `id` installed with [`Dataplane::install`].
+    pub fn uninstall(&mut self, id: u32) -> Result<(), Error> {
+        if let Some(inst) = self.installed.remove(&id) {
+            self.remove_service(&inst.spec.key())?;
+        }
+        Ok(())
+    }
+
+    /// Hands the programs' pending log records to the logger.
+    pub fn flush_log(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    /// Runs `lb_xdp` once on `frame` (BPF_PROG_TEST_RUN) as if it arrived on interface
     /// `ingress_ifindex` of the caller's network namespace; returns the XDP action and the
     /// frame as the program left it.
     pub fn test_run(&self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>), Error> {
-        let prog: &Xdp = self
-            .ebpf
-            .program(programs::LB_XDP)
+        test_run(
+            self.program(programs::LB_XDP)?,
+            programs::LB_XDP,
+            frame,
+            ingress_ifindex,
+        )
+    }
+
+    /// Like [`Dataplane::test_run`], for `lb_decap`.
+    pub fn test_run_decap(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<(u32, Vec<u8>), Error> {
+        test_run(
+            self.program(programs::LB_DECAP)?,
+            programs::LB_DECAP,
+            frame,
+            ingress_ifindex,
+        )
+    }
+
+    fn program(&self, name: &'static str) -> Result<&Xdp, Error> {
+        self.ebpf
+            .program(name)
             .ok_or(Error::Missing {
                 kind: "program",
-                name: programs::LB_XDP,
+                name,
             })?
             .try_into()
-            .map_err(|source| Error::Program {
-                name: programs::LB_XDP,
-                source,
-            })?;
-        test_run(prog, programs::LB_XDP, frame, ingress_ifindex)
+            .map_err(|source| Error::Program { name, source })
     }
+}
+
+fn sum_counters(
+    map: &PerCpuArray<MapData, Counters>,
+    index: u32,
+    name: &'static str,
+) -> Result<Counters, Error> {
+    let per_cpu = map.get(&index, 0).map_err(map_err(name))?;
+    Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    }))
+}
+
+/// Forwards to whatever logger is installed when the record arrives.
+struct GlobalLog;
+
+impl log::Log for GlobalLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        log::logger().enabled(m)
+    }
+    fn log(&self, r: &log::Record) {
+        log::logger().log(r)
+    }
+    fn flush(&self) {
+        log::logger().flush()
+    }
+}
+
+/// `bpf_ktime_get_ns()` as userspace sees it (CLOCK_MONOTONIC), to age connection entries.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into ts.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Lets `bpf_fib_lookup` answer in the calling thread's network namespace without turning on
+/// forwarding anywhere that matters: the dataplane asks the FIB as if from `lo`, and the
+/// helper refuses unless that interface has forwarding on. `lo` only ever receives local
+/// traffic, so its flag makes the kernel forward nothing; IPv4 forwarding can stay off on
+/// every real interface.
+pub fn enable_fib_lookup() -> Result<(), Error> {
+    let path = "/proc/sys/net/ipv4/conf/lo/forwarding";
+    std::fs::write(path, "1").map_err(|source| Error::Io {
+        what: format!("writing 1 to {path}"),
+        source,
+    })
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {
@@ -209,9 +808,7 @@ fn attach(
             .map_err(|e| err("generic", e)),
         AttachMode::Auto => match prog.attach(interface, XdpMode::Driver) {
             Ok(_) => Ok(Attached::Driver),
-            Err(ProgramError::UnknownInterface { name: n }) => {
-                Err(err("driver", ProgramError::UnknownInterface { name: n }))
-            }
+            Err(e @ ProgramError::UnknownInterface { .. }) => Err(err("driver", e)),
             Err(_) => prog
                 .attach(interface, XdpMode::Skb)
                 .map(|_| Attached::Generic)
@@ -231,7 +828,7 @@ struct XdpMd {
     egress_ifindex: u32,
 }
 
-/// Headroom the program may claim with `bpf_xdp_adjust_head` (IPIP) beyond the input length.
+/// Room for what a program may add in front (IPIP) beyond the input length.
 const TEST_RUN_GROWTH: usize = 256;
 
 fn test_run(

@@ -1,118 +1,986 @@
-//! lb's XDP programs. `lb_xdp` is the balancer: it parses Ethernet/IPv4/TCP/UDP with a bounds
-//! check before every read, passes everything that is not addressed to a configured service,
-//! and counts every packet per CPU.
+//! lb's XDP programs.
+//!
+//! `lb_xdp`, the balancer: for packets to a configured VIP:port/protocol it finds the
+//! connection or picks a server (persistence, then the service's scheduler row), and forwards
+//! by the server's method: direct (MAC rewrite), tunnel (IPv4-in-IPv4) or nat (addresses and
+//! ports rewritten, replies translated back). Everything else passes untouched; malformed
+//! packets for a service are dropped; every packet lands in exactly one outcome counter.
+//!
+//! `lb_decap`, for real servers in tunnel mode: strips the outer header of IPIP packets from
+//! configured ATMs and passes the inner packet to the stack.
 #![no_std]
 #![no_main]
 
+mod net;
+
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE},
+    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
+    EbpfContext,
 };
-use lb_common::{Addr, Service, ServiceKey, Stat, IPPROTO_TCP, IPPROTO_UDP};
+use aya_log_ebpf::info;
+use lb_common::{
+    csum, hash, Addr, Connection, Counters, DecapStat, FlowKey, Method, Persist, PersistKey, Sched,
+    Server, Service, ServiceKey, Settings, Stat, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST,
+    DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES, IPPROTO_ICMP, IPPROTO_IPIP,
+    IPPROTO_TCP, IPPROTO_UDP, RING_SIZE, SERVER_UP, SETTINGS_ACTIVE,
+};
+use net::*;
 
 /// (VIP, port, protocol) -> service record.
 #[map(name = "services")]
-static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(64, 0);
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// VIP -> number of services on it.
+#[map(name = "vips")]
+static VIPS: HashMap<Addr, u32> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// Server index -> server record (one per service/server line).
+#[map(name = "servers")]
+static SERVERS: Array<Server> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// Scheduler rows, `RING_SIZE` slots per service: slot -> server index. Mappable, so the
+/// daemon rewrites a row with one copy.
+#[map(name = "sched_table")]
+static SCHED_TABLE: Array<u32> =
+    Array::with_max_entries(DEFAULT_SERVICES * RING_SIZE, BPF_F_MMAPABLE as u32);
+
+/// Per-CPU round-robin cursor per service.
+#[map(name = "rr_cursor")]
+static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// 5-tuple -> connection (LRU: the oldest go first when it is full).
+#[map(name = "connections")]
+static CONNECTIONS: LruHashMap<FlowKey, Connection> =
+    LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
+
+/// (client, service) -> server, for sticky services.
+#[map(name = "persistence")]
+static PERSISTENCE: LruHashMap<PersistKey, Persist> =
+    LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
 
 /// Global per-CPU counters, indexed by `Stat`.
 #[map(name = "stat")]
 static STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+/// Per-CPU packets and bytes per service id.
+#[map(name = "service_stats")]
+static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// Per-CPU packets and bytes per server index.
+#[map(name = "server_stats")]
+static SERVER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// The one settings record.
+#[map(name = "settings")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// lb_decap: ATM addresses whose IPIP packets are decapsulated.
+#[map(name = "decap_sources")]
+static DECAP_SOURCES: HashMap<Addr, u32> = HashMap::with_max_entries(16, 0);
+
+/// lb_decap: per-CPU counters indexed by `DecapStat`.
+#[map(name = "decap_stat")]
+static DECAP_STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapStat::COUNT, 0);
 
 #[inline(always)]
 fn count(s: Stat, n: u64) {
     if let Some(p) = STAT.get_ptr_mut(s as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        // SAFETY: a per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *p += n };
     }
 }
 
-/// A pointer to a `T` at `off` bytes into the packet, if all of it lies inside the packet.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
+fn count_traffic(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += bytes;
+        }
     }
-    Some((start + off) as *const T)
 }
 
-enum Verdict {
+/// What happens to a packet; each maps to one XDP action and one outcome counter.
+enum Outcome {
     Pass,
-    Malformed,
-    Service,
+    Tx,
+    Redirect(u32),
+    Drop(Stat),
 }
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     count(Stat::Packets, 1);
-    match classify(&ctx) {
-        Verdict::Pass => {
+    match balance(&ctx) {
+        Outcome::Pass => {
             count(Stat::Passed, 1);
             xdp_action::XDP_PASS
         }
-        Verdict::Malformed => {
-            count(Stat::DropMalformed, 1);
+        Outcome::Tx => {
+            count(Stat::Forwarded, 1);
+            xdp_action::XDP_TX
+        }
+        Outcome::Redirect(ifindex) => {
+            count(Stat::Forwarded, 1);
+            // SAFETY: plain helper call.
+            unsafe { bpf_redirect(ifindex, 0) as u32 }
+        }
+        Outcome::Drop(reason) => {
+            count(reason, 1);
             xdp_action::XDP_DROP
         }
-        Verdict::Service => {
+    }
+}
+
+/// The parsed headers of an IPv4 packet, offsets from the start of the frame.
+struct Ip {
+    saddr: u32,
+    daddr: u32,
+    proto: u8,
+    /// Offset of the L4 header.
+    l4: usize,
+    /// IPv4 total length.
+    tot_len: u16,
+}
+
+/// Ports and TCP flags of a TCP/UDP packet.
+struct L4 {
+    sport: u16,
+    dport: u16,
+    flags: u8,
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Outcome {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Outcome::Pass;
+    };
+    // A backup ATM (or one not yet programmed) leaves everything to the stack.
+    if settings.flags & SETTINGS_ACTIVE == 0 {
+        return Outcome::Pass;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Outcome::Drop(Stat::DropMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*eth).proto } != ETH_P_IP_BE {
+        return Outcome::Pass;
+    }
+    let Some(iph) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Outcome::Drop(Stat::DropMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let iph = unsafe { &*iph };
+    if iph.vihl >> 4 != 4 || iph.vihl & 0x0f < 5 {
+        return Outcome::Drop(Stat::DropMalformed);
+    }
+    let daddr = iph.daddr;
+    let to_vip = VIPS.get_ptr(&Addr::v4_raw(daddr)).is_some();
+    let to_nat = settings.nat_addr.as_v4_raw() == Some(daddr);
+    if !to_vip && !to_nat {
+        return Outcome::Pass;
+    }
+
+    // From here the packet is ours: it must be well formed.
+    let ihl = ((iph.vihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(iph.tot_len);
+    if (tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > ctx.data_end() - ctx.data() {
+        return Outcome::Drop(Stat::DropMalformed);
+    }
+    if !ipv4_header_ok(ctx, ihl) {
+        return Outcome::Drop(Stat::DropMalformed);
+    }
+    if u16::from_be(iph.frag_off) & IP_OFFMASK != 0 {
+        // No ports in a non-first fragment, so no way to find its connection (yet).
+        return Outcome::Drop(Stat::DropFragment);
+    }
+    let ip = Ip {
+        saddr: iph.saddr,
+        daddr,
+        proto: iph.proto,
+        l4: ETH_HLEN + ihl,
+        tot_len,
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {}
+        IPPROTO_ICMP if to_vip => {
             count(Stat::VipPackets, 1);
-            count(Stat::VipBytes, (ctx.data_end() - ctx.data()) as u64);
-            // Forwarding comes with the dataplane issue; until then service traffic is only
-            // counted and handed to the stack.
-            count(Stat::Passed, 1);
-            xdp_action::XDP_PASS
+            count(Stat::VipBytes, bytes);
+            return icmp_to_vip(ctx, settings, &ip);
+        }
+        _ => return Outcome::Pass,
+    }
+    let Some(l4) = parse_l4(ctx, &ip) else {
+        return Outcome::Drop(Stat::DropMalformed);
+    };
+    if to_vip {
+        let key = ServiceKey {
+            vip: Addr::v4_raw(daddr),
+            port: l4.dport,
+            proto: ip.proto,
+            _pad: 0,
+        };
+        let Some(svc) = SERVICES.get_ptr(&key) else {
+            // Another port of the VIP (ssh to the primary, say): the stack's business.
+            return Outcome::Pass;
+        };
+        count(Stat::VipPackets, 1);
+        count(Stat::VipBytes, bytes);
+        // SAFETY: a map value, read only.
+        let svc = unsafe { &*svc };
+        return to_service(ctx, settings, svc, &ip, &l4, bytes);
+    }
+    // To the NAT address: a server's reply on a NAT connection, if we have its translation.
+    let key = FlowKey {
+        src: Addr::v4_raw(ip.saddr),
+        dst: Addr::v4_raw(ip.daddr),
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let Some(reply) = CONNECTIONS.get_ptr_mut(&key) else {
+        return Outcome::Pass;
+    };
+    count(Stat::VipPackets, 1);
+    count(Stat::VipBytes, bytes);
+    // SAFETY: a map value; concurrent updates of counters may race, which only blurs them.
+    let reply = unsafe { &mut *reply };
+    nat_reply(ctx, reply, &ip, &l4, bytes)
+}
+
+/// Verifies the IPv4 header checksum over `ihl` bytes.
+#[inline(always)]
+fn ipv4_header_ok(ctx: &XdpContext, ihl: usize) -> bool {
+    let mut sum = 0u32;
+    // At most 60 bytes: 30 words.
+    for i in 0..30usize {
+        if i * 2 >= ihl {
+            break;
+        }
+        let Some(w) = ptr_at::<u16>(ctx, ETH_HLEN + i * 2) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        sum += unsafe { *w } as u32;
+    }
+    csum::fold(sum) == 0xffff
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
+    if ip.proto == IPPROTO_TCP {
+        let tcp = ptr_at::<TcpHdr>(ctx, ip.l4)?;
+        // SAFETY: bounds checked by ptr_at.
+        let tcp = unsafe { &*tcp };
+        let doff = ((tcp.doff_res >> 4) as usize) * 4;
+        if doff < 20 || ip.l4 - ETH_HLEN + doff > ip.tot_len as usize {
+            return None;
+        }
+        Some(L4 {
+            sport: tcp.source,
+            dport: tcp.dest,
+            flags: tcp.flags,
+        })
+    } else {
+        let udp = ptr_at::<UdpHdr>(ctx, ip.l4)?;
+        // SAFETY: bounds checked by ptr_at.
+        let udp = unsafe { &*udp };
+        let len = u16::from_be(udp.len) as usize;
+        if len < 8 || ip.l4 - ETH_HLEN + len > ip.tot_len as usize {
+            return None;
+        }
+        Some(L4 {
+            sport: udp.source,
+            dport: udp.dest,
+            flags: 0,
+        })
+    }
+}
+
+/// A packet for a service: find or make its connection, then forward it.
+#[inline(always)]
+fn to_service(
+    ctx: &XdpContext,
+    settings: &Settings,
+    svc: &Service,
+    ip: &Ip,
+    l4: &L4,
+    bytes: u64,
+) -> Outcome {
+    let key = FlowKey {
+        src: Addr::v4_raw(ip.saddr),
+        dst: Addr::v4_raw(ip.daddr),
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let fin_rst = tcp_end_flags(l4.flags);
+
+    let mut server_id = u32::MAX;
+    let mut nat_addr = 0u32;
+    let mut nat_port = 0u16;
+    if let Some(c) = CONNECTIONS.get_ptr_mut(&key) {
+        // SAFETY: a map value; counter races between CPUs only blur the counts.
+        let c = unsafe { &mut *c };
+        let fresh = now.wrapping_sub(c.last_seen_ns) <= settings.timeout_ns;
+        let reopened = syn_only && c.flags & (CONN_FIN | CONN_RST) != 0;
+        if fresh && !reopened && server_up(c.server) {
+            c.last_seen_ns = now;
+            c.packets += 1;
+            c.bytes += bytes;
+            c.flags |= fin_rst;
+            server_id = c.server;
+            nat_addr = c.nat_addr.w[3];
+            nat_port = c.nat_port;
+        }
+    }
+    if server_id == u32::MAX {
+        // A new connection (or one that idled out, or whose server went down).
+        let Some(id) = pick_server(svc, &key, now) else {
+            return Outcome::Drop(Stat::DropNoServer);
+        };
+        let Some(server) = SERVERS.get(id) else {
+            return Outcome::Drop(Stat::DropNoServer);
+        };
+        if server.flags & SERVER_UP == 0 {
+            return Outcome::Drop(Stat::DropNoServer);
+        }
+        let mut conn = Connection {
+            last_seen_ns: now,
+            packets: 1,
+            bytes,
+            server: id,
+            flags: fin_rst,
+            ..Default::default()
+        };
+        if server.method == Method::Nat as u8 {
+            let Some(port) = nat_reserve(ctx, settings, server, &key, id, now) else {
+                return Outcome::Drop(Stat::DropNatPorts);
+            };
+            conn.flags |= CONN_NAT;
+            conn.nat_addr = settings.nat_addr;
+            conn.nat_port = port;
+            nat_addr = settings.nat_addr.w[3];
+            nat_port = port;
+        }
+        if CONNECTIONS.insert(&key, &conn, 0).is_err() {
+            return Outcome::Drop(Stat::DropError);
+        }
+        count(Stat::NewConns, 1);
+        server_id = id;
+        if settings.debug != 0 {
+            log_new(ctx, ip, l4, server);
+        }
+    }
+    let Some(server) = SERVERS.get(server_id) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    count_traffic(&SERVICE_STATS, svc.id, bytes);
+    count_traffic(&SERVER_STATS, server_id, bytes);
+    forward(ctx, settings, server, ip, nat_addr, nat_port)
+}
+
+#[inline(always)]
+fn tcp_end_flags(flags: u8) -> u16 {
+    let mut f = 0;
+    if flags & TCP_FIN != 0 {
+        f |= CONN_FIN;
+    }
+    if flags & TCP_RST != 0 {
+        f |= CONN_RST;
+    }
+    f
+}
+
+#[inline(always)]
+fn server_up(id: u32) -> bool {
+    matches!(SERVERS.get(id), Some(s) if s.flags & SERVER_UP != 0)
+}
+
+/// The server for a new connection: the client's persistence entry if the service is sticky
+/// and it is still valid, else the scheduler's choice.
+#[inline(always)]
+fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
+    if svc.persistence_s == 0 {
+        return schedule(svc, key);
+    }
+    let pkey = PersistKey {
+        client: key.src,
+        service: svc.id,
+    };
+    let ttl = svc.persistence_s as u64 * 1_000_000_000;
+    if let Some(p) = PERSISTENCE.get_ptr_mut(&pkey) {
+        // SAFETY: a map value.
+        let p = unsafe { &mut *p };
+        if now.wrapping_sub(p.last_seen_ns) <= ttl && server_up(p.server) {
+            p.last_seen_ns = now;
+            return Some(p.server);
+        }
+    }
+    let id = schedule(svc, key)?;
+    let entry = Persist {
+        last_seen_ns: now,
+        server: id,
+        _pad: 0,
+    };
+    // Failing to record stickiness costs stickiness, not the connection.
+    let _ = PERSISTENCE.insert(&pkey, &entry, 0);
+    Some(id)
+}
+
+/// Indexes the service's scheduler row.
+#[inline(always)]
+fn schedule(svc: &Service, key: &FlowKey) -> Option<u32> {
+    let len = svc.table_len;
+    if len == 0 || len > RING_SIZE {
+        return None;
+    }
+    let slot = match Sched::from_u8(svc.sched) {
+        Some(Sched::Maglev) => hash::flow(key) % len,
+        Some(Sched::Sh) => hash::addr(&key.src) % len,
+        Some(Sched::Rr) | Some(Sched::Wrr) => {
+            let cursor = RR_CURSOR.get_ptr_mut(svc.id)?;
+            // SAFETY: a per-CPU slot.
+            unsafe {
+                let at = *cursor % len;
+                *cursor = (at + 1) % len;
+                at
+            }
+        }
+        None => return None,
+    };
+    SCHED_TABLE.get(svc.id * RING_SIZE + slot).copied()
+}
+
+/// Reserves a NAT source port toward `server` for the connection `key`: installs the reply
+/// leg's entry (server -> NAT address:port) unless that tuple is in use by a live connection.
+#[inline(always)]
+fn nat_reserve(
+    ctx: &XdpContext,
+    settings: &Settings,
+    server: &Server,
+    key: &FlowKey,
+    id: u32,
+    now: u64,
+) -> Option<u16> {
+    let lo = settings.nat_port_min as u32;
+    let hi = settings.nat_port_max as u32;
+    if settings.nat_addr.as_v4_raw().is_none() || hi < lo {
+        return None;
+    }
+    let span = hi - lo + 1;
+    let start = hash::flow(key) % span;
+    let (smac, dmac) = match ptr_at::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(eth) => unsafe { ((*eth).src, (*eth).dst) },
+        None => return None,
+    };
+    let mut reply_key = FlowKey {
+        src: server.addr,
+        dst: settings.nat_addr,
+        sport: server.port,
+        dport: 0,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let reply = Connection {
+        last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
+        server: id,
+        flags: CONN_NAT | CONN_REPLY,
+        nat_port: key.sport,
+        nat_addr: key.src,
+        peer_mac: smac,
+        local_mac: dmac,
+        ifindex: ctx.ingress_ifindex() as u32,
+    };
+    for i in 0..NAT_PROBES {
+        let port = (lo + (start + i) % span) as u16;
+        reply_key.dport = port.to_be();
+        let free = match CONNECTIONS.get_ptr(&reply_key) {
+            None => true,
+            // SAFETY: a map value, read only.
+            Some(c) => unsafe { now.wrapping_sub((*c).last_seen_ns) > settings.timeout_ns },
+        };
+        if free && CONNECTIONS.insert(&reply_key, &reply, 0).is_ok() {
+            return Some(port.to_be());
+        }
+    }
+    None
+}
+
+/// Ports tried for a new NAT connection before giving up.
+const NAT_PROBES: u32 = 16;
+
+/// Sends the packet to `server` by its method.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    settings: &Settings,
+    server: &Server,
+    ip: &Ip,
+    nat_addr: u32,
+    nat_port: u16,
+) -> Outcome {
+    let Some(server_addr) = server.addr.as_v4_raw() else {
+        return Outcome::Drop(Stat::DropNoRoute);
+    };
+    match Method::from_u8(server.method) {
+        Some(Method::Direct) => {
+            let hop = match next_hop(ctx, server_addr, ip.saddr, ip.tot_len, Some(server)) {
+                Ok(h) => h,
+                Err(o) => return o,
+            };
+            set_macs(ctx, &hop);
+            send(ctx, &hop)
+        }
+        Some(Method::Tunnel) => {
+            let Some(local) = settings.local_addr.as_v4_raw() else {
+                return Outcome::Drop(Stat::DropNoRoute);
+            };
+            let outer_len = ip.tot_len as u32 + 20;
+            if outer_len > 0xffff {
+                return Outcome::Drop(Stat::DropTooBig);
+            }
+            let hop = match next_hop(ctx, server_addr, local, outer_len as u16, Some(server)) {
+                Ok(h) => h,
+                Err(o) => return o,
+            };
+            if encapsulate(ctx, local, server_addr, ip.tot_len).is_none() {
+                return Outcome::Drop(Stat::DropError);
+            }
+            set_macs(ctx, &hop);
+            send(ctx, &hop)
+        }
+        Some(Method::Nat) => {
+            if rewrite(ctx, ip, nat_addr, server_addr, nat_port, server.port).is_none() {
+                return Outcome::Drop(Stat::DropError);
+            }
+            let hop = match next_hop(ctx, server_addr, nat_addr, ip.tot_len, Some(server)) {
+                Ok(h) => h,
+                Err(o) => return o,
+            };
+            set_macs(ctx, &hop);
+            send(ctx, &hop)
+        }
+        None => Outcome::Drop(Stat::DropNoRoute),
+    }
+}
+
+/// A server's reply on a NAT connection: back to VIP -> client.
+#[inline(always)]
+fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, l4: &L4, bytes: u64) -> Outcome {
+    let Some(server) = SERVERS.get(reply.server) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    // SAFETY: plain helper call.
+    reply.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    reply.packets += 1;
+    reply.bytes += bytes;
+    reply.flags |= tcp_end_flags(l4.flags);
+    let (Some(vip), Some(client)) = (server.vip.as_v4_raw(), reply.nat_addr.as_v4_raw()) else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    count_traffic(&SERVICE_STATS, server.service, bytes);
+    count_traffic(&SERVER_STATS, reply.server, bytes);
+    if rewrite(ctx, ip, vip, client, server.vport, reply.nat_port).is_none() {
+        return Outcome::Drop(Stat::DropError);
+    }
+    let fallback = Server {
+        mac: reply.peer_mac,
+        smac: reply.local_mac,
+        ifindex: reply.ifindex,
+        ..Default::default()
+    };
+    let hop = match next_hop(ctx, client, vip, ip.tot_len, Some(&fallback)) {
+        Ok(h) => h,
+        Err(o) => return o,
+    };
+    set_macs(ctx, &hop);
+    send(ctx, &hop)
+}
+
+/// Where a frame goes next: interface and MACs.
+struct Hop {
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// The kernel's FIB decides next hop and MACs. Asked as if from `lo` (whose forwarding flag the
+/// daemon sets) so that IPv4 forwarding can stay off on every real interface: the kernel
+/// itself forwards nothing. Without a neighbour entry, falls back to the MACs in `fallback`.
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    dst: u32,
+    src: u32,
+    tot_len: u16,
+    fallback: Option<&Server>,
+) -> Result<Hop, Outcome> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.ifindex = LOOPBACK_IFINDEX;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: the helper writes only into `p`.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc {
+        FIB_SUCCESS => Ok(Hop {
+            ifindex: p.ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+        }),
+        FIB_NO_NEIGH => match fallback {
+            Some(f) if f.ifindex != 0 && f.mac != [0; 6] => Ok(Hop {
+                ifindex: f.ifindex,
+                smac: f.smac,
+                dmac: f.mac,
+            }),
+            _ => Err(Outcome::Drop(Stat::DropNoRoute)),
+        },
+        FIB_FRAG_NEEDED => Err(Outcome::Drop(Stat::DropTooBig)),
+        _ => Err(Outcome::Drop(Stat::DropNoRoute)),
+    }
+}
+
+#[inline(always)]
+fn set_macs(ctx: &XdpContext, hop: &Hop) {
+    if let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe {
+            (*eth).dst = hop.dmac;
+            (*eth).src = hop.smac;
         }
     }
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Verdict {
-    let Some(ethertype) = ptr_at::<u16>(ctx, 12) else {
-        return Verdict::Malformed;
-    };
-    // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { *ethertype }) != ETH_P_IP {
-        return Verdict::Pass;
-    }
-    let Some(ip) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN) else {
-        return Verdict::Malformed;
-    };
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &*ip };
-    let version = ip[0] >> 4;
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    if version != 4 || ihl < 20 {
-        return Verdict::Malformed;
-    }
-    let proto = ip[9];
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Verdict::Pass;
-    }
-    let dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-    // Ports sit in the first four bytes of both TCP and UDP headers.
-    let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) else {
-        return Verdict::Malformed;
-    };
-    // SAFETY: bounds checked by ptr_at.
-    let dport = unsafe { (*ports)[1] };
-    let key = ServiceKey {
-        vip: Addr::v4_raw(dst),
-        port: dport,
-        proto,
-        _pad: 0,
-    };
-    // SAFETY: read-only use of the value.
-    if unsafe { SERVICES.get(&key) }.is_some() {
-        Verdict::Service
+fn send(ctx: &XdpContext, hop: &Hop) -> Outcome {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        Outcome::Tx
     } else {
-        Verdict::Pass
+        Outcome::Redirect(hop.ifindex)
     }
+}
+
+/// Rewrites source and destination address and port (NAT both ways), updating the IPv4 and
+/// L4 checksums incrementally. Addresses and ports in network byte order.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    ip: &Ip,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+) -> Option<()> {
+    let iph = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    let (old_s, old_d) = unsafe {
+        let h = &mut *iph;
+        let (old_s, old_d) = (h.saddr, h.daddr);
+        h.check = csum::replace4(csum::replace4(h.check, old_s, saddr), old_d, daddr);
+        h.saddr = saddr;
+        h.daddr = daddr;
+        (old_s, old_d)
+    };
+    let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    let (old_sp, old_dp) = unsafe {
+        let p = &mut *ports;
+        let old = (p[0], p[1]);
+        p[0] = sport;
+        p[1] = dport;
+        old
+    };
+    let at = if ip.proto == IPPROTO_TCP {
+        ip.l4 + 16
+    } else {
+        ip.l4 + 6
+    };
+    let check = ptr_at_mut::<u16>(ctx, at)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        let c = *check;
+        if ip.proto == IPPROTO_UDP && c == 0 {
+            // UDP without a checksum stays without one.
+            return Some(());
+        }
+        let mut n = csum::replace4(c, old_s, saddr);
+        n = csum::replace4(n, old_d, daddr);
+        n = csum::replace2(n, old_sp, sport);
+        n = csum::replace2(n, old_dp, dport);
+        if ip.proto == IPPROTO_UDP && n == 0 {
+            n = 0xffff;
+        }
+        *check = n;
+    }
+    Some(())
+}
+
+/// Puts an outer IPv4 header (protocol 4) in front of the packet, behind the Ethernet header.
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, src: u32, dst: u32, inner_len: u16) -> Option<()> {
+    let (tos, df) = {
+        let inner = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { ((*inner).tos, (*inner).frag_off & IP_DF_BE) }
+    };
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
+        return None;
+    }
+    let eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked; the Ethernet header moves to the new front (proto unchanged).
+    unsafe { (*eth).proto = ETH_P_IP_BE };
+    let outer = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let mut h = Ipv4Hdr {
+        vihl: 0x45,
+        tos,
+        tot_len: (inner_len + IPV4_HLEN as u16).to_be(),
+        id: 0,
+        frag_off: df,
+        ttl: 64,
+        proto: IPPROTO_IPIP,
+        check: 0,
+        saddr: src,
+        daddr: dst,
+    };
+    h.check = ipv4_checksum(&h);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { *outer = h };
+    Some(())
+}
+
+#[inline(always)]
+fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain integers.
+    let words: &[u16; 10] = unsafe { &*(h as *const Ipv4Hdr as *const [u16; 10]) };
+    csum::ipv4_header(words)
+}
+
+/// ICMP to a VIP: echo goes to the stack (the primary answers); an error about one of our
+/// connections (fragmentation needed, say) goes to that connection's server, found by the
+/// header it quotes; anything else passes.
+#[inline(always)]
+fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
+    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, ip.l4) else {
+        return Outcome::Drop(Stat::DropMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let kind = unsafe { (*icmp).kind };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
+        return Outcome::Pass;
+    }
+    let inner_at = ip.l4 + ICMP_HLEN;
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_at) else {
+        return Outcome::Pass;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    if inner.vihl != 0x45 || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return Outcome::Pass;
+    }
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, inner_at + IPV4_HLEN) else {
+        return Outcome::Pass;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { *ports };
+    // The quoted packet went VIP -> client; its connection is keyed client -> VIP.
+    let key = FlowKey {
+        src: Addr::v4_raw(inner.daddr),
+        dst: Addr::v4_raw(inner.saddr),
+        sport: ports[1],
+        dport: ports[0],
+        proto: inner.proto,
+        _pad: [0; 3],
+    };
+    let Some(conn) = CONNECTIONS.get_ptr(&key) else {
+        return Outcome::Pass;
+    };
+    // SAFETY: a map value, read only.
+    let conn = unsafe { *conn };
+    let Some(server) = SERVERS.get(conn.server) else {
+        return Outcome::Pass;
+    };
+    count(Stat::IcmpSteered, 1);
+    if server.method == Method::Nat as u8 {
+        let Some(server_addr) = server.addr.as_v4_raw() else {
+            return Outcome::Drop(Stat::DropNoRoute);
+        };
+        if nat_icmp(ctx, ip, inner_at, server, &conn).is_none() {
+            return Outcome::Drop(Stat::DropError);
+        }
+        let hop = match next_hop(ctx, server_addr, ip.saddr, ip.tot_len, Some(server)) {
+            Ok(h) => h,
+            Err(o) => return o,
+        };
+        set_macs(ctx, &hop);
+        return send(ctx, &hop);
+    }
+    forward(ctx, settings, server, ip, 0, 0)
+}
+
+/// Translates an ICMP error about a NAT connection for the server: the outer destination
+/// becomes the server, and the quoted packet (VIP:vport -> client:cport) becomes what the
+/// server sent (server:port -> NAT address:port). IPv4, quoted IPv4 and ICMP checksums are
+/// updated incrementally.
+#[inline(always)]
+fn nat_icmp(
+    ctx: &XdpContext,
+    ip: &Ip,
+    inner_at: usize,
+    server: &Server,
+    conn: &Connection,
+) -> Option<()> {
+    let server_addr = server.addr.as_v4_raw()?;
+    let nat_addr = conn.nat_addr.as_v4_raw()?;
+    let outer = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        let h = &mut *outer;
+        h.check = csum::replace4(h.check, h.daddr, server_addr);
+        h.daddr = server_addr;
+    }
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ip.l4)?;
+    let inner = ptr_at_mut::<Ipv4Hdr>(ctx, inner_at)?;
+    let ports = ptr_at_mut::<[u16; 2]>(ctx, inner_at + IPV4_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        let h = &mut *inner;
+        let p = &mut *ports;
+        let mut ic = (*icmp).check;
+        let old_check = h.check;
+        let (old_s, old_d, old_sp, old_dp) = (h.saddr, h.daddr, p[0], p[1]);
+        h.check = csum::replace4(csum::replace4(h.check, old_s, server_addr), old_d, nat_addr);
+        h.saddr = server_addr;
+        h.daddr = nat_addr;
+        p[0] = server.port;
+        p[1] = conn.nat_port;
+        ic = csum::replace4(ic, old_s, server_addr);
+        ic = csum::replace4(ic, old_d, nat_addr);
+        ic = csum::replace2(ic, old_sp, server.port);
+        ic = csum::replace2(ic, old_dp, conn.nat_port);
+        ic = csum::replace2(ic, old_check, h.check);
+        (*icmp).check = ic;
+    }
+    Some(())
+}
+
+/// The per-connection debug record: "new tcp 1.2.3.4:9645 -> 192.0.2.100:80 via
+/// 192.0.2.11:80 direct".
+#[inline(always)]
+fn log_new(ctx: &XdpContext, ip: &Ip, l4: &L4, server: &Server) {
+    let proto = if ip.proto == IPPROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    };
+    let method = match Method::from_u8(server.method) {
+        Some(m) => m.name(),
+        None => "?",
+    };
+    let srv = server.addr.w[3].to_ne_bytes();
+    info!(
+        ctx,
+        "new {} {:i}:{} -> {:i}:{} via {:i}:{} {}",
+        proto,
+        ip.saddr.to_ne_bytes(),
+        u16::from_be(l4.sport),
+        ip.daddr.to_ne_bytes(),
+        u16::from_be(l4.dport),
+        srv,
+        u16::from_be(server.port),
+        method
+    );
+}
+
+#[inline(always)]
+fn decap_count(s: DecapStat) {
+    if let Some(p) = DECAP_STAT.get_ptr_mut(s as u32) {
+        // SAFETY: a per-CPU slot.
+        unsafe { *p += 1 };
+    }
+}
+
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap_count(DecapStat::Packets);
+    let out = decap(&ctx);
+    decap_count(out);
+    match out {
+        DecapStat::Dropped => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// Strips the outer IPv4 header of an IPIP packet from a configured ATM.
+#[inline(always)]
+fn decap(ctx: &XdpContext) -> DecapStat {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return DecapStat::Passed;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    if eth.proto != ETH_P_IP_BE {
+        return DecapStat::Passed;
+    }
+    let Some(outer) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return DecapStat::Passed;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let outer = unsafe { &*outer };
+    if outer.proto != IPPROTO_IPIP || outer.vihl >> 4 != 4 {
+        return DecapStat::Passed;
+    }
+    if DECAP_SOURCES.get_ptr(&Addr::v4_raw(outer.saddr)).is_none() {
+        return DecapStat::Passed;
+    }
+    // From a configured ATM: it must be a clean IPIP packet as lb_xdp makes them (no outer
+    // options, not fragmented), else it is dropped.
+    if outer.vihl != 0x45 || u16::from_be(outer.frag_off) & (IP_OFFMASK | IP_MF) != 0 {
+        return DecapStat::Dropped;
+    }
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN + IPV4_HLEN) else {
+        return DecapStat::Dropped;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*inner).vihl } >> 4 != 4 {
+        return DecapStat::Dropped;
+    }
+    // Move the Ethernet header up to sit just before the inner header, then drop the front.
+    let Some(new_eth) = ptr_at_mut::<EthHdr>(ctx, IPV4_HLEN) else {
+        return DecapStat::Dropped;
+    };
+    // SAFETY: bounds checked; [20, 34) and [0, 14) do not overlap.
+    unsafe { *new_eth = eth };
+    // SAFETY: shrinks the front; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_HLEN as i32) } != 0 {
+        return DecapStat::Dropped;
+    }
+    DecapStat::Decapsulated
 }
 
 #[cfg(not(test))]

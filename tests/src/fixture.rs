@@ -33,6 +33,8 @@ pub struct Fixture {
     pub action: u32,
     /// The frame the program must leave; `None` means untouched (the input itself).
     pub output: Option<Vec<u8>>,
+    /// Interface index the frame arrives on; `None`: the runner's default.
+    pub ingress: Option<u32>,
 }
 
 impl Fixture {
@@ -42,7 +44,14 @@ impl Fixture {
             input,
             action,
             output: None,
+            ingress: None,
         }
+    }
+
+    /// The frame arrives on interface `ifindex`.
+    pub fn on(mut self, ifindex: u32) -> Fixture {
+        self.ingress = Some(ifindex);
+        self
     }
 
     pub fn output(mut self, frame: Vec<u8>) -> Fixture {
@@ -232,6 +241,19 @@ fn verify_ipv4(packet: &[u8], depth: u32) -> Result<(), String> {
                 return Err(format!(
                     "tcp checksum {:#06x}, correct {want:#06x}",
                     t.checksum()
+                ));
+            }
+            Ok(())
+        }
+        etherparse::IpNumber::ICMP => {
+            let (icmp, rest) =
+                etherparse::Icmpv4Header::from_slice(payload).map_err(|e| format!("icmp: {e}"))?;
+            let want =
+                etherparse::Icmpv4Header::with_checksum(icmp.icmp_type.clone(), rest).checksum;
+            if icmp.checksum != want {
+                return Err(format!(
+                    "icmp checksum {:#06x}, correct {want:#06x}",
+                    icmp.checksum
                 ));
             }
             Ok(())

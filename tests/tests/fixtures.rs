@@ -1,24 +1,103 @@
-//! Tier 2: packet fixtures through BPF_PROG_TEST_RUN, in a namespace of their own so that
-//! route and neighbour lookups see a known table.
+//! Tier 2: packet fixtures through BPF_PROG_TEST_RUN.
+//!
+//! The program runs inside a namespace of its own whose routes and (permanent) neighbours are
+//! known, so next hops and MACs from `bpf_fib_lookup` are predictable. Expected frames are
+//! built independently: choices predicted from the scheduler rows the dataplane holds,
+//! headers edited byte by byte and every checksum recomputed from scratch by etherparse, so
+//! the program's incremental arithmetic is compared with a full computation.
 
-use lb_common::{Addr, IPPROTO_TCP, Service, ServiceKey, Stat};
-use lb_daemon::dataplane::Dataplane;
+use std::net::Ipv4Addr;
+
+use etherparse::{Icmpv4Type, Ipv4Header, PacketBuilder, TcpHeaderSlice, icmpv4};
+use lb_common::{
+    Addr, Connection, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings,
+    Stat, hash,
+};
+use lb_daemon::dataplane::{Dataplane, ServerSpec, ServiceSpec, enable_fib_lookup, now_ns};
 use lb_tests::{
-    fixture::{Fixture, XDP_DROP, XDP_PASS, frames::*},
+    fixture::{Fixture, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, frames::*},
     lab::Lab,
 };
 
-const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
-const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
+const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+const LB_NAT_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
+const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
+const LB: [u8; 4] = [192, 0, 2, 1];
+const NAT: [u8; 4] = [203, 0, 113, 1];
 const CLIENT: [u8; 4] = [198, 51, 100, 7];
 const VIP: [u8; 4] = [192, 0, 2, 100];
-const OTHER: [u8; 4] = [192, 0, 2, 1];
+const VIP_STICKY: [u8; 4] = [192, 0, 2, 101];
+const VIP_DEAD: [u8; 4] = [192, 0, 2, 102];
+const OTHER: [u8; 4] = [192, 0, 2, 50];
+const NAT_PORT_MIN: u16 = 20_000;
+const NAT_PORT_MAX: u16 = 59_999;
 
-/// One namespace with a veth pair; the program runs as if frames arrived on `eth0`.
+/// Direct/tunnel servers on the balancer's segment, and NAT servers on its second interface.
+const S1: [u8; 4] = [192, 0, 2, 11];
+const S2: [u8; 4] = [192, 0, 2, 12];
+const S3: [u8; 4] = [192, 0, 2, 13];
+const N1: [u8; 4] = [203, 0, 113, 21];
+const N2: [u8; 4] = [203, 0, 113, 22];
+
+fn mac_of(ip: [u8; 4]) -> Mac {
+    match ip {
+        [192, 0, 2, x] => [0x02, 0, 0, 0, 0, x],
+        [203, 0, 113, x] => [0x02, 0, 0, 0, 0x01, x],
+        _ => panic!("no MAC for {ip:?}"),
+    }
+}
+
+fn mac_str(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+// Service ids and their first server index.
+const HTTP: u32 = 0; // 192.0.2.100:80/tcp maglev, direct S1 S2 -> servers 0, 1
+const TUN: u32 = 1; // 192.0.2.100:81/tcp rr, tunnel S1 S2 S3 -> 2, 3, 4
+const NATSVC: u32 = 2; // 192.0.2.100:82/tcp wrr, nat N1:8080 w3, N2:8080 w1 -> 5, 6
+const DNS: u32 = 3; // 192.0.2.100:53/udp sh, direct S1 S2 -> 7, 8
+const STICKY: u32 = 4; // 192.0.2.101:80/tcp maglev, persistence 300 s, direct S1 S2 S3 -> 9..11
+const NATUDP: u32 = 5; // 192.0.2.100:5353/udp rr, nat N1:53 -> 12
+const DEAD: u32 = 6; // 192.0.2.102:80/tcp maglev, its one server down -> 13
+
+fn server(addr: [u8; 4], port: u16, weight: u32, method: Method) -> ServerSpec {
+    ServerSpec {
+        addr: Ipv4Addr::from(addr),
+        port,
+        weight,
+        method,
+        up: true,
+    }
+}
+
+fn service(
+    vip: [u8; 4],
+    port: u16,
+    proto: u8,
+    sched: Sched,
+    servers: Vec<ServerSpec>,
+) -> ServiceSpec {
+    ServiceSpec {
+        vip: Ipv4Addr::from(vip),
+        port,
+        proto,
+        sched,
+        persistence_s: 0,
+        servers,
+    }
+}
+
+/// The namespace, the loaded dataplane and its interfaces.
 struct Bench {
     lab: Lab,
     dp: Dataplane,
-    ifindex: u32,
+    eth0: u32,
+    eth1: u32,
+    /// (service id, first server index, spec) as installed.
+    services: Vec<(u32, u32, ServiceSpec)>,
 }
 
 impl Bench {
@@ -26,28 +105,189 @@ impl Bench {
         let mut lab = Lab::new();
         lab.add_ns("fx");
         lab.veth(("fx", "eth0"), ("fx", "peer0"));
-        lab.mac("fx", "eth0", "02:00:00:00:00:02");
+        lab.veth(("fx", "eth1"), ("fx", "peer1"));
+        lab.mac("fx", "eth0", &mac_str(LB_MAC));
+        lab.mac("fx", "eth1", &mac_str(LB_NAT_MAC));
         lab.addr("fx", "eth0", "192.0.2.1/24");
-        let ifindex = lab.ns("fx").ifindex("eth0");
-        let mut dp = Dataplane::load().expect("load the dataplane");
-        dp.set_service(
-            ServiceKey {
-                vip: Addr::from_v4_octets(VIP),
-                port: 80u16.to_be(),
-                proto: IPPROTO_TCP,
-                _pad: 0,
-            },
-            Service::default(),
-        )
-        .unwrap();
-        Bench { lab, dp, ifindex }
+        lab.addr("fx", "eth1", "203.0.113.1/24");
+        let fx = lab.ns("fx");
+        for (ip, dev) in [
+            (S1, "eth0"),
+            (S2, "eth0"),
+            (S3, "eth0"),
+            ([192, 0, 2, 254], "eth0"),
+            (N1, "eth1"),
+            (N2, "eth1"),
+        ] {
+            fx.exec_ok(&[
+                "ip",
+                "neigh",
+                "replace",
+                &Ipv4Addr::from(ip).to_string(),
+                "lladdr",
+                &mac_str(mac_of(ip)),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        lab.route("fx", &["198.51.100.0/24", "via", "192.0.2.254"]);
+        let (eth0, eth1) = (fx.ifindex("eth0"), fx.ifindex("eth1"));
+        {
+            let _in = lab.ns("fx").enter();
+            enable_fib_lookup().unwrap();
+        }
+
+        let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
+        let mut sticky = service(
+            VIP_STICKY,
+            80,
+            IPPROTO_TCP,
+            Sched::Maglev,
+            vec![
+                server(S1, 80, 1, Method::Direct),
+                server(S2, 80, 1, Method::Direct),
+                server(S3, 80, 1, Method::Direct),
+            ],
+        );
+        sticky.persistence_s = 300;
+        let mut dead = service(
+            VIP_DEAD,
+            80,
+            IPPROTO_TCP,
+            Sched::Maglev,
+            vec![server(S1, 80, 1, Method::Direct)],
+        );
+        dead.servers[0].up = false;
+        let services = vec![
+            (
+                HTTP,
+                0,
+                service(
+                    VIP,
+                    80,
+                    IPPROTO_TCP,
+                    Sched::Maglev,
+                    vec![
+                        server(S1, 80, 1, Method::Direct),
+                        server(S2, 80, 1, Method::Direct),
+                    ],
+                ),
+            ),
+            (
+                TUN,
+                2,
+                service(
+                    VIP,
+                    81,
+                    IPPROTO_TCP,
+                    Sched::Rr,
+                    vec![
+                        server(S1, 81, 1, Method::Tunnel),
+                        server(S2, 81, 1, Method::Tunnel),
+                        server(S3, 81, 1, Method::Tunnel),
+                    ],
+                ),
+            ),
+            (
+                NATSVC,
+                5,
+                service(
+                    VIP,
+                    82,
+                    IPPROTO_TCP,
+                    Sched::Wrr,
+                    vec![
+                        server(N1, 8080, 3, Method::Nat),
+                        server(N2, 8080, 1, Method::Nat),
+                    ],
+                ),
+            ),
+            (
+                DNS,
+                7,
+                service(
+                    VIP,
+                    53,
+                    IPPROTO_UDP,
+                    Sched::Sh,
+                    vec![
+                        server(S1, 53, 1, Method::Direct),
+                        server(S2, 53, 1, Method::Direct),
+                    ],
+                ),
+            ),
+            (STICKY, 9, sticky),
+            (
+                NATUDP,
+                12,
+                service(
+                    VIP,
+                    5353,
+                    IPPROTO_UDP,
+                    Sched::Rr,
+                    vec![server(N1, 53, 1, Method::Nat)],
+                ),
+            ),
+            (DEAD, 13, dead),
+        ];
+        for (id, first, spec) in &services {
+            dp.install(*id, *first, spec).expect("install a service");
+        }
+        dp.set_settings(&settings()).unwrap();
+        Bench {
+            lab,
+            dp,
+            eth0,
+            eth1,
+            services,
+        }
+    }
+
+    fn spec(&self, id: u32) -> (u32, &ServiceSpec) {
+        let (_, first, spec) = self.services.iter().find(|s| s.0 == id).unwrap();
+        (*first, spec)
+    }
+
+    /// The scheduler row of service `id`, as the program indexes it.
+    fn row(&self, id: u32) -> Vec<u32> {
+        let svc = self
+            .dp
+            .services()
+            .unwrap()
+            .into_iter()
+            .find(|(_, s)| s.id == id)
+            .unwrap()
+            .1;
+        self.dp.table(id, svc.table_len as usize).unwrap()
+    }
+
+    /// Address and port of server `index`.
+    fn server_addr(&self, index: u32) -> ([u8; 4], u16) {
+        for (_, first, spec) in &self.services {
+            if index >= *first && index < first + spec.servers.len() as u32 {
+                let s = &spec.servers[(index - first) as usize];
+                return (s.addr.octets(), s.port);
+            }
+        }
+        panic!("no server {index}");
+    }
+
+    /// The server Maglev picks for a flow of service `id`.
+    fn maglev(&self, id: u32, key: &FlowKey) -> u32 {
+        let row = self.row(id);
+        row[(hash::flow(key) % row.len() as u32) as usize]
     }
 
     fn run(&self, fixtures: &[Fixture]) {
         let _inside = self.lab.ns("fx").enter();
         let mut failures = Vec::new();
         for fx in fixtures {
-            let (action, out) = self.dp.test_run(&fx.input, self.ifindex).expect("test_run");
+            let (action, out) = self
+                .dp
+                .test_run(&fx.input, fx.ingress.unwrap_or(self.eth0))
+                .expect("test_run");
             if let Err(e) = fx.check(action, &out) {
                 failures.push(e);
             }
@@ -60,47 +300,726 @@ impl Bench {
             failures.join("\n")
         );
     }
+
+    fn run_decap(&self, fixtures: &[Fixture]) {
+        let _inside = self.lab.ns("fx").enter();
+        let mut failures = Vec::new();
+        for fx in fixtures {
+            let (action, out) = self
+                .dp
+                .test_run_decap(&fx.input, self.eth0)
+                .expect("test_run");
+            if let Err(e) = fx.check(action, &out) {
+                failures.push(e);
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        timeout_ns: 100_000_000_000,
+        debug: 0,
+        flags: SETTINGS_ACTIVE,
+        local_addr: Addr::from_v4_octets(LB),
+        nat_addr: Addr::from_v4_octets(NAT),
+        nat_port_min: NAT_PORT_MIN,
+        nat_port_max: NAT_PORT_MAX,
+        _pad: 0,
+    }
+}
+
+/// Round robin and the per-CPU cursors need the test thread on one CPU.
+fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: Addr::from_v4_octets(src),
+        dst: Addr::from_v4_octets(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A client TCP frame to `dst:dport` as it arrives from the router.
+fn from_client(sport: u16, dst: [u8; 4], dport: u16, flags: Flags, payload: &[u8]) -> Vec<u8> {
+    tcp(
+        ROUTER_MAC, LB_MAC, CLIENT, sport, dst, dport, flags, payload,
+    )
+}
+
+/// The frame with new MACs: what direct routing does.
+fn with_macs(frame: &[u8], smac: Mac, dmac: Mac) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&dmac);
+    out[6..12].copy_from_slice(&smac);
+    out
+}
+
+/// The frame IPIP-encapsulated from the balancer to `server`, as tunnel mode sends it.
+fn ipip(frame: &[u8], server: [u8; 4]) -> Vec<u8> {
+    let inner = &frame[14..];
+    let inner_h = Ipv4Header::from_slice(inner).unwrap().0;
+    let mut outer = Ipv4Header::new(
+        inner.len() as u16,
+        64,
+        etherparse::IpNumber::IPV4,
+        LB,
+        server,
+    )
+    .unwrap();
+    outer.identification = 0;
+    outer.dont_fragment = inner_h.dont_fragment;
+    outer.dscp = inner_h.dscp;
+    outer.ecn = inner_h.ecn;
+    outer.header_checksum = outer.calc_header_checksum();
+    let mut packet = Vec::new();
+    outer.write(&mut packet).unwrap();
+    packet.extend_from_slice(inner);
+    ethernet(LB_MAC, mac_of(server), &packet)
+}
+
+/// The frame with addresses, ports and MACs rewritten and every checksum recomputed from
+/// scratch by etherparse: what NAT must produce.
+fn nat_expected(
+    frame: &[u8],
+    (smac, dmac): (Mac, Mac),
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+) -> Vec<u8> {
+    let mut out = with_macs(frame, smac, dmac);
+    out[26..30].copy_from_slice(&src);
+    out[30..34].copy_from_slice(&dst);
+    out[34..36].copy_from_slice(&sport.to_be_bytes());
+    out[36..38].copy_from_slice(&dport.to_be_bytes());
+    fix_checksums(&mut out);
+    out
+}
+
+/// Recomputes the IPv4 and TCP/UDP checksums of an Ethernet/IPv4 frame (no options) with
+/// etherparse. A UDP checksum of zero (none) stays zero.
+fn fix_checksums(frame: &mut [u8]) {
+    fix_ipv4_checksum(frame);
+    let ip = Ipv4Header::from_slice(&frame[14..]).unwrap().0;
+    let l4 = 14 + ip.header_len();
+    let end = 14 + ip.total_len as usize;
+    match ip.protocol {
+        etherparse::IpNumber::TCP => {
+            let t = TcpHeaderSlice::from_slice(&frame[l4..end]).unwrap();
+            let body = frame[l4 + t.slice().len()..end].to_vec();
+            let c = t.to_header().calc_checksum_ipv4(&ip, &body).unwrap();
+            frame[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+        }
+        etherparse::IpNumber::UDP => {
+            if frame[l4 + 6..l4 + 8] == [0, 0] {
+                return;
+            }
+            let u = etherparse::UdpHeaderSlice::from_slice(&frame[l4..end]).unwrap();
+            let c = u
+                .to_header()
+                .calc_checksum_ipv4(&ip, &frame[l4 + 8..end])
+                .unwrap();
+            frame[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => {}
+    }
+}
+
+/// The NAT source port the program picks first for a new connection (the range is empty at
+/// that point in these fixtures).
+fn nat_port(k: &FlowKey) -> u16 {
+    let span = (NAT_PORT_MAX - NAT_PORT_MIN + 1) as u32;
+    NAT_PORT_MIN + (hash::flow(k) % span) as u16
+}
+
+/// An ICMP fragmentation-needed from a router on the client's side to `to`, quoting the
+/// first 28 bytes of the IPv4 packet `quoted`.
+fn frag_needed(to: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4([198, 51, 100, 254], to, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    let q = &quoted[..28];
+    let mut out = Vec::new();
+    b.write(&mut out, q).unwrap();
+    out
+}
+
+/// A packet the server side sent toward the client: what an ICMP error quotes.
+fn server_reply_packet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let f = tcp(
+        LB_MAC,
+        ROUTER_MAC,
+        src,
+        sport,
+        dst,
+        dport,
+        ACK,
+        &[0u8; 1400],
+    );
+    f[14..].to_vec()
 }
 
 #[test]
-fn non_service_traffic_passes_untouched_and_truncated_frames_are_dropped() {
+fn dataplane_fixtures() {
+    pin_to_cpu0();
     let b = Bench::new();
-    let syn = tcp(CLIENT_MAC, LB_MAC, CLIENT, 40000, VIP, 80, SYN, b"");
+    let mut fx = Vec::new();
+
+    // --- direct (maglev): SYN, established, FIN all go to the same server by MAC rewrite.
+    let k = key(CLIENT, 40001, VIP, 80, IPPROTO_TCP);
+    let chosen = b.maglev(HTTP, &k);
+    let (srv, _) = b.server_addr(chosen);
+    for (what, flags, payload) in [
+        ("SYN", SYN, &b""[..]),
+        ("established", ACK, &b"GET /"[..]),
+        ("FIN", FIN, &b""[..]),
+    ] {
+        let f = from_client(40001, VIP, 80, flags, payload);
+        fx.push(
+            Fixture::new(
+                format!("direct {what} goes to maglev's server by MAC rewrite"),
+                f.clone(),
+                XDP_TX,
+            )
+            .output(with_macs(&f, LB_MAC, mac_of(srv))),
+        );
+    }
+
+    // --- tunnel (rr): SYN, established, FIN encapsulated to the first server of the cycle;
+    // two more new connections go to the next servers in turn.
+    let (first, tun) = b.spec(TUN);
+    let row = b.row(TUN);
+    assert_eq!(
+        row,
+        (first..first + tun.servers.len() as u32).collect::<Vec<_>>()
+    );
+    for (what, flags) in [("SYN", SYN), ("established", ACK), ("FIN", FIN)] {
+        let f = from_client(40002, VIP, 81, flags, b"");
+        fx.push(
+            Fixture::new(
+                format!("tunnel {what} is IPIP to the server rr chose"),
+                f.clone(),
+                XDP_TX,
+            )
+            .output(ipip(&f, b.server_addr(row[0]).0)),
+        );
+    }
+    for (i, port) in [(1usize, 40003u16), (2, 40004), (0, 40005)] {
+        let f = from_client(port, VIP, 81, SYN, b"");
+        fx.push(
+            Fixture::new(
+                format!(
+                    "rr: new connection {} goes to server {i} of the cycle",
+                    i + 1
+                ),
+                f.clone(),
+                XDP_TX,
+            )
+            .output(ipip(&f, b.server_addr(row[i]).0)),
+        );
+    }
+
+    // --- NAT (wrr 3:1): forward leg, reply leg, established and FIN; then the weighted cycle.
+    let wrr = b.row(NATSVC);
+    assert_eq!(wrr, vec![5, 5, 6, 5], "smooth wrr for weights 3 and 1");
+    let k = key(CLIENT, 40010, VIP, 82, IPPROTO_TCP);
+    let port = nat_port(&k);
+    let (n_addr, n_port) = b.server_addr(wrr[0]);
+    let syn = from_client(40010, VIP, 82, SYN, b"");
+    fx.push(
+        Fixture::new(
+            "nat SYN: to the server from the NAT address, checksums updated",
+            syn.clone(),
+            XDP_REDIRECT,
+        )
+        .output(nat_expected(
+            &syn,
+            (LB_NAT_MAC, mac_of(n_addr)),
+            (NAT, port),
+            (n_addr, n_port),
+        )),
+    );
+    let synack = tcp(
+        mac_of(n_addr),
+        LB_NAT_MAC,
+        n_addr,
+        n_port,
+        NAT,
+        port,
+        Flags {
+            syn: true,
+            ack: true,
+            ..Default::default()
+        },
+        b"",
+    );
+    fx.push(
+        Fixture::new(
+            "nat reply: translated back to VIP -> client",
+            synack.clone(),
+            XDP_REDIRECT,
+        )
+        .on(b.eth1)
+        .output(nat_expected(
+            &synack,
+            (LB_MAC, ROUTER_MAC),
+            (VIP, 82),
+            (CLIENT, 40010),
+        )),
+    );
+    for (what, flags) in [("established", ACK), ("FIN", FIN)] {
+        let f = from_client(40010, VIP, 82, flags, b"data");
+        fx.push(
+            Fixture::new(
+                format!("nat {what}: same server, same NAT port"),
+                f.clone(),
+                XDP_REDIRECT,
+            )
+            .output(nat_expected(
+                &f,
+                (LB_NAT_MAC, mac_of(n_addr)),
+                (NAT, port),
+                (n_addr, n_port),
+            )),
+        );
+    }
+    for (i, cport) in [(1usize, 40011u16), (2, 40012), (3, 40013)] {
+        let f = from_client(cport, VIP, 82, SYN, b"");
+        let k = key(CLIENT, cport, VIP, 82, IPPROTO_TCP);
+        let (a, p) = b.server_addr(wrr[i]);
+        fx.push(
+            Fixture::new(
+                format!("wrr: new connection {} follows the weighted cycle", i + 1),
+                f.clone(),
+                XDP_REDIRECT,
+            )
+            .output(nat_expected(
+                &f,
+                (LB_NAT_MAC, mac_of(a)),
+                (NAT, nat_port(&k)),
+                (a, p),
+            )),
+        );
+    }
+
+    // --- sh: the client's address decides, whatever its port.
+    let sh_row = b.row(DNS);
+    let sh_server =
+        sh_row[(hash::addr(&Addr::from_v4_octets(CLIENT)) % sh_row.len() as u32) as usize];
+    for port in [5000u16, 5001] {
+        let f = udp(ROUTER_MAC, LB_MAC, CLIENT, port, VIP, 53, b"query");
+        fx.push(
+            Fixture::new(
+                format!("sh: udp from port {port} goes to the client's server"),
+                f.clone(),
+                XDP_TX,
+            )
+            .output(with_macs(&f, LB_MAC, mac_of(b.server_addr(sh_server).0))),
+        );
+    }
+
+    // --- maglev's choice for another flow, independently predicted.
+    let k2 = key(CLIENT, 40100, VIP, 80, IPPROTO_TCP);
+    let f = from_client(40100, VIP, 80, SYN, b"");
+    fx.push(
+        Fixture::new(
+            "maglev: the ring slot of the flow hash decides",
+            f.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(
+            &f,
+            LB_MAC,
+            mac_of(b.server_addr(b.maglev(HTTP, &k2)).0),
+        )),
+    );
+
+    // --- persistence: a second connection from the client sticks to the first one's server,
+    // even from a port maglev would send elsewhere.
+    let k_a = key(CLIENT, 41000, VIP_STICKY, 80, IPPROTO_TCP);
+    let sticky_server = b.maglev(STICKY, &k_a);
+    let other_port = (41001..42000)
+        .find(|p| b.maglev(STICKY, &key(CLIENT, *p, VIP_STICKY, 80, IPPROTO_TCP)) != sticky_server)
+        .unwrap();
+    for p in [41000, other_port] {
+        let f = from_client(p, VIP_STICKY, 80, SYN, b"");
+        fx.push(
+            Fixture::new(
+                format!("persistence: connection from port {p} sticks to one server"),
+                f.clone(),
+                XDP_TX,
+            )
+            .output(with_macs(
+                &f,
+                LB_MAC,
+                mac_of(b.server_addr(sticky_server).0),
+            )),
+        );
+    }
+
+    // --- UDP through NAT: checksum updated; a datagram without checksum keeps none.
+    let f = udp(ROUTER_MAC, LB_MAC, CLIENT, 6000, VIP, 5353, b"query");
+    let k = key(CLIENT, 6000, VIP, 5353, IPPROTO_UDP);
+    fx.push(
+        Fixture::new(
+            "nat udp: rewritten with its checksum updated",
+            f.clone(),
+            XDP_REDIRECT,
+        )
+        .output(nat_expected(
+            &f,
+            (LB_NAT_MAC, mac_of(N1)),
+            (NAT, nat_port(&k)),
+            (N1, 53),
+        )),
+    );
+    let mut f = udp(ROUTER_MAC, LB_MAC, CLIENT, 6001, VIP, 5353, b"query");
+    f[40..42].copy_from_slice(&[0, 0]);
+    let k = key(CLIENT, 6001, VIP, 5353, IPPROTO_UDP);
+    let want = nat_expected(&f, (LB_NAT_MAC, mac_of(N1)), (NAT, nat_port(&k)), (N1, 53));
+    assert_eq!(want[40..42], [0, 0]);
+    fx.push(Fixture::new("nat udp without checksum keeps none", f, XDP_REDIRECT).output(want));
+
+    // --- ICMP.
+    let mut echo = Vec::new();
+    PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut echo, b"ping")
+        .unwrap();
+    fx.push(Fixture::new(
+        "echo request to the VIP passes to the stack",
+        echo,
+        XDP_PASS,
+    ));
+    let (direct_srv, _) = b.server_addr(b.maglev(HTTP, &key(CLIENT, 40001, VIP, 80, IPPROTO_TCP)));
+    let f = frag_needed(VIP, &server_reply_packet(VIP, 80, CLIENT, 40001));
+    fx.push(
+        Fixture::new(
+            "frag-needed about a direct connection goes to its server",
+            f.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(&f, LB_MAC, mac_of(direct_srv))),
+    );
+    let f = frag_needed(VIP, &server_reply_packet(VIP, 81, CLIENT, 40002));
+    fx.push(
+        Fixture::new(
+            "frag-needed about a tunnel connection is tunnelled to its server",
+            f.clone(),
+            XDP_TX,
+        )
+        .output(ipip(&f, b.server_addr(row[0]).0)),
+    );
+    let nat_k = key(CLIENT, 40010, VIP, 82, IPPROTO_TCP);
+    let f = frag_needed(VIP, &server_reply_packet(VIP, 82, CLIENT, 40010));
+    let want = {
+        // What the server sent: N1:8080 -> NAT:port; the outer packet now goes to the server.
+        let quoted = server_reply_packet(n_addr, n_port, NAT, nat_port(&nat_k));
+        let mut w = frag_needed(n_addr, &quoted);
+        w[0..6].copy_from_slice(&mac_of(n_addr));
+        w[6..12].copy_from_slice(&LB_NAT_MAC);
+        w
+    };
+    fx.push(
+        Fixture::new(
+            "frag-needed about a NAT connection is translated for its server",
+            f,
+            XDP_REDIRECT,
+        )
+        .output(want),
+    );
+    let f = frag_needed(VIP, &server_reply_packet(VIP, 80, CLIENT, 9));
+    fx.push(Fixture::new(
+        "ICMP error about no known connection passes",
+        f,
+        XDP_PASS,
+    ));
+
+    // --- not for a service: untouched.
+    fx.push(Fixture::new(
+        "tcp to another address passes",
+        from_client(40000, OTHER, 80, SYN, b""),
+        XDP_PASS,
+    ));
+    fx.push(Fixture::new(
+        "tcp to the VIP on another port passes",
+        from_client(40000, VIP, 22, SYN, b""),
+        XDP_PASS,
+    ));
+    fx.push(Fixture::new(
+        "udp to the VIP's tcp port passes",
+        udp(ROUTER_MAC, LB_MAC, CLIENT, 40000, VIP, 80, b"x"),
+        XDP_PASS,
+    ));
     let mut arp = vec![0xff; 6];
-    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&ROUTER_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    let fixtures = vec![
+    fx.push(Fixture::new("arp passes", arp, XDP_PASS));
+
+    // --- malformed: dropped, never forwarded.
+    let syn = from_client(40200, VIP, 80, SYN, b"");
+    let u = udp(ROUTER_MAC, LB_MAC, CLIENT, 5000, VIP, 53, b"query");
+    fx.push(Fixture::new(
+        "IPv4 frame with nothing after the Ethernet header",
+        syn[..14].to_vec(),
+        XDP_DROP,
+    ));
+    fx.push(Fixture::new(
+        "IPv4 header cut short",
+        syn[..14 + 12].to_vec(),
+        XDP_DROP,
+    ));
+    let mut cut = syn[..14 + 20 + 10].to_vec();
+    cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+    fix_ipv4_checksum(&mut cut);
+    fx.push(Fixture::new(
+        "TCP header cut short (to a service)",
+        cut,
+        XDP_DROP,
+    ));
+    let mut cut = u[..14 + 20 + 4].to_vec();
+    cut[16..18].copy_from_slice(&24u16.to_be_bytes());
+    fix_ipv4_checksum(&mut cut);
+    fx.push(Fixture::new(
+        "UDP header cut short (to a service)",
+        cut,
+        XDP_DROP,
+    ));
+    let mut bad = syn.clone();
+    bad[14] = 0x44;
+    fx.push(Fixture::new("IHL of 4 (16-byte header)", bad, XDP_DROP));
+    let mut bad = syn.clone();
+    bad[14] = 0x65;
+    fx.push(Fixture::new("version 6 in an IPv4 frame", bad, XDP_DROP));
+    let mut bad = syn.clone();
+    bad[24] ^= 0x55;
+    fx.push(Fixture::new(
+        "wrong IPv4 header checksum (to a service)",
+        bad,
+        XDP_DROP,
+    ));
+    let mut bad = syn.clone();
+    bad[16..18].copy_from_slice(&1000u16.to_be_bytes());
+    fix_ipv4_checksum(&mut bad);
+    fx.push(Fixture::new(
+        "IPv4 total length beyond the frame",
+        bad,
+        XDP_DROP,
+    ));
+    let mut frag = syn.clone();
+    frag[20..22].copy_from_slice(&(0x2000u16 | 100).to_be_bytes());
+    fix_ipv4_checksum(&mut frag);
+    fx.push(Fixture::new(
+        "non-first fragment to the VIP",
+        frag,
+        XDP_DROP,
+    ));
+    let mut frag = syn.clone();
+    frag[20..22].copy_from_slice(&50u16.to_be_bytes());
+    fix_ipv4_checksum(&mut frag);
+    fx.push(Fixture::new(
+        "last fragment to another address passes",
+        {
+            let mut f = frag.clone();
+            f[30..34].copy_from_slice(&OTHER);
+            fix_ipv4_checksum(&mut f);
+            f
+        },
+        XDP_PASS,
+    ));
+
+    // --- IP options and first fragments are forwarded like any packet of the connection.
+    let opts = {
+        let plain = from_client(40001, VIP, 80, ACK, b"more");
+        let mut f = plain[..34].to_vec();
+        f[14] = 0x46;
+        let len = u16::from_be_bytes([f[16], f[17]]) + 4;
+        f[16..18].copy_from_slice(&len.to_be_bytes());
+        f.extend_from_slice(&[0x01, 0x01, 0x01, 0x00]); // NOP NOP NOP EOL
+        f.extend_from_slice(&plain[34..]);
+        fix_ipv4_checksum(&mut f);
+        f
+    };
+    fx.push(
         Fixture::new(
-            "tcp to another address passes",
-            tcp(CLIENT_MAC, LB_MAC, CLIENT, 40000, OTHER, 80, SYN, b""),
-            XDP_PASS,
-        ),
+            "IPv4 options: forwarded with its options by direct routing",
+            opts.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(&opts, LB_MAC, mac_of(direct_srv))),
+    );
+    let mut first_frag = from_client(40001, VIP, 80, ACK, b"first fragment");
+    first_frag[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
+    fix_ipv4_checksum(&mut first_frag);
+    fx.push(
         Fixture::new(
-            "tcp to the VIP on another port passes",
-            tcp(CLIENT_MAC, LB_MAC, CLIENT, 40000, VIP, 22, SYN, b""),
-            XDP_PASS,
-        ),
-        Fixture::new(
-            "udp to the VIP's tcp port passes",
-            udp(CLIENT_MAC, LB_MAC, CLIENT, 40000, VIP, 80, b"x"),
-            XDP_PASS,
-        ),
-        Fixture::new("arp passes", arp, XDP_PASS),
-        Fixture::new(
-            "IPv4 frame with nothing after the Ethernet header is dropped",
-            syn[..14].to_vec(),
-            XDP_DROP,
-        ),
-        Fixture::new(
-            "IPv4 header cut short is dropped",
-            syn[..14 + 12].to_vec(),
-            XDP_DROP,
-        ),
-    ];
-    b.run(&fixtures);
+            "first fragment (ports present) follows its connection",
+            first_frag.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(&first_frag, LB_MAC, mac_of(direct_srv))),
+    );
+
+    // --- a service whose only server is down takes no connection.
+    fx.push(Fixture::new(
+        "no server up: the SYN is dropped",
+        from_client(40300, VIP_DEAD, 80, SYN, b""),
+        XDP_DROP,
+    ));
+
+    assert!(fx.len() >= 30, "{} fixtures", fx.len());
+    b.run(&fx);
+
+    // Every packet landed in exactly one outcome.
     let s = b.dp.stats().unwrap();
-    assert_eq!(s.get(Stat::Packets), fixtures.len() as u64);
-    assert_eq!(s.get(Stat::Passed), 4);
-    assert_eq!(s.get(Stat::DropMalformed), 2);
+    let outcomes = s.get(Stat::Passed) + s.get(Stat::Forwarded) + s.dropped();
+    assert_eq!(s.get(Stat::Packets), fx.len() as u64, "{s:?}");
+    assert_eq!(outcomes, s.get(Stat::Packets), "{s:?}");
+    assert_eq!(s.get(Stat::IcmpSteered), 3, "{s:?}");
+    assert_eq!(s.get(Stat::DropFragment), 1, "{s:?}");
+    assert_eq!(s.get(Stat::DropNoServer), 1, "{s:?}");
+    assert_eq!(s.get(Stat::DropMalformed), 8, "{s:?}");
+
+    // NAT connections are two entries; the reply leg records the client.
+    let conns = b.dp.connections().unwrap();
+    let fwd = conns
+        .iter()
+        .find(|(k, _)| *k == nat_k)
+        .expect("NAT forward entry")
+        .1;
+    assert_ne!(fwd.flags & lb_common::CONN_NAT, 0);
+    let reply_key = key(n_addr, n_port, NAT, nat_port(&nat_k), IPPROTO_TCP);
+    let reply = conns
+        .iter()
+        .find(|(k, _)| *k == reply_key)
+        .expect("NAT reply entry")
+        .1;
+    assert_eq!(reply.nat_addr, Addr::from_v4_octets(CLIENT));
+    assert_eq!(reply.packets, 1);
+}
+
+#[test]
+fn idle_connections_count_as_new_and_down_servers_lose_theirs() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    let (first, _) = b.spec(TUN);
+    let row = b.row(TUN);
+    // A connection that last saw a packet longer ago than the timeout...
+    let k = key(CLIENT, 45000, VIP, 81, IPPROTO_TCP);
+    let stale = Connection {
+        last_seen_ns: now_ns() - 200_000_000_000,
+        packets: 5,
+        server: first + 2,
+        ..Default::default()
+    };
+    b.dp.set_connection(&k, &stale).unwrap();
+    let f = from_client(45000, VIP, 81, ACK, b"");
+    // ...is scheduled afresh: rr's cursor starts at slot 0, not at the stale server.
+    b.run(&[
+        Fixture::new("idle past the timeout: rescheduled", f.clone(), XDP_TX)
+            .output(ipip(&f, b.server_addr(row[0]).0)),
+    ]);
+    let c = b.dp.connection(&k).unwrap();
+    assert_eq!((c.server, c.packets), (row[0], 1));
+
+    // Its server goes down: the next packet of the connection goes to a server that is up
+    // (rr's cursor has moved on to slot 1).
+    assert_eq!(row[0], first);
+    b.dp.set_server_state(TUN, 0, false, 1).unwrap();
+    let row = b.row(TUN);
+    assert_eq!(row, vec![first + 1, first + 2]);
+    let f = from_client(45000, VIP, 81, ACK, b"");
+    b.run(
+        &[Fixture::new("server down: rescheduled", f.clone(), XDP_TX)
+            .output(ipip(&f, b.server_addr(row[1]).0))],
+    );
+    assert_eq!(b.dp.connection(&k).unwrap().server, row[1]);
+
+    // A SYN reusing the tuple of a finished connection is a new connection.
+    let k = key(CLIENT, 45001, VIP, 81, IPPROTO_TCP);
+    let finished = Connection {
+        last_seen_ns: now_ns(),
+        server: row[1],
+        flags: lb_common::CONN_FIN,
+        ..Default::default()
+    };
+    b.dp.set_connection(&k, &finished).unwrap();
+    let f = from_client(45001, VIP, 81, SYN, b"");
+    b.run(&[
+        Fixture::new("SYN after FIN: rescheduled", f.clone(), XDP_TX)
+            .output(ipip(&f, b.server_addr(row[0]).0)),
+    ]);
+    assert_eq!(b.dp.stats().unwrap().get(Stat::NewConns), 3);
+}
+
+#[test]
+fn a_backup_passes_everything_untouched() {
+    let mut b = Bench::new();
+    let mut s = settings();
+    s.flags = 0;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[
+        Fixture::new(
+            "SYN to a VIP on a backup",
+            from_client(40001, VIP, 80, SYN, b""),
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "malformed on a backup",
+            from_client(40001, VIP, 80, SYN, b"")[..20].to_vec(),
+            XDP_PASS,
+        ),
+    ]);
+    assert_eq!(b.dp.stats().unwrap().get(Stat::VipPackets), 0);
+}
+
+#[test]
+fn decap_fixtures() {
+    let mut b = Bench::new();
+    b.dp.set_decap_sources(&[Addr::from_v4_octets(LB)]).unwrap();
+    let inner = from_client(40001, VIP, 80, SYN, b"hello");
+    let tunnelled = ipip(&inner, S1);
+    let decapped = {
+        let mut f = tunnelled[..14].to_vec();
+        f.extend_from_slice(&inner[14..]);
+        f
+    };
+    let mut stranger = tunnelled.clone();
+    stranger[26..30].copy_from_slice(&[192, 0, 2, 77]);
+    fix_ipv4_checksum(&mut stranger);
+    let mut options = ipip(&inner, S1);
+    options[14] = 0x46;
+    fix_ipv4_checksum(&mut options);
+    b.run_decap(&[
+        Fixture::new(
+            "IPIP from the ATM: the inner packet goes up",
+            tunnelled,
+            XDP_PASS,
+        )
+        .output(decapped),
+        Fixture::new(
+            "IPIP from an unknown source passes untouched",
+            stranger,
+            XDP_PASS,
+        ),
+        Fixture::new("plain TCP passes untouched", inner.clone(), XDP_PASS),
+        Fixture::new(
+            "IPIP from the ATM with outer options is dropped",
+            options,
+            XDP_DROP,
+        ),
+    ]);
+    let s = b.dp.decap_stats().unwrap();
+    assert_eq!(s, [4, 1, 2, 1]);
 }

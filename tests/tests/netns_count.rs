@@ -3,7 +3,7 @@
 
 use std::net::UdpSocket;
 
-use lb_common::{Addr, IPPROTO_UDP, Service, ServiceKey, Stat};
+use lb_common::{Addr, IPPROTO_UDP, SETTINGS_ACTIVE, Service, ServiceKey, Settings, Stat};
 use lb_daemon::dataplane::{AttachMode, Attached, Dataplane};
 use lb_tests::lab::Lab;
 
@@ -57,7 +57,7 @@ fn native_xdp_on_a_veth_counts_every_packet_sent() {
         "permanent",
     ]);
 
-    let mut dp = Dataplane::load().expect("load the dataplane");
+    let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
     {
         let _in_lb = lab.ns("lb").enter();
         let mode = dp
@@ -72,8 +72,14 @@ fn native_xdp_on_a_veth_counts_every_packet_sent() {
             proto: IPPROTO_UDP,
             _pad: 0,
         },
+        // A service with no server up: its packets are counted, then dropped.
         Service::default(),
     )
+    .unwrap();
+    dp.set_settings(&Settings {
+        flags: SETTINGS_ACTIVE,
+        ..Default::default()
+    })
     .unwrap();
 
     const TO_VIP: u64 = 700;
@@ -98,6 +104,7 @@ fn native_xdp_on_a_veth_counts_every_packet_sent() {
     let s = dp.stats().unwrap();
     assert_eq!(s.get(Stat::Packets), TO_VIP + OTHER, "{s:?}");
     assert_eq!(s.get(Stat::VipPackets), TO_VIP, "{s:?}");
-    assert_eq!(s.get(Stat::Passed), TO_VIP + OTHER, "{s:?}");
-    assert_eq!(s.dropped(), 0, "{s:?}");
+    assert_eq!(s.get(Stat::Passed), OTHER, "{s:?}");
+    assert_eq!(s.get(Stat::DropNoServer), TO_VIP, "{s:?}");
+    assert_eq!(s.dropped(), TO_VIP, "{s:?}");
 }

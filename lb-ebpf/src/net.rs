@@ -1,0 +1,99 @@
+//! Header layouts and bounds-checked access to packet memory.
+
+use aya_ebpf::programs::XdpContext;
+
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const ICMP_HLEN: usize = 8;
+/// 0x0800 as it sits in the frame.
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFMASK: u16 = 0x1fff;
+/// The don't-fragment bit as it sits in the frame.
+pub const IP_DF_BE: u16 = 0x4000u16.to_be();
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETERPROB: u8 = 12;
+
+pub const AF_INET: u8 = 2;
+pub const LOOPBACK_IFINDEX: u32 = 1;
+pub const FIB_SUCCESS: i64 = 0;
+pub const FIB_NO_NEIGH: i64 = 7;
+pub const FIB_FRAG_NEEDED: i64 = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub proto: u16,
+}
+
+/// IPv4 header without options; multi-byte fields in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: u32,
+}
+
+/// A pointer to a `T` at `off` bytes into the packet, if all of it lies inside the packet.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// Like [`ptr_at`], for writing.
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, off).map(|p| p as *mut T)
+}
