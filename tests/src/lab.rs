@@ -16,6 +16,8 @@ pub struct Lab {
     spaces: Vec<NetNs>,
     index: HashMap<String, usize>,
     children: Vec<(String, Child)>,
+    /// Scratch directory for config files, logs and pid files; removed on drop.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Lab {
@@ -116,6 +118,75 @@ impl Lab {
         self.children.push((format!("{ns}: {args:?}"), child));
     }
 
+    /// Takes over a process started by the caller in `ns`: killed when the lab drops.
+    pub fn adopt(&mut self, ns: &str, child: Child) {
+        self.children.push((format!("{ns}: adopted"), child));
+    }
+
+    /// The lab's scratch directory (created on first use, removed when the lab drops).
+    pub fn dir(&mut self) -> std::path::PathBuf {
+        self.dir
+            .get_or_insert_with(|| {
+                let d = std::env::temp_dir().join(crate::netns::unique_name("lab"));
+                std::fs::create_dir_all(&d)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
+                d
+            })
+            .clone()
+    }
+
+    /// A namespace `name` holding a bridge `br0`: one Ethernet segment for [`Lab::plug`].
+    pub fn switch(&mut self, name: &str) {
+        self.add_ns(name);
+        self.bridge(name, "br0", &[]);
+    }
+
+    /// Plugs `ns` into the switch namespace `sw` with a veth whose end in `ns` is `dev`. The
+    /// switch port runs a pass-through XDP program, so frames XDP sends back out of `dev`
+    /// move on at once (see [`crate::xdp_pass`]).
+    pub fn plug(&mut self, ns: &str, dev: &str, sw: &str) {
+        let port = format!("p-{}", ns.chars().take(10).collect::<String>());
+        self.veth((ns, dev), (sw, &port));
+        let space = self.ns(sw);
+        space.exec_ok(&["ip", "link", "set", &port, "master", "br0"]);
+        let ifindex = space.ifindex(&port);
+        let _inside = space.enter();
+        crate::xdp_pass::attach(ifindex)
+            .unwrap_or_else(|e| panic!("attaching the pass program to {port}: {e}"));
+    }
+
+    /// Starts nginx in `ns` answering every request on `ports` with `name` and a newline,
+    /// and waits until it listens.
+    pub fn nginx(&mut self, ns: &str, name: &str, ports: &[u16]) {
+        let dir = self.dir().join(format!("nginx-{ns}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let listens: String = ports
+            .iter()
+            .map(|p| format!("listen {p} reuseport; "))
+            .collect();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; \
+             fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi; \
+             keepalive_requests 10000; keepalive_timeout 60s; \
+             server {{ {listens} location / {{ default_type text/plain; return 200 \"{name}\\n\"; }} }} }}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        self.spawn(ns, &["nginx", "-c", path.to_str().unwrap()]);
+        let space = self.ns(ns);
+        for p in ports {
+            let want = format!(":{p} ");
+            self.wait_for(
+                &format!("nginx in {ns} to listen on {p}"),
+                Duration::from_secs(10),
+                || space.exec_ok(&["ss", "-Hltn"]).contains(&want),
+            );
+        }
+    }
+
     /// Kills the processes started in `ns` so far (to inject a failure).
     pub fn kill(&mut self, ns: &str) {
         let prefix = format!("{ns}: ");
@@ -147,6 +218,9 @@ impl Drop for Lab {
         }
         // NetNs::drop deletes each namespace (and the veths in it).
         self.spaces.clear();
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 

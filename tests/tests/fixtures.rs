@@ -1023,3 +1023,252 @@ fn decap_fixtures() {
     let s = b.dp.decap_stats().unwrap();
     assert_eq!(s, [4, 1, 2, 1]);
 }
+
+/// A deterministic generator, so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Independently of the program: is this frame traffic the balancer may forward? A complete,
+/// unfragmented (or first-fragment) IPv4 packet with a correct header checksum, to a service
+/// (TCP/UDP with a whole header, or an ICMP error to a VIP), or to the NAT address.
+fn forwardable(frame: &[u8], services: &[([u8; 4], u16, u8)]) -> Result<(), String> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return Err("not IPv4".into());
+    }
+    let (ip, _) = Ipv4Header::from_slice(&frame[14..]).map_err(|e| format!("ipv4: {e}"))?;
+    // Summed over the raw bytes: etherparse's header has no field for the reserved flag bit.
+    if !raw_ipv4_checksum_ok(&frame[14..14 + ip.header_len()]) {
+        return Err("bad IPv4 header checksum".into());
+    }
+    if 14 + ip.total_len as usize > frame.len() {
+        return Err("total length beyond the frame".into());
+    }
+    if ip.fragment_offset.value() != 0 {
+        return Err("non-first fragment".into());
+    }
+    let l4 = &frame[14 + ip.header_len()..14 + ip.total_len as usize];
+    let dst = ip.destination;
+    let vip = services.iter().any(|s| s.0 == dst);
+    match ip.protocol {
+        etherparse::IpNumber::TCP => {
+            let t = TcpHeaderSlice::from_slice(l4).map_err(|e| format!("tcp: {e}"))?;
+            if dst == NAT || services.contains(&(dst, t.destination_port(), IPPROTO_TCP)) {
+                Ok(())
+            } else {
+                Err("tcp not to a service".into())
+            }
+        }
+        etherparse::IpNumber::UDP => {
+            let u = etherparse::UdpHeaderSlice::from_slice(l4).map_err(|e| format!("udp: {e}"))?;
+            if (u.length() as usize) < 8 || u.length() as usize > l4.len() {
+                return Err("bad udp length".into());
+            }
+            if dst == NAT || services.contains(&(dst, u.destination_port(), IPPROTO_UDP)) {
+                Ok(())
+            } else {
+                Err("udp not to a service".into())
+            }
+        }
+        etherparse::IpNumber::ICMP if vip && matches!(l4.first(), Some(3 | 11 | 12)) => Ok(()),
+        _ => Err("not service traffic".into()),
+    }
+}
+
+/// RFC 1071 over the raw header bytes: the words of a correct header sum to 0xffff.
+fn raw_ipv4_checksum_ok(header: &[u8]) -> bool {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+#[test]
+fn a_hundred_thousand_random_and_mutated_frames() {
+    pin_to_cpu0();
+    let b = Bench::new();
+    let services: Vec<([u8; 4], u16, u8)> = b
+        .services
+        .iter()
+        .map(|(_, _, s)| (s.vip.octets(), s.port, s.proto))
+        .collect();
+    let n_addr = b.server_addr(b.row(NATSVC)[0]);
+    let seeds: Vec<Vec<u8>> = vec![
+        from_client(40001, VIP, 80, SYN, b"GET / HTTP/1.1\r\n\r\n"),
+        from_client(40002, VIP, 81, ACK, b"x"),
+        from_client(40003, VIP, 82, SYN, b""),
+        from_client(40004, VIP_STICKY, 80, SYN, b""),
+        tcp(
+            mac_of(n_addr.0),
+            LB_NAT_MAC,
+            n_addr.0,
+            n_addr.1,
+            NAT,
+            30000,
+            ACK,
+            b"reply",
+        ),
+        udp(ROUTER_MAC, LB_MAC, CLIENT, 5000, VIP, 53, b"query"),
+        udp(ROUTER_MAC, LB_MAC, CLIENT, 5001, VIP, 5353, b"query"),
+        frag_needed(VIP, &server_reply_packet(VIP, 80, CLIENT, 40001)),
+        from_client(40005, OTHER, 80, SYN, b""),
+        ipip(&from_client(40006, VIP, 80, SYN, b""), S1),
+    ];
+    let mut rng = Rng(0x005e_ed1b_2026);
+    const FRAMES: usize = 100_000;
+    let mut forwarded = 0u64;
+    let mut failures = Vec::new();
+    {
+        let _inside = b.lab.ns("fx").enter();
+        for i in 0..FRAMES {
+            let mut f = seeds[rng.below(seeds.len())].clone();
+            match rng.below(10) {
+                // Pure noise.
+                0 => {
+                    let len = 14 + rng.below(200);
+                    f = (0..len).map(|_| rng.next() as u8).collect();
+                    if rng.below(2) == 0 {
+                        f[12..14].copy_from_slice(&[0x08, 0x00]);
+                    }
+                }
+                // A few flipped bytes in the headers.
+                1..=4 => {
+                    for _ in 0..1 + rng.below(4) {
+                        let at = rng.below(f.len().min(64));
+                        f[at] ^= 1 << rng.below(8);
+                    }
+                }
+                // Cut short.
+                5 | 6 => {
+                    let len = 14 + rng.below(f.len() - 13);
+                    f.truncate(len);
+                }
+                // A header field set to anything, with the IPv4 checksum then made right, so
+                // the program has to look past it.
+                7 | 8 => {
+                    let at = 14 + rng.below(f.len().min(60) - 14);
+                    f[at] = rng.next() as u8;
+                    if f.len() >= 34 && f[14] >> 4 == 4 && (f[14] & 0x0f) >= 5 {
+                        let ihl = ((f[14] & 0x0f) as usize) * 4;
+                        if f.len() >= 14 + ihl {
+                            f[24..26].copy_from_slice(&[0, 0]);
+                            let sum = lb_common::csum::sum_be(&f[14..14 + ihl]);
+                            let c = !lb_common::csum::fold(sum);
+                            f[24..26].copy_from_slice(&c.to_be_bytes());
+                        }
+                    }
+                }
+                // Valid traffic from a new client port.
+                _ => {
+                    if f.len() >= 38 {
+                        let p = rng.next() as u16;
+                        f[34..36].copy_from_slice(&p.to_be_bytes());
+                    }
+                }
+            }
+            let (action, out) = b.dp.test_run(&f, b.eth0).expect("test_run");
+            if action == XDP_TX || action == XDP_REDIRECT {
+                forwarded += 1;
+                if let Err(why) = forwardable(&f, &services) {
+                    failures.push(format!(
+                        "frame {i} forwarded but {why}:\n{}",
+                        lb_tests::fixture::decode(&f)
+                    ));
+                }
+                let ihl = ((out[14] & 0x0f) as usize) * 4;
+                if !raw_ipv4_checksum_ok(&out[14..14 + ihl]) {
+                    failures.push(format!("frame {i}: output IPv4 checksum wrong"));
+                }
+            } else if action != XDP_PASS && action != XDP_DROP {
+                failures.push(format!("frame {i}: action {action}"));
+            }
+            if failures.len() > 5 {
+                break;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let s = b.dp.stats().unwrap();
+    assert_eq!(s.get(Stat::Packets), FRAMES as u64, "{s:?}");
+    assert_eq!(
+        s.get(Stat::Passed) + s.get(Stat::Forwarded) + s.dropped(),
+        FRAMES as u64,
+        "{s:?}"
+    );
+    assert_eq!(s.get(Stat::Forwarded), forwarded, "{s:?}");
+    // The mix really exercised every outcome.
+    assert!(
+        forwarded > 10_000 && s.get(Stat::DropMalformed) > 10_000 && s.get(Stat::Passed) > 10_000,
+        "{s:?}"
+    );
+}
+
+/// Collects log records (the debug log arrives through the dataplane's logger).
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        self.0.lock().unwrap().push(r.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn debug_logs_one_record_per_new_connection_only_when_on() {
+    let mut b = Bench::new();
+    let capture = Capture::default();
+    // A dataplane of its own with the capturing logger, programmed like the bench's.
+    let mut dp =
+        Dataplane::load_with_logger(Default::default(), Box::new(capture.clone())).unwrap();
+    for (id, first, spec) in &b.services {
+        dp.install(*id, *first, spec).unwrap();
+    }
+    let mut s = settings();
+    dp.set_settings(&s).unwrap();
+    b.dp = dp;
+    let syn = from_client(47000, VIP, 80, SYN, b"");
+    let run = |b: &Bench, f: &[u8]| {
+        let _inside = b.lab.ns("fx").enter();
+        b.dp.test_run(f, b.eth0).unwrap().0
+    };
+    assert_eq!(run(&b, &syn), XDP_TX);
+    b.dp.flush_log();
+    assert!(capture.0.lock().unwrap().is_empty(), "debug off logged");
+
+    s.debug = 1;
+    b.dp.set_settings(&s).unwrap();
+    let syn2 = from_client(47001, VIP, 80, SYN, b"");
+    let k2 = key(CLIENT, 47001, VIP, 80, IPPROTO_TCP);
+    let (srv2, _) = b.server_addr(b.maglev(HTTP, &k2));
+    assert_eq!(run(&b, &syn2), XDP_TX);
+    assert_eq!(run(&b, &from_client(47001, VIP, 80, ACK, b"x")), XDP_TX);
+    b.dp.flush_log();
+    let logs = capture.0.lock().unwrap().clone();
+    let want = format!(
+        "new tcp 198.51.100.7:47001 -> 192.0.2.100:80 via {}:80 direct",
+        Ipv4Addr::from(srv2)
+    );
+    assert_eq!(
+        logs,
+        vec![want],
+        "one record for the new connection, none for the ACK"
+    );
+}

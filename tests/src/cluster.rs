@@ -1,0 +1,73 @@
+//! The standard lab: a client, ATMs and real servers on one Ethernet segment (a bridge in a
+//! switch namespace), addressed from the documentation ranges. Tests, the demo and the
+//! benchmarks build on it.
+
+use crate::lab::Lab;
+
+/// The segment: 192.0.2.0/24.
+pub const PREFIX: u8 = 24;
+pub const CLIENT: &str = "192.0.2.50";
+/// The service's virtual IP.
+pub const VIP: &str = "192.0.2.100";
+/// The NAT subnet, on the same segment: 203.0.113.0/24, gateway .1.
+pub const NAT_GATEWAY: &str = "203.0.113.1";
+
+/// Address of ATM `i` (1-based): 192.0.2.(1+i).
+pub fn atm_addr(i: usize) -> String {
+    format!("192.0.2.{}", 1 + i)
+}
+
+/// Address of server `i` (1-based): 192.0.2.(10+i).
+pub fn server_addr(i: usize) -> String {
+    format!("192.0.2.{}", 10 + i)
+}
+
+/// NAT-subnet address of server `i` (1-based): 203.0.113.(10+i).
+pub fn server_nat_addr(i: usize) -> String {
+    format!("203.0.113.{}", 10 + i)
+}
+
+/// Namespace names used in the lab.
+pub fn atm(i: usize) -> String {
+    format!("atm{i}")
+}
+pub fn server(i: usize) -> String {
+    format!("s{i}")
+}
+
+/// Builds the segment with `client`, `atms` ATMs and `servers` servers, each with `eth0`
+/// on the segment. Servers also hold their NAT-subnet address; nothing else is configured
+/// (no VIPs, no programs).
+pub fn build(lab: &mut Lab, atms: usize, servers: usize) {
+    lab.switch("sw");
+    lab.add_ns("client");
+    lab.plug("client", "eth0", "sw");
+    lab.addr("client", "eth0", &format!("{CLIENT}/{PREFIX}"));
+    for i in 1..=atms {
+        let ns = atm(i);
+        lab.add_ns(&ns);
+        lab.plug(&ns, "eth0", "sw");
+        lab.addr(&ns, "eth0", &format!("{}/{PREFIX}", atm_addr(i)));
+    }
+    for i in 1..=servers {
+        let ns = server(i);
+        lab.add_ns(&ns);
+        lab.plug(&ns, "eth0", "sw");
+        lab.addr(&ns, "eth0", &format!("{}/{PREFIX}", server_addr(i)));
+        lab.addr(&ns, "eth0", &format!("{}/24", server_nat_addr(i)));
+    }
+}
+
+/// What a real server in direct or tunnel mode needs (TCL's node role, done by hand here):
+/// the VIP on `lo`, and no ARP answers for it.
+pub fn hold_vip_on_lo(lab: &Lab, ns: &str, vip: &str) {
+    lab.addr(ns, "lo", &format!("{vip}/32"));
+    for (k, v) in [
+        ("net.ipv4.conf.all.arp_ignore", "1"),
+        ("net.ipv4.conf.all.arp_announce", "2"),
+        ("net.ipv4.conf.eth0.arp_ignore", "1"),
+        ("net.ipv4.conf.eth0.arp_announce", "2"),
+    ] {
+        lab.sysctl(ns, k, v);
+    }
+}
