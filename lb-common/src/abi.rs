@@ -420,10 +420,13 @@ pub enum Stat {
     DropTooBig,
     /// ICMP errors steered to a connection's server (also counted as forwarded or dropped).
     IcmpSteered,
+    /// ICMP fragmentation-needed sent back for packets too big for the path to the server
+    /// (the packet itself counts as `DropTooBig`).
+    IcmpSent,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::IcmpSteered as u32 + 1;
+    pub const COUNT: u32 = Stat::IcmpSent as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Packets,
         Stat::VipPackets,
@@ -439,6 +442,7 @@ impl Stat {
         Stat::DropError,
         Stat::DropTooBig,
         Stat::IcmpSteered,
+        Stat::IcmpSent,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -456,6 +460,7 @@ impl Stat {
             Stat::DropError => "drop_error",
             Stat::DropTooBig => "drop_too_big",
             Stat::IcmpSteered => "icmp_steered",
+            Stat::IcmpSent => "icmp_sent",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".

@@ -15,7 +15,9 @@ mod net;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE},
-    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::generated::{
+        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -86,6 +88,24 @@ static DECAP_SOURCES: HashMap<Addr, u32> = HashMap::with_max_entries(16, 0);
 #[map(name = "decap_stat")]
 static DECAP_STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapStat::COUNT, 0);
 
+/// Per-CPU room for the structures too big for the 512-byte BPF stack when every path is
+/// inlined into one function: the FIB query and connection entries being built.
+#[repr(C)]
+struct Scratch {
+    fib: FibParams,
+    conn: Connection,
+    reply: Connection,
+}
+
+#[map(name = "scratch")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, so nothing else uses it now.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
 #[inline(always)]
 fn count(s: Stat, n: u64) {
     if let Some(p) = STAT.get_ptr_mut(s as u32) {
@@ -111,6 +131,8 @@ enum Outcome {
     Tx,
     Redirect(u32),
     Drop(Stat),
+    /// An answer built from the packet goes back out (its outcome was counted already).
+    Reply,
 }
 
 #[xdp]
@@ -134,6 +156,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             count(reason, 1);
             xdp_action::XDP_DROP
         }
+        Outcome::Reply => xdp_action::XDP_TX,
     }
 }
 
@@ -146,6 +169,8 @@ struct Ip {
     l4: usize,
     /// IPv4 total length.
     tot_len: u16,
+    /// Don't-fragment is set.
+    df: bool,
 }
 
 /// Ports and TCP flags of a TCP/UDP packet.
@@ -205,6 +230,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         proto: iph.proto,
         l4: ETH_HLEN + ihl,
         tot_len,
+        df: iph.frag_off & IP_DF_BE != 0,
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match ip.proto {
@@ -356,25 +382,33 @@ fn to_service(
         if server.flags & SERVER_UP == 0 {
             return Outcome::Drop(Stat::DropNoServer);
         }
-        let mut conn = Connection {
-            last_seen_ns: now,
-            packets: 1,
-            bytes,
-            server: id,
-            flags: fin_rst,
-            ..Default::default()
+        let Some(sc) = scratch() else {
+            return Outcome::Drop(Stat::DropError);
         };
         if server.method == Method::Nat as u8 {
-            let Some(port) = nat_reserve(ctx, settings, server, &key, id, now) else {
+            let Some(port) = nat_reserve(ctx, settings, server, &key, id, now, &mut sc.reply)
+            else {
                 return Outcome::Drop(Stat::DropNatPorts);
             };
-            conn.flags |= CONN_NAT;
-            conn.nat_addr = settings.nat_addr;
-            conn.nat_port = port;
             nat_addr = settings.nat_addr.w[3];
             nat_port = port;
         }
-        if CONNECTIONS.insert(&key, &conn, 0).is_err() {
+        let conn = &mut sc.conn;
+        conn.last_seen_ns = now;
+        conn.packets = 1;
+        conn.bytes = bytes;
+        conn.server = id;
+        conn.flags = fin_rst;
+        conn.nat_port = nat_port;
+        conn.nat_addr = Addr::default();
+        conn.peer_mac = [0; 6];
+        conn.local_mac = [0; 6];
+        conn.ifindex = 0;
+        if server.method == Method::Nat as u8 {
+            conn.flags |= CONN_NAT;
+            conn.nat_addr = settings.nat_addr;
+        }
+        if CONNECTIONS.insert(&key, &*conn, 0).is_err() {
             return Outcome::Drop(Stat::DropError);
         }
         count(Stat::NewConns, 1);
@@ -473,6 +507,7 @@ fn nat_reserve(
     key: &FlowKey,
     id: u32,
     now: u64,
+    reply: &mut Connection,
 ) -> Option<u16> {
     let lo = settings.nat_port_min as u32;
     let hi = settings.nat_port_max as u32;
@@ -494,18 +529,16 @@ fn nat_reserve(
         proto: key.proto,
         _pad: [0; 3],
     };
-    let reply = Connection {
-        last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
-        server: id,
-        flags: CONN_NAT | CONN_REPLY,
-        nat_port: key.sport,
-        nat_addr: key.src,
-        peer_mac: smac,
-        local_mac: dmac,
-        ifindex: ctx.ingress_ifindex() as u32,
-    };
+    reply.last_seen_ns = now;
+    reply.packets = 0;
+    reply.bytes = 0;
+    reply.server = id;
+    reply.flags = CONN_NAT | CONN_REPLY;
+    reply.nat_port = key.sport;
+    reply.nat_addr = key.src;
+    reply.peer_mac = smac;
+    reply.local_mac = dmac;
+    reply.ifindex = ctx.ingress_ifindex() as u32;
     for i in 0..NAT_PROBES {
         let port = (lo + (start + i) % span) as u16;
         reply_key.dport = port.to_be();
@@ -514,7 +547,7 @@ fn nat_reserve(
             // SAFETY: a map value, read only.
             Some(c) => unsafe { now.wrapping_sub((*c).last_seen_ns) > settings.timeout_ns },
         };
-        if free && CONNECTIONS.insert(&reply_key, &reply, 0).is_ok() {
+        if free && CONNECTIONS.insert(&reply_key, &*reply, 0).is_ok() {
             return Some(port.to_be());
         }
     }
@@ -539,9 +572,15 @@ fn forward(
     };
     match Method::from_u8(server.method) {
         Some(Method::Direct) => {
-            let hop = match next_hop(ctx, server_addr, ip.saddr, ip.tot_len, Some(server)) {
+            let hop = match next_hop(
+                ctx,
+                server_addr,
+                ip.saddr,
+                ip.tot_len,
+                Hop::of_server(server),
+            ) {
                 Ok(h) => h,
-                Err(o) => return o,
+                Err(e) => return too_big_or(ctx, ip, e, 0),
             };
             set_macs(ctx, &hop);
             send(ctx, &hop)
@@ -550,13 +589,19 @@ fn forward(
             let Some(local) = settings.local_addr.as_v4_raw() else {
                 return Outcome::Drop(Stat::DropNoRoute);
             };
-            let outer_len = ip.tot_len as u32 + 20;
+            let outer_len = ip.tot_len as u32 + IPV4_HLEN as u32;
             if outer_len > 0xffff {
                 return Outcome::Drop(Stat::DropTooBig);
             }
-            let hop = match next_hop(ctx, server_addr, local, outer_len as u16, Some(server)) {
+            let hop = match next_hop(
+                ctx,
+                server_addr,
+                local,
+                outer_len as u16,
+                Hop::of_server(server),
+            ) {
                 Ok(h) => h,
-                Err(o) => return o,
+                Err(e) => return too_big_or(ctx, ip, e, IPV4_HLEN as u16),
             };
             if encapsulate(ctx, local, server_addr, ip.tot_len).is_none() {
                 return Outcome::Drop(Stat::DropError);
@@ -565,18 +610,117 @@ fn forward(
             send(ctx, &hop)
         }
         Some(Method::Nat) => {
+            // Route first: a packet too big for the path is answered as the client sent it.
+            let hop = match next_hop(
+                ctx,
+                server_addr,
+                nat_addr,
+                ip.tot_len,
+                Hop::of_server(server),
+            ) {
+                Ok(h) => h,
+                Err(e) => return too_big_or(ctx, ip, e, 0),
+            };
             if rewrite(ctx, ip, nat_addr, server_addr, nat_port, server.port).is_none() {
                 return Outcome::Drop(Stat::DropError);
             }
-            let hop = match next_hop(ctx, server_addr, nat_addr, ip.tot_len, Some(server)) {
-                Ok(h) => h,
-                Err(o) => return o,
-            };
             set_macs(ctx, &hop);
             send(ctx, &hop)
         }
         None => Outcome::Drop(Stat::DropNoRoute),
     }
+}
+
+/// The outcome of a failed next-hop lookup. A packet too big for the path to the server
+/// (`overhead` = what forwarding adds) that forbids fragmentation is answered with an ICMP
+/// fragmentation-needed, so the client's path MTU discovery shrinks its packets; it is
+/// still counted as dropped.
+#[inline(always)]
+fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
+    let NoHop::TooBig(mtu) = e else {
+        return e.outcome();
+    };
+    if !ip.df || ip.l4 != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
+        return Outcome::Drop(Stat::DropTooBig);
+    }
+    if frag_needed(ctx, ip, mtu - overhead).is_some() {
+        count(Stat::IcmpSent, 1);
+        count(Stat::DropTooBig, 1);
+        // Counted as a drop above; the action itself is sending the ICMP back.
+        return Outcome::Reply;
+    }
+    Outcome::Drop(Stat::DropTooBig)
+}
+
+/// Turns the packet (IPv4 without options) into an ICMP fragmentation-needed from its
+/// destination back to its source: a new IPv4 and ICMP header go in front of the original
+/// IPv4 header and first 8 bytes of its payload, the rest is cut, the MACs are swapped.
+#[inline(always)]
+fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+    const QUOTE: usize = IPV4_HLEN + 8;
+    const GROW: usize = IPV4_HLEN + ICMP_HLEN;
+    const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    // The quote must be whole before anything changes.
+    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    let len = ctx.data_end() - ctx.data();
+    if len < TOTAL {
+        return None;
+    }
+    // SAFETY: shrinks the tail to the ICMP message; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - TOTAL) as i32)) } != 0 {
+        return None;
+    }
+    let new_eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    let new_ip = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ETH_HLEN + IPV4_HLEN)?;
+    let mut h = Ipv4Hdr {
+        vihl: 0x45,
+        tos: 0,
+        tot_len: ((GROW + QUOTE) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        check: 0,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    };
+    h.check = ipv4_checksum(&h);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        *new_eth = EthHdr {
+            dst: eth.src,
+            src: eth.dst,
+            proto: ETH_P_IP_BE,
+        };
+        *new_ip = h;
+        *icmp = IcmpHdr {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            check: 0,
+            // Bytes 4-5 unused, 6-7 the next-hop MTU (RFC 1191).
+            rest: u32::from_ne_bytes([0, 0, (mtu >> 8) as u8, mtu as u8]),
+        };
+    }
+    // The ICMP checksum covers its header and the quote: 36 bytes, read in one piece (a
+    // loop of small bounds checks gets folded into arithmetic the verifier rejects).
+    let body = ptr_at::<[u16; (ICMP_HLEN + QUOTE) / 2]>(ctx, ETH_HLEN + IPV4_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let body = unsafe { *body };
+    let mut sum = 0u32;
+    for w in body {
+        sum += w as u32;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { (*icmp).check = !csum::fold(sum) };
+    Some(())
 }
 
 /// A server's reply on a NAT connection: back to VIP -> client.
@@ -598,40 +742,74 @@ fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, l4: &L4, bytes: 
     if rewrite(ctx, ip, vip, client, server.vport, reply.nat_port).is_none() {
         return Outcome::Drop(Stat::DropError);
     }
-    let fallback = Server {
-        mac: reply.peer_mac,
-        smac: reply.local_mac,
+    let fallback = Hop {
         ifindex: reply.ifindex,
-        ..Default::default()
+        smac: reply.local_mac,
+        dmac: reply.peer_mac,
     };
-    let hop = match next_hop(ctx, client, vip, ip.tot_len, Some(&fallback)) {
+    let hop = match next_hop(ctx, client, vip, ip.tot_len, fallback) {
         Ok(h) => h,
-        Err(o) => return o,
+        Err(e) => return e.outcome(),
     };
     set_macs(ctx, &hop);
     send(ctx, &hop)
 }
 
+/// Why there is no next hop.
+enum NoHop {
+    /// No route, or no neighbour and no fallback MAC.
+    Route,
+    /// The packet exceeds the path MTU (given).
+    TooBig(u16),
+}
+
+impl NoHop {
+    fn outcome(self) -> Outcome {
+        match self {
+            NoHop::Route => Outcome::Drop(Stat::DropNoRoute),
+            NoHop::TooBig(_) => Outcome::Drop(Stat::DropTooBig),
+        }
+    }
+}
+
 /// Where a frame goes next: interface and MACs.
+#[derive(Clone, Copy)]
 struct Hop {
     ifindex: u32,
     smac: [u8; 6],
     dmac: [u8; 6],
 }
 
+impl Hop {
+    /// The daemon's resolution for a server, used when the FIB has no neighbour entry.
+    fn of_server(s: &Server) -> Hop {
+        Hop {
+            ifindex: s.ifindex,
+            smac: s.smac,
+            dmac: s.mac,
+        }
+    }
+}
+
 /// The kernel's FIB decides next hop and MACs. Asked as if from `lo` (whose forwarding flag the
 /// daemon sets) so that IPv4 forwarding can stay off on every real interface: the kernel
 /// itself forwards nothing. Without a neighbour entry, falls back to the MACs in `fallback`.
+/// Its 64-byte query lives in the per-CPU scratch area: five inlined copies on the stack
+/// would not fit the 512-byte BPF stack.
 #[inline(always)]
 fn next_hop(
     ctx: &XdpContext,
     dst: u32,
     src: u32,
     tot_len: u16,
-    fallback: Option<&Server>,
-) -> Result<Hop, Outcome> {
+    fallback: Hop,
+) -> Result<Hop, NoHop> {
+    let Some(sc) = scratch() else {
+        return Err(NoHop::Route);
+    };
+    let p = &mut sc.fib;
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    *p = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.ifindex = LOOPBACK_IFINDEX;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -641,7 +819,7 @@ fn next_hop(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p as *mut FibParams,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
@@ -652,16 +830,10 @@ fn next_hop(
             smac: p.smac,
             dmac: p.dmac,
         }),
-        FIB_NO_NEIGH => match fallback {
-            Some(f) if f.ifindex != 0 && f.mac != [0; 6] => Ok(Hop {
-                ifindex: f.ifindex,
-                smac: f.smac,
-                dmac: f.mac,
-            }),
-            _ => Err(Outcome::Drop(Stat::DropNoRoute)),
-        },
-        FIB_FRAG_NEEDED => Err(Outcome::Drop(Stat::DropTooBig)),
-        _ => Err(Outcome::Drop(Stat::DropNoRoute)),
+        FIB_NO_NEIGH if fallback.ifindex != 0 && fallback.dmac != [0; 6] => Ok(fallback),
+        // SAFETY: on this result the helper stored the MTU in the union.
+        FIB_FRAG_NEEDED => Err(NoHop::TooBig(unsafe { p.__bindgen_anon_1.mtu_result })),
+        _ => Err(NoHop::Route),
     }
 }
 
@@ -833,9 +1005,15 @@ fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
         if nat_icmp(ctx, ip, inner_at, server, &conn).is_none() {
             return Outcome::Drop(Stat::DropError);
         }
-        let hop = match next_hop(ctx, server_addr, ip.saddr, ip.tot_len, Some(server)) {
+        let hop = match next_hop(
+            ctx,
+            server_addr,
+            ip.saddr,
+            ip.tot_len,
+            Hop::of_server(server),
+        ) {
             Ok(h) => h,
-            Err(o) => return o,
+            Err(e) => return e.outcome(),
         };
         set_macs(ctx, &hop);
         return send(ctx, &hop);

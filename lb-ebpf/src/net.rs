@@ -18,6 +18,7 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETERPROB: u8 = 12;
 
@@ -74,6 +75,7 @@ pub struct UdpHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct IcmpHdr {
     pub kind: u8,
     pub code: u8,

@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 
-use etherparse::{Icmpv4Type, Ipv4Header, PacketBuilder, TcpHeaderSlice, icmpv4};
+use etherparse::{Icmpv4Header, Icmpv4Type, Ipv4Header, PacketBuilder, TcpHeaderSlice, icmpv4};
 use lb_common::{
     Addr, Connection, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings,
     Stat, hash,
@@ -110,6 +110,9 @@ impl Bench {
         lab.mac("fx", "eth1", &mac_str(LB_NAT_MAC));
         lab.addr("fx", "eth0", "192.0.2.1/24");
         lab.addr("fx", "eth1", "203.0.113.1/24");
+        // A narrower path toward the NAT servers, to see path-MTU handling.
+        lab.ns("fx")
+            .exec_ok(&["ip", "link", "set", "eth1", "mtu", "1400"]);
         let fx = lab.ns("fx");
         for (ip, dev) in [
             (S1, "eth0"),
@@ -451,6 +454,33 @@ fn frag_needed(to: [u8; 4], quoted: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     b.write(&mut out, q).unwrap();
     out
+}
+
+/// The ICMP fragmentation-needed the balancer answers `frame` with: from `from` to the
+/// client, quoting the IPv4 header and 8 bytes of the original, with next-hop MTU `mtu`.
+fn too_big_reply(frame: &[u8], from: [u8; 4], mtu: u16) -> Vec<u8> {
+    let quote = &frame[14..14 + 28];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: mtu,
+        }),
+        quote,
+    );
+    let mut ip = Ipv4Header::new(
+        (icmp.header_len() + quote.len()) as u16,
+        64,
+        etherparse::IpNumber::ICMP,
+        from,
+        CLIENT,
+    )
+    .unwrap();
+    ip.dont_fragment = false;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut packet = Vec::new();
+    ip.write(&mut packet).unwrap();
+    icmp.write(&mut packet).unwrap();
+    packet.extend_from_slice(quote);
+    ethernet(LB_MAC, ROUTER_MAC, &packet)
 }
 
 /// A packet the server side sent toward the client: what an ICMP error quotes.
@@ -871,6 +901,35 @@ fn dataplane_fixtures() {
         .output(with_macs(&first_frag, LB_MAC, mac_of(direct_srv))),
     );
 
+    // --- too big for the path to the server: an ICMP fragmentation-needed goes back to the
+    // client with the MTU it must use (IPIP adds 20 bytes; the NAT side's MTU is 1400).
+    let big = from_client(40400, VIP, 81, ACK, &[0u8; 1460]);
+    fx.push(
+        Fixture::new(
+            "tunnel: 1500 bytes with DF get frag-needed, MTU 1480",
+            big.clone(),
+            XDP_TX,
+        )
+        .output(too_big_reply(&big, VIP, 1480)),
+    );
+    let big = from_client(40401, VIP, 82, SYN, &[0u8; 1460]);
+    fx.push(
+        Fixture::new(
+            "nat: 1500 bytes toward a 1400 MTU get frag-needed, MTU 1400",
+            big.clone(),
+            XDP_TX,
+        )
+        .output(too_big_reply(&big, VIP, 1400)),
+    );
+    let mut big = from_client(40402, VIP, 81, ACK, &[0u8; 1460]);
+    big[20] = 0; // DF off
+    fix_ipv4_checksum(&mut big);
+    fx.push(Fixture::new(
+        "tunnel: too big without DF is dropped",
+        big,
+        XDP_DROP,
+    ));
+
     // --- a service whose only server is down takes no connection.
     fx.push(Fixture::new(
         "no server up: the SYN is dropped",
@@ -889,6 +948,11 @@ fn dataplane_fixtures() {
     assert_eq!(s.get(Stat::IcmpSteered), 3, "{s:?}");
     assert_eq!(s.get(Stat::DropFragment), 1, "{s:?}");
     assert_eq!(s.get(Stat::DropNoServer), 1, "{s:?}");
+    assert_eq!(
+        (s.get(Stat::DropTooBig), s.get(Stat::IcmpSent)),
+        (3, 2),
+        "{s:?}"
+    );
     assert_eq!(s.get(Stat::DropMalformed), 8, "{s:?}");
 
     // NAT connections are two entries; the reply leg records the client.
