@@ -35,6 +35,14 @@ const PACKAGES: &[Package] = &[
         name: "procps",
         why: "sysctl, to switch forwarding and ARP behaviour inside lab namespaces",
     },
+    Package {
+        name: "nginx-light",
+        why: "the real HTTP servers behind the VIP in the labs, the tests and the demo",
+    },
+    Package {
+        name: "curl",
+        why: "the HTTP client the demo shows requests with",
+    },
 ];
 
 /// bpf-linker's version, pinned with the LLVM it is built against (docs/TOOLCHAIN.md).
