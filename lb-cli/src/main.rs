@@ -1,1 +1,381 @@
-fn main() {}
+//! lb-cli: the operator's command. Talks to lb-daemon over its control socket (except
+//! `check-config`, which works offline) and prints tables as ipvsadm does: the raw tables
+//! as they are, listings with a header and aligned columns.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use lb_daemon::{
+    config,
+    control::{self, Request, Response, ServerAction},
+};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-cli",
+    version,
+    about = "Operate an lb cluster: status, tables, drills"
+)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Who is primary, which ATMs are online, the VIPs, servers up and down.
+    Status,
+    /// Print a table as the mounted file shows it: config, connections, debug, nat,
+    /// servers, services, stat, timeout, atms.
+    Cat { table: String },
+    /// Write a table: config (3 numbers), debug (0/1), timeout (seconds).
+    Write {
+        table: String,
+        #[arg(required = true, num_args = 1..)]
+        value: Vec<String>,
+    },
+    /// List services, servers or connections with a header and aligned columns.
+    List {
+        #[arg(value_parser = ["services", "servers", "connections"])]
+        what: String,
+        /// Print JSON instead, for machines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stat table's six numbers with their names; --watch repeats every second.
+    Stat {
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many lines.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Take the primary role (run on a backup ATM).
+    Promote,
+    /// Hand the primary role to a backup (run on the primary).
+    Demote,
+    /// Re-read the config file, as SIGHUP does.
+    Reload,
+    /// Enable, disable, drain or re-weight a server of a service.
+    Server {
+        #[command(subcommand)]
+        action: ServerCmd,
+    },
+    /// Check a config file offline; prints every problem with its line; exit 1 if any.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ServerCmd {
+    /// Back into the tables (undoes disable, drain and weight).
+    Enable { service: String, server: String },
+    /// Out of the tables whatever its checks say; its connections are dropped.
+    Disable { service: String, server: String },
+    /// Weight 0: no new connections, existing ones finish.
+    Drain { service: String, server: String },
+    /// Set the weight (0..65535) until the next `enable` or restart.
+    Weight {
+        weight: u32,
+        service: String,
+        server: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-cli: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ask(socket: &Path, req: Request) -> Result<Response, String> {
+    let r = control::call(socket, &req, Duration::from_secs(10))?;
+    if r.ok {
+        Ok(r)
+    } else {
+        Err(r.error.unwrap_or_else(|| "the daemon refused".into()))
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let s = &cli.socket;
+    match cli.cmd {
+        Cmd::Status => print_status(&ask(s, Request::Status)?.data.unwrap_or_default()),
+        Cmd::Cat { table } => print!(
+            "{}",
+            ask(s, Request::Cat { table })?.text.unwrap_or_default()
+        ),
+        Cmd::Write { table, value } => {
+            let r = ask(
+                s,
+                Request::Write {
+                    table,
+                    value: value.join(" "),
+                },
+            )?;
+            println!("{}", r.text.unwrap_or_default());
+        }
+        Cmd::List { what, json } => {
+            let data = ask(s, Request::List { what: what.clone() })?
+                .data
+                .unwrap_or_default();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&data).unwrap_or_default()
+                );
+            } else {
+                print!("{}", list_table(&what, &data));
+            }
+        }
+        Cmd::Stat { watch, count } => {
+            let names = ["services", "servers", "active", "packets", "dropped", "new"];
+            let widths = [8, 8, 8, 12, 10, 10];
+            let header: Vec<String> = names
+                .iter()
+                .zip(widths)
+                .map(|(n, w)| format!("{n:>w$}"))
+                .collect();
+            println!("{}", header.join(" "));
+            let mut n = 0;
+            loop {
+                let text = ask(
+                    s,
+                    Request::Cat {
+                        table: "stat".into(),
+                    },
+                )?
+                .text
+                .unwrap_or_default();
+                let cols: Vec<String> = text
+                    .split_whitespace()
+                    .zip(widths)
+                    .map(|(v, w)| format!("{v:>w$}"))
+                    .collect();
+                println!("{}", cols.join(" "));
+                n += 1;
+                if !watch || count.is_some_and(|c| n >= c) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        Cmd::Promote => println!("{}", ask(s, Request::Promote)?.text.unwrap_or_default()),
+        Cmd::Demote => println!("{}", ask(s, Request::Demote)?.text.unwrap_or_default()),
+        Cmd::Reload => println!("{}", ask(s, Request::Reload)?.text.unwrap_or_default()),
+        Cmd::Server { action } => {
+            let (action, service, server) = match action {
+                ServerCmd::Enable { service, server } => (ServerAction::Enable, service, server),
+                ServerCmd::Disable { service, server } => (ServerAction::Disable, service, server),
+                ServerCmd::Drain { service, server } => (ServerAction::Drain, service, server),
+                ServerCmd::Weight {
+                    weight,
+                    service,
+                    server,
+                } => (ServerAction::Weight(weight), service, server),
+            };
+            println!(
+                "{}",
+                ask(
+                    s,
+                    Request::Server {
+                        action,
+                        service,
+                        server
+                    }
+                )?
+                .text
+                .unwrap_or_default()
+            );
+        }
+        Cmd::CheckConfig { file } => {
+            return match config::load(&file) {
+                Ok(c) => {
+                    let servers: usize = c.services.iter().map(|s| s.servers.len()).sum();
+                    println!(
+                        "{}: OK: cluster {:?}, {} ATMs, {} services, {servers} server lines",
+                        file.display(),
+                        c.cluster.name,
+                        c.atms.len(),
+                        c.services.len()
+                    );
+                    Ok(())
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        println!("{}:{}: {}", file.display(), p.line, p.message);
+                    }
+                    Err(format!("{}: {} problems", file.display(), problems.len()))
+                }
+            };
+        }
+    }
+    Ok(())
+}
+
+fn str_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Rows with a header, each column as wide as its widest cell.
+fn aligned(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out += &line(r.iter().map(|s| s.as_str()).collect());
+    }
+    out
+}
+
+fn list_table(what: &str, data: &Value) -> String {
+    let cols: &[(&str, &str)] = match what {
+        "services" => &[
+            ("NAME", "name"),
+            ("PROT", "protocol"),
+            ("VIP", "vip"),
+            ("PORT", "port"),
+            ("SCHED", "scheduler"),
+            ("PERSIST", "persistence"),
+            ("STATE", "state"),
+            ("PACKETS", "packets"),
+        ],
+        "servers" => &[
+            ("SERVICE", "service"),
+            ("NAME", "name"),
+            ("PROT", "protocol"),
+            ("ADDRESS", "address"),
+            ("PORT", "port"),
+            ("VIP", "vip"),
+            ("VPORT", "vport"),
+            ("STATE", "state"),
+            ("WEIGHT", "weight"),
+            ("METHOD", "method"),
+            ("PACKETS", "packets"),
+        ],
+        _ => &[
+            ("PROT", "protocol"),
+            ("CLIENT", "client"),
+            ("VIP", "vip"),
+            ("TIMEOUT", "timeout"),
+            ("SERVER", "server"),
+            ("PACKETS", "packets"),
+        ],
+    };
+    let rows: Vec<Vec<String>> = data
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| cols.iter().map(|(_, k)| str_of(&r[*k])).collect())
+                .collect()
+        })
+        .unwrap_or_default();
+    aligned(&cols.iter().map(|(h, _)| *h).collect::<Vec<_>>(), &rows)
+}
+
+fn print_status(d: &Value) {
+    let primary = d["atms"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["role"] == "primary"))
+        .map(|x| str_of(&x["name"]));
+    println!(
+        "Cluster {}: {}",
+        str_of(&d["cluster"]),
+        match primary {
+            Some(p) => format!("{p} is primary"),
+            None => "no primary ATM".into(),
+        }
+    );
+    println!("This is {} ({})", str_of(&d["name"]), str_of(&d["role"]));
+    println!("ATMs:");
+    let me = str_of(&d["name"]);
+    for a in d["atms"].as_array().into_iter().flatten() {
+        let heard = match a["last_heard_ms"].as_u64() {
+            _ if str_of(&a["name"]) == me => "this ATM".to_string(),
+            Some(ms) => format!("heard {ms} ms ago"),
+            None => "never heard".to_string(),
+        };
+        println!(
+            "  {:<10} {:<15} {:<8} {:<8} {heard}",
+            str_of(&a["name"]),
+            str_of(&a["address"]),
+            str_of(&a["role"]),
+            str_of(&a["state"])
+        );
+    }
+    let vips: Vec<String> = d["vips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(str_of)
+        .collect();
+    println!(
+        "VIPs: {}",
+        if vips.is_empty() {
+            "none".into()
+        } else {
+            vips.join(", ")
+        }
+    );
+    if let Some(att) = d["attached"].as_array() {
+        let a: Vec<String> = att
+            .iter()
+            .map(|x| format!("{} ({})", str_of(&x["interface"]), str_of(&x["mode"])))
+            .collect();
+        println!("Dataplane: lb_xdp on {}", a.join(", "));
+    }
+    println!("Services:");
+    for s in d["services"].as_array().into_iter().flatten() {
+        let servers = s["servers"].as_array().cloned().unwrap_or_default();
+        let up = servers.iter().filter(|v| v["up"] == true).count();
+        println!(
+            "  {} {} {}:{}  {up}/{} servers up",
+            str_of(&s["name"]),
+            str_of(&s["protocol"]),
+            str_of(&s["vip"]),
+            str_of(&s["port"]),
+            servers.len()
+        );
+        for v in servers {
+            println!(
+                "    {:<10} {:>15}:{:<5} {:<6} {:<4} weight {}",
+                str_of(&v["name"]),
+                str_of(&v["address"]),
+                str_of(&v["port"]),
+                str_of(&v["method"]),
+                if v["up"] == true { "up" } else { "down" },
+                str_of(&v["weight"])
+            );
+        }
+    }
+}

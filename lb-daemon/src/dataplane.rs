@@ -3,9 +3,6 @@
 //! scheduler rows, read connections and counters, and run a program on a frame through
 //! BPF_PROG_TEST_RUN. The daemon and the tests use the same calls.
 
-// aya's ProgramError and MapError are large; these errors are rare and far from any packet.
-#![allow(clippy::result_large_err)]
-
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     os::fd::{AsFd, AsRawFd},
@@ -30,7 +27,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("loading the eBPF object failed: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("the eBPF object has no {kind} named {name:?}")]
     Missing {
         kind: &'static str,
@@ -40,7 +37,7 @@ pub enum Error {
     Program {
         name: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attaching {program} to {interface} in {mode} mode failed: {source}")]
     Attach {
@@ -48,13 +45,13 @@ pub enum Error {
         interface: String,
         mode: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("{0}")]
     Invalid(String),
@@ -250,6 +247,8 @@ pub struct Dataplane {
 /// A real server of a service, as the control plane describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerSpec {
+    /// Its index in the `servers` map (one per service/server line).
+    pub index: u32,
     pub addr: std::net::Ipv4Addr,
     pub port: u16,
     pub weight: u32,
@@ -284,12 +283,20 @@ impl ServiceSpec {
 
 struct Installed {
     spec: ServiceSpec,
-    /// Index of the first server; the others follow.
-    first: u32,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
-    move |source| Error::Map { name, source }
+    move |source| Error::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> Error {
+    move |source| Error::Program {
+        name,
+        source: Box::new(source),
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
@@ -331,13 +338,12 @@ impl Dataplane {
             .map_max_entries(maps::PERSISTENCE, caps.connections)
             .map_max_entries(maps::SERVICE_STATS, caps.services)
             .map_max_entries(maps::SERVER_STATS, caps.servers)
-            .load(OBJECT)?;
+            .load(OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
         // The logger must exist before the programs load: it owns the ring buffer they use.
         let logger = EbpfLogger::init_with_logger(&mut ebpf, log).ok();
         for name in [programs::LB_XDP, programs::LB_DECAP] {
-            program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
+            program(&mut ebpf, name)?.load().map_err(prog_err(name))?;
         }
         let sched = SchedTable::new(
             take_map(&mut ebpf, maps::SCHED_TABLE)?,
@@ -573,19 +579,14 @@ impl Dataplane {
         sum_counters(&self.server_stats, index, maps::SERVER_STATS)
     }
 
-    /// Programs service `id`: its servers at indices `first..first + n`, its scheduler row
-    /// from the servers that are up, then the service record itself (so the row is complete
-    /// before any packet can index it).
-    pub fn install(&mut self, id: u32, first: u32, spec: &ServiceSpec) -> Result<(), Error> {
-        let n = spec.servers.len() as u32;
-        if first
-            .checked_add(n)
-            .is_none_or(|end| end > self.caps.servers)
-        {
+    /// Programs service `id`: its server records, its scheduler row from the servers that
+    /// are up, then the service record itself (so the row is complete before any packet can
+    /// index it).
+    pub fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), Error> {
+        if let Some(s) = spec.servers.iter().find(|s| s.index >= self.caps.servers) {
             return Err(Error::Invalid(format!(
-                "servers {first}..{} are beyond the capacity of {} servers",
-                first as u64 + n as u64,
-                self.caps.servers
+                "server index {} is beyond the capacity of {} servers",
+                s.index, self.caps.servers
             )));
         }
         if let Some(old) = self.installed.get(&id)
@@ -594,7 +595,7 @@ impl Dataplane {
             let old_key = old.spec.key();
             self.remove_service(&old_key)?;
         }
-        for (i, s) in spec.servers.iter().enumerate() {
+        for s in &spec.servers {
             let record = Server {
                 addr: s.addr.into(),
                 vip: spec.vip.into(),
@@ -606,15 +607,9 @@ impl Dataplane {
                 service: id,
                 ..Default::default()
             };
-            self.set_server(first + i as u32, &record)?;
+            self.set_server(s.index, &record)?;
         }
-        self.installed.insert(
-            id,
-            Installed {
-                spec: spec.clone(),
-                first,
-            },
-        );
+        self.installed.insert(id, Installed { spec: spec.clone() });
         self.rebuild(id)
     }
 
@@ -638,7 +633,7 @@ impl Dataplane {
             .ok_or_else(|| Error::Invalid(format!("service {id} has no server {pos}")))?;
         s.up = up;
         s.weight = weight;
-        let index = inst.first + pos as u32;
+        let index = s.index;
         let mut record = self.server(index)?;
         record.flags = if up { SERVER_UP } else { 0 };
         record.weight = weight;
@@ -653,9 +648,8 @@ impl Dataplane {
             .spec
             .servers
             .iter()
-            .enumerate()
-            .filter(|(_, s)| s.up)
-            .map(|(i, s)| Backend::new(inst.first + i as u32, s.addr.into(), s.port, s.weight))
+            .filter(|s| s.up)
+            .map(|s| Backend::new(s.index, s.addr.into(), s.port, s.weight))
             .collect();
         let table = sched::table(inst.spec.sched, &backends);
         let key = inst.spec.key();
@@ -720,7 +714,7 @@ impl Dataplane {
                 name,
             })?
             .try_into()
-            .map_err(|source| Error::Program { name, source })
+            .map_err(prog_err(name))
     }
 }
 
@@ -782,7 +776,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Er
             name,
         })?
         .try_into()
-        .map_err(|source| Error::Program { name, source })
+        .map_err(prog_err(name))
 }
 
 fn attach(
@@ -795,7 +789,7 @@ fn attach(
         program: name,
         interface: interface.to_string(),
         mode,
-        source,
+        source: Box::new(source),
     };
     match mode {
         AttachMode::Driver => prog
@@ -857,9 +851,7 @@ fn test_run(
     opts.data_in = Some(frame);
     opts.data_out = Some(&mut out);
     opts.ctx_in = Some(ctx);
-    let res = prog
-        .test_run(opts)
-        .map_err(|source| Error::Program { name, source })?;
+    let res = prog.test_run(opts).map_err(prog_err(name))?;
     out.truncate(res.data_size_out as usize);
     Ok((res.return_value, out))
 }

@@ -1,5 +1,13 @@
-//! The ATM daemon as a library: `main.rs` parses arguments and calls in here, and the tests
-//! drive the same code.
+//! The ATM daemon as a library: `main.rs` parses arguments and calls in here, lb-cli uses
+//! the config checker and the control protocol, and the tests drive the same code.
 
+pub mod addrs;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
+pub mod fuse;
+pub mod metrics;
 pub mod neighbours;
+pub mod services;
+pub mod tables;

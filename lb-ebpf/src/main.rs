@@ -361,7 +361,7 @@ fn to_service(
         let c = unsafe { &mut *c };
         let fresh = now.wrapping_sub(c.last_seen_ns) <= settings.timeout_ns;
         let reopened = syn_only && c.flags & (CONN_FIN | CONN_RST) != 0;
-        if fresh && !reopened && server_up(c.server) {
+        if fresh && !reopened && server_ok(c.server, svc.id) {
             c.last_seen_ns = now;
             c.packets += 1;
             c.bytes += bytes;
@@ -437,9 +437,11 @@ fn tcp_end_flags(flags: u8) -> u16 {
     f
 }
 
+/// Server `id` is up and belongs to service `service` (an index freed by a reload and given
+/// to another service must not inherit the old one's clients).
 #[inline(always)]
-fn server_up(id: u32) -> bool {
-    matches!(SERVERS.get(id), Some(s) if s.flags & SERVER_UP != 0)
+fn server_ok(id: u32, service: u32) -> bool {
+    matches!(SERVERS.get(id), Some(s) if s.flags & SERVER_UP != 0 && s.service == service)
 }
 
 /// The server for a new connection: the client's persistence entry if the service is sticky
@@ -457,7 +459,7 @@ fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
     if let Some(p) = PERSISTENCE.get_ptr_mut(&pkey) {
         // SAFETY: a map value.
         let p = unsafe { &mut *p };
-        if now.wrapping_sub(p.last_seen_ns) <= ttl && server_up(p.server) {
+        if now.wrapping_sub(p.last_seen_ns) <= ttl && server_ok(p.server, svc.id) {
             p.last_seen_ns = now;
             return Some(p.server);
         }

@@ -5,4 +5,5 @@ pub mod cluster;
 pub mod fixture;
 pub mod lab;
 pub mod netns;
+pub mod procs;
 pub mod xdp_pass;

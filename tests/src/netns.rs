@@ -85,6 +85,23 @@ impl NetNs {
             .unwrap_or_else(|e| panic!("spawn in {}: {args:?}: {e}", self.name))
     }
 
+    /// A command that runs inside the namespace's network stack but, unlike `ip netns exec`,
+    /// in the caller's mount namespace: a FUSE mount or a socket file it makes is visible
+    /// to the rest of the machine, as it would be for a daemon started by systemd.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
+        let target = File::open(format!("/run/netns/{}", self.name))
+            .unwrap_or_else(|e| panic!("open /run/netns/{}: {e}", self.name));
+        let mut cmd = Command::new(program);
+        // SAFETY: setns is async-signal-safe; `target` is kept alive by the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        cmd
+    }
+
     /// The interface index of `dev` inside the namespace.
     pub fn ifindex(&self, dev: &str) -> u32 {
         let s = self.exec_ok(&["cat", &format!("/sys/class/net/{dev}/ifindex")]);

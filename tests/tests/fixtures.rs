@@ -65,6 +65,7 @@ const DEAD: u32 = 6; // 192.0.2.102:80/tcp maglev, its one server down -> 13
 
 fn server(addr: [u8; 4], port: u16, weight: u32, method: Method) -> ServerSpec {
     ServerSpec {
+        index: 0,
         addr: Ipv4Addr::from(addr),
         port,
         weight,
@@ -235,8 +236,17 @@ impl Bench {
             ),
             (DEAD, 13, dead),
         ];
-        for (id, first, spec) in &services {
-            dp.install(*id, *first, spec).expect("install a service");
+        let services: Vec<(u32, u32, ServiceSpec)> = services
+            .into_iter()
+            .map(|(id, first, mut spec)| {
+                for (i, s) in spec.servers.iter_mut().enumerate() {
+                    s.index = first + i as u32;
+                }
+                (id, first, spec)
+            })
+            .collect();
+        for (id, _, spec) in &services {
+            dp.install(*id, spec).expect("install a service");
         }
         dp.set_settings(&settings()).unwrap();
         Bench {
@@ -1302,8 +1312,8 @@ fn debug_logs_one_record_per_new_connection_only_when_on() {
     // A dataplane of its own with the capturing logger, programmed like the bench's.
     let mut dp =
         Dataplane::load_with_logger(Default::default(), Box::new(capture.clone())).unwrap();
-    for (id, first, spec) in &b.services {
-        dp.install(*id, *first, spec).unwrap();
+    for (id, _, spec) in &b.services {
+        dp.install(*id, spec).unwrap();
     }
     let mut s = settings();
     dp.set_settings(&s).unwrap();

@@ -68,6 +68,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
 
     let servers: Vec<ServerSpec> = (1..=3)
         .map(|i| ServerSpec {
+            index: i as u32 - 1,
             addr: if case.method == Method::Nat {
                 cluster::server_nat_addr(i)
             } else {
@@ -90,7 +91,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         servers: servers.clone(),
     };
     let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
-    dp.install(0, 0, &spec).unwrap();
+    dp.install(0, &spec).unwrap();
     dp.set_settings(&Settings {
         timeout_ns: 100_000_000_000,
         debug: 0,

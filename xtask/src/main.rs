@@ -43,6 +43,8 @@ fn test() -> Result<()> {
     util::step("lint: cargo fmt --check, cargo clippy -D warnings");
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+    util::step("build: lb-daemon and lb-cli, which the namespace labs run");
+    util::cargo(&["build", "--bins", "--quiet"])?;
     util::step("tests: host unit tests, packet fixtures, network-namespace labs");
     util::cargo(&["nextest", "run", "--no-fail-fast", "--profile", "ci"])
 }

@@ -1,0 +1,1290 @@
+//! The config file: one TOML file describes the whole cluster and is the same on every machine.
+//!
+//! Parsing keeps every value's position, so each problem is reported with the line it is on,
+//! and all problems are reported at once (a daemon that stops at the first one makes an
+//! operator restart it once per typo). `lb-cli check-config` and the daemon share this code.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    ops::{Range, RangeInclusive},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Method, Sched};
+use toml_edit::{Document, Item, Key, TableLike};
+
+use crate::dataplane::Capacities;
+
+/// One problem with the file, at a line (1-based; 0 when it concerns the whole file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "line {}: {}", self.line, self.message)
+        }
+    }
+}
+
+/// The whole cluster, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub cluster: Cluster,
+    pub tables: Capacities,
+    pub nat: Option<Nat>,
+    pub ha: Ha,
+    pub control: Control,
+    pub atms: Vec<Atm>,
+    pub services: Vec<ServiceCfg>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    pub name: String,
+    /// Idle connection timeout, seconds.
+    pub timeout: u32,
+    pub debug: bool,
+    /// Shared secret for ATM messages (required when there is more than one ATM).
+    pub auth_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat {
+    pub subnet: Ipv4Addr,
+    pub prefix: u8,
+    /// Alias held by the primary; also the source address of NAT-ed packets.
+    pub gateway: Ipv4Addr,
+}
+
+impl Nat {
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        in_subnet(a, self.subnet, self.prefix)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ha {
+    pub port: u16,
+    pub heartbeat_ms: u32,
+    /// Missed heartbeats before a peer counts as down.
+    pub dead_after: u32,
+    /// Addresses an ATM must reach to be allowed to become primary.
+    pub track: Vec<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Control {
+    pub socket: PathBuf,
+    pub mount: PathBuf,
+    /// `None`: no metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Atm {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub interface: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceCfg {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub scheduler: Sched,
+    /// Seconds; 0 = off.
+    pub persistence: u32,
+    pub check: Check,
+    pub servers: Vec<ServerCfg>,
+}
+
+impl ServiceCfg {
+    pub fn proto_name(&self) -> &'static str {
+        proto_name(self.proto)
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    if proto == IPPROTO_UDP { "udp" } else { "tcp" }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerCfg {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub method: Method,
+    /// false is TCL's `noping`.
+    pub ping: bool,
+}
+
+/// The service check (TCL's ASA), run against every server of the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    pub kind: CheckKind,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Http {
+        https: bool,
+        path: String,
+        expect: u16,
+        body: Option<String>,
+        verify: bool,
+    },
+    Script(PathBuf),
+}
+
+/// Defaults, as DESIGN.md's example shows them.
+pub const DEFAULT_TIMEOUT: u32 = 100;
+pub const DEFAULT_SOCKET: &str = "/run/lb/control.sock";
+pub const DEFAULT_MOUNT: &str = "/run/lb/cluster";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9780";
+pub const DEFAULT_HA_PORT: u16 = 5780;
+
+/// Limits. Each scheduler row takes 65,537 slots of 8 bytes (512 KiB), hence few services.
+pub const SERVICES_RANGE: RangeInclusive<i64> = 1..=256;
+pub const SERVERS_RANGE: RangeInclusive<i64> = 1..=65_536;
+pub const CONNECTIONS_RANGE: RangeInclusive<i64> = 1024..=16_777_216;
+pub const TIMEOUT_RANGE: RangeInclusive<i64> = 1..=86_400;
+pub const WEIGHT_RANGE: RangeInclusive<i64> = 0..=65_535;
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Problem {
+            line: 0,
+            message: format!("cannot read {}: {e}", path.display()),
+        }]
+    })?;
+    parse(&text, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Validates config text; relative script paths are taken from `base`.
+pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+    let doc = Document::parse(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+        let msg = e.message().trim().to_string();
+        vec![Problem {
+            line,
+            message: format!("not valid TOML: {msg}"),
+        }]
+    })?;
+    let mut cx = Cx {
+        text,
+        base,
+        problems: Vec::new(),
+    };
+    let root = doc
+        .as_item()
+        .as_table_like()
+        .expect("a document is a table");
+    let config = read(&mut cx, root);
+    if cx.problems.is_empty() {
+        Ok(config.expect("no problems means a config"))
+    } else {
+        cx.problems.sort_by_key(|p| p.line);
+        cx.problems.dedup();
+        Err(cx.problems)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn in_subnet(a: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    u32::from(a) & mask == u32::from(net) & mask
+}
+
+struct Cx<'a> {
+    text: &'a str,
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Cx<'_> {
+    fn line(&self, span: Option<Range<usize>>) -> usize {
+        span.map(|s| line_of(self.text, s.start)).unwrap_or(0)
+    }
+    fn err(&mut self, line: usize, message: impl Into<String>) {
+        self.problems.push(Problem {
+            line,
+            message: message.into(),
+        });
+    }
+}
+
+/// A value and the line it is on.
+#[derive(Clone, Debug)]
+struct At<T> {
+    v: T,
+    line: usize,
+}
+
+/// One table being read: remembers the keys taken, so the rest can be reported as unknown.
+struct Tab<'a> {
+    t: &'a dyn TableLike,
+    /// How the operator wrote it: `[cluster]`, `[[service.server]]`...
+    name: String,
+    line: usize,
+    known: Vec<&'static str>,
+}
+
+impl<'a> Tab<'a> {
+    fn new(t: &'a dyn TableLike, name: impl Into<String>, line: usize) -> Self {
+        Tab {
+            t,
+            name: name.into(),
+            line,
+            known: Vec::new(),
+        }
+    }
+
+    /// The item under `key` and its line (the key's line).
+    fn item(&mut self, cx: &Cx, key: &'static str) -> Option<(&'a Item, usize)> {
+        self.known.push(key);
+        let (k, item): (&Key, &Item) = self.t.get_key_value(key)?;
+        Some((item, cx.line(k.span()).max(cx.line(item.span()))))
+    }
+
+    fn missing(&self, cx: &mut Cx, key: &str) {
+        cx.err(self.line, format!("{} needs `{key}`", self.name));
+    }
+
+    fn str(&mut self, cx: &mut Cx, key: &'static str) -> Option<At<String>> {
+        let (item, line) = self.item(cx, key)?;
+        match item.as_str() {
+            Some(s) => Some(At {
+                v: s.to_string(),
+                line,
+            }),
+            None => {
+                cx.err(
+                    line,
+                    format!("`{key}` must be a string, not {}", kind(item)),
+                );
+                None
+            }
+        }
+    }
+
+    fn req_str(&mut self, cx: &mut Cx, key: &'static str) -> Option<At<String>> {
+        let v = self.str(cx, key);
+        if v.is_none() && !self.t.contains_key(key) {
+            self.missing(cx, key);
+        }
+        match v {
+            Some(s) if s.v.trim().is_empty() => {
+                cx.err(s.line, format!("`{key}` must not be empty"));
+                None
+            }
+            v => v,
+        }
+    }
+
+    fn int(
+        &mut self,
+        cx: &mut Cx,
+        key: &'static str,
+        range: RangeInclusive<i64>,
+        unit: &str,
+    ) -> Option<At<i64>> {
+        let (item, line) = self.item(cx, key)?;
+        let Some(v) = item.as_integer() else {
+            cx.err(
+                line,
+                format!("`{key}` must be an integer, not {}", kind(item)),
+            );
+            return None;
+        };
+        if !range.contains(&v) {
+            cx.err(
+                line,
+                format!(
+                    "`{key}` = {v} is out of range: it must be {} to {}{unit}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+            return None;
+        }
+        Some(At { v, line })
+    }
+
+    fn bool(&mut self, cx: &mut Cx, key: &'static str) -> Option<At<bool>> {
+        let (item, line) = self.item(cx, key)?;
+        match item.as_bool() {
+            Some(v) => Some(At { v, line }),
+            None => {
+                cx.err(
+                    line,
+                    format!("`{key}` must be true or false, not {}", kind(item)),
+                );
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, cx: &mut Cx, key: &'static str, required: bool) -> Option<At<Ipv4Addr>> {
+        let s = if required {
+            self.req_str(cx, key)?
+        } else {
+            self.str(cx, key)?
+        };
+        match s.v.parse::<Ipv4Addr>() {
+            Ok(a) => Some(At { v: a, line: s.line }),
+            Err(_) => {
+                cx.err(
+                    s.line,
+                    format!("`{key}` = {:?} is not an IPv4 address", s.v),
+                );
+                None
+            }
+        }
+    }
+
+    /// One of `choices` (given as `(word, value)`).
+    fn choice<T: Copy>(
+        &mut self,
+        cx: &mut Cx,
+        key: &'static str,
+        choices: &[(&str, T)],
+    ) -> Option<At<T>> {
+        let s = self.str(cx, key)?;
+        match choices.iter().find(|(w, _)| *w == s.v) {
+            Some((_, v)) => Some(At {
+                v: *v,
+                line: s.line,
+            }),
+            None => {
+                let words: Vec<&str> = choices.iter().map(|(w, _)| *w).collect();
+                cx.err(
+                    s.line,
+                    format!("`{key}` = {:?} must be one of: {}", s.v, words.join(", ")),
+                );
+                None
+            }
+        }
+    }
+
+    /// A sub-table (`[a.b]` or an inline table) and its line.
+    fn table(&mut self, cx: &mut Cx, key: &'static str) -> Option<(&'a dyn TableLike, usize)> {
+        let (item, line) = self.item(cx, key)?;
+        match item.as_table_like() {
+            Some(t) if !item.is_array_of_tables() => Some((t, line)),
+            _ => {
+                cx.err(line, format!("`{key}` must be a table, not {}", kind(item)));
+                None
+            }
+        }
+    }
+
+    /// An array of tables (`[[a.b]]`): each table with its header line.
+    fn tables(&mut self, cx: &mut Cx, key: &'static str) -> Vec<(&'a dyn TableLike, usize)> {
+        let Some((item, line)) = self.item(cx, key) else {
+            return Vec::new();
+        };
+        match item.as_array_of_tables() {
+            Some(a) => a
+                .iter()
+                .map(|t| (t as &dyn TableLike, cx.line(t.span())))
+                .collect(),
+            None => {
+                cx.err(
+                    line,
+                    format!(
+                        "`{key}` must be written as [[...]] tables, not {}",
+                        kind(item)
+                    ),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reports every key not taken.
+    fn finish(self, cx: &mut Cx) {
+        for (k, item) in self.t.iter() {
+            if self.known.contains(&k) {
+                continue;
+            }
+            let line = self
+                .t
+                .key(k)
+                .map(|key| cx.line(key.span()))
+                .filter(|l| *l > 0)
+                .unwrap_or_else(|| cx.line(item.span()));
+            let hint = self
+                .known
+                .iter()
+                .find(|known| close(k, known))
+                .map(|known| format!(" (did you mean `{known}`?)"))
+                .unwrap_or_default();
+            cx.err(line, format!("unknown key `{k}` in {}{hint}", self.name));
+        }
+    }
+}
+
+fn kind(item: &Item) -> &'static str {
+    if item.is_array_of_tables() {
+        "an array of tables"
+    } else if item.is_table_like() {
+        "a table"
+    } else if item.is_str() {
+        "a string"
+    } else if item.is_integer() {
+        "an integer"
+    } else if item.is_bool() {
+        "a boolean"
+    } else if item.is_float() {
+        "a float"
+    } else if item.is_array() {
+        "an array"
+    } else {
+        "a date"
+    }
+}
+
+/// Whether two keys are a typo apart (edit distance 1, or two letters swapped).
+fn close(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a == b {
+        return false;
+    }
+    if a.len() == b.len() {
+        let diff: Vec<usize> = (0..a.len()).filter(|i| a[*i] != b[*i]).collect();
+        return diff.len() == 1
+            || (diff.len() == 2
+                && diff[1] == diff[0] + 1
+                && a[diff[0]] == b[diff[1]]
+                && a[diff[1]] == b[diff[0]]);
+    }
+    let (short, long) = if a.len() < b.len() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    if long.len() - short.len() != 1 {
+        return false;
+    }
+    (0..long.len()).any(|skip| {
+        long.iter()
+            .enumerate()
+            .filter(|(i, _)| *i != skip)
+            .map(|(_, c)| c)
+            .eq(short.iter())
+    })
+}
+
+fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
+    let mut top = Tab::new(root, "the file", 0);
+
+    let cluster = match top.table(cx, "cluster") {
+        Some((t, line)) => read_cluster(cx, t, line),
+        None => {
+            if !root.contains_key("cluster") {
+                cx.err(0, "the file needs a [cluster] table");
+            }
+            None
+        }
+    };
+    let tables = match top.table(cx, "tables") {
+        Some((t, line)) => read_tables(cx, t, line),
+        None => Some(Capacities::default()),
+    };
+    let nat = match top.table(cx, "nat") {
+        Some((t, line)) => read_nat(cx, t, line).map(Some),
+        None => Some(None),
+    };
+    let ha = match top.table(cx, "ha") {
+        Some((t, line)) => read_ha(cx, t, line),
+        None => Some(Ha {
+            port: DEFAULT_HA_PORT,
+            heartbeat_ms: 100,
+            dead_after: 3,
+            track: Vec::new(),
+        }),
+    };
+    let control = match top.table(cx, "control") {
+        Some((t, line)) => read_control(cx, t, line),
+        None => Some(Control {
+            socket: DEFAULT_SOCKET.into(),
+            mount: DEFAULT_MOUNT.into(),
+            metrics: Some(DEFAULT_METRICS.parse().expect("default metrics address")),
+        }),
+    };
+    let atm_tables = top.tables(cx, "atm");
+    if atm_tables.is_empty() && !root.contains_key("atm") {
+        cx.err(0, "the file needs at least one [[atm]]");
+    }
+    let atms: Vec<Option<At<Atm>>> = atm_tables
+        .into_iter()
+        .map(|(t, line)| read_atm(cx, t, line))
+        .collect();
+    let service_tables = top.tables(cx, "service");
+    let nat_ref = nat.flatten();
+    let services: Vec<Option<ServiceCfg>> = service_tables
+        .into_iter()
+        .map(|(t, line)| read_service(cx, t, line, nat_ref.as_ref()))
+        .collect();
+    top.finish(cx);
+
+    // Across tables.
+    let mut atm_names = HashMap::new();
+    let mut atm_addrs = HashMap::new();
+    for a in atms.iter().flatten() {
+        if let Some(first) = atm_names.insert(a.v.name.clone(), a.line) {
+            cx.err(
+                a.line,
+                format!("duplicate ATM name {:?} (first on line {first})", a.v.name),
+            );
+        }
+        if let Some(first) = atm_addrs.insert(a.v.address, a.line) {
+            cx.err(
+                a.line,
+                format!(
+                    "duplicate ATM address {} (first on line {first})",
+                    a.v.address
+                ),
+            );
+        }
+    }
+    let mut service_keys: HashMap<(Ipv4Addr, u16, u8), usize> = HashMap::new();
+    let mut service_names = HashMap::new();
+    let mut lines = 0usize;
+    for (s, line) in services.iter().zip(service_lines(root, cx)) {
+        let Some(s) = s else { continue };
+        lines += s.servers.len();
+        if let Some(first) = service_names.insert(s.name.clone(), line) {
+            cx.err(
+                line,
+                format!(
+                    "duplicate service name {:?} (first on line {first})",
+                    s.name
+                ),
+            );
+        }
+        if let Some(first) = service_keys.insert((s.vip, s.port, s.proto), line) {
+            cx.err(
+                line,
+                format!(
+                    "duplicate service {} {}:{} (first on line {first})",
+                    s.proto_name(),
+                    s.vip,
+                    s.port
+                ),
+            );
+        }
+        if atm_addrs.contains_key(&s.vip) {
+            cx.err(line, format!("the VIP {} is an ATM's own address", s.vip));
+        }
+    }
+    if let Some(nat) = nat_ref
+        && atms.iter().flatten().any(|a| a.v.address == nat.gateway)
+    {
+        cx.err(
+            0,
+            format!("the NAT gateway {} is an ATM's own address", nat.gateway),
+        );
+    }
+    if let Some(t) = tables {
+        let n = services.iter().flatten().count();
+        if n > t.services as usize {
+            cx.err(
+                0,
+                format!("{n} services do not fit [tables] services = {}", t.services),
+            );
+        }
+        if lines > t.servers as usize {
+            cx.err(
+                0,
+                format!(
+                    "{lines} server lines do not fit [tables] servers = {}",
+                    t.servers
+                ),
+            );
+        }
+    }
+    if atms.iter().flatten().count() > 1
+        && let Some(c) = &cluster
+        && c.auth_key_file.is_none()
+    {
+        cx.err(
+            0,
+            "more than one [[atm]] needs [cluster] auth_key_file: ATM messages are authenticated",
+        );
+    }
+
+    Some(Config {
+        cluster: cluster?,
+        tables: tables?,
+        nat: nat?,
+        ha: ha?,
+        control: control?,
+        atms: atms
+            .into_iter()
+            .map(|a| a.map(|a| a.v))
+            .collect::<Option<Vec<_>>>()?,
+        services: services.into_iter().collect::<Option<Vec<_>>>()?,
+    })
+}
+
+/// The header line of each [[service]], in order.
+fn service_lines(root: &dyn TableLike, cx: &Cx) -> Vec<usize> {
+    root.get("service")
+        .and_then(|i| i.as_array_of_tables())
+        .map(|a| a.iter().map(|t| cx.line(t.span())).collect())
+        .unwrap_or_default()
+}
+
+fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> {
+    let mut tab = Tab::new(t, "[cluster]", line);
+    let name = tab.req_str(cx, "name");
+    let timeout = tab.int(cx, "timeout", TIMEOUT_RANGE, " seconds");
+    let timeout_bad = t.contains_key("timeout") && timeout.is_none();
+    let debug = tab.bool(cx, "debug");
+    let debug_bad = t.contains_key("debug") && debug.is_none();
+    let key = tab.str(cx, "auth_key_file");
+    tab.finish(cx);
+    if timeout_bad || debug_bad {
+        return None;
+    }
+    Some(Cluster {
+        name: name?.v,
+        timeout: timeout.map(|t| t.v as u32).unwrap_or(DEFAULT_TIMEOUT),
+        debug: debug.map(|d| d.v).unwrap_or(false),
+        auth_key_file: key.map(|k| PathBuf::from(k.v)),
+    })
+}
+
+fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Capacities> {
+    let mut tab = Tab::new(t, "[tables]", line);
+    let d = Capacities::default();
+    let mut ok = true;
+    let mut get = |tab: &mut Tab, cx: &mut Cx, key, range, default: u32| {
+        let present = t.contains_key(key);
+        match tab.int(cx, key, range, "") {
+            Some(v) => v.v as u32,
+            None => {
+                ok &= !present;
+                default
+            }
+        }
+    };
+    let services = get(&mut tab, cx, "services", SERVICES_RANGE, d.services);
+    let servers = get(&mut tab, cx, "servers", SERVERS_RANGE, d.servers);
+    let connections = get(
+        &mut tab,
+        cx,
+        "connections",
+        CONNECTIONS_RANGE,
+        d.connections,
+    );
+    tab.finish(cx);
+    ok.then_some(Capacities {
+        services,
+        servers,
+        connections,
+    })
+}
+
+fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Nat> {
+    let mut tab = Tab::new(t, "[nat]", line);
+    let subnet = tab.req_str(cx, "subnet");
+    let gateway = tab.addr(cx, "gateway", true);
+    tab.finish(cx);
+    let subnet = subnet?;
+    let Some((addr, prefix)) = subnet.v.split_once('/') else {
+        cx.err(
+            subnet.line,
+            format!(
+                "`subnet` = {:?} must be ADDRESS/PREFIX, e.g. 10.0.0.0/16",
+                subnet.v
+            ),
+        );
+        return None;
+    };
+    let Ok(addr) = addr.parse::<Ipv4Addr>() else {
+        cx.err(
+            subnet.line,
+            format!("`subnet` = {:?}: {addr:?} is not an IPv4 address", subnet.v),
+        );
+        return None;
+    };
+    let prefix = match prefix.parse::<u8>() {
+        Ok(p) if (8..=30).contains(&p) => p,
+        _ => {
+            cx.err(
+                subnet.line,
+                format!(
+                    "`subnet` = {:?}: the prefix length must be 8 to 30",
+                    subnet.v
+                ),
+            );
+            return None;
+        }
+    };
+    if !in_subnet(addr, addr, prefix) || u32::from(addr) & !(u32::MAX << (32 - prefix)) != 0 {
+        cx.err(
+            subnet.line,
+            format!(
+                "`subnet` = {:?} has host bits set: write the network address",
+                subnet.v
+            ),
+        );
+        return None;
+    }
+    let gateway = gateway?;
+    if !in_subnet(gateway.v, addr, prefix) {
+        cx.err(
+            gateway.line,
+            format!(
+                "`gateway` {} is not in the NAT subnet {}/{prefix}",
+                gateway.v, addr
+            ),
+        );
+        return None;
+    }
+    Some(Nat {
+        subnet: addr,
+        prefix,
+        gateway: gateway.v,
+    })
+}
+
+fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
+    let mut tab = Tab::new(t, "[ha]", line);
+    let mut bad = false;
+    let port = tab.int(cx, "port", 1..=65_535, "");
+    bad |= t.contains_key("port") && port.is_none();
+    let hb = tab.int(cx, "heartbeat_ms", 10..=10_000, " ms");
+    bad |= t.contains_key("heartbeat_ms") && hb.is_none();
+    let dead = tab.int(cx, "dead_after", 1..=100, " heartbeats");
+    bad |= t.contains_key("dead_after") && dead.is_none();
+    let mut track = Vec::new();
+    if let Some((item, line)) = tab.item(cx, "track") {
+        match item.as_array() {
+            Some(a) => {
+                for v in a.iter() {
+                    match v.as_str().map(|s| s.parse::<Ipv4Addr>()) {
+                        Some(Ok(addr)) => track.push(addr),
+                        _ => {
+                            cx.err(
+                                line,
+                                format!("`track` holds {v}, which is not an IPv4 address"),
+                            );
+                            bad = true;
+                        }
+                    }
+                }
+            }
+            None => {
+                cx.err(
+                    line,
+                    format!("`track` must be an array of addresses, not {}", kind(item)),
+                );
+                bad = true;
+            }
+        }
+    }
+    tab.finish(cx);
+    if bad {
+        return None;
+    }
+    Some(Ha {
+        port: port.map(|p| p.v as u16).unwrap_or(DEFAULT_HA_PORT),
+        heartbeat_ms: hb.map(|h| h.v as u32).unwrap_or(100),
+        dead_after: dead.map(|d| d.v as u32).unwrap_or(3),
+        track,
+    })
+}
+
+fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> {
+    let mut tab = Tab::new(t, "[control]", line);
+    let socket = tab.str(cx, "socket");
+    let mount = tab.str(cx, "mount");
+    let metrics = tab.str(cx, "metrics");
+    tab.finish(cx);
+    let metrics = match metrics {
+        None => Some(DEFAULT_METRICS.parse().expect("default metrics address")),
+        Some(m) if m.v.is_empty() || m.v == "off" => None,
+        Some(m) => match m.v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.err(
+                    m.line,
+                    format!("`metrics` = {:?} must be ADDRESS:PORT, or \"off\"", m.v),
+                );
+                return None;
+            }
+        },
+    };
+    let path = |cx: &mut Cx, v: Option<At<String>>, key: &str, default: &str| match v {
+        None => Some(PathBuf::from(default)),
+        Some(p) if Path::new(&p.v).is_absolute() => Some(PathBuf::from(p.v)),
+        Some(p) => {
+            cx.err(
+                p.line,
+                format!("`{key}` = {:?} must be an absolute path", p.v),
+            );
+            None
+        }
+    };
+    Some(Control {
+        socket: path(cx, socket, "socket", DEFAULT_SOCKET)?,
+        mount: path(cx, mount, "mount", DEFAULT_MOUNT)?,
+        metrics,
+    })
+}
+
+fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<At<Atm>> {
+    let mut tab = Tab::new(t, "[[atm]]", line);
+    let name = tab.req_str(cx, "name");
+    let address = tab.addr(cx, "address", true);
+    let interface = tab.req_str(cx, "interface");
+    tab.finish(cx);
+    if let Some(i) = &interface
+        && (i.v.len() > 15 || i.v.contains(['/', ' ']))
+    {
+        cx.err(
+            i.line,
+            format!("`interface` = {:?} is not an interface name", i.v),
+        );
+        return None;
+    }
+    Some(At {
+        v: Atm {
+            name: name?.v,
+            address: address?.v,
+            interface: interface?.v,
+        },
+        line,
+    })
+}
+
+const SCHEDULERS: &[(&str, Sched)] = &[
+    ("rr", Sched::Rr),
+    ("wrr", Sched::Wrr),
+    ("sh", Sched::Sh),
+    ("maglev", Sched::Maglev),
+];
+const METHODS: &[(&str, Method)] = &[
+    ("nat", Method::Nat),
+    ("direct", Method::Direct),
+    ("tunnel", Method::Tunnel),
+];
+const PROTOCOLS: &[(&str, u8)] = &[("tcp", IPPROTO_TCP), ("udp", IPPROTO_UDP)];
+
+fn read_service(
+    cx: &mut Cx,
+    t: &dyn TableLike,
+    line: usize,
+    nat: Option<&Nat>,
+) -> Option<ServiceCfg> {
+    let mut tab = Tab::new(t, "[[service]]", line);
+    let mut bad = false;
+    let name = tab.req_str(cx, "name");
+    let vip = tab.addr(cx, "vip", true);
+    let port = tab.int(cx, "port", 1..=65_535, "");
+    if !t.contains_key("port") {
+        tab.missing(cx, "port");
+    }
+    let proto = tab.choice(cx, "protocol", PROTOCOLS);
+    bad |= t.contains_key("protocol") && proto.is_none();
+    let sched = tab.choice(cx, "scheduler", SCHEDULERS);
+    bad |= t.contains_key("scheduler") && sched.is_none();
+    let persistence = tab.int(cx, "persistence", 0..=86_400, " seconds");
+    bad |= t.contains_key("persistence") && persistence.is_none();
+    let check = match tab.table(cx, "check") {
+        Some((c, cline)) => read_check(cx, c, cline, proto.as_ref().map(|p| p.v)),
+        None if t.contains_key("check") => None,
+        None => Some(Check {
+            kind: CheckKind::Tcp,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+        }),
+    };
+    let server_tables = tab.tables(cx, "server");
+    tab.finish(cx);
+    let service_port = port.as_ref().map(|p| p.v as u16);
+    let mut servers = Vec::new();
+    let mut seen_names: HashMap<String, usize> = HashMap::new();
+    let mut seen_addrs: HashSet<(Ipv4Addr, u16)> = HashSet::new();
+    for (st, sline) in server_tables {
+        match read_server(cx, st, sline, service_port, nat) {
+            Some(s) => {
+                if let Some(first) = seen_names.insert(s.name.clone(), sline) {
+                    cx.err(
+                        sline,
+                        format!(
+                            "duplicate server name {:?} in this service (first on line {first})",
+                            s.name
+                        ),
+                    );
+                    bad = true;
+                }
+                if !seen_addrs.insert((s.address, s.port)) {
+                    cx.err(
+                        sline,
+                        format!("duplicate server {}:{} in this service", s.address, s.port),
+                    );
+                    bad = true;
+                }
+                if let Some(v) = &vip
+                    && v.v == s.address
+                {
+                    cx.err(sline, format!("server {} is the VIP itself", s.address));
+                    bad = true;
+                }
+                servers.push(s);
+            }
+            None => bad = true,
+        }
+    }
+    if bad {
+        return None;
+    }
+    Some(ServiceCfg {
+        name: name?.v,
+        vip: vip?.v,
+        port: service_port?,
+        proto: proto.map(|p| p.v).unwrap_or(IPPROTO_TCP),
+        scheduler: sched.map(|s| s.v).unwrap_or(Sched::Maglev),
+        persistence: persistence.map(|p| p.v as u32).unwrap_or(0),
+        check: check?,
+        servers,
+    })
+}
+
+fn read_server(
+    cx: &mut Cx,
+    t: &dyn TableLike,
+    line: usize,
+    service_port: Option<u16>,
+    nat: Option<&Nat>,
+) -> Option<ServerCfg> {
+    let mut tab = Tab::new(t, "[[service.server]]", line);
+    let name = tab.req_str(cx, "name");
+    let address = tab.addr(cx, "address", true);
+    let port = tab.int(cx, "port", 1..=65_535, "");
+    let port_bad = t.contains_key("port") && port.is_none();
+    let weight = tab.int(cx, "weight", WEIGHT_RANGE, "");
+    let weight_bad = t.contains_key("weight") && weight.is_none();
+    let method = tab.choice(cx, "method", METHODS);
+    let method_bad = t.contains_key("method") && method.is_none();
+    let ping = tab.bool(cx, "ping");
+    let ping_bad = t.contains_key("ping") && ping.is_none();
+    tab.finish(cx);
+    if port_bad || weight_bad || method_bad || ping_bad {
+        return None;
+    }
+    let m = method.as_ref().map(|m| m.v).unwrap_or(Method::Direct);
+    let method_line = method.as_ref().map(|m| m.line).unwrap_or(line);
+    let port_v = port.as_ref().map(|p| p.v as u16).or(service_port)?;
+    if m != Method::Nat
+        && let (Some(p), Some(sp)) = (&port, service_port)
+        && p.v as u16 != sp
+    {
+        cx.err(
+            p.line,
+            format!(
+                "`port` = {} differs from the service's port {sp}: a {} server receives the \
+                 packet unchanged, so it must listen on the service's port (use method = \"nat\" \
+                 to map ports)",
+                p.v,
+                m.name()
+            ),
+        );
+        return None;
+    }
+    let address = address?;
+    if m == Method::Nat {
+        match nat {
+            None => {
+                cx.err(
+                    method_line,
+                    "method = \"nat\" needs a [nat] table with the NAT subnet and gateway",
+                );
+                return None;
+            }
+            Some(n) if !n.contains(address.v) => {
+                cx.err(
+                    address.line,
+                    format!(
+                        "NAT server {} is not in the NAT subnet {}/{}",
+                        address.v, n.subnet, n.prefix
+                    ),
+                );
+                return None;
+            }
+            _ => {}
+        }
+    }
+    Some(ServerCfg {
+        name: name?.v,
+        address: address.v,
+        port: port_v,
+        weight: weight.map(|w| w.v as u32).unwrap_or(1),
+        method: m,
+        ping: ping.map(|p| p.v).unwrap_or(true),
+    })
+}
+
+const CHECK_KINDS: &[(&str, u8)] = &[
+    ("none", 0),
+    ("tcp", 1),
+    ("http", 2),
+    ("https", 3),
+    ("script", 4),
+];
+
+fn read_check(cx: &mut Cx, t: &dyn TableLike, line: usize, proto: Option<u8>) -> Option<Check> {
+    let mut tab = Tab::new(t, "[service.check]", line);
+    let mut bad = false;
+    let kind = tab.choice(cx, "kind", CHECK_KINDS);
+    bad |= t.contains_key("kind") && kind.is_none();
+    let kind_v = kind.as_ref().map(|k| k.v).unwrap_or(1);
+    let path = tab.str(cx, "path");
+    let expect = tab.int(cx, "expect", 100..=599, "");
+    bad |= t.contains_key("expect") && expect.is_none();
+    let body = tab.str(cx, "body");
+    let verify = tab.bool(cx, "verify");
+    bad |= t.contains_key("verify") && verify.is_none();
+    let script = tab.str(cx, "script");
+    let interval = check_ms(cx, &mut tab, "interval_ms");
+    let timeout = check_ms(cx, &mut tab, "timeout_ms");
+    bad |= t.contains_key("interval_ms") && interval.is_none();
+    bad |= t.contains_key("timeout_ms") && timeout.is_none();
+    let rise = tab.int(cx, "rise", 1..=100, "");
+    bad |= t.contains_key("rise") && rise.is_none();
+    let fall = tab.int(cx, "fall", 1..=100, "");
+    bad |= t.contains_key("fall") && fall.is_none();
+    tab.finish(cx);
+
+    let http = kind_v == 2 || kind_v == 3;
+    for (present, key, kline) in [
+        (path.as_ref().map(|p| p.line), "path", http),
+        (expect.as_ref().map(|p| p.line), "expect", http),
+        (body.as_ref().map(|p| p.line), "body", http),
+        (verify.as_ref().map(|p| p.line), "verify", kind_v == 3),
+        (script.as_ref().map(|p| p.line), "script", kind_v == 4),
+    ] {
+        if let Some(l) = present
+            && !kline
+        {
+            let k = CHECK_KINDS.iter().find(|(_, v)| *v == kind_v).unwrap().0;
+            cx.err(
+                l,
+                format!("`{key}` does not apply to a check of kind {k:?}"),
+            );
+            bad = true;
+        }
+    }
+    if let Some(p) = &path
+        && !p.v.starts_with('/')
+    {
+        cx.err(p.line, format!("`path` = {:?} must start with /", p.v));
+        bad = true;
+    }
+    if (kind_v == 1 || http) && proto == Some(IPPROTO_UDP) {
+        let l = kind.as_ref().map(|k| k.line).unwrap_or(line);
+        cx.err(
+            l,
+            "a udp service cannot have a tcp or http check: use kind = \"script\" or \"none\"",
+        );
+        bad = true;
+    }
+    let kind = match kind_v {
+        0 => CheckKind::None,
+        1 => CheckKind::Tcp,
+        2 | 3 => CheckKind::Http {
+            https: kind_v == 3,
+            path: path.map(|p| p.v).unwrap_or_else(|| "/".into()),
+            expect: expect.map(|e| e.v as u16).unwrap_or(200),
+            body: body.map(|b| b.v),
+            verify: verify.map(|v| v.v).unwrap_or(true),
+        },
+        _ => match script {
+            None => {
+                cx.err(
+                    line,
+                    "a check of kind \"script\" needs `script`, the program to run",
+                );
+                return None;
+            }
+            Some(s) => {
+                let p = if Path::new(&s.v).is_absolute() {
+                    PathBuf::from(&s.v)
+                } else {
+                    cx.base.join(&s.v)
+                };
+                match std::fs::metadata(&p) {
+                    Err(e) => {
+                        cx.err(s.line, format!("check script {}: {e}", p.display()));
+                        return None;
+                    }
+                    Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+                        cx.err(
+                            s.line,
+                            format!("check script {} is not an executable file", p.display()),
+                        );
+                        return None;
+                    }
+                    Ok(_) => CheckKind::Script(p),
+                }
+            }
+        },
+    };
+    if bad {
+        return None;
+    }
+    let interval_ms = interval.map(|i| i.v).unwrap_or(2000);
+    let timeout_ms = timeout.map(|i| i.v).unwrap_or(1000.min(interval_ms));
+    Some(Check {
+        kind,
+        interval_ms,
+        timeout_ms,
+        rise: rise.map(|r| r.v as u32).unwrap_or(2),
+        fall: fall.map(|f| f.v as u32).unwrap_or(3),
+    })
+}
+
+/// A check period in milliseconds: positive, at most an hour.
+fn check_ms(cx: &mut Cx, tab: &mut Tab, key: &'static str) -> Option<At<u32>> {
+    let v = tab.int(cx, key, 1..=3_600_000, " ms")?;
+    Some(At {
+        v: v.v as u32,
+        line: v.line,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+name = "web"
+timeout = 100
+
+[nat]
+subnet = "203.0.113.0/24"
+gateway = "203.0.113.1"
+
+[[atm]]
+name = "atm1"
+address = "192.0.2.2"
+interface = "eth0"
+
+[[service]]
+name = "http"
+vip = "192.0.2.100"
+port = 80
+[service.check]
+kind = "http"
+path = "/"
+[[service.server]]
+name = "web1"
+address = "192.0.2.11"
+[[service.server]]
+name = "web2"
+address = "203.0.113.12"
+port = 8080
+method = "nat"
+weight = 2
+"#;
+
+    #[test]
+    fn a_good_file_parses_with_defaults() {
+        let c = parse(GOOD, Path::new("/")).unwrap();
+        assert_eq!(c.cluster.name, "web");
+        assert_eq!(c.tables, Capacities::default());
+        assert_eq!(c.ha.port, DEFAULT_HA_PORT);
+        assert_eq!(c.control.socket, PathBuf::from(DEFAULT_SOCKET));
+        let s = &c.services[0];
+        assert_eq!(
+            (s.proto, s.scheduler, s.persistence),
+            (IPPROTO_TCP, Sched::Maglev, 0)
+        );
+        assert_eq!(s.servers[0].port, 80, "port defaults to the service's");
+        assert_eq!(s.servers[0].method, Method::Direct);
+        assert_eq!(s.servers[1].weight, 2);
+        assert!(matches!(
+            s.check.kind,
+            CheckKind::Http {
+                expect: 200,
+                verify: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = GOOD
+            .replace("timeout = 100", "timeout = 0\ncolour = \"red\"")
+            .replace("port = 8080\n", "port = 8080\nweigth = 3\n");
+        let problems = parse(&text, Path::new("/")).unwrap_err();
+        let lines: Vec<(usize, &str)> = problems
+            .iter()
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
+        assert_eq!(problems.len(), 3, "{lines:?}");
+        assert_eq!(problems[0].line, 4);
+        assert!(
+            problems[0]
+                .message
+                .contains("`timeout` = 0 is out of range"),
+            "{lines:?}"
+        );
+        assert_eq!(problems[1].line, 5);
+        assert!(
+            problems[1]
+                .message
+                .contains("unknown key `colour` in [cluster]"),
+            "{lines:?}"
+        );
+        assert!(
+            problems[2]
+                .message
+                .contains("unknown key `weigth` in [[service.server]] (did you mean `weight`?)"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn typos_are_close() {
+        assert!(close("weigth", "weight"));
+        assert!(close("adress", "address"));
+        assert!(close("portt", "port"));
+        assert!(!close("colour", "timeout"));
+    }
+}

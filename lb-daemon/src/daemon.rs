@@ -1,0 +1,1262 @@
+//! The ATM daemon's life: start-up logged step by step as TCL's clusterserverd does it
+//! (reference §7.5.2), idle mode on a bad config, the event loop that owns the dataplane and
+//! answers the control surfaces, reloads on SIGHUP, and clean-up on SIGTERM.
+//!
+//! One task owns all state. The control socket, the FUSE thread and the metrics thread send
+//! it requests over a channel; nothing else touches the dataplane.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use lb_common::{CONN_REPLY, Method, SETTINGS_ACTIVE, Settings, Stat};
+use log::{error, info, warn};
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    time::{MissedTickBehavior, interval},
+};
+
+use crate::{
+    addrs::{self, IfAddr, NAT_LABEL, Net, VIP_LABEL},
+    config::{self, Config},
+    control::{self, Call, Request, Response, ServerAction},
+    dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
+    fuse, metrics, neighbours,
+    services::{Plane, svc_key, v4},
+    tables::{self, ConnLine, StatLine, Table, Write},
+};
+
+/// The command line, as main.rs parsed it.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config: PathBuf,
+    /// Which machine of the config this is, when its addresses do not say.
+    pub node: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub mount: Option<PathBuf>,
+    /// "off" disables.
+    pub metrics: Option<String>,
+}
+
+/// NAT source ports handed out to connections (the range the dataplane probes).
+pub const NAT_PORTS: (u16, u16) = (20_000, 59_999);
+
+/// Build identity for the start-up log.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const BUILD_DATE: &str = env!("LB_BUILD_DATE");
+
+/// What this machine is in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The ATM at this position of the config's [[atm]] list.
+    Atm(usize),
+    /// A real server with this address.
+    Node(Ipv4Addr),
+}
+
+/// Finds this machine in the config: `--node NAME` (an ATM or server name), else the first
+/// ATM whose address is local, else a server whose address is local.
+pub fn identify(
+    config: &Config,
+    local: &[Ipv4Addr],
+    node: Option<&str>,
+) -> Result<(Role, String), String> {
+    if let Some(name) = node {
+        if let Some(i) = config.atms.iter().position(|a| a.name == name) {
+            return Ok((Role::Atm(i), name.to_string()));
+        }
+        for s in &config.services {
+            if let Some(v) = s.servers.iter().find(|v| v.name == name) {
+                return Ok((Role::Node(v.address), name.to_string()));
+            }
+        }
+        return Err(format!(
+            "--node {name:?}: no [[atm]] or server of that name in the config"
+        ));
+    }
+    if let Some(i) = config.atms.iter().position(|a| local.contains(&a.address)) {
+        return Ok((Role::Atm(i), config.atms[i].name.clone()));
+    }
+    for s in &config.services {
+        if let Some(v) = s.servers.iter().find(|v| local.contains(&v.address)) {
+            return Ok((Role::Node(v.address), v.name.clone()));
+        }
+    }
+    Err(format!(
+        "this machine ({}) is neither an ATM nor a server in the config: give --node NAME",
+        local
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// The balancer side of an ATM.
+struct Atm {
+    index: usize,
+    dp: Dataplane,
+    plane: Plane,
+    /// Interfaces lb_xdp is attached to, and how.
+    attached: Vec<(String, Attached)>,
+    primary: bool,
+    /// Where the NAT gateway alias goes (the interface with an address in the NAT subnet,
+    /// else the ATM's interface).
+    nat_interface: String,
+    /// Dataplane capacities in force (the `config` table; a write changes them).
+    caps: Capacities,
+}
+
+/// The real-server side of a node.
+struct Node {
+    /// lb_decap, when this server is in tunnel mode for some service.
+    decap: Option<Dataplane>,
+    vips: Vec<Ipv4Addr>,
+}
+
+struct Daemon {
+    opts: Options,
+    config: Config,
+    net: Net,
+    name: String,
+    role: Role,
+    atm: Option<Atm>,
+    node: Option<Node>,
+    /// In force now (a write to `timeout`/`debug` changes them until the next reload).
+    timeout: u32,
+    debug: bool,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> Result<()> {
+    info!("Starting Advanced Traffic Manager daemon");
+    info!("lb-daemon version {VERSION} (built {BUILD_DATE})");
+    let net = Net::new().context("cannot open a netlink socket")?;
+    let local = net.addresses().await.context("listing local addresses")?;
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into());
+    let first = local
+        .iter()
+        .find(|a| !a.addr.is_loopback())
+        .map(|a| a.addr.to_string())
+        .unwrap_or_else(|| "no address".into());
+    info!("Running on {host} ({first})");
+    info!("Configuration file: {}", opts.config.display());
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let local_addrs: Vec<Ipv4Addr> = local.iter().map(|a| a.addr).collect();
+    let (config, role, name) = loop {
+        match load(&opts, &local_addrs) {
+            Ok(x) => break x,
+            Err(()) => {
+                error!("Bad configuration file! Going to idle mode");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+                    "idle: bad configuration file (fix it and send SIGHUP)",
+                )]);
+                tokio::select! {
+                    _ = hup.recv() => info!("Received SIGHUP: re-reading {}", opts.config.display()),
+                    _ = term.recv() => { info!("Received SIGTERM in idle mode: stopping"); return Ok(()); }
+                    _ = int.recv() => { info!("Received SIGINT in idle mode: stopping"); return Ok(()); }
+                }
+            }
+        }
+    };
+    info!(
+        "Configuration OK: cluster {:?}, {} services, this is {name}",
+        config.cluster.name,
+        config.services.len()
+    );
+
+    let mut d = Daemon {
+        timeout: config.cluster.timeout,
+        debug: config.cluster.debug,
+        opts,
+        config,
+        net,
+        name,
+        role,
+        atm: None,
+        node: None,
+    };
+    match d.role.clone() {
+        Role::Atm(i) => d.start_atm(i, &local).await?,
+        Role::Node(addr) => d.start_node(addr, &local).await?,
+    }
+
+    // Control surfaces.
+    let (tx, mut rx) = mpsc::channel::<Call>(64);
+    let socket = d
+        .opts
+        .socket
+        .clone()
+        .unwrap_or_else(|| d.config.control.socket.clone());
+    let listener = control::bind(&socket)
+        .with_context(|| format!("binding the control socket {}", socket.display()))?;
+    tokio::spawn(control::serve(listener, tx.clone()));
+    info!("Control socket {}", socket.display());
+    let mut _mount = None;
+    if d.atm.is_some() {
+        let path = d
+            .opts
+            .mount
+            .clone()
+            .unwrap_or_else(|| d.config.control.mount.clone());
+        match fuse::mount(&path, tx.clone()) {
+            Ok(m) => {
+                info!("Tables mounted at {}", path.display());
+                _mount = Some(m);
+            }
+            Err(e) => warn!(
+                "Cannot mount the tables at {}: {e} (lb-cli still works)",
+                path.display()
+            ),
+        }
+        if let Some(addr) = d.metrics_addr()? {
+            metrics::serve(addr, tx.clone())
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            info!("Metrics at http://{addr}/metrics");
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    let mut sweep = interval(Duration::from_secs(2));
+    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut logs = interval(Duration::from_millis(100));
+    logs.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            Some((req, reply)) = rx.recv() => {
+                let resp = d.handle(req).await;
+                let _ = reply.send(resp);
+            }
+            _ = hup.recv() => {
+                info!("Received SIGHUP: re-reading {}", d.opts.config.display());
+                if let Err(e) = d.reload().await {
+                    error!("{e}");
+                }
+            }
+            _ = term.recv() => { info!("Received SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("Received SIGINT: stopping"); break; }
+            _ = sweep.tick() => d.sweep(),
+            _ = logs.tick() => {
+                if let Some(a) = d.atm.as_mut() {
+                    a.dp.flush_log();
+                }
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    d.stop().await;
+    drop(_mount);
+    let _ = std::fs::remove_file(&socket);
+    info!("Stopped");
+    Ok(())
+}
+
+/// Reads the config and finds this machine in it, logging every problem.
+fn load(opts: &Options, local: &[Ipv4Addr]) -> std::result::Result<(Config, Role, String), ()> {
+    match config::load(&opts.config) {
+        Err(problems) => {
+            for p in problems {
+                error!("{}: {p}", opts.config.display());
+            }
+            Err(())
+        }
+        Ok(c) => match identify(&c, local, opts.node.as_deref()) {
+            Ok((role, name)) => Ok((c, role, name)),
+            Err(e) => {
+                error!("{}: {e}", opts.config.display());
+                Err(())
+            }
+        },
+    }
+}
+
+impl Daemon {
+    fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
+        match self.opts.metrics.as_deref() {
+            Some("off") | Some("") => Ok(None),
+            Some(a) => Ok(Some(a.parse().map_err(|_| {
+                anyhow!("--metrics {a:?} must be ADDRESS:PORT or off")
+            })?)),
+            None => Ok(self.config.control.metrics),
+        }
+    }
+
+    fn settings(&self, active: bool) -> Settings {
+        let (local, nat) = match &self.role {
+            Role::Atm(i) => (
+                self.config.atms[*i].address.into(),
+                self.config
+                    .nat
+                    .map(|n| n.gateway.into())
+                    .unwrap_or_default(),
+            ),
+            Role::Node(a) => ((*a).into(), Default::default()),
+        };
+        Settings {
+            timeout_ns: self.timeout as u64 * 1_000_000_000,
+            debug: self.debug as u32,
+            flags: if active { SETTINGS_ACTIVE } else { 0 },
+            local_addr: local,
+            nat_addr: nat,
+            nat_port_min: NAT_PORTS.0,
+            nat_port_max: NAT_PORTS.1,
+            _pad: 0,
+        }
+    }
+
+    async fn start_atm(&mut self, index: usize, local: &[IfAddr]) -> Result<()> {
+        let atm = self.config.atms[index].clone();
+        let ifindex = addrs::ifindex(&atm.interface).ok_or_else(|| {
+            anyhow!(
+                "interface {} of {} does not exist here",
+                atm.interface,
+                atm.name
+            )
+        })?;
+        match local
+            .iter()
+            .find(|a| a.index == ifindex && a.addr == atm.address)
+            .or_else(|| local.iter().find(|a| a.index == ifindex))
+        {
+            Some(a) => {
+                let mask = u32::MAX.checked_shl(32 - a.prefix as u32).unwrap_or(0);
+                let net = Ipv4Addr::from(u32::from(a.addr) & mask);
+                let bcast = Ipv4Addr::from(u32::from(a.addr) | !mask);
+                info!(
+                    "Network {net}/{} (broadcast {bcast}) on {}",
+                    a.prefix, atm.interface
+                );
+            }
+            None => warn!("{} has no IPv4 address", atm.interface),
+        }
+        dataplane::enable_fib_lookup()?;
+        let caps = self.config.tables;
+        let (dp, attached) = load_dataplane(caps, &self.interfaces(&atm.interface, local))?;
+        let nat_interface = self.nat_interface(&atm.interface, local);
+        for suffix in [VIP_LABEL, NAT_LABEL] {
+            for a in self.net.remove_labelled(suffix).await? {
+                info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
+            }
+        }
+        let mut plane = Plane::new();
+        let mut dp = dp;
+        plane.apply(&mut dp, &self.config)?;
+        dp.set_settings(&self.settings(false))?;
+        self.atm = Some(Atm {
+            index,
+            dp,
+            plane,
+            attached,
+            primary: false,
+            nat_interface,
+            caps,
+        });
+        info!("Starting as backup ATM");
+        info!("Looking for a primary ATM");
+        let wait = Duration::from_millis(
+            self.config.ha.heartbeat_ms as u64 * self.config.ha.dead_after as u64,
+        );
+        tokio::time::sleep(wait).await;
+        info!(
+            "No primary ATM answered within {} ms: this ATM becomes primary",
+            wait.as_millis()
+        );
+        self.become_primary().await
+    }
+
+    /// The interfaces to attach to: the ATM's, and for two-arm NAT the one with an address in
+    /// the NAT subnet.
+    fn interfaces(&self, main: &str, local: &[IfAddr]) -> Vec<String> {
+        let mut out = vec![main.to_string()];
+        let nat_if = self.nat_interface(main, local);
+        if nat_if != main {
+            out.push(nat_if);
+        }
+        out
+    }
+
+    fn nat_interface(&self, main: &str, local: &[IfAddr]) -> String {
+        let Some(nat) = self.config.nat else {
+            return main.to_string();
+        };
+        local
+            .iter()
+            .filter(|a| {
+                nat.contains(a.addr) && a.addr != nat.gateway && !a.label.ends_with(NAT_LABEL)
+            })
+            .map(|a| a.interface().to_string())
+            .next()
+            .unwrap_or_else(|| main.to_string())
+    }
+
+    fn vips(&self) -> Vec<Ipv4Addr> {
+        self.config
+            .services
+            .iter()
+            .map(|s| s.vip)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Takes the VIPs and the NAT gateway, and turns the dataplane on.
+    async fn become_primary(&mut self) -> Result<()> {
+        let Role::Atm(i) = self.role else {
+            return Ok(());
+        };
+        let atm = self.config.atms[i].clone();
+        let ifindex =
+            addrs::ifindex(&atm.interface).ok_or_else(|| anyhow!("{} is gone", atm.interface))?;
+        let label = format!("{}:{VIP_LABEL}", atm.interface);
+        for vip in self.vips() {
+            self.net.add(ifindex, vip, 32, &label).await?;
+            info!("VIP {vip} configured on {label}");
+        }
+        if let (Some(nat), Some(a)) = (self.config.nat, &self.atm) {
+            let nat_if = a.nat_interface.clone();
+            let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
+            let label = format!("{nat_if}:{NAT_LABEL}");
+            self.net.add(idx, nat.gateway, nat.prefix, &label).await?;
+            info!(
+                "NAT gateway {}/{} configured on {label}",
+                nat.gateway, nat.prefix
+            );
+        }
+        let settings = self.settings(true);
+        let servers: Vec<Ipv4Addr> = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| s.servers.iter().map(|v| v.address))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let a = self.atm.as_mut().expect("an ATM");
+        a.dp.set_settings(&settings)?;
+        a.primary = true;
+        info!(
+            "This ATM is primary: forwarding for {} services",
+            self.config.services.len()
+        );
+        let missing = tokio::task::spawn_blocking(move || {
+            neighbours::prime(&servers, Duration::from_secs(2))
+        })
+        .await?;
+        if !missing.is_empty() {
+            warn!(
+                "No neighbour entry yet for {}: packets to them are dropped until they answer ARP",
+                missing
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Gives up the VIPs and the NAT gateway; the dataplane passes everything.
+    async fn become_backup(&mut self) -> Result<()> {
+        let settings = self.settings(false);
+        let Some(a) = self.atm.as_mut() else {
+            return Ok(());
+        };
+        a.dp.set_settings(&settings)?;
+        a.primary = false;
+        for suffix in [VIP_LABEL, NAT_LABEL] {
+            for r in self.net.remove_labelled(suffix).await? {
+                info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
+            }
+        }
+        Ok(())
+    }
+
+    async fn start_node(&mut self, addr: Ipv4Addr, local: &[IfAddr]) -> Result<()> {
+        info!("Running as a real server (node role) for {addr}");
+        let iface = local
+            .iter()
+            .find(|a| a.addr == addr)
+            .map(|a| a.interface().to_string())
+            .ok_or_else(|| anyhow!("no interface holds {addr}"))?;
+        for a in self.net.remove_labelled(VIP_LABEL).await? {
+            info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
+        }
+        let mut vips = BTreeSet::new();
+        let mut tunnel = false;
+        for s in &self.config.services {
+            for v in s.servers.iter().filter(|v| v.address == addr) {
+                match v.method {
+                    Method::Direct => {
+                        vips.insert(s.vip);
+                    }
+                    Method::Tunnel => {
+                        vips.insert(s.vip);
+                        tunnel = true;
+                    }
+                    Method::Nat => {}
+                }
+            }
+        }
+        let lo = addrs::ifindex("lo").ok_or_else(|| anyhow!("no lo interface"))?;
+        for vip in &vips {
+            self.net
+                .add(lo, *vip, 32, &format!("lo:{VIP_LABEL}"))
+                .await?;
+            info!("VIP {vip} configured on lo:{VIP_LABEL}");
+        }
+        if !vips.is_empty() {
+            for (k, v) in [
+                ("all", "arp_ignore=1"),
+                ("all", "arp_announce=2"),
+                (iface.as_str(), "arp_ignore=1"),
+                (iface.as_str(), "arp_announce=2"),
+            ] {
+                let (key, val) = v.split_once('=').expect("key=value");
+                let path = format!("/proc/sys/net/ipv4/conf/{k}/{key}");
+                std::fs::write(&path, val).with_context(|| format!("writing {val} to {path}"))?;
+            }
+            info!("ARP for the VIPs silenced: arp_ignore=1, arp_announce=2 on all and {iface}");
+        }
+        let mut decap = None;
+        if tunnel {
+            let mut dp = Dataplane::load(Capacities {
+                services: 1,
+                servers: 1,
+                connections: 1,
+            })?;
+            let atms: Vec<lb_common::Addr> =
+                self.config.atms.iter().map(|a| a.address.into()).collect();
+            dp.set_decap_sources(&atms)?;
+            let mode = dp.attach_decap(&iface, AttachMode::Auto)?;
+            info!(
+                "lb_decap attached to {iface} in {} mode for IPIP from {} ATMs",
+                mode.name(),
+                atms.len()
+            );
+            decap = Some(dp);
+        }
+        if vips.is_empty() && !tunnel {
+            info!("This server is NAT-only: nothing to configure");
+        }
+        self.node = Some(Node {
+            decap,
+            vips: vips.into_iter().collect(),
+        });
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        if self.atm.is_some() {
+            if let Err(e) = self.become_backup().await {
+                error!("Removing aliases: {e}");
+            }
+            if let Some(a) = self.atm.take() {
+                for (i, _) in &a.attached {
+                    info!("Detaching lb_xdp from {i}");
+                }
+            }
+        }
+        if let Some(n) = self.node.take() {
+            // A node keeps its VIP aliases (as TCL does): the servers stay reachable.
+            if !n.vips.is_empty() {
+                info!("Leaving the VIPs on lo:{VIP_LABEL}");
+            }
+            if n.decap.is_some() {
+                info!("Detaching lb_decap");
+            }
+        }
+    }
+
+    /// SIGHUP or `lb-cli reload`: applies a changed config as a diff; a bad file keeps the
+    /// running config.
+    async fn reload(&mut self) -> Result<String> {
+        let new = match config::load(&self.opts.config) {
+            Ok(c) => c,
+            Err(problems) => {
+                for p in &problems {
+                    error!("{}: {p}", self.opts.config.display());
+                }
+                bail!(
+                    "Bad configuration file: keeping the running configuration ({} problems)",
+                    problems.len()
+                );
+            }
+        };
+        let local: Vec<Ipv4Addr> = self.net.addresses().await?.iter().map(|a| a.addr).collect();
+        let (role, name) =
+            identify(&new, &local, self.opts.node.as_deref()).map_err(|e| anyhow!(e))?;
+        if role != self.role || name != self.name {
+            bail!(
+                "Reload would make this machine {name} ({role:?}) instead of {}: restart the daemon for that",
+                self.name
+            );
+        }
+        if let Role::Atm(i) = role
+            && new.atms[i].interface != self.config.atms[i].interface
+        {
+            bail!("Reload changes the ATM's interface: restart the daemon for that");
+        }
+        let old_vips = self.vips();
+        let old_nat = self.config.nat;
+        let caps_changed = new.tables != self.config.tables;
+        self.config = new;
+        self.timeout = self.config.cluster.timeout;
+        self.debug = self.config.cluster.debug;
+        let Some(atm) = self.atm.as_ref() else {
+            return Ok("Reloaded (node role: restart to change this server's VIPs)".into());
+        };
+        let primary = atm.primary;
+        if caps_changed {
+            let caps = self.config.tables;
+            self.resize(caps)?;
+            info!(
+                "Table sizes changed to {} {} {}: the maps were resized and all connections dropped",
+                caps.services, caps.servers, caps.connections
+            );
+        }
+        let a = self.atm.as_mut().expect("an ATM");
+        let changes = a.plane.apply(&mut a.dp, &self.config)?;
+        let settings = self.settings(primary);
+        let a = self.atm.as_mut().expect("an ATM");
+        a.dp.set_settings(&settings)?;
+        if primary {
+            let atm_if = self.config.atms[a.index].interface.clone();
+            let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow!("{atm_if} is gone"))?;
+            let new_vips = self.vips();
+            for vip in old_vips.iter().filter(|v| !new_vips.contains(v)) {
+                self.net.del(ifindex, *vip, 32).await?;
+                info!("VIP {vip} removed from {atm_if}:{VIP_LABEL}");
+            }
+            for vip in new_vips.iter().filter(|v| !old_vips.contains(v)) {
+                self.net
+                    .add(ifindex, *vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
+                    .await?;
+                info!("VIP {vip} configured on {atm_if}:{VIP_LABEL}");
+            }
+            if old_nat != self.config.nat {
+                for r in self.net.remove_labelled(NAT_LABEL).await? {
+                    info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
+                }
+                if let Some(nat) = self.config.nat {
+                    let nat_if = self.atm.as_ref().expect("an ATM").nat_interface.clone();
+                    let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
+                    self.net
+                        .add(
+                            idx,
+                            nat.gateway,
+                            nat.prefix,
+                            &format!("{nat_if}:{NAT_LABEL}"),
+                        )
+                        .await?;
+                    info!(
+                        "NAT gateway {}/{} configured on {nat_if}:{NAT_LABEL}",
+                        nat.gateway, nat.prefix
+                    );
+                }
+            }
+        }
+        let msg = format!(
+            "Reloaded: {} services added, {} removed; {} server lines added, {} removed; {} connections to removed servers dropped",
+            changes.services_added,
+            changes.services_removed,
+            changes.lines_added,
+            changes.lines_removed,
+            changes.connections_dropped
+        );
+        info!("{msg}");
+        Ok(msg)
+    }
+
+    /// Reloads the dataplane with new capacities (the `config` table): every connection goes.
+    fn resize(&mut self, caps: Capacities) -> Result<()> {
+        let settings = {
+            let a = self.atm.as_ref().expect("an ATM");
+            self.settings(a.primary)
+        };
+        let a = self.atm.as_mut().expect("an ATM");
+        let ifaces: Vec<String> = a.attached.iter().map(|(i, _)| i.clone()).collect();
+        // The old programs must let go of the interfaces before the new ones attach.
+        let placeholder = Dataplane::load(Capacities {
+            services: 1,
+            servers: 1,
+            connections: 1,
+        })?;
+        drop(std::mem::replace(&mut a.dp, placeholder));
+        let (dp, attached) = load_dataplane(caps, &ifaces)?;
+        a.dp = dp;
+        a.attached = attached;
+        a.caps = caps;
+        a.plane.reinstall(&mut a.dp)?;
+        a.dp.set_settings(&settings)?;
+        Ok(())
+    }
+
+    /// Deletes connection entries idle past the timeout (the LRU map would only evict them
+    /// when full).
+    fn sweep(&mut self) {
+        let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        let Some(a) = self.atm.as_mut() else { return };
+        let now = dataplane::now_ns();
+        match a.dp.connections() {
+            Ok(all) => {
+                for (k, c) in all {
+                    if now.saturating_sub(c.last_seen_ns) > timeout_ns {
+                        let _ = a.dp.remove_connection(&k);
+                    }
+                }
+            }
+            Err(e) => warn!("Sweeping connections: {e}"),
+        }
+    }
+
+    async fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Cat { table } => match Table::from_name(&table) {
+                Some(t) => match self.cat(t) {
+                    Ok(text) => Response::text(text),
+                    Err(e) => Response::error(e.to_string()),
+                },
+                None => Response::error(unknown_table(&table)),
+            },
+            Request::Write { table, value } => match Table::from_name(&table) {
+                Some(t) => match self.write(t, &value) {
+                    Ok(msg) => Response::text(msg),
+                    Err(e) => Response::error(e),
+                },
+                None => Response::error(unknown_table(&table)),
+            },
+            Request::Status => Response::data(self.status()),
+            Request::List { what } => match self.list(&what) {
+                Ok(v) => Response::data(v),
+                Err(e) => Response::error(e),
+            },
+            Request::Reload => match self.reload().await {
+                Ok(msg) => Response::text(msg),
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Server {
+                action,
+                service,
+                server,
+            } => match self.server_admin(action, &service, &server) {
+                Ok(msg) => Response::text(msg),
+                Err(e) => Response::error(e),
+            },
+            Request::Promote => match self.promote().await {
+                Ok(msg) => Response::text(msg),
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Demote => match self.demote().await {
+                Ok(msg) => Response::text(msg),
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Metrics => Response::text(metrics::render(&self.snapshot())),
+        }
+    }
+
+    async fn promote(&mut self) -> Result<String> {
+        match &self.atm {
+            None => bail!("this is not an ATM"),
+            Some(a) if a.primary => bail!("this ATM is already primary"),
+            Some(_) => {
+                info!("Promotion requested by lb-cli");
+                self.become_primary().await?;
+                Ok(format!("{} is primary", self.name))
+            }
+        }
+    }
+
+    async fn demote(&mut self) -> Result<String> {
+        match &self.atm {
+            None => bail!("this is not an ATM"),
+            Some(a) if !a.primary => bail!("this ATM is not primary"),
+            Some(_) => {
+                info!("Demotion requested by lb-cli");
+                self.become_backup().await?;
+                info!("Now a backup ATM");
+                Ok(format!("{} is backup", self.name))
+            }
+        }
+    }
+
+    fn server_admin(
+        &mut self,
+        action: ServerAction,
+        service: &str,
+        server: &str,
+    ) -> std::result::Result<String, String> {
+        let a = self.atm.as_mut().ok_or("this is not an ATM")?;
+        let line = a.plane.find_line(service, server)?;
+        type Change = Box<dyn FnOnce(&mut crate::services::LineState)>;
+        let (f, drop_conns, what): (Change, bool, String) = match action {
+            ServerAction::Enable => (
+                Box::new(|s| s.admin = Default::default()),
+                false,
+                "enabled".into(),
+            ),
+            ServerAction::Disable => (
+                Box::new(|s| s.admin.disabled = true),
+                true,
+                "disabled: out of the tables, its connections dropped".into(),
+            ),
+            ServerAction::Drain => (
+                Box::new(|s| s.admin.weight = Some(0)),
+                false,
+                "draining: weight 0, existing connections finish".into(),
+            ),
+            ServerAction::Weight(w) => {
+                if !config::WEIGHT_RANGE.contains(&(w as i64)) {
+                    return Err(format!("weight {w} is out of range 0..65535"));
+                }
+                (
+                    Box::new(move |s| s.admin.weight = Some(w)),
+                    false,
+                    format!("weight set to {w}"),
+                )
+            }
+        };
+        let dropped = a
+            .plane
+            .set_state(&mut a.dp, &line, f, drop_conns)
+            .map_err(|e| e.to_string())?;
+        let msg = format!(
+            "{service}/{server} {}:{} {what}{}",
+            line.1,
+            line.2,
+            if dropped > 0 {
+                format!(" ({dropped} dropped)")
+            } else {
+                String::new()
+            }
+        );
+        info!("Server {msg} (by lb-cli)");
+        Ok(msg)
+    }
+
+    fn role_name(&self) -> &'static str {
+        match (&self.role, &self.atm) {
+            (Role::Node(_), _) => "node",
+            (_, Some(a)) if a.primary => "primary",
+            (_, Some(_)) => "backup",
+            _ => "idle",
+        }
+    }
+
+    fn atm_lines(&self) -> Vec<tables::AtmLine> {
+        self.config
+            .atms
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let me = self.role == Role::Atm(i);
+                tables::AtmLine {
+                    name: a.name.clone(),
+                    address: a.address,
+                    role: if me { self.role_name() } else { "backup" },
+                    state: if me { "online" } else { "offline" },
+                    last_heard_ms: if me { Some(0) } else { None },
+                }
+            })
+            .collect()
+    }
+
+    /// Live connections as table lines (expired entries left out).
+    fn connection_lines(&self) -> std::result::Result<Vec<ConnLine>, dataplane::Error> {
+        let Some(a) = &self.atm else {
+            return Ok(Vec::new());
+        };
+        let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        let now = dataplane::now_ns();
+        let servers = a.plane.server_of();
+        let vip_of: HashMap<u32, (Ipv4Addr, u16)> = a
+            .plane
+            .services()
+            .iter()
+            .flat_map(|s| {
+                let k = svc_key(s);
+                s.servers.iter().filter_map(move |v| {
+                    Some((a.plane.index(&(k, v.address, v.port))?, (s.vip, s.port)))
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (k, c) in a.dp.connections()? {
+            let idle = now.saturating_sub(c.last_seen_ns);
+            if idle > timeout_ns {
+                continue;
+            }
+            let left = (timeout_ns - idle) / 1_000_000_000;
+            let line = if c.flags & CONN_REPLY != 0 {
+                // The ATM-to-server leg of a NAT connection: our NAT-subnet source.
+                ConnLine {
+                    proto: k.proto,
+                    src: (v4(&k.dst), u16::from_be(k.dport)),
+                    vip: vip_of
+                        .get(&c.server)
+                        .copied()
+                        .unwrap_or((Ipv4Addr::UNSPECIFIED, 0)),
+                    timeout: left,
+                    server: (v4(&k.src), u16::from_be(k.sport)),
+                    packets: c.packets,
+                }
+            } else {
+                let (sa, sp) = servers
+                    .get(&c.server)
+                    .map(|(a, p, _)| (*a, *p))
+                    .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+                ConnLine {
+                    proto: k.proto,
+                    src: (v4(&k.src), u16::from_be(k.sport)),
+                    vip: (v4(&k.dst), u16::from_be(k.dport)),
+                    timeout: left,
+                    server: (sa, sp),
+                    packets: c.packets,
+                }
+            };
+            out.push(line);
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn stat_line(&self) -> std::result::Result<StatLine, dataplane::Error> {
+        let Some(a) = &self.atm else {
+            return Ok(StatLine::default());
+        };
+        let s = a.dp.stats()?;
+        let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        let now = dataplane::now_ns();
+        let active =
+            a.dp.connections()?
+                .iter()
+                .filter(|(_, c)| {
+                    c.flags & CONN_REPLY == 0 && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+                })
+                .count() as u64;
+        Ok(StatLine {
+            services: self.config.services.len() as u64,
+            server_lines: self
+                .config
+                .services
+                .iter()
+                .map(|s| s.servers.len() as u64)
+                .sum(),
+            active,
+            packets: s.get(Stat::VipPackets),
+            dropped: s.dropped(),
+            new: s.get(Stat::NewConns),
+        })
+    }
+
+    fn cat(&self, t: Table) -> std::result::Result<String, dataplane::Error> {
+        Ok(match t {
+            Table::Config => tables::render_config(
+                &self
+                    .atm
+                    .as_ref()
+                    .map(|a| a.caps)
+                    .unwrap_or(self.config.tables),
+            ),
+            Table::Debug => tables::render_debug(self.debug),
+            Table::Timeout => tables::render_timeout(self.timeout),
+            Table::Nat => tables::render_nat(self.config.nat.as_ref()),
+            Table::Atms => tables::render_atms(&self.atm_lines()),
+            Table::Stat => tables::render_stat(&self.stat_line()?),
+            Table::Connections => tables::render_connections(&self.connection_lines()?),
+            Table::Services => match &self.atm {
+                Some(a) => tables::render_services(&a.plane.service_lines(&a.dp)),
+                None => String::new(),
+            },
+            Table::Servers => match &self.atm {
+                Some(a) => tables::render_servers(&a.plane.server_lines(&a.dp)),
+                None => String::new(),
+            },
+        })
+    }
+
+    fn write(&mut self, t: Table, value: &str) -> std::result::Result<String, String> {
+        let w = tables::parse_write(t, value)
+            .inspect_err(|e| warn!("Refused write to {}: {e}", t.name()))?;
+        if self.atm.is_none() {
+            return Err("this is not an ATM: it has no tables to write".into());
+        }
+        let msg = match w {
+            Write::Timeout(s) => {
+                self.timeout = s;
+                self.push_settings()?;
+                format!("Timeout set to {s} s (until the next reload; not saved to the file)")
+            }
+            Write::Debug(on) => {
+                self.debug = on;
+                self.push_settings()?;
+                format!(
+                    "Debug log {}",
+                    if on {
+                        "on: one record per new connection"
+                    } else {
+                        "off"
+                    }
+                )
+            }
+            Write::Config(caps) => {
+                self.resize(caps).map_err(|e| e.to_string())?;
+                format!(
+                    "Table sizes set to {} {} {}: the maps were resized and all connections dropped",
+                    caps.services, caps.servers, caps.connections
+                )
+            }
+        };
+        info!("{msg}");
+        Ok(msg)
+    }
+
+    fn push_settings(&mut self) -> std::result::Result<(), String> {
+        let primary = self.atm.as_ref().map(|a| a.primary).unwrap_or(false);
+        let s = self.settings(primary);
+        if let Some(a) = self.atm.as_mut() {
+            a.dp.set_settings(&s).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let services: Vec<serde_json::Value> = match &self.atm {
+            Some(a) => a
+                .plane
+                .services()
+                .iter()
+                .map(|s| {
+                    let k = svc_key(s);
+                    json!({
+                        "name": s.name,
+                        "protocol": s.proto_name(),
+                        "vip": s.vip.to_string(),
+                        "port": s.port,
+                        "servers": s.servers.iter().map(|v| {
+                            let lk = (k, v.address, v.port);
+                            json!({
+                                "name": v.name,
+                                "address": v.address.to_string(),
+                                "port": v.port,
+                                "method": v.method.name(),
+                                "up": a.plane.up(&lk),
+                                "weight": a.plane.weight(&lk, v.weight),
+                            })
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        json!({
+            "cluster": self.config.cluster.name,
+            "name": self.name,
+            "role": self.role_name(),
+            "atms": self.atm_lines().iter().map(|l| json!({
+                "name": l.name, "address": l.address.to_string(), "role": l.role,
+                "state": l.state, "last_heard_ms": l.last_heard_ms,
+            })).collect::<Vec<_>>(),
+            "vips": self.vips().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            "attached": self.atm.as_ref().map(|a| a.attached.iter().map(|(i, m)| json!({"interface": i, "mode": m.name()})).collect::<Vec<_>>()),
+            "services": services,
+        })
+    }
+
+    fn list(&self, what: &str) -> std::result::Result<serde_json::Value, String> {
+        let a = self.atm.as_ref().ok_or("this is not an ATM")?;
+        match what {
+            "services" => {
+                let lines = a.plane.service_lines(&a.dp);
+                Ok(json!(a.plane.services().iter().zip(lines).map(|(s, l)| json!({
+                    "name": s.name, "protocol": s.proto_name(), "vip": s.vip.to_string(), "port": s.port,
+                    "scheduler": s.scheduler.name(), "persistence": s.persistence,
+                    "state": if l.up { "up" } else { "down" }, "packets": l.packets,
+                })).collect::<Vec<_>>()))
+            }
+            "servers" => {
+                let lines = a.plane.server_lines(&a.dp);
+                let names = a.plane.services().iter().flat_map(|s| {
+                    s.servers
+                        .iter()
+                        .map(move |v| (s.name.clone(), v.name.clone()))
+                });
+                Ok(json!(names.zip(lines).map(|((svc, name), l)| json!({
+                    "service": svc, "name": name, "protocol": config::proto_name(l.proto),
+                    "address": l.server.to_string(), "port": l.port, "vip": l.vip.to_string(), "vport": l.vport,
+                    "state": if l.up { "up" } else { "down" }, "weight": l.weight, "method": l.method, "packets": l.packets,
+                })).collect::<Vec<_>>()))
+            }
+            "connections" => {
+                let lines = self.connection_lines().map_err(|e| e.to_string())?;
+                Ok(json!(
+                    lines
+                        .iter()
+                        .map(|l| json!({
+                            "protocol": config::proto_name(l.proto),
+                            "client": format!("{}:{}", l.src.0, l.src.1),
+                            "vip": format!("{}:{}", l.vip.0, l.vip.1),
+                            "timeout": l.timeout,
+                            "server": format!("{}:{}", l.server.0, l.server.1),
+                            "packets": l.packets,
+                        }))
+                        .collect::<Vec<_>>()
+                ))
+            }
+            other => Err(format!(
+                "list takes services, servers or connections, not {other:?}"
+            )),
+        }
+    }
+
+    fn snapshot(&self) -> metrics::Snapshot {
+        let mut snap = metrics::Snapshot {
+            node: self.name.clone(),
+            role: self.role_name().into(),
+            ..Default::default()
+        };
+        let Some(a) = &self.atm else { return snap };
+        if let Ok(s) = a.dp.stats() {
+            snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
+        }
+        let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        let now = dataplane::now_ns();
+        let mut active_by_index: HashMap<u32, u64> = HashMap::new();
+        if let Ok(conns) = a.dp.connections() {
+            for (_, c) in conns.iter().filter(|(_, c)| {
+                c.flags & CONN_REPLY == 0 && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+            }) {
+                *active_by_index.entry(c.server).or_default() += 1;
+            }
+        }
+        snap.active_connections = active_by_index.values().sum();
+        for s in a.plane.services() {
+            let k = svc_key(s);
+            let id = a.plane.id(&k).unwrap_or(0);
+            let c = a.dp.service_counters(id).unwrap_or_default();
+            let mut active = 0;
+            for v in &s.servers {
+                let lk = (k, v.address, v.port);
+                let index = a.plane.index(&lk).unwrap_or(u32::MAX);
+                let sc = a.dp.server_counters(index).unwrap_or_default();
+                let act = active_by_index.get(&index).copied().unwrap_or(0);
+                active += act;
+                snap.servers.push(metrics::ServerMetrics {
+                    service: s.name.clone(),
+                    server: v.name.clone(),
+                    address: v.address.to_string(),
+                    port: v.port,
+                    up: a.plane.up(&lk),
+                    weight: a.plane.weight(&lk, v.weight),
+                    packets: sc.packets,
+                    bytes: sc.bytes,
+                    active: act,
+                });
+            }
+            snap.services.push(metrics::ServiceMetrics {
+                name: s.name.clone(),
+                vip: s.vip.to_string(),
+                port: s.port,
+                proto: s.proto_name(),
+                up: s.servers.iter().any(|v| {
+                    let lk = (k, v.address, v.port);
+                    a.plane.up(&lk) && a.plane.weight(&lk, v.weight) > 0
+                }),
+                packets: c.packets,
+                bytes: c.bytes,
+                active,
+            });
+        }
+        snap
+    }
+}
+
+fn unknown_table(name: &str) -> String {
+    format!(
+        "no table {name:?}: the tables are {}",
+        Table::ALL
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Loads the dataplane and attaches lb_xdp to each interface (driver mode where the driver
+/// supports it, generic otherwise), logging how.
+fn load_dataplane(
+    caps: Capacities,
+    interfaces: &[String],
+) -> Result<(Dataplane, Vec<(String, Attached)>)> {
+    let mut dp = Dataplane::load(caps).context("loading the dataplane")?;
+    let mut attached = Vec::new();
+    for i in interfaces {
+        let mode = dp.attach(i, AttachMode::Auto)?;
+        info!(
+            "Dataplane loaded: lb_xdp attached to {i} in {} mode",
+            mode.name()
+        );
+        if mode == Attached::Generic {
+            warn!("{i}'s driver has no native XDP: generic mode works but is slower");
+        }
+        attached.push((i.clone(), mode));
+    }
+    Ok((dp, attached))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identify_by_name_then_by_address() {
+        let text = r#"
+[cluster]
+name = "c"
+auth_key_file = "/etc/lb/authkey"
+[[atm]]
+name = "atm1"
+address = "192.0.2.2"
+interface = "eth0"
+[[atm]]
+name = "atm2"
+address = "192.0.2.3"
+interface = "eth0"
+[[service]]
+name = "http"
+vip = "192.0.2.100"
+port = 80
+[[service.server]]
+name = "web1"
+address = "192.0.2.11"
+"#;
+        let c = config::parse(text, std::path::Path::new("/")).unwrap();
+        let a2: Ipv4Addr = "192.0.2.3".parse().unwrap();
+        let s1: Ipv4Addr = "192.0.2.11".parse().unwrap();
+        assert_eq!(
+            identify(&c, &[a2], None).unwrap(),
+            (Role::Atm(1), "atm2".into())
+        );
+        assert_eq!(
+            identify(&c, &[s1], None).unwrap(),
+            (Role::Node(s1), "web1".into())
+        );
+        assert_eq!(
+            identify(&c, &[], Some("atm1")).unwrap(),
+            (Role::Atm(0), "atm1".into())
+        );
+        assert!(identify(&c, &[], None).unwrap_err().contains("--node"));
+        assert!(identify(&c, &[], Some("nope")).is_err());
+    }
+}

@@ -1,0 +1,393 @@
+//! The /proc-like tables: their names, their exact text formats (DESIGN.md, "Control
+//! surfaces"), and the parsing of writes. Pure functions over snapshots, shared by the FUSE
+//! files, the control socket and the metrics endpoint.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use crate::{config, dataplane::Capacities};
+
+/// A table, as a file name under the mount and a word for `lb-cli cat/write`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    Config,
+    Connections,
+    Debug,
+    Nat,
+    Servers,
+    Services,
+    Stat,
+    Timeout,
+    Atms,
+}
+
+impl Table {
+    pub const ALL: [Table; 9] = [
+        Table::Config,
+        Table::Connections,
+        Table::Debug,
+        Table::Nat,
+        Table::Servers,
+        Table::Services,
+        Table::Stat,
+        Table::Timeout,
+        Table::Atms,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Config => "config",
+            Table::Connections => "connections",
+            Table::Debug => "debug",
+            Table::Nat => "nat",
+            Table::Servers => "servers",
+            Table::Services => "services",
+            Table::Stat => "stat",
+            Table::Timeout => "timeout",
+            Table::Atms => "atms",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    pub fn writable(self) -> bool {
+        matches!(self, Table::Config | Table::Debug | Table::Timeout)
+    }
+}
+
+/// A write to a table, parsed and range-checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Resize the maps (drops every connection).
+    Config(Capacities),
+    Debug(bool),
+    /// Idle timeout in seconds, at once and not saved.
+    Timeout(u32),
+}
+
+/// Parses what was written to `table`. The error says what is wrong, for EINVAL and lb-cli.
+pub fn parse_write(table: Table, text: &str) -> Result<Write, String> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let number = |s: &str, what: &str| -> Result<i64, String> {
+        s.parse::<i64>()
+            .map_err(|_| format!("{what}: {s:?} is not a number"))
+    };
+    let in_range = |v: i64, r: std::ops::RangeInclusive<i64>, what: &str| -> Result<u32, String> {
+        if r.contains(&v) {
+            Ok(v as u32)
+        } else {
+            Err(format!(
+                "{what}: {v} is out of range {}..{}",
+                r.start(),
+                r.end()
+            ))
+        }
+    };
+    match table {
+        Table::Config => {
+            let [s, v, c] = fields[..] else {
+                return Err(format!(
+                    "config takes three numbers (services servers connections), not {}",
+                    fields.len()
+                ));
+            };
+            Ok(Write::Config(Capacities {
+                services: in_range(number(s, "services")?, config::SERVICES_RANGE, "services")?,
+                servers: in_range(number(v, "servers")?, config::SERVERS_RANGE, "servers")?,
+                connections: in_range(
+                    number(c, "connections")?,
+                    config::CONNECTIONS_RANGE,
+                    "connections",
+                )?,
+            }))
+        }
+        Table::Debug => match fields[..] {
+            ["0"] => Ok(Write::Debug(false)),
+            ["1"] => Ok(Write::Debug(true)),
+            _ => Err(format!("debug takes 0 or 1, not {:?}", text.trim())),
+        },
+        Table::Timeout => {
+            let [t] = fields[..] else {
+                return Err(format!(
+                    "timeout takes one number of seconds, not {}",
+                    fields.len()
+                ));
+            };
+            Ok(Write::Timeout(in_range(
+                number(t, "timeout")?,
+                config::TIMEOUT_RANGE,
+                "timeout",
+            )?))
+        }
+        t => Err(format!("{} is read-only", t.name())),
+    }
+}
+
+/// A line of `services`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLine {
+    pub proto: u8,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// At least one server can take connections.
+    pub up: bool,
+    pub persistent: bool,
+    pub packets: u64,
+}
+
+/// A line of `servers`: one per (service, server).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerLine {
+    pub proto: u8,
+    pub server: Ipv4Addr,
+    pub port: u16,
+    pub vip: Ipv4Addr,
+    pub vport: u16,
+    pub up: bool,
+    pub weight: u32,
+    pub method: &'static str,
+    pub packets: u64,
+}
+
+/// A line of `connections`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConnLine {
+    pub proto: u8,
+    /// The client, or for the second line of a NAT connection our NAT-subnet source.
+    pub src: (Ipv4Addr, u16),
+    /// The service's VIP:port.
+    pub vip: (Ipv4Addr, u16),
+    /// Seconds until it times out.
+    pub timeout: u64,
+    pub server: (Ipv4Addr, u16),
+    pub packets: u64,
+}
+
+/// The six numbers of `stat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatLine {
+    pub services: u64,
+    pub server_lines: u64,
+    pub active: u64,
+    pub packets: u64,
+    pub dropped: u64,
+    pub new: u64,
+}
+
+/// A line of `atms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AtmLine {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// primary, backup or idle.
+    pub role: &'static str,
+    /// online or offline.
+    pub state: &'static str,
+    /// Milliseconds since last heard; 0 for this ATM itself.
+    pub last_heard_ms: Option<u64>,
+}
+
+pub fn render_config(c: &Capacities) -> String {
+    format!("{} {} {}\n", c.services, c.servers, c.connections)
+}
+
+pub fn render_debug(on: bool) -> String {
+    format!("{}\n", on as u8)
+}
+
+pub fn render_timeout(seconds: u32) -> String {
+    format!("{seconds}\n")
+}
+
+pub fn render_nat(nat: Option<&config::Nat>) -> String {
+    match nat {
+        Some(n) => format!("{} {}\n", n.subnet, n.prefix),
+        None => String::new(),
+    }
+}
+
+pub fn render_services(lines: &[ServiceLine]) -> String {
+    let mut out = String::new();
+    for l in lines {
+        let _ = writeln!(
+            out,
+            "{} {}:{} {} {} {}",
+            config::proto_name(l.proto),
+            l.vip,
+            l.port,
+            up_down(l.up),
+            l.persistent as u8,
+            l.packets
+        );
+    }
+    out
+}
+
+pub fn render_servers(lines: &[ServerLine]) -> String {
+    let mut out = String::new();
+    for l in lines {
+        let _ = writeln!(
+            out,
+            "{} {}:{} {}:{} {} {} {} {}",
+            config::proto_name(l.proto),
+            l.server,
+            l.port,
+            l.vip,
+            l.vport,
+            up_down(l.up),
+            l.weight,
+            l.method,
+            l.packets
+        );
+    }
+    out
+}
+
+pub fn render_connections(lines: &[ConnLine]) -> String {
+    let mut out = String::with_capacity(lines.len() * 64);
+    for l in lines {
+        let _ = writeln!(
+            out,
+            "{} {}:{} {}:{} {} {}:{} {}",
+            config::proto_name(l.proto),
+            l.src.0,
+            l.src.1,
+            l.vip.0,
+            l.vip.1,
+            l.timeout,
+            l.server.0,
+            l.server.1,
+            l.packets
+        );
+    }
+    out
+}
+
+pub fn render_stat(s: &StatLine) -> String {
+    format!(
+        "{} {} {} {} {} {}\n",
+        s.services, s.server_lines, s.active, s.packets, s.dropped, s.new
+    )
+}
+
+pub fn render_atms(lines: &[AtmLine]) -> String {
+    let mut out = String::new();
+    for l in lines {
+        let heard = l
+            .last_heard_ms
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{} {} {} {} {heard}",
+            l.name, l.address, l.role, l.state
+        );
+    }
+    out
+}
+
+fn up_down(up: bool) -> &'static str {
+    if up { "up" } else { "down" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::IPPROTO_TCP;
+
+    #[test]
+    fn formats_are_exactly_as_designed() {
+        let c = ConnLine {
+            proto: IPPROTO_TCP,
+            src: ("1.2.3.4".parse().unwrap(), 9645),
+            vip: ("192.168.0.100".parse().unwrap(), 80),
+            timeout: 98,
+            server: ("192.168.0.4".parse().unwrap(), 80),
+            packets: 113,
+        };
+        // The example line of TCL's documentation.
+        assert_eq!(
+            render_connections(&[c]),
+            "tcp 1.2.3.4:9645 192.168.0.100:80 98 192.168.0.4:80 113\n"
+        );
+        let s = ServerLine {
+            proto: IPPROTO_TCP,
+            server: "192.0.2.11".parse().unwrap(),
+            port: 80,
+            vip: "192.0.2.100".parse().unwrap(),
+            vport: 80,
+            up: true,
+            weight: 1,
+            method: "direct",
+            packets: 7,
+        };
+        assert_eq!(
+            render_servers(&[s]),
+            "tcp 192.0.2.11:80 192.0.2.100:80 up 1 direct 7\n"
+        );
+        let v = ServiceLine {
+            proto: lb_common::IPPROTO_UDP,
+            vip: "192.0.2.100".parse().unwrap(),
+            port: 53,
+            up: false,
+            persistent: true,
+            packets: 0,
+        };
+        assert_eq!(render_services(&[v]), "udp 192.0.2.100:53 down 1 0\n");
+        let st = StatLine {
+            services: 1,
+            server_lines: 3,
+            active: 2,
+            packets: 100,
+            dropped: 4,
+            new: 9,
+        };
+        assert_eq!(render_stat(&st), "1 3 2 100 4 9\n");
+        let nat = config::Nat {
+            subnet: "10.0.0.0".parse().unwrap(),
+            prefix: 16,
+            gateway: "10.0.0.1".parse().unwrap(),
+        };
+        assert_eq!(render_nat(Some(&nat)), "10.0.0.0 16\n");
+        assert_eq!(render_nat(None), "");
+        assert_eq!(render_debug(true), "1\n");
+        assert_eq!(render_config(&Capacities::default()), "64 256 262144\n");
+        let a = AtmLine {
+            name: "atm1".into(),
+            address: "192.0.2.2".parse().unwrap(),
+            role: "primary",
+            state: "online",
+            last_heard_ms: Some(0),
+        };
+        assert_eq!(render_atms(&[a]), "atm1 192.0.2.2 primary online 0\n");
+    }
+
+    #[test]
+    fn writes_are_checked() {
+        assert_eq!(parse_write(Table::Timeout, "5\n"), Ok(Write::Timeout(5)));
+        assert_eq!(parse_write(Table::Debug, "1"), Ok(Write::Debug(true)));
+        assert_eq!(
+            parse_write(Table::Config, "25 10 5000"),
+            Ok(Write::Config(Capacities {
+                services: 25,
+                servers: 10,
+                connections: 5000
+            }))
+        );
+        for (t, bad, why) in [
+            (Table::Timeout, "abc", "not a number"),
+            (Table::Timeout, "0", "out of range"),
+            (Table::Timeout, "5 6", "one number"),
+            (Table::Debug, "2", "0 or 1"),
+            (Table::Config, "25 10", "three numbers"),
+            (Table::Config, "25 10 x", "not a number"),
+            (Table::Config, "0 10 5000", "out of range"),
+            (Table::Stat, "1", "read-only"),
+            (Table::Connections, "", "read-only"),
+        ] {
+            let e = parse_write(t, bad).unwrap_err();
+            assert!(e.contains(why), "{t:?} {bad:?}: {e}");
+        }
+    }
+}

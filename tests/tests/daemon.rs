@@ -1,0 +1,283 @@
+//! Tier 3: the real lb-daemon driven from a config file in a lab: its tables through the
+//! FUSE mount and lb-cli, writes to them, reloads, idle mode, and /metrics.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpStream, UdpSocket},
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_tests::{cluster, lab::Lab, procs::Daemon};
+
+const START: Duration = Duration::from_secs(20);
+
+/// The config for the lab: one ATM, services on the VIP served by direct routing.
+fn config(servers: usize, extra: &str) -> String {
+    let mut c = format!(
+        r#"[cluster]
+name = "lab"
+timeout = 100
+{extra}
+[tables]
+services = 8
+servers = 32
+connections = 65536
+
+[[atm]]
+name = "atm1"
+address = "{atm}"
+interface = "eth0"
+
+[[service]]
+name = "http"
+vip = "{vip}"
+port = 80
+scheduler = "rr"
+[service.check]
+kind = "none"
+"#,
+        atm = cluster::atm_addr(1),
+        vip = cluster::VIP
+    );
+    for i in 1..=servers {
+        c += &format!(
+            "[[service.server]]\nname = \"web{i}\"\naddress = \"{}\"\n",
+            cluster::server_addr(i)
+        );
+    }
+    c += &format!(
+        r#"
+[[service]]
+name = "dns"
+vip = "{vip}"
+port = 53
+protocol = "udp"
+[service.check]
+kind = "none"
+[[service.server]]
+name = "dns1"
+address = "{s1}"
+"#,
+        vip = cluster::VIP,
+        s1 = cluster::server_addr(1)
+    );
+    c
+}
+
+/// Lab with one ATM and `servers` nginx servers in direct mode; returns the config path.
+fn lab(servers: usize) -> (Lab, PathBuf) {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 1, 3);
+    for i in 1..=3 {
+        let ns = cluster::server(i);
+        lab.nginx(&ns, &ns, &[80]);
+        cluster::hold_vip_on_lo(&lab, &ns, cluster::VIP);
+    }
+    let path = lab.dir().join("lb.toml");
+    std::fs::write(&path, config(servers, "")).unwrap();
+    (lab, path)
+}
+
+fn start(lab: &mut Lab, path: &PathBuf) -> Daemon {
+    let mut d = Daemon::start(lab, &cluster::atm(1), path, &[]);
+    d.wait_log("This ATM is primary", START);
+    d
+}
+
+/// An HTTP/1.1 keep-alive connection from the client to the VIP.
+struct Conn {
+    stream: TcpStream,
+}
+
+impl Conn {
+    fn open(lab: &Lab) -> Conn {
+        let _in = lab.ns("client").enter();
+        let stream = TcpStream::connect((cluster::VIP, 80)).expect("connect to the VIP");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Conn { stream }
+    }
+    fn port(&self) -> u16 {
+        self.stream.local_addr().unwrap().port()
+    }
+    /// One request; the body (the server's name).
+    fn get(&mut self) -> String {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = self.stream.read(&mut chunk).expect("read a response");
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+            let t = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = t.find("\r\n\r\n") {
+                let len: usize = t[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                if buf.len() >= end + 4 + len {
+                    return t[end + 4..end + 4 + len].trim().to_string();
+                }
+            }
+        }
+    }
+}
+
+/// The connections-table line of the client's connection from `port`.
+fn conn_line(table: &str, port: u16) -> Option<Vec<String>> {
+    let client = format!("{}:{port}", cluster::CLIENT);
+    table
+        .lines()
+        .map(|l| l.split(' ').map(String::from).collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&client))
+}
+
+fn stat(d: &Daemon) -> Vec<u64> {
+    d.cat("stat")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn tables_show_live_traffic_and_writes_take_effect() {
+    let (mut lab, path) = lab(3);
+    let mut d = start(&mut lab, &path);
+
+    // A live connection: listed, its timeout counting down while idle, its packets growing.
+    let mut c = Conn::open(&lab);
+    let server = c.get();
+    let t1 = d.cat("connections");
+    let l1 = conn_line(&t1, c.port()).unwrap_or_else(|| panic!("no line for the client:\n{t1}"));
+    assert_eq!(l1.len(), 6, "{l1:?}");
+    assert_eq!(l1[0], "tcp");
+    assert_eq!(l1[2], format!("{}:80", cluster::VIP));
+    let n = server.trim_start_matches('s');
+    assert_eq!(
+        l1[4],
+        format!("192.0.2.1{n}:80"),
+        "the server that answered: {server}"
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    let l2 = conn_line(&d.cat("connections"), c.port()).unwrap();
+    let (to1, to2): (u64, u64) = (l1[3].parse().unwrap(), l2[3].parse().unwrap());
+    assert!(
+        to2 + 2 <= to1 && to1 <= 100,
+        "timeout counts down: {to1} then {to2}"
+    );
+    assert_eq!(c.get(), server);
+    let l3 = conn_line(&d.cat("connections"), c.port()).unwrap();
+    assert!(
+        l3[5].parse::<u64>().unwrap() > l2[5].parse::<u64>().unwrap(),
+        "packets grow: {l2:?} then {l3:?}"
+    );
+    assert!(
+        l3[3].parse::<u64>().unwrap() >= 99,
+        "traffic refreshes the timeout: {l3:?}"
+    );
+
+    // stat: six numbers that follow the traffic sent.
+    let before = stat(&d);
+    assert_eq!(before.len(), 6);
+    assert_eq!((before[0], before[1]), (2, 4), "2 services, 4 server lines");
+    assert_eq!(before[2], 1, "one live connection");
+    {
+        let _in = lab.ns("client").enter();
+        let sock = UdpSocket::bind((cluster::CLIENT, 0)).unwrap();
+        for i in 0..50u32 {
+            sock.send_to(&i.to_be_bytes(), (cluster::VIP, 53)).unwrap();
+        }
+    }
+    lab.wait_for("50 datagrams counted", Duration::from_secs(5), || {
+        stat(&d)[3] >= before[3] + 50
+    });
+    let after = stat(&d);
+    assert_eq!(
+        after[3],
+        before[3] + 50,
+        "packets received: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after[4], before[4],
+        "nothing dropped: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after[5],
+        before[5] + 1,
+        "one new (udp) connection: {before:?} -> {after:?}"
+    );
+    assert_eq!(after[2], 2, "two live connections now");
+    assert_eq!(
+        d.cli_ok(&["cat", "stat"]),
+        d.cat("stat"),
+        "lb-cli and the mount agree"
+    );
+
+    // Bad writes are refused and change nothing.
+    for (table, value) in [
+        ("timeout", "abc"),
+        ("timeout", "0"),
+        ("debug", "2"),
+        ("config", "1 2"),
+    ] {
+        let r = std::fs::write(d.mount.join(table), format!("{value}\n"));
+        let e = r.expect_err(&format!("echo {value} > {table} succeeded"));
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{table} {value}: {e}");
+        let out = d.cli(&["write", table, value]);
+        assert_eq!(out.status.code(), Some(1), "lb-cli write {table} {value}");
+        assert!(!out.stderr.is_empty());
+    }
+    let e = std::fs::write(d.mount.join("stat"), "1\n").expect_err("stat is read-only");
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+    assert_eq!(d.cat("timeout"), "100\n");
+    assert_eq!(d.cat("debug"), "0\n");
+    assert_eq!(d.cat("config"), "8 32 65536\n");
+    assert!(conn_line(&d.cat("connections"), c.port()).is_some());
+
+    // debug on: a record per new connection in the daemon's log.
+    std::fs::write(d.mount.join("debug"), "1\n").unwrap();
+    assert_eq!(d.cat("debug"), "1\n");
+    let mut c2 = Conn::open(&lab);
+    let s2 = c2.get();
+    let n2 = s2.trim_start_matches('s');
+    d.wait_log(
+        &format!(
+            "new tcp {}:{} -> {}:80 via 192.0.2.1{n2}:80 direct",
+            cluster::CLIENT,
+            c2.port(),
+            cluster::VIP
+        ),
+        Duration::from_secs(5),
+    );
+
+    // timeout 5: idle connections expire after 5 s.
+    std::fs::write(d.mount.join("timeout"), "5\n").unwrap();
+    assert_eq!(d.cat("timeout"), "5\n");
+    let l = conn_line(&d.cat("connections"), c.port()).unwrap();
+    assert!(l[3].parse::<u64>().unwrap() <= 5, "{l:?}");
+    lab.wait_for("idle connections to expire", Duration::from_secs(8), || {
+        let t = d.cat("connections");
+        conn_line(&t, c.port()).is_none() && conn_line(&t, c2.port()).is_none()
+    });
+    assert_eq!(stat(&d)[2], 0, "no live connection left");
+    std::fs::write(d.mount.join("timeout"), "100\n").unwrap();
+
+    // config: resizes the maps and drops every connection.
+    let mut c3 = Conn::open(&lab);
+    c3.get();
+    assert!(conn_line(&d.cat("connections"), c3.port()).is_some());
+    std::fs::write(d.mount.join("config"), "16 64 131072\n").unwrap();
+    assert_eq!(d.cat("config"), "16 64 131072\n");
+    assert_eq!(d.cat("connections"), "", "all connections dropped");
+    assert!(d.log().contains("all connections dropped"));
+    // And the balancer still balances.
+    let mut c4 = Conn::open(&lab);
+    assert!(c4.get().starts_with('s'));
+}
