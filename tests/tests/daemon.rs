@@ -4,7 +4,7 @@
 use std::{
     io::{Read, Write},
     net::{TcpStream, UdpSocket},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -79,7 +79,7 @@ fn lab(servers: usize) -> (Lab, PathBuf) {
     (lab, path)
 }
 
-fn start(lab: &mut Lab, path: &PathBuf) -> Daemon {
+fn start(lab: &mut Lab, path: &Path) -> Daemon {
     let mut d = Daemon::start(lab, &cluster::atm(1), path, &[]);
     d.wait_log("This ATM is primary", START);
     d
