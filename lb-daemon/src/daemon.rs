@@ -401,6 +401,17 @@ impl Daemon {
             .unwrap_or_else(|| main.to_string())
     }
 
+    /// Every server address of the config.
+    fn server_addrs(&self) -> Vec<Ipv4Addr> {
+        self.config
+            .services
+            .iter()
+            .flat_map(|s| s.servers.iter().map(|v| v.address))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
     fn vips(&self) -> Vec<Ipv4Addr> {
         self.config
             .services
@@ -435,14 +446,7 @@ impl Daemon {
             );
         }
         let settings = self.settings(true);
-        let servers: Vec<Ipv4Addr> = self
-            .config
-            .services
-            .iter()
-            .flat_map(|s| s.servers.iter().map(|v| v.address))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let servers = self.server_addrs();
         let a = self.atm.as_mut().expect("an ATM");
         a.dp.set_settings(&settings)?;
         a.primary = true;
@@ -667,6 +671,23 @@ impl Daemon {
                 }
             }
         }
+        if primary {
+            let servers = self.server_addrs();
+            let missing = tokio::task::spawn_blocking(move || {
+                neighbours::prime(&servers, Duration::from_secs(2))
+            })
+            .await?;
+            if !missing.is_empty() {
+                warn!(
+                    "No neighbour entry yet for {}",
+                    missing
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
         let msg = format!(
             "Reloaded: {} services added, {} removed; {} server lines added, {} removed; {} connections to removed servers dropped",
             changes.services_added,
@@ -704,9 +725,13 @@ impl Daemon {
     }
 
     /// Deletes connection entries idle past the timeout (the LRU map would only evict them
-    /// when full).
+    /// when full), and asks the kernel to resolve servers it has no MAC for (new ones after
+    /// a reload, or entries it dropped): the dataplane cannot start that itself.
     fn sweep(&mut self) {
         let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        if self.atm.as_ref().is_some_and(|a| a.primary) {
+            neighbours::request(&self.server_addrs());
+        }
         let Some(a) = self.atm.as_mut() else { return };
         let now = dataplane::now_ns();
         match a.dp.connections() {

@@ -11,15 +11,24 @@ use std::{
 /// The discard port: a datagram there costs the server nothing.
 const DISCARD: u16 = 9;
 
+/// Asks the kernel to resolve each address not resolved yet, without waiting; returns how
+/// many it asked for.
+pub fn request(addrs: &[Ipv4Addr]) -> usize {
+    let resolved = resolved();
+    let missing: Vec<&Ipv4Addr> = addrs.iter().filter(|a| !resolved.contains(a)).collect();
+    if let Ok(sock) = UdpSocket::bind("0.0.0.0:0") {
+        for a in &missing {
+            // Errors (no route, say) show up as an unresolved address later.
+            let _ = sock.send_to(&[0], SocketAddrV4::new(**a, DISCARD));
+        }
+    }
+    missing.len()
+}
+
 /// Asks the kernel to resolve each address (in the calling thread's network namespace) and
 /// waits up to `limit` for all of them; returns those still unresolved.
 pub fn prime(addrs: &[Ipv4Addr], limit: Duration) -> Vec<Ipv4Addr> {
-    if let Ok(sock) = UdpSocket::bind("0.0.0.0:0") {
-        for a in addrs {
-            // Errors (no route, say) show up as an unresolved address below.
-            let _ = sock.send_to(&[0], SocketAddrV4::new(*a, DISCARD));
-        }
-    }
+    request(addrs);
     let start = Instant::now();
     loop {
         let resolved = resolved();

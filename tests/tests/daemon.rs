@@ -93,7 +93,10 @@ struct Conn {
 impl Conn {
     fn open(lab: &Lab) -> Conn {
         let _in = lab.ns("client").enter();
-        let stream = TcpStream::connect((cluster::VIP, 80)).expect("connect to the VIP");
+        let vip =
+            std::net::SocketAddr::from((cluster::VIP.parse::<std::net::Ipv4Addr>().unwrap(), 80));
+        let stream =
+            TcpStream::connect_timeout(&vip, Duration::from_secs(5)).expect("connect to the VIP");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
@@ -280,4 +283,169 @@ fn tables_show_live_traffic_and_writes_take_effect() {
     // And the balancer still balances.
     let mut c4 = Conn::open(&lab);
     assert!(c4.get().starts_with('s'));
+}
+
+#[test]
+fn a_reload_that_adds_a_server_keeps_established_connections() {
+    let (mut lab, path) = lab(2);
+    let mut d = start(&mut lab, &path);
+    assert_eq!(
+        d.cli_ok(&["cat", "servers"])
+            .lines()
+            .filter(|l| l.contains(":80 "))
+            .count(),
+        2
+    );
+    let mut long = Conn::open(&lab);
+    let server = long.get();
+    let port = long.port();
+
+    std::fs::write(&path, config(3, "")).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log(
+        "Reloaded: 0 services added, 0 removed; 1 server lines added, 0 removed",
+        Duration::from_secs(5),
+    );
+    let servers = d.cat("servers");
+    assert!(
+        servers.contains(&format!(
+            "tcp {}:80 {}:80 up 1 direct",
+            cluster::server_addr(3),
+            cluster::VIP
+        )),
+        "{servers}"
+    );
+
+    // The long-lived connection keeps its server and its table line.
+    for _ in 0..5 {
+        assert_eq!(long.get(), server);
+    }
+    assert_eq!(long.port(), port);
+    assert!(conn_line(&d.cat("connections"), port).is_some());
+    // New connections reach the new server too (rr over three).
+    let names: std::collections::BTreeSet<String> =
+        (0..6).map(|_| Conn::open(&lab).get()).collect();
+    assert!(names.contains("s3"), "{names:?}");
+
+    // A bad file on reload keeps the running config.
+    std::fs::write(&path, config(3, "colour = \"red\"")).unwrap();
+    let out = d.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keeping the running configuration"));
+    assert!(d.log().contains("unknown key `colour` in [cluster]"));
+    assert_eq!(long.get(), server);
+    // Same lines as before the bad reload, packet counts aside.
+    let shape = |t: &str| -> Vec<String> {
+        t.lines()
+            .map(|l| l.rsplit_once(' ').unwrap().0.to_string())
+            .collect()
+    };
+    assert_eq!(shape(&d.cat("servers")), shape(&servers));
+}
+
+#[test]
+fn a_bad_file_idles_until_sighup_brings_a_good_one() {
+    let (mut lab, path) = lab(3);
+    std::fs::write(
+        &path,
+        config(3, "").replace("port = 80\n", "port = 80000\n"),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    d.wait_log("Bad configuration file! Going to idle mode", START);
+    assert!(
+        d.log().contains("line 18: `port` = 80000 is out of range"),
+        "{}",
+        d.log()
+    );
+    // Idle: no VIP, nothing served.
+    assert!(
+        !lab.ns(&cluster::atm(1))
+            .exec_ok(&["ip", "-4", "addr"])
+            .contains(cluster::VIP)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!d.log().contains("primary"));
+
+    std::fs::write(&path, config(3, "")).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("This ATM is primary", START);
+    assert!(
+        lab.ns(&cluster::atm(1))
+            .exec_ok(&["ip", "-4", "addr"])
+            .contains(&format!("{}/32", cluster::VIP))
+    );
+    assert!(Conn::open(&lab).get().starts_with('s'));
+    // SIGTERM removes the alias.
+    assert!(d.stop(), "the daemon stops on SIGTERM");
+    assert!(
+        !lab.ns(&cluster::atm(1))
+            .exec_ok(&["ip", "-4", "addr"])
+            .contains(cluster::VIP)
+    );
+    assert!(d.log().contains("Stopped"));
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_agree_with_stat() {
+    let (mut lab, path) = lab(3);
+    let d = start(&mut lab, &path);
+    for _ in 0..10 {
+        Conn::open(&lab).get();
+    }
+    let text = {
+        let _in = lab.ns(&cluster::atm(1)).enter();
+        ureq::get(&format!("http://{}/metrics", d.metrics))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    let stat = stat(&d);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    let value = |name: &str, label: (&str, &str)| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+            .unwrap_or_else(|| panic!("no {name}{{{}={}}} in:\n{text}", label.0, label.1));
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        value("lb_dataplane_packets_total", ("counter", "vip_packets")) as u64,
+        stat[3],
+        "{text}"
+    );
+    assert_eq!(
+        value("lb_dataplane_packets_total", ("counter", "new_connections")) as u64,
+        stat[5]
+    );
+    assert_eq!(
+        value("lb_active_connections", ("node", "atm1")) as u64,
+        stat[2]
+    );
+    assert_eq!(value("lb_role", ("role", "primary")), 1.0);
+    assert_eq!(value("lb_service_up", ("service", "http")), 1.0);
+    let per_server: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| {
+            s.metric == "lb_server_packets_total" && s.labels.get("service") == Some("http")
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{other:?}"),
+        })
+        .sum();
+    assert_eq!(
+        per_server,
+        value("lb_service_packets_total", ("service", "http"))
+    );
+    assert!(per_server > 0.0);
 }

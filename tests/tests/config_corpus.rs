@@ -1,0 +1,96 @@
+//! Tier 1: the corpus of invalid config files. Each file's first line says the line and the
+//! message the checker must report (`# expect LINE: MESSAGE`); the daemon's parser and
+//! `lb-cli check-config` must both give it.
+
+use std::path::{Path, PathBuf};
+
+use lb_daemon::config;
+use lb_tests::procs::bin;
+
+fn corpus() -> Vec<(PathBuf, usize, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/bad");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let first = text.lines().next().unwrap();
+            let rest = first.strip_prefix("# expect ").unwrap_or_else(|| {
+                panic!(
+                    "{}: first line must be `# expect LINE: MESSAGE`",
+                    p.display()
+                )
+            });
+            let (line, msg) = rest.split_once(": ").unwrap();
+            (p.clone(), line.parse().unwrap(), msg.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_bad_file_is_reported_with_its_line_and_problem() {
+    let cases = corpus();
+    assert!(cases.len() >= 30, "only {} invalid configs", cases.len());
+    let mut failures = Vec::new();
+    for (path, line, msg) in &cases {
+        match config::load(path) {
+            Ok(_) => failures.push(format!("{}: accepted", path.display())),
+            Err(problems) => {
+                if !problems
+                    .iter()
+                    .any(|p| p.line == *line && p.message.contains(msg.as_str()))
+                {
+                    failures.push(format!(
+                        "{}: wanted line {line}: {msg}\n  got: {}",
+                        path.display(),
+                        problems
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join("\n       ")
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn check_config_gives_the_same_answers_offline() {
+    let cli = bin("lb-cli");
+    for (path, line, msg) in corpus() {
+        let out = std::process::Command::new(&cli)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{}: {stdout}", path.display());
+        let want = format!("{}:{line}: ", path.display());
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&want) && l.contains(msg.as_str())),
+            "{}: wanted {want}{msg}\n{stdout}",
+            path.display()
+        );
+    }
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/good.toml");
+    let out = std::process::Command::new(&cli)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
