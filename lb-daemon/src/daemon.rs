@@ -160,9 +160,13 @@ pub async fn run(opts: Options) -> Result<()> {
             Ok(x) => break x,
             Err(()) => {
                 error!("Bad configuration file! Going to idle mode");
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
-                    "idle: bad configuration file (fix it and send SIGHUP)",
-                )]);
+                // Started, but idle: systemd must not wait for us, nor restart us.
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status(
+                        "idle: bad configuration file (fix it and send SIGHUP)",
+                    ),
+                ]);
                 tokio::select! {
                     _ = hup.recv() => info!("Received SIGHUP: re-reading {}", opts.config.display()),
                     _ = term.recv() => { info!("Received SIGTERM in idle mode: stopping"); return Ok(()); }

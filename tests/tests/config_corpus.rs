@@ -94,3 +94,19 @@ fn check_config_gives_the_same_answers_offline() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
 }
+
+#[test]
+fn the_example_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            if let Err(problems) = config::load(&p) {
+                panic!("{}: {problems:?}", p.display());
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "one example per forwarding method");
+}

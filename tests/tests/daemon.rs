@@ -223,6 +223,38 @@ fn tables_show_live_traffic_and_writes_take_effect() {
         "lb-cli and the mount agree"
     );
 
+    // lb-cli's errors: unknown table, no daemon, not root. Each exits non-zero and says why.
+    let out = d.cli(&["cat", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no table \"nosuch\""));
+    let out = std::process::Command::new(lb_tests::procs::bin("lb-cli"))
+        .args(["--socket", "/nonexistent/lb.sock", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is it running?"));
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lb_tests::procs::bin("lb-cli"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = d.cli_ok(&["status"]);
+    assert!(status.contains("atm1 is primary"), "{status}");
+    let list = d.cli_ok(&["list", "servers"]);
+    assert!(list.starts_with("SERVICE  NAME  PROT  ADDRESS"), "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&d.cli_ok(&["list", "connections", "--json"])).unwrap();
+    assert!(json.as_array().is_some_and(|a| !a.is_empty()));
+
     // Bad writes are refused and change nothing.
     for (table, value) in [
         ("timeout", "abc"),
