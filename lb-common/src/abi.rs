@@ -28,6 +28,8 @@ pub mod maps {
     pub const SERVER_STATS: &str = "server_stats";
     /// One [`super::Settings`] record: timeout, debug, active flag, local addresses.
     pub const SETTINGS: &str = "settings";
+    /// Ring buffer of [`super::ConnEvent`]: new and closed connections, streamed to backups.
+    pub const CONN_EVENTS: &str = "conn_events";
     /// lb_decap: ATM address -> 1 for every ATM whose IPIP packets are accepted.
     pub const DECAP_SOURCES: &str = "decap_sources";
     /// lb_decap: per-CPU counters indexed by [`super::DecapStat`].
@@ -354,6 +356,39 @@ const _: () = assert!(core::mem::size_of::<Persist>() == 16);
 
 /// [`Settings::flags`]: this ATM is primary; without it every packet passes untouched.
 pub const SETTINGS_ACTIVE: u32 = 1;
+/// [`Settings::flags`]: report new and closed connections on `conn_events` (there are
+/// backups to keep in step).
+pub const SETTINGS_SYNC: u32 = 2;
+
+/// Size of the `conn_events` ring buffer.
+pub const CONN_EVENTS_BYTES: u32 = 1 << 18;
+
+/// [`ConnEvent::kind`]: a connection was created.
+pub const EVENT_OPEN: u8 = 1;
+/// [`ConnEvent::kind`]: a connection saw its first FIN or RST.
+pub const EVENT_CLOSE: u8 = 2;
+
+/// A record of `conn_events`: what a backup needs to install the same connection.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// The client's leg, as on the wire.
+    pub key: FlowKey,
+    /// NAT: our source address toward the server.
+    pub nat_addr: Addr,
+    /// Server index (the backup maps it by address and port, not by index).
+    pub server: u32,
+    /// `CONN_*` bits of the client's leg.
+    pub flags: u16,
+    /// NAT: our source port toward the server (network order).
+    pub nat_port: u16,
+    /// `EVENT_OPEN` or `EVENT_CLOSE`.
+    pub kind: u8,
+    pub _pad: u8,
+    /// NAT: the MAC the client's packets came from.
+    pub peer_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
 
 /// The one record of `settings`.
 #[repr(C)]
@@ -374,8 +409,13 @@ pub struct Settings {
     /// NAT: last source port to hand out (host order).
     pub nat_port_max: u16,
     pub _pad: u32,
+    /// `bpf_ktime_get_ns()` until which the daemon vouches for this record; 0 = always.
+    /// The daemon renews it every heartbeat. If the daemon dies (the program stays attached),
+    /// an active ATM past its lease drops service traffic instead of handing it to the stack,
+    /// whose VIP alias would answer every packet of a connection with a reset.
+    pub lease_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 56);
+const _: () = assert!(core::mem::size_of::<Settings>() == 64);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]
@@ -423,10 +463,15 @@ pub enum Stat {
     /// ICMP fragmentation-needed sent back for packets too big for the path to the server
     /// (the packet itself counts as `DropTooBig`).
     IcmpSent,
+    /// Connection events lost because the ring buffer was full (backups catch up at the
+    /// next full sync).
+    SyncLost,
+    /// Outcome: service traffic on an ATM whose daemon stopped renewing its lease.
+    DropOrphaned,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::IcmpSent as u32 + 1;
+    pub const COUNT: u32 = Stat::DropOrphaned as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Packets,
         Stat::VipPackets,
@@ -443,6 +488,8 @@ impl Stat {
         Stat::DropTooBig,
         Stat::IcmpSteered,
         Stat::IcmpSent,
+        Stat::SyncLost,
+        Stat::DropOrphaned,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -461,10 +508,12 @@ impl Stat {
             Stat::DropTooBig => "drop_too_big",
             Stat::IcmpSteered => "icmp_steered",
             Stat::IcmpSent => "icmp_sent",
+            Stat::SyncLost => "sync_lost",
+            Stat::DropOrphaned => "drop_orphaned",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".
-    pub const DROPS: [Stat; 7] = [
+    pub const DROPS: [Stat; 8] = [
         Stat::DropMalformed,
         Stat::DropFragment,
         Stat::DropNoServer,
@@ -472,6 +521,7 @@ impl Stat {
         Stat::DropNatPorts,
         Stat::DropError,
         Stat::DropTooBig,
+        Stat::DropOrphaned,
     ];
 }
 
@@ -507,6 +557,7 @@ mod pod {
     unsafe impl aya::Pod for super::Persist {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::ConnEvent {}
 }
 
 #[cfg(all(test, feature = "std"))]

@@ -134,3 +134,64 @@ fn to_ifaddr(msg: &AddressMessage) -> Option<IfAddr> {
 pub fn ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
 }
+
+impl Net {
+    /// The MAC address of interface `index`.
+    pub async fn mac(&self, index: u32) -> Result<Option<[u8; 6]>, rtnetlink::Error> {
+        use netlink_packet_route::link::LinkAttribute;
+        let mut stream = self.handle.link().get().match_index(index).execute();
+        while let Some(msg) = stream.try_next().await? {
+            for a in &msg.attributes {
+                if let LinkAttribute::Address(bytes) = a
+                    && let Ok(mac) = <[u8; 6]>::try_from(bytes.as_slice())
+                {
+                    return Ok(Some(mac));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Sends a gratuitous ARP (a request for `ip` from `ip`, broadcast) out of interface `index`
+/// with source MAC `mac`: neighbours update their caches to reach `ip` at `mac`. This is
+/// how a new primary takes a VIP over at once.
+pub fn gratuitous_arp(index: u32, mac: [u8; 6], ip: Ipv4Addr) -> std::io::Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip.octets());
+    // SAFETY: plain socket calls with checked results; the fd is closed on every path.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_ARP.to_be();
+        sll.sll_ifindex = index as i32;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let r = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

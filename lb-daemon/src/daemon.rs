@@ -9,17 +9,19 @@ use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use lb_common::{CONN_REPLY, Method, SETTINGS_ACTIVE, Settings, Stat};
+use lb_common::{CONN_REPLY, Method, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
 use log::{error, info, warn};
 use serde_json::json;
 use tokio::{
+    net::UdpSocket,
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
-    time::{MissedTickBehavior, interval},
+    sync::{mpsc, oneshot},
+    time::{Instant, MissedTickBehavior, interval},
 };
 
 use crate::{
@@ -27,8 +29,11 @@ use crate::{
     config::{self, Config},
     control::{self, Call, Request, Response, ServerAction},
     dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
-    fuse, metrics, neighbours,
+    fuse,
+    ha::{self, Action, Body, Election, Message, Reject, Replay},
+    metrics, neighbours,
     services::{Plane, svc_key, v4},
+    sync,
     tables::{self, ConnLine, StatLine, Table, Write},
 };
 
@@ -111,6 +116,8 @@ struct Atm {
     nat_interface: String,
     /// Dataplane capacities in force (the `config` table; a write changes them).
     caps: Capacities,
+    /// After a planned handover: keep forwarding until the new primary shows up, or this.
+    grace_until: Option<Instant>,
 }
 
 /// The real-server side of a node.
@@ -131,6 +138,30 @@ struct Daemon {
     /// In force now (a write to `timeout`/`debug` changes them until the next reload).
     timeout: u32,
     debug: bool,
+    /// The election and the messages between ATMs (ATM role only).
+    ha: Option<Ha>,
+}
+
+/// An ATM's part in the election: its state machine and the socket to the other ATMs.
+struct Ha {
+    election: Election,
+    /// Shared secret; `None` for a lone ATM (nobody to talk to).
+    key: Option<Vec<u8>>,
+    socket: Option<Arc<UdpSocket>>,
+    /// The [ha] address of every ATM, by index.
+    peers: Vec<SocketAddr>,
+    /// Our boot epoch and message counter: receivers refuse anything not newer.
+    epoch: u64,
+    seq: u64,
+    replay: Replay,
+    rejects: HashMap<Reject, u64>,
+    last_reject_log: Option<Instant>,
+    /// The primary as last logged, to log changes once.
+    known_primary: Option<usize>,
+    /// An `lb-cli promote` waiting for the primary to hand over.
+    pending_promote: Option<(oneshot::Sender<Response>, Instant)>,
+    /// Our interface's MAC and index, for NAT reply legs installed from sync records.
+    local: sync::Local,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -191,6 +222,7 @@ pub async fn run(opts: Options) -> Result<()> {
         role,
         atm: None,
         node: None,
+        ha: None,
     };
     match d.role.clone() {
         Role::Atm(i) => d.start_atm(i, &local).await?,
@@ -237,11 +269,53 @@ pub async fn run(opts: Options) -> Result<()> {
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut logs = interval(Duration::from_millis(100));
     logs.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut heartbeat = interval(Duration::from_millis(d.config.ha.heartbeat_ms as u64));
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sync_events = interval(Duration::from_millis(20));
+    sync_events.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Backups must see live connections refreshed well within the timeout.
+    let mut full_sync = interval(Duration::from_secs(
+        (d.config.cluster.timeout as u64 / 3).clamp(2, 60),
+    ));
+    full_sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let (udp_tx, mut udp_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(1024);
+    if let Some(sock) = d.ha.as_ref().and_then(|h| h.socket.clone()) {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                if udp_tx.send((buf[..n].to_vec(), from)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let (track_tx, mut track_rx) = mpsc::channel::<bool>(4);
+    if d.atm.is_some() && !d.config.ha.track.is_empty() {
+        tokio::spawn(track(d.config.ha.track.clone(), track_tx));
+    }
     loop {
         tokio::select! {
             Some((req, reply)) = rx.recv() => {
-                let resp = d.handle(req).await;
-                let _ = reply.send(resp);
+                if req == Request::Promote {
+                    d.promote(reply).await;
+                } else {
+                    let resp = d.handle(req).await;
+                    let _ = reply.send(resp);
+                }
+            }
+            Some((bytes, from)) = udp_rx.recv() => d.on_datagram(&bytes, from).await,
+            _ = heartbeat.tick(), if d.ha.is_some() => d.on_heartbeat_tick().await,
+            _ = sync_events.tick(), if d.atm.is_some() => d.sync_tick().await,
+            _ = full_sync.tick(), if d.atm.is_some() => d.full_sync(None).await,
+            Some(ok) = track_rx.recv() => {
+                if ok {
+                    info!("The track addresses answer: this ATM may become primary");
+                } else {
+                    warn!("A track address does not answer: this ATM may not be primary");
+                }
+                if let Some(a) = d.ha.as_mut().and_then(|h| h.election.set_eligible(ok, Instant::now())) {
+                    d.act(a).await;
+                }
             }
             _ = hup.recv() => {
                 info!("Received SIGHUP: re-reading {}", d.opts.config.display());
@@ -311,13 +385,31 @@ impl Daemon {
         Settings {
             timeout_ns: self.timeout as u64 * 1_000_000_000,
             debug: self.debug as u32,
-            flags: if active { SETTINGS_ACTIVE } else { 0 },
+            flags: if active {
+                SETTINGS_ACTIVE
+                    | if self.config.atms.len() > 1 {
+                        SETTINGS_SYNC
+                    } else {
+                        0
+                    }
+            } else {
+                0
+            },
             local_addr: local,
             nat_addr: nat,
             nat_port_min: NAT_PORTS.0,
             nat_port_max: NAT_PORTS.1,
             _pad: 0,
+            lease_ns: dataplane::now_ns() + self.lease().as_nanos() as u64,
         }
+    }
+
+    /// How long the dataplane trusts this daemon without hearing from it: twice the time
+    /// after which the other ATMs give up on it.
+    fn lease(&self) -> Duration {
+        Duration::from_millis(
+            self.config.ha.heartbeat_ms as u64 * self.config.ha.dead_after as u64 * 2,
+        )
     }
 
     async fn start_atm(&mut self, index: usize, local: &[IfAddr]) -> Result<()> {
@@ -366,18 +458,71 @@ impl Daemon {
             primary: false,
             nat_interface,
             caps,
+            grace_until: None,
         });
+        self.start_ha(index, ifindex).await?;
         info!("Starting as backup ATM");
         info!("Looking for a primary ATM");
-        let wait = Duration::from_millis(
-            self.config.ha.heartbeat_ms as u64 * self.config.ha.dead_after as u64,
-        );
-        tokio::time::sleep(wait).await;
-        info!(
-            "No primary ATM answered within {} ms: this ATM becomes primary",
-            wait.as_millis()
-        );
-        self.become_primary().await
+        Ok(())
+    }
+
+    /// Sets up the election and, with other ATMs, the authenticated socket to them.
+    async fn start_ha(&mut self, index: usize, ifindex: u32) -> Result<()> {
+        let ha_cfg = self.config.ha.clone();
+        let n = self.config.atms.len();
+        let peers: Vec<SocketAddr> = self
+            .config
+            .atms
+            .iter()
+            .map(|a| SocketAddr::from((a.address, ha_cfg.port)))
+            .collect();
+        let (key, socket) = if n > 1 {
+            let path = self
+                .config
+                .cluster
+                .auth_key_file
+                .clone()
+                .ok_or_else(|| anyhow!("more than one ATM needs auth_key_file"))?;
+            let key = ha::load_key(&path).map_err(|e| anyhow!(e))?;
+            let sock = UdpSocket::bind(peers[index])
+                .await
+                .with_context(|| format!("binding the HA socket {}", peers[index]))?;
+            info!(
+                "Talking to {} other ATMs on UDP port {} (authenticated with {})",
+                n - 1,
+                ha_cfg.port,
+                path.display()
+            );
+            (Some(key), Some(Arc::new(sock)))
+        } else {
+            (None, None)
+        };
+        let mac = self.net.mac(ifindex).await?.unwrap_or_default();
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        self.ha = Some(Ha {
+            election: Election::new(
+                index,
+                n,
+                Duration::from_millis(ha_cfg.heartbeat_ms as u64),
+                ha_cfg.dead_after,
+                Instant::now(),
+            ),
+            key,
+            socket,
+            peers,
+            epoch,
+            seq: 0,
+            replay: Replay::new(n),
+            rejects: HashMap::new(),
+            last_reject_log: None,
+            known_primary: None,
+            pending_promote: None,
+            local: sync::Local { mac, ifindex },
+        });
+        Ok(())
     }
 
     /// The interfaces to attach to: the ATM's, and for two-arm NAT the one with an address in
@@ -426,11 +571,22 @@ impl Daemon {
             .collect()
     }
 
-    /// Takes the VIPs and the NAT gateway, and turns the dataplane on.
+    /// Turns the dataplane on, then takes the VIPs and the NAT gateway. In that order: a
+    /// VIP alias on an ATM whose dataplane passes traffic makes the stack answer clients with
+    /// resets.
     async fn become_primary(&mut self) -> Result<()> {
         let Role::Atm(i) = self.role else {
             return Ok(());
         };
+        let settings = self.settings(true);
+        let servers = self.server_addrs();
+        let a = self.atm.as_mut().expect("an ATM");
+        a.primary = true;
+        a.grace_until = None;
+        a.dp.set_settings(&settings)?;
+        // Backups keep the servers resolved too (see sweep), so this rarely has work to do;
+        // it must not wait either: failover time is counted in heartbeats.
+        neighbours::request(&servers);
         let atm = self.config.atms[i].clone();
         let ifindex =
             addrs::ifindex(&atm.interface).ok_or_else(|| anyhow!("{} is gone", atm.interface))?;
@@ -449,46 +605,316 @@ impl Daemon {
                 nat.gateway, nat.prefix
             );
         }
-        let settings = self.settings(true);
-        let servers = self.server_addrs();
-        let a = self.atm.as_mut().expect("an ATM");
-        a.dp.set_settings(&settings)?;
-        a.primary = true;
         info!(
             "This ATM is primary: forwarding for {} services",
             self.config.services.len()
         );
-        let missing = tokio::task::spawn_blocking(move || {
-            neighbours::prime(&servers, Duration::from_secs(2))
-        })
-        .await?;
-        if !missing.is_empty() {
-            warn!(
-                "No neighbour entry yet for {}: packets to them are dropped until they answer ARP",
-                missing
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        self.announce(ifindex).await;
         Ok(())
     }
 
-    /// Gives up the VIPs and the NAT gateway; the dataplane passes everything.
-    async fn become_backup(&mut self) -> Result<()> {
-        let settings = self.settings(false);
-        let Some(a) = self.atm.as_mut() else {
-            return Ok(());
+    /// Gratuitous ARPs for the VIPs and the NAT gateway, three times 100 ms apart, so clients,
+    /// routers and servers reach them at this ATM at once.
+    async fn announce(&self, ifindex: u32) {
+        let Some(mac) = self.ha.as_ref().map(|h| h.local.mac) else {
+            return;
         };
-        a.dp.set_settings(&settings)?;
-        a.primary = false;
+        let mut addrs: Vec<(u32, Ipv4Addr)> =
+            self.vips().into_iter().map(|v| (ifindex, v)).collect();
+        if let (Some(nat), Some(a)) = (self.config.nat, &self.atm)
+            && let Some(i) = addrs::ifindex(&a.nat_interface)
+        {
+            addrs.push((i, nat.gateway));
+        }
+        tokio::spawn(async move {
+            for round in 0..3 {
+                for (i, ip) in &addrs {
+                    if let Err(e) = addrs::gratuitous_arp(*i, mac, *ip)
+                        && round == 0
+                    {
+                        warn!("Gratuitous ARP for {ip}: {e}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    /// Gives up the VIPs and the NAT gateway, then turns the dataplane off. On a planned
+    /// handover the dataplane keeps forwarding (without the aliases) until the new primary
+    /// announces itself: clients reach this ATM until its gratuitous ARPs move them.
+    async fn become_backup(&mut self, planned: bool) -> Result<()> {
         for suffix in [VIP_LABEL, NAT_LABEL] {
             for r in self.net.remove_labelled(suffix).await? {
                 info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
             }
         }
-        Ok(())
+        let lease = self.lease();
+        let Some(a) = self.atm.as_mut() else {
+            return Ok(());
+        };
+        a.primary = false;
+        a.grace_until = planned.then(|| Instant::now() + lease);
+        self.push_settings().map_err(|e| anyhow!(e))
+    }
+
+    /// Sends `body` to ATM `to`, or to every other ATM.
+    async fn ha_send(&mut self, to: Option<usize>, body: Body) {
+        let cluster = self.config.cluster.name.clone();
+        let me = self.role_index();
+        let Some(ha) = self.ha.as_mut() else { return };
+        let (Some(key), Some(sock)) = (ha.key.as_ref(), ha.socket.clone()) else {
+            return;
+        };
+        ha.seq += 1;
+        let wire = ha::encode(
+            &cluster,
+            key,
+            &Message {
+                sender: me as u16,
+                epoch: ha.epoch,
+                seq: ha.seq,
+                body,
+            },
+        );
+        for (i, addr) in ha.peers.iter().enumerate() {
+            if i != me && to.is_none_or(|t| t == i) {
+                // Unreachable peers are the election's business, not an error here.
+                let _ = sock.send_to(&wire, addr).await;
+            }
+        }
+    }
+
+    fn role_index(&self) -> usize {
+        match self.role {
+            Role::Atm(i) => i,
+            Role::Node(_) => usize::MAX,
+        }
+    }
+
+    /// Every heartbeat interval: renew the dataplane's lease, let the election look at the
+    /// clock, then announce ourselves.
+    async fn on_heartbeat_tick(&mut self) {
+        if let Err(e) = self.push_settings() {
+            warn!("Renewing the dataplane's lease: {e}");
+        }
+        let now = Instant::now();
+        let Some(ha) = self.ha.as_mut() else { return };
+        let act = ha.election.tick(now);
+        if let Some((_, since)) = &ha.pending_promote
+            && now.duration_since(*since) > Duration::from_secs(3)
+        {
+            let (reply, _) = ha.pending_promote.take().expect("pending");
+            let _ = reply.send(Response::error("the primary did not hand over within 3 s"));
+        }
+        if let Some(a) = act {
+            self.act(a).await;
+        }
+        self.note_primary(now);
+        self.send_heartbeat().await;
+    }
+
+    async fn send_heartbeat(&mut self) {
+        let Some(ha) = self.ha.as_ref() else { return };
+        let hb = ha.election.heartbeat(Instant::now());
+        self.ha_send(None, Body::Heartbeat(hb)).await;
+    }
+
+    /// Logs once when another ATM is seen to become (or stop being) primary.
+    fn note_primary(&mut self, now: Instant) {
+        let names: Vec<String> = self
+            .config
+            .atms
+            .iter()
+            .map(|a| format!("{} ({})", a.name, a.address))
+            .collect();
+        let Some(ha) = self.ha.as_mut() else { return };
+        let p = ha.election.primary_peer(now);
+        if p != ha.known_primary {
+            match p {
+                Some(i) => info!("ATM {} is primary", names[i]),
+                None if ha.election.role() == ha::Role::Backup => {
+                    if let Some(old) = ha.known_primary {
+                        warn!("Primary ATM {} stopped answering", names[old]);
+                    }
+                }
+                None => {}
+            }
+            ha.known_primary = p;
+        }
+    }
+
+    /// A datagram on the HA socket.
+    async fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        let now = Instant::now();
+        let cluster = self.config.cluster.name.clone();
+        let me = self.role_index();
+        let Some(ha) = self.ha.as_mut() else { return };
+        let Some(key) = ha.key.as_ref() else { return };
+        let checked = ha::decode(&cluster, key, bytes).and_then(|m| {
+            if m.sender as usize >= ha.peers.len() || m.sender as usize == me {
+                return Err(Reject::Malformed);
+            }
+            ha.replay.check(&m).map(|()| m)
+        });
+        let msg = match checked {
+            Ok(m) => m,
+            Err(r) => {
+                *ha.rejects.entry(r).or_default() += 1;
+                // At most one line every 10 s: a flood must not flood the log too.
+                if ha
+                    .last_reject_log
+                    .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+                {
+                    ha.last_reject_log = Some(now);
+                    warn!(
+                        "Refused an ATM message from {from}: {} ({} refused so far)",
+                        r.name(),
+                        ha.rejects.values().sum::<u64>()
+                    );
+                }
+                return;
+            }
+        };
+        let from_atm = msg.sender as usize;
+        match msg.body {
+            Body::Heartbeat(hb) => {
+                let act = ha.election.on_heartbeat(from_atm, hb, now);
+                if hb.role == ha::Role::Primary
+                    && let Some(a) = self.atm.as_mut()
+                    && a.grace_until.take().is_some()
+                {
+                    // The new primary is up: stop forwarding here.
+                    let _ = self.push_settings();
+                }
+                if let Some(a) = act {
+                    self.act(a).await;
+                }
+                self.note_primary(now);
+            }
+            Body::Sync(records) => {
+                let is_backup = ha.election.role() == ha::Role::Backup;
+                let local = ha.local;
+                if is_backup && let Some(a) = self.atm.as_mut() {
+                    match sync::install(&mut a.dp, &a.plane, &records, local) {
+                        Ok((_, skipped)) if skipped > 0 => {
+                            warn!(
+                                "Connection sync: {skipped} records name servers this ATM does not have (configs differ?)"
+                            )
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("Connection sync: {e}"),
+                    }
+                }
+            }
+            Body::SyncRequest => {
+                if ha.election.role() == ha::Role::Primary {
+                    self.full_sync(Some(from_atm)).await;
+                }
+            }
+            Body::Yield => {
+                if ha.election.role() == ha::Role::Primary {
+                    info!(
+                        "ATM {} asks to take over (lb-cli promote)",
+                        self.config.atms[from_atm].name
+                    );
+                    self.hand_over(Some(from_atm)).await;
+                }
+            }
+        }
+    }
+
+    /// A planned handover: the new primary gets the whole connection table first.
+    async fn hand_over(&mut self, to: Option<usize>) -> Option<usize> {
+        let now = Instant::now();
+        let target = {
+            let ha = self.ha.as_ref()?;
+            to.or_else(|| {
+                (0..ha.peers.len()).find(|i| {
+                    ha.election.alive(*i, now)
+                        && ha.election.peers()[*i]
+                            .heartbeat
+                            .is_some_and(|h| h.candidate)
+                })
+            })
+        }?;
+        self.full_sync(Some(target)).await;
+        let act = self.ha.as_mut()?.election.hand_over(Some(target), now);
+        if let Some(a) = act {
+            self.act(a).await;
+        }
+        self.send_heartbeat().await;
+        Some(target)
+    }
+
+    /// Carries out what the election decided.
+    async fn act(&mut self, a: Action) {
+        match a {
+            Action::BecomePrimary { term, reason } => {
+                info!("Elected primary (term {term}): {reason}");
+                if let Err(e) = self.become_primary().await {
+                    error!("Becoming primary: {e:#}");
+                }
+                if let Some(ha) = self.ha.as_mut()
+                    && let Some((reply, _)) = ha.pending_promote.take()
+                {
+                    let _ = reply.send(Response::text(format!("{} is primary", self.name)));
+                }
+                self.send_heartbeat().await;
+            }
+            Action::BecomeBackup { reason, planned } => {
+                info!("Becoming backup: {reason}");
+                if let Err(e) = self.become_backup(planned).await {
+                    error!("Becoming backup: {e:#}");
+                }
+                // A new primary wants our table only if we were primary; a backup asks.
+                self.ha_send(None, Body::SyncRequest).await;
+            }
+        }
+    }
+
+    /// Drains the dataplane's connection events; the primary streams them to the backups.
+    async fn sync_tick(&mut self) {
+        let primary = self
+            .ha
+            .as_ref()
+            .is_some_and(|h| h.election.role() == ha::Role::Primary && h.key.is_some());
+        let Some(a) = self.atm.as_mut() else { return };
+        let events = a.dp.drain_events();
+        if !primary || events.is_empty() {
+            return;
+        }
+        let servers = a.plane.server_of();
+        let records: Vec<ha::SyncRecord> = events
+            .iter()
+            .filter_map(|e| sync::from_event(e, &servers))
+            .collect();
+        for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
+            self.ha_send(None, Body::Sync(chunk.to_vec())).await;
+        }
+    }
+
+    /// Sends the whole live connection table to one backup, or all of them.
+    async fn full_sync(&mut self, to: Option<usize>) {
+        let primary = self
+            .ha
+            .as_ref()
+            .is_some_and(|h| h.election.role() == ha::Role::Primary && h.key.is_some());
+        let Some(a) = self.atm.as_ref() else { return };
+        if !primary {
+            return;
+        }
+        let servers = a.plane.server_of();
+        let records = match sync::full_table(&a.dp, &servers, self.timeout as u64 * 1_000_000_000) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("Reading the connection table for sync: {e}");
+                return;
+            }
+        };
+        for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
+            self.ha_send(to, Body::Sync(chunk.to_vec())).await;
+        }
     }
 
     async fn start_node(&mut self, addr: Ipv4Addr, local: &[IfAddr]) -> Result<()> {
@@ -567,7 +993,7 @@ impl Daemon {
 
     async fn stop(&mut self) {
         if self.atm.is_some() {
-            if let Err(e) = self.become_backup().await {
+            if let Err(e) = self.become_backup(false).await {
                 error!("Removing aliases: {e}");
             }
             if let Some(a) = self.atm.take() {
@@ -675,23 +1101,9 @@ impl Daemon {
                 }
             }
         }
-        if primary {
-            let servers = self.server_addrs();
-            let missing = tokio::task::spawn_blocking(move || {
-                neighbours::prime(&servers, Duration::from_secs(2))
-            })
-            .await?;
-            if !missing.is_empty() {
-                warn!(
-                    "No neighbour entry yet for {}",
-                    missing
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-        }
+        // New servers must be resolved before XDP can reach them; without waiting: the
+        // heartbeats must go on.
+        neighbours::request(&self.server_addrs());
         let msg = format!(
             "Reloaded: {} services added, {} removed; {} server lines added, {} removed; {} connections to removed servers dropped",
             changes.services_added,
@@ -733,7 +1145,7 @@ impl Daemon {
     /// a reload, or entries it dropped): the dataplane cannot start that itself.
     fn sweep(&mut self) {
         let timeout_ns = self.timeout as u64 * 1_000_000_000;
-        if self.atm.as_ref().is_some_and(|a| a.primary) {
+        if self.atm.is_some() {
             neighbours::request(&self.server_addrs());
         }
         let Some(a) = self.atm.as_mut() else { return };
@@ -783,10 +1195,7 @@ impl Daemon {
                 Ok(msg) => Response::text(msg),
                 Err(e) => Response::error(e),
             },
-            Request::Promote => match self.promote().await {
-                Ok(msg) => Response::text(msg),
-                Err(e) => Response::error(e.to_string()),
-            },
+            Request::Promote => unreachable!("promote answers asynchronously"),
             Request::Demote => match self.demote().await {
                 Ok(msg) => Response::text(msg),
                 Err(e) => Response::error(e.to_string()),
@@ -795,28 +1204,53 @@ impl Daemon {
         }
     }
 
-    async fn promote(&mut self) -> Result<String> {
-        match &self.atm {
-            None => bail!("this is not an ATM"),
-            Some(a) if a.primary => bail!("this ATM is already primary"),
-            Some(_) => {
-                info!("Promotion requested by lb-cli");
-                self.become_primary().await?;
-                Ok(format!("{} is primary", self.name))
+    /// `lb-cli promote`: with a live primary, ask it to hand over (the answer comes when
+    /// this ATM is primary); without one, take over at once.
+    async fn promote(&mut self, reply: oneshot::Sender<Response>) {
+        let now = Instant::now();
+        let Some(ha) = self.ha.as_mut() else {
+            let _ = reply.send(Response::error("this is not an ATM"));
+            return;
+        };
+        if ha.election.role() == ha::Role::Primary {
+            let _ = reply.send(Response::error("this ATM is already primary"));
+            return;
+        }
+        info!("Promotion requested by lb-cli");
+        match ha.election.primary_peer(now) {
+            Some(p) => {
+                ha.pending_promote = Some((reply, now));
+                self.ha_send(Some(p), Body::Yield).await;
+            }
+            None => {
+                match ha.election.force_promote(now) {
+                    Some(a) => {
+                        ha.pending_promote = Some((reply, now));
+                        self.act(a).await;
+                    }
+                    None => {
+                        let _ = reply.send(Response::error("this ATM may not become primary (it does not reach its track addresses)"));
+                    }
+                }
             }
         }
     }
 
+    /// `lb-cli demote`: hand over to the highest-listed running backup.
     async fn demote(&mut self) -> Result<String> {
-        match &self.atm {
-            None => bail!("this is not an ATM"),
-            Some(a) if !a.primary => bail!("this ATM is not primary"),
-            Some(_) => {
-                info!("Demotion requested by lb-cli");
-                self.become_backup().await?;
-                info!("Now a backup ATM");
-                Ok(format!("{} is backup", self.name))
-            }
+        let Some(ha) = self.ha.as_ref() else {
+            bail!("this is not an ATM")
+        };
+        if ha.election.role() != ha::Role::Primary {
+            bail!("this ATM is not primary");
+        }
+        info!("Demotion requested by lb-cli");
+        match self.hand_over(None).await {
+            Some(t) => Ok(format!(
+                "{} handed over to {}",
+                self.name, self.config.atms[t].name
+            )),
+            None => bail!("no other ATM is running to take over: staying primary"),
         }
     }
 
@@ -884,18 +1318,36 @@ impl Daemon {
     }
 
     fn atm_lines(&self) -> Vec<tables::AtmLine> {
+        let now = Instant::now();
         self.config
             .atms
             .iter()
             .enumerate()
             .map(|(i, a)| {
                 let me = self.role == Role::Atm(i);
+                let (role, state, heard) = match (&self.ha, me) {
+                    (_, true) => (self.role_name(), "online", Some(0)),
+                    (Some(ha), false) => {
+                        let p = ha.election.peers()[i];
+                        let alive = ha.election.alive(i, now);
+                        let role = match p.heartbeat {
+                            Some(h) if alive => h.role.name(),
+                            _ => "backup",
+                        };
+                        (
+                            role,
+                            if alive { "online" } else { "offline" },
+                            ha.election.last_heard_ms(i, now),
+                        )
+                    }
+                    (None, false) => ("backup", "offline", None),
+                };
                 tables::AtmLine {
                     name: a.name.clone(),
                     address: a.address,
-                    role: if me { self.role_name() } else { "backup" },
-                    state: if me { "online" } else { "offline" },
-                    last_heard_ms: if me { Some(0) } else { None },
+                    role,
+                    state,
+                    last_heard_ms: heard,
                 }
             })
             .collect()
@@ -1052,7 +1504,11 @@ impl Daemon {
     }
 
     fn push_settings(&mut self) -> std::result::Result<(), String> {
-        let primary = self.atm.as_ref().map(|a| a.primary).unwrap_or(false);
+        let now = Instant::now();
+        let primary = self
+            .atm
+            .as_ref()
+            .is_some_and(|a| a.primary || a.grace_until.is_some_and(|t| now < t));
         let s = self.settings(primary);
         if let Some(a) = self.atm.as_mut() {
             a.dp.set_settings(&s).map_err(|e| e.to_string())?;
@@ -1098,6 +1554,8 @@ impl Daemon {
                 "state": l.state, "last_heard_ms": l.last_heard_ms,
             })).collect::<Vec<_>>(),
             "vips": self.vips().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            "term": self.ha.as_ref().map(|h| h.election.term()),
+            "rejected": self.ha.as_ref().map(|h| Reject::ALL.iter().map(|r| (r.name().to_string(), json!(h.rejects.get(r).copied().unwrap_or(0)))).collect::<serde_json::Map<_, _>>()),
             "attached": self.atm.as_ref().map(|a| a.attached.iter().map(|(i, m)| json!({"interface": i, "mode": m.name()})).collect::<Vec<_>>()),
             "services": services,
         })
@@ -1155,6 +1613,12 @@ impl Daemon {
             role: self.role_name().into(),
             ..Default::default()
         };
+        if let Some(ha) = &self.ha {
+            snap.ha_rejected = Reject::ALL
+                .iter()
+                .map(|r| (r.name(), ha.rejects.get(r).copied().unwrap_or(0)))
+                .collect();
+        }
         let Some(a) = &self.atm else { return snap };
         if let Ok(s) = a.dp.stats() {
             snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
@@ -1220,6 +1684,62 @@ fn unknown_table(name: &str) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     )
+}
+
+/// Pings the `track` addresses every second; reports when reaching all of them (two
+/// answers in a row) or not (two misses in a row) changes.
+async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
+    let client = match surge_ping::Client::new(&surge_ping::Config::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("Cannot ping the track addresses: {e}");
+            let _ = tx.send(false).await;
+            return;
+        }
+    };
+    let mut state: Option<bool> = None;
+    let mut streak = (0u32, 0u32);
+    let mut seq = 0u16;
+    loop {
+        let mut all = true;
+        for (i, a) in addrs.iter().enumerate() {
+            let mut p = client
+                .pinger(
+                    std::net::IpAddr::V4(*a),
+                    surge_ping::PingIdentifier(0x4c42 + i as u16),
+                )
+                .await;
+            p.timeout(Duration::from_millis(800));
+            if p.ping(surge_ping::PingSequence(seq), &[0u8; 16])
+                .await
+                .is_err()
+            {
+                all = false;
+            }
+        }
+        seq = seq.wrapping_add(1);
+        streak = if all {
+            (streak.0 + 1, 0)
+        } else {
+            (0, streak.1 + 1)
+        };
+        let now = if streak.0 >= 2 {
+            Some(true)
+        } else if streak.1 >= 2 {
+            Some(false)
+        } else {
+            state
+        };
+        if now != state
+            && let Some(v) = now
+        {
+            state = now;
+            if tx.send(v).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Loads the dataplane and attaches lb_xdp to each interface (driver mode where the driver

@@ -11,13 +11,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
 use aya_log::EbpfLogger;
 use lb_common::{
-    Addr, Connection, Counters, DecapStat, FlowKey, Method, RING_SIZE, SERVER_UP, Sched, Server,
-    Service, ServiceKey, Settings, Stat, maps, programs,
+    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method, RING_SIZE, SERVER_UP, Sched,
+    Server, Service, ServiceKey, Settings, Stat, maps, programs,
     sched::{self, Backend},
 };
 
@@ -45,7 +45,7 @@ pub enum Error {
         interface: String,
         mode: &'static str,
         #[source]
-        source: Box<ProgramError>,
+        source: std::io::Error,
     },
     #[error("map {name}: {source}")]
     Map {
@@ -226,6 +226,8 @@ pub struct Dataplane {
     caps: Capacities,
     /// Drains the programs' log records (the per-connection debug log) into `log`.
     logger: Option<EbpfLogger<Box<dyn log::Log>>>,
+    /// Interfaces the programs are attached to, detached on drop.
+    attachments: Vec<Attachment>,
     services: HashMap<MapData, ServiceKey, Service>,
     vips: HashMap<MapData, Addr, u32>,
     servers: Array<MapData, Server>,
@@ -237,6 +239,8 @@ pub struct Dataplane {
     settings: Array<MapData, Settings>,
     decap_sources: HashMap<MapData, Addr, u32>,
     decap_stat: PerCpuArray<MapData, u64>,
+    /// New and closed connections reported by lb_xdp (when settings ask for it).
+    conn_events: RingBuf<MapData>,
     /// Services programmed, to keep the per-VIP counts in `vips` right.
     service_keys: HashSet<ServiceKey>,
     vip_counts: StdHashMap<Addr, u32>,
@@ -360,8 +364,11 @@ impl Dataplane {
             settings: typed_map!(&mut ebpf, Array, maps::SETTINGS),
             decap_sources: typed_map!(&mut ebpf, HashMap, maps::DECAP_SOURCES),
             decap_stat: typed_map!(&mut ebpf, PerCpuArray, maps::DECAP_STAT),
+            conn_events: RingBuf::try_from(take_map(&mut ebpf, maps::CONN_EVENTS)?)
+                .map_err(map_err(maps::CONN_EVENTS))?,
             sched,
             logger,
+            attachments: Vec::new(),
             caps,
             ebpf,
             service_keys: HashSet::new(),
@@ -377,25 +384,63 @@ impl Dataplane {
         self.caps
     }
 
-    /// Attaches `lb_xdp` to `interface` (of the calling thread's network namespace). The
-    /// attachment lives as long as the `Dataplane`.
+    /// Attaches `lb_xdp` to `interface` (of the calling thread's network namespace), through
+    /// netlink rather than a BPF link: the program stays attached if the process dies, and
+    /// then drops service traffic once its lease runs out (see `Settings::lease_ns`) instead of
+    /// leaving it to the stack. Dropping the `Dataplane` detaches it.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, Error> {
-        attach(
-            program(&mut self.ebpf, programs::LB_XDP)?,
-            programs::LB_XDP,
-            interface,
-            mode,
-        )
+        self.attach_program(programs::LB_XDP, interface, mode)
     }
 
     /// Attaches `lb_decap` (for a real server in tunnel mode) to `interface`.
     pub fn attach_decap(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, Error> {
-        attach(
-            program(&mut self.ebpf, programs::LB_DECAP)?,
-            programs::LB_DECAP,
-            interface,
+        self.attach_program(programs::LB_DECAP, interface, mode)
+    }
+
+    fn attach_program(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<Attached, Error> {
+        let fd = program(&mut self.ebpf, name)?
+            .fd()
+            .map_err(prog_err(name))?
+            .as_fd()
+            .as_raw_fd();
+        let err = |mode, source| Error::Attach {
+            program: name,
+            interface: interface.to_string(),
             mode,
-        )
+            source,
+        };
+        let ifindex = nix::net::if_::if_nametoindex(interface)
+            .map_err(|e| err("any", std::io::Error::from(e)))?;
+        let try_mode = |flags: u32, what: &'static str| -> Result<Attachment, Error> {
+            let socket = xdp_netlink::socket().map_err(|e| err(what, e))?;
+            xdp_netlink::set(&socket, ifindex, Some(fd), flags).map_err(|e| err(what, e))?;
+            Ok(Attachment {
+                socket,
+                ifindex,
+                flags,
+            })
+        };
+        let (a, mode) = match mode {
+            AttachMode::Driver => (try_mode(xdp_netlink::DRV_MODE, "driver")?, Attached::Driver),
+            AttachMode::Generic => (
+                try_mode(xdp_netlink::SKB_MODE, "generic")?,
+                Attached::Generic,
+            ),
+            AttachMode::Auto => match try_mode(xdp_netlink::DRV_MODE, "driver") {
+                Ok(a) => (a, Attached::Driver),
+                Err(_) => (
+                    try_mode(xdp_netlink::SKB_MODE, "generic")?,
+                    Attached::Generic,
+                ),
+            },
+        };
+        self.attachments.push(a);
+        Ok(mode)
     }
 
     /// Replaces the settings record (timeout, debug, active flag, local and NAT addresses).
@@ -673,6 +718,19 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The connection events reported since the last call (oldest first).
+    pub fn drain_events(&mut self) -> Vec<ConnEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.conn_events.next() {
+            if item.len() >= std::mem::size_of::<ConnEvent>() {
+                // SAFETY: the program writes exactly one ConnEvent per record; read unaligned
+                // because ring buffer records are only 8-byte aligned by convention.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ConnEvent>()) });
+            }
+        }
+        out
+    }
+
     /// Hands the programs' pending log records to the logger.
     pub fn flush_log(&mut self) {
         if let Some(l) = self.logger.as_mut() {
@@ -779,35 +837,82 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Er
         .map_err(prog_err(name))
 }
 
-fn attach(
-    prog: &mut Xdp,
-    name: &'static str,
-    interface: &str,
-    mode: AttachMode,
-) -> Result<Attached, Error> {
-    let err = |mode, source| Error::Attach {
-        program: name,
-        interface: interface.to_string(),
-        mode,
-        source: Box::new(source),
+/// An XDP program set on an interface through netlink.
+struct Attachment {
+    /// A netlink socket of the namespace the interface is in (interface indices are per
+    /// namespace), kept to detach from the right one.
+    socket: netlink_sys::Socket,
+    ifindex: u32,
+    flags: u32,
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        for a in &self.attachments {
+            // The interface may be gone already (its namespace deleted): nothing to undo.
+            let _ = xdp_netlink::set(&a.socket, a.ifindex, None, a.flags);
+        }
+    }
+}
+
+/// Setting an interface's XDP program with RTM_SETLINK.
+mod xdp_netlink {
+    use std::os::fd::RawFd;
+
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     };
-    match mode {
-        AttachMode::Driver => prog
-            .attach(interface, XdpMode::Driver)
-            .map(|_| Attached::Driver)
-            .map_err(|e| err("driver", e)),
-        AttachMode::Generic => prog
-            .attach(interface, XdpMode::Skb)
-            .map(|_| Attached::Generic)
-            .map_err(|e| err("generic", e)),
-        AttachMode::Auto => match prog.attach(interface, XdpMode::Driver) {
-            Ok(_) => Ok(Attached::Driver),
-            Err(e @ ProgramError::UnknownInterface { .. }) => Err(err("driver", e)),
-            Err(_) => prog
-                .attach(interface, XdpMode::Skb)
-                .map(|_| Attached::Generic)
-                .map_err(|e| err("generic", e)),
-        },
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        link::{LinkAttribute, LinkMessage, LinkXdp},
+    };
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+    pub const SKB_MODE: u32 = 1 << 1;
+    pub const DRV_MODE: u32 = 1 << 2;
+
+    pub fn socket() -> std::io::Result<Socket> {
+        let mut s = Socket::new(NETLINK_ROUTE)?;
+        s.bind_auto()?;
+        s.connect(&SocketAddr::new(0, 0))?;
+        Ok(s)
+    }
+
+    /// Sets (`Some(fd)`) or clears (`None`) the program of interface `ifindex`.
+    pub fn set(
+        socket: &Socket,
+        ifindex: u32,
+        fd: Option<RawFd>,
+        flags: u32,
+    ) -> std::io::Result<()> {
+        let mut link = LinkMessage::default();
+        link.header.index = ifindex;
+        link.attributes.push(LinkAttribute::Xdp(vec![
+            LinkXdp::Fd(fd.unwrap_or(-1)),
+            LinkXdp::Flags(flags),
+        ]));
+        let mut msg = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::from(RouteNetlinkMessage::SetLink(link)),
+        );
+        msg.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        msg.finalize();
+        let mut buf = vec![0u8; msg.header.length as usize];
+        msg.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        let mut reply = Vec::with_capacity(4096);
+        socket.recv(&mut reply, 0)?;
+        let ack = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+            .map_err(|e| std::io::Error::other(format!("netlink reply: {e}")))?;
+        match ack.payload {
+            NetlinkPayload::Error(e) => match e.code {
+                None => Ok(()),
+                Some(code) => Err(std::io::Error::from_raw_os_error(-code.get())),
+            },
+            other => Err(std::io::Error::other(format!(
+                "unexpected netlink reply {other:?}"
+            ))),
+        }
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub active_connections: u64,
     pub services: Vec<ServiceMetrics>,
     pub servers: Vec<ServerMetrics>,
+    /// ATM messages refused, by reason.
+    pub ha_rejected: Vec<(&'static str, u64)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -157,6 +159,17 @@ pub fn render(s: &Snapshot) -> String {
         va.get_or_create(&l).set(v.active as i64);
     }
 
+    let rej = family::<Counter>(
+        &mut r,
+        "ha_rejected_messages",
+        "ATM messages refused: malformed, other cluster, failed authentication, replayed",
+    );
+    for (reason, v) in &s.ha_rejected {
+        let mut l = node();
+        l.push(("reason".into(), (*reason).into()));
+        rej.get_or_create(&l).inc_by(*v);
+    }
+
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String cannot fail");
     out
@@ -214,6 +227,7 @@ mod tests {
                 active: 3,
             }],
             servers: vec![],
+            ha_rejected: vec![("replay", 2)],
         };
         let t = render(&s);
         assert!(t.contains("# TYPE lb_dataplane_packets counter"), "{t}");
@@ -229,6 +243,10 @@ mod tests {
             t.contains(
                 r#"lb_service_up{service="http",vip="192.0.2.100",port="80",protocol="tcp"} 1"#
             ),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"lb_ha_rejected_messages_total{node="atm1",reason="replay"} 2"#),
             "{t}"
         );
         assert!(t.ends_with("# EOF\n"), "{t}");

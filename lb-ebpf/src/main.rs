@@ -19,16 +19,17 @@ use aya_ebpf::{
         bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
     EbpfContext,
 };
 use aya_log_ebpf::info;
 use lb_common::{
-    csum, hash, Addr, Connection, Counters, DecapStat, FlowKey, Method, Persist, PersistKey, Sched,
-    Server, Service, ServiceKey, Settings, Stat, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST,
-    DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES, IPPROTO_ICMP, IPPROTO_IPIP,
-    IPPROTO_TCP, IPPROTO_UDP, RING_SIZE, SERVER_UP, SETTINGS_ACTIVE,
+    csum, hash, Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method, Persist,
+    PersistKey, Sched, Server, Service, ServiceKey, Settings, Stat, CONN_EVENTS_BYTES, CONN_FIN,
+    CONN_NAT, CONN_REPLY, CONN_RST, DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES,
+    EVENT_CLOSE, EVENT_OPEN, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, RING_SIZE,
+    SERVER_UP, SETTINGS_ACTIVE, SETTINGS_SYNC,
 };
 use net::*;
 
@@ -79,6 +80,39 @@ static SERVER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAU
 /// The one settings record.
 #[map(name = "settings")]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// New and closed connections, for the daemon to stream to backups.
+#[map(name = "conn_events")]
+static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_BYTES, 0);
+
+/// Reports a connection event when backups are to be kept in step.
+#[inline(always)]
+fn report(settings: &Settings, kind: u8, key: &FlowKey, c: &Connection, peer_mac: [u8; 6]) {
+    if settings.flags & SETTINGS_SYNC == 0 {
+        return;
+    }
+    match CONN_EVENTS.reserve::<ConnEvent>(0) {
+        Some(mut e) => {
+            // Field by field into the ring: a whole ConnEvent built on the stack first does
+            // not fit beside everything else in the 512-byte BPF stack.
+            let p = e.as_mut_ptr();
+            // SAFETY: `p` points to a reserved, writable ConnEvent; every field is written
+            // before submit.
+            unsafe {
+                core::ptr::addr_of_mut!((*p).key).write(*key);
+                core::ptr::addr_of_mut!((*p).nat_addr).write(c.nat_addr);
+                core::ptr::addr_of_mut!((*p).server).write(c.server);
+                core::ptr::addr_of_mut!((*p).flags).write(c.flags);
+                core::ptr::addr_of_mut!((*p).nat_port).write(c.nat_port);
+                core::ptr::addr_of_mut!((*p).kind).write(kind);
+                core::ptr::addr_of_mut!((*p)._pad).write(0);
+                core::ptr::addr_of_mut!((*p).peer_mac).write(peer_mac);
+            }
+            e.submit(0);
+        }
+        None => count(Stat::SyncLost, 1),
+    }
+}
 
 /// lb_decap: ATM addresses whose IPIP packets are decapsulated.
 #[map(name = "decap_sources")]
@@ -209,6 +243,14 @@ fn balance(ctx: &XdpContext) -> Outcome {
     let to_nat = settings.nat_addr.as_v4_raw() == Some(daddr);
     if !to_vip && !to_nat {
         return Outcome::Pass;
+    }
+
+    // A daemon that stopped renewing its lease is gone (crashed, killed): the program is
+    // still attached and the VIP alias still up, so what reached the stack would be answered
+    // with resets. Drop instead: clients retransmit to the ATM that takes over.
+    // SAFETY: plain helper call.
+    if settings.lease_ns != 0 && unsafe { bpf_ktime_get_ns() } > settings.lease_ns {
+        return Outcome::Drop(Stat::DropOrphaned);
     }
 
     // From here the packet is ours: it must be well formed.
@@ -365,6 +407,10 @@ fn to_service(
             c.last_seen_ns = now;
             c.packets += 1;
             c.bytes += bytes;
+            if fin_rst != 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
+                c.flags |= fin_rst;
+                report(settings, EVENT_CLOSE, &key, c, [0; 6]);
+            }
             c.flags |= fin_rst;
             server_id = c.server;
             nat_addr = c.nat_addr.w[3];
@@ -411,6 +457,12 @@ fn to_service(
         if CONNECTIONS.insert(&key, &*conn, 0).is_err() {
             return Outcome::Drop(Stat::DropError);
         }
+        let peer_mac = if conn.flags & CONN_NAT != 0 {
+            sc.reply.peer_mac
+        } else {
+            [0; 6]
+        };
+        report(settings, EVENT_OPEN, &key, conn, peer_mac);
         count(Stat::NewConns, 1);
         server_id = id;
         if settings.debug != 0 {

@@ -11,6 +11,9 @@ use std::{
 
 use crate::netns::NetNs;
 
+/// Size of the `/big` download every lab nginx serves.
+pub const BIG_BYTES: usize = 2_000_000;
+
 #[derive(Default)]
 pub struct Lab {
     spaces: Vec<NetNs>,
@@ -155,8 +158,8 @@ impl Lab {
             .unwrap_or_else(|e| panic!("attaching the pass program to {port}: {e}"));
     }
 
-    /// Starts nginx in `ns` answering every request on `ports` with `name` and a newline,
-    /// and waits until it listens.
+    /// Starts nginx in `ns` answering every request on `ports` with `name` and a newline
+    /// (and `/big` with [`BIG_BYTES`] at 160 kB/s), and waits until it listens.
     pub fn nginx(&mut self, ns: &str, name: &str, ports: &[u16]) {
         let dir = self.dir().join(format!("nginx-{ns}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -165,13 +168,17 @@ impl Lab {
             .iter()
             .map(|p| format!("listen {p} reuseport; "))
             .collect();
+        // /big: a 2 MB download served at 160 kB/s (about 12 s), for long-lived transfers.
+        let big: Vec<u8> = (0..BIG_BYTES).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.join("big"), big).unwrap();
         let conf = format!(
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 1024; }}\n\
              http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; \
              fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi; \
              keepalive_requests 10000; keepalive_timeout 60s; \
-             server {{ {listens} location / {{ default_type text/plain; return 200 \"{name}\\n\"; }} }} }}\n"
+             server {{ {listens} location = /big {{ alias {d}/big; limit_rate 160k; }} \
+             location / {{ default_type text/plain; return 200 \"{name}\\n\"; }} }} }}\n"
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();

@@ -18,9 +18,11 @@ pub fn unique_name(label: &str) -> String {
     format!("lbt{}-{}-{}", std::process::id(), n, label)
 }
 
-/// A network namespace that lives as long as this value.
+/// A network namespace that lives as long as this value (unless attached by name).
 pub struct NetNs {
     name: String,
+    /// Deleted on drop: created here, not attached.
+    owned: bool,
 }
 
 impl NetNs {
@@ -28,9 +30,18 @@ impl NetNs {
     pub fn new(label: &str) -> NetNs {
         let name = unique_name(label);
         run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = NetNs { name };
+        let ns = NetNs { name, owned: true };
         ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle on an existing namespace by its full name (from another thread, say); it is
+    /// not deleted when the handle drops.
+    pub fn attach(name: &str) -> NetNs {
+        NetNs {
+            name: name.to_string(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -113,6 +124,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // Deleting the namespace also deletes the veths inside it.
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])

@@ -340,6 +340,7 @@ fn settings() -> Settings {
         nat_port_min: NAT_PORT_MIN,
         nat_port_max: NAT_PORT_MAX,
         _pad: 0,
+        lease_ns: 0,
     }
 }
 
@@ -1056,6 +1057,42 @@ fn a_backup_passes_everything_untouched() {
         ),
     ]);
     assert_eq!(b.dp.stats().unwrap().get(Stat::VipPackets), 0);
+}
+
+#[test]
+fn an_orphaned_primary_drops_service_traffic_instead_of_passing_it() {
+    let mut b = Bench::new();
+    let mut s = settings();
+    s.lease_ns = now_ns() - 1;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[
+        Fixture::new(
+            "SYN to a service past the lease",
+            from_client(40001, VIP, 80, SYN, b""),
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "other traffic still passes",
+            from_client(40001, OTHER, 80, SYN, b""),
+            XDP_PASS,
+        ),
+    ]);
+    assert_eq!(b.dp.stats().unwrap().get(Stat::DropOrphaned), 1);
+    s.lease_ns = now_ns() + 10_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[Fixture::new(
+        "renewed: forwarded again",
+        from_client(40001, VIP, 80, SYN, b""),
+        XDP_TX,
+    )
+    .output(with_macs(
+        &from_client(40001, VIP, 80, SYN, b""),
+        LB_MAC,
+        mac_of(
+            b.server_addr(b.maglev(HTTP, &key(CLIENT, 40001, VIP, 80, IPPROTO_TCP)))
+                .0,
+        ),
+    ))]);
 }
 
 #[test]

@@ -101,6 +101,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         nat_port_min: 20_000,
         nat_port_max: 59_999,
         _pad: 0,
+        lease_ns: 0,
     })
     .unwrap();
     {

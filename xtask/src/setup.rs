@@ -40,6 +40,10 @@ const PACKAGES: &[Package] = &[
         why: "the real HTTP servers behind the VIP in the labs, the tests and the demo",
     },
     Package {
+        name: "nftables",
+        why: "nft, to cut the heartbeat path in failover tests (and the NAT peer in benchmarks)",
+    },
+    Package {
         name: "curl",
         why: "the HTTP client the demo shows requests with",
     },

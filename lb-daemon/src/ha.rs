@@ -1,0 +1,851 @@
+//! High availability among ATMs: the wire format of their messages (authenticated with
+//! HMAC-SHA256 and guarded against replays), and the election as a pure state machine that
+//! the daemon feeds with heartbeats and clock ticks.
+//!
+//! The rules are TCL's (reference §7.5.2, §7.5.4.3): every ATM starts as backup and looks for
+//! a primary for `dead_after` heartbeats; if none answers, the highest-listed running ATM
+//! becomes primary; when the primary stops answering, the highest-listed running backup is
+//! promoted; a former primary that comes back stays backup (no preemption). Two primaries that
+//! see each other (after a partition heals) keep the one promoted last (higher term); on equal
+//! terms, the higher-listed one.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use tokio::time::Instant;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const MAGIC: &[u8; 4] = b"LBHA";
+const VERSION: u8 = 1;
+const TAG: usize = 32;
+
+/// Reads the shared secret. Refused if the file is readable by group or others (as
+/// corosync refuses its authkey) or shorter than 16 bytes.
+pub fn load_key(path: &Path) -> Result<Vec<u8>, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("auth key file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "auth key file {} is readable by group or others (mode {mode:o}): chmod 600 it",
+            path.display()
+        ));
+    }
+    let key = std::fs::read(path).map_err(|e| format!("auth key file {}: {e}", path.display()))?;
+    if key.len() < 16 {
+        return Err(format!(
+            "auth key file {} holds {} bytes: use at least 16 random bytes",
+            path.display(),
+            key.len()
+        ));
+    }
+    Ok(key)
+}
+
+/// The role an ATM announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Backup,
+    Primary,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Backup => "backup",
+            Role::Primary => "primary",
+        }
+    }
+}
+
+/// What an ATM says about itself every heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub role: Role,
+    /// The election term of the primary this ATM is or follows.
+    pub term: u64,
+    /// It may become primary now (reaches its `track` addresses, is not standing aside after
+    /// handing over).
+    pub candidate: bool,
+    /// During a planned handover: the ATM that is to take over.
+    pub yield_to: Option<u16>,
+}
+
+/// A connection, as backups install it (servers named by address, not by index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncRecord {
+    /// `EVENT_OPEN` or `EVENT_CLOSE`.
+    pub kind: u8,
+    pub proto: u8,
+    /// `CONN_*` bits of the client's leg.
+    pub flags: u16,
+    pub client: ([u8; 4], u16),
+    pub vip: ([u8; 4], u16),
+    pub server: ([u8; 4], u16),
+    /// NAT: our source address and port toward the server.
+    pub nat: ([u8; 4], u16),
+    /// NAT: the MAC the client's packets come from.
+    pub peer_mac: [u8; 6],
+}
+
+const RECORD: usize = 34;
+/// Records per datagram: keeps datagrams under 1,400 bytes.
+pub const RECORDS_PER_MESSAGE: usize = 38;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    Heartbeat(Heartbeat),
+    /// New, refreshed or closed connections, from the primary.
+    Sync(Vec<SyncRecord>),
+    /// A backup asks the primary for its whole connection table.
+    SyncRequest,
+    /// A backup asks the primary to hand over to it (`lb-cli promote`).
+    Yield,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Index of the sender in the config's [[atm]] list.
+    pub sender: u16,
+    /// The sender's boot epoch (its start time): sequence numbers restart with it.
+    pub epoch: u64,
+    pub seq: u64,
+    pub body: Body,
+}
+
+/// Why a datagram was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reject {
+    Malformed,
+    OtherCluster,
+    Auth,
+    Replay,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 4] = [
+        Reject::Malformed,
+        Reject::OtherCluster,
+        Reject::Auth,
+        Reject::Replay,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::OtherCluster => "other_cluster",
+            Reject::Auth => "authentication",
+            Reject::Replay => "replay",
+        }
+    }
+}
+
+fn mac(key: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length")
+}
+
+/// Serialises and signs a message.
+pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
+    let name = cluster.as_bytes();
+    let mut b = Vec::with_capacity(64 + RECORD * RECORDS_PER_MESSAGE);
+    b.extend_from_slice(MAGIC);
+    b.push(VERSION);
+    let kind = match &m.body {
+        Body::Heartbeat(_) => 1,
+        Body::Sync(_) => 2,
+        Body::SyncRequest => 3,
+        Body::Yield => 4,
+    };
+    b.push(kind);
+    b.push(name.len().min(255) as u8);
+    b.extend_from_slice(&name[..name.len().min(255)]);
+    b.extend_from_slice(&m.sender.to_be_bytes());
+    b.extend_from_slice(&m.epoch.to_be_bytes());
+    b.extend_from_slice(&m.seq.to_be_bytes());
+    match &m.body {
+        Body::Heartbeat(h) => {
+            b.push(matches!(h.role, Role::Primary) as u8);
+            b.extend_from_slice(&h.term.to_be_bytes());
+            b.push(h.candidate as u8);
+            b.extend_from_slice(&h.yield_to.unwrap_or(u16::MAX).to_be_bytes());
+        }
+        Body::Sync(records) => {
+            b.extend_from_slice(&(records.len() as u16).to_be_bytes());
+            for r in records {
+                b.push(r.kind);
+                b.push(r.proto);
+                b.extend_from_slice(&r.flags.to_be_bytes());
+                for (a, p) in [r.client, r.vip, r.server, r.nat] {
+                    b.extend_from_slice(&a);
+                    b.extend_from_slice(&p.to_be_bytes());
+                }
+                b.extend_from_slice(&r.peer_mac);
+            }
+        }
+        Body::SyncRequest | Body::Yield => {}
+    }
+    let mut h = mac(key);
+    h.update(&b);
+    b.extend_from_slice(&h.finalize().into_bytes());
+    b
+}
+
+/// A cursor over a datagram.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Reject> {
+        if self.0.len() < n {
+            return Err(Reject::Malformed);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, Reject> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, Reject> {
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, Reject> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn addr_port(&mut self) -> Result<([u8; 4], u16), Reject> {
+        let a: [u8; 4] = self.take(4)?.try_into().expect("4 bytes");
+        Ok((a, self.u16()?))
+    }
+}
+
+/// Checks and parses a datagram: our cluster's name, a valid HMAC with our key. Replays are
+/// the receiver's business (see [`Replay`]).
+pub fn decode(cluster: &str, key: &[u8], datagram: &[u8]) -> Result<Message, Reject> {
+    if datagram.len() < MAGIC.len() + 3 + TAG || &datagram[..4] != MAGIC || datagram[4] != VERSION {
+        return Err(Reject::Malformed);
+    }
+    let (signed, tag) = datagram.split_at(datagram.len() - TAG);
+    let mut r = Reader(&signed[5..]);
+    let kind = r.u8()?;
+    let name_len = r.u8()? as usize;
+    if r.take(name_len)? != cluster.as_bytes() {
+        return Err(Reject::OtherCluster);
+    }
+    let mut h = mac(key);
+    h.update(signed);
+    h.verify_slice(tag).map_err(|_| Reject::Auth)?;
+    let sender = r.u16()?;
+    let epoch = r.u64()?;
+    let seq = r.u64()?;
+    let body = match kind {
+        1 => {
+            let role = if r.u8()? == 1 {
+                Role::Primary
+            } else {
+                Role::Backup
+            };
+            let term = r.u64()?;
+            let candidate = r.u8()? == 1;
+            let y = r.u16()?;
+            Body::Heartbeat(Heartbeat {
+                role,
+                term,
+                candidate,
+                yield_to: (y != u16::MAX).then_some(y),
+            })
+        }
+        2 => {
+            let n = r.u16()? as usize;
+            let mut records = Vec::with_capacity(n.min(RECORDS_PER_MESSAGE * 2));
+            for _ in 0..n {
+                records.push(SyncRecord {
+                    kind: r.u8()?,
+                    proto: r.u8()?,
+                    flags: r.u16()?,
+                    client: r.addr_port()?,
+                    vip: r.addr_port()?,
+                    server: r.addr_port()?,
+                    nat: r.addr_port()?,
+                    peer_mac: r.take(6)?.try_into().expect("6 bytes"),
+                });
+            }
+            Body::Sync(records)
+        }
+        3 => Body::SyncRequest,
+        4 => Body::Yield,
+        _ => return Err(Reject::Malformed),
+    };
+    if !r.0.is_empty() {
+        return Err(Reject::Malformed);
+    }
+    Ok(Message {
+        sender,
+        epoch,
+        seq,
+        body,
+    })
+}
+
+/// Per sender, the newest (epoch, sequence) accepted: anything not newer is a replay.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    seen: Vec<Option<(u64, u64)>>,
+}
+
+impl Replay {
+    pub fn new(n: usize) -> Replay {
+        Replay {
+            seen: vec![None; n],
+        }
+    }
+
+    /// Accepts `m` if it is newer than everything seen from its sender.
+    pub fn check(&mut self, m: &Message) -> Result<(), Reject> {
+        let slot = self
+            .seen
+            .get_mut(m.sender as usize)
+            .ok_or(Reject::Malformed)?;
+        if let Some(last) = *slot
+            && (m.epoch, m.seq) <= last
+        {
+            return Err(Reject::Replay);
+        }
+        *slot = Some((m.epoch, m.seq));
+        Ok(())
+    }
+}
+
+/// What the election asks the daemon to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    BecomePrimary {
+        term: u64,
+        reason: String,
+    },
+    /// `planned`: a handover on purpose (the new primary is named and about to take over).
+    BecomeBackup {
+        reason: String,
+        planned: bool,
+    },
+}
+
+/// What this ATM knows of another.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub last_heard: Option<Instant>,
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// The election, as a pure state machine: feed it heartbeats and ticks with the time; it
+/// answers with at most one action each time.
+#[derive(Clone, Debug)]
+pub struct Election {
+    me: usize,
+    /// A peer unheard for this long is down.
+    dead: Duration,
+    started: Instant,
+    role: Role,
+    /// The highest term seen (ours when primary).
+    term: u64,
+    /// Reaches its `track` addresses.
+    eligible: bool,
+    peers: Vec<Peer>,
+    /// After handing over on purpose: stand aside until another ATM is primary, or until this.
+    stand_aside_until: Option<Instant>,
+    /// During a planned handover: who is to take over.
+    yield_to: Option<usize>,
+}
+
+impl Election {
+    /// ATM `me` of `n`, heartbeats every `heartbeat`, peers dead after `dead_after` missed.
+    pub fn new(
+        me: usize,
+        n: usize,
+        heartbeat: Duration,
+        dead_after: u32,
+        now: Instant,
+    ) -> Election {
+        Election {
+            me,
+            dead: heartbeat * dead_after,
+            started: now,
+            role: Role::Backup,
+            term: 0,
+            eligible: true,
+            peers: vec![
+                Peer {
+                    last_heard: None,
+                    heartbeat: None
+                };
+                n
+            ],
+            stand_aside_until: None,
+            yield_to: None,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    /// Whether peer `i` was heard within the dead interval.
+    pub fn alive(&self, i: usize, now: Instant) -> bool {
+        i != self.me
+            && self.peers[i]
+                .last_heard
+                .is_some_and(|t| now.duration_since(t) <= self.dead)
+    }
+
+    /// The live peer announcing itself primary, if any.
+    pub fn primary_peer(&self, now: Instant) -> Option<usize> {
+        (0..self.peers.len()).find(|i| {
+            self.alive(*i, now)
+                && self.peers[*i]
+                    .heartbeat
+                    .is_some_and(|h| h.role == Role::Primary)
+        })
+    }
+
+    fn candidate(&self, now: Instant) -> bool {
+        self.eligible && self.stand_aside_until.is_none_or(|t| now >= t)
+    }
+
+    /// What to announce now.
+    pub fn heartbeat(&self, now: Instant) -> Heartbeat {
+        Heartbeat {
+            role: self.role,
+            term: self.term,
+            candidate: self.candidate(now),
+            yield_to: self.yield_to.map(|i| i as u16),
+        }
+    }
+
+    /// Whether this ATM may become primary (reaches its `track` addresses).
+    pub fn set_eligible(&mut self, ok: bool, now: Instant) -> Option<Action> {
+        self.eligible = ok;
+        self.evaluate(now)
+    }
+
+    pub fn on_heartbeat(&mut self, from: usize, hb: Heartbeat, now: Instant) -> Option<Action> {
+        if from == self.me || from >= self.peers.len() {
+            return None;
+        }
+        self.peers[from] = Peer {
+            last_heard: Some(now),
+            heartbeat: Some(hb),
+        };
+        if hb.role == Role::Primary {
+            // Someone else leads now: a handover is over, and nobody needs to stand aside.
+            self.stand_aside_until = None;
+            self.yield_to = None;
+            if self.role == Role::Primary {
+                // Two primaries: the later promotion wins; on equal terms the higher-listed.
+                let theirs = (hb.term, std::cmp::Reverse(from));
+                let ours = (self.term, std::cmp::Reverse(self.me));
+                self.term = self.term.max(hb.term);
+                if theirs > ours {
+                    self.role = Role::Backup;
+                    return Some(Action::BecomeBackup {
+                        reason: format!(
+                            "ATM {from} is primary with term {} (ours {})",
+                            hb.term, ours.0
+                        ),
+                        planned: false,
+                    });
+                }
+                return None;
+            }
+            self.term = self.term.max(hb.term);
+            return None;
+        }
+        if hb.yield_to == Some(self.me as u16) && self.role == Role::Backup && self.eligible {
+            return self.promote(now, format!("ATM {from} hands over to this ATM"));
+        }
+        self.evaluate(now)
+    }
+
+    pub fn tick(&mut self, now: Instant) -> Option<Action> {
+        self.evaluate(now)
+    }
+
+    fn promote(&mut self, _now: Instant, reason: String) -> Option<Action> {
+        self.role = Role::Primary;
+        self.term += 1;
+        self.stand_aside_until = None;
+        self.yield_to = None;
+        Some(Action::BecomePrimary {
+            term: self.term,
+            reason,
+        })
+    }
+
+    fn evaluate(&mut self, now: Instant) -> Option<Action> {
+        if self.role == Role::Primary {
+            if !self.eligible {
+                self.role = Role::Backup;
+                return Some(Action::BecomeBackup {
+                    reason: "this ATM no longer reaches its track addresses".into(),
+                    planned: false,
+                });
+            }
+            return None;
+        }
+        if now.duration_since(self.started) < self.dead {
+            return None; // still looking for a primary
+        }
+        if self.primary_peer(now).is_some() || !self.candidate(now) {
+            return None;
+        }
+        // A handover to another live ATM is under way: let it happen.
+        if (0..self.peers.len()).any(|i| {
+            self.alive(i, now)
+                && self.peers[i].heartbeat.is_some_and(|h| {
+                    h.yield_to
+                        .is_some_and(|t| t as usize != self.me && self.alive(t as usize, now))
+                })
+        }) {
+            return None;
+        }
+        // The highest-listed running candidate takes it.
+        if (0..self.me)
+            .any(|i| self.alive(i, now) && self.peers[i].heartbeat.is_some_and(|h| h.candidate))
+        {
+            return None;
+        }
+        let reason = if self.peers.iter().all(|p| p.last_heard.is_none()) {
+            format!(
+                "no primary ATM answered within {} ms",
+                self.dead.as_millis()
+            )
+        } else {
+            "no primary ATM is alive and this is the highest-listed running ATM".to_string()
+        };
+        self.promote(now, reason)
+    }
+
+    /// A planned handover (`lb-cli demote`, or a backup's `Yield`): become backup, name the
+    /// ATM to take over, and stand aside until it has (or for a while if nobody does).
+    pub fn hand_over(&mut self, to: Option<usize>, now: Instant) -> Option<Action> {
+        if self.role != Role::Primary {
+            return None;
+        }
+        let to = to.or_else(|| {
+            (0..self.peers.len()).find(|i| {
+                self.alive(*i, now) && self.peers[*i].heartbeat.is_some_and(|h| h.candidate)
+            })
+        });
+        self.role = Role::Backup;
+        self.yield_to = to;
+        self.stand_aside_until = Some(now + self.dead * 4);
+        Some(Action::BecomeBackup {
+            reason: match to {
+                Some(i) => format!("handing over to ATM {i}"),
+                None => "demoted with no other ATM running".into(),
+            },
+            planned: to.is_some(),
+        })
+    }
+
+    /// `lb-cli promote` when no primary is alive: take over at once.
+    pub fn force_promote(&mut self, now: Instant) -> Option<Action> {
+        if self.role == Role::Primary || !self.eligible {
+            return None;
+        }
+        self.promote(now, "promoted by lb-cli".into())
+    }
+
+    /// Milliseconds since peer `i` was last heard.
+    pub fn last_heard_ms(&self, i: usize, now: Instant) -> Option<u64> {
+        self.peers[i]
+            .last_heard
+            .map(|t| now.duration_since(t).as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::advance;
+
+    const HB: Duration = Duration::from_millis(100);
+
+    /// Three ATMs on a simulated network: each tick every running ATM announces itself to
+    /// the others (unless the link between them is cut).
+    struct Net {
+        atms: Vec<Option<Election>>,
+        cut: Vec<(usize, usize)>,
+        log: Vec<(usize, Action)>,
+    }
+
+    impl Net {
+        fn new(n: usize) -> Net {
+            Net {
+                atms: (0..n)
+                    .map(|i| Some(Election::new(i, n, HB, 3, Instant::now())))
+                    .collect(),
+                cut: Vec::new(),
+                log: Vec::new(),
+            }
+        }
+        fn start(&mut self, i: usize) {
+            let n = self.atms.len();
+            self.atms[i] = Some(Election::new(i, n, HB, 3, Instant::now()));
+        }
+        fn kill(&mut self, i: usize) {
+            self.atms[i] = None;
+        }
+        fn linked(&self, a: usize, b: usize) -> bool {
+            !self.cut.contains(&(a, b)) && !self.cut.contains(&(b, a))
+        }
+        /// One heartbeat interval.
+        async fn step(&mut self) {
+            advance(HB).await;
+            let now = Instant::now();
+            let beats: Vec<(usize, Heartbeat)> = self
+                .atms
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.as_ref().map(|a| (i, a.heartbeat(now))))
+                .collect();
+            for (from, hb) in beats {
+                for to in 0..self.atms.len() {
+                    if to != from
+                        && self.linked(from, to)
+                        && let Some(a) = self.atms[to].as_mut()
+                        && let Some(act) = a.on_heartbeat(from, hb, now)
+                    {
+                        self.log.push((to, act));
+                    }
+                }
+            }
+            for i in 0..self.atms.len() {
+                if let Some(a) = self.atms[i].as_mut()
+                    && let Some(act) = a.tick(now)
+                {
+                    self.log.push((i, act));
+                }
+            }
+        }
+        async fn steps(&mut self, n: usize) {
+            for _ in 0..n {
+                self.step().await;
+            }
+        }
+        fn primaries(&self) -> Vec<usize> {
+            self.atms
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.as_ref().is_some_and(|a| a.role() == Role::Primary))
+                .map(|(i, _)| i)
+                .collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_highest_listed_running_atm_becomes_primary_after_looking() {
+        let mut net = Net::new(3);
+        net.steps(2).await;
+        assert!(net.primaries().is_empty(), "still looking for a primary");
+        net.steps(2).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.steps(20).await;
+        assert_eq!(net.primaries(), vec![0], "stable");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_primary_is_replaced_within_dead_after_and_does_not_preempt_on_return() {
+        let mut net = Net::new(3);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.kill(0);
+        net.steps(3).await;
+        assert!(net.primaries().is_empty() || net.primaries() == vec![1]);
+        net.steps(2).await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "the highest-listed running backup"
+        );
+        net.start(0);
+        net.steps(30).await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "a returning former primary stays backup"
+        );
+        assert_eq!(net.atms[0].as_ref().unwrap().role(), Role::Backup);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_late_starter_does_not_preempt() {
+        let mut net = Net::new(2);
+        net.kill(0);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![1], "alone, the second ATM takes over");
+        net.start(0);
+        net.steps(10).await;
+        assert_eq!(net.primaries(), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn split_brain_heals_to_the_later_promotion() {
+        let mut net = Net::new(2);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.cut.push((0, 1));
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0, 1], "both lead while cut off");
+        let t1 = net.atms[1].as_ref().unwrap().term();
+        assert!(t1 > net.atms[0].as_ref().unwrap().term());
+        net.cut.clear();
+        net.step().await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "one heartbeat after the heal, the later promotion"
+        );
+        net.steps(20).await;
+        assert_eq!(net.primaries(), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_planned_handover_moves_the_role_both_ways() {
+        let mut net = Net::new(3);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        let now = Instant::now();
+        let act = net.atms[0].as_mut().unwrap().hand_over(Some(2), now);
+        assert!(matches!(act, Some(Action::BecomeBackup { .. })));
+        net.step().await;
+        assert_eq!(
+            net.primaries(),
+            vec![2],
+            "the named ATM takes over at the next heartbeat"
+        );
+        net.steps(30).await;
+        assert_eq!(
+            net.primaries(),
+            vec![2],
+            "and keeps it: the old primary stood aside"
+        );
+        let now = Instant::now();
+        net.atms[2].as_mut().unwrap().hand_over(None, now);
+        net.step().await;
+        assert_eq!(
+            net.primaries(),
+            vec![0],
+            "back to the highest-listed candidate"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_atm_that_cannot_reach_its_track_addresses_never_promotes() {
+        let mut net = Net::new(2);
+        net.atms[0].as_mut().unwrap().eligible = false;
+        net.steps(10).await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "the ineligible first ATM gives way"
+        );
+        let now = Instant::now();
+        let act = net.atms[1].as_mut().unwrap().set_eligible(false, now);
+        assert!(matches!(act, Some(Action::BecomeBackup { .. })));
+        net.steps(10).await;
+        assert!(net.primaries().is_empty(), "nobody may lead");
+    }
+
+    #[test]
+    fn messages_round_trip_and_forgeries_replays_and_strangers_are_refused() {
+        let key = b"0123456789abcdef0123";
+        let m = Message {
+            sender: 1,
+            epoch: 42,
+            seq: 7,
+            body: Body::Heartbeat(Heartbeat {
+                role: Role::Primary,
+                term: 3,
+                candidate: true,
+                yield_to: Some(0),
+            }),
+        };
+        let wire = encode("web", key, &m);
+        assert_eq!(decode("web", key, &wire), Ok(m.clone()));
+        assert_eq!(
+            decode("web", b"another key of 20b..", &wire),
+            Err(Reject::Auth)
+        );
+        assert_eq!(decode("db", key, &wire), Err(Reject::OtherCluster));
+        let mut tampered = wire.clone();
+        tampered[20] ^= 1;
+        assert_eq!(decode("web", key, &tampered), Err(Reject::Auth));
+        assert_eq!(decode("web", key, &wire[..10]), Err(Reject::Malformed));
+
+        let sync = Message {
+            sender: 0,
+            epoch: 1,
+            seq: 1,
+            body: Body::Sync(vec![SyncRecord {
+                kind: 1,
+                proto: 6,
+                flags: 1,
+                client: ([198, 51, 100, 7], 40000),
+                vip: ([192, 0, 2, 100], 80),
+                server: ([203, 0, 113, 11], 8080),
+                nat: ([203, 0, 113, 1], 20001),
+                peer_mac: [2, 0, 0, 0, 0, 1],
+            }]),
+        };
+        assert_eq!(decode("web", key, &encode("web", key, &sync)), Ok(sync));
+
+        let mut r = Replay::new(2);
+        assert_eq!(r.check(&m), Ok(()));
+        assert_eq!(r.check(&m), Err(Reject::Replay), "the same message again");
+        let older = Message {
+            seq: 6,
+            ..m.clone()
+        };
+        assert_eq!(r.check(&older), Err(Reject::Replay));
+        let restarted = Message {
+            epoch: 43,
+            seq: 1,
+            ..m.clone()
+        };
+        assert_eq!(
+            r.check(&restarted),
+            Ok(()),
+            "a new boot epoch restarts the sequence"
+        );
+    }
+
+    #[test]
+    fn a_key_readable_by_others_is_refused() {
+        let dir = std::env::temp_dir().join(format!("lb-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("authkey");
+        std::fs::write(&p, b"0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            load_key(&p)
+                .unwrap_err()
+                .contains("readable by group or others")
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_key(&p).unwrap().len(), 20);
+        std::fs::write(&p, b"short").unwrap();
+        assert!(load_key(&p).unwrap_err().contains("at least 16"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

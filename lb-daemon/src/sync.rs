@@ -1,0 +1,171 @@
+//! Connection sync: the primary turns its connection events (and, periodically, its whole
+//! table) into records that name servers by address and port; a backup installs them with
+//! its own server indices, so that once promoted it forwards established connections to the
+//! same servers, NAT translations included.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use lb_common::{
+    Addr, CONN_NAT, CONN_REPLY, ConnEvent, Connection, EVENT_CLOSE, EVENT_OPEN, FlowKey, Method,
+};
+
+use crate::{
+    dataplane::{self, Dataplane},
+    ha::SyncRecord,
+    services::{Plane, v4},
+};
+
+/// Server index -> (address, port), as the primary's plane has them.
+pub type ServerMap = HashMap<u32, (Ipv4Addr, u16, Method)>;
+
+fn ap(a: &Addr, port_be: u16) -> ([u8; 4], u16) {
+    (v4(a).octets(), u16::from_be(port_be))
+}
+
+/// A record from a dataplane event; `None` for a server index the plane no longer has.
+pub fn from_event(e: &ConnEvent, servers: &ServerMap) -> Option<SyncRecord> {
+    let (addr, port, _) = servers.get(&e.server)?;
+    Some(SyncRecord {
+        kind: e.kind,
+        proto: e.key.proto,
+        flags: e.flags,
+        client: ap(&e.key.src, e.key.sport),
+        vip: ap(&e.key.dst, e.key.dport),
+        server: (addr.octets(), *port),
+        nat: ap(&e.nat_addr, e.nat_port),
+        peer_mac: e.peer_mac,
+    })
+}
+
+/// Every live client leg of the table, as records (NAT ones with the client-side MAC of
+/// their reply leg).
+pub fn full_table(
+    dp: &Dataplane,
+    servers: &ServerMap,
+    timeout_ns: u64,
+) -> Result<Vec<SyncRecord>, dataplane::Error> {
+    let all = dp.connections()?;
+    let now = dataplane::now_ns();
+    let replies: HashMap<FlowKey, Connection> = all
+        .iter()
+        .filter(|(_, c)| c.flags & CONN_REPLY != 0)
+        .map(|(k, c)| (*k, *c))
+        .collect();
+    let mut out = Vec::new();
+    for (k, c) in &all {
+        if c.flags & CONN_REPLY != 0 || now.saturating_sub(c.last_seen_ns) > timeout_ns {
+            continue;
+        }
+        let Some((addr, port, _)) = servers.get(&c.server) else {
+            continue;
+        };
+        let peer_mac = if c.flags & CONN_NAT != 0 {
+            let rk = FlowKey {
+                src: (*addr).into(),
+                dst: c.nat_addr,
+                sport: port.to_be(),
+                dport: c.nat_port,
+                proto: k.proto,
+                _pad: [0; 3],
+            };
+            replies.get(&rk).map(|r| r.peer_mac).unwrap_or_default()
+        } else {
+            [0; 6]
+        };
+        out.push(SyncRecord {
+            kind: EVENT_OPEN,
+            proto: k.proto,
+            flags: c.flags,
+            client: ap(&k.src, k.sport),
+            vip: ap(&k.dst, k.dport),
+            server: (addr.octets(), *port),
+            nat: ap(&c.nat_addr, c.nat_port),
+            peer_mac,
+        });
+    }
+    Ok(out)
+}
+
+/// The local interface a NAT reply leg should fall back to, for the client side.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Local {
+    pub mac: [u8; 6],
+    pub ifindex: u32,
+}
+
+/// Installs records on a backup; returns (installed, skipped: servers it does not have).
+pub fn install(
+    dp: &mut Dataplane,
+    plane: &Plane,
+    records: &[SyncRecord],
+    local: Local,
+) -> Result<(usize, usize), dataplane::Error> {
+    let now = dataplane::now_ns();
+    let (mut installed, mut skipped) = (0, 0);
+    for r in records {
+        let svc = (Ipv4Addr::from(r.vip.0), r.vip.1, r.proto);
+        let line = (svc, Ipv4Addr::from(r.server.0), r.server.1);
+        let Some(index) = plane.index(&line) else {
+            skipped += 1;
+            continue;
+        };
+        let key = FlowKey {
+            src: Ipv4Addr::from(r.client.0).into(),
+            dst: Ipv4Addr::from(r.vip.0).into(),
+            sport: r.client.1.to_be(),
+            dport: r.vip.1.to_be(),
+            proto: r.proto,
+            _pad: [0; 3],
+        };
+        let nat = r.flags & CONN_NAT != 0;
+        let reply_key = FlowKey {
+            src: Ipv4Addr::from(r.server.0).into(),
+            dst: Ipv4Addr::from(r.nat.0).into(),
+            sport: r.server.1.to_be(),
+            dport: r.nat.1.to_be(),
+            proto: r.proto,
+            _pad: [0; 3],
+        };
+        if r.kind == EVENT_CLOSE {
+            dp.remove_connection(&key)?;
+            if nat {
+                dp.remove_connection(&reply_key)?;
+            }
+            installed += 1;
+            continue;
+        }
+        dp.set_connection(
+            &key,
+            &Connection {
+                last_seen_ns: now,
+                server: index,
+                flags: r.flags,
+                nat_port: r.nat.1.to_be(),
+                nat_addr: if nat {
+                    Ipv4Addr::from(r.nat.0).into()
+                } else {
+                    Addr::default()
+                },
+                ..Default::default()
+            },
+        )?;
+        if nat {
+            dp.set_connection(
+                &reply_key,
+                &Connection {
+                    last_seen_ns: now,
+                    server: index,
+                    flags: CONN_NAT | CONN_REPLY,
+                    nat_port: r.client.1.to_be(),
+                    nat_addr: Ipv4Addr::from(r.client.0).into(),
+                    peer_mac: r.peer_mac,
+                    local_mac: local.mac,
+                    ifindex: local.ifindex,
+                    ..Default::default()
+                },
+            )?;
+        }
+        installed += 1;
+    }
+    Ok((installed, skipped))
+}

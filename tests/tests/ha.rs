@@ -1,0 +1,573 @@
+//! Tier 3: two ATMs, a client and three real servers on one segment, every machine running
+//! the real lb-daemon (the servers in node role). Failover by SIGKILL, no preemption,
+//! long transfers across a failover in each method, heals after a cut heartbeat path,
+//! forged and replayed heartbeats, and promote/demote drills under client load.
+
+use std::{
+    io::Read,
+    net::{SocketAddr, UdpSocket},
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_common::Method;
+use lb_tests::{
+    cluster,
+    lab::{BIG_BYTES, Lab},
+    procs::Daemon,
+};
+
+const KEY: &[u8] = b"lab-secret-0123456789";
+const START: Duration = Duration::from_secs(20);
+const HEARTBEAT_MS: u64 = 100;
+
+fn config(method: Method) -> String {
+    let (nat, port) = match method {
+        Method::Nat => (
+            format!(
+                "[nat]\nsubnet = \"203.0.113.0/24\"\ngateway = \"{}\"\n",
+                cluster::NAT_GATEWAY
+            ),
+            8080,
+        ),
+        _ => (String::new(), 80),
+    };
+    let mut c = format!(
+        r#"[cluster]
+name = "lab"
+timeout = 100
+auth_key_file = "AUTHKEY"
+
+[ha]
+heartbeat_ms = {HEARTBEAT_MS}
+dead_after = 3
+
+{nat}
+[[atm]]
+name = "atm1"
+address = "{a1}"
+interface = "eth0"
+
+[[atm]]
+name = "atm2"
+address = "{a2}"
+interface = "eth0"
+
+[[service]]
+name = "http"
+vip = "{vip}"
+port = 80
+scheduler = "maglev"
+[service.check]
+kind = "none"
+"#,
+        a1 = cluster::atm_addr(1),
+        a2 = cluster::atm_addr(2),
+        vip = cluster::VIP,
+    );
+    for i in 1..=3 {
+        let addr = if method == Method::Nat {
+            cluster::server_nat_addr(i)
+        } else {
+            cluster::server_addr(i)
+        };
+        c += &format!(
+            "[[service.server]]\nname = \"s{i}\"\naddress = \"{addr}\"\nport = {port}\nmethod = \"{}\"\n",
+            method.name()
+        );
+    }
+    c
+}
+
+/// The lab, the config path, and every daemon running: servers (node role), atm1 primary,
+/// atm2 backup.
+struct Cluster {
+    lab: Lab,
+    path: PathBuf,
+    atms: Vec<Option<Daemon>>,
+    _nodes: Vec<Daemon>,
+}
+
+impl Cluster {
+    fn new(method: Method) -> Cluster {
+        let mut lab = Lab::new();
+        cluster::build(&mut lab, 2, 3);
+        let dir = lab.dir();
+        let key = dir.join("authkey");
+        std::fs::write(&key, KEY).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.join("lb.toml");
+        std::fs::write(
+            &path,
+            config(method).replace("AUTHKEY", key.to_str().unwrap()),
+        )
+        .unwrap();
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            let ns = cluster::server(i);
+            lab.nginx(&ns, &ns, &[80, 8080]);
+            let mut d = Daemon::start(&mut lab, &ns, &path, &["--node", &format!("s{i}")]);
+            d.wait_log("Control socket", START);
+            nodes.push(d);
+        }
+        let mut a1 = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+        a1.wait_log("This ATM is primary", START);
+        let mut a2 = Daemon::start(&mut lab, &cluster::atm(2), &path, &[]);
+        a2.wait_log("ATM atm1 (192.0.2.2) is primary", START);
+        Cluster {
+            lab,
+            path,
+            atms: vec![Some(a1), Some(a2)],
+            _nodes: nodes,
+        }
+    }
+
+    fn atm(&self, i: usize) -> &Daemon {
+        self.atms[i - 1].as_ref().unwrap()
+    }
+
+    fn restart(&mut self, i: usize) {
+        let d = Daemon::start(&mut self.lab, &cluster::atm(i), &self.path, &[]);
+        self.atms[i - 1] = Some(d);
+    }
+
+    /// Which ATMs hold the VIP on their interface right now.
+    fn vip_holders(&self) -> Vec<usize> {
+        (1..=2)
+            .filter(|i| {
+                let out = std::process::Command::new("ip")
+                    .args([
+                        "-n",
+                        self.lab.ns(&cluster::atm(*i)).name(),
+                        "-4",
+                        "-o",
+                        "addr",
+                        "show",
+                        "dev",
+                        "eth0",
+                    ])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).contains(&format!("{}/32", cluster::VIP))
+            })
+            .collect()
+    }
+}
+
+/// One HTTP request on a new connection from the client; the body, or why it failed.
+fn request(timeout: Duration) -> Result<String, String> {
+    let agent = ureq::AgentBuilder::new()
+        .max_idle_connections(0)
+        .timeout(timeout)
+        .build();
+    agent
+        .get(&format!("http://{}/", cluster::VIP))
+        .call()
+        .map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn sigkill_of_the_primary_fails_over_and_the_old_primary_stays_backup() {
+    let mut c = Cluster::new(Method::Direct);
+    assert_eq!(c.vip_holders(), vec![1]);
+    {
+        let _in = c.lab.ns("client").enter();
+        assert!(request(Duration::from_secs(5)).unwrap().starts_with('s'));
+    }
+    let status = c.atm(2).cli_ok(&["status"]);
+    assert!(
+        status.contains("atm1 is primary") && status.contains("online"),
+        "{status}"
+    );
+
+    // 1. SIGKILL: time from the kill to the first new connection served through the backup.
+    // (The killed daemon's program stays attached and keeps forwarding until its lease runs
+    // out, so requests may succeed before that; none should fail for long.)
+    let new_on_atm2 = |c: &Cluster| -> u64 {
+        c.atm(2)
+            .cat("stat")
+            .split_whitespace()
+            .nth(5)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = new_on_atm2(&c);
+    c.atms[0].as_mut().unwrap().kill();
+    let killed = Instant::now();
+    let (mut attempts, mut failed) = (0, 0);
+    let elapsed = {
+        let _in = c.lab.ns("client").enter();
+        loop {
+            attempts += 1;
+            if request(Duration::from_millis(250)).is_err() {
+                failed += 1;
+            } else if new_on_atm2(&c) > before {
+                break killed.elapsed();
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(10),
+                "no failover within 10 s"
+            );
+        }
+    };
+    eprintln!(
+        "failover: first new connection through the backup {} ms after SIGKILL of the \
+         primary ({attempts} attempts, {failed} failed)",
+        elapsed.as_millis()
+    );
+    c.atms[1]
+        .as_mut()
+        .unwrap()
+        .wait_log("This ATM is primary", Duration::from_secs(5));
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "failover took {elapsed:?}"
+    );
+    let status = c.atm(2).cli_ok(&["status"]);
+    assert!(status.contains("atm2 is primary"), "{status}");
+    assert!(
+        c.atm(2)
+            .cat("atms")
+            .contains("atm1 192.0.2.2 backup offline")
+    );
+
+    // 2. The old primary comes back and stays backup.
+    c.restart(1);
+    c.atms[0]
+        .as_mut()
+        .unwrap()
+        .wait_log("ATM atm2 (192.0.2.3) is primary", START);
+    assert!(
+        c.atm(1)
+            .log()
+            .contains("Removed stale alias 192.0.2.100/32 (eth0:cs0)"),
+        "{}",
+        c.atm(1).log()
+    );
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.vip_holders(), vec![2], "no preemption");
+    assert!(c.atm(1).cli_ok(&["status"]).contains("atm2 is primary"));
+    assert_eq!(
+        c.atm(1).log().matches("Elected primary").count(),
+        1,
+        "only in its first life"
+    );
+    let atms = c.atm(2).cat("atms");
+    assert!(atms.contains("atm1 192.0.2.2 backup online"), "{atms}");
+    assert!(atms.contains("atm2 192.0.2.3 primary online 0"), "{atms}");
+}
+
+/// A 2 MB download through the VIP at 160 kB/s; the primary is killed 3 s in.
+fn long_transfer_survives_failover(method: Method) {
+    let mut c = Cluster::new(method);
+    let done = Arc::new(AtomicBool::new(false));
+    let client = c.lab.ns("client").name().to_string();
+    let transfer = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let ns = lb_tests::netns::NetNs::attach(&client);
+            let _in = ns.enter();
+            let agent = ureq::AgentBuilder::new()
+                .timeout_read(Duration::from_secs(10))
+                .build();
+            let started = Instant::now();
+            let resp = agent
+                .get(&format!("http://{}/big", cluster::VIP))
+                .call()
+                .map_err(|e| e.to_string())?;
+            let mut body = Vec::new();
+            let r = resp.into_reader().read_to_end(&mut body);
+            done.store(true, Ordering::SeqCst);
+            r.map_err(|e| format!("after {} bytes: {e}", body.len()))?;
+            Ok::<(usize, Vec<u8>, Duration), String>((body.len(), body, started.elapsed()))
+        })
+    };
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the transfer must still be running at the failover"
+    );
+    c.atms[0].as_mut().unwrap().kill();
+    c.atms[1]
+        .as_mut()
+        .unwrap()
+        .wait_log("This ATM is primary", Duration::from_secs(5));
+    let (len, body, took) = transfer
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{method:?}: the transfer broke: {e}"));
+    assert_eq!(len, BIG_BYTES, "{method:?}");
+    assert!(
+        body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+        "{method:?}: corrupted"
+    );
+    assert!(
+        took >= Duration::from_secs(10),
+        "{method:?}: the transfer lasted {took:?}"
+    );
+    eprintln!("{method:?}: 2 MB transfer across a failover completed in {took:?}");
+}
+
+#[test]
+fn a_long_transfer_survives_failover_direct() {
+    long_transfer_survives_failover(Method::Direct);
+}
+
+#[test]
+fn a_long_transfer_survives_failover_tunnel() {
+    long_transfer_survives_failover(Method::Tunnel);
+}
+
+#[test]
+fn a_long_transfer_survives_failover_nat() {
+    long_transfer_survives_failover(Method::Nat);
+}
+
+#[test]
+fn after_a_cut_heartbeat_path_heals_exactly_one_primary_holds_the_vip() {
+    let c = Cluster::new(Method::Direct);
+    let atm2 = c.lab.ns(&cluster::atm(2));
+    let mut worst = Duration::ZERO;
+    for round in 1..=10 {
+        atm2.exec_ok(&["nft", "add table inet lbcut"]);
+        atm2.exec_ok(&[
+            "nft",
+            "add chain inet lbcut in { type filter hook input priority 0 ; }",
+        ]);
+        atm2.exec_ok(&[
+            "nft",
+            "add chain inet lbcut out { type filter hook output priority 0 ; }",
+        ]);
+        atm2.exec_ok(&["nft", "add rule inet lbcut in udp dport 5780 drop"]);
+        atm2.exec_ok(&["nft", "add rule inet lbcut out udp dport 5780 drop"]);
+        let cut = Instant::now();
+        while c.vip_holders() != vec![1, 2] {
+            assert!(
+                cut.elapsed() < Duration::from_secs(5),
+                "round {round}: no split brain while cut"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        atm2.exec_ok(&["nft", "delete table inet lbcut"]);
+        let healed = Instant::now();
+        loop {
+            let h = c.vip_holders();
+            if h.len() == 1 {
+                let t = healed.elapsed();
+                worst = worst.max(t);
+                break;
+            }
+            assert!(
+                healed.elapsed() < Duration::from_secs(3),
+                "round {round}: still {h:?}"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        // And it stays that way.
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(c.vip_holders().len(), 1, "round {round}");
+    }
+    eprintln!(
+        "worst time from heal to a single VIP holder over 10 rounds: {} ms",
+        worst.as_millis()
+    );
+    assert!(
+        worst <= Duration::from_millis(2 * HEARTBEAT_MS + 50),
+        "one primary within two heartbeat intervals (plus the 5 ms polling and `ip` run time): {worst:?}"
+    );
+}
+
+/// Captures one UDP payload sent to `dst` as it crosses the switch port `port` in `sw`.
+fn capture_heartbeat(lab: &Lab, port: &str, dst: SocketAddr) -> Vec<u8> {
+    let sw = lab.ns("sw");
+    let ifindex = sw.ifindex(port);
+    let _in = sw.enter();
+    // SAFETY: plain socket calls; the fd is closed below.
+    unsafe {
+        // ETH_P_ALL: the bridge takes frames off its ports before protocol taps see them.
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        );
+        assert!(fd >= 0);
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        assert_eq!(
+            libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32
+            ),
+            0
+        );
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let dst_ip = match dst.ip() {
+            std::net::IpAddr::V4(v) => v.octets(),
+            _ => unreachable!(),
+        };
+        while Instant::now() < deadline {
+            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n < 42 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if f[12..14] != [0x08, 0x00] {
+                continue;
+            }
+            let ihl = ((f[14] & 0x0f) as usize) * 4;
+            if f[23] == 17
+                && f[30..34] == dst_ip
+                && u16::from_be_bytes([f[14 + ihl + 2], f[14 + ihl + 3]]) == dst.port()
+            {
+                libc::close(fd);
+                return f[14 + ihl + 8..].to_vec();
+            }
+        }
+        libc::close(fd);
+    }
+    panic!("no heartbeat to {dst} seen on {port}");
+}
+
+fn rejected(d: &Daemon) -> serde_json::Value {
+    let out = d.cli_ok(&["status"]);
+    assert!(!out.is_empty());
+    let data = lb_daemon::control::call(
+        &d.socket,
+        &lb_daemon::control::Request::Status,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    data.data.unwrap()["rejected"].clone()
+}
+
+#[test]
+fn forged_and_replayed_heartbeats_change_nothing_and_are_counted() {
+    let c = Cluster::new(Method::Direct);
+    let atm2: SocketAddr = format!("{}:5780", cluster::atm_addr(2)).parse().unwrap();
+    let captured = capture_heartbeat(&c.lab, "p-atm1", atm2);
+    // The captured datagram is genuine: it decodes with the cluster's key.
+    let genuine = lb_daemon::ha::decode("lab", KEY, &captured).expect("a real heartbeat");
+    assert_eq!(genuine.sender, 0);
+    thread::sleep(Duration::from_millis(300));
+
+    let forged = lb_daemon::ha::encode(
+        "lab",
+        b"not-the-cluster-key-000",
+        &lb_daemon::ha::Message {
+            sender: 0,
+            epoch: u64::MAX,
+            seq: u64::MAX,
+            body: lb_daemon::ha::Body::Heartbeat(lb_daemon::ha::Heartbeat {
+                role: lb_daemon::ha::Role::Backup,
+                term: 1_000_000,
+                candidate: false,
+                yield_to: Some(1),
+            }),
+        },
+    );
+    {
+        let _in = c.lab.ns("client").enter();
+        let sock = UdpSocket::bind((cluster::CLIENT, 0)).unwrap();
+        for _ in 0..20 {
+            // A forgery that would hand the primary role to atm2 if believed...
+            sock.send_to(&forged, atm2).unwrap();
+            // ...and a genuine heartbeat from the past.
+            sock.send_to(&captured, atm2).unwrap();
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+    let r = rejected(c.atm(2));
+    assert!(r["authentication"].as_u64().unwrap() >= 20, "{r}");
+    assert!(r["replay"].as_u64().unwrap() >= 20, "{r}");
+    assert_eq!(c.vip_holders(), vec![1], "nothing changed");
+    assert!(!c.atm(2).log().contains("Elected primary"));
+    assert!(c.atm(2).log().contains("Refused an ATM message from"));
+    let metrics = {
+        let _in = c.lab.ns(&cluster::atm(2)).enter();
+        ureq::get(&format!("http://{}/metrics", c.atm(2).metrics))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    assert!(
+        metrics.contains("lb_ha_rejected_messages_total{node=\"atm2\",reason=\"replay\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn promote_and_demote_drills_move_the_role_and_the_vip_without_failing_a_request() {
+    let c = Cluster::new(Method::Direct);
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = c.lab.ns("client").name().to_string();
+    let load = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let ns = lb_tests::netns::NetNs::attach(&client);
+            let _in = ns.enter();
+            let mut results = Vec::new();
+            let start = Instant::now();
+            while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30) {
+                results.push(request(Duration::from_secs(5)));
+                thread::sleep(Duration::from_millis(20));
+            }
+            results
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let out = c.atm(2).cli_ok(&["promote"]);
+    assert!(out.contains("atm2 is primary"), "{out}");
+    assert_eq!(c.vip_holders(), vec![2]);
+    thread::sleep(Duration::from_secs(1));
+    let out = c.atm(2).cli_ok(&["demote"]);
+    assert!(out.contains("handed over to atm1"), "{out}");
+    let t = Instant::now();
+    while c.vip_holders() != vec![1] {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            c.vip_holders()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let results = load.join().unwrap();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(results.len() >= 20, "{} requests", results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    // Refusals say why.
+    let out = c.atm(2).cli(&["demote"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not primary"));
+}
