@@ -31,6 +31,7 @@ use crate::{
     dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
     fuse,
     ha::{self, Action, Body, Election, Message, Reject, Replay},
+    health::{self, Checks, LineHealth, Transition},
     metrics, neighbours,
     services::{Plane, svc_key, v4},
     sync,
@@ -140,6 +141,12 @@ struct Daemon {
     debug: bool,
     /// The election and the messages between ATMs (ATM role only).
     ha: Option<Ha>,
+    /// The probe tasks (ATM role only), restarted on reload.
+    checks: Option<Checks>,
+    /// Where probe outcomes go.
+    checks_tx: mpsc::Sender<health::Outcome>,
+    /// Rise/fall state of every server line.
+    health: HashMap<crate::services::LineKey, LineHealth>,
 }
 
 /// An ATM's part in the election: its state machine and the socket to the other ATMs.
@@ -212,6 +219,7 @@ pub async fn run(opts: Options) -> Result<()> {
         config.services.len()
     );
 
+    let (checks_tx, mut checks_rx) = mpsc::channel::<health::Outcome>(1024);
     let mut d = Daemon {
         timeout: config.cluster.timeout,
         debug: config.cluster.debug,
@@ -223,9 +231,15 @@ pub async fn run(opts: Options) -> Result<()> {
         atm: None,
         node: None,
         ha: None,
+        checks: None,
+        checks_tx,
+        health: HashMap::new(),
     };
     match d.role.clone() {
-        Role::Atm(i) => d.start_atm(i, &local).await?,
+        Role::Atm(i) => {
+            d.start_atm(i, &local).await?;
+            d.start_checks();
+        }
         Role::Node(addr) => d.start_node(addr, &local).await?,
     }
 
@@ -304,6 +318,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             Some((bytes, from)) = udp_rx.recv() => d.on_datagram(&bytes, from).await,
+            Some(outcome) = checks_rx.recv() => d.on_probe(outcome),
             _ = heartbeat.tick(), if d.ha.is_some() => d.on_heartbeat_tick().await,
             _ = sync_events.tick(), if d.atm.is_some() => d.sync_tick().await,
             _ = full_sync.tick(), if d.atm.is_some() => d.full_sync(None).await,
@@ -917,6 +932,74 @@ impl Daemon {
         }
     }
 
+    /// (Re)starts the probes for the config's servers; health of lines that remain is kept.
+    fn start_checks(&mut self) {
+        self.checks = None;
+        let mut keep = HashMap::new();
+        for s in &self.config.services {
+            let k = svc_key(s);
+            for v in &s.servers {
+                let line = (k, v.address, v.port);
+                let h = self
+                    .health
+                    .remove(&line)
+                    .unwrap_or_else(|| LineHealth::new(s.check.rise, s.check.fall));
+                keep.insert(line, h);
+            }
+        }
+        self.health = keep;
+        let (checks, note) = Checks::start(&self.config, self.checks_tx.clone());
+        info!("{note}");
+        self.checks = Some(checks);
+    }
+
+    /// A probe's outcome: rise/fall, and on a transition the tables change and the log says
+    /// why, once.
+    fn on_probe(&mut self, o: health::Outcome) {
+        let Some(h) = self.health.get_mut(&o.line) else {
+            return; // a line that left with a reload
+        };
+        let Some(t) = h.record(&o) else { return };
+        let name = self
+            .config
+            .services
+            .iter()
+            .filter(|s| svc_key(s) == o.line.0)
+            .flat_map(|s| s.servers.iter())
+            .find(|v| v.address == o.line.1 && v.port == o.line.2)
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
+        let Some(a) = self.atm.as_mut() else { return };
+        let healthy = matches!(t, Transition::Up { .. });
+        let dropped = a
+            .plane
+            .set_state(&mut a.dp, &o.line, |s| s.healthy = healthy, true)
+            .unwrap_or_else(|e| {
+                error!("Applying the health of {name}: {e}");
+                0
+            });
+        match t {
+            Transition::Down {
+                reason,
+                failed,
+                fall,
+            } => warn!(
+                "{name} {}:{} down: {reason}, {failed} of {fall} failed{}",
+                o.line.1,
+                o.line.2,
+                if dropped > 0 {
+                    format!("; {dropped} connections dropped")
+                } else {
+                    String::new()
+                }
+            ),
+            Transition::Up { passed } => info!(
+                "{name} {}:{} up: {passed} checks in a row passed",
+                o.line.1, o.line.2
+            ),
+        }
+    }
+
     async fn start_node(&mut self, addr: Ipv4Addr, local: &[IfAddr]) -> Result<()> {
         info!("Running as a real server (node role) for {addr}");
         let iface = local
@@ -1062,6 +1145,7 @@ impl Daemon {
         }
         let a = self.atm.as_mut().expect("an ATM");
         let changes = a.plane.apply(&mut a.dp, &self.config)?;
+        self.start_checks();
         let settings = self.settings(primary);
         let a = self.atm.as_mut().expect("an ATM");
         a.dp.set_settings(&settings)?;

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod fuse;
 pub mod ha;
+pub mod health;
 pub mod metrics;
 pub mod neighbours;
 pub mod services;

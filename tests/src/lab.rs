@@ -161,13 +161,33 @@ impl Lab {
     /// Starts nginx in `ns` answering every request on `ports` with `name` and a newline
     /// (and `/big` with [`BIG_BYTES`] at 160 kB/s), and waits until it listens.
     pub fn nginx(&mut self, ns: &str, name: &str, ports: &[u16]) {
+        self.nginx_tls(ns, name, ports, None);
+    }
+
+    /// Like [`Lab::nginx`], also serving HTTPS on `tls.0` with the PEM certificate and key
+    /// `tls.1` and `tls.2`.
+    pub fn nginx_tls(
+        &mut self,
+        ns: &str,
+        name: &str,
+        ports: &[u16],
+        tls: Option<(u16, &str, &str)>,
+    ) {
         let dir = self.dir().join(format!("nginx-{ns}"));
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
-        let listens: String = ports
+        let mut listens: String = ports
             .iter()
             .map(|p| format!("listen {p} reuseport; "))
             .collect();
+        if let Some((port, cert, key)) = tls {
+            std::fs::write(dir.join("cert.pem"), cert).unwrap();
+            std::fs::write(dir.join("key.pem"), key).unwrap();
+            listens += &format!(
+                "listen {port} ssl reuseport; ssl_certificate {d}/cert.pem; \
+                 ssl_certificate_key {d}/key.pem; "
+            );
+        }
         // /big: a 2 MB download served at 160 kB/s (about 12 s), for long-lived transfers.
         let big: Vec<u8> = (0..BIG_BYTES).map(|i| (i % 251) as u8).collect();
         std::fs::write(dir.join("big"), big).unwrap();
@@ -184,7 +204,7 @@ impl Lab {
         std::fs::write(&path, conf).unwrap();
         self.spawn(ns, &["nginx", "-c", path.to_str().unwrap()]);
         let space = self.ns(ns);
-        for p in ports {
+        for p in ports.iter().chain(tls.iter().map(|t| &t.0)) {
             let want = format!(":{p} ");
             self.wait_for(
                 &format!("nginx in {ns} to listen on {p}"),
@@ -194,15 +214,16 @@ impl Lab {
         }
     }
 
-    /// Kills the processes started in `ns` so far (to inject a failure).
+    /// Stops the processes started in `ns` so far (to inject a failure): SIGTERM, so that
+    /// nginx takes its workers down with it, then SIGKILL after 2 s.
     pub fn kill(&mut self, ns: &str) {
         let prefix = format!("{ns}: ");
         for (what, child) in self.children.iter_mut() {
             if what.starts_with(&prefix) {
-                let _ = child.kill();
-                let _ = child.wait();
+                stop(child);
             }
         }
+        self.children.retain(|(what, _)| !what.starts_with(&prefix));
     }
 
     /// Waits until `cond` holds, polling every 20 ms, for at most `limit`; panics with `what`.
@@ -217,11 +238,25 @@ impl Lab {
     }
 }
 
+/// SIGTERM, a bounded wait, then SIGKILL.
+fn stop(child: &mut Child) {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         for (_, child) in self.children.iter_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(child);
         }
         // NetNs::drop deletes each namespace (and the veths in it).
         self.spaces.clear();
