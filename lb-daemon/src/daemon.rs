@@ -14,7 +14,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use lb_common::{CONN_REPLY, Method, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
+use lb_common::{
+    CONN_FIN, CONN_REPLY, CONN_RST, Method, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat,
+};
 use log::{error, info, warn};
 use serde_json::json;
 use tokio::{
@@ -722,10 +724,10 @@ impl Daemon {
             let (reply, _) = ha.pending_promote.take().expect("pending");
             let _ = reply.send(Response::error("the primary did not hand over within 3 s"));
         }
+        self.note_primary(now);
         if let Some(a) = act {
             self.act(a).await;
         }
-        self.note_primary(now);
         self.send_heartbeat().await;
     }
 
@@ -746,14 +748,12 @@ impl Daemon {
         let Some(ha) = self.ha.as_mut() else { return };
         let p = ha.election.primary_peer(now);
         if p != ha.known_primary {
-            match p {
-                Some(i) => info!("ATM {} is primary", names[i]),
-                None if ha.election.role() == ha::Role::Backup => {
-                    if let Some(old) = ha.known_primary {
-                        warn!("Primary ATM {} stopped answering", names[old]);
-                    }
+            match (p, ha.known_primary) {
+                (Some(i), _) => info!("ATM {} is primary", names[i]),
+                (None, Some(old)) if !ha.election.alive(old, now) => {
+                    warn!("Primary ATM {} stopped answering", names[old])
                 }
-                None => {}
+                (None, _) => {}
             }
             ha.known_primary = p;
         }
@@ -1506,8 +1506,11 @@ impl Daemon {
         let active =
             a.dp.connections()?
                 .iter()
+                // Closing connections (FIN or RST seen) stay listed until they time out, as
+                // TCL lists them, but are not active.
                 .filter(|(_, c)| {
-                    c.flags & CONN_REPLY == 0 && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+                    c.flags & (CONN_REPLY | CONN_FIN | CONN_RST) == 0
+                        && now.saturating_sub(c.last_seen_ns) <= timeout_ns
                 })
                 .count() as u64;
         Ok(StatLine {

@@ -21,6 +21,8 @@ pub struct Lab {
     children: Vec<(String, Child)>,
     /// Scratch directory for config files, logs and pid files; removed on drop.
     dir: Option<std::path::PathBuf>,
+    /// Fixed namespace names `<prefix>-<label>` instead of unique ones (the demo's).
+    prefix: Option<String>,
 }
 
 impl Lab {
@@ -28,10 +30,40 @@ impl Lab {
         Lab::default()
     }
 
+    /// A lab whose namespaces are named `<prefix>-<label>` and whose files live in `dir`, so
+    /// a user can find them (`ip netns exec lbdemo-client ...`). Leftovers of an earlier lab
+    /// with the same prefix are removed first.
+    pub fn named(prefix: &str, dir: &std::path::Path) -> Lab {
+        let list = crate::netns::run_ok(Command::new("ip").args(["netns", "list"]));
+        for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if ns.starts_with(&format!("{prefix}-")) {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let mut lab = Lab::default();
+        lab.dir = Some(dir.to_path_buf());
+        lab.prefix = Some(prefix.to_string());
+        lab
+    }
+
+    /// Leaves everything running when the lab drops (`cargo xtask demo --keep`).
+    pub fn keep(mut self) {
+        self.children.clear();
+        self.dir = None;
+        for ns in self.spaces.drain(..) {
+            std::mem::forget(ns);
+        }
+    }
+
     /// Adds a namespace called `label` (its real name is made unique).
     pub fn add_ns(&mut self, label: &str) -> &NetNs {
         assert!(!self.index.contains_key(label), "namespace {label} twice");
-        let ns = NetNs::new(label);
+        let ns = match &self.prefix {
+            Some(p) => NetNs::named(&format!("{p}-{label}")),
+            None => NetNs::new(label),
+        };
         // The labs are IPv4 only: no router solicitations or MLD reports in the counters.
         ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
         ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);

@@ -28,7 +28,12 @@ pub struct NetNs {
 impl NetNs {
     /// Creates a namespace named after `label` (made unique) with `lo` up.
     pub fn new(label: &str) -> NetNs {
-        let name = unique_name(label);
+        NetNs::named(&unique_name(label))
+    }
+
+    /// Creates a namespace with exactly this name, with `lo` up.
+    pub fn named(name: &str) -> NetNs {
+        let name = name.to_string();
         run_ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = NetNs { name, owned: true };
         ns.exec_ok(&["ip", "link", "set", "lo", "up"]);

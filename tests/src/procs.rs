@@ -36,6 +36,8 @@ pub struct Daemon {
     pub mount: PathBuf,
     /// ADDRESS:PORT of the metrics endpoint inside the daemon's namespace.
     pub metrics: String,
+    /// Left running on drop (`cargo xtask demo --keep`).
+    kept: bool,
 }
 
 impl Daemon {
@@ -69,7 +71,13 @@ impl Daemon {
             socket,
             mount,
             metrics,
+            kept: false,
         }
+    }
+
+    /// Leaves the daemon running when this value drops.
+    pub fn keep(mut self) {
+        self.kept = true;
     }
 
     pub fn pid(&self) -> u32 {
@@ -173,6 +181,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         self.stop();
         if let Ok(c) = std::ffi::CString::new(self.mount.as_os_str().as_encoded_bytes()) {
             // SAFETY: a valid C string; lazily detaches a mount a killed daemon left.

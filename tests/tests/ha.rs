@@ -88,10 +88,11 @@ kind = "none"
 /// The lab, the config path, and every daemon running: servers (node role), atm1 primary,
 /// atm2 backup.
 struct Cluster {
-    lab: Lab,
-    path: PathBuf,
+    // Fields drop in order: the daemons must stop (and unmount) before the lab goes.
     atms: Vec<Option<Daemon>>,
     _nodes: Vec<Daemon>,
+    path: PathBuf,
+    lab: Lab,
 }
 
 impl Cluster {

@@ -1,131 +1,362 @@
-//! `cargo xtask demo`: the lab shown to a new user. For now the smallest honest one: two
-//! network namespaces joined by a veth, lb_xdp attached natively on the balancer's end, real
-//! UDP traffic from the client, and the counters read back from the program's map.
+//! `cargo xtask demo`: the whole product in a lab, shown to a new user. A client, two ATMs
+//! and three real servers on one Ethernet segment (network namespaces joined by a bridge);
+//! nginx on each server; one VIP served by direct routing, IP-in-IP tunnel and NAT at once;
+//! lb-daemon on every machine from one config; requests, tables, and a failover drill.
+//! Everything is torn down at the end, on failure and on Ctrl-C, unless `--keep`.
 
 use std::{
-    io::{BufRead, BufReader},
-    net::UdpSocket,
-    process::{Child, Command, Stdio},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use lb_tests::lab::Lab;
-use nix::{sys::signal, unistd::Pid};
+use lb_tests::{cluster, lab::Lab, procs::Daemon};
 
 use crate::{setup, util};
 
-const TO_VIP: u64 = 100;
-const TO_OTHER: u64 = 50;
+/// Namespaces are `lbdemo-<name>`; files live in DIR.
+const PREFIX: &str = "lbdemo";
+const DIR: &str = "/run/lb-demo";
+const REQUESTS: usize = 30;
 
-/// Kills the child when dropped, so a failed demo leaves no process behind.
-struct KillOnDrop(Child);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted: tearing the lab down");
+    }
+    Ok(())
+}
+
+pub fn run(keep: bool) -> Result<()> {
+    util::require_root("cargo xtask demo")?;
+    setup::run()?;
+    // Ctrl-C: finish the current step, then tear everything down (the daemons and nginx get
+    // the signal too and stop cleanly).
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
+        .context("installing a Ctrl-C handler")?;
+
+    util::step("build: lb-daemon (with the eBPF object) and lb-cli");
+    util::cargo(&["build", "--bins", "--quiet"])?;
+
+    let dir = PathBuf::from(DIR);
+    util::step(&format!(
+        "lab: network namespaces {PREFIX}-client, -atm1, -atm2, -s1, -s2, -s3 on one segment \
+         (a bridge in {PREFIX}-sw); files in {DIR}"
+    ));
+    let mut lab = Lab::named(PREFIX, &dir);
+    cluster::build(&mut lab, 2, 3);
+    println!(
+        "  client {}   atm1 {}   atm2 {}   s1 {}   s2 {}   s3 {} (and {} on the NAT subnet)",
+        cluster::CLIENT,
+        cluster::atm_addr(1),
+        cluster::atm_addr(2),
+        cluster::server_addr(1),
+        cluster::server_addr(2),
+        cluster::server_addr(3),
+        cluster::server_nat_addr(3)
+    );
+    for (i, method) in [(1, "direct"), (2, "tunnel"), (3, "nat")] {
+        let ns = cluster::server(i);
+        lab.nginx(&ns, &format!("{ns} {method}"), &[80, 8080]);
+    }
+    println!("  nginx on s1, s2, s3: each page names its server and how lb reaches it");
+    check_interrupt()?;
+
+    let key = dir.join("authkey");
+    std::fs::write(&key, random_key()?)?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let config_path = dir.join("lb.toml");
+    let config = config(&key);
+    std::fs::write(&config_path, &config)?;
+    util::step(&format!(
+        "config: one file for every machine ({})",
+        config_path.display()
+    ));
+    for line in config.lines() {
+        println!("  {line}");
+    }
+
+    util::step("start: lb-daemon on s1, s2, s3 (node role), then on atm1 and atm2");
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let ns = cluster::server(i);
+        let mut d = Daemon::start(&mut lab, &ns, &config_path, &["--node", &ns]);
+        d.wait_log("Control socket", Duration::from_secs(20));
+        let what = match i {
+            1 => "VIP on lo, ARP for it silenced",
+            2 => "VIP on lo, ARP silenced, lb_decap attached for IPIP",
+            _ => "NAT server: nothing to configure",
+        };
+        println!("  {ns}: {what}");
+        nodes.push(d);
+    }
+    let mut atm1 = Daemon::start(&mut lab, &cluster::atm(1), &config_path, &[]);
+    atm1.wait_log("This ATM is primary", Duration::from_secs(20));
+    let mut atm2 = Daemon::start(&mut lab, &cluster::atm(2), &config_path, &[]);
+    atm2.wait_log("ATM atm1 (192.0.2.2) is primary", Duration::from_secs(20));
+    println!("  atm1: elected primary; atm2: backup. atm1's start-up log:");
+    for l in atm1.log().lines().take(18) {
+        println!("    {}", l.split_once(' ').map(|x| x.1).unwrap_or(l));
+    }
+    check_interrupt()?;
+
+    util::step(&format!("lb-cli --socket {} status", atm1.socket.display()));
+    indent(&atm1.cli_ok(&["status"]));
+
+    util::step(&format!(
+        "{REQUESTS} requests from the client: curl http://{}/",
+        cluster::VIP
+    ));
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    let mut row = Vec::new();
+    for i in 1..=REQUESTS {
+        let body = curl(&lab, Duration::from_secs(5))?;
+        *tally.entry(body.clone()).or_default() += 1;
+        row.push(format!("{i:>2} {body:<10}"));
+        if row.len() == 5 {
+            println!("  {}", row.join("  "));
+            row.clear();
+        }
+    }
+    println!(
+        "  answered by: {}",
+        tally
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    check_interrupt()?;
+
+    let mount = atm1.mount.clone();
+    for table in ["connections", "servers", "services", "stat"] {
+        let path = mount.join(table);
+        util::step(&format!("cat {}", path.display()));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let lines: Vec<&str> = text.lines().collect();
+        for l in lines.iter().take(8) {
+            println!("  {l}");
+        }
+        if lines.len() > 8 {
+            println!(
+                "  ... ({} lines; NAT connections have a second line for the ATM-to-server leg)",
+                lines.len()
+            );
+        }
+    }
+    println!(
+        "  (stat: services, server lines, active connections, packets, dropped, new connections)"
+    );
+    check_interrupt()?;
+
+    util::step("failover drill: kill -9 atm1's lb-daemon while the client keeps requesting");
+    let results: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = lab.ns("client").name().to_string();
+    let load = {
+        let (results, stop) = (results.clone(), stop.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let ok = curl_in(&client, Duration::from_secs(3)).is_ok();
+                results.lock().unwrap().push(ok);
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    atm1.kill();
+    let killed = Instant::now();
+    atm2.wait_log("This ATM is primary", Duration::from_secs(10));
+    let switched = killed.elapsed();
+    thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    load.join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
+    let results = results.lock().unwrap().clone();
+    let failed = results.iter().filter(|ok| !**ok).count();
+    println!(
+        "  atm2 took over {} ms after the kill; {} requests during the drill, {failed} failed",
+        switched.as_millis(),
+        results.len()
+    );
+    for l in atm2.log().lines().filter(|l| {
+        l.contains("stopped answering") || l.contains("Elected") || l.contains("configured on")
+    }) {
+        println!("    atm2: {}", l.split_once(' ').map(|x| x.1).unwrap_or(l));
+    }
+    util::step(&format!("lb-cli --socket {} status", atm2.socket.display()));
+    indent(&atm2.cli_ok(&["status"]));
+    check_interrupt()?;
+
+    util::step("restart atm1's lb-daemon: a former primary comes back as backup");
+    let mut atm1 = Daemon::start(&mut lab, &cluster::atm(1), &config_path, &[]);
+    atm1.wait_log("ATM atm2 (192.0.2.3) is primary", Duration::from_secs(20));
+    thread::sleep(Duration::from_millis(500));
+    util::step(&format!("cat {}", atm1.mount.join("atms").display()));
+    indent(&atm1.cat("atms"));
+    println!("  (name address role state last-heard-ms)");
+    let body = curl(&lab, Duration::from_secs(5))?;
+    println!("  and the VIP still answers: {body}");
+
+    if keep {
+        util::step("--keep: the lab stays up; explore it with");
+        let c = lab.ns("client").name().to_string();
+        println!("  ip netns exec {c} curl http://{}/", cluster::VIP);
+        println!("  cat {}", atm2.mount.join("connections").display());
+        println!(
+            "  target/debug/lb-cli --socket {} status",
+            atm2.socket.display()
+        );
+        println!(
+            "  target/debug/lb-cli --socket {} demote        # hand back to atm1",
+            atm2.socket.display()
+        );
+        println!(
+            "  echo 1 > {}   # one log record per new connection, in {}",
+            atm2.mount.join("debug").display(),
+            atm2.log.display()
+        );
+        println!("  remove it with: cargo xtask demo --clean");
+        for d in nodes.into_iter().chain([atm1, atm2]) {
+            d.keep();
+        }
+        lab.keep();
+        return Ok(());
+    }
+    util::step("teardown: daemons stopped (SIGTERM), namespaces and files removed");
+    drop((atm1, atm2, nodes));
+    drop(lab);
+    println!("demo: done");
+    Ok(())
+}
+
+/// Removes a lab left by `--keep`.
+pub fn clean() -> Result<()> {
+    util::require_root("cargo xtask demo --clean")?;
+    for pid in pids_of("lb-daemon")? {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    thread::sleep(Duration::from_secs(1));
+    let _ = Command::new("pkill")
+        .args(["-f", &format!("nginx -c {DIR}")])
+        .status();
+    drop(Lab::named(PREFIX, Path::new(DIR)));
+    let _ = std::fs::remove_dir_all(DIR);
+    println!("demo lab removed");
+    Ok(())
+}
+
+fn pids_of(name: &str) -> Result<Vec<i32>> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("{name} --config {DIR}")])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+fn indent(text: &str) {
+    for l in text.lines() {
+        println!("  {l}");
     }
 }
 
-pub fn run() -> Result<()> {
-    util::require_root("cargo xtask demo")?;
-    setup::run()?;
+/// `curl` from the client namespace on a new connection; the page's text.
+fn curl(lab: &Lab, timeout: Duration) -> Result<String> {
+    curl_in(lab.ns("client").name(), timeout)
+}
 
-    util::step("build: lb-daemon with the embedded eBPF object, and the xdp_count example");
-    util::cargo(&[
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "lb-daemon",
-        "--example",
-        "xdp_count",
-    ])?;
-    let bin = util::workspace().join("target/release/examples/xdp_count");
-
-    util::step("lab: namespaces client (192.0.2.1) and lb (192.0.2.2), joined by a veth");
-    let mut lab = Lab::new();
-    lab.add_ns("client");
-    lab.add_ns("lb");
-    lab.veth(("client", "eth0"), ("lb", "eth0"));
-    lab.mac("client", "eth0", "02:00:00:00:01:01");
-    lab.mac("lb", "eth0", "02:00:00:00:01:02");
-    lab.addr("client", "eth0", "192.0.2.1/24");
-    lab.addr("lb", "eth0", "192.0.2.2/24");
-    // Static neighbours, so the counts below hold only the traffic we send.
-    for (ns, ip, mac) in [
-        ("client", "192.0.2.2", "02:00:00:00:01:02"),
-        ("client", "192.0.2.100", "02:00:00:00:01:02"),
-        ("lb", "192.0.2.1", "02:00:00:00:01:01"),
-    ] {
-        lab.ns(ns).exec_ok(&[
-            "ip",
-            "neigh",
-            "add",
-            ip,
-            "lladdr",
-            mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
-    }
-
-    util::step("dataplane: lb_xdp attached to lb's eth0, one service 192.0.2.100:5000/udp");
-    let child = Command::new("ip")
-        .args(["netns", "exec", lab.ns("lb").name()])
-        .arg(&bin)
-        .args(["eth0", "192.0.2.100", "5000", "udp", "60"])
+fn curl_in(ns: &str, timeout: Duration) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-s", "--max-time"])
+        .arg(format!("{}", timeout.as_secs_f64()))
+        .arg(format!("http://{}/", cluster::VIP))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting xdp_count in the lb namespace")?;
-    let mut child = KillOnDrop(child);
-    let mut out = BufReader::new(child.0.stdout.take().expect("piped stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    if !line.contains("attached") {
-        bail!("xdp_count did not attach: {line:?}");
+        .output()?;
+    if !out.status.success() {
+        bail!("curl through the VIP failed ({})", out.status);
     }
-    print!("  {line}");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
 
-    util::step(&format!(
-        "traffic: {TO_VIP} UDP datagrams to the service, {TO_OTHER} to lb's own address"
-    ));
-    {
-        let _inside = lab.ns("client").enter();
-        let sock = UdpSocket::bind("192.0.2.1:0")?;
-        for i in 0..TO_VIP {
-            sock.send_to(&i.to_be_bytes(), "192.0.2.100:5000")?;
-        }
-        for i in 0..TO_OTHER {
-            sock.send_to(&i.to_be_bytes(), "192.0.2.2:7")?;
-        }
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+fn random_key() -> Result<Vec<u8>> {
+    let mut key = vec![0u8; 32];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    Ok(key)
+}
 
-    util::step("counters read back from the program's per-CPU `stat` map");
-    signal::kill(Pid::from_raw(child.0.id() as i32), signal::Signal::SIGINT)?;
-    let mut counters = std::collections::HashMap::new();
-    for line in out.lines() {
-        let line = line?;
-        println!("  {line}");
-        if let Some((k, v)) = line.split_once(' ') {
-            counters.insert(k.to_string(), v.parse::<u64>().unwrap_or(0));
-        }
-    }
-    let (packets, vip) = (counters["packets"], counters["vip_packets"]);
-    if packets != TO_VIP + TO_OTHER || vip != TO_VIP {
-        bail!(
-            "counters do not match the traffic: packets {packets} (sent {}), vip_packets {vip} \
-             (sent {TO_VIP})",
-            TO_VIP + TO_OTHER
-        );
-    }
-    println!(
-        "demo: the program saw all {packets} packets, {vip} of them for the service; \
-         the lab is torn down now"
-    );
-    Ok(())
+/// The cluster's one config file: two ATMs, one VIP served three ways.
+fn config(key: &Path) -> String {
+    format!(
+        r#"[cluster]
+name = "demo"
+timeout = 100
+auth_key_file = "{key}"
+
+[nat]
+subnet = "203.0.113.0/24"
+gateway = "{gw}"
+
+[ha]
+heartbeat_ms = 100
+dead_after = 3
+
+[[atm]]
+name = "atm1"
+address = "{a1}"
+interface = "eth0"
+
+[[atm]]
+name = "atm2"
+address = "{a2}"
+interface = "eth0"
+
+[[service]]
+name = "http"
+vip = "{vip}"
+port = 80
+scheduler = "wrr"
+[service.check]
+kind = "http"
+path = "/"
+interval_ms = 1000
+
+[[service.server]]
+name = "s1"
+address = "{s1}"
+method = "direct"
+
+[[service.server]]
+name = "s2"
+address = "{s2}"
+method = "tunnel"
+
+[[service.server]]
+name = "s3"
+address = "{s3}"
+port = 8080
+method = "nat"
+"#,
+        key = key.display(),
+        gw = cluster::NAT_GATEWAY,
+        a1 = cluster::atm_addr(1),
+        a2 = cluster::atm_addr(2),
+        vip = cluster::VIP,
+        s1 = cluster::server_addr(1),
+        s2 = cluster::server_addr(2),
+        s3 = cluster::server_nat_addr(3),
+    )
 }

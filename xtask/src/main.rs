@@ -23,16 +23,34 @@ enum Cmd {
     /// Set up if needed, then run every test tier: lints, host unit tests, packet fixtures
     /// through BPF_PROG_TEST_RUN, and network-namespace labs. Needs root.
     Test,
-    /// Set up if needed, then build a lab in network namespaces and show lb working in it.
-    /// Needs root.
-    Demo,
+    /// Set up if needed, then build a lab in network namespaces (a client, two ATMs, three
+    /// servers) and show lb working in it: requests, tables, a failover drill. Needs root.
+    Demo {
+        /// Leave the lab running at the end and print commands to explore it.
+        #[arg(long)]
+        keep: bool,
+        /// Remove a lab left by --keep, and nothing else.
+        #[arg(long)]
+        clean: bool,
+    },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test => test(),
-        Cmd::Demo => demo::run(),
+        Cmd::Demo { clean: true, .. } => demo::clean(),
+        Cmd::Demo { keep, .. } => demo::run(keep),
     }
 }
 
@@ -43,8 +61,49 @@ fn test() -> Result<()> {
     util::step("lint: cargo fmt --check, cargo clippy -D warnings");
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+    clean_leftovers();
     util::step("build: lb-daemon and lb-cli, which the namespace labs run");
     util::cargo(&["build", "--bins", "--quiet"])?;
     util::step("tests: host unit tests, packet fixtures, network-namespace labs");
     util::cargo(&["nextest", "run", "--no-fail-fast", "--profile", "ci"])
+}
+
+/// Namespaces and scratch directories of test runs that were killed (a test killed by a
+/// timeout cannot clean up after itself): `lbt<pid>-...` whose process is gone.
+fn clean_leftovers() {
+    let alive = |name: &str| {
+        name.strip_prefix("lbt")
+            .and_then(|r| r.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let mut removed = 0;
+    if let Ok(out) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    {
+        for ns in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+        {
+            if ns.starts_with("lbt") && !alive(ns) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .status();
+                removed += 1;
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("lbt") && !alive(&name) {
+                let _ = std::fs::remove_dir_all(e.path());
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        println!("removed {removed} leftovers of interrupted test runs");
+    }
 }
