@@ -1506,12 +1506,7 @@ impl Daemon {
         let active =
             a.dp.connections()?
                 .iter()
-                // Closing connections (FIN or RST seen) stay listed until they time out, as
-                // TCL lists them, but are not active.
-                .filter(|(_, c)| {
-                    c.flags & (CONN_REPLY | CONN_FIN | CONN_RST) == 0
-                        && now.saturating_sub(c.last_seen_ns) <= timeout_ns
-                })
+                .filter(|(_, c)| active(c, now, timeout_ns))
                 .count() as u64;
         Ok(StatLine {
             services: self.config.services.len() as u64,
@@ -1714,9 +1709,7 @@ impl Daemon {
         let now = dataplane::now_ns();
         let mut active_by_index: HashMap<u32, u64> = HashMap::new();
         if let Ok(conns) = a.dp.connections() {
-            for (_, c) in conns.iter().filter(|(_, c)| {
-                c.flags & CONN_REPLY == 0 && now.saturating_sub(c.last_seen_ns) <= timeout_ns
-            }) {
+            for (_, c) in conns.iter().filter(|(_, c)| active(c, now, timeout_ns)) {
                 *active_by_index.entry(c.server).or_default() += 1;
             }
         }
@@ -1760,6 +1753,14 @@ impl Daemon {
         }
         snap
     }
+}
+
+/// An active connection, for `stat` and the metrics alike: a client's leg (not a NAT reply
+/// leg), live, and not closing. Closing ones (FIN or RST seen) stay in `connections` until
+/// they time out, as TCL lists them.
+fn active(c: &lb_common::Connection, now: u64, timeout_ns: u64) -> bool {
+    c.flags & (CONN_REPLY | CONN_FIN | CONN_RST) == 0
+        && now.saturating_sub(c.last_seen_ns) <= timeout_ns
 }
 
 fn unknown_table(name: &str) -> String {
