@@ -12,5 +12,7 @@ pub mod csum;
 pub mod hash;
 #[cfg(feature = "std")]
 pub mod sched;
+#[cfg(feature = "netlink")]
+pub mod xdp_link;
 
 pub use abi::*;

@@ -19,6 +19,7 @@ use lb_common::{
     Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method, RING_SIZE, SERVER_UP, Sched,
     Server, Service, ServiceKey, Settings, Stat, maps, programs,
     sched::{self, Backend},
+    xdp_link,
 };
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
@@ -417,8 +418,8 @@ impl Dataplane {
         let ifindex = nix::net::if_::if_nametoindex(interface)
             .map_err(|e| err("any", std::io::Error::from(e)))?;
         let try_mode = |flags: u32, what: &'static str| -> Result<Attachment, Error> {
-            let socket = xdp_netlink::socket().map_err(|e| err(what, e))?;
-            xdp_netlink::set(&socket, ifindex, Some(fd), flags).map_err(|e| err(what, e))?;
+            let socket = xdp_link::socket().map_err(|e| err(what, e))?;
+            xdp_link::set(&socket, ifindex, Some(fd), flags).map_err(|e| err(what, e))?;
             Ok(Attachment {
                 socket,
                 ifindex,
@@ -426,17 +427,11 @@ impl Dataplane {
             })
         };
         let (a, mode) = match mode {
-            AttachMode::Driver => (try_mode(xdp_netlink::DRV_MODE, "driver")?, Attached::Driver),
-            AttachMode::Generic => (
-                try_mode(xdp_netlink::SKB_MODE, "generic")?,
-                Attached::Generic,
-            ),
-            AttachMode::Auto => match try_mode(xdp_netlink::DRV_MODE, "driver") {
+            AttachMode::Driver => (try_mode(xdp_link::DRV_MODE, "driver")?, Attached::Driver),
+            AttachMode::Generic => (try_mode(xdp_link::SKB_MODE, "generic")?, Attached::Generic),
+            AttachMode::Auto => match try_mode(xdp_link::DRV_MODE, "driver") {
                 Ok(a) => (a, Attached::Driver),
-                Err(_) => (
-                    try_mode(xdp_netlink::SKB_MODE, "generic")?,
-                    Attached::Generic,
-                ),
+                Err(_) => (try_mode(xdp_link::SKB_MODE, "generic")?, Attached::Generic),
             },
         };
         self.attachments.push(a);
@@ -850,68 +845,7 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         for a in &self.attachments {
             // The interface may be gone already (its namespace deleted): nothing to undo.
-            let _ = xdp_netlink::set(&a.socket, a.ifindex, None, a.flags);
-        }
-    }
-}
-
-/// Setting an interface's XDP program with RTM_SETLINK.
-mod xdp_netlink {
-    use std::os::fd::RawFd;
-
-    use netlink_packet_core::{
-        NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    };
-    use netlink_packet_route::{
-        RouteNetlinkMessage,
-        link::{LinkAttribute, LinkMessage, LinkXdp},
-    };
-    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-
-    pub const SKB_MODE: u32 = 1 << 1;
-    pub const DRV_MODE: u32 = 1 << 2;
-
-    pub fn socket() -> std::io::Result<Socket> {
-        let mut s = Socket::new(NETLINK_ROUTE)?;
-        s.bind_auto()?;
-        s.connect(&SocketAddr::new(0, 0))?;
-        Ok(s)
-    }
-
-    /// Sets (`Some(fd)`) or clears (`None`) the program of interface `ifindex`.
-    pub fn set(
-        socket: &Socket,
-        ifindex: u32,
-        fd: Option<RawFd>,
-        flags: u32,
-    ) -> std::io::Result<()> {
-        let mut link = LinkMessage::default();
-        link.header.index = ifindex;
-        link.attributes.push(LinkAttribute::Xdp(vec![
-            LinkXdp::Fd(fd.unwrap_or(-1)),
-            LinkXdp::Flags(flags),
-        ]));
-        let mut msg = NetlinkMessage::new(
-            NetlinkHeader::default(),
-            NetlinkPayload::from(RouteNetlinkMessage::SetLink(link)),
-        );
-        msg.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        msg.finalize();
-        let mut buf = vec![0u8; msg.header.length as usize];
-        msg.serialize(&mut buf);
-        socket.send(&buf, 0)?;
-        let mut reply = Vec::with_capacity(4096);
-        socket.recv(&mut reply, 0)?;
-        let ack = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
-            .map_err(|e| std::io::Error::other(format!("netlink reply: {e}")))?;
-        match ack.payload {
-            NetlinkPayload::Error(e) => match e.code {
-                None => Ok(()),
-                Some(code) => Err(std::io::Error::from_raw_os_error(-code.get())),
-            },
-            other => Err(std::io::Error::other(format!(
-                "unexpected netlink reply {other:?}"
-            ))),
+            let _ = xdp_link::set(&a.socket, a.ifindex, None, a.flags);
         }
     }
 }

@@ -636,7 +636,6 @@ fn forward(
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, 0),
             };
-            set_macs(ctx, &hop);
             send(ctx, &hop)
         }
         Some(Method::Tunnel) => {
@@ -660,7 +659,6 @@ fn forward(
             if encapsulate(ctx, local, server_addr, ip.tot_len).is_none() {
                 return Outcome::Drop(Stat::DropError);
             }
-            set_macs(ctx, &hop);
             send(ctx, &hop)
         }
         Some(Method::Nat) => {
@@ -678,7 +676,6 @@ fn forward(
             if rewrite(ctx, ip, nat_addr, server_addr, nat_port, server.port).is_none() {
                 return Outcome::Drop(Stat::DropError);
             }
-            set_macs(ctx, &hop);
             send(ctx, &hop)
         }
         None => Outcome::Drop(Stat::DropNoRoute),
@@ -805,7 +802,6 @@ fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, l4: &L4, bytes: 
         Ok(h) => h,
         Err(e) => return e.outcome(),
     };
-    set_macs(ctx, &hop);
     send(ctx, &hop)
 }
 
@@ -902,8 +898,10 @@ fn set_macs(ctx: &XdpContext, hop: &Hop) {
     }
 }
 
+/// Puts the hop's MACs on the frame and sends it out of the hop's interface.
 #[inline(always)]
 fn send(ctx: &XdpContext, hop: &Hop) -> Outcome {
+    set_macs(ctx, hop);
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         Outcome::Tx
     } else {
@@ -1069,7 +1067,6 @@ fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
             Ok(h) => h,
             Err(e) => return e.outcome(),
         };
-        set_macs(ctx, &hop);
         return send(ctx, &hop);
     }
     forward(ctx, settings, server, ip, 0, 0)

@@ -12,18 +12,10 @@ use std::{
     sync::OnceLock,
 };
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
-use netlink_packet_route::{
-    RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage, LinkXdp},
-};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use lb_common::xdp_link;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TYPE_XDP: u32 = 6;
-const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const XDP_PASS: i32 = 2;
 
 /// `r0 = XDP_PASS; exit`.
@@ -71,37 +63,6 @@ fn prog_fd() -> i32 {
 /// Attaches the pass program in driver mode to interface `ifindex` of the calling thread's
 /// network namespace.
 pub fn attach(ifindex: u32) -> std::io::Result<()> {
-    let mut link = LinkMessage::default();
-    link.header.index = ifindex;
-    link.attributes.push(LinkAttribute::Xdp(vec![
-        LinkXdp::Fd(prog_fd()),
-        LinkXdp::Flags(XDP_FLAGS_DRV_MODE),
-    ]));
-    let mut msg = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(RouteNetlinkMessage::SetLink(link)),
-    );
-    msg.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    msg.header.sequence_number = 1;
-    msg.finalize();
-    let mut buf = vec![0u8; msg.header.length as usize];
-    msg.serialize(&mut buf);
-
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    socket.send(&buf, 0)?;
-    let mut reply = Vec::with_capacity(4096);
-    socket.recv(&mut reply, 0)?;
-    let ack = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
-        .map_err(|e| std::io::Error::other(format!("netlink reply: {e}")))?;
-    match ack.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Ok(()),
-            Some(code) => Err(std::io::Error::from_raw_os_error(-code.get())),
-        },
-        other => Err(std::io::Error::other(format!(
-            "unexpected netlink reply {other:?}"
-        ))),
-    }
+    let socket = xdp_link::socket()?;
+    xdp_link::set(&socket, ifindex, Some(prog_fd()), xdp_link::DRV_MODE)
 }
