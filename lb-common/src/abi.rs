@@ -34,6 +34,10 @@ pub mod maps {
     pub const DECAP_SOURCES: &str = "decap_sources";
     /// lb_decap: per-CPU counters indexed by [`super::DecapStat`].
     pub const DECAP_STAT: &str = "decap_stat";
+    /// Benchmarks: the one [`super::BareFwd`] record of `bare_fwd`.
+    pub const BARE_FWD: &str = "bare_fwd_cfg";
+    /// Benchmarks: per-CPU packets counted (and dropped) by `sink_count`.
+    pub const SINK_COUNT: &str = "sink_count_stat";
 }
 
 /// Program names in the eBPF object.
@@ -42,6 +46,12 @@ pub mod programs {
     pub const LB_XDP: &str = "lb_xdp";
     /// IPIP decapsulation for real servers in tunnel mode.
     pub const LB_DECAP: &str = "lb_decap";
+    /// Benchmark reference: the least a forwarder does (MAC rewrite, then out).
+    pub const BARE_FWD: &str = "bare_fwd";
+    /// Benchmark traffic generator under BPF_PROG_TEST_RUN live frames.
+    pub const GEN_TX: &str = "gen_tx";
+    /// Benchmark sink: counts and drops.
+    pub const SINK_COUNT: &str = "sink_count";
 }
 
 /// Slots in one service's scheduler row (a prime, as Maglev needs; also the cap of a WRR sequence).
@@ -275,15 +285,21 @@ pub struct Server {
     pub weight: u32,
     /// The service's id.
     pub service: u32,
-    /// MAC of the server (or of the next hop toward it), resolved by the daemon: used when the
-    /// kernel's FIB has no neighbour entry. All zero = unknown.
+    /// The next hop toward the server: its MAC (or its router's), cached by the dataplane
+    /// from the kernel's FIB until `hop_until_ns`, and still used after that if the FIB has
+    /// lost the neighbour entry. All zero = unknown.
     pub mac: [u8; 6],
     /// Our MAC on `ifindex`, the source of frames sent with `mac`.
     pub smac: [u8; 6],
-    /// Egress interface matching `mac` (0 = unknown).
+    /// Egress interface toward the server (0 = unknown).
     pub ifindex: u32,
+    /// `bpf_ktime_get_ns()` until which `mac`, `smac`, `ifindex` and `mtu` are fresh.
+    pub hop_until_ns: u64,
+    /// Path MTU toward the server.
+    pub mtu: u16,
+    pub _pad3: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<Server>() == 64);
+const _: () = assert!(core::mem::size_of::<Server>() == 80);
 
 /// Key of `connections`: a 5-tuple as seen on the wire.
 #[repr(C)]
@@ -543,6 +559,17 @@ impl DecapStat {
     pub const COUNT: u32 = DecapStat::Dropped as u32 + 1;
 }
 
+/// The one record of `bare_fwd_cfg`: where the benchmarks' bare forwarder sends frames.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BareFwd {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// Egress interface; 0 or the ingress one means XDP_TX.
+    pub ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<BareFwd>() == 16);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, has explicit padding fields and no pointers, so
@@ -558,6 +585,7 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::BareFwd {}
 }
 
 #[cfg(all(test, feature = "std"))]

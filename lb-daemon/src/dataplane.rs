@@ -745,6 +745,22 @@ impl Dataplane {
         )
     }
 
+    /// Runs `lb_xdp` on `frame` in `mode` (timings, live frames).
+    pub fn run(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        mode: RunMode,
+    ) -> Result<RunResult, Error> {
+        run_xdp(
+            self.program(programs::LB_XDP)?,
+            frame,
+            ingress_ifindex,
+            mode,
+        )
+        .map_err(prog_err(programs::LB_XDP))
+    }
+
     /// Like [`Dataplane::test_run`], for `lb_decap`.
     pub fn test_run_decap(
         &self,
@@ -870,6 +886,40 @@ fn test_run(
     frame: &[u8],
     ingress_ifindex: u32,
 ) -> Result<(u32, Vec<u8>), Error> {
+    let r = run_xdp(prog, frame, ingress_ifindex, RunMode::Once).map_err(prog_err(name))?;
+    Ok((r.action, r.frame))
+}
+
+/// How to run a program with BPF_PROG_TEST_RUN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// Once, returning the frame as the program left it.
+    Once,
+    /// `n` times over (each run sees what the previous one left), for a timing.
+    Repeat(u32),
+    /// `n` times as live frames in batches of `batch`: the verdicts are carried out (XDP_TX
+    /// sends the frame out of the ingress interface), which makes a packet generator.
+    Live { n: u32, batch: u32 },
+}
+
+/// What a test run gave.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub action: u32,
+    /// The frame as left by the last run (empty in live mode).
+    pub frame: Vec<u8>,
+    /// The kernel's time per run.
+    pub per_run: std::time::Duration,
+}
+
+/// Runs an XDP program on `frame` as if it arrived on `ingress_ifindex` of the calling
+/// thread's namespace. The fixture tests, the dataplane API and the benchmarks share it.
+pub fn run_xdp(
+    prog: &Xdp,
+    frame: &[u8],
+    ingress_ifindex: u32,
+    mode: RunMode,
+) -> Result<RunResult, ProgramError> {
     let md = XdpMd {
         data: 0,
         data_end: frame.len() as u32,
@@ -885,12 +935,31 @@ fn test_run(
             std::mem::size_of::<XdpMd>(),
         )
     };
-    let mut out = vec![0u8; frame.len() + TEST_RUN_GROWTH];
+    let live = matches!(mode, RunMode::Live { .. });
+    let mut out = if live {
+        Vec::new()
+    } else {
+        vec![0u8; frame.len() + TEST_RUN_GROWTH]
+    };
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
     opts.ctx_in = Some(ctx);
-    let res = prog.test_run(opts).map_err(prog_err(name))?;
+    match mode {
+        RunMode::Once => opts.repeat = 1,
+        RunMode::Repeat(n) => opts.repeat = n,
+        RunMode::Live { n, batch } => {
+            opts.repeat = n;
+            opts.attrs = opts.attrs.xdp_live_frames(batch);
+        }
+    }
+    if !live {
+        opts.data_out = Some(&mut out);
+    }
+    let res = prog.test_run(opts)?;
     out.truncate(res.data_size_out as usize);
-    Ok((res.return_value, out))
+    Ok(RunResult {
+        action: res.return_value,
+        frame: out,
+        per_run: res.duration,
+    })
 }

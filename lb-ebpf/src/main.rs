@@ -19,17 +19,17 @@ use aya_ebpf::{
         bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
     EbpfContext,
 };
 use aya_log_ebpf::info;
 use lb_common::{
-    csum, hash, Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method, Persist,
-    PersistKey, Sched, Server, Service, ServiceKey, Settings, Stat, CONN_EVENTS_BYTES, CONN_FIN,
-    CONN_NAT, CONN_REPLY, CONN_RST, DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES,
-    EVENT_CLOSE, EVENT_OPEN, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, RING_SIZE,
-    SERVER_UP, SETTINGS_ACTIVE, SETTINGS_SYNC,
+    csum, hash, Addr, BareFwd, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method,
+    Persist, PersistKey, Sched, Server, Service, ServiceKey, Settings, Stat, CONN_EVENTS_BYTES,
+    CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
+    DEFAULT_SERVICES, EVENT_CLOSE, EVENT_OPEN, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
+    IPPROTO_UDP, RING_SIZE, SERVER_UP, SETTINGS_ACTIVE, SETTINGS_SYNC,
 };
 use net::*;
 
@@ -122,6 +122,26 @@ static DECAP_SOURCES: HashMap<Addr, u32> = HashMap::with_max_entries(16, 0);
 #[map(name = "decap_stat")]
 static DECAP_STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapStat::COUNT, 0);
 
+/// How long a cached FIB answer is used.
+const HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// A cached FIB answer for one destination.
+#[repr(C)]
+struct HopCache {
+    expires_ns: u64,
+    ifindex: u32,
+    /// Path MTU toward the destination.
+    mtu: u16,
+    _pad: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    _pad2: [u8; 4],
+}
+
+/// Per CPU: destination -> next hop, for [`HOP_TTL_NS`].
+#[map(name = "next_hops")]
+static NEXT_HOPS: LruPerCpuHashMap<u32, HopCache> = LruPerCpuHashMap::with_max_entries(4096, 0);
+
 /// Per-CPU room for the structures too big for the 512-byte BPF stack when every path is
 /// inlined into one function: the FIB query and connection entries being built.
 #[repr(C)]
@@ -134,10 +154,38 @@ struct Scratch {
 #[map(name = "scratch")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// Flow keys being built: the packet's own (0) and a NAT reply leg's (1). Apart from
+/// `SCRATCH` so that a key and the scratch area can be borrowed at once.
+#[map(name = "flow_keys")]
+static KEYS: PerCpuArray<[FlowKey; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 fn scratch() -> Option<&'static mut Scratch> {
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, so nothing else uses it now.
     SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Builds a flow key in slot `SLOT` of the scratch area (keys are 40 bytes, and the BPF
+/// stack has no room for the several an inlined program would otherwise hold).
+#[inline(always)]
+fn scratch_key<const SLOT: usize>(
+    src: Addr,
+    dst: Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> Option<&'static mut FlowKey> {
+    let keys = KEYS.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU. Each slot has one user at a
+    // time on a packet's path.
+    let k = unsafe { &mut (*keys)[SLOT] };
+    k.src = src;
+    k.dst = dst;
+    k.sport = sport;
+    k.dport = dport;
+    k.proto = proto;
+    k._pad = [0; 3];
+    Some(k)
 }
 
 #[inline(always)]
@@ -167,12 +215,20 @@ enum Outcome {
     Drop(Stat),
     /// An answer built from the packet goes back out (its outcome was counted already).
     Reply,
+    /// A called BPF function finished the packet: this XDP action, already counted.
+    Action(u32),
 }
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     count(Stat::Packets, 1);
-    match balance(&ctx) {
+    finish(balance(&ctx))
+}
+
+/// Counts an outcome and turns it into an XDP action.
+#[inline(always)]
+fn finish(outcome: Outcome) -> u32 {
+    match outcome {
         Outcome::Pass => {
             count(Stat::Passed, 1);
             xdp_action::XDP_PASS
@@ -191,7 +247,33 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             xdp_action::XDP_DROP
         }
         Outcome::Reply => xdp_action::XDP_TX,
+        Outcome::Action(action) => action,
     }
+}
+
+// The three paths below are separate BPF functions, each with its own stack frame: inlined
+// into one, their locals would not fit the 512-byte BPF stack. A BPF function cannot return
+// a struct, so each finishes its outcome itself and returns the XDP action.
+
+#[inline(never)]
+fn to_service_xdp(ctx: &XdpContext, svc: &Service, ip: &Ip, l4: &L4) -> u32 {
+    let Some(settings) = SETTINGS.get(0) else {
+        return finish(Outcome::Pass);
+    };
+    finish(to_service(ctx, settings, svc, ip, l4))
+}
+
+#[inline(never)]
+fn nat_reply_xdp(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -> u32 {
+    finish(nat_reply(ctx, reply, ip, tcp_flags))
+}
+
+#[inline(never)]
+fn icmp_to_vip_xdp(ctx: &XdpContext, ip: &Ip) -> u32 {
+    let Some(settings) = SETTINGS.get(0) else {
+        return finish(Outcome::Pass);
+    };
+    finish(icmp_to_vip(ctx, settings, ip))
 }
 
 /// The parsed headers of an IPv4 packet, offsets from the start of the frame.
@@ -280,7 +362,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         IPPROTO_ICMP if to_vip => {
             count(Stat::VipPackets, 1);
             count(Stat::VipBytes, bytes);
-            return icmp_to_vip(ctx, settings, &ip);
+            return Outcome::Action(icmp_to_vip_xdp(ctx, &ip));
         }
         _ => return Outcome::Pass,
     }
@@ -302,30 +384,40 @@ fn balance(ctx: &XdpContext) -> Outcome {
         count(Stat::VipBytes, bytes);
         // SAFETY: a map value, read only.
         let svc = unsafe { &*svc };
-        return to_service(ctx, settings, svc, &ip, &l4, bytes);
+        return Outcome::Action(to_service_xdp(ctx, svc, &ip, &l4));
     }
     // To the NAT address: a server's reply on a NAT connection, if we have its translation.
-    let key = FlowKey {
-        src: Addr::v4_raw(ip.saddr),
-        dst: Addr::v4_raw(ip.daddr),
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        _pad: [0; 3],
+    let Some(key) = scratch_key::<0>(
+        Addr::v4_raw(ip.saddr),
+        Addr::v4_raw(ip.daddr),
+        l4.sport,
+        l4.dport,
+        ip.proto,
+    ) else {
+        return Outcome::Drop(Stat::DropError);
     };
-    let Some(reply) = CONNECTIONS.get_ptr_mut(&key) else {
+    let Some(reply) = CONNECTIONS.get_ptr_mut(&*key) else {
         return Outcome::Pass;
     };
     count(Stat::VipPackets, 1);
     count(Stat::VipBytes, bytes);
     // SAFETY: a map value; concurrent updates of counters may race, which only blurs them.
     let reply = unsafe { &mut *reply };
-    nat_reply(ctx, reply, &ip, &l4, bytes)
+    Outcome::Action(nat_reply_xdp(ctx, reply, &ip, l4.flags))
 }
 
 /// Verifies the IPv4 header checksum over `ihl` bytes.
 #[inline(always)]
 fn ipv4_header_ok(ctx: &XdpContext, ihl: usize) -> bool {
+    // The usual header, without options, in one read.
+    if ihl == IPV4_HLEN {
+        let Some(w) = ptr_at::<[u16; 10]>(ctx, ETH_HLEN) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let w = unsafe { &*w };
+        return csum::ipv4_header(w) == 0;
+    }
     let mut sum = 0u32;
     // At most 60 bytes: 30 words.
     for i in 0..30usize {
@@ -374,22 +466,18 @@ fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
 
 /// A packet for a service: find or make its connection, then forward it.
 #[inline(always)]
-fn to_service(
-    ctx: &XdpContext,
-    settings: &Settings,
-    svc: &Service,
-    ip: &Ip,
-    l4: &L4,
-    bytes: u64,
-) -> Outcome {
-    let key = FlowKey {
-        src: Addr::v4_raw(ip.saddr),
-        dst: Addr::v4_raw(ip.daddr),
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto,
-        _pad: [0; 3],
+fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4: &L4) -> Outcome {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let Some(key) = scratch_key::<0>(
+        Addr::v4_raw(ip.saddr),
+        Addr::v4_raw(ip.daddr),
+        l4.sport,
+        l4.dport,
+        ip.proto,
+    ) else {
+        return Outcome::Drop(Stat::DropError);
     };
+    let key: &FlowKey = key;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -398,7 +486,7 @@ fn to_service(
     let mut server_id = u32::MAX;
     let mut nat_addr = 0u32;
     let mut nat_port = 0u16;
-    if let Some(c) = CONNECTIONS.get_ptr_mut(&key) {
+    if let Some(c) = CONNECTIONS.get_ptr_mut(key) {
         // SAFETY: a map value; counter races between CPUs only blur the counts.
         let c = unsafe { &mut *c };
         let fresh = now.wrapping_sub(c.last_seen_ns) <= settings.timeout_ns;
@@ -454,7 +542,7 @@ fn to_service(
             conn.flags |= CONN_NAT;
             conn.nat_addr = settings.nat_addr;
         }
-        if CONNECTIONS.insert(&key, &*conn, 0).is_err() {
+        if CONNECTIONS.insert(key, &*conn, 0).is_err() {
             return Outcome::Drop(Stat::DropError);
         }
         let peer_mac = if conn.flags & CONN_NAT != 0 {
@@ -469,12 +557,9 @@ fn to_service(
             log_new(ctx, ip, l4, server);
         }
     }
-    let Some(server) = SERVERS.get(server_id) else {
-        return Outcome::Drop(Stat::DropNoServer);
-    };
     count_traffic(&SERVICE_STATS, svc.id, bytes);
     count_traffic(&SERVER_STATS, server_id, bytes);
-    forward(ctx, settings, server, ip, nat_addr, nat_port)
+    forward(ctx, settings, server_id, ip, nat_addr, nat_port)
 }
 
 #[inline(always)]
@@ -575,14 +660,7 @@ fn nat_reserve(
         Some(eth) => unsafe { ((*eth).src, (*eth).dst) },
         None => return None,
     };
-    let mut reply_key = FlowKey {
-        src: server.addr,
-        dst: settings.nat_addr,
-        sport: server.port,
-        dport: 0,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let reply_key = scratch_key::<1>(server.addr, settings.nat_addr, server.port, 0, key.proto)?;
     reply.last_seen_ns = now;
     reply.packets = 0;
     reply.bytes = 0;
@@ -596,12 +674,12 @@ fn nat_reserve(
     for i in 0..NAT_PROBES {
         let port = (lo + (start + i) % span) as u16;
         reply_key.dport = port.to_be();
-        let free = match CONNECTIONS.get_ptr(&reply_key) {
+        let free = match CONNECTIONS.get_ptr(&*reply_key) {
             None => true,
             // SAFETY: a map value, read only.
             Some(c) => unsafe { now.wrapping_sub((*c).last_seen_ns) > settings.timeout_ns },
         };
-        if free && CONNECTIONS.insert(&reply_key, &*reply, 0).is_ok() {
+        if free && CONNECTIONS.insert(&*reply_key, &*reply, 0).is_ok() {
             return Some(port.to_be());
         }
     }
@@ -611,33 +689,28 @@ fn nat_reserve(
 /// Ports tried for a new NAT connection before giving up.
 const NAT_PROBES: u32 = 16;
 
-/// Sends the packet to `server` by its method.
+/// Sends the packet to server `id` by its method.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
     settings: &Settings,
-    server: &Server,
+    id: u32,
     ip: &Ip,
     nat_addr: u32,
     nat_port: u16,
 ) -> Outcome {
+    let Some(server) = SERVERS.get(id) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    let (method, server_port) = (server.method, server.port);
     let Some(server_addr) = server.addr.as_v4_raw() else {
         return Outcome::Drop(Stat::DropNoRoute);
     };
-    match Method::from_u8(server.method) {
-        Some(Method::Direct) => {
-            let hop = match next_hop(
-                ctx,
-                server_addr,
-                ip.saddr,
-                ip.tot_len,
-                Hop::of_server(server),
-            ) {
-                Ok(h) => h,
-                Err(e) => return too_big_or(ctx, ip, e, 0),
-            };
-            send(ctx, &hop)
-        }
+    match Method::from_u8(method) {
+        Some(Method::Direct) => match server_hop(ctx, id, ip.saddr, ip.tot_len) {
+            Ok(hop) => send(ctx, &hop),
+            Err(e) => too_big_or(ctx, ip, e, 0),
+        },
         Some(Method::Tunnel) => {
             let Some(local) = settings.local_addr.as_v4_raw() else {
                 return Outcome::Drop(Stat::DropNoRoute);
@@ -646,13 +719,7 @@ fn forward(
             if outer_len > 0xffff {
                 return Outcome::Drop(Stat::DropTooBig);
             }
-            let hop = match next_hop(
-                ctx,
-                server_addr,
-                local,
-                outer_len as u16,
-                Hop::of_server(server),
-            ) {
+            let hop = match server_hop(ctx, id, local, outer_len as u16) {
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, IPV4_HLEN as u16),
             };
@@ -663,22 +730,64 @@ fn forward(
         }
         Some(Method::Nat) => {
             // Route first: a packet too big for the path is answered as the client sent it.
-            let hop = match next_hop(
-                ctx,
-                server_addr,
-                nat_addr,
-                ip.tot_len,
-                Hop::of_server(server),
-            ) {
+            let hop = match server_hop(ctx, id, nat_addr, ip.tot_len) {
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, 0),
             };
-            if rewrite(ctx, ip, nat_addr, server_addr, nat_port, server.port).is_none() {
+            if rewrite(ctx, ip, nat_addr, server_addr, nat_port, server_port).is_none() {
                 return Outcome::Drop(Stat::DropError);
             }
             send(ctx, &hop)
         }
         None => Outcome::Drop(Stat::DropNoRoute),
+    }
+}
+
+/// The next hop toward server `id`. Its record caches the FIB's answer for [`HOP_TTL_NS`]:
+/// the established path then costs no lookup beyond the server record it reads anyway.
+#[inline(always)]
+fn server_hop(ctx: &XdpContext, id: u32, src: u32, tot_len: u16) -> Result<Hop, NoHop> {
+    let Some(s) = SERVERS.get_ptr_mut(id) else {
+        return Err(NoHop::Route);
+    };
+    // SAFETY: a map value; two CPUs refreshing it at once write the same answer.
+    let s = unsafe { &mut *s };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now < s.hop_until_ns {
+        if tot_len > s.mtu {
+            return Err(NoHop::TooBig(s.mtu));
+        }
+        return Ok(Hop::of_server(s));
+    }
+    let Some(dst) = s.addr.as_v4_raw() else {
+        return Err(NoHop::Route);
+    };
+    match fib(ctx, dst, src, 0) {
+        (FIB_SUCCESS, Some(hop), _) => {
+            let mtu = path_mtu(ctx, dst, src);
+            s.mac = hop.dmac;
+            s.smac = hop.smac;
+            s.ifindex = hop.ifindex;
+            s.mtu = mtu;
+            s.hop_until_ns = now + HOP_TTL_NS;
+            if tot_len > mtu {
+                return Err(NoHop::TooBig(mtu));
+            }
+            Ok(hop)
+        }
+        // The neighbour entry is gone: the last known MAC is the best there is.
+        (FIB_NO_NEIGH, _, _) if s.ifindex != 0 && s.mac != [0; 6] => Ok(Hop::of_server(s)),
+        _ => Err(NoHop::Route),
+    }
+}
+
+/// The path MTU toward `dst`: the FIB refuses the largest length and names its MTU.
+#[inline(always)]
+fn path_mtu(ctx: &XdpContext, dst: u32, src: u32) -> u16 {
+    match fib(ctx, dst, src, u16::MAX) {
+        (FIB_FRAG_NEEDED, _, mtu) => mtu,
+        _ => u16::MAX,
     }
 }
 
@@ -688,9 +797,15 @@ fn forward(
 /// still counted as dropped.
 #[inline(always)]
 fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
-    let NoHop::TooBig(mtu) = e else {
-        return e.outcome();
-    };
+    match e {
+        NoHop::TooBig(mtu) => too_big(ctx, ip, mtu, overhead),
+        NoHop::Route => e.outcome(),
+    }
+}
+
+/// See [`too_big_or`].
+#[inline(always)]
+fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
     if !ip.df || ip.l4 != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
         return Outcome::Drop(Stat::DropTooBig);
     }
@@ -776,7 +891,8 @@ fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
 
 /// A server's reply on a NAT connection: back to VIP -> client.
 #[inline(always)]
-fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, l4: &L4, bytes: u64) -> Outcome {
+fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -> Outcome {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
     let Some(server) = SERVERS.get(reply.server) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
@@ -784,7 +900,7 @@ fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, l4: &L4, bytes: 
     reply.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     reply.packets += 1;
     reply.bytes += bytes;
-    reply.flags |= tcp_end_flags(l4.flags);
+    reply.flags |= tcp_end_flags(tcp_flags);
     let (Some(vip), Some(client)) = (server.vip.as_v4_raw(), reply.nat_addr.as_v4_raw()) else {
         return Outcome::Drop(Stat::DropError);
     };
@@ -844,8 +960,9 @@ impl Hop {
 /// The kernel's FIB decides next hop and MACs. Asked as if from `lo` (whose forwarding flag the
 /// daemon sets) so that IPv4 forwarding can stay off on every real interface: the kernel
 /// itself forwards nothing. Without a neighbour entry, falls back to the MACs in `fallback`.
-/// Its 64-byte query lives in the per-CPU scratch area: five inlined copies on the stack
-/// would not fit the 512-byte BPF stack.
+///
+/// Answers are cached per CPU and destination for [`HOP_TTL_NS`] (a FIB lookup costs most of
+/// a packet's time), so route and neighbour changes reach the dataplane within that.
 #[inline(always)]
 fn next_hop(
     ctx: &XdpContext,
@@ -854,8 +971,54 @@ fn next_hop(
     tot_len: u16,
     fallback: Hop,
 ) -> Result<Hop, NoHop> {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(c) = NEXT_HOPS.get_ptr(&dst) {
+        // SAFETY: a map value of this CPU, read only.
+        let c = unsafe { &*c };
+        if now < c.expires_ns {
+            if tot_len > c.mtu {
+                return Err(NoHop::TooBig(c.mtu));
+            }
+            return Ok(Hop {
+                ifindex: c.ifindex,
+                smac: c.smac,
+                dmac: c.dmac,
+            });
+        }
+    }
+    let hop = match fib(ctx, dst, src, 0) {
+        (FIB_SUCCESS, Some(h), _) => h,
+        (FIB_NO_NEIGH, _, _) if fallback.ifindex != 0 && fallback.dmac != [0; 6] => {
+            return Ok(fallback)
+        }
+        _ => return Err(NoHop::Route),
+    };
+    let mtu = path_mtu(ctx, dst, src);
+    let entry = HopCache {
+        expires_ns: now + HOP_TTL_NS,
+        ifindex: hop.ifindex,
+        mtu,
+        _pad: 0,
+        smac: hop.smac,
+        dmac: hop.dmac,
+        _pad2: [0; 4],
+    };
+    // A failed insert costs the next packet a lookup, nothing else.
+    let _ = NEXT_HOPS.insert(&dst, &entry, 0);
+    if tot_len > mtu {
+        return Err(NoHop::TooBig(mtu));
+    }
+    Ok(hop)
+}
+
+/// One `bpf_fib_lookup`: the result code, the hop on success, the MTU when the length was
+/// too big. Its 64-byte query lives in the per-CPU scratch area, and it is a function of its
+/// own: inlined into every caller, its copies would not fit the 512-byte BPF stack.
+#[inline(never)]
+fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<Hop>, u16) {
     let Some(sc) = scratch() else {
-        return Err(NoHop::Route);
+        return (-1, None, 0);
     };
     let p = &mut sc.fib;
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
@@ -875,15 +1038,18 @@ fn next_hop(
         )
     };
     match rc {
-        FIB_SUCCESS => Ok(Hop {
-            ifindex: p.ifindex,
-            smac: p.smac,
-            dmac: p.dmac,
-        }),
-        FIB_NO_NEIGH if fallback.ifindex != 0 && fallback.dmac != [0; 6] => Ok(fallback),
+        FIB_SUCCESS => (
+            rc,
+            Some(Hop {
+                ifindex: p.ifindex,
+                smac: p.smac,
+                dmac: p.dmac,
+            }),
+            0,
+        ),
         // SAFETY: on this result the helper stored the MTU in the union.
-        FIB_FRAG_NEEDED => Err(NoHop::TooBig(unsafe { p.__bindgen_anon_1.mtu_result })),
-        _ => Err(NoHop::Route),
+        FIB_FRAG_NEEDED => (rc, None, unsafe { p.__bindgen_anon_1.mtu_result }),
+        _ => (rc, None, 0),
     }
 }
 
@@ -1033,19 +1199,20 @@ fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { *ports };
     // The quoted packet went VIP -> client; its connection is keyed client -> VIP.
-    let key = FlowKey {
-        src: Addr::v4_raw(inner.daddr),
-        dst: Addr::v4_raw(inner.saddr),
-        sport: ports[1],
-        dport: ports[0],
-        proto: inner.proto,
-        _pad: [0; 3],
+    let Some(key) = scratch_key::<0>(
+        Addr::v4_raw(inner.daddr),
+        Addr::v4_raw(inner.saddr),
+        ports[1],
+        ports[0],
+        inner.proto,
+    ) else {
+        return Outcome::Pass;
     };
-    let Some(conn) = CONNECTIONS.get_ptr(&key) else {
+    let Some(conn) = CONNECTIONS.get_ptr(&*key) else {
         return Outcome::Pass;
     };
     // SAFETY: a map value, read only.
-    let conn = unsafe { *conn };
+    let conn = unsafe { &*conn };
     let Some(server) = SERVERS.get(conn.server) else {
         return Outcome::Pass;
     };
@@ -1054,22 +1221,16 @@ fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
         let Some(server_addr) = server.addr.as_v4_raw() else {
             return Outcome::Drop(Stat::DropNoRoute);
         };
-        if nat_icmp(ctx, ip, inner_at, server, &conn).is_none() {
+        if nat_icmp(ctx, ip, inner_at, server, conn).is_none() {
             return Outcome::Drop(Stat::DropError);
         }
-        let hop = match next_hop(
-            ctx,
-            server_addr,
-            ip.saddr,
-            ip.tot_len,
-            Hop::of_server(server),
-        ) {
+        let hop = match server_hop(ctx, conn.server, ip.saddr, ip.tot_len) {
             Ok(h) => h,
             Err(e) => return e.outcome(),
         };
         return send(ctx, &hop);
     }
-    forward(ctx, settings, server, ip, 0, 0)
+    forward(ctx, settings, conn.server, ip, 0, 0)
 }
 
 /// Translates an ICMP error about a NAT connection for the server: the outer destination
@@ -1210,6 +1371,79 @@ fn decap(ctx: &XdpContext) -> DecapStat {
         return DecapStat::Dropped;
     }
     DecapStat::Decapsulated
+}
+
+// Benchmark instruments. Not part of the balancer: `cargo xtask bench` measures lb_xdp
+// against `bare_fwd`, drives traffic with `gen_tx` and counts it with `sink_count`.
+
+/// Where `bare_fwd` sends frames.
+#[map(name = "bare_fwd_cfg")]
+static BARE_FWD_CFG: Array<BareFwd> = Array::with_max_entries(1, 0);
+
+/// Per-CPU count of frames `sink_count` saw.
+#[map(name = "sink_count_stat")]
+static SINK_COUNT_STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `gen_tx`'s per-CPU frame counter.
+#[map(name = "gen_cursor")]
+static GEN_CURSOR: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The least a forwarder does: bounds-checked Ethernet and IPv4 headers, MACs rewritten,
+/// out by XDP_TX or XDP_REDIRECT. The reference lb_xdp's cost is compared with.
+#[xdp]
+pub fn bare_fwd(ctx: XdpContext) -> u32 {
+    let Some(eth) = ptr_at_mut::<EthHdr>(&ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: bounds checked by ptr_at_mut.
+    if unsafe { (*eth).proto } != ETH_P_IP_BE {
+        return xdp_action::XDP_PASS;
+    }
+    if ptr_at::<Ipv4Hdr>(&ctx, ETH_HLEN).is_none() {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(cfg) = BARE_FWD_CFG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        (*eth).dst = cfg.dmac;
+        (*eth).src = cfg.smac;
+    }
+    if cfg.ifindex == 0 || cfg.ifindex == ctx.ingress_ifindex() as u32 {
+        xdp_action::XDP_TX
+    } else {
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(cfg.ifindex, 0) as u32 }
+    }
+}
+
+/// A traffic generator for BPF_PROG_TEST_RUN with live frames: sends each frame back out of
+/// the interface it runs on, its UDP source port stepped through 1024 values (so a balancer
+/// sees that many flows; the UDP checksum must be 0, as a port change would void it).
+#[xdp]
+pub fn gen_tx(ctx: XdpContext) -> u32 {
+    if let (Some(cursor), Some(ports)) = (
+        GEN_CURSOR.get_ptr_mut(0),
+        ptr_at_mut::<[u16; 2]>(&ctx, ETH_HLEN + IPV4_HLEN),
+    ) {
+        // SAFETY: a per-CPU slot; bounds checked by ptr_at_mut.
+        unsafe {
+            *cursor += 1;
+            (*ports)[0] = (10_000 + (*cursor % 1024) as u16).to_be();
+        }
+    }
+    xdp_action::XDP_TX
+}
+
+/// A sink: counts every frame and drops it.
+#[xdp]
+pub fn sink_count(_ctx: XdpContext) -> u32 {
+    if let Some(p) = SINK_COUNT_STAT.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot.
+        unsafe { *p += 1 };
+    }
+    xdp_action::XDP_DROP
 }
 
 #[cfg(not(test))]

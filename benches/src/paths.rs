@@ -1,0 +1,475 @@
+//! Per-path cost of lb_xdp through BPF_PROG_TEST_RUN, in ns per packet, beside a bare
+//! forwarder; and how the established path grows with the connection table and the servers.
+//!
+//! A repeated run would see its own rewritten output (a NAT-ed packet is no longer addressed
+//! to the VIP), so every timed packet is a distinct flow, run once; the kernel's own timing of
+//! each run is summed. Each round uses flows of its own (a client address per round).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use aya::{EbpfLoader, maps::Array, programs::Xdp};
+use lb_common::{
+    Addr, BareFwd, Connection, FlowKey, IPPROTO_TCP, Method, SETTINGS_ACTIVE, Sched, Settings,
+    maps, programs,
+};
+use lb_daemon::dataplane::{
+    Capacities, Dataplane, OBJECT, RunMode, ServerSpec, ServiceSpec, enable_fib_lookup, run_xdp,
+};
+use lb_tests::{
+    fixture::frames::{ACK, Flags, Mac, SYN, tcp},
+    lab::Lab,
+};
+
+use crate::report;
+
+const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+const LB_NAT_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
+const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
+const VIP: [u8; 4] = [192, 0, 2, 100];
+const NAT: [u8; 4] = [203, 0, 113, 1];
+const OTHER: [u8; 4] = [192, 0, 2, 50];
+
+fn server_mac(i: usize) -> Mac {
+    [0x02, 0, 0, 0x10, (i >> 8) as u8, i as u8]
+}
+
+fn mac_str(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A namespace with the balancer's two interfaces, routes, and permanent neighbours for
+/// `servers` direct servers (198.18.0.0/15, the benchmarking range) and the NAT servers.
+struct Bed {
+    lab: Lab,
+    eth0: u32,
+    eth1: u32,
+}
+
+impl Bed {
+    fn new(servers: usize) -> Result<Bed> {
+        let mut lab = Lab::new();
+        lab.add_ns("bench");
+        lab.veth(("bench", "eth0"), ("bench", "peer0"));
+        lab.veth(("bench", "eth1"), ("bench", "peer1"));
+        lab.mac("bench", "eth0", &mac_str(LB_MAC));
+        lab.mac("bench", "eth1", &mac_str(LB_NAT_MAC));
+        lab.addr("bench", "eth0", "192.0.2.1/24");
+        lab.addr("bench", "eth0", "198.18.0.1/15");
+        lab.addr("bench", "eth1", "203.0.113.1/24");
+        lab.route("bench", &["198.51.100.0/24", "via", "192.0.2.254"]);
+        let mut batch = format!(
+            "neigh replace 192.0.2.254 lladdr {} dev eth0 nud permanent\n",
+            mac_str(ROUTER_MAC)
+        );
+        for i in 0..servers {
+            batch += &format!(
+                "neigh replace {} lladdr {} dev eth0 nud permanent\n",
+                direct_server(i),
+                mac_str(server_mac(i))
+            );
+        }
+        for i in 0..3 {
+            batch += &format!(
+                "neigh replace 203.0.113.{} lladdr {} dev eth1 nud permanent\n",
+                21 + i,
+                mac_str(server_mac(0x800 + i))
+            );
+        }
+        let file = lab.dir().join("neigh.batch");
+        std::fs::write(&file, batch)?;
+        lab.ns("bench")
+            .exec_ok(&["ip", "-batch", file.to_str().unwrap()]);
+        let ns = lab.ns("bench");
+        let (eth0, eth1) = (ns.ifindex("eth0"), ns.ifindex("eth1"));
+        {
+            let _in = ns.enter();
+            enable_fib_lookup()?;
+        }
+        Ok(Bed { lab, eth0, eth1 })
+    }
+}
+
+fn direct_server(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 0)) + i as u32)
+}
+
+fn settings() -> Settings {
+    Settings {
+        timeout_ns: 100_000_000_000,
+        flags: SETTINGS_ACTIVE,
+        local_addr: Addr::from_v4_octets([192, 0, 2, 1]),
+        nat_addr: Addr::from_v4_octets(NAT),
+        nat_port_min: 20_000,
+        nat_port_max: 59_999,
+        ..Default::default()
+    }
+}
+
+fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u32) -> ServiceSpec {
+    ServiceSpec {
+        vip: VIP.into(),
+        port,
+        proto: IPPROTO_TCP,
+        sched,
+        persistence_s: 0,
+        servers: (0..servers)
+            .map(|i| {
+                let (addr, sport) = match method {
+                    Method::Nat => (
+                        Ipv4Addr::new(203, 0, 113, 21 + (i % 3) as u8),
+                        8080 + i as u16,
+                    ),
+                    _ => (direct_server(i), port),
+                };
+                ServerSpec {
+                    index: first_index + i as u32,
+                    addr,
+                    port: sport,
+                    weight: 1 + (i % 3) as u32,
+                    method,
+                    up: true,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// A client's TCP frame from 198.51.100.`host`:`sport` as the router delivers it.
+fn client(host: u8, sport: u16, dst: [u8; 4], dport: u16, flags: Flags) -> Vec<u8> {
+    tcp(
+        ROUTER_MAC,
+        LB_MAC,
+        [198, 51, 100, host],
+        sport,
+        dst,
+        dport,
+        flags,
+        b"",
+    )
+}
+
+/// Mean kernel time per run, in ns, of running each frame once.
+fn time_frames(
+    bed: &Bed,
+    frames: &[(Vec<u8>, u32)],
+    run: impl Fn(&[u8], u32) -> Result<u128>,
+) -> Result<f64> {
+    let _in = bed.lab.ns("bench").enter();
+    let mut total = 0u128;
+    for (f, ifindex) in frames {
+        total += run(f, *ifindex)?;
+    }
+    Ok(total as f64 / frames.len() as f64)
+}
+
+fn lb_run(dp: &Dataplane) -> impl Fn(&[u8], u32) -> Result<u128> + '_ {
+    move |f, i| Ok(dp.run(f, i, RunMode::Once)?.per_run.as_nanos())
+}
+
+/// Runs every frame once, untimed (to create connections).
+fn warm(bed: &Bed, dp: &Dataplane, frames: &[Vec<u8>]) -> Result<()> {
+    let _in = bed.lab.ns("bench").enter();
+    for f in frames {
+        dp.test_run(f, bed.eth0)?;
+    }
+    Ok(())
+}
+
+pub fn paths(packets: usize, rounds: usize) -> Result<()> {
+    let bed = Bed::new(3)?;
+    let mut dp = Dataplane::load(Capacities {
+        services: 8,
+        servers: 64,
+        connections: 1 << 21,
+    })?;
+    let ports: [(u16, Sched, Method); 6] = [
+        (80, Sched::Maglev, Method::Direct),
+        (81, Sched::Rr, Method::Direct),
+        (82, Sched::Wrr, Method::Direct),
+        (83, Sched::Sh, Method::Direct),
+        (84, Sched::Maglev, Method::Tunnel),
+        (85, Sched::Maglev, Method::Nat),
+    ];
+    for (id, (port, sched, method)) in ports.iter().enumerate() {
+        dp.install(id as u32, &spec(*port, *sched, *method, 3, id as u32 * 3))?;
+    }
+    dp.set_settings(&settings())?;
+
+    // The bare forwarder, sending everything to the first server.
+    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    let bare: &mut Xdp = ebpf
+        .program_mut(programs::BARE_FWD)
+        .context("bare_fwd")?
+        .try_into()?;
+    bare.load()?;
+    let mut cfg =
+        Array::<_, BareFwd>::try_from(ebpf.map_mut(maps::BARE_FWD).context("bare_fwd_cfg")?)?;
+    cfg.set(
+        0,
+        BareFwd {
+            dmac: server_mac(0),
+            smac: LB_MAC,
+            ifindex: 0,
+        },
+        0,
+    )?;
+    let bare: &Xdp = ebpf
+        .program(programs::BARE_FWD)
+        .context("bare_fwd")?
+        .try_into()?;
+    let bare_run = |f: &[u8], i: u32| -> Result<u128> {
+        Ok(run_xdp(bare, f, i, RunMode::Once)?.per_run.as_nanos())
+    };
+
+    let n = packets.min(60_000);
+    let mut results: Vec<(&str, Vec<f64>)> = Vec::new();
+    let mut push = |name: &'static str, v: f64| match results.iter_mut().find(|r| r.0 == name) {
+        Some(r) => r.1.push(v),
+        None => results.push((name, vec![v])),
+    };
+    for round in 0..rounds {
+        let host = 1 + round as u8;
+        let sports = || (0..n).map(|i| (1024 + i) as u16);
+        let eth0 = bed.eth0;
+        // Bare forwarder and non-VIP pass: any frames will do.
+        let frames: Vec<(Vec<u8>, u32)> = sports()
+            .map(|p| (client(host, p, OTHER, 80, ACK), eth0))
+            .collect();
+        push(
+            "bare forwarder (MAC rewrite, XDP_TX)",
+            time_frames(&bed, &frames, bare_run)?,
+        );
+        push(
+            "pass: not for a service",
+            time_frames(&bed, &frames, lb_run(&dp))?,
+        );
+        // New connections per scheduler.
+        for (name, port) in [
+            ("new: maglev", 80),
+            ("new: rr", 81),
+            ("new: wrr", 82),
+            ("new: sh", 83),
+        ] {
+            let frames: Vec<(Vec<u8>, u32)> = sports()
+                .map(|p| (client(host, p, VIP, port, SYN), eth0))
+                .collect();
+            push(name, time_frames(&bed, &frames, lb_run(&dp))?);
+        }
+        // Established, per method: connections made untimed, then one ACK per flow.
+        for (name, port) in [
+            ("established: direct", 80u16),
+            ("established: tunnel", 84),
+            ("established: nat", 85),
+        ] {
+            if port != 80 {
+                let syns: Vec<Vec<u8>> =
+                    sports().map(|p| client(host, p, VIP, port, SYN)).collect();
+                warm(&bed, &dp, &syns)?;
+            }
+            let frames: Vec<(Vec<u8>, u32)> = sports()
+                .map(|p| (client(host, p, VIP, port, ACK), eth0))
+                .collect();
+            push(name, time_frames(&bed, &frames, lb_run(&dp))?);
+        }
+        // NAT replies, to the ports the forward leg chose.
+        let mut replies = Vec::with_capacity(n);
+        for p in sports() {
+            let key = FlowKey {
+                src: Addr::from_v4_octets([198, 51, 100, host]),
+                dst: Addr::from_v4_octets(VIP),
+                sport: p.to_be(),
+                dport: 85u16.to_be(),
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            let Some(c): Option<Connection> = dp.connection(&key) else {
+                continue;
+            };
+            let srv = dp.server(c.server)?;
+            let (sa, sp) = (
+                srv.addr.as_v4_raw().unwrap().to_ne_bytes(),
+                u16::from_be(srv.port),
+            );
+            replies.push((
+                tcp(
+                    server_mac(0x800),
+                    LB_NAT_MAC,
+                    sa,
+                    sp,
+                    NAT,
+                    u16::from_be(c.nat_port),
+                    ACK,
+                    b"",
+                ),
+                bed.eth1,
+            ));
+        }
+        push(
+            "nat reply (server -> client)",
+            time_frames(&bed, &replies, lb_run(&dp))?,
+        );
+    }
+    for (name, v) in results {
+        report("path", name, "ns/packet", v);
+    }
+    Ok(())
+}
+
+pub fn growth(packets: usize, rounds: usize) -> Result<()> {
+    let n = packets.min(60_000);
+    // The connection table's size.
+    for size in [1_000usize, 10_000, 100_000, 1_000_000] {
+        let bed = Bed::new(3)?;
+        let mut dp = Dataplane::load(Capacities {
+            services: 4,
+            servers: 16,
+            connections: 1 << 21,
+        })?;
+        dp.install(0, &spec(80, Sched::Maglev, Method::Direct, 3, 0))?;
+        dp.set_settings(&settings())?;
+        let now = lb_daemon::dataplane::now_ns();
+        for i in 0..size {
+            let key = FlowKey {
+                src: Addr::from_v4_octets([203, 0, 113, (i >> 16) as u8]),
+                dst: Addr::from_v4_octets(VIP),
+                sport: (i as u16).to_be(),
+                dport: 80u16.to_be(),
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            dp.set_connection(
+                &key,
+                &Connection {
+                    last_seen_ns: now,
+                    server: (i % 3) as u32,
+                    ..Default::default()
+                },
+            )?;
+        }
+        let mut v = Vec::new();
+        for round in 0..rounds {
+            let host = 1 + round as u8;
+            let syns: Vec<Vec<u8>> = (0..n)
+                .map(|i| client(host, 1024 + i as u16, VIP, 80, SYN))
+                .collect();
+            warm(&bed, &dp, &syns)?;
+            let frames: Vec<(Vec<u8>, u32)> = (0..n)
+                .map(|i| (client(host, 1024 + i as u16, VIP, 80, ACK), bed.eth0))
+                .collect();
+            v.push(time_frames(&bed, &frames, lb_run(&dp))?);
+        }
+        report(
+            "growth",
+            &format!("established, {size} connections in the table"),
+            "ns/packet",
+            v,
+        );
+    }
+    // The service's server count.
+    for servers in [1usize, 10, 100, 1000] {
+        let bed = Bed::new(servers)?;
+        let mut dp = Dataplane::load(Capacities {
+            services: 4,
+            servers: 1024,
+            connections: 1 << 21,
+        })?;
+        dp.install(0, &spec(80, Sched::Maglev, Method::Direct, servers, 0))?;
+        dp.set_settings(&settings())?;
+        let (mut new, mut est) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let host = 1 + round as u8;
+            let syns: Vec<(Vec<u8>, u32)> = (0..n)
+                .map(|i| (client(host, 1024 + i as u16, VIP, 80, SYN), bed.eth0))
+                .collect();
+            new.push(time_frames(&bed, &syns, lb_run(&dp))?);
+            let acks: Vec<(Vec<u8>, u32)> = (0..n)
+                .map(|i| (client(host, 1024 + i as u16, VIP, 80, ACK), bed.eth0))
+                .collect();
+            est.push(time_frames(&bed, &acks, lb_run(&dp))?);
+        }
+        report(
+            "growth",
+            &format!("new connection, {servers} servers (maglev)"),
+            "ns/packet",
+            new,
+        );
+        report(
+            "growth",
+            &format!("established, {servers} servers (maglev)"),
+            "ns/packet",
+            est,
+        );
+    }
+    Ok(())
+}
+
+/// Idempotent paths timed with repeats (no per-run timer overhead): for calibration only.
+pub fn calibrate() -> Result<()> {
+    let bed = Bed::new(3)?;
+    let mut dp = Dataplane::load(Capacities {
+        services: 8,
+        servers: 64,
+        connections: 1 << 21,
+    })?;
+    dp.install(0, &spec(80, Sched::Maglev, Method::Direct, 3, 0))?;
+    dp.set_settings(&settings())?;
+    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    let bare: &mut Xdp = ebpf
+        .program_mut(programs::BARE_FWD)
+        .context("bare_fwd")?
+        .try_into()?;
+    bare.load()?;
+    let mut cfg =
+        Array::<_, BareFwd>::try_from(ebpf.map_mut(maps::BARE_FWD).context("bare_fwd_cfg")?)?;
+    cfg.set(
+        0,
+        BareFwd {
+            dmac: server_mac(0),
+            smac: LB_MAC,
+            ifindex: 0,
+        },
+        0,
+    )?;
+    let bare: &Xdp = ebpf
+        .program(programs::BARE_FWD)
+        .context("bare_fwd")?
+        .try_into()?;
+    let _in = bed.lab.ns("bench").enter();
+    let syn = client(1, 5000, VIP, 80, SYN);
+    dp.test_run(&syn, bed.eth0)?;
+    let ack = client(1, 5000, VIP, 80, ACK);
+    for (name, ns) in [
+        (
+            "bare x1",
+            run_xdp(bare, &ack, bed.eth0, RunMode::Repeat(1))?.per_run,
+        ),
+        (
+            "bare x10000",
+            run_xdp(bare, &ack, bed.eth0, RunMode::Repeat(10_000))?.per_run,
+        ),
+        (
+            "lb established x1",
+            dp.run(&ack, bed.eth0, RunMode::Repeat(1))?.per_run,
+        ),
+        (
+            "lb established x10000",
+            dp.run(&ack, bed.eth0, RunMode::Repeat(10_000))?.per_run,
+        ),
+        (
+            "lb pass x10000",
+            dp.run(
+                &client(1, 5000, OTHER, 80, ACK),
+                bed.eth0,
+                RunMode::Repeat(10_000),
+            )?
+            .per_run,
+        ),
+    ] {
+        eprintln!("{name}: {} ns", ns.as_nanos());
+    }
+    Ok(())
+}

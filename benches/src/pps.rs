@@ -1,0 +1,326 @@
+//! Packets per second through a namespace lab: generator -> balancer -> sink, the same
+//! generator for every variant. The generator is an XDP program run by BPF_PROG_TEST_RUN
+//! with live frames (each run transmits its frame; trafgen tops out near 1 Mpps here); the
+//! sink counts and drops in XDP. Variants: plain routing, nftables DNAT with conntrack, a bare
+//! XDP forwarder, and lb by direct routing, tunnel and NAT. A fresh lab for every variant and
+//! round, rounds alternating variants.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, PerCpuArray},
+    programs::Xdp,
+};
+use lb_common::{
+    Addr, BareFwd, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings, maps, programs, xdp_link,
+};
+use lb_daemon::dataplane::{
+    AttachMode, Capacities, Dataplane, OBJECT, RunMode, ServerSpec, ServiceSpec, enable_fib_lookup,
+    run_xdp,
+};
+use lb_tests::{fixture::frames::udp, lab::Lab};
+use std::os::fd::{AsFd, AsRawFd};
+
+use crate::report;
+
+const GEN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+const LB0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x02];
+const LB1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
+const SINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x02];
+const VIP: [u8; 4] = [192, 0, 2, 100];
+const SINK: [u8; 4] = [198, 51, 100, 2];
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// The generator straight into an XDP sink on the balancer's interface: its ceiling.
+    Generator,
+    Routing,
+    Nftables,
+    BareXdp,
+    Lb(Method),
+}
+
+impl Variant {
+    fn name(self) -> String {
+        match self {
+            Variant::Generator => "generator alone (one veth hop)".into(),
+            Variant::Routing => "plain routing (kernel forwarding)".into(),
+            Variant::Nftables => "nftables DNAT + conntrack".into(),
+            Variant::BareXdp => "bare XDP forwarder".into(),
+            Variant::Lb(m) => format!("lb {}", m.name()),
+        }
+    }
+}
+
+/// The lab of one measurement and what must live as long as it.
+struct Rig {
+    lab: Lab,
+    _programs: Vec<Ebpf>,
+    _dp: Option<Dataplane>,
+    /// The counting sink's map.
+    sink: PerCpuArray<aya::maps::MapData, u64>,
+    gen_ebpf: Ebpf,
+    gen_ifindex: u32,
+}
+
+fn load_program(name: &'static str) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+    p.load()?;
+    Ok(ebpf)
+}
+
+/// Attaches program `name` of `ebpf` natively to `dev` in namespace `ns` (through netlink,
+/// so it stays until the namespace goes).
+fn attach(lab: &Lab, ns: &str, dev: &str, ebpf: &Ebpf, name: &'static str) -> Result<()> {
+    let space = lab.ns(ns);
+    let ifindex = space.ifindex(dev);
+    let prog: &Xdp = ebpf.program(name).context(name)?.try_into()?;
+    let fd = prog.fd()?.as_fd().as_raw_fd();
+    let _in = space.enter();
+    let sock = xdp_link::socket()?;
+    xdp_link::set(&sock, ifindex, Some(fd), xdp_link::DRV_MODE)?;
+    Ok(())
+}
+
+fn rig(v: Variant) -> Result<Rig> {
+    let mut lab = Lab::new();
+    for ns in ["gen", "lb", "sink"] {
+        lab.add_ns(ns);
+    }
+    lab.veth(("gen", "eth0"), ("lb", "eth0"));
+    lab.veth(("lb", "eth1"), ("sink", "eth0"));
+    lab.mac("gen", "eth0", &mac(GEN_MAC));
+    lab.mac("lb", "eth0", &mac(LB0_MAC));
+    lab.mac("lb", "eth1", &mac(LB1_MAC));
+    lab.mac("sink", "eth0", &mac(SINK_MAC));
+    lab.addr("gen", "eth0", "192.0.2.1/24");
+    lab.addr("lb", "eth0", "192.0.2.2/24");
+    lab.addr("lb", "eth0", "192.0.2.100/32");
+    lab.addr("lb", "eth1", "198.51.100.1/24");
+    lab.addr("sink", "eth0", "198.51.100.2/24");
+    lab.ns("lb").exec_ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        "198.51.100.2",
+        "lladdr",
+        &mac(SINK_MAC),
+        "dev",
+        "eth1",
+        "nud",
+        "permanent",
+    ]);
+    lab.ns("lb").exec_ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        "192.0.2.1",
+        "lladdr",
+        &mac(GEN_MAC),
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+
+    let mut programs = Vec::new();
+    let sink_ebpf = load_program(programs::SINK_COUNT)?;
+    let sink_at = if v == Variant::Generator {
+        ("lb", "eth0")
+    } else {
+        ("sink", "eth0")
+    };
+    attach(&lab, sink_at.0, sink_at.1, &sink_ebpf, programs::SINK_COUNT)?;
+    let mut sink_ebpf = sink_ebpf;
+    let sink = PerCpuArray::try_from(sink_ebpf.take_map(maps::SINK_COUNT).context("sink map")?)?;
+    programs.push(sink_ebpf);
+
+    let mut dp = None;
+    match v {
+        Variant::Generator => {}
+        Variant::Routing | Variant::Nftables => {
+            lab.sysctl("lb", "net.ipv4.ip_forward", "1");
+            // The generator's frames reach the balancer's veth only if it runs XDP (see
+            // lb_tests::xdp_pass); the pass program costs the kernel paths a few ns.
+            let ifindex = lab.ns("lb").ifindex("eth0");
+            let _in = lab.ns("lb").enter();
+            lb_tests::xdp_pass::attach(ifindex)?;
+            drop(_in);
+            if v == Variant::Nftables {
+                let lb = lab.ns("lb");
+                lb.exec_ok(&["nft", "add table ip nat"]);
+                lb.exec_ok(&[
+                    "nft",
+                    "add chain ip nat pre { type nat hook prerouting priority -100 ; }",
+                ]);
+                lb.exec_ok(&[
+                    "nft",
+                    "add rule ip nat pre ip daddr 192.0.2.100 udp dport 9000 dnat to 198.51.100.2",
+                ]);
+            }
+        }
+        Variant::BareXdp => {
+            let mut e = load_program(programs::BARE_FWD)?;
+            let lb1 = lab.ns("lb").ifindex("eth1");
+            let mut cfg =
+                Array::<_, BareFwd>::try_from(e.map_mut(maps::BARE_FWD).context("bare_fwd_cfg")?)?;
+            cfg.set(
+                0,
+                BareFwd {
+                    dmac: SINK_MAC,
+                    smac: LB1_MAC,
+                    ifindex: lb1,
+                },
+                0,
+            )?;
+            attach(&lab, "lb", "eth0", &e, programs::BARE_FWD)?;
+            programs.push(e);
+        }
+        Variant::Lb(method) => {
+            let mut d = Dataplane::load(Capacities {
+                services: 4,
+                servers: 16,
+                connections: 1 << 18,
+            })?;
+            d.install(
+                0,
+                &ServiceSpec {
+                    vip: VIP.into(),
+                    port: 9000,
+                    proto: IPPROTO_UDP,
+                    sched: Sched::Maglev,
+                    persistence_s: 0,
+                    servers: vec![ServerSpec {
+                        index: 0,
+                        addr: SINK.into(),
+                        port: 9000,
+                        weight: 1,
+                        method,
+                        up: true,
+                    }],
+                },
+            )?;
+            d.set_settings(&Settings {
+                timeout_ns: 100_000_000_000,
+                flags: SETTINGS_ACTIVE,
+                local_addr: Addr::from(Ipv4Addr::new(198, 51, 100, 1)),
+                nat_addr: Addr::from(Ipv4Addr::new(198, 51, 100, 1)),
+                nat_port_min: 20_000,
+                nat_port_max: 59_999,
+                ..Default::default()
+            })?;
+            let _in = lab.ns("lb").enter();
+            enable_fib_lookup()?;
+            d.attach("eth0", AttachMode::Driver)?;
+            drop(_in);
+            dp = Some(d);
+        }
+    }
+    let gen_ebpf = load_program(programs::GEN_TX)?;
+    let gen_ifindex = lab.ns("gen").ifindex("eth0");
+    Ok(Rig {
+        lab,
+        _programs: programs,
+        _dp: dp,
+        sink,
+        gen_ebpf,
+        gen_ifindex,
+    })
+}
+
+fn delivered(sink: &PerCpuArray<aya::maps::MapData, u64>) -> Result<u64> {
+    Ok(sink.get(&0, 0)?.iter().sum())
+}
+
+/// One measurement: `packets` frames from the generator; the rate the sink saw them at.
+fn measure(v: Variant, packets: u32) -> Result<(f64, f64)> {
+    let rig = rig(v)?;
+    let dst = match v {
+        Variant::Routing | Variant::BareXdp | Variant::Generator => SINK,
+        _ => VIP,
+    };
+    let mut frame = udp(
+        GEN_MAC,
+        LB0_MAC,
+        [192, 0, 2, 1],
+        10_000,
+        dst,
+        9000,
+        &[0u8; 18],
+    );
+    // No UDP checksum: the generator steps the source port.
+    frame[40..42].copy_from_slice(&[0, 0]);
+    let generator: &Xdp = rig
+        .gen_ebpf
+        .program(programs::GEN_TX)
+        .context("gen_tx")?
+        .try_into()?;
+    let _in = rig.lab.ns("gen").enter();
+    // Warm up: connections, conntrack entries and neighbour lookups are made outside the timing.
+    run_xdp(
+        generator,
+        &frame,
+        rig.gen_ifindex,
+        RunMode::Live {
+            n: 20_000,
+            batch: 64,
+        },
+    )?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = delivered(&rig.sink)?;
+    let start = Instant::now();
+    run_xdp(
+        generator,
+        &frame,
+        rig.gen_ifindex,
+        RunMode::Live {
+            n: packets,
+            batch: 64,
+        },
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let got = delivered(&rig.sink)? - before;
+    Ok((got as f64 / secs, got as f64 / packets as f64))
+}
+
+pub fn run(packets: u32, rounds: usize) -> Result<()> {
+    let variants = [
+        Variant::Generator,
+        Variant::Routing,
+        Variant::Nftables,
+        Variant::BareXdp,
+        Variant::Lb(Method::Direct),
+        Variant::Lb(Method::Tunnel),
+        Variant::Lb(Method::Nat),
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut delivery: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..rounds {
+        for (i, v) in variants.iter().enumerate() {
+            let (pps, frac) = measure(*v, packets).with_context(|| v.name())?;
+            rates[i].push(pps);
+            delivery[i].push(frac);
+        }
+    }
+    for (i, v) in variants.iter().enumerate() {
+        report("pps", &v.name(), "packets/s", rates[i].clone());
+        report(
+            "pps",
+            &format!("{}: share delivered", v.name()),
+            "fraction",
+            delivery[i].clone(),
+        );
+    }
+    Ok(())
+}
