@@ -39,6 +39,9 @@ enum Cmd {
     Pps {
         #[arg(long, default_value_t = 2_000_000)]
         packets: u32,
+        /// Only the variants whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// HTTP through the VIP with wrk: lb against HAProxy, nftables DNAT, plain routing.
     Http {
@@ -90,12 +93,26 @@ pub fn report(group: &str, name: &str, unit: &str, rounds: Vec<f64>) {
     eprintln!("  {group:<10} {name:<44} {:>12.1} {unit}", r.median);
 }
 
+/// Keeps the timed runs on one CPU (the last), so that they do not migrate mid-measurement.
+fn pin_to_last_cpu() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus - 1, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Paths { .. } | Cmd::Growth { .. } | Cmd::Calibrate) {
+        pin_to_last_cpu();
+    }
     match cli.cmd {
         Cmd::Paths { packets } => paths::paths(packets, cli.rounds),
         Cmd::Growth { packets } => paths::growth(packets, cli.rounds),
-        Cmd::Pps { packets } => pps::run(packets, cli.rounds),
+        Cmd::Pps { packets, only } => pps::run(packets, cli.rounds, only.as_deref()),
         Cmd::Http { seconds } => http::run(seconds, cli.rounds),
         Cmd::Failover { drills } => failover::run(drills),
         Cmd::Calibrate => paths::calibrate(),

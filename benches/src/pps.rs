@@ -244,7 +244,7 @@ fn delivered(sink: &PerCpuArray<aya::maps::MapData, u64>) -> Result<u64> {
 
 /// One measurement: `packets` frames from the generator; the rate the sink saw them at.
 fn measure(v: Variant, packets: u32) -> Result<(f64, f64)> {
-    let rig = rig(v)?;
+    let mut rig = rig(v)?;
     let dst = match v {
         Variant::Routing | Variant::BareXdp | Variant::Generator => SINK,
         _ => VIP,
@@ -260,6 +260,12 @@ fn measure(v: Variant, packets: u32) -> Result<(f64, f64)> {
     );
     // No UDP checksum: the generator steps the source port.
     frame[40..42].copy_from_slice(&[0, 0]);
+    let mut template = Array::<_, [u8; 42]>::try_from(
+        rig.gen_ebpf
+            .map_mut(maps::GEN_TEMPLATE)
+            .context("gen_template")?,
+    )?;
+    template.set(0, <[u8; 42]>::try_from(&frame[..42])?, 0)?;
     let generator: &Xdp = rig
         .gen_ebpf
         .program(programs::GEN_TX)
@@ -291,10 +297,20 @@ fn measure(v: Variant, packets: u32) -> Result<(f64, f64)> {
     let secs = start.elapsed().as_secs_f64();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let got = delivered(&rig.sink)? - before;
+    if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+        if let Some(dp) = &rig._dp {
+            let st = dp.stats()?;
+            eprintln!("{v:?} stats: {st:?}");
+        }
+        for ns in ["gen", "lb", "sink"] {
+            eprintln!("{ns}: {}", rig.lab.ns(ns).exec_ok(&["ip", "-s", "link"]));
+            eprintln!("{ns}: {}", rig.lab.ns(ns).exec_ok(&["nstat", "-a"]));
+        }
+    }
     Ok((got as f64 / secs, got as f64 / packets as f64))
 }
 
-pub fn run(packets: u32, rounds: usize) -> Result<()> {
+pub fn run(packets: u32, rounds: usize, only: Option<&str>) -> Result<()> {
     let variants = [
         Variant::Generator,
         Variant::Routing,
@@ -304,6 +320,10 @@ pub fn run(packets: u32, rounds: usize) -> Result<()> {
         Variant::Lb(Method::Tunnel),
         Variant::Lb(Method::Nat),
     ];
+    let variants: Vec<Variant> = variants
+        .into_iter()
+        .filter(|v| only.is_none_or(|o| v.name().contains(o)))
+        .collect();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut delivery: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..rounds {

@@ -36,6 +36,8 @@ pub mod maps {
     pub const DECAP_STAT: &str = "decap_stat";
     /// Benchmarks: the one [`super::BareFwd`] record of `bare_fwd`.
     pub const BARE_FWD: &str = "bare_fwd_cfg";
+    /// Benchmarks: the 42 header bytes (Ethernet, IPv4, UDP) `gen_tx` writes on every frame.
+    pub const GEN_TEMPLATE: &str = "gen_template";
     /// Benchmarks: per-CPU packets counted (and dropped) by `sink_count`.
     pub const SINK_COUNT: &str = "sink_count_stat";
 }
@@ -50,6 +52,8 @@ pub mod programs {
     pub const BARE_FWD: &str = "bare_fwd";
     /// Benchmark traffic generator under BPF_PROG_TEST_RUN live frames.
     pub const GEN_TX: &str = "gen_tx";
+    /// Benchmark reference: an empty program (the cost of a test run itself).
+    pub const BENCH_NOP: &str = "bench_nop";
     /// Benchmark sink: counts and drops.
     pub const SINK_COUNT: &str = "sink_count";
 }
