@@ -100,7 +100,7 @@ fn two_arm(v: Variant) -> Result<Rig> {
         Variant::Haproxy => {
             let conf = lab.dir().join("haproxy.cfg");
             let mut c = String::from(
-                "global\n  maxconn 20000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
                  frontend f\n  bind 192.0.2.100:80\n  default_backend b\nbackend b\n  balance roundrobin\n",
             );
             for (i, b) in BACKENDS.iter().enumerate() {

@@ -106,7 +106,10 @@ fn pin_to_last_cpu() {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Paths { .. } | Cmd::Growth { .. } | Cmd::Calibrate) {
+    if matches!(
+        cli.cmd,
+        Cmd::Paths { .. } | Cmd::Growth { .. } | Cmd::Calibrate
+    ) {
         pin_to_last_cpu();
     }
     match cli.cmd {

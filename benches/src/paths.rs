@@ -204,11 +204,19 @@ impl Refs {
     }
 
     fn prog(&self, name: &str) -> Result<&Xdp> {
-        Ok(self.ebpf.program(name).context(name.to_string())?.try_into()?)
+        Ok(self
+            .ebpf
+            .program(name)
+            .context(name.to_string())?
+            .try_into()?)
     }
 
     fn run(&self, name: &'static str) -> impl Fn(&[u8], u32) -> Result<u128> + '_ {
-        move |f, i| Ok(run_xdp(self.prog(name)?, f, i, RunMode::Once)?.per_run.as_nanos())
+        move |f, i| {
+            Ok(run_xdp(self.prog(name)?, f, i, RunMode::Once)?
+                .per_run
+                .as_nanos())
+        }
     }
 
     /// The test run's overhead over `frames`, to subtract.
@@ -468,12 +476,16 @@ pub fn calibrate() -> Result<()> {
         (
             "lb established direct",
             time_frames(&bed, &ack, lb_run(&dp))?,
-            dp.run(&ack[0].0, bed.eth0, RunMode::Repeat(10_000))?.per_run.as_nanos(),
+            dp.run(&ack[0].0, bed.eth0, RunMode::Repeat(10_000))?
+                .per_run
+                .as_nanos(),
         ),
         (
             "lb pass",
             time_frames(&bed, &other, lb_run(&dp))?,
-            dp.run(&other[0].0, bed.eth0, RunMode::Repeat(10_000))?.per_run.as_nanos(),
+            dp.run(&other[0].0, bed.eth0, RunMode::Repeat(10_000))?
+                .per_run
+                .as_nanos(),
         ),
     ] {
         eprintln!(

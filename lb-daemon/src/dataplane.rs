@@ -814,7 +814,8 @@ impl log::Log for GlobalLog {
     }
 }
 
-/// `bpf_ktime_get_ns()` as userspace sees it (CLOCK_MONOTONIC), to age connection entries.
+/// The dataplane's clock as userspace sees it (CLOCK_MONOTONIC; the dataplane reads the
+/// coarse variant, at most a tick behind), to age connection entries.
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -16,7 +16,8 @@ mod net;
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE},
     helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
@@ -287,6 +288,10 @@ struct Ip {
     tot_len: u16,
     /// Don't-fragment is set.
     df: bool,
+    /// The monotonic clock at arrival, coarse (a few ms): read once per packet. A precise
+    /// read costs as much as a map lookup, and every time the dataplane keeps (idle timeouts,
+    /// the lease, the next-hop cache) is in seconds.
+    now: u64,
 }
 
 /// Ports and TCP flags of a TCP/UDP packet.
@@ -321,7 +326,24 @@ fn balance(ctx: &XdpContext) -> Outcome {
         return Outcome::Drop(Stat::DropMalformed);
     }
     let daddr = iph.daddr;
-    let to_vip = VIPS.get_ptr(&Addr::v4_raw(daddr)).is_some();
+    let ihl = ((iph.vihl & 0x0f) as usize) * 4;
+    // The common case first: TCP or UDP to a service is found by one lookup, without asking
+    // `vips`. The ports are read before the headers are validated; a packet found this way
+    // is validated below like any other of ours.
+    let mut svc = None;
+    if iph.proto == IPPROTO_TCP || iph.proto == IPPROTO_UDP {
+        if let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) {
+            let key = ServiceKey {
+                vip: Addr::v4_raw(daddr),
+                // SAFETY: bounds checked by ptr_at.
+                port: unsafe { (*ports)[1] },
+                proto: iph.proto,
+                _pad: 0,
+            };
+            svc = SERVICES.get_ptr(&key);
+        }
+    }
+    let to_vip = svc.is_some() || VIPS.get_ptr(&Addr::v4_raw(daddr)).is_some();
     let to_nat = settings.nat_addr.as_v4_raw() == Some(daddr);
     if !to_vip && !to_nat {
         return Outcome::Pass;
@@ -331,12 +353,12 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // still attached and the VIP alias still up, so what reached the stack would be answered
     // with resets. Drop instead: clients retransmit to the ATM that takes over.
     // SAFETY: plain helper call.
-    if settings.lease_ns != 0 && unsafe { bpf_ktime_get_ns() } > settings.lease_ns {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if settings.lease_ns != 0 && now > settings.lease_ns {
         return Outcome::Drop(Stat::DropOrphaned);
     }
 
     // From here the packet is ours: it must be well formed.
-    let ihl = ((iph.vihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be(iph.tot_len);
     if (tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > ctx.data_end() - ctx.data() {
         return Outcome::Drop(Stat::DropMalformed);
@@ -355,6 +377,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         l4: ETH_HLEN + ihl,
         tot_len,
         df: iph.frag_off & IP_DF_BE != 0,
+        now,
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match ip.proto {
@@ -370,13 +393,8 @@ fn balance(ctx: &XdpContext) -> Outcome {
         return Outcome::Drop(Stat::DropMalformed);
     };
     if to_vip {
-        let key = ServiceKey {
-            vip: Addr::v4_raw(daddr),
-            port: l4.dport,
-            proto: ip.proto,
-            _pad: 0,
-        };
-        let Some(svc) = SERVICES.get_ptr(&key) else {
+        // The lookup above, with the same port `parse_l4` read.
+        let Some(svc) = svc else {
             // Another port of the VIP (ssh to the primary, say): the stack's business.
             return Outcome::Pass;
         };
@@ -478,8 +496,7 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
         return Outcome::Drop(Stat::DropError);
     };
     let key: &FlowKey = key;
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ip.now;
     let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let fin_rst = tcp_end_flags(l4.flags);
 
@@ -707,7 +724,7 @@ fn forward(
         return Outcome::Drop(Stat::DropNoRoute);
     };
     match Method::from_u8(method) {
-        Some(Method::Direct) => match server_hop(ctx, id, ip.saddr, ip.tot_len) {
+        Some(Method::Direct) => match server_hop(ctx, id, ip.saddr, ip.tot_len, ip.now) {
             Ok(hop) => send(ctx, &hop),
             Err(e) => too_big_or(ctx, ip, e, 0),
         },
@@ -719,7 +736,7 @@ fn forward(
             if outer_len > 0xffff {
                 return Outcome::Drop(Stat::DropTooBig);
             }
-            let hop = match server_hop(ctx, id, local, outer_len as u16) {
+            let hop = match server_hop(ctx, id, local, outer_len as u16, ip.now) {
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, IPV4_HLEN as u16),
             };
@@ -730,7 +747,7 @@ fn forward(
         }
         Some(Method::Nat) => {
             // Route first: a packet too big for the path is answered as the client sent it.
-            let hop = match server_hop(ctx, id, nat_addr, ip.tot_len) {
+            let hop = match server_hop(ctx, id, nat_addr, ip.tot_len, ip.now) {
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, 0),
             };
@@ -746,14 +763,12 @@ fn forward(
 /// The next hop toward server `id`. Its record caches the FIB's answer for [`HOP_TTL_NS`]:
 /// the established path then costs no lookup beyond the server record it reads anyway.
 #[inline(always)]
-fn server_hop(ctx: &XdpContext, id: u32, src: u32, tot_len: u16) -> Result<Hop, NoHop> {
+fn server_hop(ctx: &XdpContext, id: u32, src: u32, tot_len: u16, now: u64) -> Result<Hop, NoHop> {
     let Some(s) = SERVERS.get_ptr_mut(id) else {
         return Err(NoHop::Route);
     };
     // SAFETY: a map value; two CPUs refreshing it at once write the same answer.
     let s = unsafe { &mut *s };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     if now < s.hop_until_ns {
         if tot_len > s.mtu {
             return Err(NoHop::TooBig(s.mtu));
@@ -896,8 +911,7 @@ fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -
     let Some(server) = SERVERS.get(reply.server) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
-    // SAFETY: plain helper call.
-    reply.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    reply.last_seen_ns = ip.now;
     reply.packets += 1;
     reply.bytes += bytes;
     reply.flags |= tcp_end_flags(tcp_flags);
@@ -914,7 +928,7 @@ fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -
         smac: reply.local_mac,
         dmac: reply.peer_mac,
     };
-    let hop = match next_hop(ctx, client, vip, ip.tot_len, fallback) {
+    let hop = match next_hop(ctx, client, vip, ip.tot_len, fallback, ip.now) {
         Ok(h) => h,
         Err(e) => return e.outcome(),
     };
@@ -970,9 +984,8 @@ fn next_hop(
     src: u32,
     tot_len: u16,
     fallback: Hop,
+    now: u64,
 ) -> Result<Hop, NoHop> {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     if let Some(c) = NEXT_HOPS.get_ptr(&dst) {
         // SAFETY: a map value of this CPU, read only.
         let c = unsafe { &*c };
@@ -1224,7 +1237,7 @@ fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
         if nat_icmp(ctx, ip, inner_at, server, conn).is_none() {
             return Outcome::Drop(Stat::DropError);
         }
-        let hop = match server_hop(ctx, conn.server, ip.saddr, ip.tot_len) {
+        let hop = match server_hop(ctx, conn.server, ip.saddr, ip.tot_len, ip.now) {
             Ok(h) => h,
             Err(e) => return e.outcome(),
         };

@@ -1063,7 +1063,8 @@ fn a_backup_passes_everything_untouched() {
 fn an_orphaned_primary_drops_service_traffic_instead_of_passing_it() {
     let mut b = Bench::new();
     let mut s = settings();
-    s.lease_ns = now_ns() - 1;
+    // A second ago: the dataplane reads a coarse clock, up to a tick behind.
+    s.lease_ns = now_ns() - 1_000_000_000;
     b.dp.set_settings(&s).unwrap();
     b.run(&[
         Fixture::new(

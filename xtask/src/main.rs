@@ -1,6 +1,8 @@
 //! `cargo xtask`: what cargo alone cannot do. `setup` installs the eBPF toolchain and the
-//! tools the labs use; `test` runs every test tier; `demo` shows the lab to a new user.
+//! tools the labs use; `test` runs every test tier; `demo` shows the lab to a new user;
+//! `bench` measures lb against its peers (docs/BENCHMARKS.md).
 
+mod bench;
 mod demo;
 mod setup;
 mod util;
@@ -33,6 +35,20 @@ enum Cmd {
         #[arg(long)]
         clean: bool,
     },
+    /// Set up if needed (plus the peers: HAProxy, wrk, keepalived), then measure lb against
+    /// them: per-path cost, growth, packets per second, HTTP, failover, control plane. Writes
+    /// target/bench/results.{json,md} and prints the table. Needs root; about ten minutes.
+    Bench {
+        /// Rounds per measurement (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per HTTP load run.
+        #[arg(long, default_value_t = 5)]
+        http_seconds: u32,
+        /// Failover drills per balancer.
+        #[arg(long, default_value_t = 10)]
+        drills: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +67,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo { clean: true, .. } => demo::clean(),
         Cmd::Demo { keep, .. } => demo::run(keep),
+        Cmd::Bench {
+            rounds,
+            http_seconds,
+            drills,
+        } => bench::run(bench::Size {
+            rounds,
+            http_seconds,
+            drills,
+        }),
     }
 }
 

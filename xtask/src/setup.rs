@@ -49,6 +49,22 @@ const PACKAGES: &[Package] = &[
     },
 ];
 
+/// The peers `cargo xtask bench` measures lb against (nftables is in [`PACKAGES`]).
+const BENCH_PACKAGES: &[Package] = &[
+    Package {
+        name: "haproxy",
+        why: "the HTTP benchmark's proxy peer (mode tcp)",
+    },
+    Package {
+        name: "wrk",
+        why: "the HTTP benchmark's load generator",
+    },
+    Package {
+        name: "keepalived",
+        why: "the failover benchmark's peer (VRRP)",
+    },
+];
+
 /// bpf-linker's version, pinned with the LLVM it is built against (docs/TOOLCHAIN.md).
 const BPF_LINKER: &str = "0.13.0";
 const LLVM_PACKAGE: &str = "llvm-22-dev";
@@ -97,6 +113,15 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask bench` needs beyond [`run`]: the peers it measures against.
+pub fn bench() -> Result<()> {
+    let mut apt = Apt::default();
+    for p in BENCH_PACKAGES {
+        apt.ensure(p.name, p.why)?;
+    }
+    Ok(())
+}
+
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
@@ -130,12 +155,21 @@ impl Apt {
             .context("apt-get update failed: is Debian's archive reachable?")?;
             self.updated = true;
         }
-        util::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends", name])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .with_context(|| format!("could not install the Debian package {name}"))?;
+        // dpkg's progress is noise on success; on failure it is the explanation.
+        let out = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", name])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("failed to run apt-get")?;
+        if !out.status.success() {
+            bail!(
+                "could not install the Debian package {name} ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         if !is_installed(name) {
             bail!("apt-get reported success but {name} is not installed");
         }

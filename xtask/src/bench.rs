@@ -1,0 +1,377 @@
+//! `cargo xtask bench`: every measurement of docs/BENCHMARKS.md in one run, on this machine.
+//! Installs the peers, builds in release mode, runs `lb-bench` (dataplane, packets per second,
+//! HTTP, failover) and the criterion benches, then writes `target/bench/results.json` and
+//! `target/bench/results.md` and prints the table with the ratios against the peers.
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{setup, util};
+
+/// How long the whole run is, through the measurements' sizes.
+#[derive(Clone, Copy)]
+pub struct Size {
+    /// Rounds per measurement (the median is reported).
+    pub rounds: usize,
+    /// Seconds per wrk run.
+    pub http_seconds: u32,
+    /// Failover drills per balancer.
+    pub drills: usize,
+}
+
+/// One result line of `lb-bench` or criterion.
+#[derive(Clone, Debug)]
+struct Measured {
+    group: String,
+    name: String,
+    unit: String,
+    median: f64,
+    rounds: Vec<f64>,
+}
+
+pub fn run(size: Size) -> Result<()> {
+    util::require_root("cargo xtask bench")?;
+    setup::run()?;
+    setup::bench()?;
+    util::step("build: release binaries (lb-daemon, lb-bench)");
+    util::cargo(&["build", "--release", "--bins", "--quiet"])?;
+    let root = util::workspace();
+    let bench_bin = root.join("target/release/lb-bench");
+    let rounds = size.rounds.to_string();
+    let mut all = Vec::new();
+    let runs: [(&str, Vec<String>); 5] = [
+        (
+            "per-path cost through BPF_PROG_TEST_RUN",
+            vec!["paths".into()],
+        ),
+        (
+            "growth: connection table and server count",
+            vec!["growth".into()],
+        ),
+        (
+            "packets per second through a namespace lab",
+            vec!["pps".into()],
+        ),
+        (
+            "HTTP through the VIP with wrk",
+            vec![
+                "http".into(),
+                "--seconds".into(),
+                size.http_seconds.to_string(),
+            ],
+        ),
+        (
+            "failover drills, lb and keepalived",
+            vec![
+                "failover".into(),
+                "--drills".into(),
+                size.drills.to_string(),
+            ],
+        ),
+    ];
+    for (what, args) in runs {
+        util::step(&format!("bench: {what}"));
+        let out = Command::new(&bench_bin)
+            .args(["--rounds", &rounds])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("failed to run {}", bench_bin.display()))?;
+        if !out.status.success() {
+            bail!("lb-bench {} failed ({})", args.join(" "), out.status);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            all.push(parse_line(line)?);
+        }
+    }
+    util::step("bench: control plane (criterion)");
+    util::cargo(&[
+        "bench",
+        "--quiet",
+        "-p",
+        "lb-benches",
+        "--bench",
+        "control_plane",
+    ])?;
+    for (id, name) in [
+        (
+            "maglev_ring_1000_servers",
+            "Maglev ring, 1000 servers (65,537 slots)",
+        ),
+        (
+            "tables/render_connections_1m",
+            "render the connections table, 1M entries",
+        ),
+        (
+            "parse_config_1000_services",
+            "parse and check a config with 1000 services",
+        ),
+    ] {
+        all.push(criterion_result(
+            &root.join("target/criterion").join(id),
+            name,
+        )?);
+    }
+
+    let machine = machine();
+    let table = render(&all, &machine);
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let json = json!({
+        "machine": machine,
+        "results": all.iter().map(|m| json!({
+            "group": m.group, "name": m.name, "unit": m.unit,
+            "median": m.median, "rounds": m.rounds,
+        })).collect::<Vec<_>>(),
+        "targets": targets(&all).iter().map(|t| json!({
+            "target": t.what, "measured": t.measured, "met": t.met,
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(dir.join("results.md"), &table)?;
+    println!("\n{table}");
+    println!(
+        "written: {} and {}",
+        dir.join("results.json").display(),
+        dir.join("results.md").display()
+    );
+    Ok(())
+}
+
+fn parse_line(line: &str) -> Result<Measured> {
+    let v: Value =
+        serde_json::from_str(line).with_context(|| format!("lb-bench printed {line:?}"))?;
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    Ok(Measured {
+        group: s("group"),
+        name: s("name"),
+        unit: s("unit"),
+        median: v["median"].as_f64().unwrap_or(f64::NAN),
+        rounds: v["rounds"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// Criterion's median estimate of one bench, in ms.
+fn criterion_result(dir: &Path, name: &str) -> Result<Measured> {
+    let file = dir.join("new/estimates.json");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("criterion left no {}", file.display()))?;
+    let v: Value = serde_json::from_str(&text)?;
+    let ns = v["median"]["point_estimate"]
+        .as_f64()
+        .context("estimates.json without a median")?;
+    Ok(Measured {
+        group: "control".into(),
+        name: name.into(),
+        unit: "ms".into(),
+        median: ns / 1e6,
+        rounds: vec![ns / 1e6],
+    })
+}
+
+/// The machine the figures belong to.
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let cmd = |c: &str, a: &[&str]| {
+        Command::new(c)
+            .args(a)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    json!({
+        "date": cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "memory_gib": (mem_kib as f64 / 1048576.0).round(),
+        "kernel": cmd("uname", &["-r"]),
+        "virtualization": cmd("systemd-detect-virt", &[]),
+    })
+}
+
+fn find<'a>(all: &'a [Measured], group: &str, name: &str) -> Option<&'a Measured> {
+    all.iter().find(|m| m.group == group && m.name == name)
+}
+
+/// A target of docs/BENCHMARKS.md, checked against this run.
+struct Target {
+    what: String,
+    measured: String,
+    met: bool,
+}
+
+fn targets(all: &[Measured]) -> Vec<Target> {
+    let mut t = Vec::new();
+    let mut cpu = Vec::new();
+    let ratio = |g: &str, a: &str, b: &str| -> Option<f64> {
+        Some(find(all, g, a)?.median / find(all, g, b)?.median)
+    };
+    let mut push = |what: &str, value: Option<f64>, ok: fn(f64) -> bool, unit: &str| {
+        if let Some(v) = value {
+            t.push(Target {
+                what: what.into(),
+                measured: format!("{v:.2}{unit}"),
+                met: ok(v),
+            });
+        }
+    };
+    push(
+        "lb direct >= 5x nftables DNAT (packets/s)",
+        ratio("pps", "lb direct", "nftables DNAT + conntrack"),
+        |v| v >= 5.0,
+        "x",
+    );
+    push(
+        "lb direct >= 0.75x the bare XDP forwarder (packets/s)",
+        ratio("pps", "lb direct", "bare XDP forwarder"),
+        |v| v >= 0.75,
+        "x",
+    );
+    push(
+        "established packet <= 1.5x the bare forwarder (ns/packet)",
+        ratio(
+            "path",
+            "established: direct",
+            "bare forwarder (MAC rewrite, XDP_TX)",
+        ),
+        |v| v <= 1.5,
+        "x",
+    );
+    for lb in ["lb nat", "lb direct"] {
+        let conns = |v: &str| format!("{v}: new connections");
+        let own = |v: &str| format!("{v}: own CPU per connection");
+        push(
+            &format!("{lb} new connections/s >= 1.3x HAProxy"),
+            ratio("http", &conns(lb), &conns("HAProxy mode tcp")),
+            |v| v >= 1.3,
+            "x",
+        );
+        push(
+            &format!("{lb} new connections/s >= nftables DNAT"),
+            ratio("http", &conns(lb), &conns("nftables DNAT")),
+            |v| v >= 1.0,
+            "x",
+        );
+        // Absolute figures: the own cost is a difference from plain routing, and can be
+        // below zero (XDP forwarding costs less than the kernel's router), where a ratio
+        // means nothing.
+        if let (Some(a), Some(b)) = (
+            find(all, "http", &own(lb)),
+            find(all, "http", &own("nftables DNAT")),
+        ) {
+            cpu.push(Target {
+                what: format!("{lb} own CPU per connection <= 1/4 of nftables'"),
+                measured: format!("{:.1} vs {:.1} us", a.median, b.median),
+                met: a.median <= b.median / 4.0,
+            });
+        }
+    }
+    let servers: Vec<f64> = [1, 10, 100, 1000]
+        .iter()
+        .filter_map(|n| find(all, "growth", &format!("established, {n} servers (maglev)")))
+        .map(|m| m.median)
+        .collect();
+    if servers.len() == 4 {
+        let spread = servers.iter().cloned().fold(f64::MIN, f64::max)
+            / servers.iter().cloned().fold(f64::MAX, f64::min);
+        push(
+            "established cost flat (within 5%) from 1 to 1000 servers",
+            Some(spread),
+            |v| v <= 1.05,
+            "x max/min",
+        );
+    }
+    push(
+        "Maglev ring for 1000 servers <= 1.8 ms",
+        find(all, "control", "Maglev ring, 1000 servers (65,537 slots)").map(|m| m.median),
+        |v| v <= 1.8,
+        " ms",
+    );
+    t.append(&mut cpu);
+    t
+}
+
+/// The Markdown table of a run: every median (with the spread of its rounds), then the
+/// targets.
+fn render(all: &[Measured], machine: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Measured {} on {} ({} CPUs, {} GiB, kernel {}, {}).\n",
+        machine["date"].as_str().unwrap_or(""),
+        machine["cpu"].as_str().unwrap_or(""),
+        machine["cpus"],
+        machine["memory_gib"],
+        machine["kernel"].as_str().unwrap_or(""),
+        machine["virtualization"].as_str().unwrap_or(""),
+    );
+    let mut group = "";
+    for m in all {
+        if m.group != group {
+            group = &m.group;
+            let _ = writeln!(
+                s,
+                "\n| {group} | median | unit | rounds (min-max) |\n|---|---:|---|---|"
+            );
+        }
+        let (lo, hi) = m
+            .rounds
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {}-{} ({}) |",
+            m.name,
+            fmt(m.median),
+            m.unit,
+            fmt(lo),
+            fmt(hi),
+            m.rounds.len()
+        );
+    }
+    let _ = writeln!(s, "\n| target | measured | met |\n|---|---:|---|");
+    for t in targets(all) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            t.what,
+            t.measured,
+            if t.met { "yes" } else { "**no**" }
+        );
+    }
+    s
+}
+
+/// A figure with sensible precision.
+fn fmt(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
