@@ -77,7 +77,6 @@ fn two_arm(v: Variant) -> Result<Rig> {
             lb_tests::xdp_pass::attach(i)?;
         }
     }
-    let lb = lab.ns("lb");
     let mut dp = None;
     let url = match v {
         Variant::Routing => {
@@ -86,15 +85,11 @@ fn two_arm(v: Variant) -> Result<Rig> {
         }
         Variant::Nftables => {
             lab.sysctl("lb", "net.ipv4.ip_forward", "1");
-            lb.exec_ok(&["nft", "add table ip nat"]);
-            lb.exec_ok(&[
-                "nft",
-                "add chain ip nat pre { type nat hook prerouting priority -100 ; }",
-            ]);
-            lb.exec_ok(&[
-                "nft",
-                "add rule ip nat pre ip daddr 192.0.2.100 tcp dport 80 dnat to numgen inc mod 3 map { 0 : 203.0.113.11, 1 : 203.0.113.12, 2 : 203.0.113.13 }",
-            ]);
+            crate::nft_dnat(
+                &lab,
+                "lb",
+                "ip daddr 192.0.2.100 tcp dport 80 dnat to numgen inc mod 3 map { 0 : 203.0.113.11, 1 : 203.0.113.12, 2 : 203.0.113.13 }",
+            );
             "http://192.0.2.100/".into()
         }
         Variant::Haproxy => {

@@ -142,6 +142,19 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
     }
 }
 
+/// A dataplane with room for `servers`, one direct maglev service of `count` servers on
+/// port 80, and the benchmarks' settings.
+fn direct_dataplane(servers: u32, count: usize) -> Result<Dataplane> {
+    let mut dp = Dataplane::load(Capacities {
+        services: 8,
+        servers,
+        connections: 1 << 21,
+    })?;
+    dp.install(0, &spec(80, Sched::Maglev, Method::Direct, count, 0))?;
+    dp.set_settings(&settings())?;
+    Ok(dp)
+}
+
 /// A client's TCP frame from 198.51.100.`host`:`sport` as the router delivers it.
 fn client(host: u8, sport: u16, dst: [u8; 4], dport: u16, flags: Flags) -> Vec<u8> {
     tcp(
@@ -359,13 +372,7 @@ pub fn growth(packets: usize, rounds: usize) -> Result<()> {
     // The connection table's size.
     for size in [1_000usize, 10_000, 100_000, 1_000_000] {
         let bed = Bed::new(3)?;
-        let mut dp = Dataplane::load(Capacities {
-            services: 4,
-            servers: 16,
-            connections: 1 << 21,
-        })?;
-        dp.install(0, &spec(80, Sched::Maglev, Method::Direct, 3, 0))?;
-        dp.set_settings(&settings())?;
+        let mut dp = direct_dataplane(16, 3)?;
         let now = lb_daemon::dataplane::now_ns();
         for i in 0..size {
             let key = FlowKey {
@@ -408,13 +415,7 @@ pub fn growth(packets: usize, rounds: usize) -> Result<()> {
     // The service's server count.
     for servers in [1usize, 10, 100, 1000] {
         let bed = Bed::new(servers)?;
-        let mut dp = Dataplane::load(Capacities {
-            services: 4,
-            servers: 1024,
-            connections: 1 << 21,
-        })?;
-        dp.install(0, &spec(80, Sched::Maglev, Method::Direct, servers, 0))?;
-        dp.set_settings(&settings())?;
+        let dp = direct_dataplane(1024, servers)?;
         let (mut new, mut est) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let host = 1 + round as u8;
@@ -448,13 +449,7 @@ pub fn growth(packets: usize, rounds: usize) -> Result<()> {
 /// net of the empty program's: a check of the subtraction, printed, not reported.
 pub fn calibrate() -> Result<()> {
     let bed = Bed::new(3)?;
-    let mut dp = Dataplane::load(Capacities {
-        services: 8,
-        servers: 64,
-        connections: 1 << 21,
-    })?;
-    dp.install(0, &spec(80, Sched::Maglev, Method::Direct, 3, 0))?;
-    dp.set_settings(&settings())?;
+    let dp = direct_dataplane(64, 3)?;
     let refs = Refs::load()?;
     let _in = bed.lab.ns("bench").enter();
     dp.test_run(&client(1, 5000, VIP, 80, SYN), bed.eth0)?;

@@ -157,16 +157,11 @@ fn rig(v: Variant) -> Result<Rig> {
             lb_tests::xdp_pass::attach(ifindex)?;
             drop(_in);
             if v == Variant::Nftables {
-                let lb = lab.ns("lb");
-                lb.exec_ok(&["nft", "add table ip nat"]);
-                lb.exec_ok(&[
-                    "nft",
-                    "add chain ip nat pre { type nat hook prerouting priority -100 ; }",
-                ]);
-                lb.exec_ok(&[
-                    "nft",
-                    "add rule ip nat pre ip daddr 192.0.2.100 udp dport 9000 dnat to 198.51.100.2",
-                ]);
+                crate::nft_dnat(
+                    &lab,
+                    "lb",
+                    "ip daddr 192.0.2.100 udp dport 9000 dnat to 198.51.100.2",
+                );
             }
         }
         Variant::BareXdp => {

@@ -189,6 +189,18 @@ fn scratch_key<const SLOT: usize>(
     Some(k)
 }
 
+/// The packet's own flow key, as on the wire (slot 0).
+#[inline(always)]
+fn packet_key(ip: &Ip, l4: &L4) -> Option<&'static mut FlowKey> {
+    scratch_key::<0>(
+        Addr::v4_raw(ip.saddr),
+        Addr::v4_raw(ip.daddr),
+        l4.sport,
+        l4.dport,
+        ip.proto,
+    )
+}
+
 #[inline(always)]
 fn count(s: Stat, n: u64) {
     if let Some(p) = STAT.get_ptr_mut(s as u32) {
@@ -405,13 +417,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         return Outcome::Action(to_service_xdp(ctx, svc, &ip, &l4));
     }
     // To the NAT address: a server's reply on a NAT connection, if we have its translation.
-    let Some(key) = scratch_key::<0>(
-        Addr::v4_raw(ip.saddr),
-        Addr::v4_raw(ip.daddr),
-        l4.sport,
-        l4.dport,
-        ip.proto,
-    ) else {
+    let Some(key) = packet_key(&ip, &l4) else {
         return Outcome::Drop(Stat::DropError);
     };
     let Some(reply) = CONNECTIONS.get_ptr_mut(&*key) else {
@@ -486,13 +492,7 @@ fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
 #[inline(always)]
 fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4: &L4) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let Some(key) = scratch_key::<0>(
-        Addr::v4_raw(ip.saddr),
-        Addr::v4_raw(ip.daddr),
-        l4.sport,
-        l4.dport,
-        ip.proto,
-    ) else {
+    let Some(key) = packet_key(ip, l4) else {
         return Outcome::Drop(Stat::DropError);
     };
     let key: &FlowKey = key;
