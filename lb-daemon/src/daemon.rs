@@ -23,7 +23,7 @@ use tokio::{
     net::UdpSocket,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
-    time::{Instant, MissedTickBehavior, interval},
+    time::{Instant, MissedTickBehavior, interval, sleep_until},
 };
 
 use crate::{
@@ -310,7 +310,14 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::spawn(track(d.config.ha.track.clone(), track_tx));
     }
     loop {
+        // Wake when the election's clock runs out (a peer's dead interval), not only at ticks.
+        let deadline =
+            d.ha.as_ref()
+                .and_then(|h| h.election.next_deadline(Instant::now()));
         tokio::select! {
+            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                d.on_election_deadline().await;
+            }
             Some((req, reply)) = rx.recv() => {
                 if req == Request::Promote {
                     d.promote(reply).await;
@@ -729,6 +736,19 @@ impl Daemon {
             self.act(a).await;
         }
         self.send_heartbeat().await;
+    }
+
+    /// A peer's dead interval ran out between ticks: let the election look at once, and
+    /// announce a promotion without waiting for the next tick.
+    async fn on_election_deadline(&mut self) {
+        let now = Instant::now();
+        let Some(ha) = self.ha.as_mut() else { return };
+        let act = ha.election.tick(now);
+        self.note_primary(now);
+        if let Some(a) = act {
+            self.act(a).await;
+            self.send_heartbeat().await;
+        }
     }
 
     async fn send_heartbeat(&mut self) {

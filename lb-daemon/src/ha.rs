@@ -480,6 +480,25 @@ impl Election {
         self.evaluate(now)
     }
 
+    /// The next instant after `now` at which the passing of time alone can change the
+    /// election's answer: a peer's dead interval running out, the start-up search ending, a
+    /// stand-aside ending. The daemon wakes at it, so a dead primary is replaced exactly
+    /// `dead_after × heartbeat_ms` after it was last heard, not at the next heartbeat tick.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if self.role == Role::Primary {
+            return None;
+        }
+        // `alive` counts a peer heard exactly `dead` ago as alive: the deadline is just after.
+        let after = |t: Instant| t + self.dead + Duration::from_millis(1);
+        self.peers
+            .iter()
+            .filter_map(|p| p.last_heard.map(after))
+            .chain([self.started + self.dead])
+            .chain(self.stand_aside_until)
+            .filter(|t| *t > now)
+            .min()
+    }
+
     fn promote(&mut self, _now: Instant, reason: String) -> Option<Action> {
         self.role = Role::Primary;
         self.term += 1;
@@ -662,6 +681,33 @@ mod tests {
         assert_eq!(net.primaries(), vec![0]);
         net.steps(20).await;
         assert_eq!(net.primaries(), vec![0], "stable");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backup_promotes_at_the_deadline_not_at_the_next_tick() {
+        let t0 = Instant::now();
+        let mut b = Election::new(1, 2, HB, 3, t0);
+        let primary = Heartbeat {
+            role: Role::Primary,
+            term: 1,
+            candidate: true,
+            yield_to: None,
+        };
+        // The primary's last heartbeat arrives 40 ms into an interval, then it dies.
+        let last = t0 + Duration::from_millis(540);
+        assert_eq!(b.on_heartbeat(0, primary, last), None);
+        let deadline = b.next_deadline(last).expect("a deadline while backup");
+        assert_eq!(deadline, last + Duration::from_millis(301));
+        assert_eq!(b.tick(deadline - Duration::from_millis(2)), None);
+        assert!(matches!(
+            b.tick(deadline),
+            Some(Action::BecomePrimary { term: 2, .. })
+        ));
+        assert_eq!(
+            b.next_deadline(deadline),
+            None,
+            "a primary waits for nothing"
+        );
     }
 
     #[tokio::test(start_paused = true)]
