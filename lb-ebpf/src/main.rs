@@ -100,8 +100,14 @@ fn report(settings: &Settings, kind: u8, key: &FlowKey, c: &Connection, peer_mac
             // SAFETY: `p` points to a reserved, writable ConnEvent; every field is written
             // before submit.
             unsafe {
-                core::ptr::addr_of_mut!((*p).key).write(*key);
-                core::ptr::addr_of_mut!((*p).nat_addr).write(c.nat_addr);
+                // Copies known not to overlap: a plain write of map memory into the ring
+                // would call BPF's byte-looping memmove.
+                core::ptr::copy_nonoverlapping(key, core::ptr::addr_of_mut!((*p).key), 1);
+                core::ptr::copy_nonoverlapping(
+                    &c.nat_addr,
+                    core::ptr::addr_of_mut!((*p).nat_addr),
+                    1,
+                );
                 core::ptr::addr_of_mut!((*p).server).write(c.server);
                 core::ptr::addr_of_mut!((*p).flags).write(c.flags);
                 core::ptr::addr_of_mut!((*p).nat_port).write(c.nat_port);
@@ -185,7 +191,10 @@ fn scratch_key<const SLOT: usize>(
     k.sport = sport;
     k.dport = dport;
     k.proto = proto;
-    k._pad = [0; 3];
+    // Byte by byte: `[0; 3]` would be a call to BPF's byte-looping memset on every packet.
+    k._pad[0] = 0;
+    k._pad[1] = 0;
+    k._pad[2] = 0;
     Some(k)
 }
 
@@ -551,13 +560,16 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
         conn.server = id;
         conn.flags = fin_rst;
         conn.nat_port = nat_port;
-        conn.nat_addr = Addr::default();
-        conn.peer_mac = [0; 6];
-        conn.local_mac = [0; 6];
-        conn.ifindex = 0;
+        // Volatile zeroing and a non-overlapping copy: plain stores would be merged into
+        // calls to BPF's byte-looping memset and memmove on every new connection.
+        zero_words(&mut conn.nat_addr);
+        zero_bytes(&mut conn.peer_mac);
+        zero_bytes(&mut conn.local_mac);
+        zero_words(&mut conn.ifindex);
         if server.method == Method::Nat as u8 {
             conn.flags |= CONN_NAT;
-            conn.nat_addr = settings.nat_addr;
+            // SAFETY: two distinct valid references.
+            unsafe { core::ptr::copy_nonoverlapping(&settings.nat_addr, &mut conn.nat_addr, 1) };
         }
         if CONNECTIONS.insert(key, &*conn, 0).is_err() {
             return Outcome::Drop(Stat::DropError);
@@ -679,8 +691,8 @@ fn nat_reserve(
     };
     let reply_key = scratch_key::<1>(server.addr, settings.nat_addr, server.port, 0, key.proto)?;
     reply.last_seen_ns = now;
-    reply.packets = 0;
-    reply.bytes = 0;
+    zero_words(&mut reply.packets);
+    zero_words(&mut reply.bytes);
     reply.server = id;
     reply.flags = CONN_NAT | CONN_REPLY;
     reply.nat_port = key.sport;
@@ -1034,8 +1046,8 @@ fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<Hop>,
         return (-1, None, 0);
     };
     let p = &mut sc.fib;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
-    *p = unsafe { core::mem::zeroed() };
+    // An all-zero bpf_fib_lookup is a valid input.
+    zero_words(p);
     p.family = AF_INET;
     p.ifindex = LOOPBACK_IFINDEX;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -1428,8 +1440,8 @@ pub fn bare_fwd(ctx: XdpContext) -> u32 {
     };
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
-        (*eth).dst = cfg.dmac;
-        (*eth).src = cfg.smac;
+        copy_mac(&mut (*eth).dst, &cfg.dmac);
+        copy_mac(&mut (*eth).src, &cfg.smac);
     }
     if cfg.ifindex == 0 || cfg.ifindex == ctx.ingress_ifindex() as u32 {
         xdp_action::XDP_TX
@@ -1459,7 +1471,9 @@ pub fn gen_tx(ctx: XdpContext) -> u32 {
     unsafe {
         *cursor += 1;
         let hdr = &mut *hdr;
-        *hdr = *template;
+        // Not `*hdr = *template`: packet and map memory may overlap for all LLVM knows, and
+        // it would call BPF's byte-looping memmove. They do not; this copy is unrolled.
+        core::ptr::copy_nonoverlapping(template, hdr, 1);
         hdr.0[34..36].copy_from_slice(&(10_000 + (*cursor % 1024) as u16).to_be_bytes());
     }
     xdp_action::XDP_TX

@@ -99,3 +99,35 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
 pub fn ptr_at_mut<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, off).map(|p| p as *mut T)
 }
+
+/// Copies a MAC from map memory into a frame. An array assignment between the two would be
+/// a call to BPF's byte-looping memmove (they may overlap, for all LLVM knows); element by
+/// element is a handful of loads and stores.
+#[inline(always)]
+pub fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    let [a, b, c, d, e, f] = *src;
+    *dst = [a, b, c, d, e, f];
+}
+
+/// Zeroes `*p` word by word. The stores are volatile so that LLVM cannot fold them back
+/// into a call to BPF's byte-looping memset (which `*p = zeroed()` becomes).
+#[inline(always)]
+pub fn zero_words<T>(p: &mut T) {
+    const {
+        assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4);
+    }
+    let w = p as *mut T as *mut u32;
+    for i in 0..core::mem::size_of::<T>() / 4 {
+        // SAFETY: in bounds and aligned, by the assertion above.
+        unsafe { w.add(i).write_volatile(0) };
+    }
+}
+
+/// Zeroes a byte array with volatile stores, for the same reason as [`zero_words`].
+#[inline(always)]
+pub fn zero_bytes<const N: usize>(p: &mut [u8; N]) {
+    for b in p.iter_mut() {
+        // SAFETY: a valid, exclusive reference.
+        unsafe { core::ptr::write_volatile(b, 0) };
+    }
+}
