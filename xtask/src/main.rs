@@ -48,6 +48,10 @@ enum Cmd {
         /// Failover drills per balancer.
         #[arg(long, default_value_t = 10)]
         drills: usize,
+        /// Measure nothing: re-read target/bench/results.json, check the targets again and
+        /// rewrite the tables.
+        #[arg(long)]
+        report: bool,
     },
 }
 
@@ -67,10 +71,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo { clean: true, .. } => demo::clean(),
         Cmd::Demo { keep, .. } => demo::run(keep),
+        Cmd::Bench { report: true, .. } => bench::report(),
         Cmd::Bench {
             rounds,
             http_seconds,
             drills,
+            report: false,
         } => bench::run(bench::Size {
             rounds,
             http_seconds,
