@@ -37,7 +37,7 @@ enum Cmd {
     },
     /// Set up if needed (plus the peers: HAProxy, wrk, keepalived), then measure lb against
     /// them: per-path cost, growth, packets per second, HTTP, failover, control plane. Writes
-    /// target/bench/results.{json,md} and prints the table. Needs root; about twenty minutes.
+    /// target/bench/results.{json,md} and prints the table. Needs root; about fifteen minutes.
     Bench {
         /// Rounds per measurement (medians are reported).
         #[arg(long, default_value_t = 5)]
