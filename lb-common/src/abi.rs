@@ -8,8 +8,12 @@
 pub mod maps {
     /// (VIP, port, protocol) -> [`super::Service`].
     pub const SERVICES: &str = "services";
-    /// VIP -> number of services on it: the cheap first test that lets other traffic pass.
+    /// VIP -> number of services on it.
     pub const VIPS: &str = "vips";
+    /// Array of [`super::VIP_FILTER_SLOTS`] counts, by [`super::vip_filter_slot`] of an
+    /// address: how many VIPs and NAT addresses fall in the slot. Zero lets a packet pass
+    /// after one array read, with no hash lookup.
+    pub const VIP_FILTER: &str = "vip_filter";
     /// Server index -> [`super::Server`]; one entry per (service, server) line.
     pub const SERVERS: &str = "servers";
     /// Per-service scheduler rows: `service id * RING_SIZE + slot` -> server index.
@@ -40,6 +44,16 @@ pub mod maps {
     pub const GEN_TEMPLATE: &str = "gen_template";
     /// Benchmarks: per-CPU packets counted (and dropped) by `sink_count`.
     pub const SINK_COUNT: &str = "sink_count_stat";
+}
+
+/// Slots of the `vip_filter` map.
+pub const VIP_FILTER_SLOTS: u32 = 256;
+
+/// The `vip_filter` slot of an IPv4 address as loaded from a packet (network byte order in
+/// memory): its last octet, which differs most between addresses of one segment.
+#[inline(always)]
+pub const fn vip_filter_slot(raw: u32) -> u32 {
+    raw.to_ne_bytes()[3] as u32
 }
 
 /// Program names in the eBPF object.
@@ -284,7 +298,10 @@ pub struct Server {
     pub method: u8,
     /// [`SERVER_UP`].
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// The service's protocol (with `vip` and `vport`, what a connection to this server
+    /// must match to be forwarded without asking `services`).
+    pub proto: u8,
+    pub _pad: u8,
     /// Scheduler weight (the daemon builds the tables from it; kept here for the tables).
     pub weight: u32,
     /// The service's id.

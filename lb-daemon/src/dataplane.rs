@@ -17,9 +17,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use lb_common::{
     Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method, RING_SIZE, SERVER_UP, Sched,
-    Server, Service, ServiceKey, Settings, Stat, maps, programs,
+    Server, Service, ServiceKey, Settings, Stat, VIP_FILTER_SLOTS, maps, programs,
     sched::{self, Backend},
-    xdp_link,
+    vip_filter_slot, xdp_link,
 };
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
@@ -231,6 +231,11 @@ pub struct Dataplane {
     attachments: Vec<Attachment>,
     services: HashMap<MapData, ServiceKey, Service>,
     vips: HashMap<MapData, Addr, u32>,
+    vip_filter: Array<MapData, u32>,
+    /// What `vip_filter` holds, so that only changed slots are written.
+    filter: Vec<u32>,
+    /// The NAT address of the last settings written (it is in the filter too).
+    nat_addr: Addr,
     servers: Array<MapData, Server>,
     sched: SchedTable,
     connections: HashMap<MapData, FlowKey, Connection>,
@@ -357,6 +362,9 @@ impl Dataplane {
         let mut dp = Dataplane {
             services: typed_map!(&mut ebpf, HashMap, maps::SERVICES),
             vips: typed_map!(&mut ebpf, HashMap, maps::VIPS),
+            vip_filter: typed_map!(&mut ebpf, Array, maps::VIP_FILTER),
+            filter: vec![0; VIP_FILTER_SLOTS as usize],
+            nat_addr: Addr::default(),
             servers: typed_map!(&mut ebpf, Array, maps::SERVERS),
             connections: typed_map!(&mut ebpf, HashMap, maps::CONNECTIONS),
             stat: typed_map!(&mut ebpf, PerCpuArray, maps::STAT),
@@ -440,7 +448,43 @@ impl Dataplane {
 
     /// Replaces the settings record (timeout, debug, active flag, local and NAT addresses).
     pub fn set_settings(&mut self, s: &Settings) -> Result<(), Error> {
-        self.settings.set(0, s, 0).map_err(map_err(maps::SETTINGS))
+        self.settings
+            .set(0, s, 0)
+            .map_err(map_err(maps::SETTINGS))?;
+        self.nat_addr = s.nat_addr;
+        self.sync_filter()
+    }
+
+    /// The `vip_filter` map's counts, slot by slot (for tests and diagnostics).
+    pub fn vip_filter(&self) -> Result<Vec<u32>, Error> {
+        (0..VIP_FILTER_SLOTS)
+            .map(|i| {
+                self.vip_filter
+                    .get(&i, 0)
+                    .map_err(map_err(maps::VIP_FILTER))
+            })
+            .collect()
+    }
+
+    /// Brings `vip_filter` in line with the VIPs and the NAT address: a slot counts the
+    /// addresses that fall in it. Only changed slots are written, so the settings written
+    /// every heartbeat cost no more than before.
+    fn sync_filter(&mut self) -> Result<(), Error> {
+        let mut want = vec![0u32; VIP_FILTER_SLOTS as usize];
+        for a in self.vip_counts.keys().chain([&self.nat_addr]) {
+            if let Some(raw) = a.as_v4_raw() {
+                want[vip_filter_slot(raw) as usize] += 1;
+            }
+        }
+        for (i, (have, want)) in self.filter.iter_mut().zip(want).enumerate() {
+            if *have != want {
+                self.vip_filter
+                    .set(i as u32, want, 0)
+                    .map_err(map_err(maps::VIP_FILTER))?;
+                *have = want;
+            }
+        }
+        Ok(())
     }
 
     pub fn settings(&self) -> Result<Settings, Error> {
@@ -466,7 +510,7 @@ impl Dataplane {
                 .insert(key.vip, n, 0)
                 .map_err(map_err(maps::VIPS))?;
         }
-        Ok(())
+        self.sync_filter()
     }
 
     /// Removes a service; removing one that is not there is not an error.
@@ -491,7 +535,7 @@ impl Dataplane {
                     .map_err(map_err(maps::VIPS))?;
             }
         }
-        Ok(())
+        self.sync_filter()
     }
 
     /// The services as the dataplane has them.
@@ -643,6 +687,7 @@ impl Dataplane {
                 vport: spec.port.to_be(),
                 method: s.method as u8,
                 flags: if s.up { SERVER_UP } else { 0 },
+                proto: spec.proto,
                 weight: s.weight,
                 service: id,
                 ..Default::default()
@@ -705,10 +750,20 @@ impl Dataplane {
         self.set_service(key, record)
     }
 
-    /// Removes service `id` installed with [`Dataplane::install`].
+    /// Removes service `id` installed with [`Dataplane::install`], and marks its servers
+    /// down: a connection is forwarded without asking `services` only while its server is
+    /// up, so none of the service's connections is forwarded any more. (A server index
+    /// already given to another service is left alone.)
     pub fn uninstall(&mut self, id: u32) -> Result<(), Error> {
         if let Some(inst) = self.installed.remove(&id) {
             self.remove_service(&inst.spec.key())?;
+            for s in &inst.spec.servers {
+                let mut record = self.server(s.index)?;
+                if record.service == id && record.flags & SERVER_UP != 0 {
+                    record.flags &= !SERVER_UP;
+                    self.set_server(s.index, &record)?;
+                }
+            }
         }
         Ok(())
     }

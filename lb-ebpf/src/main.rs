@@ -25,13 +25,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::info;
+use core::ptr::NonNull;
 use lb_common::{
     csum, hash, Addr, BareFwd, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method,
     Persist, PersistKey, Sched, Server, Service, ServiceKey, Settings, Stat, CONN_EVENTS_BYTES,
     CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
     DEFAULT_SERVICES, EVENT_CLOSE, EVENT_OPEN, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
-    IPPROTO_UDP, RING_SIZE, SERVER_UP, SETTINGS_ACTIVE, SETTINGS_SYNC,
+    IPPROTO_UDP, RING_SIZE, SERVER_UP, SETTINGS_ACTIVE, SETTINGS_SYNC, VIP_FILTER_SLOTS,
 };
+
 use net::*;
 
 /// (VIP, port, protocol) -> service record.
@@ -41,6 +43,11 @@ static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAUL
 /// VIP -> number of services on it.
 #[map(name = "vips")]
 static VIPS: HashMap<Addr, u32> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// Counts of VIPs and NAT addresses by `vip_filter_slot`: a packet whose slot is zero is not
+/// ours, known after one array read.
+#[map(name = "vip_filter")]
+static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
 
 /// Server index -> server record (one per service/server line).
 #[map(name = "servers")]
@@ -166,6 +173,27 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "flow_keys")]
 static KEYS: PerCpuArray<[FlowKey; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// The key of a `services` lookup being made, here rather than on the stack: `lb_xdp`'s
+/// frame and that of the BPF function it calls must fit 512 bytes together.
+#[map(name = "service_key")]
+static SERVICE_KEY: PerCpuArray<ServiceKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// The service at `vip`:`port` (network byte order) for `proto`.
+#[inline(always)]
+fn find_service(vip: u32, port: u16, proto: u8) -> Option<NonNull<Service>> {
+    let k = SERVICE_KEY.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, and the key is only used
+    // for the lookup below.
+    let k = unsafe { &mut *k };
+    k.vip = Addr::v4_raw(vip);
+    k.port = port;
+    k.proto = proto;
+    k._pad = 0;
+    SERVICES
+        .get_ptr(k)
+        .and_then(|p| NonNull::new(p as *mut Service))
+}
+
 #[inline(always)]
 fn scratch() -> Option<&'static mut Scratch> {
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, so nothing else uses it now.
@@ -216,6 +244,20 @@ fn count(s: Stat, n: u64) {
         // SAFETY: a per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *p += n };
     }
+}
+
+/// Counts a packet (and its bytes) for a VIP or the NAT address.
+#[inline(always)]
+fn count_vip(ctx: &XdpContext) {
+    count(Stat::VipPackets, 1);
+    count(Stat::VipBytes, (ctx.data_end() - ctx.data()) as u64);
+}
+
+/// Whether a connection entry is the server-to-ATM leg of a NAT connection.
+#[inline(always)]
+fn is_reply(c: NonNull<Connection>) -> bool {
+    // SAFETY: a map value, read only.
+    unsafe { c.as_ref() }.flags & CONN_REPLY != 0
 }
 
 #[inline(always)]
@@ -303,8 +345,8 @@ struct Ip {
     saddr: u32,
     daddr: u32,
     proto: u8,
-    /// Offset of the L4 header.
-    l4: usize,
+    /// Offset of the L4 header (a u16, to keep lb_xdp's stack frame small: see `l4()`).
+    l4_at: u16,
     /// IPv4 total length.
     tot_len: u16,
     /// Don't-fragment is set.
@@ -314,6 +356,26 @@ struct Ip {
     /// the lease, the next-hop cache) is in seconds.
     now: u64,
 }
+
+impl Ip {
+    /// Offset of the L4 header. It is at most 14 + 60; the mask says so to the verifier,
+    /// which knows nothing of a u16 read back from the stack but that it is below 65,536,
+    /// too much to let a packet pointer move by.
+    #[inline(always)]
+    fn l4(&self) -> usize {
+        (self.l4_at & 0xff) as usize
+    }
+}
+
+/// The headers of the packet being handled, in a per-CPU map rather than on lb_xdp's stack:
+/// its frame and those of the BPF functions it calls must fit 512 bytes together.
+struct Parsed {
+    ip: Ip,
+    l4: L4,
+}
+
+#[map(name = "parsed")]
+static PARSED: PerCpuArray<Parsed> = PerCpuArray::with_max_entries(1, 0);
 
 /// Ports and TCP flags of a TCP/UDP packet.
 struct L4 {
@@ -348,24 +410,48 @@ fn balance(ctx: &XdpContext) -> Outcome {
     }
     let daddr = iph.daddr;
     let ihl = ((iph.vihl & 0x0f) as usize) * 4;
-    // The common case first: TCP or UDP to a service is found by one lookup, without asking
-    // `vips`. The ports are read before the headers are validated; a packet found this way
-    // is validated below like any other of ours.
-    let mut svc = None;
+    // Most traffic that is not ours leaves here, after one array read: no VIP and no NAT
+    // address falls in its slot.
+    if VIP_FILTER
+        .get(lb_common::vip_filter_slot(daddr))
+        .is_none_or(|n| *n == 0)
+    {
+        return Outcome::Pass;
+    }
+    // The common case first: a TCP or UDP packet of a known connection (or a NAT reply) is
+    // found by one lookup, its 5-tuple; only a packet with no connection asks `services`,
+    // and only one with neither asks `vips`. The ports are read before the headers are
+    // validated; a packet found this way is validated below like any other of ours.
+    // NonNull, not raw pointers: an Option of one is a word, and lb_xdp's stack frame must
+    // stay small (it and the BPF function it calls share 512 bytes).
+    let mut conn: Option<NonNull<Connection>> = None;
+    let mut svc: Option<NonNull<Service>> = None;
     if iph.proto == IPPROTO_TCP || iph.proto == IPPROTO_UDP {
         if let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) {
-            let key = ServiceKey {
-                vip: Addr::v4_raw(daddr),
-                // SAFETY: bounds checked by ptr_at.
-                port: unsafe { (*ports)[1] },
-                proto: iph.proto,
-                _pad: 0,
+            // SAFETY: bounds checked by ptr_at.
+            let (sport, dport) = unsafe { ((*ports)[0], (*ports)[1]) };
+            let Some(key) = scratch_key::<0>(
+                Addr::v4_raw(iph.saddr),
+                Addr::v4_raw(daddr),
+                sport,
+                dport,
+                iph.proto,
+            ) else {
+                return Outcome::Drop(Stat::DropError);
             };
-            svc = SERVICES.get_ptr(&key);
+            conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
+            if conn.is_none() {
+                svc = find_service(daddr, dport, iph.proto);
+            }
         }
     }
-    let to_vip = svc.is_some() || VIPS.get_ptr(&Addr::v4_raw(daddr)).is_some();
     let to_nat = settings.nat_addr.as_v4_raw() == Some(daddr);
+    // A connection's key names the VIP it was made for (or, a reply leg's, the NAT
+    // address); whether its service is still there is checked before it is forwarded
+    // (`established`).
+    let to_vip = conn.is_some_and(|c| !is_reply(c))
+        || svc.is_some()
+        || VIPS.get_ptr(&Addr::v4_raw(daddr)).is_some();
     if !to_vip && !to_nat {
         return Outcome::Pass;
     }
@@ -391,55 +477,65 @@ fn balance(ctx: &XdpContext) -> Outcome {
         // No ports in a non-first fragment, so no way to find its connection (yet).
         return Outcome::Drop(Stat::DropFragment);
     }
-    let ip = Ip {
+    let Some(parsed) = PARSED.get_ptr_mut(0) else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, so this packet is its only
+    // user.
+    let Parsed { ip, l4: l4_slot } = unsafe { &mut *parsed };
+    *ip = Ip {
         saddr: iph.saddr,
         daddr,
         proto: iph.proto,
-        l4: ETH_HLEN + ihl,
+        l4_at: (ETH_HLEN + ihl) as u16,
         tot_len,
         df: iph.frag_off & IP_DF_BE != 0,
         now,
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let ip: &Ip = ip;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {}
         IPPROTO_ICMP if to_vip => {
-            count(Stat::VipPackets, 1);
-            count(Stat::VipBytes, bytes);
-            return Outcome::Action(icmp_to_vip_xdp(ctx, &ip));
+            count_vip(ctx);
+            return Outcome::Action(icmp_to_vip_xdp(ctx, ip));
         }
         _ => return Outcome::Pass,
     }
-    let Some(l4) = parse_l4(ctx, &ip) else {
+    let Some(l4) = parse_l4(ctx, ip) else {
         return Outcome::Drop(Stat::DropMalformed);
     };
-    if to_vip {
-        // The lookup above, with the same port `parse_l4` read.
-        let Some(svc) = svc else {
-            // Another port of the VIP (ssh to the primary, say): the stack's business.
-            return Outcome::Pass;
-        };
-        count(Stat::VipPackets, 1);
-        count(Stat::VipBytes, bytes);
-        // SAFETY: a map value, read only.
-        let svc = unsafe { &*svc };
-        return Outcome::Action(to_service_xdp(ctx, svc, &ip, &l4));
+    *l4_slot = l4;
+    let l4: &L4 = l4_slot;
+    if let Some(mut c) = conn {
+        // SAFETY: a map value; concurrent updates of counters may race, which only blurs them.
+        let c = unsafe { c.as_mut() };
+        if c.flags & CONN_REPLY != 0 {
+            if !to_nat {
+                // A reply leg's key names the NAT address; this is not (any more) ours.
+                return Outcome::Pass;
+            }
+            count_vip(ctx);
+            return Outcome::Action(nat_reply_xdp(ctx, c, ip, l4.flags));
+        }
+        let action = established_xdp(ctx, c, ip, l4);
+        if action != NOT_ESTABLISHED {
+            return Outcome::Action(action);
+        }
+        // Idled out, reopened, or its server is gone: a new connection, if the service is
+        // still there.
+        svc = find_service(daddr, l4.dport, ip.proto);
     }
-    // To the NAT address: a server's reply on a NAT connection, if we have its translation.
-    let Some(key) = packet_key(&ip, &l4) else {
-        return Outcome::Drop(Stat::DropError);
-    };
-    let Some(reply) = CONNECTIONS.get_ptr_mut(&*key) else {
+    // Another port of the VIP (ssh to the primary, say), or an unknown reply to the NAT
+    // address: the stack's business.
+    let Some(svc) = svc else {
         return Outcome::Pass;
     };
-    count(Stat::VipPackets, 1);
-    count(Stat::VipBytes, bytes);
-    // SAFETY: a map value; concurrent updates of counters may race, which only blurs them.
-    let reply = unsafe { &mut *reply };
-    Outcome::Action(nat_reply_xdp(ctx, reply, &ip, l4.flags))
+    count_vip(ctx);
+    // SAFETY: a map value, read only.
+    let svc = unsafe { svc.as_ref() };
+    Outcome::Action(to_service_xdp(ctx, svc, ip, l4))
 }
 
-/// Verifies the IPv4 header checksum over `ihl` bytes.
 #[inline(always)]
 fn ipv4_header_ok(ctx: &XdpContext, ihl: usize) -> bool {
     // The usual header, without options, in one read.
@@ -469,11 +565,11 @@ fn ipv4_header_ok(ctx: &XdpContext, ihl: usize) -> bool {
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
     if ip.proto == IPPROTO_TCP {
-        let tcp = ptr_at::<TcpHdr>(ctx, ip.l4)?;
+        let tcp = ptr_at::<TcpHdr>(ctx, ip.l4())?;
         // SAFETY: bounds checked by ptr_at.
         let tcp = unsafe { &*tcp };
         let doff = ((tcp.doff_res >> 4) as usize) * 4;
-        if doff < 20 || ip.l4 - ETH_HLEN + doff > ip.tot_len as usize {
+        if doff < 20 || ip.l4() - ETH_HLEN + doff > ip.tot_len as usize {
             return None;
         }
         Some(L4 {
@@ -482,11 +578,11 @@ fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
             flags: tcp.flags,
         })
     } else {
-        let udp = ptr_at::<UdpHdr>(ctx, ip.l4)?;
+        let udp = ptr_at::<UdpHdr>(ctx, ip.l4())?;
         // SAFETY: bounds checked by ptr_at.
         let udp = unsafe { &*udp };
         let len = u16::from_be(udp.len) as usize;
-        if len < 8 || ip.l4 - ETH_HLEN + len > ip.tot_len as usize {
+        if len < 8 || ip.l4() - ETH_HLEN + len > ip.tot_len as usize {
             return None;
         }
         Some(L4 {
@@ -497,7 +593,8 @@ fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
     }
 }
 
-/// A packet for a service: find or make its connection, then forward it.
+/// A packet for a service with no live connection (a new one, or one that idled out, was
+/// reopened, or whose server went down): pick a server, record the connection, forward.
 #[inline(always)]
 fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4: &L4) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -506,89 +603,121 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
     };
     let key: &FlowKey = key;
     let now = ip.now;
-    let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let fin_rst = tcp_end_flags(l4.flags);
-
-    let mut server_id = u32::MAX;
     let mut nat_addr = 0u32;
     let mut nat_port = 0u16;
-    if let Some(c) = CONNECTIONS.get_ptr_mut(key) {
-        // SAFETY: a map value; counter races between CPUs only blur the counts.
-        let c = unsafe { &mut *c };
-        let fresh = now.wrapping_sub(c.last_seen_ns) <= settings.timeout_ns;
-        let reopened = syn_only && c.flags & (CONN_FIN | CONN_RST) != 0;
-        if fresh && !reopened && server_ok(c.server, svc.id) {
-            c.last_seen_ns = now;
-            c.packets += 1;
-            c.bytes += bytes;
-            if fin_rst != 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
-                c.flags |= fin_rst;
-                report(settings, EVENT_CLOSE, &key, c, [0; 6]);
-            }
-            c.flags |= fin_rst;
-            server_id = c.server;
-            nat_addr = c.nat_addr.w[3];
-            nat_port = c.nat_port;
-        }
+    let Some(id) = pick_server(svc, &key, now) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    let Some(server) = SERVERS.get(id) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    if server.flags & SERVER_UP == 0 {
+        return Outcome::Drop(Stat::DropNoServer);
     }
-    if server_id == u32::MAX {
-        // A new connection (or one that idled out, or whose server went down).
-        let Some(id) = pick_server(svc, &key, now) else {
-            return Outcome::Drop(Stat::DropNoServer);
+    let Some(sc) = scratch() else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    if server.method == Method::Nat as u8 {
+        let Some(port) = nat_reserve(ctx, settings, server, &key, id, now, &mut sc.reply) else {
+            return Outcome::Drop(Stat::DropNatPorts);
         };
-        let Some(server) = SERVERS.get(id) else {
-            return Outcome::Drop(Stat::DropNoServer);
-        };
-        if server.flags & SERVER_UP == 0 {
-            return Outcome::Drop(Stat::DropNoServer);
-        }
-        let Some(sc) = scratch() else {
-            return Outcome::Drop(Stat::DropError);
-        };
-        if server.method == Method::Nat as u8 {
-            let Some(port) = nat_reserve(ctx, settings, server, &key, id, now, &mut sc.reply)
-            else {
-                return Outcome::Drop(Stat::DropNatPorts);
-            };
-            nat_addr = settings.nat_addr.w[3];
-            nat_port = port;
-        }
-        let conn = &mut sc.conn;
-        conn.last_seen_ns = now;
-        conn.packets = 1;
-        conn.bytes = bytes;
-        conn.server = id;
-        conn.flags = fin_rst;
-        conn.nat_port = nat_port;
-        // Volatile zeroing and a non-overlapping copy: plain stores would be merged into
-        // calls to BPF's byte-looping memset and memmove on every new connection.
-        zero_words(&mut conn.nat_addr);
-        zero_bytes(&mut conn.peer_mac);
-        zero_bytes(&mut conn.local_mac);
-        zero_words(&mut conn.ifindex);
-        if server.method == Method::Nat as u8 {
-            conn.flags |= CONN_NAT;
-            // SAFETY: two distinct valid references.
-            unsafe { core::ptr::copy_nonoverlapping(&settings.nat_addr, &mut conn.nat_addr, 1) };
-        }
-        if CONNECTIONS.insert(key, &*conn, 0).is_err() {
-            return Outcome::Drop(Stat::DropError);
-        }
-        let peer_mac = if conn.flags & CONN_NAT != 0 {
-            sc.reply.peer_mac
-        } else {
-            [0; 6]
-        };
-        report(settings, EVENT_OPEN, &key, conn, peer_mac);
-        count(Stat::NewConns, 1);
-        server_id = id;
-        if settings.debug != 0 {
-            log_new(ctx, ip, l4, server);
-        }
+        nat_addr = settings.nat_addr.w[3];
+        nat_port = port;
+    }
+    let conn = &mut sc.conn;
+    conn.last_seen_ns = now;
+    conn.packets = 1;
+    conn.bytes = bytes;
+    conn.server = id;
+    conn.flags = fin_rst;
+    conn.nat_port = nat_port;
+    // Volatile zeroing and a non-overlapping copy: plain stores would be merged into
+    // calls to BPF's byte-looping memset and memmove on every new connection.
+    zero_words(&mut conn.nat_addr);
+    zero_bytes(&mut conn.peer_mac);
+    zero_bytes(&mut conn.local_mac);
+    zero_words(&mut conn.ifindex);
+    if server.method == Method::Nat as u8 {
+        conn.flags |= CONN_NAT;
+        // SAFETY: two distinct valid references.
+        unsafe { core::ptr::copy_nonoverlapping(&settings.nat_addr, &mut conn.nat_addr, 1) };
+    }
+    if CONNECTIONS.insert(key, &*conn, 0).is_err() {
+        return Outcome::Drop(Stat::DropError);
+    }
+    let peer_mac = if conn.flags & CONN_NAT != 0 {
+        sc.reply.peer_mac
+    } else {
+        [0; 6]
+    };
+    report(settings, EVENT_OPEN, &key, conn, peer_mac);
+    count(Stat::NewConns, 1);
+    if settings.debug != 0 {
+        log_new(ctx, ip, l4, server);
     }
     count_traffic(&SERVICE_STATS, svc.id, bytes);
-    count_traffic(&SERVER_STATS, server_id, bytes);
-    forward(ctx, settings, server_id, ip, nat_addr, nat_port)
+    count_traffic(&SERVER_STATS, id, bytes);
+    forward(ctx, settings, id, ip, nat_addr, nat_port)
+}
+
+/// What [`established_xdp`] returns for a packet that is not of a live connection.
+const NOT_ESTABLISHED: u32 = u32::MAX;
+
+/// A packet of known connection `c` (not a NAT reply leg): forwarded to its server if the
+/// connection is live; else [`NOT_ESTABLISHED`], and the caller treats it as new.
+#[inline(never)]
+fn established_xdp(ctx: &XdpContext, c: &mut Connection, ip: &Ip, l4: &L4) -> u32 {
+    let Some(settings) = SETTINGS.get(0) else {
+        return finish(Outcome::Pass);
+    };
+    match established(ctx, settings, c, ip, l4) {
+        Some(outcome) => finish(outcome),
+        None => NOT_ESTABLISHED,
+    }
+}
+
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    settings: &Settings,
+    c: &mut Connection,
+    ip: &Ip,
+    l4: &L4,
+) -> Option<Outcome> {
+    let now = ip.now;
+    let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if now.wrapping_sub(c.last_seen_ns) > settings.timeout_ns
+        || (syn_only && c.flags & (CONN_FIN | CONN_RST) != 0)
+    {
+        return None;
+    }
+    // Its server must be up and still serve the VIP, port and protocol the connection was
+    // made for: a server taken out, a service removed (its servers are marked down) or a
+    // server index given to another service loses the connection, as `services` would.
+    let server = SERVERS.get(c.server)?;
+    if server.flags & SERVER_UP == 0
+        || server.vip != Addr::v4_raw(ip.daddr)
+        || server.vport != l4.dport
+        || server.proto != ip.proto
+    {
+        return None;
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    c.last_seen_ns = now;
+    c.packets += 1;
+    c.bytes += bytes;
+    let fin_rst = tcp_end_flags(l4.flags);
+    if fin_rst != 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
+        c.flags |= fin_rst;
+        let key = packet_key(ip, l4)?;
+        report(settings, EVENT_CLOSE, key, c, [0; 6]);
+    }
+    c.flags |= fin_rst;
+    let (id, service) = (c.server, server.service);
+    count_traffic(&SERVICE_STATS, service, bytes);
+    count_traffic(&SERVER_STATS, id, bytes);
+    Some(forward(ctx, settings, id, ip, c.nat_addr.w[3], c.nat_port))
 }
 
 #[inline(always)]
@@ -833,7 +962,7 @@ fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
 /// See [`too_big_or`].
 #[inline(always)]
 fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
-    if !ip.df || ip.l4 != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
+    if !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
         return Outcome::Drop(Stat::DropTooBig);
     }
     if frag_needed(ctx, ip, mtu - overhead).is_some() {
@@ -1121,7 +1250,7 @@ fn rewrite(
         h.daddr = daddr;
         (old_s, old_d)
     };
-    let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4)?;
+    let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4())?;
     // SAFETY: bounds checked by ptr_at_mut.
     let (old_sp, old_dp) = unsafe {
         let p = &mut *ports;
@@ -1131,9 +1260,9 @@ fn rewrite(
         old
     };
     let at = if ip.proto == IPPROTO_TCP {
-        ip.l4 + 16
+        ip.l4() + 16
     } else {
-        ip.l4 + 6
+        ip.l4() + 6
     };
     let check = ptr_at_mut::<u16>(ctx, at)?;
     // SAFETY: bounds checked by ptr_at_mut.
@@ -1201,7 +1330,7 @@ fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
 /// header it quotes; anything else passes.
 #[inline(always)]
 fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
-    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, ip.l4) else {
+    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, ip.l4()) else {
         return Outcome::Drop(Stat::DropMalformed);
     };
     // SAFETY: bounds checked by ptr_at.
@@ -1209,7 +1338,7 @@ fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
     if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
         return Outcome::Pass;
     }
-    let inner_at = ip.l4 + ICMP_HLEN;
+    let inner_at = ip.l4() + ICMP_HLEN;
     let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_at) else {
         return Outcome::Pass;
     };
@@ -1279,7 +1408,7 @@ fn nat_icmp(
         h.check = csum::replace4(h.check, h.daddr, server_addr);
         h.daddr = server_addr;
     }
-    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ip.l4)?;
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ip.l4())?;
     let inner = ptr_at_mut::<Ipv4Hdr>(ctx, inner_at)?;
     let ports = ptr_at_mut::<[u16; 2]>(ctx, inner_at + IPV4_HLEN)?;
     // SAFETY: bounds checked by ptr_at_mut.

@@ -1097,6 +1097,60 @@ fn an_orphaned_primary_drops_service_traffic_instead_of_passing_it() {
 }
 
 #[test]
+fn connections_of_a_removed_service_pass_and_the_vip_filter_follows_the_services() {
+    let mut b = Bench::new();
+    // Slots count the VIPs (192.0.2.100, .101, .102) and the NAT address (203.0.113.1).
+    let filter = b.dp.vip_filter().unwrap();
+    let lit: Vec<usize> = (0..filter.len()).filter(|i| filter[*i] != 0).collect();
+    assert_eq!(lit, vec![1, 100, 101, 102]);
+
+    let syn = from_client(41000, VIP, 80, SYN, b"");
+    let srv = b.server_addr(b.maglev(HTTP, &key(CLIENT, 41000, VIP, 80, IPPROTO_TCP)));
+    b.run(&[
+        Fixture::new("SYN: a connection to a direct server", syn.clone(), XDP_TX)
+            .output(with_macs(&syn, LB_MAC, mac_of(srv.0))),
+        // Its last octet is a VIP's, so it gets past the filter, and no lookup claims it.
+        Fixture::new(
+            "tcp to another address ending like a VIP passes",
+            from_client(41000, [198, 51, 100, 100], 80, SYN, b""),
+            XDP_PASS,
+        ),
+    ]);
+    let vip_packets = b.dp.stats().unwrap().get(Stat::VipPackets);
+
+    // The service goes: its connection is found first, but its server is marked down with
+    // it, so the packet is nobody's (the VIP keeps other services: not filtered out).
+    b.dp.uninstall(HTTP).unwrap();
+    let ack = from_client(41000, VIP, 80, ACK, b"");
+    let tun = from_client(41001, VIP, 81, SYN, b"");
+    let row = b.row(TUN);
+    b.run(&[
+        Fixture::new(
+            "ACK of a removed service's connection passes",
+            ack,
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "the VIP's other services still forward",
+            tun.clone(),
+            XDP_TX,
+        )
+        .output(ipip(&tun, b.server_addr(row[0]).0)),
+    ]);
+    assert_eq!(b.dp.stats().unwrap().get(Stat::VipPackets), vip_packets + 1);
+
+    // The last service of 192.0.2.102 goes: its slot empties; the others stay.
+    b.dp.uninstall(DEAD).unwrap();
+    let filter = b.dp.vip_filter().unwrap();
+    assert_eq!((filter[100], filter[101], filter[102]), (1, 1, 0));
+    b.run(&[Fixture::new(
+        "SYN to a VIP with no service left passes",
+        from_client(41002, VIP_DEAD, 80, SYN, b""),
+        XDP_PASS,
+    )]);
+}
+
+#[test]
 fn decap_fixtures() {
     let mut b = Bench::new();
     b.dp.set_decap_sources(&[Addr::from_v4_octets(LB)]).unwrap();
