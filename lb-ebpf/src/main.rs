@@ -703,6 +703,7 @@ fn established(
     {
         return None;
     }
+    count_vip(ctx);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     c.last_seen_ns = now;
     c.packets += 1;
