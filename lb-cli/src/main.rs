@@ -90,6 +90,15 @@ enum ServerCmd {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix tool, end quietly when the reader goes away (`lb-cli list connections |
+    // head`): Rust ignores SIGPIPE, and every print would then panic on EPIPE.
+    // SAFETY: nothing has run yet that could depend on the disposition.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

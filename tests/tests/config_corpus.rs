@@ -110,3 +110,22 @@ fn the_example_configs_are_valid() {
     }
     assert!(n >= 3, "one example per forwarding method");
 }
+
+/// `lb-cli ... | head` ends lb-cli quietly, as SIGPIPE ends any Unix tool, rather than with
+/// a panic about a broken pipe.
+#[test]
+fn lb_cli_writing_to_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read); // the reader is gone before lb-cli writes a byte
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/direct.toml");
+    let out = std::process::Command::new(bin("lb-cli"))
+        .arg("check-config")
+        .arg(&example)
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "lb-cli said: {stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
