@@ -111,13 +111,7 @@ fn two_arm(v: Variant) -> Result<Rig> {
             "http://192.0.2.100/".into()
         }
         Variant::LbNat => {
-            let mut d = Dataplane::load(Capacities {
-                services: 4,
-                servers: 16,
-                connections: 1 << 20,
-            })?;
-            d.install(0, &service(Method::Nat, &BACKENDS))?;
-            d.set_settings(&settings([192, 0, 2, 2], [203, 0, 113, 1]))?;
+            let mut d = programmed(Method::Nat, &BACKENDS, [203, 0, 113, 1])?;
             let _in = lab.ns("lb").enter();
             enable_fib_lookup()?;
             d.attach("eth0", AttachMode::Driver)?;
@@ -137,6 +131,19 @@ fn two_arm(v: Variant) -> Result<Rig> {
     Ok(Rig { lab, _dp: dp, url })
 }
 
+/// A dataplane for the balancer at 192.0.2.2 with one service on the VIP over `backends`,
+/// NAT-ing from `nat` (for the nat method).
+fn programmed(method: Method, backends: &[&str], nat: [u8; 4]) -> Result<Dataplane> {
+    let mut d = Dataplane::load(Capacities {
+        services: 4,
+        servers: 16,
+        connections: 1 << 20,
+    })?;
+    d.install(0, &service(method, backends))?;
+    d.set_settings(&settings([192, 0, 2, 2], nat))?;
+    Ok(d)
+}
+
 /// One arm: client, balancer and backends on one segment; backends hold the VIP on lo and
 /// answer the client directly.
 fn one_arm() -> Result<Rig> {
@@ -152,13 +159,7 @@ fn one_arm() -> Result<Rig> {
         servers.push(cluster::server_addr(i));
     }
     let servers: Vec<&str> = servers.iter().map(|s| s.as_str()).collect();
-    let mut d = Dataplane::load(Capacities {
-        services: 4,
-        servers: 16,
-        connections: 1 << 20,
-    })?;
-    d.install(0, &service(Method::Direct, &servers))?;
-    d.set_settings(&settings([192, 0, 2, 2], [192, 0, 2, 2]))?;
+    let mut d = programmed(Method::Direct, &servers, [192, 0, 2, 2])?;
     {
         let _in = lab.ns(&lb).enter();
         enable_fib_lookup()?;

@@ -108,30 +108,8 @@ fn rig(v: Variant) -> Result<Rig> {
     lab.addr("lb", "eth0", "192.0.2.100/32");
     lab.addr("lb", "eth1", "198.51.100.1/24");
     lab.addr("sink", "eth0", "198.51.100.2/24");
-    lab.ns("lb").exec_ok(&[
-        "ip",
-        "neigh",
-        "replace",
-        "198.51.100.2",
-        "lladdr",
-        &mac(SINK_MAC),
-        "dev",
-        "eth1",
-        "nud",
-        "permanent",
-    ]);
-    lab.ns("lb").exec_ok(&[
-        "ip",
-        "neigh",
-        "replace",
-        "192.0.2.1",
-        "lladdr",
-        &mac(GEN_MAC),
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    lab.neigh("lb", "eth1", "198.51.100.2", &mac(SINK_MAC));
+    lab.neigh("lb", "eth0", "192.0.2.1", &mac(GEN_MAC));
 
     let mut programs = Vec::new();
     let sink_ebpf = load_program(programs::SINK_COUNT)?;

@@ -134,6 +134,22 @@ impl Lab {
             .exec_ok(&["ip", "link", "set", dev, "address", mac]);
     }
 
+    /// A permanent neighbour entry in `ns`: `ip` is at `mac` on `dev` (no ARP for it).
+    pub fn neigh(&self, ns: &str, dev: &str, ip: &str, mac: &str) {
+        self.ns(ns).exec_ok(&[
+            "ip",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+
     /// `ip route add ARGS...` in `ns`.
     pub fn route(&self, ns: &str, args: &[&str]) {
         let mut v = vec!["ip", "route", "add"];

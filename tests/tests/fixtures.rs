@@ -114,7 +114,6 @@ impl Bench {
         // A narrower path toward the NAT servers, to see path-MTU handling.
         lab.ns("fx")
             .exec_ok(&["ip", "link", "set", "eth1", "mtu", "1400"]);
-        let fx = lab.ns("fx");
         for (ip, dev) in [
             (S1, "eth0"),
             (S2, "eth0"),
@@ -123,20 +122,15 @@ impl Bench {
             (N1, "eth1"),
             (N2, "eth1"),
         ] {
-            fx.exec_ok(&[
-                "ip",
-                "neigh",
-                "replace",
-                &Ipv4Addr::from(ip).to_string(),
-                "lladdr",
-                &mac_str(mac_of(ip)),
-                "dev",
+            lab.neigh(
+                "fx",
                 dev,
-                "nud",
-                "permanent",
-            ]);
+                &Ipv4Addr::from(ip).to_string(),
+                &mac_str(mac_of(ip)),
+            );
         }
         lab.route("fx", &["198.51.100.0/24", "via", "192.0.2.254"]);
+        let fx = lab.ns("fx");
         let (eth0, eth1) = (fx.ifindex("eth0"), fx.ifindex("eth1"));
         {
             let _in = lab.ns("fx").enter();

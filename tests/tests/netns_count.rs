@@ -18,44 +18,11 @@ fn native_xdp_on_a_veth_counts_every_packet_sent() {
     lab.addr("client", "eth0", "192.0.2.1/24");
     lab.addr("lb", "eth0", "192.0.2.2/24");
     // Static neighbours: no ARP frames in the count.
-    lab.ns("client").exec_ok(&[
-        "ip",
-        "neigh",
-        "add",
-        "192.0.2.2",
-        "lladdr",
-        "02:00:00:00:01:02",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    lab.ns("client").exec_ok(&[
-        "ip",
-        "neigh",
-        "add",
-        "192.0.2.100",
-        "lladdr",
-        "02:00:00:00:01:02",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    lab.neigh("client", "eth0", "192.0.2.2", "02:00:00:00:01:02");
+    lab.neigh("client", "eth0", "192.0.2.100", "02:00:00:00:01:02");
 
     // The balancer's stack answers port 6000 with ICMP errors: it must not ARP either.
-    lab.ns("lb").exec_ok(&[
-        "ip",
-        "neigh",
-        "add",
-        "192.0.2.1",
-        "lladdr",
-        "02:00:00:00:01:01",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
+    lab.neigh("lb", "eth0", "192.0.2.1", "02:00:00:00:01:01");
 
     let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
     {
