@@ -722,32 +722,40 @@ impl Daemon {
         if let Err(e) = self.push_settings() {
             warn!("Renewing the dataplane's lease: {e}");
         }
-        let now = Instant::now();
-        let Some(ha) = self.ha.as_mut() else { return };
-        let act = ha.election.tick(now);
-        if let Some((_, since)) = &ha.pending_promote
-            && now.duration_since(*since) > Duration::from_secs(3)
+        if let Some(ha) = self.ha.as_mut()
+            && let Some((_, since)) = &ha.pending_promote
+            && since.elapsed() > Duration::from_secs(3)
         {
             let (reply, _) = ha.pending_promote.take().expect("pending");
             let _ = reply.send(Response::error("the primary did not hand over within 3 s"));
         }
-        self.note_primary(now);
-        if let Some(a) = act {
-            self.act(a).await;
-        }
+        self.look_at_election().await;
         self.send_heartbeat().await;
     }
 
     /// A peer's dead interval ran out between ticks: let the election look at once, and
     /// announce a promotion without waiting for the next tick.
     async fn on_election_deadline(&mut self) {
+        if self.look_at_election().await {
+            self.send_heartbeat().await;
+        }
+    }
+
+    /// Lets the election look at the clock and carries out what it decides; true if it
+    /// decided something.
+    async fn look_at_election(&mut self) -> bool {
         let now = Instant::now();
-        let Some(ha) = self.ha.as_mut() else { return };
+        let Some(ha) = self.ha.as_mut() else {
+            return false;
+        };
         let act = ha.election.tick(now);
         self.note_primary(now);
-        if let Some(a) = act {
-            self.act(a).await;
-            self.send_heartbeat().await;
+        match act {
+            Some(a) => {
+                self.act(a).await;
+                true
+            }
+            None => false,
         }
     }
 

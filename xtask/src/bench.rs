@@ -135,8 +135,8 @@ pub fn report() -> Result<()> {
         .as_array()
         .with_context(|| format!("{} has no results", file.display()))?
         .iter()
-        .map(|r| parse_line(&r.to_string()))
-        .collect::<Result<Vec<_>>>()?;
+        .map(measured)
+        .collect::<Vec<_>>();
     write(file.parent().expect("a directory"), &all, &v["machine"])
 }
 
@@ -172,8 +172,13 @@ fn write(dir: &Path, all: &[Measured], machine: &Value) -> Result<()> {
 fn parse_line(line: &str) -> Result<Measured> {
     let v: Value =
         serde_json::from_str(line).with_context(|| format!("lb-bench printed {line:?}"))?;
+    Ok(measured(&v))
+}
+
+/// A result as lb-bench prints it and results.json keeps it.
+fn measured(v: &Value) -> Measured {
     let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-    Ok(Measured {
+    Measured {
         group: s("group"),
         name: s("name"),
         unit: s("unit"),
@@ -182,7 +187,7 @@ fn parse_line(line: &str) -> Result<Measured> {
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_f64).collect())
             .unwrap_or_default(),
-    })
+    }
 }
 
 /// Criterion's median estimate of one bench, in ms.
@@ -342,13 +347,13 @@ fn targets(all: &[Measured]) -> Vec<Target> {
             / medians.iter().cloned().fold(f64::MAX, f64::min);
         // Medians further apart than 5% but every round range overlapping every other: the
         // run cannot tell growth from noise.
-        let lowest_max = servers
+        let maxes = servers
             .iter()
             .flat_map(|m| m.rounds.iter().cloned().reduce(f64::max));
-        let highest_min = servers
+        let mins = servers
             .iter()
             .flat_map(|m| m.rounds.iter().cloned().reduce(f64::min));
-        let overlap = highest_min.fold(f64::MIN, f64::max) <= lowest_max.fold(f64::MAX, f64::min);
+        let overlap = mins.fold(f64::MIN, f64::max) <= maxes.fold(f64::MAX, f64::min);
         t.push(Target {
             what: "established cost flat (within 5%) from 1 to 1000 servers".into(),
             measured: format!("{spread:.2}x max/min"),
