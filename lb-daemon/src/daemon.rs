@@ -33,7 +33,7 @@ use crate::{
     dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
     fuse,
     ha::{self, Action, Body, Election, Message, Reject, Replay},
-    health::{self, Checks, LineHealth, Transition},
+    health::{self, Checks, LineHealth, Transition, Verdict},
     metrics, neighbours,
     services::{Plane, svc_key, v4},
     sync,
@@ -987,16 +987,34 @@ impl Daemon {
         let Some(h) = self.health.get_mut(&o.line) else {
             return; // a line that left with a reload
         };
-        let Some(t) = h.record(&o) else { return };
-        let name = self
-            .config
-            .services
-            .iter()
-            .filter(|s| svc_key(s) == o.line.0)
-            .flat_map(|s| s.servers.iter())
-            .find(|v| v.address == o.line.1 && v.port == o.line.2)
-            .map(|v| v.name.clone())
-            .unwrap_or_default();
+        let primary = self.atm.as_ref().is_some_and(|a| a.primary);
+        let name = || {
+            self.config
+                .services
+                .iter()
+                .filter(|s| svc_key(s) == o.line.0)
+                .flat_map(|s| s.servers.iter())
+                .find(|v| v.address == o.line.1 && v.port == o.line.2)
+                .map(|v| v.name.clone())
+                .unwrap_or_default()
+        };
+        let t = match h.judge(&o, primary) {
+            Verdict::Counted(Some(t)) => t,
+            Verdict::Counted(None) | Verdict::Unjudged { first: false } => return,
+            Verdict::Unjudged { first: true } => {
+                info!(
+                    "{} {}:{} not judged while backup: {}; this ATM has no route to it \
+                     (as with a NAT subnet reached only through the primary's gateway \
+                     alias), so it keeps its last state until this ATM is primary",
+                    name(),
+                    o.line.1,
+                    o.line.2,
+                    o.failure.as_deref().unwrap_or_default()
+                );
+                return;
+            }
+        };
+        let name = name();
         let Some(a) = self.atm.as_mut() else { return };
         let healthy = matches!(t, Transition::Up { .. });
         let dropped = a

@@ -24,6 +24,30 @@ pub struct Outcome {
     pub ping: bool,
     /// `None`: passed; `Some(reason)`: failed and why.
     pub failure: Option<String>,
+    /// The probe failed and this machine has no route to the server at all, so from here
+    /// the server cannot be judged: a backup ATM without an address in the NAT subnet,
+    /// whose only way in is the gateway alias the primary holds.
+    pub unroutable: bool,
+}
+
+impl Outcome {
+    fn new(line: LineKey, ping: bool, failure: Option<String>) -> Outcome {
+        let unroutable = failure.is_some() && !routable(line.1);
+        Outcome {
+            line,
+            ping,
+            failure,
+            unroutable,
+        }
+    }
+}
+
+/// Whether this machine has a route to `addr`. connect(2) on a UDP socket asks the routing
+/// table and sends nothing; only "network unreachable" counts as no route.
+fn routable(addr: Ipv4Addr) -> bool {
+    let probe =
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| s.connect((addr, 9)));
+    !matches!(probe, Err(e) if e.kind() == std::io::ErrorKind::NetworkUnreachable)
 }
 
 /// Rise/fall bookkeeping for one probe of one line: the pure part, unit-tested.
@@ -88,11 +112,24 @@ pub enum Transition {
     },
 }
 
+/// What one probe's outcome did to a line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Counted; the line's health changed (`Some`) or did not.
+    Counted(Option<Transition>),
+    /// Not counted: this ATM is a backup and has no route to the server, so it keeps the
+    /// line's last state for whoever it becomes. `first`: the first such probe since one
+    /// that counted (to log once).
+    Unjudged { first: bool },
+}
+
 /// A line's health: its ping and its service check must both pass.
 #[derive(Clone, Debug)]
 pub struct LineHealth {
     ping: Tracker,
     check: Tracker,
+    /// The last probe was not counted (see [`Verdict::Unjudged`]).
+    unjudged: bool,
 }
 
 impl LineHealth {
@@ -100,6 +137,7 @@ impl LineHealth {
         LineHealth {
             ping: Tracker::new(rise, fall),
             check: Tracker::new(rise, fall),
+            unjudged: false,
         }
     }
 
@@ -107,8 +145,21 @@ impl LineHealth {
         self.ping.healthy() && self.check.healthy()
     }
 
+    /// Weighs a probe's result. The primary counts every failure; a backup does not count
+    /// one for want of a route, which is how the NAT subnet looks from a backup that has
+    /// no address in it (the gateway alias is the primary's).
+    pub fn judge(&mut self, o: &Outcome, primary: bool) -> Verdict {
+        if o.unroutable && !primary {
+            let first = !self.unjudged;
+            self.unjudged = true;
+            return Verdict::Unjudged { first };
+        }
+        self.unjudged = false;
+        Verdict::Counted(self.record(o))
+    }
+
     /// Records a probe's result; returns the line's transition, if any.
-    pub fn record(&mut self, o: &Outcome) -> Option<Transition> {
+    fn record(&mut self, o: &Outcome) -> Option<Transition> {
         let before = self.healthy();
         let t = if o.ping {
             &mut self.ping
@@ -239,15 +290,7 @@ async fn run_ping(
         };
         seq = seq.wrapping_add(1);
         n += 1;
-        if tx
-            .send(Outcome {
-                line,
-                ping: true,
-                failure,
-            })
-            .await
-            .is_err()
-        {
+        if tx.send(Outcome::new(line, true, failure)).await.is_err() {
             return;
         }
         tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
@@ -303,15 +346,7 @@ async fn run_check(
             CheckKind::Script(p) => script(p, &ctx, timeout).await,
         };
         n += 1;
-        if tx
-            .send(Outcome {
-                line,
-                ping: false,
-                failure,
-            })
-            .await
-            .is_err()
-        {
+        if tx.send(Outcome::new(line, false, failure)).await.is_err() {
             return;
         }
         tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
@@ -418,6 +453,7 @@ mod tests {
             ),
             ping,
             failure: failure.map(String::from),
+            unroutable: false,
         }
     }
 
@@ -472,6 +508,34 @@ mod tests {
             h.record(&outcome(true, None)),
             Some(Transition::Up { passed: 1 })
         );
+    }
+
+    #[test]
+    fn a_backup_does_not_count_failures_for_want_of_a_route_and_the_primary_does() {
+        let mut h = LineHealth::new(1, 1);
+        let mut no_route = outcome(false, Some("tcp connect: Network is unreachable"));
+        no_route.unroutable = true;
+        assert_eq!(h.judge(&no_route, false), Verdict::Unjudged { first: true });
+        assert_eq!(
+            h.judge(&no_route, false),
+            Verdict::Unjudged { first: false }
+        );
+        assert!(h.healthy(), "a backup keeps the last state");
+        assert_eq!(
+            h.judge(&outcome(false, None), false),
+            Verdict::Counted(None)
+        );
+        assert_eq!(h.judge(&no_route, false), Verdict::Unjudged { first: true });
+        assert!(matches!(
+            h.judge(&no_route, true),
+            Verdict::Counted(Some(Transition::Down { .. }))
+        ));
+        // A failure with a route counts on a backup too: backups keep their own view.
+        let mut h = LineHealth::new(1, 1);
+        assert!(matches!(
+            h.judge(&outcome(false, Some("http GET / returned 503")), false),
+            Verdict::Counted(Some(Transition::Down { .. }))
+        ));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Tier 3: two ATMs, a client and three real servers on one segment, every machine running
-//! the real lb-daemon (the servers in node role). Failover by SIGKILL, no preemption,
-//! long transfers across a failover in each method, heals after a cut heartbeat path,
-//! forged and replayed heartbeats, and promote/demote drills under client load.
+//! the real lb-daemon (the servers in node role). Failover by SIGKILL, no preemption, long
+//! transfers across a failover in each method (NAT also with real checks), how a backup
+//! judges NAT servers, heals after a cut heartbeat path, forged and replayed heartbeats, and
+//! promote/demote drills under client load.
 
 use std::{
     io::Read,
@@ -27,7 +28,14 @@ const KEY: &[u8] = b"lab-secret-0123456789";
 const START: Duration = Duration::from_secs(20);
 const HEARTBEAT_MS: u64 = 100;
 
-fn config(method: Method) -> String {
+/// The service check every test but the NAT-health ones uses: none, so that only the
+/// election decides.
+const NO_CHECK: &str = "kind = \"none\"\n";
+/// Real checks, fast enough that a wrong verdict would show within a test.
+const HTTP_CHECK: &str =
+    "kind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n";
+
+fn config(method: Method, check: &str) -> String {
     let (nat, port) = match method {
         Method::Nat => (
             format!(
@@ -65,8 +73,7 @@ vip = "{vip}"
 port = 80
 scheduler = "maglev"
 [service.check]
-kind = "none"
-"#,
+{check}"#,
         a1 = cluster::atm_addr(1),
         a2 = cluster::atm_addr(2),
         vip = cluster::VIP,
@@ -97,6 +104,10 @@ struct Cluster {
 
 impl Cluster {
     fn new(method: Method) -> Cluster {
+        Cluster::with_check(method, NO_CHECK)
+    }
+
+    fn with_check(method: Method, check: &str) -> Cluster {
         let mut lab = Lab::new();
         cluster::build(&mut lab, 2, 3);
         let dir = lab.dir();
@@ -106,7 +117,7 @@ impl Cluster {
         let path = dir.join("lb.toml");
         std::fs::write(
             &path,
-            config(method).replace("AUTHKEY", key.to_str().unwrap()),
+            config(method, check).replace("AUTHKEY", key.to_str().unwrap()),
         )
         .unwrap();
         let mut nodes = Vec::new();
@@ -268,8 +279,8 @@ fn sigkill_of_the_primary_fails_over_and_the_old_primary_stays_backup() {
 }
 
 /// A 2 MB download through the VIP at 160 kB/s; the primary is killed 3 s in.
-fn long_transfer_survives_failover(method: Method) {
-    let mut c = Cluster::new(method);
+fn long_transfer_survives_failover(method: Method, check: &str) {
+    let mut c = Cluster::with_check(method, check);
     let done = Arc::new(AtomicBool::new(false));
     let client = c.lab.ns("client").name().to_string();
     let transfer = {
@@ -320,17 +331,24 @@ fn long_transfer_survives_failover(method: Method) {
 
 #[test]
 fn a_long_transfer_survives_failover_direct() {
-    long_transfer_survives_failover(Method::Direct);
+    long_transfer_survives_failover(Method::Direct, NO_CHECK);
 }
 
 #[test]
 fn a_long_transfer_survives_failover_tunnel() {
-    long_transfer_survives_failover(Method::Tunnel);
+    long_transfer_survives_failover(Method::Tunnel, NO_CHECK);
 }
 
 #[test]
 fn a_long_transfer_survives_failover_nat() {
-    long_transfer_survives_failover(Method::Nat);
+    long_transfer_survives_failover(Method::Nat, NO_CHECK);
+}
+
+/// With real checks on: the backup must not hold its NAT servers down for being unable to
+/// reach them, or the promoted backup would reschedule the synced connection.
+#[test]
+fn a_long_transfer_survives_failover_nat_with_http_checks() {
+    long_transfer_survives_failover(Method::Nat, HTTP_CHECK);
 }
 
 #[test]
@@ -571,4 +589,71 @@ fn promote_and_demote_drills_move_the_role_and_the_vip_without_failing_a_request
     let out = c.atm(2).cli(&["demote"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not primary"));
+}
+
+/// The servers-table state of `server` on `d`.
+fn server_state(d: &Daemon, server: &str) -> String {
+    let t = d.cat("servers");
+    t.lines()
+        .find(|l| l.split(' ').nth(1) == Some(server))
+        .and_then(|l| l.split(' ').nth(3))
+        .unwrap_or_else(|| panic!("no {server} in\n{t}"))
+        .to_string()
+}
+
+/// NAT servers are reached through the gateway alias, which only the primary holds. A
+/// backup without an address of its own in the NAT subnet cannot judge them, and must keep
+/// them as they were rather than mark them down; with an address of its own it judges them
+/// like the primary does (backups keep their own view).
+#[test]
+fn a_backup_judges_nat_servers_only_when_it_can_reach_them() {
+    let c = Cluster::with_check(Method::Nat, HTTP_CHECK);
+    let (a1, a2) = (c.atm(1), c.atm(2));
+    let s3 = cluster::server_nat_addr(3);
+    let s3_line = format!("{s3}:8080");
+    // 20 intervals: ample time for fall = 2 to have taken them down, were failures counted.
+    thread::sleep(Duration::from_secs(4));
+    for s in ["203.0.113.11:8080", "203.0.113.12:8080", &s3_line] {
+        assert_eq!(server_state(a2, s), "up", "{}", a2.log());
+        assert_eq!(server_state(a1, s), "up", "{}", a1.log());
+    }
+    let log = a2.log();
+    assert_eq!(
+        log.matches("not judged while backup").count(),
+        3,
+        "logged once per server: {log}"
+    );
+    assert!(log.contains("Network is unreachable"), "{log}");
+    assert!(!log.contains(" down: "), "{log}");
+
+    // Give the backup its own address in the NAT subnet: now it checks for itself, and a
+    // server that stops answering goes down on both ATMs.
+    c.lab.addr(&cluster::atm(2), "eth0", "203.0.113.3/24");
+    let s = c.lab.ns(&cluster::server(3));
+    s.exec_ok(&["nft", "add table inet stop"]);
+    s.exec_ok(&[
+        "nft",
+        "add chain inet stop in { type filter hook input priority 0 ; }",
+    ]);
+    s.exec_ok(&[
+        "nft",
+        "add rule inet stop in tcp dport 8080 reject with tcp reset",
+    ]);
+    let limit = Duration::from_secs(3);
+    c.lab.wait_for("s3 down on the backup", limit, || {
+        server_state(a2, &s3_line) == "down"
+    });
+    c.lab.wait_for("s3 down on the primary", limit, || {
+        server_state(a1, &s3_line) == "down"
+    });
+    assert!(
+        a2.log().contains(&format!("s3 {s3_line} down: http GET /")),
+        "{}",
+        a2.log()
+    );
+    s.exec_ok(&["nft", "delete table inet stop"]);
+    c.lab.wait_for("s3 up on the backup", limit, || {
+        server_state(a2, &s3_line) == "up"
+    });
+    assert_eq!(server_state(a2, "203.0.113.11:8080"), "up");
 }
