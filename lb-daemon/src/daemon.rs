@@ -608,8 +608,8 @@ impl Daemon {
         a.primary = true;
         a.grace_until = None;
         a.dp.set_settings(&settings)?;
-        // Backups keep the servers resolved too (see sweep), so this rarely has work to do;
-        // it must not wait either: failover time is counted in heartbeats.
+        // Backups keep the servers they have a route to resolved (see sweep), so this rarely
+        // has work to do; it must not wait either: failover time is counted in heartbeats.
         neighbours::request(&servers);
         let atm = self.config.atms[i].clone();
         let ifindex =
@@ -628,6 +628,10 @@ impl Daemon {
                 "NAT gateway {}/{} configured on {label}",
                 nat.gateway, nat.prefix
             );
+            // A backup with no address of its own in the NAT subnet had no route to the NAT
+            // servers, so nothing resolved them; with the gateway it has (and, unresolved,
+            // their packets would be dropped until the next sweep).
+            neighbours::request(&servers);
         }
         info!(
             "This ATM is primary: forwarding for {} services",

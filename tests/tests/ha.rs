@@ -326,6 +326,14 @@ fn long_transfer_survives_failover(method: Method, check: &str) {
         took >= Duration::from_secs(10),
         "{method:?}: the transfer lasted {took:?}"
     );
+    // The promoted backup forwarded the rest without dropping a packet: in particular it
+    // had the servers' MACs (NAT servers are reachable only once it holds the gateway).
+    let stat = c.atm(2).cat("stat");
+    assert_eq!(
+        stat.split_whitespace().nth(4),
+        Some("0"),
+        "{method:?}: packets dropped by the promoted backup (stat: {stat})"
+    );
     eprintln!("{method:?}: 2 MB transfer across a failover completed in {took:?}");
 }
 
