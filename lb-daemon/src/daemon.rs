@@ -527,13 +527,29 @@ impl Daemon {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         self.ha = Some(Ha {
-            election: Election::new(
-                index,
-                n,
-                Duration::from_millis(ha_cfg.heartbeat_ms as u64),
-                ha_cfg.dead_after,
-                Instant::now(),
-            ),
+            election: {
+                let e = Election::new(
+                    index,
+                    n,
+                    Duration::from_millis(ha_cfg.heartbeat_ms as u64),
+                    ha_cfg.dead_after,
+                    Instant::now(),
+                );
+                if ha_cfg.track.is_empty() {
+                    e
+                } else {
+                    info!(
+                        "Not standing for primary until the track addresses answer ({})",
+                        ha_cfg
+                            .track
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    e.awaiting_track()
+                }
+            },
             key,
             socket,
             peers,
@@ -1350,6 +1366,12 @@ impl Daemon {
             let _ = reply.send(Response::error("this ATM is already primary"));
             return;
         }
+        if !ha.election.eligible() {
+            let _ = reply.send(Response::error(
+                "this ATM may not become primary (it does not reach its track addresses)",
+            ));
+            return;
+        }
         info!("Promotion requested by lb-cli");
         match ha.election.primary_peer(now) {
             Some(p) => {
@@ -1861,7 +1883,11 @@ async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
         } else {
             (0, streak.1 + 1)
         };
-        let now = if streak.0 >= 2 {
+        // The first round decides (the election waits for it); after that it takes two in
+        // a row to change the verdict, so one lost ping moves nothing.
+        let now = if state.is_none() {
+            Some(all)
+        } else if streak.0 >= 2 {
             Some(true)
         } else if streak.1 >= 2 {
             Some(false)

@@ -432,6 +432,18 @@ impl Election {
         }
     }
 
+    /// Not eligible until [`Election::set_eligible`] says so: an ATM with `track` addresses
+    /// stands for primary only once it has seen them answer.
+    pub fn awaiting_track(mut self) -> Election {
+        self.eligible = false;
+        self
+    }
+
+    /// Whether this ATM may become primary (it reaches its `track` addresses).
+    pub fn eligible(&self) -> bool {
+        self.eligible
+    }
+
     /// Whether this ATM may become primary (reaches its `track` addresses).
     pub fn set_eligible(&mut self, ok: bool, now: Instant) -> Option<Action> {
         self.eligible = ok;
@@ -794,6 +806,23 @@ mod tests {
             vec![0],
             "back to the highest-listed candidate"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_atm_awaiting_its_track_addresses_does_not_promote_until_they_answer() {
+        let t0 = Instant::now();
+        let mut e = Election::new(0, 1, Duration::from_millis(100), 3, t0).awaiting_track();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            e.tick(Instant::now()),
+            None,
+            "a lone ATM waits for its track"
+        );
+        assert_eq!(e.role(), Role::Backup);
+        assert!(matches!(
+            e.set_eligible(true, Instant::now()),
+            Some(Action::BecomePrimary { .. })
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -375,6 +375,48 @@ fn a_reload_that_adds_a_server_keeps_established_connections() {
     assert_eq!(shape(&d.cat("servers")), shape(&servers));
 }
 
+/// `track`: an ATM that does not reach its track addresses never becomes primary, not even
+/// for a moment at start-up; once they answer, it does.
+#[test]
+fn an_atm_becomes_primary_only_once_its_track_addresses_answer() {
+    let (mut lab, path) = lab(3);
+    let absent = "192.0.2.99";
+    std::fs::write(
+        &path,
+        config(3, &format!("\n[ha]\ntrack = [\"{absent}\"]\n")),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    d.wait_log("A track address does not answer", START);
+    std::thread::sleep(Duration::from_secs(2));
+    let log = d.log();
+    assert!(
+        log.contains("Not standing for primary until the track addresses answer (192.0.2.99)"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("primary:") && !log.contains("Elected"),
+        "{log}"
+    );
+    assert!(
+        !lab.ns(&cluster::atm(1))
+            .exec_ok(&["ip", "-4", "addr"])
+            .contains(cluster::VIP)
+    );
+    let out = d.cli(&["promote"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("track addresses"),
+        "{out:?}"
+    );
+
+    // The address appears (on the client): two answers in a row, and it leads.
+    lab.addr("client", "eth0", &format!("{absent}/24"));
+    d.wait_log("This ATM is primary", Duration::from_secs(10));
+    assert!(d.log().contains("The track addresses answer"));
+    assert!(Conn::open(&lab).get().starts_with('s'));
+}
+
 #[test]
 fn a_bad_file_idles_until_sighup_brings_a_good_one() {
     let (mut lab, path) = lab(3);
