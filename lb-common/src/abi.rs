@@ -505,10 +505,15 @@ pub enum Stat {
     SyncLost,
     /// Outcome: service traffic on an ATM whose daemon stopped renewing its lease.
     DropOrphaned,
+    /// Outcome: a packet of no known connection that cannot start one: to a NAT server, a
+    /// TCP packet other than a SYN (a fresh translation could only draw a reset); to the NAT
+    /// address, anything on a NAT port (a reply whose entry is missing). In a handover the
+    /// entry may still be on its way from the old primary; the peer retransmits.
+    DropNoConnection,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::DropOrphaned as u32 + 1;
+    pub const COUNT: u32 = Stat::DropNoConnection as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Packets,
         Stat::VipPackets,
@@ -527,6 +532,7 @@ impl Stat {
         Stat::IcmpSent,
         Stat::SyncLost,
         Stat::DropOrphaned,
+        Stat::DropNoConnection,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -547,10 +553,11 @@ impl Stat {
             Stat::IcmpSent => "icmp_sent",
             Stat::SyncLost => "sync_lost",
             Stat::DropOrphaned => "drop_orphaned",
+            Stat::DropNoConnection => "drop_no_connection",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".
-    pub const DROPS: [Stat; 8] = [
+    pub const DROPS: [Stat; 9] = [
         Stat::DropMalformed,
         Stat::DropFragment,
         Stat::DropNoServer,
@@ -559,6 +566,7 @@ impl Stat {
         Stat::DropError,
         Stat::DropTooBig,
         Stat::DropOrphaned,
+        Stat::DropNoConnection,
     ];
 }
 

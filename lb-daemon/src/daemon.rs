@@ -32,9 +32,10 @@ use crate::{
     control::{self, Call, Request, Response, ServerAction},
     dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
     fuse,
-    ha::{self, Action, Body, Election, Message, Reject, Replay},
+    ha::{self, Action, Body, Election, Reject, Replay},
     health::{self, Checks, LineHealth, Transition, Verdict},
     metrics, neighbours,
+    outbox::{Link, Outbox},
     services::{Plane, svc_key, v4},
     sync,
     tables::{self, ConnLine, StatLine, Table, Write},
@@ -52,8 +53,11 @@ pub struct Options {
     pub metrics: Option<String>,
 }
 
-/// NAT source ports handed out to connections (the range the dataplane probes).
-pub const NAT_PORTS: (u16, u16) = (20_000, 59_999);
+/// NAT source ports handed out to connections (the range the dataplane probes). Below the
+/// kernel's own ephemeral ports (32768-60999 unless changed), which this ATM's connections
+/// from the NAT address (health checks of NAT servers) use: the dataplane takes a packet to
+/// a NAT port as a NAT reply and never hands it to the stack.
+pub const NAT_PORTS: (u16, u16) = (1024, 32_767);
 
 /// Build identity for the start-up log.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -121,6 +125,8 @@ struct Atm {
     caps: Capacities,
     /// After a planned handover: keep forwarding until the new primary shows up, or this.
     grace_until: Option<Instant>,
+    /// A sweep of the connection table is running.
+    sweeping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The real-server side of a node.
@@ -149,6 +155,17 @@ struct Daemon {
     checks_tx: mpsc::Sender<health::Outcome>,
     /// Rise/fall state of every server line.
     health: HashMap<crate::services::LineKey, LineHealth>,
+    /// Where the outbox reports marks reached (the end of a table transfer).
+    marks_tx: mpsc::UnboundedSender<u64>,
+}
+
+/// A planned handover waiting for its table transfer to be sent.
+struct Handover {
+    mark: u64,
+    target: usize,
+    /// The `lb-cli demote` to answer, if it came from one.
+    reply: Option<oneshot::Sender<Response>>,
+    since: Instant,
 }
 
 /// An ATM's part in the election: its state machine and the socket to the other ATMs.
@@ -159,9 +176,12 @@ struct Ha {
     socket: Option<Arc<UdpSocket>>,
     /// The [ha] address of every ATM, by index.
     peers: Vec<SocketAddr>,
-    /// Our boot epoch and message counter: receivers refuse anything not newer.
-    epoch: u64,
-    seq: u64,
+    /// Messages to the other ATMs (`None` for a lone ATM).
+    out: Option<Outbox>,
+    /// Table transfers queued and not yet sent, by mark; the handover waiting for one.
+    transfers: BTreeSet<u64>,
+    next_mark: u64,
+    handover: Option<Handover>,
     replay: Replay,
     rejects: HashMap<Reject, u64>,
     last_reject_log: Option<Instant>,
@@ -222,6 +242,7 @@ pub async fn run(opts: Options) -> Result<()> {
     );
 
     let (checks_tx, mut checks_rx) = mpsc::channel::<health::Outcome>(1024);
+    let (marks_tx, mut marks_rx) = mpsc::unbounded_channel::<u64>();
     let mut d = Daemon {
         timeout: config.cluster.timeout,
         debug: config.cluster.debug,
@@ -236,6 +257,7 @@ pub async fn run(opts: Options) -> Result<()> {
         checks: None,
         checks_tx,
         health: HashMap::new(),
+        marks_tx,
     };
     match d.role.clone() {
         Role::Atm(i) => {
@@ -321,6 +343,8 @@ pub async fn run(opts: Options) -> Result<()> {
             Some((req, reply)) = rx.recv() => {
                 if req == Request::Promote {
                     d.promote(reply).await;
+                } else if req == Request::Demote {
+                    d.demote(reply).await;
                 } else {
                     let resp = d.handle(req).await;
                     let _ = reply.send(resp);
@@ -328,9 +352,10 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             Some((bytes, from)) = udp_rx.recv() => d.on_datagram(&bytes, from).await,
             Some(outcome) = checks_rx.recv() => d.on_probe(outcome),
+            Some(mark) = marks_rx.recv() => d.on_transfer_sent(mark).await,
             _ = heartbeat.tick(), if d.ha.is_some() => d.on_heartbeat_tick().await,
             _ = sync_events.tick(), if d.atm.is_some() => d.sync_tick().await,
-            _ = full_sync.tick(), if d.atm.is_some() => d.full_sync(None).await,
+            _ = full_sync.tick(), if d.atm.is_some() => d.periodic_full_sync(),
             Some(ok) = track_rx.recv() => {
                 if ok {
                     info!("The track addresses answer: this ATM may become primary");
@@ -363,6 +388,30 @@ pub async fn run(opts: Options) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("Stopped");
     Ok(())
+}
+
+/// Warns when the kernel's ephemeral ports overlap the NAT ports: the replies to this ATM's
+/// own connections from the NAT address would be dropped as NAT replies without an entry.
+fn check_port_range() {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let range: Vec<u16> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if let [lo, hi] = range[..]
+        && lo <= NAT_PORTS.1
+        && hi >= NAT_PORTS.0
+    {
+        warn!(
+            "The kernel's ephemeral ports ({lo}-{hi}, {path}) overlap the NAT ports ({}-{}): \
+             this ATM's own connections from the NAT address may fail; start the range \
+             above {}",
+            NAT_PORTS.0, NAT_PORTS.1, NAT_PORTS.1
+        );
+    }
 }
 
 /// Reads the config and finds this machine in it, logging every problem.
@@ -465,6 +514,9 @@ impl Daemon {
         let caps = self.config.tables;
         let (dp, attached) = load_dataplane(caps, &self.interfaces(&atm.interface, local))?;
         let nat_interface = self.nat_interface(&atm.interface, local);
+        if self.config.nat.is_some() {
+            check_port_range();
+        }
         for suffix in [VIP_LABEL, NAT_LABEL] {
             for a in self.net.remove_labelled(suffix).await? {
                 info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
@@ -483,6 +535,7 @@ impl Daemon {
             nat_interface,
             caps,
             grace_until: None,
+            sweeping: Arc::default(),
         });
         self.start_ha(index, ifindex).await?;
         info!("Starting as backup ATM");
@@ -522,10 +575,19 @@ impl Daemon {
             (None, None)
         };
         let mac = self.net.mac(ifindex).await?.unwrap_or_default();
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let out = match (&key, &socket) {
+            (Some(key), Some(socket)) => Some(Outbox::start(
+                Link {
+                    socket: socket.clone(),
+                    key: key.clone(),
+                    cluster: self.config.cluster.name.clone(),
+                    me: index,
+                    peers: peers.clone(),
+                },
+                self.marks_tx.clone(),
+            )),
+            _ => None,
+        };
         self.ha = Some(Ha {
             election: {
                 let e = Election::new(
@@ -553,8 +615,10 @@ impl Daemon {
             key,
             socket,
             peers,
-            epoch,
-            seq: 0,
+            out,
+            transfers: BTreeSet::new(),
+            next_mark: 0,
+            handover: None,
             replay: Replay::new(n),
             rejects: HashMap::new(),
             last_reject_log: None,
@@ -663,17 +727,29 @@ impl Daemon {
         let Some(mac) = self.ha.as_ref().map(|h| h.local.mac) else {
             return;
         };
-        let mut addrs: Vec<(u32, Ipv4Addr)> =
-            self.vips().into_iter().map(|v| (ifindex, v)).collect();
+        let mut addrs: Vec<(u32, [u8; 6], Ipv4Addr)> =
+            self.vips().into_iter().map(|v| (ifindex, mac, v)).collect();
         if let (Some(nat), Some(a)) = (self.config.nat, &self.atm)
             && let Some(i) = addrs::ifindex(&a.nat_interface)
         {
-            addrs.push((i, nat.gateway));
+            // Two-arm NAT: the gateway lives on the inside interface, with its own MAC.
+            let nat_mac = if i == ifindex {
+                Some(mac)
+            } else {
+                self.net.mac(i).await.ok().flatten()
+            };
+            match nat_mac {
+                Some(m) => addrs.push((i, m, nat.gateway)),
+                None => warn!(
+                    "No MAC for {}: no gratuitous ARP for the NAT gateway",
+                    a.nat_interface
+                ),
+            }
         }
         tokio::spawn(async move {
             for round in 0..3 {
-                for (i, ip) in &addrs {
-                    if let Err(e) = addrs::gratuitous_arp(*i, mac, *ip)
+                for (i, mac, ip) in &addrs {
+                    if let Err(e) = addrs::gratuitous_arp(*i, *mac, *ip)
                         && round == 0
                     {
                         warn!("Gratuitous ARP for {ip}: {e}");
@@ -702,30 +778,10 @@ impl Daemon {
         self.push_settings().map_err(|e| anyhow!(e))
     }
 
-    /// Sends `body` to ATM `to`, or to every other ATM.
-    async fn ha_send(&mut self, to: Option<usize>, body: Body) {
-        let cluster = self.config.cluster.name.clone();
-        let me = self.role_index();
-        let Some(ha) = self.ha.as_mut() else { return };
-        let (Some(key), Some(sock)) = (ha.key.as_ref(), ha.socket.clone()) else {
-            return;
-        };
-        ha.seq += 1;
-        let wire = ha::encode(
-            &cluster,
-            key,
-            &Message {
-                sender: me as u16,
-                epoch: ha.epoch,
-                seq: ha.seq,
-                body,
-            },
-        );
-        for (i, addr) in ha.peers.iter().enumerate() {
-            if i != me && to.is_none_or(|t| t == i) {
-                // Unreachable peers are the election's business, not an error here.
-                let _ = sock.send_to(&wire, addr).await;
-            }
+    /// Sends `body` to ATM `to`, or to every other ATM (ahead of any table transfer).
+    fn ha_send(&self, to: Option<usize>, body: Body) {
+        if let Some(out) = self.ha.as_ref().and_then(|h| h.out.as_ref()) {
+            out.send(to, body);
         }
     }
 
@@ -748,6 +804,20 @@ impl Daemon {
         {
             let (reply, _) = ha.pending_promote.take().expect("pending");
             let _ = reply.send(Response::error("the primary did not hand over within 3 s"));
+        }
+        if let Some(ha) = self.ha.as_mut()
+            && ha
+                .handover
+                .as_ref()
+                .is_some_and(|h| h.since.elapsed() > Duration::from_secs(30))
+        {
+            let h = ha.handover.take().expect("pending");
+            warn!("Handover abandoned: the connection table was not sent within 30 s");
+            if let Some(r) = h.reply {
+                let _ = r.send(Response::error(
+                    "the connection table was not sent within 30 s: staying primary",
+                ));
+            }
         }
         self.look_at_election().await;
         self.send_heartbeat().await;
@@ -782,7 +852,7 @@ impl Daemon {
     async fn send_heartbeat(&mut self) {
         let Some(ha) = self.ha.as_ref() else { return };
         let hb = ha.election.heartbeat(Instant::now());
-        self.ha_send(None, Body::Heartbeat(hb)).await;
+        self.ha_send(None, Body::Heartbeat(hb));
     }
 
     /// Logs once when another ATM is seen to become (or stop being) primary.
@@ -856,9 +926,17 @@ impl Daemon {
                 self.note_primary(now);
             }
             Body::Sync(records) => {
-                let is_backup = ha.election.role() == ha::Role::Backup;
+                // From the primary, or (to a new primary) from a former one forwarding in its
+                // handover grace; not between two primaries of a split brain.
+                let sender_primary = ha
+                    .election
+                    .peers()
+                    .get(from_atm)
+                    .and_then(|p| p.heartbeat)
+                    .is_some_and(|h| h.role == ha::Role::Primary);
+                let accept = ha.election.role() == ha::Role::Backup || !sender_primary;
                 let local = ha.local;
-                if is_backup && let Some(a) = self.atm.as_mut() {
+                if accept && let Some(a) = self.atm.as_mut() {
                     match sync::install(&mut a.dp, &a.plane, &records, local) {
                         Ok((_, skipped)) if skipped > 0 => {
                             warn!(
@@ -872,7 +950,7 @@ impl Daemon {
             }
             Body::SyncRequest => {
                 if ha.election.role() == ha::Role::Primary {
-                    self.full_sync(Some(from_atm)).await;
+                    self.full_sync(Some(from_atm));
                 }
             }
             Body::Yield => {
@@ -881,18 +959,30 @@ impl Daemon {
                         "ATM {} asks to take over (lb-cli promote)",
                         self.config.atms[from_atm].name
                     );
-                    self.hand_over(Some(from_atm)).await;
+                    if let Err(e) = self.hand_over(Some(from_atm), None) {
+                        warn!("Not handing over: {e}");
+                    }
                 }
             }
         }
     }
 
-    /// A planned handover: the new primary gets the whole connection table first.
-    async fn hand_over(&mut self, to: Option<usize>) -> Option<usize> {
+    /// A planned handover to `to`, or the highest-listed running backup: the new primary gets
+    /// the whole connection table first. The transfer runs beside the event loop; the
+    /// handover itself happens when it has been sent (see `on_transfer_sent`), and `reply`
+    /// (an `lb-cli demote`) is answered then.
+    fn hand_over(
+        &mut self,
+        to: Option<usize>,
+        reply: Option<oneshot::Sender<Response>>,
+    ) -> std::result::Result<(), String> {
         let now = Instant::now();
-        let target = {
-            let ha = self.ha.as_ref()?;
-            to.or_else(|| {
+        let ha = self.ha.as_ref().ok_or("this is not an ATM")?;
+        if ha.handover.is_some() {
+            return Err("a handover is already under way".into());
+        }
+        let target = to
+            .or_else(|| {
                 (0..ha.peers.len()).find(|i| {
                     ha.election.alive(*i, now)
                         && ha.election.peers()[*i]
@@ -900,14 +990,43 @@ impl Daemon {
                             .is_some_and(|h| h.candidate)
                 })
             })
-        }?;
-        self.full_sync(Some(target)).await;
-        let act = self.ha.as_mut()?.election.hand_over(Some(target), now);
-        if let Some(a) = act {
-            self.act(a).await;
+            .ok_or("no other ATM is running to take over: staying primary")?;
+        let mark = self
+            .full_sync(Some(target))
+            .ok_or("cannot send the connection table")?;
+        let ha = self.ha.as_mut().expect("an ATM");
+        ha.handover = Some(Handover {
+            mark,
+            target,
+            reply,
+            since: now,
+        });
+        Ok(())
+    }
+
+    /// A table transfer has been sent: if a handover waited for it, hand over now.
+    async fn on_transfer_sent(&mut self, mark: u64) {
+        let Some(ha) = self.ha.as_mut() else { return };
+        ha.transfers.remove(&mark);
+        if ha.handover.as_ref().is_none_or(|h| h.mark != mark) {
+            return;
         }
+        let h = ha.handover.take().expect("checked");
+        let act = ha.election.hand_over(Some(h.target), Instant::now());
+        let answer = match act {
+            Some(a) => {
+                self.act(a).await;
+                Response::text(format!(
+                    "{} handed over to {}",
+                    self.name, self.config.atms[h.target].name
+                ))
+            }
+            None => Response::error("this ATM is no longer primary: nothing to hand over"),
+        };
         self.send_heartbeat().await;
-        Some(target)
+        if let Some(r) = h.reply {
+            let _ = r.send(answer);
+        }
     }
 
     /// Carries out what the election decided.
@@ -931,20 +1050,19 @@ impl Daemon {
                     error!("Becoming backup: {e:#}");
                 }
                 // A new primary wants our table only if we were primary; a backup asks.
-                self.ha_send(None, Body::SyncRequest).await;
+                self.ha_send(None, Body::SyncRequest);
             }
         }
     }
 
-    /// Drains the dataplane's connection events; the primary streams them to the backups.
+    /// Drains the dataplane's connection events and streams them to the other ATMs. Only a
+    /// forwarding dataplane makes events: the primary's, and a former primary's during a
+    /// handover's grace (and the last of them just after it), whose connections the new
+    /// primary must know, for it now receives the servers' replies.
     async fn sync_tick(&mut self) {
-        let primary = self
-            .ha
-            .as_ref()
-            .is_some_and(|h| h.election.role() == ha::Role::Primary && h.key.is_some());
         let Some(a) = self.atm.as_mut() else { return };
         let events = a.dp.drain_events();
-        if !primary || events.is_empty() {
+        if events.is_empty() {
             return;
         }
         let servers = a.plane.server_of();
@@ -953,30 +1071,52 @@ impl Daemon {
             .filter_map(|e| sync::from_event(e, &servers))
             .collect();
         for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
-            self.ha_send(None, Body::Sync(chunk.to_vec())).await;
+            self.ha_send(None, Body::Sync(chunk.to_vec()));
         }
     }
 
-    /// Sends the whole live connection table to one backup, or all of them.
-    async fn full_sync(&mut self, to: Option<usize>) {
-        let primary = self
-            .ha
-            .as_ref()
-            .is_some_and(|h| h.election.role() == ha::Role::Primary && h.key.is_some());
-        let Some(a) = self.atm.as_ref() else { return };
-        if !primary {
-            return;
+    /// Queues the whole live connection table for one backup, or all of them, and a mark
+    /// after it (returned). The table is read and turned into records on a blocking thread:
+    /// with millions of connections that takes long enough to starve the heartbeats.
+    fn full_sync(&mut self, to: Option<usize>) -> Option<u64> {
+        let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        let ha = self.ha.as_mut()?;
+        let a = self.atm.as_ref()?;
+        if ha.election.role() != ha::Role::Primary {
+            return None;
         }
-        let servers = a.plane.server_of();
-        let records = match sync::full_table(&a.dp, &servers, self.timeout as u64 * 1_000_000_000) {
-            Ok(r) => r,
+        let out = ha.out.clone()?;
+        let table = match a.dp.conn_table() {
+            Ok(t) => t,
             Err(e) => {
                 warn!("Reading the connection table for sync: {e}");
-                return;
+                return None;
             }
         };
-        for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
-            self.ha_send(to, Body::Sync(chunk.to_vec())).await;
+        let servers = a.plane.server_of();
+        ha.next_mark += 1;
+        let mark = ha.next_mark;
+        ha.transfers.insert(mark);
+        tokio::task::spawn_blocking(move || {
+            match table.entries() {
+                Ok(all) => {
+                    let records = sync::full_table(&all, &servers, timeout_ns, dataplane::now_ns());
+                    for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
+                        out.send_bulk(to, Body::Sync(chunk.to_vec()));
+                    }
+                }
+                Err(e) => warn!("Reading the connection table for sync: {e}"),
+            }
+            out.mark(mark);
+        });
+        Some(mark)
+    }
+
+    /// The periodic full table for every backup, unless a transfer is still going out (a
+    /// big table on a slow link must not pile up copies of itself).
+    fn periodic_full_sync(&mut self) {
+        if self.ha.as_ref().is_some_and(|h| h.transfers.is_empty()) {
+            self.full_sync(None);
         }
     }
 
@@ -1299,17 +1439,30 @@ impl Daemon {
             neighbours::request(&self.server_addrs());
         }
         let Some(a) = self.atm.as_mut() else { return };
-        let now = dataplane::now_ns();
-        match a.dp.connections() {
-            Ok(all) => {
-                for (k, c) in all {
+        // Beside the event loop (the table may be huge), one sweep at a time.
+        if a.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let busy = a.sweeping.clone();
+        let table = a.dp.conn_table();
+        tokio::task::spawn_blocking(move || {
+            let swept = table.and_then(|mut t| {
+                let now = dataplane::now_ns();
+                for (k, c) in t
+                    .entries()
+                    .map_err(|e| dataplane::Error::Invalid(e.to_string()))?
+                {
                     if now.saturating_sub(c.last_seen_ns) > timeout_ns {
-                        let _ = a.dp.remove_connection(&k);
+                        let _ = t.remove(&k);
                     }
                 }
+                Ok(())
+            });
+            if let Err(e) = swept {
+                warn!("Sweeping connections: {e}");
             }
-            Err(e) => warn!("Sweeping connections: {e}"),
-        }
+            busy.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     async fn handle(&mut self, req: Request) -> Response {
@@ -1346,10 +1499,7 @@ impl Daemon {
                 Err(e) => Response::error(e),
             },
             Request::Promote => unreachable!("promote answers asynchronously"),
-            Request::Demote => match self.demote().await {
-                Ok(msg) => Response::text(msg),
-                Err(e) => Response::error(e.to_string()),
-            },
+            Request::Demote => unreachable!("demote answers asynchronously"),
             Request::Metrics => Response::text(metrics::render(&self.snapshot())),
         }
     }
@@ -1376,7 +1526,7 @@ impl Daemon {
         match ha.election.primary_peer(now) {
             Some(p) => {
                 ha.pending_promote = Some((reply, now));
-                self.ha_send(Some(p), Body::Yield).await;
+                self.ha_send(Some(p), Body::Yield);
             }
             None => {
                 match ha.election.force_promote(now) {
@@ -1393,20 +1543,30 @@ impl Daemon {
     }
 
     /// `lb-cli demote`: hand over to the highest-listed running backup.
-    async fn demote(&mut self) -> Result<String> {
+    async fn demote(&mut self, reply: oneshot::Sender<Response>) {
         let Some(ha) = self.ha.as_ref() else {
-            bail!("this is not an ATM")
+            let _ = reply.send(Response::error("this is not an ATM"));
+            return;
         };
         if ha.election.role() != ha::Role::Primary {
-            bail!("this ATM is not primary");
+            let _ = reply.send(Response::error("this ATM is not primary"));
+            return;
         }
         info!("Demotion requested by lb-cli");
-        match self.hand_over(None).await {
-            Some(t) => Ok(format!(
-                "{} handed over to {}",
-                self.name, self.config.atms[t].name
-            )),
-            None => bail!("no other ATM is running to take over: staying primary"),
+        // On success the answer comes when the table has gone and the role has moved.
+        let (tx, rx) = oneshot::channel();
+        match self.hand_over(None, Some(tx)) {
+            Ok(()) => {
+                tokio::spawn(async move {
+                    let answer = rx.await.unwrap_or_else(|_| {
+                        Response::error("the handover was abandoned (see the log)")
+                    });
+                    let _ = reply.send(answer);
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Response::error(e));
+            }
         }
     }
 

@@ -600,16 +600,14 @@ impl Dataplane {
 
     /// Every entry of the connection table (both legs of NAT connections).
     pub fn connections(&self) -> Result<Vec<(FlowKey, Connection)>, Error> {
-        let mut out = Vec::new();
-        for item in self.connections.iter() {
-            match item {
-                Ok(kv) => out.push(kv),
-                // An entry evicted or expired between listing its key and reading it.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::CONNECTIONS)(e)),
-            }
-        }
-        Ok(out)
+        crate::conntable::entries(&self.connections).map_err(map_err(maps::CONNECTIONS))
+    }
+
+    /// A handle on the connection table for another thread (see [`crate::conntable`]).
+    pub fn conn_table(&self) -> Result<crate::conntable::ConnTable, Error> {
+        use aya::maps::IterableMap;
+        crate::conntable::ConnTable::open(self.connections.map().fd().as_fd())
+            .map_err(map_err(maps::CONNECTIONS))
     }
 
     pub fn connection(&self, key: &FlowKey) -> Option<Connection> {

@@ -118,8 +118,8 @@ pub enum Verdict {
     /// Counted; the line's health changed (`Some`) or did not.
     Counted(Option<Transition>),
     /// Not counted: this ATM is a backup and has no route to the server, so it keeps the
-    /// line's last state for whoever it becomes. `first`: the first such probe since one
-    /// that counted (to log once).
+    /// line's last state for whoever it becomes. `first`: the first such probe of the line
+    /// (to log once, not at every demotion).
     Unjudged { first: bool },
 }
 
@@ -128,8 +128,8 @@ pub enum Verdict {
 pub struct LineHealth {
     ping: Tracker,
     check: Tracker,
-    /// The last probe was not counted (see [`Verdict::Unjudged`]).
-    unjudged: bool,
+    /// A probe was not counted once already (see [`Verdict::Unjudged`]).
+    told: bool,
 }
 
 impl LineHealth {
@@ -137,7 +137,7 @@ impl LineHealth {
         LineHealth {
             ping: Tracker::new(rise, fall),
             check: Tracker::new(rise, fall),
-            unjudged: false,
+            told: false,
         }
     }
 
@@ -150,11 +150,10 @@ impl LineHealth {
     /// no address in it (the gateway alias is the primary's).
     pub fn judge(&mut self, o: &Outcome, primary: bool) -> Verdict {
         if o.unroutable && !primary {
-            let first = !self.unjudged;
-            self.unjudged = true;
+            let first = !self.told;
+            self.told = true;
             return Verdict::Unjudged { first };
         }
-        self.unjudged = false;
         Verdict::Counted(self.record(o))
     }
 
@@ -525,7 +524,11 @@ mod tests {
             h.judge(&outcome(false, None), false),
             Verdict::Counted(None)
         );
-        assert_eq!(h.judge(&no_route, false), Verdict::Unjudged { first: true });
+        assert_eq!(
+            h.judge(&no_route, false),
+            Verdict::Unjudged { first: false },
+            "told once, not at every demotion"
+        );
         assert!(matches!(
             h.judge(&no_route, true),
             Verdict::Counted(Some(Transition::Down { .. }))

@@ -3,6 +3,7 @@
 
 pub mod addrs;
 pub mod config;
+pub mod conntable;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
@@ -11,6 +12,7 @@ pub mod ha;
 pub mod health;
 pub mod metrics;
 pub mod neighbours;
+pub mod outbox;
 pub mod services;
 pub mod sync;
 pub mod tables;

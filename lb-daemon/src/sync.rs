@@ -6,7 +6,8 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use lb_common::{
-    Addr, CONN_NAT, CONN_REPLY, ConnEvent, Connection, EVENT_CLOSE, EVENT_OPEN, FlowKey, Method,
+    Addr, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, ConnEvent, Connection, EVENT_CLOSE, EVENT_OPEN,
+    FlowKey, Method,
 };
 
 use crate::{
@@ -37,23 +38,22 @@ pub fn from_event(e: &ConnEvent, servers: &ServerMap) -> Option<SyncRecord> {
     })
 }
 
-/// Every live client leg of the table, as records (NAT ones with the client-side MAC of
-/// their reply leg).
+/// Every live client leg of the table `all` (as read at `now_ns`), as records (NAT ones with
+/// the client-side MAC of their reply leg).
 pub fn full_table(
-    dp: &Dataplane,
+    all: &[(FlowKey, Connection)],
     servers: &ServerMap,
     timeout_ns: u64,
-) -> Result<Vec<SyncRecord>, dataplane::Error> {
-    let all = dp.connections()?;
-    let now = dataplane::now_ns();
+    now_ns: u64,
+) -> Vec<SyncRecord> {
     let replies: HashMap<FlowKey, Connection> = all
         .iter()
         .filter(|(_, c)| c.flags & CONN_REPLY != 0)
         .map(|(k, c)| (*k, *c))
         .collect();
     let mut out = Vec::new();
-    for (k, c) in &all {
-        if c.flags & CONN_REPLY != 0 || now.saturating_sub(c.last_seen_ns) > timeout_ns {
+    for (k, c) in all {
+        if c.flags & CONN_REPLY != 0 || now_ns.saturating_sub(c.last_seen_ns) > timeout_ns {
             continue;
         }
         let Some((addr, port, _)) = servers.get(&c.server) else {
@@ -83,7 +83,7 @@ pub fn full_table(
             peer_mac,
         });
     }
-    Ok(out)
+    out
 }
 
 /// The local interface a NAT reply leg should fall back to, for the client side.
@@ -127,9 +127,11 @@ pub fn install(
             _pad: [0; 3],
         };
         if r.kind == EVENT_CLOSE {
-            dp.remove_connection(&key)?;
-            if nat {
-                dp.remove_connection(&reply_key)?;
+            // Marked, not removed: a half-closed connection still carries data one way, and
+            // the entry ages out as the primary's does (a SYN on the tuple starts afresh).
+            if let Some(mut c) = dp.connection(&key) {
+                c.flags |= r.flags & (CONN_FIN | CONN_RST);
+                dp.set_connection(&key, &c)?;
             }
             installed += 1;
             continue;

@@ -525,9 +525,16 @@ fn balance(ctx: &XdpContext) -> Outcome {
         // still there.
         svc = find_service(daddr, l4.dport, ip.proto);
     }
-    // Another port of the VIP (ssh to the primary, say), or an unknown reply to the NAT
-    // address: the stack's business.
+    // Another port of the VIP (ssh to the primary, say), or an unknown packet to the NAT
+    // address: the stack's business, except on a NAT port. There it is a reply whose entry
+    // is not here (yet: in a handover it is on its way from the old primary), and the stack,
+    // which holds the NAT address but no socket on the port, would reset the server's side.
+    // Dropped, it is retransmitted. (The daemon keeps the kernel's own ports apart.)
     let Some(svc) = svc else {
+        let port = u16::from_be(l4.dport);
+        if to_nat && port >= settings.nat_port_min && port <= settings.nat_port_max {
+            return Outcome::Drop(Stat::DropNoConnection);
+        }
         return Outcome::Pass;
     };
     count_vip(ctx);
@@ -614,6 +621,14 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
     };
     if server.flags & SERVER_UP == 0 {
         return Outcome::Drop(Stat::DropNoServer);
+    }
+    // Direct and tunnel servers take up a connection midway (after a failover without its
+    // entry, the server still has it); a NAT server would see a new source port and reset.
+    if server.method == Method::Nat as u8
+        && ip.proto == IPPROTO_TCP
+        && l4.flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    {
+        return Outcome::Drop(Stat::DropNoConnection);
     }
     let Some(sc) = scratch() else {
         return Outcome::Drop(Stat::DropError);

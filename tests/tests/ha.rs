@@ -549,49 +549,75 @@ fn forged_and_replayed_heartbeats_change_nothing_and_are_counted() {
 
 #[test]
 fn promote_and_demote_drills_move_the_role_and_the_vip_without_failing_a_request() {
-    let c = Cluster::new(Method::Direct);
+    drills(Method::Direct);
+}
+
+/// NAT as well: connections the old primary opens while it hands over (clients still on its
+/// MAC) must reach the new primary, which now receives the servers' replies.
+#[test]
+fn promote_and_demote_drills_in_nat_mode_fail_no_request() {
+    drills(Method::Nat);
+}
+
+/// Three promote/demote rounds while four client threads open new connections back to
+/// back, so that some open on the old primary in the moment it hands over.
+fn drills(method: Method) {
+    let c = Cluster::new(method);
     let stop = Arc::new(AtomicBool::new(false));
-    let client = c.lab.ns("client").name().to_string();
-    let load = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let ns = lb_tests::netns::NetNs::attach(&client);
-            let _in = ns.enter();
-            let mut results = Vec::new();
-            let start = Instant::now();
-            while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30) {
-                results.push(request(Duration::from_secs(5)));
-                thread::sleep(Duration::from_millis(20));
-            }
-            results
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            let client = c.lab.ns("client").name().to_string();
+            thread::spawn(move || {
+                let ns = lb_tests::netns::NetNs::attach(&client);
+                let _in = ns.enter();
+                let mut results = Vec::new();
+                let start = Instant::now();
+                while !stop.load(Ordering::SeqCst)
+                    && start.elapsed() < Duration::from_secs(30)
+                    && results.len() < 50_000
+                {
+                    results.push(request(Duration::from_secs(5)));
+                }
+                results
+            })
         })
-    };
+        .collect();
     thread::sleep(Duration::from_millis(500));
-    let out = c.atm(2).cli_ok(&["promote"]);
-    assert!(out.contains("atm2 is primary"), "{out}");
-    assert_eq!(c.vip_holders(), vec![2]);
-    thread::sleep(Duration::from_secs(1));
-    let out = c.atm(2).cli_ok(&["demote"]);
-    assert!(out.contains("handed over to atm1"), "{out}");
-    let t = Instant::now();
-    while c.vip_holders() != vec![1] {
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            c.vip_holders()
-        );
-        thread::sleep(Duration::from_millis(10));
+    for _ in 0..3 {
+        let out = c.atm(2).cli_ok(&["promote"]);
+        assert!(out.contains("atm2 is primary"), "{out}");
+        assert_eq!(c.vip_holders(), vec![2]);
+        thread::sleep(Duration::from_millis(500));
+        let out = c.atm(2).cli_ok(&["demote"]);
+        assert!(out.contains("handed over to atm1"), "{out}");
+        let t = Instant::now();
+        while c.vip_holders() != vec![1] {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                c.vip_holders()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(500));
     }
-    thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
-    let results = load.join().unwrap();
+    let results: Vec<Result<String, String>> =
+        load.into_iter().flat_map(|t| t.join().unwrap()).collect();
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(results.len() >= 20, "{} requests", results.len());
+    eprintln!(
+        "{method:?}: 6 handovers, {} requests, {} failed",
+        results.len(),
+        failed.len()
+    );
+    assert!(results.len() >= 100, "{} requests", results.len());
     assert!(
         failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
+        "{method:?}: {} of {} requests failed: {:?}",
         failed.len(),
-        results.len()
+        results.len(),
+        &failed[..failed.len().min(5)]
     );
     // Refusals say why.
     let out = c.atm(2).cli(&["demote"]);
