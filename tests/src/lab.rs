@@ -207,7 +207,8 @@ impl Lab {
     }
 
     /// Starts nginx in `ns` answering every request on `ports` with `name` and a newline
-    /// (and `/big` with [`BIG_BYTES`] at 160 kB/s), and waits until it listens.
+    /// (and `/big` with [`BIG_BYTES`] at 160 kB/s, `/unavailable` with a 503), and waits
+    /// until it listens.
     pub fn nginx(&mut self, ns: &str, name: &str, ports: &[u16]) {
         self.nginx_tls(ns, name, ports, None);
     }
@@ -246,6 +247,7 @@ impl Lab {
              fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi; \
              keepalive_requests 10000; keepalive_timeout 60s; \
              server {{ {listens} location = /big {{ alias {d}/big; limit_rate 160k; }} \
+             location = /unavailable {{ return 503 \"unavailable\\n\"; }} \
              location / {{ default_type text/plain; return 200 \"{name}\\n\"; }} }} }}\n"
         );
         let path = dir.join("nginx.conf");

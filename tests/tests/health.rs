@@ -1,7 +1,9 @@
 //! Tier 3: health checks with real servers behind the VIP. A stopped HTTP service is taken
 //! out within fall × interval and clients stop seeing failures; it comes back after rise ×
-//! interval; ping = false keeps a server up that drops ICMP; https with and without
-//! certificate verification; a hanging script is killed at its timeout; drain and disable.
+//! interval; the status and body an http check expects; ping = false keeps a server up that
+//! drops ICMP; https with and without certificate verification; a hanging script is killed
+//! at its timeout while other servers' checks go on; a failed server's open connections are
+//! dropped; drain and disable.
 
 use std::{
     io::Read,
@@ -165,6 +167,11 @@ fn a_stopped_server_leaves_within_fall_intervals_and_returns_after_rise() {
         bound.as_millis()
     );
     assert!(detection <= bound, "{detection:?}");
+    // And not before `fall` probes could have failed (the first comes at once at worst).
+    assert!(
+        detection >= Duration::from_millis((FALL - 1) * INTERVAL_MS - 20),
+        "down after {detection:?}: fewer than {FALL} failures counted"
+    );
     thread::sleep(Duration::from_secs(2));
 
     lab.nginx("s2", "s2", &[80]);
@@ -176,6 +183,10 @@ fn a_stopped_server_leaves_within_fall_intervals_and_returns_after_rise() {
         recovery <= Duration::from_millis(RISE * INTERVAL_MS + TIMEOUT_MS + 300),
         "{recovery:?}"
     );
+    assert!(
+        recovery >= Duration::from_millis((RISE - 1) * INTERVAL_MS - 20),
+        "up after {recovery:?}: fewer than {RISE} passes counted"
+    );
     thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
     load.join().unwrap();
@@ -184,9 +195,15 @@ fn a_stopped_server_leaves_within_fall_intervals_and_returns_after_rise() {
     let failed: Vec<(Duration, &String)> = results
         .iter()
         .filter_map(|(t, r)| {
-            r.as_ref()
-                .err()
-                .map(|e| (t.saturating_duration_since(stopped), e))
+            r.as_ref().err().map(|e| {
+                // One in flight to s2 at the stop may fail; nothing earlier.
+                assert!(
+                    stopped.saturating_duration_since(*t) < Duration::from_millis(100),
+                    "a request {:?} before the stop failed: {e}",
+                    stopped - *t
+                );
+                (t.saturating_duration_since(stopped), e)
+            })
         })
         .collect();
     // Failures only for requests that went to s2 while the checks were finding out.
@@ -330,7 +347,14 @@ fn https_checks_with_and_without_certificate_verification() {
 fn a_hanging_script_is_killed_at_its_timeout_and_counts_as_a_failure() {
     let mut lab = lab(&[cluster::VIP]);
     let script = lab.dir().join("hang.sh");
-    std::fs::write(&script, "#!/bin/sh\n# LB_SERVER names the server; hang for s2 only.\n[ \"$LB_SERVER\" = \"192.0.2.12\" ] && sleep 31.25\nexit 0\n").unwrap();
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n# The environment names the target: hang for s2, fail for s3.\n\
+         [ \"$LB_PORT\" = 80 ] && [ \"$LB_SERVICE\" = http ] || exit 2\n\
+         [ \"$LB_SERVER\" = 192.0.2.12 ] && sleep 31.25\n\
+         [ \"$LB_SERVER\" = 192.0.2.13 ] && exit 1\nexit 0\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let config = header()
         + &service(
@@ -351,6 +375,17 @@ fn a_hanging_script_is_killed_at_its_timeout_and_counts_as_a_failure() {
         "{}",
         d.log()
     );
+    // s3's quick failures are counted while s2's probes hang; s1 (right environment, exit
+    // 0) stays up well past fall × interval.
+    let s3 = format!("{}:80", cluster::server_addr(3));
+    wait_state(&lab, &d, &s3, &vip, "down", Duration::from_secs(5));
+    assert!(
+        d.log()
+            .contains(&format!("s3 {s3} down: script exited with exit status: 1")),
+        "{}",
+        d.log()
+    );
+    thread::sleep(Duration::from_millis(2 * FALL * INTERVAL_MS));
     assert_eq!(
         state(&d, &format!("{}:80", cluster::server_addr(1)), &vip).as_deref(),
         Some("up")
@@ -368,32 +403,29 @@ fn a_hanging_script_is_killed_at_its_timeout_and_counts_as_a_failure() {
     );
 }
 
-#[test]
-fn drain_lets_an_open_connection_finish_while_new_ones_go_elsewhere() {
-    let mut lab = lab(&[cluster::VIP]);
-    let config = header()
-        + &service(
-            "http",
-            cluster::VIP,
-            80,
-            "kind = \"http\"\npath = \"/\"",
-            &[(1, ""), (2, ""), (3, "")],
-        );
-    let d = start(&mut lab, &config);
+/// A `/big` download through the VIP (about 12 s at 160 kB/s), in a thread: its length or
+/// why it broke.
+fn start_download(lab: &Lab) -> thread::JoinHandle<Result<usize, String>> {
     let client = lab.ns("client").name().to_string();
-    let download = thread::spawn(move || {
+    thread::spawn(move || {
         let ns = lb_tests::netns::NetNs::attach(&client);
         let _in = ns.enter();
-        let resp = ureq::get(&format!("http://{}/big", cluster::VIP))
+        let resp = ureq::AgentBuilder::new()
+            .timeout_read(Duration::from_secs(5))
+            .build()
+            .get(&format!("http://{}/big", cluster::VIP))
             .call()
             .map_err(|e| e.to_string())?;
         let mut body = Vec::new();
         resp.into_reader()
             .read_to_end(&mut body)
-            .map_err(|e| e.to_string())?;
-        Ok::<usize, String>(body.len())
-    });
-    // Which server has the download?
+            .map_err(|e| format!("after {} bytes: {e}", body.len()))?;
+        Ok(body.len())
+    })
+}
+
+/// The server (`address:port`, and its name `sN`) of the only connection in the table.
+fn download_server(d: &Daemon) -> (String, String) {
     thread::sleep(Duration::from_millis(500));
     let conns = d.cat("connections");
     let line = conns
@@ -410,7 +442,124 @@ fn drain_lets_an_open_connection_finish_while_new_ones_go_elsewhere() {
         .unwrap()
         .parse()
         .unwrap();
-    let name = format!("s{}", octet - 10);
+    (server, format!("s{}", octet - 10))
+}
+
+/// TCL drops a failed server's connections (unlike drain, which lets them finish).
+#[test]
+fn a_server_that_fails_its_checks_loses_its_open_connections() {
+    let mut lab = lab(&[cluster::VIP]);
+    let config = header()
+        + &service(
+            "http",
+            cluster::VIP,
+            80,
+            "kind = \"http\"\npath = \"/\"",
+            &[(1, ""), (2, ""), (3, "")],
+        );
+    let d = start(&mut lab, &config);
+    let download = start_download(&lab);
+    let (server, name) = download_server(&d);
+    // The server still serves the client; only the ATM's probes go unanswered.
+    let s = lab.ns(&name);
+    s.exec_ok(&["nft", "add table inet nocheck"]);
+    s.exec_ok(&[
+        "nft",
+        "add chain inet nocheck in { type filter hook input priority 0 ; }",
+    ]);
+    s.exec_ok(&[
+        "nft",
+        &format!(
+            "add rule inet nocheck in ip saddr {} drop",
+            cluster::atm_addr(1)
+        ),
+    ]);
+    let vip = format!("{}:80", cluster::VIP);
+    wait_state(&lab, &d, &server, &vip, "down", Duration::from_secs(5));
+    assert!(
+        d.log().contains(&format!("{name} {server} down: ")),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("; 1 connections dropped"), "{}", d.log());
+    assert!(
+        !d.cat("connections").contains(&server),
+        "{}",
+        d.cat("connections")
+    );
+    // Its next packets are scheduled afresh, to a server that knows nothing of them.
+    let r = download.join().unwrap();
+    assert!(
+        r.is_err(),
+        "the download survived its server's removal: {r:?}"
+    );
+}
+
+/// The status and body a check expects: TCL's ASA looks at the answer, not only the port.
+#[test]
+fn http_checks_compare_the_status_and_the_body() {
+    let vips = ["192.0.2.100", "192.0.2.101", "192.0.2.102"];
+    let mut lab = lab(&vips);
+    let config = header()
+        + &service(
+            "unavailable",
+            vips[0],
+            80,
+            "kind = \"http\"\npath = \"/unavailable\"",
+            &[(1, ""), (2, "")],
+        )
+        + &service(
+            "expect503",
+            vips[1],
+            80,
+            "kind = \"http\"\npath = \"/unavailable\"\nexpect = 503",
+            &[(1, ""), (2, "")],
+        )
+        + &service(
+            "body",
+            vips[2],
+            80,
+            "kind = \"http\"\npath = \"/\"\nbody = \"s1\"",
+            &[(1, ""), (2, "")],
+        );
+    let d = start(&mut lab, &config);
+    let (s1, s2) = (
+        format!("{}:80", cluster::server_addr(1)),
+        format!("{}:80", cluster::server_addr(2)),
+    );
+    let limit = Duration::from_secs(5);
+    let at = |v: &str| format!("{v}:80");
+    wait_state(&lab, &d, &s1, &at(vips[0]), "down", limit);
+    wait_state(&lab, &d, &s2, &at(vips[0]), "down", limit);
+    wait_state(&lab, &d, &s2, &at(vips[2]), "down", limit);
+    // Well past fall × interval: the others stay up.
+    thread::sleep(Duration::from_millis(2 * FALL * INTERVAL_MS));
+    for (s, v) in [(&s1, vips[1]), (&s2, vips[1]), (&s1, vips[2])] {
+        assert_eq!(state(&d, s, &at(v)).as_deref(), Some("up"), "{s} in {v}");
+    }
+    let log = d.log();
+    for want in [
+        format!("s1 {s1} down: http GET /unavailable returned 503, {FALL} of {FALL} failed"),
+        format!("s2 {s2} down: http GET /: the body lacks \"s1\", {FALL} of {FALL} failed"),
+    ] {
+        assert!(log.contains(&want), "no {want:?} in\n{log}");
+    }
+}
+
+#[test]
+fn drain_lets_an_open_connection_finish_while_new_ones_go_elsewhere() {
+    let mut lab = lab(&[cluster::VIP]);
+    let config = header()
+        + &service(
+            "http",
+            cluster::VIP,
+            80,
+            "kind = \"http\"\npath = \"/\"",
+            &[(1, ""), (2, ""), (3, "")],
+        );
+    let d = start(&mut lab, &config);
+    let download = start_download(&lab);
+    let (server, name) = download_server(&d);
     let out = d.cli_ok(&["server", "drain", "http", &name]);
     assert!(out.contains("draining"), "{out}");
     let vip = format!("{}:80", cluster::VIP);
