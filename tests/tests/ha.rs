@@ -308,6 +308,29 @@ fn long_transfer_survives_failover(method: Method, check: &str) {
         !done.load(Ordering::SeqCst),
         "the transfer must still be running at the failover"
     );
+    // The backup holds the transfer's connection, with the same server (and for NAT the
+    // same translation): what lets it carry on. (Maglev would pick the same server for a
+    // direct or tunnel connection anyway; a NAT translation cannot be guessed.)
+    let legs = |i: usize| -> Vec<String> {
+        let mut v: Vec<String> = c
+            .atm(i)
+            .cat("connections")
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                format!("{} {} {} {}", f[0], f[1], f[2], f[4])
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let on_primary = legs(1);
+    assert_eq!(
+        on_primary.len(),
+        if method == Method::Nat { 2 } else { 1 },
+        "{on_primary:?}"
+    );
+    assert_eq!(legs(2), on_primary, "{method:?}: synced to the backup");
     c.atms[0].as_mut().unwrap().kill();
     c.atms[1]
         .as_mut()
