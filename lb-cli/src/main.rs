@@ -342,6 +342,15 @@ fn print_status(d: &Value) {
             str_of(&a["state"])
         );
     }
+    let refused: Vec<String> = d["rejected"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(why, n)| n.as_u64().filter(|n| *n > 0).map(|n| format!("{why} {n}")))
+        .collect();
+    if !refused.is_empty() {
+        println!("Refused ATM messages: {}", refused.join(", "));
+    }
     let vips: Vec<String> = d["vips"]
         .as_array()
         .into_iter()

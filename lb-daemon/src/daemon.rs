@@ -1128,10 +1128,13 @@ impl Daemon {
             let k = svc_key(s);
             for v in &s.servers {
                 let line = (k, v.address, v.port);
-                let h = self
-                    .health
-                    .remove(&line)
-                    .unwrap_or_else(|| LineHealth::new(s.check.rise, s.check.fall));
+                let h = match self.health.remove(&line) {
+                    Some(mut h) => {
+                        h.set_limits(s.check.rise, s.check.fall);
+                        h
+                    }
+                    None => LineHealth::new(s.check.rise, s.check.fall),
+                };
                 keep.insert(line, h);
             }
         }

@@ -779,6 +779,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn two_primaries_on_equal_terms_settle_on_the_higher_listed() {
+        let hb = |term| Heartbeat {
+            role: Role::Primary,
+            term,
+            candidate: true,
+            yield_to: None,
+        };
+        let now = Instant::now();
+        let mut first = Election::new(0, 2, Duration::from_millis(100), 3, now);
+        let mut second = Election::new(1, 2, Duration::from_millis(100), 3, now);
+        assert!(first.force_promote(now).is_some());
+        assert!(second.force_promote(now).is_some());
+        assert_eq!((first.term(), second.term()), (1, 1));
+        assert_eq!(
+            first.on_heartbeat(1, hb(1), now),
+            None,
+            "the first keeps it"
+        );
+        assert_eq!(first.role(), Role::Primary);
+        assert!(matches!(
+            second.on_heartbeat(0, hb(1), now),
+            Some(Action::BecomeBackup { planned: false, .. })
+        ));
+        assert_eq!(second.role(), Role::Backup);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_planned_handover_moves_the_role_both_ways() {
         let mut net = Net::new(3);
         net.steps(5).await;

@@ -145,6 +145,14 @@ impl LineHealth {
         self.ping.healthy() && self.check.healthy()
     }
 
+    /// New rise/fall limits (a reload), keeping the verdict and the counts so far.
+    pub fn set_limits(&mut self, rise: u32, fall: u32) {
+        for t in [&mut self.ping, &mut self.check] {
+            t.rise = rise;
+            t.fall = fall;
+        }
+    }
+
     /// Weighs a probe's result. The primary counts every failure; a backup does not count
     /// one for want of a route, which is how the NAT subnet looks from a backup that has
     /// no address in it (the gateway alias is the primary's).
@@ -538,6 +546,17 @@ mod tests {
         assert!(matches!(
             h.judge(&outcome(false, Some("http GET / returned 503")), false),
             Verdict::Counted(Some(Transition::Down { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_reload_applies_new_limits_to_the_counts_so_far() {
+        let mut h = LineHealth::new(1, 5);
+        assert_eq!(h.record(&outcome(false, Some("503"))), None);
+        h.set_limits(1, 2);
+        assert!(matches!(
+            h.record(&outcome(false, Some("503"))),
+            Some(Transition::Down { fall: 2, .. })
         ));
     }
 
