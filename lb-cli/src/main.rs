@@ -110,7 +110,15 @@ fn main() -> ExitCode {
 }
 
 fn ask(socket: &Path, req: Request) -> Result<Response, String> {
-    let r = control::call(socket, &req, Duration::from_secs(10))?;
+    // A handover answers when the connection table has gone across (and promote waits a
+    // little longer than the daemon allows it).
+    let wait = match req {
+        Request::Promote | Request::Demote => {
+            lb_daemon::daemon::HANDOVER_LIMIT + Duration::from_secs(5)
+        }
+        _ => Duration::from_secs(10),
+    };
+    let r = control::call(socket, &req, wait)?;
     if r.ok {
         Ok(r)
     } else {

@@ -451,8 +451,15 @@ pub struct Settings {
     /// an active ATM past its lease drops service traffic instead of handing it to the stack,
     /// whose VIP alias would answer every packet of a connection with a reset.
     pub lease_ns: u64,
+    /// `bpf_ktime_get_ns()` until which a NAT packet of no known connection (a TCP segment
+    /// other than a SYN for a NAT server, anything to a NAT port of the NAT address) is
+    /// dropped rather than handed to the stack: just after this ATM became primary its
+    /// entry may still be on its way from the old primary, and the stack, which holds the VIP
+    /// and the NAT address, would reset it. After, the stack's reset is the right answer (the
+    /// connection is gone) and ends it at once.
+    pub settle_until_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 64);
+const _: () = assert!(core::mem::size_of::<Settings>() == 72);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]
@@ -505,10 +512,11 @@ pub enum Stat {
     SyncLost,
     /// Outcome: service traffic on an ATM whose daemon stopped renewing its lease.
     DropOrphaned,
-    /// Outcome: a packet of no known connection that cannot start one: to a NAT server, a
-    /// TCP packet other than a SYN (a fresh translation could only draw a reset); to the NAT
-    /// address, anything on a NAT port (a reply whose entry is missing). In a handover the
-    /// entry may still be on its way from the old primary; the peer retransmits.
+    /// Outcome: a packet of no known connection that cannot start one, while the primary
+    /// settles in (`Settings::settle_until_ns`): to a NAT server, a TCP packet other than a
+    /// SYN (a fresh translation could only draw a reset); to the NAT address, anything on a
+    /// NAT port (a reply whose entry is missing). The entry may still be on its way from the
+    /// old primary; the peer retransmits. Later such packets pass to the stack.
     DropNoConnection,
 }
 

@@ -56,6 +56,10 @@ impl ConnTable {
         entries(&self.map)
     }
 
+    pub fn get(&self, key: &FlowKey) -> Option<Connection> {
+        self.map.get(key, 0).ok()
+    }
+
     pub fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
         match self.map.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),

@@ -53,6 +53,15 @@ pub struct Options {
     pub metrics: Option<String>,
 }
 
+/// How long a handover may take to send the connection table (paced at about 150,000
+/// connections a second) before it is abandoned, and how long `lb-cli promote` waits.
+pub const HANDOVER_LIMIT: Duration = Duration::from_secs(30);
+const PROMOTE_WAIT: Duration = Duration::from_secs(32);
+
+/// How long a new primary drops, rather than resets, NAT packets of connections it does not
+/// know: the entries of the old primary's last connections may still be on their way.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// NAT source ports handed out to connections (the range the dataplane probes). Below the
 /// kernel's own ephemeral ports (32768-60999 unless changed), which this ATM's connections
 /// from the NAT address (health checks of NAT servers) use: the dataplane takes a packet to
@@ -127,6 +136,9 @@ struct Atm {
     grace_until: Option<Instant>,
     /// A sweep of the connection table is running.
     sweeping: Arc<std::sync::atomic::AtomicBool>,
+    /// Dataplane clock until which NAT packets of unknown connections are dropped, not
+    /// passed (`Settings::settle_until_ns`): set on becoming primary.
+    settle_until_ns: u64,
 }
 
 /// The real-server side of a node.
@@ -156,7 +168,7 @@ struct Daemon {
     /// Rise/fall state of every server line.
     health: HashMap<crate::services::LineKey, LineHealth>,
     /// Where the outbox reports marks reached (the end of a table transfer).
-    marks_tx: mpsc::UnboundedSender<u64>,
+    marks_tx: mpsc::UnboundedSender<(u64, bool)>,
 }
 
 /// A planned handover waiting for its table transfer to be sent.
@@ -242,7 +254,7 @@ pub async fn run(opts: Options) -> Result<()> {
     );
 
     let (checks_tx, mut checks_rx) = mpsc::channel::<health::Outcome>(1024);
-    let (marks_tx, mut marks_rx) = mpsc::unbounded_channel::<u64>();
+    let (marks_tx, mut marks_rx) = mpsc::unbounded_channel::<(u64, bool)>();
     let mut d = Daemon {
         timeout: config.cluster.timeout,
         debug: config.cluster.debug,
@@ -352,7 +364,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             Some((bytes, from)) = udp_rx.recv() => d.on_datagram(&bytes, from).await,
             Some(outcome) = checks_rx.recv() => d.on_probe(outcome),
-            Some(mark) = marks_rx.recv() => d.on_transfer_sent(mark).await,
+            Some((mark, whole)) = marks_rx.recv() => d.on_transfer_sent(mark, whole).await,
             _ = heartbeat.tick(), if d.ha.is_some() => d.on_heartbeat_tick().await,
             _ = sync_events.tick(), if d.atm.is_some() => d.sync_tick().await,
             _ = full_sync.tick(), if d.atm.is_some() => d.periodic_full_sync(),
@@ -474,6 +486,7 @@ impl Daemon {
             nat_port_max: NAT_PORTS.1,
             _pad: 0,
             lease_ns: dataplane::now_ns() + self.lease().as_nanos() as u64,
+            settle_until_ns: self.atm.as_ref().map_or(0, |a| a.settle_until_ns),
         }
     }
 
@@ -536,6 +549,7 @@ impl Daemon {
             caps,
             grace_until: None,
             sweeping: Arc::default(),
+            settle_until_ns: 0,
         });
         self.start_ha(index, ifindex).await?;
         info!("Starting as backup ATM");
@@ -682,6 +696,9 @@ impl Daemon {
         let Role::Atm(i) = self.role else {
             return Ok(());
         };
+        if let Some(a) = self.atm.as_mut() {
+            a.settle_until_ns = dataplane::now_ns() + SETTLE.as_nanos() as u64;
+        }
         let settings = self.settings(true);
         let servers = self.server_addrs();
         let a = self.atm.as_mut().expect("an ATM");
@@ -800,22 +817,28 @@ impl Daemon {
         }
         if let Some(ha) = self.ha.as_mut()
             && let Some((_, since)) = &ha.pending_promote
-            && since.elapsed() > Duration::from_secs(3)
+            && since.elapsed() > PROMOTE_WAIT
         {
             let (reply, _) = ha.pending_promote.take().expect("pending");
-            let _ = reply.send(Response::error("the primary did not hand over within 3 s"));
+            let _ = reply.send(Response::error(format!(
+                "the primary did not hand over within {} s",
+                PROMOTE_WAIT.as_secs()
+            )));
         }
         if let Some(ha) = self.ha.as_mut()
             && ha
                 .handover
                 .as_ref()
-                .is_some_and(|h| h.since.elapsed() > Duration::from_secs(30))
+                .is_some_and(|h| h.since.elapsed() > HANDOVER_LIMIT)
         {
             let h = ha.handover.take().expect("pending");
-            warn!("Handover abandoned: the connection table was not sent within 30 s");
+            warn!(
+                "Handover abandoned: the connection table was not sent within {} s",
+                HANDOVER_LIMIT.as_secs()
+            );
             if let Some(r) = h.reply {
                 let _ = r.send(Response::error(
-                    "the connection table was not sent within 30 s: staying primary",
+                    "the connection table was not sent in time: staying primary",
                 ));
             }
         }
@@ -1004,15 +1027,33 @@ impl Daemon {
         Ok(())
     }
 
-    /// A table transfer has been sent: if a handover waited for it, hand over now.
-    async fn on_transfer_sent(&mut self, mark: u64) {
+    /// A table transfer has been sent (`whole`: all of it): if a handover waited for it, hand
+    /// over now, unless the table could not be read or the target is no longer there to
+    /// take over (it died or lost its track addresses meanwhile).
+    async fn on_transfer_sent(&mut self, mark: u64, whole: bool) {
+        let now = Instant::now();
         let Some(ha) = self.ha.as_mut() else { return };
         ha.transfers.remove(&mark);
         if ha.handover.as_ref().is_none_or(|h| h.mark != mark) {
             return;
         }
         let h = ha.handover.take().expect("checked");
-        let act = ha.election.hand_over(Some(h.target), Instant::now());
+        let target_ready = ha.election.alive(h.target, now)
+            && ha.election.peers()[h.target]
+                .heartbeat
+                .is_some_and(|hb| hb.candidate);
+        let act = if !whole {
+            warn!("Handover abandoned: the connection table could not be read");
+            None
+        } else if !target_ready {
+            warn!(
+                "Handover abandoned: {} stopped answering or may not become primary",
+                self.config.atms[h.target].name
+            );
+            None
+        } else {
+            ha.election.hand_over(Some(h.target), now)
+        };
         let answer = match act {
             Some(a) => {
                 self.act(a).await;
@@ -1021,6 +1062,13 @@ impl Daemon {
                     self.name, self.config.atms[h.target].name
                 ))
             }
+            None if !whole => {
+                Response::error("the connection table could not be read: staying primary")
+            }
+            None if !target_ready => Response::error(format!(
+                "{} stopped answering or may not become primary: staying primary",
+                self.config.atms[h.target].name
+            )),
             None => Response::error("this ATM is no longer primary: nothing to hand over"),
         };
         self.send_heartbeat().await;
@@ -1098,16 +1146,20 @@ impl Daemon {
         let mark = ha.next_mark;
         ha.transfers.insert(mark);
         tokio::task::spawn_blocking(move || {
-            match table.entries() {
+            let whole = match table.entries() {
                 Ok(all) => {
                     let records = sync::full_table(&all, &servers, timeout_ns, dataplane::now_ns());
                     for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
                         out.send_bulk(to, Body::Sync(chunk.to_vec()));
                     }
+                    true
                 }
-                Err(e) => warn!("Reading the connection table for sync: {e}"),
-            }
-            out.mark(mark);
+                Err(e) => {
+                    warn!("Reading the connection table for sync: {e}");
+                    false
+                }
+            };
+            out.mark(mark, whole);
         });
         Some(mark)
     }
@@ -1151,24 +1203,28 @@ impl Daemon {
             return; // a line that left with a reload
         };
         let primary = self.atm.as_ref().is_some_and(|a| a.primary);
-        let name = || {
-            self.config
-                .services
-                .iter()
-                .filter(|s| svc_key(s) == o.line.0)
-                .flat_map(|s| s.servers.iter())
-                .find(|v| v.address == o.line.1 && v.port == o.line.2)
-                .map(|v| v.name.clone())
-                .unwrap_or_default()
-        };
-        let t = match h.judge(&o, primary) {
+        let server = self
+            .config
+            .services
+            .iter()
+            .filter(|s| svc_key(s) == o.line.0)
+            .flat_map(|s| s.servers.iter())
+            .find(|v| v.address == o.line.1 && v.port == o.line.2);
+        let name = || server.map(|v| v.name.clone()).unwrap_or_default();
+        let nat = self
+            .config
+            .nat
+            .as_ref()
+            .filter(|_| server.is_some_and(|v| v.method == Method::Nat));
+        let counts = health::failure_counts(o.source, primary, nat);
+        let t = match h.judge(&o, counts) {
             Verdict::Counted(Some(t)) => t,
             Verdict::Counted(None) | Verdict::Unjudged { first: false } => return,
             Verdict::Unjudged { first: true } => {
                 info!(
-                    "{} {}:{} not judged while backup: {}; this ATM has no route to it \
-                     (as with a NAT subnet reached only through the primary's gateway \
-                     alias), so it keeps its last state until this ATM is primary",
+                    "{} {}:{} not judged while backup: {}; this ATM has no route to it, or \
+                     (a NAT server) no address of its own in the NAT subnet for the answers \
+                     to come back to, so it keeps its last state until this ATM is primary",
                     name(),
                     o.line.1,
                     o.line.2,
@@ -1446,16 +1502,27 @@ impl Daemon {
         if a.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
-        let busy = a.sweeping.clone();
+        /// Clears the flag however the sweep ends.
+        struct Done(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let done = Done(a.sweeping.clone());
         let table = a.dp.conn_table();
         tokio::task::spawn_blocking(move || {
+            let _done = done;
             let swept = table.and_then(|mut t| {
-                let now = dataplane::now_ns();
-                for (k, c) in t
+                let idle = |c: &lb_common::Connection| {
+                    dataplane::now_ns().saturating_sub(c.last_seen_ns) > timeout_ns
+                };
+                let all = t
                     .entries()
-                    .map_err(|e| dataplane::Error::Invalid(e.to_string()))?
-                {
-                    if now.saturating_sub(c.last_seen_ns) > timeout_ns {
+                    .map_err(|e| dataplane::Error::Invalid(e.to_string()))?;
+                for (k, c) in all {
+                    // Looked at again: a packet may have come since the table was read.
+                    if idle(&c) && t.get(&k).is_some_and(|c| idle(&c)) {
                         let _ = t.remove(&k);
                     }
                 }
@@ -1464,7 +1531,6 @@ impl Daemon {
             if let Err(e) = swept {
                 warn!("Sweeping connections: {e}");
             }
-            busy.store(false, std::sync::atomic::Ordering::Release);
         });
     }
 

@@ -13,7 +13,7 @@ use std::{
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
-    config::{CheckKind, Config},
+    config::{CheckKind, Config, Nat},
     services::{LineKey, svc_key},
 };
 
@@ -24,30 +24,49 @@ pub struct Outcome {
     pub ping: bool,
     /// `None`: passed; `Some(reason)`: failed and why.
     pub failure: Option<String>,
-    /// The probe failed and this machine has no route to the server at all, so from here
-    /// the server cannot be judged: a backup ATM without an address in the NAT subnet,
-    /// whose only way in is the gateway alias the primary holds.
-    pub unroutable: bool,
+    /// For a failed probe, where it went out from: the source address the kernel picks
+    /// toward the server, or `None` with no route at all. A backup ATM without an address of
+    /// its own in the NAT subnet has no route to NAT servers, or one whose answers come back
+    /// through the primary's gateway alias: either way it cannot judge them.
+    pub source: Option<Ipv4Addr>,
 }
 
 impl Outcome {
     fn new(line: LineKey, ping: bool, failure: Option<String>) -> Outcome {
-        let unroutable = failure.is_some() && !routable(line.1);
+        let source = failure.as_ref().and_then(|_| source_toward(line.1));
         Outcome {
             line,
             ping,
             failure,
-            unroutable,
+            source,
         }
     }
 }
 
-/// Whether this machine has a route to `addr`. connect(2) on a UDP socket asks the routing
-/// table and sends nothing; only "network unreachable" counts as no route.
-fn routable(addr: Ipv4Addr) -> bool {
-    let probe =
-        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| s.connect((addr, 9)));
-    !matches!(probe, Err(e) if e.kind() == std::io::ErrorKind::NetworkUnreachable)
+/// The source address this machine would use toward `addr`, `None` without a route.
+/// connect(2) on a UDP socket asks the routing table and sends nothing.
+fn source_toward(addr: Ipv4Addr) -> Option<Ipv4Addr> {
+    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    match s.connect((addr, 9)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NetworkUnreachable => None,
+        // Another error says nothing about routes: count the failure as usual.
+        Err(_) => Some(Ipv4Addr::UNSPECIFIED),
+        Ok(()) => match s.local_addr() {
+            Ok(std::net::SocketAddr::V4(a)) => Some(*a.ip()),
+            _ => Some(Ipv4Addr::UNSPECIFIED),
+        },
+    }
+}
+
+/// Whether a failed probe says something about the server, seen from this ATM. The primary
+/// counts every failure. A backup counts one that went out with a route (`source`), and for
+/// a NAT server (`nat`: its subnet) from an address of its own in the NAT subnet: from
+/// anywhere else the server's answers go to its gateway, the alias the primary holds.
+pub fn failure_counts(source: Option<Ipv4Addr>, primary: bool, nat: Option<&Nat>) -> bool {
+    primary
+        || source.is_some_and(|src| {
+            src.is_unspecified() || nat.is_none_or(|n| n.contains(src) && src != n.gateway)
+        })
 }
 
 /// Rise/fall bookkeeping for one probe of one line: the pure part, unit-tested.
@@ -117,8 +136,8 @@ pub enum Transition {
 pub enum Verdict {
     /// Counted; the line's health changed (`Some`) or did not.
     Counted(Option<Transition>),
-    /// Not counted: this ATM is a backup and has no route to the server, so it keeps the
-    /// line's last state for whoever it becomes. `first`: the first such probe of the line
+    /// Not counted: this ATM is a backup that cannot judge the server from where it stands
+    /// (see [`Outcome::source`]), so it keeps the line's last state for whoever it becomes. `first`: the first such probe of the line
     /// (to log once, not at every demotion).
     Unjudged { first: bool },
 }
@@ -153,11 +172,10 @@ impl LineHealth {
         }
     }
 
-    /// Weighs a probe's result. The primary counts every failure; a backup does not count
-    /// one for want of a route, which is how the NAT subnet looks from a backup that has
-    /// no address in it (the gateway alias is the primary's).
-    pub fn judge(&mut self, o: &Outcome, primary: bool) -> Verdict {
-        if o.unroutable && !primary {
+    /// Weighs a probe's result; `counts`: whether a failure seen from here says anything
+    /// about the server (the daemon decides: always on the primary).
+    pub fn judge(&mut self, o: &Outcome, counts: bool) -> Verdict {
+        if o.failure.is_some() && !counts {
             let first = !self.told;
             self.told = true;
             return Verdict::Unjudged { first };
@@ -460,7 +478,7 @@ mod tests {
             ),
             ping,
             failure: failure.map(String::from),
-            unroutable: false,
+            source: Some(Ipv4Addr::UNSPECIFIED),
         }
     }
 
@@ -518,10 +536,9 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_does_not_count_failures_for_want_of_a_route_and_the_primary_does() {
+    fn failures_that_say_nothing_of_the_server_are_not_counted() {
         let mut h = LineHealth::new(1, 1);
-        let mut no_route = outcome(false, Some("tcp connect: Network is unreachable"));
-        no_route.unroutable = true;
+        let no_route = outcome(false, Some("tcp connect: Network is unreachable"));
         assert_eq!(h.judge(&no_route, false), Verdict::Unjudged { first: true });
         assert_eq!(
             h.judge(&no_route, false),
@@ -541,12 +558,31 @@ mod tests {
             h.judge(&no_route, true),
             Verdict::Counted(Some(Transition::Down { .. }))
         ));
-        // A failure with a route counts on a backup too: backups keep their own view.
-        let mut h = LineHealth::new(1, 1);
-        assert!(matches!(
-            h.judge(&outcome(false, Some("http GET / returned 503")), false),
-            Verdict::Counted(Some(Transition::Down { .. }))
-        ));
+    }
+
+    #[test]
+    fn what_a_failure_seen_from_a_backup_says() {
+        let nat = Nat {
+            subnet: Ipv4Addr::new(203, 0, 113, 0),
+            prefix: 24,
+            gateway: Ipv4Addr::new(203, 0, 113, 1),
+        };
+        let own = Some(Ipv4Addr::new(203, 0, 113, 3));
+        let outside = Some(Ipv4Addr::new(192, 0, 2, 3));
+        // The primary counts everything.
+        assert!(failure_counts(None, true, Some(&nat)));
+        // A backup: no route says nothing.
+        assert!(!failure_counts(None, false, None));
+        assert!(!failure_counts(None, false, Some(&nat)));
+        // Direct or tunnel servers: any route will do (backups keep their own view).
+        assert!(failure_counts(outside, false, None));
+        // NAT servers: only from an address of its own in the NAT subnet.
+        assert!(failure_counts(own, false, Some(&nat)));
+        assert!(
+            !failure_counts(outside, false, Some(&nat)),
+            "answers go to the primary"
+        );
+        assert!(!failure_counts(Some(nat.gateway), false, Some(&nat)));
     }
 
     #[test]

@@ -526,13 +526,17 @@ fn balance(ctx: &XdpContext) -> Outcome {
         svc = find_service(daddr, l4.dport, ip.proto);
     }
     // Another port of the VIP (ssh to the primary, say), or an unknown packet to the NAT
-    // address: the stack's business, except on a NAT port. There it is a reply whose entry
-    // is not here (yet: in a handover it is on its way from the old primary), and the stack,
-    // which holds the NAT address but no socket on the port, would reset the server's side.
-    // Dropped, it is retransmitted. (The daemon keeps the kernel's own ports apart.)
+    // address: the stack's business. But just after a takeover, a packet to a NAT port is a
+    // reply whose entry may still be on its way from the old primary, and the stack, which
+    // holds the NAT address but no socket on the port, would reset the server's side:
+    // dropped, it is retransmitted. (The daemon keeps the kernel's own ports apart.)
     let Some(svc) = svc else {
         let port = u16::from_be(l4.dport);
-        if to_nat && port >= settings.nat_port_min && port <= settings.nat_port_max {
+        if to_nat
+            && now < settings.settle_until_ns
+            && port >= settings.nat_port_min
+            && port <= settings.nat_port_max
+        {
             return Outcome::Drop(Stat::DropNoConnection);
         }
         return Outcome::Pass;
@@ -624,11 +628,16 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
     }
     // Direct and tunnel servers take up a connection midway (after a failover without its
     // entry, the server still has it); a NAT server would see a new source port and reset.
+    // Just after a takeover the entry may be on its way: drop, the client retransmits.
+    // Otherwise the connection is gone, and the stack's reset (it holds the VIP) says so.
     if server.method == Method::Nat as u8
         && ip.proto == IPPROTO_TCP
         && l4.flags & (TCP_SYN | TCP_ACK) != TCP_SYN
     {
-        return Outcome::Drop(Stat::DropNoConnection);
+        if now < settings.settle_until_ns {
+            return Outcome::Drop(Stat::DropNoConnection);
+        }
+        return Outcome::Pass;
     }
     let Some(sc) = scratch() else {
         return Outcome::Drop(Stat::DropError);

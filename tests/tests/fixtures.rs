@@ -335,6 +335,7 @@ fn settings() -> Settings {
         nat_port_max: NAT_PORT_MAX,
         _pad: 0,
         lease_ns: 0,
+        settle_until_ns: 0,
     }
 }
 
@@ -1033,25 +1034,20 @@ fn idle_connections_count_as_new_and_down_servers_lose_theirs() {
 }
 
 #[test]
-fn nat_connections_start_only_with_a_syn_and_unknown_replies_on_nat_ports_are_dropped() {
+fn nat_packets_of_unknown_connections_are_dropped_while_settling_then_passed() {
     pin_to_cpu0();
-    let b = Bench::new();
-    // A mid-stream packet of a connection this ATM never saw (a handover's entry still on its
-    // way): a fresh translation would draw a reset from the server, so it is dropped and
-    // nothing is recorded. (Direct and tunnel take such packets up: see the test above.)
+    let mut b = Bench::new();
+    let mut s = settings();
+    s.settle_until_ns = now_ns() + 60_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    // Just after a takeover: a mid-stream packet of a connection this ATM never saw (its
+    // entry still on its way) would draw a reset from the server as a fresh translation, and
+    // from the stack if passed: dropped, and nothing recorded. (Direct and tunnel take such
+    // packets up: see the test above.)
     let ack = from_client(46000, VIP, 82, ACK, b"data");
-    b.run(&[Fixture::new(
-        "nat: an ACK of no connection is dropped",
-        ack,
-        XDP_DROP,
-    )]);
-    assert!(
-        b.dp.connection(&key(CLIENT, 46000, VIP, 82, IPPROTO_TCP))
-            .is_none()
-    );
-    // A server's packet to the NAT address on a NAT port, with no entry: dropped, not handed
-    // to the stack (which holds the address and would reset the server's side). On a port
-    // outside the NAT range it is the stack's (the ATM's own connections).
+    // A server's packet to the NAT address on a NAT port with no entry: the stack holds the
+    // address and would reset the server's side. On a port outside the NAT range it is the
+    // stack's (the ATM's own connections).
     let reply = |port| {
         tcp(
             mac_of(N1),
@@ -1066,7 +1062,12 @@ fn nat_connections_start_only_with_a_syn_and_unknown_replies_on_nat_ports_are_dr
     };
     b.run(&[
         Fixture::new(
-            "nat address, NAT port, no entry: dropped",
+            "settling: nat, an ACK of no connection is dropped",
+            ack.clone(),
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "settling: nat address, NAT port, no entry: dropped",
             reply(NAT_PORT_MIN + 7),
             XDP_DROP,
         )
@@ -1074,6 +1075,28 @@ fn nat_connections_start_only_with_a_syn_and_unknown_replies_on_nat_ports_are_dr
         Fixture::new(
             "nat address, a port above the NAT range: passed",
             reply(NAT_PORT_MAX + 2),
+            XDP_PASS,
+        )
+        .on(b.eth1),
+    ]);
+    assert!(
+        b.dp.connection(&key(CLIENT, 46000, VIP, 82, IPPROTO_TCP))
+            .is_none()
+    );
+    let stats = b.dp.stats().unwrap();
+    assert_eq!(stats.get(Stat::DropNoConnection), 2);
+    assert_eq!(stats.get(Stat::NewConns), 0);
+    // Settled: such a connection is gone, and the stack's reset says so at once.
+    b.dp.set_settings(&settings()).unwrap();
+    b.run(&[
+        Fixture::new(
+            "settled: nat, an ACK of no connection passes",
+            ack,
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "settled: nat address, NAT port, no entry: passes",
+            reply(NAT_PORT_MIN + 7),
             XDP_PASS,
         )
         .on(b.eth1),

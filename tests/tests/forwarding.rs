@@ -102,6 +102,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         nat_port_max: 59_999,
         _pad: 0,
         lease_ns: 0,
+        settle_until_ns: 0,
     })
     .unwrap();
     {
