@@ -102,7 +102,13 @@ pub fn run(keep: bool) -> Result<()> {
     let mut atm2 = Daemon::start(&mut lab, &cluster::atm(2), &config_path, &[]);
     atm2.wait_log("ATM atm1 (192.0.2.2) is primary", Duration::from_secs(20));
     println!("  atm1: elected primary; atm2: backup. atm1's start-up log:");
-    for l in atm1.log().lines().take(18) {
+    // Up to the line that says it is primary.
+    let log = atm1.log();
+    let upto = log
+        .lines()
+        .position(|l| l.contains("This ATM is primary"))
+        .map_or(18, |i| i + 1);
+    for l in log.lines().take(upto) {
         println!("    {}", l.split_once(' ').map(|x| x.1).unwrap_or(l));
     }
     check_interrupt()?;
