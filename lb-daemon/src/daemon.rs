@@ -523,6 +523,12 @@ impl Daemon {
             }
             None => warn!("{} has no IPv4 address", atm.interface),
         }
+        // A key the daemon would refuse is refused before anything is attached or aliased.
+        if self.config.atms.len() > 1
+            && let Some(path) = &self.config.cluster.auth_key_file
+        {
+            ha::load_key(path).map_err(|e| anyhow!(e))?;
+        }
         dataplane::enable_fib_lookup()?;
         let caps = self.config.tables;
         let (dp, attached) = load_dataplane(caps, &self.interfaces(&atm.interface, local))?;

@@ -116,6 +116,26 @@ impl Daemon {
         }
     }
 
+    /// Waits for the daemon to exit by itself; panics with the log after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        let child = self.child.as_mut().expect("a running daemon");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "lb-daemon in {} still runs after {limit:?}:\n{}",
+                    self.ns,
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `lb-cli --socket SOCKET ARGS...`.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("lb-cli"))

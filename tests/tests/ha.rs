@@ -456,6 +456,40 @@ fn after_a_cut_heartbeat_path_heals_exactly_one_primary_holds_the_vip() {
     );
 }
 
+/// Like corosync with its authkey: a key file others may read is refused, before the ATM
+/// touches its interface.
+#[test]
+fn an_atm_refuses_to_start_with_a_key_others_can_read() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 2, 0);
+    let dir = lab.dir();
+    let key = dir.join("authkey");
+    std::fs::write(&key, KEY).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(
+        &path,
+        config(Method::Direct, NO_CHECK).replace("AUTHKEY", key.to_str().unwrap()),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    let status = d.wait_exit(START);
+    assert!(!status.success(), "{status}");
+    let log = d.log();
+    assert!(
+        log.contains("is readable by group or others (mode 640): chmod 600 it"),
+        "{log}"
+    );
+    let atm1 = lab.ns(&cluster::atm(1));
+    assert!(!atm1.exec_ok(&["ip", "-4", "addr"]).contains(cluster::VIP));
+    assert!(
+        !atm1
+            .exec_ok(&["ip", "-d", "link", "show", "dev", "eth0"])
+            .contains("prog/xdp"),
+        "nothing attached"
+    );
+}
+
 /// Captures one UDP payload sent to `dst` as it crosses the switch port `port` in `sw`.
 fn capture_heartbeat(lab: &Lab, port: &str, dst: SocketAddr) -> Vec<u8> {
     let sw = lab.ns("sw");
