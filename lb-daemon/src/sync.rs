@@ -136,12 +136,18 @@ pub fn install(
             installed += 1;
             continue;
         }
+        // A full table read before a close record arrived must not undo the close mark
+        // (the same connection: same server and translation).
+        let closed = dp
+            .connection(&key)
+            .filter(|c| c.server == index && c.nat_port == r.nat.1.to_be())
+            .map_or(0, |c| c.flags & (CONN_FIN | CONN_RST));
         dp.set_connection(
             &key,
             &Connection {
                 last_seen_ns: now,
                 server: index,
-                flags: r.flags,
+                flags: r.flags | closed,
                 nat_port: r.nat.1.to_be(),
                 nat_addr: if nat {
                     Ipv4Addr::from(r.nat.0).into()
