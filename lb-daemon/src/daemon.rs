@@ -15,7 +15,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use lb_common::{
-    CONN_FIN, CONN_REPLY, CONN_RST, Method, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat,
+    CONN_FIN, CONN_REPLY, CONN_RST, Connection, FlowKey, Method, SETTINGS_ACTIVE, SETTINGS_SYNC,
+    Settings, Stat,
 };
 use log::{error, info, warn};
 use serde_json::json;
@@ -357,6 +358,8 @@ pub async fn run(opts: Options) -> Result<()> {
                     d.promote(reply).await;
                 } else if req == Request::Demote {
                     d.demote(reply).await;
+                } else if let Some(job) = d.table_job(&req) {
+                    job.run(reply);
                 } else {
                     let resp = d.handle(req).await;
                     let _ = reply.send(resp);
@@ -1746,13 +1749,16 @@ impl Daemon {
 
     /// Live connections as table lines (expired entries left out).
     fn connection_lines(&self) -> std::result::Result<Vec<ConnLine>, dataplane::Error> {
-        let Some(a) = &self.atm else {
-            return Ok(Vec::new());
-        };
-        let timeout_ns = self.timeout as u64 * 1_000_000_000;
-        let now = dataplane::now_ns();
-        let servers = a.plane.server_of();
-        let vip_of: HashMap<u32, (Ipv4Addr, u16)> = a
+        match (self.conn_view(), &self.atm) {
+            (Some(v), Some(a)) => Ok(v.lines(&a.dp.connections()?)),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// What turning table entries into lines needs, owned (for a blocking thread).
+    fn conn_view(&self) -> Option<ConnView> {
+        let a = self.atm.as_ref()?;
+        let vip_of = a
             .plane
             .services()
             .iter()
@@ -1763,58 +1769,27 @@ impl Daemon {
                 })
             })
             .collect();
-        let mut out = Vec::new();
-        for (k, c) in a.dp.connections()? {
-            let idle = now.saturating_sub(c.last_seen_ns);
-            if idle > timeout_ns {
-                continue;
-            }
-            let left = (timeout_ns - idle) / 1_000_000_000;
-            let line = if c.flags & CONN_REPLY != 0 {
-                // The ATM-to-server leg of a NAT connection: our NAT-subnet source.
-                ConnLine {
-                    proto: k.proto,
-                    src: (v4(&k.dst), u16::from_be(k.dport)),
-                    vip: vip_of
-                        .get(&c.server)
-                        .copied()
-                        .unwrap_or((Ipv4Addr::UNSPECIFIED, 0)),
-                    timeout: left,
-                    server: (v4(&k.src), u16::from_be(k.sport)),
-                    packets: c.packets,
-                }
-            } else {
-                let (sa, sp) = servers
-                    .get(&c.server)
-                    .map(|(a, p, _)| (*a, *p))
-                    .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
-                ConnLine {
-                    proto: k.proto,
-                    src: (v4(&k.src), u16::from_be(k.sport)),
-                    vip: (v4(&k.dst), u16::from_be(k.dport)),
-                    timeout: left,
-                    server: (sa, sp),
-                    packets: c.packets,
-                }
-            };
-            out.push(line);
-        }
-        out.sort();
-        Ok(out)
+        Some(ConnView {
+            timeout_ns: self.timeout as u64 * 1_000_000_000,
+            servers: a.plane.server_of(),
+            vip_of,
+        })
     }
 
     fn stat_line(&self) -> std::result::Result<StatLine, dataplane::Error> {
+        let mut line = self.stat_base()?;
+        if let Some(a) = &self.atm {
+            line.active = count_active(&a.dp.connections()?, self.timeout_ns());
+        }
+        Ok(line)
+    }
+
+    /// The `stat` line but for the active connections (which need the whole table).
+    fn stat_base(&self) -> std::result::Result<StatLine, dataplane::Error> {
         let Some(a) = &self.atm else {
             return Ok(StatLine::default());
         };
         let s = a.dp.stats()?;
-        let timeout_ns = self.timeout as u64 * 1_000_000_000;
-        let now = dataplane::now_ns();
-        let active =
-            a.dp.connections()?
-                .iter()
-                .filter(|(_, c)| active(c, now, timeout_ns))
-                .count() as u64;
         Ok(StatLine {
             services: self.config.services.len() as u64,
             server_lines: self
@@ -1823,10 +1798,51 @@ impl Daemon {
                 .iter()
                 .map(|s| s.servers.len() as u64)
                 .sum(),
-            active,
+            active: 0,
             packets: s.get(Stat::VipPackets),
             dropped: s.dropped(),
             new: s.get(Stat::NewConns),
+        })
+    }
+
+    fn timeout_ns(&self) -> u64 {
+        self.timeout as u64 * 1_000_000_000
+    }
+
+    /// A request that reads the whole connection table, as work for a blocking thread: the
+    /// table may hold millions of entries, and the event loop sends the heartbeats. `None`:
+    /// handle it on the loop (it needs no table, or this is not an ATM).
+    fn table_job(&self, req: &Request) -> Option<TableJob> {
+        let a = self.atm.as_ref()?;
+        let timeout_ns = self.timeout_ns();
+        let finish: TableFinish = match req {
+            Request::Cat { table } if Table::from_name(table) == Some(Table::Connections) => {
+                let v = self.conn_view()?;
+                Box::new(move |all| Response::text(tables::render_connections(&v.lines(all))))
+            }
+            Request::Cat { table } if Table::from_name(table) == Some(Table::Stat) => {
+                let mut line = self.stat_base().ok()?;
+                Box::new(move |all| {
+                    line.active = count_active(all, timeout_ns);
+                    Response::text(tables::render_stat(&line))
+                })
+            }
+            Request::List { what } if what == "connections" => {
+                let v = self.conn_view()?;
+                Box::new(move |all| Response::data(connections_json(&v.lines(all))))
+            }
+            Request::Metrics => {
+                let (mut snap, lines) = self.snapshot_base();
+                Box::new(move |all| {
+                    fill_active(&mut snap, &lines, all, timeout_ns);
+                    Response::text(metrics::render(&snap))
+                })
+            }
+            _ => return None,
+        };
+        Some(TableJob {
+            table: a.dp.conn_table().ok()?,
+            finish,
         })
     }
 
@@ -1974,22 +1990,9 @@ impl Daemon {
                     "state": if l.up { "up" } else { "down" }, "weight": l.weight, "method": l.method, "packets": l.packets,
                 })).collect::<Vec<_>>()))
             }
-            "connections" => {
-                let lines = self.connection_lines().map_err(|e| e.to_string())?;
-                Ok(json!(
-                    lines
-                        .iter()
-                        .map(|l| json!({
-                            "protocol": config::proto_name(l.proto),
-                            "client": format!("{}:{}", l.src.0, l.src.1),
-                            "vip": format!("{}:{}", l.vip.0, l.vip.1),
-                            "timeout": l.timeout,
-                            "server": format!("{}:{}", l.server.0, l.server.1),
-                            "packets": l.packets,
-                        }))
-                        .collect::<Vec<_>>()
-                ))
-            }
+            "connections" => Ok(connections_json(
+                &self.connection_lines().map_err(|e| e.to_string())?,
+            )),
             other => Err(format!(
                 "list takes services, servers or connections, not {other:?}"
             )),
@@ -1997,41 +2000,45 @@ impl Daemon {
     }
 
     fn snapshot(&self) -> metrics::Snapshot {
+        let (mut snap, lines) = self.snapshot_base();
+        if let Some(a) = &self.atm
+            && let Ok(all) = a.dp.connections()
+        {
+            fill_active(&mut snap, &lines, &all, self.timeout_ns());
+        }
+        snap
+    }
+
+    /// The metrics but for the active connections (which need the whole table), with, for
+    /// each of `snap.servers`, its service's place in `snap.services` and its server index.
+    fn snapshot_base(&self) -> (metrics::Snapshot, Vec<(usize, u32)>) {
         let mut snap = metrics::Snapshot {
             node: self.name.clone(),
             role: self.role_name().into(),
             ..Default::default()
         };
+        let mut lines = Vec::new();
         if let Some(ha) = &self.ha {
             snap.ha_rejected = Reject::ALL
                 .iter()
                 .map(|r| (r.name(), ha.rejects.get(r).copied().unwrap_or(0)))
                 .collect();
         }
-        let Some(a) = &self.atm else { return snap };
+        let Some(a) = &self.atm else {
+            return (snap, lines);
+        };
         if let Ok(s) = a.dp.stats() {
             snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
         }
-        let timeout_ns = self.timeout as u64 * 1_000_000_000;
-        let now = dataplane::now_ns();
-        let mut active_by_index: HashMap<u32, u64> = HashMap::new();
-        if let Ok(conns) = a.dp.connections() {
-            for (_, c) in conns.iter().filter(|(_, c)| active(c, now, timeout_ns)) {
-                *active_by_index.entry(c.server).or_default() += 1;
-            }
-        }
-        snap.active_connections = active_by_index.values().sum();
         for s in a.plane.services() {
             let k = svc_key(s);
             let id = a.plane.id(&k).unwrap_or(0);
             let c = a.dp.service_counters(id).unwrap_or_default();
-            let mut active = 0;
             for v in &s.servers {
                 let lk = (k, v.address, v.port);
                 let index = a.plane.index(&lk).unwrap_or(u32::MAX);
                 let sc = a.dp.server_counters(index).unwrap_or_default();
-                let act = active_by_index.get(&index).copied().unwrap_or(0);
-                active += act;
+                lines.push((snap.services.len(), index));
                 snap.servers.push(metrics::ServerMetrics {
                     service: s.name.clone(),
                     server: v.name.clone(),
@@ -2041,7 +2048,7 @@ impl Daemon {
                     weight: a.plane.weight(&lk, v.weight),
                     packets: sc.packets,
                     bytes: sc.bytes,
-                    active: act,
+                    active: 0,
                 });
             }
             snap.services.push(metrics::ServiceMetrics {
@@ -2055,10 +2062,133 @@ impl Daemon {
                 }),
                 packets: c.packets,
                 bytes: c.bytes,
-                active,
+                active: 0,
             });
         }
-        snap
+        (snap, lines)
+    }
+}
+
+/// Finishes a request from the whole connection table, on a blocking thread.
+type TableFinish = Box<dyn FnOnce(&[(FlowKey, Connection)]) -> Response + Send>;
+
+/// A request waiting for the connection table (see `Daemon::table_job`).
+struct TableJob {
+    table: crate::conntable::ConnTable,
+    finish: TableFinish,
+}
+
+impl TableJob {
+    /// Reads the table and answers `reply`, beside the event loop.
+    fn run(self, reply: oneshot::Sender<Response>) {
+        tokio::task::spawn_blocking(move || {
+            let answer = match self.table.entries() {
+                Ok(all) => (self.finish)(&all),
+                Err(e) => Response::error(format!("reading the connection table: {e}")),
+            };
+            let _ = reply.send(answer);
+        });
+    }
+}
+
+/// What turning connection entries into table lines needs (see `Daemon::conn_view`).
+struct ConnView {
+    timeout_ns: u64,
+    servers: sync::ServerMap,
+    /// Server index -> the VIP and port it serves.
+    vip_of: HashMap<u32, (Ipv4Addr, u16)>,
+}
+
+impl ConnView {
+    /// Live connections as table lines (expired entries left out), sorted.
+    fn lines(&self, all: &[(FlowKey, Connection)]) -> Vec<ConnLine> {
+        let now = dataplane::now_ns();
+        let mut out = Vec::new();
+        for (k, c) in all {
+            let idle = now.saturating_sub(c.last_seen_ns);
+            if idle > self.timeout_ns {
+                continue;
+            }
+            let left = (self.timeout_ns - idle) / 1_000_000_000;
+            let line = if c.flags & CONN_REPLY != 0 {
+                // The ATM-to-server leg of a NAT connection: our NAT-subnet source.
+                ConnLine {
+                    proto: k.proto,
+                    src: (v4(&k.dst), u16::from_be(k.dport)),
+                    vip: self
+                        .vip_of
+                        .get(&c.server)
+                        .copied()
+                        .unwrap_or((Ipv4Addr::UNSPECIFIED, 0)),
+                    timeout: left,
+                    server: (v4(&k.src), u16::from_be(k.sport)),
+                    packets: c.packets,
+                }
+            } else {
+                let (sa, sp) = self
+                    .servers
+                    .get(&c.server)
+                    .map(|(a, p, _)| (*a, *p))
+                    .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+                ConnLine {
+                    proto: k.proto,
+                    src: (v4(&k.src), u16::from_be(k.sport)),
+                    vip: (v4(&k.dst), u16::from_be(k.dport)),
+                    timeout: left,
+                    server: (sa, sp),
+                    packets: c.packets,
+                }
+            };
+            out.push(line);
+        }
+        out.sort();
+        out
+    }
+}
+
+/// `lb-cli list connections`.
+fn connections_json(lines: &[ConnLine]) -> serde_json::Value {
+    json!(
+        lines
+            .iter()
+            .map(|l| json!({
+                "protocol": config::proto_name(l.proto),
+                "client": format!("{}:{}", l.src.0, l.src.1),
+                "vip": format!("{}:{}", l.vip.0, l.vip.1),
+                "timeout": l.timeout,
+                "server": format!("{}:{}", l.server.0, l.server.1),
+                "packets": l.packets,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn count_active(all: &[(FlowKey, Connection)], timeout_ns: u64) -> u64 {
+    let now = dataplane::now_ns();
+    all.iter()
+        .filter(|(_, c)| active(c, now, timeout_ns))
+        .count() as u64
+}
+
+/// Fills the active connections into metrics made by `Daemon::snapshot_base`; `lines`: for
+/// each of `snap.servers`, its service's place in `snap.services` and its server index.
+fn fill_active(
+    snap: &mut metrics::Snapshot,
+    lines: &[(usize, u32)],
+    all: &[(FlowKey, Connection)],
+    timeout_ns: u64,
+) {
+    let now = dataplane::now_ns();
+    let mut by_index: HashMap<u32, u64> = HashMap::new();
+    for (_, c) in all.iter().filter(|(_, c)| active(c, now, timeout_ns)) {
+        *by_index.entry(c.server).or_default() += 1;
+    }
+    snap.active_connections = by_index.values().sum();
+    for (m, (service, index)) in snap.servers.iter_mut().zip(lines) {
+        m.active = by_index.get(index).copied().unwrap_or(0);
+        if let Some(svc) = snap.services.get_mut(*service) {
+            svc.active += m.active;
+        }
     }
 }
 
