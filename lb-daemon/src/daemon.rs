@@ -1245,12 +1245,12 @@ impl Daemon {
         let name = name();
         let Some(a) = self.atm.as_mut() else { return };
         let healthy = matches!(t, Transition::Up { .. });
-        let dropped = a
+        let to_drop = a
             .plane
             .set_state(&mut a.dp, &o.line, |s| s.healthy = healthy, true)
             .unwrap_or_else(|e| {
                 error!("Applying the health of {name}: {e}");
-                0
+                None
             });
         match t {
             Transition::Down {
@@ -1258,20 +1258,49 @@ impl Daemon {
                 failed,
                 fall,
             } => warn!(
-                "{name} {}:{} down: {reason}, {failed} of {fall} failed{}",
-                o.line.1,
-                o.line.2,
-                if dropped > 0 {
-                    format!("; {dropped} connections dropped")
-                } else {
-                    String::new()
-                }
+                "{name} {}:{} down: {reason}, {failed} of {fall} failed",
+                o.line.1, o.line.2,
             ),
             Transition::Up { passed } => info!(
                 "{name} {}:{} up: {passed} checks in a row passed",
                 o.line.1, o.line.2
             ),
         }
+        if let Some(index) = to_drop {
+            self.drop_connections_of(index, format!("{name} {}:{}", o.line.1, o.line.2));
+        }
+    }
+
+    /// Drops the connections of server index `index` beside the event loop, and logs how
+    /// many went, naming the server as `who`.
+    fn drop_connections_of(&self, index: u32, who: String) {
+        let Some(a) = &self.atm else { return };
+        let table = match a.dp.conn_table() {
+            Ok(t) => t,
+            Err(e) => {
+                error!("Dropping the connections of {who}: {e}");
+                return;
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut t = table;
+            let all = match t.entries() {
+                Ok(all) => all,
+                Err(e) => {
+                    error!("Dropping the connections of {who}: {e}");
+                    return;
+                }
+            };
+            let mut dropped = 0;
+            for (k, _) in all.iter().filter(|(_, c)| c.server == index) {
+                if t.remove(k).is_ok() {
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                info!("{who}: {dropped} connections dropped");
+            }
+        });
     }
 
     async fn start_node(&mut self, addr: Ipv4Addr, local: &[IfAddr]) -> Result<()> {
@@ -1684,21 +1713,15 @@ impl Daemon {
                 )
             }
         };
-        let dropped = a
+        let to_drop = a
             .plane
             .set_state(&mut a.dp, &line, f, drop_conns)
             .map_err(|e| e.to_string())?;
-        let msg = format!(
-            "{service}/{server} {}:{} {what}{}",
-            line.1,
-            line.2,
-            if dropped > 0 {
-                format!(" ({dropped} dropped)")
-            } else {
-                String::new()
-            }
-        );
+        let msg = format!("{service}/{server} {}:{} {what}", line.1, line.2);
         info!("Server {msg} (by lb-cli)");
+        if let Some(index) = to_drop {
+            self.drop_connections_of(index, format!("{service}/{server} {}:{}", line.1, line.2));
+        }
         Ok(msg)
     }
 

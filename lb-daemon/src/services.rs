@@ -222,35 +222,29 @@ impl Plane {
     }
 
     /// Changes a line's health or operator state and reprograms its service. A line that
-    /// stops taking connections has its existing ones dropped when `drop_connections` (a
-    /// server that failed its checks, as TCL does); a drained one (weight 0) keeps them.
+    /// stops taking connections should have its existing ones dropped when
+    /// `drop_connections` (a server that failed its checks, as TCL does); a drained one
+    /// (weight 0) keeps them. Returns the server index whose connections to drop: the
+    /// caller does it beside the event loop (a big table takes a while), and nothing is
+    /// forwarded to a server that is down meanwhile (the dataplane checks its record).
     pub fn set_state(
         &mut self,
         dp: &mut Dataplane,
         line: &LineKey,
         f: impl FnOnce(&mut LineState),
         drop_connections: bool,
-    ) -> Result<usize, dataplane::Error> {
+    ) -> Result<Option<u32>, dataplane::Error> {
         let Some(index) = self.index(line) else {
-            return Ok(0);
+            return Ok(None);
         };
         let mut state = self.state(line);
         f(&mut state);
         self.states.insert(*line, state);
         let Some(s) = self.services.iter().find(|s| svc_key(s) == line.0).cloned() else {
-            return Ok(0);
+            return Ok(None);
         };
         self.install(dp, &s)?;
-        let mut dropped = 0;
-        if drop_connections && !self.up(line) {
-            for (key, conn) in dp.connections()? {
-                if conn.server == index {
-                    dp.remove_connection(&key)?;
-                    dropped += 1;
-                }
-            }
-        }
-        Ok(dropped)
+        Ok((drop_connections && !self.up(line)).then_some(index))
     }
 
     /// The `services` table.

@@ -481,7 +481,10 @@ fn a_server_that_fails_its_checks_loses_its_open_connections() {
         "{}",
         d.log()
     );
-    assert!(d.log().contains("; 1 connections dropped"), "{}", d.log());
+    let dropped = format!("{name} {server}: 1 connections dropped");
+    lab.wait_for(&dropped, Duration::from_secs(2), || {
+        d.log().contains(&dropped)
+    });
     assert!(
         !d.cat("connections").contains(&server),
         "{}",
