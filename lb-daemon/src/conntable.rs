@@ -56,16 +56,29 @@ impl ConnTable {
         entries(&self.map)
     }
 
-    pub fn get(&self, key: &FlowKey) -> Option<Connection> {
-        self.map.get(key, 0).ok()
+    /// See [`remove_where`].
+    pub fn remove_where(&mut self, pick: impl Fn(&Connection) -> bool) -> Result<usize, MapError> {
+        remove_where(&mut self.map, pick)
     }
+}
 
-    pub fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
-        match self.map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e),
+/// Removes every entry of `map` that `pick` picks, looking each up again first (a packet may
+/// have changed it since the table was read); returns how many went.
+pub fn remove_where(
+    map: &mut HashMap<MapData, FlowKey, Connection>,
+    pick: impl Fn(&Connection) -> bool,
+) -> Result<usize, MapError> {
+    let mut removed = 0;
+    for (k, c) in entries(map)? {
+        if pick(&c) && map.get(&k, 0).is_ok_and(|c| pick(&c)) {
+            match map.remove(&k) {
+                Ok(()) => removed += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
+    Ok(removed)
 }
 
 /// Every entry of `map`, in batches where the kernel can, else key by key.

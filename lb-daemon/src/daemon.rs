@@ -1284,21 +1284,10 @@ impl Daemon {
         };
         tokio::task::spawn_blocking(move || {
             let mut t = table;
-            let all = match t.entries() {
-                Ok(all) => all,
-                Err(e) => {
-                    error!("Dropping the connections of {who}: {e}");
-                    return;
-                }
-            };
-            let mut dropped = 0;
-            for (k, _) in all.iter().filter(|(_, c)| c.server == index) {
-                if t.remove(k).is_ok() {
-                    dropped += 1;
-                }
-            }
-            if dropped > 0 {
-                info!("{who}: {dropped} connections dropped");
+            match t.remove_where(|c| c.server == index) {
+                Ok(0) => {}
+                Ok(dropped) => info!("{who}: {dropped} connections dropped"),
+                Err(e) => error!("Dropping the connections of {who}: {e}"),
             }
         });
     }
@@ -1551,20 +1540,11 @@ impl Daemon {
         let table = a.dp.conn_table();
         tokio::task::spawn_blocking(move || {
             let _done = done;
+            let idle =
+                |c: &Connection| dataplane::now_ns().saturating_sub(c.last_seen_ns) > timeout_ns;
             let swept = table.and_then(|mut t| {
-                let idle = |c: &lb_common::Connection| {
-                    dataplane::now_ns().saturating_sub(c.last_seen_ns) > timeout_ns
-                };
-                let all = t
-                    .entries()
-                    .map_err(|e| dataplane::Error::Invalid(e.to_string()))?;
-                for (k, c) in all {
-                    // Looked at again: a packet may have come since the table was read.
-                    if idle(&c) && t.get(&k).is_some_and(|c| idle(&c)) {
-                        let _ = t.remove(&k);
-                    }
-                }
-                Ok(())
+                t.remove_where(idle)
+                    .map_err(|e| dataplane::Error::Invalid(e.to_string()))
             });
             if let Err(e) = swept {
                 warn!("Sweeping connections: {e}");

@@ -621,11 +621,13 @@ impl Dataplane {
             .map_err(map_err(maps::CONNECTIONS))
     }
 
-    pub fn remove_connection(&mut self, key: &FlowKey) -> Result<(), Error> {
-        match self.connections.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::CONNECTIONS)(e)),
-        }
+    /// Removes the connection entries `pick` picks; returns how many went.
+    pub fn remove_connections_where(
+        &mut self,
+        pick: impl Fn(&Connection) -> bool,
+    ) -> Result<usize, Error> {
+        crate::conntable::remove_where(&mut self.connections, pick)
+            .map_err(map_err(maps::CONNECTIONS))
     }
 
     /// The global counters, summed over CPUs.

@@ -147,12 +147,8 @@ impl Plane {
             changes.lines_removed += 1;
         }
         if !gone_indices.is_empty() {
-            for (key, conn) in dp.connections()? {
-                if gone_indices.contains(&conn.server) {
-                    dp.remove_connection(&key)?;
-                    changes.connections_dropped += 1;
-                }
-            }
+            changes.connections_dropped =
+                dp.remove_connections_where(|c| gone_indices.contains(&c.server))?;
         }
 
         // What came, with the smallest free ids and indices.
