@@ -191,8 +191,9 @@ struct Ha {
     peers: Vec<SocketAddr>,
     /// Messages to the other ATMs (`None` for a lone ATM).
     out: Option<Outbox>,
-    /// Table transfers queued and not yet sent, by mark; the handover waiting for one.
-    transfers: BTreeSet<u64>,
+    /// Table transfers queued and not yet sent; the last mark handed out; the handover
+    /// waiting for its transfer.
+    transfers: usize,
     next_mark: u64,
     handover: Option<Handover>,
     replay: Replay,
@@ -471,7 +472,7 @@ impl Daemon {
             Role::Node(a) => ((*a).into(), Default::default()),
         };
         Settings {
-            timeout_ns: self.timeout as u64 * 1_000_000_000,
+            timeout_ns: self.timeout_ns(),
             debug: self.debug as u32,
             flags: if active {
                 SETTINGS_ACTIVE
@@ -639,7 +640,7 @@ impl Daemon {
             socket,
             peers,
             out,
-            transfers: BTreeSet::new(),
+            transfers: 0,
             next_mark: 0,
             handover: None,
             replay: Replay::new(n),
@@ -1014,14 +1015,7 @@ impl Daemon {
             return Err("a handover is already under way".into());
         }
         let target = to
-            .or_else(|| {
-                (0..ha.peers.len()).find(|i| {
-                    ha.election.alive(*i, now)
-                        && ha.election.peers()[*i]
-                            .heartbeat
-                            .is_some_and(|h| h.candidate)
-                })
-            })
+            .or_else(|| ha.election.successor(now))
             .ok_or("no other ATM is running to take over: staying primary")?;
         let mark = self
             .full_sync(Some(target))
@@ -1042,43 +1036,33 @@ impl Daemon {
     async fn on_transfer_sent(&mut self, mark: u64, whole: bool) {
         let now = Instant::now();
         let Some(ha) = self.ha.as_mut() else { return };
-        ha.transfers.remove(&mark);
+        ha.transfers = ha.transfers.saturating_sub(1);
         if ha.handover.as_ref().is_none_or(|h| h.mark != mark) {
             return;
         }
         let h = ha.handover.take().expect("checked");
-        let target_ready = ha.election.alive(h.target, now)
-            && ha.election.peers()[h.target]
-                .heartbeat
-                .is_some_and(|hb| hb.candidate);
+        let target = &self.config.atms[h.target].name;
         let act = if !whole {
-            warn!("Handover abandoned: the connection table could not be read");
-            None
-        } else if !target_ready {
-            warn!(
-                "Handover abandoned: {} stopped answering or may not become primary",
-                self.config.atms[h.target].name
-            );
-            None
+            Err("the connection table could not be read: staying primary".to_string())
+        } else if !ha.election.can_take_over(h.target, now) {
+            Err(format!(
+                "{target} stopped answering or may not become primary: staying primary"
+            ))
         } else {
-            ha.election.hand_over(Some(h.target), now)
+            ha.election
+                .hand_over(Some(h.target), now)
+                .ok_or_else(|| "this ATM is no longer primary: nothing to hand over".to_string())
         };
         let answer = match act {
-            Some(a) => {
+            Ok(a) => {
+                let msg = format!("{} handed over to {target}", self.name);
                 self.act(a).await;
-                Response::text(format!(
-                    "{} handed over to {}",
-                    self.name, self.config.atms[h.target].name
-                ))
+                Response::text(msg)
             }
-            None if !whole => {
-                Response::error("the connection table could not be read: staying primary")
+            Err(why) => {
+                warn!("Handover abandoned: {why}");
+                Response::error(why)
             }
-            None if !target_ready => Response::error(format!(
-                "{} stopped answering or may not become primary: staying primary",
-                self.config.atms[h.target].name
-            )),
-            None => Response::error("this ATM is no longer primary: nothing to hand over"),
         };
         self.send_heartbeat().await;
         if let Some(r) = h.reply {
@@ -1136,7 +1120,7 @@ impl Daemon {
     /// after it (returned). The table is read and turned into records on a blocking thread:
     /// with millions of connections that takes long enough to starve the heartbeats.
     fn full_sync(&mut self, to: Option<usize>) -> Option<u64> {
-        let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        let timeout_ns = self.timeout_ns();
         let ha = self.ha.as_mut()?;
         let a = self.atm.as_ref()?;
         if ha.election.role() != ha::Role::Primary {
@@ -1153,7 +1137,7 @@ impl Daemon {
         let servers = a.plane.server_of();
         ha.next_mark += 1;
         let mark = ha.next_mark;
-        ha.transfers.insert(mark);
+        ha.transfers += 1;
         tokio::task::spawn_blocking(move || {
             let whole = match table.entries() {
                 Ok(all) => {
@@ -1176,7 +1160,7 @@ impl Daemon {
     /// The periodic full table for every backup, unless a transfer is still going out (a
     /// big table on a slow link must not pile up copies of itself).
     fn periodic_full_sync(&mut self) {
-        if self.ha.as_ref().is_some_and(|h| h.transfers.is_empty()) {
+        if self.ha.as_ref().is_some_and(|h| h.transfers == 0) {
             self.full_sync(None);
         }
     }
@@ -1520,7 +1504,7 @@ impl Daemon {
     /// when full), and asks the kernel to resolve servers it has no MAC for (new ones after
     /// a reload, or entries it dropped): the dataplane cannot start that itself.
     fn sweep(&mut self) {
-        let timeout_ns = self.timeout as u64 * 1_000_000_000;
+        let timeout_ns = self.timeout_ns();
         if self.atm.is_some() {
             neighbours::request(&self.server_addrs());
         }
@@ -1773,7 +1757,7 @@ impl Daemon {
             })
             .collect();
         Some(ConnView {
-            timeout_ns: self.timeout as u64 * 1_000_000_000,
+            timeout_ns: self.timeout_ns(),
             servers: a.plane.server_of(),
             vip_of,
         })

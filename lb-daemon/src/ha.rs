@@ -408,6 +408,16 @@ impl Election {
                 .is_some_and(|t| now.duration_since(t) <= self.dead)
     }
 
+    /// Whether peer `i` is alive and may become primary.
+    pub fn can_take_over(&self, i: usize, now: Instant) -> bool {
+        self.alive(i, now) && self.peers[i].heartbeat.is_some_and(|h| h.candidate)
+    }
+
+    /// The highest-listed peer that can take over, if any.
+    pub fn successor(&self, now: Instant) -> Option<usize> {
+        (0..self.peers.len()).find(|i| self.can_take_over(*i, now))
+    }
+
     /// The live peer announcing itself primary, if any.
     pub fn primary_peer(&self, now: Instant) -> Option<usize> {
         (0..self.peers.len()).find(|i| {
@@ -550,9 +560,7 @@ impl Election {
             return None;
         }
         // The highest-listed running candidate takes it.
-        if (0..self.me)
-            .any(|i| self.alive(i, now) && self.peers[i].heartbeat.is_some_and(|h| h.candidate))
-        {
+        if (0..self.me).any(|i| self.can_take_over(i, now)) {
             return None;
         }
         let reason = if self.peers.iter().all(|p| p.last_heard.is_none()) {
@@ -572,11 +580,7 @@ impl Election {
         if self.role != Role::Primary {
             return None;
         }
-        let to = to.or_else(|| {
-            (0..self.peers.len()).find(|i| {
-                self.alive(*i, now) && self.peers[*i].heartbeat.is_some_and(|h| h.candidate)
-            })
-        });
+        let to = to.or_else(|| self.successor(now));
         self.role = Role::Backup;
         self.yield_to = to;
         self.stand_aside_until = Some(now + self.dead * 4);
