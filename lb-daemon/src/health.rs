@@ -137,8 +137,8 @@ pub enum Verdict {
     /// Counted; the line's health changed (`Some`) or did not.
     Counted(Option<Transition>),
     /// Not counted: this ATM is a backup that cannot judge the server from where it stands
-    /// (see [`Outcome::source`]), so it keeps the line's last state for whoever it becomes. `first`: the first such probe of the line
-    /// (to log once, not at every demotion).
+    /// (see [`Outcome::source`]), so it keeps the line's last state for whoever it becomes.
+    /// `first`: the first such probe of the line (to log once, not at every demotion).
     Unjudged { first: bool },
 }
 

@@ -75,6 +75,17 @@ impl NetNs {
     }
 
     /// Like [`NetNs::exec`], panicking with the command's stderr unless it succeeds; returns stdout.
+    /// Adds an nftables filter rule to the chain on `hook` (input or output) of table
+    /// `inet TABLE`, making both if needed; `nft delete table inet TABLE` removes them.
+    pub fn nft_filter(&self, table: &str, hook: &str, rule: &str) {
+        self.exec_ok(&["nft", &format!("add table inet {table}")]);
+        self.exec_ok(&[
+            "nft",
+            &format!("add chain inet {table} {hook} {{ type filter hook {hook} priority 0 ; }}"),
+        ]);
+        self.exec_ok(&["nft", &format!("add rule inet {table} {hook} {rule}")]);
+    }
+
     pub fn exec_ok(&self, args: &[&str]) -> String {
         let out = self.exec(args);
         if !out.status.success() {

@@ -92,6 +92,22 @@ scheduler = "maglev"
     c
 }
 
+/// Writes the cluster key (with file mode `key_mode`) and the config into the lab's
+/// directory; returns the config's path.
+fn write_config(lab: &mut Lab, method: Method, check: &str, key_mode: u32) -> PathBuf {
+    let dir = lab.dir();
+    let key = dir.join("authkey");
+    std::fs::write(&key, KEY).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(key_mode)).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(
+        &path,
+        config(method, check).replace("AUTHKEY", key.to_str().unwrap()),
+    )
+    .unwrap();
+    path
+}
+
 /// The lab, the config path, and every daemon running: servers (node role), atm1 primary,
 /// atm2 backup.
 struct Cluster {
@@ -110,16 +126,7 @@ impl Cluster {
     fn with_check(method: Method, check: &str) -> Cluster {
         let mut lab = Lab::new();
         cluster::build(&mut lab, 2, 3);
-        let dir = lab.dir();
-        let key = dir.join("authkey");
-        std::fs::write(&key, KEY).unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let path = dir.join("lb.toml");
-        std::fs::write(
-            &path,
-            config(method, check).replace("AUTHKEY", key.to_str().unwrap()),
-        )
-        .unwrap();
+        let path = write_config(&mut lab, method, check, 0o600);
         let mut nodes = Vec::new();
         for i in 1..=3 {
             let ns = cluster::server(i);
@@ -408,17 +415,8 @@ fn after_a_cut_heartbeat_path_heals_exactly_one_primary_holds_the_vip() {
     let atm2 = c.lab.ns(&cluster::atm(2));
     let mut worst = Duration::ZERO;
     for round in 1..=10 {
-        atm2.exec_ok(&["nft", "add table inet lbcut"]);
-        atm2.exec_ok(&[
-            "nft",
-            "add chain inet lbcut in { type filter hook input priority 0 ; }",
-        ]);
-        atm2.exec_ok(&[
-            "nft",
-            "add chain inet lbcut out { type filter hook output priority 0 ; }",
-        ]);
-        atm2.exec_ok(&["nft", "add rule inet lbcut in udp dport 5780 drop"]);
-        atm2.exec_ok(&["nft", "add rule inet lbcut out udp dport 5780 drop"]);
+        atm2.nft_filter("lbcut", "input", "udp dport 5780 drop");
+        atm2.nft_filter("lbcut", "output", "udp dport 5780 drop");
         let cut = Instant::now();
         while c.vip_holders() != vec![1, 2] {
             assert!(
@@ -462,16 +460,7 @@ fn after_a_cut_heartbeat_path_heals_exactly_one_primary_holds_the_vip() {
 fn an_atm_refuses_to_start_with_a_key_others_can_read() {
     let mut lab = Lab::new();
     cluster::build(&mut lab, 2, 0);
-    let dir = lab.dir();
-    let key = dir.join("authkey");
-    std::fs::write(&key, KEY).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let path = dir.join("lb.toml");
-    std::fs::write(
-        &path,
-        config(Method::Direct, NO_CHECK).replace("AUTHKEY", key.to_str().unwrap()),
-    )
-    .unwrap();
+    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 0o640);
     let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
     let status = d.wait_exit(START);
     assert!(!status.success(), "{status}");
@@ -753,15 +742,7 @@ fn a_backup_judges_nat_servers_only_when_it_can_reach_them() {
     // server that stops answering goes down on both ATMs.
     c.lab.addr(&cluster::atm(2), "eth0", "203.0.113.3/24");
     let s = c.lab.ns(&cluster::server(3));
-    s.exec_ok(&["nft", "add table inet stop"]);
-    s.exec_ok(&[
-        "nft",
-        "add chain inet stop in { type filter hook input priority 0 ; }",
-    ]);
-    s.exec_ok(&[
-        "nft",
-        "add rule inet stop in tcp dport 8080 reject with tcp reset",
-    ]);
+    s.nft_filter("stop", "input", "tcp dport 8080 reject with tcp reset");
     let limit = Duration::from_secs(3);
     c.lab.wait_for("s3 down on the backup", limit, || {
         server_state(a2, &s3_line) == "down"

@@ -72,6 +72,22 @@ fn lab(vips: &[&str]) -> Lab {
     lab
 }
 
+/// The lab most tests use: `lab(&[VIP])` and one ATM running an `http` service on the VIP
+/// with an http check of `/` on s1, s2 and s3. (The daemon drops before the lab.)
+fn http_lab() -> (Lab, Daemon) {
+    let mut lab = lab(&[cluster::VIP]);
+    let config = header()
+        + &service(
+            "http",
+            cluster::VIP,
+            80,
+            "kind = \"http\"\npath = \"/\"",
+            &[(1, ""), (2, ""), (3, "")],
+        );
+    let d = start(&mut lab, &config);
+    (lab, d)
+}
+
 fn start(lab: &mut Lab, config: &str) -> Daemon {
     let path: PathBuf = lab.dir().join("lb.toml");
     std::fs::write(&path, config).unwrap();
@@ -104,16 +120,7 @@ fn wait_state(
 
 #[test]
 fn a_stopped_server_leaves_within_fall_intervals_and_returns_after_rise() {
-    let mut lab = lab(&[cluster::VIP]);
-    let config = header()
-        + &service(
-            "http",
-            cluster::VIP,
-            80,
-            "kind = \"http\"\npath = \"/\"",
-            &[(1, ""), (2, ""), (3, "")],
-        );
-    let d = start(&mut lab, &config);
+    let (mut lab, d) = http_lab();
     assert!(
         d.log()
             .contains("Checks started: 3 server pings, 3 service checks"),
@@ -253,12 +260,7 @@ fn ping_false_keeps_a_server_up_that_drops_icmp() {
     let mut lab = lab(&[cluster::VIP]);
     for ns in ["s1", "s2"] {
         let s = lab.ns(ns);
-        s.exec_ok(&["nft", "add table inet noping"]);
-        s.exec_ok(&[
-            "nft",
-            "add chain inet noping in { type filter hook input priority 0 ; }",
-        ]);
-        s.exec_ok(&["nft", "add rule inet noping in icmp type echo-request drop"]);
+        s.nft_filter("noping", "input", "icmp type echo-request drop");
     }
     let config = header()
         + &service(
@@ -448,32 +450,16 @@ fn download_server(d: &Daemon) -> (String, String) {
 /// TCL drops a failed server's connections (unlike drain, which lets them finish).
 #[test]
 fn a_server_that_fails_its_checks_loses_its_open_connections() {
-    let mut lab = lab(&[cluster::VIP]);
-    let config = header()
-        + &service(
-            "http",
-            cluster::VIP,
-            80,
-            "kind = \"http\"\npath = \"/\"",
-            &[(1, ""), (2, ""), (3, "")],
-        );
-    let d = start(&mut lab, &config);
+    let (lab, d) = http_lab();
     let download = start_download(&lab);
     let (server, name) = download_server(&d);
     // The server still serves the client; only the ATM's probes go unanswered.
     let s = lab.ns(&name);
-    s.exec_ok(&["nft", "add table inet nocheck"]);
-    s.exec_ok(&[
-        "nft",
-        "add chain inet nocheck in { type filter hook input priority 0 ; }",
-    ]);
-    s.exec_ok(&[
-        "nft",
-        &format!(
-            "add rule inet nocheck in ip saddr {} drop",
-            cluster::atm_addr(1)
-        ),
-    ]);
+    s.nft_filter(
+        "nocheck",
+        "input",
+        &format!("ip saddr {} drop", cluster::atm_addr(1)),
+    );
     let vip = format!("{}:80", cluster::VIP);
     wait_state(&lab, &d, &server, &vip, "down", Duration::from_secs(5));
     assert!(
@@ -551,16 +537,7 @@ fn http_checks_compare_the_status_and_the_body() {
 
 #[test]
 fn drain_lets_an_open_connection_finish_while_new_ones_go_elsewhere() {
-    let mut lab = lab(&[cluster::VIP]);
-    let config = header()
-        + &service(
-            "http",
-            cluster::VIP,
-            80,
-            "kind = \"http\"\npath = \"/\"",
-            &[(1, ""), (2, ""), (3, "")],
-        );
-    let d = start(&mut lab, &config);
+    let (lab, d) = http_lab();
     let download = start_download(&lab);
     let (server, name) = download_server(&d);
     let out = d.cli_ok(&["server", "drain", "http", &name]);
