@@ -527,12 +527,8 @@ impl Daemon {
             }
             None => warn!("{} has no IPv4 address", atm.interface),
         }
-        // A key the daemon would refuse is refused before anything is attached or aliased.
-        if self.config.atms.len() > 1
-            && let Some(path) = &self.config.cluster.auth_key_file
-        {
-            ha::load_key(path).map_err(|e| anyhow!(e))?;
-        }
+        // Read (and a bad key refused) before anything is attached or aliased.
+        let key = self.cluster_key()?;
         dataplane::enable_fib_lookup()?;
         let caps = self.config.tables;
         let (dp, attached) = load_dataplane(caps, &self.interfaces(&atm.interface, local))?;
@@ -561,14 +557,34 @@ impl Daemon {
             sweeping: Arc::default(),
             settle_until_ns: 0,
         });
-        self.start_ha(index, ifindex).await?;
+        self.start_ha(index, ifindex, key).await?;
         info!("Starting as backup ATM");
         info!("Looking for a primary ATM");
         Ok(())
     }
 
     /// Sets up the election and, with other ATMs, the authenticated socket to them.
-    async fn start_ha(&mut self, index: usize, ifindex: u32) -> Result<()> {
+    /// The cluster's shared secret when there are other ATMs to talk to, with its file.
+    fn cluster_key(&self) -> Result<Option<(Vec<u8>, PathBuf)>> {
+        if self.config.atms.len() < 2 {
+            return Ok(None);
+        }
+        let path = self
+            .config
+            .cluster
+            .auth_key_file
+            .clone()
+            .ok_or_else(|| anyhow!("more than one ATM needs auth_key_file"))?;
+        let key = ha::load_key(&path).map_err(|e| anyhow!(e))?;
+        Ok(Some((key, path)))
+    }
+
+    async fn start_ha(
+        &mut self,
+        index: usize,
+        ifindex: u32,
+        key: Option<(Vec<u8>, PathBuf)>,
+    ) -> Result<()> {
         let ha_cfg = self.config.ha.clone();
         let n = self.config.atms.len();
         let peers: Vec<SocketAddr> = self
@@ -577,14 +593,7 @@ impl Daemon {
             .iter()
             .map(|a| SocketAddr::from((a.address, ha_cfg.port)))
             .collect();
-        let (key, socket) = if n > 1 {
-            let path = self
-                .config
-                .cluster
-                .auth_key_file
-                .clone()
-                .ok_or_else(|| anyhow!("more than one ATM needs auth_key_file"))?;
-            let key = ha::load_key(&path).map_err(|e| anyhow!(e))?;
+        let (key, socket) = if let Some((key, path)) = key {
             let sock = UdpSocket::bind(peers[index])
                 .await
                 .with_context(|| format!("binding the HA socket {}", peers[index]))?;
