@@ -110,15 +110,16 @@ fn main() -> ExitCode {
 }
 
 fn ask(socket: &Path, req: Request) -> Result<Response, String> {
-    // A handover answers when the connection table has gone across (and promote waits a
-    // little longer than the daemon allows it).
-    let wait = match req {
-        Request::Promote | Request::Demote => {
-            lb_daemon::daemon::HANDOVER_LIMIT + Duration::from_secs(5)
+    // Long work (a resize, a reload, a handover) is announced by the daemon every second
+    // while it lasts; silence for this long means it is stuck.
+    let wait = Duration::from_secs(10);
+    let mut said = None::<std::time::Instant>;
+    let r = control::call(socket, &req, wait, |note| {
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            eprintln!("lb-cli: lb-daemon is {note}");
+            said = Some(std::time::Instant::now());
         }
-        _ => Duration::from_secs(10),
-    };
-    let r = control::call(socket, &req, wait)?;
+    })?;
     if r.ok {
         Ok(r)
     } else {

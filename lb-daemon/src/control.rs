@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader},
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
@@ -63,7 +63,19 @@ pub struct Response {
     pub data: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Not an answer yet: the daemon is still working on the request (a resize, a reload,
+    /// a handover) and says so about every second, so the client knows to keep waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
 }
+
+/// The longest request line the daemon reads (a table write is far shorter): a client that
+/// sends more is answered with an error and disconnected, so nobody can make the daemon
+/// buffer without bound.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// How often the daemon tells a waiting client that it is still working.
+pub const PENDING_EVERY: Duration = Duration::from_secs(1);
 
 impl Response {
     pub fn text(t: impl Into<String>) -> Response {
@@ -93,8 +105,15 @@ impl Response {
 pub type Call = (Request, oneshot::Sender<Response>);
 
 /// Client side: sends one request and waits for the answer. Errors are written for the
-/// operator (daemon not running, permission denied).
-pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
+/// operator (daemon not running, permission denied). `timeout` bounds each wait for a
+/// line; while the daemon says it is still working, `on_pending` hears it and the wait
+/// goes on.
+pub fn call(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+    mut on_pending: impl FnMut(&str),
+) -> Result<Response, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
             "cannot reach lb-daemon at {}: is it running? ({e})",
@@ -114,17 +133,30 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     stream
         .write_all(line.as_bytes())
         .map_err(|e| format!("writing to {}: {e}", socket.display()))?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| format!("reading from {}: {e}", socket.display()))?;
-    if answer.is_empty() {
-        return Err(format!(
-            "lb-daemon at {} closed the connection",
-            socket.display()
-        ));
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut answer = String::new();
+        reader.read_line(&mut answer).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "lb-daemon at {} did not answer within {} s",
+                socket.display(),
+                timeout.as_secs()
+            ),
+            _ => format!("reading from {}: {e}", socket.display()),
+        })?;
+        if answer.is_empty() {
+            return Err(format!(
+                "lb-daemon at {} closed the connection",
+                socket.display()
+            ));
+        }
+        let r: Response = serde_json::from_str(&answer)
+            .map_err(|e| format!("a garbled answer from lb-daemon: {e}"))?;
+        match &r.pending {
+            Some(p) => on_pending(p),
+            None => return Ok(r),
+        }
     }
-    serde_json::from_str(&answer).map_err(|e| format!("a garbled answer from lb-daemon: {e}"))
 }
 
 /// Binds the control socket (removing a stale one), mode 0600.
@@ -151,27 +183,70 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
         let tx = tx.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut lines = TokioBufReader::new(read).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let resp = match serde_json::from_str::<Request>(&line) {
+            let mut reader = TokioBufReader::new(read);
+            loop {
+                let mut line = Vec::new();
+                match (&mut reader)
+                    .take(MAX_REQUEST as u64 + 1)
+                    .read_until(b'\n', &mut line)
+                    .await
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if line.len() > MAX_REQUEST {
+                    let msg = format!(
+                        "a request line is at most {} bytes: this one is longer",
+                        MAX_REQUEST
+                    );
+                    log::warn!("Control socket: refused a request: {msg}");
+                    let _ = send(&mut write, &Response::error(msg)).await;
+                    return;
+                }
+                let resp = match serde_json::from_slice::<Request>(&line) {
                     Ok(req) => {
-                        let (rtx, rrx) = oneshot::channel();
+                        let (rtx, mut rrx) = oneshot::channel();
                         if tx.send((req, rtx)).await.is_err() {
                             return;
                         }
-                        rrx.await
-                            .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                        let started = tokio::time::Instant::now();
+                        loop {
+                            match tokio::time::timeout(PENDING_EVERY, &mut rrx).await {
+                                Ok(r) => {
+                                    break r.unwrap_or_else(|_| {
+                                        Response::error("the daemon is shutting down")
+                                    });
+                                }
+                                Err(_) => {
+                                    let still = Response {
+                                        pending: Some(format!(
+                                            "still working ({} s so far)",
+                                            started.elapsed().as_secs()
+                                        )),
+                                        ..Default::default()
+                                    };
+                                    if send(&mut write, &still).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
                     }
                     Err(e) => Response::error(format!("not a request: {e}")),
                 };
-                let mut out = serde_json::to_string(&resp).unwrap_or_default();
-                out.push('\n');
-                if write.write_all(out.as_bytes()).await.is_err() {
+                if send(&mut write, &resp).await.is_err() {
                     return;
                 }
             }
         });
     }
+}
+
+/// Writes one response line.
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(r).unwrap_or_default();
+    out.push('\n');
+    write.write_all(out.as_bytes()).await
 }
 
 /// For threads outside the runtime (FUSE, metrics): asks the event loop and waits.

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use lb_common::{
     CONN_FIN, CONN_REPLY, CONN_RST, Connection, FlowKey, Method, SETTINGS_ACTIVE, SETTINGS_SYNC,
     Settings, Stat,
@@ -26,6 +26,9 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::{Instant, MissedTickBehavior, interval, sleep_until},
 };
+
+mod node;
+mod reload;
 
 use crate::{
     addrs::{self, IfAddr, NAT_LABEL, Net, VIP_LABEL},
@@ -140,13 +143,20 @@ struct Atm {
     /// Dataplane clock until which NAT packets of unknown connections are dropped, not
     /// passed (`Settings::settle_until_ns`): set on becoming primary.
     settle_until_ns: u64,
+    /// Counts the dataplanes this ATM has had (a resize makes a new one): work on the old
+    /// one's connection table that reports late is ignored.
+    generation: u64,
 }
 
 /// The real-server side of a node.
+#[derive(Default)]
 struct Node {
     /// lb_decap, when this server is in tunnel mode for some service.
     decap: Option<Dataplane>,
+    /// The VIPs it holds on `lo`.
     vips: Vec<Ipv4Addr>,
+    /// The interface whose ARP settings were made quiet for the VIPs, once done.
+    arp_quiet: Option<String>,
 }
 
 struct Daemon {
@@ -170,6 +180,17 @@ struct Daemon {
     health: HashMap<crate::services::LineKey, LineHealth>,
     /// Where the outbox reports marks reached (the end of a table transfer).
     marks_tx: mpsc::UnboundedSender<(u64, bool)>,
+    /// Where work done beside the event loop (reloads, resizes) reports back.
+    jobs_tx: mpsc::UnboundedSender<reload::Job>,
+    /// A reload or resize under way: a second one is refused, not interleaved.
+    busy: Option<&'static str>,
+    /// A SIGHUP came during a reload: read the file again when it is done.
+    reload_again: bool,
+    /// A reload's writes to the dataplane, applied a few milliseconds at a time.
+    applying: Option<reload::Applying>,
+    /// Every server address, once each (for neighbour resolution): kept, not recomputed
+    /// from a config of up to 65,536 lines every sweep.
+    server_addrs: Arc<Vec<Ipv4Addr>>,
 }
 
 /// A planned handover waiting for its table transfer to be sent.
@@ -257,6 +278,7 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let (checks_tx, mut checks_rx) = mpsc::channel::<health::Outcome>(1024);
     let (marks_tx, mut marks_rx) = mpsc::unbounded_channel::<(u64, bool)>();
+    let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<reload::Job>();
     let mut d = Daemon {
         timeout: config.cluster.timeout,
         debug: config.cluster.debug,
@@ -272,13 +294,18 @@ pub async fn run(opts: Options) -> Result<()> {
         checks_tx,
         health: HashMap::new(),
         marks_tx,
+        jobs_tx,
+        busy: None,
+        reload_again: false,
+        applying: None,
+        server_addrs: Arc::default(),
     };
     match d.role.clone() {
         Role::Atm(i) => {
             d.start_atm(i, &local).await?;
             d.start_checks();
         }
-        Role::Node(addr) => d.start_node(addr, &local).await?,
+        Role::Node(addr) => d.start_node(addr).await?,
     }
 
     // Control surfaces.
@@ -359,6 +386,10 @@ pub async fn run(opts: Options) -> Result<()> {
                     d.promote(reply).await;
                 } else if req == Request::Demote {
                     d.demote(reply).await;
+                } else if req == Request::Reload {
+                    d.begin_reload(Some(reply));
+                } else if let Some(caps) = d.config_write(&req) {
+                    d.begin_resize(caps, Some(reply));
                 } else if let Some(job) = d.table_job(&req) {
                     job.run(reply);
                 } else {
@@ -367,7 +398,8 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             Some((bytes, from)) = udp_rx.recv() => d.on_datagram(&bytes, from).await,
-            Some(outcome) = checks_rx.recv() => d.on_probe(outcome),
+            // Held back while a reload rewrites the services: they wait in the channel.
+            Some(outcome) = checks_rx.recv(), if d.applying.is_none() => d.on_probe(outcome),
             Some((mark, whole)) = marks_rx.recv() => d.on_transfer_sent(mark, whole).await,
             _ = heartbeat.tick(), if d.ha.is_some() => d.on_heartbeat_tick().await,
             _ = sync_events.tick(), if d.atm.is_some() => d.sync_tick().await,
@@ -384,10 +416,27 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = hup.recv() => {
                 info!("Received SIGHUP: re-reading {}", d.opts.config.display());
-                if let Err(e) = d.reload().await {
-                    error!("{e}");
-                }
+                d.begin_reload(None);
             }
+            Some(job) = jobs_rx.recv() => match job {
+                reload::Job::Parsed { config, reply } => d.on_parsed(config, reply).await,
+                reload::Job::Prepared { result, reply } => d.on_prepared(result, reply).await,
+                reload::Job::Drained { generation, indices, dropped } => {
+                    d.on_drained(generation, indices, dropped)
+                }
+                reload::Job::Checks { health, checks, note, addrs } => {
+                    info!("{note}");
+                    d.health = health;
+                    d.checks = Some(checks);
+                    d.server_addrs = Arc::new(addrs);
+                    // New servers must be resolved before XDP can reach them.
+                    let addrs = d.server_addrs();
+                    tokio::task::spawn_blocking(move || neighbours::request(&addrs));
+                }
+            },
+            // Always ready while a reload's writes remain: one bounded step per turn, with
+            // every other branch served in between.
+            _ = std::future::ready(()), if d.applying.is_some() => d.apply_step().await,
             _ = term.recv() => { info!("Received SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("Received SIGINT: stopping"); break; }
             _ = sweep.tick() => d.sweep(),
@@ -404,6 +453,47 @@ pub async fn run(opts: Options) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("Stopped");
     Ok(())
+}
+
+/// Health state for `config`'s lines (kept from `old` for those that remain) and probes
+/// started for them.
+fn checks_for(
+    config: &Config,
+    mut old: HashMap<crate::services::LineKey, LineHealth>,
+    tx: &mpsc::Sender<health::Outcome>,
+) -> (
+    HashMap<crate::services::LineKey, LineHealth>,
+    Checks,
+    String,
+) {
+    let mut keep = HashMap::new();
+    for s in &config.services {
+        let k = svc_key(s);
+        for v in &s.servers {
+            let line = (k, v.address, v.port);
+            let h = match old.remove(&line) {
+                Some(mut h) => {
+                    h.set_limits(s.check.rise, s.check.fall);
+                    h
+                }
+                None => LineHealth::new(s.check.rise, s.check.fall),
+            };
+            keep.insert(line, h);
+        }
+    }
+    let (checks, note) = Checks::start(config, tx.clone());
+    (keep, checks, note)
+}
+
+/// Every server address of `config`, once each.
+fn server_addrs(config: &Config) -> Vec<Ipv4Addr> {
+    config
+        .services
+        .iter()
+        .flat_map(|s| s.servers.iter().map(|v| v.address))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// Warns when the kernel's ephemeral ports overlap the NAT ports: the replies to this ATM's
@@ -556,6 +646,7 @@ impl Daemon {
             grace_until: None,
             sweeping: Arc::default(),
             settle_until_ns: 0,
+            generation: 0,
         });
         self.start_ha(index, ifindex, key).await?;
         info!("Starting as backup ATM");
@@ -687,15 +778,9 @@ impl Daemon {
             .unwrap_or_else(|| main.to_string())
     }
 
-    /// Every server address of the config.
-    fn server_addrs(&self) -> Vec<Ipv4Addr> {
-        self.config
-            .services
-            .iter()
-            .flat_map(|s| s.servers.iter().map(|v| v.address))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect()
+    /// Every server address of the config (kept from the last reload).
+    fn server_addrs(&self) -> Arc<Vec<Ipv4Addr>> {
+        self.server_addrs.clone()
     }
 
     fn vips(&self) -> Vec<Ipv4Addr> {
@@ -1174,28 +1259,39 @@ impl Daemon {
         }
     }
 
-    /// (Re)starts the probes for the config's servers; health of lines that remain is kept.
+    /// Starts the probes for the config's servers (at start-up).
     fn start_checks(&mut self) {
-        self.checks = None;
-        let mut keep = HashMap::new();
-        for s in &self.config.services {
-            let k = svc_key(s);
-            for v in &s.servers {
-                let line = (k, v.address, v.port);
-                let h = match self.health.remove(&line) {
-                    Some(mut h) => {
-                        h.set_limits(s.check.rise, s.check.fall);
-                        h
-                    }
-                    None => LineHealth::new(s.check.rise, s.check.fall),
-                };
-                keep.insert(line, h);
-            }
-        }
-        self.health = keep;
-        let (checks, note) = Checks::start(&self.config, self.checks_tx.clone());
+        let (health, checks, note) = checks_for(
+            &self.config,
+            std::mem::take(&mut self.health),
+            &self.checks_tx,
+        );
         info!("{note}");
+        self.health = health;
         self.checks = Some(checks);
+        self.server_addrs = Arc::new(server_addrs(&self.config));
+    }
+
+    /// Restarts the probes after a reload, beside the loop (a config may have 65,536
+    /// server lines); health of lines that remain is kept. Until the new probes are in
+    /// place ([`reload::Job::Checks`]), outcomes are not judged.
+    fn restart_checks(&mut self) {
+        let old = self.checks.take();
+        let health = std::mem::take(&mut self.health);
+        let config = self.config.clone();
+        let tx = self.checks_tx.clone();
+        let jobs = self.jobs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            drop(old);
+            let (health, checks, note) = checks_for(&config, health, &tx);
+            let addrs = server_addrs(&config);
+            let _ = jobs.send(reload::Job::Checks {
+                health,
+                checks,
+                note,
+                addrs,
+            });
+        });
     }
 
     /// A probe's outcome: rise/fall, and on a transition the tables change and the log says
@@ -1285,80 +1381,6 @@ impl Daemon {
         });
     }
 
-    async fn start_node(&mut self, addr: Ipv4Addr, local: &[IfAddr]) -> Result<()> {
-        info!("Running as a real server (node role) for {addr}");
-        let iface = local
-            .iter()
-            .find(|a| a.addr == addr)
-            .map(|a| a.interface().to_string())
-            .ok_or_else(|| anyhow!("no interface holds {addr}"))?;
-        for a in self.net.remove_labelled(VIP_LABEL).await? {
-            info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
-        }
-        let mut vips = BTreeSet::new();
-        let mut tunnel = false;
-        for s in &self.config.services {
-            for v in s.servers.iter().filter(|v| v.address == addr) {
-                match v.method {
-                    Method::Direct => {
-                        vips.insert(s.vip);
-                    }
-                    Method::Tunnel => {
-                        vips.insert(s.vip);
-                        tunnel = true;
-                    }
-                    Method::Nat => {}
-                }
-            }
-        }
-        let lo = addrs::ifindex("lo").ok_or_else(|| anyhow!("no lo interface"))?;
-        for vip in &vips {
-            self.net
-                .add(lo, *vip, 32, &format!("lo:{VIP_LABEL}"))
-                .await?;
-            info!("VIP {vip} configured on lo:{VIP_LABEL}");
-        }
-        if !vips.is_empty() {
-            for (k, v) in [
-                ("all", "arp_ignore=1"),
-                ("all", "arp_announce=2"),
-                (iface.as_str(), "arp_ignore=1"),
-                (iface.as_str(), "arp_announce=2"),
-            ] {
-                let (key, val) = v.split_once('=').expect("key=value");
-                let path = format!("/proc/sys/net/ipv4/conf/{k}/{key}");
-                std::fs::write(&path, val).with_context(|| format!("writing {val} to {path}"))?;
-            }
-            info!("ARP for the VIPs silenced: arp_ignore=1, arp_announce=2 on all and {iface}");
-        }
-        let mut decap = None;
-        if tunnel {
-            let mut dp = Dataplane::load(Capacities {
-                services: 1,
-                servers: 1,
-                connections: 1,
-            })?;
-            let atms: Vec<lb_common::Addr> =
-                self.config.atms.iter().map(|a| a.address.into()).collect();
-            dp.set_decap_sources(&atms)?;
-            let mode = dp.attach_decap(&iface, AttachMode::Auto)?;
-            info!(
-                "lb_decap attached to {iface} in {} mode for IPIP from {} ATMs",
-                mode.name(),
-                atms.len()
-            );
-            decap = Some(dp);
-        }
-        if vips.is_empty() && !tunnel {
-            info!("This server is NAT-only: nothing to configure");
-        }
-        self.node = Some(Node {
-            decap,
-            vips: vips.into_iter().collect(),
-        });
-        Ok(())
-    }
-
     async fn stop(&mut self) {
         if self.atm.is_some() {
             if let Err(e) = self.become_backup(false).await {
@@ -1381,141 +1403,14 @@ impl Daemon {
         }
     }
 
-    /// SIGHUP or `lb-cli reload`: applies a changed config as a diff; a bad file keeps the
-    /// running config.
-    async fn reload(&mut self) -> Result<String> {
-        let new = match config::load(&self.opts.config) {
-            Ok(c) => c,
-            Err(problems) => {
-                for p in &problems {
-                    error!("{}: {p}", self.opts.config.display());
-                }
-                bail!(
-                    "Bad configuration file: keeping the running configuration ({} problems)",
-                    problems.len()
-                );
-            }
-        };
-        let local: Vec<Ipv4Addr> = self.net.addresses().await?.iter().map(|a| a.addr).collect();
-        let (role, name) =
-            identify(&new, &local, self.opts.node.as_deref()).map_err(|e| anyhow!(e))?;
-        if role != self.role || name != self.name {
-            bail!(
-                "Reload would make this machine {name} ({role:?}) instead of {}: restart the daemon for that",
-                self.name
-            );
-        }
-        if let Role::Atm(i) = role
-            && new.atms[i].interface != self.config.atms[i].interface
-        {
-            bail!("Reload changes the ATM's interface: restart the daemon for that");
-        }
-        let old_vips = self.vips();
-        let old_nat = self.config.nat;
-        let caps_changed = new.tables != self.config.tables;
-        self.config = new;
-        self.timeout = self.config.cluster.timeout;
-        self.debug = self.config.cluster.debug;
-        let Some(atm) = self.atm.as_ref() else {
-            return Ok("Reloaded (node role: restart to change this server's VIPs)".into());
-        };
-        let primary = atm.primary;
-        if caps_changed {
-            let caps = self.config.tables;
-            self.resize(caps)?;
-            info!(
-                "Table sizes changed to {} {} {}: the maps were resized and all connections dropped",
-                caps.services, caps.servers, caps.connections
-            );
-        }
-        let a = self.atm.as_mut().expect("an ATM");
-        let changes = a.plane.apply(&mut a.dp, &self.config)?;
-        self.start_checks();
-        let settings = self.settings(primary);
-        let a = self.atm.as_mut().expect("an ATM");
-        a.dp.set_settings(&settings)?;
-        if primary {
-            let atm_if = self.config.atms[a.index].interface.clone();
-            let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow!("{atm_if} is gone"))?;
-            let new_vips = self.vips();
-            for vip in old_vips.iter().filter(|v| !new_vips.contains(v)) {
-                self.net.del(ifindex, *vip, 32).await?;
-                info!("VIP {vip} removed from {atm_if}:{VIP_LABEL}");
-            }
-            for vip in new_vips.iter().filter(|v| !old_vips.contains(v)) {
-                self.net
-                    .add(ifindex, *vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
-                    .await?;
-                info!("VIP {vip} configured on {atm_if}:{VIP_LABEL}");
-            }
-            if old_nat != self.config.nat {
-                for r in self.net.remove_labelled(NAT_LABEL).await? {
-                    info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
-                }
-                if let Some(nat) = self.config.nat {
-                    let nat_if = self.atm.as_ref().expect("an ATM").nat_interface.clone();
-                    let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
-                    self.net
-                        .add(
-                            idx,
-                            nat.gateway,
-                            nat.prefix,
-                            &format!("{nat_if}:{NAT_LABEL}"),
-                        )
-                        .await?;
-                    info!(
-                        "NAT gateway {}/{} configured on {nat_if}:{NAT_LABEL}",
-                        nat.gateway, nat.prefix
-                    );
-                }
-            }
-        }
-        // New servers must be resolved before XDP can reach them; without waiting: the
-        // heartbeats must go on.
-        neighbours::request(&self.server_addrs());
-        let msg = format!(
-            "Reloaded: {} services added, {} removed; {} server lines added, {} removed; {} connections to removed servers dropped",
-            changes.services_added,
-            changes.services_removed,
-            changes.lines_added,
-            changes.lines_removed,
-            changes.connections_dropped
-        );
-        info!("{msg}");
-        Ok(msg)
-    }
-
-    /// Reloads the dataplane with new capacities (the `config` table): every connection goes.
-    fn resize(&mut self, caps: Capacities) -> Result<()> {
-        let settings = {
-            let a = self.atm.as_ref().expect("an ATM");
-            self.settings(a.primary)
-        };
-        let a = self.atm.as_mut().expect("an ATM");
-        let ifaces: Vec<String> = a.attached.iter().map(|(i, _)| i.clone()).collect();
-        // The old programs must let go of the interfaces before the new ones attach.
-        let placeholder = Dataplane::load(Capacities {
-            services: 1,
-            servers: 1,
-            connections: 1,
-        })?;
-        drop(std::mem::replace(&mut a.dp, placeholder));
-        let (dp, attached) = load_dataplane(caps, &ifaces)?;
-        a.dp = dp;
-        a.attached = attached;
-        a.caps = caps;
-        a.plane.reinstall(&mut a.dp)?;
-        a.dp.set_settings(&settings)?;
-        Ok(())
-    }
-
     /// Deletes connection entries idle past the timeout (the LRU map would only evict them
     /// when full), and asks the kernel to resolve servers it has no MAC for (new ones after
     /// a reload, or entries it dropped): the dataplane cannot start that itself.
     fn sweep(&mut self) {
         let timeout_ns = self.timeout_ns();
         if self.atm.is_some() {
-            neighbours::request(&self.server_addrs());
+            let addrs = self.server_addrs();
+            tokio::task::spawn_blocking(move || neighbours::request(&addrs));
         }
         let Some(a) = self.atm.as_mut() else { return };
         // Beside the event loop (the table may be huge), one sweep at a time.
@@ -1566,10 +1461,7 @@ impl Daemon {
                 Ok(v) => Response::data(v),
                 Err(e) => Response::error(e),
             },
-            Request::Reload => match self.reload().await {
-                Ok(msg) => Response::text(msg),
-                Err(e) => Response::error(e.to_string()),
-            },
+            Request::Reload => unreachable!("reload answers asynchronously"),
             Request::Server {
                 action,
                 service,
@@ -1892,25 +1784,39 @@ impl Daemon {
                     }
                 )
             }
-            Write::Config(caps) => {
-                self.resize(caps).map_err(|e| e.to_string())?;
-                format!(
-                    "Table sizes set to {} {} {}: the maps were resized and all connections dropped",
-                    caps.services, caps.servers, caps.connections
-                )
-            }
+            Write::Config(_) => unreachable!("a write to config answers asynchronously"),
         };
         info!("{msg}");
         Ok(msg)
     }
 
-    fn push_settings(&mut self) -> std::result::Result<(), String> {
+    /// A write to the `config` table, checked: its new sizes (refused writes are answered
+    /// by `handle`).
+    fn config_write(&self, req: &Request) -> Option<Capacities> {
+        match req {
+            Request::Write { table, value } if table == Table::Config.name() => {
+                match tables::parse_write(Table::Config, value) {
+                    Ok(Write::Config(caps)) => Some(caps),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// The settings the dataplane should have now: forwarding while primary, or during a
+    /// planned handover's grace.
+    fn current_settings(&self) -> Settings {
         let now = Instant::now();
         let primary = self
             .atm
             .as_ref()
             .is_some_and(|a| a.primary || a.grace_until.is_some_and(|t| now < t));
-        let s = self.settings(primary);
+        self.settings(primary)
+    }
+
+    fn push_settings(&mut self) -> std::result::Result<(), String> {
+        let s = self.current_settings();
         if let Some(a) = self.atm.as_mut() {
             a.dp.set_settings(&s).map_err(|e| e.to_string())?;
         }
@@ -2281,8 +2187,10 @@ fn load_dataplane(
             "Dataplane loaded: lb_xdp attached to {i} in {} mode",
             mode.name()
         );
-        if mode == Attached::Generic {
-            warn!("{i}'s driver has no native XDP: generic mode works but is slower");
+        for (iface, why) in dp.take_fallbacks() {
+            warn!(
+                "Native XDP on {iface} was refused ({why}): generic mode works but is slower"
+            );
         }
         attached.push((i.clone(), mode));
     }

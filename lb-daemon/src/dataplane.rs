@@ -229,6 +229,8 @@ pub struct Dataplane {
     logger: Option<EbpfLogger<Box<dyn log::Log>>>,
     /// Interfaces the programs are attached to, detached on drop.
     attachments: Vec<Attachment>,
+    /// Interfaces where driver mode was refused, and the kernel's reason.
+    fallbacks: Vec<(String, String)>,
     services: HashMap<MapData, ServiceKey, Service>,
     vips: HashMap<MapData, Addr, u32>,
     vip_filter: Array<MapData, u32>,
@@ -252,6 +254,18 @@ pub struct Dataplane {
     vip_counts: StdHashMap<Addr, u32>,
     /// Services installed with [`Dataplane::install`], by id, to rebuild their rows.
     installed: StdHashMap<u32, Installed>,
+}
+
+/// The scheduler row of a service: its up servers by the service's scheduler. Pure, so it
+/// can be computed beside the event loop.
+pub fn row(spec: &ServiceSpec) -> Vec<u32> {
+    let backends: Vec<Backend> = spec
+        .servers
+        .iter()
+        .filter(|s| s.up)
+        .map(|s| Backend::new(s.index, s.addr.into(), s.port, s.weight))
+        .collect();
+    sched::table(spec.sched, &backends)
 }
 
 /// A real server of a service, as the control plane describes it.
@@ -378,6 +392,7 @@ impl Dataplane {
             sched,
             logger,
             attachments: Vec::new(),
+            fallbacks: Vec::new(),
             caps,
             ebpf,
             service_keys: HashSet::new(),
@@ -439,11 +454,29 @@ impl Dataplane {
             AttachMode::Generic => (try_mode(xdp_link::SKB_MODE, "generic")?, Attached::Generic),
             AttachMode::Auto => match try_mode(xdp_link::DRV_MODE, "driver") {
                 Ok(a) => (a, Attached::Driver),
-                Err(_) => (try_mode(xdp_link::SKB_MODE, "generic")?, Attached::Generic),
+                Err(driver) => {
+                    let a = try_mode(xdp_link::SKB_MODE, "generic")?;
+                    self.fallbacks
+                        .push((interface.to_string(), driver.to_string()));
+                    (a, Attached::Generic)
+                }
             },
         };
         self.attachments.push(a);
         Ok(mode)
+    }
+
+    /// Why the last attachments that fell back to generic mode could not be native, by
+    /// interface (the kernel's own reason), taken.
+    pub fn take_fallbacks(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.fallbacks)
+    }
+
+    /// Forgets the interfaces this dataplane's programs are attached to, without detaching
+    /// them: another dataplane's programs have replaced them there (a resize), and dropping
+    /// this one must not take those away.
+    pub fn disown_attachments(&mut self) {
+        self.attachments.clear();
     }
 
     /// Replaces the settings record (timeout, debug, active flag, local and NAT addresses).
@@ -667,19 +700,46 @@ impl Dataplane {
     /// are up, then the service record itself (so the row is complete before any packet can
     /// index it).
     pub fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), Error> {
+        self.install_row(id, spec, &row(spec))
+    }
+
+    /// [`Dataplane::install`] with the scheduler row already computed by [`row`] (beside
+    /// the event loop: a Maglev ring takes a millisecond or two).
+    pub fn install_row(&mut self, id: u32, spec: &ServiceSpec, row: &[u32]) -> Result<(), Error> {
+        self.write_servers(id, spec, 0..spec.servers.len())?;
+        self.publish_row(id, spec, row)
+    }
+
+    /// The first part of installing service `id`: server records `range` of `spec`. A
+    /// service is installed piece by piece this way (a reload bounds each piece of work on
+    /// the event loop), then published with [`Dataplane::publish_row`].
+    pub fn write_servers(
+        &mut self,
+        id: u32,
+        spec: &ServiceSpec,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), Error> {
         if let Some(s) = spec.servers.iter().find(|s| s.index >= self.caps.servers) {
             return Err(Error::Invalid(format!(
                 "server index {} is beyond the capacity of {} servers",
                 s.index, self.caps.servers
             )));
         }
-        if let Some(old) = self.installed.get(&id)
+        if id >= self.caps.services {
+            return Err(Error::Invalid(format!(
+                "service id {id} is beyond the capacity of {} services",
+                self.caps.services
+            )));
+        }
+        if range.start == 0
+            && let Some(old) = self.installed.get(&id)
             && old.spec.key() != spec.key()
         {
+            // The id served another VIP:port: that one goes before its servers change.
             let old_key = old.spec.key();
             self.remove_service(&old_key)?;
         }
-        for s in &spec.servers {
+        for s in spec.servers.get(range).unwrap_or_default() {
             let record = Server {
                 addr: s.addr.into(),
                 vip: spec.vip.into(),
@@ -694,8 +754,29 @@ impl Dataplane {
             };
             self.set_server(s.index, &record)?;
         }
+        Ok(())
+    }
+
+    /// The last part of installing service `id`: its row (from [`row`]), then its record.
+    pub fn publish_row(&mut self, id: u32, spec: &ServiceSpec, row: &[u32]) -> Result<(), Error> {
         self.installed.insert(id, Installed { spec: spec.clone() });
-        self.rebuild(id)
+        self.publish(id, row)
+    }
+
+    /// The spec service `id` was last installed with.
+    pub fn installed(&self, id: u32) -> Option<&ServiceSpec> {
+        self.installed.get(&id).map(|i| &i.spec)
+    }
+
+    /// Marks server record `index` down (a line that left with a reload): the dataplane
+    /// forwards a connection without asking `services` only while its server is up.
+    pub fn mark_down(&mut self, index: u32) -> Result<(), Error> {
+        let mut record = self.server(index)?;
+        if record.flags & SERVER_UP != 0 {
+            record.flags &= !SERVER_UP;
+            self.set_server(index, &record)?;
+        }
+        Ok(())
     }
 
     /// Marks server `pos` of service `id` up or down and sets its weight, then rebuilds the
@@ -723,30 +804,23 @@ impl Dataplane {
         record.flags = if up { SERVER_UP } else { 0 };
         record.weight = weight;
         self.set_server(index, &record)?;
-        self.rebuild(id)
+        let row = row(&self.installed[&id].spec);
+        self.publish(id, &row)
     }
 
-    /// Recomputes service `id`'s row from its servers and republishes its record.
-    fn rebuild(&mut self, id: u32) -> Result<(), Error> {
-        let inst = &self.installed[&id];
-        let backends: Vec<Backend> = inst
-            .spec
-            .servers
-            .iter()
-            .filter(|s| s.up)
-            .map(|s| Backend::new(s.index, s.addr.into(), s.port, s.weight))
-            .collect();
-        let table = sched::table(inst.spec.sched, &backends);
-        let key = inst.spec.key();
+    /// Writes service `id`'s row, then republishes its record with the row's length.
+    fn publish(&mut self, id: u32, row: &[u32]) -> Result<(), Error> {
+        let spec = &self.installed[&id].spec;
+        let key = spec.key();
         let record = Service {
             id,
-            table_len: table.len() as u32,
-            persistence_s: inst.spec.persistence_s,
-            sched: inst.spec.sched as u8,
+            table_len: row.len() as u32,
+            persistence_s: spec.persistence_s,
+            sched: spec.sched as u8,
             flags: 0,
             _pad: [0; 2],
         };
-        self.set_table(id, &table)?;
+        self.set_table(id, row)?;
         self.set_service(key, record)
     }
 

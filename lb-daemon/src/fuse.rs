@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     control::{Call, Request, ask_blocking},
-    tables::Table,
+    tables::{MAX_WRITE, Table},
 };
 
 /// A mounted table directory; unmounted when dropped.
@@ -210,7 +210,7 @@ impl Filesystem for Tables {
         _req: &FuseRequest,
         ino: INodeNo,
         _fh: FileHandle,
-        _offset: u64,
+        offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
@@ -221,6 +221,18 @@ impl Filesystem for Tables {
             reply.error(Errno::EISDIR);
             return;
         };
+        // A value comes whole in one write (`echo 100 > timeout`). The kernel splits a big
+        // write into pieces; applying the first piece alone would apply part of a value.
+        if offset != 0 || data.len() > MAX_WRITE {
+            log::warn!(
+                "Refused write to {}: {} bytes at offset {offset}; a table takes one value \
+                 of at most {MAX_WRITE} bytes in a single write",
+                t.name(),
+                data.len()
+            );
+            reply.error(Errno::EINVAL);
+            return;
+        }
         let Ok(value) = std::str::from_utf8(data) else {
             reply.error(Errno::EINVAL);
             return;

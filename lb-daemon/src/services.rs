@@ -11,7 +11,7 @@ use lb_common::{Addr, Method};
 
 use crate::{
     config::{Config, ServiceCfg},
-    dataplane::{self, Dataplane, ServerSpec, ServiceSpec},
+    dataplane::{self, Capacities, Dataplane, ServerSpec, ServiceSpec},
     tables::{ServerLine, ServiceLine},
 };
 
@@ -61,13 +61,30 @@ pub struct Changes {
     pub connections_dropped: usize,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Plane {
     ids: HashMap<SvcKey, u32>,
     indices: HashMap<LineKey, u32>,
     states: HashMap<LineKey, LineState>,
     /// The services as last applied, in config order.
     services: Vec<ServiceCfg>,
+    /// Indices of server lines that left with a reload and whose connection entries are
+    /// still being dropped beside the event loop: not handed out again until that is done,
+    /// or a new line would inherit the old one's connections.
+    draining: HashSet<u32>,
+    /// Lines whose state changed while a reload or resize is worked out from a copy.
+    journal: Option<Vec<LineKey>>,
+}
+
+/// What taking a new config will do, worked out without touching the dataplane.
+pub struct Plan {
+    /// The plane once the config is taken.
+    pub plane: Plane,
+    /// Ids of the services that leave.
+    pub removed_services: Vec<u32>,
+    /// Indices of the server lines that leave (their connections are to be dropped).
+    pub removed_lines: Vec<u32>,
+    pub changes: Changes,
 }
 
 impl Plane {
@@ -103,13 +120,30 @@ impl Plane {
         self.state(line).admin.weight.unwrap_or(configured)
     }
 
-    /// Takes `config`'s services: keeps the ids and indices of what remains, frees those of
-    /// what left (dropping their connection entries), and programs the dataplane.
-    pub fn apply(
-        &mut self,
-        dp: &mut Dataplane,
-        config: &Config,
-    ) -> Result<Changes, dataplane::Error> {
+    /// Server line indices whose connections are still being dropped.
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+
+    /// Whether `caps` can hold the services and server lines in force, and why not.
+    pub fn fits(&self, caps: &Capacities) -> Result<(), String> {
+        let lines: usize = self.services.iter().map(|s| s.servers.len()).sum();
+        if self.services.len() > caps.services as usize || lines > caps.servers as usize {
+            return Err(format!(
+                "the running config needs {} services and {lines} servers",
+                self.services.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Works out taking `config`'s services into tables of `caps`: the ids and indices of
+    /// what remains are kept (so its connections keep flowing), what left is freed, and
+    /// what came gets the smallest free ones. Nothing is touched: the caller carries the
+    /// plan out, or drops it and nothing has changed.
+    pub fn plan(&self, config: &Config, caps: &Capacities) -> Result<Plan, String> {
+        let mut next = self.clone();
+        next.journal = None;
         let mut changes = Changes::default();
         let new_keys: HashSet<SvcKey> = config.services.iter().map(svc_key).collect();
         let new_lines: HashSet<LineKey> = config
@@ -122,69 +156,162 @@ impl Plane {
             })
             .collect();
 
-        // What left.
-        let gone_services: Vec<(SvcKey, u32)> = self
-            .ids
-            .iter()
-            .filter(|(k, _)| !new_keys.contains(k))
-            .map(|(k, id)| (*k, *id))
-            .collect();
-        for (k, id) in gone_services {
-            dp.uninstall(id)?;
-            self.ids.remove(&k);
-            changes.services_removed += 1;
-        }
-        let gone_lines: Vec<(LineKey, u32)> = self
-            .indices
-            .iter()
-            .filter(|(k, _)| !new_lines.contains(k))
-            .map(|(k, i)| (*k, *i))
-            .collect();
-        let gone_indices: HashSet<u32> = gone_lines.iter().map(|(_, i)| *i).collect();
-        for (k, _) in &gone_lines {
-            self.indices.remove(k);
-            self.states.remove(k);
-            changes.lines_removed += 1;
-        }
-        if !gone_indices.is_empty() {
-            changes.connections_dropped =
-                dp.remove_connections_where(|c| gone_indices.contains(&c.server))?;
-        }
+        let mut removed_services = Vec::new();
+        next.ids.retain(|k, id| {
+            let keep = new_keys.contains(k);
+            if !keep {
+                removed_services.push(*id);
+            }
+            keep
+        });
+        changes.services_removed = removed_services.len();
+        let mut removed_lines = Vec::new();
+        next.indices.retain(|k, i| {
+            let keep = new_lines.contains(k);
+            if !keep {
+                removed_lines.push(*i);
+            }
+            keep
+        });
+        next.states.retain(|k, _| new_lines.contains(k));
+        changes.lines_removed = removed_lines.len();
+        next.draining.extend(removed_lines.iter().copied());
 
-        // What came, with the smallest free ids and indices.
-        let mut free_ids = free(self.ids.values().copied(), config.tables.services);
-        let mut free_indices = free(self.indices.values().copied(), config.tables.servers);
+        let mut free_ids = free(next.ids.values().copied(), caps.services);
+        let mut free_indices = free(
+            next.indices.values().chain(next.draining.iter()).copied(),
+            caps.servers,
+        );
+        let (in_use, draining) = (next.indices.len(), next.draining.len());
         for s in &config.services {
             let k = svc_key(s);
-            if let std::collections::hash_map::Entry::Vacant(e) = self.ids.entry(k) {
+            if let std::collections::hash_map::Entry::Vacant(e) = next.ids.entry(k) {
                 let id = free_ids.pop_first().ok_or_else(|| {
-                    dataplane::Error::Invalid("no free service id (capacity)".into())
+                    format!(
+                        "{} services do not fit the tables' {} services",
+                        config.services.len(),
+                        caps.services
+                    )
                 })?;
                 e.insert(id);
                 changes.services_added += 1;
             }
             for v in &s.servers {
                 let lk = (k, v.address, v.port);
-                if let std::collections::hash_map::Entry::Vacant(e) = self.indices.entry(lk) {
+                if let std::collections::hash_map::Entry::Vacant(e) = next.indices.entry(lk) {
                     let i = free_indices.pop_first().ok_or_else(|| {
-                        dataplane::Error::Invalid("no free server index (capacity)".into())
+                        format!(
+                            "no free server index: the tables hold {} servers ({in_use} kept, \
+                             {draining} still being drained)",
+                            caps.servers,
+                        )
                     })?;
                     e.insert(i);
                     changes.lines_added += 1;
                 }
             }
         }
-        self.services = config.services.clone();
-        for s in &config.services {
-            self.install(dp, s)?;
+        if let Some(i) = next
+            .ids
+            .values()
+            .find(|i| **i >= caps.services)
+            .or_else(|| next.indices.values().find(|i| **i >= caps.servers))
+        {
+            return Err(format!(
+                "id or index {i} is beyond the tables ({} services, {} servers)",
+                caps.services, caps.servers
+            ));
         }
-        Ok(changes)
+        next.services = config.services.clone();
+        Ok(Plan {
+            plane: next,
+            removed_services,
+            removed_lines,
+            changes,
+        })
     }
 
-    /// Programs one service as the plane has it now.
-    fn install(&self, dp: &mut Dataplane, s: &ServiceCfg) -> Result<(), dataplane::Error> {
+    /// The same services and states numbered afresh from 0 in config order, for a new,
+    /// empty dataplane (a resize): ids and indices fit any tables that hold them, and none
+    /// is draining, since a new dataplane has no connections.
+    pub fn compact(&self) -> Plane {
+        let mut next = Plane {
+            states: self.states.clone(),
+            services: self.services.clone(),
+            ..Plane::default()
+        };
+        let mut index = 0;
+        for (id, s) in self.services.iter().enumerate() {
+            let k = svc_key(s);
+            next.ids.insert(k, id as u32);
+            for v in &s.servers {
+                next.indices.insert((k, v.address, v.port), index);
+                index += 1;
+            }
+        }
+        next
+    }
+
+    /// Takes the health and operator state of `running`'s `lines` that are also here: they
+    /// changed while a reload or resize was being worked out from an older copy.
+    pub fn keep_states_of(&mut self, running: &Plane, lines: &[LineKey]) {
+        for line in lines {
+            if self.indices.contains_key(line) {
+                self.states.insert(*line, running.state(line));
+            }
+        }
+    }
+
+    /// From now on, remember which lines change state (see [`Plane::take_journal`]).
+    pub fn start_journal(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    pub fn stop_journal(&mut self) {
+        self.journal = None;
+    }
+
+    /// The lines whose state changed since [`Plane::start_journal`].
+    pub fn take_journal(&mut self) -> Vec<LineKey> {
+        self.journal.take().unwrap_or_default()
+    }
+
+    /// Lines whose connections have been dropped: their indices may be handed out again.
+    pub fn drained(&mut self, indices: &[u32]) {
+        for i in indices {
+            self.draining.remove(i);
+        }
+    }
+
+    /// Takes `config`'s services on start-up and programs the dataplane.
+    pub fn apply(
+        &mut self,
+        dp: &mut Dataplane,
+        config: &Config,
+    ) -> Result<Changes, dataplane::Error> {
+        let plan = self
+            .plan(config, &dp.capacities())
+            .map_err(dataplane::Error::Invalid)?;
+        for id in &plan.removed_services {
+            dp.uninstall(*id)?;
+        }
+        *self = plan.plane;
+        self.reinstall(dp)?;
+        Ok(plan.changes)
+    }
+
+    /// Every service as it should be programmed, with its id.
+    pub fn specs(&self) -> Vec<(u32, ServiceSpec)> {
+        self.services
+            .iter()
+            .map(|s| (self.ids[&svc_key(s)], self.spec(s)))
+            .collect()
+    }
+
+    /// Service `s` as it should be programmed now.
+    pub fn spec(&self, s: &ServiceCfg) -> ServiceSpec {
         let k = svc_key(s);
-        let spec = ServiceSpec {
+        ServiceSpec {
             vip: s.vip,
             port: s.port,
             proto: s.proto,
@@ -205,8 +332,12 @@ impl Plane {
                     }
                 })
                 .collect(),
-        };
-        dp.install(self.ids[&k], &spec)
+        }
+    }
+
+    /// Programs one service as the plane has it now.
+    fn install(&self, dp: &mut Dataplane, s: &ServiceCfg) -> Result<(), dataplane::Error> {
+        dp.install(self.ids[&svc_key(s)], &self.spec(s))
     }
 
     /// Programs every service again (after the dataplane was reloaded).
@@ -236,6 +367,9 @@ impl Plane {
         let mut state = self.state(line);
         f(&mut state);
         self.states.insert(*line, state);
+        if let Some(j) = self.journal.as_mut() {
+            j.push(*line);
+        }
         let Some(s) = self.services.iter().find(|s| svc_key(s) == line.0).cloned() else {
             return Ok(None);
         };

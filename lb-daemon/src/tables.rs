@@ -66,8 +66,18 @@ pub enum Write {
     Timeout(u32),
 }
 
+/// The most a write to a table may carry: three numbers fit many times over, and a value
+/// is applied whole or not at all, never piece by piece.
+pub const MAX_WRITE: usize = 4096;
+
 /// Parses what was written to `table`. The error says what is wrong, for EINVAL and lb-cli.
 pub fn parse_write(table: Table, text: &str) -> Result<Write, String> {
+    if text.len() > MAX_WRITE {
+        return Err(format!(
+            "a value written to a table is at most {MAX_WRITE} bytes, not {}",
+            text.len()
+        ));
+    }
     let fields: Vec<&str> = text.split_whitespace().collect();
     let number = |s: &str, what: &str| -> Result<i64, String> {
         s.parse::<i64>()

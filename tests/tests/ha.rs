@@ -550,6 +550,7 @@ fn rejected(d: &Daemon) -> serde_json::Value {
         &d.socket,
         &lb_daemon::control::Request::Status,
         Duration::from_secs(5),
+        |_| {},
     )
     .unwrap();
     data.data.unwrap()["rejected"].clone()

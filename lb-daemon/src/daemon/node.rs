@@ -1,0 +1,130 @@
+//! The node role: a real server sets itself up for the forwarding methods the config gives
+//! it, as TCL's nodes do. Direct and tunnel: the VIP on `lo` (label `lo:cs0`) and no ARP
+//! answers for it (`arp_ignore=1`, `arp_announce=2`, today's form of TCL's `hidden` flag);
+//! tunnel also: lb_decap on the interface, accepting IPIP from the config's ATMs. NAT-only
+//! servers need nothing. A reload brings the same in line with the new file.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::{Context, Result, anyhow};
+use lb_common::Method;
+use log::info;
+
+use super::{Daemon, Node};
+use crate::{
+    addrs::{self, VIP_LABEL},
+    config::Config,
+    dataplane::{AttachMode, Capacities, Dataplane},
+};
+
+/// The VIPs a node holds on `lo`, and whether it decapsulates IPIP.
+fn wants(config: &Config, addr: Ipv4Addr) -> (BTreeSet<Ipv4Addr>, bool) {
+    let mut vips = BTreeSet::new();
+    let mut tunnel = false;
+    for s in &config.services {
+        for v in s.servers.iter().filter(|v| v.address == addr) {
+            match v.method {
+                Method::Direct => {
+                    vips.insert(s.vip);
+                }
+                Method::Tunnel => {
+                    vips.insert(s.vip);
+                    tunnel = true;
+                }
+                Method::Nat => {}
+            }
+        }
+    }
+    (vips, tunnel)
+}
+
+impl Daemon {
+    pub(super) async fn start_node(&mut self, addr: Ipv4Addr) -> Result<()> {
+        info!("Running as a real server (node role) for {addr}");
+        for a in self.net.remove_labelled(VIP_LABEL).await? {
+            info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
+        }
+        self.node = Some(Node::default());
+        let summary = self.apply_node(addr).await?;
+        if summary.is_empty() {
+            info!("This server is NAT-only: nothing to configure");
+        }
+        Ok(())
+    }
+
+    /// Brings the node in line with the config: returns what changed, each also logged.
+    pub(super) async fn apply_node(&mut self, addr: Ipv4Addr) -> Result<String> {
+        let iface = self
+            .net
+            .addresses()
+            .await
+            .context("listing local addresses")?
+            .iter()
+            .find(|a| a.addr == addr)
+            .map(|a| a.interface().to_string())
+            .ok_or_else(|| anyhow!("no interface holds {addr}"))?;
+        let (vips, tunnel) = wants(&self.config, addr);
+        let atms: Vec<lb_common::Addr> =
+            self.config.atms.iter().map(|a| a.address.into()).collect();
+        let node = self.node.as_mut().ok_or_else(|| anyhow!("not a node"))?;
+        let lo = addrs::ifindex("lo").ok_or_else(|| anyhow!("no lo interface"))?;
+        let mut changed = Vec::new();
+        for vip in node.vips.iter().filter(|v| !vips.contains(v)) {
+            self.net.del(lo, *vip, 32).await?;
+            changed.push(format!("VIP {vip} removed from lo:{VIP_LABEL}"));
+        }
+        for vip in vips.iter().filter(|v| !node.vips.contains(v)) {
+            self.net
+                .add(lo, *vip, 32, &format!("lo:{VIP_LABEL}"))
+                .await?;
+            changed.push(format!("VIP {vip} configured on lo:{VIP_LABEL}"));
+        }
+        node.vips = vips.iter().copied().collect();
+        if !vips.is_empty() && node.arp_quiet.as_deref() != Some(iface.as_str()) {
+            for (k, v) in [
+                ("all", "arp_ignore=1"),
+                ("all", "arp_announce=2"),
+                (iface.as_str(), "arp_ignore=1"),
+                (iface.as_str(), "arp_announce=2"),
+            ] {
+                let (key, val) = v.split_once('=').expect("key=value");
+                let path = format!("/proc/sys/net/ipv4/conf/{k}/{key}");
+                std::fs::write(&path, val).with_context(|| format!("writing {val} to {path}"))?;
+            }
+            node.arp_quiet = Some(iface.clone());
+            changed.push(format!(
+                "ARP for the VIPs silenced: arp_ignore=1, arp_announce=2 on all and {iface}"
+            ));
+        }
+        match (&mut node.decap, tunnel) {
+            (None, true) => {
+                let mut dp = Dataplane::load(Capacities {
+                    services: 1,
+                    servers: 1,
+                    connections: 1,
+                })?;
+                dp.set_decap_sources(&atms)?;
+                let mode = dp.attach_decap(&iface, AttachMode::Auto)?;
+                changed.push(format!(
+                    "lb_decap attached to {iface} in {} mode for IPIP from {} ATMs",
+                    mode.name(),
+                    atms.len()
+                ));
+                node.decap = Some(dp);
+            }
+            (Some(dp), true) => dp.set_decap_sources(&atms)?,
+            (Some(_), false) => {
+                // Dropping the dataplane detaches the program.
+                node.decap = None;
+                changed.push(format!(
+                    "lb_decap detached from {iface}: no tunnel service here any more"
+                ));
+            }
+            (None, false) => {}
+        }
+        for c in &changed {
+            info!("{c}");
+        }
+        Ok(changed.join("; "))
+    }
+}

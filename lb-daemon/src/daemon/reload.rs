@@ -1,0 +1,808 @@
+//! Changes to the running configuration: reloads (SIGHUP, `lb-cli reload`) and writes to the
+//! `config` table (a resize). Each either applies whole or leaves the running state as it
+//! was, and the outcome is logged.
+//!
+//! The event loop sends the heartbeats, so everything that grows with the config runs
+//! beside it: reading and checking the file, working out ids and indices, computing
+//! scheduler rows, and building a new dataplane for new table sizes (a map of 16 million
+//! connections takes seconds to create). The loop applies the result a few milliseconds at
+//! a time ([`Applying`]) or swaps the new dataplane's programs in for the old ones.
+//! Connections of server lines that left are dropped beside the loop too; their indices are
+//! not handed out again until that is done.
+
+use std::{
+    collections::VecDeque,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use log::{error, info, warn};
+use tokio::sync::oneshot;
+
+use super::{Daemon, Role, identify};
+use crate::{
+    addrs::{self, NAT_LABEL, VIP_LABEL},
+    config::{self, Config},
+    control::Response,
+    dataplane::{self, AttachMode, Attached, Capacities, Dataplane, ServiceSpec},
+    services::{Changes, Plan, Plane},
+};
+
+/// Work done beside the event loop, reporting back to it.
+pub(super) enum Job {
+    /// The config file, read and checked.
+    Parsed {
+        config: Result<Config, Vec<config::Problem>>,
+        reply: Option<oneshot::Sender<Response>>,
+    },
+    /// A reload worked out: what to write, or a new dataplane to take over.
+    Prepared {
+        result: Result<Box<Prepared>, String>,
+        reply: Option<oneshot::Sender<Response>>,
+    },
+    /// Probes restarted after a reload, with the health of the lines kept.
+    Checks {
+        health: std::collections::HashMap<crate::services::LineKey, crate::health::LineHealth>,
+        checks: crate::health::Checks,
+        note: String,
+        addrs: Vec<Ipv4Addr>,
+    },
+    /// The connection entries of server lines that left were dropped.
+    Drained {
+        generation: u64,
+        indices: Vec<u32>,
+        dropped: Result<usize, String>,
+    },
+}
+
+/// A reload or resize, ready for the loop.
+pub(super) struct Prepared {
+    /// The plane once it is done.
+    plane: Plane,
+    /// The config a reload brings in; `None` for a write to `config`.
+    reload: Option<Reload>,
+    how: How,
+}
+
+/// How the dataplane gets there.
+enum How {
+    /// The running dataplane is rewritten: services that leave, lines that leave, and the
+    /// services that change with their rows.
+    Rewrite {
+        removed_services: Vec<u32>,
+        removed_lines: Vec<u32>,
+        rows: Vec<(u32, Arc<ServiceSpec>, Vec<u32>)>,
+    },
+    /// A new dataplane (new table sizes), already programmed, replaces the running one.
+    Replace(Box<Dataplane>),
+}
+
+/// What a reload brings besides the dataplane.
+struct Reload {
+    config: Config,
+    changes: Changes,
+}
+
+/// A rewrite being applied by the loop between its other work.
+pub(super) struct Applying {
+    steps: VecDeque<Step>,
+    prepared: Prepared,
+    /// Service ids written so far (to restore them if a write fails).
+    written: Vec<u32>,
+    reply: Option<oneshot::Sender<Response>>,
+}
+
+/// One bounded piece of a rewrite.
+enum Step {
+    Uninstall(u32),
+    MarkDown(Vec<u32>),
+    /// Server records `from..to` of a service that changes.
+    Servers {
+        id: u32,
+        spec: Arc<ServiceSpec>,
+        from: usize,
+        to: usize,
+    },
+    /// The row and the service record, once its servers are written.
+    Publish {
+        id: u32,
+        spec: Arc<ServiceSpec>,
+        row: Vec<u32>,
+    },
+}
+
+/// Server records written per step: a few milliseconds of map updates.
+const SERVERS_PER_STEP: usize = 512;
+/// How long the loop spends on a rewrite before it looks at its other work again.
+const STEP_BUDGET: Duration = Duration::from_millis(5);
+
+/// Works out a reload (or, with `config` `None`, a resize to `caps`) from a copy of the
+/// running plane, beside the loop.
+fn prepare(
+    running: Plane,
+    running_caps: Capacities,
+    config: Option<Config>,
+    caps: Capacities,
+) -> Result<Prepared, String> {
+    let Some(config) = config else {
+        // A resize: the same services, numbered afresh in a new dataplane.
+        let plane = running.compact();
+        let dp = build(caps, &plane)?;
+        return Ok(Prepared {
+            plane,
+            reload: None,
+            how: How::Replace(Box::new(dp)),
+        });
+    };
+    if caps != running_caps {
+        // New tables start empty: plan with room enough for any numbering, then number
+        // afresh and check what the new sizes hold.
+        let lines: usize = config.services.iter().map(|s| s.servers.len()).sum();
+        let room = Capacities {
+            services: running_caps.services.max(caps.services) + config.services.len() as u32,
+            servers: running_caps.servers.max(caps.servers) + lines as u32,
+            connections: caps.connections,
+        };
+        let plan = running.plan(&config, &room)?;
+        let plane = plan.plane.compact();
+        plane
+            .fits(&caps)
+            .map_err(|why| why.replace("the running config needs", "the new config needs"))?;
+        let dp = build(caps, &plane)?;
+        return Ok(Prepared {
+            plane,
+            reload: Some(Reload {
+                config,
+                changes: plan.changes,
+            }),
+            how: How::Replace(Box::new(dp)),
+        });
+    }
+    let Plan {
+        plane,
+        removed_services,
+        removed_lines,
+        changes,
+    } = running.plan(&config, &caps)?;
+    let before: std::collections::HashMap<u32, ServiceSpec> = running.specs().into_iter().collect();
+    let rows = plane
+        .specs()
+        .into_iter()
+        .filter(|(id, spec)| before.get(id) != Some(spec))
+        .map(|(id, spec)| {
+            let row = dataplane::row(&spec);
+            (id, Arc::new(spec), row)
+        })
+        .collect();
+    Ok(Prepared {
+        plane,
+        reload: Some(Reload { config, changes }),
+        how: How::Rewrite {
+            removed_services,
+            removed_lines,
+            rows,
+        },
+    })
+}
+
+/// Loads a dataplane of `caps` and programs `plane`'s services into it (not attached).
+fn build(caps: Capacities, plane: &Plane) -> Result<Dataplane, String> {
+    let mut dp = Dataplane::load(caps).map_err(|e| format!("loading the dataplane: {e}"))?;
+    for (id, spec) in plane.specs() {
+        dp.install(id, &spec)
+            .map_err(|e| format!("programming the new dataplane: {e}"))?;
+    }
+    Ok(dp)
+}
+
+/// What of `new` a reload cannot apply to a running daemon: these are read once, at start.
+pub fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.cluster.name != new.cluster.name {
+        // Messages carry the name: the ATMs would stop hearing each other (a split brain)
+        // until every one had reloaded.
+        out.push("[cluster] name");
+    }
+    if old.cluster.auth_key_file != new.cluster.auth_key_file {
+        out.push("[cluster] auth_key_file");
+    }
+    if old.ha != new.ha {
+        out.push("[ha]");
+    }
+    if old.atms != new.atms {
+        out.push("the [[atm]] list");
+    }
+    if old.control != new.control {
+        out.push("[control]");
+    }
+    out
+}
+
+/// A reply to a control request, if there is one to give.
+fn answer(reply: Option<oneshot::Sender<Response>>, r: Response) {
+    if let Some(reply) = reply {
+        let _ = reply.send(r);
+    }
+}
+
+fn attach_mode(m: Attached) -> AttachMode {
+    match m {
+        Attached::Driver => AttachMode::Driver,
+        Attached::Generic => AttachMode::Generic,
+    }
+}
+
+impl Daemon {
+    /// Refuses a second reload or resize while one is under way.
+    fn refuse_if_busy(&self, reply: &mut Option<oneshot::Sender<Response>>) -> bool {
+        let Some(what) = self.busy else {
+            return false;
+        };
+        let msg = format!("a {what} is under way: try again when it is done");
+        warn!("Refused: {msg}");
+        answer(reply.take(), Response::error(msg));
+        true
+    }
+
+    /// SIGHUP or `lb-cli reload`: reads the file beside the loop (see [`Job::Parsed`]).
+    pub(super) fn begin_reload(&mut self, mut reply: Option<oneshot::Sender<Response>>) {
+        if self.busy.is_some() {
+            if reply.is_none() {
+                // A second SIGHUP: the file may have changed again since the first.
+                info!("A reload is under way: the file will be read again after it");
+                self.reload_again = true;
+                return;
+            }
+            self.refuse_if_busy(&mut reply);
+            return;
+        }
+        self.busy = Some("reload");
+        let path = self.opts.config.clone();
+        let jobs = self.jobs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let config = config::load(&path);
+            let _ = jobs.send(Job::Parsed { config, reply });
+        });
+    }
+
+    /// The file has been read: refuse it, apply it (node role), or work it out beside the
+    /// loop (see [`prepare`]).
+    pub(super) async fn on_parsed(
+        &mut self,
+        parsed: Result<Config, Vec<config::Problem>>,
+        reply: Option<oneshot::Sender<Response>>,
+    ) {
+        let new = match self.check_reload(parsed).await {
+            Ok(new) => new,
+            Err(msg) => {
+                error!("{msg}");
+                self.done(reply, Err(msg));
+                return;
+            }
+        };
+        let Some(a) = self.atm.as_mut() else {
+            let outcome = self.apply_node_config(new).await;
+            self.done(reply, outcome);
+            return;
+        };
+        // Sizes written to `config` stay until the file's own [tables] change.
+        let caps = if new.tables != self.config.tables {
+            new.tables
+        } else {
+            a.caps
+        };
+        let running = a.plane.clone();
+        a.plane.start_journal();
+        let running_caps = a.caps;
+        let jobs = self.jobs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = prepare(running, running_caps, Some(new), caps).map_err(|why| {
+                format!("Reload refused: {why} (keeping the running configuration)")
+            });
+            let _ = jobs.send(Job::Prepared {
+                result: result.map(Box::new),
+                reply,
+            });
+        });
+    }
+
+    /// A new config that a running daemon can take, or why not.
+    async fn check_reload(
+        &mut self,
+        parsed: Result<Config, Vec<config::Problem>>,
+    ) -> Result<Config, String> {
+        let file = self.opts.config.display().to_string();
+        let new = parsed.map_err(|problems| {
+            for p in &problems {
+                error!("{file}: {p}");
+            }
+            format!(
+                "Bad configuration file: keeping the running configuration ({} problems)",
+                problems.len()
+            )
+        })?;
+        let local: Vec<Ipv4Addr> = self
+            .net
+            .addresses()
+            .await
+            .map_err(|e| format!("listing local addresses: {e}"))?
+            .iter()
+            .map(|a| a.addr)
+            .collect();
+        let (role, name) = identify(&new, &local, self.opts.node.as_deref())?;
+        if role != self.role || name != self.name {
+            return Err(format!(
+                "Reload would make this machine {name} ({role:?}) instead of {}: restart the \
+                 daemon for that (keeping the running configuration)",
+                self.name
+            ));
+        }
+        let fixed = restart_only(&self.config, &new);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "Reload changes {}, which take effect only at start: restart the daemon for \
+                 that (keeping the running configuration)",
+                fixed.join(", ")
+            ));
+        }
+        Ok(new)
+    }
+
+    /// The end of a reload or resize: answers, and reads the file again if a SIGHUP came
+    /// meanwhile.
+    fn done(&mut self, reply: Option<oneshot::Sender<Response>>, outcome: Result<String, String>) {
+        self.busy = None;
+        if let Some(a) = self.atm.as_mut() {
+            a.plane.stop_journal();
+        }
+        answer(
+            reply,
+            match outcome {
+                Ok(m) => Response::text(m),
+                Err(e) => Response::error(e),
+            },
+        );
+        if std::mem::take(&mut self.reload_again) {
+            self.begin_reload(None);
+        }
+    }
+
+    /// A write to `config`: new table sizes. Refused before anything is touched if the
+    /// running services do not fit; else a new dataplane is built beside the loop and takes
+    /// over. Every connection goes, as TCL's reset does.
+    pub(super) fn begin_resize(
+        &mut self,
+        caps: Capacities,
+        mut reply: Option<oneshot::Sender<Response>>,
+    ) {
+        let what = format!("{} services, {} servers", caps.services, caps.servers);
+        let Some(a) = self.atm.as_ref() else {
+            answer(
+                reply,
+                Response::error("this is not an ATM: it has no tables to write"),
+            );
+            return;
+        };
+        if let Err(why) = a.plane.fits(&caps) {
+            let msg = format!("{what}: {why}");
+            warn!("Refused write to config: {msg}");
+            answer(reply, Response::error(msg));
+            return;
+        }
+        if self.refuse_if_busy(&mut reply) {
+            return;
+        }
+        self.busy = Some("resize");
+        info!(
+            "Resizing the tables to {} {} {}: building a new dataplane",
+            caps.services, caps.servers, caps.connections
+        );
+        let Some(a) = self.atm.as_mut() else { return };
+        let running = a.plane.clone();
+        a.plane.start_journal();
+        let running_caps = a.caps;
+        let jobs = self.jobs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = prepare(running, running_caps, None, caps);
+            let _ = jobs.send(Job::Prepared {
+                result: result.map(Box::new),
+                reply,
+            });
+        });
+    }
+
+    /// A reload or resize has been worked out: start applying it.
+    pub(super) async fn on_prepared(
+        &mut self,
+        result: Result<Box<Prepared>, String>,
+        reply: Option<oneshot::Sender<Response>>,
+    ) {
+        let what = if self.busy == Some("reload") {
+            "Reload"
+        } else {
+            "Resize"
+        };
+        let mut prepared = match result {
+            Ok(p) => *p,
+            Err(e) => {
+                let msg = if e.starts_with("Reload refused") {
+                    e
+                } else {
+                    format!("{what} failed: {e}; nothing was changed")
+                };
+                error!("{msg}");
+                self.done(reply, Err(msg));
+                return;
+            }
+        };
+        match prepared.how {
+            How::Replace(_) => {
+                let outcome = self.take_over(prepared).await;
+                if let Err(e) = &outcome {
+                    error!("{what} failed: {e}");
+                }
+                self.done(reply, outcome.map_err(|e| format!("{what} failed: {e}")));
+            }
+            How::Rewrite {
+                ref mut removed_services,
+                ref mut removed_lines,
+                ref mut rows,
+            } => {
+                let mut steps: VecDeque<Step> = std::mem::take(removed_services)
+                    .into_iter()
+                    .map(Step::Uninstall)
+                    .collect();
+                if !removed_lines.is_empty() {
+                    steps.push_back(Step::MarkDown(removed_lines.clone()));
+                }
+                for (id, spec, row) in std::mem::take(rows) {
+                    let n = spec.servers.len();
+                    for from in (0..n).step_by(SERVERS_PER_STEP) {
+                        steps.push_back(Step::Servers {
+                            id,
+                            spec: spec.clone(),
+                            from,
+                            to: (from + SERVERS_PER_STEP).min(n),
+                        });
+                    }
+                    steps.push_back(Step::Publish { id, spec, row });
+                }
+                self.applying = Some(Applying {
+                    steps,
+                    prepared,
+                    written: Vec::new(),
+                    reply,
+                });
+            }
+        }
+    }
+
+    /// Applies the next few milliseconds of a rewrite; at its end, takes the new plane and
+    /// config. A failed write restores every service as the running plane has it.
+    pub(super) async fn apply_step(&mut self) {
+        let Some(mut job) = self.applying.take() else {
+            return;
+        };
+        let Some(a) = self.atm.as_mut() else { return };
+        let started = Instant::now();
+        let mut failed = None;
+        while started.elapsed() < STEP_BUDGET {
+            let Some(step) = job.steps.pop_front() else {
+                break;
+            };
+            let r = match step {
+                Step::Uninstall(id) => {
+                    job.written.push(id);
+                    a.dp.uninstall(id)
+                }
+                Step::MarkDown(lines) => lines.iter().try_for_each(|i| a.dp.mark_down(*i)),
+                Step::Servers { id, spec, from, to } => {
+                    job.written.push(id);
+                    a.dp.write_servers(id, &spec, from..to)
+                }
+                Step::Publish { id, spec, row } => a.dp.publish_row(id, &spec, &row),
+            };
+            if let Err(e) = r {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            let restored = (|| -> Result<(), dataplane::Error> {
+                let running: std::collections::HashMap<u32, ServiceSpec> =
+                    a.plane.specs().into_iter().collect();
+                job.written.sort_unstable();
+                job.written.dedup();
+                for id in &job.written {
+                    match running.get(id) {
+                        Some(spec) => a.dp.install(*id, spec)?,
+                        None => a.dp.uninstall(*id)?,
+                    }
+                }
+                Ok(())
+            })();
+            let msg = match restored {
+                Ok(()) => format!("Reload failed: {e}; the running configuration was restored"),
+                Err(e2) => format!(
+                    "Reload failed: {e}; restoring the running configuration failed too: {e2}"
+                ),
+            };
+            error!("{msg}");
+            self.done(job.reply, Err(msg));
+            return;
+        }
+        if !job.steps.is_empty() {
+            self.applying = Some(job);
+            return;
+        }
+        // Every write is done: the new plane is in force.
+        let Applying {
+            prepared, reply, ..
+        } = job;
+        let Prepared {
+            mut plane,
+            reload,
+            how,
+        } = prepared;
+        let removed_lines = match how {
+            How::Rewrite { removed_lines, .. } => removed_lines,
+            How::Replace(_) => Vec::new(),
+        };
+        self.carry_over(&mut plane);
+        let Some(a) = self.atm.as_mut() else { return };
+        let old = std::mem::replace(&mut a.plane, plane);
+        tokio::task::spawn_blocking(move || drop(old));
+        if !removed_lines.is_empty() {
+            self.drain(removed_lines);
+        }
+        let outcome = match reload {
+            Some(r) => self.finish_reload(r.config, &r.changes, false).await,
+            None => Ok(String::new()),
+        };
+        self.done(reply, outcome);
+    }
+
+    /// Health and operator changes that came while a reload or resize was worked out from
+    /// a copy of the running plane: they are in the running plane (and dataplane); take
+    /// them into `plane` and reprogram the services they touch.
+    fn carry_over(&mut self, plane: &mut Plane) {
+        let Some(a) = self.atm.as_mut() else { return };
+        let touched = a.plane.take_journal();
+        if touched.is_empty() {
+            return;
+        }
+        plane.keep_states_of(&a.plane, &touched);
+        let services: std::collections::BTreeSet<crate::services::SvcKey> =
+            touched.iter().map(|l| l.0).collect();
+        for s in plane
+            .services()
+            .iter()
+            .filter(|s| services.contains(&crate::services::svc_key(s)))
+        {
+            let Some(id) = plane.id(&crate::services::svc_key(s)) else {
+                continue;
+            };
+            if let Err(e) = a.dp.install(id, &plane.spec(s)) {
+                error!("Reprogramming service {} after a reload: {e}", s.name);
+            }
+        }
+    }
+
+    /// Drops the connection entries of server lines that left, beside the loop; their
+    /// indices are free again once that is done ([`Job::Drained`]).
+    fn drain(&mut self, indices: Vec<u32>) {
+        let Some(a) = self.atm.as_ref() else { return };
+        let generation = a.generation;
+        let table = a.dp.conn_table();
+        let jobs = self.jobs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let gone: std::collections::HashSet<u32> = indices.iter().copied().collect();
+            let dropped = table.map_err(|e| e.to_string()).and_then(|mut t| {
+                t.remove_where(|c| gone.contains(&c.server))
+                    .map_err(|e| e.to_string())
+            });
+            let _ = jobs.send(Job::Drained {
+                generation,
+                indices,
+                dropped,
+            });
+        });
+    }
+
+    pub(super) fn on_drained(
+        &mut self,
+        generation: u64,
+        indices: Vec<u32>,
+        dropped: Result<usize, String>,
+    ) {
+        let Some(a) = self.atm.as_mut() else { return };
+        if a.generation != generation {
+            // A resize came between: that dataplane and its numbering are gone.
+            return;
+        }
+        match dropped {
+            Ok(0) => {}
+            Ok(n) => info!("{n} connections to removed servers dropped"),
+            Err(e) => {
+                // Keep the indices out of use: their connections may still be there.
+                error!("Dropping the connections of removed servers: {e}");
+                return;
+            }
+        }
+        a.plane.drained(&indices);
+    }
+
+    /// A new dataplane is ready: its programs replace the old ones on every interface, in
+    /// the same mode, or the old ones stay and nothing has changed.
+    async fn take_over(&mut self, prepared: Prepared) -> Result<String, String> {
+        let Prepared {
+            mut plane,
+            reload,
+            how: How::Replace(mut dp),
+        } = prepared
+        else {
+            return Err("not a new dataplane".into());
+        };
+        let settings = self.current_settings();
+        let Some(a) = self.atm.as_mut() else {
+            return Err("this is not an ATM".into());
+        };
+        dp.set_settings(&settings).map_err(|e| e.to_string())?;
+        let mut swapped: Vec<(String, Attached)> = Vec::new();
+        for (iface, mode) in a.attached.clone() {
+            if let Err(e) = dp.attach(&iface, attach_mode(mode)) {
+                // Put the old programs back where the new ones went.
+                for (i, m) in &swapped {
+                    if let Err(e2) = a.dp.attach(i, attach_mode(*m)) {
+                        error!("Putting the old program back on {i}: {e2}");
+                    }
+                }
+                dp.disown_attachments();
+                tokio::task::spawn_blocking(move || drop(dp));
+                return Err(format!(
+                    "attaching the new dataplane to {iface}: {e}; the running dataplane was kept"
+                ));
+            }
+            swapped.push((iface, mode));
+        }
+        // From here the new dataplane forwards.
+        let mut old = std::mem::replace(&mut a.dp, *dp);
+        old.disown_attachments();
+        a.caps = a.dp.capacities();
+        a.generation += 1;
+        // Freeing big maps takes a while: not on the loop.
+        tokio::task::spawn_blocking(move || drop(old));
+        self.carry_over(&mut plane);
+        let Some(a) = self.atm.as_mut() else {
+            return Err("this is not an ATM".into());
+        };
+        let old_plane = std::mem::replace(&mut a.plane, plane);
+        tokio::task::spawn_blocking(move || drop(old_plane));
+        let caps = a.caps;
+        let resized = format!(
+            "Table sizes set to {} {} {}: the maps were resized and all connections dropped",
+            caps.services, caps.servers, caps.connections
+        );
+        info!("{resized}");
+        match reload {
+            None => Ok(resized),
+            Some(r) => self.finish_reload(r.config, &r.changes, true).await,
+        }
+    }
+
+    /// The part of a reload after the dataplane: the config in force, timeout and debug as
+    /// the file says, checks, settings, the VIP and NAT aliases of a primary.
+    async fn finish_reload(
+        &mut self,
+        new: Config,
+        changes: &Changes,
+        resized: bool,
+    ) -> Result<String, String> {
+        let old_vips = self.vips();
+        let old_nat = self.config.nat;
+        let old = std::mem::replace(&mut self.config, new);
+        tokio::task::spawn_blocking(move || drop(old));
+        self.timeout = self.config.cluster.timeout;
+        self.debug = self.config.cluster.debug;
+        self.restart_checks();
+        if let Err(e) = self.push_settings() {
+            error!("Applying the settings after the reload: {e}");
+        }
+        if let Err(e) = self.follow_aliases(&old_vips, old_nat).await {
+            error!("Reload: {e:#}");
+        }
+        let msg = format!(
+            "Reloaded: {} services added, {} removed; {} server lines added, {} removed{}",
+            changes.services_added,
+            changes.services_removed,
+            changes.lines_added,
+            changes.lines_removed,
+            if resized {
+                "; tables resized, all connections dropped"
+            } else {
+                ""
+            }
+        );
+        info!("{msg}");
+        Ok(msg)
+    }
+
+    /// A primary's aliases follow the config: VIPs that left go, new ones come, and the NAT
+    /// gateway moves if `[nat]` changed.
+    async fn follow_aliases(
+        &mut self,
+        old_vips: &[Ipv4Addr],
+        old_nat: Option<config::Nat>,
+    ) -> anyhow::Result<()> {
+        let Some(a) = self.atm.as_ref() else {
+            return Ok(());
+        };
+        if !a.primary {
+            return Ok(());
+        }
+        let atm_if = self.config.atms[a.index].interface.clone();
+        let nat_if = a.nat_interface.clone();
+        let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow::anyhow!("{atm_if} is gone"))?;
+        let new_vips = self.vips();
+        for vip in old_vips.iter().filter(|v| !new_vips.contains(v)) {
+            self.net.del(ifindex, *vip, 32).await?;
+            info!("VIP {vip} removed from {atm_if}:{VIP_LABEL}");
+        }
+        for vip in new_vips.iter().filter(|v| !old_vips.contains(v)) {
+            self.net
+                .add(ifindex, *vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
+                .await?;
+            info!("VIP {vip} configured on {atm_if}:{VIP_LABEL}");
+        }
+        if old_nat != self.config.nat {
+            for r in self.net.remove_labelled(NAT_LABEL).await? {
+                info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
+            }
+            if let Some(nat) = self.config.nat {
+                let idx =
+                    addrs::ifindex(&nat_if).ok_or_else(|| anyhow::anyhow!("{nat_if} is gone"))?;
+                self.net
+                    .add(
+                        idx,
+                        nat.gateway,
+                        nat.prefix,
+                        &format!("{nat_if}:{NAT_LABEL}"),
+                    )
+                    .await?;
+                info!(
+                    "NAT gateway {}/{} configured on {nat_if}:{NAT_LABEL}",
+                    nat.gateway, nat.prefix
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A node's reload: its VIPs on `lo`, the ARP settings and lb_decap follow the config,
+    /// as they do at start, and the log says what changed.
+    async fn apply_node_config(&mut self, new: Config) -> Result<String, String> {
+        let Role::Node(addr) = self.role else {
+            return Err("this is not a node".into());
+        };
+        let old = std::mem::replace(&mut self.config, new);
+        self.timeout = self.config.cluster.timeout;
+        self.debug = self.config.cluster.debug;
+        match self.apply_node(addr).await {
+            Ok(changed) if changed.is_empty() => {
+                let msg = "Reloaded (node role): nothing to change here".to_string();
+                info!("{msg}");
+                Ok(msg)
+            }
+            Ok(changed) => {
+                let msg = format!("Reloaded (node role): {changed}");
+                info!("{msg}");
+                Ok(msg)
+            }
+            Err(e) => {
+                self.config = old;
+                Err(format!("Reload failed: {e:#}"))
+            }
+        }
+    }
+}
