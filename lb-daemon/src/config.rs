@@ -7,9 +7,11 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
+    fs::OpenOptions,
+    io::Read,
     net::{Ipv4Addr, SocketAddr},
     ops::{Range, RangeInclusive},
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -169,12 +171,46 @@ pub const CONNECTIONS_RANGE: RangeInclusive<i64> = 1024..=16_777_216;
 pub const TIMEOUT_RANGE: RangeInclusive<i64> = 1..=86_400;
 pub const WEIGHT_RANGE: RangeInclusive<i64> = 0..=65_535;
 
+/// The largest config file read. 65,536 server lines, the most the tables hold, take about
+/// 5-6 MB; the bound keeps `check-config /dev/zero` or a runaway generator from eating all
+/// memory before the parser says anything.
+pub const CONFIG_MAX_BYTES: u64 = 16 << 20;
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let whole = |message: String| vec![Problem { line: 0, message }];
+    let cannot = |e: std::io::Error| whole(format!("cannot read {}: {e}", path.display()));
+    // Non-blocking, so that a FIFO without a writer is refused below rather than hanging
+    // the open; reads of a regular file ignore the flag.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    // Checked on the open file, so what is read is what was checked. Devices and pipes have
+    // no size to trust (/dev/zero never ends).
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(whole(format!("{} is not a regular file", path.display())));
+    }
+    let mut bytes = Vec::new();
+    // One byte past the bound tells a file at the limit from a larger one.
+    (&mut file)
+        .take(CONFIG_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > CONFIG_MAX_BYTES {
+        return Err(whole(format!(
+            "{} is larger than {} MiB (the limit for a config file)",
+            path.display(),
+            CONFIG_MAX_BYTES >> 20
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let bad = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..bad].iter().filter(|b| **b == b'\n').count() + 1;
         vec![Problem {
-            line: 0,
-            message: format!("cannot read {}: {e}", path.display()),
+            line,
+            message: "not UTF-8 text".into(),
         }]
     })?;
     parse(&text, path.parent().unwrap_or(Path::new(".")))
@@ -1280,6 +1316,75 @@ weight = 2
                 .message
                 .contains("unknown key `weigth` in [[service.server]] (did you mean `weight`?)"),
             "{lines:?}"
+        );
+    }
+
+    /// A path of its own in the temporary directory, removed when the test ends.
+    struct TempPath(PathBuf);
+
+    impl TempPath {
+        fn new(tag: &str) -> Self {
+            let name = format!("lb-config-test-{}-{tag}", std::process::id());
+            TempPath(std::env::temp_dir().join(name))
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_whole() {
+        let f = TempPath::new("big.toml");
+        // A good config padded with a comment: only its size can be wrong.
+        let limit = CONFIG_MAX_BYTES as usize;
+        let mut text = GOOD.to_string() + "#";
+        text += &"x".repeat(limit - text.len());
+        text += "x";
+        std::fs::write(&f.0, &text).unwrap();
+        let problems = load(&f.0).unwrap_err();
+        assert_eq!(
+            problems,
+            vec![Problem {
+                line: 0,
+                message: format!(
+                    "{} is larger than 16 MiB (the limit for a config file)",
+                    f.0.display()
+                ),
+            }]
+        );
+        text.pop();
+        std::fs::write(&f.0, &text).unwrap();
+        assert!(load(&f.0).is_ok(), "a file of exactly the limit is read");
+    }
+
+    #[test]
+    fn devices_and_pipes_are_refused_without_reading_them() {
+        let problems = load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(problems[0].message, "/dev/zero is not a regular file");
+        // A FIFO with no writer would block a plain open.
+        let fifo = TempPath::new("fifo");
+        nix::unistd::mkfifo(&fifo.0, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let problems = load(&fifo.0).unwrap_err();
+        assert_eq!(
+            problems[0].message,
+            format!("{} is not a regular file", fifo.0.display())
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_reported_at_its_line() {
+        let f = TempPath::new("latin1.toml");
+        std::fs::write(&f.0, b"[cluster]\nname = \"caf\xe9\"\n").unwrap();
+        let problems = load(&f.0).unwrap_err();
+        assert_eq!(
+            problems,
+            vec![Problem {
+                line: 2,
+                message: "not UTF-8 text".into()
+            }]
         );
     }
 
