@@ -170,6 +170,10 @@ pub const SERVERS_RANGE: RangeInclusive<i64> = 1..=65_536;
 pub const CONNECTIONS_RANGE: RangeInclusive<i64> = 1024..=16_777_216;
 pub const TIMEOUT_RANGE: RangeInclusive<i64> = 1..=86_400;
 pub const WEIGHT_RANGE: RangeInclusive<i64> = 0..=65_535;
+/// The longest name (cluster, ATM, service, server), in bytes. Names go into the tables'
+/// space-separated lines and into ATM messages, whose cluster name field is 255 bytes: a
+/// longer name was cut on send and compared whole on receive.
+pub const NAME_MAX: usize = 64;
 
 /// The largest config file read. 65,536 server lines, the most the tables hold, take about
 /// 5-6 MB; the bound keeps `check-config /dev/zero` or a runaway generator from eating all
@@ -345,6 +349,37 @@ impl<'a> Tab<'a> {
             }
             v => v,
         }
+    }
+
+    /// `name`: required, 1 to `NAME_MAX` bytes, and one word. The tables print one record a
+    /// line with fields separated by spaces, so a space or a newline in a name would shift
+    /// or split a record. A bad name is reported and kept, so the checks across tables
+    /// still see its table.
+    fn name(&mut self, cx: &mut Cx) -> Option<At<String>> {
+        let n = self.req_str(cx, "name")?;
+        let long = n.v.len() > NAME_MAX;
+        if long {
+            cx.err(
+                n.line,
+                format!(
+                    "`name` is {} bytes long: names are at most {NAME_MAX} bytes",
+                    n.v.len()
+                ),
+            );
+        }
+        if n.v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            // A name over the limit can be the whole file: do not echo it.
+            let shown = if long {
+                String::new()
+            } else {
+                format!(" = {:?}", n.v)
+            };
+            cx.err(
+                n.line,
+                format!("`name`{shown} must not contain spaces or control characters"),
+            );
+        }
+        Some(n)
     }
 
     fn int(
@@ -704,7 +739,7 @@ fn service_lines(root: &dyn TableLike, cx: &Cx) -> Vec<usize> {
 
 fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> {
     let mut tab = Tab::new(t, "[cluster]", line);
-    let name = tab.req_str(cx, "name");
+    let name = tab.name(cx);
     let timeout = tab.int(cx, "timeout", TIMEOUT_RANGE, " seconds");
     let timeout_bad = t.contains_key("timeout") && timeout.is_none();
     let debug = tab.bool(cx, "debug");
@@ -904,7 +939,7 @@ fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> 
 
 fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<At<Atm>> {
     let mut tab = Tab::new(t, "[[atm]]", line);
-    let name = tab.req_str(cx, "name");
+    let name = tab.name(cx);
     let address = tab.addr(cx, "address", true);
     let interface = tab.req_str(cx, "interface");
     tab.finish(cx);
@@ -948,7 +983,7 @@ fn read_service(
 ) -> Option<ServiceCfg> {
     let mut tab = Tab::new(t, "[[service]]", line);
     let mut bad = false;
-    let name = tab.req_str(cx, "name");
+    let name = tab.name(cx);
     let vip = tab.addr(cx, "vip", true);
     let port = tab.int(cx, "port", 1..=65_535, "");
     if !t.contains_key("port") {
@@ -1031,7 +1066,7 @@ fn read_server(
     nat: Option<&Nat>,
 ) -> Option<ServerCfg> {
     let mut tab = Tab::new(t, "[[service.server]]", line);
-    let name = tab.req_str(cx, "name");
+    let name = tab.name(cx);
     let address = tab.addr(cx, "address", true);
     let port = tab.int(cx, "port", 1..=65_535, "");
     let port_bad = t.contains_key("port") && port.is_none();
@@ -1317,6 +1352,74 @@ weight = 2
                 .contains("unknown key `weigth` in [[service.server]] (did you mean `weight`?)"),
             "{lines:?}"
         );
+    }
+
+    /// The problems of GOOD with `from` replaced by `to`, as `(line, message)`.
+    fn problems_with(from: &str, to: &str) -> Vec<(usize, String)> {
+        assert!(GOOD.contains(from), "{from:?} is not in GOOD");
+        match parse(&GOOD.replacen(from, to, 1), Path::new("/")) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.into_iter().map(|p| (p.line, p.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn names_are_one_word_of_at_most_64_bytes() {
+        // toml_edit writes the name as TOML (Rust's {:?} escapes are not all TOML's).
+        let name = |n: &str| {
+            let toml = toml_edit::Value::from(n).to_string();
+            problems_with("name = \"web1\"", &format!("name = {}", toml.trim()))
+        };
+        assert_eq!(name(&"w".repeat(NAME_MAX)), vec![]);
+        assert_eq!(
+            name(&"w".repeat(NAME_MAX + 1)),
+            vec![(
+                23,
+                "`name` is 65 bytes long: names are at most 64 bytes".into()
+            )]
+        );
+        // Multi-byte characters count in bytes, as the tables and messages carry them.
+        assert_eq!(
+            name(&"é".repeat(33))[0].1,
+            "`name` is 66 bytes long: names are at most 64 bytes"
+        );
+        for bad in [
+            "web 1",
+            "web\t1",
+            "web\n1",
+            "web\u{a0}1",
+            "web\u{7f}",
+            "web\r",
+        ] {
+            assert_eq!(
+                name(bad),
+                vec![(
+                    23,
+                    format!("`name` = {bad:?} must not contain spaces or control characters")
+                )],
+            );
+        }
+        // Too long and with spaces: both said, without echoing the long name.
+        let long = "w ".repeat(40);
+        assert_eq!(
+            name(&long),
+            vec![
+                (
+                    23,
+                    "`name` is 80 bytes long: names are at most 64 bytes".into()
+                ),
+                (
+                    23,
+                    "`name` must not contain spaces or control characters".into()
+                ),
+            ]
+        );
+        // Every table's name is checked.
+        for from in ["name = \"web\"", "name = \"atm1\"", "name = \"http\""] {
+            let p = problems_with(from, "name = \"a b\"");
+            assert_eq!(p.len(), 1, "{from}: {p:?}");
+            assert!(p[0].1.contains("must not contain spaces"), "{from}: {p:?}");
+        }
     }
 
     /// A path of its own in the temporary directory, removed when the test ends.
