@@ -425,22 +425,25 @@ impl<'a> Tab<'a> {
         }
     }
 
-    fn addr(&mut self, cx: &mut Cx, key: &'static str, required: bool) -> Option<At<Ipv4Addr>> {
-        let s = if required {
-            self.req_str(cx, key)?
-        } else {
-            self.str(cx, key)?
+    /// A required address that some machine holds or answers as `role` ("a VIP", "the NAT
+    /// gateway"...): not one of the addresses no host can own.
+    fn addr(&mut self, cx: &mut Cx, key: &'static str, role: &str) -> Option<At<Ipv4Addr>> {
+        let s = self.req_str(cx, key)?;
+        let Ok(a) = s.v.parse::<Ipv4Addr>() else {
+            cx.err(
+                s.line,
+                format!("`{key}` = {:?} is not an IPv4 address", s.v),
+            );
+            return None;
         };
-        match s.v.parse::<Ipv4Addr>() {
-            Ok(a) => Some(At { v: a, line: s.line }),
-            Err(_) => {
-                cx.err(
-                    s.line,
-                    format!("`{key}` = {:?} is not an IPv4 address", s.v),
-                );
-                None
-            }
+        if let Some(what) = unusable(a) {
+            cx.err(
+                s.line,
+                format!("`{key}` = {a} is {what}: it cannot be {role}"),
+            );
+            return None;
         }
+        Some(At { v: a, line: s.line })
     }
 
     /// One of `choices` (given as `(word, value)`).
@@ -522,6 +525,22 @@ impl<'a> Tab<'a> {
                 .unwrap_or_default();
             cx.err(line, format!("unknown key `{k}` in {}{hint}", self.name));
         }
+    }
+}
+
+/// Why no machine can hold `a` (so it cannot be a VIP, a server, an ATM or the NAT
+/// gateway), if that is so.
+fn unusable(a: Ipv4Addr) -> Option<&'static str> {
+    if a.is_unspecified() {
+        Some("the unspecified address")
+    } else if a.is_broadcast() {
+        Some("the broadcast address")
+    } else if a.is_loopback() {
+        Some("a loopback address")
+    } else if a.is_multicast() {
+        Some("a multicast address")
+    } else {
+        None
     }
 }
 
@@ -791,7 +810,7 @@ fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Capacities
 fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Nat> {
     let mut tab = Tab::new(t, "[nat]", line);
     let subnet = tab.req_str(cx, "subnet");
-    let gateway = tab.addr(cx, "gateway", true);
+    let gateway = tab.addr(cx, "gateway", "the NAT gateway");
     tab.finish(cx);
     let subnet = subnet?;
     let Some((addr, prefix)) = subnet.v.split_once('/') else {
@@ -940,7 +959,7 @@ fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> 
 fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<At<Atm>> {
     let mut tab = Tab::new(t, "[[atm]]", line);
     let name = tab.name(cx);
-    let address = tab.addr(cx, "address", true);
+    let address = tab.addr(cx, "address", "an ATM's address");
     let interface = tab.req_str(cx, "interface");
     tab.finish(cx);
     if let Some(i) = &interface
@@ -984,7 +1003,7 @@ fn read_service(
     let mut tab = Tab::new(t, "[[service]]", line);
     let mut bad = false;
     let name = tab.name(cx);
-    let vip = tab.addr(cx, "vip", true);
+    let vip = tab.addr(cx, "vip", "a VIP");
     let port = tab.int(cx, "port", 1..=65_535, "");
     if !t.contains_key("port") {
         tab.missing(cx, "port");
@@ -1067,7 +1086,7 @@ fn read_server(
 ) -> Option<ServerCfg> {
     let mut tab = Tab::new(t, "[[service.server]]", line);
     let name = tab.name(cx);
-    let address = tab.addr(cx, "address", true);
+    let address = tab.addr(cx, "address", "a server's address");
     let port = tab.int(cx, "port", 1..=65_535, "");
     let port_bad = t.contains_key("port") && port.is_none();
     let weight = tab.int(cx, "weight", WEIGHT_RANGE, "");
@@ -1419,6 +1438,68 @@ weight = 2
             let p = problems_with(from, "name = \"a b\"");
             assert_eq!(p.len(), 1, "{from}: {p:?}");
             assert!(p[0].1.contains("must not contain spaces"), "{from}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_no_machine_can_hold_are_refused() {
+        let kinds = [
+            ("0.0.0.0", "the unspecified address"),
+            ("255.255.255.255", "the broadcast address"),
+            ("127.0.0.1", "a loopback address"),
+            ("127.1.2.3", "a loopback address"),
+            ("224.0.0.1", "a multicast address"),
+            ("239.255.255.250", "a multicast address"),
+        ];
+        for (from, key, line, role) in [
+            ("vip = \"192.0.2.100\"", "vip", 17, "a VIP"),
+            (
+                "address = \"192.0.2.11\"",
+                "address",
+                24,
+                "a server's address",
+            ),
+            ("address = \"192.0.2.2\"", "address", 12, "an ATM's address"),
+        ] {
+            for (a, what) in kinds {
+                assert_eq!(
+                    problems_with(from, &format!("{key} = \"{a}\"")),
+                    vec![(
+                        line,
+                        format!("`{key}` = {a} is {what}: it cannot be {role}")
+                    )],
+                );
+            }
+        }
+        // The gateway must be in its subnet, so each kind needs a subnet of its own.
+        for (subnet, a, what) in [
+            ("0.0.0.0/8", "0.0.0.0", "the unspecified address"),
+            (
+                "255.255.255.0/24",
+                "255.255.255.255",
+                "the broadcast address",
+            ),
+            ("127.0.0.0/8", "127.0.0.1", "a loopback address"),
+            ("224.0.0.0/24", "224.0.0.1", "a multicast address"),
+        ] {
+            let text = GOOD
+                .replace("203.0.113.0/24", subnet)
+                .replace("gateway = \"203.0.113.1\"", &format!("gateway = \"{a}\""));
+            let problems = parse(&text, Path::new("/")).unwrap_err();
+            assert_eq!(
+                problems[0],
+                Problem {
+                    line: 8,
+                    message: format!("`gateway` = {a} is {what}: it cannot be the NAT gateway")
+                }
+            );
+        }
+        // Addresses next to the refused ranges are fine.
+        for a in ["1.0.0.1", "126.255.255.254", "128.0.0.1", "223.255.255.254"] {
+            assert_eq!(
+                problems_with("vip = \"192.0.2.100\"", &format!("vip = \"{a}\"")),
+                vec![]
+            );
         }
     }
 
