@@ -595,21 +595,58 @@ fn close(a: &str, b: &str) -> bool {
     })
 }
 
+/// A [tables] as read, with the line each capacity was set on (its key's, else the table's),
+/// for the checks that count services and server lines against it.
+struct TablesRead {
+    caps: Capacities,
+    services_line: usize,
+    servers_line: usize,
+}
+
+/// A [nat] as read, with the lines the checks across tables point at.
+struct NatRead {
+    nat: Nat,
+    subnet_line: usize,
+    gateway_line: usize,
+}
+
+/// An [[atm]] as read: its header line for duplicates, its address line for what collides
+/// with the address.
+struct AtmRead {
+    atm: Atm,
+    line: usize,
+    address_line: usize,
+}
+
+/// A [[service]] as read, with its header and `vip` lines and each server's `address` line
+/// (in the order of `service.servers`).
+struct ServiceRead {
+    service: ServiceCfg,
+    line: usize,
+    vip_line: usize,
+    address_lines: Vec<usize>,
+}
+
 fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
     let mut top = Tab::new(root, "the file", 0);
 
-    let cluster = match top.table(cx, "cluster") {
-        Some((t, line)) => read_cluster(cx, t, line),
+    let (cluster, cluster_line) = match top.table(cx, "cluster") {
+        Some((t, line)) => (read_cluster(cx, t, line), line),
         None => {
             if !root.contains_key("cluster") {
                 cx.err(0, "the file needs a [cluster] table");
             }
-            None
+            (None, 0)
         }
     };
     let tables = match top.table(cx, "tables") {
         Some((t, line)) => read_tables(cx, t, line),
-        None => Some(Capacities::default()),
+        // Defaults: no line to point at.
+        None => Some(TablesRead {
+            caps: Capacities::default(),
+            services_line: 0,
+            servers_line: 0,
+        }),
     };
     let nat = match top.table(cx, "nat") {
         Some((t, line)) => read_nat(cx, t, line).map(Some),
@@ -636,124 +673,231 @@ fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
     if atm_tables.is_empty() && !root.contains_key("atm") {
         cx.err(0, "the file needs at least one [[atm]]");
     }
-    let atms: Vec<Option<At<Atm>>> = atm_tables
+    let atms: Vec<Option<AtmRead>> = atm_tables
         .into_iter()
         .map(|(t, line)| read_atm(cx, t, line))
         .collect();
     let service_tables = top.tables(cx, "service");
-    let nat_ref = nat.flatten();
-    let services: Vec<Option<ServiceCfg>> = service_tables
+    let nat_read = nat.as_ref().and_then(Option::as_ref);
+    let services: Vec<Option<ServiceRead>> = service_tables
         .into_iter()
-        .map(|(t, line)| read_service(cx, t, line, nat_ref.as_ref()))
+        .map(|(t, line)| read_service(cx, t, line, nat_read.map(|n| &n.nat)))
         .collect();
     top.finish(cx);
 
-    // Across tables.
-    let mut atm_names = HashMap::new();
-    let mut atm_addrs = HashMap::new();
-    for a in atms.iter().flatten() {
-        if let Some(first) = atm_names.insert(a.v.name.clone(), a.line) {
-            cx.err(
-                a.line,
-                format!("duplicate ATM name {:?} (first on line {first})", a.v.name),
-            );
-        }
-        if let Some(first) = atm_addrs.insert(a.v.address, a.line) {
-            cx.err(
-                a.line,
-                format!(
-                    "duplicate ATM address {} (first on line {first})",
-                    a.v.address
-                ),
-            );
-        }
-    }
-    let mut service_keys: HashMap<(Ipv4Addr, u16, u8), usize> = HashMap::new();
-    let mut service_names = HashMap::new();
-    let mut lines = 0usize;
-    for (s, line) in services.iter().zip(service_lines(root, cx)) {
-        let Some(s) = s else { continue };
-        lines += s.servers.len();
-        if let Some(first) = service_names.insert(s.name.clone(), line) {
-            cx.err(
-                line,
-                format!(
-                    "duplicate service name {:?} (first on line {first})",
-                    s.name
-                ),
-            );
-        }
-        if let Some(first) = service_keys.insert((s.vip, s.port, s.proto), line) {
-            cx.err(
-                line,
-                format!(
-                    "duplicate service {} {}:{} (first on line {first})",
-                    s.proto_name(),
-                    s.vip,
-                    s.port
-                ),
-            );
-        }
-        if atm_addrs.contains_key(&s.vip) {
-            cx.err(line, format!("the VIP {} is an ATM's own address", s.vip));
-        }
-    }
-    if let Some(nat) = nat_ref
-        && atms.iter().flatten().any(|a| a.v.address == nat.gateway)
-    {
-        cx.err(
-            0,
-            format!("the NAT gateway {} is an ATM's own address", nat.gateway),
-        );
-    }
-    if let Some(t) = tables {
-        let n = services.iter().flatten().count();
-        if n > t.services as usize {
-            cx.err(
-                0,
-                format!("{n} services do not fit [tables] services = {}", t.services),
-            );
-        }
-        if lines > t.servers as usize {
-            cx.err(
-                0,
-                format!(
-                    "{lines} server lines do not fit [tables] servers = {}",
-                    t.servers
-                ),
-            );
-        }
-    }
-    if atms.iter().flatten().count() > 1
-        && let Some(c) = &cluster
-        && c.auth_key_file.is_none()
-    {
-        cx.err(
-            0,
-            "more than one [[atm]] needs [cluster] auth_key_file: ATM messages are authenticated",
-        );
-    }
+    check_across(
+        cx,
+        &Across {
+            cluster: cluster.as_ref().map(|c| (c, cluster_line)),
+            tables: tables.as_ref(),
+            nat: nat_read,
+            atms: atms.iter().flatten().collect(),
+            services: services.iter().flatten().collect(),
+        },
+    );
 
     Some(Config {
         cluster: cluster?,
-        tables: tables?,
-        nat: nat?,
+        tables: tables?.caps,
+        nat: nat?.map(|n| n.nat),
         ha: ha?,
         control: control?,
         atms: atms
             .into_iter()
-            .map(|a| a.map(|a| a.v))
+            .map(|a| a.map(|a| a.atm))
             .collect::<Option<Vec<_>>>()?,
-        services: services.into_iter().collect::<Option<Vec<_>>>()?,
+        services: services
+            .into_iter()
+            .map(|s| s.map(|s| s.service))
+            .collect::<Option<Vec<_>>>()?,
     })
 }
 
-/// The header line of each [[service]], in order.
-fn service_lines(root: &dyn TableLike, cx: &Cx) -> Vec<usize> {
-    root.get("service")
-        .and_then(|i| i.as_array_of_tables())
-        .map(|a| a.iter().map(|t| cx.line(t.span())).collect())
-        .unwrap_or_default()
+/// The tables that were read without fault, for the checks between them.
+struct Across<'a> {
+    /// With the [cluster] header's line.
+    cluster: Option<(&'a Cluster, usize)>,
+    tables: Option<&'a TablesRead>,
+    nat: Option<&'a NatRead>,
+    atms: Vec<&'a AtmRead>,
+    services: Vec<&'a ServiceRead>,
+}
+
+/// The checks that compare tables with each other. Each problem goes on the line of the
+/// later or offending value and names the other's line, so both can be found.
+fn check_across(cx: &mut Cx, a: &Across) {
+    let mut atm_names = HashMap::new();
+    let mut atm_addrs: HashMap<Ipv4Addr, &AtmRead> = HashMap::new();
+    for atm in &a.atms {
+        if let Some(first) = atm_names.insert(atm.atm.name.as_str(), atm.line) {
+            cx.err(
+                atm.line,
+                format!(
+                    "duplicate ATM name {:?} (first on line {first})",
+                    atm.atm.name
+                ),
+            );
+        }
+        match atm_addrs.get(&atm.atm.address) {
+            Some(first) => cx.err(
+                atm.line,
+                format!(
+                    "duplicate ATM address {} (first on line {})",
+                    atm.atm.address, first.line
+                ),
+            ),
+            None => {
+                atm_addrs.insert(atm.atm.address, atm);
+            }
+        }
+    }
+
+    // The first server at each address, as (service, server) indices. A service with a
+    // server at its own VIP was refused where it was read and is not here, so the server
+    // found at a VIP is always another service's.
+    let mut servers_at: HashMap<Ipv4Addr, (usize, usize)> = HashMap::new();
+    for (i, s) in a.services.iter().enumerate() {
+        for (j, server) in s.service.servers.iter().enumerate() {
+            servers_at.entry(server.address).or_insert((i, j));
+        }
+    }
+
+    let mut service_keys: HashMap<(Ipv4Addr, u16, u8), usize> = HashMap::new();
+    let mut service_names = HashMap::new();
+    let mut lines = 0usize;
+    for s in &a.services {
+        let (svc, line) = (&s.service, s.line);
+        lines += svc.servers.len();
+        if let Some(first) = service_names.insert(svc.name.as_str(), line) {
+            cx.err(
+                line,
+                format!(
+                    "duplicate service name {:?} (first on line {first})",
+                    svc.name
+                ),
+            );
+        }
+        if let Some(first) = service_keys.insert((svc.vip, svc.port, svc.proto), line) {
+            cx.err(
+                line,
+                format!(
+                    "duplicate service {} {}:{} (first on line {first})",
+                    svc.proto_name(),
+                    svc.vip,
+                    svc.port
+                ),
+            );
+        }
+        if atm_addrs.contains_key(&svc.vip) {
+            cx.err(line, format!("the VIP {} is an ATM's own address", svc.vip));
+        }
+        // The NAT subnet is the servers' side: the gateway answers there, and the dataplane
+        // takes packets from it for NAT replies, not for a VIP's clients.
+        if let Some(n) = a.nat {
+            if svc.vip == n.nat.gateway {
+                cx.err(
+                    s.vip_line,
+                    format!(
+                        "the VIP {} is the NAT gateway (line {})",
+                        svc.vip, n.gateway_line
+                    ),
+                );
+            } else if n.nat.contains(svc.vip) {
+                cx.err(
+                    s.vip_line,
+                    format!(
+                        "the VIP {} is inside the NAT subnet {}/{} (line {}), which is the NAT \
+                         servers' side",
+                        svc.vip, n.nat.subnet, n.nat.prefix, n.subnet_line
+                    ),
+                );
+            }
+        }
+        // A VIP is held by the primary ATM; a server answering at it too would take its
+        // clients' packets, or be balanced to itself.
+        if let Some(&(k, j)) = servers_at.get(&svc.vip) {
+            let other = a.services[k];
+            cx.err(
+                s.vip_line,
+                format!(
+                    "the VIP {} is server {:?} of service {:?} (line {})",
+                    svc.vip,
+                    other.service.servers[j].name,
+                    other.service.name,
+                    other.address_lines[j]
+                ),
+            );
+        }
+        for (server, &address_line) in svc.servers.iter().zip(&s.address_lines) {
+            if let Some(n) = a.nat
+                && server.address == n.nat.gateway
+            {
+                cx.err(
+                    address_line,
+                    format!(
+                        "server {} is the NAT gateway (line {}): the primary ATM holds that \
+                         address",
+                        server.address, n.gateway_line
+                    ),
+                );
+            }
+            // Whatever the method, the ATM would send the server's packets to itself.
+            if let Some(atm) = atm_addrs.get(&server.address) {
+                cx.err(
+                    address_line,
+                    format!(
+                        "{} server {} is the address of ATM {:?} (line {}): an ATM cannot \
+                         balance to itself",
+                        server.method.name(),
+                        server.address,
+                        atm.atm.name,
+                        atm.address_line
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(n) = a.nat
+        && let Some(atm) = atm_addrs.get(&n.nat.gateway)
+    {
+        cx.err(
+            n.gateway_line,
+            format!(
+                "the NAT gateway {} is an ATM's own address (ATM {:?}, line {})",
+                n.nat.gateway, atm.atm.name, atm.address_line
+            ),
+        );
+    }
+    if let Some(t) = a.tables {
+        let n = a.services.len();
+        if n > t.caps.services as usize {
+            cx.err(
+                t.services_line,
+                format!(
+                    "{n} services do not fit [tables] services = {}",
+                    t.caps.services
+                ),
+            );
+        }
+        if lines > t.caps.servers as usize {
+            cx.err(
+                t.servers_line,
+                format!(
+                    "{lines} server lines do not fit [tables] servers = {}",
+                    t.caps.servers
+                ),
+            );
+        }
+    }
+    if a.atms.len() > 1
+        && let Some((c, line)) = a.cluster
+        && c.auth_key_file.is_none()
+    {
+        cx.err(
+            line,
+            "more than one [[atm]] needs [cluster] auth_key_file: ATM messages are authenticated",
+        );
+    }
 }
 
 fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> {
@@ -776,23 +920,23 @@ fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> 
     })
 }
 
-fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Capacities> {
+fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<TablesRead> {
     let mut tab = Tab::new(t, "[tables]", line);
     let d = Capacities::default();
     let mut ok = true;
     let mut get = |tab: &mut Tab, cx: &mut Cx, key, range, default: u32| {
         let present = t.contains_key(key);
         match tab.int(cx, key, range, "") {
-            Some(v) => v.v as u32,
+            Some(v) => (v.v as u32, v.line),
             None => {
                 ok &= !present;
-                default
+                (default, line)
             }
         }
     };
     let services = get(&mut tab, cx, "services", SERVICES_RANGE, d.services);
     let servers = get(&mut tab, cx, "servers", SERVERS_RANGE, d.servers);
-    let connections = get(
+    let (connections, _) = get(
         &mut tab,
         cx,
         "connections",
@@ -800,14 +944,18 @@ fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Capacities
         d.connections,
     );
     tab.finish(cx);
-    ok.then_some(Capacities {
-        services,
-        servers,
-        connections,
+    ok.then_some(TablesRead {
+        caps: Capacities {
+            services: services.0,
+            servers: servers.0,
+            connections,
+        },
+        services_line: services.1,
+        servers_line: servers.1,
     })
 }
 
-fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Nat> {
+fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
     let mut tab = Tab::new(t, "[nat]", line);
     let subnet = tab.req_str(cx, "subnet");
     let gateway = tab.addr(cx, "gateway", "the NAT gateway");
@@ -864,10 +1012,14 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Nat> {
         );
         return None;
     }
-    Some(Nat {
-        subnet: addr,
-        prefix,
-        gateway: gateway.v,
+    Some(NatRead {
+        nat: Nat {
+            subnet: addr,
+            prefix,
+            gateway: gateway.v,
+        },
+        subnet_line: subnet.line,
+        gateway_line: gateway.line,
     })
 }
 
@@ -956,7 +1108,7 @@ fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> 
     })
 }
 
-fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<At<Atm>> {
+fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<AtmRead> {
     let mut tab = Tab::new(t, "[[atm]]", line);
     let name = tab.name(cx);
     let address = tab.addr(cx, "address", "an ATM's address");
@@ -971,13 +1123,15 @@ fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<At<Atm>> {
         );
         return None;
     }
-    Some(At {
-        v: Atm {
+    let address = address?;
+    Some(AtmRead {
+        atm: Atm {
             name: name?.v,
-            address: address?.v,
+            address: address.v,
             interface: interface?.v,
         },
         line,
+        address_line: address.line,
     })
 }
 
@@ -999,7 +1153,7 @@ fn read_service(
     t: &dyn TableLike,
     line: usize,
     nat: Option<&Nat>,
-) -> Option<ServiceCfg> {
+) -> Option<ServiceRead> {
     let mut tab = Tab::new(t, "[[service]]", line);
     let mut bad = false;
     let name = tab.name(cx);
@@ -1029,11 +1183,12 @@ fn read_service(
     tab.finish(cx);
     let service_port = port.as_ref().map(|p| p.v as u16);
     let mut servers = Vec::new();
+    let mut address_lines = Vec::new();
     let mut seen_names: HashMap<String, usize> = HashMap::new();
     let mut seen_addrs: HashSet<(Ipv4Addr, u16)> = HashSet::new();
     for (st, sline) in server_tables {
         match read_server(cx, st, sline, service_port, nat) {
-            Some(s) => {
+            Some((s, address_line)) => {
                 if let Some(first) = seen_names.insert(s.name.clone(), sline) {
                     cx.err(
                         sline,
@@ -1058,6 +1213,7 @@ fn read_service(
                     bad = true;
                 }
                 servers.push(s);
+                address_lines.push(address_line);
             }
             None => bad = true,
         }
@@ -1065,15 +1221,21 @@ fn read_service(
     if bad {
         return None;
     }
-    Some(ServiceCfg {
-        name: name?.v,
-        vip: vip?.v,
-        port: service_port?,
-        proto: proto.map(|p| p.v).unwrap_or(IPPROTO_TCP),
-        scheduler: sched.map(|s| s.v).unwrap_or(Sched::Maglev),
-        persistence: persistence.map(|p| p.v as u32).unwrap_or(0),
-        check: check?,
-        servers,
+    let vip = vip?;
+    Some(ServiceRead {
+        service: ServiceCfg {
+            name: name?.v,
+            vip: vip.v,
+            port: service_port?,
+            proto: proto.map(|p| p.v).unwrap_or(IPPROTO_TCP),
+            scheduler: sched.map(|s| s.v).unwrap_or(Sched::Maglev),
+            persistence: persistence.map(|p| p.v as u32).unwrap_or(0),
+            check: check?,
+            servers,
+        },
+        line,
+        vip_line: vip.line,
+        address_lines,
     })
 }
 
@@ -1083,7 +1245,7 @@ fn read_server(
     line: usize,
     service_port: Option<u16>,
     nat: Option<&Nat>,
-) -> Option<ServerCfg> {
+) -> Option<(ServerCfg, usize)> {
     let mut tab = Tab::new(t, "[[service.server]]", line);
     let name = tab.name(cx);
     let address = tab.addr(cx, "address", "a server's address");
@@ -1141,14 +1303,17 @@ fn read_server(
             _ => {}
         }
     }
-    Some(ServerCfg {
-        name: name?.v,
-        address: address.v,
-        port: port_v,
-        weight: weight.map(|w| w.v as u32).unwrap_or(1),
-        method: m,
-        ping: ping.map(|p| p.v).unwrap_or(true),
-    })
+    Some((
+        ServerCfg {
+            name: name?.v,
+            address: address.v,
+            port: port_v,
+            weight: weight.map(|w| w.v as u32).unwrap_or(1),
+            method: m,
+            ping: ping.map(|p| p.v).unwrap_or(true),
+        },
+        address.line,
+    ))
 }
 
 const CHECK_KINDS: &[(&str, u8)] = &[
@@ -1501,6 +1666,97 @@ weight = 2
                 vec![]
             );
         }
+    }
+
+    #[test]
+    fn problems_across_tables_have_a_line() {
+        // The NAT gateway at the ATM: on the gateway's line, naming the ATM's.
+        assert_eq!(
+            problems_with("address = \"192.0.2.2\"", "address = \"203.0.113.1\""),
+            vec![(
+                8,
+                "the NAT gateway 203.0.113.1 is an ATM's own address (ATM \"atm1\", line 12)"
+                    .into()
+            )]
+        );
+        // Capacities: on the key's line, else on the [tables] header's.
+        let tables = "[tables]\nservices = 1\nservers = 1\n\n[nat]";
+        assert_eq!(
+            problems_with("[nat]", tables),
+            vec![(8, "2 server lines do not fit [tables] servers = 1".into())]
+        );
+        assert_eq!(
+            problems_with(
+                "[nat]",
+                "[tables]\nconnections = 1024\nservices = 1\n\n[nat]"
+            ),
+            vec![]
+        );
+        let text = format!("{GOOD}\n[[service]]\nname = \"b\"\nvip = \"192.0.2.101\"\nport = 80\n");
+        let tables = "[tables]\nconnections = 1024\nservices = 1\n\n[nat]";
+        let p = parse(&text.replacen("[nat]", tables, 1), Path::new("/")).unwrap_err();
+        assert_eq!(
+            (p[0].line, p[0].message.as_str()),
+            (8, "2 services do not fit [tables] services = 1")
+        );
+        let p = parse(
+            &text.replacen("[nat]", "[tables]\n\n[nat]", 1),
+            Path::new("/"),
+        );
+        assert!(p.is_ok(), "the defaults hold 2 services: {p:?}");
+        // Two ATMs without a key: on the [cluster] header.
+        let atm2 =
+            "[[atm]]\nname = \"atm2\"\naddress = \"192.0.2.3\"\ninterface = \"eth0\"\n\n[[atm]]";
+        let p = problems_with("[[atm]]", atm2);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, 2);
+    }
+
+    #[test]
+    fn a_vip_is_no_other_services_server() {
+        // web1's address is also server x of the second service: a third service's VIP at it
+        // is refused, naming the first server at it; one at y names y.
+        let two = "\n[[service]]\nname = \"two\"\nvip = \"192.0.2.101\"\nport = 80\n\
+                   [service.check]\nkind = \"none\"\n\
+                   [[service.server]]\nname = \"x\"\naddress = \"192.0.2.11\"\n\
+                   [[service.server]]\nname = \"y\"\naddress = \"192.0.2.12\"\n";
+        let three = |vip: &str| {
+            let text = format!(
+                "{GOOD}{two}\n[[service]]\nname = \"three\"\nvip = \"{vip}\"\nport = 80\n\
+                 [service.check]\nkind = \"none\"\n"
+            );
+            let line_of = |l: &str| text.lines().position(|x| x == l).unwrap() + 1;
+            let vip_line = line_of(&format!("vip = \"{vip}\""));
+            let p = parse(&text, Path::new("/")).unwrap_err();
+            (
+                p,
+                vip_line,
+                line_of("address = \"192.0.2.11\""),
+                line_of("address = \"192.0.2.12\""),
+            )
+        };
+        let (p, vip_line, web1, _) = three("192.0.2.11");
+        assert_eq!(
+            p,
+            vec![Problem {
+                line: vip_line,
+                message: format!(
+                    "the VIP 192.0.2.11 is server \"web1\" of service \"http\" (line {web1})"
+                )
+            }]
+        );
+        let (p, vip_line, _, y) = three("192.0.2.12");
+        assert_eq!(
+            p,
+            vec![Problem {
+                line: vip_line,
+                message: format!(
+                    "the VIP 192.0.2.12 is server \"y\" of service \"two\" (line {y})"
+                )
+            }]
+        );
+        // The same server address in two services is fine.
+        assert!(parse(&format!("{GOOD}{two}"), Path::new("/")).is_ok());
     }
 
     /// A path of its own in the temporary directory, removed when the test ends.
