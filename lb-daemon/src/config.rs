@@ -1101,9 +1101,38 @@ fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> 
             None
         }
     };
+    // A default has no line; None sorts first, so the later of two is the one with a line.
+    let (socket_line, mount_line) = (
+        socket.as_ref().map(|s| s.line),
+        mount.as_ref().map(|m| m.line),
+    );
+    let socket = path(cx, socket, "socket", DEFAULT_SOCKET);
+    let mount = path(cx, mount, "mount", DEFAULT_MOUNT);
+    let (socket, mount) = (socket?, mount?);
+    // One path cannot be both the socket the daemon binds and the directory FUSE mounts.
+    if socket == mount {
+        let (key, line, other, other_line) = if mount_line > socket_line {
+            ("mount", mount_line, "socket", socket_line)
+        } else {
+            ("socket", socket_line, "mount", mount_line)
+        };
+        let other_at = match other_line {
+            Some(l) => format!("line {l}"),
+            None => "its default".to_string(),
+        };
+        cx.err(
+            line.unwrap_or(0),
+            format!(
+                "`{key}` = {:?} is the same path as `{other}` ({other_at}): the control socket \
+                 and the tables' mount need a path each",
+                socket.display().to_string()
+            ),
+        );
+        return None;
+    }
     Some(Control {
-        socket: path(cx, socket, "socket", DEFAULT_SOCKET)?,
-        mount: path(cx, mount, "mount", DEFAULT_MOUNT)?,
+        socket,
+        mount,
         metrics,
     })
 }
@@ -1757,6 +1786,34 @@ weight = 2
         );
         // The same server address in two services is fine.
         assert!(parse(&format!("{GOOD}{two}"), Path::new("/")).is_ok());
+    }
+
+    #[test]
+    fn the_socket_and_the_mount_differ_even_by_default() {
+        let control = |c: &str| problems_with("[nat]", &format!("[control]\n{c}\n\n[nat]"));
+        assert_eq!(
+            control("socket = \"/run/lb/cluster\""),
+            vec![(
+                7,
+                "`socket` = \"/run/lb/cluster\" is the same path as `mount` (its default): the \
+                 control socket and the tables' mount need a path each"
+                    .into()
+            )]
+        );
+        assert_eq!(
+            control("socket = \"/run/lb/x/\"\nmount = \"/run/lb/x\""),
+            vec![(
+                8,
+                "`mount` = \"/run/lb/x/\" is the same path as `socket` (line 7): the control \
+                 socket and the tables' mount need a path each"
+                    .into()
+            )]
+        );
+        assert_eq!(control("mount = \"/run/lb/control.sock\"")[0].0, 7);
+        assert_eq!(
+            control("socket = \"/run/lb/a\"\nmount = \"/run/lb/b\""),
+            vec![]
+        );
     }
 
     /// A path of its own in the temporary directory, removed when the test ends.
