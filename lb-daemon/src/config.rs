@@ -7,9 +7,11 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
+    fs::OpenOptions,
+    io::Read,
     net::{Ipv4Addr, SocketAddr},
     ops::{Range, RangeInclusive},
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -168,13 +170,51 @@ pub const SERVERS_RANGE: RangeInclusive<i64> = 1..=65_536;
 pub const CONNECTIONS_RANGE: RangeInclusive<i64> = 1024..=16_777_216;
 pub const TIMEOUT_RANGE: RangeInclusive<i64> = 1..=86_400;
 pub const WEIGHT_RANGE: RangeInclusive<i64> = 0..=65_535;
+/// The longest name (cluster, ATM, service, server), in bytes. Names go into the tables'
+/// space-separated lines and into ATM messages, whose cluster name field is 255 bytes: a
+/// longer name was cut on send and compared whole on receive.
+pub const NAME_MAX: usize = 64;
+
+/// The largest config file read. 65,536 server lines, the most the tables hold, take about
+/// 5-6 MB; the bound keeps `check-config /dev/zero` or a runaway generator from eating all
+/// memory before the parser says anything.
+pub const CONFIG_MAX_BYTES: u64 = 16 << 20;
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let whole = |message: String| vec![Problem { line: 0, message }];
+    let cannot = |e: std::io::Error| whole(format!("cannot read {}: {e}", path.display()));
+    // Non-blocking, so that a FIFO without a writer is refused below rather than hanging
+    // the open; reads of a regular file ignore the flag.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    // Checked on the open file, so what is read is what was checked. Devices and pipes have
+    // no size to trust (/dev/zero never ends).
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(whole(format!("{} is not a regular file", path.display())));
+    }
+    let mut bytes = Vec::new();
+    // One byte past the bound tells a file at the limit from a larger one.
+    (&mut file)
+        .take(CONFIG_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > CONFIG_MAX_BYTES {
+        return Err(whole(format!(
+            "{} is larger than {} MiB (the limit for a config file)",
+            path.display(),
+            CONFIG_MAX_BYTES >> 20
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let bad = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..bad].iter().filter(|b| **b == b'\n').count() + 1;
         vec![Problem {
-            line: 0,
-            message: format!("cannot read {}: {e}", path.display()),
+            line,
+            message: "not UTF-8 text".into(),
         }]
     })?;
     parse(&text, path.parent().unwrap_or(Path::new(".")))
@@ -311,6 +351,37 @@ impl<'a> Tab<'a> {
         }
     }
 
+    /// `name`: required, 1 to `NAME_MAX` bytes, and one word. The tables print one record a
+    /// line with fields separated by spaces, so a space or a newline in a name would shift
+    /// or split a record. A bad name is reported and kept, so the checks across tables
+    /// still see its table.
+    fn name(&mut self, cx: &mut Cx) -> Option<At<String>> {
+        let n = self.req_str(cx, "name")?;
+        let long = n.v.len() > NAME_MAX;
+        if long {
+            cx.err(
+                n.line,
+                format!(
+                    "`name` is {} bytes long: names are at most {NAME_MAX} bytes",
+                    n.v.len()
+                ),
+            );
+        }
+        if n.v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            // A name over the limit can be the whole file: do not echo it.
+            let shown = if long {
+                String::new()
+            } else {
+                format!(" = {:?}", n.v)
+            };
+            cx.err(
+                n.line,
+                format!("`name`{shown} must not contain spaces or control characters"),
+            );
+        }
+        Some(n)
+    }
+
     fn int(
         &mut self,
         cx: &mut Cx,
@@ -354,22 +425,25 @@ impl<'a> Tab<'a> {
         }
     }
 
-    fn addr(&mut self, cx: &mut Cx, key: &'static str, required: bool) -> Option<At<Ipv4Addr>> {
-        let s = if required {
-            self.req_str(cx, key)?
-        } else {
-            self.str(cx, key)?
+    /// A required address that some machine holds or answers as `role` ("a VIP", "the NAT
+    /// gateway"...): not one of the addresses no host can own.
+    fn addr(&mut self, cx: &mut Cx, key: &'static str, role: &str) -> Option<At<Ipv4Addr>> {
+        let s = self.req_str(cx, key)?;
+        let Ok(a) = s.v.parse::<Ipv4Addr>() else {
+            cx.err(
+                s.line,
+                format!("`{key}` = {:?} is not an IPv4 address", s.v),
+            );
+            return None;
         };
-        match s.v.parse::<Ipv4Addr>() {
-            Ok(a) => Some(At { v: a, line: s.line }),
-            Err(_) => {
-                cx.err(
-                    s.line,
-                    format!("`{key}` = {:?} is not an IPv4 address", s.v),
-                );
-                None
-            }
+        if let Some(what) = unusable(a) {
+            cx.err(
+                s.line,
+                format!("`{key}` = {a} is {what}: it cannot be {role}"),
+            );
+            return None;
         }
+        Some(At { v: a, line: s.line })
     }
 
     /// One of `choices` (given as `(word, value)`).
@@ -454,6 +528,22 @@ impl<'a> Tab<'a> {
     }
 }
 
+/// Why no machine can hold `a` (so it cannot be a VIP, a server, an ATM or the NAT
+/// gateway), if that is so.
+fn unusable(a: Ipv4Addr) -> Option<&'static str> {
+    if a.is_unspecified() {
+        Some("the unspecified address")
+    } else if a.is_broadcast() {
+        Some("the broadcast address")
+    } else if a.is_loopback() {
+        Some("a loopback address")
+    } else if a.is_multicast() {
+        Some("a multicast address")
+    } else {
+        None
+    }
+}
+
 fn kind(item: &Item) -> &'static str {
     if item.is_array_of_tables() {
         "an array of tables"
@@ -505,21 +595,58 @@ fn close(a: &str, b: &str) -> bool {
     })
 }
 
+/// A [tables] as read, with the line each capacity was set on (its key's, else the table's),
+/// for the checks that count services and server lines against it.
+struct TablesRead {
+    caps: Capacities,
+    services_line: usize,
+    servers_line: usize,
+}
+
+/// A [nat] as read, with the lines the checks across tables point at.
+struct NatRead {
+    nat: Nat,
+    subnet_line: usize,
+    gateway_line: usize,
+}
+
+/// An [[atm]] as read: its header line for duplicates, its address line for what collides
+/// with the address.
+struct AtmRead {
+    atm: Atm,
+    line: usize,
+    address_line: usize,
+}
+
+/// A [[service]] as read, with its header and `vip` lines and each server's `address` line
+/// (in the order of `service.servers`).
+struct ServiceRead {
+    service: ServiceCfg,
+    line: usize,
+    vip_line: usize,
+    address_lines: Vec<usize>,
+}
+
 fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
     let mut top = Tab::new(root, "the file", 0);
 
-    let cluster = match top.table(cx, "cluster") {
-        Some((t, line)) => read_cluster(cx, t, line),
+    let (cluster, cluster_line) = match top.table(cx, "cluster") {
+        Some((t, line)) => (read_cluster(cx, t, line), line),
         None => {
             if !root.contains_key("cluster") {
                 cx.err(0, "the file needs a [cluster] table");
             }
-            None
+            (None, 0)
         }
     };
     let tables = match top.table(cx, "tables") {
         Some((t, line)) => read_tables(cx, t, line),
-        None => Some(Capacities::default()),
+        // Defaults: no line to point at.
+        None => Some(TablesRead {
+            caps: Capacities::default(),
+            services_line: 0,
+            servers_line: 0,
+        }),
     };
     let nat = match top.table(cx, "nat") {
         Some((t, line)) => read_nat(cx, t, line).map(Some),
@@ -546,129 +673,236 @@ fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
     if atm_tables.is_empty() && !root.contains_key("atm") {
         cx.err(0, "the file needs at least one [[atm]]");
     }
-    let atms: Vec<Option<At<Atm>>> = atm_tables
+    let atms: Vec<Option<AtmRead>> = atm_tables
         .into_iter()
         .map(|(t, line)| read_atm(cx, t, line))
         .collect();
     let service_tables = top.tables(cx, "service");
-    let nat_ref = nat.flatten();
-    let services: Vec<Option<ServiceCfg>> = service_tables
+    let nat_read = nat.as_ref().and_then(Option::as_ref);
+    let services: Vec<Option<ServiceRead>> = service_tables
         .into_iter()
-        .map(|(t, line)| read_service(cx, t, line, nat_ref.as_ref()))
+        .map(|(t, line)| read_service(cx, t, line, nat_read.map(|n| &n.nat)))
         .collect();
     top.finish(cx);
 
-    // Across tables.
-    let mut atm_names = HashMap::new();
-    let mut atm_addrs = HashMap::new();
-    for a in atms.iter().flatten() {
-        if let Some(first) = atm_names.insert(a.v.name.clone(), a.line) {
-            cx.err(
-                a.line,
-                format!("duplicate ATM name {:?} (first on line {first})", a.v.name),
-            );
-        }
-        if let Some(first) = atm_addrs.insert(a.v.address, a.line) {
-            cx.err(
-                a.line,
-                format!(
-                    "duplicate ATM address {} (first on line {first})",
-                    a.v.address
-                ),
-            );
-        }
-    }
-    let mut service_keys: HashMap<(Ipv4Addr, u16, u8), usize> = HashMap::new();
-    let mut service_names = HashMap::new();
-    let mut lines = 0usize;
-    for (s, line) in services.iter().zip(service_lines(root, cx)) {
-        let Some(s) = s else { continue };
-        lines += s.servers.len();
-        if let Some(first) = service_names.insert(s.name.clone(), line) {
-            cx.err(
-                line,
-                format!(
-                    "duplicate service name {:?} (first on line {first})",
-                    s.name
-                ),
-            );
-        }
-        if let Some(first) = service_keys.insert((s.vip, s.port, s.proto), line) {
-            cx.err(
-                line,
-                format!(
-                    "duplicate service {} {}:{} (first on line {first})",
-                    s.proto_name(),
-                    s.vip,
-                    s.port
-                ),
-            );
-        }
-        if atm_addrs.contains_key(&s.vip) {
-            cx.err(line, format!("the VIP {} is an ATM's own address", s.vip));
-        }
-    }
-    if let Some(nat) = nat_ref
-        && atms.iter().flatten().any(|a| a.v.address == nat.gateway)
-    {
-        cx.err(
-            0,
-            format!("the NAT gateway {} is an ATM's own address", nat.gateway),
-        );
-    }
-    if let Some(t) = tables {
-        let n = services.iter().flatten().count();
-        if n > t.services as usize {
-            cx.err(
-                0,
-                format!("{n} services do not fit [tables] services = {}", t.services),
-            );
-        }
-        if lines > t.servers as usize {
-            cx.err(
-                0,
-                format!(
-                    "{lines} server lines do not fit [tables] servers = {}",
-                    t.servers
-                ),
-            );
-        }
-    }
-    if atms.iter().flatten().count() > 1
-        && let Some(c) = &cluster
-        && c.auth_key_file.is_none()
-    {
-        cx.err(
-            0,
-            "more than one [[atm]] needs [cluster] auth_key_file: ATM messages are authenticated",
-        );
-    }
+    check_across(
+        cx,
+        &Across {
+            cluster: cluster.as_ref().map(|c| (c, cluster_line)),
+            tables: tables.as_ref(),
+            nat: nat_read,
+            atms: atms.iter().flatten().collect(),
+            services: services.iter().flatten().collect(),
+        },
+    );
 
     Some(Config {
         cluster: cluster?,
-        tables: tables?,
-        nat: nat?,
+        tables: tables?.caps,
+        nat: nat?.map(|n| n.nat),
         ha: ha?,
         control: control?,
         atms: atms
             .into_iter()
-            .map(|a| a.map(|a| a.v))
+            .map(|a| a.map(|a| a.atm))
             .collect::<Option<Vec<_>>>()?,
-        services: services.into_iter().collect::<Option<Vec<_>>>()?,
+        services: services
+            .into_iter()
+            .map(|s| s.map(|s| s.service))
+            .collect::<Option<Vec<_>>>()?,
     })
 }
 
-/// The header line of each [[service]], in order.
-fn service_lines(root: &dyn TableLike, cx: &Cx) -> Vec<usize> {
-    root.get("service")
-        .and_then(|i| i.as_array_of_tables())
-        .map(|a| a.iter().map(|t| cx.line(t.span())).collect())
-        .unwrap_or_default()
+/// The tables that were read without fault, for the checks between them.
+struct Across<'a> {
+    /// With the [cluster] header's line.
+    cluster: Option<(&'a Cluster, usize)>,
+    tables: Option<&'a TablesRead>,
+    nat: Option<&'a NatRead>,
+    atms: Vec<&'a AtmRead>,
+    services: Vec<&'a ServiceRead>,
+}
+
+/// The checks that compare tables with each other. Each problem goes on the line of the
+/// later or offending value and names the other's line, so both can be found.
+fn check_across(cx: &mut Cx, a: &Across) {
+    let mut atm_names = HashMap::new();
+    let mut atm_addrs: HashMap<Ipv4Addr, &AtmRead> = HashMap::new();
+    for atm in &a.atms {
+        if let Some(first) = atm_names.insert(atm.atm.name.as_str(), atm.line) {
+            cx.err(
+                atm.line,
+                format!(
+                    "duplicate ATM name {:?} (first on line {first})",
+                    atm.atm.name
+                ),
+            );
+        }
+        match atm_addrs.get(&atm.atm.address) {
+            Some(first) => cx.err(
+                atm.line,
+                format!(
+                    "duplicate ATM address {} (first on line {})",
+                    atm.atm.address, first.line
+                ),
+            ),
+            None => {
+                atm_addrs.insert(atm.atm.address, atm);
+            }
+        }
+    }
+
+    // The first server at each address, as (service, server) indices. A service with a
+    // server at its own VIP was refused where it was read and is not here, so the server
+    // found at a VIP is always another service's.
+    let mut servers_at: HashMap<Ipv4Addr, (usize, usize)> = HashMap::new();
+    for (i, s) in a.services.iter().enumerate() {
+        for (j, server) in s.service.servers.iter().enumerate() {
+            servers_at.entry(server.address).or_insert((i, j));
+        }
+    }
+
+    let mut service_keys: HashMap<(Ipv4Addr, u16, u8), usize> = HashMap::new();
+    let mut service_names = HashMap::new();
+    let mut lines = 0usize;
+    for s in &a.services {
+        let (svc, line) = (&s.service, s.line);
+        lines += svc.servers.len();
+        if let Some(first) = service_names.insert(svc.name.as_str(), line) {
+            cx.err(
+                line,
+                format!(
+                    "duplicate service name {:?} (first on line {first})",
+                    svc.name
+                ),
+            );
+        }
+        if let Some(first) = service_keys.insert((svc.vip, svc.port, svc.proto), line) {
+            cx.err(
+                line,
+                format!(
+                    "duplicate service {} {}:{} (first on line {first})",
+                    svc.proto_name(),
+                    svc.vip,
+                    svc.port
+                ),
+            );
+        }
+        if atm_addrs.contains_key(&svc.vip) {
+            cx.err(line, format!("the VIP {} is an ATM's own address", svc.vip));
+        }
+        // The NAT subnet is the servers' side: the gateway answers there, and the dataplane
+        // takes packets from it for NAT replies, not for a VIP's clients.
+        if let Some(n) = a.nat {
+            if svc.vip == n.nat.gateway {
+                cx.err(
+                    s.vip_line,
+                    format!(
+                        "the VIP {} is the NAT gateway (line {})",
+                        svc.vip, n.gateway_line
+                    ),
+                );
+            } else if n.nat.contains(svc.vip) {
+                cx.err(
+                    s.vip_line,
+                    format!(
+                        "the VIP {} is inside the NAT subnet {}/{} (line {}), which is the NAT \
+                         servers' side",
+                        svc.vip, n.nat.subnet, n.nat.prefix, n.subnet_line
+                    ),
+                );
+            }
+        }
+        // A VIP is held by the primary ATM; a server answering at it too would take its
+        // clients' packets, or be balanced to itself.
+        if let Some(&(k, j)) = servers_at.get(&svc.vip) {
+            let other = a.services[k];
+            cx.err(
+                s.vip_line,
+                format!(
+                    "the VIP {} is server {:?} of service {:?} (line {})",
+                    svc.vip,
+                    other.service.servers[j].name,
+                    other.service.name,
+                    other.address_lines[j]
+                ),
+            );
+        }
+        for (server, &address_line) in svc.servers.iter().zip(&s.address_lines) {
+            if let Some(n) = a.nat
+                && server.address == n.nat.gateway
+            {
+                cx.err(
+                    address_line,
+                    format!(
+                        "server {} is the NAT gateway (line {}): the primary ATM holds that \
+                         address",
+                        server.address, n.gateway_line
+                    ),
+                );
+            }
+            // Whatever the method, the ATM would send the server's packets to itself.
+            if let Some(atm) = atm_addrs.get(&server.address) {
+                cx.err(
+                    address_line,
+                    format!(
+                        "{} server {} is the address of ATM {:?} (line {}): an ATM cannot \
+                         balance to itself",
+                        server.method.name(),
+                        server.address,
+                        atm.atm.name,
+                        atm.address_line
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(n) = a.nat
+        && let Some(atm) = atm_addrs.get(&n.nat.gateway)
+    {
+        cx.err(
+            n.gateway_line,
+            format!(
+                "the NAT gateway {} is an ATM's own address (ATM {:?}, line {})",
+                n.nat.gateway, atm.atm.name, atm.address_line
+            ),
+        );
+    }
+    if let Some(t) = a.tables {
+        let n = a.services.len();
+        if n > t.caps.services as usize {
+            cx.err(
+                t.services_line,
+                format!(
+                    "{n} services do not fit [tables] services = {}",
+                    t.caps.services
+                ),
+            );
+        }
+        if lines > t.caps.servers as usize {
+            cx.err(
+                t.servers_line,
+                format!(
+                    "{lines} server lines do not fit [tables] servers = {}",
+                    t.caps.servers
+                ),
+            );
+        }
+    }
+    if a.atms.len() > 1
+        && let Some((c, line)) = a.cluster
+        && c.auth_key_file.is_none()
+    {
+        cx.err(
+            line,
+            "more than one [[atm]] needs [cluster] auth_key_file: ATM messages are authenticated",
+        );
+    }
 }
 
 fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> {
     let mut tab = Tab::new(t, "[cluster]", line);
-    let name = tab.req_str(cx, "name");
+    let name = tab.name(cx);
     let timeout = tab.int(cx, "timeout", TIMEOUT_RANGE, " seconds");
     let timeout_bad = t.contains_key("timeout") && timeout.is_none();
     let debug = tab.bool(cx, "debug");
@@ -686,23 +920,23 @@ fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> 
     })
 }
 
-fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Capacities> {
+fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<TablesRead> {
     let mut tab = Tab::new(t, "[tables]", line);
     let d = Capacities::default();
     let mut ok = true;
     let mut get = |tab: &mut Tab, cx: &mut Cx, key, range, default: u32| {
         let present = t.contains_key(key);
         match tab.int(cx, key, range, "") {
-            Some(v) => v.v as u32,
+            Some(v) => (v.v as u32, v.line),
             None => {
                 ok &= !present;
-                default
+                (default, line)
             }
         }
     };
     let services = get(&mut tab, cx, "services", SERVICES_RANGE, d.services);
     let servers = get(&mut tab, cx, "servers", SERVERS_RANGE, d.servers);
-    let connections = get(
+    let (connections, _) = get(
         &mut tab,
         cx,
         "connections",
@@ -710,17 +944,21 @@ fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Capacities
         d.connections,
     );
     tab.finish(cx);
-    ok.then_some(Capacities {
-        services,
-        servers,
-        connections,
+    ok.then_some(TablesRead {
+        caps: Capacities {
+            services: services.0,
+            servers: servers.0,
+            connections,
+        },
+        services_line: services.1,
+        servers_line: servers.1,
     })
 }
 
-fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Nat> {
+fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
     let mut tab = Tab::new(t, "[nat]", line);
     let subnet = tab.req_str(cx, "subnet");
-    let gateway = tab.addr(cx, "gateway", true);
+    let gateway = tab.addr(cx, "gateway", "the NAT gateway");
     tab.finish(cx);
     let subnet = subnet?;
     let Some((addr, prefix)) = subnet.v.split_once('/') else {
@@ -774,10 +1012,14 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Nat> {
         );
         return None;
     }
-    Some(Nat {
-        subnet: addr,
-        prefix,
-        gateway: gateway.v,
+    Some(NatRead {
+        nat: Nat {
+            subnet: addr,
+            prefix,
+            gateway: gateway.v,
+        },
+        subnet_line: subnet.line,
+        gateway_line: gateway.line,
     })
 }
 
@@ -859,17 +1101,46 @@ fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> 
             None
         }
     };
+    // A default has no line; None sorts first, so the later of two is the one with a line.
+    let (socket_line, mount_line) = (
+        socket.as_ref().map(|s| s.line),
+        mount.as_ref().map(|m| m.line),
+    );
+    let socket = path(cx, socket, "socket", DEFAULT_SOCKET);
+    let mount = path(cx, mount, "mount", DEFAULT_MOUNT);
+    let (socket, mount) = (socket?, mount?);
+    // One path cannot be both the socket the daemon binds and the directory FUSE mounts.
+    if socket == mount {
+        let (key, line, other, other_line) = if mount_line > socket_line {
+            ("mount", mount_line, "socket", socket_line)
+        } else {
+            ("socket", socket_line, "mount", mount_line)
+        };
+        let other_at = match other_line {
+            Some(l) => format!("line {l}"),
+            None => "its default".to_string(),
+        };
+        cx.err(
+            line.unwrap_or(0),
+            format!(
+                "`{key}` = {:?} is the same path as `{other}` ({other_at}): the control socket \
+                 and the tables' mount need a path each",
+                socket.display().to_string()
+            ),
+        );
+        return None;
+    }
     Some(Control {
-        socket: path(cx, socket, "socket", DEFAULT_SOCKET)?,
-        mount: path(cx, mount, "mount", DEFAULT_MOUNT)?,
+        socket,
+        mount,
         metrics,
     })
 }
 
-fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<At<Atm>> {
+fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<AtmRead> {
     let mut tab = Tab::new(t, "[[atm]]", line);
-    let name = tab.req_str(cx, "name");
-    let address = tab.addr(cx, "address", true);
+    let name = tab.name(cx);
+    let address = tab.addr(cx, "address", "an ATM's address");
     let interface = tab.req_str(cx, "interface");
     tab.finish(cx);
     if let Some(i) = &interface
@@ -881,13 +1152,15 @@ fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<At<Atm>> {
         );
         return None;
     }
-    Some(At {
-        v: Atm {
+    let address = address?;
+    Some(AtmRead {
+        atm: Atm {
             name: name?.v,
-            address: address?.v,
+            address: address.v,
             interface: interface?.v,
         },
         line,
+        address_line: address.line,
     })
 }
 
@@ -909,11 +1182,11 @@ fn read_service(
     t: &dyn TableLike,
     line: usize,
     nat: Option<&Nat>,
-) -> Option<ServiceCfg> {
+) -> Option<ServiceRead> {
     let mut tab = Tab::new(t, "[[service]]", line);
     let mut bad = false;
-    let name = tab.req_str(cx, "name");
-    let vip = tab.addr(cx, "vip", true);
+    let name = tab.name(cx);
+    let vip = tab.addr(cx, "vip", "a VIP");
     let port = tab.int(cx, "port", 1..=65_535, "");
     if !t.contains_key("port") {
         tab.missing(cx, "port");
@@ -939,11 +1212,12 @@ fn read_service(
     tab.finish(cx);
     let service_port = port.as_ref().map(|p| p.v as u16);
     let mut servers = Vec::new();
+    let mut address_lines = Vec::new();
     let mut seen_names: HashMap<String, usize> = HashMap::new();
     let mut seen_addrs: HashSet<(Ipv4Addr, u16)> = HashSet::new();
     for (st, sline) in server_tables {
         match read_server(cx, st, sline, service_port, nat) {
-            Some(s) => {
+            Some((s, address_line)) => {
                 if let Some(first) = seen_names.insert(s.name.clone(), sline) {
                     cx.err(
                         sline,
@@ -968,6 +1242,7 @@ fn read_service(
                     bad = true;
                 }
                 servers.push(s);
+                address_lines.push(address_line);
             }
             None => bad = true,
         }
@@ -975,15 +1250,21 @@ fn read_service(
     if bad {
         return None;
     }
-    Some(ServiceCfg {
-        name: name?.v,
-        vip: vip?.v,
-        port: service_port?,
-        proto: proto.map(|p| p.v).unwrap_or(IPPROTO_TCP),
-        scheduler: sched.map(|s| s.v).unwrap_or(Sched::Maglev),
-        persistence: persistence.map(|p| p.v as u32).unwrap_or(0),
-        check: check?,
-        servers,
+    let vip = vip?;
+    Some(ServiceRead {
+        service: ServiceCfg {
+            name: name?.v,
+            vip: vip.v,
+            port: service_port?,
+            proto: proto.map(|p| p.v).unwrap_or(IPPROTO_TCP),
+            scheduler: sched.map(|s| s.v).unwrap_or(Sched::Maglev),
+            persistence: persistence.map(|p| p.v as u32).unwrap_or(0),
+            check: check?,
+            servers,
+        },
+        line,
+        vip_line: vip.line,
+        address_lines,
     })
 }
 
@@ -993,10 +1274,10 @@ fn read_server(
     line: usize,
     service_port: Option<u16>,
     nat: Option<&Nat>,
-) -> Option<ServerCfg> {
+) -> Option<(ServerCfg, usize)> {
     let mut tab = Tab::new(t, "[[service.server]]", line);
-    let name = tab.req_str(cx, "name");
-    let address = tab.addr(cx, "address", true);
+    let name = tab.name(cx);
+    let address = tab.addr(cx, "address", "a server's address");
     let port = tab.int(cx, "port", 1..=65_535, "");
     let port_bad = t.contains_key("port") && port.is_none();
     let weight = tab.int(cx, "weight", WEIGHT_RANGE, "");
@@ -1051,14 +1332,17 @@ fn read_server(
             _ => {}
         }
     }
-    Some(ServerCfg {
-        name: name?.v,
-        address: address.v,
-        port: port_v,
-        weight: weight.map(|w| w.v as u32).unwrap_or(1),
-        method: m,
-        ping: ping.map(|p| p.v).unwrap_or(true),
-    })
+    Some((
+        ServerCfg {
+            name: name?.v,
+            address: address.v,
+            port: port_v,
+            weight: weight.map(|w| w.v as u32).unwrap_or(1),
+            method: m,
+            ping: ping.map(|p| p.v).unwrap_or(true),
+        },
+        address.line,
+    ))
 }
 
 const CHECK_KINDS: &[(&str, u8)] = &[
@@ -1280,6 +1564,324 @@ weight = 2
                 .message
                 .contains("unknown key `weigth` in [[service.server]] (did you mean `weight`?)"),
             "{lines:?}"
+        );
+    }
+
+    /// The problems of GOOD with `from` replaced by `to`, as `(line, message)`.
+    fn problems_with(from: &str, to: &str) -> Vec<(usize, String)> {
+        assert!(GOOD.contains(from), "{from:?} is not in GOOD");
+        match parse(&GOOD.replacen(from, to, 1), Path::new("/")) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.into_iter().map(|p| (p.line, p.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn names_are_one_word_of_at_most_64_bytes() {
+        // toml_edit writes the name as TOML (Rust's {:?} escapes are not all TOML's).
+        let name = |n: &str| {
+            let toml = toml_edit::Value::from(n).to_string();
+            problems_with("name = \"web1\"", &format!("name = {}", toml.trim()))
+        };
+        assert_eq!(name(&"w".repeat(NAME_MAX)), vec![]);
+        assert_eq!(
+            name(&"w".repeat(NAME_MAX + 1)),
+            vec![(
+                23,
+                "`name` is 65 bytes long: names are at most 64 bytes".into()
+            )]
+        );
+        // Multi-byte characters count in bytes, as the tables and messages carry them.
+        assert_eq!(
+            name(&"é".repeat(33))[0].1,
+            "`name` is 66 bytes long: names are at most 64 bytes"
+        );
+        for bad in [
+            "web 1",
+            "web\t1",
+            "web\n1",
+            "web\u{a0}1",
+            "web\u{7f}",
+            "web\r",
+        ] {
+            assert_eq!(
+                name(bad),
+                vec![(
+                    23,
+                    format!("`name` = {bad:?} must not contain spaces or control characters")
+                )],
+            );
+        }
+        // Too long and with spaces: both said, without echoing the long name.
+        let long = "w ".repeat(40);
+        assert_eq!(
+            name(&long),
+            vec![
+                (
+                    23,
+                    "`name` is 80 bytes long: names are at most 64 bytes".into()
+                ),
+                (
+                    23,
+                    "`name` must not contain spaces or control characters".into()
+                ),
+            ]
+        );
+        // Every table's name is checked.
+        for from in ["name = \"web\"", "name = \"atm1\"", "name = \"http\""] {
+            let p = problems_with(from, "name = \"a b\"");
+            assert_eq!(p.len(), 1, "{from}: {p:?}");
+            assert!(p[0].1.contains("must not contain spaces"), "{from}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_no_machine_can_hold_are_refused() {
+        let kinds = [
+            ("0.0.0.0", "the unspecified address"),
+            ("255.255.255.255", "the broadcast address"),
+            ("127.0.0.1", "a loopback address"),
+            ("127.1.2.3", "a loopback address"),
+            ("224.0.0.1", "a multicast address"),
+            ("239.255.255.250", "a multicast address"),
+        ];
+        for (from, key, line, role) in [
+            ("vip = \"192.0.2.100\"", "vip", 17, "a VIP"),
+            (
+                "address = \"192.0.2.11\"",
+                "address",
+                24,
+                "a server's address",
+            ),
+            ("address = \"192.0.2.2\"", "address", 12, "an ATM's address"),
+        ] {
+            for (a, what) in kinds {
+                assert_eq!(
+                    problems_with(from, &format!("{key} = \"{a}\"")),
+                    vec![(
+                        line,
+                        format!("`{key}` = {a} is {what}: it cannot be {role}")
+                    )],
+                );
+            }
+        }
+        // The gateway must be in its subnet, so each kind needs a subnet of its own.
+        for (subnet, a, what) in [
+            ("0.0.0.0/8", "0.0.0.0", "the unspecified address"),
+            (
+                "255.255.255.0/24",
+                "255.255.255.255",
+                "the broadcast address",
+            ),
+            ("127.0.0.0/8", "127.0.0.1", "a loopback address"),
+            ("224.0.0.0/24", "224.0.0.1", "a multicast address"),
+        ] {
+            let text = GOOD
+                .replace("203.0.113.0/24", subnet)
+                .replace("gateway = \"203.0.113.1\"", &format!("gateway = \"{a}\""));
+            let problems = parse(&text, Path::new("/")).unwrap_err();
+            assert_eq!(
+                problems[0],
+                Problem {
+                    line: 8,
+                    message: format!("`gateway` = {a} is {what}: it cannot be the NAT gateway")
+                }
+            );
+        }
+        // Addresses next to the refused ranges are fine.
+        for a in ["1.0.0.1", "126.255.255.254", "128.0.0.1", "223.255.255.254"] {
+            assert_eq!(
+                problems_with("vip = \"192.0.2.100\"", &format!("vip = \"{a}\"")),
+                vec![]
+            );
+        }
+    }
+
+    #[test]
+    fn problems_across_tables_have_a_line() {
+        // The NAT gateway at the ATM: on the gateway's line, naming the ATM's.
+        assert_eq!(
+            problems_with("address = \"192.0.2.2\"", "address = \"203.0.113.1\""),
+            vec![(
+                8,
+                "the NAT gateway 203.0.113.1 is an ATM's own address (ATM \"atm1\", line 12)"
+                    .into()
+            )]
+        );
+        // Capacities: on the key's line, else on the [tables] header's.
+        let tables = "[tables]\nservices = 1\nservers = 1\n\n[nat]";
+        assert_eq!(
+            problems_with("[nat]", tables),
+            vec![(8, "2 server lines do not fit [tables] servers = 1".into())]
+        );
+        assert_eq!(
+            problems_with(
+                "[nat]",
+                "[tables]\nconnections = 1024\nservices = 1\n\n[nat]"
+            ),
+            vec![]
+        );
+        let text = format!("{GOOD}\n[[service]]\nname = \"b\"\nvip = \"192.0.2.101\"\nport = 80\n");
+        let tables = "[tables]\nconnections = 1024\nservices = 1\n\n[nat]";
+        let p = parse(&text.replacen("[nat]", tables, 1), Path::new("/")).unwrap_err();
+        assert_eq!(
+            (p[0].line, p[0].message.as_str()),
+            (8, "2 services do not fit [tables] services = 1")
+        );
+        let p = parse(
+            &text.replacen("[nat]", "[tables]\n\n[nat]", 1),
+            Path::new("/"),
+        );
+        assert!(p.is_ok(), "the defaults hold 2 services: {p:?}");
+        // Two ATMs without a key: on the [cluster] header.
+        let atm2 =
+            "[[atm]]\nname = \"atm2\"\naddress = \"192.0.2.3\"\ninterface = \"eth0\"\n\n[[atm]]";
+        let p = problems_with("[[atm]]", atm2);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, 2);
+    }
+
+    #[test]
+    fn a_vip_is_no_other_services_server() {
+        // web1's address is also server x of the second service: a third service's VIP at it
+        // is refused, naming the first server at it; one at y names y.
+        let two = "\n[[service]]\nname = \"two\"\nvip = \"192.0.2.101\"\nport = 80\n\
+                   [service.check]\nkind = \"none\"\n\
+                   [[service.server]]\nname = \"x\"\naddress = \"192.0.2.11\"\n\
+                   [[service.server]]\nname = \"y\"\naddress = \"192.0.2.12\"\n";
+        let three = |vip: &str| {
+            let text = format!(
+                "{GOOD}{two}\n[[service]]\nname = \"three\"\nvip = \"{vip}\"\nport = 80\n\
+                 [service.check]\nkind = \"none\"\n"
+            );
+            let line_of = |l: &str| text.lines().position(|x| x == l).unwrap() + 1;
+            let vip_line = line_of(&format!("vip = \"{vip}\""));
+            let p = parse(&text, Path::new("/")).unwrap_err();
+            (
+                p,
+                vip_line,
+                line_of("address = \"192.0.2.11\""),
+                line_of("address = \"192.0.2.12\""),
+            )
+        };
+        let (p, vip_line, web1, _) = three("192.0.2.11");
+        assert_eq!(
+            p,
+            vec![Problem {
+                line: vip_line,
+                message: format!(
+                    "the VIP 192.0.2.11 is server \"web1\" of service \"http\" (line {web1})"
+                )
+            }]
+        );
+        let (p, vip_line, _, y) = three("192.0.2.12");
+        assert_eq!(
+            p,
+            vec![Problem {
+                line: vip_line,
+                message: format!(
+                    "the VIP 192.0.2.12 is server \"y\" of service \"two\" (line {y})"
+                )
+            }]
+        );
+        // The same server address in two services is fine.
+        assert!(parse(&format!("{GOOD}{two}"), Path::new("/")).is_ok());
+    }
+
+    #[test]
+    fn the_socket_and_the_mount_differ_even_by_default() {
+        let control = |c: &str| problems_with("[nat]", &format!("[control]\n{c}\n\n[nat]"));
+        assert_eq!(
+            control("socket = \"/run/lb/cluster\""),
+            vec![(
+                7,
+                "`socket` = \"/run/lb/cluster\" is the same path as `mount` (its default): the \
+                 control socket and the tables' mount need a path each"
+                    .into()
+            )]
+        );
+        assert_eq!(
+            control("socket = \"/run/lb/x/\"\nmount = \"/run/lb/x\""),
+            vec![(
+                8,
+                "`mount` = \"/run/lb/x/\" is the same path as `socket` (line 7): the control \
+                 socket and the tables' mount need a path each"
+                    .into()
+            )]
+        );
+        assert_eq!(control("mount = \"/run/lb/control.sock\"")[0].0, 7);
+        assert_eq!(
+            control("socket = \"/run/lb/a\"\nmount = \"/run/lb/b\""),
+            vec![]
+        );
+    }
+
+    /// A path of its own in the temporary directory, removed when the test ends.
+    struct TempPath(PathBuf);
+
+    impl TempPath {
+        fn new(tag: &str) -> Self {
+            let name = format!("lb-config-test-{}-{tag}", std::process::id());
+            TempPath(std::env::temp_dir().join(name))
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_whole() {
+        let f = TempPath::new("big.toml");
+        // A good config padded with a comment: only its size can be wrong.
+        let limit = CONFIG_MAX_BYTES as usize;
+        let mut text = GOOD.to_string() + "#";
+        text += &"x".repeat(limit - text.len());
+        text += "x";
+        std::fs::write(&f.0, &text).unwrap();
+        let problems = load(&f.0).unwrap_err();
+        assert_eq!(
+            problems,
+            vec![Problem {
+                line: 0,
+                message: format!(
+                    "{} is larger than 16 MiB (the limit for a config file)",
+                    f.0.display()
+                ),
+            }]
+        );
+        text.pop();
+        std::fs::write(&f.0, &text).unwrap();
+        assert!(load(&f.0).is_ok(), "a file of exactly the limit is read");
+    }
+
+    #[test]
+    fn devices_and_pipes_are_refused_without_reading_them() {
+        let problems = load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(problems[0].message, "/dev/zero is not a regular file");
+        // A FIFO with no writer would block a plain open.
+        let fifo = TempPath::new("fifo");
+        nix::unistd::mkfifo(&fifo.0, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let problems = load(&fifo.0).unwrap_err();
+        assert_eq!(
+            problems[0].message,
+            format!("{} is not a regular file", fifo.0.display())
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_reported_at_its_line() {
+        let f = TempPath::new("latin1.toml");
+        std::fs::write(&f.0, b"[cluster]\nname = \"caf\xe9\"\n").unwrap();
+        let problems = load(&f.0).unwrap_err();
+        assert_eq!(
+            problems,
+            vec![Problem {
+                line: 2,
+                message: "not UTF-8 text".into()
+            }]
         );
     }
 

@@ -129,3 +129,25 @@ fn lb_cli_writing_to_a_closed_pipe_ends_quietly() {
     assert!(stderr.is_empty(), "lb-cli said: {stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
+
+/// `check-config /dev/zero` once read until memory ran out; now it refuses at once.
+#[test]
+fn check_config_refuses_a_device_at_once() {
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(bin("lb-cli"))
+        .arg("check-config")
+        .arg("/dev/zero")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("/dev/zero:0: /dev/zero is not a regular file"),
+        "{stdout}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+}
