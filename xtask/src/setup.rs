@@ -47,6 +47,10 @@ const PACKAGES: &[Package] = &[
         name: "curl",
         why: "the HTTP client the demo shows requests with",
     },
+    Package {
+        name: "systemd",
+        why: "systemd-analyze, with which the tests verify and rate dist/lb-daemon.service",
+    },
 ];
 
 /// The peers `cargo xtask bench` measures lb against (nftables is in [`PACKAGES`]).
