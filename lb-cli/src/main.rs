@@ -381,6 +381,29 @@ fn print_status(d: &Value) {
             .collect();
         println!("Dataplane: lb_xdp on {}", a.join(", "));
     }
+    if d["nat"].is_object() {
+        let n = &d["nat"];
+        let addrs: Vec<String> = n["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(str_of)
+            .collect();
+        println!(
+            "NAT: {} ports {} per server and address, held {} s after close ({} s when the \
+             server closes first); {} new connections refused for want of a port{}",
+            addrs.join(", "),
+            str_of(&n["ports"]),
+            str_of(&n["port_hold"]),
+            str_of(&n["time_wait"]),
+            str_of(&n["exhausted_drops"]),
+            if n["exhausted_now"] == true {
+                " (EXHAUSTED now)"
+            } else {
+                ""
+            }
+        );
+    }
     println!("Services:");
     for s in d["services"].as_array().into_iter().flatten() {
         let servers = s["servers"].as_array().cloned().unwrap_or_default();

@@ -34,6 +34,7 @@ pub mod maps {
     pub const SETTINGS: &str = "settings";
     /// Ring buffer of [`super::ConnEvent`]: new and closed connections, streamed to backups.
     pub const CONN_EVENTS: &str = "conn_events";
+    pub const NAT_FULL: &str = "nat_full";
     /// lb_decap: ATM address -> 1 for every ATM whose IPIP packets are accepted.
     pub const DECAP_SOURCES: &str = "decap_sources";
     /// lb_decap: per-CPU counters indexed by [`super::DecapStat`].
@@ -95,7 +96,7 @@ pub struct Addr {
 const _: () = assert!(core::mem::size_of::<Addr>() == 16);
 
 /// `0x0000ffff` in network byte order: the third word of an IPv4-mapped address.
-const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+pub const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl Addr {
     /// From an IPv4 address as loaded from a packet (network byte order in memory).
@@ -318,7 +319,11 @@ pub struct Server {
     pub hop_until_ns: u64,
     /// Path MTU toward the server.
     pub mtu: u16,
-    pub _pad3: [u8; 6],
+    pub _pad3: [u8; 2],
+    /// NAT: where the search for a free source port toward this server starts next; it
+    /// moves on with every port handed out, so ports are taken in turn, the one free
+    /// longest first.
+    pub nat_cursor: u32,
 }
 const _: () = assert!(core::mem::size_of::<Server>() == 80);
 
@@ -345,6 +350,19 @@ pub const CONN_REPLY: u16 = 2;
 pub const CONN_FIN: u16 = 4;
 /// [`Connection::flags`]: a RST was seen.
 pub const CONN_RST: u16 = 8;
+/// [`Connection::flags`] of a NAT reply leg: the client's leg saw a FIN (so with
+/// [`CONN_FIN`] on the reply leg, each side has finished sending).
+pub const CONN_PEER_FIN: u16 = 16;
+/// [`Connection::flags`] of a NAT reply leg: the client's leg saw a RST.
+pub const CONN_PEER_RST: u16 = 32;
+/// [`Connection::flags`] of a NAT reply leg: the server sent its FIN before the client did,
+/// so the server keeps the connection in TIME_WAIT (60 s on Linux) and would refuse a new
+/// connection on the same addresses and ports meanwhile.
+pub const CONN_SERVER_CLOSED_FIRST: u16 = 64;
+
+/// NAT source addresses the dataplane takes: the gateway and up to 15 more (`[nat] pool`).
+pub const NAT_POOL_MAX: usize = 16;
+const _: () = assert!(NAT_POOL_MAX.is_power_of_two());
 
 /// Value of `connections`.
 #[repr(C)]
@@ -458,8 +476,18 @@ pub struct Settings {
     /// and the NAT address, would reset it. After, the stack's reset is the right answer (the
     /// connection is gone) and ends it at once.
     pub settle_until_ns: u64,
+    /// NAT: how long a source port stays held after its connection closed (a RST, or a FIN
+    /// each way, the client's first) before it is handed out again.
+    pub port_hold_ns: u64,
+    /// NAT: the same when the server sent the first FIN: its TIME_WAIT.
+    pub time_wait_ns: u64,
+    /// NAT: the source addresses (IPv4, network byte order), the gateway first;
+    /// `nat_pool_len` of them are in use.
+    pub nat_pool: [u32; NAT_POOL_MAX],
+    pub nat_pool_len: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 72);
+const _: () = assert!(core::mem::size_of::<Settings>() == 160);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]

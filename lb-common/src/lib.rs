@@ -10,6 +10,7 @@ extern crate std;
 pub mod abi;
 pub mod csum;
 pub mod hash;
+pub mod nat;
 #[cfg(feature = "std")]
 pub mod sched;
 #[cfg(feature = "netlink")]

@@ -63,13 +63,49 @@ pub struct Cluster {
 pub struct Nat {
     pub subnet: Ipv4Addr,
     pub prefix: u8,
-    /// Alias held by the primary; also the source address of NAT-ed packets.
+    /// Alias held by the primary; also the first source address of NAT-ed packets.
     pub gateway: Ipv4Addr,
+    /// More source addresses (`pool`), held by the primary as /32 aliases: each multiplies
+    /// the source ports toward every server. `pool[..pool_len]`.
+    pub pool: [Ipv4Addr; NAT_POOL_MAX - 1],
+    pub pool_len: u8,
+    /// Seconds a NAT source port stays held after its connection closed (a RST, or a FIN
+    /// each way with the client's first) before another connection may take it.
+    pub port_hold: u32,
+    /// Seconds it stays held when the server closed first: the server's TIME_WAIT (60 s on
+    /// Linux), during which it may refuse a new connection on the same ports.
+    pub time_wait: u32,
 }
 
+/// Source addresses of NAT-ed packets, the gateway included (the dataplane's settings hold
+/// this many).
+pub const NAT_POOL_MAX: usize = lb_common::NAT_POOL_MAX;
+/// The default `[nat] port_hold`, seconds.
+pub const DEFAULT_PORT_HOLD: u32 = 2;
+/// The default `[nat] time_wait`, seconds: Linux's TIME_WAIT.
+pub const DEFAULT_TIME_WAIT: u32 = 60;
+
 impl Nat {
+    /// A NAT subnet with its gateway, no pool and the default hold.
+    pub fn new(subnet: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Nat {
+        Nat {
+            subnet,
+            prefix,
+            gateway,
+            pool: [Ipv4Addr::UNSPECIFIED; NAT_POOL_MAX - 1],
+            pool_len: 0,
+            port_hold: DEFAULT_PORT_HOLD,
+            time_wait: DEFAULT_TIME_WAIT,
+        }
+    }
+
     pub fn contains(&self, a: Ipv4Addr) -> bool {
         in_subnet(a, self.subnet, self.prefix)
+    }
+
+    /// Every NAT source address: the gateway first, then the pool.
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        std::iter::once(self.gateway).chain(self.pool[..self.pool_len as usize].iter().copied())
     }
 }
 
@@ -608,6 +644,8 @@ struct NatRead {
     nat: Nat,
     subnet_line: usize,
     gateway_line: usize,
+    /// The `pool` key's line (the table's header if there is none).
+    pool_line: usize,
 }
 
 /// An [[atm]] as read: its header line for duplicates, its address line for what collides
@@ -830,6 +868,18 @@ fn check_across(cx: &mut Cx, a: &Across) {
         }
         for (server, &address_line) in svc.servers.iter().zip(&s.address_lines) {
             if let Some(n) = a.nat
+                && n.nat.addresses().skip(1).any(|p| p == server.address)
+            {
+                cx.err(
+                    address_line,
+                    format!(
+                        "server {} is a NAT pool address (line {}): the primary ATM holds \
+                         that address",
+                        server.address, n.pool_line
+                    ),
+                );
+            }
+            if let Some(n) = a.nat
                 && server.address == n.nat.gateway
             {
                 cx.err(
@@ -856,6 +906,17 @@ fn check_across(cx: &mut Cx, a: &Across) {
                 );
             }
         }
+    }
+    if let Some(n) = a.nat
+        && let Some(atm) = n.nat.addresses().skip(1).find_map(|p| atm_addrs.get(&p))
+    {
+        cx.err(
+            n.pool_line,
+            format!(
+                "a NAT pool address is ATM {:?}'s own address (line {})",
+                atm.atm.name, atm.address_line
+            ),
+        );
     }
     if let Some(n) = a.nat
         && let Some(atm) = atm_addrs.get(&n.nat.gateway)
@@ -959,6 +1020,11 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
     let mut tab = Tab::new(t, "[nat]", line);
     let subnet = tab.req_str(cx, "subnet");
     let gateway = tab.addr(cx, "gateway", "the NAT gateway");
+    let hold = tab.int(cx, "port_hold", 0..=600, " seconds");
+    let time_wait = tab.int(cx, "time_wait", 0..=600, " seconds");
+    let hold_bad = (t.contains_key("port_hold") && hold.is_none())
+        || (t.contains_key("time_wait") && time_wait.is_none());
+    let pool_item = tab.item(cx, "pool");
     tab.finish(cx);
     let subnet = subnet?;
     let Some((addr, prefix)) = subnet.v.split_once('/') else {
@@ -1012,14 +1078,107 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
         );
         return None;
     }
+    let mut pool = Vec::new();
+    let mut pool_line = line;
+    if let Some((item, pline)) = pool_item {
+        pool_line = pline;
+        let Some(list) = item.as_array() else {
+            cx.err(
+                pline,
+                format!(
+                    "`pool` must be an array of addresses or ADDRESS/PREFIX ranges, not {}",
+                    kind(item)
+                ),
+            );
+            return None;
+        };
+        for v in list.iter() {
+            let Some(text) = v.as_str() else {
+                cx.err(pline, format!("`pool` holds {v}, which is not a string"));
+                return None;
+            };
+            let (first, count) = match text.split_once('/') {
+                None => match text.parse::<Ipv4Addr>() {
+                    Ok(a) => (u32::from(a), 1u64),
+                    Err(_) => {
+                        cx.err(
+                            pline,
+                            format!("`pool` holds {text:?}, which is not an IPv4 address"),
+                        );
+                        return None;
+                    }
+                },
+                Some((a, p)) => match (a.parse::<Ipv4Addr>(), p.parse::<u8>()) {
+                    (Ok(a), Ok(p)) if (24..=32).contains(&p) => {
+                        let mask = u32::MAX.checked_shl(32 - p as u32).unwrap_or(0);
+                        (u32::from(a) & mask, 1u64 << (32 - p))
+                    }
+                    _ => {
+                        cx.err(
+                            pline,
+                            format!(
+                                "`pool` holds {text:?}: a range is ADDRESS/PREFIX with a \
+                                 prefix length of 24 to 32"
+                            ),
+                        );
+                        return None;
+                    }
+                },
+            };
+            for i in 0..count {
+                let a = Ipv4Addr::from(first + i as u32);
+                let host_bits = u32::from(a) & !(u32::MAX << (32 - prefix));
+                if count > 1 && (host_bits == 0 || host_bits == !(u32::MAX << (32 - prefix))) {
+                    // The subnet's own network and broadcast addresses are nobody's.
+                    continue;
+                }
+                let problem = if !in_subnet(a, addr, prefix) {
+                    Some(format!("is not in the NAT subnet {addr}/{prefix}"))
+                } else if a == gateway.v {
+                    Some("is the gateway, which is always a NAT source address".to_string())
+                } else if pool.contains(&a) {
+                    Some("is in the pool twice".to_string())
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    cx.err(pline, format!("`pool` address {a} {p}"));
+                    return None;
+                }
+                pool.push(a);
+            }
+        }
+        if pool.len() > NAT_POOL_MAX - 1 {
+            cx.err(
+                pline,
+                format!(
+                    "`pool` holds {} addresses: at most {} (with the gateway, {NAT_POOL_MAX} NAT \
+                     source addresses)",
+                    pool.len(),
+                    NAT_POOL_MAX - 1
+                ),
+            );
+            return None;
+        }
+    }
+    if hold_bad {
+        return None;
+    }
+    let mut pool_arr = [Ipv4Addr::UNSPECIFIED; NAT_POOL_MAX - 1];
+    pool_arr[..pool.len()].copy_from_slice(&pool);
     Some(NatRead {
         nat: Nat {
             subnet: addr,
             prefix,
             gateway: gateway.v,
+            pool: pool_arr,
+            pool_len: pool.len() as u8,
+            port_hold: hold.map(|h| h.v as u32).unwrap_or(DEFAULT_PORT_HOLD),
+            time_wait: time_wait.map(|h| h.v as u32).unwrap_or(DEFAULT_TIME_WAIT),
         },
         subnet_line: subnet.line,
         gateway_line: gateway.line,
+        pool_line,
     })
 }
 

@@ -143,6 +143,10 @@ struct Atm {
     /// Dataplane clock until which NAT packets of unknown connections are dropped, not
     /// passed (`Settings::settle_until_ns`): set on becoming primary.
     settle_until_ns: u64,
+    /// `drop_nat_ports` at the last sweep, and where the current burst of NAT port
+    /// exhaustion started (see `watch_nat_ports`).
+    nat_drops_seen: u64,
+    nat_burst: Option<u64>,
     /// Counts the dataplanes this ATM has had (a resize makes a new one): work on the old
     /// one's connection table that reports late is ignored.
     generation: u64,
@@ -561,6 +565,14 @@ impl Daemon {
             ),
             Role::Node(a) => ((*a).into(), Default::default()),
         };
+        let mut nat_pool = [0u32; lb_common::NAT_POOL_MAX];
+        let mut nat_pool_len = 0;
+        if let (Role::Atm(_), Some(n)) = (&self.role, self.config.nat) {
+            for (slot, a) in nat_pool.iter_mut().zip(n.addresses()) {
+                *slot = u32::from_ne_bytes(a.octets());
+                nat_pool_len += 1;
+            }
+        }
         Settings {
             timeout_ns: self.timeout_ns(),
             debug: self.debug as u32,
@@ -581,6 +593,17 @@ impl Daemon {
             _pad: 0,
             lease_ns: dataplane::now_ns() + self.lease().as_nanos() as u64,
             settle_until_ns: self.atm.as_ref().map_or(0, |a| a.settle_until_ns),
+            port_hold_ns: self
+                .config
+                .nat
+                .map_or(0, |n| n.port_hold as u64 * 1_000_000_000),
+            time_wait_ns: self
+                .config
+                .nat
+                .map_or(0, |n| n.time_wait as u64 * 1_000_000_000),
+            nat_pool,
+            nat_pool_len,
+            _pad2: 0,
         }
     }
 
@@ -647,6 +670,8 @@ impl Daemon {
             sweeping: Arc::default(),
             settle_until_ns: 0,
             generation: 0,
+            nat_drops_seen: 0,
+            nat_burst: None,
         });
         self.start_ha(index, ifindex, key).await?;
         info!("Starting as backup ATM");
@@ -820,15 +845,8 @@ impl Daemon {
             self.net.add(ifindex, vip, 32, &label).await?;
             info!("VIP {vip} configured on {label}");
         }
-        if let (Some(nat), Some(a)) = (self.config.nat, &self.atm) {
-            let nat_if = a.nat_interface.clone();
-            let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
-            let label = format!("{nat_if}:{NAT_LABEL}");
-            self.net.add(idx, nat.gateway, nat.prefix, &label).await?;
-            info!(
-                "NAT gateway {}/{} configured on {label}",
-                nat.gateway, nat.prefix
-            );
+        if self.config.nat.is_some() {
+            self.add_nat_aliases().await?;
             // A backup with no address of its own in the NAT subnet had no route to the NAT
             // servers, so nothing resolved them; with the gateway it has (and, unresolved,
             // their packets would be dropped until the next sweep).
@@ -839,6 +857,36 @@ impl Daemon {
             self.config.services.len()
         );
         self.announce(ifindex).await;
+        Ok(())
+    }
+
+    /// The NAT gateway (with the subnet's prefix) and the pool addresses (/32) as aliases on
+    /// the NAT interface, labelled `<if>:natg`.
+    async fn add_nat_aliases(&self) -> Result<()> {
+        let (Some(nat), Some(a)) = (self.config.nat, &self.atm) else {
+            return Ok(());
+        };
+        let nat_if = a.nat_interface.clone();
+        let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
+        let label = format!("{nat_if}:{NAT_LABEL}");
+        self.net.add(idx, nat.gateway, nat.prefix, &label).await?;
+        info!(
+            "NAT gateway {}/{} configured on {label}",
+            nat.gateway, nat.prefix
+        );
+        let pool: Vec<Ipv4Addr> = nat.addresses().skip(1).collect();
+        for p in &pool {
+            self.net.add(idx, *p, 32, &label).await?;
+        }
+        if !pool.is_empty() {
+            info!(
+                "NAT pool {} configured on {label}",
+                pool.iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         Ok(())
     }
 
@@ -860,7 +908,7 @@ impl Daemon {
                 self.net.mac(i).await.ok().flatten()
             };
             match nat_mac {
-                Some(m) => addrs.push((i, m, nat.gateway)),
+                Some(m) => addrs.extend(nat.addresses().map(|n| (i, m, n))),
                 None => warn!(
                     "No MAC for {}: no gratuitous ARP for the NAT gateway",
                     a.nat_interface
@@ -1403,11 +1451,45 @@ impl Daemon {
         }
     }
 
+    /// Logs NAT port exhaustion once per burst: when new connections start being refused for
+    /// want of a free NAT (address, port) toward a server, and when that stops, with the
+    /// count (the `drop_nat_ports` counter, in `stat`'s drops, /metrics and `lb-cli status`).
+    fn watch_nat_ports(&mut self) {
+        let Some(a) = self.atm.as_mut() else { return };
+        let Ok(stats) = a.dp.stats() else { return };
+        let now = stats.get(Stat::DropNatPorts);
+        let since = now.saturating_sub(a.nat_drops_seen);
+        match (a.nat_burst, since) {
+            (None, 0) => {}
+            (None, n) => {
+                let ports = NAT_PORTS.1 - NAT_PORTS.0 + 1;
+                let addrs = self.config.nat.map_or(1, |n| n.addresses().count());
+                warn!(
+                    "NAT ports exhausted: {n} new connections refused in the last 2 s: every \
+                     (address, port) toward a server is held ({addrs} NAT addresses x {ports} \
+                     ports per server); add [nat] pool addresses or servers, or lower \
+                     [nat] port_hold or the timeout"
+                );
+                a.nat_burst = Some(a.nat_drops_seen);
+            }
+            (Some(_), n) if n > 0 => {}
+            (Some(start), _) => {
+                info!(
+                    "NAT ports available again: {} new connections were refused in that burst",
+                    now - start
+                );
+                a.nat_burst = None;
+            }
+        }
+        a.nat_drops_seen = now;
+    }
+
     /// Deletes connection entries idle past the timeout (the LRU map would only evict them
     /// when full), and asks the kernel to resolve servers it has no MAC for (new ones after
     /// a reload, or entries it dropped): the dataplane cannot start that itself.
     fn sweep(&mut self) {
         let timeout_ns = self.timeout_ns();
+        self.watch_nat_ports();
         if self.atm.is_some() {
             let addrs = self.server_addrs();
             tokio::task::spawn_blocking(move || neighbours::request(&addrs));
@@ -1863,6 +1945,14 @@ impl Daemon {
             "vips": self.vips().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
             "term": self.ha.as_ref().map(|h| h.election.term()),
             "rejected": self.ha.as_ref().map(|h| Reject::ALL.iter().map(|r| (r.name().to_string(), json!(h.rejects.get(r).copied().unwrap_or(0)))).collect::<serde_json::Map<_, _>>()),
+            "nat": self.config.nat.map(|n| json!({
+                "addresses": n.addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "ports": format!("{}-{}", NAT_PORTS.0, NAT_PORTS.1),
+                "port_hold": n.port_hold,
+                "time_wait": n.time_wait,
+                "exhausted_drops": self.atm.as_ref().and_then(|a| a.dp.stats().ok()).map_or(0, |s| s.get(Stat::DropNatPorts)),
+                "exhausted_now": self.atm.as_ref().is_some_and(|a| a.nat_burst.is_some()),
+            })),
             "attached": self.atm.as_ref().map(|a| a.attached.iter().map(|(i, m)| json!({"interface": i, "mode": m.name()})).collect::<Vec<_>>()),
             "services": services,
         })
@@ -2188,9 +2278,7 @@ fn load_dataplane(
             mode.name()
         );
         for (iface, why) in dp.take_fallbacks() {
-            warn!(
-                "Native XDP on {iface} was refused ({why}): generic mode works but is slower"
-            );
+            warn!("Native XDP on {iface} was refused ({why}): generic mode works but is slower");
         }
         attached.push((i.clone(), mode));
     }

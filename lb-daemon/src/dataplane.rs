@@ -236,8 +236,8 @@ pub struct Dataplane {
     vip_filter: Array<MapData, u32>,
     /// What `vip_filter` holds, so that only changed slots are written.
     filter: Vec<u32>,
-    /// The NAT address of the last settings written (it is in the filter too).
-    nat_addr: Addr,
+    /// The NAT addresses of the last settings written (they are in the filter too).
+    nat_addrs: Vec<Addr>,
     servers: Array<MapData, Server>,
     sched: SchedTable,
     connections: HashMap<MapData, FlowKey, Connection>,
@@ -362,6 +362,7 @@ impl Dataplane {
             .map_max_entries(maps::PERSISTENCE, caps.connections)
             .map_max_entries(maps::SERVICE_STATS, caps.services)
             .map_max_entries(maps::SERVER_STATS, caps.servers)
+            .map_max_entries(maps::NAT_FULL, caps.servers)
             .load(OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
         // The logger must exist before the programs load: it owns the ring buffer they use.
@@ -378,7 +379,7 @@ impl Dataplane {
             vips: typed_map!(&mut ebpf, HashMap, maps::VIPS),
             vip_filter: typed_map!(&mut ebpf, Array, maps::VIP_FILTER),
             filter: vec![0; VIP_FILTER_SLOTS as usize],
-            nat_addr: Addr::default(),
+            nat_addrs: Vec::new(),
             servers: typed_map!(&mut ebpf, Array, maps::SERVERS),
             connections: typed_map!(&mut ebpf, HashMap, maps::CONNECTIONS),
             stat: typed_map!(&mut ebpf, PerCpuArray, maps::STAT),
@@ -484,7 +485,14 @@ impl Dataplane {
         self.settings
             .set(0, s, 0)
             .map_err(map_err(maps::SETTINGS))?;
-        self.nat_addr = s.nat_addr;
+        let mut nat: Vec<Addr> = s.nat_pool[..(s.nat_pool_len as usize).min(s.nat_pool.len())]
+            .iter()
+            .map(|raw| Addr::v4_raw(*raw))
+            .collect();
+        if !nat.contains(&s.nat_addr) && s.nat_addr != Addr::default() {
+            nat.push(s.nat_addr);
+        }
+        self.nat_addrs = nat;
         self.sync_filter()
     }
 
@@ -504,7 +512,7 @@ impl Dataplane {
     /// every heartbeat cost no more than before.
     fn sync_filter(&mut self) -> Result<(), Error> {
         let mut want = vec![0u32; VIP_FILTER_SLOTS as usize];
-        for a in self.vip_counts.keys().chain([&self.nat_addr]) {
+        for a in self.vip_counts.keys().chain(self.nat_addrs.iter()) {
             if let Some(raw) = a.as_v4_raw() {
                 want[vip_filter_slot(raw) as usize] += 1;
             }

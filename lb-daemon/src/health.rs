@@ -562,11 +562,11 @@ mod tests {
 
     #[test]
     fn what_a_failure_seen_from_a_backup_says() {
-        let nat = Nat {
-            subnet: Ipv4Addr::new(203, 0, 113, 0),
-            prefix: 24,
-            gateway: Ipv4Addr::new(203, 0, 113, 1),
-        };
+        let nat = Nat::new(
+            Ipv4Addr::new(203, 0, 113, 0),
+            24,
+            Ipv4Addr::new(203, 0, 113, 1),
+        );
         let own = Some(Ipv4Addr::new(203, 0, 113, 3));
         let outside = Some(Ipv4Addr::new(192, 0, 2, 3));
         // The primary counts everything.

@@ -354,11 +354,7 @@ mod tests {
             new: 9,
         };
         assert_eq!(render_stat(&st), "1 3 2 100 4 9\n");
-        let nat = config::Nat {
-            subnet: "10.0.0.0".parse().unwrap(),
-            prefix: 16,
-            gateway: "10.0.0.1".parse().unwrap(),
-        };
+        let nat = config::Nat::new("10.0.0.0".parse().unwrap(), 16, "10.0.0.1".parse().unwrap());
         assert_eq!(render_nat(Some(&nat)), "10.0.0.0 16\n");
         assert_eq!(render_nat(None), "");
         assert_eq!(render_debug(true), "1\n");

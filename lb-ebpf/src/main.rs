@@ -10,13 +10,18 @@
 //! configured ATMs and passes the inner packet to the stack.
 #![no_std]
 #![no_main]
+// A compare-and-swap on map memory (claiming a NAT port): the BPF target's atomics have no
+// CAS in core's API, but the instruction exists (BPF_CMPXCHG, kernel 5.12).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod net;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE},
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_F_MMAPABLE, BPF_NOEXIST},
+    cty::c_void,
     helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
+        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_loop, bpf_redirect, bpf_xdp_adjust_head,
         bpf_xdp_adjust_tail,
     },
     macros::{map, xdp},
@@ -27,11 +32,12 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use core::ptr::NonNull;
 use lb_common::{
-    csum, hash, Addr, BareFwd, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method,
+    csum, hash, nat, Addr, BareFwd, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method,
     Persist, PersistKey, Sched, Server, Service, ServiceKey, Settings, Stat, CONN_EVENTS_BYTES,
-    CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
-    DEFAULT_SERVICES, EVENT_CLOSE, EVENT_OPEN, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP,
-    IPPROTO_UDP, RING_SIZE, SERVER_UP, SETTINGS_ACTIVE, SETTINGS_SYNC, VIP_FILTER_SLOTS,
+    CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST,
+    CONN_SERVER_CLOSED_FIRST, DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES, EVENT_CLOSE,
+    EVENT_OPEN, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, NAT_POOL_MAX, RING_SIZE,
+    SERVER_UP, SETTINGS_ACTIVE, SETTINGS_SYNC, VIP_FILTER_SLOTS,
 };
 
 use net::*;
@@ -168,10 +174,11 @@ struct Scratch {
 #[map(name = "scratch")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// Flow keys being built: the packet's own (0) and a NAT reply leg's (1). Apart from
-/// `SCRATCH` so that a key and the scratch area can be borrowed at once.
+/// Flow keys being built: the packet's own (0), a NAT reply leg's (1), and the client leg
+/// of a NAT connection whose port is being reused (2). Apart from `SCRATCH` so that a key
+/// and the scratch area can be borrowed at once.
 #[map(name = "flow_keys")]
-static KEYS: PerCpuArray<[FlowKey; 2]> = PerCpuArray::with_max_entries(1, 0);
+static KEYS: PerCpuArray<[FlowKey; 3]> = PerCpuArray::with_max_entries(1, 0);
 
 /// The key of a `services` lookup being made, here rather than on the stack: `lb_xdp`'s
 /// frame and that of the BPF function it calls must fit 512 bytes together.
@@ -251,6 +258,21 @@ fn count(s: Stat, n: u64) {
 fn count_vip(ctx: &XdpContext) {
     count(Stat::VipPackets, 1);
     count(Stat::VipBytes, (ctx.data_end() - ctx.data()) as u64);
+}
+
+/// Whether `daddr` is one of the NAT source addresses (the gateway or the pool).
+#[inline(always)]
+fn is_nat_addr(settings: &Settings, daddr: u32) -> bool {
+    if settings.nat_addr.as_v4_raw() == Some(daddr) {
+        return true;
+    }
+    let n = settings.nat_pool_len as usize;
+    for i in 1..NAT_POOL_MAX {
+        if i < n && settings.nat_pool[i] == daddr {
+            return true;
+        }
+    }
+    false
 }
 
 /// Whether a connection entry is the server-to-ATM leg of a NAT connection.
@@ -445,7 +467,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
             }
         }
     }
-    let to_nat = settings.nat_addr.as_v4_raw() == Some(daddr);
+    let to_nat = is_nat_addr(settings, daddr);
     // A connection's key names the VIP it was made for (or, a reply leg's, the NAT
     // address); whether its service is still there is checked before it is forwarded
     // (`established`).
@@ -643,10 +665,10 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
         return Outcome::Drop(Stat::DropError);
     };
     if server.method == Method::Nat as u8 {
-        let Some(port) = nat_reserve(ctx, settings, server, &key, id, now, &mut sc.reply) else {
+        let Some((addr, port)) = nat_reserve(ctx, settings, &key, id, now, &mut sc.reply) else {
             return Outcome::Drop(Stat::DropNatPorts);
         };
-        nat_addr = settings.nat_addr.w[3];
+        nat_addr = addr;
         nat_port = port;
     }
     let conn = &mut sc.conn;
@@ -664,8 +686,8 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
     zero_words(&mut conn.ifindex);
     if server.method == Method::Nat as u8 {
         conn.flags |= CONN_NAT;
-        // SAFETY: two distinct valid references.
-        unsafe { core::ptr::copy_nonoverlapping(&settings.nat_addr, &mut conn.nat_addr, 1) };
+        conn.nat_addr.w[2] = lb_common::V4_MAPPED;
+        conn.nat_addr.w[3] = nat_addr;
     }
     if CONNECTIONS.insert(key, &*conn, 0).is_err() {
         return Outcome::Drop(Stat::DropError);
@@ -738,11 +760,35 @@ fn established(
         let key = packet_key(ip, l4)?;
         report(settings, EVENT_CLOSE, key, c, [0; 6]);
     }
+    if fin_rst != 0 && c.flags & CONN_NAT != 0 {
+        mark_reply_leg(c, server, fin_rst, ip.proto);
+    }
     c.flags |= fin_rst;
     let (id, service) = (c.server, server.service);
     count_traffic(&SERVICE_STATS, service, bytes);
     count_traffic(&SERVER_STATS, id, bytes);
     Some(forward(ctx, settings, id, ip, c.nat_addr.w[3], c.nat_port))
+}
+
+/// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the
+/// reply leg, whose NAT port is free again once both sides have closed (`lb_common::nat`).
+#[inline(always)]
+fn mark_reply_leg(c: &Connection, server: &Server, fin_rst: u16, proto: u8) {
+    let Some(key) = scratch_key::<1>(server.addr, c.nat_addr, server.port, c.nat_port, proto)
+    else {
+        return;
+    };
+    if let Some(r) = CONNECTIONS.get_ptr_mut(&*key) {
+        let mut peer = 0;
+        if fin_rst & CONN_FIN != 0 {
+            peer |= CONN_PEER_FIN;
+        }
+        if fin_rst & CONN_RST != 0 {
+            peer |= CONN_PEER_RST;
+        }
+        // SAFETY: a map value; a racing update of the flags only delays a port's reuse.
+        unsafe { (*r).flags |= peer };
+    }
 }
 
 #[inline(always)]
@@ -819,31 +865,51 @@ fn schedule(svc: &Service, key: &FlowKey) -> Option<u32> {
     SCHED_TABLE.get(svc.id * RING_SIZE + slot).copied()
 }
 
-/// Reserves a NAT source port toward `server` for the connection `key`: installs the reply
-/// leg's entry (server -> NAT address:port) unless that tuple is in use by a live connection.
+/// Reserves a NAT source (address, port) toward `server` for the connection `key`: takes
+/// the first free pair from the server's cursor on (see `lb_common::nat`) and installs the
+/// reply leg's entry (server -> NAT address:port) there. Returns the pair, or `None` when
+/// every pair is held: then further searches toward this server wait a little
+/// (`NAT_FULL_BACKOFF_NS`), so a flood at exhaustion costs no full search per packet.
 #[inline(always)]
 fn nat_reserve(
     ctx: &XdpContext,
     settings: &Settings,
-    server: &Server,
     key: &FlowKey,
     id: u32,
     now: u64,
     reply: &mut Connection,
-) -> Option<u16> {
+) -> Option<(u32, u16)> {
     let lo = settings.nat_port_min as u32;
     let hi = settings.nat_port_max as u32;
     if settings.nat_addr.as_v4_raw().is_none() || hi < lo {
         return None;
     }
+    if let Some(until) = NAT_FULL.get(id) {
+        if now < *until {
+            return None;
+        }
+    }
     let span = hi - lo + 1;
-    let start = hash::flow(key) % span;
+    let addrs = if settings.nat_pool_len == 0 {
+        1
+    } else {
+        settings.nat_pool_len.min(NAT_POOL_MAX as u32)
+    };
+    let server = SERVERS.get_ptr_mut(id)?;
+    // SAFETY: a map value. Two CPUs racing here may start from the same pair; the reply
+    // leg goes in with BPF_NOEXIST, so only one of them takes it and the other goes on.
+    let start = unsafe {
+        let c = (*server).nat_cursor;
+        (*server).nat_cursor = c.wrapping_add(1);
+        c
+    };
+    let (saddr, sport) = unsafe { ((*server).addr, (*server).port) };
     let (smac, dmac) = match ptr_at::<EthHdr>(ctx, 0) {
         // SAFETY: bounds checked by ptr_at.
         Some(eth) => unsafe { ((*eth).src, (*eth).dst) },
         None => return None,
     };
-    let reply_key = scratch_key::<1>(server.addr, settings.nat_addr, server.port, 0, key.proto)?;
+    scratch_key::<1>(saddr, settings.nat_addr, sport, 0, key.proto)?;
     reply.last_seen_ns = now;
     zero_words(&mut reply.packets);
     zero_words(&mut reply.bytes);
@@ -854,23 +920,177 @@ fn nat_reserve(
     reply.peer_mac = smac;
     reply.local_mac = dmac;
     reply.ifindex = ctx.ingress_ifindex() as u32;
-    for i in 0..NAT_PROBES {
-        let port = (lo + (start + i) % span) as u16;
-        reply_key.dport = port.to_be();
-        let free = match CONNECTIONS.get_ptr(&*reply_key) {
-            None => true,
-            // SAFETY: a map value, read only.
-            Some(c) => unsafe { now.wrapping_sub((*c).last_seen_ns) > settings.timeout_ns },
-        };
-        if free && CONNECTIONS.insert(&*reply_key, &*reply, 0).is_ok() {
-            return Some(port.to_be());
+    let mut probe = NatProbe {
+        start,
+        span,
+        addrs,
+        lo,
+        found: 0,
+    };
+    // SAFETY: the helper calls `nat_probe` with `probe`, which lives on this stack frame for
+    // the whole call.
+    unsafe {
+        bpf_loop(
+            span * addrs,
+            nat_probe as *mut c_void,
+            &mut probe as *mut NatProbe as *mut c_void,
+            0,
+        );
+    }
+    if probe.found == 0 {
+        if let Some(p) = NAT_FULL.get_ptr_mut(id) {
+            // SAFETY: a map value; racing writers write the same kind of value.
+            unsafe { *p = now + NAT_FULL_BACKOFF_NS };
+        }
+        return None;
+    }
+    // The cursor goes on after the pair taken (if no other CPU moved it meanwhile).
+    if let Some(s) = SERVERS.get_ptr_mut(id) {
+        // SAFETY: a map value.
+        unsafe {
+            if (*s).nat_cursor == start.wrapping_add(1) {
+                (*s).nat_cursor = start.wrapping_add(probe.found);
+            }
         }
     }
-    None
+    let (slot, off) = nat::candidate(start.wrapping_add(probe.found - 1), span, addrs);
+    Some((nat_pool_addr(settings, slot), ((lo + off) as u16).to_be()))
 }
 
-/// Ports tried for a new NAT connection before giving up.
-const NAT_PROBES: u32 = 16;
+/// How long searches for a NAT port toward a server wait after one found every port held.
+const NAT_FULL_BACKOFF_NS: u64 = 250_000_000;
+
+/// Server index -> time until which the NAT ports toward it count as all held.
+#[map(name = "nat_full")]
+static NAT_FULL: Array<u64> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// What `nat_probe` needs besides the maps: where the search started and how far it goes.
+#[repr(C)]
+struct NatProbe {
+    start: u32,
+    span: u32,
+    addrs: u32,
+    lo: u32,
+    /// 1 + the index of the free pair found; 0 while none is.
+    found: u32,
+}
+
+/// NAT address `slot` of the pool (the gateway is slot 0), as on the wire.
+#[inline(always)]
+fn nat_pool_addr(settings: &Settings, slot: u32) -> u32 {
+    if settings.nat_pool_len == 0 {
+        return settings.nat_addr.w[3];
+    }
+    // The mask tells the verifier what `slot < addresses <= NAT_POOL_MAX` already says (a
+    // power of two): it tracks no bounds through a division. Read through a volatile load,
+    // or LLVM, which knows the bound, drops the mask.
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) } as usize & (NAT_POOL_MAX - 1);
+    settings.nat_pool[slot]
+}
+
+/// One step of the NAT port search (a `bpf_loop` callback): tries pair `start + i`; the
+/// reply key (server side filled in) is slot 1 of the flow keys, the reply entry to install
+/// is in the scratch area. Returns 1 to stop (found), 0 to go on.
+#[inline(never)]
+extern "C" fn nat_probe(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `nat_reserve` passes its NatProbe.
+    let p = unsafe { &mut *(ctx as *mut NatProbe) };
+    let (Some(settings), Some(keys), Some(sc)) = (SETTINGS.get(0), KEYS.get_ptr_mut(0), scratch())
+    else {
+        return 1;
+    };
+    let (slot, off) = nat::candidate(p.start.wrapping_add(i as u32), p.span, p.addrs);
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
+    let key = unsafe { &mut (*keys)[1] };
+    key.dst = Addr::v4_raw(nat_pool_addr(settings, slot));
+    key.dport = ((p.lo + off) as u16).to_be();
+    let now = sc.reply.last_seen_ns;
+    let Some(e) = CONNECTIONS.get_ptr_mut(&*key) else {
+        // Never used, or gone: whoever inserts first has it.
+        if CONNECTIONS
+            .insert(&*key, &sc.reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            p.found = i as u32 + 1;
+            return 1;
+        }
+        return 0;
+    };
+    // SAFETY: a map value. Another CPU may be reading or claiming it too: the claim below
+    // is one compare-and-swap on its last-seen time, so only one CPU takes a stale pair
+    // (removing it and inserting afresh would let a second CPU remove the first one's).
+    let (flags, seen) = unsafe { ((*e).flags, (*e).last_seen_ns) };
+    let holds = nat::Holds {
+        timeout_ns: settings.timeout_ns,
+        hold_ns: settings.port_hold_ns,
+        time_wait_ns: settings.time_wait_ns,
+    };
+    if !nat::port_free(flags, seen, now, &holds) {
+        return 0;
+    }
+    // SAFETY: an aligned u64 in map memory.
+    let claimed = unsafe {
+        use core::intrinsics::AtomicOrdering::SeqCst;
+        core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(
+            core::ptr::addr_of_mut!((*e).last_seen_ns),
+            seen,
+            now,
+        )
+        .1
+    };
+    if !claimed {
+        return 0;
+    }
+    // SAFETY: claimed: this CPU alone rewrites it (a late packet of the old connection
+    // may read it meanwhile; that connection is over).
+    unsafe {
+        // The old connection's client leg still names this pair: it goes too, or a late
+        // packet of it would be translated onto the new connection.
+        forget_client_leg(&*e, key);
+        let r = &sc.reply;
+        (*e).packets = 0;
+        (*e).bytes = 0;
+        (*e).server = r.server;
+        (*e).flags = r.flags;
+        (*e).nat_port = r.nat_port;
+        core::ptr::copy_nonoverlapping(&r.nat_addr, core::ptr::addr_of_mut!((*e).nat_addr), 1);
+        (*e).peer_mac = r.peer_mac;
+        (*e).local_mac = r.local_mac;
+        (*e).ifindex = r.ifindex;
+    }
+    p.found = i as u32 + 1;
+    1
+}
+
+/// Removes the client leg of the NAT connection whose reply leg `reply` (keyed `key`) is
+/// about to be replaced, if it still names this (address, port).
+#[inline(always)]
+fn forget_client_leg(reply: &Connection, key: &FlowKey) {
+    let Some(server) = SERVERS.get(reply.server) else {
+        return;
+    };
+    let Some(keys) = KEYS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot; slot 2 is only used here.
+    let client = unsafe { &mut (*keys)[2] };
+    client.src = reply.nat_addr;
+    client.dst = server.vip;
+    client.sport = reply.nat_port;
+    client.dport = server.vport;
+    client.proto = key.proto;
+    client._pad[0] = 0;
+    client._pad[1] = 0;
+    client._pad[2] = 0;
+    if let Some(c) = CONNECTIONS.get_ptr(&*client) {
+        // SAFETY: a map value, read only.
+        let c = unsafe { &*c };
+        if c.nat_port == key.dport && c.nat_addr.w[3] == key.dst.w[3] {
+            let _ = CONNECTIONS.remove(&*client);
+        }
+    }
+}
 
 /// Sends the packet to server `id` by its method.
 #[inline(always)]
@@ -1080,7 +1300,12 @@ fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -
     reply.last_seen_ns = ip.now;
     reply.packets += 1;
     reply.bytes += bytes;
-    reply.flags |= tcp_end_flags(tcp_flags);
+    let ends = tcp_end_flags(tcp_flags);
+    if ends & CONN_FIN != 0 && reply.flags & (CONN_FIN | CONN_PEER_FIN) == 0 {
+        // The server closes first: it will hold the connection in TIME_WAIT.
+        reply.flags |= CONN_SERVER_CLOSED_FIRST;
+    }
+    reply.flags |= ends;
     let (Some(vip), Some(client)) = (server.vip.as_v4_raw(), reply.nat_addr.as_v4_raw()) else {
         return Outcome::Drop(Stat::DropError);
     };

@@ -336,6 +336,7 @@ fn settings() -> Settings {
         _pad: 0,
         lease_ns: 0,
         settle_until_ns: 0,
+        ..Default::default()
     }
 }
 
@@ -441,11 +442,19 @@ fn fix_checksums(frame: &mut [u8]) {
     }
 }
 
-/// The NAT source port the program picks first for a new connection (the range is empty at
-/// that point in these fixtures).
-fn nat_port(k: &FlowKey) -> u16 {
-    let span = (NAT_PORT_MAX - NAT_PORT_MIN + 1) as u32;
-    NAT_PORT_MIN + (hash::flow(k) % span) as u16
+/// The NAT source ports the program hands out, server by server: each server's ports in
+/// turn from the bottom of the range (the range is empty in these fixtures, and installing
+/// a service starts its servers' cursors at 0).
+#[derive(Default)]
+struct NatPorts(std::collections::HashMap<u32, u16>);
+
+impl NatPorts {
+    /// The port the next new NAT connection to server index `server` gets.
+    fn next(&mut self, server: u32) -> u16 {
+        let n = self.0.entry(server).or_default();
+        *n += 1;
+        NAT_PORT_MIN + *n - 1
+    }
 }
 
 /// An ICMP fragmentation-needed from a router on the client's side to `to`, quoting the
@@ -567,8 +576,8 @@ fn dataplane_fixtures() {
     // --- NAT (wrr 3:1): forward leg, reply leg, established and FIN; then the weighted cycle.
     let wrr = b.row(NATSVC);
     assert_eq!(wrr, vec![5, 5, 6, 5], "smooth wrr for weights 3 and 1");
-    let k = key(CLIENT, 40010, VIP, 82, IPPROTO_TCP);
-    let port = nat_port(&k);
+    let mut ports = NatPorts::default();
+    let port = ports.next(wrr[0]);
     let (n_addr, n_port) = b.server_addr(wrr[0]);
     let syn = from_client(40010, VIP, 82, SYN, b"");
     fx.push(
@@ -630,8 +639,8 @@ fn dataplane_fixtures() {
     }
     for (i, cport) in [(1usize, 40011u16), (2, 40012), (3, 40013)] {
         let f = from_client(cport, VIP, 82, SYN, b"");
-        let k = key(CLIENT, cport, VIP, 82, IPPROTO_TCP);
         let (a, p) = b.server_addr(wrr[i]);
+        let nat = ports.next(wrr[i]);
         fx.push(
             Fixture::new(
                 format!("wrr: new connection {} follows the weighted cycle", i + 1),
@@ -641,7 +650,7 @@ fn dataplane_fixtures() {
             .output(nat_expected(
                 &f,
                 (LB_NAT_MAC, mac_of(a)),
-                (NAT, nat_port(&k)),
+                (NAT, nat),
                 (a, p),
             )),
         );
@@ -704,7 +713,7 @@ fn dataplane_fixtures() {
 
     // --- UDP through NAT: checksum updated; a datagram without checksum keeps none.
     let f = udp(ROUTER_MAC, LB_MAC, CLIENT, 6000, VIP, 5353, b"query");
-    let k = key(CLIENT, 6000, VIP, 5353, IPPROTO_UDP);
+    let udp_server = b.row(NATUDP)[0];
     fx.push(
         Fixture::new(
             "nat udp: rewritten with its checksum updated",
@@ -714,14 +723,18 @@ fn dataplane_fixtures() {
         .output(nat_expected(
             &f,
             (LB_NAT_MAC, mac_of(N1)),
-            (NAT, nat_port(&k)),
+            (NAT, ports.next(udp_server)),
             (N1, 53),
         )),
     );
     let mut f = udp(ROUTER_MAC, LB_MAC, CLIENT, 6001, VIP, 5353, b"query");
     f[40..42].copy_from_slice(&[0, 0]);
-    let k = key(CLIENT, 6001, VIP, 5353, IPPROTO_UDP);
-    let want = nat_expected(&f, (LB_NAT_MAC, mac_of(N1)), (NAT, nat_port(&k)), (N1, 53));
+    let want = nat_expected(
+        &f,
+        (LB_NAT_MAC, mac_of(N1)),
+        (NAT, ports.next(udp_server)),
+        (N1, 53),
+    );
     assert_eq!(want[40..42], [0, 0]);
     fx.push(Fixture::new("nat udp without checksum keeps none", f, XDP_REDIRECT).output(want));
 
@@ -760,7 +773,7 @@ fn dataplane_fixtures() {
     let f = frag_needed(VIP, &server_reply_packet(VIP, 82, CLIENT, 40010));
     let want = {
         // What the server sent: N1:8080 -> NAT:port; the outer packet now goes to the server.
-        let quoted = server_reply_packet(n_addr, n_port, NAT, nat_port(&nat_k));
+        let quoted = server_reply_packet(n_addr, n_port, NAT, port);
         let mut w = frag_needed(n_addr, &quoted);
         w[0..6].copy_from_slice(&mac_of(n_addr));
         w[6..12].copy_from_slice(&LB_NAT_MAC);
@@ -969,7 +982,7 @@ fn dataplane_fixtures() {
         .expect("NAT forward entry")
         .1;
     assert_ne!(fwd.flags & lb_common::CONN_NAT, 0);
-    let reply_key = key(n_addr, n_port, NAT, nat_port(&nat_k), IPPROTO_TCP);
+    let reply_key = key(n_addr, n_port, NAT, port, IPPROTO_TCP);
     let reply = conns
         .iter()
         .find(|(k, _)| *k == reply_key)
@@ -1551,4 +1564,124 @@ fn debug_logs_one_record_per_new_connection_only_when_on() {
         vec![want],
         "one record for the new connection, none for the ACK"
     );
+}
+
+/// NAT source ports: taken in turn over every NAT address, every one found before a
+/// connection is refused, a closed connection's port free again after the hold (and its old
+/// client leg gone with it), a half-closed one's not, exhaustion counted.
+#[test]
+fn nat_ports_are_found_while_any_is_free_and_closed_ones_come_back() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    const NAT2: [u8; 4] = [203, 0, 113, 2];
+    // One server, four ports, two NAT addresses: eight pairs.
+    let (first, spec) = b.spec(NATSVC);
+    let mut one = spec.clone();
+    one.servers.truncate(1);
+    one.servers[0].index = first;
+    b.dp.install(NATSVC, &one).unwrap();
+    let mut s = settings();
+    s.nat_port_min = 30_000;
+    s.nat_port_max = 30_003;
+    s.nat_pool[0] = u32::from_ne_bytes(NAT);
+    s.nat_pool[1] = u32::from_ne_bytes(NAT2);
+    s.nat_pool_len = 2;
+    s.port_hold_ns = 0;
+    b.dp.set_settings(&s).unwrap();
+    let _inside = b.lab.ns("fx").enter();
+    let open = |b: &Bench, cport: u16| -> Option<([u8; 4], u16)> {
+        let (action, out) =
+            b.dp.test_run(&from_client(cport, VIP, 82, SYN, b""), b.eth0)
+                .unwrap();
+        if action != XDP_REDIRECT {
+            assert_eq!(action, XDP_DROP, "SYN from {cport}");
+            return None;
+        }
+        let ip = Ipv4Header::from_slice(&out[14..]).unwrap().0;
+        let sport = u16::from_be_bytes([out[34], out[35]]);
+        Some((ip.source, sport))
+    };
+    let pairs: Vec<([u8; 4], u16)> = (0..8)
+        .map(|i| open(&b, 41_000 + i).expect("a free pair"))
+        .collect();
+    let want: Vec<([u8; 4], u16)> = [NAT, NAT2]
+        .iter()
+        .flat_map(|a| (30_000..=30_003).map(move |p| (*a, p)))
+        .collect();
+    assert_eq!(pairs, want, "every pair, in turn");
+    assert_eq!(open(&b, 41_100), None, "a ninth connection finds none");
+    assert_eq!(b.dp.stats().unwrap().get(Stat::DropNatPorts), 1);
+
+    // Connection 2 closes: the client's FIN, then the server's.
+    let (action, _) =
+        b.dp.test_run(&from_client(41_001, VIP, 82, FIN, b""), b.eth0)
+            .unwrap();
+    assert_eq!(action, XDP_REDIRECT);
+    // Connection 3 half-closes: only the client's FIN. Its port stays held.
+    b.dp.test_run(&from_client(41_002, VIP, 82, FIN, b""), b.eth0)
+        .unwrap();
+    let (a2, p2) = pairs[1];
+    let server_fin = tcp(mac_of(N1), LB_NAT_MAC, N1, 8080, a2, p2, FIN, b"");
+    let (action, _) = b.dp.test_run(&server_fin, b.eth1).unwrap();
+    assert_eq!(
+        action, XDP_REDIRECT,
+        "the server's FIN goes back to the client"
+    );
+    // Searches wait out the backoff that followed the exhaustion.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        open(&b, 41_200),
+        Some(pairs[1]),
+        "the closed connection's pair, and only that one"
+    );
+    assert!(
+        b.dp.connection(&key(CLIENT, 41_001, VIP, 82, IPPROTO_TCP))
+            .is_none(),
+        "the old client leg went with its pair"
+    );
+    assert!(
+        b.dp.connection(&key(CLIENT, 41_002, VIP, 82, IPPROTO_TCP))
+            .is_some()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        open(&b, 41_201),
+        None,
+        "a half-closed connection keeps its port"
+    );
+    assert_eq!(b.dp.stats().unwrap().get(Stat::DropNatPorts), 2);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // Connection 5 closes with the server's FIN first: the server's TIME_WAIT applies.
+    s.time_wait_ns = 60_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    let (a5, p5) = pairs[4];
+    b.dp.test_run(
+        &tcp(mac_of(N1), LB_NAT_MAC, N1, 8080, a5, p5, FIN, b""),
+        b.eth1,
+    )
+    .unwrap();
+    b.dp.test_run(&from_client(41_004, VIP, 82, FIN, b""), b.eth0)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        open(&b, 41_203),
+        None,
+        "the server's TIME_WAIT holds its pair"
+    );
+    s.time_wait_ns = 0;
+    b.dp.set_settings(&s).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(open(&b, 41_204), Some(pairs[4]), "and frees it after");
+
+    // With a hold, a closed pair waits it out.
+    s.port_hold_ns = 60_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    b.dp.test_run(
+        &from_client(41_003, VIP, 82, Flags { rst: true, ..ACK }, b""),
+        b.eth0,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(open(&b, 41_202), None, "reset, but still within the hold");
 }

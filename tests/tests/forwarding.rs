@@ -103,6 +103,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         _pad: 0,
         lease_ns: 0,
         settle_until_ns: 0,
+        ..Default::default()
     })
     .unwrap();
     {

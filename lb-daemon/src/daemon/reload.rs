@@ -33,7 +33,7 @@ use crate::{
 pub(super) enum Job {
     /// The config file, read and checked.
     Parsed {
-        config: Result<Config, Vec<config::Problem>>,
+        config: Box<Result<Config, Vec<config::Problem>>>,
         reply: Option<oneshot::Sender<Response>>,
     },
     /// A reload worked out: what to write, or a new dataplane to take over.
@@ -262,7 +262,10 @@ impl Daemon {
         let jobs = self.jobs_tx.clone();
         tokio::task::spawn_blocking(move || {
             let config = config::load(&path);
-            let _ = jobs.send(Job::Parsed { config, reply });
+            let _ = jobs.send(Job::Parsed {
+                config: Box::new(config),
+                reply,
+            });
         });
     }
 
@@ -270,10 +273,10 @@ impl Daemon {
     /// loop (see [`prepare`]).
     pub(super) async fn on_parsed(
         &mut self,
-        parsed: Result<Config, Vec<config::Problem>>,
+        parsed: Box<Result<Config, Vec<config::Problem>>>,
         reply: Option<oneshot::Sender<Response>>,
     ) {
-        let new = match self.check_reload(parsed).await {
+        let new = match self.check_reload(*parsed).await {
             Ok(new) => new,
             Err(msg) => {
                 error!("{msg}");
@@ -742,7 +745,6 @@ impl Daemon {
             return Ok(());
         }
         let atm_if = self.config.atms[a.index].interface.clone();
-        let nat_if = a.nat_interface.clone();
         let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow::anyhow!("{atm_if} is gone"))?;
         let new_vips = self.vips();
         for vip in old_vips.iter().filter(|v| !new_vips.contains(v)) {
@@ -759,22 +761,7 @@ impl Daemon {
             for r in self.net.remove_labelled(NAT_LABEL).await? {
                 info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
             }
-            if let Some(nat) = self.config.nat {
-                let idx =
-                    addrs::ifindex(&nat_if).ok_or_else(|| anyhow::anyhow!("{nat_if} is gone"))?;
-                self.net
-                    .add(
-                        idx,
-                        nat.gateway,
-                        nat.prefix,
-                        &format!("{nat_if}:{NAT_LABEL}"),
-                    )
-                    .await?;
-                info!(
-                    "NAT gateway {}/{} configured on {nat_if}:{NAT_LABEL}",
-                    nat.gateway, nat.prefix
-                );
-            }
+            self.add_nat_aliases().await?;
         }
         Ok(())
     }
