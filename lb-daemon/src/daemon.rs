@@ -2188,9 +2188,7 @@ fn load_dataplane(
             mode.name()
         );
         for (iface, why) in dp.take_fallbacks() {
-            warn!(
-                "Native XDP on {iface} was refused ({why}): generic mode works but is slower"
-            );
+            warn!("Native XDP on {iface} was refused ({why}): generic mode works but is slower");
         }
         attached.push((i.clone(), mode));
     }
