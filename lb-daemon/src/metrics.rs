@@ -1,17 +1,17 @@
-//! `/metrics` in Prometheus text format. A small HTTP server thread answers each scrape with
-//! a snapshot the event loop makes; this module turns a snapshot into the exposition text
-//! with prometheus-client, so names, types and escaping are the library's.
+//! `/metrics` in the Prometheus text format 0.0.4, the one Prometheus scrapes and `promtool
+//! check metrics` lints. A small HTTP server thread answers each scrape with a snapshot the
+//! event loop makes; this module turns a snapshot into the exposition text with the
+//! `prometheus` crate, so names, types, HELP lines and escaping are the library's.
 
 use std::{net::SocketAddr, thread};
 
-use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::sync::mpsc;
 
 use crate::control::{Call, Request, ask_blocking};
+
+/// The Content-Type of a scrape: what [`render`] writes, [`prometheus::TEXT_FORMAT`], in UTF-8.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Everything one scrape reports.
 #[derive(Clone, Debug, Default)]
@@ -53,126 +53,144 @@ pub struct ServerMetrics {
     pub active: u64,
 }
 
-type Labels = Vec<(String, String)>;
-
-fn family<M: prometheus_client::metrics::TypedMetric + Default + Clone + 'static>(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<Labels, M>
-where
-    Family<Labels, M>: prometheus_client::registry::Metric,
-{
-    let f = Family::<Labels, M>::default();
-    registry.register(name, help, f.clone());
+/// A counter family `lb_NAME` (NAME ends in `_total`) with HELP `help`, registered in `r`.
+fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let f =
+        IntCounterVec::new(Opts::new(name, help), labels).expect("a valid name, help and labels");
+    r.register(Box::new(f.clone()))
+        .expect("each family is registered once");
     f
 }
 
-/// The exposition text for `s`.
-pub fn render(s: &Snapshot) -> String {
-    let mut r = Registry::with_prefix("lb");
-    let node = || vec![("node".to_string(), s.node.clone())];
+/// A gauge family `lb_NAME` with HELP `help`, registered in `r`.
+fn gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let f = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid name, help and labels");
+    r.register(Box::new(f.clone()))
+        .expect("each family is registered once");
+    f
+}
 
-    let role = family::<Gauge>(&mut r, "role", "This daemon's role (1 for the role it has)");
+/// The labels of the per-service families: a service as the tables name it.
+const SERVICE: &[&str] = &["service", "vip", "port", "protocol"];
+/// The labels of the per-server-line families.
+const SERVER: &[&str] = &["service", "server", "address", "port"];
+
+/// The exposition text for `s`, in [`CONTENT_TYPE`]. A family with no samples (no services,
+/// say) is left out whole, HELP and TYPE too.
+pub fn render(s: &Snapshot) -> String {
+    let r = Registry::new_custom(Some("lb".into()), None).expect("a valid prefix");
+    let node = s.node.as_str();
+
+    let role = gauges(
+        &r,
+        "role",
+        "This daemon's role (1 for the role it has)",
+        &["node", "role"],
+    );
     for name in ["primary", "backup", "idle", "node"] {
-        let mut l = node();
-        l.push(("role".into(), name.into()));
-        role.get_or_create(&l).set((s.role == name) as i64);
+        role.with_label_values(&[node, name])
+            .set((s.role == name) as i64);
     }
 
-    let stat = family::<Counter>(
-        &mut r,
-        "dataplane_packets",
+    let stat = counters(
+        &r,
+        "dataplane_packets_total",
         "Packets seen by the dataplane, by counter (outcomes add up to `packets`)",
+        &["node", "counter"],
     );
     for (name, v) in &s.stat {
-        let mut l = node();
-        l.push(("counter".into(), (*name).into()));
-        stat.get_or_create(&l).inc_by(*v);
+        stat.with_label_values(&[node, name]).inc_by(*v);
     }
-    let active = family::<Gauge>(
-        &mut r,
+    gauges(
+        &r,
         "active_connections",
         "Live connections (the stat table's third number)",
-    );
-    active
-        .get_or_create(&node())
-        .set(s.active_connections as i64);
+        &["node"],
+    )
+    .with_label_values(&[node])
+    .set(s.active_connections as i64);
 
-    let sp = family::<Counter>(&mut r, "service_packets", "Packets forwarded for a service");
-    let sb = family::<Counter>(&mut r, "service_bytes", "Bytes forwarded for a service");
-    let su = family::<Gauge>(
-        &mut r,
+    let sp = counters(
+        &r,
+        "service_packets_total",
+        "Packets forwarded for a service",
+        SERVICE,
+    );
+    let sb = counters(
+        &r,
+        "service_bytes_total",
+        "Bytes forwarded for a service",
+        SERVICE,
+    );
+    let su = gauges(
+        &r,
         "service_up",
         "1 when at least one server can take connections",
+        SERVICE,
     );
-    let sa = family::<Gauge>(
-        &mut r,
+    let sa = gauges(
+        &r,
         "service_active_connections",
         "Live connections of a service",
+        SERVICE,
     );
     for v in &s.services {
-        let l = vec![
-            ("service".into(), v.name.clone()),
-            ("vip".into(), v.vip.clone()),
-            ("port".into(), v.port.to_string()),
-            ("protocol".into(), v.proto.into()),
-        ];
-        sp.get_or_create(&l).inc_by(v.packets);
-        sb.get_or_create(&l).inc_by(v.bytes);
-        su.get_or_create(&l).set(v.up as i64);
-        sa.get_or_create(&l).set(v.active as i64);
+        let port = v.port.to_string();
+        let l = [v.name.as_str(), &v.vip, &port, v.proto];
+        sp.with_label_values(&l).inc_by(v.packets);
+        sb.with_label_values(&l).inc_by(v.bytes);
+        su.with_label_values(&l).set(v.up as i64);
+        sa.with_label_values(&l).set(v.active as i64);
     }
 
-    let vp = family::<Counter>(
-        &mut r,
-        "server_packets",
+    let vp = counters(
+        &r,
+        "server_packets_total",
         "Packets forwarded to or from a server",
+        SERVER,
     );
-    let vb = family::<Counter>(
-        &mut r,
-        "server_bytes",
+    let vb = counters(
+        &r,
+        "server_bytes_total",
         "Bytes forwarded to or from a server",
+        SERVER,
     );
-    let vu = family::<Gauge>(
-        &mut r,
+    let vu = gauges(
+        &r,
         "server_up",
         "1 when the server takes new connections",
+        SERVER,
     );
-    let vw = family::<Gauge>(&mut r, "server_weight", "The weight in force");
-    let va = family::<Gauge>(
-        &mut r,
+    let vw = gauges(&r, "server_weight", "The weight in force", SERVER);
+    let va = gauges(
+        &r,
         "server_active_connections",
         "Live connections on a server",
+        SERVER,
     );
     for v in &s.servers {
-        let l = vec![
-            ("service".into(), v.service.clone()),
-            ("server".into(), v.server.clone()),
-            ("address".into(), v.address.clone()),
-            ("port".into(), v.port.to_string()),
-        ];
-        vp.get_or_create(&l).inc_by(v.packets);
-        vb.get_or_create(&l).inc_by(v.bytes);
-        vu.get_or_create(&l).set(v.up as i64);
-        vw.get_or_create(&l).set(v.weight as i64);
-        va.get_or_create(&l).set(v.active as i64);
+        let port = v.port.to_string();
+        let l = [v.service.as_str(), &v.server, &v.address, &port];
+        vp.with_label_values(&l).inc_by(v.packets);
+        vb.with_label_values(&l).inc_by(v.bytes);
+        vu.with_label_values(&l).set(v.up as i64);
+        vw.with_label_values(&l).set(v.weight as i64);
+        va.with_label_values(&l).set(v.active as i64);
     }
 
-    let rej = family::<Counter>(
-        &mut r,
-        "ha_rejected_messages",
+    let rej = counters(
+        &r,
+        "ha_rejected_messages_total",
         "ATM messages refused: malformed, other cluster, failed authentication, replayed",
+        &["node", "reason"],
     );
     for (reason, v) in &s.ha_rejected {
-        let mut l = node();
-        l.push(("reason".into(), (*reason).into()));
-        rej.get_or_create(&l).inc_by(*v);
+        rej.with_label_values(&[node, reason]).inc_by(*v);
     }
 
-    let mut out = String::new();
-    encode(&mut out, &r).expect("writing to a String cannot fail");
-    out
+    TextEncoder::new()
+        .encode_to_string(&r.gather())
+        .expect("every family has a name, HELP and samples of its type")
 }
 
 /// Serves `GET /metrics` on `addr` in a thread of its own.
@@ -189,7 +207,7 @@ pub fn serve(addr: SocketAddr, tx: mpsc::Sender<Call>) -> std::io::Result<()> {
                         Some(t) if resp.ok => tiny_http::Response::from_string(t).with_header(
                             tiny_http::Header::from_bytes(
                                 &b"Content-Type"[..],
-                                &b"text/plain; version=0.0.4; charset=utf-8"[..],
+                                CONTENT_TYPE.as_bytes(),
                             )
                             .expect("a valid header"),
                         ),
@@ -207,11 +225,13 @@ pub fn serve(addr: SocketAddr, tx: mpsc::Sender<Call>) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use prometheus::TEXT_FORMAT;
+
     use super::*;
 
-    #[test]
-    fn renders_prometheus_text() {
-        let s = Snapshot {
+    /// A snapshot with a sample in every family.
+    fn full() -> Snapshot {
+        Snapshot {
             node: "atm1".into(),
             role: "primary".into(),
             stat: vec![("vip_packets", 10), ("drop_malformed", 2)],
@@ -226,29 +246,114 @@ mod tests {
                 bytes: 1000,
                 active: 3,
             }],
-            servers: vec![],
+            servers: vec![ServerMetrics {
+                service: "http".into(),
+                server: "web1".into(),
+                address: "192.0.2.11".into(),
+                port: 80,
+                up: true,
+                weight: 2,
+                packets: 10,
+                bytes: 1000,
+                active: 3,
+            }],
             ha_rejected: vec![("replay", 2)],
-        };
-        let t = render(&s);
-        assert!(t.contains("# TYPE lb_dataplane_packets counter"), "{t}");
+        }
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let t = render(&full());
+        // The text format names counters with their `_total`; labels come sorted by name.
         assert!(
-            t.contains(r#"lb_dataplane_packets_total{node="atm1",counter="vip_packets"} 10"#),
+            t.contains("# TYPE lb_dataplane_packets_total counter\n"),
             "{t}"
         );
         assert!(
-            t.contains(r#"lb_role{node="atm1",role="primary"} 1"#),
+            t.contains("lb_dataplane_packets_total{counter=\"vip_packets\",node=\"atm1\"} 10\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lb_role{node=\"atm1\",role=\"primary\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lb_role{node=\"atm1\",role=\"backup\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lb_active_connections{node=\"atm1\"} 3\n"),
             "{t}"
         );
         assert!(
             t.contains(
-                r#"lb_service_up{service="http",vip="192.0.2.100",port="80",protocol="tcp"} 1"#
+                "lb_service_up{port=\"80\",protocol=\"tcp\",service=\"http\",vip=\"192.0.2.100\"} 1\n"
             ),
             "{t}"
         );
         assert!(
-            t.contains(r#"lb_ha_rejected_messages_total{node="atm1",reason="replay"} 2"#),
+            t.contains(
+                "lb_server_weight{address=\"192.0.2.11\",port=\"80\",server=\"web1\",service=\"http\"} 2\n"
+            ),
             "{t}"
         );
-        assert!(t.ends_with("# EOF\n"), "{t}");
+        assert!(
+            t.contains("lb_ha_rejected_messages_total{node=\"atm1\",reason=\"replay\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("# EOF"),
+            "OpenMetrics' end marker in 0.0.4 text:\n{t}"
+        );
+    }
+
+    /// What promtool's lint asks of every family, checked here without promtool (the test
+    /// tier runs promtool itself on a real daemon's scrape).
+    #[test]
+    fn every_family_has_help_and_type_and_counters_end_in_total() {
+        let t = render(&full());
+        let mut families = Vec::new();
+        for line in t.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            if !families.contains(&name) {
+                families.push(name);
+            }
+        }
+        assert_eq!(families.len(), 13, "{t}");
+        for name in families {
+            assert!(
+                t.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}:\n{t}"
+            );
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            assert!(
+                t.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} is not a {kind}:\n{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_family_is_left_out_whole() {
+        let t = render(&Snapshot {
+            services: vec![],
+            servers: vec![],
+            ..full()
+        });
+        assert!(!t.contains("lb_service"), "{t}");
+        assert!(!t.contains("lb_server"), "{t}");
+        assert!(t.contains("# HELP lb_role "), "{t}");
+    }
+
+    #[test]
+    fn content_type_names_the_format_written() {
+        assert!(
+            CONTENT_TYPE.starts_with(TEXT_FORMAT),
+            "{CONTENT_TYPE} vs {TEXT_FORMAT}"
+        );
     }
 }

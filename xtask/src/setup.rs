@@ -51,6 +51,10 @@ const PACKAGES: &[Package] = &[
         name: "systemd",
         why: "systemd-analyze, with which the tests verify and rate dist/lb-daemon.service",
     },
+    Package {
+        name: "prometheus",
+        why: "promtool, with which the tests check that /metrics is valid, linted Prometheus text",
+    },
 ];
 
 /// The peers `cargo xtask bench` measures lb against (nftables is in [`PACKAGES`]).
