@@ -1,7 +1,8 @@
 //! Tier 3: VLAN-tagged frames are never balanced as untagged ones. The lab's veths carry tags
 //! as metadata by default (tx VLAN offload), where XDP cannot see them; the daemon turns that
-//! off on the switch port facing its interface, so lb_xdp sees the tag and passes the frame
-//! to the stack, which has no VLAN device for it. Untagged traffic is balanced as before.
+//! off on the switch port facing its interface, so lb_xdp sees the tag, counts the frame as
+//! `tagged` and passes it to the stack, which has no VLAN device for it. Untagged traffic is
+//! balanced as before.
 
 use std::{
     io::{Read, Write},
@@ -182,6 +183,25 @@ fn tagged_syns_received(fd: &OwnedFd) -> usize {
     }
 }
 
+/// The dataplane's `tagged` counter, from the daemon's /metrics.
+fn tagged_counter(lab: &Lab, d: &Daemon) -> u64 {
+    let text = {
+        let _in = lab.ns(&d.ns).enter();
+        ureq::get(&format!("http://{}/metrics", d.metrics))
+            .call()
+            .expect("GET /metrics")
+            .into_string()
+            .unwrap()
+    };
+    let line = r#"lb_dataplane_packets_total{node="atm1",counter="tagged"} "#;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line))
+        .unwrap_or_else(|| panic!("no {line:?} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Sends the tagged SYNs from the client to the ATM's MAC: [`DOT1Q`] with an 802.1Q tag
 /// (VLAN 100), then [`DOT1AD`] with an 802.1ad one (VLAN 200).
 fn send_tagged_syns(lab: &Lab) {
@@ -266,6 +286,9 @@ fn tagged_syns_are_not_balanced_and_untagged_traffic_is() {
         "{reached} of {} tagged SYNs reached a server as untagged new connections",
         DOT1Q + DOT1AD
     );
+
+    // They reached lb_xdp with their tag, and it passed them.
+    assert_eq!(tagged_counter(&lab, &d), u64::from(DOT1Q + DOT1AD));
 
     // The daemon said why, and the switch port facing the ATM keeps tags in the frame.
     d.wait_log(
