@@ -546,10 +546,13 @@ pub enum Stat {
     /// NAT port (a reply whose entry is missing). The entry may still be on its way from the
     /// old primary; the peer retransmits. Later such packets pass to the stack.
     DropNoConnection,
+    /// 802.1Q- or 802.1ad-tagged frames (the tag in the frame), passed to the stack: lb
+    /// balances untagged traffic only (also counted as passed).
+    Tagged,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::DropNoConnection as u32 + 1;
+    pub const COUNT: u32 = Stat::Tagged as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Packets,
         Stat::VipPackets,
@@ -569,6 +572,7 @@ impl Stat {
         Stat::SyncLost,
         Stat::DropOrphaned,
         Stat::DropNoConnection,
+        Stat::Tagged,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -590,6 +594,7 @@ impl Stat {
             Stat::SyncLost => "sync_lost",
             Stat::DropOrphaned => "drop_orphaned",
             Stat::DropNoConnection => "drop_no_connection",
+            Stat::Tagged => "tagged",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".

@@ -2272,6 +2272,7 @@ fn load_dataplane(
     let mut dp = Dataplane::load(caps).context("loading the dataplane")?;
     let mut attached = Vec::new();
     for i in interfaces {
+        crate::vlan::expose_tags(i);
         let mode = dp.attach(i, AttachMode::Auto)?;
         info!(
             "Dataplane loaded: lb_xdp attached to {i} in {} mode",

@@ -16,3 +16,4 @@ pub mod outbox;
 pub mod services;
 pub mod sync;
 pub mod tables;
+pub mod vlan;

@@ -419,7 +419,13 @@ fn balance(ctx: &XdpContext) -> Outcome {
         return Outcome::Drop(Stat::DropMalformed);
     };
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).proto } != ETH_P_IP_BE {
+    let proto = unsafe { (*eth).proto };
+    if proto != ETH_P_IP_BE {
+        // The daemon keeps tags in the frame (vlan.rs), so tagged traffic is never taken for
+        // untagged; counted, since the stack drops it unless a VLAN device takes it.
+        if proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE {
+            count(Stat::Tagged, 1);
+        }
         return Outcome::Pass;
     }
     let Some(iph) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {

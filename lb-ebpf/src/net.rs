@@ -7,6 +7,9 @@ pub const IPV4_HLEN: usize = 20;
 pub const ICMP_HLEN: usize = 8;
 /// 0x0800 as it sits in the frame.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// 802.1Q and 802.1ad tags (0x8100, 0x88a8) as they sit in the frame.
+pub const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
+pub const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
 pub const IP_MF: u16 = 0x2000;
 pub const IP_OFFMASK: u16 = 0x1fff;
 /// The don't-fragment bit as it sits in the frame.

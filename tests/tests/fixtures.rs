@@ -815,6 +815,19 @@ fn dataplane_fixtures() {
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
     fx.push(Fixture::new("arp passes", arp, XDP_PASS));
+    // A tagged frame is VLAN traffic, never balanced as untagged (docs/DATAPLANE.md, "VLANs").
+    for (tpid, what) in [(0x8100u16, "802.1Q"), (0x88a8, "802.1ad")] {
+        let syn = from_client(40001, VIP, 80, SYN, b"");
+        let mut frame = syn[..12].to_vec();
+        frame.extend_from_slice(&tpid.to_be_bytes());
+        frame.extend_from_slice(&100u16.to_be_bytes());
+        frame.extend_from_slice(&syn[12..]);
+        fx.push(Fixture::new(
+            format!("{what}-tagged SYN to the VIP passes"),
+            frame,
+            XDP_PASS,
+        ));
+    }
 
     // --- malformed: dropped, never forwarded.
     let syn = from_client(40200, VIP, 80, SYN, b"");
@@ -973,6 +986,7 @@ fn dataplane_fixtures() {
         "{s:?}"
     );
     assert_eq!(s.get(Stat::DropMalformed), 8, "{s:?}");
+    assert_eq!(s.get(Stat::Tagged), 2, "{s:?}");
 
     // NAT connections are two entries; the reply leg records the client.
     let conns = b.dp.connections().unwrap();
