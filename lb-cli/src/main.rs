@@ -19,7 +19,9 @@ use serde_json::Value;
 #[command(
     name = "lb-cli",
     version,
-    about = "Operate an lb cluster: status, tables, drills"
+    about = "Operate an lb cluster: status, tables, drills",
+    after_help = "Exit status: 0 done; 1 refused or failed (the reason on standard error); \
+                  2 a command line that does not parse."
 )]
 struct Cli {
     /// The daemon's control socket.

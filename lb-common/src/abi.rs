@@ -485,7 +485,10 @@ pub struct Settings {
     /// `nat_pool_len` of them are in use.
     pub nat_pool: [u32; NAT_POOL_MAX],
     pub nat_pool_len: u32,
-    pub _pad2: u32,
+    /// NAT: added to every server's cursor. Each ATM draws its own when it becomes primary,
+    /// so a new primary does not search from where the old one was handing out pairs in
+    /// the moments before their records reached it.
+    pub nat_cursor_base: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 160);
 

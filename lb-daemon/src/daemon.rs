@@ -147,6 +147,8 @@ struct Atm {
     /// exhaustion started (see `watch_nat_ports`).
     nat_drops_seen: u64,
     nat_burst: Option<u64>,
+    /// See `Settings::nat_cursor_base`; drawn anew on becoming primary.
+    nat_cursor_base: u32,
     /// Counts the dataplanes this ATM has had (a resize makes a new one): work on the old
     /// one's connection table that reports late is ignored.
     generation: u64,
@@ -603,7 +605,7 @@ impl Daemon {
                 .map_or(0, |n| n.time_wait as u64 * 1_000_000_000),
             nat_pool,
             nat_pool_len,
-            _pad2: 0,
+            nat_cursor_base: self.atm.as_ref().map_or(0, |a| a.nat_cursor_base),
         }
     }
 
@@ -672,6 +674,7 @@ impl Daemon {
             generation: 0,
             nat_drops_seen: 0,
             nat_burst: None,
+            nat_cursor_base: 0,
         });
         self.start_ha(index, ifindex, key).await?;
         info!("Starting as backup ATM");
@@ -827,6 +830,9 @@ impl Daemon {
         };
         if let Some(a) = self.atm.as_mut() {
             a.settle_until_ns = dataplane::now_ns() + SETTLE.as_nanos() as u64;
+            // A fresh place to hand NAT pairs out from (see Settings::nat_cursor_base).
+            a.nat_cursor_base = (dataplane::now_ns() ^ (std::process::id() as u64) << 20)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15) as u32;
         }
         let settings = self.settings(true);
         let servers = self.server_addrs();
@@ -1060,8 +1066,13 @@ impl Daemon {
         let Some(ha) = self.ha.as_mut() else { return };
         let Some(key) = ha.key.as_ref() else { return };
         let checked = ha::decode(&cluster, key, bytes).and_then(|m| {
-            if m.sender as usize >= ha.peers.len() || m.sender as usize == me {
+            if m.sender as usize >= ha.peers.len() {
                 return Err(Reject::Malformed);
+            }
+            if m.sender as usize == me {
+                // Authenticated with our key and naming us: one of our own messages, sent
+                // back (a reflection or a replay), not a malformed one.
+                return Err(Reject::Replay);
             }
             ha.replay.check(&m).map(|()| m)
         });

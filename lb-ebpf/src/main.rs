@@ -904,11 +904,12 @@ fn nat_reserve(
     let server = SERVERS.get_ptr_mut(id)?;
     // SAFETY: a map value. Two CPUs racing here may start from the same pair; the reply
     // leg goes in with BPF_NOEXIST, so only one of them takes it and the other goes on.
-    let start = unsafe {
+    let cursor = unsafe {
         let c = (*server).nat_cursor;
         (*server).nat_cursor = c.wrapping_add(1);
         c
     };
+    let start = cursor.wrapping_add(settings.nat_cursor_base);
     let (saddr, sport) = unsafe { ((*server).addr, (*server).port) };
     let (smac, dmac) = match ptr_at::<EthHdr>(ctx, 0) {
         // SAFETY: bounds checked by ptr_at.
@@ -954,8 +955,8 @@ fn nat_reserve(
     if let Some(s) = SERVERS.get_ptr_mut(id) {
         // SAFETY: a map value.
         unsafe {
-            if (*s).nat_cursor == start.wrapping_add(1) {
-                (*s).nat_cursor = start.wrapping_add(probe.found);
+            if (*s).nat_cursor == cursor.wrapping_add(1) {
+                (*s).nat_cursor = cursor.wrapping_add(probe.found);
             }
         }
     }

@@ -151,3 +151,31 @@ fn check_config_refuses_a_device_at_once() {
         start.elapsed()
     );
 }
+
+/// Usage errors exit 2 with the usage on standard error, as documented; the daemon's
+/// refusals exit 1 (see tests/tests/daemon.rs).
+#[test]
+fn lb_cli_usage_errors_exit_2() {
+    for args in [
+        &["nosuchverb"][..],
+        &["write", "timeout"],
+        &["cat"],
+        &["--bogus", "status"],
+    ] {
+        let out = std::process::Command::new(bin("lb-cli"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "lb-cli {args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Usage"),
+            "lb-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let help = std::process::Command::new(bin("lb-cli"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Exit status: 0 done; 1"));
+}

@@ -591,7 +591,19 @@ fn forged_and_replayed_heartbeats_change_nothing_and_are_counted() {
             sock.send_to(&captured, atm2).unwrap();
         }
     }
+    // atm1's own heartbeat sent back to it is a replay too, not a malformed message.
+    {
+        let _in = c.lab.ns("client").enter();
+        let sock = UdpSocket::bind((cluster::CLIENT, 0)).unwrap();
+        let atm1: SocketAddr = format!("{}:5780", cluster::atm_addr(1)).parse().unwrap();
+        for _ in 0..10 {
+            sock.send_to(&captured, atm1).unwrap();
+        }
+    }
     thread::sleep(Duration::from_millis(500));
+    let r1 = rejected(c.atm(1));
+    assert!(r1["replay"].as_u64().unwrap() >= 10, "{r1}");
+    assert_eq!(r1["malformed"].as_u64(), Some(0), "{r1}");
     let r = rejected(c.atm(2));
     assert!(r["authentication"].as_u64().unwrap() >= 20, "{r}");
     assert!(r["replay"].as_u64().unwrap() >= 20, "{r}");

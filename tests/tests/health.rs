@@ -584,7 +584,7 @@ fn drain_lets_an_open_connection_finish_while_new_ones_go_elsewhere() {
     };
     assert!(
         metrics.contains(&format!(
-            "lb_server_up{{service=\"http\",server=\"s3\",address=\"{}\",port=\"80\"}} 0",
+            "lb_server_up{{address=\"{}\",port=\"80\",server=\"s3\",service=\"http\"}} 0",
             cluster::server_addr(3)
         )),
         "{metrics}"

@@ -408,3 +408,196 @@ fn heartbeats_keep_their_interval_through_the_largest_resize_and_a_10_mb_reload(
         d.log()
     );
 }
+
+/// The config for two ATMs and servers 1-3 in direct mode, under cluster `name`, with the
+/// services `extra` adds.
+fn pair_config(name: &str, key: &Path, services: &[(&str, &str)]) -> String {
+    let mut c = format!(
+        r#"[cluster]
+name = "{name}"
+auth_key_file = "{key}"
+
+[[atm]]
+name = "atm1"
+address = "{a1}"
+interface = "eth0"
+
+[[atm]]
+name = "atm2"
+address = "{a2}"
+interface = "eth0"
+"#,
+        key = key.display(),
+        a1 = cluster::atm_addr(1),
+        a2 = cluster::atm_addr(2),
+    );
+    for (svc, vip) in services {
+        c += &format!(
+            "\n[[service]]\nname = \"{svc}\"\nvip = \"{vip}\"\nport = 80\nscheduler = \"rr\"\n\
+             [service.check]\nkind = \"none\"\n"
+        );
+        for i in 1..=3 {
+            c += &format!(
+                "[[service.server]]\nname = \"web{i}\"\naddress = \"{}\"\n",
+                cluster::server_addr(i)
+            );
+        }
+    }
+    c
+}
+
+fn write_key(lab: &mut Lab) -> PathBuf {
+    let path = lab.dir().join("authkey");
+    std::fs::write(&path, b"0123456789abcdef0123456789abcdef").unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Which ATMs hold `vip` on their interface.
+fn holders(lab: &Lab, vip: &str) -> Vec<usize> {
+    (1..=2)
+        .filter(|i| {
+            lab.ns(&cluster::atm(*i))
+                .exec_ok(&["ip", "-4", "addr", "show", "eth0"])
+                .contains(&format!("{vip}/32"))
+        })
+        .collect()
+}
+
+/// A renamed cluster would have each ATM send under the old name and listen for the new:
+/// both would think the other dead and take the VIP. The rename needs a restart; the reload
+/// is refused whole and says so, and the pair keeps one primary.
+#[test]
+fn renaming_the_cluster_on_reload_is_refused_and_the_pair_keeps_one_primary() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 2, 3);
+    let key = write_key(&mut lab);
+    let path = lab.dir().join("lb.toml");
+    std::fs::write(&path, pair_config("lab", &key, &[("http", cluster::VIP)])).unwrap();
+    let mut a1 = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    a1.wait_log("This ATM is primary", START);
+    let mut a2 = Daemon::start(&mut lab, &cluster::atm(2), &path, &[]);
+    a2.wait_log("ATM atm1 (192.0.2.2) is primary", START);
+
+    std::fs::write(
+        &path,
+        pair_config("renamed", &key, &[("http", cluster::VIP)]),
+    )
+    .unwrap();
+    for d in [&a1, &a2] {
+        let out = d.cli(&["reload"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Reload changes [cluster] name") && err.contains("restart the daemon"),
+            "{err}"
+        );
+    }
+    a1.signal(libc::SIGHUP);
+    a2.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(holders(&lab, cluster::VIP), vec![1], "one primary");
+    for d in [&a1, &a2] {
+        let log = d.log();
+        assert!(!log.contains("Reloaded"), "{log}");
+        assert!(!log.contains("Refused an ATM message"), "{log}");
+        assert!(
+            d.cli_ok(&["status"])
+                .contains("Cluster lab: atm1 is primary")
+        );
+    }
+    assert!(!a2.log().contains("Elected primary"));
+}
+
+/// A real server applies a reload as an ATM does: a new direct-routing VIP goes on its `lo`
+/// (else the VIP's requests reach it and are refused), a removed one comes off.
+#[test]
+fn a_node_takes_up_a_new_vip_on_reload_and_lets_a_removed_one_go() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 1, 3);
+    let key = write_key(&mut lab);
+    let vip2 = "192.0.2.101";
+    for i in 1..=3 {
+        let ns = cluster::server(i);
+        lab.nginx(&ns, &ns, &[80]);
+    }
+    let path = lab.dir().join("lb.toml");
+    let one = pair_config("lab", &key, &[("http", cluster::VIP)]);
+    std::fs::write(&path, &one).unwrap();
+    let mut atm = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    atm.wait_log("This ATM is primary", START);
+    let mut nodes: Vec<Daemon> = (1..=3)
+        .map(|i| Daemon::start(&mut lab, &cluster::server(i), &path, &[]))
+        .collect();
+    for n in &mut nodes {
+        n.wait_log("VIP 192.0.2.100 configured on lo:cs0", START);
+    }
+    let lo = |lab: &Lab, i: usize| {
+        lab.ns(&cluster::server(i))
+            .exec_ok(&["ip", "-4", "addr", "show", "lo"])
+    };
+    let get = |lab: &Lab, vip: &str| -> usize {
+        let _in = lab.ns("client").enter();
+        let vip: std::net::Ipv4Addr = vip.parse().unwrap();
+        (0..6)
+            .filter(|_| {
+                use std::io::{Read, Write};
+                let Ok(mut s) =
+                    std::net::TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(2))
+                else {
+                    return false;
+                };
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                let mut b = String::new();
+                s.read_to_string(&mut b).is_ok() && b.contains("200 OK")
+            })
+            .count()
+    };
+    assert_eq!(get(&lab, cluster::VIP), 6);
+
+    // A second service on a new VIP.
+    std::fs::write(
+        &path,
+        pair_config("lab", &key, &[("http", cluster::VIP), ("www", vip2)]),
+    )
+    .unwrap();
+    atm.signal(libc::SIGHUP);
+    for n in &nodes {
+        n.signal(libc::SIGHUP);
+    }
+    atm.wait_log("Reloaded: 1 services added", Duration::from_secs(10));
+    for n in &mut nodes {
+        n.wait_log(
+            "Reloaded (node role): VIP 192.0.2.101 configured on lo:cs0",
+            Duration::from_secs(10),
+        );
+    }
+    for i in 1..=3 {
+        assert!(
+            lo(&lab, i).contains(&format!("{vip2}/32")),
+            "{}",
+            lo(&lab, i)
+        );
+    }
+    assert_eq!(get(&lab, vip2), 6, "the new VIP answers");
+
+    // The first service goes.
+    std::fs::write(&path, pair_config("lab", &key, &[("www", vip2)])).unwrap();
+    for n in &nodes {
+        n.signal(libc::SIGHUP);
+    }
+    for n in &mut nodes {
+        n.wait_log(
+            "Reloaded (node role): VIP 192.0.2.100 removed from lo:cs0",
+            Duration::from_secs(10),
+        );
+    }
+    for i in 1..=3 {
+        assert!(
+            !lo(&lab, i).contains(&format!("{}/32", cluster::VIP)),
+            "{}",
+            lo(&lab, i)
+        );
+    }
+}

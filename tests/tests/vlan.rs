@@ -193,7 +193,7 @@ fn tagged_counter(lab: &Lab, d: &Daemon) -> u64 {
             .into_string()
             .unwrap()
     };
-    let line = r#"lb_dataplane_packets_total{node="atm1",counter="tagged"} "#;
+    let line = r#"lb_dataplane_packets_total{counter="tagged",node="atm1"} "#;
     text.lines()
         .find_map(|l| l.strip_prefix(line))
         .unwrap_or_else(|| panic!("no {line:?} in:\n{text}"))
