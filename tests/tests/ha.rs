@@ -179,11 +179,15 @@ impl Cluster {
     }
 }
 
-/// One HTTP request on a new connection from the client; the body, or why it failed.
+/// One HTTP request on a new connection from the client, all of it within `timeout`; the
+/// body, or why it failed.
 fn request(timeout: Duration) -> Result<String, String> {
     let agent = ureq::AgentBuilder::new()
         .max_idle_connections(0)
         .timeout(timeout)
+        // Else connecting may take ureq's own 30 s, whatever `timeout` says: a SYN into a
+        // black hole would hold up the test that long.
+        .timeout_connect(timeout)
         .build();
     agent
         .get(&format!("http://{}/", cluster::VIP))
