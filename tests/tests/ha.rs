@@ -35,7 +35,8 @@ const NO_CHECK: &str = "kind = \"none\"\n";
 const HTTP_CHECK: &str =
     "kind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n";
 
-fn config(method: Method, check: &str) -> String {
+/// The config of a cluster of `atms` ATMs (atm1 listed first) and three servers.
+fn config(method: Method, check: &str, atms: usize) -> String {
     let (nat, port) = match method {
         Method::Nat => (
             format!(
@@ -57,16 +58,7 @@ heartbeat_ms = {HEARTBEAT_MS}
 dead_after = 3
 
 {nat}
-[[atm]]
-name = "atm1"
-address = "{a1}"
-interface = "eth0"
-
-[[atm]]
-name = "atm2"
-address = "{a2}"
-interface = "eth0"
-
+{atm_list}
 [[service]]
 name = "http"
 vip = "{vip}"
@@ -74,8 +66,13 @@ port = 80
 scheduler = "maglev"
 [service.check]
 {check}"#,
-        a1 = cluster::atm_addr(1),
-        a2 = cluster::atm_addr(2),
+        atm_list = (1..=atms)
+            .map(|i| format!(
+                "[[atm]]\nname = \"{}\"\naddress = \"{}\"\ninterface = \"eth0\"\n\n",
+                cluster::atm(i),
+                cluster::atm_addr(i)
+            ))
+            .collect::<String>(),
         vip = cluster::VIP,
     );
     for i in 1..=3 {
@@ -92,9 +89,9 @@ scheduler = "maglev"
     c
 }
 
-/// Writes the cluster key (with file mode `key_mode`) and the config into the lab's
-/// directory; returns the config's path.
-fn write_config(lab: &mut Lab, method: Method, check: &str, key_mode: u32) -> PathBuf {
+/// Writes the cluster key (with file mode `key_mode`) and the config of `atms` ATMs into the
+/// lab's directory; returns the config's path.
+fn write_config(lab: &mut Lab, method: Method, check: &str, atms: usize, key_mode: u32) -> PathBuf {
     let dir = lab.dir();
     let key = dir.join("authkey");
     std::fs::write(&key, KEY).unwrap();
@@ -102,14 +99,14 @@ fn write_config(lab: &mut Lab, method: Method, check: &str, key_mode: u32) -> Pa
     let path = dir.join("lb.toml");
     std::fs::write(
         &path,
-        config(method, check).replace("AUTHKEY", key.to_str().unwrap()),
+        config(method, check, atms).replace("AUTHKEY", key.to_str().unwrap()),
     )
     .unwrap();
     path
 }
 
-/// The lab, the config path, and every daemon running: servers (node role), atm1 primary,
-/// atm2 backup.
+/// The lab, the config path, and every daemon running: servers (node role) and the ATMs,
+/// by default atm1 primary and atm2 backup.
 struct Cluster {
     // Fields drop in order: the daemons must stop (and unmount) before the lab goes.
     atms: Vec<Option<Daemon>>,
@@ -124,9 +121,16 @@ impl Cluster {
     }
 
     fn with_check(method: Method, check: &str) -> Cluster {
+        Cluster::started_in_order(method, check, &[1, 2])
+    }
+
+    /// ATMs `order` (1-based; as many as it names) started one after the other: the first
+    /// becomes primary and, without preemption, stays so; each later one waits to see it.
+    fn started_in_order(method: Method, check: &str, order: &[usize]) -> Cluster {
+        let n = order.len();
         let mut lab = Lab::new();
-        cluster::build(&mut lab, 2, 3);
-        let path = write_config(&mut lab, method, check, 0o600);
+        cluster::build(&mut lab, n, 3);
+        let path = write_config(&mut lab, method, check, n, 0o600);
         let mut nodes = Vec::new();
         for i in 1..=3 {
             let ns = cluster::server(i);
@@ -135,14 +139,26 @@ impl Cluster {
             d.wait_log("Control socket", START);
             nodes.push(d);
         }
-        let mut a1 = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
-        a1.wait_log("This ATM is primary", START);
-        let mut a2 = Daemon::start(&mut lab, &cluster::atm(2), &path, &[]);
-        a2.wait_log("ATM atm1 (192.0.2.2) is primary", START);
+        let mut atms: Vec<Option<Daemon>> = (0..n).map(|_| None).collect();
+        let first = order[0];
+        let primary_seen = format!(
+            "ATM {} ({}) is primary",
+            cluster::atm(first),
+            cluster::atm_addr(first)
+        );
+        for (k, &i) in order.iter().enumerate() {
+            let mut d = Daemon::start(&mut lab, &cluster::atm(i), &path, &[]);
+            if k == 0 {
+                d.wait_log("This ATM is primary", START);
+            } else {
+                d.wait_log(&primary_seen, START);
+            }
+            atms[i - 1] = Some(d);
+        }
         Cluster {
             lab,
             path,
-            atms: vec![Some(a1), Some(a2)],
+            atms,
             _nodes: nodes,
         }
     }
@@ -158,7 +174,7 @@ impl Cluster {
 
     /// Which ATMs hold the VIP on their interface right now.
     fn vip_holders(&self) -> Vec<usize> {
-        (1..=2)
+        (1..=self.atms.len())
             .filter(|i| {
                 let out = std::process::Command::new("ip")
                     .args([
@@ -464,7 +480,7 @@ fn after_a_cut_heartbeat_path_heals_exactly_one_primary_holds_the_vip() {
 fn an_atm_refuses_to_start_with_a_key_others_can_read() {
     let mut lab = Lab::new();
     cluster::build(&mut lab, 2, 0);
-    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 0o640);
+    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 2, 0o640);
     let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
     let status = d.wait_exit(START);
     assert!(!status.success(), "{status}");
