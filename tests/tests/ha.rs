@@ -1,8 +1,9 @@
-//! Tier 3: two ATMs, a client and three real servers on one segment, every machine running
-//! the real lb-daemon (the servers in node role). Failover by SIGKILL, no preemption, long
-//! transfers across a failover in each method (NAT also with real checks), how a backup
-//! judges NAT servers, heals after a cut heartbeat path, forged and replayed heartbeats, and
-//! promote/demote drills under client load.
+//! Tier 3: two ATMs (three in one test), a client and three real servers on one segment,
+//! every machine running the real lb-daemon (the servers in node role). Failover by SIGKILL,
+//! no preemption, a killed primary giving up the VIP at layer 2, long transfers across a
+//! failover in each method (NAT also with real checks), how a backup judges NAT servers,
+//! heals after a cut heartbeat path, forged and replayed heartbeats, and promote/demote
+//! drills under client load.
 
 use std::{
     io::Read,
@@ -781,4 +782,177 @@ fn a_backup_judges_nat_servers_only_when_it_can_reach_them() {
         server_state(a2, &s3_line) == "up"
     });
     assert_eq!(server_state(a2, "203.0.113.11:8080"), "up");
+}
+
+/// The client's neighbour entry for the VIP, as `ip neigh` shows it.
+fn client_neigh(c: &Cluster) -> String {
+    c.lab
+        .ns("client")
+        .exec_ok(&["ip", "neigh", "show", cluster::VIP, "dev", "eth0"])
+        .trim()
+        .to_string()
+}
+
+/// The MAC address of ATM `i`'s interface.
+fn atm_mac(c: &Cluster, i: usize) -> String {
+    let out = c
+        .lab
+        .ns(&cluster::atm(i))
+        .exec_ok(&["ip", "-br", "link", "show", "dev", "eth0"]);
+    out.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC in {out}"))
+        .to_string()
+}
+
+/// Adds a request's start (from the kill), outcome and the client's neighbour entry for the
+/// VIP to `timeline`; returns the whole of it.
+fn note(
+    timeline: &mut Vec<String>,
+    t: Duration,
+    r: &Result<String, String>,
+    c: &Cluster,
+) -> String {
+    let r = match r {
+        Ok(body) => body.trim().to_string(),
+        Err(e) => e.clone(),
+    };
+    timeline.push(format!("{:>5} ms {r} | {}", t.as_millis(), client_neigh(c)));
+    timeline.join("\n")
+}
+
+/// How soon after a SIGKILL of the primary requests succeed again when the client missed
+/// the new primary's first gratuitous ARPs: the election takes 300 ms, the first of its later
+/// gratuitous ARPs comes 1 s after that, and a request sent just before it waits out its
+/// timeout (`TRY`). 1.85 s, and room for a busy machine.
+const BACK_WITHIN: Duration = Duration::from_secs(3);
+/// A request's timeout in these tests: one takes a few milliseconds in the lab.
+const TRY: Duration = Duration::from_millis(500);
+
+/// The client loses every gratuitous ARP for the VIP (nftables' arp family) until the
+/// returned guard drops.
+struct LostAnnouncements<'a>(&'a lb_tests::netns::NetNs);
+
+impl<'a> LostAnnouncements<'a> {
+    fn start(client: &'a lb_tests::netns::NetNs) -> Self {
+        client.exec_ok(&["nft", "add table arp lbgarp"]);
+        client.exec_ok(&[
+            "nft",
+            "add chain arp lbgarp input { type filter hook input priority 0 ; }",
+        ]);
+        client.exec_ok(&[
+            "nft",
+            &format!(
+                "add rule arp lbgarp input arp operation request arp saddr ip {} drop",
+                cluster::VIP
+            ),
+        ]);
+        LostAnnouncements(client)
+    }
+}
+
+impl Drop for LostAnnouncements<'_> {
+    fn drop(&mut self) {
+        self.0.exec_ok(&["nft", "delete table arp lbgarp"]);
+    }
+}
+
+/// SIGKILL of a primary whose kernel keeps the VIP alias: atm`n`, started first, so that
+/// atm1, the highest-listed, takes over. Two ways the dead ATM used to keep clients:
+/// 1. The client misses the new primary's first gratuitous ARPs (here it drops those of the
+///    first second). Its entry still names the dead ATM, whose kernel answered its unicast
+///    probes: only later gratuitous ARPs move it.
+/// 2. Once the announcements are over, a client resolves the VIP afresh (a new host, an
+///    entry that expired; here the client's is flushed). Its broadcast reaches the dead ATM
+///    before atm1 (the bridge floods to the later-added port first), whose kernel answered
+///    first: the orphaned dataplane must drop such requests.
+///
+/// Either way the client's entry was REACHABLE at the dead ATM's MAC and every request
+/// failed there.
+fn a_killed_primary_gives_up_the_vip(n: usize) {
+    let order: Vec<usize> = (1..=n).rev().collect();
+    let mut c = Cluster::started_in_order(Method::Direct, NO_CHECK, &order);
+    assert_eq!(c.vip_holders(), vec![n], "atm{n} started first");
+    let (dead, new) = (atm_mac(&c, n), atm_mac(&c, 1));
+    let client = c.lab.ns("client");
+    let get = |timeout: Duration| {
+        let _in = client.enter();
+        request(timeout)
+    };
+    for _ in 0..3 {
+        get(Duration::from_secs(5)).unwrap();
+    }
+    let neigh = client_neigh(&c);
+    assert!(neigh.contains(&dead), "the VIP at atm{n} ({dead}): {neigh}");
+    let mut timeline = vec![format!("before the kill | {neigh}")];
+
+    // 1. The first second's announcements are lost.
+    let lost = LostAnnouncements::start(client);
+    c.atms[n - 1].as_mut().unwrap().kill();
+    let killed = Instant::now();
+    let window = Duration::from_secs(1);
+    let back = thread::scope(|s| {
+        s.spawn(move || {
+            thread::sleep(window);
+            drop(lost);
+        });
+        loop {
+            let t = killed.elapsed();
+            let r = get(TRY);
+            let log = note(&mut timeline, t, &r, &c);
+            // Until its lease ran out (600 ms), the dead ATM's program still forwarded.
+            if r.is_ok() && t >= window {
+                break t;
+            }
+            assert!(
+                killed.elapsed() < BACK_WITHIN,
+                "{n} ATMs: no request through the VIP succeeded within {BACK_WITHIN:?} of \
+                 the kill (atm{n} {dead}, atm1 {new}):\n{log}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    for _ in 0..5 {
+        let t = killed.elapsed();
+        let r = get(TRY);
+        let log = note(&mut timeline, t, &r, &c);
+        assert!(r.is_ok(), "{n} ATMs: 5 of 5 after recovering:\n{log}");
+    }
+    let neigh = client_neigh(&c);
+    assert!(neigh.contains(&new), "the VIP at atm1 ({new}): {neigh}");
+
+    // 2. After the new primary's last gratuitous ARP (4 s after its promotion), the client
+    // forgets the VIP and asks for it.
+    while killed.elapsed() < Duration::from_secs(6) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    client.exec_ok(&["ip", "neigh", "flush", "dev", "eth0"]);
+    timeline.push("flushed the client's neighbours".to_string());
+    for _ in 0..5 {
+        let t = killed.elapsed();
+        let r = get(TRY);
+        let log = note(&mut timeline, t, &r, &c);
+        assert!(
+            r.is_ok(),
+            "{n} ATMs: 5 of 5 after resolving the VIP afresh (atm{n} {dead}, atm1 {new}):\n{log}"
+        );
+    }
+    let neigh = client_neigh(&c);
+    assert!(neigh.contains(&new), "the VIP at atm1 ({new}): {neigh}");
+    eprintln!(
+        "{n} ATMs: requests through the VIP succeed again {} ms after SIGKILL of the \
+         primary (its first announcements lost)\n{}",
+        back.as_millis(),
+        timeline.join("\n")
+    );
+}
+
+#[test]
+fn a_killed_primary_gives_up_the_vip_three_atms() {
+    a_killed_primary_gives_up_the_vip(3);
+}
+
+#[test]
+fn a_killed_primary_gives_up_the_vip_two_atms() {
+    a_killed_primary_gives_up_the_vip(2);
 }
