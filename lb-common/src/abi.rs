@@ -467,7 +467,8 @@ pub struct Settings {
     /// `bpf_ktime_get_ns()` until which the daemon vouches for this record; 0 = always.
     /// The daemon renews it every heartbeat. If the daemon dies (the program stays attached),
     /// an active ATM past its lease drops service traffic instead of handing it to the stack,
-    /// whose VIP alias would answer every packet of a connection with a reset.
+    /// whose VIP alias would answer every packet of a connection with a reset, and drops ARP
+    /// requests for the VIPs and the NAT address, which the stack would answer.
     pub lease_ns: u64,
     /// `bpf_ktime_get_ns()` until which a NAT packet of no known connection (a TCP segment
     /// other than a SYN for a NAT server, anything to a NAT port of the NAT address) is
@@ -552,10 +553,14 @@ pub enum Stat {
     /// 802.1Q- or 802.1ad-tagged frames (the tag in the frame), passed to the stack: lb
     /// balances untagged traffic only (also counted as passed).
     Tagged,
+    /// Outcome: an ARP request for a VIP or the NAT address on an ATM whose daemon stopped
+    /// renewing its lease. The kernel still holds the aliases and would answer, winning
+    /// clients back from the ATM that took over into the orphan's `DropOrphaned`.
+    DropFenced,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::Tagged as u32 + 1;
+    pub const COUNT: u32 = Stat::DropFenced as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Packets,
         Stat::VipPackets,
@@ -576,6 +581,7 @@ impl Stat {
         Stat::DropOrphaned,
         Stat::DropNoConnection,
         Stat::Tagged,
+        Stat::DropFenced,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -598,10 +604,11 @@ impl Stat {
             Stat::DropOrphaned => "drop_orphaned",
             Stat::DropNoConnection => "drop_no_connection",
             Stat::Tagged => "tagged",
+            Stat::DropFenced => "drop_fenced",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".
-    pub const DROPS: [Stat; 9] = [
+    pub const DROPS: [Stat; 10] = [
         Stat::DropMalformed,
         Stat::DropFragment,
         Stat::DropNoServer,
@@ -611,6 +618,7 @@ impl Stat {
         Stat::DropTooBig,
         Stat::DropOrphaned,
         Stat::DropNoConnection,
+        Stat::DropFenced,
     ];
 }
 
@@ -683,6 +691,17 @@ mod tests {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i, "{}", s.name());
         }
+    }
+
+    #[test]
+    fn drops_are_every_drop_outcome() {
+        let named: std::vec::Vec<&str> = Stat::ALL
+            .iter()
+            .map(|s| s.name())
+            .filter(|n| n.starts_with("drop_"))
+            .collect();
+        let drops: std::vec::Vec<&str> = Stat::DROPS.iter().map(|s| s.name()).collect();
+        assert_eq!(drops, named);
     }
 
     #[test]

@@ -66,6 +66,31 @@ const PROMOTE_WAIT: Duration = Duration::from_secs(32);
 /// know: the entries of the old primary's last connections may still be on their way.
 const SETTLE: Duration = Duration::from_secs(2);
 
+/// When a new primary sends its gratuitous ARPs, from the moment it holds the addresses.
+/// Three at once, 100 ms apart, move every neighbour that hears one. The later ones are for
+/// neighbours that did not: an announcement lost on a busy segment, a stack that ignores an
+/// update within `locktime` (1 s on Linux) of the last, or an entry a killed primary's kernel
+/// answered for until its dataplane fenced the VIP (its lease, twice the dead interval, may
+/// outlast the first three). Spaced out, they cost nothing; after 4 s the dead ATM is fenced
+/// and a neighbour's own probes find the new primary.
+const ANNOUNCE_AT: [Duration; 6] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
+/// Calls `round` with each round's number at each of the offsets `at` from now.
+async fn rounds_at(at: &[Duration], mut round: impl FnMut(usize)) {
+    let start = tokio::time::Instant::now();
+    for (i, t) in at.iter().enumerate() {
+        tokio::time::sleep_until(start + *t).await;
+        round(i);
+    }
+}
+
 /// NAT source ports handed out to connections (the range the dataplane probes). Below the
 /// kernel's own ephemeral ports (32768-60999 unless changed), which this ATM's connections
 /// from the NAT address (health checks of NAT servers) use: the dataplane takes a packet to
@@ -152,6 +177,9 @@ struct Atm {
     /// Counts the dataplanes this ATM has had (a resize makes a new one): work on the old
     /// one's connection table that reports late is ignored.
     generation: u64,
+    /// The gratuitous ARPs of the last promotion, while they go out (`ANNOUNCE_AT`): stopped
+    /// when this ATM stops being primary, lest a backup draw clients back to itself.
+    announcing: Option<tokio::task::AbortHandle>,
 }
 
 /// The real-server side of a node.
@@ -675,6 +703,7 @@ impl Daemon {
             nat_drops_seen: 0,
             nat_burst: None,
             nat_cursor_base: 0,
+            announcing: None,
         });
         self.start_ha(index, ifindex, key).await?;
         info!("Starting as backup ATM");
@@ -896,9 +925,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// Gratuitous ARPs for the VIPs and the NAT gateway, three times 100 ms apart, so clients,
-    /// routers and servers reach them at this ATM at once.
-    async fn announce(&self, ifindex: u32) {
+    /// Gratuitous ARPs for the VIPs and the NAT gateway at each of `ANNOUNCE_AT`, so clients,
+    /// routers and servers reach them at this ATM at once, and those that missed the first
+    /// soon after.
+    async fn announce(&mut self, ifindex: u32) {
         let Some(mac) = self.ha.as_ref().map(|h| h.local.mac) else {
             return;
         };
@@ -921,8 +951,8 @@ impl Daemon {
                 ),
             }
         }
-        tokio::spawn(async move {
-            for round in 0..3 {
+        let task = tokio::spawn(async move {
+            rounds_at(&ANNOUNCE_AT, |round| {
                 for (i, mac, ip) in &addrs {
                     if let Err(e) = addrs::gratuitous_arp(*i, *mac, *ip)
                         && round == 0
@@ -930,15 +960,23 @@ impl Daemon {
                         warn!("Gratuitous ARP for {ip}: {e}");
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            })
+            .await
         });
+        if let Some(a) = self.atm.as_mut()
+            && let Some(old) = a.announcing.replace(task.abort_handle())
+        {
+            old.abort();
+        }
     }
 
     /// Gives up the VIPs and the NAT gateway, then turns the dataplane off. On a planned
     /// handover the dataplane keeps forwarding (without the aliases) until the new primary
     /// announces itself: clients reach this ATM until its gratuitous ARPs move them.
     async fn become_backup(&mut self, planned: bool) -> Result<()> {
+        if let Some(task) = self.atm.as_mut().and_then(|a| a.announcing.take()) {
+            task.abort();
+        }
         for suffix in [VIP_LABEL, NAT_LABEL] {
             for r in self.net.remove_labelled(suffix).await? {
                 info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
@@ -2300,6 +2338,36 @@ fn load_dataplane(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn announcements_go_out_at_once_then_after_one_two_and_four_seconds() {
+        let start = tokio::time::Instant::now();
+        let mut at = Vec::new();
+        rounds_at(&ANNOUNCE_AT, |i| at.push((i, start.elapsed().as_millis()))).await;
+        assert_eq!(
+            at,
+            vec![(0, 0), (1, 100), (2, 200), (3, 1000), (4, 2000), (5, 4000)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopped_announcements_send_no_more() {
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let sent = sent.clone();
+            async move {
+                rounds_at(&ANNOUNCE_AT, |_| {
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 4);
+        task.abort();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
 
     #[test]
     fn identify_by_name_then_by_address() {

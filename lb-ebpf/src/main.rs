@@ -5,6 +5,8 @@
 //! by the server's method: direct (MAC rewrite), tunnel (IPv4-in-IPv4) or nat (addresses and
 //! ports rewritten, replies translated back). Everything else passes untouched; malformed
 //! packets for a service are dropped; every packet lands in exactly one outcome counter.
+//! When its daemon is gone (the settings' lease ran out) it drops service traffic and ARP
+//! requests for the VIPs and the NAT address, which the stack would otherwise answer.
 //!
 //! `lb_decap`, for real servers in tunnel mode: strips the outer header of IPIP packets from
 //! configured ATMs and passes the inner packet to the stack.
@@ -421,6 +423,9 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // SAFETY: bounds checked by ptr_at.
     let proto = unsafe { (*eth).proto };
     if proto != ETH_P_IP_BE {
+        if proto == ETH_P_ARP_BE {
+            return arp(ctx, settings);
+        }
         // The daemon keeps tags in the frame (vlan.rs), so tagged traffic is never taken for
         // untagged; counted, since the stack drops it unless a VLAN device takes it.
         if proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE {
@@ -489,7 +494,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // with resets. Drop instead: clients retransmit to the ATM that takes over.
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if settings.lease_ns != 0 && now > settings.lease_ns {
+    if lease_over(settings, now) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
 
@@ -573,6 +578,44 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // SAFETY: a map value, read only.
     let svc = unsafe { svc.as_ref() };
     Outcome::Action(to_service_xdp(ctx, svc, ip, l4))
+}
+
+/// Whether the daemon stopped renewing the settings' lease by `now`: it is gone (crashed,
+/// killed) and this program is an orphan.
+#[inline(always)]
+fn lease_over(settings: &Settings, now: u64) -> bool {
+    settings.lease_ns != 0 && now > settings.lease_ns
+}
+
+/// ARP on an active ATM. An orphan fences its VIPs and the NAT address at layer 2: its
+/// kernel still holds their aliases and would answer requests for them, and a client that
+/// takes its answer over that of the ATM which took over (it may well come first) sends its
+/// traffic into the orphan's `drop_orphaned`. Everything else passes, and while the lease
+/// holds an ARP frame costs one coarse clock read more than any other non-IPv4 frame.
+#[inline(always)]
+fn arp(ctx: &XdpContext, settings: &Settings) -> Outcome {
+    if settings.lease_ns == 0 {
+        return Outcome::Pass;
+    }
+    // SAFETY: plain helper call.
+    if !lease_over(settings, unsafe { bpf_ktime_get_coarse_ns() }) {
+        return Outcome::Pass;
+    }
+    // Anything but a well-formed IPv4-over-Ethernet request is the stack's to judge: it
+    // answers nothing else.
+    let Some(arp) = ptr_at::<ArpHdr>(ctx, ETH_HLEN) else {
+        return Outcome::Pass;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let arp = unsafe { &*arp };
+    if arp.oper != ARPOP_REQUEST_BE || arp.ptype != ETH_P_IP_BE || arp.hlen != 6 || arp.plen != 4 {
+        return Outcome::Pass;
+    }
+    let target = u32::from_ne_bytes(arp.tpa);
+    if is_nat_addr(settings, target) || VIPS.get_ptr(&Addr::v4_raw(target)).is_some() {
+        return Outcome::Drop(Stat::DropFenced);
+    }
+    Outcome::Pass
 }
 
 #[inline(always)]

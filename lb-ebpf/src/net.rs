@@ -14,6 +14,10 @@ pub const IP_MF: u16 = 0x2000;
 pub const IP_OFFMASK: u16 = 0x1fff;
 /// The don't-fragment bit as it sits in the frame.
 pub const IP_DF_BE: u16 = 0x4000u16.to_be();
+/// 0x0806 as it sits in the frame.
+pub const ETH_P_ARP_BE: u16 = 0x0806u16.to_be();
+/// ARP operation 1, request, as it sits in the frame.
+pub const ARPOP_REQUEST_BE: u16 = 1u16.to_be();
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -54,6 +58,21 @@ pub struct Ipv4Hdr {
     pub check: u16,
     pub saddr: u32,
     pub daddr: u32,
+}
+
+/// An ARP packet for IPv4 over Ethernet (RFC 826); multi-byte fields in network byte order.
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: u16,
+    pub ptype: u16,
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: u16,
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    /// The address asked about.
+    pub tpa: [u8; 4],
 }
 
 #[repr(C)]

@@ -127,6 +127,19 @@ pub fn decode(frame: &[u8]) -> String {
                         describe_ipv4(&mut s, &inner);
                     }
                 }
+                Some(NetSlice::Arp(arp)) => {
+                    let ip = |a: &[u8]| match <[u8; 4]>::try_from(a) {
+                        Ok(o) => std::net::Ipv4Addr::from(o).to_string(),
+                        Err(_) => format!("{a:02x?}"),
+                    };
+                    let _ = write!(
+                        s,
+                        " | arp op {} {} asks for {}",
+                        arp.operation().0,
+                        ip(arp.sender_protocol_addr()),
+                        ip(arp.target_protocol_addr())
+                    );
+                }
                 Some(_) => s.push_str(" | non-IPv4"),
                 None => {}
             }
@@ -364,6 +377,51 @@ pub mod frames {
         out
     }
 
+    /// A broadcast ARP request (IPv4 over Ethernet) from `sender` at `smac` for `target`.
+    pub fn arp_request(smac: Mac, sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+        arp(
+            smac,
+            [0xff; 6],
+            etherparse::ArpOperation::REQUEST,
+            sender,
+            target,
+        )
+    }
+
+    /// An ARP reply from `sender` at `smac` to `target` at `dmac`.
+    pub fn arp_reply(smac: Mac, sender: [u8; 4], dmac: Mac, target: [u8; 4]) -> Vec<u8> {
+        arp(smac, dmac, etherparse::ArpOperation::REPLY, sender, target)
+    }
+
+    fn arp(
+        smac: Mac,
+        dmac: Mac,
+        op: etherparse::ArpOperation,
+        sender: [u8; 4],
+        target: [u8; 4],
+    ) -> Vec<u8> {
+        // A request does not know the target's MAC yet: zeros.
+        let tha = if op == etherparse::ArpOperation::REQUEST {
+            [0; 6]
+        } else {
+            dmac
+        };
+        let packet = etherparse::ArpPacket::new(
+            etherparse::ArpHardwareId::ETHERNET,
+            etherparse::EtherType::IPV4,
+            op,
+            &smac,
+            &sender,
+            &tha,
+            &target,
+        )
+        .expect("an Ethernet/IPv4 ARP packet");
+        let b = PacketBuilder::ethernet2(smac, dmac).arp(packet);
+        let mut out = Vec::with_capacity(b.size());
+        b.write(&mut out).expect("build arp frame");
+        out
+    }
+
     /// An Ethernet header in front of `packet` (an IPv4 packet).
     pub fn ethernet(smac: Mac, dmac: Mac, packet: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(14 + packet.len());
@@ -405,6 +463,21 @@ mod tests {
         assert!(verify_checksums(&bad).unwrap_err().contains("ipv4 header"));
         let u = udp(A, B, [192, 0, 2, 1], 1234, [192, 0, 2, 2], 53, b"q");
         verify_checksums(&u).unwrap();
+    }
+
+    #[test]
+    fn arp_frames_are_what_rfc_826_says() {
+        let f = arp_request(A, [192, 0, 2, 1], [192, 0, 2, 100]);
+        assert_eq!(f.len(), 14 + 28);
+        assert_eq!(&f[..6], &[0xff; 6]);
+        assert_eq!(&f[12..22], &[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        assert_eq!(&f[22..28], &A);
+        assert_eq!(&f[38..42], &[192, 0, 2, 100]);
+        assert!(decode(&f).contains("arp op 1 192.0.2.1 asks for 192.0.2.100"));
+        let r = arp_reply(A, [192, 0, 2, 100], B, [192, 0, 2, 1]);
+        assert_eq!(&r[..6], &B);
+        assert_eq!(&r[20..22], &[0, 2]);
+        assert_eq!(&r[32..38], &B);
     }
 
     #[test]

@@ -1237,6 +1237,122 @@ fn an_orphaned_primary_drops_service_traffic_instead_of_passing_it() {
     ))]);
 }
 
+/// A killed daemon leaves its VIP aliases behind, and the kernel would answer ARP for them:
+/// past the lease the orphan drops those requests, so that clients resolve the VIPs and the
+/// NAT address to the ATM that took over. Other ARP is the stack's, whatever the lease.
+#[test]
+fn an_orphaned_primary_fences_its_vips_and_nat_address_at_layer_2() {
+    const ROUTER: [u8; 4] = [192, 0, 2, 254];
+    let mut b = Bench::new();
+    let who_has = |target: [u8; 4]| arp_request(ROUTER_MAC, ROUTER, target);
+    let nat_who_has = |target: [u8; 4]| arp_request(mac_of(N1), N1, target);
+    let mut s = settings();
+    s.lease_ns = now_ns() + 10_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[
+        Fixture::new("who-has a VIP, lease valid", who_has(VIP), XDP_PASS),
+        Fixture::new(
+            "who-has the NAT address, lease valid",
+            nat_who_has(NAT),
+            XDP_PASS,
+        )
+        .on(b.eth1),
+        Fixture::new(
+            "who-has another address, lease valid",
+            who_has(OTHER),
+            XDP_PASS,
+        ),
+    ]);
+    let stats = b.dp.stats().unwrap();
+    assert_eq!(
+        (stats.get(Stat::Passed), stats.get(Stat::DropFenced)),
+        (3, 0),
+        "{stats:?}"
+    );
+
+    // A second ago: the dataplane reads a coarse clock, up to a tick behind.
+    s.lease_ns = now_ns() - 1_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[
+        Fixture::new("who-has a VIP past the lease", who_has(VIP), XDP_DROP),
+        Fixture::new("who-has another VIP", who_has(VIP_STICKY), XDP_DROP),
+        Fixture::new(
+            "who-has a VIP whose one server is down",
+            who_has(VIP_DEAD),
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "who-has the NAT address from a NAT server",
+            nat_who_has(NAT),
+            XDP_DROP,
+        )
+        .on(b.eth1),
+        Fixture::new(
+            "the new primary's gratuitous ARP (a request for the VIP from the VIP)",
+            arp_request([0x02, 0, 0, 0, 0, 0x03], VIP, VIP),
+            XDP_DROP,
+        ),
+        Fixture::new("who-has another address", who_has(OTHER), XDP_PASS),
+        Fixture::new("who-has the ATM's own address", who_has(LB), XDP_PASS),
+        Fixture::new(
+            "who-has an address ending like a VIP",
+            who_has([198, 51, 100, 100]),
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "a reply to the VIP (to a request the stack made) is no question",
+            arp_reply(ROUTER_MAC, ROUTER, LB_MAC, VIP),
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "a truncated request is the stack's to refuse",
+            who_has(VIP)[..40].to_vec(),
+            XDP_PASS,
+        ),
+    ]);
+    let stats = b.dp.stats().unwrap();
+    assert_eq!(stats.get(Stat::DropFenced), 5, "{stats:?}");
+    assert_eq!(stats.get(Stat::DropOrphaned), 0, "{stats:?}");
+    assert_eq!(
+        stats.get(Stat::VipPackets),
+        0,
+        "ARP is no service traffic: {stats:?}"
+    );
+    assert_eq!(
+        stats.get(Stat::Passed) + stats.get(Stat::Forwarded) + stats.dropped(),
+        stats.get(Stat::Packets),
+        "{stats:?}"
+    );
+
+    // Renewed (a daemon that was stalled, not dead): answered again.
+    s.lease_ns = now_ns() + 10_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[
+        Fixture::new("who-has a VIP, lease renewed", who_has(VIP), XDP_PASS),
+        Fixture::new(
+            "who-has the NAT address, lease renewed",
+            nat_who_has(NAT),
+            XDP_PASS,
+        )
+        .on(b.eth1),
+    ]);
+
+    // A backup holds no aliases; its dataplane leaves everything to the stack, lease or not.
+    s.flags = 0;
+    s.lease_ns = now_ns() - 1_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[
+        Fixture::new("who-has a VIP on a backup", who_has(VIP), XDP_PASS),
+        Fixture::new(
+            "who-has the NAT address on a backup",
+            nat_who_has(NAT),
+            XDP_PASS,
+        )
+        .on(b.eth1),
+    ]);
+    assert_eq!(b.dp.stats().unwrap().get(Stat::DropFenced), 5);
+}
+
 #[test]
 fn connections_of_a_removed_service_pass_and_the_vip_filter_follows_the_services() {
     let mut b = Bench::new();

@@ -1,8 +1,9 @@
-//! Tier 3: two ATMs, a client and three real servers on one segment, every machine running
-//! the real lb-daemon (the servers in node role). Failover by SIGKILL, no preemption, long
-//! transfers across a failover in each method (NAT also with real checks), how a backup
-//! judges NAT servers, heals after a cut heartbeat path, forged and replayed heartbeats, and
-//! promote/demote drills under client load.
+//! Tier 3: two ATMs (three in one test), a client and three real servers on one segment,
+//! every machine running the real lb-daemon (the servers in node role). Failover by SIGKILL,
+//! no preemption, a killed primary giving up the VIP at layer 2, long transfers across a
+//! failover in each method (NAT also with real checks), how a backup judges NAT servers,
+//! heals after a cut heartbeat path, forged and replayed heartbeats, and promote/demote
+//! drills under client load.
 
 use std::{
     io::Read,
@@ -35,7 +36,8 @@ const NO_CHECK: &str = "kind = \"none\"\n";
 const HTTP_CHECK: &str =
     "kind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n";
 
-fn config(method: Method, check: &str) -> String {
+/// The config of a cluster of `atms` ATMs (atm1 listed first) and three servers.
+fn config(method: Method, check: &str, atms: usize) -> String {
     let (nat, port) = match method {
         Method::Nat => (
             format!(
@@ -57,16 +59,7 @@ heartbeat_ms = {HEARTBEAT_MS}
 dead_after = 3
 
 {nat}
-[[atm]]
-name = "atm1"
-address = "{a1}"
-interface = "eth0"
-
-[[atm]]
-name = "atm2"
-address = "{a2}"
-interface = "eth0"
-
+{atm_list}
 [[service]]
 name = "http"
 vip = "{vip}"
@@ -74,8 +67,13 @@ port = 80
 scheduler = "maglev"
 [service.check]
 {check}"#,
-        a1 = cluster::atm_addr(1),
-        a2 = cluster::atm_addr(2),
+        atm_list = (1..=atms)
+            .map(|i| format!(
+                "[[atm]]\nname = \"{}\"\naddress = \"{}\"\ninterface = \"eth0\"\n\n",
+                cluster::atm(i),
+                cluster::atm_addr(i)
+            ))
+            .collect::<String>(),
         vip = cluster::VIP,
     );
     for i in 1..=3 {
@@ -92,9 +90,9 @@ scheduler = "maglev"
     c
 }
 
-/// Writes the cluster key (with file mode `key_mode`) and the config into the lab's
-/// directory; returns the config's path.
-fn write_config(lab: &mut Lab, method: Method, check: &str, key_mode: u32) -> PathBuf {
+/// Writes the cluster key (with file mode `key_mode`) and the config of `atms` ATMs into the
+/// lab's directory; returns the config's path.
+fn write_config(lab: &mut Lab, method: Method, check: &str, atms: usize, key_mode: u32) -> PathBuf {
     let dir = lab.dir();
     let key = dir.join("authkey");
     std::fs::write(&key, KEY).unwrap();
@@ -102,14 +100,14 @@ fn write_config(lab: &mut Lab, method: Method, check: &str, key_mode: u32) -> Pa
     let path = dir.join("lb.toml");
     std::fs::write(
         &path,
-        config(method, check).replace("AUTHKEY", key.to_str().unwrap()),
+        config(method, check, atms).replace("AUTHKEY", key.to_str().unwrap()),
     )
     .unwrap();
     path
 }
 
-/// The lab, the config path, and every daemon running: servers (node role), atm1 primary,
-/// atm2 backup.
+/// The lab, the config path, and every daemon running: servers (node role) and the ATMs,
+/// by default atm1 primary and atm2 backup.
 struct Cluster {
     // Fields drop in order: the daemons must stop (and unmount) before the lab goes.
     atms: Vec<Option<Daemon>>,
@@ -124,9 +122,16 @@ impl Cluster {
     }
 
     fn with_check(method: Method, check: &str) -> Cluster {
+        Cluster::started_in_order(method, check, &[1, 2])
+    }
+
+    /// ATMs `order` (1-based; as many as it names) started one after the other: the first
+    /// becomes primary and, without preemption, stays so; each later one waits to see it.
+    fn started_in_order(method: Method, check: &str, order: &[usize]) -> Cluster {
+        let n = order.len();
         let mut lab = Lab::new();
-        cluster::build(&mut lab, 2, 3);
-        let path = write_config(&mut lab, method, check, 0o600);
+        cluster::build(&mut lab, n, 3);
+        let path = write_config(&mut lab, method, check, n, 0o600);
         let mut nodes = Vec::new();
         for i in 1..=3 {
             let ns = cluster::server(i);
@@ -135,14 +140,26 @@ impl Cluster {
             d.wait_log("Control socket", START);
             nodes.push(d);
         }
-        let mut a1 = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
-        a1.wait_log("This ATM is primary", START);
-        let mut a2 = Daemon::start(&mut lab, &cluster::atm(2), &path, &[]);
-        a2.wait_log("ATM atm1 (192.0.2.2) is primary", START);
+        let mut atms: Vec<Option<Daemon>> = (0..n).map(|_| None).collect();
+        let first = order[0];
+        let primary_seen = format!(
+            "ATM {} ({}) is primary",
+            cluster::atm(first),
+            cluster::atm_addr(first)
+        );
+        for (k, &i) in order.iter().enumerate() {
+            let mut d = Daemon::start(&mut lab, &cluster::atm(i), &path, &[]);
+            if k == 0 {
+                d.wait_log("This ATM is primary", START);
+            } else {
+                d.wait_log(&primary_seen, START);
+            }
+            atms[i - 1] = Some(d);
+        }
         Cluster {
             lab,
             path,
-            atms: vec![Some(a1), Some(a2)],
+            atms,
             _nodes: nodes,
         }
     }
@@ -158,7 +175,7 @@ impl Cluster {
 
     /// Which ATMs hold the VIP on their interface right now.
     fn vip_holders(&self) -> Vec<usize> {
-        (1..=2)
+        (1..=self.atms.len())
             .filter(|i| {
                 let out = std::process::Command::new("ip")
                     .args([
@@ -179,11 +196,15 @@ impl Cluster {
     }
 }
 
-/// One HTTP request on a new connection from the client; the body, or why it failed.
+/// One HTTP request on a new connection from the client, all of it within `timeout`; the
+/// body, or why it failed.
 fn request(timeout: Duration) -> Result<String, String> {
     let agent = ureq::AgentBuilder::new()
         .max_idle_connections(0)
         .timeout(timeout)
+        // Else connecting may take ureq's own 30 s, whatever `timeout` says: a SYN into a
+        // black hole would hold up the test that long.
+        .timeout_connect(timeout)
         .build();
     agent
         .get(&format!("http://{}/", cluster::VIP))
@@ -460,7 +481,7 @@ fn after_a_cut_heartbeat_path_heals_exactly_one_primary_holds_the_vip() {
 fn an_atm_refuses_to_start_with_a_key_others_can_read() {
     let mut lab = Lab::new();
     cluster::build(&mut lab, 2, 0);
-    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 0o640);
+    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 2, 0o640);
     let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
     let status = d.wait_exit(START);
     assert!(!status.success(), "{status}");
@@ -773,4 +794,177 @@ fn a_backup_judges_nat_servers_only_when_it_can_reach_them() {
         server_state(a2, &s3_line) == "up"
     });
     assert_eq!(server_state(a2, "203.0.113.11:8080"), "up");
+}
+
+/// The client's neighbour entry for the VIP, as `ip neigh` shows it.
+fn client_neigh(c: &Cluster) -> String {
+    c.lab
+        .ns("client")
+        .exec_ok(&["ip", "neigh", "show", cluster::VIP, "dev", "eth0"])
+        .trim()
+        .to_string()
+}
+
+/// The MAC address of ATM `i`'s interface.
+fn atm_mac(c: &Cluster, i: usize) -> String {
+    let out = c
+        .lab
+        .ns(&cluster::atm(i))
+        .exec_ok(&["ip", "-br", "link", "show", "dev", "eth0"]);
+    out.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC in {out}"))
+        .to_string()
+}
+
+/// Adds a request's start (from the kill), outcome and the client's neighbour entry for the
+/// VIP to `timeline`; returns the whole of it.
+fn note(
+    timeline: &mut Vec<String>,
+    t: Duration,
+    r: &Result<String, String>,
+    c: &Cluster,
+) -> String {
+    let r = match r {
+        Ok(body) => body.trim().to_string(),
+        Err(e) => e.clone(),
+    };
+    timeline.push(format!("{:>5} ms {r} | {}", t.as_millis(), client_neigh(c)));
+    timeline.join("\n")
+}
+
+/// How soon after a SIGKILL of the primary requests succeed again when the client missed
+/// the new primary's first gratuitous ARPs: the election takes 300 ms, the first of its later
+/// gratuitous ARPs comes 1 s after that, and a request sent just before it waits out its
+/// timeout (`TRY`). 1.85 s, and room for a busy machine.
+const BACK_WITHIN: Duration = Duration::from_secs(3);
+/// A request's timeout in these tests: one takes a few milliseconds in the lab.
+const TRY: Duration = Duration::from_millis(500);
+
+/// The client loses every gratuitous ARP for the VIP (nftables' arp family) until the
+/// returned guard drops.
+struct LostAnnouncements<'a>(&'a lb_tests::netns::NetNs);
+
+impl<'a> LostAnnouncements<'a> {
+    fn start(client: &'a lb_tests::netns::NetNs) -> Self {
+        client.exec_ok(&["nft", "add table arp lbgarp"]);
+        client.exec_ok(&[
+            "nft",
+            "add chain arp lbgarp input { type filter hook input priority 0 ; }",
+        ]);
+        client.exec_ok(&[
+            "nft",
+            &format!(
+                "add rule arp lbgarp input arp operation request arp saddr ip {} drop",
+                cluster::VIP
+            ),
+        ]);
+        LostAnnouncements(client)
+    }
+}
+
+impl Drop for LostAnnouncements<'_> {
+    fn drop(&mut self) {
+        self.0.exec_ok(&["nft", "delete table arp lbgarp"]);
+    }
+}
+
+/// SIGKILL of a primary whose kernel keeps the VIP alias: atm`n`, started first, so that
+/// atm1, the highest-listed, takes over. Two ways the dead ATM used to keep clients:
+/// 1. The client misses the new primary's first gratuitous ARPs (here it drops those of the
+///    first second). Its entry still names the dead ATM, whose kernel answered its unicast
+///    probes: only later gratuitous ARPs move it.
+/// 2. Once the announcements are over, a client resolves the VIP afresh (a new host, an
+///    entry that expired; here the client's is flushed). Its broadcast reaches the dead ATM
+///    before atm1 (the bridge floods to the later-added port first), whose kernel answered
+///    first: the orphaned dataplane must drop such requests.
+///
+/// Either way the client's entry was REACHABLE at the dead ATM's MAC and every request
+/// failed there.
+fn a_killed_primary_gives_up_the_vip(n: usize) {
+    let order: Vec<usize> = (1..=n).rev().collect();
+    let mut c = Cluster::started_in_order(Method::Direct, NO_CHECK, &order);
+    assert_eq!(c.vip_holders(), vec![n], "atm{n} started first");
+    let (dead, new) = (atm_mac(&c, n), atm_mac(&c, 1));
+    let client = c.lab.ns("client");
+    let get = |timeout: Duration| {
+        let _in = client.enter();
+        request(timeout)
+    };
+    for _ in 0..3 {
+        get(Duration::from_secs(5)).unwrap();
+    }
+    let neigh = client_neigh(&c);
+    assert!(neigh.contains(&dead), "the VIP at atm{n} ({dead}): {neigh}");
+    let mut timeline = vec![format!("before the kill | {neigh}")];
+
+    // 1. The first second's announcements are lost.
+    let lost = LostAnnouncements::start(client);
+    c.atms[n - 1].as_mut().unwrap().kill();
+    let killed = Instant::now();
+    let window = Duration::from_secs(1);
+    let back = thread::scope(|s| {
+        s.spawn(move || {
+            thread::sleep(window);
+            drop(lost);
+        });
+        loop {
+            let t = killed.elapsed();
+            let r = get(TRY);
+            let log = note(&mut timeline, t, &r, &c);
+            // Until its lease ran out (600 ms), the dead ATM's program still forwarded.
+            if r.is_ok() && t >= window {
+                break t;
+            }
+            assert!(
+                killed.elapsed() < BACK_WITHIN,
+                "{n} ATMs: no request through the VIP succeeded within {BACK_WITHIN:?} of \
+                 the kill (atm{n} {dead}, atm1 {new}):\n{log}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    for _ in 0..5 {
+        let t = killed.elapsed();
+        let r = get(TRY);
+        let log = note(&mut timeline, t, &r, &c);
+        assert!(r.is_ok(), "{n} ATMs: 5 of 5 after recovering:\n{log}");
+    }
+    let neigh = client_neigh(&c);
+    assert!(neigh.contains(&new), "the VIP at atm1 ({new}): {neigh}");
+
+    // 2. After the new primary's last gratuitous ARP (4 s after its promotion), the client
+    // forgets the VIP and asks for it.
+    while killed.elapsed() < Duration::from_secs(6) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    client.exec_ok(&["ip", "neigh", "flush", "dev", "eth0"]);
+    timeline.push("flushed the client's neighbours".to_string());
+    for _ in 0..5 {
+        let t = killed.elapsed();
+        let r = get(TRY);
+        let log = note(&mut timeline, t, &r, &c);
+        assert!(
+            r.is_ok(),
+            "{n} ATMs: 5 of 5 after resolving the VIP afresh (atm{n} {dead}, atm1 {new}):\n{log}"
+        );
+    }
+    let neigh = client_neigh(&c);
+    assert!(neigh.contains(&new), "the VIP at atm1 ({new}): {neigh}");
+    eprintln!(
+        "{n} ATMs: requests through the VIP succeed again {} ms after SIGKILL of the \
+         primary (its first announcements lost)\n{}",
+        back.as_millis(),
+        timeline.join("\n")
+    );
+}
+
+#[test]
+fn a_killed_primary_gives_up_the_vip_three_atms() {
+    a_killed_primary_gives_up_the_vip(3);
+}
+
+#[test]
+fn a_killed_primary_gives_up_the_vip_two_atms() {
+    a_killed_primary_gives_up_the_vip(2);
 }
