@@ -55,6 +55,8 @@ pub struct Options {
     pub mount: Option<PathBuf>,
     /// "off" disables.
     pub metrics: Option<String>,
+    /// How lb_xdp is attached: driver mode where the driver has it (auto), or forced.
+    pub xdp_mode: AttachMode,
 }
 
 /// How long a handover may take to send the connection table (paced at about 150,000
@@ -674,7 +676,11 @@ impl Daemon {
         let key = self.cluster_key()?;
         dataplane::enable_fib_lookup()?;
         let caps = self.config.tables;
-        let (dp, attached) = load_dataplane(caps, &self.interfaces(&atm.interface, local))?;
+        let (dp, attached) = load_dataplane(
+            caps,
+            &self.interfaces(&atm.interface, local),
+            self.opts.xdp_mode,
+        )?;
         let nat_interface = self.nat_interface(&atm.interface, local);
         if self.config.nat.is_some() {
             check_port_range();
@@ -2317,18 +2323,22 @@ async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
 fn load_dataplane(
     caps: Capacities,
     interfaces: &[String],
+    mode: AttachMode,
 ) -> Result<(Dataplane, Vec<(String, Attached)>)> {
     let mut dp = Dataplane::load(caps).context("loading the dataplane")?;
     let mut attached = Vec::new();
     for i in interfaces {
         crate::vlan::expose_tags(i);
-        let mode = dp.attach(i, AttachMode::Auto)?;
+        let mode = dp.attach(i, mode)?;
         info!(
             "Dataplane loaded: lb_xdp attached to {i} in {} mode",
             mode.name()
         );
         for (iface, why) in dp.take_fallbacks() {
             warn!("Native XDP on {iface} was refused ({why}): generic mode works but is slower");
+        }
+        if mode == Attached::Generic {
+            crate::vlan::no_merged_frames(i);
         }
         attached.push((i.clone(), mode));
     }

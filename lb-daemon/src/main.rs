@@ -33,6 +33,11 @@ struct Args {
     /// Metrics address, or "off" (overrides [control] metrics).
     #[arg(long)]
     metrics: Option<String>,
+    /// How to attach lb_xdp: auto (driver mode where the driver supports it, generic
+    /// otherwise, with the kernel's reason logged), driver, or generic (for a driver whose
+    /// native XDP misbehaves).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "driver", "generic"])]
+    xdp_mode: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +71,11 @@ fn main() -> anyhow::Result<()> {
         socket: args.socket,
         mount: args.mount,
         metrics: args.metrics,
+        xdp_mode: match args.xdp_mode.as_str() {
+            "driver" => lb_daemon::dataplane::AttachMode::Driver,
+            "generic" => lb_daemon::dataplane::AttachMode::Generic,
+            _ => lb_daemon::dataplane::AttachMode::Auto,
+        },
     }));
     if let Err(e) = &result {
         log::error!("{e:#}");

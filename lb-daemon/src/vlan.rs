@@ -85,11 +85,82 @@ struct Peer {
     nsid: Option<i32>,
 }
 
+/// Offloads to turn off on a veth's peer, and what to say about it.
+struct Change {
+    names: &'static [&'static str],
+    /// `ethtool -K` arguments that do the same.
+    ethtool: &'static str,
+    /// What they are, e.g. "tx VLAN offload".
+    what: &'static str,
+    /// Why, e.g. "so that tagged frames reach XDP with their tag".
+    why: &'static str,
+    /// What happens if they stay on.
+    otherwise: &'static str,
+}
+
+const TAGS: Change = Change {
+    names: &TX_INSERT,
+    ethtool: "txvlan off tx-vlan-stag-hw-insert off",
+    what: "tx VLAN offload",
+    why: "so that tagged frames reach XDP with their tag",
+    otherwise: "tagged frames arriving here are balanced as untagged ones",
+};
+
+/// Receive offloads that merge segments into frames of up to 64 KiB before generic XDP
+/// sees them.
+const RX_MERGE: [&str; 3] = [
+    "generic-receive-offload",
+    "large-receive-offload",
+    "rx-gro-hw",
+];
+
+const SEGMENTS: Change = Change {
+    names: &[
+        "tx-tcp-segmentation",
+        "tx-tcp6-segmentation",
+        "tx-generic-segmentation",
+        "tx-udp-segmentation",
+    ],
+    ethtool: "tso off gso off tx-udp-segmentation off",
+    what: "segmentation offload",
+    why: "so that generic XDP gets frames of at most the MTU",
+    otherwise: "merged frames whose checksums are left to the offload get NAT-rewritten \
+                wrongly and are lost",
+};
+
+/// In generic (skb) mode, frames merged by GRO, LRO or a veth peer's segmentation offload
+/// reach XDP as one frame of up to 64 KiB whose TCP checksum is left to the offload (only
+/// the pseudo-header summed): NAT's incremental update of the ports would corrupt it. Native
+/// XDP never sees such frames (drivers and veth turn these off for it). So for generic mode
+/// this turns off the merging on `interface` and, on a veth, the segmentation offloads of
+/// its peer, and logs what it changed.
+pub fn no_merged_frames(interface: &str) {
+    match turn_off(interface, &RX_MERGE) {
+        Ok(t) if !t.off.is_empty() => info!(
+            "{interface}: receive merging ({}) turned off so that generic XDP gets frames of \
+             at most the MTU",
+            t.off.join(", ")
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(
+            "{interface}: cannot turn receive merging off ({e}): run `ethtool -K {interface} gro \
+             off lro off`, or merged frames are lost to NAT in generic mode"
+        ),
+    }
+    if let Ok(Some(peer)) = veth_peer(interface) {
+        change_peer(interface, &peer, &SEGMENTS);
+    }
+}
+
 fn expose_on_peer(interface: &str, peer: &Peer) {
+    change_peer(interface, peer, &TAGS);
+}
+
+fn change_peer(interface: &str, peer: &Peer, change: &'static Change) {
     let name = peer.name.clone().unwrap_or_else(|| "PEER".to_string());
     let Some(nsid) = peer.nsid else {
-        let result = turn_off(&name, &TX_INSERT);
-        report_peer(interface, &name, "this namespace", "", result);
+        let result = turn_off(&name, change.names);
+        report_peer(interface, &name, "this namespace", "", change, result);
         return;
     };
     let Some(ns) = find_namespace(nsid) else {
@@ -98,6 +169,7 @@ fn expose_on_peer(interface: &str, peer: &Peer) {
             &name,
             &format!("the namespace with id {nsid} as seen from this one"),
             "",
+            change,
             Err(io::Error::other("its namespace was not found")),
         );
         return;
@@ -115,7 +187,7 @@ fn expose_on_peer(interface: &str, peer: &Peer) {
                 return Err(io::Error::last_os_error());
             }
             let name = index_to_name(index).unwrap_or(target);
-            turn_off(&name, &TX_INSERT)
+            turn_off(&name, change.names)
         })
         .and_then(|t| {
             t.join()
@@ -126,36 +198,43 @@ fn expose_on_peer(interface: &str, peer: &Peer) {
         &name,
         &format!("namespace {}", ns.label),
         &ns.exec,
+        change,
         result,
     );
 }
 
-/// Logs the outcome of turning tx VLAN offload off on `peer`, which lives in `place`;
+/// Logs the outcome of turning `change`'s offloads off on `peer`, which lives in `place`;
 /// `exec` is the prefix that runs a command there.
-fn report_peer(interface: &str, peer: &str, place: &str, exec: &str, result: io::Result<Turned>) {
-    let command = format!("{exec}ethtool -K {peer} txvlan off tx-vlan-stag-hw-insert off");
+fn report_peer(
+    interface: &str,
+    peer: &str,
+    place: &str,
+    exec: &str,
+    change: &Change,
+    result: io::Result<Turned>,
+) {
+    let command = format!("{exec}ethtool -K {peer} {}", change.ethtool);
+    let (what, why, otherwise) = (change.what, change.why, change.otherwise);
     match result {
         Ok(t) => {
             if !t.off.is_empty() {
                 info!(
-                    "{interface}: tx VLAN offload ({}) turned off on its veth peer {peer} \
-                     ({place}) so that tagged frames reach XDP with their tag",
+                    "{interface}: {what} ({}) turned off on its veth peer {peer} ({place}) \
+                     {why}",
                     t.off.join(", ")
                 );
             }
             if !t.fixed.is_empty() {
                 warn!(
-                    "{interface}: its veth peer {peer} ({place}) cannot stop sending VLAN tags \
-                     as metadata ({} fixed on): tagged frames arriving on {interface} are \
-                     balanced as untagged ones",
+                    "{interface}: its veth peer {peer} ({place}) cannot turn {what} off ({} \
+                     fixed on): {otherwise}",
                     t.fixed.join(", ")
                 );
             }
         }
         Err(e) => warn!(
-            "{interface}: cannot turn tx VLAN offload off on its veth peer {peer} in {place} \
-             ({e}): run `{command}` there, or tagged frames arriving on {interface} are \
-             balanced as untagged ones"
+            "{interface}: cannot turn {what} off on its veth peer {peer} in {place} ({e}): run \
+             `{command}` there, or {otherwise}"
         ),
     }
 }

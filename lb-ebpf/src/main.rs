@@ -24,7 +24,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::generated::{
         bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_loop, bpf_redirect, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail,
+        bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
@@ -259,7 +259,15 @@ fn count(s: Stat, n: u64) {
 #[inline(always)]
 fn count_vip(ctx: &XdpContext) {
     count(Stat::VipPackets, 1);
-    count(Stat::VipBytes, (ctx.data_end() - ctx.data()) as u64);
+    count(Stat::VipBytes, frame_len(ctx) as u64);
+}
+
+/// The whole frame's length, fragments included (`data_end - data` covers the first buffer
+/// only).
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: plain helper call on the program's own context.
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
 /// Whether `daddr` is one of the NAT source addresses (the gateway or the pool).
@@ -307,7 +315,11 @@ enum Outcome {
     Action(u32),
 }
 
-#[xdp]
+// `frags`: frames bigger than a page (jumbo MTUs, GRO-merged segments in generic mode) come
+// as a first buffer holding the headers and fragments holding the rest. Headers are parsed
+// in the first buffer (`ptr_at` checks its bounds); lengths are the whole frame's
+// (`frame_len`); payload is never touched, so it goes on as it came.
+#[xdp(frags)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     count(Stat::Packets, 1);
     finish(balance(&ctx))
@@ -500,7 +512,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
 
     // From here the packet is ours: it must be well formed.
     let tot_len = u16::from_be(iph.tot_len);
-    if (tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > ctx.data_end() - ctx.data() {
+    if (tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > frame_len(ctx) {
         return Outcome::Drop(Stat::DropMalformed);
     }
     if !ipv4_header_ok(ctx, ihl) {
@@ -679,7 +691,7 @@ fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
 /// reopened, or whose server went down): pick a server, record the connection, forward.
 #[inline(always)]
 fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4: &L4) -> Outcome {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes = frame_len(ctx) as u64;
     let Some(key) = packet_key(ip, l4) else {
         return Outcome::Drop(Stat::DropError);
     };
@@ -799,7 +811,7 @@ fn established(
         return None;
     }
     count_vip(ctx);
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes = frame_len(ctx) as u64;
     c.last_seen_ns = now;
     c.packets += 1;
     c.bytes += bytes;
@@ -1286,7 +1298,7 @@ fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
         return None;
     }
-    let len = ctx.data_end() - ctx.data();
+    let len = frame_len(ctx);
     if len < TOTAL {
         return None;
     }
@@ -1343,7 +1355,7 @@ fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
 /// A server's reply on a NAT connection: back to VIP -> client.
 #[inline(always)]
 fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -> Outcome {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes = frame_len(ctx) as u64;
     let Some(server) = SERVERS.get(reply.server) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
@@ -1769,7 +1781,7 @@ fn decap_count(s: DecapStat) {
     }
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     decap_count(DecapStat::Packets);
     let out = decap(&ctx);

@@ -248,6 +248,7 @@ impl Lab {
              keepalive_requests 10000; keepalive_timeout 60s; \
              server {{ {listens} location = /big {{ alias {d}/big; limit_rate 160k; }} \
              location = /unavailable {{ return 503 \"unavailable\\n\"; }} \
+             location /files/ {{ alias {d}/files/; }} \
              location / {{ default_type text/plain; return 200 \"{name}\\n\"; }} }} }}\n"
         );
         let path = dir.join("nginx.conf");
@@ -262,6 +263,21 @@ impl Lab {
                 || space.exec_ok(&["ss", "-Hltn"]).contains(&want),
             );
         }
+    }
+
+    /// A file of `bytes` bytes that the nginx in `ns` serves unthrottled at `/files/NAME`
+    /// (start nginx first).
+    pub fn serve_file(&mut self, ns: &str, name: &str, bytes: usize) {
+        let dir = self.dir().join(format!("nginx-{ns}")).join("files");
+        std::fs::create_dir_all(&dir).unwrap();
+        let data: Vec<u8> = (0..bytes).map(|i| (i % 253) as u8).collect();
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+
+    /// Sets the MTU of `dev` in `ns`.
+    pub fn mtu(&self, ns: &str, dev: &str, mtu: u32) {
+        self.ns(ns)
+            .exec_ok(&["ip", "link", "set", dev, "mtu", &mtu.to_string()]);
     }
 
     /// Stops the processes started in `ns` so far (to inject a failure): SIGTERM, so that

@@ -17,6 +17,9 @@ use lb_common::xdp_link;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const XDP_PASS: i32 = 2;
+/// BPF_F_XDP_HAS_FRAGS: the program takes frames bigger than a page, so a veth with a jumbo
+/// MTU (9000) accepts it in driver mode.
+const BPF_F_XDP_HAS_FRAGS: u32 = 1 << 5;
 
 /// `r0 = XDP_PASS; exit`.
 fn program() -> [u64; 2] {
@@ -31,12 +34,13 @@ fn load() -> std::io::Result<OwnedFd> {
     let license = b"GPL\0";
     let name = b"lab_pass";
     // union bpf_attr, BPF_PROG_LOAD part: prog_type, insn_cnt, insns, license, log_level,
-    // log_size, log_buf, kern_version, prog_flags, prog_name[16].
+    // log_size, log_buf, kern_version, prog_flags (at 44), prog_name[16] (at 48).
     let mut attr = [0u8; 128];
     attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
     attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
     attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[44..48].copy_from_slice(&BPF_F_XDP_HAS_FRAGS.to_ne_bytes());
     attr[48..48 + name.len()].copy_from_slice(name);
     // SAFETY: attr is a valid bpf_attr for BPF_PROG_LOAD; the pointers outlive the call.
     let fd = unsafe {
