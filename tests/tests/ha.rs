@@ -733,7 +733,13 @@ fn drills(method: Method) {
     );
     // Refusals say why.
     let out = c.atm(2).cli(&["demote"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "atm1:\n{}\natm2:\n{}",
+        c.atm(1).log(),
+        c.atm(2).log()
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("not primary"));
 }
 

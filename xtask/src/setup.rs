@@ -181,6 +181,13 @@ impl Apt {
         if !is_installed(name) {
             bail!("apt-get reported success but {name} is not installed");
         }
+        if name == "prometheus" && Path::new("/run/systemd/system").exists() {
+            // Only promtool is wanted; the package also enables a Prometheus server.
+            println!("stopping and disabling prometheus.service: only promtool is needed");
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", "prometheus.service"])
+                .status();
+        }
         Ok(true)
     }
 }
