@@ -112,6 +112,24 @@ fn two_arm(v: Variant) -> Result<Rig> {
         }
         Variant::LbNat => {
             let mut d = programmed(Method::Nat, &BACKENDS, [203, 0, 113, 1])?;
+            // As an operator would run NAT at this rate (docs/DATAPLANE.md, "Capacity"):
+            // the daemon's port range and holds, and a pool of 16 NAT addresses, since the
+            // backends close first and keep TIME_WAIT for 60 s.
+            let mut s = settings([192, 0, 2, 2], [203, 0, 113, 1]);
+            s.nat_port_min = 1024;
+            s.nat_port_max = 32_767;
+            s.port_hold_ns = 2_000_000_000;
+            s.time_wait_ns = 60_000_000_000;
+            // The gateway and 203.0.113.101-115 (the backends are .11-.13).
+            for (i, slot) in s.nat_pool.iter_mut().enumerate() {
+                let last = if i == 0 { 1 } else { 100 + i as u8 };
+                *slot = u32::from_ne_bytes([203, 0, 113, last]);
+                if i > 0 {
+                    lab.addr("lb", "eth1", &format!("203.0.113.{last}/32"));
+                }
+            }
+            s.nat_pool_len = s.nat_pool.len() as u32;
+            d.set_settings(&s)?;
             let _in = lab.ns("lb").enter();
             enable_fib_lookup()?;
             d.attach("eth0", AttachMode::Driver)?;
