@@ -27,6 +27,11 @@ pub fn server_nat_addr(i: usize) -> String {
     format!("203.0.113.{}", 10 + i)
 }
 
+/// Two-arm NAT: address of ATM `i` (1-based) on the inside segment: 203.0.113.(1+i).
+pub fn atm_inside_addr(i: usize) -> String {
+    format!("203.0.113.{}", 1 + i)
+}
+
 /// Namespace names used in the lab.
 pub fn atm(i: usize) -> String {
     format!("atm{i}")
@@ -69,5 +74,32 @@ pub fn hold_vip_on_lo(lab: &Lab, ns: &str, vip: &str) {
         ("net.ipv4.conf.eth0.arp_announce", "2"),
     ] {
         lab.sysctl(ns, k, v);
+    }
+}
+
+/// Two-arm NAT: the client and `atms` ATMs on the outside segment (switch `sw`,
+/// 192.0.2.0/24, each ATM's `eth0`), and the ATMs' `eth1` and `servers` servers on the
+/// inside segment (switch `inside`), the NAT subnet 203.0.113.0/24, where the gateway alias
+/// goes. Servers have only their NAT-subnet address, on `eth0`: they reach nothing but the
+/// ATMs' inside interfaces, and answer the NAT address there.
+pub fn build_two_arm(lab: &mut Lab, atms: usize, servers: usize) {
+    lab.switch("sw");
+    lab.switch("inside");
+    lab.add_ns("client");
+    lab.plug("client", "eth0", "sw");
+    lab.addr("client", "eth0", &format!("{CLIENT}/{PREFIX}"));
+    for i in 1..=atms {
+        let ns = atm(i);
+        lab.add_ns(&ns);
+        lab.plug(&ns, "eth0", "sw");
+        lab.addr(&ns, "eth0", &format!("{}/{PREFIX}", atm_addr(i)));
+        lab.plug(&ns, "eth1", "inside");
+        lab.addr(&ns, "eth1", &format!("{}/24", atm_inside_addr(i)));
+    }
+    for i in 1..=servers {
+        let ns = server(i);
+        lab.add_ns(&ns);
+        lab.plug(&ns, "eth0", "inside");
+        lab.addr(&ns, "eth0", &format!("{}/24", server_nat_addr(i)));
     }
 }

@@ -163,6 +163,23 @@ impl Lab {
             .exec_ok(&["sysctl", "-q", "-w", &format!("{key}={value}")]);
     }
 
+    /// A `TcpExt` counter of namespace `ns` from /proc/net/netstat (`TCPSynRetrans`, say).
+    pub fn tcp_ext(&self, ns: &str, name: &str) -> u64 {
+        let text = self.ns(ns).exec_ok(&["cat", "/proc/net/netstat"]);
+        let mut lines = text.lines();
+        while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+            if !names.starts_with("TcpExt:") {
+                continue;
+            }
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                if n == name {
+                    return v.parse().unwrap();
+                }
+            }
+        }
+        panic!("no TcpExt {name} in /proc/net/netstat of {ns}:\n{text}");
+    }
+
     /// Starts a long-running process in `ns`; it is killed when the lab drops.
     pub fn spawn(&mut self, ns: &str, args: &[&str]) {
         let child = self.ns(ns).spawn(args);

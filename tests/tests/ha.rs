@@ -2,11 +2,12 @@
 //! every machine running the real lb-daemon (the servers in node role). Failover by SIGKILL,
 //! no preemption, a killed primary giving up the VIP at layer 2, long transfers across a
 //! failover in each method (NAT also with real checks), how a backup judges NAT servers,
-//! heals after a cut heartbeat path, forged and replayed heartbeats, and promote/demote
-//! drills under client load.
+//! heals after a cut heartbeat path, forged and replayed heartbeats, promote/demote drills
+//! under client load, and planned handovers (direct, and two-arm NAT with the servers on a
+//! segment of their own) that must cost no connection a retransmission.
 
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::{SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt,
     path::PathBuf,
@@ -122,15 +123,25 @@ impl Cluster {
     }
 
     fn with_check(method: Method, check: &str) -> Cluster {
-        Cluster::started_in_order(method, check, &[1, 2])
+        Cluster::started_in_order(method, check, &[1, 2], false)
+    }
+
+    /// Two-arm NAT: the servers on an inside segment of their own (see
+    /// [`cluster::build_two_arm`]), the gateway alias on the ATMs' inside interface.
+    fn two_arm_nat() -> Cluster {
+        Cluster::started_in_order(Method::Nat, NO_CHECK, &[1, 2], true)
     }
 
     /// ATMs `order` (1-based; as many as it names) started one after the other: the first
     /// becomes primary and, without preemption, stays so; each later one waits to see it.
-    fn started_in_order(method: Method, check: &str, order: &[usize]) -> Cluster {
+    fn started_in_order(method: Method, check: &str, order: &[usize], two_arm: bool) -> Cluster {
         let n = order.len();
         let mut lab = Lab::new();
-        cluster::build(&mut lab, n, 3);
+        if two_arm {
+            cluster::build_two_arm(&mut lab, n, 3);
+        } else {
+            cluster::build(&mut lab, n, 3);
+        }
         let path = write_config(&mut lab, method, check, n, 0o600);
         let mut nodes = Vec::new();
         for i in 1..=3 {
@@ -743,6 +754,210 @@ fn drills(method: Method) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not primary"));
 }
 
+/// The paced client of the handover tests: a new connection every 20 ms, each allowed 500 ms
+/// from connect to the end of the answer. A SYN or SYN-ACK lost and sent again costs a
+/// second (the first retransmission), so it shows, while scheduling noise on a loaded
+/// machine stays well inside.
+const PACE: Duration = Duration::from_millis(20);
+const BUDGET: Duration = Duration::from_millis(500);
+
+/// One paced connection: when it started (since the test's clock began), how long it took,
+/// and whether it was answered.
+struct Attempt {
+    at: Duration,
+    took: Duration,
+    result: Result<(), String>,
+}
+
+/// One HTTP/1.0 request on a new connection to the VIP, each step allowed `limit`, so that a
+/// stall is measured rather than cut short at the budget.
+fn timed_request(limit: Duration) -> Result<(), String> {
+    let vip: std::net::Ipv4Addr = cluster::VIP.parse().unwrap();
+    let mut s = std::net::TcpStream::connect_timeout(&(vip, 80).into(), limit)
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    if answer.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("answer {:?}", String::from_utf8_lossy(&answer)))
+    }
+}
+
+/// Opens a connection every [`PACE`] from the client, each in a thread of its own (a stalled
+/// one does not hold back the next), until `stop` (bounded: 60 s, 3,000 connections).
+fn paced_load(
+    client: String,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<Attempt>> {
+    thread::spawn(move || {
+        let mut running = Vec::new();
+        let mut next = Instant::now();
+        while !stop.load(Ordering::SeqCst)
+            && t0.elapsed() < Duration::from_secs(60)
+            && running.len() < 3000
+        {
+            let client = client.clone();
+            running.push(thread::spawn(move || {
+                let ns = lb_tests::netns::NetNs::attach(&client);
+                let _in = ns.enter();
+                let (at, t) = (t0.elapsed(), Instant::now());
+                let result = timed_request(Duration::from_secs(3));
+                Attempt {
+                    at,
+                    took: t.elapsed(),
+                    result,
+                }
+            }));
+            next += PACE;
+            thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        running.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The `/big` download from the client: its length, whether every byte is right, and how
+/// long it took; `done` is set when it ends.
+fn big_download(
+    client: String,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<(usize, bool, Duration), String>> {
+    thread::spawn(move || {
+        let ns = lb_tests::netns::NetNs::attach(&client);
+        let _in = ns.enter();
+        let agent = ureq::AgentBuilder::new()
+            .timeout_read(Duration::from_secs(10))
+            .build();
+        let started = Instant::now();
+        let resp = agent
+            .get(&format!("http://{}/big", cluster::VIP))
+            .call()
+            .map_err(|e| e.to_string());
+        let mut body = Vec::new();
+        let r = resp.and_then(|r| {
+            r.into_reader()
+                .read_to_end(&mut body)
+                .map_err(|e| format!("after {} bytes: {e}", body.len()))
+        });
+        done.store(true, Ordering::SeqCst);
+        r?;
+        let intact = body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
+        Ok((body.len(), intact, started.elapsed()))
+    })
+}
+
+/// A dataplane counter of ATM `i` from its /metrics (`drop_no_connection`, say).
+fn dataplane_counter(c: &Cluster, i: usize, counter: &str) -> u64 {
+    let text = {
+        let _in = c.lab.ns(&cluster::atm(i)).enter();
+        ureq::get(&format!("http://{}/metrics", c.atm(i).metrics))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    let prefix = format!("lb_dataplane_packets_total{{counter=\"{counter}\",");
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {counter} in the metrics of atm{i}:\n{text}"))
+}
+
+/// The issue's drill: a client opening a new connection every 20 ms (500 ms each) while a
+/// 2 MB transfer runs, and three rounds of `lb-cli promote` on the backup then `lb-cli
+/// demote` on the new primary. A planned handover must cost no connection a retransmission:
+/// every connection within its budget, the transfer whole, and no SYN sent twice.
+fn planned_handovers_cost_no_retransmission(c: Cluster, what: &str) {
+    let client = c.lab.ns("client").name().to_string();
+    let syn_retrans = c.lab.tcp_ext("client", "TCPSynRetrans");
+    let t0 = Instant::now();
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let transfer = big_download(client.clone(), done.clone());
+    let load = paced_load(client, t0, stop.clone());
+    let settle = Duration::from_millis(700);
+    thread::sleep(Duration::from_secs(1));
+    // When each handover ran (from the command to its answer), to place a slow connection.
+    let mut handovers = Vec::new();
+    for round in 1..=3 {
+        let from = t0.elapsed();
+        let out = c.atm(2).cli_ok(&["promote"]);
+        assert!(out.contains("atm2 is primary"), "{out}");
+        handovers.push(format!("promote {round} {from:?}..{:?}", t0.elapsed()));
+        thread::sleep(settle);
+        let from = t0.elapsed();
+        let out = c.atm(2).cli_ok(&["demote"]);
+        assert!(out.contains("handed over to atm1"), "{out}");
+        handovers.push(format!("demote {round} {from:?}..{:?}", t0.elapsed()));
+        c.lab
+            .wait_for("atm1 alone to hold the VIP", Duration::from_secs(2), || {
+                c.vip_holders() == vec![1]
+            });
+        thread::sleep(settle);
+    }
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "{what}: the transfer must run across every handover"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let attempts = load.join().unwrap();
+    let transfer = transfer.join().unwrap();
+    let retrans = c.lab.tcp_ext("client", "TCPSynRetrans") - syn_retrans;
+    let bad: Vec<String> = attempts
+        .iter()
+        .filter(|a| a.result.is_err() || a.took > BUDGET)
+        .map(|a| format!("at {:?} took {:?}: {:?}", a.at, a.took, a.result))
+        .collect();
+    let drops: Vec<u64> = (1..=2)
+        .map(|i| dataplane_counter(&c, i, "drop_no_connection"))
+        .collect();
+    eprintln!(
+        "{what}: 6 handovers, {} connections, {} over {BUDGET:?} or failed, {retrans} SYNs \
+         sent again, drop_no_connection {drops:?}; handovers {handovers:?}",
+        attempts.len(),
+        bad.len()
+    );
+    assert!(
+        attempts.len() >= 150,
+        "{what}: {} connections",
+        attempts.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} connections over {BUDGET:?} or failed: {bad:?}; handovers: \
+         {handovers:?}",
+        bad.len(),
+        attempts.len()
+    );
+    let (len, intact, took) =
+        transfer.unwrap_or_else(|e| panic!("{what}: the transfer broke: {e}"));
+    assert_eq!(len, BIG_BYTES, "{what}");
+    assert!(intact, "{what}: the transfer came corrupted");
+    assert!(
+        took >= Duration::from_secs(10),
+        "{what}: the transfer lasted {took:?}"
+    );
+    assert_eq!(retrans, 0, "{what}: SYNs the client had to send again");
+}
+
+#[test]
+fn planned_handovers_in_two_arm_nat_cost_no_connection_a_retransmission() {
+    planned_handovers_cost_no_retransmission(Cluster::two_arm_nat(), "two-arm NAT");
+}
+
+#[test]
+fn planned_handovers_in_direct_mode_cost_no_connection_a_retransmission() {
+    planned_handovers_cost_no_retransmission(Cluster::new(Method::Direct), "direct");
+}
+
 /// The servers-table state of `server` on `d`.
 fn server_state(d: &Daemon, server: &str) -> String {
     let t = d.cat("servers");
@@ -889,7 +1104,7 @@ impl Drop for LostAnnouncements<'_> {
 /// failed there.
 fn a_killed_primary_gives_up_the_vip(n: usize) {
     let order: Vec<usize> = (1..=n).rev().collect();
-    let mut c = Cluster::started_in_order(Method::Direct, NO_CHECK, &order);
+    let mut c = Cluster::started_in_order(Method::Direct, NO_CHECK, &order, false);
     assert_eq!(c.vip_holders(), vec![n], "atm{n} started first");
     let (dead, new) = (atm_mac(&c, n), atm_mac(&c, 1));
     let client = c.lab.ns("client");

@@ -61,21 +61,9 @@ kind = "none"
     c
 }
 
-/// The client's count of retransmitted SYNs (TcpExtTCPSynRetrans).
+/// The client's count of retransmitted SYNs.
 fn syn_retrans(lab: &Lab) -> u64 {
-    let text = lab.ns("client").exec_ok(&["cat", "/proc/net/netstat"]);
-    let mut lines = text.lines();
-    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
-        if !names.starts_with("TcpExt:") {
-            continue;
-        }
-        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-            if n == "TCPSynRetrans" {
-                return v.parse().unwrap();
-            }
-        }
-    }
-    panic!("no TCPSynRetrans in /proc/net/netstat:\n{text}");
+    lab.tcp_ext("client", "TCPSynRetrans")
 }
 
 /// How a connection ends.
