@@ -490,8 +490,17 @@ pub struct Settings {
     /// so a new primary does not search from where the old one was handing out pairs in
     /// the moments before their records reached it.
     pub nat_cursor_base: u32,
+    /// The other ATM of a planned handover (IPv4, network byte order; 0: none), its address
+    /// in `[[atm]]`. Until `peer_until_ns`, a packet to a VIP or the NAT address that this
+    /// ATM has no connection for and that cannot start one goes to it unchanged: the
+    /// connection may be one the other ATM made moments ago, whose record is not here yet
+    /// (see docs/HA.md, "Planned handovers"). Never one that came from it.
+    pub peer_addr: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns()` until which packets go to `peer_addr`.
+    pub peer_until_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 160);
+const _: () = assert!(core::mem::size_of::<Settings>() == 176);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]
@@ -548,7 +557,8 @@ pub enum Stat {
     /// settles in (`Settings::settle_until_ns`): to a NAT server, a TCP packet other than a
     /// SYN (a fresh translation could only draw a reset); to the NAT address, anything on a
     /// NAT port (a reply whose entry is missing). The entry may still be on its way from the
-    /// old primary; the peer retransmits. Later such packets pass to the stack.
+    /// old primary; the peer retransmits. Later such packets pass to the stack. In a planned
+    /// handover they go to the other ATM instead (`ToPeer`), unless they came from it.
     DropNoConnection,
     /// 802.1Q- or 802.1ad-tagged frames (the tag in the frame), passed to the stack: lb
     /// balances untagged traffic only (also counted as passed).
@@ -557,10 +567,13 @@ pub enum Stat {
     /// renewing its lease. The kernel still holds the aliases and would answer, winning
     /// clients back from the ATM that took over into the orphan's `DropOrphaned`.
     DropFenced,
+    /// Packets of no known connection sent on to the other ATM of a planned handover
+    /// (`Settings::peer_addr`), which made the connection (also counted as forwarded).
+    ToPeer,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::DropFenced as u32 + 1;
+    pub const COUNT: u32 = Stat::ToPeer as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Packets,
         Stat::VipPackets,
@@ -582,6 +595,7 @@ impl Stat {
         Stat::DropNoConnection,
         Stat::Tagged,
         Stat::DropFenced,
+        Stat::ToPeer,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -605,6 +619,7 @@ impl Stat {
             Stat::DropNoConnection => "drop_no_connection",
             Stat::Tagged => "tagged",
             Stat::DropFenced => "drop_fenced",
+            Stat::ToPeer => "to_peer",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".

@@ -65,7 +65,9 @@ pub const HANDOVER_LIMIT: Duration = Duration::from_secs(30);
 const PROMOTE_WAIT: Duration = Duration::from_secs(32);
 
 /// How long a new primary drops, rather than resets, NAT packets of connections it does not
-/// know: the entries of the old primary's last connections may still be on their way.
+/// know: the entries of the old primary's last connections may still be on their way. In a
+/// planned handover, also how long the two ATMs cover for each other: both forward, and each
+/// sends the other the packets of connections it does not know (`Settings::peer_addr`).
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// When a new primary sends its gratuitous ARPs, from the moment it holds the addresses.
@@ -163,8 +165,11 @@ struct Atm {
     nat_interface: String,
     /// Dataplane capacities in force (the `config` table; a write changes them).
     caps: Capacities,
-    /// After a planned handover: keep forwarding until the new primary shows up, or this.
-    grace_until: Option<Instant>,
+    /// After a planned handover: how long this ATM keeps forwarding.
+    grace: Option<Grace>,
+    /// In a planned handover, the other ATM and the dataplane clock until which packets of
+    /// connections this ATM does not know go to it (`Settings::peer_addr`).
+    peer: Option<(Ipv4Addr, u64)>,
     /// A sweep of the connection table is running.
     sweeping: Arc<std::sync::atomic::AtomicBool>,
     /// Dataplane clock until which NAT packets of unknown connections are dropped, not
@@ -182,6 +187,17 @@ struct Atm {
     /// The gratuitous ARPs of the last promotion, while they go out (`ANNOUNCE_AT`): stopped
     /// when this ATM stops being primary, lest a backup draw clients back to itself.
     announcing: Option<tokio::task::AbortHandle>,
+}
+
+/// A former primary's forwarding after a planned handover: clients and servers still reach it
+/// until the new primary's gratuitous ARPs have moved them, and connections it made in the
+/// last moments are its alone until their records reach the new primary.
+struct Grace {
+    /// Forward until then: the lease while the new primary has not shown up, and once it
+    /// has, `SETTLE` from then, while the two cover for each other.
+    until: Instant,
+    /// The new primary has been heard.
+    overlap: bool,
 }
 
 /// The real-server side of a node.
@@ -597,6 +613,7 @@ impl Daemon {
             ),
             Role::Node(a) => ((*a).into(), Default::default()),
         };
+        let peer = self.atm.as_ref().and_then(|a| a.peer);
         let mut nat_pool = [0u32; lb_common::NAT_POOL_MAX];
         let mut nat_pool_len = 0;
         if let (Role::Atm(_), Some(n)) = (&self.role, self.config.nat) {
@@ -636,6 +653,9 @@ impl Daemon {
             nat_pool,
             nat_pool_len,
             nat_cursor_base: self.atm.as_ref().map_or(0, |a| a.nat_cursor_base),
+            peer_addr: peer.map_or(0, |(addr, _)| u32::from_ne_bytes(addr.octets())),
+            _pad2: 0,
+            peer_until_ns: peer.map_or(0, |(_, until)| until),
         }
     }
 
@@ -702,7 +722,8 @@ impl Daemon {
             primary: false,
             nat_interface,
             caps,
-            grace_until: None,
+            grace: None,
+            peer: None,
             sweeping: Arc::default(),
             settle_until_ns: 0,
             generation: 0,
@@ -858,13 +879,17 @@ impl Daemon {
 
     /// Turns the dataplane on, then takes the VIPs and the NAT gateway. In that order: a
     /// VIP alias on an ATM whose dataplane passes traffic makes the stack answer clients with
-    /// resets.
-    async fn become_primary(&mut self) -> Result<()> {
+    /// resets. `from`: the ATM that handed over (a planned handover), still forwarding for a
+    /// moment; until this ATM settles, it gets the packets of connections this one does not
+    /// know.
+    async fn become_primary(&mut self, from: Option<usize>) -> Result<()> {
         let Role::Atm(i) = self.role else {
             return Ok(());
         };
+        let from = from.map(|f| self.config.atms[f].address);
         if let Some(a) = self.atm.as_mut() {
             a.settle_until_ns = dataplane::now_ns() + SETTLE.as_nanos() as u64;
+            a.peer = from.map(|addr| (addr, a.settle_until_ns));
             // A fresh place to hand NAT pairs out from (see Settings::nat_cursor_base).
             a.nat_cursor_base = (dataplane::now_ns() ^ (std::process::id() as u64) << 20)
                 .wrapping_mul(0x9e37_79b9_7f4a_7c15) as u32;
@@ -873,7 +898,7 @@ impl Daemon {
         let servers = self.server_addrs();
         let a = self.atm.as_mut().expect("an ATM");
         a.primary = true;
-        a.grace_until = None;
+        a.grace = None;
         a.dp.set_settings(&settings)?;
         // Backups keep the servers they have a route to resolved (see sweep), so this rarely
         // has work to do; it must not wait either: failover time is counted in heartbeats.
@@ -977,9 +1002,11 @@ impl Daemon {
     }
 
     /// Gives up the VIPs and the NAT gateway, then turns the dataplane off. On a planned
-    /// handover the dataplane keeps forwarding (without the aliases) until the new primary
-    /// announces itself: clients reach this ATM until its gratuitous ARPs move them.
-    async fn become_backup(&mut self, planned: bool) -> Result<()> {
+    /// handover to `to` the dataplane keeps forwarding (without the aliases) until the new
+    /// primary has announced itself and settled (see `Grace`), and sends it the packets of
+    /// connections this ATM does not know: clients and servers reach this ATM until the new
+    /// primary's gratuitous ARPs move them, some on connections it made.
+    async fn become_backup(&mut self, to: Option<usize>) -> Result<()> {
         if let Some(task) = self.atm.as_mut().and_then(|a| a.announcing.take()) {
             task.abort();
         }
@@ -989,12 +1016,33 @@ impl Daemon {
             }
         }
         let lease = self.lease();
+        let to = to.map(|t| self.config.atms[t].address);
         let Some(a) = self.atm.as_mut() else {
             return Ok(());
         };
         a.primary = false;
-        a.grace_until = planned.then(|| Instant::now() + lease);
+        a.grace = to.map(|_| Grace {
+            until: Instant::now() + lease,
+            overlap: false,
+        });
+        a.peer = to.map(|addr| (addr, dataplane::now_ns() + lease.as_nanos() as u64));
         self.push_settings().map_err(|e| anyhow!(e))
+    }
+
+    /// The new primary of our planned handover is up: forward `SETTLE` more, covering for
+    /// it (and it for us) while clients and servers move and the last records cross.
+    fn overlap(&mut self, primary: usize, now: Instant) {
+        let addr = self.config.atms[primary].address;
+        let Some(a) = self.atm.as_mut() else { return };
+        let Some(g) = a.grace.as_mut().filter(|g| !g.overlap) else {
+            return;
+        };
+        g.overlap = true;
+        g.until = now + SETTLE;
+        a.peer = Some((addr, dataplane::now_ns() + SETTLE.as_nanos() as u64));
+        if let Err(e) = self.push_settings() {
+            warn!("Handing over: {e}");
+        }
     }
 
     /// Sends `body` to ATM `to`, or to every other ATM (ahead of any table transfer).
@@ -1143,12 +1191,8 @@ impl Daemon {
         match msg.body {
             Body::Heartbeat(hb) => {
                 let act = ha.election.on_heartbeat(from_atm, hb, now);
-                if hb.role == ha::Role::Primary
-                    && let Some(a) = self.atm.as_mut()
-                    && a.grace_until.take().is_some()
-                {
-                    // The new primary is up: stop forwarding here.
-                    let _ = self.push_settings();
+                if hb.role == ha::Role::Primary {
+                    self.overlap(from_atm, now);
                 }
                 if let Some(a) = act {
                     self.act(a).await;
@@ -1270,9 +1314,9 @@ impl Daemon {
     /// Carries out what the election decided.
     async fn act(&mut self, a: Action) {
         match a {
-            Action::BecomePrimary { term, reason } => {
+            Action::BecomePrimary { term, reason, from } => {
                 info!("Elected primary (term {term}): {reason}");
-                if let Err(e) = self.become_primary().await {
+                if let Err(e) = self.become_primary(from).await {
                     error!("Becoming primary: {e:#}");
                 }
                 if let Some(ha) = self.ha.as_mut()
@@ -1282,9 +1326,9 @@ impl Daemon {
                 }
                 self.send_heartbeat().await;
             }
-            Action::BecomeBackup { reason, planned } => {
+            Action::BecomeBackup { reason, to } => {
                 info!("Becoming backup: {reason}");
-                if let Err(e) = self.become_backup(planned).await {
+                if let Err(e) = self.become_backup(to).await {
                     error!("Becoming backup: {e:#}");
                 }
                 // A new primary wants our table only if we were primary; a backup asks.
@@ -1486,7 +1530,7 @@ impl Daemon {
 
     async fn stop(&mut self) {
         if self.atm.is_some() {
-            if let Err(e) = self.become_backup(false).await {
+            if let Err(e) = self.become_backup(None).await {
                 error!("Removing aliases: {e}");
             }
             if let Some(a) = self.atm.take() {
@@ -1948,7 +1992,7 @@ impl Daemon {
         let primary = self
             .atm
             .as_ref()
-            .is_some_and(|a| a.primary || a.grace_until.is_some_and(|t| now < t));
+            .is_some_and(|a| a.primary || a.grace.as_ref().is_some_and(|g| now < g.until));
         self.settings(primary)
     }
 

@@ -322,15 +322,14 @@ impl Replay {
 /// What the election asks the daemon to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// `from`: in a planned handover, the ATM handing over (still forwarding for a moment).
     BecomePrimary {
         term: u64,
         reason: String,
+        from: Option<usize>,
     },
-    /// `planned`: a handover on purpose (the new primary is named and about to take over).
-    BecomeBackup {
-        reason: String,
-        planned: bool,
-    },
+    /// `to`: in a planned handover, the ATM named to take over, about to.
+    BecomeBackup { reason: String, to: Option<usize> },
 }
 
 /// What this ATM knows of another.
@@ -484,7 +483,7 @@ impl Election {
                             "ATM {from} is primary with term {} (ours {})",
                             hb.term, ours.0
                         ),
-                        planned: false,
+                        to: None,
                     });
                 }
                 return None;
@@ -493,7 +492,11 @@ impl Election {
             return None;
         }
         if hb.yield_to == Some(self.me as u16) && self.role == Role::Backup && self.eligible {
-            return self.promote(now, format!("ATM {from} hands over to this ATM"));
+            return self.promote(
+                now,
+                format!("ATM {from} hands over to this ATM"),
+                Some(from),
+            );
         }
         self.evaluate(now)
     }
@@ -521,7 +524,7 @@ impl Election {
             .min()
     }
 
-    fn promote(&mut self, _now: Instant, reason: String) -> Option<Action> {
+    fn promote(&mut self, _now: Instant, reason: String, from: Option<usize>) -> Option<Action> {
         self.role = Role::Primary;
         self.term += 1;
         self.stand_aside_until = None;
@@ -529,6 +532,7 @@ impl Election {
         Some(Action::BecomePrimary {
             term: self.term,
             reason,
+            from,
         })
     }
 
@@ -538,7 +542,7 @@ impl Election {
                 self.role = Role::Backup;
                 return Some(Action::BecomeBackup {
                     reason: "this ATM no longer reaches its track addresses".into(),
-                    planned: false,
+                    to: None,
                 });
             }
             return None;
@@ -571,7 +575,7 @@ impl Election {
         } else {
             "no primary ATM is alive and this is the highest-listed running ATM".to_string()
         };
-        self.promote(now, reason)
+        self.promote(now, reason, None)
     }
 
     /// A planned handover (`lb-cli demote`, or a backup's `Yield`): become backup, name the
@@ -589,7 +593,7 @@ impl Election {
                 Some(i) => format!("handing over to ATM {i}"),
                 None => "demoted with no other ATM running".into(),
             },
-            planned: to.is_some(),
+            to,
         })
     }
 
@@ -598,7 +602,7 @@ impl Election {
         if self.role == Role::Primary || !self.eligible {
             return None;
         }
-        self.promote(now, "promoted by lb-cli".into())
+        self.promote(now, "promoted by lb-cli".into(), None)
     }
 
     /// Milliseconds since peer `i` was last heard.
@@ -740,6 +744,14 @@ mod tests {
             vec![1],
             "the highest-listed running backup"
         );
+        assert!(
+            matches!(
+                net.log.last(),
+                Some((1, Action::BecomePrimary { from: None, .. }))
+            ),
+            "a failover hands nothing over: {:?}",
+            net.log
+        );
         net.start(0);
         net.steps(30).await;
         assert_eq!(
@@ -804,7 +816,7 @@ mod tests {
         assert_eq!(first.role(), Role::Primary);
         assert!(matches!(
             second.on_heartbeat(0, hb(1), now),
-            Some(Action::BecomeBackup { planned: false, .. })
+            Some(Action::BecomeBackup { to: None, .. })
         ));
         assert_eq!(second.role(), Role::Backup);
     }
@@ -816,12 +828,24 @@ mod tests {
         assert_eq!(net.primaries(), vec![0]);
         let now = Instant::now();
         let act = net.atms[0].as_mut().unwrap().hand_over(Some(2), now);
-        assert!(matches!(act, Some(Action::BecomeBackup { .. })));
+        assert!(matches!(
+            act,
+            Some(Action::BecomeBackup { to: Some(2), .. })
+        ));
         net.step().await;
         assert_eq!(
             net.primaries(),
             vec![2],
             "the named ATM takes over at the next heartbeat"
+        );
+        // Each knows the other for the moment they both forward (docs/HA.md).
+        assert!(
+            matches!(
+                net.log.last(),
+                Some((2, Action::BecomePrimary { from: Some(0), .. }))
+            ),
+            "{:?}",
+            net.log
         );
         net.steps(30).await;
         assert_eq!(

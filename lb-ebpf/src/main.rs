@@ -575,14 +575,18 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // reply whose entry may still be on its way from the old primary, and the stack, which
     // holds the NAT address but no socket on the port, would reset the server's side:
     // dropped, it is retransmitted. (The daemon keeps the kernel's own ports apart.)
+    // In a planned handover the other ATM may have made that connection moments ago: it
+    // gets the packet.
     let Some(svc) = svc else {
         let port = u16::from_be(l4.dport);
-        if to_nat
-            && now < settings.settle_until_ns
-            && port >= settings.nat_port_min
-            && port <= settings.nat_port_max
-        {
-            return Outcome::Drop(Stat::DropNoConnection);
+        if to_nat && port >= settings.nat_port_min && port <= settings.nat_port_max {
+            let action = to_peer_xdp(ctx, now);
+            if action != NOT_TO_PEER {
+                return Outcome::Action(action);
+            }
+            if now < settings.settle_until_ns {
+                return Outcome::Drop(Stat::DropNoConnection);
+            }
         }
         return Outcome::Pass;
     };
@@ -711,12 +715,17 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
     }
     // Direct and tunnel servers take up a connection midway (after a failover without its
     // entry, the server still has it); a NAT server would see a new source port and reset.
+    // In a planned handover the other ATM may have made the connection: it gets the packet.
     // Just after a takeover the entry may be on its way: drop, the client retransmits.
     // Otherwise the connection is gone, and the stack's reset (it holds the VIP) says so.
     if server.method == Method::Nat as u8
         && ip.proto == IPPROTO_TCP
         && l4.flags & (TCP_SYN | TCP_ACK) != TCP_SYN
     {
+        let action = to_peer_xdp(ctx, now);
+        if action != NOT_TO_PEER {
+            return Outcome::Action(action);
+        }
         if now < settings.settle_until_ns {
             return Outcome::Drop(Stat::DropNoConnection);
         }
@@ -767,6 +776,51 @@ fn to_service(ctx: &XdpContext, settings: &Settings, svc: &Service, ip: &Ip, l4:
     count_traffic(&SERVER_STATS, id, bytes);
     forward(ctx, settings, id, ip, nat_addr, nat_port)
 }
+
+/// During a planned handover (`Settings::peer_addr`), sends a packet of no known connection
+/// unchanged to the other ATM, which may have made the connection in the last moments (its
+/// record not here yet): the new primary receives the servers' replies, and clients, for
+/// connections the old one made; the old one, for connections the new one made, until the
+/// servers' and clients' ARP caches have moved. [`NOT_TO_PEER`] when there is no handover,
+/// no neighbour entry for the other ATM, or the packet came from it (it does not know the
+/// connection either: no ping-pong); the caller then goes on as without a peer.
+///
+/// A BPF function that calls none: it runs from inside `to_service_xdp`, and the frames of a
+/// chain of calls share the 512-byte stack.
+#[inline(never)]
+fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
+    let (Some(settings), Some(sc)) = (SETTINGS.get(0), scratch()) else {
+        return NOT_TO_PEER;
+    };
+    if settings.peer_addr == 0 || now >= settings.peer_until_ns {
+        return NOT_TO_PEER;
+    }
+    let src = settings.local_addr.as_v4_raw().unwrap_or(0);
+    let p = &mut sc.fib;
+    if fib_query(ctx, p, settings.peer_addr, src, 0) != FIB_SUCCESS {
+        return NOT_TO_PEER;
+    }
+    let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
+        return NOT_TO_PEER;
+    };
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        if (*eth).src == p.dmac {
+            return NOT_TO_PEER;
+        }
+        (*eth).dst = p.dmac;
+        (*eth).src = p.smac;
+    }
+    count(Stat::ToPeer, 1);
+    finish(if p.ifindex == ctx.ingress_ifindex() as u32 {
+        Outcome::Tx
+    } else {
+        Outcome::Redirect(p.ifindex)
+    })
+}
+
+/// What [`to_peer_xdp`] returns for a packet that does not go to the other ATM.
+const NOT_TO_PEER: u32 = u32::MAX;
 
 /// What [`established_xdp`] returns for a packet that is not of a live connection.
 const NOT_ESTABLISHED: u32 = u32::MAX;
@@ -1487,22 +1541,7 @@ fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<Hop>,
         return (-1, None, 0);
     };
     let p = &mut sc.fib;
-    // An all-zero bpf_fib_lookup is a valid input.
-    zero_words(p);
-    p.family = AF_INET;
-    p.ifindex = LOOPBACK_IFINDEX;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
-    // SAFETY: the helper writes only into `p`.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            p as *mut FibParams,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = fib_query(ctx, p, dst, src, tot_len);
     match rc {
         FIB_SUCCESS => (
             rc,
@@ -1516,6 +1555,27 @@ fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<Hop>,
         // SAFETY: on this result the helper stored the MTU in the union.
         FIB_FRAG_NEEDED => (rc, None, unsafe { p.__bindgen_anon_1.mtu_result }),
         _ => (rc, None, 0),
+    }
+}
+
+/// The FIB lookup itself, its query and answer in `p`.
+#[inline(always)]
+fn fib_query(ctx: &XdpContext, p: &mut FibParams, dst: u32, src: u32, tot_len: u16) -> i64 {
+    // An all-zero bpf_fib_lookup is a valid input.
+    zero_words(p);
+    p.family = AF_INET;
+    p.ifindex = LOOPBACK_IFINDEX;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: the helper writes only into `p`.
+    unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            p as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
     }
 }
 

@@ -1134,6 +1134,76 @@ fn nat_packets_of_unknown_connections_are_dropped_while_settling_then_passed() {
     // (A SYN opens one: the NAT fixtures of dataplane_fixtures.)
 }
 
+/// A planned handover: for a moment both ATMs forward, and each may receive packets of a
+/// connection the other made moments ago (its record not here yet). Such packets go to the
+/// other ATM unchanged; never back to it (a connection neither knows is dropped while
+/// settling, as without a peer).
+#[test]
+fn in_a_planned_handover_packets_of_unknown_nat_connections_go_to_the_other_atm() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    const PEER: [u8; 4] = [192, 0, 2, 3];
+    b.lab.neigh(
+        "fx",
+        "eth0",
+        &Ipv4Addr::from(PEER).to_string(),
+        &mac_str(mac_of(PEER)),
+    );
+    let mut s = settings();
+    s.settle_until_ns = now_ns() + 60_000_000_000;
+    s.peer_addr = u32::from_ne_bytes(PEER);
+    s.peer_until_ns = s.settle_until_ns;
+    b.dp.set_settings(&s).unwrap();
+    let ack = from_client(46000, VIP, 82, ACK, b"data");
+    let reply = tcp(
+        mac_of(N1),
+        LB_NAT_MAC,
+        N1,
+        8080,
+        NAT,
+        NAT_PORT_MIN + 7,
+        ACK,
+        b"response",
+    );
+    let from_peer = with_macs(&reply, mac_of(PEER), LB_MAC);
+    b.run(&[
+        Fixture::new(
+            "handover: a client's ACK of no connection goes to the other ATM",
+            ack.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(&ack, LB_MAC, mac_of(PEER))),
+        Fixture::new(
+            "handover: a server's reply to a NAT port of no connection goes to the other ATM",
+            reply.clone(),
+            XDP_REDIRECT,
+        )
+        .on(b.eth1)
+        .output(with_macs(&reply, LB_MAC, mac_of(PEER))),
+        Fixture::new(
+            "handover: from the other ATM, unknown there too: not sent back",
+            from_peer,
+            XDP_DROP,
+        ),
+    ]);
+    let stats = b.dp.stats().unwrap();
+    assert_eq!(stats.get(Stat::ToPeer), 2);
+    assert_eq!(stats.get(Stat::DropNoConnection), 1);
+    assert_eq!(stats.get(Stat::NewConns), 0);
+    // The handover over (a second ago: the program reads a coarse clock): settling as
+    // without a peer.
+    s.peer_until_ns = now_ns() - 1_000_000_000;
+    b.dp.set_settings(&s).unwrap();
+    b.run(&[Fixture::new(
+        "handover over: dropped while settling",
+        ack,
+        XDP_DROP,
+    )]);
+    let stats = b.dp.stats().unwrap();
+    assert_eq!(stats.get(Stat::ToPeer), 2);
+    assert_eq!(stats.get(Stat::DropNoConnection), 2);
+}
+
 #[test]
 fn the_connection_table_reads_whole_across_batches() {
     let mut b = Bench::new();

@@ -894,8 +894,14 @@ fn planned_handovers_cost_no_retransmission(c: Cluster, what: &str) {
         handovers.push(format!("promote {round} {from:?}..{:?}", t0.elapsed()));
         thread::sleep(settle);
         let from = t0.elapsed();
-        let out = c.atm(2).cli_ok(&["demote"]);
-        assert!(out.contains("handed over to atm1"), "{out}");
+        let o = c.atm(2).cli(&["demote"]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success() && out.contains("handed over to atm1"),
+            "{what}: demote {round}: {o:?}\n=== atm1\n{}\n=== atm2\n{}",
+            c.atm(1).log(),
+            c.atm(2).log()
+        );
         handovers.push(format!("demote {round} {from:?}..{:?}", t0.elapsed()));
         c.lab
             .wait_for("atm1 alone to hold the VIP", Duration::from_secs(2), || {
