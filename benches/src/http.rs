@@ -56,6 +56,7 @@ fn two_arm(v: Variant) -> Result<Rig> {
     lab.veth(("client", "eth0"), ("lb", "eth0"));
     lab.addr("client", "eth0", "192.0.2.50/24");
     lab.route("client", &["default", "via", "192.0.2.2"]);
+    load_generator("client", &lab);
     lab.addr("lb", "eth0", "192.0.2.2/24");
     lab.addr("lb", "eth0", "192.0.2.100/32");
     lab.switch("sw");
@@ -149,6 +150,16 @@ fn two_arm(v: Variant) -> Result<Rig> {
     Ok(Rig { lab, _dp: dp, url })
 }
 
+/// The client as load generators are set up: wrk closes first about half the time, and each
+/// such port then sits in TIME_WAIT for 60 s. Connect takes even ports (some 14,000 of the
+/// default range): at these rates they run out within seconds, and from then on every
+/// variant measures the client's connect(), about 500 a second. Ports 1024-65535, and
+/// TIME_WAIT ports reused after a second (timestamps keep old segments apart).
+fn load_generator(ns: &str, lab: &Lab) {
+    lab.sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65535");
+    lab.sysctl(ns, "net.ipv4.tcp_tw_reuse", "1");
+}
+
 /// A dataplane for the balancer at 192.0.2.2 with one service on the VIP over `backends`,
 /// NAT-ing from `nat` (for the nat method).
 fn programmed(method: Method, backends: &[&str], nat: [u8; 4]) -> Result<Dataplane> {
@@ -167,6 +178,7 @@ fn programmed(method: Method, backends: &[&str], nat: [u8; 4]) -> Result<Datapla
 fn one_arm() -> Result<Rig> {
     let mut lab = Lab::new();
     cluster::build(&mut lab, 1, 3);
+    load_generator("client", &lab);
     let lb = cluster::atm(1);
     lab.addr(&lb, "eth0", &format!("{}/32", cluster::VIP));
     let mut servers = Vec::new();
