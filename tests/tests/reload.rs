@@ -198,6 +198,55 @@ fn a_reload_that_shrinks_the_tables_keeps_the_service_that_remains() {
     assert_eq!(answered(&lab, 8080, 5), 5);
 }
 
+/// Sizes written to `config` hold until the file's own `[tables]` change (docs/DAEMON.md):
+/// a reload of a file that needs more than the written sizes is refused whole, rather than
+/// numbering services and servers beyond the maps; once the file's `[tables]` change, the
+/// reload resizes to them.
+#[test]
+fn a_reload_after_a_config_write_stays_within_the_written_sizes() {
+    let mut lab = lab();
+    let path = lab.dir().join("lb.toml");
+    let tables = "services = 8\nservers = 32\nconnections = 65536";
+    std::fs::write(&path, config(tables, true, "")).unwrap();
+    let d = start(&mut lab, &path);
+    d.cli_ok(&["write", "config", "2 5 1024"]);
+    assert_eq!(d.cat("config"), "2 5 1024\n");
+
+    // A third service: the file's [tables] have room, the written sizes do not.
+    let more = format!(
+        "{}{}",
+        config(tables, true, ""),
+        service("more", 8081, 1..=1)
+    );
+    std::fs::write(&path, &more).unwrap();
+    let out = d.cli(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Reload refused"), "{err}");
+    assert!(
+        err.contains("2 5 1024"),
+        "the refusal names the written sizes: {err}"
+    );
+    assert_eq!(d.cat("config"), "2 5 1024\n");
+    assert_eq!(d.cat("services").lines().count(), 2);
+    assert_eq!(answered(&lab, 80, 5), 5);
+    assert_eq!(answered(&lab, 8080, 5), 5);
+
+    // The file's own sizes change: the reload takes them, and the third service with them.
+    let bigger = "services = 4\nservers = 32\nconnections = 65536";
+    let more = format!(
+        "{}{}",
+        config(bigger, true, ""),
+        service("more", 8081, 1..=1)
+    );
+    std::fs::write(&path, &more).unwrap();
+    d.cli_ok(&["reload"]);
+    assert_eq!(d.cat("config"), "4 32 65536\n");
+    assert_eq!(d.cat("services").lines().count(), 3);
+    assert_eq!(answered(&lab, 80, 5), 5);
+    assert_eq!(answered(&lab, 8080, 5), 5);
+}
+
 /// A stand-in for a second ATM: receives what the daemon sends to atm2's address and
 /// records when each heartbeat arrived.
 struct Listener {

@@ -290,10 +290,10 @@ impl Daemon {
             return;
         };
         // Sizes written to `config` stay until the file's own [tables] change.
-        let caps = if new.tables != self.config.tables {
-            new.tables
+        let (caps, written) = if new.tables != self.config.tables {
+            (new.tables, false)
         } else {
-            a.caps
+            (a.caps, a.caps != new.tables)
         };
         let running = a.plane.clone();
         a.plane.start_journal();
@@ -301,7 +301,16 @@ impl Daemon {
         let jobs = self.jobs_tx.clone();
         tokio::task::spawn_blocking(move || {
             let result = prepare(running, running_caps, Some(new), caps).map_err(|why| {
-                format!("Reload refused: {why} (keeping the running configuration)")
+                let sizes = if written {
+                    format!(
+                        "; the tables are as written to `config`, {} {} {}, until the \
+                         file's [tables] change",
+                        caps.services, caps.servers, caps.connections
+                    )
+                } else {
+                    String::new()
+                };
+                format!("Reload refused: {why}{sizes} (keeping the running configuration)")
             });
             let _ = jobs.send(Job::Prepared {
                 result: result.map(Box::new),
