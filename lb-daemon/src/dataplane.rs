@@ -528,10 +528,6 @@ impl Dataplane {
         Ok(())
     }
 
-    pub fn settings(&self) -> Result<Settings, Error> {
-        self.settings.get(&0, 0).map_err(map_err(maps::SETTINGS))
-    }
-
     /// Adds or replaces a service.
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<(), Error> {
         if service.id >= self.caps.services {
