@@ -700,7 +700,10 @@ fn drills(method: Method) {
                     && start.elapsed() < Duration::from_secs(30)
                     && results.len() < 50_000
                 {
-                    results.push(request(Duration::from_secs(5)));
+                    let at = start.elapsed();
+                    results.push(
+                        request(Duration::from_secs(5)).map_err(|e| format!("at {at:?}: {e}")),
+                    );
                 }
                 results
             })
@@ -737,10 +740,12 @@ fn drills(method: Method) {
     assert!(results.len() >= 100, "{} requests", results.len());
     assert!(
         failed.is_empty(),
-        "{method:?}: {} of {} requests failed: {:?}",
+        "{method:?}: {} of {} requests failed: {:?}\n=== atm1\n{}\n=== atm2\n{}",
         failed.len(),
         results.len(),
-        &failed[..failed.len().min(5)]
+        &failed[..failed.len().min(5)],
+        c.atm(1).log(),
+        c.atm(2).log()
     );
     // Refusals say why.
     let out = c.atm(2).cli(&["demote"]);
