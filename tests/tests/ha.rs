@@ -740,12 +740,14 @@ fn drills(method: Method) {
     assert!(results.len() >= 100, "{} requests", results.len());
     assert!(
         failed.is_empty(),
-        "{method:?}: {} of {} requests failed: {:?}\n=== atm1\n{}\n=== atm2\n{}",
+        "{method:?}: {} of {} requests failed: {:?}\n=== atm1\n{}{}\n=== atm2\n{}{}",
         failed.len(),
         results.len(),
         &failed[..failed.len().min(5)],
         c.atm(1).log(),
-        c.atm(2).log()
+        c.atm(1).cat("stat"),
+        c.atm(2).log(),
+        c.atm(2).cat("stat")
     );
     // Refusals say why.
     let out = c.atm(2).cli(&["demote"]);
