@@ -745,9 +745,9 @@ fn drills(method: Method) {
         results.len(),
         &failed[..failed.len().min(5)],
         c.atm(1).log(),
-        c.atm(1).cat("stat"),
+        dataplane_counters(&c, 1),
         c.atm(2).log(),
-        c.atm(2).cat("stat")
+        dataplane_counters(&c, 2)
     );
     // Refusals say why.
     let out = c.atm(2).cli(&["demote"]);
@@ -859,6 +859,20 @@ fn big_download(
 }
 
 /// A dataplane counter of ATM `i` from its /metrics (`drop_no_connection`, say).
+/// ATM `i`'s dataplane outcome counters, as /metrics shows them.
+fn dataplane_counters(c: &Cluster, i: usize) -> String {
+    let _in = c.lab.ns(&cluster::atm(i)).enter();
+    let text = ureq::get(&format!("http://{}/metrics", c.atm(i).metrics))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("lb_dataplane_packets_total"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn dataplane_counter(c: &Cluster, i: usize, counter: &str) -> u64 {
     let text = {
         let _in = c.lab.ns(&cluster::atm(i)).enter();
