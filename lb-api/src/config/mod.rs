@@ -18,7 +18,7 @@ use std::{
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Method, Sched};
 use toml_edit::{Document, Item, Key, TableLike};
 
-use crate::dataplane::Capacities;
+use crate::Capacities;
 
 /// One problem with the file, at a line (1-based; 0 when it concerns the whole file).
 #[derive(Clone, Debug, PartialEq, Eq)]
