@@ -9,7 +9,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lb_daemon::{
+use lb_api::{
     config,
     control::{self, Request, Response, ServerAction},
 };

@@ -64,23 +64,8 @@ pub enum Error {
     },
 }
 
-/// Capacities of the maps: the `config` table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capacities {
-    pub services: u32,
-    pub servers: u32,
-    pub connections: u32,
-}
-
-impl Default for Capacities {
-    fn default() -> Self {
-        Capacities {
-            services: lb_common::DEFAULT_SERVICES,
-            servers: lb_common::DEFAULT_SERVERS,
-            connections: lb_common::DEFAULT_CONNECTIONS,
-        }
-    }
-}
+/// Capacities of the maps: the `config` table (defined with the config, which reads it).
+pub use lb_api::Capacities;
 
 /// How to attach an XDP program to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,8 +1,8 @@
-//! The ATM daemon as a library: `main.rs` parses arguments and calls in here, lb-cli uses
-//! the config checker and the control protocol, and the tests drive the same code.
+//! The ATM daemon as a library: `main.rs` parses arguments and calls in here, and the tests
+//! drive the same code. The config and the control protocol are lb-api's, shared with lb-cli.
 
 pub mod addrs;
-pub mod config;
+pub use lb_api::config;
 pub mod conntable;
 pub mod control;
 pub mod daemon;

@@ -95,8 +95,63 @@ fn test() -> Result<()> {
     clean_leftovers();
     util::step("build: lb-daemon and lb-cli, which the namespace labs run");
     util::cargo(&["build", "--bins", "--quiet"])?;
+    util::step("build: lb-cli alone, with bpf-linker out of reach");
+    cli_builds_without_bpf_linker()?;
     util::step("tests: host unit tests, packet fixtures, network-namespace labs");
     util::cargo(&["nextest", "run", "--no-fail-fast", "--profile", "ci"])
+}
+
+/// lb-cli must build where the eBPF toolchain is absent (it needs lb-api only, not
+/// lb-daemon, whose build.rs fails without bpf-linker). The build runs in its own target
+/// directory with bpf-linker hidden the ways lb-daemon's `find_linker` looks for it:
+/// `LB_BPF_LINKER` unset, no PATH directory holding it, and a HOME and CARGO_HOME whose
+/// `bin` is empty (the CARGO_HOME links the real registry, so `--offline` still works).
+fn cli_builds_without_bpf_linker() -> Result<()> {
+    use anyhow::{Context, bail};
+    use std::{env, path::PathBuf, process::Command};
+
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("failed to run rustc --print sysroot")?;
+    let toolchain = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("bin");
+    let path = env::split_paths(&env::var_os("PATH").unwrap_or_default())
+        .filter(|d| !d.join("bpf-linker").exists())
+        .chain([toolchain.clone()])
+        .collect::<Vec<_>>();
+    let real_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let scratch = util::workspace().join("target/no-bpf-linker");
+    let cargo_home = scratch.join("cargo-home");
+    std::fs::create_dir_all(&cargo_home)
+        .with_context(|| format!("creating {}", cargo_home.display()))?;
+    for shared in ["registry", "git", "config.toml"] {
+        let (from, to) = (real_home.join(shared), cargo_home.join(shared));
+        if from.exists() && !to.exists() {
+            std::os::unix::fs::symlink(&from, &to)
+                .with_context(|| format!("linking {}", to.display()))?;
+        }
+    }
+    let status = Command::new(toolchain.join("cargo"))
+        .args(["build", "-p", "lb-cli", "--offline", "--quiet"])
+        .current_dir(util::workspace())
+        .env_remove("LB_BPF_LINKER")
+        .env_remove("RUSTC")
+        .env("PATH", env::join_paths(path)?)
+        .env("HOME", &scratch)
+        .env("CARGO_HOME", &cargo_home)
+        .env("CARGO_TARGET_DIR", scratch.join("target"))
+        .status()
+        .context("failed to run cargo build -p lb-cli")?;
+    if !status.success() {
+        bail!(
+            "lb-cli does not build without bpf-linker ({status}): it must depend on lb-api, \
+             not on lb-daemon"
+        );
+    }
+    Ok(())
 }
 
 /// Namespaces and scratch directories of test runs that were killed (a test killed by a

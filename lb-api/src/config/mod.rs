@@ -18,7 +18,7 @@ use std::{
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Method, Sched};
 use toml_edit::{Document, Item, Key, TableLike};
 
-use crate::dataplane::Capacities;
+use crate::Capacities;
 
 /// One problem with the file, at a line (1-based; 0 when it concerns the whole file).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +196,14 @@ pub enum CheckKind {
 /// Defaults, as DESIGN.md's example shows them.
 pub const DEFAULT_TIMEOUT: u32 = 100;
 pub const DEFAULT_SOCKET: &str = "/run/lb/control.sock";
+/// `[ha]` without `heartbeat_ms` / `dead_after`, or no `[ha]` at all.
+pub const DEFAULT_HEARTBEAT_MS: u32 = 100;
+pub const DEFAULT_DEAD_AFTER: u32 = 3;
+/// A service's check: what `[service.check]` leaves out, and a TCP check when it is absent.
+pub const DEFAULT_CHECK_INTERVAL_MS: u32 = 2000;
+pub const DEFAULT_CHECK_TIMEOUT_MS: u32 = 1000;
+pub const DEFAULT_CHECK_RISE: u32 = 2;
+pub const DEFAULT_CHECK_FALL: u32 = 3;
 pub const DEFAULT_MOUNT: &str = "/run/lb/cluster";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9780";
 pub const DEFAULT_HA_PORT: u16 = 5780;
@@ -694,8 +702,8 @@ fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
         Some((t, line)) => read_ha(cx, t, line),
         None => Some(Ha {
             port: DEFAULT_HA_PORT,
-            heartbeat_ms: 100,
-            dead_after: 3,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            dead_after: DEFAULT_DEAD_AFTER,
             track: Vec::new(),
         }),
     };
@@ -1223,8 +1231,8 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
     }
     Some(Ha {
         port: port.map(|p| p.v as u16).unwrap_or(DEFAULT_HA_PORT),
-        heartbeat_ms: hb.map(|h| h.v as u32).unwrap_or(100),
-        dead_after: dead.map(|d| d.v as u32).unwrap_or(3),
+        heartbeat_ms: hb.map(|h| h.v as u32).unwrap_or(DEFAULT_HEARTBEAT_MS),
+        dead_after: dead.map(|d| d.v as u32).unwrap_or(DEFAULT_DEAD_AFTER),
         track,
     })
 }
@@ -1361,10 +1369,10 @@ fn read_service(
         None if t.contains_key("check") => None,
         None => Some(Check {
             kind: CheckKind::Tcp,
-            interval_ms: 2000,
-            timeout_ms: 1000,
-            rise: 2,
-            fall: 3,
+            interval_ms: DEFAULT_CHECK_INTERVAL_MS,
+            timeout_ms: DEFAULT_CHECK_TIMEOUT_MS,
+            rise: DEFAULT_CHECK_RISE,
+            fall: DEFAULT_CHECK_FALL,
         }),
     };
     let server_tables = tab.tables(cx, "server");
@@ -1612,14 +1620,16 @@ fn read_check(cx: &mut Cx, t: &dyn TableLike, line: usize, proto: Option<u8>) ->
     if bad {
         return None;
     }
-    let interval_ms = interval.map(|i| i.v).unwrap_or(2000);
-    let timeout_ms = timeout.map(|i| i.v).unwrap_or(1000.min(interval_ms));
+    let interval_ms = interval.map(|i| i.v).unwrap_or(DEFAULT_CHECK_INTERVAL_MS);
+    let timeout_ms = timeout
+        .map(|i| i.v)
+        .unwrap_or(DEFAULT_CHECK_TIMEOUT_MS.min(interval_ms));
     Some(Check {
         kind,
         interval_ms,
         timeout_ms,
-        rise: rise.map(|r| r.v as u32).unwrap_or(2),
-        fall: fall.map(|f| f.v as u32).unwrap_or(3),
+        rise: rise.map(|r| r.v as u32).unwrap_or(DEFAULT_CHECK_RISE),
+        fall: fall.map(|f| f.v as u32).unwrap_or(DEFAULT_CHECK_FALL),
     })
 }
 
