@@ -21,7 +21,6 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod bench;
 mod conn;
 mod decap;
 mod fwd;

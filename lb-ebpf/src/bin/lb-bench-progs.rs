@@ -1,5 +1,14 @@
-//! Benchmark instruments. Not part of the balancer: `cargo xtask bench` measures lb_xdp
-//! against `bare_fwd`, drives traffic with `gen_tx` and counts it with `sink_count`.
+//! Benchmark instruments, an eBPF object of their own (`lb-bench-progs`) so that none of
+//! them is in the balancer's: `cargo xtask bench` measures lb_xdp against `bare_fwd`, drives
+//! traffic with `gen_tx` and counts it with `sink_count`. Their ABI is `lb_common::bench`.
+#![no_std]
+#![no_main]
+
+// The header layouts and bounds-checked packet access lb_xdp uses; most of it is not
+// needed here.
+#[path = "../net.rs"]
+#[allow(dead_code)]
+mod net;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -8,9 +17,18 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::BareFwd;
+use lb_common::bench::BareFwd;
 
-use crate::net::*;
+use net::*;
+
+/// Copies a MAC from map memory into a frame. An array assignment between the two would be
+/// a call to BPF's byte-looping memmove (they may overlap, for all LLVM knows); element by
+/// element is a handful of loads and stores.
+#[inline(always)]
+fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    let [a, b, c, d, e, f] = *src;
+    *dst = [a, b, c, d, e, f];
+}
 
 /// Where `bare_fwd` sends frames.
 #[map(name = "bare_fwd_cfg")]
@@ -105,4 +123,10 @@ pub fn sink_count(_ctx: XdpContext) -> u32 {
         unsafe { *p += 1 };
     }
     xdp_action::XDP_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
 }
