@@ -18,7 +18,7 @@ use crate::{finish, fwd::*, maps::*, net::*, parse::*, sched::*, Outcome};
 
 /// Reports a connection event when backups are to be kept in step.
 #[inline(always)]
-pub fn report(settings: &Settings, kind: u8, key: &FlowKey, c: &Connection, peer_mac: [u8; 6]) {
+fn report(settings: &Settings, kind: u8, key: &FlowKey, c: &Connection, peer_mac: [u8; 6]) {
     if settings.flags & SETTINGS_SYNC == 0 {
         return;
     }
@@ -276,7 +276,7 @@ pub fn established(
 /// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the
 /// reply leg, whose NAT port is free again once both sides have closed (`lb_common::nat`).
 #[inline(always)]
-pub fn mark_reply_leg(c: &Connection, server: &Server, fin_rst: u16, proto: u8) {
+fn mark_reply_leg(c: &Connection, server: &Server, fin_rst: u16, proto: u8) {
     let Some(key) = scratch_key::<1>(server.addr, c.nat_addr, server.port, c.nat_port, proto)
     else {
         return;
@@ -319,7 +319,7 @@ pub fn server_ok(id: u32, service: u32) -> bool {
 /// every pair is held: then further searches toward this server wait a little
 /// (`NAT_FULL_BACKOFF_NS`), so a flood at exhaustion costs no full search per packet.
 #[inline(always)]
-pub fn nat_reserve(
+fn nat_reserve(
     ctx: &XdpContext,
     settings: &Settings,
     key: &FlowKey,
@@ -407,26 +407,26 @@ pub fn nat_reserve(
 }
 
 /// How long searches for a NAT port toward a server wait after one found every port held.
-pub const NAT_FULL_BACKOFF_NS: u64 = 250_000_000;
+const NAT_FULL_BACKOFF_NS: u64 = 250_000_000;
 
 /// Server index -> time until which the NAT ports toward it count as all held.
 #[map(name = "nat_full")]
-pub static NAT_FULL: Array<u64> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+static NAT_FULL: Array<u64> = Array::with_max_entries(DEFAULT_SERVERS, 0);
 
 /// What `nat_probe` needs besides the maps: where the search started and how far it goes.
 #[repr(C)]
-pub struct NatProbe {
-    pub start: u32,
-    pub span: u32,
-    pub addrs: u32,
-    pub lo: u32,
+struct NatProbe {
+    start: u32,
+    span: u32,
+    addrs: u32,
+    lo: u32,
     /// 1 + the index of the free pair found; 0 while none is.
-    pub found: u32,
+    found: u32,
 }
 
 /// NAT address `slot` of the pool (the gateway is slot 0), as on the wire.
 #[inline(always)]
-pub fn nat_pool_addr(settings: &Settings, slot: u32) -> u32 {
+fn nat_pool_addr(settings: &Settings, slot: u32) -> u32 {
     if settings.nat_pool_len == 0 {
         return settings.nat_addr.w[3];
     }
@@ -515,7 +515,7 @@ extern "C" fn nat_probe(i: u64, ctx: *mut c_void) -> i64 {
 /// Removes the client leg of the NAT connection whose reply leg `reply` (keyed `key`) is
 /// about to be replaced, if it still names this (address, port).
 #[inline(always)]
-pub fn forget_client_leg(reply: &Connection, key: &FlowKey) {
+fn forget_client_leg(reply: &Connection, key: &FlowKey) {
     let Some(server) = SERVERS.get(reply.server) else {
         return;
     };
@@ -544,7 +544,7 @@ pub fn forget_client_leg(reply: &Connection, key: &FlowKey) {
 /// The per-connection debug record: "new tcp 1.2.3.4:9645 -> 192.0.2.100:80 via
 /// 192.0.2.11:80 direct".
 #[inline(always)]
-pub fn log_new(ctx: &XdpContext, ip: &Ip, l4: &L4, server: &Server) {
+fn log_new(ctx: &XdpContext, ip: &Ip, l4: &L4, server: &Server) {
     let proto = if ip.proto == IPPROTO_TCP {
         "tcp"
     } else {

@@ -13,11 +13,11 @@ use crate::net::*;
 
 /// lb_decap: ATM addresses whose IPIP packets are decapsulated.
 #[map(name = "decap_sources")]
-pub static DECAP_SOURCES: HashMap<Addr, u32> = HashMap::with_max_entries(16, 0);
+static DECAP_SOURCES: HashMap<Addr, u32> = HashMap::with_max_entries(16, 0);
 
 /// lb_decap: per-CPU counters indexed by `DecapStat`.
 #[map(name = "decap_stat")]
-pub static DECAP_STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapStat::COUNT, 0);
+static DECAP_STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapStat::COUNT, 0);
 
 #[inline(always)]
 pub fn decap_count(s: DecapStat) {

@@ -18,24 +18,24 @@ use lb_common::{
 use crate::{conn::*, maps::*, net::*, parse::*, Outcome};
 
 /// How long a cached FIB answer is used.
-pub const HOP_TTL_NS: u64 = 1_000_000_000;
+const HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// A cached FIB answer for one destination.
 #[repr(C)]
-pub struct HopCache {
-    pub expires_ns: u64,
-    pub ifindex: u32,
+struct HopCache {
+    expires_ns: u64,
+    ifindex: u32,
     /// Path MTU toward the destination.
-    pub mtu: u16,
-    pub _pad: u16,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
-    pub _pad2: [u8; 4],
+    mtu: u16,
+    _pad: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    _pad2: [u8; 4],
 }
 
 /// Per CPU: destination -> next hop, for [`HOP_TTL_NS`].
 #[map(name = "next_hops")]
-pub static NEXT_HOPS: LruPerCpuHashMap<u32, HopCache> = LruPerCpuHashMap::with_max_entries(4096, 0);
+static NEXT_HOPS: LruPerCpuHashMap<u32, HopCache> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
 /// Sends the packet to server `id` by its method.
 #[inline(always)]
@@ -136,7 +136,7 @@ pub fn server_hop(
 
 /// The path MTU toward `dst`: the FIB refuses the largest length and names its MTU.
 #[inline(always)]
-pub fn path_mtu(ctx: &XdpContext, dst: u32, src: u32) -> u16 {
+fn path_mtu(ctx: &XdpContext, dst: u32, src: u32) -> u16 {
     match fib(ctx, dst, src, u16::MAX) {
         (FIB_FRAG_NEEDED, _, mtu) => mtu,
         _ => u16::MAX,
@@ -148,7 +148,7 @@ pub fn path_mtu(ctx: &XdpContext, dst: u32, src: u32) -> u16 {
 /// fragmentation-needed, so the client's path MTU discovery shrinks its packets; it is
 /// still counted as dropped.
 #[inline(always)]
-pub fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
+fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
     match e {
         NoHop::TooBig(mtu) => too_big(ctx, ip, mtu, overhead),
         NoHop::Route => e.outcome(),
@@ -157,7 +157,7 @@ pub fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome
 
 /// See [`too_big_or`].
 #[inline(always)]
-pub fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
+fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
     if !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
         return Outcome::Drop(Stat::DropTooBig);
     }
@@ -174,7 +174,7 @@ pub fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
 /// destination back to its source: a new IPv4 and ICMP header go in front of the original
 /// IPv4 header and first 8 bytes of its payload, the rest is cut, the MACs are swapped.
 #[inline(always)]
-pub fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
     const QUOTE: usize = IPV4_HLEN + 8;
     const GROW: usize = IPV4_HLEN + ICMP_HLEN;
     const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
@@ -320,7 +320,7 @@ impl Hop {
 /// Answers are cached per CPU and destination for [`HOP_TTL_NS`] (a FIB lookup costs most of
 /// a packet's time), so route and neighbour changes reach the dataplane within that.
 #[inline(always)]
-pub fn next_hop(
+fn next_hop(
     ctx: &XdpContext,
     dst: u32,
     src: u32,
@@ -415,7 +415,7 @@ pub fn fib_query(ctx: &XdpContext, p: &mut FibParams, dst: u32, src: u32, tot_le
 }
 
 #[inline(always)]
-pub fn set_macs(ctx: &XdpContext, hop: &Hop) {
+fn set_macs(ctx: &XdpContext, hop: &Hop) {
     if let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) {
         // SAFETY: bounds checked by ptr_at_mut.
         unsafe {
@@ -493,7 +493,7 @@ pub fn rewrite(
 
 /// Puts an outer IPv4 header (protocol 4) in front of the packet, behind the Ethernet header.
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, src: u32, dst: u32, inner_len: u16) -> Option<()> {
+fn encapsulate(ctx: &XdpContext, src: u32, dst: u32, inner_len: u16) -> Option<()> {
     let (tos, df) = {
         let inner = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
         // SAFETY: bounds checked by ptr_at.
@@ -526,7 +526,7 @@ pub fn encapsulate(ctx: &XdpContext, src: u32, dst: u32, inner_len: u16) -> Opti
 }
 
 #[inline(always)]
-pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
     // SAFETY: Ipv4Hdr is 20 bytes of plain integers.
     let words: &[u16; 10] = unsafe { &*(h as *const Ipv4Hdr as *const [u16; 10]) };
     csum::ipv4_header(words)

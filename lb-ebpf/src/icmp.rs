@@ -73,7 +73,7 @@ pub fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
 /// server sent (server:port -> NAT address:port). IPv4, quoted IPv4 and ICMP checksums are
 /// updated incrementally.
 #[inline(always)]
-pub fn nat_icmp(
+fn nat_icmp(
     ctx: &XdpContext,
     ip: &Ip,
     inner_at: usize,

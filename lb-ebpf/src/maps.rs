@@ -19,7 +19,7 @@ use crate::parse::*;
 
 /// (VIP, port, protocol) -> service record.
 #[map(name = "services")]
-pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
 
 /// VIP -> number of services on it.
 #[map(name = "vips")]
@@ -56,7 +56,7 @@ pub static PERSISTENCE: LruHashMap<PersistKey, Persist> =
 
 /// Global per-CPU counters, indexed by `Stat`.
 #[map(name = "stat")]
-pub static STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+static STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
 /// Per-CPU packets and bytes per service id.
 #[map(name = "service_stats")]
@@ -85,7 +85,7 @@ pub struct Scratch {
 }
 
 #[map(name = "scratch")]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Flow keys being built: the packet's own (0), a NAT reply leg's (1), and the client leg
 /// of a NAT connection whose port is being reused (2). Apart from `SCRATCH` so that a key
@@ -96,7 +96,7 @@ pub static KEYS: PerCpuArray<[FlowKey; 3]> = PerCpuArray::with_max_entries(1, 0)
 /// The key of a `services` lookup being made, here rather than on the stack: `lb_xdp`'s
 /// frame and that of the BPF function it calls must fit 512 bytes together.
 #[map(name = "service_key")]
-pub static SERVICE_KEY: PerCpuArray<ServiceKey> = PerCpuArray::with_max_entries(1, 0);
+static SERVICE_KEY: PerCpuArray<ServiceKey> = PerCpuArray::with_max_entries(1, 0);
 
 /// The service at `vip`:`port` (network byte order) for `proto`.
 #[inline(always)]

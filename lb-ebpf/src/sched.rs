@@ -38,7 +38,7 @@ pub fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
 
 /// Indexes the service's scheduler row.
 #[inline(always)]
-pub fn schedule(svc: &Service, key: &FlowKey) -> Option<u32> {
+fn schedule(svc: &Service, key: &FlowKey) -> Option<u32> {
     let len = svc.table_len;
     if len == 0 || len > RING_SIZE {
         return None;
