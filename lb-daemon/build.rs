@@ -1,4 +1,5 @@
-//! Builds the eBPF object (the `lb-ebpf` crate) for `bpfel-unknown-none` and leaves it in
+//! Builds the eBPF objects (the `lb-ebpf` crate's two binaries: `lb-ebpf`, the balancer, and
+//! `lb-bench-progs`, the benchmarks' instruments) for `bpfel-unknown-none` and leaves them in
 //! OUT_DIR for `include_bytes_aligned!`, so that a plain `cargo build` or `cargo test` of the
 //! workspace is enough. The recipe (Debian's rustc with its prebuilt BPF `core`, bpf-linker)
 //! is described in docs/TOOLCHAIN.md; `cargo xtask setup` installs it.
@@ -89,10 +90,14 @@ fn main() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let object = target_dir.join("bpfel-unknown-none/bpf/lb-ebpf");
-    let dest = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("lb-ebpf.o");
-    std::fs::copy(&object, &dest)
-        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), dest.display()));
+    // Two objects: the balancer's, and the benchmarks' instruments (kept out of it).
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+    for bin in ["lb-ebpf", "lb-bench-progs"] {
+        let object = target_dir.join("bpfel-unknown-none/bpf").join(bin);
+        let dest = out_dir.join(format!("{bin}.o"));
+        std::fs::copy(&object, &dest)
+            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), dest.display()));
+    }
 }
 
 /// bpf-linker from `LB_BPF_LINKER`, PATH, or cargo's bin directory (which a build script's

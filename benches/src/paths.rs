@@ -14,11 +14,12 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use aya::{EbpfLoader, maps::Array, programs::Xdp};
 use lb_common::{
-    Addr, BareFwd, Connection, FlowKey, IPPROTO_TCP, Method, SETTINGS_ACTIVE, Sched, Settings,
-    maps, programs,
+    Addr, Connection, FlowKey, IPPROTO_TCP, Method, SETTINGS_ACTIVE, Sched, Settings,
+    bench::{BareFwd, maps, programs},
 };
 use lb_daemon::dataplane::{
-    Capacities, Dataplane, OBJECT, RunMode, ServerSpec, ServiceSpec, enable_fib_lookup, run_xdp,
+    BENCH_OBJECT, Capacities, Dataplane, RunMode, ServerSpec, ServiceSpec, enable_fib_lookup,
+    run_xdp,
 };
 use lb_tests::{
     fixture::frames::{ACK, Flags, Mac, SYN, tcp},
@@ -197,7 +198,7 @@ struct Refs {
 
 impl Refs {
     fn load() -> Result<Refs> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT)?;
         for name in [programs::BARE_FWD, programs::BENCH_NOP] {
             let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load()?;

@@ -14,11 +14,13 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Addr, BareFwd, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings, maps, programs, xdp_link,
+    Addr, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings,
+    bench::{BareFwd, maps, programs},
+    xdp_link,
 };
 use lb_daemon::dataplane::{
-    AttachMode, Capacities, Dataplane, OBJECT, RunMode, ServerSpec, ServiceSpec, enable_fib_lookup,
-    run_xdp,
+    AttachMode, BENCH_OBJECT, Capacities, Dataplane, RunMode, ServerSpec, ServiceSpec,
+    enable_fib_lookup, run_xdp,
 };
 use lb_tests::{fixture::frames::udp, lab::Lab};
 use std::os::fd::{AsFd, AsRawFd};
@@ -73,7 +75,7 @@ struct Rig {
 }
 
 fn load_program(name: &'static str) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT)?;
     let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
     p.load()?;
     Ok(ebpf)

@@ -4,7 +4,8 @@
 //! left uninitialised) and a compile-time size assertion. Addresses are 16 bytes wide so IPv6
 //! needs no ABI change; ports and addresses are kept in network byte order, as on the wire.
 
-/// Map names, as they appear in the eBPF object (and in `bpftool map`).
+/// Map names, as they appear in the eBPF object (and in `bpftool map`); the benchmarks' are
+/// in [`crate::bench`].
 pub mod maps {
     /// (VIP, port, protocol) -> [`super::Service`].
     pub const SERVICES: &str = "services";
@@ -39,12 +40,6 @@ pub mod maps {
     pub const DECAP_SOURCES: &str = "decap_sources";
     /// lb_decap: per-CPU counters indexed by [`super::DecapStat`].
     pub const DECAP_STAT: &str = "decap_stat";
-    /// Benchmarks: the one [`super::BareFwd`] record of `bare_fwd`.
-    pub const BARE_FWD: &str = "bare_fwd_cfg";
-    /// Benchmarks: the 42 header bytes (Ethernet, IPv4, UDP) `gen_tx` writes on every frame.
-    pub const GEN_TEMPLATE: &str = "gen_template";
-    /// Benchmarks: per-CPU packets counted (and dropped) by `sink_count`.
-    pub const SINK_COUNT: &str = "sink_count_stat";
 }
 
 /// Slots of the `vip_filter` map.
@@ -57,20 +52,12 @@ pub const fn vip_filter_slot(raw: u32) -> u32 {
     raw.to_ne_bytes()[3] as u32
 }
 
-/// Program names in the eBPF object.
+/// Program names in the eBPF object (the benchmarks' are in [`crate::bench`]).
 pub mod programs {
     /// The balancer, attached to the ATM's interfaces.
     pub const LB_XDP: &str = "lb_xdp";
     /// IPIP decapsulation for real servers in tunnel mode.
     pub const LB_DECAP: &str = "lb_decap";
-    /// Benchmark reference: the least a forwarder does (MAC rewrite, then out).
-    pub const BARE_FWD: &str = "bare_fwd";
-    /// Benchmark traffic generator under BPF_PROG_TEST_RUN live frames.
-    pub const GEN_TX: &str = "gen_tx";
-    /// Benchmark reference: an empty program (the cost of a test run itself).
-    pub const BENCH_NOP: &str = "bench_nop";
-    /// Benchmark sink: counts and drops.
-    pub const SINK_COUNT: &str = "sink_count";
 }
 
 /// Slots in one service's scheduler row (a prime, as Maglev needs; also the cap of a WRR sequence).
@@ -655,17 +642,6 @@ impl DecapStat {
     pub const COUNT: u32 = DecapStat::Dropped as u32 + 1;
 }
 
-/// The one record of `bare_fwd_cfg`: where the benchmarks' bare forwarder sends frames.
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
-pub struct BareFwd {
-    pub dmac: [u8; 6],
-    pub smac: [u8; 6],
-    /// Egress interface; 0 or the ingress one means XDP_TX.
-    pub ifindex: u32,
-}
-const _: () = assert!(core::mem::size_of::<BareFwd>() == 16);
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, has explicit padding fields and no pointers, so
@@ -681,7 +657,6 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ConnEvent {}
-    unsafe impl aya::Pod for super::BareFwd {}
 }
 
 #[cfg(all(test, feature = "std"))]

@@ -8,6 +8,7 @@
 extern crate std;
 
 pub mod abi;
+pub mod bench;
 pub mod csum;
 pub mod hash;
 pub mod nat;

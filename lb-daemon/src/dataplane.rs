@@ -25,6 +25,12 @@ use lb_common::{
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
+/// The benchmarks' eBPF object, built beside [`OBJECT`] from the `lb-ebpf` crate's
+/// `lb-bench-progs` binary: `bare_fwd`, `gen_tx`, `bench_nop` and `sink_count`, with their
+/// maps (names and types in `lb_common::bench`). The daemon never loads it; `lb-bench` does.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-progs.o"));
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("loading the eBPF object failed: {0}")]

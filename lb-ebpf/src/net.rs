@@ -122,15 +122,6 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, off).map(|p| p as *mut T)
 }
 
-/// Copies a MAC from map memory into a frame. An array assignment between the two would be
-/// a call to BPF's byte-looping memmove (they may overlap, for all LLVM knows); element by
-/// element is a handful of loads and stores.
-#[inline(always)]
-pub fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
-    let [a, b, c, d, e, f] = *src;
-    *dst = [a, b, c, d, e, f];
-}
-
 /// Zeroes `*p` word by word. The stores are volatile so that LLVM cannot fold them back
 /// into a call to BPF's byte-looping memset (which `*p = zeroed()` becomes).
 #[inline(always)]

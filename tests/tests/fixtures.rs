@@ -1885,3 +1885,45 @@ fn nat_ports_are_found_while_any_is_free_and_closed_ones_come_back() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(open(&b, 41_202), None, "reset, but still within the hold");
 }
+
+/// The balancer's object holds its two programs and nothing else: the benchmarks' instruments
+/// and their maps are in an object of their own (`BENCH_OBJECT`, ABI in `lb_common::bench`).
+#[test]
+fn the_production_object_holds_only_lb_xdp_and_lb_decap() {
+    use lb_common::{bench, programs};
+    use lb_daemon::dataplane::{BENCH_OBJECT, OBJECT};
+
+    let names = |object: &[u8]| {
+        let ebpf = aya::Ebpf::load(object).expect("the object loads (its maps are created)");
+        let mut programs: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        let maps: Vec<String> = ebpf.maps().map(|(n, _)| n.to_string()).collect();
+        programs.sort();
+        (programs, maps)
+    };
+    let bench_map_names = [
+        bench::maps::BARE_FWD,
+        bench::maps::GEN_TEMPLATE,
+        bench::maps::SINK_COUNT,
+    ];
+    let (prod_programs, prod_maps) = names(OBJECT);
+    assert_eq!(prod_programs, [programs::LB_DECAP, programs::LB_XDP]);
+    for map in bench_map_names {
+        assert!(
+            !prod_maps.iter().any(|m| m == map),
+            "{map} is in the production object"
+        );
+    }
+    let (bench_programs, bench_maps) = names(BENCH_OBJECT);
+    assert_eq!(
+        bench_programs,
+        [
+            bench::programs::BARE_FWD,
+            bench::programs::BENCH_NOP,
+            bench::programs::GEN_TX,
+            bench::programs::SINK_COUNT,
+        ]
+    );
+    for map in bench_map_names {
+        assert!(bench_maps.iter().any(|m| m == map), "{map} is missing");
+    }
+}

@@ -1,0 +1,570 @@
+//! Connections: a new one's server picked and recorded (`to_service`), the established
+//! path, the hand-off to the other ATM during a planned handover, events for the backups,
+//! and the NAT source port search (`nat_reserve`, `nat_full`).
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop, macros::map, maps::Array,
+    programs::XdpContext,
+};
+use aya_log_ebpf::info;
+use core::ptr::NonNull;
+use lb_common::{
+    nat, Addr, ConnEvent, Connection, FlowKey, Method, Server, Service, Settings, Stat, CONN_FIN,
+    CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS, EVENT_CLOSE,
+    EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SETTINGS_SYNC,
+};
+
+use crate::{finish, fwd::*, maps::*, net::*, parse::*, sched::*, Outcome};
+
+/// Reports a connection event when backups are to be kept in step.
+#[inline(always)]
+fn report(settings: &Settings, kind: u8, key: &FlowKey, c: &Connection, peer_mac: [u8; 6]) {
+    if settings.flags & SETTINGS_SYNC == 0 {
+        return;
+    }
+    match CONN_EVENTS.reserve::<ConnEvent>(0) {
+        Some(mut e) => {
+            // Field by field into the ring: a whole ConnEvent built on the stack first does
+            // not fit beside everything else in the 512-byte BPF stack.
+            let p = e.as_mut_ptr();
+            // SAFETY: `p` points to a reserved, writable ConnEvent; every field is written
+            // before submit.
+            unsafe {
+                // Copies known not to overlap: a plain write of map memory into the ring
+                // would call BPF's byte-looping memmove.
+                core::ptr::copy_nonoverlapping(key, core::ptr::addr_of_mut!((*p).key), 1);
+                core::ptr::copy_nonoverlapping(
+                    &c.nat_addr,
+                    core::ptr::addr_of_mut!((*p).nat_addr),
+                    1,
+                );
+                core::ptr::addr_of_mut!((*p).server).write(c.server);
+                core::ptr::addr_of_mut!((*p).flags).write(c.flags);
+                core::ptr::addr_of_mut!((*p).nat_port).write(c.nat_port);
+                core::ptr::addr_of_mut!((*p).kind).write(kind);
+                core::ptr::addr_of_mut!((*p)._pad).write(0);
+                core::ptr::addr_of_mut!((*p).peer_mac).write(peer_mac);
+            }
+            e.submit(0);
+        }
+        None => count(Stat::SyncLost, 1),
+    }
+}
+
+/// Whether `daddr` is one of the NAT source addresses (the gateway or the pool).
+#[inline(always)]
+pub fn is_nat_addr(settings: &Settings, daddr: u32) -> bool {
+    if settings.nat_addr.as_v4_raw() == Some(daddr) {
+        return true;
+    }
+    let n = settings.nat_pool_len as usize;
+    for i in 1..NAT_POOL_MAX {
+        if i < n && settings.nat_pool[i] == daddr {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether a connection entry is the server-to-ATM leg of a NAT connection.
+#[inline(always)]
+pub fn is_reply(c: NonNull<Connection>) -> bool {
+    // SAFETY: a map value, read only.
+    unsafe { c.as_ref() }.flags & CONN_REPLY != 0
+}
+
+/// A packet for a service with no live connection (a new one, or one that idled out, was
+/// reopened, or whose server went down): pick a server, record the connection, forward.
+#[inline(always)]
+pub fn to_service(
+    ctx: &XdpContext,
+    settings: &Settings,
+    svc: &Service,
+    ip: &Ip,
+    l4: &L4,
+) -> Outcome {
+    let bytes = frame_len(ctx) as u64;
+    let Some(key) = packet_key(ip, l4) else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    let key: &FlowKey = key;
+    let now = ip.now;
+    let fin_rst = tcp_end_flags(l4.flags);
+    let mut nat_addr = 0u32;
+    let mut nat_port = 0u16;
+    let Some(id) = pick_server(svc, &key, now) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    let Some(server) = SERVERS.get(id) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    if server.flags & SERVER_UP == 0 {
+        return Outcome::Drop(Stat::DropNoServer);
+    }
+    // Direct and tunnel servers take up a connection midway (after a failover without its
+    // entry, the server still has it); a NAT server would see a new source port and reset.
+    // In a planned handover the other ATM may have made the connection: it gets the packet.
+    // Just after a takeover the entry may be on its way: drop, the client retransmits.
+    // Otherwise the connection is gone, and the stack's reset (it holds the VIP) says so.
+    if server.method == Method::Nat as u8
+        && ip.proto == IPPROTO_TCP
+        && l4.flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    {
+        let action = to_peer_xdp(ctx, now);
+        if action != NOT_TO_PEER {
+            return Outcome::Action(action);
+        }
+        if now < settings.settle_until_ns {
+            return Outcome::Drop(Stat::DropNoConnection);
+        }
+        return Outcome::Pass;
+    }
+    let Some(sc) = scratch() else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    if server.method == Method::Nat as u8 {
+        let Some((addr, port)) = nat_reserve(ctx, settings, &key, id, now, &mut sc.reply) else {
+            return Outcome::Drop(Stat::DropNatPorts);
+        };
+        nat_addr = addr;
+        nat_port = port;
+    }
+    let conn = &mut sc.conn;
+    conn.last_seen_ns = now;
+    conn.packets = 1;
+    conn.bytes = bytes;
+    conn.server = id;
+    conn.flags = fin_rst;
+    conn.nat_port = nat_port;
+    // Volatile zeroing and a non-overlapping copy: plain stores would be merged into
+    // calls to BPF's byte-looping memset and memmove on every new connection.
+    zero_words(&mut conn.nat_addr);
+    zero_bytes(&mut conn.peer_mac);
+    zero_bytes(&mut conn.local_mac);
+    zero_words(&mut conn.ifindex);
+    if server.method == Method::Nat as u8 {
+        conn.flags |= CONN_NAT;
+        conn.nat_addr.w[2] = lb_common::V4_MAPPED;
+        conn.nat_addr.w[3] = nat_addr;
+    }
+    if CONNECTIONS.insert(key, &*conn, 0).is_err() {
+        return Outcome::Drop(Stat::DropError);
+    }
+    let peer_mac = if conn.flags & CONN_NAT != 0 {
+        sc.reply.peer_mac
+    } else {
+        [0; 6]
+    };
+    report(settings, EVENT_OPEN, &key, conn, peer_mac);
+    count(Stat::NewConns, 1);
+    if settings.debug != 0 {
+        log_new(ctx, ip, l4, server);
+    }
+    count_traffic(&SERVICE_STATS, svc.id, bytes);
+    count_traffic(&SERVER_STATS, id, bytes);
+    forward(ctx, settings, id, ip, nat_addr, nat_port)
+}
+
+/// During a planned handover (`Settings::peer_addr`), sends a packet of no known connection
+/// unchanged to the other ATM, which may have made the connection in the last moments (its
+/// record not here yet): the new primary receives the servers' replies, and clients, for
+/// connections the old one made; the old one, for connections the new one made, until the
+/// servers' and clients' ARP caches have moved. [`NOT_TO_PEER`] when there is no handover,
+/// no neighbour entry for the other ATM, or the packet came from it (it does not know the
+/// connection either: no ping-pong); the caller then goes on as without a peer.
+///
+/// A BPF function that calls none: it runs from inside `to_service_xdp`, and the frames of a
+/// chain of calls share the 512-byte stack.
+#[inline(never)]
+pub fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
+    let (Some(settings), Some(sc)) = (SETTINGS.get(0), scratch()) else {
+        return NOT_TO_PEER;
+    };
+    if settings.peer_addr == 0 || now >= settings.peer_until_ns {
+        return NOT_TO_PEER;
+    }
+    let src = settings.local_addr.as_v4_raw().unwrap_or(0);
+    let p = &mut sc.fib;
+    if fib_query(ctx, p, settings.peer_addr, src, 0) != FIB_SUCCESS {
+        return NOT_TO_PEER;
+    }
+    let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
+        return NOT_TO_PEER;
+    };
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        if (*eth).src == p.dmac {
+            return NOT_TO_PEER;
+        }
+        (*eth).dst = p.dmac;
+        (*eth).src = p.smac;
+    }
+    count(Stat::ToPeer, 1);
+    finish(if p.ifindex == ctx.ingress_ifindex() as u32 {
+        Outcome::Tx
+    } else {
+        Outcome::Redirect(p.ifindex)
+    })
+}
+
+/// What [`to_peer_xdp`] returns for a packet that does not go to the other ATM.
+pub const NOT_TO_PEER: u32 = u32::MAX;
+
+/// What [`established_xdp`] returns for a packet that is not of a live connection.
+pub const NOT_ESTABLISHED: u32 = u32::MAX;
+
+/// A packet of known connection `c` (not a NAT reply leg): forwarded to its server if the
+/// connection is live; else [`NOT_ESTABLISHED`], and the caller treats it as new.
+#[inline(never)]
+pub fn established_xdp(ctx: &XdpContext, c: &mut Connection, ip: &Ip, l4: &L4) -> u32 {
+    let Some(settings) = SETTINGS.get(0) else {
+        return finish(Outcome::Pass);
+    };
+    match established(ctx, settings, c, ip, l4) {
+        Some(outcome) => finish(outcome),
+        None => NOT_ESTABLISHED,
+    }
+}
+
+#[inline(always)]
+pub fn established(
+    ctx: &XdpContext,
+    settings: &Settings,
+    c: &mut Connection,
+    ip: &Ip,
+    l4: &L4,
+) -> Option<Outcome> {
+    let now = ip.now;
+    let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if now.wrapping_sub(c.last_seen_ns) > settings.timeout_ns
+        || (syn_only && c.flags & (CONN_FIN | CONN_RST) != 0)
+    {
+        return None;
+    }
+    // Its server must be up and still serve the VIP, port and protocol the connection was
+    // made for: a server taken out, a service removed (its servers are marked down) or a
+    // server index given to another service loses the connection, as `services` would.
+    let server = SERVERS.get(c.server)?;
+    if server.flags & SERVER_UP == 0
+        || server.vip != Addr::v4_raw(ip.daddr)
+        || server.vport != l4.dport
+        || server.proto != ip.proto
+    {
+        return None;
+    }
+    count_vip(ctx);
+    let bytes = frame_len(ctx) as u64;
+    c.last_seen_ns = now;
+    c.packets += 1;
+    c.bytes += bytes;
+    let fin_rst = tcp_end_flags(l4.flags);
+    if fin_rst != 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
+        c.flags |= fin_rst;
+        let key = packet_key(ip, l4)?;
+        report(settings, EVENT_CLOSE, key, c, [0; 6]);
+    }
+    if fin_rst != 0 && c.flags & CONN_NAT != 0 {
+        mark_reply_leg(c, server, fin_rst, ip.proto);
+    }
+    c.flags |= fin_rst;
+    let (id, service) = (c.server, server.service);
+    count_traffic(&SERVICE_STATS, service, bytes);
+    count_traffic(&SERVER_STATS, id, bytes);
+    Some(forward(ctx, settings, id, ip, c.nat_addr.w[3], c.nat_port))
+}
+
+/// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the
+/// reply leg, whose NAT port is free again once both sides have closed (`lb_common::nat`).
+#[inline(always)]
+fn mark_reply_leg(c: &Connection, server: &Server, fin_rst: u16, proto: u8) {
+    let Some(key) = scratch_key::<1>(server.addr, c.nat_addr, server.port, c.nat_port, proto)
+    else {
+        return;
+    };
+    if let Some(r) = CONNECTIONS.get_ptr_mut(&*key) {
+        let mut peer = 0;
+        if fin_rst & CONN_FIN != 0 {
+            peer |= CONN_PEER_FIN;
+        }
+        if fin_rst & CONN_RST != 0 {
+            peer |= CONN_PEER_RST;
+        }
+        // SAFETY: a map value; a racing update of the flags only delays a port's reuse.
+        unsafe { (*r).flags |= peer };
+    }
+}
+
+#[inline(always)]
+pub fn tcp_end_flags(flags: u8) -> u16 {
+    let mut f = 0;
+    if flags & TCP_FIN != 0 {
+        f |= CONN_FIN;
+    }
+    if flags & TCP_RST != 0 {
+        f |= CONN_RST;
+    }
+    f
+}
+
+/// Server `id` is up and belongs to service `service` (an index freed by a reload and given
+/// to another service must not inherit the old one's clients).
+#[inline(always)]
+pub fn server_ok(id: u32, service: u32) -> bool {
+    matches!(SERVERS.get(id), Some(s) if s.flags & SERVER_UP != 0 && s.service == service)
+}
+
+/// Reserves a NAT source (address, port) toward `server` for the connection `key`: takes
+/// the first free pair from the server's cursor on (see `lb_common::nat`) and installs the
+/// reply leg's entry (server -> NAT address:port) there. Returns the pair, or `None` when
+/// every pair is held: then further searches toward this server wait a little
+/// (`NAT_FULL_BACKOFF_NS`), so a flood at exhaustion costs no full search per packet.
+#[inline(always)]
+fn nat_reserve(
+    ctx: &XdpContext,
+    settings: &Settings,
+    key: &FlowKey,
+    id: u32,
+    now: u64,
+    reply: &mut Connection,
+) -> Option<(u32, u16)> {
+    let lo = settings.nat_port_min as u32;
+    let hi = settings.nat_port_max as u32;
+    if settings.nat_addr.as_v4_raw().is_none() || hi < lo {
+        return None;
+    }
+    if let Some(until) = NAT_FULL.get(id) {
+        if now < *until {
+            return None;
+        }
+    }
+    let span = hi - lo + 1;
+    let addrs = if settings.nat_pool_len == 0 {
+        1
+    } else {
+        settings.nat_pool_len.min(NAT_POOL_MAX as u32)
+    };
+    let server = SERVERS.get_ptr_mut(id)?;
+    // SAFETY: a map value. Two CPUs racing here may start from the same pair; the reply
+    // leg goes in with BPF_NOEXIST, so only one of them takes it and the other goes on.
+    let cursor = unsafe {
+        let c = (*server).nat_cursor;
+        (*server).nat_cursor = c.wrapping_add(1);
+        c
+    };
+    let start = cursor.wrapping_add(settings.nat_cursor_base);
+    let (saddr, sport) = unsafe { ((*server).addr, (*server).port) };
+    let (smac, dmac) = match ptr_at::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(eth) => unsafe { ((*eth).src, (*eth).dst) },
+        None => return None,
+    };
+    scratch_key::<1>(saddr, settings.nat_addr, sport, 0, key.proto)?;
+    reply.last_seen_ns = now;
+    zero_words(&mut reply.packets);
+    zero_words(&mut reply.bytes);
+    reply.server = id;
+    reply.flags = CONN_NAT | CONN_REPLY;
+    reply.nat_port = key.sport;
+    reply.nat_addr = key.src;
+    reply.peer_mac = smac;
+    reply.local_mac = dmac;
+    reply.ifindex = ctx.ingress_ifindex() as u32;
+    let mut probe = NatProbe {
+        start,
+        span,
+        addrs,
+        lo,
+        found: 0,
+    };
+    // SAFETY: the helper calls `nat_probe` with `probe`, which lives on this stack frame for
+    // the whole call.
+    unsafe {
+        bpf_loop(
+            span * addrs,
+            nat_probe as *mut c_void,
+            &mut probe as *mut NatProbe as *mut c_void,
+            0,
+        );
+    }
+    if probe.found == 0 {
+        if let Some(p) = NAT_FULL.get_ptr_mut(id) {
+            // SAFETY: a map value; racing writers write the same kind of value.
+            unsafe { *p = now + NAT_FULL_BACKOFF_NS };
+        }
+        return None;
+    }
+    // The cursor goes on after the pair taken (if no other CPU moved it meanwhile).
+    if let Some(s) = SERVERS.get_ptr_mut(id) {
+        // SAFETY: a map value.
+        unsafe {
+            if (*s).nat_cursor == cursor.wrapping_add(1) {
+                (*s).nat_cursor = cursor.wrapping_add(probe.found);
+            }
+        }
+    }
+    let (slot, off) = nat::candidate(start.wrapping_add(probe.found - 1), span, addrs);
+    Some((nat_pool_addr(settings, slot), ((lo + off) as u16).to_be()))
+}
+
+/// How long searches for a NAT port toward a server wait after one found every port held.
+const NAT_FULL_BACKOFF_NS: u64 = 250_000_000;
+
+/// Server index -> time until which the NAT ports toward it count as all held.
+#[map(name = "nat_full")]
+static NAT_FULL: Array<u64> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// What `nat_probe` needs besides the maps: where the search started and how far it goes.
+#[repr(C)]
+struct NatProbe {
+    start: u32,
+    span: u32,
+    addrs: u32,
+    lo: u32,
+    /// 1 + the index of the free pair found; 0 while none is.
+    found: u32,
+}
+
+/// NAT address `slot` of the pool (the gateway is slot 0), as on the wire.
+#[inline(always)]
+fn nat_pool_addr(settings: &Settings, slot: u32) -> u32 {
+    if settings.nat_pool_len == 0 {
+        return settings.nat_addr.w[3];
+    }
+    // The mask tells the verifier what `slot < addresses <= NAT_POOL_MAX` already says (a
+    // power of two): it tracks no bounds through a division. Read through a volatile load,
+    // or LLVM, which knows the bound, drops the mask.
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) } as usize & (NAT_POOL_MAX - 1);
+    settings.nat_pool[slot]
+}
+
+/// One step of the NAT port search (a `bpf_loop` callback): tries pair `start + i`; the
+/// reply key (server side filled in) is slot 1 of the flow keys, the reply entry to install
+/// is in the scratch area. Returns 1 to stop (found), 0 to go on.
+#[inline(never)]
+extern "C" fn nat_probe(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `nat_reserve` passes its NatProbe.
+    let p = unsafe { &mut *(ctx as *mut NatProbe) };
+    let (Some(settings), Some(keys), Some(sc)) = (SETTINGS.get(0), KEYS.get_ptr_mut(0), scratch())
+    else {
+        return 1;
+    };
+    let (slot, off) = nat::candidate(p.start.wrapping_add(i as u32), p.span, p.addrs);
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
+    let key = unsafe { &mut (*keys)[1] };
+    key.dst = Addr::v4_raw(nat_pool_addr(settings, slot));
+    key.dport = ((p.lo + off) as u16).to_be();
+    let now = sc.reply.last_seen_ns;
+    let Some(e) = CONNECTIONS.get_ptr_mut(&*key) else {
+        // Never used, or gone: whoever inserts first has it.
+        if CONNECTIONS
+            .insert(&*key, &sc.reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            p.found = i as u32 + 1;
+            return 1;
+        }
+        return 0;
+    };
+    // SAFETY: a map value. Another CPU may be reading or claiming it too: the claim below
+    // is one compare-and-swap on its last-seen time, so only one CPU takes a stale pair
+    // (removing it and inserting afresh would let a second CPU remove the first one's).
+    let (flags, seen) = unsafe { ((*e).flags, (*e).last_seen_ns) };
+    let holds = nat::Holds {
+        timeout_ns: settings.timeout_ns,
+        hold_ns: settings.port_hold_ns,
+        time_wait_ns: settings.time_wait_ns,
+    };
+    if !nat::port_free(flags, seen, now, &holds) {
+        return 0;
+    }
+    // SAFETY: an aligned u64 in map memory.
+    let claimed = unsafe {
+        use core::intrinsics::AtomicOrdering::SeqCst;
+        core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(
+            core::ptr::addr_of_mut!((*e).last_seen_ns),
+            seen,
+            now,
+        )
+        .1
+    };
+    if !claimed {
+        return 0;
+    }
+    // SAFETY: claimed: this CPU alone rewrites it (a late packet of the old connection
+    // may read it meanwhile; that connection is over).
+    unsafe {
+        // The old connection's client leg still names this pair: it goes too, or a late
+        // packet of it would be translated onto the new connection.
+        forget_client_leg(&*e, key);
+        let r = &sc.reply;
+        (*e).packets = 0;
+        (*e).bytes = 0;
+        (*e).server = r.server;
+        (*e).flags = r.flags;
+        (*e).nat_port = r.nat_port;
+        core::ptr::copy_nonoverlapping(&r.nat_addr, core::ptr::addr_of_mut!((*e).nat_addr), 1);
+        (*e).peer_mac = r.peer_mac;
+        (*e).local_mac = r.local_mac;
+        (*e).ifindex = r.ifindex;
+    }
+    p.found = i as u32 + 1;
+    1
+}
+
+/// Removes the client leg of the NAT connection whose reply leg `reply` (keyed `key`) is
+/// about to be replaced, if it still names this (address, port).
+#[inline(always)]
+fn forget_client_leg(reply: &Connection, key: &FlowKey) {
+    let Some(server) = SERVERS.get(reply.server) else {
+        return;
+    };
+    let Some(keys) = KEYS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot; slot 2 is only used here.
+    let client = unsafe { &mut (*keys)[2] };
+    client.src = reply.nat_addr;
+    client.dst = server.vip;
+    client.sport = reply.nat_port;
+    client.dport = server.vport;
+    client.proto = key.proto;
+    client._pad[0] = 0;
+    client._pad[1] = 0;
+    client._pad[2] = 0;
+    if let Some(c) = CONNECTIONS.get_ptr(&*client) {
+        // SAFETY: a map value, read only.
+        let c = unsafe { &*c };
+        if c.nat_port == key.dport && c.nat_addr.w[3] == key.dst.w[3] {
+            let _ = CONNECTIONS.remove(&*client);
+        }
+    }
+}
+
+/// The per-connection debug record: "new tcp 1.2.3.4:9645 -> 192.0.2.100:80 via
+/// 192.0.2.11:80 direct".
+#[inline(always)]
+fn log_new(ctx: &XdpContext, ip: &Ip, l4: &L4, server: &Server) {
+    let proto = if ip.proto == IPPROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    };
+    let method = match Method::from_u8(server.method) {
+        Some(m) => m.name(),
+        None => "?",
+    };
+    let srv = server.addr.w[3].to_ne_bytes();
+    info!(
+        ctx,
+        "new {} {:i}:{} -> {:i}:{} via {:i}:{} {}",
+        proto,
+        ip.saddr.to_ne_bytes(),
+        u16::from_be(l4.sport),
+        ip.daddr.to_ne_bytes(),
+        u16::from_be(l4.dport),
+        srv,
+        u16::from_be(server.port),
+        method
+    );
+}

@@ -1,0 +1,533 @@
+//! Sending a packet on: by the server's method (direct MAC rewrite, IPIP tunnel, NAT
+//! rewrite), NAT replies translated back, the next hop from the kernel's FIB (cached per
+//! CPU), and fragmentation-needed answers when the path is too small.
+
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    macros::map,
+    maps::LruPerCpuHashMap,
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{
+    csum, Connection, Method, Server, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
+    CONN_SERVER_CLOSED_FIRST, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{conn::*, maps::*, net::*, parse::*, Outcome};
+
+/// How long a cached FIB answer is used.
+const HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// A cached FIB answer for one destination.
+#[repr(C)]
+struct HopCache {
+    expires_ns: u64,
+    ifindex: u32,
+    /// Path MTU toward the destination.
+    mtu: u16,
+    _pad: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    _pad2: [u8; 4],
+}
+
+/// Per CPU: destination -> next hop, for [`HOP_TTL_NS`].
+#[map(name = "next_hops")]
+static NEXT_HOPS: LruPerCpuHashMap<u32, HopCache> = LruPerCpuHashMap::with_max_entries(4096, 0);
+
+/// Sends the packet to server `id` by its method.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    settings: &Settings,
+    id: u32,
+    ip: &Ip,
+    nat_addr: u32,
+    nat_port: u16,
+) -> Outcome {
+    let Some(server) = SERVERS.get(id) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    let (method, server_port) = (server.method, server.port);
+    let Some(server_addr) = server.addr.as_v4_raw() else {
+        return Outcome::Drop(Stat::DropNoRoute);
+    };
+    match Method::from_u8(method) {
+        Some(Method::Direct) => match server_hop(ctx, id, ip.saddr, ip.tot_len, ip.now) {
+            Ok(hop) => send(ctx, &hop),
+            Err(e) => too_big_or(ctx, ip, e, 0),
+        },
+        Some(Method::Tunnel) => {
+            let Some(local) = settings.local_addr.as_v4_raw() else {
+                return Outcome::Drop(Stat::DropNoRoute);
+            };
+            let outer_len = ip.tot_len as u32 + IPV4_HLEN as u32;
+            if outer_len > 0xffff {
+                return Outcome::Drop(Stat::DropTooBig);
+            }
+            let hop = match server_hop(ctx, id, local, outer_len as u16, ip.now) {
+                Ok(h) => h,
+                Err(e) => return too_big_or(ctx, ip, e, IPV4_HLEN as u16),
+            };
+            if encapsulate(ctx, local, server_addr, ip.tot_len).is_none() {
+                return Outcome::Drop(Stat::DropError);
+            }
+            send(ctx, &hop)
+        }
+        Some(Method::Nat) => {
+            // Route first: a packet too big for the path is answered as the client sent it.
+            let hop = match server_hop(ctx, id, nat_addr, ip.tot_len, ip.now) {
+                Ok(h) => h,
+                Err(e) => return too_big_or(ctx, ip, e, 0),
+            };
+            if rewrite(ctx, ip, nat_addr, server_addr, nat_port, server_port).is_none() {
+                return Outcome::Drop(Stat::DropError);
+            }
+            send(ctx, &hop)
+        }
+        None => Outcome::Drop(Stat::DropNoRoute),
+    }
+}
+
+/// The next hop toward server `id`. Its record caches the FIB's answer for [`HOP_TTL_NS`]:
+/// the established path then costs no lookup beyond the server record it reads anyway.
+#[inline(always)]
+pub fn server_hop(
+    ctx: &XdpContext,
+    id: u32,
+    src: u32,
+    tot_len: u16,
+    now: u64,
+) -> Result<Hop, NoHop> {
+    let Some(s) = SERVERS.get_ptr_mut(id) else {
+        return Err(NoHop::Route);
+    };
+    // SAFETY: a map value; two CPUs refreshing it at once write the same answer.
+    let s = unsafe { &mut *s };
+    if now < s.hop_until_ns {
+        if tot_len > s.mtu {
+            return Err(NoHop::TooBig(s.mtu));
+        }
+        return Ok(Hop::of_server(s));
+    }
+    let Some(dst) = s.addr.as_v4_raw() else {
+        return Err(NoHop::Route);
+    };
+    match fib(ctx, dst, src, 0) {
+        (FIB_SUCCESS, Some(hop), _) => {
+            let mtu = path_mtu(ctx, dst, src);
+            s.mac = hop.dmac;
+            s.smac = hop.smac;
+            s.ifindex = hop.ifindex;
+            s.mtu = mtu;
+            s.hop_until_ns = now + HOP_TTL_NS;
+            if tot_len > mtu {
+                return Err(NoHop::TooBig(mtu));
+            }
+            Ok(hop)
+        }
+        // The neighbour entry is gone: the last known MAC is the best there is.
+        (FIB_NO_NEIGH, _, _) if s.ifindex != 0 && s.mac != [0; 6] => Ok(Hop::of_server(s)),
+        _ => Err(NoHop::Route),
+    }
+}
+
+/// The path MTU toward `dst`: the FIB refuses the largest length and names its MTU.
+#[inline(always)]
+fn path_mtu(ctx: &XdpContext, dst: u32, src: u32) -> u16 {
+    match fib(ctx, dst, src, u16::MAX) {
+        (FIB_FRAG_NEEDED, _, mtu) => mtu,
+        _ => u16::MAX,
+    }
+}
+
+/// The outcome of a failed next-hop lookup. A packet too big for the path to the server
+/// (`overhead` = what forwarding adds) that forbids fragmentation is answered with an ICMP
+/// fragmentation-needed, so the client's path MTU discovery shrinks its packets; it is
+/// still counted as dropped.
+#[inline(always)]
+fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
+    match e {
+        NoHop::TooBig(mtu) => too_big(ctx, ip, mtu, overhead),
+        NoHop::Route => e.outcome(),
+    }
+}
+
+/// See [`too_big_or`].
+#[inline(always)]
+fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
+    if !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
+        return Outcome::Drop(Stat::DropTooBig);
+    }
+    if frag_needed(ctx, ip, mtu - overhead).is_some() {
+        count(Stat::IcmpSent, 1);
+        count(Stat::DropTooBig, 1);
+        // Counted as a drop above; the action itself is sending the ICMP back.
+        return Outcome::Reply;
+    }
+    Outcome::Drop(Stat::DropTooBig)
+}
+
+/// Turns the packet (IPv4 without options) into an ICMP fragmentation-needed from its
+/// destination back to its source: a new IPv4 and ICMP header go in front of the original
+/// IPv4 header and first 8 bytes of its payload, the rest is cut, the MACs are swapped.
+#[inline(always)]
+fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+    const QUOTE: usize = IPV4_HLEN + 8;
+    const GROW: usize = IPV4_HLEN + ICMP_HLEN;
+    const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    // The quote must be whole before anything changes.
+    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    let len = frame_len(ctx);
+    if len < TOTAL {
+        return None;
+    }
+    // SAFETY: shrinks the tail to the ICMP message; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - TOTAL) as i32)) } != 0 {
+        return None;
+    }
+    let new_eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    let new_ip = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ETH_HLEN + IPV4_HLEN)?;
+    let mut h = Ipv4Hdr {
+        vihl: 0x45,
+        tos: 0,
+        tot_len: ((GROW + QUOTE) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        check: 0,
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+    };
+    h.check = ipv4_checksum(&h);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        *new_eth = EthHdr {
+            dst: eth.src,
+            src: eth.dst,
+            proto: ETH_P_IP_BE,
+        };
+        *new_ip = h;
+        *icmp = IcmpHdr {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            check: 0,
+            // Bytes 4-5 unused, 6-7 the next-hop MTU (RFC 1191).
+            rest: u32::from_ne_bytes([0, 0, (mtu >> 8) as u8, mtu as u8]),
+        };
+    }
+    // The ICMP checksum covers its header and the quote: 36 bytes, read in one piece (a
+    // loop of small bounds checks gets folded into arithmetic the verifier rejects).
+    let body = ptr_at::<[u16; (ICMP_HLEN + QUOTE) / 2]>(ctx, ETH_HLEN + IPV4_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let body = unsafe { *body };
+    let mut sum = 0u32;
+    for w in body {
+        sum += w as u32;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { (*icmp).check = !csum::fold(sum) };
+    Some(())
+}
+
+/// A server's reply on a NAT connection: back to VIP -> client.
+#[inline(always)]
+pub fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -> Outcome {
+    let bytes = frame_len(ctx) as u64;
+    let Some(server) = SERVERS.get(reply.server) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    reply.last_seen_ns = ip.now;
+    reply.packets += 1;
+    reply.bytes += bytes;
+    let ends = tcp_end_flags(tcp_flags);
+    if ends & CONN_FIN != 0 && reply.flags & (CONN_FIN | CONN_PEER_FIN) == 0 {
+        // The server closes first: it will hold the connection in TIME_WAIT.
+        reply.flags |= CONN_SERVER_CLOSED_FIRST;
+    }
+    reply.flags |= ends;
+    let (Some(vip), Some(client)) = (server.vip.as_v4_raw(), reply.nat_addr.as_v4_raw()) else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    count_traffic(&SERVICE_STATS, server.service, bytes);
+    count_traffic(&SERVER_STATS, reply.server, bytes);
+    if rewrite(ctx, ip, vip, client, server.vport, reply.nat_port).is_none() {
+        return Outcome::Drop(Stat::DropError);
+    }
+    let fallback = Hop {
+        ifindex: reply.ifindex,
+        smac: reply.local_mac,
+        dmac: reply.peer_mac,
+    };
+    let hop = match next_hop(ctx, client, vip, ip.tot_len, fallback, ip.now) {
+        Ok(h) => h,
+        Err(e) => return e.outcome(),
+    };
+    send(ctx, &hop)
+}
+
+/// Why there is no next hop.
+pub enum NoHop {
+    /// No route, or no neighbour and no fallback MAC.
+    Route,
+    /// The packet exceeds the path MTU (given).
+    TooBig(u16),
+}
+
+impl NoHop {
+    pub fn outcome(self) -> Outcome {
+        match self {
+            NoHop::Route => Outcome::Drop(Stat::DropNoRoute),
+            NoHop::TooBig(_) => Outcome::Drop(Stat::DropTooBig),
+        }
+    }
+}
+
+/// Where a frame goes next: interface and MACs.
+#[derive(Clone, Copy)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+impl Hop {
+    /// The daemon's resolution for a server, used when the FIB has no neighbour entry.
+    pub fn of_server(s: &Server) -> Hop {
+        Hop {
+            ifindex: s.ifindex,
+            smac: s.smac,
+            dmac: s.mac,
+        }
+    }
+}
+
+/// The kernel's FIB decides next hop and MACs. Asked as if from `lo` (whose forwarding flag the
+/// daemon sets) so that IPv4 forwarding can stay off on every real interface: the kernel
+/// itself forwards nothing. Without a neighbour entry, falls back to the MACs in `fallback`.
+///
+/// Answers are cached per CPU and destination for [`HOP_TTL_NS`] (a FIB lookup costs most of
+/// a packet's time), so route and neighbour changes reach the dataplane within that.
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    dst: u32,
+    src: u32,
+    tot_len: u16,
+    fallback: Hop,
+    now: u64,
+) -> Result<Hop, NoHop> {
+    if let Some(c) = NEXT_HOPS.get_ptr(&dst) {
+        // SAFETY: a map value of this CPU, read only.
+        let c = unsafe { &*c };
+        if now < c.expires_ns {
+            if tot_len > c.mtu {
+                return Err(NoHop::TooBig(c.mtu));
+            }
+            return Ok(Hop {
+                ifindex: c.ifindex,
+                smac: c.smac,
+                dmac: c.dmac,
+            });
+        }
+    }
+    let hop = match fib(ctx, dst, src, 0) {
+        (FIB_SUCCESS, Some(h), _) => h,
+        (FIB_NO_NEIGH, _, _) if fallback.ifindex != 0 && fallback.dmac != [0; 6] => {
+            return Ok(fallback)
+        }
+        _ => return Err(NoHop::Route),
+    };
+    let mtu = path_mtu(ctx, dst, src);
+    let entry = HopCache {
+        expires_ns: now + HOP_TTL_NS,
+        ifindex: hop.ifindex,
+        mtu,
+        _pad: 0,
+        smac: hop.smac,
+        dmac: hop.dmac,
+        _pad2: [0; 4],
+    };
+    // A failed insert costs the next packet a lookup, nothing else.
+    let _ = NEXT_HOPS.insert(&dst, &entry, 0);
+    if tot_len > mtu {
+        return Err(NoHop::TooBig(mtu));
+    }
+    Ok(hop)
+}
+
+/// One `bpf_fib_lookup`: the result code, the hop on success, the MTU when the length was
+/// too big. Its 64-byte query lives in the per-CPU scratch area, and it is a function of its
+/// own: inlined into every caller, its copies would not fit the 512-byte BPF stack.
+#[inline(never)]
+pub fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<Hop>, u16) {
+    let Some(sc) = scratch() else {
+        return (-1, None, 0);
+    };
+    let p = &mut sc.fib;
+    let rc = fib_query(ctx, p, dst, src, tot_len);
+    match rc {
+        FIB_SUCCESS => (
+            rc,
+            Some(Hop {
+                ifindex: p.ifindex,
+                smac: p.smac,
+                dmac: p.dmac,
+            }),
+            0,
+        ),
+        // SAFETY: on this result the helper stored the MTU in the union.
+        FIB_FRAG_NEEDED => (rc, None, unsafe { p.__bindgen_anon_1.mtu_result }),
+        _ => (rc, None, 0),
+    }
+}
+
+/// The FIB lookup itself, its query and answer in `p`.
+#[inline(always)]
+pub fn fib_query(ctx: &XdpContext, p: &mut FibParams, dst: u32, src: u32, tot_len: u16) -> i64 {
+    // An all-zero bpf_fib_lookup is a valid input.
+    zero_words(p);
+    p.family = AF_INET;
+    p.ifindex = LOOPBACK_IFINDEX;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: the helper writes only into `p`.
+    unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            p as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    }
+}
+
+#[inline(always)]
+fn set_macs(ctx: &XdpContext, hop: &Hop) {
+    if let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe {
+            (*eth).dst = hop.dmac;
+            (*eth).src = hop.smac;
+        }
+    }
+}
+
+/// Puts the hop's MACs on the frame and sends it out of the hop's interface.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, hop: &Hop) -> Outcome {
+    set_macs(ctx, hop);
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        Outcome::Tx
+    } else {
+        Outcome::Redirect(hop.ifindex)
+    }
+}
+
+/// Rewrites source and destination address and port (NAT both ways), updating the IPv4 and
+/// L4 checksums incrementally. Addresses and ports in network byte order.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &XdpContext,
+    ip: &Ip,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+) -> Option<()> {
+    let iph = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    let (old_s, old_d) = unsafe {
+        let h = &mut *iph;
+        let (old_s, old_d) = (h.saddr, h.daddr);
+        h.check = csum::replace4(csum::replace4(h.check, old_s, saddr), old_d, daddr);
+        h.saddr = saddr;
+        h.daddr = daddr;
+        (old_s, old_d)
+    };
+    let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4())?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    let (old_sp, old_dp) = unsafe {
+        let p = &mut *ports;
+        let old = (p[0], p[1]);
+        p[0] = sport;
+        p[1] = dport;
+        old
+    };
+    let at = if ip.proto == IPPROTO_TCP {
+        ip.l4() + 16
+    } else {
+        ip.l4() + 6
+    };
+    let check = ptr_at_mut::<u16>(ctx, at)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        let c = *check;
+        if ip.proto == IPPROTO_UDP && c == 0 {
+            // UDP without a checksum stays without one.
+            return Some(());
+        }
+        let mut n = csum::replace4(c, old_s, saddr);
+        n = csum::replace4(n, old_d, daddr);
+        n = csum::replace2(n, old_sp, sport);
+        n = csum::replace2(n, old_dp, dport);
+        if ip.proto == IPPROTO_UDP && n == 0 {
+            n = 0xffff;
+        }
+        *check = n;
+    }
+    Some(())
+}
+
+/// Puts an outer IPv4 header (protocol 4) in front of the packet, behind the Ethernet header.
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, src: u32, dst: u32, inner_len: u16) -> Option<()> {
+    let (tos, df) = {
+        let inner = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { ((*inner).tos, (*inner).frag_off & IP_DF_BE) }
+    };
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
+        return None;
+    }
+    let eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked; the Ethernet header moves to the new front (proto unchanged).
+    unsafe { (*eth).proto = ETH_P_IP_BE };
+    let outer = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let mut h = Ipv4Hdr {
+        vihl: 0x45,
+        tos,
+        tot_len: (inner_len + IPV4_HLEN as u16).to_be(),
+        id: 0,
+        frag_off: df,
+        ttl: 64,
+        proto: IPPROTO_IPIP,
+        check: 0,
+        saddr: src,
+        daddr: dst,
+    };
+    h.check = ipv4_checksum(&h);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { *outer = h };
+    Some(())
+}
+
+#[inline(always)]
+fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain integers.
+    let words: &[u16; 10] = unsafe { &*(h as *const Ipv4Hdr as *const [u16; 10]) };
+    csum::ipv4_header(words)
+}

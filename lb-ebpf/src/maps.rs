@@ -1,0 +1,185 @@
+//! The maps lb_xdp shares with the daemon (services, servers, connections, counters,
+//! settings) and the per-CPU scratch space that keeps large structures off the 512-byte
+//! BPF stack, with the small accessors every path uses.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, BPF_F_MMAPABLE},
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::XdpContext,
+};
+use core::ptr::NonNull;
+use lb_common::{
+    Addr, Connection, Counters, FlowKey, Persist, PersistKey, Server, Service, ServiceKey,
+    Settings, Stat, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES,
+    RING_SIZE, VIP_FILTER_SLOTS,
+};
+
+use crate::parse::*;
+
+/// (VIP, port, protocol) -> service record.
+#[map(name = "services")]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// VIP -> number of services on it.
+#[map(name = "vips")]
+pub static VIPS: HashMap<Addr, u32> = HashMap::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// Counts of VIPs and NAT addresses by `vip_filter_slot`: a packet whose slot is zero is not
+/// ours, known after one array read.
+#[map(name = "vip_filter")]
+pub static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
+
+/// Server index -> server record (one per service/server line).
+#[map(name = "servers")]
+pub static SERVERS: Array<Server> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// Scheduler rows, `RING_SIZE` slots per service: slot -> server index. Mappable, so the
+/// daemon rewrites a row with one copy.
+#[map(name = "sched_table")]
+pub static SCHED_TABLE: Array<u32> =
+    Array::with_max_entries(DEFAULT_SERVICES * RING_SIZE, BPF_F_MMAPABLE as u32);
+
+/// Per-CPU round-robin cursor per service.
+#[map(name = "rr_cursor")]
+pub static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// 5-tuple -> connection (LRU: the oldest go first when it is full).
+#[map(name = "connections")]
+pub static CONNECTIONS: LruHashMap<FlowKey, Connection> =
+    LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
+
+/// (client, service) -> server, for sticky services.
+#[map(name = "persistence")]
+pub static PERSISTENCE: LruHashMap<PersistKey, Persist> =
+    LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
+
+/// Global per-CPU counters, indexed by `Stat`.
+#[map(name = "stat")]
+static STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+/// Per-CPU packets and bytes per service id.
+#[map(name = "service_stats")]
+pub static SERVICE_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// Per-CPU packets and bytes per server index.
+#[map(name = "server_stats")]
+pub static SERVER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// The one settings record.
+#[map(name = "settings")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// New and closed connections, for the daemon to stream to backups.
+#[map(name = "conn_events")]
+pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_BYTES, 0);
+
+/// Per-CPU room for the structures too big for the 512-byte BPF stack when every path is
+/// inlined into one function: the FIB query and connection entries being built.
+#[repr(C)]
+pub struct Scratch {
+    pub fib: FibParams,
+    pub conn: Connection,
+    pub reply: Connection,
+}
+
+#[map(name = "scratch")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flow keys being built: the packet's own (0), a NAT reply leg's (1), and the client leg
+/// of a NAT connection whose port is being reused (2). Apart from `SCRATCH` so that a key
+/// and the scratch area can be borrowed at once.
+#[map(name = "flow_keys")]
+pub static KEYS: PerCpuArray<[FlowKey; 3]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The key of a `services` lookup being made, here rather than on the stack: `lb_xdp`'s
+/// frame and that of the BPF function it calls must fit 512 bytes together.
+#[map(name = "service_key")]
+static SERVICE_KEY: PerCpuArray<ServiceKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// The service at `vip`:`port` (network byte order) for `proto`.
+#[inline(always)]
+pub fn find_service(vip: u32, port: u16, proto: u8) -> Option<NonNull<Service>> {
+    let k = SERVICE_KEY.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, and the key is only used
+    // for the lookup below.
+    let k = unsafe { &mut *k };
+    k.vip = Addr::v4_raw(vip);
+    k.port = port;
+    k.proto = proto;
+    k._pad = 0;
+    SERVICES
+        .get_ptr(k)
+        .and_then(|p| NonNull::new(p as *mut Service))
+}
+
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, so nothing else uses it now.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Builds a flow key in slot `SLOT` of the scratch area (keys are 40 bytes, and the BPF
+/// stack has no room for the several an inlined program would otherwise hold).
+#[inline(always)]
+pub fn scratch_key<const SLOT: usize>(
+    src: Addr,
+    dst: Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> Option<&'static mut FlowKey> {
+    let keys = KEYS.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU. Each slot has one user at a
+    // time on a packet's path.
+    let k = unsafe { &mut (*keys)[SLOT] };
+    k.src = src;
+    k.dst = dst;
+    k.sport = sport;
+    k.dport = dport;
+    k.proto = proto;
+    // Byte by byte: `[0; 3]` would be a call to BPF's byte-looping memset on every packet.
+    k._pad[0] = 0;
+    k._pad[1] = 0;
+    k._pad[2] = 0;
+    Some(k)
+}
+
+/// The packet's own flow key, as on the wire (slot 0).
+#[inline(always)]
+pub fn packet_key(ip: &Ip, l4: &L4) -> Option<&'static mut FlowKey> {
+    scratch_key::<0>(
+        Addr::v4_raw(ip.saddr),
+        Addr::v4_raw(ip.daddr),
+        l4.sport,
+        l4.dport,
+        ip.proto,
+    )
+}
+
+#[inline(always)]
+pub fn count(s: Stat, n: u64) {
+    if let Some(p) = STAT.get_ptr_mut(s as u32) {
+        // SAFETY: a per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *p += n };
+    }
+}
+
+/// Counts a packet (and its bytes) for a VIP or the NAT address.
+#[inline(always)]
+pub fn count_vip(ctx: &XdpContext) {
+    count(Stat::VipPackets, 1);
+    count(Stat::VipBytes, frame_len(ctx) as u64);
+}
+
+#[inline(always)]
+pub fn count_traffic(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Choosing a server for a new connection: the persistence entry of a sticky service, else
+//! the service's scheduler row (filled by the daemon; this only indexes it).
+
+use lb_common::{hash, FlowKey, Persist, PersistKey, Sched, Service, RING_SIZE};
+
+use crate::{conn::*, maps::*};
+
+/// The server for a new connection: the client's persistence entry if the service is sticky
+/// and it is still valid, else the scheduler's choice.
+#[inline(always)]
+pub fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
+    if svc.persistence_s == 0 {
+        return schedule(svc, key);
+    }
+    let pkey = PersistKey {
+        client: key.src,
+        service: svc.id,
+    };
+    let ttl = svc.persistence_s as u64 * 1_000_000_000;
+    if let Some(p) = PERSISTENCE.get_ptr_mut(&pkey) {
+        // SAFETY: a map value.
+        let p = unsafe { &mut *p };
+        if now.wrapping_sub(p.last_seen_ns) <= ttl && server_ok(p.server, svc.id) {
+            p.last_seen_ns = now;
+            return Some(p.server);
+        }
+    }
+    let id = schedule(svc, key)?;
+    let entry = Persist {
+        last_seen_ns: now,
+        server: id,
+        _pad: 0,
+    };
+    // Failing to record stickiness costs stickiness, not the connection.
+    let _ = PERSISTENCE.insert(&pkey, &entry, 0);
+    Some(id)
+}
+
+/// Indexes the service's scheduler row.
+#[inline(always)]
+fn schedule(svc: &Service, key: &FlowKey) -> Option<u32> {
+    let len = svc.table_len;
+    if len == 0 || len > RING_SIZE {
+        return None;
+    }
+    let slot = match Sched::from_u8(svc.sched) {
+        Some(Sched::Maglev) => hash::flow(key) % len,
+        Some(Sched::Sh) => hash::addr(&key.src) % len,
+        Some(Sched::Rr) | Some(Sched::Wrr) => {
+            let cursor = RR_CURSOR.get_ptr_mut(svc.id)?;
+            // SAFETY: a per-CPU slot.
+            unsafe {
+                let at = *cursor % len;
+                *cursor = (at + 1) % len;
+                at
+            }
+        }
+        None => return None,
+    };
+    SCHED_TABLE.get(svc.id * RING_SIZE + slot).copied()
+}
