@@ -110,14 +110,7 @@ pub fn to_service(
         && ip.proto == IPPROTO_TCP
         && l4.flags & (TCP_SYN | TCP_ACK) != TCP_SYN
     {
-        let action = to_peer_xdp(ctx, now);
-        if action != NOT_TO_PEER {
-            return Outcome::Action(action);
-        }
-        if now < settings.settle_until_ns {
-            return Outcome::Drop(Stat::DropNoConnection);
-        }
-        return Outcome::Pass;
+        return no_connection(ctx, settings, now);
     }
     let Some(sc) = scratch() else {
         return Outcome::Drop(Stat::DropError);
@@ -165,6 +158,23 @@ pub fn to_service(
     forward(ctx, settings, id, ip, nat_addr, nat_port)
 }
 
+/// What becomes of a packet that belongs to no known connection and cannot open one (a NAT
+/// connection taken up midway, or a reply to a NAT port): in a planned handover the other ATM
+/// may have made the connection moments ago, and gets it; just after a takeover its entry may
+/// be on its way, so it is dropped and the peer retransmits; otherwise it is the stack's
+/// business (a reset says the connection is gone).
+#[inline(always)]
+pub fn no_connection(ctx: &XdpContext, settings: &Settings, now: u64) -> Outcome {
+    let action = to_peer_xdp(ctx, now);
+    if action != NOT_TO_PEER {
+        return Outcome::Action(action);
+    }
+    if now < settings.settle_until_ns {
+        return Outcome::Drop(Stat::DropNoConnection);
+    }
+    Outcome::Pass
+}
+
 /// During a planned handover (`Settings::peer_addr`), sends a packet of no known connection
 /// unchanged to the other ATM, which may have made the connection in the last moments (its
 /// record not here yet): the new primary receives the servers' replies, and clients, for
@@ -176,7 +186,7 @@ pub fn to_service(
 /// A BPF function that calls none: it runs from inside `to_service_xdp`, and the frames of a
 /// chain of calls share the 512-byte stack.
 #[inline(never)]
-pub fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
+fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
     let (Some(settings), Some(sc)) = (SETTINGS.get(0), scratch()) else {
         return NOT_TO_PEER;
     };
@@ -208,7 +218,7 @@ pub fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
 }
 
 /// What [`to_peer_xdp`] returns for a packet that does not go to the other ATM.
-pub const NOT_TO_PEER: u32 = u32::MAX;
+const NOT_TO_PEER: u32 = u32::MAX;
 
 /// What [`established_xdp`] returns for a packet that is not of a live connection.
 pub const NOT_ESTABLISHED: u32 = u32::MAX;

@@ -277,13 +277,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
     let Some(svc) = svc else {
         let port = u16::from_be(l4.dport);
         if to_nat && port >= settings.nat_port_min && port <= settings.nat_port_max {
-            let action = to_peer_xdp(ctx, now);
-            if action != NOT_TO_PEER {
-                return Outcome::Action(action);
-            }
-            if now < settings.settle_until_ns {
-                return Outcome::Drop(Stat::DropNoConnection);
-            }
+            return no_connection(ctx, settings, now);
         }
         return Outcome::Pass;
     };
