@@ -656,14 +656,7 @@ fn forged_and_replayed_heartbeats_change_nothing_and_are_counted() {
         status.contains("Refused ATM messages: ") && status.contains("authentication "),
         "{status}"
     );
-    let metrics = {
-        let _in = c.lab.ns(&cluster::atm(2)).enter();
-        ureq::get(&format!("http://{}/metrics", c.atm(2).metrics))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
+    let metrics = metrics(&c, 2).unwrap();
     assert!(
         metrics.contains("lb_ha_rejected_messages_total{node=\"atm2\",reason=\"replay\"}"),
         "{metrics}"
@@ -858,30 +851,32 @@ fn big_download(
     })
 }
 
-/// A dataplane counter of ATM `i` from its /metrics (`drop_no_connection`, say).
-/// ATM `i`'s dataplane outcome counters, as /metrics shows them.
-fn dataplane_counters(c: &Cluster, i: usize) -> String {
+/// ATM `i`'s /metrics page.
+fn metrics(c: &Cluster, i: usize) -> Result<String, String> {
     let _in = c.lab.ns(&cluster::atm(i)).enter();
-    let text = ureq::get(&format!("http://{}/metrics", c.atm(i).metrics))
+    let url = format!("http://{}/metrics", c.atm(i).metrics);
+    ureq::get(&url)
         .call()
-        .ok()
-        .and_then(|r| r.into_string().ok())
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with("lb_dataplane_packets_total"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .map_err(|e| format!("GET {url}: {e}"))?
+        .into_string()
+        .map_err(|e| format!("GET {url}: {e}"))
 }
 
+/// ATM `i`'s dataplane outcome counters, as /metrics shows them (for a failure message).
+fn dataplane_counters(c: &Cluster, i: usize) -> String {
+    match metrics(c, i) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| l.starts_with("lb_dataplane_packets_total"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => e,
+    }
+}
+
+/// A dataplane counter of ATM `i` from its /metrics (`drop_no_connection`, say).
 fn dataplane_counter(c: &Cluster, i: usize, counter: &str) -> u64 {
-    let text = {
-        let _in = c.lab.ns(&cluster::atm(i)).enter();
-        ureq::get(&format!("http://{}/metrics", c.atm(i).metrics))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
+    let text = metrics(c, i).unwrap();
     let prefix = format!("lb_dataplane_packets_total{{counter=\"{counter}\",");
     text.lines()
         .find(|l| l.starts_with(&prefix))

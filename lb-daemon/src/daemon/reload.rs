@@ -56,6 +56,18 @@ pub(super) enum Job {
     },
 }
 
+impl Job {
+    /// What the loop does with it, for [`super::Busy`].
+    pub(super) fn what(&self) -> &'static str {
+        match self {
+            Job::Parsed { .. } => "a reload's parsed config",
+            Job::Prepared { .. } => "a prepared reload",
+            Job::Checks { .. } => "a reload's new probes",
+            Job::Drained { .. } => "drained connections",
+        }
+    }
+}
+
 /// A reload or resize, ready for the loop.
 pub(super) struct Prepared {
     /// The plane once it is done.
@@ -290,11 +302,12 @@ impl Daemon {
             return;
         };
         // Sizes written to `config` stay until the file's own [tables] change.
-        let (caps, written) = if new.tables != self.config.tables {
-            (new.tables, false)
+        let caps = if new.tables != self.config.tables {
+            new.tables
         } else {
-            (a.caps, a.caps != new.tables)
+            a.caps
         };
+        let written = caps != new.tables;
         let running = a.plane.clone();
         a.plane.start_journal();
         let running_caps = a.caps;
