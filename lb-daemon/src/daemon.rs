@@ -431,9 +431,11 @@ pub async fn run(opts: Options) -> Result<()> {
                 .and_then(|h| h.election.next_deadline(Instant::now()));
         tokio::select! {
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                let _b = Busy::new("the election's deadline");
                 d.on_election_deadline().await;
             }
             Some((req, reply)) = rx.recv() => {
+                let _b = Busy::new("a control request");
                 if req == Request::Promote {
                     d.promote(reply).await;
                 } else if req == Request::Demote {
@@ -449,14 +451,33 @@ pub async fn run(opts: Options) -> Result<()> {
                     let _ = reply.send(resp);
                 }
             }
-            Some((bytes, from)) = udp_rx.recv() => d.on_datagram(&bytes, from).await,
+            Some((bytes, from)) = udp_rx.recv() => {
+                let _b = Busy::new("an ATM message");
+                d.on_datagram(&bytes, from).await
+            }
             // Held back while a reload rewrites the services: they wait in the channel.
-            Some(outcome) = checks_rx.recv(), if d.applying.is_none() => d.on_probe(outcome),
-            Some((mark, whole)) = marks_rx.recv() => d.on_transfer_sent(mark, whole).await,
-            _ = heartbeat.tick(), if d.ha.is_some() => d.on_heartbeat_tick().await,
-            _ = sync_events.tick(), if d.atm.is_some() => d.sync_tick().await,
-            _ = full_sync.tick(), if d.atm.is_some() => d.periodic_full_sync(),
+            Some(outcome) = checks_rx.recv(), if d.applying.is_none() => {
+                let _b = Busy::new("a probe's outcome");
+                d.on_probe(outcome)
+            }
+            Some((mark, whole)) = marks_rx.recv() => {
+                let _b = Busy::new("a sent transfer");
+                d.on_transfer_sent(mark, whole).await
+            }
+            _ = heartbeat.tick(), if d.ha.is_some() => {
+                let _b = Busy::new("the heartbeat");
+                d.on_heartbeat_tick().await
+            }
+            _ = sync_events.tick(), if d.atm.is_some() => {
+                let _b = Busy::new("connection sync");
+                d.sync_tick().await
+            }
+            _ = full_sync.tick(), if d.atm.is_some() => {
+                let _b = Busy::new("a full sync");
+                d.periodic_full_sync()
+            }
             Some(ok) = track_rx.recv() => {
+                let _b = Busy::new("a track outcome");
                 if ok {
                     info!("The track addresses answer: this ATM may become primary");
                 } else {
@@ -470,7 +491,9 @@ pub async fn run(opts: Options) -> Result<()> {
                 info!("Received SIGHUP: re-reading {}", d.opts.config.display());
                 d.begin_reload(None);
             }
-            Some(job) = jobs_rx.recv() => match job {
+            Some(job) = jobs_rx.recv() => {
+                let _b = Busy::new(job.what());
+                match job {
                 reload::Job::Parsed { config, reply } => d.on_parsed(config, reply).await,
                 reload::Job::Prepared { result, reply } => d.on_prepared(result, reply).await,
                 reload::Job::Drained { generation, indices, dropped } => {
@@ -485,14 +508,21 @@ pub async fn run(opts: Options) -> Result<()> {
                     let addrs = d.server_addrs();
                     tokio::task::spawn_blocking(move || neighbours::request(&addrs));
                 }
-            },
+            }},
             // Always ready while a reload's writes remain: one bounded step per turn, with
             // every other branch served in between.
-            _ = std::future::ready(()), if d.applying.is_some() => d.apply_step().await,
+            _ = std::future::ready(()), if d.applying.is_some() => {
+                let _b = Busy::new("a reload step");
+                d.apply_step().await
+            }
             _ = term.recv() => { info!("Received SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("Received SIGINT: stopping"); break; }
-            _ = sweep.tick() => d.sweep(),
+            _ = sweep.tick() => {
+                let _b = Busy::new("the sweep");
+                d.sweep()
+            }
             _ = logs.tick() => {
+                let _b = Busy::new("the dataplane's log");
                 if let Some(a) = d.atm.as_mut() {
                     a.dp.flush_log();
                 }
@@ -505,6 +535,39 @@ pub async fn run(opts: Options) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("Stopped");
     Ok(())
+}
+
+/// Warns when one turn of the event loop held it for longer than [`BUSY_LIMIT`], naming what
+/// it did: the loop sends the heartbeats, so a long turn delays them.
+struct Busy {
+    what: &'static str,
+    since: Instant,
+}
+
+/// A turn of the event loop longer than this is logged (a heartbeat interval is 100 ms by
+/// default).
+const BUSY_LIMIT: Duration = Duration::from_millis(50);
+
+impl Busy {
+    fn new(what: &'static str) -> Self {
+        Busy {
+            what,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let took = self.since.elapsed();
+        if took > BUSY_LIMIT {
+            warn!(
+                "The event loop was busy for {} ms with {} (heartbeats wait meanwhile)",
+                took.as_millis(),
+                self.what
+            );
+        }
+    }
 }
 
 /// Health state for `config`'s lines (kept from `old` for those that remain) and probes
@@ -1347,10 +1410,10 @@ impl Daemon {
         if events.is_empty() {
             return;
         }
-        let servers = a.plane.server_of();
+        let lines = a.plane.lines();
         let records: Vec<ha::SyncRecord> = events
             .iter()
-            .filter_map(|e| sync::from_event(e, &servers))
+            .filter_map(|e| sync::from_event(e, &lines.server))
             .collect();
         for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
             self.ha_send(None, Body::Sync(chunk.to_vec()));
@@ -1375,14 +1438,15 @@ impl Daemon {
                 return None;
             }
         };
-        let servers = a.plane.server_of();
+        let lines = a.plane.lines();
         ha.next_mark += 1;
         let mark = ha.next_mark;
         ha.transfers += 1;
         tokio::task::spawn_blocking(move || {
             let whole = match table.entries() {
                 Ok(all) => {
-                    let records = sync::full_table(&all, &servers, timeout_ns, dataplane::now_ns());
+                    let records =
+                        sync::full_table(&all, &lines.server, timeout_ns, dataplane::now_ns());
                     for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
                         out.send_bulk(to, Body::Sync(chunk.to_vec()));
                     }
@@ -1827,21 +1891,9 @@ impl Daemon {
     /// What turning table entries into lines needs, owned (for a blocking thread).
     fn conn_view(&self) -> Option<ConnView> {
         let a = self.atm.as_ref()?;
-        let vip_of = a
-            .plane
-            .services()
-            .iter()
-            .flat_map(|s| {
-                let k = svc_key(s);
-                s.servers.iter().filter_map(move |v| {
-                    Some((a.plane.index(&(k, v.address, v.port))?, (s.vip, s.port)))
-                })
-            })
-            .collect();
         Some(ConnView {
             timeout_ns: self.timeout_ns(),
-            servers: a.plane.server_of(),
-            vip_of,
+            lines: a.plane.lines(),
         })
     }
 
@@ -2185,9 +2237,8 @@ impl TableJob {
 /// What turning connection entries into table lines needs (see `Daemon::conn_view`).
 struct ConnView {
     timeout_ns: u64,
-    servers: sync::ServerMap,
-    /// Server index -> the VIP and port it serves.
-    vip_of: HashMap<u32, (Ipv4Addr, u16)>,
+    /// Server index -> its server, and the VIP and port it serves.
+    lines: Arc<crate::services::Lines>,
 }
 
 impl ConnView {
@@ -2207,7 +2258,8 @@ impl ConnView {
                     proto: k.proto,
                     src: (v4(&k.dst), u16::from_be(k.dport)),
                     vip: self
-                        .vip_of
+                        .lines
+                        .vip
                         .get(&c.server)
                         .copied()
                         .unwrap_or((Ipv4Addr::UNSPECIFIED, 0)),
@@ -2217,7 +2269,8 @@ impl ConnView {
                 }
             } else {
                 let (sa, sp) = self
-                    .servers
+                    .lines
+                    .server
                     .get(&c.server)
                     .map(|(a, p, _)| (*a, *p))
                     .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use lb_common::{Addr, Method};
@@ -74,6 +75,16 @@ pub struct Plane {
     draining: HashSet<u32>,
     /// Lines whose state changed while a reload or resize is worked out from a copy.
     journal: Option<Vec<LineKey>>,
+    /// What each server index is, worked out once per numbering (where the plane is made,
+    /// beside the event loop): sync and the connections table read it on every turn.
+    lines: Arc<Lines>,
+}
+
+/// Each server index's server (address, port, method) and service (VIP, port).
+#[derive(Default)]
+pub struct Lines {
+    pub server: HashMap<u32, (Ipv4Addr, u16, Method)>,
+    pub vip: HashMap<u32, (Ipv4Addr, u16)>,
 }
 
 /// What taking a new config will do, worked out without touching the dataplane.
@@ -223,6 +234,7 @@ impl Plane {
             ));
         }
         next.services = config.services.clone();
+        next.number_lines();
         Ok(Plan {
             plane: next,
             removed_services,
@@ -249,7 +261,23 @@ impl Plane {
                 index += 1;
             }
         }
+        next.number_lines();
         next
+    }
+
+    /// Works out [`Plane::lines`] for the numbering in force.
+    fn number_lines(&mut self) {
+        let mut lines = Lines::default();
+        for s in &self.services {
+            let k = svc_key(s);
+            for v in &s.servers {
+                if let Some(i) = self.index(&(k, v.address, v.port)) {
+                    lines.server.insert(i, (v.address, v.port, v.method));
+                    lines.vip.insert(i, (s.vip, s.port));
+                }
+            }
+        }
+        self.lines = Arc::new(lines);
     }
 
     /// Takes the health and operator state of `running`'s `lines` that are also here: they
@@ -431,18 +459,9 @@ impl Plane {
         out
     }
 
-    /// The server (address, port) of server index `i`, for the connections table.
-    pub fn server_of(&self) -> HashMap<u32, (Ipv4Addr, u16, Method)> {
-        let mut m = HashMap::new();
-        for s in &self.services {
-            let k = svc_key(s);
-            for v in &s.servers {
-                if let Some(i) = self.index(&(k, v.address, v.port)) {
-                    m.insert(i, (v.address, v.port, v.method));
-                }
-            }
-        }
-        m
+    /// What each server index is, for sync and the connections table.
+    pub fn lines(&self) -> Arc<Lines> {
+        self.lines.clone()
     }
 
     /// Finds a line by service and server name (for `lb-cli server ...`).
