@@ -1,0 +1,541 @@
+//! The balancer side of an ATM: its dataplane and settings, becoming primary (the VIP and
+//! NAT aliases, gratuitous ARPs) and backup, the periodic sweep, and stopping.
+
+use super::*;
+
+impl Daemon {
+    pub(super) fn settings(&self, active: bool) -> Settings {
+        let (local, nat) = match &self.role {
+            Role::Atm(i) => (
+                self.config.atms[*i].address.into(),
+                self.config
+                    .nat
+                    .map(|n| n.gateway.into())
+                    .unwrap_or_default(),
+            ),
+            Role::Node(a) => ((*a).into(), Default::default()),
+        };
+        let peer = self.atm.as_ref().and_then(|a| a.peer);
+        let mut nat_pool = [0u32; lb_common::NAT_POOL_MAX];
+        let mut nat_pool_len = 0;
+        if let (Role::Atm(_), Some(n)) = (&self.role, self.config.nat) {
+            for (slot, a) in nat_pool.iter_mut().zip(n.addresses()) {
+                *slot = u32::from_ne_bytes(a.octets());
+                nat_pool_len += 1;
+            }
+        }
+        Settings {
+            timeout_ns: self.timeout_ns(),
+            debug: self.debug as u32,
+            flags: if active {
+                SETTINGS_ACTIVE
+                    | if self.config.atms.len() > 1 {
+                        SETTINGS_SYNC
+                    } else {
+                        0
+                    }
+            } else {
+                0
+            },
+            local_addr: local,
+            nat_addr: nat,
+            nat_port_min: NAT_PORTS.0,
+            nat_port_max: NAT_PORTS.1,
+            _pad: 0,
+            lease_ns: dataplane::now_ns() + self.lease().as_nanos() as u64,
+            settle_until_ns: self.atm.as_ref().map_or(0, |a| a.settle_until_ns),
+            port_hold_ns: self
+                .config
+                .nat
+                .map_or(0, |n| n.port_hold as u64 * 1_000_000_000),
+            time_wait_ns: self
+                .config
+                .nat
+                .map_or(0, |n| n.time_wait as u64 * 1_000_000_000),
+            nat_pool,
+            nat_pool_len,
+            nat_cursor_base: self.atm.as_ref().map_or(0, |a| a.nat_cursor_base),
+            peer_addr: peer.map_or(0, |(addr, _)| u32::from_ne_bytes(addr.octets())),
+            _pad2: 0,
+            peer_until_ns: peer.map_or(0, |(_, until)| until),
+        }
+    }
+
+    /// How long the dataplane trusts this daemon without hearing from it: twice the time
+    /// after which the other ATMs give up on it.
+    pub(super) fn lease(&self) -> Duration {
+        Duration::from_millis(
+            self.config.ha.heartbeat_ms as u64 * self.config.ha.dead_after as u64 * 2,
+        )
+    }
+
+    pub(super) async fn start_atm(&mut self, index: usize, local: &[IfAddr]) -> Result<()> {
+        let atm = self.config.atms[index].clone();
+        let ifindex = addrs::ifindex(&atm.interface).ok_or_else(|| {
+            anyhow!(
+                "interface {} of {} does not exist here",
+                atm.interface,
+                atm.name
+            )
+        })?;
+        match local
+            .iter()
+            .find(|a| a.index == ifindex && a.addr == atm.address)
+            .or_else(|| local.iter().find(|a| a.index == ifindex))
+        {
+            Some(a) => {
+                let mask = u32::MAX.checked_shl(32 - a.prefix as u32).unwrap_or(0);
+                let net = Ipv4Addr::from(u32::from(a.addr) & mask);
+                let bcast = Ipv4Addr::from(u32::from(a.addr) | !mask);
+                info!(
+                    "Network {net}/{} (broadcast {bcast}) on {}",
+                    a.prefix, atm.interface
+                );
+            }
+            None => warn!("{} has no IPv4 address", atm.interface),
+        }
+        // Read (and a bad key refused) before anything is attached or aliased.
+        let key = self.cluster_key()?;
+        dataplane::enable_fib_lookup()?;
+        let caps = self.config.tables;
+        let (dp, attached) = load_dataplane(
+            caps,
+            &self.interfaces(&atm.interface, local),
+            self.opts.xdp_mode,
+        )?;
+        let nat_interface = self.nat_interface(&atm.interface, local);
+        if self.config.nat.is_some() {
+            check_port_range();
+        }
+        for suffix in [VIP_LABEL, NAT_LABEL] {
+            for a in self.net.remove_labelled(suffix).await? {
+                info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
+            }
+        }
+        let mut plane = Plane::new();
+        let mut dp = dp;
+        plane.apply(&mut dp, &self.config)?;
+        dp.set_settings(&self.settings(false))?;
+        self.atm = Some(Atm {
+            index,
+            dp,
+            plane,
+            attached,
+            primary: false,
+            nat_interface,
+            caps,
+            grace: None,
+            peer: None,
+            sweeping: Arc::default(),
+            settle_until_ns: 0,
+            generation: 0,
+            nat_drops_seen: 0,
+            nat_burst: None,
+            nat_cursor_base: 0,
+            announcing: None,
+        });
+        self.start_ha(index, ifindex, key).await?;
+        info!("Starting as backup ATM");
+        info!("Looking for a primary ATM");
+        Ok(())
+    }
+
+    /// The interfaces to attach to: the ATM's, and for two-arm NAT the one with an address in
+    /// the NAT subnet.
+    pub(super) fn interfaces(&self, main: &str, local: &[IfAddr]) -> Vec<String> {
+        let mut out = vec![main.to_string()];
+        let nat_if = self.nat_interface(main, local);
+        if nat_if != main {
+            out.push(nat_if);
+        }
+        out
+    }
+
+    pub(super) fn nat_interface(&self, main: &str, local: &[IfAddr]) -> String {
+        let Some(nat) = self.config.nat else {
+            return main.to_string();
+        };
+        local
+            .iter()
+            .filter(|a| {
+                nat.contains(a.addr) && a.addr != nat.gateway && !a.label.ends_with(NAT_LABEL)
+            })
+            .map(|a| a.interface().to_string())
+            .next()
+            .unwrap_or_else(|| main.to_string())
+    }
+
+    /// Every server address of the config (kept from the last reload).
+    pub(super) fn server_addrs(&self) -> Arc<Vec<Ipv4Addr>> {
+        self.server_addrs.clone()
+    }
+
+    pub(super) fn vips(&self) -> Vec<Ipv4Addr> {
+        self.config
+            .services
+            .iter()
+            .map(|s| s.vip)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Turns the dataplane on, then takes the VIPs and the NAT gateway. In that order: a
+    /// VIP alias on an ATM whose dataplane passes traffic makes the stack answer clients with
+    /// resets. `from`: the ATM that handed over (a planned handover), still forwarding for a
+    /// moment; until this ATM settles, it gets the packets of connections this one does not
+    /// know.
+    pub(super) async fn become_primary(&mut self, from: Option<usize>) -> Result<()> {
+        let Role::Atm(i) = self.role else {
+            return Ok(());
+        };
+        let from = from.map(|f| self.config.atms[f].address);
+        if let Some(a) = self.atm.as_mut() {
+            a.settle_until_ns = dataplane::now_ns() + SETTLE.as_nanos() as u64;
+            a.peer = from.map(|addr| (addr, a.settle_until_ns));
+            // A fresh place to hand NAT pairs out from (see Settings::nat_cursor_base).
+            a.nat_cursor_base = (dataplane::now_ns() ^ (std::process::id() as u64) << 20)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15) as u32;
+        }
+        let settings = self.settings(true);
+        let servers = self.server_addrs();
+        let a = self.atm.as_mut().expect("an ATM");
+        a.primary = true;
+        a.grace = None;
+        a.dp.set_settings(&settings)?;
+        // Backups keep the servers they have a route to resolved (see sweep), so this rarely
+        // has work to do; it must not wait either: failover time is counted in heartbeats.
+        neighbours::request(&servers);
+        let atm = self.config.atms[i].clone();
+        let ifindex =
+            addrs::ifindex(&atm.interface).ok_or_else(|| anyhow!("{} is gone", atm.interface))?;
+        let label = format!("{}:{VIP_LABEL}", atm.interface);
+        for vip in self.vips() {
+            self.net.add(ifindex, vip, 32, &label).await?;
+            info!("VIP {vip} configured on {label}");
+        }
+        if self.config.nat.is_some() {
+            self.add_nat_aliases().await?;
+            // A backup with no address of its own in the NAT subnet had no route to the NAT
+            // servers, so nothing resolved them; with the gateway it has (and, unresolved,
+            // their packets would be dropped until the next sweep).
+            neighbours::request(&servers);
+        }
+        info!(
+            "This ATM is primary: forwarding for {} services",
+            self.config.services.len()
+        );
+        self.announce(ifindex).await;
+        Ok(())
+    }
+
+    /// The NAT gateway (with the subnet's prefix) and the pool addresses (/32) as aliases on
+    /// the NAT interface, labelled `<if>:natg`.
+    pub(super) async fn add_nat_aliases(&self) -> Result<()> {
+        let (Some(nat), Some(a)) = (self.config.nat, &self.atm) else {
+            return Ok(());
+        };
+        let nat_if = a.nat_interface.clone();
+        let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
+        let label = format!("{nat_if}:{NAT_LABEL}");
+        self.net.add(idx, nat.gateway, nat.prefix, &label).await?;
+        info!(
+            "NAT gateway {}/{} configured on {label}",
+            nat.gateway, nat.prefix
+        );
+        let pool: Vec<Ipv4Addr> = nat.addresses().skip(1).collect();
+        for p in &pool {
+            self.net.add(idx, *p, 32, &label).await?;
+        }
+        if !pool.is_empty() {
+            info!(
+                "NAT pool {} configured on {label}",
+                pool.iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Gratuitous ARPs for the VIPs and the NAT gateway at each of `ANNOUNCE_AT`, so clients,
+    /// routers and servers reach them at this ATM at once, and those that missed the first
+    /// soon after.
+    pub(super) async fn announce(&mut self, ifindex: u32) {
+        let Some(mac) = self.ha.as_ref().map(|h| h.local.mac) else {
+            return;
+        };
+        let mut addrs: Vec<(u32, [u8; 6], Ipv4Addr)> =
+            self.vips().into_iter().map(|v| (ifindex, mac, v)).collect();
+        if let (Some(nat), Some(a)) = (self.config.nat, &self.atm)
+            && let Some(i) = addrs::ifindex(&a.nat_interface)
+        {
+            // Two-arm NAT: the gateway lives on the inside interface, with its own MAC.
+            let nat_mac = if i == ifindex {
+                Some(mac)
+            } else {
+                self.net.mac(i).await.ok().flatten()
+            };
+            match nat_mac {
+                Some(m) => addrs.extend(nat.addresses().map(|n| (i, m, n))),
+                None => warn!(
+                    "No MAC for {}: no gratuitous ARP for the NAT gateway",
+                    a.nat_interface
+                ),
+            }
+        }
+        let task = tokio::spawn(async move {
+            rounds_at(&ANNOUNCE_AT, |round| {
+                for (i, mac, ip) in &addrs {
+                    if let Err(e) = addrs::gratuitous_arp(*i, *mac, *ip)
+                        && round == 0
+                    {
+                        warn!("Gratuitous ARP for {ip}: {e}");
+                    }
+                }
+            })
+            .await
+        });
+        if let Some(a) = self.atm.as_mut()
+            && let Some(old) = a.announcing.replace(task.abort_handle())
+        {
+            old.abort();
+        }
+    }
+
+    /// Gives up the VIPs and the NAT gateway, then turns the dataplane off. On a planned
+    /// handover to `to` the dataplane keeps forwarding (without the aliases) until the new
+    /// primary has announced itself and settled (see `Grace`), and sends it the packets of
+    /// connections this ATM does not know: clients and servers reach this ATM until the new
+    /// primary's gratuitous ARPs move them, some on connections it made.
+    pub(super) async fn become_backup(&mut self, to: Option<usize>) -> Result<()> {
+        if let Some(task) = self.atm.as_mut().and_then(|a| a.announcing.take()) {
+            task.abort();
+        }
+        for suffix in [VIP_LABEL, NAT_LABEL] {
+            for r in self.net.remove_labelled(suffix).await? {
+                info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
+            }
+        }
+        let lease = self.lease();
+        let to = to.map(|t| self.config.atms[t].address);
+        let Some(a) = self.atm.as_mut() else {
+            return Ok(());
+        };
+        a.primary = false;
+        a.grace = to.map(|_| Grace {
+            until: Instant::now() + lease,
+            overlap: false,
+        });
+        a.peer = to.map(|addr| (addr, dataplane::now_ns() + lease.as_nanos() as u64));
+        self.push_settings().map_err(|e| anyhow!(e))
+    }
+
+    pub(super) async fn stop(&mut self) {
+        if self.atm.is_some() {
+            if let Err(e) = self.become_backup(None).await {
+                error!("Removing aliases: {e}");
+            }
+            if let Some(a) = self.atm.take() {
+                for (i, _) in &a.attached {
+                    info!("Detaching lb_xdp from {i}");
+                }
+            }
+        }
+        if let Some(n) = self.node.take() {
+            // A node keeps its VIP aliases (as TCL does): the servers stay reachable.
+            if !n.vips.is_empty() {
+                info!("Leaving the VIPs on lo:{VIP_LABEL}");
+            }
+            if n.decap.is_some() {
+                info!("Detaching lb_decap");
+            }
+        }
+    }
+
+    /// Logs NAT port exhaustion once per burst: when new connections start being refused for
+    /// want of a free NAT (address, port) toward a server, and when that stops, with the
+    /// count (the `drop_nat_ports` counter, in `stat`'s drops, /metrics and `lb-cli status`).
+    pub(super) fn watch_nat_ports(&mut self) {
+        let Some(a) = self.atm.as_mut() else { return };
+        let Ok(stats) = a.dp.stats() else { return };
+        let now = stats.get(Stat::DropNatPorts);
+        let since = now.saturating_sub(a.nat_drops_seen);
+        match (a.nat_burst, since) {
+            (None, 0) => {}
+            (None, n) => {
+                let ports = NAT_PORTS.1 - NAT_PORTS.0 + 1;
+                let addrs = self.config.nat.map_or(1, |n| n.addresses().count());
+                warn!(
+                    "NAT ports exhausted: {n} new connections refused in the last 2 s: every \
+                     (address, port) toward a server is held ({addrs} NAT addresses x {ports} \
+                     ports per server); add [nat] pool addresses or servers, or lower \
+                     [nat] port_hold or the timeout"
+                );
+                a.nat_burst = Some(a.nat_drops_seen);
+            }
+            (Some(_), n) if n > 0 => {}
+            (Some(start), _) => {
+                info!(
+                    "NAT ports available again: {} new connections were refused in that burst",
+                    now - start
+                );
+                a.nat_burst = None;
+            }
+        }
+        a.nat_drops_seen = now;
+    }
+
+    /// Deletes connection entries idle past the timeout (the LRU map would only evict them
+    /// when full), and asks the kernel to resolve servers it has no MAC for (new ones after
+    /// a reload, or entries it dropped): the dataplane cannot start that itself.
+    pub(super) fn sweep(&mut self) {
+        let timeout_ns = self.timeout_ns();
+        self.watch_nat_ports();
+        if self.atm.is_some() {
+            let addrs = self.server_addrs();
+            tokio::task::spawn_blocking(move || neighbours::request(&addrs));
+        }
+        let Some(a) = self.atm.as_mut() else { return };
+        // Beside the event loop (the table may be huge), one sweep at a time.
+        if a.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        /// Clears the flag however the sweep ends.
+        struct Done(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let done = Done(a.sweeping.clone());
+        let table = a.dp.conn_table();
+        tokio::task::spawn_blocking(move || {
+            let _done = done;
+            let idle =
+                |c: &Connection| dataplane::now_ns().saturating_sub(c.last_seen_ns) > timeout_ns;
+            let swept = table.and_then(|mut t| {
+                t.remove_where(idle)
+                    .map_err(|e| dataplane::Error::Invalid(e.to_string()))
+            });
+            if let Err(e) = swept {
+                warn!("Sweeping connections: {e}");
+            }
+        });
+    }
+
+    /// The settings the dataplane should have now: forwarding while primary, or during a
+    /// planned handover's grace.
+    pub(super) fn current_settings(&self) -> Settings {
+        let now = Instant::now();
+        let primary = self
+            .atm
+            .as_ref()
+            .is_some_and(|a| a.primary || a.grace.as_ref().is_some_and(|g| now < g.until));
+        self.settings(primary)
+    }
+
+    pub(super) fn push_settings(&mut self) -> std::result::Result<(), String> {
+        let s = self.current_settings();
+        if let Some(a) = self.atm.as_mut() {
+            a.dp.set_settings(&s).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Calls `round` with each round's number at each of the offsets `at` from now.
+pub(super) async fn rounds_at(at: &[Duration], mut round: impl FnMut(usize)) {
+    let start = tokio::time::Instant::now();
+    for (i, t) in at.iter().enumerate() {
+        tokio::time::sleep_until(start + *t).await;
+        round(i);
+    }
+}
+
+/// Warns when the kernel's ephemeral ports overlap the NAT ports: the replies to this ATM's
+/// own connections from the NAT address would be dropped as NAT replies without an entry.
+pub(super) fn check_port_range() {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let range: Vec<u16> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if let [lo, hi] = range[..]
+        && lo <= NAT_PORTS.1
+        && hi >= NAT_PORTS.0
+    {
+        warn!(
+            "The kernel's ephemeral ports ({lo}-{hi}, {path}) overlap the NAT ports ({}-{}): \
+             this ATM's own connections from the NAT address may fail; start the range \
+             above {}",
+            NAT_PORTS.0, NAT_PORTS.1, NAT_PORTS.1
+        );
+    }
+}
+
+/// Loads the dataplane and attaches lb_xdp to each interface (driver mode where the driver
+/// supports it, generic otherwise), logging how.
+pub(super) fn load_dataplane(
+    caps: Capacities,
+    interfaces: &[String],
+    mode: AttachMode,
+) -> Result<(Dataplane, Vec<(String, Attached)>)> {
+    let mut dp = Dataplane::load(caps).context("loading the dataplane")?;
+    let mut attached = Vec::new();
+    for i in interfaces {
+        crate::vlan::expose_tags(i);
+        let mode = dp.attach(i, mode)?;
+        info!(
+            "Dataplane loaded: lb_xdp attached to {i} in {} mode",
+            mode.name()
+        );
+        for (iface, why) in dp.take_fallbacks() {
+            warn!("Native XDP on {iface} was refused ({why}): generic mode works but is slower");
+        }
+        if mode == Attached::Generic {
+            crate::vlan::no_merged_frames(i);
+        }
+        attached.push((i.clone(), mode));
+    }
+    Ok((dp, attached))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn announcements_go_out_at_once_then_after_one_two_and_four_seconds() {
+        let start = tokio::time::Instant::now();
+        let mut at = Vec::new();
+        rounds_at(&ANNOUNCE_AT, |i| at.push((i, start.elapsed().as_millis()))).await;
+        assert_eq!(
+            at,
+            vec![(0, 0), (1, 100), (2, 200), (3, 1000), (4, 2000), (5, 4000)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopped_announcements_send_no_more() {
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let sent = sent.clone();
+            async move {
+                rounds_at(&ANNOUNCE_AT, |_| {
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 4);
+        task.abort();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+}

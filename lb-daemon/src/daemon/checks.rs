@@ -1,0 +1,217 @@
+//! Health: the probes of every server line, and what their outcomes and the operator's
+//! `lb-cli server` actions do to the plane.
+
+use super::*;
+
+impl Daemon {
+    /// Starts the probes for the config's servers (at start-up).
+    pub(super) fn start_checks(&mut self) {
+        let (health, checks, note) = checks_for(
+            &self.config,
+            std::mem::take(&mut self.health),
+            &self.checks_tx,
+        );
+        info!("{note}");
+        self.health = health;
+        self.checks = Some(checks);
+        self.server_addrs = Arc::new(server_addrs(&self.config));
+    }
+
+    /// Restarts the probes after a reload, beside the loop (a config may have 65,536
+    /// server lines); health of lines that remain is kept. Until the new probes are in
+    /// place ([`reload::Job::Checks`]), outcomes are not judged.
+    pub(super) fn restart_checks(&mut self) {
+        let old = self.checks.take();
+        let health = std::mem::take(&mut self.health);
+        let config = self.config.clone();
+        let tx = self.checks_tx.clone();
+        let jobs = self.jobs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            drop(old);
+            let (health, checks, note) = checks_for(&config, health, &tx);
+            let addrs = server_addrs(&config);
+            let _ = jobs.send(reload::Job::Checks {
+                health,
+                checks,
+                note,
+                addrs,
+            });
+        });
+    }
+
+    /// A probe's outcome: rise/fall, and on a transition the tables change and the log says
+    /// why, once.
+    pub(super) fn on_probe(&mut self, o: health::Outcome) {
+        let Some(h) = self.health.get_mut(&o.line) else {
+            return; // a line that left with a reload
+        };
+        let primary = self.atm.as_ref().is_some_and(|a| a.primary);
+        let server = self
+            .config
+            .services
+            .iter()
+            .filter(|s| svc_key(s) == o.line.0)
+            .flat_map(|s| s.servers.iter())
+            .find(|v| v.address == o.line.1 && v.port == o.line.2);
+        let name = || server.map(|v| v.name.clone()).unwrap_or_default();
+        let nat = self
+            .config
+            .nat
+            .as_ref()
+            .filter(|_| server.is_some_and(|v| v.method == Method::Nat));
+        let counts = health::failure_counts(o.source, primary, nat);
+        let t = match h.judge(&o, counts) {
+            Verdict::Counted(Some(t)) => t,
+            Verdict::Counted(None) | Verdict::Unjudged { first: false } => return,
+            Verdict::Unjudged { first: true } => {
+                info!(
+                    "{} {}:{} not judged while backup: {}; this ATM has no route to it, or \
+                     (a NAT server) no address of its own in the NAT subnet for the answers \
+                     to come back to, so it keeps its last state until this ATM is primary",
+                    name(),
+                    o.line.1,
+                    o.line.2,
+                    o.failure.as_deref().unwrap_or_default()
+                );
+                return;
+            }
+        };
+        let name = name();
+        let Some(a) = self.atm.as_mut() else { return };
+        let healthy = matches!(t, Transition::Up { .. });
+        let to_drop = a
+            .plane
+            .set_state(&mut a.dp, &o.line, |s| s.healthy = healthy, true)
+            .unwrap_or_else(|e| {
+                error!("Applying the health of {name}: {e}");
+                None
+            });
+        match t {
+            Transition::Down {
+                reason,
+                failed,
+                fall,
+            } => warn!(
+                "{name} {}:{} down: {reason}, {failed} of {fall} failed",
+                o.line.1, o.line.2,
+            ),
+            Transition::Up { passed } => info!(
+                "{name} {}:{} up: {passed} checks in a row passed",
+                o.line.1, o.line.2
+            ),
+        }
+        if let Some(index) = to_drop {
+            self.drop_connections_of(index, format!("{name} {}:{}", o.line.1, o.line.2));
+        }
+    }
+
+    /// Drops the connections of server index `index` beside the event loop, and logs how
+    /// many went, naming the server as `who`.
+    pub(super) fn drop_connections_of(&self, index: u32, who: String) {
+        let Some(a) = &self.atm else { return };
+        let table = match a.dp.conn_table() {
+            Ok(t) => t,
+            Err(e) => {
+                error!("Dropping the connections of {who}: {e}");
+                return;
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut t = table;
+            match t.remove_where(|c| c.server == index) {
+                Ok(0) => {}
+                Ok(dropped) => info!("{who}: {dropped} connections dropped"),
+                Err(e) => error!("Dropping the connections of {who}: {e}"),
+            }
+        });
+    }
+
+    pub(super) fn server_admin(
+        &mut self,
+        action: ServerAction,
+        service: &str,
+        server: &str,
+    ) -> std::result::Result<String, String> {
+        let a = self.atm.as_mut().ok_or("this is not an ATM")?;
+        let line = a.plane.find_line(service, server)?;
+        type Change = Box<dyn FnOnce(&mut crate::services::LineState)>;
+        let (f, drop_conns, what): (Change, bool, String) = match action {
+            ServerAction::Enable => (
+                Box::new(|s| s.admin = Default::default()),
+                false,
+                "enabled".into(),
+            ),
+            ServerAction::Disable => (
+                Box::new(|s| s.admin.disabled = true),
+                true,
+                "disabled: out of the tables, its connections dropped".into(),
+            ),
+            ServerAction::Drain => (
+                Box::new(|s| s.admin.weight = Some(0)),
+                false,
+                "draining: weight 0, existing connections finish".into(),
+            ),
+            ServerAction::Weight(w) => {
+                if !config::WEIGHT_RANGE.contains(&(w as i64)) {
+                    return Err(format!("weight {w} is out of range 0..65535"));
+                }
+                (
+                    Box::new(move |s| s.admin.weight = Some(w)),
+                    false,
+                    format!("weight set to {w}"),
+                )
+            }
+        };
+        let to_drop = a
+            .plane
+            .set_state(&mut a.dp, &line, f, drop_conns)
+            .map_err(|e| e.to_string())?;
+        let msg = format!("{service}/{server} {}:{} {what}", line.1, line.2);
+        info!("Server {msg} (by lb-cli)");
+        if let Some(index) = to_drop {
+            self.drop_connections_of(index, format!("{service}/{server} {}:{}", line.1, line.2));
+        }
+        Ok(msg)
+    }
+}
+
+/// Health state for `config`'s lines (kept from `old` for those that remain) and probes
+/// started for them.
+pub(super) fn checks_for(
+    config: &Config,
+    mut old: HashMap<crate::services::LineKey, LineHealth>,
+    tx: &mpsc::Sender<health::Outcome>,
+) -> (
+    HashMap<crate::services::LineKey, LineHealth>,
+    Checks,
+    String,
+) {
+    let mut keep = HashMap::new();
+    for s in &config.services {
+        let k = svc_key(s);
+        for v in &s.servers {
+            let line = (k, v.address, v.port);
+            let h = match old.remove(&line) {
+                Some(mut h) => {
+                    h.set_limits(s.check.rise, s.check.fall);
+                    h
+                }
+                None => LineHealth::new(s.check.rise, s.check.fall),
+            };
+            keep.insert(line, h);
+        }
+    }
+    let (checks, note) = Checks::start(config, tx.clone());
+    (keep, checks, note)
+}
+
+/// Every server address of `config`, once each.
+pub(super) fn server_addrs(config: &Config) -> Vec<Ipv4Addr> {
+    config
+        .services
+        .iter()
+        .flat_map(|s| s.servers.iter().map(|v| v.address))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}

@@ -1,0 +1,609 @@
+//! The ATMs among themselves: the election's glue, heartbeats and messages, planned
+//! handovers and drills, connection sync, and the `track` pinger.
+
+use super::*;
+
+impl Daemon {
+    /// Sets up the election and, with other ATMs, the authenticated socket to them.
+    /// The cluster's shared secret when there are other ATMs to talk to, with its file.
+    pub(super) fn cluster_key(&self) -> Result<Option<(Vec<u8>, PathBuf)>> {
+        if self.config.atms.len() < 2 {
+            return Ok(None);
+        }
+        let path = self
+            .config
+            .cluster
+            .auth_key_file
+            .clone()
+            .ok_or_else(|| anyhow!("more than one ATM needs auth_key_file"))?;
+        let key = ha::load_key(&path).map_err(|e| anyhow!(e))?;
+        Ok(Some((key, path)))
+    }
+
+    pub(super) async fn start_ha(
+        &mut self,
+        index: usize,
+        ifindex: u32,
+        key: Option<(Vec<u8>, PathBuf)>,
+    ) -> Result<()> {
+        let ha_cfg = self.config.ha.clone();
+        let n = self.config.atms.len();
+        let peers: Vec<SocketAddr> = self
+            .config
+            .atms
+            .iter()
+            .map(|a| SocketAddr::from((a.address, ha_cfg.port)))
+            .collect();
+        let (key, socket) = if let Some((key, path)) = key {
+            let sock = UdpSocket::bind(peers[index])
+                .await
+                .with_context(|| format!("binding the HA socket {}", peers[index]))?;
+            info!(
+                "Talking to {} other ATMs on UDP port {} (authenticated with {})",
+                n - 1,
+                ha_cfg.port,
+                path.display()
+            );
+            (Some(key), Some(Arc::new(sock)))
+        } else {
+            (None, None)
+        };
+        let mac = self.net.mac(ifindex).await?.unwrap_or_default();
+        let out = match (&key, &socket) {
+            (Some(key), Some(socket)) => Some(Outbox::start(
+                Link {
+                    socket: socket.clone(),
+                    key: key.clone(),
+                    cluster: self.config.cluster.name.clone(),
+                    me: index,
+                    peers: peers.clone(),
+                },
+                self.marks_tx.clone(),
+            )),
+            _ => None,
+        };
+        self.ha = Some(Ha {
+            election: {
+                let e = Election::new(
+                    index,
+                    n,
+                    Duration::from_millis(ha_cfg.heartbeat_ms as u64),
+                    ha_cfg.dead_after,
+                    Instant::now(),
+                );
+                if ha_cfg.track.is_empty() {
+                    e
+                } else {
+                    info!(
+                        "Not standing for primary until the track addresses answer ({})",
+                        ha_cfg
+                            .track
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    e.awaiting_track()
+                }
+            },
+            key,
+            socket,
+            peers,
+            out,
+            transfers: 0,
+            next_mark: 0,
+            handover: None,
+            replay: Replay::new(n),
+            rejects: HashMap::new(),
+            last_reject_log: None,
+            known_primary: None,
+            pending_promote: None,
+            local: sync::Local { mac, ifindex },
+        });
+        Ok(())
+    }
+
+    /// The new primary of our planned handover is up: forward `SETTLE` more, covering for
+    /// it (and it for us) while clients and servers move and the last records cross.
+    pub(super) fn overlap(&mut self, primary: usize, now: Instant) {
+        let addr = self.config.atms[primary].address;
+        let Some(a) = self.atm.as_mut() else { return };
+        let Some(g) = a.grace.as_mut().filter(|g| !g.overlap) else {
+            return;
+        };
+        g.overlap = true;
+        g.until = now + SETTLE;
+        a.peer = Some((addr, dataplane::now_ns() + SETTLE.as_nanos() as u64));
+        if let Err(e) = self.push_settings() {
+            warn!("Handing over: {e}");
+        }
+    }
+
+    /// Sends `body` to ATM `to`, or to every other ATM (ahead of any table transfer).
+    pub(super) fn ha_send(&self, to: Option<usize>, body: Body) {
+        if let Some(out) = self.ha.as_ref().and_then(|h| h.out.as_ref()) {
+            out.send(to, body);
+        }
+    }
+
+    pub(super) fn role_index(&self) -> usize {
+        match self.role {
+            Role::Atm(i) => i,
+            Role::Node(_) => usize::MAX,
+        }
+    }
+
+    /// Every heartbeat interval: renew the dataplane's lease, let the election look at the
+    /// clock, then announce ourselves.
+    pub(super) async fn on_heartbeat_tick(&mut self) {
+        if let Err(e) = self.push_settings() {
+            warn!("Renewing the dataplane's lease: {e}");
+        }
+        if let Some(ha) = self.ha.as_mut()
+            && let Some((_, since)) = &ha.pending_promote
+            && since.elapsed() > PROMOTE_WAIT
+        {
+            let (reply, _) = ha.pending_promote.take().expect("pending");
+            let _ = reply.send(Response::error(format!(
+                "the primary did not hand over within {} s",
+                PROMOTE_WAIT.as_secs()
+            )));
+        }
+        if let Some(ha) = self.ha.as_mut()
+            && ha
+                .handover
+                .as_ref()
+                .is_some_and(|h| h.since.elapsed() > HANDOVER_LIMIT)
+        {
+            let h = ha.handover.take().expect("pending");
+            warn!(
+                "Handover abandoned: the connection table was not sent within {} s",
+                HANDOVER_LIMIT.as_secs()
+            );
+            if let Some(r) = h.reply {
+                let _ = r.send(Response::error(
+                    "the connection table was not sent in time: staying primary",
+                ));
+            }
+        }
+        self.look_at_election().await;
+        self.send_heartbeat().await;
+    }
+
+    /// A peer's dead interval ran out between ticks: let the election look at once, and
+    /// announce a promotion without waiting for the next tick.
+    pub(super) async fn on_election_deadline(&mut self) {
+        if self.look_at_election().await {
+            self.send_heartbeat().await;
+        }
+    }
+
+    /// Lets the election look at the clock and carries out what it decides; true if it
+    /// decided something.
+    pub(super) async fn look_at_election(&mut self) -> bool {
+        let now = Instant::now();
+        let Some(ha) = self.ha.as_mut() else {
+            return false;
+        };
+        let act = ha.election.tick(now);
+        self.note_primary(now);
+        match act {
+            Some(a) => {
+                self.act(a).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) async fn send_heartbeat(&mut self) {
+        let Some(ha) = self.ha.as_ref() else { return };
+        let hb = ha.election.heartbeat(Instant::now());
+        self.ha_send(None, Body::Heartbeat(hb));
+    }
+
+    /// Logs once when another ATM is seen to become (or stop being) primary.
+    pub(super) fn note_primary(&mut self, now: Instant) {
+        let names: Vec<String> = self
+            .config
+            .atms
+            .iter()
+            .map(|a| format!("{} ({})", a.name, a.address))
+            .collect();
+        let Some(ha) = self.ha.as_mut() else { return };
+        let p = ha.election.primary_peer(now);
+        if p != ha.known_primary {
+            match (p, ha.known_primary) {
+                (Some(i), _) => info!("ATM {} is primary", names[i]),
+                (None, Some(old)) if !ha.election.alive(old, now) => {
+                    warn!("Primary ATM {} stopped answering", names[old])
+                }
+                (None, _) => {}
+            }
+            ha.known_primary = p;
+        }
+    }
+
+    /// A datagram on the HA socket.
+    pub(super) async fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        let now = Instant::now();
+        let cluster = self.config.cluster.name.clone();
+        let me = self.role_index();
+        let Some(ha) = self.ha.as_mut() else { return };
+        let Some(key) = ha.key.as_ref() else { return };
+        let checked = ha::decode(&cluster, key, bytes).and_then(|m| {
+            if m.sender as usize >= ha.peers.len() {
+                return Err(Reject::Malformed);
+            }
+            if m.sender as usize == me {
+                // Authenticated with our key and naming us: one of our own messages, sent
+                // back (a reflection or a replay), not a malformed one.
+                return Err(Reject::Replay);
+            }
+            ha.replay.check(&m).map(|()| m)
+        });
+        let msg = match checked {
+            Ok(m) => m,
+            Err(r) => {
+                *ha.rejects.entry(r).or_default() += 1;
+                // At most one line every 10 s: a flood must not flood the log too.
+                if ha
+                    .last_reject_log
+                    .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+                {
+                    ha.last_reject_log = Some(now);
+                    warn!(
+                        "Refused an ATM message from {from}: {} ({} refused so far)",
+                        r.name(),
+                        ha.rejects.values().sum::<u64>()
+                    );
+                }
+                return;
+            }
+        };
+        let from_atm = msg.sender as usize;
+        match msg.body {
+            Body::Heartbeat(hb) => {
+                let act = ha.election.on_heartbeat(from_atm, hb, now);
+                if hb.role == ha::Role::Primary {
+                    self.overlap(from_atm, now);
+                }
+                if let Some(a) = act {
+                    self.act(a).await;
+                }
+                self.note_primary(now);
+            }
+            Body::Sync(records) => {
+                // From the primary, or (to a new primary) from a former one forwarding in its
+                // handover grace; not between two primaries of a split brain.
+                let sender_primary = ha
+                    .election
+                    .peers()
+                    .get(from_atm)
+                    .and_then(|p| p.heartbeat)
+                    .is_some_and(|h| h.role == ha::Role::Primary);
+                let accept = ha.election.role() == ha::Role::Backup || !sender_primary;
+                let local = ha.local;
+                if accept && let Some(a) = self.atm.as_mut() {
+                    match sync::install(&mut a.dp, &a.plane, &records, local) {
+                        Ok((_, skipped)) if skipped > 0 => {
+                            warn!(
+                                "Connection sync: {skipped} records name servers this ATM does not have (configs differ?)"
+                            )
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("Connection sync: {e}"),
+                    }
+                }
+            }
+            Body::SyncRequest => {
+                if ha.election.role() == ha::Role::Primary {
+                    self.full_sync(Some(from_atm));
+                }
+            }
+            Body::Yield => {
+                if ha.election.role() == ha::Role::Primary {
+                    info!(
+                        "ATM {} asks to take over (lb-cli promote)",
+                        self.config.atms[from_atm].name
+                    );
+                    if let Err(e) = self.hand_over(Some(from_atm), None) {
+                        warn!("Not handing over: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A planned handover to `to`, or the highest-listed running backup: the new primary gets
+    /// the whole connection table first. The transfer runs beside the event loop; the
+    /// handover itself happens when it has been sent (see `on_transfer_sent`), and `reply`
+    /// (an `lb-cli demote`) is answered then.
+    pub(super) fn hand_over(
+        &mut self,
+        to: Option<usize>,
+        reply: Option<oneshot::Sender<Response>>,
+    ) -> std::result::Result<(), String> {
+        let now = Instant::now();
+        let ha = self.ha.as_ref().ok_or("this is not an ATM")?;
+        if ha.handover.is_some() {
+            return Err("a handover is already under way".into());
+        }
+        let target = to
+            .or_else(|| ha.election.successor(now))
+            .ok_or("no other ATM is running to take over: staying primary")?;
+        let mark = self
+            .full_sync(Some(target))
+            .ok_or("cannot send the connection table")?;
+        let ha = self.ha.as_mut().expect("an ATM");
+        ha.handover = Some(Handover {
+            mark,
+            target,
+            reply,
+            since: now,
+        });
+        Ok(())
+    }
+
+    /// A table transfer has been sent (`whole`: all of it): if a handover waited for it, hand
+    /// over now, unless the table could not be read or the target is no longer there to
+    /// take over (it died or lost its track addresses meanwhile).
+    pub(super) async fn on_transfer_sent(&mut self, mark: u64, whole: bool) {
+        let now = Instant::now();
+        let Some(ha) = self.ha.as_mut() else { return };
+        ha.transfers = ha.transfers.saturating_sub(1);
+        if ha.handover.as_ref().is_none_or(|h| h.mark != mark) {
+            return;
+        }
+        let h = ha.handover.take().expect("checked");
+        let target = &self.config.atms[h.target].name;
+        let act = if !whole {
+            Err("the connection table could not be read: staying primary".to_string())
+        } else if !ha.election.can_take_over(h.target, now) {
+            Err(format!(
+                "{target} stopped answering or may not become primary: staying primary"
+            ))
+        } else {
+            ha.election
+                .hand_over(Some(h.target), now)
+                .ok_or_else(|| "this ATM is no longer primary: nothing to hand over".to_string())
+        };
+        let answer = match act {
+            Ok(a) => {
+                let msg = format!("{} handed over to {target}", self.name);
+                self.act(a).await;
+                Response::text(msg)
+            }
+            Err(why) => {
+                warn!("Handover abandoned: {why}");
+                Response::error(why)
+            }
+        };
+        self.send_heartbeat().await;
+        if let Some(r) = h.reply {
+            let _ = r.send(answer);
+        }
+    }
+
+    /// Carries out what the election decided.
+    pub(super) async fn act(&mut self, a: Action) {
+        match a {
+            Action::BecomePrimary { term, reason, from } => {
+                info!("Elected primary (term {term}): {reason}");
+                if let Err(e) = self.become_primary(from).await {
+                    error!("Becoming primary: {e:#}");
+                }
+                if let Some(ha) = self.ha.as_mut()
+                    && let Some((reply, _)) = ha.pending_promote.take()
+                {
+                    let _ = reply.send(Response::text(format!("{} is primary", self.name)));
+                }
+                self.send_heartbeat().await;
+            }
+            Action::BecomeBackup { reason, to } => {
+                info!("Becoming backup: {reason}");
+                if let Err(e) = self.become_backup(to).await {
+                    error!("Becoming backup: {e:#}");
+                }
+                // A new primary wants our table only if we were primary; a backup asks.
+                self.ha_send(None, Body::SyncRequest);
+            }
+        }
+    }
+
+    /// Drains the dataplane's connection events and streams them to the other ATMs. Only a
+    /// forwarding dataplane makes events: the primary's, and a former primary's during a
+    /// handover's grace (and the last of them just after it), whose connections the new
+    /// primary must know, for it now receives the servers' replies.
+    pub(super) async fn sync_tick(&mut self) {
+        let Some(a) = self.atm.as_mut() else { return };
+        let events = a.dp.drain_events();
+        if events.is_empty() {
+            return;
+        }
+        let lines = a.plane.lines();
+        let records: Vec<ha::SyncRecord> = events
+            .iter()
+            .filter_map(|e| sync::from_event(e, &lines.server))
+            .collect();
+        for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
+            self.ha_send(None, Body::Sync(chunk.to_vec()));
+        }
+    }
+
+    /// Queues the whole live connection table for one backup, or all of them, and a mark
+    /// after it (returned). The table is read and turned into records on a blocking thread:
+    /// with millions of connections that takes long enough to starve the heartbeats.
+    pub(super) fn full_sync(&mut self, to: Option<usize>) -> Option<u64> {
+        let timeout_ns = self.timeout_ns();
+        let ha = self.ha.as_mut()?;
+        let a = self.atm.as_ref()?;
+        if ha.election.role() != ha::Role::Primary {
+            return None;
+        }
+        let out = ha.out.clone()?;
+        let table = match a.dp.conn_table() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("Reading the connection table for sync: {e}");
+                return None;
+            }
+        };
+        let lines = a.plane.lines();
+        ha.next_mark += 1;
+        let mark = ha.next_mark;
+        ha.transfers += 1;
+        tokio::task::spawn_blocking(move || {
+            let whole = match table.entries() {
+                Ok(all) => {
+                    let records =
+                        sync::full_table(&all, &lines.server, timeout_ns, dataplane::now_ns());
+                    for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
+                        out.send_bulk(to, Body::Sync(chunk.to_vec()));
+                    }
+                    true
+                }
+                Err(e) => {
+                    warn!("Reading the connection table for sync: {e}");
+                    false
+                }
+            };
+            out.mark(mark, whole);
+        });
+        Some(mark)
+    }
+
+    /// The periodic full table for every backup, unless a transfer is still going out (a
+    /// big table on a slow link must not pile up copies of itself).
+    pub(super) fn periodic_full_sync(&mut self) {
+        if self.ha.as_ref().is_some_and(|h| h.transfers == 0) {
+            self.full_sync(None);
+        }
+    }
+
+    /// `lb-cli promote`: with a live primary, ask it to hand over (the answer comes when
+    /// this ATM is primary); without one, take over at once.
+    pub(super) async fn promote(&mut self, reply: oneshot::Sender<Response>) {
+        let now = Instant::now();
+        let Some(ha) = self.ha.as_mut() else {
+            let _ = reply.send(Response::error("this is not an ATM"));
+            return;
+        };
+        if ha.election.role() == ha::Role::Primary {
+            let _ = reply.send(Response::error("this ATM is already primary"));
+            return;
+        }
+        if !ha.election.eligible() {
+            let _ = reply.send(Response::error(
+                "this ATM may not become primary (it does not reach its track addresses)",
+            ));
+            return;
+        }
+        info!("Promotion requested by lb-cli");
+        match ha.election.primary_peer(now) {
+            Some(p) => {
+                ha.pending_promote = Some((reply, now));
+                self.ha_send(Some(p), Body::Yield);
+            }
+            None => {
+                match ha.election.force_promote(now) {
+                    Some(a) => {
+                        ha.pending_promote = Some((reply, now));
+                        self.act(a).await;
+                    }
+                    None => {
+                        let _ = reply.send(Response::error("this ATM may not become primary (it does not reach its track addresses)"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `lb-cli demote`: hand over to the highest-listed running backup.
+    pub(super) async fn demote(&mut self, reply: oneshot::Sender<Response>) {
+        let Some(ha) = self.ha.as_ref() else {
+            let _ = reply.send(Response::error("this is not an ATM"));
+            return;
+        };
+        if ha.election.role() != ha::Role::Primary {
+            let _ = reply.send(Response::error("this ATM is not primary"));
+            return;
+        }
+        info!("Demotion requested by lb-cli");
+        // On success the answer comes when the table has gone and the role has moved.
+        let (tx, rx) = oneshot::channel();
+        match self.hand_over(None, Some(tx)) {
+            Ok(()) => {
+                tokio::spawn(async move {
+                    let answer = rx.await.unwrap_or_else(|_| {
+                        Response::error("the handover was abandoned (see the log)")
+                    });
+                    let _ = reply.send(answer);
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Response::error(e));
+            }
+        }
+    }
+}
+
+/// Pings the `track` addresses every second; reports when reaching all of them (two
+/// answers in a row) or not (two misses in a row) changes.
+pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
+    let client = match surge_ping::Client::new(&surge_ping::Config::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("Cannot ping the track addresses: {e}");
+            let _ = tx.send(false).await;
+            return;
+        }
+    };
+    let mut state: Option<bool> = None;
+    let mut streak = (0u32, 0u32);
+    let mut seq = 0u16;
+    loop {
+        let mut all = true;
+        for (i, a) in addrs.iter().enumerate() {
+            let mut p = client
+                .pinger(
+                    std::net::IpAddr::V4(*a),
+                    surge_ping::PingIdentifier(0x4c42 + i as u16),
+                )
+                .await;
+            p.timeout(Duration::from_millis(800));
+            if p.ping(surge_ping::PingSequence(seq), &[0u8; 16])
+                .await
+                .is_err()
+            {
+                all = false;
+            }
+        }
+        seq = seq.wrapping_add(1);
+        streak = if all {
+            (streak.0 + 1, 0)
+        } else {
+            (0, streak.1 + 1)
+        };
+        // The first round decides (the election waits for it); after that it takes two in
+        // a row to change the verdict, so one lost ping moves nothing.
+        let now = if state.is_none() {
+            Some(all)
+        } else if streak.0 >= 2 {
+            Some(true)
+        } else if streak.1 >= 2 {
+            Some(false)
+        } else {
+            state
+        };
+        if now != state
+            && let Some(v) = now
+        {
+            state = now;
+            if tx.send(v).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

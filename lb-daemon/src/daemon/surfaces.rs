@@ -1,0 +1,552 @@
+//! What the control surfaces see and change: the tables, status, lists and metrics, read
+//! beside the loop where they grow with the connection table.
+
+use super::*;
+
+impl Daemon {
+    pub(super) fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
+        match self.opts.metrics.as_deref() {
+            Some("off") | Some("") => Ok(None),
+            Some(a) => Ok(Some(a.parse().map_err(|_| {
+                anyhow!("--metrics {a:?} must be ADDRESS:PORT or off")
+            })?)),
+            None => Ok(self.config.control.metrics),
+        }
+    }
+
+    pub(super) async fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Cat { table } => match Table::from_name(&table) {
+                Some(t) => match self.cat(t) {
+                    Ok(text) => Response::text(text),
+                    Err(e) => Response::error(e.to_string()),
+                },
+                None => Response::error(unknown_table(&table)),
+            },
+            Request::Write { table, value } => match Table::from_name(&table) {
+                Some(t) => match self.write(t, &value) {
+                    Ok(msg) => Response::text(msg),
+                    Err(e) => Response::error(e),
+                },
+                None => Response::error(unknown_table(&table)),
+            },
+            Request::Status => Response::data(self.status()),
+            Request::List { what } => match self.list(&what) {
+                Ok(v) => Response::data(v),
+                Err(e) => Response::error(e),
+            },
+            Request::Reload => unreachable!("reload answers asynchronously"),
+            Request::Server {
+                action,
+                service,
+                server,
+            } => match self.server_admin(action, &service, &server) {
+                Ok(msg) => Response::text(msg),
+                Err(e) => Response::error(e),
+            },
+            Request::Promote => unreachable!("promote answers asynchronously"),
+            Request::Demote => unreachable!("demote answers asynchronously"),
+            Request::Metrics => Response::text(metrics::render(&self.snapshot())),
+        }
+    }
+
+    pub(super) fn role_name(&self) -> &'static str {
+        match (&self.role, &self.atm) {
+            (Role::Node(_), _) => "node",
+            (_, Some(a)) if a.primary => "primary",
+            (_, Some(_)) => "backup",
+            _ => "idle",
+        }
+    }
+
+    pub(super) fn atm_lines(&self) -> Vec<tables::AtmLine> {
+        let now = Instant::now();
+        self.config
+            .atms
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let me = self.role == Role::Atm(i);
+                let (role, state, heard) = match (&self.ha, me) {
+                    (_, true) => (self.role_name(), "online", Some(0)),
+                    (Some(ha), false) => {
+                        let p = ha.election.peers()[i];
+                        let alive = ha.election.alive(i, now);
+                        let role = match p.heartbeat {
+                            Some(h) if alive => h.role.name(),
+                            _ => "backup",
+                        };
+                        (
+                            role,
+                            if alive { "online" } else { "offline" },
+                            ha.election.last_heard_ms(i, now),
+                        )
+                    }
+                    (None, false) => ("backup", "offline", None),
+                };
+                tables::AtmLine {
+                    name: a.name.clone(),
+                    address: a.address,
+                    role,
+                    state,
+                    last_heard_ms: heard,
+                }
+            })
+            .collect()
+    }
+
+    /// Live connections as table lines (expired entries left out).
+    pub(super) fn connection_lines(&self) -> std::result::Result<Vec<ConnLine>, dataplane::Error> {
+        match (self.conn_view(), &self.atm) {
+            (Some(v), Some(a)) => Ok(v.lines(&a.dp.connections()?)),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// What turning table entries into lines needs, owned (for a blocking thread).
+    pub(super) fn conn_view(&self) -> Option<ConnView> {
+        let a = self.atm.as_ref()?;
+        Some(ConnView {
+            timeout_ns: self.timeout_ns(),
+            lines: a.plane.lines(),
+        })
+    }
+
+    pub(super) fn stat_line(&self) -> std::result::Result<StatLine, dataplane::Error> {
+        let mut line = self.stat_base()?;
+        if let Some(a) = &self.atm {
+            line.active = count_active(&a.dp.connections()?, self.timeout_ns());
+        }
+        Ok(line)
+    }
+
+    /// The `stat` line but for the active connections (which need the whole table).
+    pub(super) fn stat_base(&self) -> std::result::Result<StatLine, dataplane::Error> {
+        let Some(a) = &self.atm else {
+            return Ok(StatLine::default());
+        };
+        let s = a.dp.stats()?;
+        Ok(StatLine {
+            services: self.config.services.len() as u64,
+            server_lines: self
+                .config
+                .services
+                .iter()
+                .map(|s| s.servers.len() as u64)
+                .sum(),
+            active: 0,
+            packets: s.get(Stat::VipPackets),
+            dropped: s.dropped(),
+            new: s.get(Stat::NewConns),
+        })
+    }
+
+    pub(super) fn timeout_ns(&self) -> u64 {
+        self.timeout as u64 * 1_000_000_000
+    }
+
+    /// A request that reads the whole connection table, as work for a blocking thread: the
+    /// table may hold millions of entries, and the event loop sends the heartbeats. `None`:
+    /// handle it on the loop (it needs no table, or this is not an ATM).
+    pub(super) fn table_job(&self, req: &Request) -> Option<TableJob> {
+        let a = self.atm.as_ref()?;
+        let timeout_ns = self.timeout_ns();
+        let finish: TableFinish = match req {
+            Request::Cat { table } if Table::from_name(table) == Some(Table::Connections) => {
+                let v = self.conn_view()?;
+                Box::new(move |all| Response::text(tables::render_connections(&v.lines(all))))
+            }
+            Request::Cat { table } if Table::from_name(table) == Some(Table::Stat) => {
+                let mut line = self.stat_base().ok()?;
+                Box::new(move |all| {
+                    line.active = count_active(all, timeout_ns);
+                    Response::text(tables::render_stat(&line))
+                })
+            }
+            Request::List { what } if what == "connections" => {
+                let v = self.conn_view()?;
+                Box::new(move |all| Response::data(connections_json(&v.lines(all))))
+            }
+            Request::Metrics => {
+                let (mut snap, lines) = self.snapshot_base();
+                Box::new(move |all| {
+                    fill_active(&mut snap, &lines, all, timeout_ns);
+                    Response::text(metrics::render(&snap))
+                })
+            }
+            _ => return None,
+        };
+        Some(TableJob {
+            table: a.dp.conn_table().ok()?,
+            finish,
+        })
+    }
+
+    pub(super) fn cat(&self, t: Table) -> std::result::Result<String, dataplane::Error> {
+        Ok(match t {
+            Table::Config => tables::render_config(
+                &self
+                    .atm
+                    .as_ref()
+                    .map(|a| a.caps)
+                    .unwrap_or(self.config.tables),
+            ),
+            Table::Debug => tables::render_debug(self.debug),
+            Table::Timeout => tables::render_timeout(self.timeout),
+            Table::Nat => tables::render_nat(self.config.nat.as_ref()),
+            Table::Atms => tables::render_atms(&self.atm_lines()),
+            Table::Stat => tables::render_stat(&self.stat_line()?),
+            Table::Connections => tables::render_connections(&self.connection_lines()?),
+            Table::Services => match &self.atm {
+                Some(a) => tables::render_services(&a.plane.service_lines(&a.dp)),
+                None => String::new(),
+            },
+            Table::Servers => match &self.atm {
+                Some(a) => tables::render_servers(&a.plane.server_lines(&a.dp)),
+                None => String::new(),
+            },
+        })
+    }
+
+    pub(super) fn write(&mut self, t: Table, value: &str) -> std::result::Result<String, String> {
+        let w = tables::parse_write(t, value)
+            .inspect_err(|e| warn!("Refused write to {}: {e}", t.name()))?;
+        if self.atm.is_none() {
+            return Err("this is not an ATM: it has no tables to write".into());
+        }
+        let msg = match w {
+            Write::Timeout(s) => {
+                self.timeout = s;
+                self.push_settings()?;
+                format!("Timeout set to {s} s (until the next reload; not saved to the file)")
+            }
+            Write::Debug(on) => {
+                self.debug = on;
+                self.push_settings()?;
+                format!(
+                    "Debug log {}",
+                    if on {
+                        "on: one record per new connection"
+                    } else {
+                        "off"
+                    }
+                )
+            }
+            Write::Config(_) => unreachable!("a write to config answers asynchronously"),
+        };
+        info!("{msg}");
+        Ok(msg)
+    }
+
+    /// A write to the `config` table, checked: its new sizes (refused writes are answered
+    /// by `handle`).
+    pub(super) fn config_write(&self, req: &Request) -> Option<Capacities> {
+        match req {
+            Request::Write { table, value } if table == Table::Config.name() => {
+                match tables::parse_write(Table::Config, value) {
+                    Ok(Write::Config(caps)) => Some(caps),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn status(&self) -> serde_json::Value {
+        let services: Vec<serde_json::Value> = match &self.atm {
+            Some(a) => a
+                .plane
+                .services()
+                .iter()
+                .map(|s| {
+                    let k = svc_key(s);
+                    json!({
+                        "name": s.name,
+                        "protocol": s.proto_name(),
+                        "vip": s.vip.to_string(),
+                        "port": s.port,
+                        "servers": s.servers.iter().map(|v| {
+                            let lk = (k, v.address, v.port);
+                            json!({
+                                "name": v.name,
+                                "address": v.address.to_string(),
+                                "port": v.port,
+                                "method": v.method.name(),
+                                "up": a.plane.up(&lk),
+                                "weight": a.plane.weight(&lk, v.weight),
+                            })
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        json!({
+            "cluster": self.config.cluster.name,
+            "name": self.name,
+            "role": self.role_name(),
+            "atms": self.atm_lines().iter().map(|l| json!({
+                "name": l.name, "address": l.address.to_string(), "role": l.role,
+                "state": l.state, "last_heard_ms": l.last_heard_ms,
+            })).collect::<Vec<_>>(),
+            "vips": self.vips().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            "term": self.ha.as_ref().map(|h| h.election.term()),
+            "rejected": self.ha.as_ref().map(|h| Reject::ALL.iter().map(|r| (r.name().to_string(), json!(h.rejects.get(r).copied().unwrap_or(0)))).collect::<serde_json::Map<_, _>>()),
+            "nat": self.config.nat.map(|n| json!({
+                "addresses": n.addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "ports": format!("{}-{}", NAT_PORTS.0, NAT_PORTS.1),
+                "port_hold": n.port_hold,
+                "time_wait": n.time_wait,
+                "exhausted_drops": self.atm.as_ref().and_then(|a| a.dp.stats().ok()).map_or(0, |s| s.get(Stat::DropNatPorts)),
+                "exhausted_now": self.atm.as_ref().is_some_and(|a| a.nat_burst.is_some()),
+            })),
+            "attached": self.atm.as_ref().map(|a| a.attached.iter().map(|(i, m)| json!({"interface": i, "mode": m.name()})).collect::<Vec<_>>()),
+            "services": services,
+        })
+    }
+
+    pub(super) fn list(&self, what: &str) -> std::result::Result<serde_json::Value, String> {
+        let a = self.atm.as_ref().ok_or("this is not an ATM")?;
+        match what {
+            "services" => {
+                let lines = a.plane.service_lines(&a.dp);
+                Ok(json!(a.plane.services().iter().zip(lines).map(|(s, l)| json!({
+                    "name": s.name, "protocol": s.proto_name(), "vip": s.vip.to_string(), "port": s.port,
+                    "scheduler": s.scheduler.name(), "persistence": s.persistence,
+                    "state": if l.up { "up" } else { "down" }, "packets": l.packets,
+                })).collect::<Vec<_>>()))
+            }
+            "servers" => {
+                let lines = a.plane.server_lines(&a.dp);
+                let names = a.plane.services().iter().flat_map(|s| {
+                    s.servers
+                        .iter()
+                        .map(move |v| (s.name.clone(), v.name.clone()))
+                });
+                Ok(json!(names.zip(lines).map(|((svc, name), l)| json!({
+                    "service": svc, "name": name, "protocol": config::proto_name(l.proto),
+                    "address": l.server.to_string(), "port": l.port, "vip": l.vip.to_string(), "vport": l.vport,
+                    "state": if l.up { "up" } else { "down" }, "weight": l.weight, "method": l.method, "packets": l.packets,
+                })).collect::<Vec<_>>()))
+            }
+            "connections" => Ok(connections_json(
+                &self.connection_lines().map_err(|e| e.to_string())?,
+            )),
+            other => Err(format!(
+                "list takes services, servers or connections, not {other:?}"
+            )),
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> metrics::Snapshot {
+        let (mut snap, lines) = self.snapshot_base();
+        if let Some(a) = &self.atm
+            && let Ok(all) = a.dp.connections()
+        {
+            fill_active(&mut snap, &lines, &all, self.timeout_ns());
+        }
+        snap
+    }
+
+    /// The metrics but for the active connections (which need the whole table), with, for
+    /// each of `snap.servers`, its service's place in `snap.services` and its server index.
+    pub(super) fn snapshot_base(&self) -> (metrics::Snapshot, Vec<(usize, u32)>) {
+        let mut snap = metrics::Snapshot {
+            node: self.name.clone(),
+            role: self.role_name().into(),
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        if let Some(ha) = &self.ha {
+            snap.ha_rejected = Reject::ALL
+                .iter()
+                .map(|r| (r.name(), ha.rejects.get(r).copied().unwrap_or(0)))
+                .collect();
+        }
+        let Some(a) = &self.atm else {
+            return (snap, lines);
+        };
+        if let Ok(s) = a.dp.stats() {
+            snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
+        }
+        for s in a.plane.services() {
+            let k = svc_key(s);
+            let id = a.plane.id(&k).unwrap_or(0);
+            let c = a.dp.service_counters(id).unwrap_or_default();
+            for v in &s.servers {
+                let lk = (k, v.address, v.port);
+                let index = a.plane.index(&lk).unwrap_or(u32::MAX);
+                let sc = a.dp.server_counters(index).unwrap_or_default();
+                lines.push((snap.services.len(), index));
+                snap.servers.push(metrics::ServerMetrics {
+                    service: s.name.clone(),
+                    server: v.name.clone(),
+                    address: v.address.to_string(),
+                    port: v.port,
+                    up: a.plane.up(&lk),
+                    weight: a.plane.weight(&lk, v.weight),
+                    packets: sc.packets,
+                    bytes: sc.bytes,
+                    active: 0,
+                });
+            }
+            snap.services.push(metrics::ServiceMetrics {
+                name: s.name.clone(),
+                vip: s.vip.to_string(),
+                port: s.port,
+                proto: s.proto_name(),
+                up: s.servers.iter().any(|v| {
+                    let lk = (k, v.address, v.port);
+                    a.plane.up(&lk) && a.plane.weight(&lk, v.weight) > 0
+                }),
+                packets: c.packets,
+                bytes: c.bytes,
+                active: 0,
+            });
+        }
+        (snap, lines)
+    }
+}
+
+/// Finishes a request from the whole connection table, on a blocking thread.
+pub(super) type TableFinish = Box<dyn FnOnce(&[(FlowKey, Connection)]) -> Response + Send>;
+
+/// A request waiting for the connection table (see `Daemon::table_job`).
+pub(super) struct TableJob {
+    table: crate::conntable::ConnTable,
+    finish: TableFinish,
+}
+
+impl TableJob {
+    /// Reads the table and answers `reply`, beside the event loop.
+    pub(super) fn run(self, reply: oneshot::Sender<Response>) {
+        tokio::task::spawn_blocking(move || {
+            let answer = match self.table.entries() {
+                Ok(all) => (self.finish)(&all),
+                Err(e) => Response::error(format!("reading the connection table: {e}")),
+            };
+            let _ = reply.send(answer);
+        });
+    }
+}
+
+/// What turning connection entries into table lines needs (see `Daemon::conn_view`).
+pub(super) struct ConnView {
+    timeout_ns: u64,
+    /// Server index -> its server, and the VIP and port it serves.
+    lines: Arc<crate::services::Lines>,
+}
+
+impl ConnView {
+    /// Live connections as table lines (expired entries left out), sorted.
+    fn lines(&self, all: &[(FlowKey, Connection)]) -> Vec<ConnLine> {
+        let now = dataplane::now_ns();
+        let mut out = Vec::new();
+        for (k, c) in all {
+            let idle = now.saturating_sub(c.last_seen_ns);
+            if idle > self.timeout_ns {
+                continue;
+            }
+            let left = (self.timeout_ns - idle) / 1_000_000_000;
+            let line = if c.flags & CONN_REPLY != 0 {
+                // The ATM-to-server leg of a NAT connection: our NAT-subnet source.
+                ConnLine {
+                    proto: k.proto,
+                    src: (v4(&k.dst), u16::from_be(k.dport)),
+                    vip: self
+                        .lines
+                        .vip
+                        .get(&c.server)
+                        .copied()
+                        .unwrap_or((Ipv4Addr::UNSPECIFIED, 0)),
+                    timeout: left,
+                    server: (v4(&k.src), u16::from_be(k.sport)),
+                    packets: c.packets,
+                }
+            } else {
+                let (sa, sp) = self
+                    .lines
+                    .server
+                    .get(&c.server)
+                    .map(|(a, p, _)| (*a, *p))
+                    .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+                ConnLine {
+                    proto: k.proto,
+                    src: (v4(&k.src), u16::from_be(k.sport)),
+                    vip: (v4(&k.dst), u16::from_be(k.dport)),
+                    timeout: left,
+                    server: (sa, sp),
+                    packets: c.packets,
+                }
+            };
+            out.push(line);
+        }
+        out.sort();
+        out
+    }
+}
+
+/// `lb-cli list connections`.
+pub(super) fn connections_json(lines: &[ConnLine]) -> serde_json::Value {
+    json!(
+        lines
+            .iter()
+            .map(|l| json!({
+                "protocol": config::proto_name(l.proto),
+                "client": format!("{}:{}", l.src.0, l.src.1),
+                "vip": format!("{}:{}", l.vip.0, l.vip.1),
+                "timeout": l.timeout,
+                "server": format!("{}:{}", l.server.0, l.server.1),
+                "packets": l.packets,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+pub(super) fn count_active(all: &[(FlowKey, Connection)], timeout_ns: u64) -> u64 {
+    let now = dataplane::now_ns();
+    all.iter()
+        .filter(|(_, c)| active(c, now, timeout_ns))
+        .count() as u64
+}
+
+/// Fills the active connections into metrics made by `Daemon::snapshot_base`; `lines`: for
+/// each of `snap.servers`, its service's place in `snap.services` and its server index.
+pub(super) fn fill_active(
+    snap: &mut metrics::Snapshot,
+    lines: &[(usize, u32)],
+    all: &[(FlowKey, Connection)],
+    timeout_ns: u64,
+) {
+    let now = dataplane::now_ns();
+    let mut by_index: HashMap<u32, u64> = HashMap::new();
+    for (_, c) in all.iter().filter(|(_, c)| active(c, now, timeout_ns)) {
+        *by_index.entry(c.server).or_default() += 1;
+    }
+    snap.active_connections = by_index.values().sum();
+    for (m, (service, index)) in snap.servers.iter_mut().zip(lines) {
+        m.active = by_index.get(index).copied().unwrap_or(0);
+        if let Some(svc) = snap.services.get_mut(*service) {
+            svc.active += m.active;
+        }
+    }
+}
+
+/// An active connection, for `stat` and the metrics alike: a client's leg (not a NAT reply
+/// leg), live, and not closing. Closing ones (FIN or RST seen) stay in `connections` until
+/// they time out, as TCL lists them.
+pub(super) fn active(c: &lb_common::Connection, now: u64, timeout_ns: u64) -> bool {
+    c.flags & (CONN_REPLY | CONN_FIN | CONN_RST) == 0
+        && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+}
+
+pub(super) fn unknown_table(name: &str) -> String {
+    format!(
+        "no table {name:?}: the tables are {}",
+        Table::ALL
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
