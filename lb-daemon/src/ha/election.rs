@@ -1,0 +1,586 @@
+//! The election as a pure state machine that the daemon feeds with heartbeats and clock
+//! ticks; it answers with actions.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::wire::{Heartbeat, Role};
+
+/// What the election asks the daemon to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `from`: in a planned handover, the ATM handing over (still forwarding for a moment).
+    BecomePrimary {
+        term: u64,
+        reason: String,
+        from: Option<usize>,
+    },
+    /// `to`: in a planned handover, the ATM named to take over, about to.
+    BecomeBackup { reason: String, to: Option<usize> },
+}
+
+/// What this ATM knows of another.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub last_heard: Option<Instant>,
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// The election, as a pure state machine: feed it heartbeats and ticks with the time; it
+/// answers with at most one action each time.
+#[derive(Clone, Debug)]
+pub struct Election {
+    me: usize,
+    /// A peer unheard for this long is down.
+    dead: Duration,
+    started: Instant,
+    role: Role,
+    /// The highest term seen (ours when primary).
+    term: u64,
+    /// Reaches its `track` addresses.
+    eligible: bool,
+    peers: Vec<Peer>,
+    /// After handing over on purpose: stand aside until another ATM is primary, or until this.
+    stand_aside_until: Option<Instant>,
+    /// During a planned handover: who is to take over.
+    yield_to: Option<usize>,
+}
+
+impl Election {
+    /// ATM `me` of `n`, heartbeats every `heartbeat`, peers dead after `dead_after` missed.
+    pub fn new(
+        me: usize,
+        n: usize,
+        heartbeat: Duration,
+        dead_after: u32,
+        now: Instant,
+    ) -> Election {
+        Election {
+            me,
+            dead: heartbeat * dead_after,
+            started: now,
+            role: Role::Backup,
+            term: 0,
+            eligible: true,
+            peers: vec![
+                Peer {
+                    last_heard: None,
+                    heartbeat: None
+                };
+                n
+            ],
+            stand_aside_until: None,
+            yield_to: None,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    /// Whether peer `i` was heard within the dead interval.
+    pub fn alive(&self, i: usize, now: Instant) -> bool {
+        i != self.me
+            && self.peers[i]
+                .last_heard
+                .is_some_and(|t| now.duration_since(t) <= self.dead)
+    }
+
+    /// Whether peer `i` is alive and may become primary.
+    pub fn can_take_over(&self, i: usize, now: Instant) -> bool {
+        self.alive(i, now) && self.peers[i].heartbeat.is_some_and(|h| h.candidate)
+    }
+
+    /// The highest-listed peer that can take over, if any.
+    pub fn successor(&self, now: Instant) -> Option<usize> {
+        (0..self.peers.len()).find(|i| self.can_take_over(*i, now))
+    }
+
+    /// The live peer announcing itself primary, if any.
+    pub fn primary_peer(&self, now: Instant) -> Option<usize> {
+        (0..self.peers.len()).find(|i| {
+            self.alive(*i, now)
+                && self.peers[*i]
+                    .heartbeat
+                    .is_some_and(|h| h.role == Role::Primary)
+        })
+    }
+
+    fn candidate(&self, now: Instant) -> bool {
+        self.eligible && self.stand_aside_until.is_none_or(|t| now >= t)
+    }
+
+    /// What to announce now.
+    pub fn heartbeat(&self, now: Instant) -> Heartbeat {
+        Heartbeat {
+            role: self.role,
+            term: self.term,
+            candidate: self.candidate(now),
+            yield_to: self.yield_to.map(|i| i as u16),
+        }
+    }
+
+    /// Not eligible until [`Election::set_eligible`] says so: an ATM with `track` addresses
+    /// stands for primary only once it has seen them answer.
+    pub fn awaiting_track(mut self) -> Election {
+        self.eligible = false;
+        self
+    }
+
+    /// Whether this ATM may become primary (it reaches its `track` addresses).
+    pub fn eligible(&self) -> bool {
+        self.eligible
+    }
+
+    /// Whether this ATM may become primary (reaches its `track` addresses).
+    pub fn set_eligible(&mut self, ok: bool, now: Instant) -> Option<Action> {
+        self.eligible = ok;
+        self.evaluate(now)
+    }
+
+    pub fn on_heartbeat(&mut self, from: usize, hb: Heartbeat, now: Instant) -> Option<Action> {
+        if from == self.me || from >= self.peers.len() {
+            return None;
+        }
+        self.peers[from] = Peer {
+            last_heard: Some(now),
+            heartbeat: Some(hb),
+        };
+        if hb.role == Role::Primary {
+            // Someone else leads now: a handover is over, and nobody needs to stand aside.
+            self.stand_aside_until = None;
+            self.yield_to = None;
+            if self.role == Role::Primary {
+                // Two primaries: the later promotion wins; on equal terms the higher-listed.
+                let theirs = (hb.term, std::cmp::Reverse(from));
+                let ours = (self.term, std::cmp::Reverse(self.me));
+                self.term = self.term.max(hb.term);
+                if theirs > ours {
+                    self.role = Role::Backup;
+                    return Some(Action::BecomeBackup {
+                        reason: format!(
+                            "ATM {from} is primary with term {} (ours {})",
+                            hb.term, ours.0
+                        ),
+                        to: None,
+                    });
+                }
+                return None;
+            }
+            self.term = self.term.max(hb.term);
+            return None;
+        }
+        if hb.yield_to == Some(self.me as u16) && self.role == Role::Backup && self.eligible {
+            return self.promote(
+                now,
+                format!("ATM {from} hands over to this ATM"),
+                Some(from),
+            );
+        }
+        self.evaluate(now)
+    }
+
+    pub fn tick(&mut self, now: Instant) -> Option<Action> {
+        self.evaluate(now)
+    }
+
+    /// The next instant after `now` at which the passing of time alone can change the
+    /// election's answer: a peer's dead interval running out, the start-up search ending, a
+    /// stand-aside ending. The daemon wakes at it, so a dead primary is replaced exactly
+    /// `dead_after × heartbeat_ms` after it was last heard, not at the next heartbeat tick.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if self.role == Role::Primary {
+            return None;
+        }
+        // `alive` counts a peer heard exactly `dead` ago as alive: the deadline is just after.
+        let after = |t: Instant| t + self.dead + Duration::from_millis(1);
+        self.peers
+            .iter()
+            .filter_map(|p| p.last_heard.map(after))
+            .chain([self.started + self.dead])
+            .chain(self.stand_aside_until)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    fn promote(&mut self, _now: Instant, reason: String, from: Option<usize>) -> Option<Action> {
+        self.role = Role::Primary;
+        self.term += 1;
+        self.stand_aside_until = None;
+        self.yield_to = None;
+        Some(Action::BecomePrimary {
+            term: self.term,
+            reason,
+            from,
+        })
+    }
+
+    fn evaluate(&mut self, now: Instant) -> Option<Action> {
+        if self.role == Role::Primary {
+            if !self.eligible {
+                self.role = Role::Backup;
+                return Some(Action::BecomeBackup {
+                    reason: "this ATM no longer reaches its track addresses".into(),
+                    to: None,
+                });
+            }
+            return None;
+        }
+        if now.duration_since(self.started) < self.dead {
+            return None; // still looking for a primary
+        }
+        if self.primary_peer(now).is_some() || !self.candidate(now) {
+            return None;
+        }
+        // A handover to another live ATM is under way: let it happen.
+        if (0..self.peers.len()).any(|i| {
+            self.alive(i, now)
+                && self.peers[i].heartbeat.is_some_and(|h| {
+                    h.yield_to
+                        .is_some_and(|t| t as usize != self.me && self.alive(t as usize, now))
+                })
+        }) {
+            return None;
+        }
+        // The highest-listed running candidate takes it.
+        if (0..self.me).any(|i| self.can_take_over(i, now)) {
+            return None;
+        }
+        let reason = if self.peers.iter().all(|p| p.last_heard.is_none()) {
+            format!(
+                "no primary ATM answered within {} ms",
+                self.dead.as_millis()
+            )
+        } else {
+            "no primary ATM is alive and this is the highest-listed running ATM".to_string()
+        };
+        self.promote(now, reason, None)
+    }
+
+    /// A planned handover (`lb-cli demote`, or a backup's `Yield`): become backup, name the
+    /// ATM to take over, and stand aside until it has (or for a while if nobody does).
+    pub fn hand_over(&mut self, to: Option<usize>, now: Instant) -> Option<Action> {
+        if self.role != Role::Primary {
+            return None;
+        }
+        let to = to.or_else(|| self.successor(now));
+        self.role = Role::Backup;
+        self.yield_to = to;
+        self.stand_aside_until = Some(now + self.dead * 4);
+        Some(Action::BecomeBackup {
+            reason: match to {
+                Some(i) => format!("handing over to ATM {i}"),
+                None => "demoted with no other ATM running".into(),
+            },
+            to,
+        })
+    }
+
+    /// `lb-cli promote` when no primary is alive: take over at once.
+    pub fn force_promote(&mut self, now: Instant) -> Option<Action> {
+        if self.role == Role::Primary || !self.eligible {
+            return None;
+        }
+        self.promote(now, "promoted by lb-cli".into(), None)
+    }
+
+    /// Milliseconds since peer `i` was last heard.
+    pub fn last_heard_ms(&self, i: usize, now: Instant) -> Option<u64> {
+        self.peers[i]
+            .last_heard
+            .map(|t| now.duration_since(t).as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::advance;
+    const HB: Duration = Duration::from_millis(100);
+
+    /// Three ATMs on a simulated network: each tick every running ATM announces itself to
+    /// the others (unless the link between them is cut).
+    struct Net {
+        atms: Vec<Option<Election>>,
+        cut: Vec<(usize, usize)>,
+        log: Vec<(usize, Action)>,
+    }
+
+    impl Net {
+        fn new(n: usize) -> Net {
+            Net {
+                atms: (0..n)
+                    .map(|i| Some(Election::new(i, n, HB, 3, Instant::now())))
+                    .collect(),
+                cut: Vec::new(),
+                log: Vec::new(),
+            }
+        }
+        fn start(&mut self, i: usize) {
+            let n = self.atms.len();
+            self.atms[i] = Some(Election::new(i, n, HB, 3, Instant::now()));
+        }
+        fn kill(&mut self, i: usize) {
+            self.atms[i] = None;
+        }
+        fn linked(&self, a: usize, b: usize) -> bool {
+            !self.cut.contains(&(a, b)) && !self.cut.contains(&(b, a))
+        }
+        /// One heartbeat interval.
+        async fn step(&mut self) {
+            advance(HB).await;
+            let now = Instant::now();
+            let beats: Vec<(usize, Heartbeat)> = self
+                .atms
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.as_ref().map(|a| (i, a.heartbeat(now))))
+                .collect();
+            for (from, hb) in beats {
+                for to in 0..self.atms.len() {
+                    if to != from
+                        && self.linked(from, to)
+                        && let Some(a) = self.atms[to].as_mut()
+                        && let Some(act) = a.on_heartbeat(from, hb, now)
+                    {
+                        self.log.push((to, act));
+                    }
+                }
+            }
+            for i in 0..self.atms.len() {
+                if let Some(a) = self.atms[i].as_mut()
+                    && let Some(act) = a.tick(now)
+                {
+                    self.log.push((i, act));
+                }
+            }
+        }
+        async fn steps(&mut self, n: usize) {
+            for _ in 0..n {
+                self.step().await;
+            }
+        }
+        fn primaries(&self) -> Vec<usize> {
+            self.atms
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.as_ref().is_some_and(|a| a.role() == Role::Primary))
+                .map(|(i, _)| i)
+                .collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_highest_listed_running_atm_becomes_primary_after_looking() {
+        let mut net = Net::new(3);
+        net.steps(2).await;
+        assert!(net.primaries().is_empty(), "still looking for a primary");
+        net.steps(2).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.steps(20).await;
+        assert_eq!(net.primaries(), vec![0], "stable");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backup_promotes_at_the_deadline_not_at_the_next_tick() {
+        let t0 = Instant::now();
+        let mut b = Election::new(1, 2, HB, 3, t0);
+        let primary = Heartbeat {
+            role: Role::Primary,
+            term: 1,
+            candidate: true,
+            yield_to: None,
+        };
+        // The primary's last heartbeat arrives 40 ms into an interval, then it dies.
+        let last = t0 + Duration::from_millis(540);
+        assert_eq!(b.on_heartbeat(0, primary, last), None);
+        let deadline = b.next_deadline(last).expect("a deadline while backup");
+        assert_eq!(deadline, last + Duration::from_millis(301));
+        assert_eq!(b.tick(deadline - Duration::from_millis(2)), None);
+        assert!(matches!(
+            b.tick(deadline),
+            Some(Action::BecomePrimary { term: 2, .. })
+        ));
+        assert_eq!(
+            b.next_deadline(deadline),
+            None,
+            "a primary waits for nothing"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_primary_is_replaced_within_dead_after_and_does_not_preempt_on_return() {
+        let mut net = Net::new(3);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.kill(0);
+        net.steps(3).await;
+        assert!(net.primaries().is_empty() || net.primaries() == vec![1]);
+        net.steps(2).await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "the highest-listed running backup"
+        );
+        assert!(
+            matches!(
+                net.log.last(),
+                Some((1, Action::BecomePrimary { from: None, .. }))
+            ),
+            "a failover hands nothing over: {:?}",
+            net.log
+        );
+        net.start(0);
+        net.steps(30).await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "a returning former primary stays backup"
+        );
+        assert_eq!(net.atms[0].as_ref().unwrap().role(), Role::Backup);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_late_starter_does_not_preempt() {
+        let mut net = Net::new(2);
+        net.kill(0);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![1], "alone, the second ATM takes over");
+        net.start(0);
+        net.steps(10).await;
+        assert_eq!(net.primaries(), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn split_brain_heals_to_the_later_promotion() {
+        let mut net = Net::new(2);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.cut.push((0, 1));
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0, 1], "both lead while cut off");
+        let t1 = net.atms[1].as_ref().unwrap().term();
+        assert!(t1 > net.atms[0].as_ref().unwrap().term());
+        net.cut.clear();
+        net.step().await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "one heartbeat after the heal, the later promotion"
+        );
+        net.steps(20).await;
+        assert_eq!(net.primaries(), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_primaries_on_equal_terms_settle_on_the_higher_listed() {
+        let hb = |term| Heartbeat {
+            role: Role::Primary,
+            term,
+            candidate: true,
+            yield_to: None,
+        };
+        let now = Instant::now();
+        let mut first = Election::new(0, 2, Duration::from_millis(100), 3, now);
+        let mut second = Election::new(1, 2, Duration::from_millis(100), 3, now);
+        assert!(first.force_promote(now).is_some());
+        assert!(second.force_promote(now).is_some());
+        assert_eq!((first.term(), second.term()), (1, 1));
+        assert_eq!(
+            first.on_heartbeat(1, hb(1), now),
+            None,
+            "the first keeps it"
+        );
+        assert_eq!(first.role(), Role::Primary);
+        assert!(matches!(
+            second.on_heartbeat(0, hb(1), now),
+            Some(Action::BecomeBackup { to: None, .. })
+        ));
+        assert_eq!(second.role(), Role::Backup);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_planned_handover_moves_the_role_both_ways() {
+        let mut net = Net::new(3);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        let now = Instant::now();
+        let act = net.atms[0].as_mut().unwrap().hand_over(Some(2), now);
+        assert!(matches!(
+            act,
+            Some(Action::BecomeBackup { to: Some(2), .. })
+        ));
+        net.step().await;
+        assert_eq!(
+            net.primaries(),
+            vec![2],
+            "the named ATM takes over at the next heartbeat"
+        );
+        // Each knows the other for the moment they both forward (docs/HA.md).
+        assert!(
+            matches!(
+                net.log.last(),
+                Some((2, Action::BecomePrimary { from: Some(0), .. }))
+            ),
+            "{:?}",
+            net.log
+        );
+        net.steps(30).await;
+        assert_eq!(
+            net.primaries(),
+            vec![2],
+            "and keeps it: the old primary stood aside"
+        );
+        let now = Instant::now();
+        net.atms[2].as_mut().unwrap().hand_over(None, now);
+        net.step().await;
+        assert_eq!(
+            net.primaries(),
+            vec![0],
+            "back to the highest-listed candidate"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_atm_awaiting_its_track_addresses_does_not_promote_until_they_answer() {
+        let t0 = Instant::now();
+        let mut e = Election::new(0, 1, Duration::from_millis(100), 3, t0).awaiting_track();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            e.tick(Instant::now()),
+            None,
+            "a lone ATM waits for its track"
+        );
+        assert_eq!(e.role(), Role::Backup);
+        assert!(matches!(
+            e.set_eligible(true, Instant::now()),
+            Some(Action::BecomePrimary { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_atm_that_cannot_reach_its_track_addresses_never_promotes() {
+        let mut net = Net::new(2);
+        net.atms[0].as_mut().unwrap().eligible = false;
+        net.steps(10).await;
+        assert_eq!(
+            net.primaries(),
+            vec![1],
+            "the ineligible first ATM gives way"
+        );
+        let now = Instant::now();
+        let act = net.atms[1].as_mut().unwrap().set_eligible(false, now);
+        assert!(matches!(act, Some(Action::BecomeBackup { .. })));
+        net.steps(10).await;
+        assert!(net.primaries().is_empty(), "nobody may lead");
+    }
+}
