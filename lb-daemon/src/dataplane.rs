@@ -73,6 +73,15 @@ pub enum Error {
 /// Capacities of the maps: the `config` table (defined with the config, which reads it).
 pub use lb_api::Capacities;
 
+mod install;
+mod sched_table;
+mod test_run;
+
+use install::Installed;
+pub use install::{ServerSpec, ServiceSpec, row};
+use sched_table::SchedTable;
+pub use test_run::{RunMode, RunResult, run_xdp};
+
 /// How to attach an XDP program to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -114,103 +123,8 @@ impl Stats {
     }
 }
 
-/// The scheduler table, mapped into our memory (the map is created BPF_F_MMAPABLE), so that
-/// rewriting a 65,537-slot Maglev row is a copy rather than 65,537 system calls. An array
-/// map stores each value in an 8-byte element (value sizes are rounded up to 8), value first.
-struct SchedTable {
-    ptr: NonNull<u32>,
-    entries: usize,
-    /// Keeps the map (and so the mapping's backing) alive.
-    _map: MapData,
-}
-
-/// Bytes per element of a BPF array map whose values are 4 bytes.
-const SCHED_STRIDE: usize = 8;
-
 // SAFETY: the mapping is plain shared memory owned by this value; writes go through &mut self.
 unsafe impl Send for SchedTable {}
-
-impl SchedTable {
-    fn new(map: Map, entries: usize) -> Result<Self, Error> {
-        let Map::Array(data) = map else {
-            return Err(Error::Invalid(format!(
-                "map {} is not an array",
-                maps::SCHED_TABLE
-            )));
-        };
-        // SAFETY: mapping a BPF array map fd as the kernel documents for BPF_F_MMAPABLE.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                Self::bytes(entries),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::Io {
-                what: format!("mmap of map {}", maps::SCHED_TABLE),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(SchedTable {
-            ptr: NonNull::new(ptr.cast()).expect("mmap returned a non-null address"),
-            entries,
-            _map: data,
-        })
-    }
-
-    fn bytes(entries: usize) -> usize {
-        (entries * SCHED_STRIDE).next_multiple_of(page_size())
-    }
-
-    /// The u32 holding element `i`.
-    fn slot(&self, i: usize) -> *mut u32 {
-        debug_assert!(i < self.entries);
-        // SAFETY: in bounds of the mapping (callers check i < entries).
-        unsafe { self.ptr.as_ptr().add(i * SCHED_STRIDE / 4) }
-    }
-
-    fn write_row(&mut self, service: u32, table: &[u32]) -> bool {
-        let start = service as usize * RING_SIZE as usize;
-        if table.len() > RING_SIZE as usize || start + RING_SIZE as usize > self.entries {
-            return false;
-        }
-        for (i, v) in table.iter().enumerate() {
-            // SAFETY: in bounds, checked above; the kernel reads these words concurrently,
-            // which is fine for aligned 4-byte stores.
-            unsafe { std::ptr::write_volatile(self.slot(start + i), *v) };
-        }
-        true
-    }
-
-    fn read_row(&self, service: u32, len: usize) -> Option<Vec<u32>> {
-        let start = service as usize * RING_SIZE as usize;
-        if len > RING_SIZE as usize || start + RING_SIZE as usize > self.entries {
-            return None;
-        }
-        // SAFETY: in bounds, checked above.
-        Some(
-            (0..len)
-                .map(|i| unsafe { std::ptr::read_volatile(self.slot(start + i)) })
-                .collect(),
-        )
-    }
-}
-
-impl Drop for SchedTable {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::bytes(self.entries)) };
-    }
-}
-
-fn page_size() -> usize {
-    // SAFETY: plain libc call.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
 
 /// A loaded balancer: the `lb_xdp` and `lb_decap` programs and their maps.
 pub struct Dataplane {
@@ -245,59 +159,6 @@ pub struct Dataplane {
     vip_counts: StdHashMap<Addr, u32>,
     /// Services installed with [`Dataplane::install`], by id, to rebuild their rows.
     installed: StdHashMap<u32, Installed>,
-}
-
-/// The scheduler row of a service: its up servers by the service's scheduler. Pure, so it
-/// can be computed beside the event loop.
-pub fn row(spec: &ServiceSpec) -> Vec<u32> {
-    let backends: Vec<Backend> = spec
-        .servers
-        .iter()
-        .filter(|s| s.up)
-        .map(|s| Backend::new(s.index, s.addr.into(), s.port, s.weight))
-        .collect();
-    sched::table(spec.sched, &backends)
-}
-
-/// A real server of a service, as the control plane describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerSpec {
-    /// Its index in the `servers` map (one per service/server line).
-    pub index: u32,
-    pub addr: std::net::Ipv4Addr,
-    pub port: u16,
-    pub weight: u32,
-    pub method: Method,
-    /// Passed its checks and is enabled.
-    pub up: bool,
-}
-
-/// A service and its servers, as the control plane describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSpec {
-    pub vip: std::net::Ipv4Addr,
-    pub port: u16,
-    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
-    pub proto: u8,
-    pub sched: Sched,
-    /// Seconds a client sticks to its server; 0 = off.
-    pub persistence_s: u32,
-    pub servers: Vec<ServerSpec>,
-}
-
-impl ServiceSpec {
-    pub fn key(&self) -> ServiceKey {
-        ServiceKey {
-            vip: self.vip.into(),
-            port: self.port.to_be(),
-            proto: self.proto,
-            _pad: 0,
-        }
-    }
-}
-
-struct Installed {
-    spec: ServiceSpec,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -691,152 +552,6 @@ impl Dataplane {
         sum_counters(&self.server_stats, index, maps::SERVER_STATS)
     }
 
-    /// Programs service `id`: its server records, its scheduler row from the servers that
-    /// are up, then the service record itself (so the row is complete before any packet can
-    /// index it).
-    pub fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), Error> {
-        self.install_row(id, spec, &row(spec))
-    }
-
-    /// [`Dataplane::install`] with the scheduler row already computed by [`row`] (beside
-    /// the event loop: a Maglev ring takes a millisecond or two).
-    pub fn install_row(&mut self, id: u32, spec: &ServiceSpec, row: &[u32]) -> Result<(), Error> {
-        self.write_servers(id, spec, 0..spec.servers.len())?;
-        self.publish_row(id, spec, row)
-    }
-
-    /// The first part of installing service `id`: server records `range` of `spec`. A
-    /// service is installed piece by piece this way (a reload bounds each piece of work on
-    /// the event loop), then published with [`Dataplane::publish_row`].
-    pub fn write_servers(
-        &mut self,
-        id: u32,
-        spec: &ServiceSpec,
-        range: std::ops::Range<usize>,
-    ) -> Result<(), Error> {
-        if let Some(s) = spec.servers.iter().find(|s| s.index >= self.caps.servers) {
-            return Err(Error::Invalid(format!(
-                "server index {} is beyond the capacity of {} servers",
-                s.index, self.caps.servers
-            )));
-        }
-        if id >= self.caps.services {
-            return Err(Error::Invalid(format!(
-                "service id {id} is beyond the capacity of {} services",
-                self.caps.services
-            )));
-        }
-        if range.start == 0
-            && let Some(old) = self.installed.get(&id)
-            && old.spec.key() != spec.key()
-        {
-            // The id served another VIP:port: that one goes before its servers change.
-            let old_key = old.spec.key();
-            self.remove_service(&old_key)?;
-        }
-        for s in spec.servers.get(range).unwrap_or_default() {
-            let record = Server {
-                addr: s.addr.into(),
-                vip: spec.vip.into(),
-                port: s.port.to_be(),
-                vport: spec.port.to_be(),
-                method: s.method as u8,
-                flags: if s.up { SERVER_UP } else { 0 },
-                proto: spec.proto,
-                weight: s.weight,
-                service: id,
-                ..Default::default()
-            };
-            self.set_server(s.index, &record)?;
-        }
-        Ok(())
-    }
-
-    /// The last part of installing service `id`: its row (from [`row`]), then its record.
-    pub fn publish_row(&mut self, id: u32, spec: &ServiceSpec, row: &[u32]) -> Result<(), Error> {
-        self.installed.insert(id, Installed { spec: spec.clone() });
-        self.publish(id, row)
-    }
-
-    /// The spec service `id` was last installed with.
-    pub fn installed(&self, id: u32) -> Option<&ServiceSpec> {
-        self.installed.get(&id).map(|i| &i.spec)
-    }
-
-    /// Marks server record `index` down (a line that left with a reload): the dataplane
-    /// forwards a connection without asking `services` only while its server is up.
-    pub fn mark_down(&mut self, index: u32) -> Result<(), Error> {
-        let mut record = self.server(index)?;
-        if record.flags & SERVER_UP != 0 {
-            record.flags &= !SERVER_UP;
-            self.set_server(index, &record)?;
-        }
-        Ok(())
-    }
-
-    /// Marks server `pos` of service `id` up or down and sets its weight, then rebuilds the
-    /// service's row: a server that went down leaves the table at once.
-    pub fn set_server_state(
-        &mut self,
-        id: u32,
-        pos: usize,
-        up: bool,
-        weight: u32,
-    ) -> Result<(), Error> {
-        let inst = self
-            .installed
-            .get_mut(&id)
-            .ok_or_else(|| Error::Invalid(format!("no service with id {id}")))?;
-        let s = inst
-            .spec
-            .servers
-            .get_mut(pos)
-            .ok_or_else(|| Error::Invalid(format!("service {id} has no server {pos}")))?;
-        s.up = up;
-        s.weight = weight;
-        let index = s.index;
-        let mut record = self.server(index)?;
-        record.flags = if up { SERVER_UP } else { 0 };
-        record.weight = weight;
-        self.set_server(index, &record)?;
-        let row = row(&self.installed[&id].spec);
-        self.publish(id, &row)
-    }
-
-    /// Writes service `id`'s row, then republishes its record with the row's length.
-    fn publish(&mut self, id: u32, row: &[u32]) -> Result<(), Error> {
-        let spec = &self.installed[&id].spec;
-        let key = spec.key();
-        let record = Service {
-            id,
-            table_len: row.len() as u32,
-            persistence_s: spec.persistence_s,
-            sched: spec.sched as u8,
-            flags: 0,
-            _pad: [0; 2],
-        };
-        self.set_table(id, row)?;
-        self.set_service(key, record)
-    }
-
-    /// Removes service `id` installed with [`Dataplane::install`], and marks its servers
-    /// down: a connection is forwarded without asking `services` only while its server is
-    /// up, so none of the service's connections is forwarded any more. (A server index
-    /// already given to another service is left alone.)
-    pub fn uninstall(&mut self, id: u32) -> Result<(), Error> {
-        if let Some(inst) = self.installed.remove(&id) {
-            self.remove_service(&inst.spec.key())?;
-            for s in &inst.spec.servers {
-                let mut record = self.server(s.index)?;
-                if record.service == id && record.flags & SERVER_UP != 0 {
-                    record.flags &= !SERVER_UP;
-                    self.set_server(s.index, &record)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// The connection events reported since the last call (oldest first).
     pub fn drain_events(&mut self) -> Vec<ConnEvent> {
         let mut out = Vec::new();
@@ -855,48 +570,6 @@ impl Dataplane {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
-    }
-
-    /// Runs `lb_xdp` once on `frame` (BPF_PROG_TEST_RUN) as if it arrived on interface
-    /// `ingress_ifindex` of the caller's network namespace; returns the XDP action and the
-    /// frame as the program left it.
-    pub fn test_run(&self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>), Error> {
-        test_run(
-            self.program(programs::LB_XDP)?,
-            programs::LB_XDP,
-            frame,
-            ingress_ifindex,
-        )
-    }
-
-    /// Runs `lb_xdp` on `frame` in `mode` (timings, live frames).
-    pub fn run(
-        &self,
-        frame: &[u8],
-        ingress_ifindex: u32,
-        mode: RunMode,
-    ) -> Result<RunResult, Error> {
-        run_xdp(
-            self.program(programs::LB_XDP)?,
-            frame,
-            ingress_ifindex,
-            mode,
-        )
-        .map_err(prog_err(programs::LB_XDP))
-    }
-
-    /// Like [`Dataplane::test_run`], for `lb_decap`.
-    pub fn test_run_decap(
-        &self,
-        frame: &[u8],
-        ingress_ifindex: u32,
-    ) -> Result<(u32, Vec<u8>), Error> {
-        test_run(
-            self.program(programs::LB_DECAP)?,
-            programs::LB_DECAP,
-            frame,
-            ingress_ifindex,
-        )
     }
 
     fn program(&self, name: &'static str) -> Result<&Xdp, Error> {
@@ -989,102 +662,4 @@ impl Drop for Dataplane {
             let _ = xdp_link::set(&a.socket, a.ifindex, None, a.flags);
         }
     }
-}
-
-/// `struct xdp_md` as BPF_PROG_TEST_RUN takes it in `ctx_in`.
-#[repr(C)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
-
-/// Room for what a program may add in front (IPIP) beyond the input length.
-const TEST_RUN_GROWTH: usize = 256;
-
-fn test_run(
-    prog: &Xdp,
-    name: &'static str,
-    frame: &[u8],
-    ingress_ifindex: u32,
-) -> Result<(u32, Vec<u8>), Error> {
-    let r = run_xdp(prog, frame, ingress_ifindex, RunMode::Once).map_err(prog_err(name))?;
-    Ok((r.action, r.frame))
-}
-
-/// How to run a program with BPF_PROG_TEST_RUN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunMode {
-    /// Once, returning the frame as the program left it.
-    Once,
-    /// `n` times over (each run sees what the previous one left), for a timing.
-    Repeat(u32),
-    /// `n` times as live frames in batches of `batch`: the verdicts are carried out (XDP_TX
-    /// sends the frame out of the ingress interface), which makes a packet generator.
-    Live { n: u32, batch: u32 },
-}
-
-/// What a test run gave.
-#[derive(Clone, Debug)]
-pub struct RunResult {
-    pub action: u32,
-    /// The frame as left by the last run (empty in live mode).
-    pub frame: Vec<u8>,
-    /// The kernel's time per run.
-    pub per_run: std::time::Duration,
-}
-
-/// Runs an XDP program on `frame` as if it arrived on `ingress_ifindex` of the calling
-/// thread's namespace. The fixture tests, the dataplane API and the benchmarks share it.
-pub fn run_xdp(
-    prog: &Xdp,
-    frame: &[u8],
-    ingress_ifindex: u32,
-    mode: RunMode,
-) -> Result<RunResult, ProgramError> {
-    let md = XdpMd {
-        data: 0,
-        data_end: frame.len() as u32,
-        data_meta: 0,
-        ingress_ifindex,
-        rx_queue_index: 0,
-        egress_ifindex: 0,
-    };
-    // SAFETY: XdpMd is repr(C), plain integers, no padding.
-    let ctx = unsafe {
-        std::slice::from_raw_parts(
-            (&md as *const XdpMd).cast::<u8>(),
-            std::mem::size_of::<XdpMd>(),
-        )
-    };
-    let live = matches!(mode, RunMode::Live { .. });
-    let mut out = if live {
-        Vec::new()
-    } else {
-        vec![0u8; frame.len() + TEST_RUN_GROWTH]
-    };
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.ctx_in = Some(ctx);
-    match mode {
-        RunMode::Once => opts.repeat = 1,
-        RunMode::Repeat(n) => opts.repeat = n,
-        RunMode::Live { n, batch } => {
-            opts.repeat = n;
-            opts.attrs = opts.attrs.xdp_live_frames(batch);
-        }
-    }
-    if !live {
-        opts.data_out = Some(&mut out);
-    }
-    let res = prog.test_run(opts)?;
-    out.truncate(res.data_size_out as usize);
-    Ok(RunResult {
-        action: res.return_value,
-        frame: out,
-        per_run: res.duration,
-    })
 }

@@ -1,0 +1,205 @@
+//! Programming services into the maps: server records, scheduler rows, and the service
+//! record published last, so lb_xdp never sees a half-written service.
+
+use super::*;
+
+impl Dataplane {
+    /// Programs service `id`: its server records, its scheduler row from the servers that
+    /// are up, then the service record itself (so the row is complete before any packet can
+    /// index it).
+    pub fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), Error> {
+        self.install_row(id, spec, &row(spec))
+    }
+
+    /// [`Dataplane::install`] with the scheduler row already computed by [`row`] (beside
+    /// the event loop: a Maglev ring takes a millisecond or two).
+    pub fn install_row(&mut self, id: u32, spec: &ServiceSpec, row: &[u32]) -> Result<(), Error> {
+        self.write_servers(id, spec, 0..spec.servers.len())?;
+        self.publish_row(id, spec, row)
+    }
+
+    /// The first part of installing service `id`: server records `range` of `spec`. A
+    /// service is installed piece by piece this way (a reload bounds each piece of work on
+    /// the event loop), then published with [`Dataplane::publish_row`].
+    pub fn write_servers(
+        &mut self,
+        id: u32,
+        spec: &ServiceSpec,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), Error> {
+        if let Some(s) = spec.servers.iter().find(|s| s.index >= self.caps.servers) {
+            return Err(Error::Invalid(format!(
+                "server index {} is beyond the capacity of {} servers",
+                s.index, self.caps.servers
+            )));
+        }
+        if id >= self.caps.services {
+            return Err(Error::Invalid(format!(
+                "service id {id} is beyond the capacity of {} services",
+                self.caps.services
+            )));
+        }
+        if range.start == 0
+            && let Some(old) = self.installed.get(&id)
+            && old.spec.key() != spec.key()
+        {
+            // The id served another VIP:port: that one goes before its servers change.
+            let old_key = old.spec.key();
+            self.remove_service(&old_key)?;
+        }
+        for s in spec.servers.get(range).unwrap_or_default() {
+            let record = Server {
+                addr: s.addr.into(),
+                vip: spec.vip.into(),
+                port: s.port.to_be(),
+                vport: spec.port.to_be(),
+                method: s.method as u8,
+                flags: if s.up { SERVER_UP } else { 0 },
+                proto: spec.proto,
+                weight: s.weight,
+                service: id,
+                ..Default::default()
+            };
+            self.set_server(s.index, &record)?;
+        }
+        Ok(())
+    }
+
+    /// The last part of installing service `id`: its row (from [`row`]), then its record.
+    pub fn publish_row(&mut self, id: u32, spec: &ServiceSpec, row: &[u32]) -> Result<(), Error> {
+        self.installed.insert(id, Installed { spec: spec.clone() });
+        self.publish(id, row)
+    }
+
+    /// The spec service `id` was last installed with.
+    pub fn installed(&self, id: u32) -> Option<&ServiceSpec> {
+        self.installed.get(&id).map(|i| &i.spec)
+    }
+
+    /// Marks server record `index` down (a line that left with a reload): the dataplane
+    /// forwards a connection without asking `services` only while its server is up.
+    pub fn mark_down(&mut self, index: u32) -> Result<(), Error> {
+        let mut record = self.server(index)?;
+        if record.flags & SERVER_UP != 0 {
+            record.flags &= !SERVER_UP;
+            self.set_server(index, &record)?;
+        }
+        Ok(())
+    }
+
+    /// Marks server `pos` of service `id` up or down and sets its weight, then rebuilds the
+    /// service's row: a server that went down leaves the table at once.
+    pub fn set_server_state(
+        &mut self,
+        id: u32,
+        pos: usize,
+        up: bool,
+        weight: u32,
+    ) -> Result<(), Error> {
+        let inst = self
+            .installed
+            .get_mut(&id)
+            .ok_or_else(|| Error::Invalid(format!("no service with id {id}")))?;
+        let s = inst
+            .spec
+            .servers
+            .get_mut(pos)
+            .ok_or_else(|| Error::Invalid(format!("service {id} has no server {pos}")))?;
+        s.up = up;
+        s.weight = weight;
+        let index = s.index;
+        let mut record = self.server(index)?;
+        record.flags = if up { SERVER_UP } else { 0 };
+        record.weight = weight;
+        self.set_server(index, &record)?;
+        let row = row(&self.installed[&id].spec);
+        self.publish(id, &row)
+    }
+
+    /// Writes service `id`'s row, then republishes its record with the row's length.
+    pub(super) fn publish(&mut self, id: u32, row: &[u32]) -> Result<(), Error> {
+        let spec = &self.installed[&id].spec;
+        let key = spec.key();
+        let record = Service {
+            id,
+            table_len: row.len() as u32,
+            persistence_s: spec.persistence_s,
+            sched: spec.sched as u8,
+            flags: 0,
+            _pad: [0; 2],
+        };
+        self.set_table(id, row)?;
+        self.set_service(key, record)
+    }
+
+    /// Removes service `id` installed with [`Dataplane::install`], and marks its servers
+    /// down: a connection is forwarded without asking `services` only while its server is
+    /// up, so none of the service's connections is forwarded any more. (A server index
+    /// already given to another service is left alone.)
+    pub fn uninstall(&mut self, id: u32) -> Result<(), Error> {
+        if let Some(inst) = self.installed.remove(&id) {
+            self.remove_service(&inst.spec.key())?;
+            for s in &inst.spec.servers {
+                let mut record = self.server(s.index)?;
+                if record.service == id && record.flags & SERVER_UP != 0 {
+                    record.flags &= !SERVER_UP;
+                    self.set_server(s.index, &record)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The scheduler row of a service: its up servers by the service's scheduler. Pure, so it
+/// can be computed beside the event loop.
+pub fn row(spec: &ServiceSpec) -> Vec<u32> {
+    let backends: Vec<Backend> = spec
+        .servers
+        .iter()
+        .filter(|s| s.up)
+        .map(|s| Backend::new(s.index, s.addr.into(), s.port, s.weight))
+        .collect();
+    sched::table(spec.sched, &backends)
+}
+
+/// A real server of a service, as the control plane describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Its index in the `servers` map (one per service/server line).
+    pub index: u32,
+    pub addr: std::net::Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub method: Method,
+    /// Passed its checks and is enabled.
+    pub up: bool,
+}
+
+/// A service and its servers, as the control plane describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vip: std::net::Ipv4Addr,
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub sched: Sched,
+    /// Seconds a client sticks to its server; 0 = off.
+    pub persistence_s: u32,
+    pub servers: Vec<ServerSpec>,
+}
+
+impl ServiceSpec {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: self.vip.into(),
+            port: self.port.to_be(),
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+}
+
+pub(super) struct Installed {
+    spec: ServiceSpec,
+}
