@@ -98,6 +98,13 @@ const ANNOUNCE_AT: [Duration; 6] = [
 /// a NAT port as a NAT reply and never hands it to the stack.
 pub const NAT_PORTS: (u16, u16) = (1024, 32_767);
 
+/// The loop's own clocks: idle connections swept, NAT exhaustion watched and server
+/// neighbours refreshed every 2 s; the dataplane's debug log flushed every 100 ms; new and
+/// closed connections streamed to the backups every 20 ms (what a failover can lose).
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(100);
+const SYNC_EVERY: Duration = Duration::from_millis(20);
+
 /// Build identity for the start-up log.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const BUILD_DATE: &str = env!("LB_BUILD_DATE");
@@ -393,13 +400,13 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    let mut sweep = interval(Duration::from_secs(2));
+    let mut sweep = interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut logs = interval(Duration::from_millis(100));
+    let mut logs = interval(LOG_FLUSH_EVERY);
     logs.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut heartbeat = interval(Duration::from_millis(d.config.ha.heartbeat_ms as u64));
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sync_events = interval(Duration::from_millis(20));
+    let mut sync_events = interval(SYNC_EVERY);
     sync_events.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Backups must see live connections refreshed well within the timeout.
     let mut full_sync = interval(Duration::from_secs(

@@ -43,6 +43,10 @@ impl Outcome {
     }
 }
 
+/// Health-check pings' identifiers start here ("lb", 0x6c62), one per probe: the answers
+/// of each probe are its own, and apart from `track`'s.
+pub const PING_ID: u16 = 0x6c62;
+
 /// The source address this machine would use toward `addr`, `None` without a route.
 /// connect(2) on a UDP socket asks the routing table and sends nothing.
 fn source_toward(addr: Ipv4Addr) -> Option<Ipv4Addr> {
@@ -235,7 +239,7 @@ impl Checks {
                     && let Some(client) = ping_client.clone()
                 {
                     pings += 1;
-                    let id = (tasks.len() as u16).wrapping_add(0x6c62);
+                    let id = (tasks.len() as u16).wrapping_add(PING_ID);
                     tasks.push(tokio::spawn(run_ping(
                         client,
                         id,
@@ -276,7 +280,8 @@ impl Checks {
     }
 }
 
-/// A delay of up to 10 % of `every`, different for every task, so probes spread out.
+/// A delay of up to 10 % of `every`, different for every task, so probes spread out (the seed
+/// mixed as splitmix64 does).
 fn jitter(every: Duration, seed: u64) -> Duration {
     let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

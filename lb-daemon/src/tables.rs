@@ -310,16 +310,16 @@ mod tests {
     fn formats_are_exactly_as_designed() {
         let c = ConnLine {
             proto: IPPROTO_TCP,
-            src: ("1.2.3.4".parse().unwrap(), 9645),
-            vip: ("192.168.0.100".parse().unwrap(), 80),
+            src: ("198.51.100.7".parse().unwrap(), 9645),
+            vip: ("192.0.2.100".parse().unwrap(), 80),
             timeout: 98,
-            server: ("192.168.0.4".parse().unwrap(), 80),
+            server: ("203.0.113.4".parse().unwrap(), 80),
             packets: 113,
         };
         // The example line of TCL's documentation.
         assert_eq!(
             render_connections(&[c]),
-            "tcp 1.2.3.4:9645 192.168.0.100:80 98 192.168.0.4:80 113\n"
+            "tcp 198.51.100.7:9645 192.0.2.100:80 98 203.0.113.4:80 113\n"
         );
         let s = ServerLine {
             proto: IPPROTO_TCP,
@@ -354,8 +354,12 @@ mod tests {
             new: 9,
         };
         assert_eq!(render_stat(&st), "1 3 2 100 4 9\n");
-        let nat = config::Nat::new("10.0.0.0".parse().unwrap(), 16, "10.0.0.1".parse().unwrap());
-        assert_eq!(render_nat(Some(&nat)), "10.0.0.0 16\n");
+        let nat = config::Nat::new(
+            "203.0.113.0".parse().unwrap(),
+            24,
+            "203.0.113.1".parse().unwrap(),
+        );
+        assert_eq!(render_nat(Some(&nat)), "203.0.113.0 24\n");
         assert_eq!(render_nat(None), "");
         assert_eq!(render_debug(true), "1\n");
         assert_eq!(render_config(&Capacities::default()), "64 256 262144\n");

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// 2^64 divided by the golden ratio: multiplying by it spreads nearby seeds over the whole
+/// range (Fibonacci hashing).
+const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
+
 impl Daemon {
     pub(super) fn settings(&self, active: bool) -> Settings {
         let (local, nat) = match &self.role {
@@ -195,7 +199,7 @@ impl Daemon {
             a.peer = from.map(|addr| (addr, a.settle_until_ns));
             // A fresh place to hand NAT pairs out from (see Settings::nat_cursor_base).
             a.nat_cursor_base = (dataplane::now_ns() ^ (std::process::id() as u64) << 20)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15) as u32;
+                .wrapping_mul(GOLDEN_RATIO_64) as u32;
         }
         let settings = self.settings(true);
         let servers = self.server_addrs();

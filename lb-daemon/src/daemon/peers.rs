@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// At most one log line about refused ATM messages this often: a flood must not flood the
+/// log too.
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// `track` pings: identifiers from "LB" (0x4c42), so they are told apart from the health
+/// checks' (see `health::PING_ID`); one round a second, each answer awaited 800 ms.
+const TRACK_PING_ID: u16 = 0x4c42;
+const TRACK_EVERY: Duration = Duration::from_secs(1);
+const TRACK_TIMEOUT: Duration = Duration::from_millis(800);
+
 impl Daemon {
     /// Sets up the election and, with other ATMs, the authenticated socket to them.
     /// The cluster's shared secret when there are other ATMs to talk to, with its file.
@@ -249,7 +259,7 @@ impl Daemon {
                 // At most one line every 10 s: a flood must not flood the log too.
                 if ha
                     .last_reject_log
-                    .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+                    .is_none_or(|t| now.duration_since(t) > REJECT_LOG_EVERY)
                 {
                     ha.last_reject_log = Some(now);
                     warn!(
@@ -568,10 +578,10 @@ pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
             let mut p = client
                 .pinger(
                     std::net::IpAddr::V4(*a),
-                    surge_ping::PingIdentifier(0x4c42 + i as u16),
+                    surge_ping::PingIdentifier(TRACK_PING_ID + i as u16),
                 )
                 .await;
-            p.timeout(Duration::from_millis(800));
+            p.timeout(TRACK_TIMEOUT);
             if p.ping(surge_ping::PingSequence(seq), &[0u8; 16])
                 .await
                 .is_err()
@@ -604,6 +614,6 @@ pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
                 return;
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(TRACK_EVERY).await;
     }
 }
