@@ -36,7 +36,7 @@ enum Cmd {
     /// Who is primary, which ATMs are online, the VIPs, servers up and down.
     Status,
     /// Print a table as the mounted file shows it: config, connections, debug, nat,
-    /// servers, services, stat, timeout, atms.
+    /// servers, services, stat, timeout, atms; on a real server, decap.
     Cat { table: String },
     /// Write a table: config (3 numbers), debug (0/1), timeout (seconds).
     Write {

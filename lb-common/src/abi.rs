@@ -640,6 +640,9 @@ pub enum DecapStat {
 
 impl DecapStat {
     pub const COUNT: u32 = DecapStat::Dropped as u32 + 1;
+    /// The counters' names, in index order (the `decap` table's columns, /metrics labels).
+    pub const NAMES: [&'static str; DecapStat::COUNT as usize] =
+        ["packets", "decapsulated", "passed", "dropped"];
 }
 
 #[cfg(feature = "user")]

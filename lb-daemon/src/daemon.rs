@@ -392,10 +392,13 @@ pub async fn run(opts: Options) -> Result<()> {
                 path.display()
             ),
         }
-        if let Some(addr) = d.metrics_addr()? {
-            metrics::serve(addr, tx.clone())
-                .with_context(|| format!("serving metrics on {addr}"))?;
-            info!("Metrics at http://{addr}/metrics");
+    }
+    if let Some(addr) = d.metrics_addr()? {
+        match metrics::serve(addr, tx.clone()) {
+            Ok(()) => info!("Metrics at http://{addr}/metrics"),
+            // A real server's metrics are lb_decap's counters: not worth failing for.
+            Err(e) if d.node.is_some() => warn!("Cannot serve metrics on {addr}: {e}"),
+            Err(e) => return Err(e).with_context(|| format!("serving metrics on {addr}")),
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

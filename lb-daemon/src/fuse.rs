@@ -113,7 +113,11 @@ struct Tables {
 
 impl Filesystem for Tables {
     fn lookup(&self, _req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let t = name.to_str().and_then(Table::from_name);
+        // The ATM's tables only: a real server's (decap) is not mounted.
+        let t = name
+            .to_str()
+            .and_then(Table::from_name)
+            .filter(|t| Table::ALL.contains(t));
         match (u64::from(parent), t) {
             (ROOT, Some(t)) => reply.entry(&Duration::ZERO, &attr(ino_of(t)), fuser::Generation(0)),
             _ => reply.error(Errno::ENOENT),

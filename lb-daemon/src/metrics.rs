@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub servers: Vec<ServerMetrics>,
     /// ATM messages refused, by reason.
     pub ha_rejected: Vec<(&'static str, u64)>,
+    /// A real server's lb_decap counters by name (`DecapStat::NAMES`).
+    pub decap: Vec<(&'static str, u64)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -188,6 +190,17 @@ pub fn render(s: &Snapshot) -> String {
         rej.with_label_values(&[node, reason]).inc_by(*v);
     }
 
+    let decap = counters(
+        &r,
+        "decap_packets_total",
+        "Packets seen by a real server's lb_decap: IPIP from the ATMs decapsulated, others \
+         passed, malformed IPIP dropped",
+        &["node", "counter"],
+    );
+    for (name, v) in &s.decap {
+        decap.with_label_values(&[node, name]).inc_by(*v);
+    }
+
     TextEncoder::new()
         .encode_to_string(&r.gather())
         .expect("every family has a name, HELP and samples of its type")
@@ -235,6 +248,7 @@ mod tests {
             node: "atm1".into(),
             role: "primary".into(),
             stat: vec![("vip_packets", 10), ("drop_malformed", 2)],
+            decap: vec![("decapsulated", 4), ("dropped", 1)],
             active_connections: 3,
             services: vec![ServiceMetrics {
                 name: "http".into(),
@@ -319,7 +333,7 @@ mod tests {
                 families.push(name);
             }
         }
-        assert_eq!(families.len(), 13, "{t}");
+        assert_eq!(families.len(), 14, "{t}");
         for name in families {
             assert!(
                 t.contains(&format!("# HELP {name} ")),

@@ -4,6 +4,8 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
+use lb_common::DecapStat;
+
 use crate::{config, dataplane::Capacities};
 
 /// A table, as a file name under the mount and a word for `lb-cli cat/write`.
@@ -18,6 +20,8 @@ pub enum Table {
     Stat,
     Timeout,
     Atms,
+    /// A real server's: lb_decap's counters.
+    Decap,
 }
 
 impl Table {
@@ -44,11 +48,18 @@ impl Table {
             Table::Stat => "stat",
             Table::Timeout => "timeout",
             Table::Atms => "atms",
+            Table::Decap => "decap",
         }
     }
 
+    /// A real server's tables (the ATM's mount does not list them).
+    pub const NODE: [Table; 1] = [Table::Decap];
+
     pub fn from_name(name: &str) -> Option<Table> {
-        Table::ALL.into_iter().find(|t| t.name() == name)
+        Table::ALL
+            .into_iter()
+            .chain(Table::NODE)
+            .find(|t| t.name() == name)
     }
 
     pub fn writable(self) -> bool {
@@ -279,6 +290,11 @@ pub fn render_stat(s: &StatLine) -> String {
         "{} {} {} {} {} {}\n",
         s.services, s.server_lines, s.active, s.packets, s.dropped, s.new
     )
+}
+
+/// lb_decap's counters: `packets decapsulated passed dropped` (see `DecapStat`).
+pub fn render_decap(c: &[u64; DecapStat::COUNT as usize]) -> String {
+    format!("{} {} {} {}\n", c[0], c[1], c[2], c[3])
 }
 
 pub fn render_atms(lines: &[AtmLine]) -> String {

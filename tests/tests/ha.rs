@@ -424,6 +424,59 @@ fn a_long_transfer_survives_failover_direct() {
     long_transfer_survives_failover(Method::Direct, NO_CHECK);
 }
 
+/// A real server's lb_decap counters, `packets decapsulated passed dropped`, reach the
+/// `decap` table (lb-cli on the server) and its /metrics; an ATM has no such table.
+#[test]
+fn tunnel_nodes_show_their_decap_counters_in_a_table_and_in_metrics() {
+    let c = Cluster::new(Method::Tunnel);
+    {
+        let _in = c.lab.ns("client").enter();
+        for i in 0..6 {
+            request(Duration::from_secs(5)).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        }
+    }
+    let mut decapsulated = 0;
+    for (i, node) in c._nodes.iter().enumerate() {
+        let line = node.cli_ok(&["cat", "decap"]);
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or_else(|_| panic!("s{}: {line:?}", i + 1)))
+            .collect();
+        assert_eq!(f.len(), 4, "s{}: {line:?}", i + 1);
+        assert!(f[0] >= f[1] && f[3] == 0, "s{}: {line:?}", i + 1);
+        decapsulated += f[1];
+        let text = {
+            let _in = c.lab.ns(&cluster::server(i + 1)).enter();
+            ureq::get(&format!("http://{}/metrics", node.metrics))
+                .call()
+                .unwrap()
+                .into_string()
+                .unwrap()
+        };
+        let sample = format!(
+            "lb_decap_packets_total{{counter=\"decapsulated\",node=\"s{}\"}} {}",
+            i + 1,
+            f[1]
+        );
+        assert!(
+            text.contains("# HELP lb_decap_packets_total ")
+                && text
+                    .lines()
+                    .any(|l| l.starts_with(&sample[..sample.rfind(' ').unwrap()])),
+            "{sample}:\n{text}"
+        );
+    }
+    // Every request's packets from the client went through some server's lb_decap.
+    assert!(decapsulated >= 6 * 3, "{decapsulated} decapsulated");
+    let out = c.atm(1).cli(&["cat", "decap"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a real server's table"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_long_transfer_survives_failover_tunnel() {
     long_transfer_survives_failover(Method::Tunnel, NO_CHECK);

@@ -2,6 +2,7 @@
 //! beside the loop where they grow with the connection table.
 
 use super::*;
+use lb_common::DecapStat;
 
 impl Daemon {
     pub(super) fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
@@ -205,6 +206,23 @@ impl Daemon {
                 Some(a) => tables::render_servers(&a.plane.server_lines(&a.dp)),
                 None => String::new(),
             },
+            Table::Decap => tables::render_decap(&self.decap_counters().ok_or_else(|| {
+                dataplane::Error::Invalid(
+                    "decap is a real server's table (lb_decap's counters): this is an ATM".into(),
+                )
+            })??),
+        })
+    }
+
+    /// A real server's lb_decap counters: zero while no tunnel service uses it (lb_decap not
+    /// loaded); `None` on an ATM.
+    pub(super) fn decap_counters(
+        &self,
+    ) -> Option<std::result::Result<[u64; DecapStat::COUNT as usize], dataplane::Error>> {
+        let node = self.node.as_ref()?;
+        Some(match &node.decap {
+            Some(dp) => dp.decap_stats(),
+            None => Ok([0; DecapStat::COUNT as usize]),
         })
     }
 
@@ -362,6 +380,9 @@ impl Daemon {
                 .iter()
                 .map(|r| (r.name(), ha.rejects.get(r).copied().unwrap_or(0)))
                 .collect();
+        }
+        if let Some(Ok(c)) = self.decap_counters() {
+            snap.decap = DecapStat::NAMES.iter().copied().zip(c).collect();
         }
         let Some(a) = &self.atm else {
             return (snap, lines);
@@ -542,8 +563,13 @@ pub(super) fn active(c: &lb_common::Connection, now: u64, timeout_ns: u64) -> bo
 
 pub(super) fn unknown_table(name: &str) -> String {
     format!(
-        "no table {name:?}: the tables are {}",
+        "no table {name:?}: the tables are {}, and on a real server {}",
         Table::ALL
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        Table::NODE
             .iter()
             .map(|t| t.name())
             .collect::<Vec<_>>()
