@@ -493,3 +493,147 @@ pub fn v4(a: &Addr) -> Ipv4Addr {
         std::net::IpAddr::V6(v) => v.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    /// A config with `services`: (port, [server last octets]), all on VIP 192.0.2.100, each
+    /// server on the service's port.
+    fn config(services: &[(u16, &[u8])]) -> Config {
+        let mut text = String::from(
+            "[cluster]\nname = \"c\"\n[[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\n\
+             interface = \"eth0\"\n",
+        );
+        for (port, servers) in services {
+            text +=
+                &format!("[[service]]\nname = \"s{port}\"\nvip = \"192.0.2.100\"\nport = {port}\n");
+            for o in *servers {
+                text +=
+                    &format!("[[service.server]]\nname = \"web{o}\"\naddress = \"192.0.2.{o}\"\n");
+            }
+        }
+        config::parse(&text, std::path::Path::new("/")).unwrap()
+    }
+
+    fn caps(services: u32, servers: u32) -> Capacities {
+        Capacities {
+            services,
+            servers,
+            connections: 1024,
+        }
+    }
+
+    fn line(port: u16, o: u8) -> LineKey {
+        (
+            ("192.0.2.100".parse().unwrap(), port, lb_common::IPPROTO_TCP),
+            Ipv4Addr::new(192, 0, 2, o),
+            port,
+        )
+    }
+
+    #[test]
+    fn a_reload_keeps_what_remains_and_hands_out_freed_indices_only_once_drained() {
+        let p0 = Plane::new()
+            .plan(&config(&[(80, &[11, 12, 13]), (8080, &[14])]), &caps(4, 8))
+            .unwrap()
+            .plane;
+        let svc80 = line(80, 11).0;
+        assert_eq!(p0.id(&svc80), Some(0));
+        let before: Vec<_> = [11, 12, 13].map(|o| p0.index(&line(80, o)).unwrap()).into();
+        assert_eq!(before, vec![0, 1, 2]);
+        assert_eq!(p0.index(&line(8080, 14)), Some(3));
+
+        // web12 and the :8080 service leave, a :81 service with web15 comes.
+        let plan = p0
+            .plan(&config(&[(80, &[11, 13]), (81, &[15])]), &caps(4, 8))
+            .unwrap();
+        assert_eq!(plan.removed_services, vec![1]);
+        let mut removed = plan.removed_lines.clone();
+        removed.sort_unstable();
+        assert_eq!(removed, vec![1, 3]);
+        assert_eq!(
+            plan.changes,
+            Changes {
+                services_added: 1,
+                services_removed: 1,
+                lines_added: 1,
+                lines_removed: 2,
+                connections_dropped: 0,
+            }
+        );
+        let p1 = plan.plane;
+        // What remains keeps its id and indices: its connections keep flowing.
+        assert_eq!(p1.id(&svc80), Some(0));
+        assert_eq!(p1.index(&line(80, 11)), Some(0));
+        assert_eq!(p1.index(&line(80, 13)), Some(2));
+        // The freed service id is taken at once; the freed indices are not, while their
+        // connections are being dropped.
+        assert_eq!(p1.id(&line(81, 15).0), Some(1));
+        assert_eq!(p1.index(&line(81, 15)), Some(4));
+        assert_eq!(p1.draining(), 2);
+
+        let mut p1 = p1;
+        p1.drained(&[1, 3]);
+        let p2 = p1
+            .plan(&config(&[(80, &[11, 13, 16]), (81, &[15])]), &caps(4, 8))
+            .unwrap()
+            .plane;
+        assert_eq!(
+            p2.index(&line(80, 16)),
+            Some(1),
+            "the smallest drained index"
+        );
+    }
+
+    #[test]
+    fn a_plan_beyond_the_tables_is_refused_with_what_is_kept_and_draining() {
+        let p0 = Plane::new()
+            .plan(&config(&[(80, &[11, 12, 13])]), &caps(2, 3))
+            .unwrap()
+            .plane;
+        // web13 leaves and web14 comes: web13's index is still draining.
+        let e = p0
+            .plan(&config(&[(80, &[11, 12, 14])]), &caps(2, 3))
+            .err()
+            .unwrap();
+        assert!(e.contains("2 kept, 1 still being drained"), "{e}");
+        let e = Plane::new()
+            .plan(
+                &config(&[(80, &[11]), (81, &[12]), (82, &[13])]),
+                &caps(2, 3),
+            )
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("3 services do not fit the tables' 2 services"),
+            "{e}"
+        );
+        // Planning touched nothing.
+        assert_eq!(p0.index(&line(80, 13)), Some(2));
+    }
+
+    #[test]
+    fn every_index_names_its_server_and_service_after_a_plan_and_a_compaction() {
+        let p = Plane::new()
+            .plan(&config(&[(80, &[11, 12]), (81, &[13])]), &caps(4, 8))
+            .unwrap()
+            .plane;
+        let l = p.lines();
+        let vip: Ipv4Addr = "192.0.2.100".parse().unwrap();
+        assert_eq!(
+            l.server[&2],
+            (Ipv4Addr::new(192, 0, 2, 13), 81, Method::Direct)
+        );
+        assert_eq!(l.vip[&2], (vip, 81));
+        let p = p
+            .plan(&config(&[(81, &[13])]), &caps(4, 8))
+            .unwrap()
+            .plane
+            .compact();
+        assert_eq!(p.index(&line(81, 13)), Some(0));
+        assert_eq!(p.lines().vip[&0], (vip, 81));
+        assert_eq!(p.lines().server.len(), 1);
+    }
+}
