@@ -93,9 +93,25 @@ pub struct Local {
     pub ifindex: u32,
 }
 
+/// Where a backup keeps connection entries: the dataplane's `connections` map (and, in the
+/// unit tests, a plain map).
+pub trait ConnStore {
+    fn connection(&self, key: &FlowKey) -> Option<Connection>;
+    fn set_connection(&mut self, key: &FlowKey, c: &Connection) -> Result<(), dataplane::Error>;
+}
+
+impl ConnStore for Dataplane {
+    fn connection(&self, key: &FlowKey) -> Option<Connection> {
+        Dataplane::connection(self, key)
+    }
+    fn set_connection(&mut self, key: &FlowKey, c: &Connection) -> Result<(), dataplane::Error> {
+        Dataplane::set_connection(self, key, c)
+    }
+}
+
 /// Installs records on a backup; returns (installed, skipped: servers it does not have).
 pub fn install(
-    dp: &mut Dataplane,
+    dp: &mut impl ConnStore,
     plane: &Plane,
     records: &[SyncRecord],
     local: Local,
@@ -176,4 +192,121 @@ pub fn install(
         installed += 1;
     }
     Ok((installed, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    impl ConnStore for HashMap<FlowKey, Connection> {
+        fn connection(&self, key: &FlowKey) -> Option<Connection> {
+            self.get(key).copied()
+        }
+        fn set_connection(
+            &mut self,
+            key: &FlowKey,
+            c: &Connection,
+        ) -> Result<(), dataplane::Error> {
+            self.insert(*key, *c);
+            Ok(())
+        }
+    }
+
+    /// A backup's plane: one NAT service, 192.0.2.100:80, with web1 (203.0.113.11:8080)
+    /// and web2 (203.0.113.12:8080) at indices 0 and 1.
+    fn plane() -> Plane {
+        let text = "[cluster]\nname = \"c\"\n[[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\n\
+                    interface = \"eth0\"\n[nat]\nsubnet = \"203.0.113.0/24\"\n\
+                    gateway = \"203.0.113.1\"\n[[service]]\nname = \"http\"\n\
+                    vip = \"192.0.2.100\"\nport = 80\n[[service.server]]\nname = \"web1\"\n\
+                    address = \"203.0.113.11\"\nport = 8080\nmethod = \"nat\"\n\
+                    [[service.server]]\nname = \"web2\"\naddress = \"203.0.113.12\"\n\
+                    port = 8080\nmethod = \"nat\"\n";
+        let c = config::parse(text, std::path::Path::new("/")).unwrap();
+        let caps = dataplane::Capacities {
+            services: 4,
+            servers: 4,
+            connections: 64,
+        };
+        Plane::new().plan(&c, &caps).unwrap().plane
+    }
+
+    /// The primary's record of client 198.51.100.7:40000 to web2, translated to
+    /// 203.0.113.1:1500.
+    fn record(kind: u8, flags: u16) -> SyncRecord {
+        SyncRecord {
+            kind,
+            proto: lb_common::IPPROTO_TCP,
+            flags,
+            client: ([198, 51, 100, 7], 40000),
+            vip: ([192, 0, 2, 100], 80),
+            server: ([203, 0, 113, 12], 8080),
+            nat: ([203, 0, 113, 1], 1500),
+            peer_mac: [2, 0, 0, 0, 0, 7],
+        }
+    }
+
+    fn client_key() -> FlowKey {
+        FlowKey {
+            src: Ipv4Addr::new(198, 51, 100, 7).into(),
+            dst: Ipv4Addr::new(192, 0, 2, 100).into(),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+
+    const LOCAL: Local = Local {
+        mac: [2, 0, 0, 0, 0, 2],
+        ifindex: 3,
+    };
+
+    #[test]
+    fn a_nat_record_installs_both_legs_with_this_backups_index_and_interface() {
+        let (plane, mut store) = (plane(), HashMap::new());
+        let r = install(&mut store, &plane, &[record(EVENT_OPEN, CONN_NAT)], LOCAL).unwrap();
+        assert_eq!(r, (1, 0));
+        let c = store[&client_key()];
+        assert_eq!(c.server, 1, "web2's index here");
+        assert_eq!(c.nat_port, 1500u16.to_be());
+        assert_eq!(v4(&c.nat_addr), Ipv4Addr::new(203, 0, 113, 1));
+        let reply = FlowKey {
+            src: Ipv4Addr::new(203, 0, 113, 12).into(),
+            dst: Ipv4Addr::new(203, 0, 113, 1).into(),
+            sport: 8080u16.to_be(),
+            dport: 1500u16.to_be(),
+            proto: lb_common::IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let back = store[&reply];
+        assert_eq!(back.flags, CONN_NAT | CONN_REPLY);
+        assert_eq!(v4(&back.nat_addr), Ipv4Addr::new(198, 51, 100, 7));
+        assert_eq!(back.nat_port, 40000u16.to_be());
+        assert_eq!(
+            (back.peer_mac, back.local_mac),
+            ([2, 0, 0, 0, 0, 7], LOCAL.mac)
+        );
+        assert_eq!(back.ifindex, LOCAL.ifindex);
+    }
+
+    #[test]
+    fn a_close_survives_a_later_full_table_record_of_the_same_connection() {
+        let (plane, mut store) = (plane(), HashMap::new());
+        install(&mut store, &plane, &[record(EVENT_OPEN, CONN_NAT)], LOCAL).unwrap();
+        install(&mut store, &plane, &[record(EVENT_CLOSE, CONN_FIN)], LOCAL).unwrap();
+        // The periodic full table was read before the close: it still says open.
+        install(&mut store, &plane, &[record(EVENT_OPEN, CONN_NAT)], LOCAL).unwrap();
+        assert_eq!(store[&client_key()].flags, CONN_NAT | CONN_FIN);
+    }
+
+    #[test]
+    fn a_record_for_a_server_this_backup_does_not_have_is_skipped() {
+        let (plane, mut store) = (plane(), HashMap::new());
+        let mut r = record(EVENT_OPEN, CONN_NAT);
+        r.server = ([203, 0, 113, 99], 8080);
+        assert_eq!(install(&mut store, &plane, &[r], LOCAL).unwrap(), (0, 1));
+        assert!(store.is_empty());
+    }
 }
