@@ -87,6 +87,18 @@ pub struct Lines {
     pub vip: HashMap<u32, (Ipv4Addr, u16)>,
 }
 
+/// Where the plane programs its services: the dataplane's maps (and, in the unit tests, a
+/// record of what was programmed).
+pub trait Programs {
+    fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), dataplane::Error>;
+}
+
+impl Programs for Dataplane {
+    fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), dataplane::Error> {
+        Dataplane::install(self, id, spec)
+    }
+}
+
 /// What taking a new config will do, worked out without touching the dataplane.
 pub struct Plan {
     /// The plane once the config is taken.
@@ -364,12 +376,12 @@ impl Plane {
     }
 
     /// Programs one service as the plane has it now.
-    fn install(&self, dp: &mut Dataplane, s: &ServiceCfg) -> Result<(), dataplane::Error> {
+    fn install(&self, dp: &mut impl Programs, s: &ServiceCfg) -> Result<(), dataplane::Error> {
         dp.install(self.ids[&svc_key(s)], &self.spec(s))
     }
 
     /// Programs every service again (after the dataplane was reloaded).
-    pub fn reinstall(&self, dp: &mut Dataplane) -> Result<(), dataplane::Error> {
+    pub fn reinstall(&self, dp: &mut impl Programs) -> Result<(), dataplane::Error> {
         for s in &self.services {
             self.install(dp, s)?;
         }
@@ -384,7 +396,7 @@ impl Plane {
     /// forwarded to a server that is down meanwhile (the dataplane checks its record).
     pub fn set_state(
         &mut self,
-        dp: &mut Dataplane,
+        dp: &mut impl Programs,
         line: &LineKey,
         f: impl FnOnce(&mut LineState),
         drop_connections: bool,
@@ -612,6 +624,56 @@ mod tests {
         );
         // Planning touched nothing.
         assert_eq!(p0.index(&line(80, 13)), Some(2));
+    }
+
+    /// What the plane programmed, in order.
+    impl Programs for Vec<(u32, ServiceSpec)> {
+        fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), dataplane::Error> {
+            self.push((id, spec.clone()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_health_change_reprograms_only_its_service_and_says_whose_connections_to_drop() {
+        let mut p = Plane::new()
+            .plan(&config(&[(80, &[11, 12]), (81, &[13])]), &caps(4, 8))
+            .unwrap()
+            .plane;
+        p.start_journal();
+        let mut programmed = Vec::new();
+        // web12 fails its checks: its service only, with web12 down; its connections go.
+        let drop = p
+            .set_state(&mut programmed, &line(80, 12), |s| s.healthy = false, true)
+            .unwrap();
+        assert_eq!(drop, Some(1));
+        assert_eq!(programmed.len(), 1);
+        let (id, spec) = &programmed[0];
+        assert_eq!(*id, 0);
+        let up: Vec<(u32, bool)> = spec.servers.iter().map(|v| (v.index, v.up)).collect();
+        assert_eq!(up, vec![(0, true), (1, false)]);
+        // Drained (weight 0), web13 keeps its connections: nothing to drop.
+        programmed.clear();
+        let drop = p
+            .set_state(
+                &mut programmed,
+                &line(81, 13),
+                |s| s.admin.weight = Some(0),
+                false,
+            )
+            .unwrap();
+        assert_eq!(drop, None);
+        assert_eq!(programmed[0].0, 1);
+        assert_eq!(programmed[0].1.servers[0].weight, 0);
+        // A line that left with a reload changes nothing.
+        programmed.clear();
+        let drop = p
+            .set_state(&mut programmed, &line(80, 99), |s| s.healthy = false, true)
+            .unwrap();
+        assert_eq!((drop, programmed.len()), (None, 0));
+        // A reload worked out meanwhile takes both changes over.
+        assert_eq!(p.take_journal(), vec![line(80, 12), line(81, 13)]);
+        assert!(!p.state(&line(80, 12)).healthy);
     }
 
     #[test]
