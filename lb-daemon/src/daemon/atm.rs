@@ -509,9 +509,67 @@ pub(super) fn load_dataplane(
     Ok((dp, attached))
 }
 
+/// What a primary's aliases do when the config changes (see `follow_aliases`).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct AliasPlan {
+    /// VIPs that left the config, to remove.
+    pub(super) remove: Vec<Ipv4Addr>,
+    /// VIPs that came, to add.
+    pub(super) add: Vec<Ipv4Addr>,
+    /// `[nat]` changed: the gateway and pool aliases are replaced.
+    pub(super) nat_moves: bool,
+}
+
+/// From the VIPs and `[nat]` before and after a reload: VIPs that stay are not touched
+/// (removing one would cut its connections for a moment).
+pub(super) fn alias_plan(
+    old_vips: &[Ipv4Addr],
+    new_vips: &[Ipv4Addr],
+    old_nat: Option<config::Nat>,
+    new_nat: Option<config::Nat>,
+) -> AliasPlan {
+    AliasPlan {
+        remove: old_vips
+            .iter()
+            .filter(|v| !new_vips.contains(v))
+            .copied()
+            .collect(),
+        add: new_vips
+            .iter()
+            .filter(|v| !old_vips.contains(v))
+            .copied()
+            .collect(),
+        nat_moves: old_nat != new_nat,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_moves_only_the_aliases_that_changed() {
+        let ip = |o: u8| Ipv4Addr::new(192, 0, 2, o);
+        let nat = |g: u8| {
+            Some(config::Nat::new(
+                "203.0.113.0".parse().unwrap(),
+                24,
+                Ipv4Addr::new(203, 0, 113, g),
+            ))
+        };
+        assert_eq!(
+            alias_plan(&[ip(100), ip(101)], &[ip(101), ip(102)], nat(1), nat(1)),
+            AliasPlan {
+                remove: vec![ip(100)],
+                add: vec![ip(102)],
+                nat_moves: false,
+            }
+        );
+        let same = alias_plan(&[ip(100)], &[ip(100)], nat(1), nat(2));
+        assert!(same.remove.is_empty() && same.add.is_empty() && same.nat_moves);
+        assert!(alias_plan(&[], &[], None, nat(1)).nat_moves);
+        assert!(!alias_plan(&[], &[], None, None).nat_moves);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn announcements_go_out_at_once_then_after_one_two_and_four_seconds() {

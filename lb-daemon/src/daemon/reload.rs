@@ -666,18 +666,18 @@ impl Daemon {
         }
         let atm_if = self.config.atms[a.index].interface.clone();
         let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow::anyhow!("{atm_if} is gone"))?;
-        let new_vips = self.vips();
-        for vip in old_vips.iter().filter(|v| !new_vips.contains(v)) {
-            self.net.del(ifindex, *vip, 32).await?;
+        let plan = super::atm::alias_plan(old_vips, &self.vips(), old_nat, self.config.nat);
+        for vip in plan.remove {
+            self.net.del(ifindex, vip, 32).await?;
             info!("VIP {vip} removed from {atm_if}:{VIP_LABEL}");
         }
-        for vip in new_vips.iter().filter(|v| !old_vips.contains(v)) {
+        for vip in plan.add {
             self.net
-                .add(ifindex, *vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
+                .add(ifindex, vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
                 .await?;
             info!("VIP {vip} configured on {atm_if}:{VIP_LABEL}");
         }
-        if old_nat != self.config.nat {
+        if plan.nat_moves {
             for r in self.net.remove_labelled(NAT_LABEL).await? {
                 info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
             }
