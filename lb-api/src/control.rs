@@ -87,6 +87,18 @@ impl Response {
             ..Default::default()
         }
     }
+    /// A typed view (see `views`) as the answer's data.
+    pub fn view(v: &impl Serialize) -> Response {
+        match serde_json::to_value(v) {
+            Ok(d) => Response::data(d),
+            Err(e) => Response::error(format!("cannot write the answer: {e}")),
+        }
+    }
+    /// The answer's data read back as the view it was sent as.
+    pub fn into_view<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        serde_json::from_value(self.data.unwrap_or_default())
+            .map_err(|e| format!("lb-daemon answered with data lb-cli cannot read: {e}"))
+    }
     pub fn error(e: impl Into<String>) -> Response {
         Response {
             ok: false,

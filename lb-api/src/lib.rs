@@ -1,9 +1,10 @@
 //! What lb-daemon and lb-cli share, with no dataplane in it: the config file (types, reader,
-//! checks), the control protocol with its client, and the capacities of the maps. lb-cli
+//! checks), the control protocol with its client and the typed views it answers with, and the capacities of the maps. lb-cli
 //! builds on this crate alone, so it needs neither aya nor the eBPF toolchain.
 
 pub mod config;
 pub mod control;
+pub mod views;
 
 /// Capacities of the maps: the `config` table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

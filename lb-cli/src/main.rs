@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand};
 use lb_api::{
     config,
     control::{self, Request, Response, ServerAction},
+    views::{ConnectionLine, ServerLine, ServiceLine, Status},
 };
-use serde_json::Value;
 
 #[derive(Parser)]
 #[command(
@@ -132,7 +132,7 @@ fn ask(socket: &Path, req: Request) -> Result<Response, String> {
 fn run(cli: Cli) -> Result<(), String> {
     let s = &cli.socket;
     match cli.cmd {
-        Cmd::Status => print_status(&ask(s, Request::Status)?.data.unwrap_or_default()),
+        Cmd::Status => print_status(&ask(s, Request::Status)?.into_view()?),
         Cmd::Cat { table } => print!(
             "{}",
             ask(s, Request::Cat { table })?.text.unwrap_or_default()
@@ -148,16 +148,14 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", r.text.unwrap_or_default());
         }
         Cmd::List { what, json } => {
-            let data = ask(s, Request::List { what: what.clone() })?
-                .data
-                .unwrap_or_default();
+            let r = ask(s, Request::List { what: what.clone() })?;
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&data).unwrap_or_default()
+                    serde_json::to_string_pretty(&r.data.unwrap_or_default()).unwrap_or_default()
                 );
             } else {
-                print!("{}", list_table(&what, &data));
+                print!("{}", list_table(&what, r)?);
             }
         }
         Cmd::Stat { watch, count } => {
@@ -245,14 +243,6 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-fn str_of(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
 /// Rows with a header, each column as wide as its widest cell.
 fn aligned(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -278,96 +268,108 @@ fn aligned(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn list_table(what: &str, data: &Value) -> String {
-    let cols: &[(&str, &str)] = match what {
-        "services" => &[
-            ("NAME", "name"),
-            ("PROT", "protocol"),
-            ("VIP", "vip"),
-            ("PORT", "port"),
-            ("SCHED", "scheduler"),
-            ("PERSIST", "persistence"),
-            ("STATE", "state"),
-            ("PACKETS", "packets"),
-        ],
-        "servers" => &[
-            ("SERVICE", "service"),
-            ("NAME", "name"),
-            ("PROT", "protocol"),
-            ("ADDRESS", "address"),
-            ("PORT", "port"),
-            ("VIP", "vip"),
-            ("VPORT", "vport"),
-            ("STATE", "state"),
-            ("WEIGHT", "weight"),
-            ("METHOD", "method"),
-            ("PACKETS", "packets"),
-        ],
-        _ => &[
-            ("PROT", "protocol"),
-            ("CLIENT", "client"),
-            ("VIP", "vip"),
-            ("TIMEOUT", "timeout"),
-            ("SERVER", "server"),
-            ("PACKETS", "packets"),
-        ],
+fn list_table(what: &str, r: Response) -> Result<String, String> {
+    let (header, rows): (&[&str], Vec<Vec<String>>) = match what {
+        "services" => (
+            &[
+                "NAME", "PROT", "VIP", "PORT", "SCHED", "PERSIST", "STATE", "PACKETS",
+            ],
+            r.into_view::<Vec<ServiceLine>>()?
+                .into_iter()
+                .map(|l| {
+                    vec![
+                        l.name,
+                        l.protocol,
+                        l.vip.to_string(),
+                        l.port.to_string(),
+                        l.scheduler,
+                        l.persistence.to_string(),
+                        l.state.name().into(),
+                        l.packets.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+        "servers" => (
+            &[
+                "SERVICE", "NAME", "PROT", "ADDRESS", "PORT", "VIP", "VPORT", "STATE", "WEIGHT",
+                "METHOD", "PACKETS",
+            ],
+            r.into_view::<Vec<ServerLine>>()?
+                .into_iter()
+                .map(|l| {
+                    vec![
+                        l.service,
+                        l.name,
+                        l.protocol,
+                        l.address.to_string(),
+                        l.port.to_string(),
+                        l.vip.to_string(),
+                        l.vport.to_string(),
+                        l.state.name().into(),
+                        l.weight.to_string(),
+                        l.method,
+                        l.packets.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+        _ => (
+            &["PROT", "CLIENT", "VIP", "TIMEOUT", "SERVER", "PACKETS"],
+            r.into_view::<Vec<ConnectionLine>>()?
+                .into_iter()
+                .map(|l| {
+                    vec![
+                        l.protocol,
+                        l.client.to_string(),
+                        l.vip.to_string(),
+                        l.timeout.to_string(),
+                        l.server.to_string(),
+                        l.packets.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
     };
-    let rows: Vec<Vec<String>> = data
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|r| cols.iter().map(|(_, k)| str_of(&r[*k])).collect())
-                .collect()
-        })
-        .unwrap_or_default();
-    aligned(&cols.iter().map(|(h, _)| *h).collect::<Vec<_>>(), &rows)
+    Ok(aligned(header, &rows))
 }
 
-fn print_status(d: &Value) {
-    let primary = d["atms"]
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["role"] == "primary"))
-        .map(|x| str_of(&x["name"]));
+fn print_status(d: &Status) {
     println!(
         "Cluster {}: {}",
-        str_of(&d["cluster"]),
-        match primary {
-            Some(p) => format!("{p} is primary"),
+        d.cluster,
+        match d.primary() {
+            Some(p) => format!("{} is primary", p.name),
             None => "no primary ATM".into(),
         }
     );
-    println!("This is {} ({})", str_of(&d["name"]), str_of(&d["role"]));
+    println!("This is {} ({})", d.name, d.role);
     println!("ATMs:");
-    let me = str_of(&d["name"]);
-    for a in d["atms"].as_array().into_iter().flatten() {
-        let heard = match a["last_heard_ms"].as_u64() {
-            _ if str_of(&a["name"]) == me => "this ATM".to_string(),
+    for a in &d.atms {
+        let heard = match a.last_heard_ms {
+            _ if a.name == d.name => "this ATM".to_string(),
             Some(ms) => format!("heard {ms} ms ago"),
             None => "never heard".to_string(),
         };
         println!(
             "  {:<10} {:<15} {:<8} {:<8} {heard}",
-            str_of(&a["name"]),
-            str_of(&a["address"]),
-            str_of(&a["role"]),
-            str_of(&a["state"])
+            a.name,
+            a.address.to_string(),
+            a.role,
+            a.state
         );
     }
-    let refused: Vec<String> = d["rejected"]
-        .as_object()
-        .into_iter()
+    let refused: Vec<String> = d
+        .rejected
+        .iter()
         .flatten()
-        .filter_map(|(why, n)| n.as_u64().filter(|n| *n > 0).map(|n| format!("{why} {n}")))
+        .filter(|(_, n)| **n > 0)
+        .map(|(why, n)| format!("{why} {n}"))
         .collect();
     if !refused.is_empty() {
         println!("Refused ATM messages: {}", refused.join(", "));
     }
-    let vips: Vec<String> = d["vips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(str_of)
-        .collect();
+    let vips: Vec<String> = d.vips.iter().map(|v| v.to_string()).collect();
     println!(
         "VIPs: {}",
         if vips.is_empty() {
@@ -376,30 +378,24 @@ fn print_status(d: &Value) {
             vips.join(", ")
         }
     );
-    if let Some(att) = d["attached"].as_array() {
+    if let Some(att) = &d.attached {
         let a: Vec<String> = att
             .iter()
-            .map(|x| format!("{} ({})", str_of(&x["interface"]), str_of(&x["mode"])))
+            .map(|x| format!("{} ({})", x.interface, x.mode))
             .collect();
         println!("Dataplane: lb_xdp on {}", a.join(", "));
     }
-    if d["nat"].is_object() {
-        let n = &d["nat"];
-        let addrs: Vec<String> = n["addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(str_of)
-            .collect();
+    if let Some(n) = &d.nat {
+        let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
         println!(
             "NAT: {} ports {} per server and address, held {} s after close ({} s when the \
              server closes first); {} new connections refused for want of a port{}",
             addrs.join(", "),
-            str_of(&n["ports"]),
-            str_of(&n["port_hold"]),
-            str_of(&n["time_wait"]),
-            str_of(&n["exhausted_drops"]),
-            if n["exhausted_now"] == true {
+            n.ports,
+            n.port_hold,
+            n.time_wait,
+            n.exhausted_drops,
+            if n.exhausted_now {
                 " (EXHAUSTED now)"
             } else {
                 ""
@@ -407,26 +403,25 @@ fn print_status(d: &Value) {
         );
     }
     println!("Services:");
-    for s in d["services"].as_array().into_iter().flatten() {
-        let servers = s["servers"].as_array().cloned().unwrap_or_default();
-        let up = servers.iter().filter(|v| v["up"] == true).count();
+    for s in &d.services {
+        let up = s.servers.iter().filter(|v| v.up).count();
         println!(
             "  {} {} {}:{}  {up}/{} servers up",
-            str_of(&s["name"]),
-            str_of(&s["protocol"]),
-            str_of(&s["vip"]),
-            str_of(&s["port"]),
-            servers.len()
+            s.name,
+            s.protocol,
+            s.vip,
+            s.port,
+            s.servers.len()
         );
-        for v in servers {
+        for v in &s.servers {
             println!(
                 "    {:<10} {:>15}:{:<5} {:<6} {:<4} weight {}",
-                str_of(&v["name"]),
-                str_of(&v["address"]),
-                str_of(&v["port"]),
-                str_of(&v["method"]),
-                if v["up"] == true { "up" } else { "down" },
-                str_of(&v["weight"])
+                v.name,
+                v.address.to_string(),
+                v.port,
+                v.method,
+                if v.up { "up" } else { "down" },
+                v.weight
             );
         }
     }

@@ -14,12 +14,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
+use lb_api::views;
 use lb_common::{
     CONN_FIN, CONN_REPLY, CONN_RST, Connection, FlowKey, Method, SETTINGS_ACTIVE, SETTINGS_SYNC,
     Settings, Stat,
 };
 use log::{error, info, warn};
-use serde_json::json;
 use tokio::{
     net::UdpSocket,
     signal::unix::{SignalKind, signal},

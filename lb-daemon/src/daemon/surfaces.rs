@@ -31,11 +31,8 @@ impl Daemon {
                 },
                 None => Response::error(unknown_table(&table)),
             },
-            Request::Status => Response::data(self.status()),
-            Request::List { what } => match self.list(&what) {
-                Ok(v) => Response::data(v),
-                Err(e) => Response::error(e),
-            },
+            Request::Status => Response::view(&self.status()),
+            Request::List { what } => self.list(&what).unwrap_or_else(Response::error),
             Request::Reload => unreachable!("reload answers asynchronously"),
             Request::Server {
                 action,
@@ -166,7 +163,7 @@ impl Daemon {
             }
             Request::List { what } if what == "connections" => {
                 let v = self.conn_view()?;
-                Box::new(move |all| Response::data(connections_json(&v.lines(all))))
+                Box::new(move |all| Response::view(&connection_views(&v.lines(all))))
             }
             Request::Metrics => {
                 let (mut snap, lines) = self.snapshot_base();
@@ -270,69 +267,111 @@ impl Daemon {
         }
     }
 
-    pub(super) fn status(&self) -> serde_json::Value {
-        let services: Vec<serde_json::Value> = match &self.atm {
+    pub(super) fn status(&self) -> views::Status {
+        let services = match &self.atm {
             Some(a) => a
                 .plane
                 .services()
                 .iter()
                 .map(|s| {
                     let k = svc_key(s);
-                    json!({
-                        "name": s.name,
-                        "protocol": s.proto_name(),
-                        "vip": s.vip.to_string(),
-                        "port": s.port,
-                        "servers": s.servers.iter().map(|v| {
-                            let lk = (k, v.address, v.port);
-                            json!({
-                                "name": v.name,
-                                "address": v.address.to_string(),
-                                "port": v.port,
-                                "method": v.method.name(),
-                                "up": a.plane.up(&lk),
-                                "weight": a.plane.weight(&lk, v.weight),
+                    views::ServiceStatus {
+                        name: s.name.clone(),
+                        protocol: s.proto_name().into(),
+                        vip: s.vip.into(),
+                        port: s.port,
+                        servers: s
+                            .servers
+                            .iter()
+                            .map(|v| {
+                                let lk = (k, v.address, v.port);
+                                views::ServerStatus {
+                                    name: v.name.clone(),
+                                    address: v.address.into(),
+                                    port: v.port,
+                                    method: v.method.name().into(),
+                                    up: a.plane.up(&lk),
+                                    weight: a.plane.weight(&lk, v.weight),
+                                }
                             })
-                        }).collect::<Vec<_>>(),
-                    })
+                            .collect(),
+                    }
                 })
                 .collect(),
             None => Vec::new(),
         };
-        json!({
-            "cluster": self.config.cluster.name,
-            "name": self.name,
-            "role": self.role_name(),
-            "atms": self.atm_lines().iter().map(|l| json!({
-                "name": l.name, "address": l.address.to_string(), "role": l.role,
-                "state": l.state, "last_heard_ms": l.last_heard_ms,
-            })).collect::<Vec<_>>(),
-            "vips": self.vips().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
-            "term": self.ha.as_ref().map(|h| h.election.term()),
-            "rejected": self.ha.as_ref().map(|h| Reject::ALL.iter().map(|r| (r.name().to_string(), json!(h.rejects.get(r).copied().unwrap_or(0)))).collect::<serde_json::Map<_, _>>()),
-            "nat": self.config.nat.map(|n| json!({
-                "addresses": n.addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "ports": format!("{}-{}", NAT_PORTS.0, NAT_PORTS.1),
-                "port_hold": n.port_hold,
-                "time_wait": n.time_wait,
-                "exhausted_drops": self.atm.as_ref().and_then(|a| a.dp.stats().ok()).map_or(0, |s| s.get(Stat::DropNatPorts)),
-                "exhausted_now": self.atm.as_ref().is_some_and(|a| a.nat_burst.is_some()),
-            })),
-            "attached": self.atm.as_ref().map(|a| a.attached.iter().map(|(i, m)| json!({"interface": i, "mode": m.name()})).collect::<Vec<_>>()),
-            "services": services,
-        })
+        let atm = self.atm.as_ref();
+        views::Status {
+            cluster: self.config.cluster.name.clone(),
+            name: self.name.clone(),
+            role: self.role_name().into(),
+            atms: self
+                .atm_lines()
+                .into_iter()
+                .map(|l| views::AtmStatus {
+                    name: l.name,
+                    address: l.address.into(),
+                    role: l.role.into(),
+                    state: l.state.into(),
+                    last_heard_ms: l.last_heard_ms,
+                })
+                .collect(),
+            vips: self.vips().iter().map(|&v| v.into()).collect(),
+            term: self.ha.as_ref().map(|h| h.election.term()),
+            rejected: self.ha.as_ref().map(|h| {
+                Reject::ALL
+                    .iter()
+                    .map(|r| {
+                        let n = h.rejects.get(r).copied().unwrap_or(0);
+                        (r.name().to_string(), n)
+                    })
+                    .collect()
+            }),
+            nat: self.config.nat.map(|n| views::NatStatus {
+                addresses: n.addresses().map(Into::into).collect(),
+                ports: format!("{}-{}", NAT_PORTS.0, NAT_PORTS.1),
+                port_hold: n.port_hold,
+                time_wait: n.time_wait,
+                exhausted_drops: atm
+                    .and_then(|a| a.dp.stats().ok())
+                    .map_or(0, |s| s.get(Stat::DropNatPorts)),
+                exhausted_now: atm.is_some_and(|a| a.nat_burst.is_some()),
+            }),
+            attached: atm.map(|a| {
+                a.attached
+                    .iter()
+                    .map(|(i, m)| views::Attached {
+                        interface: i.clone(),
+                        mode: m.name().into(),
+                    })
+                    .collect()
+            }),
+            services,
+        }
     }
 
-    pub(super) fn list(&self, what: &str) -> std::result::Result<serde_json::Value, String> {
+    pub(super) fn list(&self, what: &str) -> std::result::Result<Response, String> {
         let a = self.atm.as_ref().ok_or("this is not an ATM")?;
         match what {
             "services" => {
                 let lines = a.plane.service_lines(&a.dp);
-                Ok(json!(a.plane.services().iter().zip(lines).map(|(s, l)| json!({
-                    "name": s.name, "protocol": s.proto_name(), "vip": s.vip.to_string(), "port": s.port,
-                    "scheduler": s.scheduler.name(), "persistence": s.persistence,
-                    "state": if l.up { "up" } else { "down" }, "packets": l.packets,
-                })).collect::<Vec<_>>()))
+                let view: Vec<_> = a
+                    .plane
+                    .services()
+                    .iter()
+                    .zip(lines)
+                    .map(|(s, l)| views::ServiceLine {
+                        name: s.name.clone(),
+                        protocol: s.proto_name().into(),
+                        vip: s.vip.into(),
+                        port: s.port,
+                        scheduler: s.scheduler.name().into(),
+                        persistence: s.persistence,
+                        state: views::State::of(l.up),
+                        packets: l.packets,
+                    })
+                    .collect();
+                Ok(Response::view(&view))
             }
             "servers" => {
                 let lines = a.plane.server_lines(&a.dp);
@@ -341,15 +380,27 @@ impl Daemon {
                         .iter()
                         .map(move |v| (s.name.clone(), v.name.clone()))
                 });
-                Ok(json!(names.zip(lines).map(|((svc, name), l)| json!({
-                    "service": svc, "name": name, "protocol": config::proto_name(l.proto),
-                    "address": l.server.to_string(), "port": l.port, "vip": l.vip.to_string(), "vport": l.vport,
-                    "state": if l.up { "up" } else { "down" }, "weight": l.weight, "method": l.method, "packets": l.packets,
-                })).collect::<Vec<_>>()))
+                let view: Vec<_> = names
+                    .zip(lines)
+                    .map(|((service, name), l)| views::ServerLine {
+                        service,
+                        name,
+                        protocol: config::proto_name(l.proto).into(),
+                        address: l.server.into(),
+                        port: l.port,
+                        vip: l.vip.into(),
+                        vport: l.vport,
+                        state: views::State::of(l.up),
+                        weight: l.weight,
+                        method: l.method.into(),
+                        packets: l.packets,
+                    })
+                    .collect();
+                Ok(Response::view(&view))
             }
-            "connections" => Ok(connections_json(
+            "connections" => Ok(Response::view(&connection_views(
                 &self.connection_lines().map_err(|e| e.to_string())?,
-            )),
+            ))),
             other => Err(format!(
                 "list takes services, servers or connections, not {other:?}"
             )),
@@ -508,20 +559,19 @@ impl ConnView {
 }
 
 /// `lb-cli list connections`.
-pub(super) fn connections_json(lines: &[ConnLine]) -> serde_json::Value {
-    json!(
-        lines
-            .iter()
-            .map(|l| json!({
-                "protocol": config::proto_name(l.proto),
-                "client": format!("{}:{}", l.src.0, l.src.1),
-                "vip": format!("{}:{}", l.vip.0, l.vip.1),
-                "timeout": l.timeout,
-                "server": format!("{}:{}", l.server.0, l.server.1),
-                "packets": l.packets,
-            }))
-            .collect::<Vec<_>>()
-    )
+pub(super) fn connection_views(lines: &[ConnLine]) -> Vec<views::ConnectionLine> {
+    let at = |(a, p): (Ipv4Addr, u16)| SocketAddr::new(a.into(), p);
+    lines
+        .iter()
+        .map(|l| views::ConnectionLine {
+            protocol: config::proto_name(l.proto).into(),
+            client: at(l.src),
+            vip: at(l.vip),
+            timeout: l.timeout,
+            server: at(l.server),
+            packets: l.packets,
+        })
+        .collect()
 }
 
 pub(super) fn count_active(all: &[(FlowKey, Connection)], timeout_ns: u64) -> u64 {
