@@ -90,12 +90,30 @@ pub struct Lines {
 /// Where the plane programs its services: the dataplane's maps (and, in the unit tests, a
 /// record of what was programmed).
 pub trait Programs {
+    /// Programs service `id` whole: its servers, its row, its record.
     fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), dataplane::Error>;
+    /// Changes one server line of installed service `id`: its record and its service's row.
+    fn set_server_state(
+        &mut self,
+        id: u32,
+        index: u32,
+        up: bool,
+        weight: u32,
+    ) -> Result<(), dataplane::Error>;
 }
 
 impl Programs for Dataplane {
     fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), dataplane::Error> {
         Dataplane::install(self, id, spec)
+    }
+    fn set_server_state(
+        &mut self,
+        id: u32,
+        index: u32,
+        up: bool,
+        weight: u32,
+    ) -> Result<(), dataplane::Error> {
+        Dataplane::set_server_state(self, id, index, up, weight)
     }
 }
 
@@ -388,12 +406,17 @@ impl Plane {
         Ok(())
     }
 
-    /// Changes a line's health or operator state and reprograms its service. A line that
-    /// stops taking connections should have its existing ones dropped when
-    /// `drop_connections` (a server that failed its checks, as TCL does); a drained one
-    /// (weight 0) keeps them. Returns the server index whose connections to drop: the
-    /// caller does it beside the event loop (a big table takes a while), and nothing is
-    /// forwarded to a server that is down meanwhile (the dataplane checks its record).
+    /// Changes a line's health or operator state and reprograms that server and its
+    /// service's row (not the whole service). A line that stops taking connections should
+    /// have its existing ones dropped when `drop_connections` (a server that failed its
+    /// checks, as TCL does); a drained one (weight 0) keeps them. Returns the server index
+    /// whose connections to drop: the caller does it beside the event loop (a big table
+    /// takes a while), and nothing is forwarded to a server that is down meanwhile (the
+    /// dataplane checks its record).
+    ///
+    /// While a reload is being written (the journal is on), the dataplane may already hold
+    /// the new config's version of the service, without this line: the change is then
+    /// left to the reload, which reprograms every service whose lines changed meanwhile.
     pub fn set_state(
         &mut self,
         dp: &mut impl Programs,
@@ -406,15 +429,32 @@ impl Plane {
         };
         let mut state = self.state(line);
         f(&mut state);
+        let (Some(id), Some(configured)) = (
+            self.id(&line.0),
+            self.services
+                .iter()
+                .find(|s| svc_key(s) == line.0)
+                .and_then(|s| {
+                    s.servers
+                        .iter()
+                        .find(|v| (v.address, v.port) == (line.1, line.2))
+                })
+                .map(|v| v.weight),
+        ) else {
+            return Ok(None);
+        };
+        let up = state.healthy && !state.admin.disabled;
+        let weight = state.admin.weight.unwrap_or(configured);
+        match dp.set_server_state(id, index, up, weight) {
+            Err(dataplane::Error::Invalid(_)) if self.journal.is_some() => {}
+            r => r?,
+        }
+        // Taken only once programmed: a failed write leaves the line as it was.
         self.states.insert(*line, state);
         if let Some(j) = self.journal.as_mut() {
             j.push(*line);
         }
-        let Some(s) = self.services.iter().find(|s| svc_key(s) == line.0).cloned() else {
-            return Ok(None);
-        };
-        self.install(dp, &s)?;
-        Ok((drop_connections && !self.up(line)).then_some(index))
+        Ok((drop_connections && !up).then_some(index))
     }
 
     /// The `services` table.
@@ -626,54 +666,121 @@ mod tests {
         assert_eq!(p0.index(&line(80, 13)), Some(2));
     }
 
-    /// What the plane programmed, in order.
-    impl Programs for Vec<(u32, ServiceSpec)> {
+    /// What the plane programmed, in order, and the services as installed (as the
+    /// dataplane keeps them, so a change to a line it does not hold is refused as there).
+    #[derive(Default)]
+    struct Record {
+        installed: HashMap<u32, ServiceSpec>,
+        calls: Vec<Programmed>,
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum Programmed {
+        Service(u32),
+        Server {
+            id: u32,
+            index: u32,
+            up: bool,
+            weight: u32,
+        },
+    }
+
+    impl Programs for Record {
         fn install(&mut self, id: u32, spec: &ServiceSpec) -> Result<(), dataplane::Error> {
-            self.push((id, spec.clone()));
+            self.installed.insert(id, spec.clone());
+            self.calls.push(Programmed::Service(id));
+            Ok(())
+        }
+        fn set_server_state(
+            &mut self,
+            id: u32,
+            index: u32,
+            up: bool,
+            weight: u32,
+        ) -> Result<(), dataplane::Error> {
+            let held = self
+                .installed
+                .get(&id)
+                .is_some_and(|s| s.servers.iter().any(|v| v.index == index));
+            if !held {
+                return Err(dataplane::Error::Invalid(format!(
+                    "service {id} has no server with index {index}"
+                )));
+            }
+            self.calls.push(Programmed::Server {
+                id,
+                index,
+                up,
+                weight,
+            });
             Ok(())
         }
     }
 
     #[test]
-    fn a_health_change_reprograms_only_its_service_and_says_whose_connections_to_drop() {
+    fn a_health_change_reprograms_only_its_server_and_says_whose_connections_to_drop() {
         let mut p = Plane::new()
             .plan(&config(&[(80, &[11, 12]), (81, &[13])]), &caps(4, 8))
             .unwrap()
             .plane;
+        let mut dp = Record::default();
+        p.reinstall(&mut dp).unwrap();
+        assert_eq!(
+            dp.calls,
+            vec![Programmed::Service(0), Programmed::Service(1)]
+        );
+        dp.calls.clear();
         p.start_journal();
-        let mut programmed = Vec::new();
-        // web12 fails its checks: its service only, with web12 down; its connections go.
+        // web12 fails its checks: its record and its service's row only; its connections go.
         let drop = p
-            .set_state(&mut programmed, &line(80, 12), |s| s.healthy = false, true)
+            .set_state(&mut dp, &line(80, 12), |s| s.healthy = false, true)
             .unwrap();
         assert_eq!(drop, Some(1));
-        assert_eq!(programmed.len(), 1);
-        let (id, spec) = &programmed[0];
-        assert_eq!(*id, 0);
-        let up: Vec<(u32, bool)> = spec.servers.iter().map(|v| (v.index, v.up)).collect();
-        assert_eq!(up, vec![(0, true), (1, false)]);
+        let web12_down = Programmed::Server {
+            id: 0,
+            index: 1,
+            up: false,
+            weight: 1,
+        };
+        assert_eq!(dp.calls, vec![web12_down]);
         // Drained (weight 0), web13 keeps its connections: nothing to drop.
-        programmed.clear();
+        dp.calls.clear();
         let drop = p
-            .set_state(
-                &mut programmed,
-                &line(81, 13),
-                |s| s.admin.weight = Some(0),
-                false,
-            )
+            .set_state(&mut dp, &line(81, 13), |s| s.admin.weight = Some(0), false)
             .unwrap();
         assert_eq!(drop, None);
-        assert_eq!(programmed[0].0, 1);
-        assert_eq!(programmed[0].1.servers[0].weight, 0);
+        let web13_drained = Programmed::Server {
+            id: 1,
+            index: 2,
+            up: true,
+            weight: 0,
+        };
+        assert_eq!(dp.calls, vec![web13_drained]);
         // A line that left with a reload changes nothing.
-        programmed.clear();
+        dp.calls.clear();
         let drop = p
-            .set_state(&mut programmed, &line(80, 99), |s| s.healthy = false, true)
+            .set_state(&mut dp, &line(80, 99), |s| s.healthy = false, true)
             .unwrap();
-        assert_eq!((drop, programmed.len()), (None, 0));
-        // A reload worked out meanwhile takes both changes over.
-        assert_eq!(p.take_journal(), vec![line(80, 12), line(81, 13)]);
+        assert_eq!((drop, dp.calls.len()), (None, 0));
+        // Mid-reload the dataplane may hold the new version of a service, without the
+        // line: the reload takes the change over...
+        dp.installed.remove(&1);
+        let drop = p
+            .set_state(&mut dp, &line(81, 13), |s| s.healthy = false, true)
+            .unwrap();
+        assert_eq!(drop, Some(2));
+        assert_eq!(
+            p.take_journal(),
+            vec![line(80, 12), line(81, 13), line(81, 13)]
+        );
         assert!(!p.state(&line(80, 12)).healthy);
+        // ...but outside a reload, a plane and dataplane that disagree are an error, and
+        // the line stays as it was.
+        let e = p
+            .set_state(&mut dp, &line(81, 13), |s| s.healthy = true, true)
+            .unwrap_err();
+        assert!(e.to_string().contains("no server with index 2"), "{e}");
+        assert!(!p.up(&line(81, 13)));
     }
 
     #[test]

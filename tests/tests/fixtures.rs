@@ -1033,7 +1033,7 @@ fn idle_connections_count_as_new_and_down_servers_lose_theirs() {
     // Its server goes down: the next packet of the connection goes to a server that is up
     // (rr's cursor has moved on to slot 1).
     assert_eq!(row[0], first);
-    b.dp.set_server_state(TUN, 0, false, 1).unwrap();
+    b.dp.set_server_state(TUN, first, false, 1).unwrap();
     let row = b.row(TUN);
     assert_eq!(row, vec![first + 1, first + 2]);
     let f = from_client(45000, VIP, 81, ACK, b"");

@@ -87,12 +87,14 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Marks server `pos` of service `id` up or down and sets its weight, then rebuilds the
-    /// service's row: a server that went down leaves the table at once.
+    /// Marks server line `index` of service `id` up or down and sets its weight, then
+    /// rebuilds that service's row: a server that went down leaves the table at once. Only
+    /// that server's record and that service's row and record are written. An error if the
+    /// service, as last installed, has no such line.
     pub fn set_server_state(
         &mut self,
         id: u32,
-        pos: usize,
+        index: u32,
         up: bool,
         weight: u32,
     ) -> Result<(), Error> {
@@ -103,11 +105,13 @@ impl Dataplane {
         let s = inst
             .spec
             .servers
-            .get_mut(pos)
-            .ok_or_else(|| Error::Invalid(format!("service {id} has no server {pos}")))?;
+            .iter_mut()
+            .find(|s| s.index == index)
+            .ok_or_else(|| {
+                Error::Invalid(format!("service {id} has no server with index {index}"))
+            })?;
         s.up = up;
         s.weight = weight;
-        let index = s.index;
         let mut record = self.server(index)?;
         record.flags = if up { SERVER_UP } else { 0 };
         record.weight = weight;
