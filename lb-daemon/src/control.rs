@@ -54,7 +54,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
                         "a request line is at most {} bytes: this one is longer",
                         MAX_REQUEST
                     );
-                    log::warn!("Control socket: refused a request: {msg}");
+                    tracing::warn!("Control socket: refused a request: {msg}");
                     let _ = send(&mut write, &Response::error(msg)).await;
                     return;
                 }

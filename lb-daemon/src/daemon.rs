@@ -19,13 +19,13 @@ use lb_common::{
     CONN_FIN, CONN_REPLY, CONN_RST, Connection, FlowKey, Method, SETTINGS_ACTIVE, SETTINGS_SYNC,
     Settings, Stat,
 };
-use log::{error, info, warn};
 use tokio::{
     net::UdpSocket,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
     time::{Instant, MissedTickBehavior, interval, sleep_until},
 };
+use tracing::{Instrument, Span, error, info, info_span, warn};
 
 mod atm;
 mod checks;
@@ -240,6 +240,9 @@ struct Daemon {
     jobs_tx: mpsc::UnboundedSender<reload::Job>,
     /// A reload or resize under way: a second one is refused, not interleaved.
     busy: Option<&'static str>,
+    /// The log span of the reload or resize under way: its lines, over many turns of the
+    /// loop, begin with its name.
+    busy_span: Span,
     /// A SIGHUP came during a reload: read the file again when it is done.
     reload_again: bool,
     /// A reload's writes to the dataplane, applied a few milliseconds at a time.
@@ -256,6 +259,8 @@ struct Handover {
     /// The `lb-cli demote` to answer, if it came from one.
     reply: Option<oneshot::Sender<Response>>,
     since: Instant,
+    /// Its log span, from the transfer's start to the role's move.
+    span: Span,
 }
 
 /// An ATM's part in the election: its state machine and the socket to the other ATMs.
@@ -352,6 +357,7 @@ pub async fn run(opts: Options) -> Result<()> {
         marks_tx,
         jobs_tx,
         busy: None,
+        busy_span: Span::none(),
         reload_again: false,
         applying: None,
         server_addrs: Arc::default(),
@@ -500,9 +506,10 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             Some(job) = jobs_rx.recv() => {
                 let _b = Busy::new(job.what());
+                let span = d.busy_span.clone();
                 match job {
-                reload::Job::Parsed { config, reply } => d.on_parsed(config, reply).await,
-                reload::Job::Prepared { result, reply } => d.on_prepared(result, reply).await,
+                reload::Job::Parsed { config, reply } => d.on_parsed(config, reply).instrument(span).await,
+                reload::Job::Prepared { result, reply } => d.on_prepared(result, reply).instrument(span).await,
                 reload::Job::Drained { generation, indices, dropped } => {
                     d.on_drained(generation, indices, dropped)
                 }
@@ -520,7 +527,8 @@ pub async fn run(opts: Options) -> Result<()> {
             // every other branch served in between.
             _ = std::future::ready(()), if d.applying.is_some() => {
                 let _b = Busy::new("a reload step");
-                d.apply_step().await
+                let span = d.busy_span.clone();
+                d.apply_step().instrument(span).await
             }
             _ = term.recv() => { info!("Received SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("Received SIGINT: stopping"); break; }

@@ -228,7 +228,7 @@ impl Filesystem for Tables {
         // A value comes whole in one write (`echo 100 > timeout`). The kernel splits a big
         // write into pieces; applying the first piece alone would apply part of a value.
         if offset != 0 || data.len() > MAX_WRITE {
-            log::warn!(
+            tracing::warn!(
                 "Refused write to {}: {} bytes at offset {offset}; a table takes one value \
                  of at most {MAX_WRITE} bytes in a single write",
                 t.name(),

@@ -1,6 +1,6 @@
-//! lb-daemon: the ATM. Parses arguments, sets up logging, runs the daemon.
+//! lb-daemon: the ATM. Parses arguments, sets up logging (see `logging`), runs the daemon.
 
-use std::{io::Write, path::PathBuf};
+use std::path::PathBuf;
 
 use clap::Parser;
 use lb_daemon::daemon::{self, Options};
@@ -42,25 +42,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut logger = env_logger::Builder::new();
-    logger
-        .filter_level(log::LevelFilter::Info)
-        // fuser reports every operation it does not implement (xattrs...) as a warning.
-        .filter_module("fuser", log::LevelFilter::Error)
-        .parse_env("LB_LOG")
-        .format(|buf, r| {
-            let ts = buf.timestamp_millis();
-            writeln!(buf, "{ts} {:<5} {}", r.level(), r.args())
-        });
-    if let Some(path) = &args.log_file {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| anyhow::anyhow!("cannot open the log file {}: {e}", path.display()))?;
-        logger.target(env_logger::Target::Pipe(Box::new(file)));
-    }
-    logger.init();
+    lb_daemon::logging::init(args.log_file.as_deref()).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         },
     }));
     if let Err(e) = &result {
-        log::error!("{e:#}");
+        tracing::error!("{e:#}");
     }
     result
 }

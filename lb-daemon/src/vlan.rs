@@ -15,7 +15,6 @@ use std::{
 };
 
 use lb_common::xdp_link;
-use log::{info, warn};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
@@ -23,6 +22,7 @@ use netlink_packet_route::{
     nsid::{NsidAttribute, NsidMessage},
 };
 use netlink_sys::Socket;
+use tracing::{info, warn};
 
 /// The receive offloads that strip the tag into metadata (`ethtool -K DEV rxvlan off
 /// rx-vlan-stag-hw-parse off`).

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::Method;
-use log::info;
+use tracing::info;
 
 use super::{Daemon, Node};
 use crate::{

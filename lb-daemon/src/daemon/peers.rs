@@ -166,6 +166,7 @@ impl Daemon {
                 .is_some_and(|h| h.since.elapsed() > HANDOVER_LIMIT)
         {
             let h = ha.handover.take().expect("pending");
+            let _s = h.span.enter();
             warn!(
                 "Handover abandoned: the connection table was not sent within {} s",
                 HANDOVER_LIMIT.as_secs()
@@ -345,12 +346,15 @@ impl Daemon {
         let mark = self
             .full_sync(Some(target))
             .ok_or("cannot send the connection table")?;
+        let span = info_span!("handover", to = %self.config.atms[target].name);
+        span.in_scope(|| info!("Sending the connection table before handing over"));
         let ha = self.ha.as_mut().expect("an ATM");
         ha.handover = Some(Handover {
             mark,
             target,
             reply,
             since: now,
+            span,
         });
         Ok(())
     }
@@ -366,6 +370,14 @@ impl Daemon {
             return;
         }
         let h = ha.handover.take().expect("checked");
+        let span = h.span.clone();
+        self.finish_handover(h, whole, now).instrument(span).await;
+    }
+
+    /// The connection table of handover `h` has been sent (`whole`: all of it): moves the
+    /// role, or says why not.
+    async fn finish_handover(&mut self, h: Handover, whole: bool, now: Instant) {
+        let Some(ha) = self.ha.as_mut() else { return };
         let target = &self.config.atms[h.target].name;
         let act = if !whole {
             Err("the connection table could not be read: staying primary".to_string())
@@ -400,7 +412,8 @@ impl Daemon {
         match a {
             Action::BecomePrimary { term, reason, from } => {
                 info!("Elected primary (term {term}): {reason}");
-                if let Err(e) = self.become_primary(from).await {
+                let span = info_span!("primary", term);
+                if let Err(e) = self.become_primary(from).instrument(span).await {
                     error!("Becoming primary: {e:#}");
                 }
                 if let Some(ha) = self.ha.as_mut()
@@ -412,7 +425,11 @@ impl Daemon {
             }
             Action::BecomeBackup { reason, to } => {
                 info!("Becoming backup: {reason}");
-                if let Err(e) = self.become_backup(to).await {
+                if let Err(e) = self
+                    .become_backup(to)
+                    .instrument(info_span!("backup"))
+                    .await
+                {
                     error!("Becoming backup: {e:#}");
                 }
                 // A new primary wants our table only if we were primary; a backup asks.

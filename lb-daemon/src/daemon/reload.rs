@@ -17,8 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{error, info, warn};
 use tokio::sync::oneshot;
+use tracing::{Span, error, info, info_span, warn};
 
 use super::{Daemon, Role, identify};
 
@@ -168,6 +168,7 @@ impl Daemon {
             return;
         }
         self.busy = Some("reload");
+        self.busy_span = info_span!("reload");
         let path = self.opts.config.clone();
         let jobs = self.jobs_tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -276,6 +277,7 @@ impl Daemon {
     /// meanwhile.
     fn done(&mut self, reply: Option<oneshot::Sender<Response>>, outcome: Result<String, String>) {
         self.busy = None;
+        self.busy_span = Span::none();
         if let Some(a) = self.atm.as_mut() {
             a.plane.stop_journal();
         }
@@ -317,6 +319,8 @@ impl Daemon {
             return;
         }
         self.busy = Some("resize");
+        self.busy_span = info_span!("resize");
+        let _s = self.busy_span.clone().entered();
         info!(
             "Resizing the tables to {} {} {}: building a new dataplane",
             caps.services, caps.servers, caps.connections
