@@ -25,15 +25,6 @@ pub(super) fn unusable(a: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-pub(super) fn in_subnet(a: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
-    };
-    u32::from(a) & mask == u32::from(net) & mask
-}
-
 /// The tables that were read without fault, for the checks between them.
 pub(super) struct Across<'a> {
     /// With the [cluster] header's line.

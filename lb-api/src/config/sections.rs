@@ -7,10 +7,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::{Ipv4AddrRange, Ipv4Net};
 use toml_edit::TableLike;
 
 use super::{
-    checks::{Across, check_across, in_subnet},
+    checks::{Across, check_across},
     reader::{At, Cx, Tab, kind},
     services::read_service,
     types::{
@@ -228,7 +229,8 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
             return None;
         }
     };
-    if !in_subnet(addr, addr, prefix) || u32::from(addr) & !(u32::MAX << (32 - prefix)) != 0 {
+    let net = Ipv4Net::new(addr, prefix).expect("a prefix of 8 to 30");
+    if net.trunc() != net {
         cx.err(
             subnet.line,
             format!(
@@ -239,13 +241,10 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
         return None;
     }
     let gateway = gateway?;
-    if !in_subnet(gateway.v, addr, prefix) {
+    if !net.contains(&gateway.v) {
         cx.err(
             gateway.line,
-            format!(
-                "`gateway` {} is not in the NAT subnet {}/{prefix}",
-                gateway.v, addr
-            ),
+            format!("`gateway` {} is not in the NAT subnet {net}", gateway.v),
         );
         return None;
     }
@@ -268,9 +267,9 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
                 cx.err(pline, format!("`pool` holds {v}, which is not a string"));
                 return None;
             };
-            let (first, count) = match text.split_once('/') {
+            let range = match text.split_once('/') {
                 None => match text.parse::<Ipv4Addr>() {
-                    Ok(a) => (u32::from(a), 1u64),
+                    Ok(a) => Ipv4Net::from(a),
                     Err(_) => {
                         cx.err(
                             pline,
@@ -281,8 +280,7 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
                 },
                 Some((a, p)) => match (a.parse::<Ipv4Addr>(), p.parse::<u8>()) {
                     (Ok(a), Ok(p)) if (24..=32).contains(&p) => {
-                        let mask = u32::MAX.checked_shl(32 - p as u32).unwrap_or(0);
-                        (u32::from(a) & mask, 1u64 << (32 - p))
+                        Ipv4Net::new(a, p).expect("a prefix of 24 to 32")
                     }
                     _ => {
                         cx.err(
@@ -296,15 +294,17 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
                     }
                 },
             };
-            for i in 0..count {
-                let a = Ipv4Addr::from(first + i as u32);
-                let host_bits = u32::from(a) & !(u32::MAX << (32 - prefix));
-                if count > 1 && (host_bits == 0 || host_bits == !(u32::MAX << (32 - prefix))) {
-                    // The subnet's own network and broadcast addresses are nobody's.
+            for a in Ipv4AddrRange::new(range.network(), range.broadcast()) {
+                // The subnet's own network and broadcast addresses are nobody's: a range skips
+                // them. (It skips the first and last of every block of the subnet's size, so a
+                // range reaching past the subnet is refused at its first address that is
+                // neither.)
+                let block = Ipv4Net::new(a, prefix).expect("a prefix of 8 to 30");
+                if range.prefix_len() < 32 && (a == block.network() || a == block.broadcast()) {
                     continue;
                 }
-                let problem = if !in_subnet(a, addr, prefix) {
-                    Some(format!("is not in the NAT subnet {addr}/{prefix}"))
+                let problem = if !net.contains(&a) {
+                    Some(format!("is not in the NAT subnet {net}"))
                 } else if a == gateway.v {
                     Some("is the gateway, which is always a NAT source address".to_string())
                 } else if pool.contains(&a) {

@@ -9,9 +9,9 @@ use std::{
     path::PathBuf,
 };
 
+use ipnet::Ipv4Net;
 use lb_common::{IPPROTO_UDP, Method, Sched};
 
-use super::checks::in_subnet;
 use crate::Capacities;
 
 /// One problem with the file, at a line (1-based; 0 when it concerns the whole file).
@@ -93,8 +93,13 @@ impl Nat {
         }
     }
 
+    /// The NAT subnet, `subnet/prefix`.
+    pub fn net(&self) -> Ipv4Net {
+        Ipv4Net::new(self.subnet, self.prefix).expect("a NAT prefix is at most 32")
+    }
+
     pub fn contains(&self, a: Ipv4Addr) -> bool {
-        in_subnet(a, self.subnet, self.prefix)
+        self.net().contains(&a)
     }
 
     /// Every NAT source address: the gateway first, then the pool.
