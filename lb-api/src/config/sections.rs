@@ -1,0 +1,497 @@
+//! The reader of the whole file and those of its tables but `[[service]]` (in `services`):
+//! each checks what it can alone and returns what it read, with the lines that the checks
+//! across tables point at.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::{Ipv4AddrRange, Ipv4Net};
+use toml_edit::TableLike;
+
+use super::{
+    checks::{Across, check_across},
+    reader::{At, Cx, Tab, kind},
+    services::read_service,
+    types::{
+        Atm, CONNECTIONS_RANGE, Cluster, Config, Control, DEFAULT_PORT_HOLD, DEFAULT_TIME_WAIT,
+        DEFAULT_TIMEOUT, Ha, NAT_POOL_MAX, Nat, SERVERS_RANGE, SERVICES_RANGE, ServiceCfg,
+        TIMEOUT_RANGE,
+    },
+};
+use crate::Capacities;
+
+/// A [tables] as read, with the line each capacity was set on (its key's, else the table's),
+/// for the checks that count services and server lines against it.
+pub(super) struct TablesRead {
+    pub(super) caps: Capacities,
+    pub(super) services_line: usize,
+    pub(super) servers_line: usize,
+}
+
+/// A [nat] as read, with the lines the checks across tables point at.
+pub(super) struct NatRead {
+    pub(super) nat: Nat,
+    pub(super) subnet_line: usize,
+    pub(super) gateway_line: usize,
+    /// The `pool` key's line (the table's header if there is none).
+    pub(super) pool_line: usize,
+}
+
+/// An [[atm]] as read: its header line for duplicates, its address line for what collides
+/// with the address.
+pub(super) struct AtmRead {
+    pub(super) atm: Atm,
+    pub(super) line: usize,
+    pub(super) address_line: usize,
+}
+
+/// A [[service]] as read, with its header and `vip` lines and each server's `address` line
+/// (in the order of `service.servers`).
+pub(super) struct ServiceRead {
+    pub(super) service: ServiceCfg,
+    pub(super) line: usize,
+    pub(super) vip_line: usize,
+    pub(super) address_lines: Vec<usize>,
+}
+
+pub(super) fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
+    let mut top = Tab::new(root, "the file", 0);
+
+    let (cluster, cluster_line) = match top.table(cx, "cluster") {
+        Some((t, line)) => (read_cluster(cx, t, line), line),
+        None => {
+            if !root.contains_key("cluster") {
+                cx.err(0, "the file needs a [cluster] table");
+            }
+            (None, 0)
+        }
+    };
+    let tables = match top.table(cx, "tables") {
+        Some((t, line)) => read_tables(cx, t, line),
+        // Defaults: no line to point at.
+        None => Some(TablesRead {
+            caps: Capacities::default(),
+            services_line: 0,
+            servers_line: 0,
+        }),
+    };
+    let nat = match top.table(cx, "nat") {
+        Some((t, line)) => read_nat(cx, t, line).map(Some),
+        None => Some(None),
+    };
+    let ha = match top.table(cx, "ha") {
+        Some((t, line)) => read_ha(cx, t, line),
+        None => Some(Ha::default()),
+    };
+    let control = match top.table(cx, "control") {
+        Some((t, line)) => read_control(cx, t, line),
+        None => Some(Control::default()),
+    };
+    let atm_tables = top.tables(cx, "atm");
+    if atm_tables.is_empty() && !root.contains_key("atm") {
+        cx.err(0, "the file needs at least one [[atm]]");
+    }
+    let atms: Vec<Option<AtmRead>> = atm_tables
+        .into_iter()
+        .map(|(t, line)| read_atm(cx, t, line))
+        .collect();
+    let service_tables = top.tables(cx, "service");
+    let nat_read = nat.as_ref().and_then(Option::as_ref);
+    let services: Vec<Option<ServiceRead>> = service_tables
+        .into_iter()
+        .map(|(t, line)| read_service(cx, t, line, nat_read.map(|n| &n.nat)))
+        .collect();
+    top.finish(cx);
+
+    check_across(
+        cx,
+        &Across {
+            cluster: cluster.as_ref().map(|c| (c, cluster_line)),
+            tables: tables.as_ref(),
+            nat: nat_read,
+            atms: atms.iter().flatten().collect(),
+            services: services.iter().flatten().collect(),
+        },
+    );
+
+    Some(Config {
+        cluster: cluster?,
+        tables: tables?.caps,
+        nat: nat?.map(|n| n.nat),
+        ha: ha?,
+        control: control?,
+        atms: atms
+            .into_iter()
+            .map(|a| a.map(|a| a.atm))
+            .collect::<Option<Vec<_>>>()?,
+        services: services
+            .into_iter()
+            .map(|s| s.map(|s| s.service))
+            .collect::<Option<Vec<_>>>()?,
+    })
+}
+
+fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> {
+    let mut tab = Tab::new(t, "[cluster]", line);
+    let name = tab.name(cx);
+    let timeout = tab.int(cx, "timeout", TIMEOUT_RANGE, " seconds");
+    let timeout_bad = t.contains_key("timeout") && timeout.is_none();
+    let debug = tab.bool(cx, "debug");
+    let debug_bad = t.contains_key("debug") && debug.is_none();
+    let key = tab.str(cx, "auth_key_file");
+    tab.finish(cx);
+    if timeout_bad || debug_bad {
+        return None;
+    }
+    Some(Cluster {
+        name: name?.v,
+        timeout: timeout.map(|t| t.v as u32).unwrap_or(DEFAULT_TIMEOUT),
+        debug: debug.map(|d| d.v).unwrap_or(false),
+        auth_key_file: key.map(|k| PathBuf::from(k.v)),
+    })
+}
+
+fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<TablesRead> {
+    let mut tab = Tab::new(t, "[tables]", line);
+    let d = Capacities::default();
+    let mut ok = true;
+    let mut get = |tab: &mut Tab, cx: &mut Cx, key, range, default: u32| {
+        let present = t.contains_key(key);
+        match tab.int(cx, key, range, "") {
+            Some(v) => (v.v as u32, v.line),
+            None => {
+                ok &= !present;
+                (default, line)
+            }
+        }
+    };
+    let services = get(&mut tab, cx, "services", SERVICES_RANGE, d.services);
+    let servers = get(&mut tab, cx, "servers", SERVERS_RANGE, d.servers);
+    let (connections, _) = get(
+        &mut tab,
+        cx,
+        "connections",
+        CONNECTIONS_RANGE,
+        d.connections,
+    );
+    tab.finish(cx);
+    ok.then_some(TablesRead {
+        caps: Capacities {
+            services: services.0,
+            servers: servers.0,
+            connections,
+        },
+        services_line: services.1,
+        servers_line: servers.1,
+    })
+}
+
+fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
+    let mut tab = Tab::new(t, "[nat]", line);
+    let subnet = tab.req_str(cx, "subnet");
+    let gateway = tab.addr(cx, "gateway", "the NAT gateway");
+    let hold = tab.int(cx, "port_hold", 0..=600, " seconds");
+    let time_wait = tab.int(cx, "time_wait", 0..=600, " seconds");
+    let hold_bad = (t.contains_key("port_hold") && hold.is_none())
+        || (t.contains_key("time_wait") && time_wait.is_none());
+    let pool_item = tab.item(cx, "pool");
+    tab.finish(cx);
+    let subnet = subnet?;
+    let Some((addr, prefix)) = subnet.v.split_once('/') else {
+        cx.err(
+            subnet.line,
+            format!(
+                "`subnet` = {:?} must be ADDRESS/PREFIX, e.g. 10.0.0.0/16",
+                subnet.v
+            ),
+        );
+        return None;
+    };
+    let Ok(addr) = addr.parse::<Ipv4Addr>() else {
+        cx.err(
+            subnet.line,
+            format!("`subnet` = {:?}: {addr:?} is not an IPv4 address", subnet.v),
+        );
+        return None;
+    };
+    let prefix = match prefix.parse::<u8>() {
+        Ok(p) if (8..=30).contains(&p) => p,
+        _ => {
+            cx.err(
+                subnet.line,
+                format!(
+                    "`subnet` = {:?}: the prefix length must be 8 to 30",
+                    subnet.v
+                ),
+            );
+            return None;
+        }
+    };
+    let net = Ipv4Net::new(addr, prefix).expect("a prefix of 8 to 30");
+    if net.trunc() != net {
+        cx.err(
+            subnet.line,
+            format!(
+                "`subnet` = {:?} has host bits set: write the network address",
+                subnet.v
+            ),
+        );
+        return None;
+    }
+    let gateway = gateway?;
+    if !net.contains(&gateway.v) {
+        cx.err(
+            gateway.line,
+            format!("`gateway` {} is not in the NAT subnet {net}", gateway.v),
+        );
+        return None;
+    }
+    let mut pool = Vec::new();
+    let mut pool_line = line;
+    if let Some((item, pline)) = pool_item {
+        pool_line = pline;
+        let Some(list) = item.as_array() else {
+            cx.err(
+                pline,
+                format!(
+                    "`pool` must be an array of addresses or ADDRESS/PREFIX ranges, not {}",
+                    kind(item)
+                ),
+            );
+            return None;
+        };
+        for v in list.iter() {
+            let Some(text) = v.as_str() else {
+                cx.err(pline, format!("`pool` holds {v}, which is not a string"));
+                return None;
+            };
+            let range = match text.split_once('/') {
+                None => match text.parse::<Ipv4Addr>() {
+                    Ok(a) => Ipv4Net::from(a),
+                    Err(_) => {
+                        cx.err(
+                            pline,
+                            format!("`pool` holds {text:?}, which is not an IPv4 address"),
+                        );
+                        return None;
+                    }
+                },
+                Some((a, p)) => match (a.parse::<Ipv4Addr>(), p.parse::<u8>()) {
+                    (Ok(a), Ok(p)) if (24..=32).contains(&p) => {
+                        Ipv4Net::new(a, p).expect("a prefix of 24 to 32")
+                    }
+                    _ => {
+                        cx.err(
+                            pline,
+                            format!(
+                                "`pool` holds {text:?}: a range is ADDRESS/PREFIX with a \
+                                 prefix length of 24 to 32"
+                            ),
+                        );
+                        return None;
+                    }
+                },
+            };
+            for a in Ipv4AddrRange::new(range.network(), range.broadcast()) {
+                // The subnet's own network and broadcast addresses are nobody's: a range skips
+                // them. (It skips the first and last of every block of the subnet's size, so a
+                // range reaching past the subnet is refused at its first address that is
+                // neither.)
+                let block = Ipv4Net::new(a, prefix).expect("a prefix of 8 to 30");
+                if range.prefix_len() < 32 && (a == block.network() || a == block.broadcast()) {
+                    continue;
+                }
+                let problem = if !net.contains(&a) {
+                    Some(format!("is not in the NAT subnet {net}"))
+                } else if a == gateway.v {
+                    Some("is the gateway, which is always a NAT source address".to_string())
+                } else if pool.contains(&a) {
+                    Some("is in the pool twice".to_string())
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    cx.err(pline, format!("`pool` address {a} {p}"));
+                    return None;
+                }
+                pool.push(a);
+            }
+        }
+        if pool.len() > NAT_POOL_MAX - 1 {
+            cx.err(
+                pline,
+                format!(
+                    "`pool` holds {} addresses: at most {} (with the gateway, {NAT_POOL_MAX} NAT \
+                     source addresses)",
+                    pool.len(),
+                    NAT_POOL_MAX - 1
+                ),
+            );
+            return None;
+        }
+    }
+    if hold_bad {
+        return None;
+    }
+    let mut pool_arr = [Ipv4Addr::UNSPECIFIED; NAT_POOL_MAX - 1];
+    pool_arr[..pool.len()].copy_from_slice(&pool);
+    Some(NatRead {
+        nat: Nat {
+            subnet: addr,
+            prefix,
+            gateway: gateway.v,
+            pool: pool_arr,
+            pool_len: pool.len() as u8,
+            port_hold: hold.map(|h| h.v as u32).unwrap_or(DEFAULT_PORT_HOLD),
+            time_wait: time_wait.map(|h| h.v as u32).unwrap_or(DEFAULT_TIME_WAIT),
+        },
+        subnet_line: subnet.line,
+        gateway_line: gateway.line,
+        pool_line,
+    })
+}
+
+fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
+    let mut tab = Tab::new(t, "[ha]", line);
+    let mut bad = false;
+    let port = tab.int(cx, "port", 1..=65_535, "");
+    bad |= t.contains_key("port") && port.is_none();
+    let hb = tab.int(cx, "heartbeat_ms", 10..=10_000, " ms");
+    bad |= t.contains_key("heartbeat_ms") && hb.is_none();
+    let dead = tab.int(cx, "dead_after", 1..=100, " heartbeats");
+    bad |= t.contains_key("dead_after") && dead.is_none();
+    let mut track = Vec::new();
+    if let Some((item, line)) = tab.item(cx, "track") {
+        match item.as_array() {
+            Some(a) => {
+                for v in a.iter() {
+                    match v.as_str().map(|s| s.parse::<Ipv4Addr>()) {
+                        Some(Ok(addr)) => track.push(addr),
+                        _ => {
+                            cx.err(
+                                line,
+                                format!("`track` holds {v}, which is not an IPv4 address"),
+                            );
+                            bad = true;
+                        }
+                    }
+                }
+            }
+            None => {
+                cx.err(
+                    line,
+                    format!("`track` must be an array of addresses, not {}", kind(item)),
+                );
+                bad = true;
+            }
+        }
+    }
+    tab.finish(cx);
+    if bad {
+        return None;
+    }
+    let defaults = Ha::default();
+    Some(Ha {
+        port: port.map(|p| p.v as u16).unwrap_or(defaults.port),
+        heartbeat_ms: hb.map(|h| h.v as u32).unwrap_or(defaults.heartbeat_ms),
+        dead_after: dead.map(|d| d.v as u32).unwrap_or(defaults.dead_after),
+        track,
+    })
+}
+
+fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> {
+    let mut tab = Tab::new(t, "[control]", line);
+    let socket = tab.str(cx, "socket");
+    let mount = tab.str(cx, "mount");
+    let metrics = tab.str(cx, "metrics");
+    tab.finish(cx);
+    let defaults = Control::default();
+    let metrics = match metrics {
+        None => defaults.metrics,
+        Some(m) if m.v.is_empty() || m.v == "off" => None,
+        Some(m) => match m.v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.err(
+                    m.line,
+                    format!("`metrics` = {:?} must be ADDRESS:PORT, or \"off\"", m.v),
+                );
+                return None;
+            }
+        },
+    };
+    let path = |cx: &mut Cx, v: Option<At<String>>, key: &str, default: PathBuf| match v {
+        None => Some(default),
+        Some(p) if Path::new(&p.v).is_absolute() => Some(PathBuf::from(p.v)),
+        Some(p) => {
+            cx.err(
+                p.line,
+                format!("`{key}` = {:?} must be an absolute path", p.v),
+            );
+            None
+        }
+    };
+    // A default has no line; None sorts first, so the later of two is the one with a line.
+    let (socket_line, mount_line) = (
+        socket.as_ref().map(|s| s.line),
+        mount.as_ref().map(|m| m.line),
+    );
+    let socket = path(cx, socket, "socket", defaults.socket);
+    let mount = path(cx, mount, "mount", defaults.mount);
+    let (socket, mount) = (socket?, mount?);
+    // One path cannot be both the socket the daemon binds and the directory FUSE mounts.
+    if socket == mount {
+        let (key, line, other, other_line) = if mount_line > socket_line {
+            ("mount", mount_line, "socket", socket_line)
+        } else {
+            ("socket", socket_line, "mount", mount_line)
+        };
+        let other_at = match other_line {
+            Some(l) => format!("line {l}"),
+            None => "its default".to_string(),
+        };
+        cx.err(
+            line.unwrap_or(0),
+            format!(
+                "`{key}` = {:?} is the same path as `{other}` ({other_at}): the control socket \
+                 and the tables' mount need a path each",
+                socket.display().to_string()
+            ),
+        );
+        return None;
+    }
+    Some(Control {
+        socket,
+        mount,
+        metrics,
+    })
+}
+
+fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<AtmRead> {
+    let mut tab = Tab::new(t, "[[atm]]", line);
+    let name = tab.name(cx);
+    let address = tab.addr(cx, "address", "an ATM's address");
+    let interface = tab.req_str(cx, "interface");
+    tab.finish(cx);
+    if let Some(i) = &interface
+        && (i.v.len() > 15 || i.v.contains(['/', ' ']))
+    {
+        cx.err(
+            i.line,
+            format!("`interface` = {:?} is not an interface name", i.v),
+        );
+        return None;
+    }
+    let address = address?;
+    Some(AtmRead {
+        atm: Atm {
+            name: name?.v,
+            address: address.v,
+            interface: interface?.v,
+        },
+        line,
+        address_line: address.line,
+    })
+}

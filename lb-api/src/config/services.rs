@@ -1,0 +1,324 @@
+//! The readers of a `[[service]]`, its `[[service.server]]`s and its `[service.check]`, with
+//! the words each choice is written with.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Method, Sched};
+use toml_edit::TableLike;
+
+use super::{
+    reader::{At, Cx, Tab},
+    sections::ServiceRead,
+    types::{Check, CheckKind, Nat, ServerCfg, ServiceCfg, WEIGHT_RANGE},
+};
+
+const SCHEDULERS: &[(&str, Sched)] = &[
+    ("rr", Sched::Rr),
+    ("wrr", Sched::Wrr),
+    ("sh", Sched::Sh),
+    ("maglev", Sched::Maglev),
+];
+const METHODS: &[(&str, Method)] = &[
+    ("nat", Method::Nat),
+    ("direct", Method::Direct),
+    ("tunnel", Method::Tunnel),
+];
+const PROTOCOLS: &[(&str, u8)] = &[("tcp", IPPROTO_TCP), ("udp", IPPROTO_UDP)];
+
+pub(super) fn read_service(
+    cx: &mut Cx,
+    t: &dyn TableLike,
+    line: usize,
+    nat: Option<&Nat>,
+) -> Option<ServiceRead> {
+    let mut tab = Tab::new(t, "[[service]]", line);
+    let mut bad = false;
+    let name = tab.name(cx);
+    let vip = tab.addr(cx, "vip", "a VIP");
+    let port = tab.int(cx, "port", 1..=65_535, "");
+    if !t.contains_key("port") {
+        tab.missing(cx, "port");
+    }
+    let proto = tab.choice(cx, "protocol", PROTOCOLS);
+    bad |= t.contains_key("protocol") && proto.is_none();
+    let sched = tab.choice(cx, "scheduler", SCHEDULERS);
+    bad |= t.contains_key("scheduler") && sched.is_none();
+    let persistence = tab.int(cx, "persistence", 0..=86_400, " seconds");
+    bad |= t.contains_key("persistence") && persistence.is_none();
+    let check = match tab.table(cx, "check") {
+        Some((c, cline)) => read_check(cx, c, cline, proto.as_ref().map(|p| p.v)),
+        None if t.contains_key("check") => None,
+        None => Some(Check::default()),
+    };
+    let server_tables = tab.tables(cx, "server");
+    tab.finish(cx);
+    let service_port = port.as_ref().map(|p| p.v as u16);
+    let mut servers = Vec::new();
+    let mut address_lines = Vec::new();
+    let mut seen_names: HashMap<String, usize> = HashMap::new();
+    let mut seen_addrs: HashSet<(Ipv4Addr, u16)> = HashSet::new();
+    for (st, sline) in server_tables {
+        match read_server(cx, st, sline, service_port, nat) {
+            Some((s, address_line)) => {
+                if let Some(first) = seen_names.insert(s.name.clone(), sline) {
+                    cx.err(
+                        sline,
+                        format!(
+                            "duplicate server name {:?} in this service (first on line {first})",
+                            s.name
+                        ),
+                    );
+                    bad = true;
+                }
+                if !seen_addrs.insert((s.address, s.port)) {
+                    cx.err(
+                        sline,
+                        format!("duplicate server {}:{} in this service", s.address, s.port),
+                    );
+                    bad = true;
+                }
+                if let Some(v) = &vip
+                    && v.v == s.address
+                {
+                    cx.err(sline, format!("server {} is the VIP itself", s.address));
+                    bad = true;
+                }
+                servers.push(s);
+                address_lines.push(address_line);
+            }
+            None => bad = true,
+        }
+    }
+    if bad {
+        return None;
+    }
+    let vip = vip?;
+    Some(ServiceRead {
+        service: ServiceCfg {
+            name: name?.v,
+            vip: vip.v,
+            port: service_port?,
+            proto: proto.map(|p| p.v).unwrap_or(IPPROTO_TCP),
+            scheduler: sched.map(|s| s.v).unwrap_or(Sched::Maglev),
+            persistence: persistence.map(|p| p.v as u32).unwrap_or(0),
+            check: check?,
+            servers,
+        },
+        line,
+        vip_line: vip.line,
+        address_lines,
+    })
+}
+
+fn read_server(
+    cx: &mut Cx,
+    t: &dyn TableLike,
+    line: usize,
+    service_port: Option<u16>,
+    nat: Option<&Nat>,
+) -> Option<(ServerCfg, usize)> {
+    let mut tab = Tab::new(t, "[[service.server]]", line);
+    let name = tab.name(cx);
+    let address = tab.addr(cx, "address", "a server's address");
+    let port = tab.int(cx, "port", 1..=65_535, "");
+    let port_bad = t.contains_key("port") && port.is_none();
+    let weight = tab.int(cx, "weight", WEIGHT_RANGE, "");
+    let weight_bad = t.contains_key("weight") && weight.is_none();
+    let method = tab.choice(cx, "method", METHODS);
+    let method_bad = t.contains_key("method") && method.is_none();
+    let ping = tab.bool(cx, "ping");
+    let ping_bad = t.contains_key("ping") && ping.is_none();
+    tab.finish(cx);
+    if port_bad || weight_bad || method_bad || ping_bad {
+        return None;
+    }
+    let m = method.as_ref().map(|m| m.v).unwrap_or(Method::Direct);
+    let method_line = method.as_ref().map(|m| m.line).unwrap_or(line);
+    let port_v = port.as_ref().map(|p| p.v as u16).or(service_port)?;
+    if m != Method::Nat
+        && let (Some(p), Some(sp)) = (&port, service_port)
+        && p.v as u16 != sp
+    {
+        cx.err(
+            p.line,
+            format!(
+                "`port` = {} differs from the service's port {sp}: a {} server receives the \
+                 packet unchanged, so it must listen on the service's port (use method = \"nat\" \
+                 to map ports)",
+                p.v,
+                m.name()
+            ),
+        );
+        return None;
+    }
+    let address = address?;
+    if m == Method::Nat {
+        match nat {
+            None => {
+                cx.err(
+                    method_line,
+                    "method = \"nat\" needs a [nat] table with the NAT subnet and gateway",
+                );
+                return None;
+            }
+            Some(n) if !n.contains(address.v) => {
+                cx.err(
+                    address.line,
+                    format!(
+                        "NAT server {} is not in the NAT subnet {}/{}",
+                        address.v, n.subnet, n.prefix
+                    ),
+                );
+                return None;
+            }
+            _ => {}
+        }
+    }
+    Some((
+        ServerCfg {
+            name: name?.v,
+            address: address.v,
+            port: port_v,
+            weight: weight.map(|w| w.v as u32).unwrap_or(1),
+            method: m,
+            ping: ping.map(|p| p.v).unwrap_or(true),
+        },
+        address.line,
+    ))
+}
+
+const CHECK_KINDS: &[(&str, u8)] = &[
+    ("none", 0),
+    ("tcp", 1),
+    ("http", 2),
+    ("https", 3),
+    ("script", 4),
+];
+
+fn read_check(cx: &mut Cx, t: &dyn TableLike, line: usize, proto: Option<u8>) -> Option<Check> {
+    let mut tab = Tab::new(t, "[service.check]", line);
+    let mut bad = false;
+    let kind = tab.choice(cx, "kind", CHECK_KINDS);
+    bad |= t.contains_key("kind") && kind.is_none();
+    let kind_v = kind.as_ref().map(|k| k.v).unwrap_or(1);
+    let path = tab.str(cx, "path");
+    let expect = tab.int(cx, "expect", 100..=599, "");
+    bad |= t.contains_key("expect") && expect.is_none();
+    let body = tab.str(cx, "body");
+    let verify = tab.bool(cx, "verify");
+    bad |= t.contains_key("verify") && verify.is_none();
+    let script = tab.str(cx, "script");
+    let interval = check_ms(cx, &mut tab, "interval_ms");
+    let timeout = check_ms(cx, &mut tab, "timeout_ms");
+    bad |= t.contains_key("interval_ms") && interval.is_none();
+    bad |= t.contains_key("timeout_ms") && timeout.is_none();
+    let rise = tab.int(cx, "rise", 1..=100, "");
+    bad |= t.contains_key("rise") && rise.is_none();
+    let fall = tab.int(cx, "fall", 1..=100, "");
+    bad |= t.contains_key("fall") && fall.is_none();
+    tab.finish(cx);
+
+    let http = kind_v == 2 || kind_v == 3;
+    for (present, key, kline) in [
+        (path.as_ref().map(|p| p.line), "path", http),
+        (expect.as_ref().map(|p| p.line), "expect", http),
+        (body.as_ref().map(|p| p.line), "body", http),
+        (verify.as_ref().map(|p| p.line), "verify", kind_v == 3),
+        (script.as_ref().map(|p| p.line), "script", kind_v == 4),
+    ] {
+        if let Some(l) = present
+            && !kline
+        {
+            let k = CHECK_KINDS.iter().find(|(_, v)| *v == kind_v).unwrap().0;
+            cx.err(
+                l,
+                format!("`{key}` does not apply to a check of kind {k:?}"),
+            );
+            bad = true;
+        }
+    }
+    if let Some(p) = &path
+        && !p.v.starts_with('/')
+    {
+        cx.err(p.line, format!("`path` = {:?} must start with /", p.v));
+        bad = true;
+    }
+    if (kind_v == 1 || http) && proto == Some(IPPROTO_UDP) {
+        let l = kind.as_ref().map(|k| k.line).unwrap_or(line);
+        cx.err(
+            l,
+            "a udp service cannot have a tcp or http check: use kind = \"script\" or \"none\"",
+        );
+        bad = true;
+    }
+    let kind = match kind_v {
+        0 => CheckKind::None,
+        1 => CheckKind::Tcp,
+        2 | 3 => CheckKind::Http {
+            https: kind_v == 3,
+            path: path.map(|p| p.v).unwrap_or_else(|| "/".into()),
+            expect: expect.map(|e| e.v as u16).unwrap_or(200),
+            body: body.map(|b| b.v),
+            verify: verify.map(|v| v.v).unwrap_or(true),
+        },
+        _ => match script {
+            None => {
+                cx.err(
+                    line,
+                    "a check of kind \"script\" needs `script`, the program to run",
+                );
+                return None;
+            }
+            Some(s) => {
+                let p = if Path::new(&s.v).is_absolute() {
+                    PathBuf::from(&s.v)
+                } else {
+                    cx.base.join(&s.v)
+                };
+                match std::fs::metadata(&p) {
+                    Err(e) => {
+                        cx.err(s.line, format!("check script {}: {e}", p.display()));
+                        return None;
+                    }
+                    Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+                        cx.err(
+                            s.line,
+                            format!("check script {} is not an executable file", p.display()),
+                        );
+                        return None;
+                    }
+                    Ok(_) => CheckKind::Script(p),
+                }
+            }
+        },
+    };
+    if bad {
+        return None;
+    }
+    let defaults = Check::default();
+    let interval_ms = interval.map(|i| i.v).unwrap_or(defaults.interval_ms);
+    let timeout_ms = timeout
+        .map(|i| i.v)
+        .unwrap_or(defaults.timeout_ms.min(interval_ms));
+    Some(Check {
+        kind,
+        interval_ms,
+        timeout_ms,
+        rise: rise.map(|r| r.v as u32).unwrap_or(defaults.rise),
+        fall: fall.map(|f| f.v as u32).unwrap_or(defaults.fall),
+    })
+}
+
+/// A check period in milliseconds: positive, at most an hour.
+fn check_ms(cx: &mut Cx, tab: &mut Tab, key: &'static str) -> Option<At<u32>> {
+    let v = tab.int(cx, key, 1..=3_600_000, " ms")?;
+    Some(At {
+        v: v.v as u32,
+        line: v.line,
+    })
+}

@@ -1,0 +1,255 @@
+//! The config file's public types: what a validated file is, its defaults and its limits.
+//! Every default is written once here, as a constant or a `Default`, and the readers take it
+//! from here.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
+    path::PathBuf,
+};
+
+use ipnet::Ipv4Net;
+use lb_common::{IPPROTO_UDP, Method, Sched};
+
+use crate::Capacities;
+
+/// One problem with the file, at a line (1-based; 0 when it concerns the whole file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "line {}: {}", self.line, self.message)
+        }
+    }
+}
+
+/// The whole cluster, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub cluster: Cluster,
+    pub tables: Capacities,
+    pub nat: Option<Nat>,
+    pub ha: Ha,
+    pub control: Control,
+    pub atms: Vec<Atm>,
+    pub services: Vec<ServiceCfg>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    pub name: String,
+    /// Idle connection timeout, seconds.
+    pub timeout: u32,
+    pub debug: bool,
+    /// Shared secret for ATM messages (required when there is more than one ATM).
+    pub auth_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat {
+    pub subnet: Ipv4Addr,
+    pub prefix: u8,
+    /// Alias held by the primary; also the first source address of NAT-ed packets.
+    pub gateway: Ipv4Addr,
+    /// More source addresses (`pool`), held by the primary as /32 aliases: each multiplies
+    /// the source ports toward every server. `pool[..pool_len]`.
+    pub pool: [Ipv4Addr; NAT_POOL_MAX - 1],
+    pub pool_len: u8,
+    /// Seconds a NAT source port stays held after its connection closed (a RST, or a FIN
+    /// each way with the client's first) before another connection may take it.
+    pub port_hold: u32,
+    /// Seconds it stays held when the server closed first: the server's TIME_WAIT (60 s on
+    /// Linux), during which it may refuse a new connection on the same ports.
+    pub time_wait: u32,
+}
+
+/// Source addresses of NAT-ed packets, the gateway included (the dataplane's settings hold
+/// this many).
+pub const NAT_POOL_MAX: usize = lb_common::NAT_POOL_MAX;
+/// The default `[nat] port_hold`, seconds.
+pub const DEFAULT_PORT_HOLD: u32 = 2;
+/// The default `[nat] time_wait`, seconds: Linux's TIME_WAIT.
+pub const DEFAULT_TIME_WAIT: u32 = 60;
+
+impl Nat {
+    /// A NAT subnet with its gateway, no pool and the default hold.
+    pub fn new(subnet: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Nat {
+        Nat {
+            subnet,
+            prefix,
+            gateway,
+            pool: [Ipv4Addr::UNSPECIFIED; NAT_POOL_MAX - 1],
+            pool_len: 0,
+            port_hold: DEFAULT_PORT_HOLD,
+            time_wait: DEFAULT_TIME_WAIT,
+        }
+    }
+
+    /// The NAT subnet, `subnet/prefix`.
+    pub fn net(&self) -> Ipv4Net {
+        Ipv4Net::new(self.subnet, self.prefix).expect("a NAT prefix is at most 32")
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        self.net().contains(&a)
+    }
+
+    /// Every NAT source address: the gateway first, then the pool.
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        std::iter::once(self.gateway).chain(self.pool[..self.pool_len as usize].iter().copied())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ha {
+    pub port: u16,
+    pub heartbeat_ms: u32,
+    /// Missed heartbeats before a peer counts as down.
+    pub dead_after: u32,
+    /// Addresses an ATM must reach to be allowed to become primary.
+    pub track: Vec<Ipv4Addr>,
+}
+
+/// `[ha]` without a key takes it from here; no `[ha]` at all is all of it.
+impl Default for Ha {
+    fn default() -> Self {
+        Ha {
+            port: DEFAULT_HA_PORT,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            dead_after: DEFAULT_DEAD_AFTER,
+            track: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Control {
+    pub socket: PathBuf,
+    pub mount: PathBuf,
+    /// `None`: no metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `[control]` without a key takes it from here; no `[control]` at all is all of it.
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            socket: DEFAULT_SOCKET.into(),
+            mount: DEFAULT_MOUNT.into(),
+            metrics: Some(DEFAULT_METRICS.parse().expect("default metrics address")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Atm {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub interface: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceCfg {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub scheduler: Sched,
+    /// Seconds; 0 = off.
+    pub persistence: u32,
+    pub check: Check,
+    pub servers: Vec<ServerCfg>,
+}
+
+impl ServiceCfg {
+    pub fn proto_name(&self) -> &'static str {
+        proto_name(self.proto)
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    if proto == IPPROTO_UDP { "udp" } else { "tcp" }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerCfg {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub method: Method,
+    /// false is TCL's `noping`.
+    pub ping: bool,
+}
+
+/// The service check (TCL's ASA), run against every server of the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    pub kind: CheckKind,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// A TCP check: a service without `[service.check]`, and what `[service.check]` leaves out.
+impl Default for Check {
+    fn default() -> Self {
+        Check {
+            kind: CheckKind::Tcp,
+            interval_ms: DEFAULT_CHECK_INTERVAL_MS,
+            timeout_ms: DEFAULT_CHECK_TIMEOUT_MS,
+            rise: DEFAULT_CHECK_RISE,
+            fall: DEFAULT_CHECK_FALL,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Http {
+        https: bool,
+        path: String,
+        expect: u16,
+        body: Option<String>,
+        verify: bool,
+    },
+    Script(PathBuf),
+}
+
+/// Defaults, as DESIGN.md's example shows them.
+pub const DEFAULT_TIMEOUT: u32 = 100;
+pub const DEFAULT_SOCKET: &str = "/run/lb/control.sock";
+/// `[ha]` without `heartbeat_ms` / `dead_after`, or no `[ha]` at all.
+pub const DEFAULT_HEARTBEAT_MS: u32 = 100;
+pub const DEFAULT_DEAD_AFTER: u32 = 3;
+/// A service's check: what `[service.check]` leaves out, and a TCP check when it is absent.
+pub const DEFAULT_CHECK_INTERVAL_MS: u32 = 2000;
+pub const DEFAULT_CHECK_TIMEOUT_MS: u32 = 1000;
+pub const DEFAULT_CHECK_RISE: u32 = 2;
+pub const DEFAULT_CHECK_FALL: u32 = 3;
+pub const DEFAULT_MOUNT: &str = "/run/lb/cluster";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9780";
+pub const DEFAULT_HA_PORT: u16 = 5780;
+
+/// Limits. Each scheduler row takes 65,537 slots of 8 bytes (512 KiB), hence few services.
+pub const SERVICES_RANGE: RangeInclusive<i64> = 1..=256;
+pub const SERVERS_RANGE: RangeInclusive<i64> = 1..=65_536;
+pub const CONNECTIONS_RANGE: RangeInclusive<i64> = 1024..=16_777_216;
+pub const TIMEOUT_RANGE: RangeInclusive<i64> = 1..=86_400;
+pub const WEIGHT_RANGE: RangeInclusive<i64> = 0..=65_535;
+/// The longest name (cluster, ATM, service, server), in bytes. Names go into the tables'
+/// space-separated lines and into ATM messages, whose cluster name field is 255 bytes: a
+/// longer name was cut on send and compared whole on receive.
+pub const NAME_MAX: usize = 64;
