@@ -6,26 +6,21 @@
 //! it requests over a channel; nothing else touches the dataplane.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use anyhow::{Context, Result, anyhow};
-use lb_api::views;
-use lb_common::{
-    CONN_FIN, CONN_REPLY, CONN_RST, Connection, FlowKey, Method, SETTINGS_ACTIVE, SETTINGS_SYNC,
-    Settings, Stat,
-};
+use anyhow::{Context, Result};
 use tokio::{
     net::UdpSocket,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
     time::{Instant, MissedTickBehavior, interval, sleep_until},
 };
-use tracing::{Instrument, Span, error, info, info_span, warn};
+use tracing::{Instrument, Span, error, info, warn};
 
 mod atm;
 mod checks;
@@ -37,18 +32,17 @@ mod surfaces;
 use peers::track;
 
 use crate::{
-    addrs::{self, IfAddr, NAT_LABEL, Net, VIP_LABEL},
+    addrs::Net,
     config::{self, Config},
-    control::{self, Call, Request, Response, ServerAction},
-    dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
+    control::{self, Call, Request, Response},
+    dataplane::{AttachMode, Attached, Capacities, Dataplane},
     fuse,
-    ha::{self, Action, Body, Election, Reject, Replay},
-    health::{self, Checks, LineHealth, Transition, Verdict},
+    ha::{Election, Reject, Replay},
+    health::{self, Checks, LineHealth},
     metrics, neighbours,
-    outbox::{Link, Outbox},
-    services::{Plane, svc_key, v4},
+    outbox::Outbox,
+    services::Plane,
     sync,
-    tables::{self, ConnLine, StatLine, Table, Write},
 };
 
 /// The command line, as main.rs parsed it.

@@ -6,20 +6,17 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     os::fd::{AsFd, AsRawFd},
-    ptr::NonNull,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+    programs::{ProgramError, Xdp},
 };
 use aya_log::EbpfLogger;
 use lb_common::{
-    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Method, RING_SIZE, SERVER_UP, Sched,
-    Server, Service, ServiceKey, Settings, Stat, VIP_FILTER_SLOTS, maps, programs,
-    sched::{self, Backend},
-    vip_filter_slot, xdp_link,
+    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, RING_SIZE, Server, Service,
+    ServiceKey, Settings, Stat, VIP_FILTER_SLOTS, maps, programs, vip_filter_slot, xdp_link,
 };
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.

@@ -1,7 +1,21 @@
 //! The balancer side of an ATM: its dataplane and settings, becoming primary (the VIP and
 //! NAT aliases, gratuitous ARPs) and backup, the periodic sweep, and stopping.
 
-use super::*;
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, anyhow};
+use lb_common::{Connection, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::{ANNOUNCE_AT, Atm, Daemon, Grace, NAT_PORTS, Role, SETTLE};
+use crate::{
+    addrs::{self, IfAddr, NAT_LABEL, VIP_LABEL},
+    config,
+    dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
+    neighbours,
+    services::Plane,
+};
 
 /// 2^64 divided by the golden ratio: multiplying by it spreads nearby seeds over the whole
 /// range (Fibonacci hashing).
@@ -88,12 +102,14 @@ impl Daemon {
             .or_else(|| local.iter().find(|a| a.index == ifindex))
         {
             Some(a) => {
-                let mask = u32::MAX.checked_shl(32 - a.prefix as u32).unwrap_or(0);
-                let net = Ipv4Addr::from(u32::from(a.addr) & mask);
-                let bcast = Ipv4Addr::from(u32::from(a.addr) | !mask);
+                // The kernel gives prefixes of 0 to 32.
+                let net = ipnet::Ipv4Net::new(a.addr, a.prefix).unwrap_or_default();
                 info!(
-                    "Network {net}/{} (broadcast {bcast}) on {}",
-                    a.prefix, atm.interface
+                    "Network {}/{} (broadcast {}) on {}",
+                    net.network(),
+                    a.prefix,
+                    net.broadcast(),
+                    atm.interface
                 );
             }
             None => warn!("{} has no IPv4 address", atm.interface),

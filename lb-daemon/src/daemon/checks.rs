@@ -1,7 +1,23 @@
 //! Health: the probes of every server line, and what their outcomes and the operator's
 //! `lb-cli server` actions do to the plane.
 
-use super::*;
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use lb_common::Method;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::{Daemon, reload};
+use crate::{
+    config::{self, Config},
+    control::ServerAction,
+    health::{self, Checks, LineHealth, Transition, Verdict},
+    services::svc_key,
+};
 
 impl Daemon {
     /// Starts the probes for the config's servers (at start-up).

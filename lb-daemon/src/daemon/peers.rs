@@ -1,7 +1,30 @@
 //! The ATMs among themselves: the election's glue, heartbeats and messages, planned
 //! handovers and drills, connection sync, and the `track` pinger.
 
-use super::*;
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::{Daemon, HANDOVER_LIMIT, Ha, Handover, PROMOTE_WAIT, Role, SETTLE};
+use crate::{
+    control::Response,
+    dataplane,
+    ha::{self, Action, Body, Election, Reject, Replay},
+    outbox::{Link, Outbox},
+    sync,
+};
 
 /// At most one log line about refused ATM messages this often: a flood must not flood the
 /// log too.

@@ -28,8 +28,8 @@ use crate::{
     addrs::{self, NAT_LABEL, VIP_LABEL},
     config::{self, Config},
     control::Response,
-    dataplane::{self, AttachMode, Attached, Capacities, Dataplane, ServiceSpec},
-    services::{Changes, Plan, Plane},
+    dataplane::{self, AttachMode, Attached, Capacities, ServiceSpec},
+    services::{Changes, Plane},
 };
 pub(super) use prepare::Prepared;
 use prepare::{How, prepare};

@@ -1,8 +1,28 @@
 //! What the control surfaces see and change: the tables, status, lists and metrics, read
 //! beside the loop where they grow with the connection table.
 
-use super::*;
-use lb_common::DecapStat;
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use anyhow::{Result, anyhow};
+use lb_api::views;
+use lb_common::{CONN_FIN, CONN_REPLY, CONN_RST, Connection, DecapStat, FlowKey, Stat};
+use tokio::{sync::oneshot, time::Instant};
+use tracing::{info, warn};
+
+use super::{Daemon, NAT_PORTS, Role};
+use crate::{
+    config,
+    control::{Request, Response},
+    dataplane::{self, Capacities},
+    ha::Reject,
+    metrics,
+    services::{svc_key, v4},
+    tables::{self, ConnLine, StatLine, Table, Write},
+};
 
 impl Daemon {
     pub(super) fn metrics_addr(&self) -> Result<Option<SocketAddr>> {

@@ -1,7 +1,12 @@
 //! Programming services into the maps: server records, scheduler rows, and the service
 //! record published last, so lb_xdp never sees a half-written service.
 
-use super::*;
+use lb_common::{
+    Method, SERVER_UP, Sched, Server, Service, ServiceKey,
+    sched::{self, Backend},
+};
+
+use super::{Dataplane, Error};
 
 impl Dataplane {
     /// Programs service `id`: its server records, its scheduler row from the servers that

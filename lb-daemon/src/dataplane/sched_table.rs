@@ -1,7 +1,15 @@
 //! The scheduler rows: one memory-mapped BPF array shared with lb_xdp, a row of
 //! `SCHED_STRIDE`-aligned slots per service, written in place.
 
-use super::*;
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+};
+
+use aya::maps::{Map, MapData};
+use lb_common::{RING_SIZE, maps};
+
+use super::Error;
 
 /// The scheduler table, mapped into our memory (the map is created BPF_F_MMAPABLE), so that
 /// rewriting a 65,537-slot Maglev row is a copy rather than 65,537 system calls. An array

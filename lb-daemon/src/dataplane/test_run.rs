@@ -1,7 +1,10 @@
 //! Running the loaded programs on frames through BPF_PROG_TEST_RUN, for the fixture tests
 //! and the benchmarks.
 
-use super::*;
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp};
+use lb_common::programs;
+
+use super::{Dataplane, Error, prog_err};
 
 impl Dataplane {
     /// Runs `lb_xdp` once on `frame` (BPF_PROG_TEST_RUN) as if it arrived on interface

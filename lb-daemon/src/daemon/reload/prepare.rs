@@ -1,7 +1,13 @@
 //! Working a reload or resize out beside the event loop, from a copy of the running plane:
 //! what to write into the running dataplane, or a new dataplane to take over.
 
-use super::*;
+use std::sync::Arc;
+
+use crate::{
+    config::Config,
+    dataplane::{self, Capacities, Dataplane, ServiceSpec},
+    services::{Changes, Plan, Plane},
+};
 
 /// A reload or resize, ready for the loop.
 pub(in crate::daemon) struct Prepared {
