@@ -22,9 +22,11 @@ use lb_common::{
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
+/// (Only with the `testing` feature: the daemon never loads it.)
 /// The benchmarks' eBPF object, built beside [`OBJECT`] from the `lb-ebpf` crate's
 /// `lb-bench-progs` binary: `bare_fwd`, `gen_tx`, `bench_nop` and `sink_count`, with their
 /// maps (names and types in `lb_common::bench`). The daemon never loads it; `lb-bench` does.
+#[cfg(feature = "testing")]
 pub static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-progs.o"));
 
@@ -72,11 +74,13 @@ pub use lb_api::Capacities;
 
 mod install;
 mod sched_table;
+#[cfg(feature = "testing")]
 mod test_run;
 
 use install::Installed;
 pub use install::{ServerSpec, ServiceSpec, row};
 use sched_table::SchedTable;
+#[cfg(feature = "testing")]
 pub use test_run::{RunMode, RunResult, run_xdp};
 
 /// How to attach an XDP program to an interface.
@@ -424,7 +428,8 @@ impl Dataplane {
         self.sync_filter()
     }
 
-    /// The services as the dataplane has them.
+    /// The services as the dataplane has them (for the fixture tests).
+    #[cfg(feature = "testing")]
     pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>, Error> {
         self.services
             .iter()
@@ -461,7 +466,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The first `len` slots of the scheduler row of service `id`.
+    /// The first `len` slots of the scheduler row of service `id` (for the fixture tests).
+    #[cfg(feature = "testing")]
     pub fn table(&self, service: u32, len: usize) -> Option<Vec<u32>> {
         self.sched.read_row(service, len)
     }
@@ -504,15 +510,6 @@ impl Dataplane {
     pub fn set_connection(&mut self, key: &FlowKey, conn: &Connection) -> Result<(), Error> {
         self.connections
             .insert(key, conn, 0)
-            .map_err(map_err(maps::CONNECTIONS))
-    }
-
-    /// Removes the connection entries `pick` picks; returns how many went.
-    pub fn remove_connections_where(
-        &mut self,
-        pick: impl Fn(&Connection) -> bool,
-    ) -> Result<usize, Error> {
-        crate::conntable::remove_where(&mut self.connections, pick)
             .map_err(map_err(maps::CONNECTIONS))
     }
 
@@ -567,17 +564,6 @@ impl Dataplane {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
-    }
-
-    fn program(&self, name: &'static str) -> Result<&Xdp, Error> {
-        self.ebpf
-            .program(name)
-            .ok_or(Error::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(prog_err(name))
     }
 }
 

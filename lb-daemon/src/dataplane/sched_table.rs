@@ -80,6 +80,7 @@ impl SchedTable {
         true
     }
 
+    #[cfg(feature = "testing")]
     pub(super) fn read_row(&self, service: u32, len: usize) -> Option<Vec<u32>> {
         let start = service as usize * RING_SIZE as usize;
         if len > RING_SIZE as usize || start + RING_SIZE as usize > self.entries {

@@ -7,6 +7,18 @@ use lb_common::programs;
 use super::{Dataplane, Error, prog_err};
 
 impl Dataplane {
+    /// Program `name` of the balancer's object.
+    fn program(&self, name: &'static str) -> Result<&Xdp, Error> {
+        self.ebpf
+            .program(name)
+            .ok_or(Error::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(prog_err(name))
+    }
+
     /// Runs `lb_xdp` once on `frame` (BPF_PROG_TEST_RUN) as if it arrived on interface
     /// `ingress_ifindex` of the caller's network namespace; returns the XDP action and the
     /// frame as the program left it.
