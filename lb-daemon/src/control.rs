@@ -55,7 +55,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
                         MAX_REQUEST
                     );
                     tracing::warn!("Control socket: refused a request: {msg}");
-                    let _ = send(&mut write, &Response::error(msg)).await;
+                    let _ = send(&mut write, Response::error(msg)).await;
                     return;
                 }
                 let resp = match serde_json::from_slice::<Request>(&line) {
@@ -80,7 +80,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
                                         )),
                                         ..Default::default()
                                     };
-                                    if send(&mut write, &still).await.is_err() {
+                                    if send(&mut write, still).await.is_err() {
                                         return;
                                     }
                                 }
@@ -89,7 +89,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
                     }
                     Err(e) => Response::error(format!("not a request: {e}")),
                 };
-                if send(&mut write, &resp).await.is_err() {
+                if send(&mut write, resp).await.is_err() {
                     return;
                 }
             }
@@ -97,10 +97,16 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
     }
 }
 
-/// Writes one response line.
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> std::io::Result<()> {
-    let mut out = serde_json::to_string(r).unwrap_or_default();
-    out.push('\n');
+/// Writes one response line. The JSON is written on a blocking thread: a listing of 65,536
+/// servers takes a while to write, and the runtime's workers carry the heartbeats.
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, r: Response) -> std::io::Result<()> {
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = serde_json::to_string(&r).unwrap_or_default();
+        out.push('\n');
+        out
+    })
+    .await
+    .map_err(std::io::Error::other)?;
     write.write_all(out.as_bytes()).await
 }
 

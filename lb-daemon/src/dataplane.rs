@@ -546,6 +546,24 @@ impl Dataplane {
         sum_counters(&self.server_stats, index, maps::SERVER_STATS)
     }
 
+    /// The services' and servers' counters through handles of their own, to be read beside
+    /// the event loop: one system call per server, and there may be 65,536.
+    pub fn counter_tables(&self) -> Result<CounterTables, Error> {
+        use aya::maps::IterableMap;
+        let open = |m: &MapData, name: &'static str| {
+            let own = m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::Io {
+                what: format!("dup of map {name}"),
+                source: e,
+            })?;
+            let data = MapData::from_fd(own).map_err(map_err(name))?;
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))
+        };
+        Ok(CounterTables {
+            services: open(self.service_stats.map(), maps::SERVICE_STATS)?,
+            servers: open(self.server_stats.map(), maps::SERVER_STATS)?,
+        })
+    }
+
     /// The connection events reported since the last call (oldest first).
     pub fn drain_events(&mut self) -> Vec<ConnEvent> {
         let mut out = Vec::new();
@@ -577,6 +595,39 @@ fn sum_counters(
         packets: a.packets + c.packets,
         bytes: a.bytes + c.bytes,
     }))
+}
+
+/// Where the services' and servers' packet counts are read from.
+pub trait Counts {
+    /// Service `id`'s packets and bytes (zero if they cannot be read).
+    fn service(&self, id: u32) -> Counters;
+    /// Server line `index`'s packets and bytes (zero if they cannot be read).
+    fn server(&self, index: u32) -> Counters;
+}
+
+impl Counts for Dataplane {
+    fn service(&self, id: u32) -> Counters {
+        self.service_counters(id).unwrap_or_default()
+    }
+    fn server(&self, index: u32) -> Counters {
+        self.server_counters(index).unwrap_or_default()
+    }
+}
+
+/// The counters through handles that may leave the event loop (see
+/// [`Dataplane::counter_tables`]).
+pub struct CounterTables {
+    services: PerCpuArray<MapData, Counters>,
+    servers: PerCpuArray<MapData, Counters>,
+}
+
+impl Counts for CounterTables {
+    fn service(&self, id: u32) -> Counters {
+        sum_counters(&self.services, id, maps::SERVICE_STATS).unwrap_or_default()
+    }
+    fn server(&self, index: u32) -> Counters {
+        sum_counters(&self.servers, index, maps::SERVER_STATS).unwrap_or_default()
+    }
 }
 
 /// Forwards to whatever logger is installed when the record arrives.

@@ -12,7 +12,7 @@ use lb_common::{Addr, Method};
 
 use crate::{
     config::{Config, ServiceCfg},
-    dataplane::{self, Capacities, Dataplane, ServerSpec, ServiceSpec},
+    dataplane::{self, Capacities, Counts, Dataplane, ServerSpec, ServiceSpec},
     tables::{ServerLine, ServiceLine},
 };
 
@@ -65,10 +65,11 @@ pub struct Changes {
 #[derive(Clone, Default)]
 pub struct Plane {
     ids: HashMap<SvcKey, u32>,
-    indices: HashMap<LineKey, u32>,
+    /// Shared with the copies that surfaces read beside the loop, as are `services`.
+    indices: Arc<HashMap<LineKey, u32>>,
     states: HashMap<LineKey, LineState>,
     /// The services as last applied, in config order.
-    services: Vec<ServiceCfg>,
+    services: Arc<Vec<ServiceCfg>>,
     /// Indices of server lines that left with a reload and whose connection entries are
     /// still being dropped beside the event loop: not handed out again until that is done,
     /// or a new line would inherit the old one's connections.
@@ -207,7 +208,8 @@ impl Plane {
         });
         changes.services_removed = removed_services.len();
         let mut removed_lines = Vec::new();
-        next.indices.retain(|k, i| {
+        let indices = Arc::make_mut(&mut next.indices);
+        indices.retain(|k, i| {
             let keep = new_lines.contains(k);
             if !keep {
                 removed_lines.push(*i);
@@ -220,10 +222,10 @@ impl Plane {
 
         let mut free_ids = free(next.ids.values().copied(), caps.services);
         let mut free_indices = free(
-            next.indices.values().chain(next.draining.iter()).copied(),
+            indices.values().chain(next.draining.iter()).copied(),
             caps.servers,
         );
-        let (in_use, draining) = (next.indices.len(), next.draining.len());
+        let (in_use, draining) = (indices.len(), next.draining.len());
         for s in &config.services {
             let k = svc_key(s);
             if let std::collections::hash_map::Entry::Vacant(e) = next.ids.entry(k) {
@@ -239,7 +241,7 @@ impl Plane {
             }
             for v in &s.servers {
                 let lk = (k, v.address, v.port);
-                if let std::collections::hash_map::Entry::Vacant(e) = next.indices.entry(lk) {
+                if let std::collections::hash_map::Entry::Vacant(e) = indices.entry(lk) {
                     let i = free_indices.pop_first().ok_or_else(|| {
                         format!(
                             "no free server index: the tables hold {} servers ({in_use} kept, \
@@ -263,7 +265,7 @@ impl Plane {
                 caps.services, caps.servers
             ));
         }
-        next.services = config.services.clone();
+        next.services = Arc::new(config.services.clone());
         next.number_lines();
         Ok(Plan {
             plane: next,
@@ -283,14 +285,16 @@ impl Plane {
             ..Plane::default()
         };
         let mut index = 0;
+        let mut indices = HashMap::new();
         for (id, s) in self.services.iter().enumerate() {
             let k = svc_key(s);
             next.ids.insert(k, id as u32);
             for v in &s.servers {
-                next.indices.insert((k, v.address, v.port), index);
+                indices.insert((k, v.address, v.port), index);
                 index += 1;
             }
         }
+        next.indices = Arc::new(indices);
         next.number_lines();
         next
     }
@@ -298,7 +302,7 @@ impl Plane {
     /// Works out [`Plane::lines`] for the numbering in force.
     fn number_lines(&mut self) {
         let mut lines = Lines::default();
-        for s in &self.services {
+        for s in self.services.iter() {
             let k = svc_key(s);
             for v in &s.servers {
                 if let Some(i) = self.index(&(k, v.address, v.port)) {
@@ -400,7 +404,7 @@ impl Plane {
 
     /// Programs every service again (after the dataplane was reloaded).
     pub fn reinstall(&self, dp: &mut impl Programs) -> Result<(), dataplane::Error> {
-        for s in &self.services {
+        for s in self.services.iter() {
             self.install(dp, s)?;
         }
         Ok(())
@@ -457,17 +461,14 @@ impl Plane {
         Ok((drop_connections && !up).then_some(index))
     }
 
-    /// The `services` table.
-    pub fn service_lines(&self, dp: &Dataplane) -> Vec<ServiceLine> {
+    /// The `services` table, with packet counts from `counts` (one read per service: see
+    /// [`Dataplane::counter_tables`] to do it beside the event loop).
+    pub fn service_lines(&self, counts: &impl Counts) -> Vec<ServiceLine> {
         self.services
             .iter()
             .map(|s| {
                 let k = svc_key(s);
-                let packets = self
-                    .id(&k)
-                    .and_then(|id| dp.service_counters(id).ok())
-                    .map(|c| c.packets)
-                    .unwrap_or(0);
+                let packets = self.id(&k).map_or(0, |id| counts.service(id).packets);
                 ServiceLine {
                     proto: s.proto,
                     vip: s.vip,
@@ -483,18 +484,15 @@ impl Plane {
             .collect()
     }
 
-    /// The `servers` table: one line per (service, server), in config order.
-    pub fn server_lines(&self, dp: &Dataplane) -> Vec<ServerLine> {
+    /// The `servers` table: one line per (service, server), in config order, with packet
+    /// counts from `counts` (one read per server line).
+    pub fn server_lines(&self, counts: &impl Counts) -> Vec<ServerLine> {
         let mut out = Vec::new();
-        for s in &self.services {
+        for s in self.services.iter() {
             let k = svc_key(s);
             for v in &s.servers {
                 let lk = (k, v.address, v.port);
-                let packets = self
-                    .index(&lk)
-                    .and_then(|i| dp.server_counters(i).ok())
-                    .map(|c| c.packets)
-                    .unwrap_or(0);
+                let packets = self.index(&lk).map_or(0, |i| counts.server(i).packets);
                 out.push(ServerLine {
                     proto: s.proto,
                     server: v.address,

@@ -426,15 +426,39 @@ fn heartbeats_keep_their_interval_through_the_largest_resize_and_a_10_mb_reload(
         d.log()
     );
     d.wait_log("Checks started: 0 server pings", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
-    let beats = listener.finish();
-    // Read after the heartbeats are counted: listing 65,536 lines is the loop's work.
+    // Listing 65,536 server lines reads a counter per line: beside the loop, while the
+    // heartbeats are counted.
+    marks.insert("listings of 65,536 lines start", Instant::now());
     let servers = d.cat("servers");
     assert_eq!(servers.lines().count(), 65_536);
     assert!(
         servers.lines().all(|l| l.contains(" up 2 nat ")),
         "every line reweighted"
     );
+    let listed: serde_json::Value =
+        serde_json::from_str(&d.cli_ok(&["list", "servers", "--json"])).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(65_536));
+    let scrape = {
+        let _in = lab.ns(&cluster::atm(1)).enter();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut ureq::get(&format!("http://{}/metrics", d.metrics))
+                .call()
+                .unwrap()
+                .into_reader(),
+            &mut text,
+        )
+        .unwrap();
+        text
+    };
+    let server_up = scrape
+        .lines()
+        .filter(|l| l.starts_with("lb_server_up{"))
+        .count();
+    assert_eq!(server_up, 65_536);
+    marks.insert("listings answered", Instant::now());
+    std::thread::sleep(Duration::from_millis(500));
+    let beats = listener.finish();
 
     let since = |t: Instant| beats.iter().filter(|b| **b >= t).count();
     assert!(

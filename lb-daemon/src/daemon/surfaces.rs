@@ -17,10 +17,10 @@ use super::{Daemon, NAT_PORTS, Role};
 use crate::{
     config,
     control::{Request, Response},
-    dataplane::{self, Capacities},
+    dataplane::{self, Capacities, CounterTables, Counts},
     ha::Reject,
     metrics,
-    services::{svc_key, v4},
+    services::{Plane, svc_key, v4},
     tables::{self, ConnLine, StatLine, Table, Write},
 };
 
@@ -163,41 +163,82 @@ impl Daemon {
         self.timeout as u64 * 1_000_000_000
     }
 
-    /// A request that reads the whole connection table, as work for a blocking thread: the
-    /// table may hold millions of entries, and the event loop sends the heartbeats. `None`:
-    /// handle it on the loop (it needs no table, or this is not an ATM).
+    /// A request whose answer grows with the connection table or the server lines, as work
+    /// for a blocking thread: the table may hold millions of entries, there may be 65,536
+    /// server lines whose counters take a system call each, and the event loop sends the
+    /// heartbeats. `None`: handle it on the loop (it needs neither, or this is not an ATM).
     pub(super) fn table_job(&self, req: &Request) -> Option<TableJob> {
         let a = self.atm.as_ref()?;
         let timeout_ns = self.timeout_ns();
-        let finish: TableFinish = match req {
-            Request::Cat { table } if Table::from_name(table) == Some(Table::Connections) => {
-                let v = self.conn_view()?;
-                Box::new(move |all| Response::text(tables::render_connections(&v.lines(all))))
-            }
-            Request::Cat { table } if Table::from_name(table) == Some(Table::Stat) => {
-                let mut line = self.stat_base().ok()?;
-                Box::new(move |all| {
-                    line.active = count_active(all, timeout_ns);
-                    Response::text(tables::render_stat(&line))
-                })
-            }
-            Request::List { what } if what == "connections" => {
-                let v = self.conn_view()?;
-                Box::new(move |all| Response::view(&connection_views(&v.lines(all))))
-            }
-            Request::Metrics => {
-                let (mut snap, lines) = self.snapshot_base();
-                Box::new(move |all| {
-                    fill_active(&mut snap, &lines, all, timeout_ns);
-                    Response::text(metrics::render(&snap))
-                })
-            }
-            _ => return None,
+        let with_connections = |finish: TableFinish| {
+            let table = a.dp.conn_table().ok()?;
+            Some(TableJob(Box::new(move || match table.entries() {
+                Ok(all) => finish(&all),
+                Err(e) => Response::error(format!("reading the connection table: {e}")),
+            })))
         };
-        Some(TableJob {
-            table: a.dp.conn_table().ok()?,
-            finish,
-        })
+        // The plane's copy shares its big parts (services, indices) with the plane.
+        let with_counters = |finish: CountsFinish| {
+            let counts = a.dp.counter_tables().ok()?;
+            let plane = a.plane.clone();
+            Some(TableJob(Box::new(move || finish(&plane, &counts))))
+        };
+        match req {
+            Request::Cat { table } => match Table::from_name(table)? {
+                Table::Connections => {
+                    let v = self.conn_view()?;
+                    with_connections(Box::new(move |all| {
+                        Response::text(tables::render_connections(&v.lines(all)))
+                    }))
+                }
+                Table::Stat => {
+                    let mut line = self.stat_base().ok()?;
+                    with_connections(Box::new(move |all| {
+                        line.active = count_active(all, timeout_ns);
+                        Response::text(tables::render_stat(&line))
+                    }))
+                }
+                Table::Services => with_counters(Box::new(|plane, counts| {
+                    Response::text(tables::render_services(&plane.service_lines(counts)))
+                })),
+                Table::Servers => with_counters(Box::new(|plane, counts| {
+                    Response::text(tables::render_servers(&plane.server_lines(counts)))
+                })),
+                _ => None,
+            },
+            Request::List { what } => match what.as_str() {
+                "connections" => {
+                    let v = self.conn_view()?;
+                    with_connections(Box::new(move |all| {
+                        Response::view(&connection_views(&v.lines(all)))
+                    }))
+                }
+                "services" => with_counters(Box::new(|plane, counts| {
+                    Response::view(&service_views(plane, counts))
+                })),
+                "servers" => with_counters(Box::new(|plane, counts| {
+                    Response::view(&server_views(plane, counts))
+                })),
+                _ => None,
+            },
+            Request::Metrics => {
+                let mut snap = self.snapshot_base();
+                let table = a.dp.conn_table().ok()?;
+                let counts = a.dp.counter_tables().ok()?;
+                let plane = a.plane.clone();
+                Some(TableJob(Box::new(move || {
+                    let lines = fill_lines(&mut snap, &plane, &counts);
+                    match table.entries() {
+                        Ok(all) => {
+                            fill_active(&mut snap, &lines, &all, timeout_ns);
+                            Response::text(metrics::render(&snap))
+                        }
+                        Err(e) => Response::error(format!("reading the connection table: {e}")),
+                    }
+                })))
+            }
+            _ => None,
+        }
     }
 
     pub(super) fn cat(&self, t: Table) -> std::result::Result<String, dataplane::Error> {
@@ -373,51 +414,8 @@ impl Daemon {
     pub(super) fn list(&self, what: &str) -> std::result::Result<Response, String> {
         let a = self.atm.as_ref().ok_or("this is not an ATM")?;
         match what {
-            "services" => {
-                let lines = a.plane.service_lines(&a.dp);
-                let view: Vec<_> = a
-                    .plane
-                    .services()
-                    .iter()
-                    .zip(lines)
-                    .map(|(s, l)| views::ServiceLine {
-                        name: s.name.clone(),
-                        protocol: s.proto_name().into(),
-                        vip: s.vip.into(),
-                        port: s.port,
-                        scheduler: s.scheduler.name().into(),
-                        persistence: s.persistence,
-                        state: views::State::of(l.up),
-                        packets: l.packets,
-                    })
-                    .collect();
-                Ok(Response::view(&view))
-            }
-            "servers" => {
-                let lines = a.plane.server_lines(&a.dp);
-                let names = a.plane.services().iter().flat_map(|s| {
-                    s.servers
-                        .iter()
-                        .map(move |v| (s.name.clone(), v.name.clone()))
-                });
-                let view: Vec<_> = names
-                    .zip(lines)
-                    .map(|((service, name), l)| views::ServerLine {
-                        service,
-                        name,
-                        protocol: config::proto_name(l.proto).into(),
-                        address: l.server.into(),
-                        port: l.port,
-                        vip: l.vip.into(),
-                        vport: l.vport,
-                        state: views::State::of(l.up),
-                        weight: l.weight,
-                        method: l.method.into(),
-                        packets: l.packets,
-                    })
-                    .collect();
-                Ok(Response::view(&view))
-            }
+            "services" => Ok(Response::view(&service_views(&a.plane, &a.dp))),
+            "servers" => Ok(Response::view(&server_views(&a.plane, &a.dp))),
             "connections" => Ok(Response::view(&connection_views(
                 &self.connection_lines().map_err(|e| e.to_string())?,
             ))),
@@ -428,24 +426,24 @@ impl Daemon {
     }
 
     pub(super) fn snapshot(&self) -> metrics::Snapshot {
-        let (mut snap, lines) = self.snapshot_base();
-        if let Some(a) = &self.atm
-            && let Ok(all) = a.dp.connections()
-        {
-            fill_active(&mut snap, &lines, &all, self.timeout_ns());
+        let mut snap = self.snapshot_base();
+        if let Some(a) = &self.atm {
+            let lines = fill_lines(&mut snap, &a.plane, &a.dp);
+            if let Ok(all) = a.dp.connections() {
+                fill_active(&mut snap, &lines, &all, self.timeout_ns());
+            }
         }
         snap
     }
 
-    /// The metrics but for the active connections (which need the whole table), with, for
-    /// each of `snap.servers`, its service's place in `snap.services` and its server index.
-    pub(super) fn snapshot_base(&self) -> (metrics::Snapshot, Vec<(usize, u32)>) {
+    /// The metrics but for the services and servers (see [`fill_lines`]) and the active
+    /// connections (see [`fill_active`]), which grow with the config and the table.
+    pub(super) fn snapshot_base(&self) -> metrics::Snapshot {
         let mut snap = metrics::Snapshot {
             node: self.name.clone(),
             role: self.role_name().into(),
             ..Default::default()
         };
-        let mut lines = Vec::new();
         if let Some(ha) = &self.ha {
             snap.ha_rejected = Reject::ALL
                 .iter()
@@ -455,69 +453,118 @@ impl Daemon {
         if let Some(Ok(c)) = self.decap_counters() {
             snap.decap = DecapStat::NAMES.iter().copied().zip(c).collect();
         }
-        let Some(a) = &self.atm else {
-            return (snap, lines);
-        };
-        if let Ok(s) = a.dp.stats() {
+        if let Some(a) = &self.atm
+            && let Ok(s) = a.dp.stats()
+        {
             snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
         }
-        for s in a.plane.services() {
-            let k = svc_key(s);
-            let id = a.plane.id(&k).unwrap_or(0);
-            let c = a.dp.service_counters(id).unwrap_or_default();
-            for v in &s.servers {
-                let lk = (k, v.address, v.port);
-                let index = a.plane.index(&lk).unwrap_or(u32::MAX);
-                let sc = a.dp.server_counters(index).unwrap_or_default();
-                lines.push((snap.services.len(), index));
-                snap.servers.push(metrics::ServerMetrics {
-                    service: s.name.clone(),
-                    server: v.name.clone(),
-                    address: v.address.to_string(),
-                    port: v.port,
-                    up: a.plane.up(&lk),
-                    weight: a.plane.weight(&lk, v.weight),
-                    packets: sc.packets,
-                    bytes: sc.bytes,
-                    active: 0,
-                });
-            }
-            snap.services.push(metrics::ServiceMetrics {
-                name: s.name.clone(),
-                vip: s.vip.to_string(),
-                port: s.port,
-                proto: s.proto_name(),
-                up: s.servers.iter().any(|v| {
-                    let lk = (k, v.address, v.port);
-                    a.plane.up(&lk) && a.plane.weight(&lk, v.weight) > 0
-                }),
-                packets: c.packets,
-                bytes: c.bytes,
-                active: 0,
-            });
-        }
-        (snap, lines)
+        snap
     }
 }
 
-/// Finishes a request from the whole connection table, on a blocking thread.
-pub(super) type TableFinish = Box<dyn FnOnce(&[(FlowKey, Connection)]) -> Response + Send>;
-
-/// A request waiting for the connection table (see `Daemon::table_job`).
-pub(super) struct TableJob {
-    table: crate::conntable::ConnTable,
-    finish: TableFinish,
+/// The services and servers of the metrics, with their counters from `counts`. Returns, for
+/// each of `snap.servers`, its service's place in `snap.services` and its server index.
+pub(super) fn fill_lines(
+    snap: &mut metrics::Snapshot,
+    plane: &Plane,
+    counts: &impl Counts,
+) -> Vec<(usize, u32)> {
+    let mut lines = Vec::new();
+    for s in plane.services() {
+        let k = svc_key(s);
+        let c = counts.service(plane.id(&k).unwrap_or(0));
+        for v in &s.servers {
+            let lk = (k, v.address, v.port);
+            let index = plane.index(&lk).unwrap_or(u32::MAX);
+            let sc = counts.server(index);
+            lines.push((snap.services.len(), index));
+            snap.servers.push(metrics::ServerMetrics {
+                service: s.name.clone(),
+                server: v.name.clone(),
+                address: v.address.to_string(),
+                port: v.port,
+                up: plane.up(&lk),
+                weight: plane.weight(&lk, v.weight),
+                packets: sc.packets,
+                bytes: sc.bytes,
+                active: 0,
+            });
+        }
+        snap.services.push(metrics::ServiceMetrics {
+            name: s.name.clone(),
+            vip: s.vip.to_string(),
+            port: s.port,
+            proto: s.proto_name(),
+            up: s.servers.iter().any(|v| {
+                let lk = (k, v.address, v.port);
+                plane.up(&lk) && plane.weight(&lk, v.weight) > 0
+            }),
+            packets: c.packets,
+            bytes: c.bytes,
+            active: 0,
+        });
+    }
+    lines
 }
 
+/// `lb-cli list services`.
+pub(super) fn service_views(plane: &Plane, counts: &impl Counts) -> Vec<views::ServiceLine> {
+    plane
+        .services()
+        .iter()
+        .zip(plane.service_lines(counts))
+        .map(|(s, l)| views::ServiceLine {
+            name: s.name.clone(),
+            protocol: s.proto_name().into(),
+            vip: s.vip.into(),
+            port: s.port,
+            scheduler: s.scheduler.name().into(),
+            persistence: s.persistence,
+            state: views::State::of(l.up),
+            packets: l.packets,
+        })
+        .collect()
+}
+
+/// `lb-cli list servers`.
+pub(super) fn server_views(plane: &Plane, counts: &impl Counts) -> Vec<views::ServerLine> {
+    let names = plane.services().iter().flat_map(|s| {
+        s.servers
+            .iter()
+            .map(move |v| (s.name.clone(), v.name.clone()))
+    });
+    names
+        .zip(plane.server_lines(counts))
+        .map(|((service, name), l)| views::ServerLine {
+            service,
+            name,
+            protocol: config::proto_name(l.proto).into(),
+            address: l.server.into(),
+            port: l.port,
+            vip: l.vip.into(),
+            vport: l.vport,
+            state: views::State::of(l.up),
+            weight: l.weight,
+            method: l.method.into(),
+            packets: l.packets,
+        })
+        .collect()
+}
+
+/// What to answer from the connection table's entries.
+pub(super) type TableFinish = Box<dyn FnOnce(&[(FlowKey, Connection)]) -> Response + Send>;
+
+/// What to answer from the plane and the counters.
+pub(super) type CountsFinish = Box<dyn FnOnce(&Plane, &CounterTables) -> Response + Send>;
+
+/// A request answered beside the event loop (see `Daemon::table_job`).
+pub(super) struct TableJob(Box<dyn FnOnce() -> Response + Send>);
+
 impl TableJob {
-    /// Reads the table and answers `reply`, beside the event loop.
+    /// Works the answer out and sends it to `reply`, on a blocking thread.
     pub(super) fn run(self, reply: oneshot::Sender<Response>) {
         tokio::task::spawn_blocking(move || {
-            let answer = match self.table.entries() {
-                Ok(all) => (self.finish)(&all),
-                Err(e) => Response::error(format!("reading the connection table: {e}")),
-            };
-            let _ = reply.send(answer);
+            let _ = reply.send((self.0)());
         });
     }
 }
