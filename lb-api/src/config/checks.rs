@@ -25,6 +25,18 @@ pub(super) fn unusable(a: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// Which of the subnet's addresses that no host may hold `a` is (its network or broadcast
+/// address), if it is one: `net` is a NAT subnet, /8 to /30.
+pub(super) fn reserved_in(net: &ipnet::Ipv4Net, a: Ipv4Addr) -> Option<&'static str> {
+    if a == net.network() {
+        Some("network")
+    } else if a == net.broadcast() {
+        Some("broadcast")
+    } else {
+        None
+    }
+}
+
 /// The tables that were read without fault, for the checks between them.
 pub(super) struct Across<'a> {
     /// With the [cluster] header's line.

@@ -11,7 +11,7 @@ use ipnet::{Ipv4AddrRange, Ipv4Net};
 use toml_edit::TableLike;
 
 use super::{
-    checks::{Across, check_across},
+    checks::{Across, check_across, reserved_in},
     reader::{At, Cx, Tab, kind},
     services::read_service,
     types::{
@@ -248,6 +248,16 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
         );
         return None;
     }
+    if let Some(which) = reserved_in(&net, gateway.v) {
+        cx.err(
+            gateway.line,
+            format!(
+                "`gateway` {} is the NAT subnet {net}'s {which} address, which no host can have",
+                gateway.v
+            ),
+        );
+        return None;
+    }
     let mut pool = Vec::new();
     let mut pool_line = line;
     if let Some((item, pline)) = pool_item {
@@ -305,6 +315,10 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
                 }
                 let problem = if !net.contains(&a) {
                     Some(format!("is not in the NAT subnet {net}"))
+                } else if let Some(which) = reserved_in(&net, a) {
+                    Some(format!(
+                        "is the NAT subnet {net}'s {which} address, which no host can have"
+                    ))
                 } else if a == gateway.v {
                     Some("is the gateway, which is always a NAT source address".to_string())
                 } else if pool.contains(&a) {

@@ -12,6 +12,7 @@ use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Method, Sched};
 use toml_edit::TableLike;
 
 use super::{
+    checks::reserved_in,
     reader::{At, Cx, Tab},
     sections::ServiceRead,
     types::{Check, CheckKind, Nat, ServerCfg, ServiceCfg, WEIGHT_RANGE},
@@ -166,17 +167,20 @@ fn read_server(
                 );
                 return None;
             }
-            Some(n) if !n.contains(address.v) => {
-                cx.err(
-                    address.line,
-                    format!(
-                        "NAT server {} is not in the NAT subnet {}/{}",
-                        address.v, n.subnet, n.prefix
-                    ),
-                );
-                return None;
+            Some(n) => {
+                let net = n.net();
+                let problem = if !net.contains(&address.v) {
+                    Some(format!("is not in the NAT subnet {net}"))
+                } else {
+                    reserved_in(&net, address.v).map(|which| {
+                        format!("is the NAT subnet {net}'s {which} address, which no host can have")
+                    })
+                };
+                if let Some(p) = problem {
+                    cx.err(address.line, format!("NAT server {} {p}", address.v));
+                    return None;
+                }
             }
-            _ => {}
         }
     }
     Some((
