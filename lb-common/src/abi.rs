@@ -346,6 +346,11 @@ pub const CONN_PEER_RST: u16 = 32;
 /// so the server keeps the connection in TIME_WAIT (60 s on Linux) and would refuse a new
 /// connection on the same addresses and ports meanwhile.
 pub const CONN_SERVER_CLOSED_FIRST: u16 = 64;
+/// [`Connection::flags`]: the entry came from another ATM's sync records, not from a packet
+/// this ATM's dataplane saw. A record may replace such an entry; one this dataplane made,
+/// while live, is its own and stays (a client that reused its port moments after a close
+/// would otherwise have its new connection replaced by the old one).
+pub const CONN_SYNCED: u16 = 128;
 
 /// NAT source addresses the dataplane takes: the gateway and up to 15 more (`[nat] pool`).
 pub const NAT_POOL_MAX: usize = 16;

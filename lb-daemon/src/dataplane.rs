@@ -645,15 +645,16 @@ impl log::Log for GlobalLog {
     }
 }
 
-/// The dataplane's clock as userspace sees it (CLOCK_MONOTONIC; the dataplane reads the
-/// coarse variant, at most a tick behind), to age connection entries.
+/// The dataplane's clock as userspace sees it: CLOCK_MONOTONIC_COARSE, which is what
+/// `bpf_ktime_get_coarse_ns` reads. (The fine clock runs up to a tick ahead of it: an entry
+/// installed with its time looked 2^64 ns old to the dataplane for that tick.)
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes into ts.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

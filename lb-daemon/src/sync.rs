@@ -6,8 +6,8 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use lb_common::{
-    Addr, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, ConnEvent, Connection, EVENT_CLOSE, EVENT_OPEN,
-    FlowKey, Method,
+    Addr, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, CONN_SYNCED, ConnEvent, Connection,
+    EVENT_CLOSE, EVENT_OPEN, FlowKey, Method,
 };
 
 use crate::{
@@ -109,12 +109,25 @@ impl ConnStore for Dataplane {
     }
 }
 
+/// Whether entry `c` is this dataplane's own (made from a packet it saw, not synced) and
+/// live (neither closed nor idle past `timeout_ns`): a sync record does not replace it. It
+/// may be another connection on the same addresses and ports than the record's: a client
+/// that reused its port just after a close, on the other ATM, during a handover.
+fn own_and_live(c: &Connection, now: u64, timeout_ns: u64) -> bool {
+    c.flags & (CONN_SYNCED | CONN_FIN | CONN_RST) == 0
+        && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+}
+
 /// Installs records on a backup; returns (installed, skipped: servers it does not have).
+/// A record never replaces a live entry this dataplane made itself ([`own_and_live`]) for
+/// another connection (another server or translation), and a close marks only the entry
+/// of the same connection.
 pub fn install(
     dp: &mut impl ConnStore,
     plane: &Plane,
     records: &[SyncRecord],
     local: Local,
+    timeout_ns: u64,
 ) -> Result<(usize, usize), dataplane::Error> {
     let now = dataplane::now_ns();
     let (mut installed, mut skipped) = (0, 0);
@@ -142,28 +155,34 @@ pub fn install(
             proto: r.proto,
             _pad: [0; 3],
         };
+        let existing = dp.connection(&key);
+        let same = |c: &Connection| c.server == index && c.nat_port == r.nat.1.to_be();
         if r.kind == EVENT_CLOSE {
             // Marked, not removed: a half-closed connection still carries data one way, and
             // the entry ages out as the primary's does (a SYN on the tuple starts afresh).
-            if let Some(mut c) = dp.connection(&key) {
+            if let Some(mut c) = existing.filter(same) {
                 c.flags |= r.flags & (CONN_FIN | CONN_RST);
                 dp.set_connection(&key, &c)?;
             }
             installed += 1;
             continue;
         }
+        // Another connection on the same addresses and ports, made here: it stays. (The same
+        // connection is refreshed, so the entry lives on as long as the other ATM sees it.)
+        if existing.is_some_and(|c| own_and_live(&c, now, timeout_ns) && !same(&c)) {
+            continue;
+        }
         // A full table read before a close record arrived must not undo the close mark
         // (the same connection: same server and translation).
-        let closed = dp
-            .connection(&key)
-            .filter(|c| c.server == index && c.nat_port == r.nat.1.to_be())
+        let closed = existing
+            .filter(same)
             .map_or(0, |c| c.flags & (CONN_FIN | CONN_RST));
         dp.set_connection(
             &key,
             &Connection {
                 last_seen_ns: now,
                 server: index,
-                flags: r.flags | closed,
+                flags: r.flags | closed | CONN_SYNCED,
                 nat_port: r.nat.1.to_be(),
                 nat_addr: if nat {
                     Ipv4Addr::from(r.nat.0).into()
@@ -173,13 +192,20 @@ pub fn install(
                 ..Default::default()
             },
         )?;
-        if nat {
+        // The reply leg, unless this dataplane holds that NAT pair for a live connection of
+        // its own (both ATMs handed out the same pair in the moments records took to cross).
+        let client: Addr = Ipv4Addr::from(r.client.0).into();
+        let pair_taken = dp.connection(&reply_key).is_some_and(|c| {
+            own_and_live(&c, now, timeout_ns)
+                && (c.nat_addr != client || c.nat_port != r.client.1.to_be())
+        });
+        if nat && !pair_taken {
             dp.set_connection(
                 &reply_key,
                 &Connection {
                     last_seen_ns: now,
                     server: index,
-                    flags: CONN_NAT | CONN_REPLY,
+                    flags: CONN_NAT | CONN_REPLY | CONN_SYNCED,
                     nat_port: r.client.1.to_be(),
                     nat_addr: Ipv4Addr::from(r.client.0).into(),
                     peer_mac: r.peer_mac,
@@ -258,6 +284,9 @@ mod tests {
         }
     }
 
+    /// The cluster's timeout: 100 s.
+    const TIMEOUT: u64 = 100_000_000_000;
+
     const LOCAL: Local = Local {
         mac: [2, 0, 0, 0, 0, 2],
         ifindex: 3,
@@ -266,7 +295,14 @@ mod tests {
     #[test]
     fn a_nat_record_installs_both_legs_with_this_backups_index_and_interface() {
         let (plane, mut store) = (plane(), HashMap::new());
-        let r = install(&mut store, &plane, &[record(EVENT_OPEN, CONN_NAT)], LOCAL).unwrap();
+        let r = install(
+            &mut store,
+            &plane,
+            &[record(EVENT_OPEN, CONN_NAT)],
+            LOCAL,
+            TIMEOUT,
+        )
+        .unwrap();
         assert_eq!(r, (1, 0));
         let c = store[&client_key()];
         assert_eq!(c.server, 1, "web2's index here");
@@ -281,7 +317,7 @@ mod tests {
             _pad: [0; 3],
         };
         let back = store[&reply];
-        assert_eq!(back.flags, CONN_NAT | CONN_REPLY);
+        assert_eq!(back.flags, CONN_NAT | CONN_REPLY | CONN_SYNCED);
         assert_eq!(v4(&back.nat_addr), Ipv4Addr::new(198, 51, 100, 7));
         assert_eq!(back.nat_port, 40000u16.to_be());
         assert_eq!(
@@ -294,11 +330,35 @@ mod tests {
     #[test]
     fn a_close_survives_a_later_full_table_record_of_the_same_connection() {
         let (plane, mut store) = (plane(), HashMap::new());
-        install(&mut store, &plane, &[record(EVENT_OPEN, CONN_NAT)], LOCAL).unwrap();
-        install(&mut store, &plane, &[record(EVENT_CLOSE, CONN_FIN)], LOCAL).unwrap();
+        install(
+            &mut store,
+            &plane,
+            &[record(EVENT_OPEN, CONN_NAT)],
+            LOCAL,
+            TIMEOUT,
+        )
+        .unwrap();
+        install(
+            &mut store,
+            &plane,
+            &[record(EVENT_CLOSE, CONN_FIN)],
+            LOCAL,
+            TIMEOUT,
+        )
+        .unwrap();
         // The periodic full table was read before the close: it still says open.
-        install(&mut store, &plane, &[record(EVENT_OPEN, CONN_NAT)], LOCAL).unwrap();
-        assert_eq!(store[&client_key()].flags, CONN_NAT | CONN_FIN);
+        install(
+            &mut store,
+            &plane,
+            &[record(EVENT_OPEN, CONN_NAT)],
+            LOCAL,
+            TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(
+            store[&client_key()].flags,
+            CONN_NAT | CONN_FIN | CONN_SYNCED
+        );
     }
 
     #[test]
@@ -306,7 +366,144 @@ mod tests {
         let (plane, mut store) = (plane(), HashMap::new());
         let mut r = record(EVENT_OPEN, CONN_NAT);
         r.server = ([203, 0, 113, 99], 8080);
-        assert_eq!(install(&mut store, &plane, &[r], LOCAL).unwrap(), (0, 1));
+        assert_eq!(
+            install(&mut store, &plane, &[r], LOCAL, TIMEOUT).unwrap(),
+            (0, 1)
+        );
         assert!(store.is_empty());
+    }
+
+    /// The reply leg's key of `record`'s connection.
+    fn reply_key() -> FlowKey {
+        FlowKey {
+            src: Ipv4Addr::new(203, 0, 113, 12).into(),
+            dst: Ipv4Addr::new(203, 0, 113, 1).into(),
+            sport: 8080u16.to_be(),
+            dport: 1500u16.to_be(),
+            proto: lb_common::IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+
+    /// A connection this dataplane made: the same client to web1, NAT port 2000.
+    fn own() -> Connection {
+        Connection {
+            last_seen_ns: dataplane::now_ns(),
+            packets: 3,
+            server: 0,
+            flags: CONN_NAT,
+            nat_port: 2000u16.to_be(),
+            nat_addr: Ipv4Addr::new(203, 0, 113, 1).into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_of_an_older_connection_leave_a_live_one_this_atm_made_alone() {
+        // The client reused its port just after the other ATM closed its connection; this
+        // ATM made the new one. The old one's records come late.
+        let (plane, mut store) = (plane(), HashMap::new());
+        store.insert(client_key(), own());
+        for r in [record(EVENT_OPEN, CONN_NAT), record(EVENT_CLOSE, CONN_FIN)] {
+            install(&mut store, &plane, &[r], LOCAL, TIMEOUT).unwrap();
+            assert_eq!(store[&client_key()], own_with_time(&store));
+        }
+        // Closed or idle, it is replaced by the record as before.
+        for stale in [
+            Connection {
+                flags: CONN_NAT | CONN_FIN,
+                ..own()
+            },
+            Connection {
+                last_seen_ns: dataplane::now_ns().saturating_sub(TIMEOUT + 1),
+                ..own()
+            },
+        ] {
+            store.insert(client_key(), stale);
+            install(
+                &mut store,
+                &plane,
+                &[record(EVENT_OPEN, CONN_NAT)],
+                LOCAL,
+                TIMEOUT,
+            )
+            .unwrap();
+            let c = store[&client_key()];
+            assert_eq!((c.server, c.nat_port), (1, 1500u16.to_be()));
+            assert_eq!(c.flags, CONN_NAT | CONN_SYNCED);
+        }
+        // Its own entry of the same connection is refreshed (it lives on while the other ATM
+        // sees its packets).
+        let same_one = Connection {
+            server: 1,
+            nat_port: 1500u16.to_be(),
+            last_seen_ns: 1,
+            ..own()
+        };
+        store.insert(
+            client_key(),
+            Connection {
+                last_seen_ns: dataplane::now_ns(),
+                ..same_one
+            },
+        );
+        install(
+            &mut store,
+            &plane,
+            &[record(EVENT_OPEN, CONN_NAT)],
+            LOCAL,
+            TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(store[&client_key()].flags, CONN_NAT | CONN_SYNCED);
+        // A synced entry is replaced too, and a close marks the same connection.
+        install(
+            &mut store,
+            &plane,
+            &[record(EVENT_CLOSE, CONN_FIN)],
+            LOCAL,
+            TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(
+            store[&client_key()].flags,
+            CONN_NAT | CONN_FIN | CONN_SYNCED
+        );
+    }
+
+    /// `own()` as stored (its time is the one it was inserted with).
+    fn own_with_time(store: &HashMap<FlowKey, Connection>) -> Connection {
+        Connection {
+            last_seen_ns: store[&client_key()].last_seen_ns,
+            ..own()
+        }
+    }
+
+    #[test]
+    fn a_nat_pair_this_atm_holds_for_its_own_connection_keeps_its_reply_leg() {
+        let (plane, mut store) = (plane(), HashMap::new());
+        let mine = Connection {
+            last_seen_ns: dataplane::now_ns(),
+            server: 1,
+            flags: CONN_NAT | CONN_REPLY,
+            nat_port: 41000u16.to_be(),
+            nat_addr: Ipv4Addr::new(198, 51, 100, 8).into(),
+            ..Default::default()
+        };
+        store.insert(reply_key(), mine);
+        install(
+            &mut store,
+            &plane,
+            &[record(EVENT_OPEN, CONN_NAT)],
+            LOCAL,
+            TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(
+            store[&reply_key()],
+            mine,
+            "this ATM's client keeps its replies"
+        );
+        assert_eq!(store[&client_key()].nat_port, 1500u16.to_be());
     }
 }

@@ -246,7 +246,9 @@ pub fn established(
 ) -> Option<Outcome> {
     let now = ip.now;
     let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if now.wrapping_sub(c.last_seen_ns) > settings.timeout_ns
+    // Saturating: an entry the daemon installed (a synced one) may carry a time a little
+    // ahead of this coarse clock, and is then as fresh as can be, not 2^64 ns old.
+    if now.saturating_sub(c.last_seen_ns) > settings.timeout_ns
         || (syn_only && c.flags & (CONN_FIN | CONN_RST) != 0)
     {
         return None;

@@ -20,7 +20,7 @@ pub fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
     if let Some(p) = PERSISTENCE.get_ptr_mut(&pkey) {
         // SAFETY: a map value.
         let p = unsafe { &mut *p };
-        if now.wrapping_sub(p.last_seen_ns) <= ttl && server_ok(p.server, svc.id) {
+        if now.saturating_sub(p.last_seen_ns) <= ttl && server_ok(p.server, svc.id) {
             p.last_seen_ns = now;
             return Some(p.server);
         }

@@ -1006,6 +1006,33 @@ fn dataplane_fixtures() {
     assert_eq!(reply.packets, 1);
 }
 
+/// A synced entry carries the daemon's time, which may be a little ahead of the dataplane's
+/// coarse clock: it is fresh, not (by a wrapping subtraction) 2^64 ns idle. Such an entry
+/// was rescheduled, and in NAT mode its next segment went to the other ATM.
+#[test]
+fn an_entry_stamped_ahead_of_the_dataplanes_clock_is_fresh() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    let (first, _) = b.spec(TUN);
+    let row = b.row(TUN);
+    let k = key(CLIENT, 45100, VIP, 81, IPPROTO_TCP);
+    let ahead = Connection {
+        last_seen_ns: now_ns() + 5_000_000,
+        packets: 1,
+        server: first + 2,
+        ..Default::default()
+    };
+    b.dp.set_connection(&k, &ahead).unwrap();
+    // rr would start a new connection at slot 0: the entry's server is elsewhere.
+    assert_ne!(row[0], first + 2);
+    let f = from_client(45100, VIP, 81, ACK, b"");
+    b.run(&[
+        Fixture::new("stamped 5 ms ahead: its own server", f.clone(), XDP_TX)
+            .output(ipip(&f, b.server_addr(first + 2).0)),
+    ]);
+    assert_eq!(b.dp.connection(&k).unwrap().packets, 2);
+}
+
 #[test]
 fn idle_connections_count_as_new_and_down_servers_lose_theirs() {
     pin_to_cpu0();

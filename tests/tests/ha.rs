@@ -748,7 +748,8 @@ fn drills(method: Method) {
                 {
                     let at = start.elapsed();
                     results.push(
-                        request(Duration::from_secs(5)).map_err(|e| format!("at {at:?}: {e}")),
+                        traced_request(Duration::from_secs(5))
+                            .map_err(|(port, e)| (port, format!("at {at:?}: {e}"))),
                     );
                 }
                 results
@@ -775,9 +776,9 @@ fn drills(method: Method) {
         thread::sleep(Duration::from_millis(500));
     }
     stop.store(true, Ordering::SeqCst);
-    let results: Vec<Result<String, String>> =
+    let results: Vec<Result<String, (u16, String)>> =
         load.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let failed: Vec<&(u16, String)> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     eprintln!(
         "{method:?}: 6 handovers, {} requests, {} failed",
         results.len(),
@@ -786,14 +787,16 @@ fn drills(method: Method) {
     assert!(results.len() >= 100, "{} requests", results.len());
     assert!(
         failed.is_empty(),
-        "{method:?}: {} of {} requests failed: {:?}\n=== atm1\n{}{}\n=== atm2\n{}{}",
+        "{method:?}: {} of {} requests failed: {:?}\n=== atm1\n{}{}\n{}\n=== atm2\n{}{}\n{}",
         failed.len(),
         results.len(),
         &failed[..failed.len().min(5)],
         c.atm(1).log(),
         dataplane_counters(&c, 1),
+        entries_of(&c, 1, &failed),
         c.atm(2).log(),
-        dataplane_counters(&c, 2)
+        dataplane_counters(&c, 2),
+        entries_of(&c, 2, &failed),
     );
     // Refusals say why.
     let out = c.atm(2).cli(&["demote"]);
@@ -805,6 +808,56 @@ fn drills(method: Method) {
         c.atm(2).log()
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("not primary"));
+}
+
+/// One HTTP/1.0 request to the VIP on a new connection, each step allowed `timeout`. A
+/// failure names the client's port, so the ATMs' entries for it can be shown.
+fn traced_request(timeout: Duration) -> Result<String, (u16, String)> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| (0, e.to_string()))?;
+    sock.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())
+        .map_err(|e| (0, format!("bind: {e}")))?;
+    let port = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map_or(0, |a| a.port());
+    let fail = |what: &str, e: std::io::Error| (port, format!("port {port}: {what}: {e}"));
+    let vip: SocketAddr = format!("{}:80", cluster::VIP).parse().unwrap();
+    sock.connect_timeout(&vip.into(), timeout)
+        .map_err(|e| fail("connect", e))?;
+    let mut s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| fail("timeout", e))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| fail("timeout", e))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| fail("write", e))?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).map_err(|e| fail("read", e))?;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err((port, format!("port {port}: answer {text:?}"))),
+    }
+}
+
+/// ATM `i`'s connection entries for the client ports of `failed` requests.
+fn entries_of(c: &Cluster, i: usize, failed: &[&(u16, String)]) -> String {
+    let table = c.atm(i).cat("connections");
+    let lines: Vec<&str> = table
+        .lines()
+        .filter(|l| {
+            failed
+                .iter()
+                .any(|(port, _)| l.contains(&format!("{}:{port} ", cluster::CLIENT)))
+        })
+        .collect();
+    format!(
+        "connection entries of the failed requests' client ports ({} in all):\n{}",
+        table.lines().count(),
+        lines.join("\n")
+    )
 }
 
 /// The paced client of the handover tests: a new connection every 20 ms, each allowed 500 ms

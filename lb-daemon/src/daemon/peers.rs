@@ -318,8 +318,9 @@ impl Daemon {
                     .is_some_and(|h| h.role == ha::Role::Primary);
                 let accept = ha.election.role() == ha::Role::Backup || !sender_primary;
                 let local = ha.local;
+                let timeout_ns = self.timeout_ns();
                 if accept && let Some(a) = self.atm.as_mut() {
-                    match sync::install(&mut a.dp, &a.plane, &records, local) {
+                    match sync::install(&mut a.dp, &a.plane, &records, local, timeout_ns) {
                         Ok((_, skipped)) if skipped > 0 => {
                             warn!(
                                 "Connection sync: {skipped} records name servers this ATM does not have (configs differ?)"
