@@ -128,8 +128,11 @@ pub fn server_hop(
             }
             Ok(hop)
         }
-        // The neighbour entry is gone: the last known MAC is the best there is.
-        (FIB_NO_NEIGH, _, _) if s.ifindex != 0 && s.mac != [0; 6] => Ok(Hop::of_server(s)),
+        // The neighbour entry is gone, or the route: the last known hop is the best there
+        // is. (An old primary in one-arm NAT gives the gateway's address away, and with it
+        // its route to the NAT subnet, while it still forwards for 2 s for the clients and
+        // servers that have not moved yet.)
+        _ if s.ifindex != 0 && s.mac != [0; 6] => Ok(Hop::of_server(s)),
         _ => Err(NoHop::Route),
     }
 }

@@ -1006,6 +1006,42 @@ fn dataplane_fixtures() {
     assert_eq!(reply.packets, 1);
 }
 
+/// An old primary in one-arm NAT gives the gateway's address away, and with it the NAT
+/// subnet's route, while it still forwards for the clients and servers that have not moved:
+/// its connections go on through the server's last known hop, not into `drop_no_route`.
+#[test]
+fn a_nat_server_whose_route_went_away_is_reached_through_its_last_hop() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    let wrr = b.row(NATSVC);
+    let port = NatPorts::default().next(wrr[0]);
+    let (n_addr, n_port) = b.server_addr(wrr[0]);
+    let expected = |f: &[u8]| {
+        nat_expected(
+            f,
+            (LB_NAT_MAC, mac_of(n_addr)),
+            (NAT, port),
+            (n_addr, n_port),
+        )
+    };
+    let syn = from_client(40300, VIP, 82, SYN, b"");
+    b.run(&[
+        Fixture::new("SYN: the hop is looked up", syn.clone(), XDP_REDIRECT).output(expected(&syn)),
+    ]);
+    b.lab
+        .ns("fx")
+        .exec_ok(&["ip", "addr", "del", "203.0.113.1/24", "dev", "eth1"]);
+    let mut s = b.dp.server(wrr[0]).unwrap();
+    s.hop_until_ns = 0;
+    b.dp.set_server(wrr[0], &s).unwrap();
+    let ack = from_client(40300, VIP, 82, ACK, b"GET / HTTP/1.0\r\n\r\n");
+    b.run(&[
+        Fixture::new("no route any more: the last hop", ack.clone(), XDP_REDIRECT)
+            .output(expected(&ack)),
+    ]);
+    assert_eq!(b.dp.stats().unwrap().get(Stat::DropNoRoute), 0);
+}
+
 /// A synced entry carries the daemon's time, which may be a little ahead of the dataplane's
 /// coarse clock: it is fresh, not (by a wrapping subtraction) 2^64 ns idle. Such an entry
 /// was rescheduled, and in NAT mode its next segment went to the other ATM.
