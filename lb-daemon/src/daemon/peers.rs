@@ -22,6 +22,7 @@ use crate::{
     control::Response,
     dataplane,
     ha::{self, Action, Body, Election, Reject, Replay},
+    health,
     outbox::{Link, Outbox},
     sync,
 };
@@ -602,7 +603,7 @@ impl Daemon {
 /// Pings the `track` addresses every second; reports when reaching all of them (two
 /// answers in a row) or not (two misses in a row) changes.
 pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
-    let client = match surge_ping::Client::new(&surge_ping::Config::default()) {
+    let client = match health::ping::client() {
         Ok(c) => c,
         Err(e) => {
             error!("Cannot ping the track addresses: {e}");
@@ -610,50 +611,31 @@ pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
             return;
         }
     };
-    let mut state: Option<bool> = None;
-    let mut streak = (0u32, 0u32);
-    let mut seq = 0u16;
+    let mut pingers = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let id = TRACK_PING_ID + i as u16;
+        pingers.push(health::ping::Pinger::new(&client, *a, id, TRACK_TIMEOUT).await);
+    }
+    // The first round decides (the election waits for it); after that it takes two in a
+    // row to change the verdict, so one lost ping moves nothing.
+    let mut verdict: Option<health::Tracker> = None;
     loop {
         let mut all = true;
-        for (i, a) in addrs.iter().enumerate() {
-            let mut p = client
-                .pinger(
-                    std::net::IpAddr::V4(*a),
-                    surge_ping::PingIdentifier(TRACK_PING_ID + i as u16),
-                )
-                .await;
-            p.timeout(TRACK_TIMEOUT);
-            if p.ping(surge_ping::PingSequence(seq), &[0u8; 16])
-                .await
-                .is_err()
-            {
-                all = false;
-            }
+        for p in &mut pingers {
+            all &= p.once().await.is_none();
         }
-        seq = seq.wrapping_add(1);
-        streak = if all {
-            (streak.0 + 1, 0)
-        } else {
-            (0, streak.1 + 1)
-        };
-        // The first round decides (the election waits for it); after that it takes two in
-        // a row to change the verdict, so one lost ping moves nothing.
-        let now = if state.is_none() {
-            Some(all)
-        } else if streak.0 >= 2 {
-            Some(true)
-        } else if streak.1 >= 2 {
-            Some(false)
-        } else {
-            state
-        };
-        if now != state
-            && let Some(v) = now
-        {
-            state = now;
-            if tx.send(v).await.is_err() {
-                return;
+        let changed = match verdict.as_mut() {
+            None => {
+                verdict = Some(health::Tracker::starting(all, 2, 2));
+                true
             }
+            Some(t) => t.record(all),
+        };
+        if changed
+            && let Some(t) = &verdict
+            && tx.send(t.healthy()).await.is_err()
+        {
+            return;
         }
         tokio::time::sleep(TRACK_EVERY).await;
     }

@@ -4,11 +4,7 @@
 //! in a task of its own, so a hanging server never delays the others, with a little jitter so
 //! probes do not fire in lockstep.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
@@ -16,6 +12,15 @@ use crate::{
     config::{CheckKind, Config, Nat},
     services::{LineKey, svc_key},
 };
+
+mod http;
+pub mod ping;
+mod script;
+mod tcp;
+#[cfg(test)]
+mod tests;
+
+pub use ping::PING_ID;
 
 /// One probe's outcome, sent to the daemon's event loop.
 #[derive(Clone, Debug)]
@@ -42,10 +47,6 @@ impl Outcome {
         }
     }
 }
-
-/// Health-check pings' identifiers start here ("lb", 0x6c62), one per probe: the answers
-/// of each probe are its own, and apart from `track`'s.
-pub const PING_ID: u16 = 0x6c62;
 
 /// The source address this machine would use toward `addr`, `None` without a route.
 /// connect(2) on a UDP socket asks the routing table and sends nothing.
@@ -93,6 +94,14 @@ impl Tracker {
             passes: 0,
             fails: 0,
             healthy: true,
+        }
+    }
+
+    /// Already judged `healthy`, for a verdict the first probe decides (`track`).
+    pub fn starting(healthy: bool, rise: u32, fall: u32) -> Tracker {
+        Tracker {
+            healthy,
+            ..Tracker::new(rise, fall)
         }
     }
 
@@ -228,7 +237,7 @@ impl Checks {
     pub fn start(config: &Config, tx: mpsc::Sender<Outcome>) -> (Checks, String) {
         let mut tasks = Vec::new();
         let (mut pings, mut checks) = (0, 0);
-        let ping_client = surge_ping::Client::new(&surge_ping::Config::default()).ok();
+        let ping_client = ping::client().ok();
         for s in &config.services {
             let k = svc_key(s);
             for v in &s.servers {
@@ -294,31 +303,19 @@ fn seed(line: &LineKey, salt: u64) -> u64 {
 }
 
 async fn run_ping(
-    client: surge_ping::Client,
+    client: ping::Client,
     id: u16,
     line: LineKey,
     every: Duration,
     timeout: Duration,
     tx: mpsc::Sender<Outcome>,
 ) {
-    let mut pinger = client
-        .pinger(IpAddr::V4(line.1), surge_ping::PingIdentifier(id))
-        .await;
-    pinger.timeout(timeout);
-    let mut seq = 0u16;
+    let mut pinger = ping::Pinger::new(&client, line.1, id, timeout).await;
     let mut n = 0u64;
     loop {
         tokio::time::sleep(jitter(every, seed(&line, n))).await;
         let started = Instant::now();
-        let failure = match pinger.ping(surge_ping::PingSequence(seq), &[0u8; 16]).await {
-            Ok(_) => None,
-            Err(surge_ping::SurgeError::Timeout { .. }) => Some(format!(
-                "no answer to ping within {} ms",
-                timeout.as_millis()
-            )),
-            Err(e) => Some(format!("ping: {e}")),
-        };
-        seq = seq.wrapping_add(1);
+        let failure = pinger.once().await;
         n += 1;
         if tx.send(Outcome::new(line, true, failure)).await.is_err() {
             return;
@@ -329,7 +326,7 @@ async fn run_ping(
 
 /// What a service check needs to know about its target.
 #[derive(Clone, Debug)]
-struct CheckCtx {
+pub(super) struct CheckCtx {
     service: String,
     addr: Ipv4Addr,
     port: u16,
@@ -360,7 +357,7 @@ async fn run_check(
         let started = Instant::now();
         let failure = match &kind {
             CheckKind::None => None,
-            CheckKind::Tcp => tcp(&ctx, timeout).await,
+            CheckKind::Tcp => tcp::check(&ctx, timeout).await,
             CheckKind::Http {
                 https,
                 path,
@@ -369,244 +366,16 @@ async fn run_check(
                 ..
             } => match &http {
                 Some(client) => {
-                    http_check(client, &ctx, *https, path, *expect, body.as_deref()).await
+                    http::check(client, &ctx, *https, path, *expect, body.as_deref()).await
                 }
                 None => Some("cannot build an HTTP client".into()),
             },
-            CheckKind::Script(p) => script(p, &ctx, timeout).await,
+            CheckKind::Script(p) => script::check(p, &ctx, timeout).await,
         };
         n += 1;
         if tx.send(Outcome::new(line, false, failure)).await.is_err() {
             return;
         }
         tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
-    }
-}
-
-async fn tcp(ctx: &CheckCtx, timeout: Duration) -> Option<String> {
-    let addr = SocketAddr::from((ctx.addr, ctx.port));
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => None,
-        Ok(Err(e)) => Some(format!("tcp connect: {e}")),
-        Err(_) => Some(format!(
-            "tcp connect timed out after {} ms",
-            timeout.as_millis()
-        )),
-    }
-}
-
-async fn http_check(
-    client: &reqwest::Client,
-    ctx: &CheckCtx,
-    https: bool,
-    path: &str,
-    expect: u16,
-    body: Option<&str>,
-) -> Option<String> {
-    let scheme = if https { "https" } else { "http" };
-    let url = format!("{scheme}://{}:{}{path}", ctx.addr, ctx.port);
-    let resp = match client.get(&url).send().await {
-        Ok(r) => r,
-        Err(e) if e.is_timeout() => return Some(format!("{scheme} GET {path} timed out")),
-        Err(e) => return Some(format!("{scheme} GET {path}: {}", root_cause(&e))),
-    };
-    let status = resp.status().as_u16();
-    if status != expect {
-        return Some(format!("{scheme} GET {path} returned {status}"));
-    }
-    if let Some(want) = body {
-        match resp.text().await {
-            Ok(t) if t.contains(want) => {}
-            Ok(_) => return Some(format!("{scheme} GET {path}: the body lacks {want:?}")),
-            Err(e) => {
-                return Some(format!(
-                    "{scheme} GET {path}: reading the body: {}",
-                    root_cause(&e)
-                ));
-            }
-        }
-    }
-    None
-}
-
-/// The innermost cause of an error (reqwest wraps the interesting part).
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
-
-/// Runs a check script in a process group of its own, so that at the timeout the script and
-/// everything it started are killed together.
-async fn script(path: &PathBuf, ctx: &CheckCtx, timeout: Duration) -> Option<String> {
-    let child = tokio::process::Command::new(path)
-        .env("LB_SERVER", ctx.addr.to_string())
-        .env("LB_PORT", ctx.port.to_string())
-        .env("LB_SERVICE", &ctx.service)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return Some(format!("script {}: {e}", path.display())),
-    };
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(s)) if s.success() => None,
-        Ok(Ok(s)) => Some(format!("script exited with {s}")),
-        Ok(Err(e)) => Some(format!("script: {e}")),
-        Err(_) => {
-            if let Some(pid) = child.id() {
-                // SAFETY: plain killpg(2) on the group the script leads.
-                unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
-            }
-            let _ = child.kill().await;
-            Some(format!("script killed after {} ms", timeout.as_millis()))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn outcome(ping: bool, failure: Option<&str>) -> Outcome {
-        Outcome {
-            line: (
-                ("192.0.2.100".parse().unwrap(), 80, 6),
-                "192.0.2.11".parse().unwrap(),
-                80,
-            ),
-            ping,
-            failure: failure.map(String::from),
-            source: Some(Ipv4Addr::UNSPECIFIED),
-        }
-    }
-
-    #[test]
-    fn fall_failures_take_a_line_down_and_rise_passes_bring_it_back() {
-        let mut h = LineHealth::new(2, 3);
-        assert_eq!(h.record(&outcome(false, Some("503"))), None);
-        assert_eq!(h.record(&outcome(false, Some("503"))), None);
-        assert_eq!(
-            h.record(&outcome(false, None)),
-            None,
-            "a pass resets the count"
-        );
-        for _ in 0..2 {
-            assert_eq!(h.record(&outcome(false, Some("503"))), None);
-        }
-        assert_eq!(
-            h.record(&outcome(false, Some("http GET / returned 503"))),
-            Some(Transition::Down {
-                reason: "http GET / returned 503".into(),
-                failed: 3,
-                fall: 3
-            })
-        );
-        assert_eq!(h.record(&outcome(false, Some("x"))), None, "already down");
-        assert_eq!(h.record(&outcome(false, None)), None);
-        assert_eq!(
-            h.record(&outcome(false, None)),
-            Some(Transition::Up { passed: 2 })
-        );
-    }
-
-    #[test]
-    fn ping_and_check_count_separately_and_both_must_pass() {
-        let mut h = LineHealth::new(1, 2);
-        assert_eq!(h.record(&outcome(true, Some("no answer"))), None);
-        assert_eq!(
-            h.record(&outcome(false, None)),
-            None,
-            "a passing check does not reset the ping's count"
-        );
-        assert!(matches!(
-            h.record(&outcome(true, Some("no answer"))),
-            Some(Transition::Down { .. })
-        ));
-        assert_eq!(
-            h.record(&outcome(false, None)),
-            None,
-            "still down while the ping fails"
-        );
-        assert_eq!(
-            h.record(&outcome(true, None)),
-            Some(Transition::Up { passed: 1 })
-        );
-    }
-
-    #[test]
-    fn failures_that_say_nothing_of_the_server_are_not_counted() {
-        let mut h = LineHealth::new(1, 1);
-        let no_route = outcome(false, Some("tcp connect: Network is unreachable"));
-        assert_eq!(h.judge(&no_route, false), Verdict::Unjudged { first: true });
-        assert_eq!(
-            h.judge(&no_route, false),
-            Verdict::Unjudged { first: false }
-        );
-        assert!(h.healthy(), "a backup keeps the last state");
-        assert_eq!(
-            h.judge(&outcome(false, None), false),
-            Verdict::Counted(None)
-        );
-        assert_eq!(
-            h.judge(&no_route, false),
-            Verdict::Unjudged { first: false },
-            "told once, not at every demotion"
-        );
-        assert!(matches!(
-            h.judge(&no_route, true),
-            Verdict::Counted(Some(Transition::Down { .. }))
-        ));
-    }
-
-    #[test]
-    fn what_a_failure_seen_from_a_backup_says() {
-        let nat = Nat::new(
-            Ipv4Addr::new(203, 0, 113, 0),
-            24,
-            Ipv4Addr::new(203, 0, 113, 1),
-        );
-        let own = Some(Ipv4Addr::new(203, 0, 113, 3));
-        let outside = Some(Ipv4Addr::new(192, 0, 2, 3));
-        // The primary counts everything.
-        assert!(failure_counts(None, true, Some(&nat)));
-        // A backup: no route says nothing.
-        assert!(!failure_counts(None, false, None));
-        assert!(!failure_counts(None, false, Some(&nat)));
-        // Direct or tunnel servers: any route will do (backups keep their own view).
-        assert!(failure_counts(outside, false, None));
-        // NAT servers: only from an address of its own in the NAT subnet.
-        assert!(failure_counts(own, false, Some(&nat)));
-        assert!(
-            !failure_counts(outside, false, Some(&nat)),
-            "answers go to the primary"
-        );
-        assert!(!failure_counts(Some(nat.gateway), false, Some(&nat)));
-    }
-
-    #[test]
-    fn a_reload_applies_new_limits_to_the_counts_so_far() {
-        let mut h = LineHealth::new(1, 5);
-        assert_eq!(h.record(&outcome(false, Some("503"))), None);
-        h.set_limits(1, 2);
-        assert!(matches!(
-            h.record(&outcome(false, Some("503"))),
-            Some(Transition::Down { fall: 2, .. })
-        ));
-    }
-
-    #[test]
-    fn jitter_stays_within_a_tenth() {
-        let every = Duration::from_millis(2000);
-        for s in 0..100 {
-            assert!(jitter(every, s) <= Duration::from_millis(200));
-        }
-        assert_ne!(jitter(every, 1), jitter(every, 2));
     }
 }
