@@ -488,7 +488,12 @@ pub struct Settings {
     /// connection may be one the other ATM made moments ago, whose record is not here yet
     /// (see docs/HA.md, "Planned handovers"). Never one that came from it.
     pub peer_addr: u32,
-    pub _pad2: u32,
+    /// NAT: which ports this ATM hands out while `peer_addr` is set (a planned handover,
+    /// when both ATMs make connections): 1, those at even offsets in the port range (the
+    /// old primary); 2, those at odd ones (the new primary); 0, all. Two ATMs never hand out
+    /// the same pair in the moments before each other's records arrive (see
+    /// `lb_common::nat::in_stripe`).
+    pub nat_stripe: u32,
     /// `bpf_ktime_get_ns()` until which packets go to `peer_addr`.
     pub peer_until_ns: u64,
 }

@@ -33,6 +33,17 @@ pub fn candidate(c: u32, span: u32, addresses: u32) -> (u32, u32) {
     ((c / span) % addresses, c % span)
 }
 
+/// Whether the pair at port offset `off` is this ATM's to hand out under `stripe` (see
+/// `Settings::nat_stripe`): all with 0, the even offsets with 1, the odd ones with 2.
+#[inline(always)]
+pub fn in_stripe(off: u32, stripe: u32) -> bool {
+    match stripe {
+        1 => off.is_multiple_of(2),
+        2 => off % 2 == 1,
+        _ => true,
+    }
+}
+
 /// Whether a reply leg's (address, port) may be handed out again: its connection has been
 /// idle past the idle timeout, or it closed (a RST either way, or a FIN each way) and has
 /// been quiet since for the hold that applies (see [`Holds`]).
@@ -64,6 +75,15 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn the_two_stripes_of_a_handover_share_no_port() {
+        let span = 31_744;
+        for off in 0..span {
+            assert!(in_stripe(off, 0));
+            assert_ne!(in_stripe(off, 1), in_stripe(off, 2), "offset {off}");
+        }
+    }
 
     #[test]
     fn a_closed_port_is_free_after_the_hold_an_open_one_after_the_timeout() {

@@ -462,11 +462,15 @@ extern "C" fn nat_probe(i: u64, ctx: *mut c_void) -> i64 {
         return 1;
     };
     let (slot, off) = nat::candidate(p.start.wrapping_add(i as u32), p.span, p.addrs);
+    let now = sc.reply.last_seen_ns;
+    // In a planned handover both ATMs make connections: each takes its half of the ports.
+    if now < settings.peer_until_ns && !nat::in_stripe(off, settings.nat_stripe) {
+        return 0;
+    }
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
     let key = unsafe { &mut (*keys)[1] };
     key.dst = Addr::v4_raw(nat_pool_addr(settings, slot));
     key.dport = ((p.lo + off) as u16).to_be();
-    let now = sc.reply.last_seen_ns;
     let Some(e) = CONNECTIONS.get_ptr_mut(&*key) else {
         // Never used, or gone: whoever inserts first has it.
         if CONNECTIONS

@@ -1006,6 +1006,50 @@ fn dataplane_fixtures() {
     assert_eq!(reply.packets, 1);
 }
 
+/// In a planned handover both ATMs make NAT connections for a moment, each before the
+/// other's records arrive: the new primary takes the odd port offsets, the old one the even,
+/// so no pair is handed out twice. After the handover every port is handed out again.
+#[test]
+fn during_a_handover_an_atm_hands_out_only_its_stripe_of_nat_ports() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    let wrr = b.row(NATSVC);
+    let (n_addr, n_port) = b.server_addr(wrr[0]);
+    let mut s = settings();
+    s.peer_addr = u32::from_ne_bytes([192, 0, 2, 9]);
+    s.peer_until_ns = now_ns() + 60_000_000_000;
+    s.nat_stripe = 2;
+    b.dp.set_settings(&s).unwrap();
+    // wrr sends the first connection to wrr[0]: a new primary takes offset 1, not 0.
+    let syn = from_client(40400, VIP, 82, SYN, b"");
+    let expected = |f: &[u8], port| {
+        nat_expected(
+            f,
+            (LB_NAT_MAC, mac_of(n_addr)),
+            (NAT, port),
+            (n_addr, n_port),
+        )
+    };
+    b.run(&[Fixture::new(
+        "new primary in a handover: odd offsets",
+        syn.clone(),
+        XDP_REDIRECT,
+    )
+    .output(expected(&syn, NAT_PORT_MIN + 1))]);
+    // The handover over, the even offsets are handed out again.
+    s.peer_until_ns = now_ns().saturating_sub(1);
+    b.dp.set_settings(&s).unwrap();
+    // wrr goes 5, 5, 6, 5: the next connection to wrr[0] is the next but one.
+    assert_eq!(wrr[1], wrr[0]);
+    let syn = from_client(40401, VIP, 82, SYN, b"");
+    b.run(&[Fixture::new(
+        "after the handover: every offset",
+        syn.clone(),
+        XDP_REDIRECT,
+    )
+    .output(expected(&syn, NAT_PORT_MIN + 2))]);
+}
+
 /// An old primary in one-arm NAT gives the gateway's address away, and with it the NAT
 /// subnet's route, while it still forwards for the clients and servers that have not moved:
 /// its connections go on through the server's last known hop, not into `drop_no_route`.

@@ -74,7 +74,17 @@ impl Daemon {
             nat_pool_len,
             nat_cursor_base: self.atm.as_ref().map_or(0, |a| a.nat_cursor_base),
             peer_addr: peer.map_or(0, |(addr, _)| u32::from_ne_bytes(addr.octets())),
-            _pad2: 0,
+            // The old primary the even NAT ports, the new one the odd (while both forward).
+            nat_stripe: match self.atm.as_ref() {
+                Some(a) if a.peer.is_some() => {
+                    if a.primary {
+                        2
+                    } else {
+                        1
+                    }
+                }
+                _ => 0,
+            },
             peer_until_ns: peer.map_or(0, |(_, until)| until),
         }
     }
@@ -216,12 +226,14 @@ impl Daemon {
             // A fresh place to hand NAT pairs out from (see Settings::nat_cursor_base).
             a.nat_cursor_base = (dataplane::now_ns() ^ (std::process::id() as u64) << 20)
                 .wrapping_mul(GOLDEN_RATIO_64) as u32;
+            // Before the settings are worked out: they give a new primary the odd NAT ports
+            // of a handover, a backup the even.
+            a.primary = true;
+            a.grace = None;
         }
         let settings = self.settings(true);
         let servers = self.server_addrs();
         let a = self.atm.as_mut().expect("an ATM");
-        a.primary = true;
-        a.grace = None;
         a.dp.set_settings(&settings)?;
         // Backups keep the servers they have a route to resolved (see sweep), so this rarely
         // has work to do; it must not wait either: failover time is counted in heartbeats.
