@@ -11,7 +11,7 @@ use std::{
 use lb_common::{Addr, Method};
 
 use crate::{
-    config::{Config, ServiceCfg},
+    config::{Config, ServerCfg, ServiceCfg},
     dataplane::{self, Capacities, Counts, Dataplane, ServerSpec, ServiceSpec},
     tables::{ServerLine, ServiceLine},
 };
@@ -23,6 +23,11 @@ pub type LineKey = (SvcKey, Ipv4Addr, u16);
 
 pub fn svc_key(s: &ServiceCfg) -> SvcKey {
     (s.vip, s.port, s.proto)
+}
+
+/// Server `v` of service `s` as a line.
+pub fn line_key(s: &ServiceCfg, v: &ServerCfg) -> LineKey {
+    (svc_key(s), v.address, v.port)
 }
 
 /// What the operator said about a server (`lb-cli server ...`), kept across reloads.
@@ -191,11 +196,7 @@ impl Plane {
         let new_lines: HashSet<LineKey> = config
             .services
             .iter()
-            .flat_map(|s| {
-                s.servers
-                    .iter()
-                    .map(move |v| (svc_key(s), v.address, v.port))
-            })
+            .flat_map(|s| s.servers.iter().map(move |v| line_key(s, v)))
             .collect();
 
         let mut removed_services = Vec::new();
@@ -240,7 +241,7 @@ impl Plane {
                 changes.services_added += 1;
             }
             for v in &s.servers {
-                let lk = (k, v.address, v.port);
+                let lk = line_key(s, v);
                 if let std::collections::hash_map::Entry::Vacant(e) = indices.entry(lk) {
                     let i = free_indices.pop_first().ok_or_else(|| {
                         format!(
@@ -290,7 +291,7 @@ impl Plane {
             let k = svc_key(s);
             next.ids.insert(k, id as u32);
             for v in &s.servers {
-                indices.insert((k, v.address, v.port), index);
+                indices.insert(line_key(s, v), index);
                 index += 1;
             }
         }
@@ -303,9 +304,8 @@ impl Plane {
     fn number_lines(&mut self) {
         let mut lines = Lines::default();
         for s in self.services.iter() {
-            let k = svc_key(s);
             for v in &s.servers {
-                if let Some(i) = self.index(&(k, v.address, v.port)) {
+                if let Some(i) = self.index(&line_key(s, v)) {
                     lines.server.insert(i, (v.address, v.port, v.method));
                     lines.vip.insert(i, (s.vip, s.port));
                 }
@@ -372,7 +372,6 @@ impl Plane {
 
     /// Service `s` as it should be programmed now.
     pub fn spec(&self, s: &ServiceCfg) -> ServiceSpec {
-        let k = svc_key(s);
         ServiceSpec {
             vip: s.vip,
             port: s.port,
@@ -383,7 +382,7 @@ impl Plane {
                 .servers
                 .iter()
                 .map(|v| {
-                    let lk = (k, v.address, v.port);
+                    let lk = line_key(s, v);
                     ServerSpec {
                         index: self.indices[&lk],
                         addr: v.address,
@@ -474,7 +473,7 @@ impl Plane {
                     vip: s.vip,
                     port: s.port,
                     up: s.servers.iter().any(|v| {
-                        let lk = (k, v.address, v.port);
+                        let lk = line_key(s, v);
                         self.up(&lk) && self.weight(&lk, v.weight) > 0
                     }),
                     persistent: s.persistence > 0,
@@ -489,9 +488,8 @@ impl Plane {
     pub fn server_lines(&self, counts: &impl Counts) -> Vec<ServerLine> {
         let mut out = Vec::new();
         for s in self.services.iter() {
-            let k = svc_key(s);
             for v in &s.servers {
-                let lk = (k, v.address, v.port);
+                let lk = line_key(s, v);
                 let packets = self.index(&lk).map_or(0, |i| counts.server(i).packets);
                 out.push(ServerLine {
                     proto: s.proto,
@@ -526,7 +524,7 @@ impl Plane {
             .iter()
             .find(|v| v.name == server)
             .ok_or_else(|| format!("service {service:?} has no server named {server:?}"))?;
-        Ok((svc_key(s), v.address, v.port))
+        Ok(line_key(s, v))
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
     config::{self, Config},
     control::ServerAction,
     health::{self, Checks, LineHealth, Transition, Verdict},
-    services::svc_key,
+    services::{line_key, svc_key},
 };
 
 impl Daemon {
@@ -204,9 +204,8 @@ pub(super) fn checks_for(
 ) {
     let mut keep = HashMap::new();
     for s in &config.services {
-        let k = svc_key(s);
         for v in &s.servers {
-            let line = (k, v.address, v.port);
+            let line = line_key(s, v);
             let h = match old.remove(&line) {
                 Some(mut h) => {
                     h.set_limits(s.check.rise, s.check.fall);

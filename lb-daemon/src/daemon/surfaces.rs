@@ -20,7 +20,7 @@ use crate::{
     dataplane::{self, Capacities, CounterTables, Counts},
     ha::Reject,
     metrics,
-    services::{Plane, svc_key, v4},
+    services::{Plane, line_key, svc_key, v4},
     tables::{self, ConnLine, StatLine, Table, Write},
 };
 
@@ -334,29 +334,26 @@ impl Daemon {
                 .plane
                 .services()
                 .iter()
-                .map(|s| {
-                    let k = svc_key(s);
-                    views::ServiceStatus {
-                        name: s.name.clone(),
-                        protocol: s.proto_name().into(),
-                        vip: s.vip.into(),
-                        port: s.port,
-                        servers: s
-                            .servers
-                            .iter()
-                            .map(|v| {
-                                let lk = (k, v.address, v.port);
-                                views::ServerStatus {
-                                    name: v.name.clone(),
-                                    address: v.address.into(),
-                                    port: v.port,
-                                    method: v.method.name().into(),
-                                    up: a.plane.up(&lk),
-                                    weight: a.plane.weight(&lk, v.weight),
-                                }
-                            })
-                            .collect(),
-                    }
+                .map(|s| views::ServiceStatus {
+                    name: s.name.clone(),
+                    protocol: s.proto_name().into(),
+                    vip: s.vip.into(),
+                    port: s.port,
+                    servers: s
+                        .servers
+                        .iter()
+                        .map(|v| {
+                            let lk = line_key(s, v);
+                            views::ServerStatus {
+                                name: v.name.clone(),
+                                address: v.address.into(),
+                                port: v.port,
+                                method: v.method.name().into(),
+                                up: a.plane.up(&lk),
+                                weight: a.plane.weight(&lk, v.weight),
+                            }
+                        })
+                        .collect(),
                 })
                 .collect(),
             None => Vec::new(),
@@ -474,7 +471,7 @@ pub(super) fn fill_lines(
         let k = svc_key(s);
         let c = counts.service(plane.id(&k).unwrap_or(0));
         for v in &s.servers {
-            let lk = (k, v.address, v.port);
+            let lk = line_key(s, v);
             let index = plane.index(&lk).unwrap_or(u32::MAX);
             let sc = counts.server(index);
             lines.push((snap.services.len(), index));
@@ -496,7 +493,7 @@ pub(super) fn fill_lines(
             port: s.port,
             proto: s.proto_name(),
             up: s.servers.iter().any(|v| {
-                let lk = (k, v.address, v.port);
+                let lk = line_key(s, v);
                 plane.up(&lk) && plane.weight(&lk, v.weight) > 0
             }),
             packets: c.packets,

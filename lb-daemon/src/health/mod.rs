@@ -10,7 +10,7 @@ use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
     config::{CheckKind, Config, Nat},
-    services::{LineKey, svc_key},
+    services::{LineKey, line_key},
 };
 
 mod http;
@@ -239,9 +239,8 @@ impl Checks {
         let (mut pings, mut checks) = (0, 0);
         let ping_client = ping::client().ok();
         for s in &config.services {
-            let k = svc_key(s);
             for v in &s.servers {
-                let line = (k, v.address, v.port);
+                let line = line_key(s, v);
                 let every = Duration::from_millis(s.check.interval_ms as u64);
                 let timeout = Duration::from_millis(s.check.timeout_ms as u64);
                 if v.ping
