@@ -167,31 +167,31 @@ pub fn install(
             installed += 1;
             continue;
         }
-        // Another connection on the same addresses and ports, made here: it stays. (The same
-        // connection is refreshed, so the entry lives on as long as the other ATM sees it.)
-        if existing.is_some_and(|c| own_and_live(&c, now, timeout_ns) && !same(&c)) {
-            continue;
-        }
-        // A full table read before a close record arrived must not undo the close mark
-        // (the same connection: same server and translation).
-        let closed = existing
-            .filter(same)
-            .map_or(0, |c| c.flags & (CONN_FIN | CONN_RST));
-        dp.set_connection(
-            &key,
-            &Connection {
-                last_seen_ns: now,
-                server: index,
-                flags: r.flags | closed | CONN_SYNCED,
-                nat_port: r.nat.1.to_be(),
-                nat_addr: if nat {
-                    Ipv4Addr::from(r.nat.0).into()
-                } else {
-                    Addr::default()
+        // Another connection on the same addresses and ports, made here, keeps the client's
+        // leg. (The same connection is refreshed, so the entry lives on as long as the other
+        // ATM sees it.) The record's reply leg goes in all the same: its NAT pair is taken.
+        if !existing.is_some_and(|c| own_and_live(&c, now, timeout_ns) && !same(&c)) {
+            // A full table read before a close record arrived must not undo the close mark
+            // (the same connection: same server and translation).
+            let closed = existing
+                .filter(same)
+                .map_or(0, |c| c.flags & (CONN_FIN | CONN_RST));
+            dp.set_connection(
+                &key,
+                &Connection {
+                    last_seen_ns: now,
+                    server: index,
+                    flags: r.flags | closed | CONN_SYNCED,
+                    nat_port: r.nat.1.to_be(),
+                    nat_addr: if nat {
+                        Ipv4Addr::from(r.nat.0).into()
+                    } else {
+                        Addr::default()
+                    },
+                    ..Default::default()
                 },
-                ..Default::default()
-            },
-        )?;
+            )?;
+        }
         // The reply leg, unless this dataplane holds that NAT pair for a live connection of
         // its own (both ATMs handed out the same pair in the moments records took to cross).
         let client: Addr = Ipv4Addr::from(r.client.0).into();
@@ -408,6 +408,8 @@ mod tests {
             install(&mut store, &plane, &[r], LOCAL, TIMEOUT).unwrap();
             assert_eq!(store[&client_key()], own_with_time(&store));
         }
+        // The old connection's NAT pair is still held (its server may be in TIME_WAIT).
+        assert_eq!(store[&reply_key()].nat_port, 40000u16.to_be());
         // Closed or idle, it is replaced by the record as before.
         for stale in [
             Connection {
