@@ -284,6 +284,15 @@ mod tests {
         }
     }
 
+    /// Installs one record; returns (installed, skipped).
+    fn put(
+        store: &mut HashMap<FlowKey, Connection>,
+        plane: &Plane,
+        r: SyncRecord,
+    ) -> (usize, usize) {
+        install(store, plane, &[r], LOCAL, TIMEOUT).unwrap()
+    }
+
     /// The cluster's timeout: 100 s.
     const TIMEOUT: u64 = 100_000_000_000;
 
@@ -295,28 +304,13 @@ mod tests {
     #[test]
     fn a_nat_record_installs_both_legs_with_this_backups_index_and_interface() {
         let (plane, mut store) = (plane(), HashMap::new());
-        let r = install(
-            &mut store,
-            &plane,
-            &[record(EVENT_OPEN, CONN_NAT)],
-            LOCAL,
-            TIMEOUT,
-        )
-        .unwrap();
+        let r = put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
         assert_eq!(r, (1, 0));
         let c = store[&client_key()];
         assert_eq!(c.server, 1, "web2's index here");
         assert_eq!(c.nat_port, 1500u16.to_be());
         assert_eq!(v4(&c.nat_addr), Ipv4Addr::new(203, 0, 113, 1));
-        let reply = FlowKey {
-            src: Ipv4Addr::new(203, 0, 113, 12).into(),
-            dst: Ipv4Addr::new(203, 0, 113, 1).into(),
-            sport: 8080u16.to_be(),
-            dport: 1500u16.to_be(),
-            proto: lb_common::IPPROTO_TCP,
-            _pad: [0; 3],
-        };
-        let back = store[&reply];
+        let back = store[&reply_key()];
         assert_eq!(back.flags, CONN_NAT | CONN_REPLY | CONN_SYNCED);
         assert_eq!(v4(&back.nat_addr), Ipv4Addr::new(198, 51, 100, 7));
         assert_eq!(back.nat_port, 40000u16.to_be());
@@ -330,31 +324,10 @@ mod tests {
     #[test]
     fn a_close_survives_a_later_full_table_record_of_the_same_connection() {
         let (plane, mut store) = (plane(), HashMap::new());
-        install(
-            &mut store,
-            &plane,
-            &[record(EVENT_OPEN, CONN_NAT)],
-            LOCAL,
-            TIMEOUT,
-        )
-        .unwrap();
-        install(
-            &mut store,
-            &plane,
-            &[record(EVENT_CLOSE, CONN_FIN)],
-            LOCAL,
-            TIMEOUT,
-        )
-        .unwrap();
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
+        put(&mut store, &plane, record(EVENT_CLOSE, CONN_FIN));
         // The periodic full table was read before the close: it still says open.
-        install(
-            &mut store,
-            &plane,
-            &[record(EVENT_OPEN, CONN_NAT)],
-            LOCAL,
-            TIMEOUT,
-        )
-        .unwrap();
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
         assert_eq!(
             store[&client_key()].flags,
             CONN_NAT | CONN_FIN | CONN_SYNCED
@@ -366,10 +339,7 @@ mod tests {
         let (plane, mut store) = (plane(), HashMap::new());
         let mut r = record(EVENT_OPEN, CONN_NAT);
         r.server = ([203, 0, 113, 99], 8080);
-        assert_eq!(
-            install(&mut store, &plane, &[r], LOCAL, TIMEOUT).unwrap(),
-            (0, 1)
-        );
+        assert_eq!(put(&mut store, &plane, r), (0, 1));
         assert!(store.is_empty());
     }
 
@@ -405,7 +375,7 @@ mod tests {
         let (plane, mut store) = (plane(), HashMap::new());
         store.insert(client_key(), own());
         for r in [record(EVENT_OPEN, CONN_NAT), record(EVENT_CLOSE, CONN_FIN)] {
-            install(&mut store, &plane, &[r], LOCAL, TIMEOUT).unwrap();
+            put(&mut store, &plane, r);
             assert_eq!(store[&client_key()], own_with_time(&store));
         }
         // The old connection's NAT pair is still held (its server may be in TIME_WAIT).
@@ -422,14 +392,7 @@ mod tests {
             },
         ] {
             store.insert(client_key(), stale);
-            install(
-                &mut store,
-                &plane,
-                &[record(EVENT_OPEN, CONN_NAT)],
-                LOCAL,
-                TIMEOUT,
-            )
-            .unwrap();
+            put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
             let c = store[&client_key()];
             assert_eq!((c.server, c.nat_port), (1, 1500u16.to_be()));
             assert_eq!(c.flags, CONN_NAT | CONN_SYNCED);
@@ -449,24 +412,10 @@ mod tests {
                 ..same_one
             },
         );
-        install(
-            &mut store,
-            &plane,
-            &[record(EVENT_OPEN, CONN_NAT)],
-            LOCAL,
-            TIMEOUT,
-        )
-        .unwrap();
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
         assert_eq!(store[&client_key()].flags, CONN_NAT | CONN_SYNCED);
         // A synced entry is replaced too, and a close marks the same connection.
-        install(
-            &mut store,
-            &plane,
-            &[record(EVENT_CLOSE, CONN_FIN)],
-            LOCAL,
-            TIMEOUT,
-        )
-        .unwrap();
+        put(&mut store, &plane, record(EVENT_CLOSE, CONN_FIN));
         assert_eq!(
             store[&client_key()].flags,
             CONN_NAT | CONN_FIN | CONN_SYNCED
@@ -493,14 +442,7 @@ mod tests {
             ..Default::default()
         };
         store.insert(reply_key(), mine);
-        install(
-            &mut store,
-            &plane,
-            &[record(EVENT_OPEN, CONN_NAT)],
-            LOCAL,
-            TIMEOUT,
-        )
-        .unwrap();
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
         assert_eq!(
             store[&reply_key()],
             mine,
