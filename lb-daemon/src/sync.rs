@@ -192,12 +192,17 @@ pub fn install(
                 },
             )?;
         }
-        // The reply leg, unless this dataplane holds that NAT pair for a live connection of
-        // its own (both ATMs handed out the same pair in the moments records took to cross).
+        // The reply leg, unless another client's connection holds that NAT pair: one this
+        // dataplane made and still sees (both ATMs handed out the same pair in the moments
+        // records took to cross), or any not yet idle when the record's own connection has
+        // ended. A closed connection's record (a full table read carries it until it ages
+        // out) must not take replies away from the live connection that reused its pair.
         let client: Addr = Ipv4Addr::from(r.client.0).into();
+        let ended = r.flags & (CONN_FIN | CONN_RST) != 0;
         let pair_taken = dp.connection(&reply_key).is_some_and(|c| {
-            own_and_live(&c, now, timeout_ns)
-                && (c.nat_addr != client || c.nat_port != r.client.1.to_be())
+            (c.nat_addr != client || c.nat_port != r.client.1.to_be())
+                && (own_and_live(&c, now, timeout_ns)
+                    || (ended && now.saturating_sub(c.last_seen_ns) <= timeout_ns))
         });
         if nat && !pair_taken {
             dp.set_connection(
@@ -449,5 +454,38 @@ mod tests {
             "this ATM's client keeps its replies"
         );
         assert_eq!(store[&client_key()].nat_port, 1500u16.to_be());
+    }
+
+    #[test]
+    fn an_ended_connections_record_leaves_the_pair_to_the_live_one_that_reused_it() {
+        // The other ATM's record of a live connection on the pair came first (the new
+        // primary reused a pair whose old connection's records were still on their way);
+        // the old, closed connection's record comes after, as a full table read carries it.
+        let (plane, mut store) = (plane(), HashMap::new());
+        let mut live = record(EVENT_OPEN, CONN_NAT);
+        live.client = ([192, 0, 2, 51], 46911);
+        put(&mut store, &plane, live);
+        let replies_to = |s: &HashMap<FlowKey, Connection>| {
+            let c = s[&reply_key()];
+            (v4(&c.nat_addr), u16::from_be(c.nat_port))
+        };
+        assert_eq!(replies_to(&store), (Ipv4Addr::new(192, 0, 2, 51), 46911));
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT | CONN_FIN));
+        assert_eq!(
+            replies_to(&store),
+            (Ipv4Addr::new(192, 0, 2, 51), 46911),
+            "the live connection keeps its replies"
+        );
+        // The old connection's client leg is still known (its last segments still map).
+        assert_eq!(store[&client_key()].nat_port, 1500u16.to_be());
+        // A live record takes a pair from another synced connection, as before; an ended
+        // one takes it once the holder is idle.
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
+        assert_eq!(replies_to(&store).1, 40000);
+        put(&mut store, &plane, live);
+        store.get_mut(&reply_key()).unwrap().last_seen_ns =
+            dataplane::now_ns().saturating_sub(TIMEOUT + 1);
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT | CONN_RST));
+        assert_eq!(replies_to(&store).1, 40000);
     }
 }
