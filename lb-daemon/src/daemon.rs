@@ -150,6 +150,84 @@ pub fn identify(
     ))
 }
 
+/// What this machine runs in its role, in one value: an ATM never has half its parts, and
+/// a real server none of them.
+enum Part {
+    /// Before start-up has made the role's parts, and after `stop` has released them.
+    Starting,
+    Atm(Box<AtmParts>),
+    Node(Box<Node>),
+}
+
+/// An ATM's parts.
+struct AtmParts {
+    atm: Atm,
+    /// The election and the messages between ATMs.
+    ha: Ha,
+    /// The probe tasks, restarted on reload (`None` while a reload makes new ones).
+    checks: Option<Checks>,
+}
+
+impl Part {
+    fn atm(&self) -> Option<&Atm> {
+        match self {
+            Part::Atm(p) => Some(&p.atm),
+            _ => None,
+        }
+    }
+
+    fn atm_mut(&mut self) -> Option<&mut Atm> {
+        match self {
+            Part::Atm(p) => Some(&mut p.atm),
+            _ => None,
+        }
+    }
+
+    fn ha(&self) -> Option<&Ha> {
+        match self {
+            Part::Atm(p) => Some(&p.ha),
+            _ => None,
+        }
+    }
+
+    fn ha_mut(&mut self) -> Option<&mut Ha> {
+        match self {
+            Part::Atm(p) => Some(&mut p.ha),
+            _ => None,
+        }
+    }
+
+    /// Both halves of an ATM at once.
+    fn atm_and_ha(&mut self) -> Option<(&mut Atm, &mut Ha)> {
+        match self {
+            Part::Atm(p) => Some((&mut p.atm, &mut p.ha)),
+            _ => None,
+        }
+    }
+
+    /// Where an ATM's probe tasks are kept.
+    fn checks_mut(&mut self) -> Option<&mut Option<Checks>> {
+        match self {
+            Part::Atm(p) => Some(&mut p.checks),
+            _ => None,
+        }
+    }
+
+    fn node(&self) -> Option<&Node> {
+        match self {
+            Part::Node(n) => Some(n.as_ref()),
+            _ => None,
+        }
+    }
+
+    fn node_mut(&mut self) -> Option<&mut Node> {
+        match self {
+            Part::Node(n) => Some(n.as_mut()),
+            _ => None,
+        }
+    }
+}
+
 /// The balancer side of an ATM.
 struct Atm {
     index: usize,
@@ -214,16 +292,13 @@ struct Daemon {
     config: Config,
     net: Net,
     name: String,
+    /// What the config says this machine is.
     role: Role,
-    atm: Option<Atm>,
-    node: Option<Node>,
+    /// What it runs as that.
+    part: Part,
     /// In force now (a write to `timeout`/`debug` changes them until the next reload).
     timeout: u32,
     debug: bool,
-    /// The election and the messages between ATMs (ATM role only).
-    ha: Option<Ha>,
-    /// The probe tasks (ATM role only), restarted on reload.
-    checks: Option<Checks>,
     /// Where probe outcomes go.
     checks_tx: mpsc::Sender<health::Outcome>,
     /// Rise/fall state of every server line.
@@ -342,10 +417,7 @@ pub async fn run(opts: Options) -> Result<()> {
         net,
         name,
         role,
-        atm: None,
-        node: None,
-        ha: None,
-        checks: None,
+        part: Part::Starting,
         checks_tx,
         health: HashMap::new(),
         marks_tx,
@@ -376,7 +448,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tokio::spawn(control::serve(listener, tx.clone()));
     info!("Control socket {}", socket.display());
     let mut _mount = None;
-    if d.atm.is_some() {
+    if d.part.atm().is_some() {
         let path = d
             .opts
             .mount
@@ -397,7 +469,7 @@ pub async fn run(opts: Options) -> Result<()> {
         match metrics::serve(addr, tx.clone()) {
             Ok(()) => info!("Metrics at http://{addr}/metrics"),
             // A real server's metrics are lb_decap's counters: not worth failing for.
-            Err(e) if d.node.is_some() => warn!("Cannot serve metrics on {addr}: {e}"),
+            Err(e) if d.part.node().is_some() => warn!("Cannot serve metrics on {addr}: {e}"),
             Err(e) => return Err(e).with_context(|| format!("serving metrics on {addr}")),
         }
     }
@@ -417,7 +489,7 @@ pub async fn run(opts: Options) -> Result<()> {
     ));
     full_sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (udp_tx, mut udp_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(1024);
-    if let Some(sock) = d.ha.as_ref().and_then(|h| h.socket.clone()) {
+    if let Some(sock) = d.part.ha().and_then(|h| h.socket.clone()) {
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             while let Ok((n, from)) = sock.recv_from(&mut buf).await {
@@ -428,14 +500,15 @@ pub async fn run(opts: Options) -> Result<()> {
         });
     }
     let (track_tx, mut track_rx) = mpsc::channel::<bool>(4);
-    if d.atm.is_some() && !d.config.ha.track.is_empty() {
+    if d.part.atm().is_some() && !d.config.ha.track.is_empty() {
         tokio::spawn(track(d.config.ha.track.clone(), track_tx));
     }
     loop {
         // Wake when the election's clock runs out (a peer's dead interval), not only at ticks.
-        let deadline =
-            d.ha.as_ref()
-                .and_then(|h| h.election.next_deadline(Instant::now()));
+        let deadline = d
+            .part
+            .ha()
+            .and_then(|h| h.election.next_deadline(Instant::now()));
         tokio::select! {
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 let _b = Busy::new("the election's deadline");
@@ -471,15 +544,15 @@ pub async fn run(opts: Options) -> Result<()> {
                 let _b = Busy::new("a sent transfer");
                 d.on_transfer_sent(mark, whole).await
             }
-            _ = heartbeat.tick(), if d.ha.is_some() => {
+            _ = heartbeat.tick(), if d.part.ha().is_some() => {
                 let _b = Busy::new("the heartbeat");
                 d.on_heartbeat_tick().await
             }
-            _ = sync_events.tick(), if d.atm.is_some() => {
+            _ = sync_events.tick(), if d.part.atm().is_some() => {
                 let _b = Busy::new("connection sync");
                 d.sync_tick().await
             }
-            _ = full_sync.tick(), if d.atm.is_some() => {
+            _ = full_sync.tick(), if d.part.atm().is_some() => {
                 let _b = Busy::new("a full sync");
                 d.periodic_full_sync()
             }
@@ -490,7 +563,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 } else {
                     warn!("A track address does not answer: this ATM may not be primary");
                 }
-                if let Some(a) = d.ha.as_mut().and_then(|h| h.election.set_eligible(ok, Instant::now())) {
+                if let Some(a) = d.part.ha_mut().and_then(|h| h.election.set_eligible(ok, Instant::now())) {
                     d.act(a).await;
                 }
             }
@@ -510,7 +583,9 @@ pub async fn run(opts: Options) -> Result<()> {
                 reload::Job::Checks { health, checks, note, addrs } => {
                     info!("{note}");
                     d.health = health;
-                    d.checks = Some(checks);
+                    if let Some(slot) = d.part.checks_mut() {
+                        *slot = Some(checks);
+                    }
                     d.server_addrs = Arc::new(addrs);
                     // New servers must be resolved before XDP can reach them.
                     let addrs = d.server_addrs();
@@ -532,7 +607,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = logs.tick() => {
                 let _b = Busy::new("the dataplane's log");
-                if let Some(a) = d.atm.as_mut() {
+                if let Some(a) = d.part.atm_mut() {
                     a.dp.flush_log();
                 }
             }

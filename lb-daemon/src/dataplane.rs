@@ -672,7 +672,15 @@ pub fn enable_fib_lookup() -> Result<(), Error> {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {
-    ebpf.program_mut(name)
+    as_xdp(ebpf.program_mut(name), name)
+}
+
+/// Program `name` as found in an object (`&Program` or `&mut Program`), as an XDP program.
+fn as_xdp<P, X>(found: Option<P>, name: &'static str) -> Result<X, Error>
+where
+    P: TryInto<X, Error = ProgramError>,
+{
+    found
         .ok_or(Error::Missing {
             kind: "program",
             name,

@@ -8,7 +8,7 @@ use lb_common::{Connection, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::{ANNOUNCE_AT, Atm, Daemon, Grace, NAT_PORTS, Role, SETTLE};
+use super::{ANNOUNCE_AT, Atm, AtmParts, Daemon, Grace, NAT_PORTS, Part, Role, SETTLE};
 use crate::{
     addrs::{self, IfAddr, NAT_LABEL, VIP_LABEL},
     config,
@@ -33,7 +33,7 @@ impl Daemon {
             ),
             Role::Node(a) => ((*a).into(), Default::default()),
         };
-        let peer = self.atm.as_ref().and_then(|a| a.peer);
+        let peer = self.part.atm().and_then(|a| a.peer);
         let mut nat_pool = [0u32; lb_common::NAT_POOL_MAX];
         let mut nat_pool_len = 0;
         if let (Role::Atm(_), Some(n)) = (&self.role, self.config.nat) {
@@ -61,7 +61,7 @@ impl Daemon {
             nat_port_max: NAT_PORTS.1,
             _pad: 0,
             lease_ns: dataplane::now_ns() + self.lease().as_nanos() as u64,
-            settle_until_ns: self.atm.as_ref().map_or(0, |a| a.settle_until_ns),
+            settle_until_ns: self.part.atm().map_or(0, |a| a.settle_until_ns),
             port_hold_ns: self
                 .config
                 .nat
@@ -72,10 +72,10 @@ impl Daemon {
                 .map_or(0, |n| n.time_wait as u64 * 1_000_000_000),
             nat_pool,
             nat_pool_len,
-            nat_cursor_base: self.atm.as_ref().map_or(0, |a| a.nat_cursor_base),
+            nat_cursor_base: self.part.atm().map_or(0, |a| a.nat_cursor_base),
             peer_addr: peer.map_or(0, |(addr, _)| u32::from_ne_bytes(addr.octets())),
             // The old primary the even NAT ports, the new one the odd (while both forward).
-            nat_stripe: match self.atm.as_ref() {
+            nat_stripe: match self.part.atm() {
                 Some(a) if a.peer.is_some() => {
                     if a.primary {
                         2
@@ -146,7 +146,7 @@ impl Daemon {
         let mut dp = dp;
         plane.apply(&mut dp, &self.config)?;
         dp.set_settings(&self.settings(false))?;
-        self.atm = Some(Atm {
+        let atm = Atm {
             index,
             dp,
             plane,
@@ -163,8 +163,13 @@ impl Daemon {
             nat_burst: None,
             nat_cursor_base: 0,
             announcing: None,
-        });
-        self.start_ha(index, ifindex, key).await?;
+        };
+        let ha = self.start_ha(index, ifindex, key).await?;
+        self.part = Part::Atm(Box::new(AtmParts {
+            atm,
+            ha,
+            checks: None,
+        }));
         info!("Starting as backup ATM");
         info!("Looking for a primary ATM");
         Ok(())
@@ -220,21 +225,20 @@ impl Daemon {
             return Ok(());
         };
         let from = from.map(|f| self.config.atms[f].address);
-        if let Some(a) = self.atm.as_mut() {
-            a.settle_until_ns = dataplane::now_ns() + SETTLE.as_nanos() as u64;
-            a.peer = from.map(|addr| (addr, a.settle_until_ns));
-            // A fresh place to hand NAT pairs out from (see Settings::nat_cursor_base).
-            a.nat_cursor_base = (dataplane::now_ns() ^ (std::process::id() as u64) << 20)
-                .wrapping_mul(GOLDEN_RATIO_64) as u32;
-            // Before the settings are worked out: they give a new primary the odd NAT ports
-            // of a handover, a backup the even.
-            a.primary = true;
-            a.grace = None;
-        }
-        let settings = self.settings(true);
+        let Some(a) = self.part.atm_mut() else {
+            return Ok(());
+        };
+        a.settle_until_ns = dataplane::now_ns() + SETTLE.as_nanos() as u64;
+        a.peer = from.map(|addr| (addr, a.settle_until_ns));
+        // A fresh place to hand NAT pairs out from (see Settings::nat_cursor_base).
+        a.nat_cursor_base = (dataplane::now_ns() ^ (std::process::id() as u64) << 20)
+            .wrapping_mul(GOLDEN_RATIO_64) as u32;
+        // Before the settings are worked out: they give a new primary the odd NAT ports of
+        // a handover, a backup the even.
+        a.primary = true;
+        a.grace = None;
+        self.push_settings().map_err(|e| anyhow!(e))?;
         let servers = self.server_addrs();
-        let a = self.atm.as_mut().expect("an ATM");
-        a.dp.set_settings(&settings)?;
         // Backups keep the servers they have a route to resolved (see sweep), so this rarely
         // has work to do; it must not wait either: failover time is counted in heartbeats.
         neighbours::request(&servers);
@@ -264,7 +268,7 @@ impl Daemon {
     /// The NAT gateway (with the subnet's prefix) and the pool addresses (/32) as aliases on
     /// the NAT interface, labelled `<if>:natg`.
     pub(super) async fn add_nat_aliases(&self) -> Result<()> {
-        let (Some(nat), Some(a)) = (self.config.nat, &self.atm) else {
+        let (Some(nat), Some(a)) = (self.config.nat, self.part.atm()) else {
             return Ok(());
         };
         let nat_if = a.nat_interface.clone();
@@ -295,12 +299,12 @@ impl Daemon {
     /// routers and servers reach them at this ATM at once, and those that missed the first
     /// soon after.
     pub(super) async fn announce(&mut self, ifindex: u32) {
-        let Some(mac) = self.ha.as_ref().map(|h| h.local.mac) else {
+        let Some(mac) = self.part.ha().map(|h| h.local.mac) else {
             return;
         };
         let mut addrs: Vec<(u32, [u8; 6], Ipv4Addr)> =
             self.vips().into_iter().map(|v| (ifindex, mac, v)).collect();
-        if let (Some(nat), Some(a)) = (self.config.nat, &self.atm)
+        if let (Some(nat), Some(a)) = (self.config.nat, self.part.atm())
             && let Some(i) = addrs::ifindex(&a.nat_interface)
         {
             // Two-arm NAT: the gateway lives on the inside interface, with its own MAC.
@@ -329,7 +333,7 @@ impl Daemon {
             })
             .await
         });
-        if let Some(a) = self.atm.as_mut()
+        if let Some(a) = self.part.atm_mut()
             && let Some(old) = a.announcing.replace(task.abort_handle())
         {
             old.abort();
@@ -342,7 +346,7 @@ impl Daemon {
     /// connections this ATM does not know: clients and servers reach this ATM until the new
     /// primary's gratuitous ARPs move them, some on connections it made.
     pub(super) async fn become_backup(&mut self, to: Option<usize>) -> Result<()> {
-        if let Some(task) = self.atm.as_mut().and_then(|a| a.announcing.take()) {
+        if let Some(task) = self.part.atm_mut().and_then(|a| a.announcing.take()) {
             task.abort();
         }
         for suffix in [VIP_LABEL, NAT_LABEL] {
@@ -352,7 +356,7 @@ impl Daemon {
         }
         let lease = self.lease();
         let to = to.map(|t| self.config.atms[t].address);
-        let Some(a) = self.atm.as_mut() else {
+        let Some(a) = self.part.atm_mut() else {
             return Ok(());
         };
         a.primary = false;
@@ -365,24 +369,27 @@ impl Daemon {
     }
 
     pub(super) async fn stop(&mut self) {
-        if self.atm.is_some() {
-            if let Err(e) = self.become_backup(None).await {
-                error!("Removing aliases: {e}");
-            }
-            if let Some(a) = self.atm.take() {
-                for (i, _) in &a.attached {
+        if self.part.atm().is_some()
+            && let Err(e) = self.become_backup(None).await
+        {
+            error!("Removing aliases: {e}");
+        }
+        match std::mem::replace(&mut self.part, Part::Starting) {
+            Part::Atm(p) => {
+                for (i, _) in &p.atm.attached {
                     info!("Detaching lb_xdp from {i}");
                 }
             }
-        }
-        if let Some(n) = self.node.take() {
-            // A node keeps its VIP aliases (as TCL does): the servers stay reachable.
-            if !n.vips.is_empty() {
-                info!("Leaving the VIPs on lo:{VIP_LABEL}");
+            Part::Node(n) => {
+                // A node keeps its VIP aliases (as TCL does): the servers stay reachable.
+                if !n.vips.is_empty() {
+                    info!("Leaving the VIPs on lo:{VIP_LABEL}");
+                }
+                if n.decap.is_some() {
+                    info!("Detaching lb_decap");
+                }
             }
-            if n.decap.is_some() {
-                info!("Detaching lb_decap");
-            }
+            Part::Starting => {}
         }
     }
 
@@ -390,7 +397,7 @@ impl Daemon {
     /// want of a free NAT (address, port) toward a server, and when that stops, with the
     /// count (the `drop_nat_ports` counter, in `stat`'s drops, /metrics and `lb-cli status`).
     pub(super) fn watch_nat_ports(&mut self) {
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let Ok(stats) = a.dp.stats() else { return };
         let now = stats.get(Stat::DropNatPorts);
         let since = now.saturating_sub(a.nat_drops_seen);
@@ -425,11 +432,11 @@ impl Daemon {
     pub(super) fn sweep(&mut self) {
         let timeout_ns = self.timeout_ns();
         self.watch_nat_ports();
-        if self.atm.is_some() {
+        if self.part.atm().is_some() {
             let addrs = self.server_addrs();
             tokio::task::spawn_blocking(move || neighbours::request(&addrs));
         }
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         // Beside the event loop (the table may be huge), one sweep at a time.
         if a.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
@@ -462,16 +469,51 @@ impl Daemon {
     pub(super) fn current_settings(&self) -> Settings {
         let now = Instant::now();
         let primary = self
-            .atm
-            .as_ref()
+            .part
+            .atm()
             .is_some_and(|a| a.primary || a.grace.as_ref().is_some_and(|g| now < g.until));
         self.settings(primary)
     }
 
     pub(super) fn push_settings(&mut self) -> std::result::Result<(), String> {
         let s = self.current_settings();
-        if let Some(a) = self.atm.as_mut() {
+        if let Some(a) = self.part.atm_mut() {
             a.dp.set_settings(&s).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// A primary's aliases follow the config: VIPs that left go, new ones come, and the NAT
+    /// gateway moves if `[nat]` changed.
+    pub(super) async fn follow_aliases(
+        &mut self,
+        old_vips: &[Ipv4Addr],
+        old_nat: Option<config::Nat>,
+    ) -> anyhow::Result<()> {
+        let Some(a) = self.part.atm() else {
+            return Ok(());
+        };
+        if !a.primary {
+            return Ok(());
+        }
+        let atm_if = self.config.atms[a.index].interface.clone();
+        let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow::anyhow!("{atm_if} is gone"))?;
+        let plan = alias_plan(old_vips, &self.vips(), old_nat, self.config.nat);
+        for vip in plan.remove {
+            self.net.del(ifindex, vip, 32).await?;
+            info!("VIP {vip} removed from {atm_if}:{VIP_LABEL}");
+        }
+        for vip in plan.add {
+            self.net
+                .add(ifindex, vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
+                .await?;
+            info!("VIP {vip} configured on {atm_if}:{VIP_LABEL}");
+        }
+        if plan.nat_moves {
+            for r in self.net.remove_labelled(NAT_LABEL).await? {
+                info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
+            }
+            self.add_nat_aliases().await?;
         }
         Ok(())
     }

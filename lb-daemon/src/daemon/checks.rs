@@ -29,7 +29,9 @@ impl Daemon {
         );
         info!("{note}");
         self.health = health;
-        self.checks = Some(checks);
+        if let Some(slot) = self.part.checks_mut() {
+            *slot = Some(checks);
+        }
         self.server_addrs = Arc::new(server_addrs(&self.config));
     }
 
@@ -37,7 +39,7 @@ impl Daemon {
     /// server lines); health of lines that remain is kept. Until the new probes are in
     /// place ([`reload::Job::Checks`]), outcomes are not judged.
     pub(super) fn restart_checks(&mut self) {
-        let old = self.checks.take();
+        let old = self.part.checks_mut().and_then(Option::take);
         let health = std::mem::take(&mut self.health);
         let config = self.config.clone();
         let tx = self.checks_tx.clone();
@@ -61,7 +63,7 @@ impl Daemon {
         let Some(h) = self.health.get_mut(&o.line) else {
             return; // a line that left with a reload
         };
-        let primary = self.atm.as_ref().is_some_and(|a| a.primary);
+        let primary = self.part.atm().is_some_and(|a| a.primary);
         let server = self
             .config
             .services
@@ -93,7 +95,7 @@ impl Daemon {
             }
         };
         let name = name();
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let healthy = matches!(t, Transition::Up { .. });
         let to_drop = a
             .plane
@@ -124,7 +126,7 @@ impl Daemon {
     /// Drops the connections of server index `index` beside the event loop, and logs how
     /// many went, naming the server as `who`.
     pub(super) fn drop_connections_of(&self, index: u32, who: String) {
-        let Some(a) = &self.atm else { return };
+        let Some(a) = self.part.atm() else { return };
         let table = match a.dp.conn_table() {
             Ok(t) => t,
             Err(e) => {
@@ -148,7 +150,7 @@ impl Daemon {
         service: &str,
         server: &str,
     ) -> std::result::Result<String, String> {
-        let a = self.atm.as_mut().ok_or("this is not an ATM")?;
+        let a = self.part.atm_mut().ok_or("this is not an ATM")?;
         let line = a.plane.find_line(service, server)?;
         type Change = Box<dyn FnOnce(&mut crate::services::LineState)>;
         let (f, drop_conns, what): (Change, bool, String) = match action {

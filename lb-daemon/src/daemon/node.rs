@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow};
 use lb_common::Method;
 use tracing::info;
 
-use super::{Daemon, Node};
+use super::{Daemon, Part, Role};
 use crate::{
     addrs::{self, VIP_LABEL},
     config::Config,
@@ -44,7 +44,7 @@ impl Daemon {
         for a in self.net.remove_labelled(VIP_LABEL).await? {
             info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
         }
-        self.node = Some(Node::default());
+        self.part = Part::Node(Box::default());
         let summary = self.apply_node(addr).await?;
         if summary.is_empty() {
             info!("This server is NAT-only: nothing to configure");
@@ -66,7 +66,7 @@ impl Daemon {
         let (vips, tunnel) = wants(&self.config, addr);
         let atms: Vec<lb_common::Addr> =
             self.config.atms.iter().map(|a| a.address.into()).collect();
-        let node = self.node.as_mut().ok_or_else(|| anyhow!("not a node"))?;
+        let node = self.part.node_mut().ok_or_else(|| anyhow!("not a node"))?;
         let lo = addrs::ifindex("lo").ok_or_else(|| anyhow!("no lo interface"))?;
         let mut changed = Vec::new();
         for vip in node.vips.iter().filter(|v| !vips.contains(v)) {
@@ -126,5 +126,32 @@ impl Daemon {
             info!("{c}");
         }
         Ok(changed.join("; "))
+    }
+
+    /// A node's reload: its VIPs on `lo`, the ARP settings and lb_decap follow the config,
+    /// as they do at start, and the log says what changed.
+    pub(super) async fn apply_node_config(&mut self, new: Config) -> Result<String, String> {
+        let Role::Node(addr) = self.role else {
+            return Err("this is not a node".into());
+        };
+        let old = std::mem::replace(&mut self.config, new);
+        self.timeout = self.config.cluster.timeout;
+        self.debug = self.config.cluster.debug;
+        match self.apply_node(addr).await {
+            Ok(changed) if changed.is_empty() => {
+                let msg = "Reloaded (node role): nothing to change here".to_string();
+                info!("{msg}");
+                Ok(msg)
+            }
+            Ok(changed) => {
+                let msg = format!("Reloaded (node role): {changed}");
+                info!("{msg}");
+                Ok(msg)
+            }
+            Err(e) => {
+                self.config = old;
+                Err(format!("Reload failed: {e:#}"))
+            }
+        }
     }
 }

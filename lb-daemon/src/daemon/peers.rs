@@ -59,7 +59,7 @@ impl Daemon {
         index: usize,
         ifindex: u32,
         key: Option<(Vec<u8>, PathBuf)>,
-    ) -> Result<()> {
+    ) -> Result<Ha> {
         let ha_cfg = self.config.ha.clone();
         let n = self.config.atms.len();
         let peers: Vec<SocketAddr> = self
@@ -96,7 +96,7 @@ impl Daemon {
             )),
             _ => None,
         };
-        self.ha = Some(Ha {
+        Ok(Ha {
             election: {
                 let e = Election::new(
                     index,
@@ -133,15 +133,14 @@ impl Daemon {
             known_primary: None,
             pending_promote: None,
             local: sync::Local { mac, ifindex },
-        });
-        Ok(())
+        })
     }
 
     /// The new primary of our planned handover is up: forward `SETTLE` more, covering for
     /// it (and it for us) while clients and servers move and the last records cross.
     pub(super) fn overlap(&mut self, primary: usize, now: Instant) {
         let addr = self.config.atms[primary].address;
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let Some(g) = a.grace.as_mut().filter(|g| !g.overlap) else {
             return;
         };
@@ -155,7 +154,7 @@ impl Daemon {
 
     /// Sends `body` to ATM `to`, or to every other ATM (ahead of any table transfer).
     pub(super) fn ha_send(&self, to: Option<usize>, body: Body) {
-        if let Some(out) = self.ha.as_ref().and_then(|h| h.out.as_ref()) {
+        if let Some(out) = self.part.ha().and_then(|h| h.out.as_ref()) {
             out.send(to, body);
         }
     }
@@ -173,7 +172,7 @@ impl Daemon {
         if let Err(e) = self.push_settings() {
             warn!("Renewing the dataplane's lease: {e}");
         }
-        if let Some(ha) = self.ha.as_mut()
+        if let Some(ha) = self.part.ha_mut()
             && let Some((_, since)) = &ha.pending_promote
             && since.elapsed() > PROMOTE_WAIT
         {
@@ -183,7 +182,7 @@ impl Daemon {
                 PROMOTE_WAIT.as_secs()
             )));
         }
-        if let Some(ha) = self.ha.as_mut()
+        if let Some(ha) = self.part.ha_mut()
             && ha
                 .handover
                 .as_ref()
@@ -217,7 +216,7 @@ impl Daemon {
     /// decided something.
     pub(super) async fn look_at_election(&mut self) -> bool {
         let now = Instant::now();
-        let Some(ha) = self.ha.as_mut() else {
+        let Some(ha) = self.part.ha_mut() else {
             return false;
         };
         let act = ha.election.tick(now);
@@ -232,7 +231,7 @@ impl Daemon {
     }
 
     pub(super) async fn send_heartbeat(&mut self) {
-        let Some(ha) = self.ha.as_ref() else { return };
+        let Some(ha) = self.part.ha() else { return };
         let hb = ha.election.heartbeat(Instant::now());
         self.ha_send(None, Body::Heartbeat(hb));
     }
@@ -245,7 +244,7 @@ impl Daemon {
             .iter()
             .map(|a| format!("{} ({})", a.name, a.address))
             .collect();
-        let Some(ha) = self.ha.as_mut() else { return };
+        let Some(ha) = self.part.ha_mut() else { return };
         let p = ha.election.primary_peer(now);
         if p != ha.known_primary {
             match (p, ha.known_primary) {
@@ -264,7 +263,7 @@ impl Daemon {
         let now = Instant::now();
         let cluster = self.config.cluster.name.clone();
         let me = self.role_index();
-        let Some(ha) = self.ha.as_mut() else { return };
+        let Some(ha) = self.part.ha_mut() else { return };
         let Some(key) = ha.key.as_ref() else { return };
         let checked = ha::decode(&cluster, key, bytes).and_then(|m| {
             if m.sender as usize >= ha.peers.len() {
@@ -320,7 +319,7 @@ impl Daemon {
                 let accept = ha.election.role() == ha::Role::Backup || !sender_primary;
                 let local = ha.local;
                 let timeout_ns = self.timeout_ns();
-                if accept && let Some(a) = self.atm.as_mut() {
+                if accept && let Some(a) = self.part.atm_mut() {
                     match sync::install(&mut a.dp, &a.plane, &records, local, timeout_ns) {
                         Ok((_, skipped)) if skipped > 0 => {
                             warn!(
@@ -361,7 +360,7 @@ impl Daemon {
         reply: Option<oneshot::Sender<Response>>,
     ) -> std::result::Result<(), String> {
         let now = Instant::now();
-        let ha = self.ha.as_ref().ok_or("this is not an ATM")?;
+        let ha = self.part.ha().ok_or("this is not an ATM")?;
         if ha.handover.is_some() {
             return Err("a handover is already under way".into());
         }
@@ -373,7 +372,7 @@ impl Daemon {
             .ok_or("cannot send the connection table")?;
         let span = info_span!("handover", to = %self.config.atms[target].name);
         span.in_scope(|| info!("Sending the connection table before handing over"));
-        let ha = self.ha.as_mut().expect("an ATM");
+        let ha = self.part.ha_mut().ok_or("this is not an ATM")?;
         ha.handover = Some(Handover {
             mark,
             target,
@@ -389,7 +388,7 @@ impl Daemon {
     /// take over (it died or lost its track addresses meanwhile).
     pub(super) async fn on_transfer_sent(&mut self, mark: u64, whole: bool) {
         let now = Instant::now();
-        let Some(ha) = self.ha.as_mut() else { return };
+        let Some(ha) = self.part.ha_mut() else { return };
         ha.transfers = ha.transfers.saturating_sub(1);
         if ha.handover.as_ref().is_none_or(|h| h.mark != mark) {
             return;
@@ -402,7 +401,7 @@ impl Daemon {
     /// The connection table of handover `h` has been sent (`whole`: all of it): moves the
     /// role, or says why not.
     async fn finish_handover(&mut self, h: Handover, whole: bool, now: Instant) {
-        let Some(ha) = self.ha.as_mut() else { return };
+        let Some(ha) = self.part.ha_mut() else { return };
         let target = &self.config.atms[h.target].name;
         let act = if !whole {
             Err("the connection table could not be read: staying primary".to_string())
@@ -419,6 +418,11 @@ impl Daemon {
             Ok(a) => {
                 let msg = format!("{} handed over to {target}", self.name);
                 self.act(a).await;
+                // The connections this ATM made up to now (its dataplane hands out only its
+                // half of the NAT ports from here on) reach the new primary before the
+                // heartbeat that hands over, on the same queue: it must know their NAT pairs
+                // before it hands any out.
+                self.sync_tick().await;
                 Response::text(msg)
             }
             Err(why) => {
@@ -441,7 +445,7 @@ impl Daemon {
                 if let Err(e) = self.become_primary(from).instrument(span).await {
                     error!("Becoming primary: {e:#}");
                 }
-                if let Some(ha) = self.ha.as_mut()
+                if let Some(ha) = self.part.ha_mut()
                     && let Some((reply, _)) = ha.pending_promote.take()
                 {
                     let _ = reply.send(Response::text(format!("{} is primary", self.name)));
@@ -468,7 +472,7 @@ impl Daemon {
     /// handover's grace (and the last of them just after it), whose connections the new
     /// primary must know, for it now receives the servers' replies.
     pub(super) async fn sync_tick(&mut self) {
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let events = a.dp.drain_events();
         if events.is_empty() {
             return;
@@ -488,8 +492,7 @@ impl Daemon {
     /// with millions of connections that takes long enough to starve the heartbeats.
     pub(super) fn full_sync(&mut self, to: Option<usize>) -> Option<u64> {
         let timeout_ns = self.timeout_ns();
-        let ha = self.ha.as_mut()?;
-        let a = self.atm.as_ref()?;
+        let (a, ha) = self.part.atm_and_ha()?;
         if ha.election.role() != ha::Role::Primary {
             return None;
         }
@@ -528,7 +531,7 @@ impl Daemon {
     /// The periodic full table for every backup, unless a transfer is still going out (a
     /// big table on a slow link must not pile up copies of itself).
     pub(super) fn periodic_full_sync(&mut self) {
-        if self.ha.as_ref().is_some_and(|h| h.transfers == 0) {
+        if self.part.ha().is_some_and(|h| h.transfers == 0) {
             self.full_sync(None);
         }
     }
@@ -537,7 +540,7 @@ impl Daemon {
     /// this ATM is primary); without one, take over at once.
     pub(super) async fn promote(&mut self, reply: oneshot::Sender<Response>) {
         let now = Instant::now();
-        let Some(ha) = self.ha.as_mut() else {
+        let Some(ha) = self.part.ha_mut() else {
             let _ = reply.send(Response::error("this is not an ATM"));
             return;
         };
@@ -573,7 +576,7 @@ impl Daemon {
 
     /// `lb-cli demote`: hand over to the highest-listed running backup.
     pub(super) async fn demote(&mut self, reply: oneshot::Sender<Response>) {
-        let Some(ha) = self.ha.as_ref() else {
+        let Some(ha) = self.part.ha() else {
             let _ = reply.send(Response::error("this is not an ATM"));
             return;
         };

@@ -20,12 +20,11 @@ use std::{
 use tokio::sync::oneshot;
 use tracing::{Span, error, info, info_span, warn};
 
-use super::{Daemon, Role, identify};
+use super::{Daemon, identify};
 
 mod prepare;
 
 use crate::{
-    addrs::{self, NAT_LABEL, VIP_LABEL},
     config::{self, Config},
     control::Response,
     dataplane::{self, AttachMode, Attached, Capacities, ServiceSpec},
@@ -195,7 +194,7 @@ impl Daemon {
                 return;
             }
         };
-        let Some(a) = self.atm.as_mut() else {
+        let Some(a) = self.part.atm_mut() else {
             let outcome = self.apply_node_config(new).await;
             self.done(reply, outcome);
             return;
@@ -278,7 +277,7 @@ impl Daemon {
     fn done(&mut self, reply: Option<oneshot::Sender<Response>>, outcome: Result<String, String>) {
         self.busy = None;
         self.busy_span = Span::none();
-        if let Some(a) = self.atm.as_mut() {
+        if let Some(a) = self.part.atm_mut() {
             a.plane.stop_journal();
         }
         answer(
@@ -302,7 +301,7 @@ impl Daemon {
         mut reply: Option<oneshot::Sender<Response>>,
     ) {
         let what = format!("{} services, {} servers", caps.services, caps.servers);
-        let Some(a) = self.atm.as_ref() else {
+        let Some(a) = self.part.atm() else {
             answer(
                 reply,
                 Response::error("this is not an ATM: it has no tables to write"),
@@ -325,7 +324,7 @@ impl Daemon {
             "Resizing the tables to {} {} {}: building a new dataplane",
             caps.services, caps.servers, caps.connections
         );
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let running = a.plane.clone();
         a.plane.start_journal();
         let running_caps = a.caps;
@@ -411,7 +410,7 @@ impl Daemon {
         let Some(mut job) = self.applying.take() else {
             return;
         };
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let started = Instant::now();
         let mut failed = None;
         while started.elapsed() < STEP_BUDGET {
@@ -477,7 +476,7 @@ impl Daemon {
             How::Replace(_) => Vec::new(),
         };
         self.carry_over(&mut plane);
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let old = std::mem::replace(&mut a.plane, plane);
         tokio::task::spawn_blocking(move || drop(old));
         if !removed_lines.is_empty() {
@@ -494,7 +493,7 @@ impl Daemon {
     /// a copy of the running plane: they are in the running plane (and dataplane); take
     /// them into `plane` and reprogram the services they touch.
     fn carry_over(&mut self, plane: &mut Plane) {
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         let touched = a.plane.take_journal();
         if touched.is_empty() {
             return;
@@ -519,7 +518,7 @@ impl Daemon {
     /// Drops the connection entries of server lines that left, beside the loop; their
     /// indices are free again once that is done ([`Job::Drained`]).
     fn drain(&mut self, indices: Vec<u32>) {
-        let Some(a) = self.atm.as_ref() else { return };
+        let Some(a) = self.part.atm() else { return };
         let generation = a.generation;
         let table = a.dp.conn_table();
         let jobs = self.jobs_tx.clone();
@@ -543,7 +542,7 @@ impl Daemon {
         indices: Vec<u32>,
         dropped: Result<usize, String>,
     ) {
-        let Some(a) = self.atm.as_mut() else { return };
+        let Some(a) = self.part.atm_mut() else { return };
         if a.generation != generation {
             // A resize came between: that dataplane and its numbering are gone.
             return;
@@ -572,7 +571,7 @@ impl Daemon {
             return Err("not a new dataplane".into());
         };
         let settings = self.current_settings();
-        let Some(a) = self.atm.as_mut() else {
+        let Some(a) = self.part.atm_mut() else {
             return Err("this is not an ATM".into());
         };
         dp.set_settings(&settings).map_err(|e| e.to_string())?;
@@ -601,7 +600,7 @@ impl Daemon {
         // Freeing big maps takes a while: not on the loop.
         tokio::task::spawn_blocking(move || drop(old));
         self.carry_over(&mut plane);
-        let Some(a) = self.atm.as_mut() else {
+        let Some(a) = self.part.atm_mut() else {
             return Err("this is not an ATM".into());
         };
         let old_plane = std::mem::replace(&mut a.plane, plane);
@@ -653,67 +652,5 @@ impl Daemon {
         );
         info!("{msg}");
         Ok(msg)
-    }
-
-    /// A primary's aliases follow the config: VIPs that left go, new ones come, and the NAT
-    /// gateway moves if `[nat]` changed.
-    async fn follow_aliases(
-        &mut self,
-        old_vips: &[Ipv4Addr],
-        old_nat: Option<config::Nat>,
-    ) -> anyhow::Result<()> {
-        let Some(a) = self.atm.as_ref() else {
-            return Ok(());
-        };
-        if !a.primary {
-            return Ok(());
-        }
-        let atm_if = self.config.atms[a.index].interface.clone();
-        let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow::anyhow!("{atm_if} is gone"))?;
-        let plan = super::atm::alias_plan(old_vips, &self.vips(), old_nat, self.config.nat);
-        for vip in plan.remove {
-            self.net.del(ifindex, vip, 32).await?;
-            info!("VIP {vip} removed from {atm_if}:{VIP_LABEL}");
-        }
-        for vip in plan.add {
-            self.net
-                .add(ifindex, vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
-                .await?;
-            info!("VIP {vip} configured on {atm_if}:{VIP_LABEL}");
-        }
-        if plan.nat_moves {
-            for r in self.net.remove_labelled(NAT_LABEL).await? {
-                info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
-            }
-            self.add_nat_aliases().await?;
-        }
-        Ok(())
-    }
-
-    /// A node's reload: its VIPs on `lo`, the ARP settings and lb_decap follow the config,
-    /// as they do at start, and the log says what changed.
-    async fn apply_node_config(&mut self, new: Config) -> Result<String, String> {
-        let Role::Node(addr) = self.role else {
-            return Err("this is not a node".into());
-        };
-        let old = std::mem::replace(&mut self.config, new);
-        self.timeout = self.config.cluster.timeout;
-        self.debug = self.config.cluster.debug;
-        match self.apply_node(addr).await {
-            Ok(changed) if changed.is_empty() => {
-                let msg = "Reloaded (node role): nothing to change here".to_string();
-                info!("{msg}");
-                Ok(msg)
-            }
-            Ok(changed) => {
-                let msg = format!("Reloaded (node role): {changed}");
-                info!("{msg}");
-                Ok(msg)
-            }
-            Err(e) => {
-                self.config = old;
-                Err(format!("Reload failed: {e:#}"))
-            }
-        }
     }
 }

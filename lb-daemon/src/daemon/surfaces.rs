@@ -69,7 +69,7 @@ impl Daemon {
     }
 
     pub(super) fn role_name(&self) -> &'static str {
-        match (&self.role, &self.atm) {
+        match (&self.role, self.part.atm()) {
             (Role::Node(_), _) => "node",
             (_, Some(a)) if a.primary => "primary",
             (_, Some(_)) => "backup",
@@ -85,7 +85,7 @@ impl Daemon {
             .enumerate()
             .map(|(i, a)| {
                 let me = self.role == Role::Atm(i);
-                let (role, state, heard) = match (&self.ha, me) {
+                let (role, state, heard) = match (self.part.ha(), me) {
                     (_, true) => (self.role_name(), "online", Some(0)),
                     (Some(ha), false) => {
                         let p = ha.election.peers()[i];
@@ -115,7 +115,7 @@ impl Daemon {
 
     /// Live connections as table lines (expired entries left out).
     pub(super) fn connection_lines(&self) -> std::result::Result<Vec<ConnLine>, dataplane::Error> {
-        match (self.conn_view(), &self.atm) {
+        match (self.conn_view(), self.part.atm()) {
             (Some(v), Some(a)) => Ok(v.lines(&a.dp.connections()?)),
             _ => Ok(Vec::new()),
         }
@@ -123,7 +123,7 @@ impl Daemon {
 
     /// What turning table entries into lines needs, owned (for a blocking thread).
     pub(super) fn conn_view(&self) -> Option<ConnView> {
-        let a = self.atm.as_ref()?;
+        let a = self.part.atm()?;
         Some(ConnView {
             timeout_ns: self.timeout_ns(),
             lines: a.plane.lines(),
@@ -132,7 +132,7 @@ impl Daemon {
 
     pub(super) fn stat_line(&self) -> std::result::Result<StatLine, dataplane::Error> {
         let mut line = self.stat_base()?;
-        if let Some(a) = &self.atm {
+        if let Some(a) = self.part.atm() {
             line.active = count_active(&a.dp.connections()?, self.timeout_ns());
         }
         Ok(line)
@@ -140,7 +140,7 @@ impl Daemon {
 
     /// The `stat` line but for the active connections (which need the whole table).
     pub(super) fn stat_base(&self) -> std::result::Result<StatLine, dataplane::Error> {
-        let Some(a) = &self.atm else {
+        let Some(a) = self.part.atm() else {
             return Ok(StatLine::default());
         };
         let s = a.dp.stats()?;
@@ -168,7 +168,7 @@ impl Daemon {
     /// server lines whose counters take a system call each, and the event loop sends the
     /// heartbeats. `None`: handle it on the loop (it needs neither, or this is not an ATM).
     pub(super) fn table_job(&self, req: &Request) -> Option<TableJob> {
-        let a = self.atm.as_ref()?;
+        let a = self.part.atm()?;
         let timeout_ns = self.timeout_ns();
         let with_connections = |finish: TableFinish| {
             let table = a.dp.conn_table().ok()?;
@@ -245,8 +245,8 @@ impl Daemon {
         Ok(match t {
             Table::Config => tables::render_config(
                 &self
-                    .atm
-                    .as_ref()
+                    .part
+                    .atm()
                     .map(|a| a.caps)
                     .unwrap_or(self.config.tables),
             ),
@@ -256,11 +256,11 @@ impl Daemon {
             Table::Atms => tables::render_atms(&self.atm_lines()),
             Table::Stat => tables::render_stat(&self.stat_line()?),
             Table::Connections => tables::render_connections(&self.connection_lines()?),
-            Table::Services => match &self.atm {
+            Table::Services => match self.part.atm() {
                 Some(a) => tables::render_services(&a.plane.service_lines(&a.dp)),
                 None => String::new(),
             },
-            Table::Servers => match &self.atm {
+            Table::Servers => match self.part.atm() {
                 Some(a) => tables::render_servers(&a.plane.server_lines(&a.dp)),
                 None => String::new(),
             },
@@ -277,7 +277,7 @@ impl Daemon {
     pub(super) fn decap_counters(
         &self,
     ) -> Option<std::result::Result<[u64; DecapStat::COUNT as usize], dataplane::Error>> {
-        let node = self.node.as_ref()?;
+        let node = self.part.node()?;
         Some(match &node.decap {
             Some(dp) => dp.decap_stats(),
             None => Ok([0; DecapStat::COUNT as usize]),
@@ -287,7 +287,7 @@ impl Daemon {
     pub(super) fn write(&mut self, t: Table, value: &str) -> std::result::Result<String, String> {
         let w = tables::parse_write(t, value)
             .inspect_err(|e| warn!("Refused write to {}: {e}", t.name()))?;
-        if self.atm.is_none() {
+        if self.part.atm().is_none() {
             return Err("this is not an ATM: it has no tables to write".into());
         }
         let msg = match w {
@@ -329,7 +329,7 @@ impl Daemon {
     }
 
     pub(super) fn status(&self) -> views::Status {
-        let services = match &self.atm {
+        let services = match self.part.atm() {
             Some(a) => a
                 .plane
                 .services()
@@ -358,7 +358,7 @@ impl Daemon {
                 .collect(),
             None => Vec::new(),
         };
-        let atm = self.atm.as_ref();
+        let atm = self.part.atm();
         views::Status {
             cluster: self.config.cluster.name.clone(),
             name: self.name.clone(),
@@ -375,8 +375,8 @@ impl Daemon {
                 })
                 .collect(),
             vips: self.vips().iter().map(|&v| v.into()).collect(),
-            term: self.ha.as_ref().map(|h| h.election.term()),
-            rejected: self.ha.as_ref().map(|h| {
+            term: self.part.ha().map(|h| h.election.term()),
+            rejected: self.part.ha().map(|h| {
                 Reject::ALL
                     .iter()
                     .map(|r| {
@@ -409,7 +409,7 @@ impl Daemon {
     }
 
     pub(super) fn list(&self, what: &str) -> std::result::Result<Response, String> {
-        let a = self.atm.as_ref().ok_or("this is not an ATM")?;
+        let a = self.part.atm().ok_or("this is not an ATM")?;
         match what {
             "services" => Ok(Response::view(&service_views(&a.plane, &a.dp))),
             "servers" => Ok(Response::view(&server_views(&a.plane, &a.dp))),
@@ -424,7 +424,7 @@ impl Daemon {
 
     pub(super) fn snapshot(&self) -> metrics::Snapshot {
         let mut snap = self.snapshot_base();
-        if let Some(a) = &self.atm {
+        if let Some(a) = self.part.atm() {
             let lines = fill_lines(&mut snap, &a.plane, &a.dp);
             if let Ok(all) = a.dp.connections() {
                 fill_active(&mut snap, &lines, &all, self.timeout_ns());
@@ -441,7 +441,7 @@ impl Daemon {
             role: self.role_name().into(),
             ..Default::default()
         };
-        if let Some(ha) = &self.ha {
+        if let Some(ha) = self.part.ha() {
             snap.ha_rejected = Reject::ALL
                 .iter()
                 .map(|r| (r.name(), ha.rejects.get(r).copied().unwrap_or(0)))
@@ -450,7 +450,7 @@ impl Daemon {
         if let Some(Ok(c)) = self.decap_counters() {
             snap.decap = DecapStat::NAMES.iter().copied().zip(c).collect();
         }
-        if let Some(a) = &self.atm
+        if let Some(a) = self.part.atm()
             && let Ok(s) = a.dp.stats()
         {
             snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();

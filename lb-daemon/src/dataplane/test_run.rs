@@ -4,19 +4,12 @@
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp};
 use lb_common::programs;
 
-use super::{Dataplane, Error, prog_err};
+use super::{Dataplane, Error, as_xdp, prog_err};
 
 impl Dataplane {
     /// Program `name` of the balancer's object.
     fn program(&self, name: &'static str) -> Result<&Xdp, Error> {
-        self.ebpf
-            .program(name)
-            .ok_or(Error::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(prog_err(name))
+        as_xdp(self.ebpf.program(name), name)
     }
 
     /// Runs `lb_xdp` once on `frame` (BPF_PROG_TEST_RUN) as if it arrived on interface
