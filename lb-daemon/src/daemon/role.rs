@@ -1,0 +1,179 @@
+//! Who this machine is in the cluster (found in the config at start) and what it runs as
+//! that: an ATM's balancer, election and probes, or a real server's set-up.
+
+use std::net::Ipv4Addr;
+
+use super::{Atm, Ha, Node};
+use crate::{config::Config, health::Checks};
+
+/// What this machine is in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The ATM at this position of the config's [[atm]] list.
+    Atm(usize),
+    /// A real server with this address.
+    Node(Ipv4Addr),
+}
+
+/// Finds this machine in the config: `--node NAME` (an ATM or server name), else the first
+/// ATM whose address is local, else a server whose address is local.
+pub fn identify(
+    config: &Config,
+    local: &[Ipv4Addr],
+    node: Option<&str>,
+) -> Result<(Role, String), String> {
+    if let Some(name) = node {
+        if let Some(i) = config.atms.iter().position(|a| a.name == name) {
+            return Ok((Role::Atm(i), name.to_string()));
+        }
+        for s in &config.services {
+            if let Some(v) = s.servers.iter().find(|v| v.name == name) {
+                return Ok((Role::Node(v.address), name.to_string()));
+            }
+        }
+        return Err(format!(
+            "--node {name:?}: no [[atm]] or server of that name in the config"
+        ));
+    }
+    if let Some(i) = config.atms.iter().position(|a| local.contains(&a.address)) {
+        return Ok((Role::Atm(i), config.atms[i].name.clone()));
+    }
+    for s in &config.services {
+        if let Some(v) = s.servers.iter().find(|v| local.contains(&v.address)) {
+            return Ok((Role::Node(v.address), v.name.clone()));
+        }
+    }
+    Err(format!(
+        "this machine ({}) is neither an ATM nor a server in the config: give --node NAME",
+        local
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// What this machine runs in its role, in one value: an ATM never has half its parts, and
+/// a real server none of them.
+pub(super) enum Part {
+    /// Before start-up has made the role's parts, and after `stop` has released them.
+    Starting,
+    Atm(Box<AtmParts>),
+    Node(Box<Node>),
+}
+
+/// An ATM's parts.
+pub(super) struct AtmParts {
+    pub(super) atm: Atm,
+    /// The election and the messages between ATMs.
+    pub(super) ha: Ha,
+    /// The probe tasks, restarted on reload (`None` while a reload makes new ones).
+    pub(super) checks: Option<Checks>,
+}
+
+impl Part {
+    pub(super) fn atm(&self) -> Option<&Atm> {
+        match self {
+            Part::Atm(p) => Some(&p.atm),
+            _ => None,
+        }
+    }
+
+    pub(super) fn atm_mut(&mut self) -> Option<&mut Atm> {
+        match self {
+            Part::Atm(p) => Some(&mut p.atm),
+            _ => None,
+        }
+    }
+
+    pub(super) fn ha(&self) -> Option<&Ha> {
+        match self {
+            Part::Atm(p) => Some(&p.ha),
+            _ => None,
+        }
+    }
+
+    pub(super) fn ha_mut(&mut self) -> Option<&mut Ha> {
+        match self {
+            Part::Atm(p) => Some(&mut p.ha),
+            _ => None,
+        }
+    }
+
+    /// Both halves of an ATM at once.
+    pub(super) fn atm_and_ha(&mut self) -> Option<(&mut Atm, &mut Ha)> {
+        match self {
+            Part::Atm(p) => Some((&mut p.atm, &mut p.ha)),
+            _ => None,
+        }
+    }
+
+    /// Where an ATM's probe tasks are kept.
+    pub(super) fn checks_mut(&mut self) -> Option<&mut Option<Checks>> {
+        match self {
+            Part::Atm(p) => Some(&mut p.checks),
+            _ => None,
+        }
+    }
+
+    pub(super) fn node(&self) -> Option<&Node> {
+        match self {
+            Part::Node(n) => Some(n.as_ref()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn node_mut(&mut self) -> Option<&mut Node> {
+        match self {
+            Part::Node(n) => Some(n.as_mut()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    #[test]
+    fn identify_by_name_then_by_address() {
+        let text = r#"
+[cluster]
+name = "c"
+auth_key_file = "/etc/lb/authkey"
+[[atm]]
+name = "atm1"
+address = "192.0.2.2"
+interface = "eth0"
+[[atm]]
+name = "atm2"
+address = "192.0.2.3"
+interface = "eth0"
+[[service]]
+name = "http"
+vip = "192.0.2.100"
+port = 80
+[[service.server]]
+name = "web1"
+address = "192.0.2.11"
+"#;
+        let c = config::parse(text, std::path::Path::new("/")).unwrap();
+        let a2: Ipv4Addr = "192.0.2.3".parse().unwrap();
+        let s1: Ipv4Addr = "192.0.2.11".parse().unwrap();
+        assert_eq!(
+            identify(&c, &[a2], None).unwrap(),
+            (Role::Atm(1), "atm2".into())
+        );
+        assert_eq!(
+            identify(&c, &[s1], None).unwrap(),
+            (Role::Node(s1), "web1".into())
+        );
+        assert_eq!(
+            identify(&c, &[], Some("atm1")).unwrap(),
+            (Role::Atm(0), "atm1".into())
+        );
+        assert!(identify(&c, &[], None).unwrap_err().contains("--node"));
+        assert!(identify(&c, &[], Some("nope")).is_err());
+    }
+}
