@@ -3,7 +3,10 @@
 //! its own server indices, so that once promoted it forwards established connections to the
 //! same servers, NAT translations included.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
 
 use lb_common::{
     Addr, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, CONN_SYNCED, ConnEvent, Connection,
@@ -12,15 +15,21 @@ use lb_common::{
 
 use crate::{
     dataplane::{self, Dataplane},
-    ha::SyncRecord,
-    services::{Plane, v4},
+    ha::{IDLE_UNKNOWN, SyncRecord},
+    services::Plane,
 };
 
 /// Server index -> (address, port), as the primary's plane has them.
 pub type ServerMap = HashMap<u32, (Ipv4Addr, u16, Method)>;
 
-fn ap(a: &Addr, port_be: u16) -> ([u8; 4], u16) {
-    (v4(a).octets(), u16::from_be(port_be))
+fn ap(a: &Addr, port_be: u16) -> SocketAddr {
+    SocketAddr::new(a.to_ip(), u16::from_be(port_be))
+}
+
+/// How long, in whole milliseconds (saturating), an entry last seen at `last_seen_ns` has
+/// been idle at `now_ns`.
+fn idle_ms(last_seen_ns: u64, now_ns: u64) -> u32 {
+    (now_ns.saturating_sub(last_seen_ns) / 1_000_000).min(u32::MAX as u64 - 1) as u32
 }
 
 /// A record from a dataplane event; `None` for a server index the plane no longer has.
@@ -32,9 +41,11 @@ pub fn from_event(e: &ConnEvent, servers: &ServerMap) -> Option<SyncRecord> {
         flags: e.flags,
         client: ap(&e.key.src, e.key.sport),
         vip: ap(&e.key.dst, e.key.dport),
-        server: (addr.octets(), *port),
+        server: SocketAddr::from((*addr, *port)),
         nat: ap(&e.nat_addr, e.nat_port),
         peer_mac: e.peer_mac,
+        // Made as the packet went through.
+        idle_ms: 0,
     })
 }
 
@@ -78,9 +89,10 @@ pub fn full_table(
             flags: c.flags,
             client: ap(&k.src, k.sport),
             vip: ap(&k.dst, k.dport),
-            server: (addr.octets(), *port),
+            server: SocketAddr::from((*addr, *port)),
             nat: ap(&c.nat_addr, c.nat_port),
             peer_mac,
+            idle_ms: idle_ms(c.last_seen_ns, now_ns),
         });
     }
     out
@@ -118,6 +130,32 @@ fn own_and_live(c: &Connection, now: u64, timeout_ns: u64) -> bool {
         && now.saturating_sub(c.last_seen_ns) <= timeout_ns
 }
 
+/// How much later than an entry of this ATM a record's connection must have been seen to
+/// prevail over it: records are drained every 20 ms and cross in far less than this.
+const SEEN_LATER_BY_NS: u64 = 1_000_000_000;
+
+/// Whether record `r`'s connection is live and was seen clearly later than entry `c`, idle
+/// at `now`: then `c`, another connection on the same addresses and ports or NAT pair, is
+/// over (its client has moved on to the other ATM, and the close this ATM never heard was
+/// lost). A record of a closed connection, or one that does not say how idle it is, never
+/// prevails.
+fn seen_later(r: &SyncRecord, c: &Connection, now: u64) -> bool {
+    r.flags & (CONN_FIN | CONN_RST) == 0
+        && r.idle_ms != IDLE_UNKNOWN
+        && (r.idle_ms as u64 * 1_000_000).saturating_add(SEEN_LATER_BY_NS)
+            < now.saturating_sub(c.last_seen_ns)
+}
+
+/// The record's addresses as this dataplane keys IPv4 connections: `None` for IPv6, which
+/// it does not forward yet.
+fn v4_of(r: &SyncRecord) -> Option<[(Ipv4Addr, u16); 4]> {
+    let one = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(ip) => Some((ip, a.port())),
+        IpAddr::V6(_) => None,
+    };
+    Some([one(r.client)?, one(r.vip)?, one(r.server)?, one(r.nat)?])
+}
+
 /// Installs records on a backup; returns (installed, skipped: servers it does not have).
 /// A record never replaces a live entry this dataplane made itself ([`own_and_live`]) for
 /// another connection (another server or translation), and a close marks only the entry
@@ -132,31 +170,35 @@ pub fn install(
     let now = dataplane::now_ns();
     let (mut installed, mut skipped) = (0, 0);
     for r in records {
-        let svc = (Ipv4Addr::from(r.vip.0), r.vip.1, r.proto);
-        let line = (svc, Ipv4Addr::from(r.server.0), r.server.1);
+        let Some([client, vip, server, nat_at]) = v4_of(r) else {
+            skipped += 1;
+            continue;
+        };
+        let svc = (vip.0, vip.1, r.proto);
+        let line = (svc, server.0, server.1);
         let Some(index) = plane.index(&line) else {
             skipped += 1;
             continue;
         };
         let key = FlowKey {
-            src: Ipv4Addr::from(r.client.0).into(),
-            dst: Ipv4Addr::from(r.vip.0).into(),
-            sport: r.client.1.to_be(),
-            dport: r.vip.1.to_be(),
+            src: client.0.into(),
+            dst: vip.0.into(),
+            sport: client.1.to_be(),
+            dport: vip.1.to_be(),
             proto: r.proto,
             _pad: [0; 3],
         };
         let nat = r.flags & CONN_NAT != 0;
         let reply_key = FlowKey {
-            src: Ipv4Addr::from(r.server.0).into(),
-            dst: Ipv4Addr::from(r.nat.0).into(),
-            sport: r.server.1.to_be(),
-            dport: r.nat.1.to_be(),
+            src: server.0.into(),
+            dst: nat_at.0.into(),
+            sport: server.1.to_be(),
+            dport: nat_at.1.to_be(),
             proto: r.proto,
             _pad: [0; 3],
         };
         let existing = dp.connection(&key);
-        let same = |c: &Connection| c.server == index && c.nat_port == r.nat.1.to_be();
+        let same = |c: &Connection| c.server == index && c.nat_port == nat_at.1.to_be();
         if r.kind == EVENT_CLOSE {
             // Marked, not removed: a half-closed connection still carries data one way, and
             // the entry ages out as the primary's does (a SYN on the tuple starts afresh).
@@ -170,7 +212,9 @@ pub fn install(
         // Another connection on the same addresses and ports, made here, keeps the client's
         // leg. (The same connection is refreshed, so the entry lives on as long as the other
         // ATM sees it.) The record's reply leg goes in all the same: its NAT pair is taken.
-        if !existing.is_some_and(|c| own_and_live(&c, now, timeout_ns) && !same(&c)) {
+        if !existing.is_some_and(|c| {
+            own_and_live(&c, now, timeout_ns) && !same(&c) && !seen_later(r, &c, now)
+        }) {
             // A full table read before a close record arrived must not undo the close mark
             // (the same connection: same server and translation).
             let closed = existing
@@ -182,9 +226,9 @@ pub fn install(
                     last_seen_ns: now,
                     server: index,
                     flags: r.flags | closed | CONN_SYNCED,
-                    nat_port: r.nat.1.to_be(),
+                    nat_port: nat_at.1.to_be(),
                     nat_addr: if nat {
-                        Ipv4Addr::from(r.nat.0).into()
+                        nat_at.0.into()
                     } else {
                         Addr::default()
                     },
@@ -197,11 +241,11 @@ pub fn install(
         // records took to cross), or any not yet idle when the record's own connection has
         // ended. A closed connection's record (a full table read carries it until it ages
         // out) must not take replies away from the live connection that reused its pair.
-        let client: Addr = Ipv4Addr::from(r.client.0).into();
+        let client_addr: Addr = client.0.into();
         let ended = r.flags & (CONN_FIN | CONN_RST) != 0;
         let pair_taken = dp.connection(&reply_key).is_some_and(|c| {
-            (c.nat_addr != client || c.nat_port != r.client.1.to_be())
-                && (own_and_live(&c, now, timeout_ns)
+            (c.nat_addr != client_addr || c.nat_port != client.1.to_be())
+                && ((own_and_live(&c, now, timeout_ns) && !seen_later(r, &c, now))
                     || (ended && now.saturating_sub(c.last_seen_ns) <= timeout_ns))
         });
         if nat && !pair_taken {
@@ -211,8 +255,8 @@ pub fn install(
                     last_seen_ns: now,
                     server: index,
                     flags: CONN_NAT | CONN_REPLY | CONN_SYNCED,
-                    nat_port: r.client.1.to_be(),
-                    nat_addr: Ipv4Addr::from(r.client.0).into(),
+                    nat_port: client.1.to_be(),
+                    nat_addr: client_addr,
                     peer_mac: r.peer_mac,
                     local_mac: local.mac,
                     ifindex: local.ifindex,
@@ -228,7 +272,7 @@ pub fn install(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::{config, services::v4};
 
     impl ConnStore for HashMap<FlowKey, Connection> {
         fn connection(&self, key: &FlowKey) -> Option<Connection> {
@@ -270,11 +314,12 @@ mod tests {
             kind,
             proto: lb_common::IPPROTO_TCP,
             flags,
-            client: ([198, 51, 100, 7], 40000),
-            vip: ([192, 0, 2, 100], 80),
-            server: ([203, 0, 113, 12], 8080),
-            nat: ([203, 0, 113, 1], 1500),
+            client: "198.51.100.7:40000".parse().unwrap(),
+            vip: "192.0.2.100:80".parse().unwrap(),
+            server: "203.0.113.12:8080".parse().unwrap(),
+            nat: "203.0.113.1:1500".parse().unwrap(),
             peer_mac: [2, 0, 0, 0, 0, 7],
+            idle_ms: 0,
         }
     }
 
@@ -343,7 +388,7 @@ mod tests {
     fn a_record_for_a_server_this_backup_does_not_have_is_skipped() {
         let (plane, mut store) = (plane(), HashMap::new());
         let mut r = record(EVENT_OPEN, CONN_NAT);
-        r.server = ([203, 0, 113, 99], 8080);
+        r.server = "203.0.113.99:8080".parse().unwrap();
         assert_eq!(put(&mut store, &plane, r), (0, 1));
         assert!(store.is_empty());
     }
@@ -463,7 +508,7 @@ mod tests {
         // the old, closed connection's record comes after, as a full table read carries it.
         let (plane, mut store) = (plane(), HashMap::new());
         let mut live = record(EVENT_OPEN, CONN_NAT);
-        live.client = ([192, 0, 2, 51], 46911);
+        live.client = "192.0.2.51:46911".parse().unwrap();
         put(&mut store, &plane, live);
         let replies_to = |s: &HashMap<FlowKey, Connection>| {
             let c = s[&reply_key()];
@@ -487,5 +532,82 @@ mod tests {
             dataplane::now_ns().saturating_sub(TIMEOUT + 1);
         put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT | CONN_RST));
         assert_eq!(replies_to(&store).1, 40000);
+    }
+
+    #[test]
+    fn an_own_entry_idle_well_before_the_records_connection_yields_to_it() {
+        // The other ATM saw the record's connection just now; this ATM's own connection on
+        // the same client port has been silent for 5 s: its client moved on, and the close
+        // this ATM never heard was lost.
+        let (plane, mut store) = (plane(), HashMap::new());
+        let five_s_ago = dataplane::now_ns().saturating_sub(5_000_000_000);
+        let silent = Connection {
+            last_seen_ns: five_s_ago,
+            ..own()
+        };
+        let silent_reply = Connection {
+            last_seen_ns: five_s_ago,
+            server: 1,
+            flags: CONN_NAT | CONN_REPLY,
+            nat_port: 41000u16.to_be(),
+            nat_addr: Ipv4Addr::new(198, 51, 100, 8).into(),
+            ..Default::default()
+        };
+        // Not clearly later (4.5 s idle against 5), or not saying: this ATM's entries stay.
+        for idle_ms in [4_500, IDLE_UNKNOWN] {
+            store.insert(client_key(), silent);
+            store.insert(reply_key(), silent_reply);
+            put(
+                &mut store,
+                &plane,
+                SyncRecord {
+                    idle_ms,
+                    ..record(EVENT_OPEN, CONN_NAT)
+                },
+            );
+            assert_eq!(store[&client_key()], silent, "idle {idle_ms} ms");
+            assert_eq!(store[&reply_key()], silent_reply, "idle {idle_ms} ms");
+        }
+        // A closed connection never prevails, however late it was seen.
+        put(
+            &mut store,
+            &plane,
+            SyncRecord {
+                idle_ms: 500,
+                ..record(EVENT_OPEN, CONN_NAT | CONN_FIN)
+            },
+        );
+        assert_eq!(store[&client_key()], silent);
+        // Seen 3.5 s after this ATM's last packet, and live: the record's connection
+        // prevails, on both legs.
+        put(
+            &mut store,
+            &plane,
+            SyncRecord {
+                idle_ms: 500,
+                ..record(EVENT_OPEN, CONN_NAT)
+            },
+        );
+        let c = store[&client_key()];
+        assert_eq!((c.server, c.nat_port), (1, 1500u16.to_be()));
+        let back = store[&reply_key()];
+        assert_eq!(
+            (v4(&back.nat_addr), u16::from_be(back.nat_port)),
+            (Ipv4Addr::new(198, 51, 100, 7), 40000)
+        );
+    }
+
+    #[test]
+    fn an_ipv6_record_is_skipped_until_the_dataplane_forwards_ipv6() {
+        let (plane, mut store) = (plane(), HashMap::new());
+        let r = SyncRecord {
+            client: "[2001:db8:1::7]:40000".parse().unwrap(),
+            vip: "[2001:db8::100]:80".parse().unwrap(),
+            server: "[2001:db8:2::12]:8080".parse().unwrap(),
+            nat: "[2001:db8:2::1]:1500".parse().unwrap(),
+            ..record(EVENT_OPEN, CONN_NAT)
+        };
+        assert_eq!(put(&mut store, &plane, r), (0, 1));
+        assert!(store.is_empty());
     }
 }

@@ -482,8 +482,8 @@ impl Daemon {
             .iter()
             .filter_map(|e| sync::from_event(e, &lines.server))
             .collect();
-        for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
-            self.ha_send(None, Body::Sync(chunk.to_vec()));
+        for batch in ha::batches(&records) {
+            self.ha_send(None, Body::Sync(batch.to_vec()));
         }
     }
 
@@ -513,8 +513,8 @@ impl Daemon {
                 Ok(all) => {
                     let records =
                         sync::full_table(&all, &lines.server, timeout_ns, dataplane::now_ns());
-                    for chunk in records.chunks(ha::RECORDS_PER_MESSAGE) {
-                        out.send_bulk(to, Body::Sync(chunk.to_vec()));
+                    for batch in ha::batches(&records) {
+                        out.send_bulk(to, Body::Sync(batch.to_vec()));
                     }
                     true
                 }

@@ -1,7 +1,11 @@
 //! The wire format of the messages between ATMs: HMAC-SHA256 authenticated, guarded
 //! against replays, with the shared key's loading.
 
-use std::{os::unix::fs::PermissionsExt, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::PermissionsExt,
+    path::Path,
+};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -64,7 +68,8 @@ pub struct Heartbeat {
     pub yield_to: Option<u16>,
 }
 
-/// A connection, as backups install it (servers named by address, not by index).
+/// A connection, as backups install it (servers named by address, not by index). Its four
+/// addresses are of one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncRecord {
     /// `EVENT_OPEN` or `EVENT_CLOSE`.
@@ -72,18 +77,64 @@ pub struct SyncRecord {
     pub proto: u8,
     /// `CONN_*` bits of the client's leg.
     pub flags: u16,
-    pub client: ([u8; 4], u16),
-    pub vip: ([u8; 4], u16),
-    pub server: ([u8; 4], u16),
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub server: SocketAddr,
     /// NAT: our source address and port toward the server.
-    pub nat: ([u8; 4], u16),
+    pub nat: SocketAddr,
     /// NAT: the MAC the client's packets come from.
     pub peer_mac: [u8; 6],
+    /// How long before the record was made the sender last saw a packet of the connection,
+    /// in milliseconds (saturating); [`IDLE_UNKNOWN`] from an ATM of the first record format,
+    /// which did not say.
+    pub idle_ms: u32,
 }
 
-const RECORD: usize = 34;
-/// Records per datagram: keeps datagrams under 1,400 bytes.
-pub const RECORDS_PER_MESSAGE: usize = 38;
+/// [`SyncRecord::idle_ms`] of a record that did not say.
+pub const IDLE_UNKNOWN: u32 = u32::MAX;
+
+/// Message kinds. `SYNC_V1` is the first record format (IPv4 only, no idle time): still
+/// read, from an ATM of the version before, never sent.
+const HEARTBEAT: u8 = 1;
+const SYNC_V1: u8 = 2;
+const SYNC_REQUEST: u8 = 3;
+const YIELD: u8 = 4;
+const SYNC: u8 = 5;
+
+/// The record format of `SYNC` messages, their first byte. A receiver refuses a format,
+/// message kind or address family it does not know as [`Reject::Unsupported`], and never
+/// guesses at the rest of the message.
+const RECORD_FORMAT: u8 = 2;
+const FAMILY_V4: u8 = 4;
+const FAMILY_V6: u8 = 6;
+
+/// Bytes of records per `SYNC` message: with the header and the longest cluster name a
+/// datagram stays under 1,500 bytes (v4 records take 39 bytes, v6 ones 87).
+const RECORD_BYTES_PER_MESSAGE: usize = 1_100;
+
+/// A record's size on the wire.
+fn record_len(r: &SyncRecord) -> usize {
+    let addr = if r.client.is_ipv4() { 4 } else { 16 };
+    5 + 4 * (addr + 2) + 6 + 4
+}
+
+/// `records` cut into runs that each fit one `SYNC` message.
+pub fn batches(records: &[SyncRecord]) -> Vec<&[SyncRecord]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        let n = record_len(r);
+        if bytes + n > RECORD_BYTES_PER_MESSAGE && i > start {
+            out.push(&records[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < records.len() {
+        out.push(&records[start..]);
+    }
+    out
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
@@ -113,14 +164,18 @@ pub enum Reject {
     OtherCluster,
     Auth,
     Replay,
+    /// Authentic, but of a message kind, record format or address family this ATM does
+    /// not know: sent by a newer lb.
+    Unsupported,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 4] = [
+    pub const ALL: [Reject; 5] = [
         Reject::Malformed,
         Reject::OtherCluster,
         Reject::Auth,
         Reject::Replay,
+        Reject::Unsupported,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -128,6 +183,7 @@ impl Reject {
             Reject::OtherCluster => "other_cluster",
             Reject::Auth => "authentication",
             Reject::Replay => "replay",
+            Reject::Unsupported => "unsupported",
         }
     }
 }
@@ -139,14 +195,14 @@ fn mac(key: &[u8]) -> HmacSha256 {
 /// Serialises and signs a message.
 pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
     let name = cluster.as_bytes();
-    let mut b = Vec::with_capacity(64 + RECORD * RECORDS_PER_MESSAGE);
+    let mut b = Vec::with_capacity(64 + RECORD_BYTES_PER_MESSAGE);
     b.extend_from_slice(MAGIC);
     b.push(VERSION);
     let kind = match &m.body {
-        Body::Heartbeat(_) => 1,
-        Body::Sync(_) => 2,
-        Body::SyncRequest => 3,
-        Body::Yield => 4,
+        Body::Heartbeat(_) => HEARTBEAT,
+        Body::Sync(_) => SYNC,
+        Body::SyncRequest => SYNC_REQUEST,
+        Body::Yield => YIELD,
     };
     b.push(kind);
     b.push(name.len().min(255) as u8);
@@ -162,16 +218,30 @@ pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
             b.extend_from_slice(&h.yield_to.unwrap_or(u16::MAX).to_be_bytes());
         }
         Body::Sync(records) => {
+            b.push(RECORD_FORMAT);
             b.extend_from_slice(&(records.len() as u16).to_be_bytes());
             for r in records {
                 b.push(r.kind);
                 b.push(r.proto);
                 b.extend_from_slice(&r.flags.to_be_bytes());
-                for (a, p) in [r.client, r.vip, r.server, r.nat] {
-                    b.extend_from_slice(&a);
-                    b.extend_from_slice(&p.to_be_bytes());
+                let v4 = r.client.is_ipv4();
+                b.push(if v4 { FAMILY_V4 } else { FAMILY_V6 });
+                for a in [r.client, r.vip, r.server, r.nat] {
+                    match (v4, a.ip()) {
+                        (true, IpAddr::V4(ip)) => b.extend_from_slice(&ip.octets()),
+                        // Of one family by construction; anything else is written as the
+                        // unspecified address of the record's family, never misaligned.
+                        (true, IpAddr::V6(ip)) => b.extend_from_slice(
+                            &ip.to_ipv4_mapped()
+                                .unwrap_or(Ipv4Addr::UNSPECIFIED)
+                                .octets(),
+                        ),
+                        (false, ip) => b.extend_from_slice(&v6_of(ip).octets()),
+                    }
+                    b.extend_from_slice(&a.port().to_be_bytes());
                 }
                 b.extend_from_slice(&r.peer_mac);
+                b.extend_from_slice(&r.idle_ms.to_be_bytes());
             }
         }
         Body::SyncRequest | Body::Yield => {}
@@ -180,6 +250,13 @@ pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
     h.update(&b);
     b.extend_from_slice(&h.finalize().into_bytes());
     b
+}
+
+fn v6_of(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v) => v.to_ipv6_mapped(),
+        IpAddr::V6(v) => v,
+    }
 }
 
 /// A cursor over a datagram.
@@ -202,14 +279,68 @@ impl<'a> Reader<'a> {
             self.take(2)?.try_into().expect("2 bytes"),
         ))
     }
+    fn u32(&mut self) -> Result<u32, Reject> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
     fn u64(&mut self) -> Result<u64, Reject> {
         Ok(u64::from_be_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
-    fn addr_port(&mut self) -> Result<([u8; 4], u16), Reject> {
-        let a: [u8; 4] = self.take(4)?.try_into().expect("4 bytes");
-        Ok((a, self.u16()?))
+    /// An address of `family` and a port.
+    fn addr_port(&mut self, family: u8) -> Result<SocketAddr, Reject> {
+        let ip: IpAddr = match family {
+            FAMILY_V4 => <[u8; 4]>::try_from(self.take(4)?).expect("4 bytes").into(),
+            FAMILY_V6 => <[u8; 16]>::try_from(self.take(16)?)
+                .expect("16 bytes")
+                .into(),
+            _ => return Err(Reject::Unsupported),
+        };
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+    /// Records of the current format.
+    fn records(&mut self) -> Result<Vec<SyncRecord>, Reject> {
+        if self.u8()? != RECORD_FORMAT {
+            return Err(Reject::Unsupported);
+        }
+        let n = self.u16()? as usize;
+        let mut records = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            let (kind, proto, flags, family) = (self.u8()?, self.u8()?, self.u16()?, self.u8()?);
+            records.push(SyncRecord {
+                kind,
+                proto,
+                flags,
+                client: self.addr_port(family)?,
+                vip: self.addr_port(family)?,
+                server: self.addr_port(family)?,
+                nat: self.addr_port(family)?,
+                peer_mac: self.take(6)?.try_into().expect("6 bytes"),
+                idle_ms: self.u32()?,
+            });
+        }
+        Ok(records)
+    }
+    /// Records of the first format (IPv4, no idle time).
+    fn records_v1(&mut self) -> Result<Vec<SyncRecord>, Reject> {
+        let n = self.u16()? as usize;
+        let mut records = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            records.push(SyncRecord {
+                kind: self.u8()?,
+                proto: self.u8()?,
+                flags: self.u16()?,
+                client: self.addr_port(FAMILY_V4)?,
+                vip: self.addr_port(FAMILY_V4)?,
+                server: self.addr_port(FAMILY_V4)?,
+                nat: self.addr_port(FAMILY_V4)?,
+                peer_mac: self.take(6)?.try_into().expect("6 bytes"),
+                idle_ms: IDLE_UNKNOWN,
+            });
+        }
+        Ok(records)
     }
 }
 
@@ -233,7 +364,7 @@ pub fn decode(cluster: &str, key: &[u8], datagram: &[u8]) -> Result<Message, Rej
     let epoch = r.u64()?;
     let seq = r.u64()?;
     let body = match kind {
-        1 => {
+        HEARTBEAT => {
             let role = if r.u8()? == 1 {
                 Role::Primary
             } else {
@@ -249,26 +380,11 @@ pub fn decode(cluster: &str, key: &[u8], datagram: &[u8]) -> Result<Message, Rej
                 yield_to: (y != u16::MAX).then_some(y),
             })
         }
-        2 => {
-            let n = r.u16()? as usize;
-            let mut records = Vec::with_capacity(n.min(RECORDS_PER_MESSAGE * 2));
-            for _ in 0..n {
-                records.push(SyncRecord {
-                    kind: r.u8()?,
-                    proto: r.u8()?,
-                    flags: r.u16()?,
-                    client: r.addr_port()?,
-                    vip: r.addr_port()?,
-                    server: r.addr_port()?,
-                    nat: r.addr_port()?,
-                    peer_mac: r.take(6)?.try_into().expect("6 bytes"),
-                });
-            }
-            Body::Sync(records)
-        }
-        3 => Body::SyncRequest,
-        4 => Body::Yield,
-        _ => return Err(Reject::Malformed),
+        SYNC => Body::Sync(r.records()?),
+        SYNC_V1 => Body::Sync(r.records_v1()?),
+        SYNC_REQUEST => Body::SyncRequest,
+        YIELD => Body::Yield,
+        _ => return Err(Reject::Unsupported),
     };
     if !r.0.is_empty() {
         return Err(Reject::Malformed);
@@ -344,16 +460,7 @@ mod tests {
             sender: 0,
             epoch: 1,
             seq: 1,
-            body: Body::Sync(vec![SyncRecord {
-                kind: 1,
-                proto: 6,
-                flags: 1,
-                client: ([198, 51, 100, 7], 40000),
-                vip: ([192, 0, 2, 100], 80),
-                server: ([203, 0, 113, 11], 8080),
-                nat: ([203, 0, 113, 1], 20001),
-                peer_mac: [2, 0, 0, 0, 0, 1],
-            }]),
+            body: Body::Sync(vec![v4_record(), v6_record()]),
         };
         assert_eq!(decode("web", key, &encode("web", key, &sync)), Ok(sync));
 
@@ -375,6 +482,128 @@ mod tests {
             Ok(()),
             "a new boot epoch restarts the sequence"
         );
+    }
+
+    fn v4_record() -> SyncRecord {
+        SyncRecord {
+            kind: 1,
+            proto: 6,
+            flags: 1,
+            client: "198.51.100.7:40000".parse().unwrap(),
+            vip: "192.0.2.100:80".parse().unwrap(),
+            server: "203.0.113.11:8080".parse().unwrap(),
+            nat: "203.0.113.1:20001".parse().unwrap(),
+            peer_mac: [2, 0, 0, 0, 0, 1],
+            idle_ms: 1_500,
+        }
+    }
+
+    fn v6_record() -> SyncRecord {
+        SyncRecord {
+            client: "[2001:db8:1::7]:40000".parse().unwrap(),
+            vip: "[2001:db8::100]:80".parse().unwrap(),
+            server: "[2001:db8:2::11]:8080".parse().unwrap(),
+            nat: "[2001:db8:2::1]:20001".parse().unwrap(),
+            idle_ms: 0,
+            ..v4_record()
+        }
+    }
+
+    /// A signed datagram of message kind `kind` with `body` after the common header.
+    fn datagram(key: &[u8], kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&[VERSION, kind, 3]);
+        b.extend_from_slice(b"web");
+        b.extend_from_slice(&1u16.to_be_bytes());
+        b.extend_from_slice(&9u64.to_be_bytes());
+        b.extend_from_slice(&1u64.to_be_bytes());
+        b.extend_from_slice(body);
+        let mut h = mac(key);
+        h.update(&b);
+        b.extend_from_slice(&h.finalize().into_bytes());
+        b
+    }
+
+    #[test]
+    fn records_of_the_first_format_are_still_read_and_newer_formats_refused_unread() {
+        let key = b"0123456789abcdef0123";
+        // The first format, from an ATM of the version before: IPv4 only, no idle time.
+        let mut v1 = 1u16.to_be_bytes().to_vec();
+        v1.extend_from_slice(&[1, 6, 0, 1]);
+        for (a, p) in [
+            ([198, 51, 100, 7], 40000u16),
+            ([192, 0, 2, 100], 80),
+            ([203, 0, 113, 11], 8080),
+            ([203, 0, 113, 1], 20001),
+        ] {
+            v1.extend_from_slice(&a);
+            v1.extend_from_slice(&p.to_be_bytes());
+        }
+        v1.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        let m = decode("web", key, &datagram(key, SYNC_V1, &v1)).unwrap();
+        assert_eq!(
+            m.body,
+            Body::Sync(vec![SyncRecord {
+                idle_ms: IDLE_UNKNOWN,
+                ..v4_record()
+            }])
+        );
+        // What a newer lb may send is refused as such, whole, not half read.
+        let sync = encode(
+            "web",
+            key,
+            &Message {
+                sender: 1,
+                epoch: 9,
+                seq: 1,
+                body: Body::Sync(vec![v4_record()]),
+            },
+        );
+        let body = &sync[4 + 3 + 3 + 18..sync.len() - TAG];
+        let mut format = body.to_vec();
+        format[0] = RECORD_FORMAT + 1;
+        let mut family = body.to_vec();
+        family[1 + 2 + 4] = 5;
+        for bad in [
+            datagram(key, SYNC, &format),
+            datagram(key, SYNC, &family),
+            datagram(key, 9, &[]),
+        ] {
+            assert_eq!(decode("web", key, &bad), Err(Reject::Unsupported));
+        }
+        // Unauthenticated, the same is refused for what it is.
+        let mut forged = datagram(key, 9, &[]);
+        *forged.last_mut().unwrap() ^= 1;
+        assert_eq!(decode("web", key, &forged), Err(Reject::Auth));
+        assert_eq!(
+            datagram(key, SYNC, body),
+            sync,
+            "the test's framing is encode's"
+        );
+    }
+
+    #[test]
+    fn records_are_cut_into_messages_by_size() {
+        let key = b"0123456789abcdef0123";
+        let mut records = vec![v4_record(); 100];
+        records.extend(vec![v6_record(); 40]);
+        let batches = batches(&records);
+        assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), 140);
+        for b in &batches {
+            let wire = encode(
+                &"c".repeat(255),
+                key,
+                &Message {
+                    sender: 0,
+                    epoch: 1,
+                    seq: 1,
+                    body: Body::Sync(b.to_vec()),
+                },
+            );
+            assert!(wire.len() <= 1_500, "{} bytes", wire.len());
+        }
+        assert_eq!(batches[0].len(), 1_100 / 39);
+        assert!(batches.len() <= 8, "{} messages", batches.len());
     }
 
     #[test]
