@@ -132,7 +132,7 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
                 };
                 ServerSpec {
                     index: first_index + i as u32,
-                    addr,
+                    addr: addr.into(),
                     port: sport,
                     weight: 1 + (i % 3) as u32,
                     method,

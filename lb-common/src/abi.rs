@@ -72,6 +72,9 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv6-in-IPv6 (the next header of a v6 tunnel's outer header).
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// A 16-byte address. IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`); each word holds the
 /// bytes in network order, exactly as loaded from a packet.
@@ -496,8 +499,11 @@ pub struct Settings {
     pub nat_stripe: u32,
     /// `bpf_ktime_get_ns()` until which packets go to `peer_addr`.
     pub peer_until_ns: u64,
+    /// The ATM's own IPv6 address: the outer source of IPv6-in-IPv6 packets; unset (all
+    /// zero) when it has none, and then v6 tunnel servers cannot be reached.
+    pub local_addr6: Addr,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 176);
+const _: () = assert!(core::mem::size_of::<Settings>() == 192);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]

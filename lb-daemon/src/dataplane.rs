@@ -365,10 +365,9 @@ impl Dataplane {
     /// every heartbeat cost no more than before.
     fn sync_filter(&mut self) -> Result<(), Error> {
         let mut want = vec![0u32; VIP_FILTER_SLOTS as usize];
+        // An IPv6 address falls in the slot of its last byte, as an IPv4 one does.
         for a in self.vip_counts.keys().chain(self.nat_addrs.iter()) {
-            if let Some(raw) = a.as_v4_raw() {
-                want[vip_filter_slot(raw) as usize] += 1;
-            }
+            want[vip_filter_slot(a.w[3]) as usize] += 1;
         }
         for (i, (have, want)) in self.filter.iter_mut().zip(want).enumerate() {
             if *have != want {
@@ -661,14 +660,22 @@ pub fn now_ns() -> u64 {
 /// Lets `bpf_fib_lookup` answer in the calling thread's network namespace without turning on
 /// forwarding anywhere that matters: the dataplane asks the FIB as if from `lo`, and the
 /// helper refuses unless that interface has forwarding on. `lo` only ever receives local
-/// traffic, so its flag makes the kernel forward nothing; IPv4 forwarding can stay off on
-/// every real interface.
+/// traffic, so its flag makes the kernel forward nothing; IPv4 and IPv6 forwarding can stay
+/// off on every real interface.
 pub fn enable_fib_lookup() -> Result<(), Error> {
-    let path = "/proc/sys/net/ipv4/conf/lo/forwarding";
-    std::fs::write(path, "1").map_err(|source| Error::Io {
-        what: format!("writing 1 to {path}"),
-        source,
-    })
+    let write = |path: &str| {
+        std::fs::write(path, "1").map_err(|source| Error::Io {
+            what: format!("writing 1 to {path}"),
+            source,
+        })
+    };
+    write("/proc/sys/net/ipv4/conf/lo/forwarding")?;
+    // IPv6's lookups ask the same of lo's IPv6 side, which a kernel without IPv6 lacks.
+    let v6 = "/proc/sys/net/ipv6/conf/lo/forwarding";
+    if std::path::Path::new(v6).exists() {
+        write(v6)?;
+    }
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {

@@ -116,6 +116,10 @@ pub fn to_service(
         return Outcome::Drop(Stat::DropError);
     };
     if server.method == Method::Nat as u8 {
+        if ip.v6 {
+            // NAT66 is not there yet: no IPv6 NAT address to translate to.
+            return Outcome::Drop(Stat::DropNoRoute);
+        }
         let Some((addr, port)) = nat_reserve(ctx, settings, &key, id, now, &mut sc.reply) else {
             return Outcome::Drop(Stat::DropNatPorts);
         };
@@ -155,7 +159,17 @@ pub fn to_service(
     }
     count_traffic(&SERVICE_STATS, svc.id, bytes);
     count_traffic(&SERVER_STATS, id, bytes);
-    forward(ctx, settings, id, ip, nat_addr, nat_port)
+    // Sent by lb_xdp itself (`forward_xdp`): this function's frame and forward's do not
+    // fit the 512-byte stack together beside lb_xdp's.
+    let Some(parsed) = PARSED.get_ptr_mut(0) else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
+    let next = unsafe { &mut (*parsed).next };
+    next.server = id;
+    next.nat_addr = nat_addr;
+    next.nat_port = nat_port;
+    Outcome::Action(FORWARD)
 }
 
 /// What becomes of a packet that belongs to no known connection and cannot open one (a NAT
@@ -217,6 +231,9 @@ fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
     })
 }
 
+/// What `to_service_xdp` returns for a packet to be sent to the server in `Parsed::next`.
+pub const FORWARD: u32 = u32::MAX - 1;
+
 /// What [`to_peer_xdp`] returns for a packet that does not go to the other ATM.
 const NOT_TO_PEER: u32 = u32::MAX;
 
@@ -258,7 +275,7 @@ pub fn established(
     // server index given to another service loses the connection, as `services` would.
     let server = SERVERS.get(c.server)?;
     if server.flags & SERVER_UP == 0
-        || server.vip != Addr::v4_raw(ip.daddr)
+        || server.vip != ip.daddr
         || server.vport != l4.dport
         || server.proto != ip.proto
     {
@@ -570,16 +587,30 @@ fn log_new(ctx: &XdpContext, ip: &Ip, l4: &L4, server: &Server) {
         Some(m) => m.name(),
         None => "?",
     };
-    let srv = server.addr.w[3].to_ne_bytes();
+    if ip.v6 {
+        info!(
+            ctx,
+            "new {} [{:i}]:{} -> [{:i}]:{} via [{:i}]:{} {}",
+            proto,
+            ip.saddr.octets(),
+            u16::from_be(l4.sport),
+            ip.daddr.octets(),
+            u16::from_be(l4.dport),
+            server.addr.octets(),
+            u16::from_be(server.port),
+            method
+        );
+        return;
+    }
     info!(
         ctx,
         "new {} {:i}:{} -> {:i}:{} via {:i}:{} {}",
         proto,
-        ip.saddr.to_ne_bytes(),
+        ip.saddr.w[3].to_ne_bytes(),
         u16::from_be(l4.sport),
-        ip.daddr.to_ne_bytes(),
+        ip.daddr.w[3].to_ne_bytes(),
         u16::from_be(l4.dport),
-        srv,
+        server.addr.w[3].to_ne_bytes(),
         u16::from_be(server.port),
         method
     );

@@ -1,5 +1,5 @@
-//! lb_decap's work on a real server in tunnel mode: strips the outer header of IPIP packets
-//! from configured ATMs.
+//! lb_decap's work on a real server in tunnel mode: strips the outer header of IPIP and
+//! IPv6-in-IPv6 packets from configured ATMs.
 
 use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_head,
@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{Addr, DecapStat, IPPROTO_IPIP};
+use lb_common::{Addr, DecapStat, IPPROTO_IPIP, IPPROTO_IPV6};
 
 use crate::net::*;
 
@@ -35,6 +35,9 @@ pub fn decap(ctx: &XdpContext) -> DecapStat {
     };
     // SAFETY: bounds checked by ptr_at.
     let eth = unsafe { *eth };
+    if eth.proto == ETH_P_IPV6_BE {
+        return decap6(ctx, eth);
+    }
     if eth.proto != ETH_P_IP_BE {
         return DecapStat::Passed;
     }
@@ -69,6 +72,43 @@ pub fn decap(ctx: &XdpContext) -> DecapStat {
     unsafe { *new_eth = eth };
     // SAFETY: shrinks the front; no pointer is used afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV4_HLEN as i32) } != 0 {
+        return DecapStat::Dropped;
+    }
+    DecapStat::Decapsulated
+}
+
+/// Strips the outer IPv6 header of an IPv6-in-IPv6 packet from a configured ATM.
+#[inline(always)]
+fn decap6(ctx: &XdpContext, eth: EthHdr) -> DecapStat {
+    let Some(outer) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) else {
+        return DecapStat::Passed;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let outer = unsafe { &*outer };
+    if outer.nexthdr != IPPROTO_IPV6 || u32::from_be(outer.vtcfl) >> 28 != 6 {
+        return DecapStat::Passed;
+    }
+    let mut from = Addr::default();
+    copy_addr(&mut from, &outer.saddr);
+    if DECAP_SOURCES.get_ptr(&from).is_none() {
+        return DecapStat::Passed;
+    }
+    // From a configured ATM: the inner packet follows the outer header directly, as lb_xdp
+    // makes them (no extension headers), and is IPv6; anything else is dropped.
+    let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN + IPV6_HLEN) else {
+        return DecapStat::Dropped;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if u32::from_be(unsafe { (*inner).vtcfl }) >> 28 != 6 {
+        return DecapStat::Dropped;
+    }
+    let Some(new_eth) = ptr_at_mut::<EthHdr>(ctx, IPV6_HLEN) else {
+        return DecapStat::Dropped;
+    };
+    // SAFETY: bounds checked; [40, 54) and [0, 14) do not overlap.
+    unsafe { *new_eth = eth };
+    // SAFETY: shrinks the front; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, IPV6_HLEN as i32) } != 0 {
         return DecapStat::Dropped;
     }
     DecapStat::Decapsulated

@@ -1,5 +1,5 @@
-//! Sending a packet on: by the server's method (direct MAC rewrite, IPIP tunnel, NAT
-//! rewrite), NAT replies translated back, the next hop from the kernel's FIB (cached per
+//! Sending a packet on: by the server's method (direct MAC rewrite, IPIP or IPv6-in-IPv6
+//! tunnel, NAT rewrite), NAT replies translated back, the next hop from the kernel's FIB (cached per
 //! CPU), and fragmentation-needed answers when the path is too small.
 
 use aya_ebpf::{
@@ -11,11 +11,11 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    csum, Connection, Method, Server, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
-    CONN_SERVER_CLOSED_FIRST, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP,
+    csum, Addr, Connection, Method, Server, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
+    CONN_SERVER_CLOSED_FIRST, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{conn::*, maps::*, net::*, parse::*, Outcome};
+use crate::{conn::*, finish, maps::*, net::*, parse::*, Outcome};
 
 /// How long a cached FIB answer is used.
 const HOP_TTL_NS: u64 = 1_000_000_000;
@@ -37,6 +37,24 @@ struct HopCache {
 #[map(name = "next_hops")]
 static NEXT_HOPS: LruPerCpuHashMap<u32, HopCache> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
+/// [`forward`] for a new connection, to the server `to_service_xdp` chose (`next`), as a
+/// BPF function of its own, its outcome finished: `to_service_xdp`'s frame and forward's
+/// do not fit the 512-byte stack together beside lb_xdp's.
+#[inline(never)]
+pub fn forward_xdp(ctx: &XdpContext, ip: &Ip, next: &Next) -> u32 {
+    let Some(settings) = SETTINGS.get(0) else {
+        return finish(Outcome::Pass);
+    };
+    finish(forward(
+        ctx,
+        settings,
+        next.server,
+        ip,
+        next.nat_addr,
+        next.nat_port,
+    ))
+}
+
 /// Sends the packet to server `id` by its method.
 #[inline(always)]
 pub fn forward(
@@ -50,15 +68,20 @@ pub fn forward(
     let Some(server) = SERVERS.get(id) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
+    if ip.v6 {
+        return forward6(ctx, settings, id, ip, server.method);
+    }
     let (method, server_port) = (server.method, server.port);
     let Some(server_addr) = server.addr.as_v4_raw() else {
         return Outcome::Drop(Stat::DropNoRoute);
     };
     match Method::from_u8(method) {
-        Some(Method::Direct) => match server_hop(ctx, id, ip.saddr, ip.tot_len, ip.now) {
-            Ok(hop) => send(ctx, &hop),
-            Err(e) => too_big_or(ctx, ip, e, 0),
-        },
+        Some(Method::Direct) => {
+            match server_hop(ctx, id, Src::V4(ip.saddr.w[3]), ip.tot_len, ip.now) {
+                Ok(hop) => send(ctx, &hop),
+                Err(e) => too_big_or(ctx, ip, e, 0),
+            }
+        }
         Some(Method::Tunnel) => {
             let Some(local) = settings.local_addr.as_v4_raw() else {
                 return Outcome::Drop(Stat::DropNoRoute);
@@ -67,7 +90,7 @@ pub fn forward(
             if outer_len > 0xffff {
                 return Outcome::Drop(Stat::DropTooBig);
             }
-            let hop = match server_hop(ctx, id, local, outer_len as u16, ip.now) {
+            let hop = match server_hop(ctx, id, Src::V4(local), outer_len as u16, ip.now) {
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, IPV4_HLEN as u16),
             };
@@ -78,7 +101,7 @@ pub fn forward(
         }
         Some(Method::Nat) => {
             // Route first: a packet too big for the path is answered as the client sent it.
-            let hop = match server_hop(ctx, id, nat_addr, ip.tot_len, ip.now) {
+            let hop = match server_hop(ctx, id, Src::V4(nat_addr), ip.tot_len, ip.now) {
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, 0),
             };
@@ -91,13 +114,55 @@ pub fn forward(
     }
 }
 
+/// [`forward`] for an IPv6 packet: direct, or tunnel (IPv6-in-IPv6 from the ATM's IPv6
+/// address).
+#[inline(always)]
+fn forward6(ctx: &XdpContext, settings: &Settings, id: u32, ip: &Ip, method: u8) -> Outcome {
+    match Method::from_u8(method) {
+        Some(Method::Direct) => match server_hop(ctx, id, Src::V6(&ip.saddr), ip.tot_len, ip.now) {
+            Ok(hop) => send(ctx, &hop),
+            Err(e) => too_big_or(ctx, ip, e, 0),
+        },
+        Some(Method::Tunnel) => {
+            let local = &settings.local_addr6;
+            if local.w == [0; 4] {
+                return Outcome::Drop(Stat::DropNoRoute);
+            }
+            let outer_len = ip.tot_len as u32 + IPV6_HLEN as u32;
+            if outer_len > 0xffff {
+                return Outcome::Drop(Stat::DropTooBig);
+            }
+            let hop = match server_hop(ctx, id, Src::V6(local), outer_len as u16, ip.now) {
+                Ok(h) => h,
+                Err(e) => return too_big_or(ctx, ip, e, IPV6_HLEN as u16),
+            };
+            let Some(server) = SERVERS.get(id) else {
+                return Outcome::Drop(Stat::DropNoServer);
+            };
+            if encapsulate6(ctx, local, &server.addr, ip.tot_len).is_none() {
+                return Outcome::Drop(Stat::DropError);
+            }
+            send(ctx, &hop)
+        }
+        // NAT66 is not there yet (`to_service` drops such connections before this).
+        _ => Outcome::Drop(Stat::DropNoRoute),
+    }
+}
+
+/// The source a next hop is looked up for, of the server's family.
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    V4(u32),
+    V6(&'a Addr),
+}
+
 /// The next hop toward server `id`. Its record caches the FIB's answer for [`HOP_TTL_NS`]:
 /// the established path then costs no lookup beyond the server record it reads anyway.
 #[inline(always)]
 pub fn server_hop(
     ctx: &XdpContext,
     id: u32,
-    src: u32,
+    src: Src,
     tot_len: u16,
     now: u64,
 ) -> Result<Hop, NoHop> {
@@ -112,12 +177,19 @@ pub fn server_hop(
         }
         return Ok(Hop::of_server(s));
     }
-    let Some(dst) = s.addr.as_v4_raw() else {
-        return Err(NoHop::Route);
+    let found = match (s.addr.as_v4_raw(), src) {
+        (Some(dst), Src::V4(src)) => match fib(ctx, dst, src, 0) {
+            (FIB_SUCCESS, Some(hop), _) => Some((hop, path_mtu(ctx, dst, src))),
+            _ => None,
+        },
+        (None, Src::V6(src)) => match fib6(ctx, &s.addr, src, 0) {
+            (FIB_SUCCESS, Some(hop), _) => Some((hop, path_mtu6(ctx, &s.addr, src))),
+            _ => None,
+        },
+        _ => return Err(NoHop::Route),
     };
-    match fib(ctx, dst, src, 0) {
-        (FIB_SUCCESS, Some(hop), _) => {
-            let mtu = path_mtu(ctx, dst, src);
+    match found {
+        Some((hop, mtu)) => {
             s.mac = hop.dmac;
             s.smac = hop.smac;
             s.ifindex = hop.ifindex;
@@ -132,8 +204,17 @@ pub fn server_hop(
         // is. (An old primary in one-arm NAT gives the gateway's address away, and with it
         // its route to the NAT subnet, while it still forwards for 2 s for the clients and
         // servers that have not moved yet.)
-        _ if s.ifindex != 0 && s.mac != [0; 6] => Ok(Hop::of_server(s)),
-        _ => Err(NoHop::Route),
+        None if s.ifindex != 0 && s.mac != [0; 6] => Ok(Hop::of_server(s)),
+        None => Err(NoHop::Route),
+    }
+}
+
+/// The IPv6 path MTU toward `dst`, as [`path_mtu`].
+#[inline(always)]
+fn path_mtu6(ctx: &XdpContext, dst: &Addr, src: &Addr) -> u16 {
+    match fib6(ctx, dst, src, u16::MAX) {
+        (FIB_FRAG_NEEDED, _, mtu) => mtu,
+        _ => u16::MAX,
     }
 }
 
@@ -161,7 +242,8 @@ fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
 /// See [`too_big_or`].
 #[inline(always)]
 fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
-    if !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
+    // IPv6's packet-too-big is not made yet.
+    if ip.v6 || !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
         return Outcome::Drop(Stat::DropTooBig);
     }
     if frag_needed(ctx, ip, mtu - overhead).is_some() {
@@ -210,8 +292,8 @@ fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
         ttl: 64,
         proto: IPPROTO_ICMP,
         check: 0,
-        saddr: ip.daddr,
-        daddr: ip.saddr,
+        saddr: ip.daddr.w[3],
+        daddr: ip.saddr.w[3],
     };
     h.check = ipv4_checksum(&h);
     // SAFETY: bounds checked by ptr_at_mut.
@@ -380,6 +462,12 @@ pub fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<H
     };
     let p = &mut sc.fib;
     let rc = fib_query(ctx, p, dst, src, tot_len);
+    fib_answer(rc, p)
+}
+
+/// What a FIB lookup's result code and answer in `p` come to.
+#[inline(always)]
+fn fib_answer(rc: i64, p: &FibParams) -> (i64, Option<Hop>, u16) {
     match rc {
         FIB_SUCCESS => (
             rc,
@@ -417,14 +505,52 @@ pub fn fib_query(ctx: &XdpContext, p: &mut FibParams, dst: u32, src: u32, tot_le
     }
 }
 
+/// [`fib`] for IPv6.
+#[inline(never)]
+pub fn fib6(ctx: &XdpContext, dst: &Addr, src: &Addr, tot_len: u16) -> (i64, Option<Hop>, u16) {
+    let Some(sc) = scratch() else {
+        return (-1, None, 0);
+    };
+    let p = &mut sc.fib;
+    zero_words(p);
+    p.family = AF_INET6;
+    p.ifindex = LOOPBACK_IFINDEX;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    let mut a = Addr::default();
+    copy_addr(&mut a, &src.w);
+    p.__bindgen_anon_3.ipv6_src = a.w;
+    copy_addr(&mut a, &dst.w);
+    p.__bindgen_anon_4.ipv6_dst = a.w;
+    // SAFETY: the helper writes only into `p`.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            p as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    fib_answer(rc, p)
+}
+
 #[inline(always)]
 fn set_macs(ctx: &XdpContext, hop: &Hop) {
     if let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) {
         // SAFETY: bounds checked by ptr_at_mut.
         unsafe {
-            (*eth).dst = hop.dmac;
-            (*eth).src = hop.smac;
+            put_mac(&mut (*eth).dst, &hop.dmac);
+            put_mac(&mut (*eth).src, &hop.smac);
         }
+    }
+}
+
+/// Writes a MAC byte by byte, with volatile stores: a plain copy of a hop held on the stack
+/// becomes a call to BPF's byte-looping memmove.
+#[inline(always)]
+fn put_mac(dst: &mut [u8; 6], mac: &[u8; 6]) {
+    for (d, m) in dst.iter_mut().zip(mac) {
+        // SAFETY: a valid, exclusive reference.
+        unsafe { core::ptr::write_volatile(d, *m) };
     }
 }
 
@@ -525,6 +651,38 @@ fn encapsulate(ctx: &XdpContext, src: u32, dst: u32, inner_len: u16) -> Option<(
     h.check = ipv4_checksum(&h);
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe { *outer = h };
+    Some(())
+}
+
+/// Puts an outer IPv6 header (next header 41) in front of an IPv6 packet of `inner_len`
+/// bytes, behind the Ethernet header. Its first word (traffic class, flow label) is the
+/// inner packet's, so the flow keeps its class and its path through ECMP.
+#[inline(always)]
+fn encapsulate6(ctx: &XdpContext, src: &Addr, dst: &Addr, inner_len: u16) -> Option<()> {
+    let vtcfl = {
+        let inner = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { (*inner).vtcfl }
+    };
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV6_HLEN as i32)) } != 0 {
+        return None;
+    }
+    let eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked; the Ethernet header moves to the new front.
+    unsafe { (*eth).proto = ETH_P_IPV6_BE };
+    let outer = ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut; field by field, the addresses word by word (a
+    // whole header built and copied would be a call to BPF's byte-looping memmove).
+    unsafe {
+        let h = &mut *outer;
+        h.vtcfl = vtcfl;
+        h.payload_len = inner_len.to_be();
+        h.nexthdr = IPPROTO_IPV6;
+        h.hop_limit = 64;
+        copy_words(&mut h.saddr, &src.w);
+        copy_words(&mut h.daddr, &dst.w);
+    }
     Some(())
 }
 

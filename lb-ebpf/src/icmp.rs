@@ -59,7 +59,7 @@ pub fn icmp_to_vip(ctx: &XdpContext, settings: &Settings, ip: &Ip) -> Outcome {
         if nat_icmp(ctx, ip, inner_at, server, conn).is_none() {
             return Outcome::Drop(Stat::DropError);
         }
-        let hop = match server_hop(ctx, conn.server, ip.saddr, ip.tot_len, ip.now) {
+        let hop = match server_hop(ctx, conn.server, Src::V4(ip.saddr.w[3]), ip.tot_len, ip.now) {
             Ok(h) => h,
             Err(e) => return e.outcome(),
         };

@@ -1,15 +1,15 @@
 //! lb's XDP programs.
 //!
-//! `lb_xdp`, the balancer: for packets to a configured VIP:port/protocol it finds the
-//! connection or picks a server (persistence, then the service's scheduler row), and forwards
-//! by the server's method: direct (MAC rewrite), tunnel (IPv4-in-IPv4) or nat (addresses and
-//! ports rewritten, replies translated back). Everything else passes untouched; malformed
+//! `lb_xdp`, the balancer: for IPv4 and IPv6 packets to a configured VIP:port/protocol it
+//! finds the connection or picks a server (persistence, then the service's scheduler row),
+//! and forwards by the server's method: direct (MAC rewrite), tunnel (IPv4-in-IPv4,
+//! IPv6-in-IPv6) or nat (IPv4: addresses and ports rewritten, replies translated back). Everything else passes untouched; malformed
 //! packets for a service are dropped; every packet lands in exactly one outcome counter.
 //! When its daemon is gone (the settings' lease ran out) it drops service traffic and ARP
 //! requests for the VIPs and the NAT address, which the stack would otherwise answer.
 //!
-//! `lb_decap`, for real servers in tunnel mode: strips the outer header of IPIP packets from
-//! configured ATMs and passes the inner packet to the stack.
+//! `lb_decap`, for real servers in tunnel mode: strips the outer header of IPIP and
+//! IPv6-in-IPv6 packets from configured ATMs and passes the inner packet to the stack.
 //!
 //! This file holds the entry points and reads as a packet's path; the work is in `parse`
 //! (headers), `conn` (connections, NAT ports), `sched` (server choice), `fwd` (rewriting,
@@ -38,8 +38,8 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, Connection, DecapStat, Service, Settings, Stat, CONN_REPLY, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, SETTINGS_ACTIVE,
+    Addr, Connection, DecapStat, Service, Settings, Stat, CONN_REPLY, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP, SETTINGS_ACTIVE,
 };
 
 use crate::{conn::*, decap::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
@@ -131,6 +131,9 @@ fn balance(ctx: &XdpContext) -> Outcome {
     };
     // SAFETY: bounds checked by ptr_at.
     let proto = unsafe { (*eth).proto };
+    if proto == ETH_P_IPV6_BE {
+        return balance6(ctx, settings);
+    }
     if proto != ETH_P_IP_BE {
         if proto == ETH_P_ARP_BE {
             return arp(ctx, settings);
@@ -183,7 +186,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
             };
             conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
             if conn.is_none() {
-                svc = find_service(daddr, dport, iph.proto);
+                svc = find_service_v4(daddr, dport, iph.proto);
             }
         }
     }
@@ -224,14 +227,15 @@ fn balance(ctx: &XdpContext) -> Outcome {
     };
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, so this packet is its only
     // user.
-    let Parsed { ip, l4: l4_slot } = unsafe { &mut *parsed };
+    let Parsed { ip, l4, next } = unsafe { &mut *parsed };
     *ip = Ip {
-        saddr: iph.saddr,
-        daddr,
+        saddr: Addr::v4_raw(iph.saddr),
+        daddr: Addr::v4_raw(daddr),
         proto: iph.proto,
+        v6: false,
+        df: iph.frag_off & IP_DF_BE != 0,
         l4_at: (ETH_HLEN + ihl) as u16,
         tot_len,
-        df: iph.frag_off & IP_DF_BE != 0,
         now,
     };
     let ip: &Ip = ip;
@@ -243,6 +247,138 @@ fn balance(ctx: &XdpContext) -> Outcome {
         }
         _ => return Outcome::Pass,
     }
+    steer(ctx, settings, ip, l4, next, conn, svc, to_nat)
+}
+
+/// An IPv6 packet on an active ATM. The same path as IPv4's, with the extension headers
+/// walked to find the L4 header, and neighbour discovery always left to the stack.
+#[inline(always)]
+fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
+    let Some(h) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) else {
+        return Outcome::Drop(Stat::DropMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*h };
+    if u32::from_be(h.vtcfl) >> 28 != 6 {
+        return Outcome::Drop(Stat::DropMalformed);
+    }
+    // As for IPv4: what is not ours leaves after one array read, by the address's last byte.
+    if VIP_FILTER
+        .get(lb_common::vip_filter_slot(h.daddr[3]))
+        .is_none_or(|n| *n == 0)
+    {
+        return Outcome::Pass;
+    }
+    let Some(parsed) = PARSED.get_ptr_mut(0) else {
+        return Outcome::Drop(Stat::DropError);
+    };
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, so this packet is its only
+    // user.
+    let Parsed { ip, l4, next } = unsafe { &mut *parsed };
+    copy_addr(&mut ip.saddr, &h.saddr);
+    copy_addr(&mut ip.daddr, &h.daddr);
+    ip.v6 = true;
+    ip.df = true;
+    let tot_len = u16::from_be(h.payload_len) as usize + IPV6_HLEN;
+    let (proto, l4_at) = match walk_ipv6(ctx, h.nexthdr, tot_len) {
+        Walk::L4(proto, at) => (proto, at),
+        // No L4 header to find a connection by: judged as the VIP's, or passed.
+        Walk::NonFirstFragment => return vip_or_pass(ctx, settings, ip, Stat::DropFragment),
+        Walk::Malformed => return vip_or_pass(ctx, settings, ip, Stat::DropMalformed),
+    };
+    ip.proto = proto;
+    if proto == IPPROTO_ICMPV6 {
+        // Neighbour discovery is the stack's, whatever it is for: an ATM answers for the
+        // VIPs it holds, and a backup's own addresses share their slots.
+        // Type and code: a one-byte read at a variable offset gets checked as `>=` the
+        // packet's end, which the verifier does not take as proof of the byte.
+        let Some(t) = ptr_at_var::<[u8; 2]>(ctx, l4_at) else {
+            return vip_or_pass(ctx, settings, ip, Stat::DropMalformed);
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let t = unsafe { (*t)[0] };
+        if (NDISC_ROUTER_SOLICITATION..=NDISC_REDIRECT).contains(&t) {
+            return Outcome::Pass;
+        }
+    }
+    let mut conn: Option<NonNull<Connection>> = None;
+    let mut svc: Option<NonNull<Service>> = None;
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        if let Some(ports) = ptr_at_var::<[u16; 2]>(ctx, l4_at) {
+            // SAFETY: bounds checked by ptr_at.
+            let (sport, dport) = unsafe { ((*ports)[0], (*ports)[1]) };
+            let Some(key) = flow_key(ip, sport, dport, proto) else {
+                return Outcome::Drop(Stat::DropError);
+            };
+            conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
+            if conn.is_none() {
+                svc = find_service(&ip.daddr, dport, proto);
+            }
+        }
+    }
+    // No NAT66 reply legs yet: a reply leg's key would name the NAT address.
+    if conn.is_some_and(is_reply) {
+        conn = None;
+    }
+    let to_vip = conn.is_some() || svc.is_some() || VIPS.get_ptr(&ip.daddr).is_some();
+    if !to_vip {
+        return Outcome::Pass;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if lease_over(settings, now) {
+        return Outcome::Drop(Stat::DropOrphaned);
+    }
+    // From here the packet is ours: it must be well formed. The walk kept the extension
+    // headers within the payload length; the payload length must lie within the frame.
+    if ETH_HLEN + tot_len > frame_len(ctx) {
+        return Outcome::Drop(Stat::DropMalformed);
+    }
+    ip.l4_at = l4_at as u16;
+    ip.tot_len = tot_len as u16;
+    ip.now = now;
+    let ip: &Ip = ip;
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {}
+        IPPROTO_ICMPV6 => {
+            // Echo and errors alike reach the primary's stack for now.
+            count_vip(ctx);
+            return Outcome::Pass;
+        }
+        _ => return Outcome::Pass,
+    }
+    steer(ctx, settings, ip, l4, next, conn, svc, false)
+}
+
+/// An IPv6 packet whose L4 header cannot be found: dropped as `reason` if it is for a VIP
+/// (as an orphan, as `drop_orphaned`), passed if not.
+#[inline(always)]
+fn vip_or_pass(ctx: &XdpContext, settings: &Settings, ip: &Ip, reason: Stat) -> Outcome {
+    if VIPS.get_ptr(&ip.daddr).is_none() {
+        return Outcome::Pass;
+    }
+    // SAFETY: plain helper call.
+    if lease_over(settings, unsafe { bpf_ktime_get_coarse_ns() }) {
+        return Outcome::Drop(Stat::DropOrphaned);
+    }
+    count_vip(ctx);
+    Outcome::Drop(reason)
+}
+
+/// A TCP or UDP packet to a VIP or the NAT address, its headers in `ip`, with the
+/// connection and service found for it: a NAT reply translated back, an established
+/// connection forwarded, or a new one made.
+#[inline(always)]
+fn steer(
+    ctx: &XdpContext,
+    settings: &Settings,
+    ip: &Ip,
+    l4_slot: &mut L4,
+    next: &Next,
+    conn: Option<NonNull<Connection>>,
+    mut svc: Option<NonNull<Service>>,
+    to_nat: bool,
+) -> Outcome {
     let Some(l4) = parse_l4(ctx, ip) else {
         return Outcome::Drop(Stat::DropMalformed);
     };
@@ -265,7 +401,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         }
         // Idled out, reopened, or its server is gone: a new connection, if the service is
         // still there.
-        svc = find_service(daddr, l4.dport, ip.proto);
+        svc = find_service(&ip.daddr, l4.dport, ip.proto);
     }
     // Another port of the VIP (ssh to the primary, say), or an unknown packet to the NAT
     // address: the stack's business. But just after a takeover, a packet to a NAT port is a
@@ -277,14 +413,18 @@ fn balance(ctx: &XdpContext) -> Outcome {
     let Some(svc) = svc else {
         let port = u16::from_be(l4.dport);
         if to_nat && port >= settings.nat_port_min && port <= settings.nat_port_max {
-            return no_connection(ctx, settings, now);
+            return no_connection(ctx, settings, ip.now);
         }
         return Outcome::Pass;
     };
     count_vip(ctx);
     // SAFETY: a map value, read only.
     let svc = unsafe { svc.as_ref() };
-    Outcome::Action(to_service_xdp(ctx, svc, ip, l4))
+    let action = to_service_xdp(ctx, svc, ip, l4);
+    if action != FORWARD {
+        return Outcome::Action(action);
+    }
+    Outcome::Action(forward_xdp(ctx, ip, next))
 }
 
 /// Whether the daemon stopped renewing the settings' lease by `now`: it is gone (crashed,

@@ -15,7 +15,7 @@ use lb_common::{
     RING_SIZE, VIP_FILTER_SLOTS,
 };
 
-use crate::parse::*;
+use crate::{net::*, parse::*};
 
 /// (VIP, port, protocol) -> service record.
 #[map(name = "services")]
@@ -100,12 +100,27 @@ static SERVICE_KEY: PerCpuArray<ServiceKey> = PerCpuArray::with_max_entries(1, 0
 
 /// The service at `vip`:`port` (network byte order) for `proto`.
 #[inline(always)]
-pub fn find_service(vip: u32, port: u16, proto: u8) -> Option<NonNull<Service>> {
+pub fn find_service(vip: &Addr, port: u16, proto: u8) -> Option<NonNull<Service>> {
     let k = SERVICE_KEY.get_ptr_mut(0)?;
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU, and the key is only used
     // for the lookup below.
     let k = unsafe { &mut *k };
+    copy_addr(&mut k.vip, &vip.w);
+    lookup_service(k, port, proto)
+}
+
+/// [`find_service`] for an IPv4 VIP as loaded from a packet.
+#[inline(always)]
+pub fn find_service_v4(vip: u32, port: u16, proto: u8) -> Option<NonNull<Service>> {
+    let k = SERVICE_KEY.get_ptr_mut(0)?;
+    // SAFETY: as in `find_service`.
+    let k = unsafe { &mut *k };
     k.vip = Addr::v4_raw(vip);
+    lookup_service(k, port, proto)
+}
+
+#[inline(always)]
+fn lookup_service(k: &mut ServiceKey, port: u16, proto: u8) -> Option<NonNull<Service>> {
     k.port = port;
     k.proto = proto;
     k._pad = 0;
@@ -136,6 +151,12 @@ pub fn scratch_key<const SLOT: usize>(
     let k = unsafe { &mut (*keys)[SLOT] };
     k.src = src;
     k.dst = dst;
+    Some(key_rest(k, sport, dport, proto))
+}
+
+/// A flow key's ports, protocol and padding.
+#[inline(always)]
+fn key_rest(k: &mut FlowKey, sport: u16, dport: u16, proto: u8) -> &mut FlowKey {
     k.sport = sport;
     k.dport = dport;
     k.proto = proto;
@@ -143,19 +164,24 @@ pub fn scratch_key<const SLOT: usize>(
     k._pad[0] = 0;
     k._pad[1] = 0;
     k._pad[2] = 0;
-    Some(k)
+    k
 }
 
 /// The packet's own flow key, as on the wire (slot 0).
 #[inline(always)]
 pub fn packet_key(ip: &Ip, l4: &L4) -> Option<&'static mut FlowKey> {
-    scratch_key::<0>(
-        Addr::v4_raw(ip.saddr),
-        Addr::v4_raw(ip.daddr),
-        l4.sport,
-        l4.dport,
-        ip.proto,
-    )
+    flow_key(ip, l4.sport, l4.dport, ip.proto)
+}
+
+/// The flow key of a packet from `ip`'s addresses (slot 0), copied word by word.
+#[inline(always)]
+pub fn flow_key(ip: &Ip, sport: u16, dport: u16, proto: u8) -> Option<&'static mut FlowKey> {
+    let keys = KEYS.get_ptr_mut(0)?;
+    // SAFETY: as in `scratch_key`.
+    let k = unsafe { &mut (*keys)[0] };
+    copy_addr(&mut k.src, &ip.saddr.w);
+    copy_addr(&mut k.dst, &ip.daddr.w);
+    Some(key_rest(k, sport, dport, proto))
 }
 
 #[inline(always)]

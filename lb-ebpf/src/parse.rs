@@ -1,10 +1,11 @@
-//! What lb_xdp reads from a packet: the IPv4 header checked and summarised (`Ip`), the
-//! TCP/UDP ports and flags (`L4`), the frame's whole length.
+//! What lb_xdp reads from a packet: the IPv4 or IPv6 header checked and summarised (`Ip`),
+//! IPv6's extension headers walked (`walk_ipv6`), the TCP/UDP ports and flags (`L4`), the
+//! frame's whole length.
 
 use aya_ebpf::{
     helpers::generated::bpf_xdp_get_buff_len, macros::map, maps::PerCpuArray, programs::XdpContext,
 };
-use lb_common::{csum, IPPROTO_TCP};
+use lb_common::{csum, Addr, IPPROTO_TCP};
 
 use crate::net::*;
 
@@ -16,17 +17,22 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
-/// The parsed headers of an IPv4 packet, offsets from the start of the frame.
+/// The parsed headers of an IPv4 or IPv6 packet, offsets from the start of the frame.
 pub struct Ip {
-    pub saddr: u32,
-    pub daddr: u32,
+    /// Source and destination; an IPv4 packet's are IPv4-mapped (`Addr::v4_raw`), so
+    /// `w[3]` is the IPv4 address as on the wire.
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The L4 protocol: IPv6's last next header, after the extension headers.
     pub proto: u8,
+    pub v6: bool,
+    /// Don't-fragment is set (always, for IPv6: routers never fragment it).
+    pub df: bool,
     /// Offset of the L4 header (a u16, to keep lb_xdp's stack frame small: see `l4()`).
     pub l4_at: u16,
-    /// IPv4 total length.
+    /// The IP packet's length: IPv4's total length, IPv6's payload length plus its fixed
+    /// header.
     pub tot_len: u16,
-    /// Don't-fragment is set.
-    pub df: bool,
     /// The monotonic clock at arrival, coarse (a few ms): read once per packet. A precise
     /// read costs as much as a map lookup, and every time the dataplane keeps (idle timeouts,
     /// the lease, the next-hop cache) is in seconds.
@@ -34,7 +40,8 @@ pub struct Ip {
 }
 
 impl Ip {
-    /// Offset of the L4 header. It is at most 14 + 60; the mask says so to the verifier,
+    /// Offset of the L4 header. It is at most 14 + 60 for IPv4, [`L4_AT_MAX`] for IPv6
+    /// (`walk_ipv6` stops there); the mask says so to the verifier,
     /// which knows nothing of a u16 read back from the stack but that it is below 65,536,
     /// too much to let a packet pointer move by.
     #[inline(always)]
@@ -48,10 +55,91 @@ impl Ip {
 pub struct Parsed {
     pub ip: Ip,
     pub l4: L4,
+    /// Where a new connection goes: `to_service_xdp` decides, `forward_xdp` sends.
+    pub next: Next,
+}
+
+/// A new connection's server and NAT source, handed from `to_service_xdp` to `forward_xdp`.
+pub struct Next {
+    pub server: u32,
+    pub nat_addr: u32,
+    pub nat_port: u16,
 }
 
 #[map(name = "parsed")]
 pub static PARSED: PerCpuArray<Parsed> = PerCpuArray::with_max_entries(1, 0);
+
+/// The farthest an IPv6 packet's L4 header may start, extension headers included: a packet
+/// of ours whose chain goes farther is dropped as malformed. 255 bytes from the frame's
+/// start leave 201 bytes of extension headers, more than any chain seen in practice.
+pub const L4_AT_MAX: usize = 0xff;
+/// The most extension headers `walk_ipv6` steps over (the verifier needs a bound).
+pub const IPV6_EXT_MAX: usize = 6;
+
+/// Where the walk of an IPv6 packet's extension headers ended.
+pub enum Walk {
+    /// At the L4 header: its protocol and offset in the frame.
+    L4(u8, usize),
+    /// At a fragment header of a non-first fragment: no L4 header follows.
+    NonFirstFragment,
+    /// Truncated, beyond the packet's length, or longer than the bound.
+    Malformed,
+}
+
+/// Walks an IPv6 packet's extension headers (hop-by-hop, routing, destination options,
+/// fragment, authentication) from the fixed header's next header `first`, within the
+/// packet's `tot_len` bytes. A chain RFC 8200 forbids (hop-by-hop options anywhere but
+/// first) or an authentication header too short to be one is malformed.
+#[inline(always)]
+pub fn walk_ipv6(ctx: &XdpContext, first: u8, tot_len: usize) -> Walk {
+    let mut next = first;
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    for _ in 0..IPV6_EXT_MAX {
+        if !is_ipv6_ext(next) {
+            return Walk::L4(next, off);
+        }
+        // Every extension header starts with its next header and length; a fragment
+        // header's offset follows.
+        let Some(h) = ptr_at_var::<[u8; 4]>(ctx, off) else {
+            return Walk::Malformed;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let h = unsafe { *h };
+        let len = match next {
+            NEXTHDR_FRAGMENT => {
+                if u16::from_be_bytes([h[2], h[3]]) & IP6_OFFMASK != 0 {
+                    return Walk::NonFirstFragment;
+                }
+                8
+            }
+            // At least its 12 fixed bytes (RFC 4302): a length field of 0 is no AH header.
+            NEXTHDR_AUTH if h[1] == 0 => return Walk::Malformed,
+            NEXTHDR_AUTH => (h[1] as usize + 2) * 4,
+            _ => (h[1] as usize + 1) * 8,
+        };
+        next = h[0];
+        // Hop-by-hop options come first or not at all (RFC 8200 section 4.1).
+        if next == NEXTHDR_HOP {
+            return Walk::Malformed;
+        }
+        off += len;
+        if off > L4_AT_MAX || off - ETH_HLEN > tot_len {
+            return Walk::Malformed;
+        }
+    }
+    if is_ipv6_ext(next) {
+        return Walk::Malformed;
+    }
+    Walk::L4(next, off)
+}
+
+#[inline(always)]
+fn is_ipv6_ext(next: u8) -> bool {
+    matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST
+    )
+}
 
 /// Ports and TCP flags of a TCP/UDP packet.
 pub struct L4 {

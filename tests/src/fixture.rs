@@ -6,7 +6,8 @@
 use std::fmt::Write;
 
 use etherparse::{
-    Ipv4Header, Ipv4Slice, NetSlice, PacketBuilder, SlicedPacket, TcpHeaderSlice, TransportSlice,
+    Ipv4Header, Ipv4Slice, Ipv6Slice, NetSlice, PacketBuilder, SlicedPacket, TcpHeaderSlice,
+    TransportSlice,
 };
 
 pub const XDP_ABORTED: u32 = 0;
@@ -23,6 +24,21 @@ pub fn action_name(a: u32) -> &'static str {
         XDP_TX => "XDP_TX",
         XDP_REDIRECT => "XDP_REDIRECT",
         _ => "XDP_?",
+    }
+}
+
+/// A deterministic generator (xorshift), so a failure of a randomised test can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
     }
 }
 
@@ -140,7 +156,19 @@ pub fn decode(frame: &[u8]) -> String {
                         ip(arp.target_protocol_addr())
                     );
                 }
-                Some(_) => s.push_str(" | non-IPv4"),
+                Some(NetSlice::Ipv6(ip)) => {
+                    s.push_str(" | ");
+                    describe_ipv6(&mut s, ip);
+                    if ip.payload().ip_number == etherparse::IpNumber::IPV6
+                        && let Ok(inner) = Ipv6Slice::from_slice(ip.payload().payload)
+                    {
+                        s.push_str("\n  inner ");
+                        describe_ipv6(&mut s, &inner);
+                        if let Ok(t) = TcpHeaderSlice::from_slice(inner.payload().payload) {
+                            describe_tcp(&mut s, &t);
+                        }
+                    }
+                }
                 None => {}
             }
             describe_transport(&mut s, &p.transport);
@@ -175,19 +203,39 @@ fn describe_ipv4(s: &mut String, ip: &Ipv4Slice) {
     if h.protocol() == etherparse::IpNumber::TCP
         && let Ok(t) = TcpHeaderSlice::from_slice(payload)
     {
-        let _ = write!(
-            s,
-            " | tcp {} -> {} seq {} flags {}{}{}{} csum {:#06x}",
-            t.source_port(),
-            t.destination_port(),
-            t.sequence_number(),
-            if t.syn() { "S" } else { "" },
-            if t.ack() { "A" } else { "" },
-            if t.fin() { "F" } else { "" },
-            if t.rst() { "R" } else { "" },
-            t.checksum()
-        );
+        describe_tcp(s, &t);
     }
+}
+
+fn describe_ipv6(s: &mut String, ip: &Ipv6Slice) {
+    let h = ip.header();
+    let _ = write!(
+        s,
+        "ipv6 {} -> {} next {} (after extensions: {}) hop {} len {} class {} flow {}",
+        h.source_addr(),
+        h.destination_addr(),
+        h.next_header().0,
+        ip.payload().ip_number.0,
+        h.hop_limit(),
+        h.payload_length(),
+        h.traffic_class(),
+        h.flow_label().value()
+    );
+}
+
+fn describe_tcp(s: &mut String, t: &TcpHeaderSlice) {
+    let _ = write!(
+        s,
+        " | tcp {} -> {} seq {} flags {}{}{}{} csum {:#06x}",
+        t.source_port(),
+        t.destination_port(),
+        t.sequence_number(),
+        if t.syn() { "S" } else { "" },
+        if t.ack() { "A" } else { "" },
+        if t.fin() { "F" } else { "" },
+        if t.rst() { "R" } else { "" },
+        t.checksum()
+    );
 }
 
 fn describe_transport(s: &mut String, t: &Option<TransportSlice>) {
@@ -215,16 +263,62 @@ fn mac(m: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Checks the IPv4 header checksum and the TCP/UDP checksum (of the inner packet too, for
-/// IPIP) by etherparse's own computation.
+/// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksums (of the inner packet
+/// too, for IPIP and IPv6-in-IPv6) by etherparse's own computation.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     if frame.len() < 14 {
         return Err("frame shorter than Ethernet".into());
     }
-    if frame[12..14] != [0x08, 0x00] {
+    match frame[12..14] {
+        [0x08, 0x00] => verify_ipv4(&frame[14..], 0),
+        [0x86, 0xdd] => verify_ipv6(&frame[14..], 0),
+        _ => Ok(()),
+    }
+}
+
+fn verify_ipv6(packet: &[u8], depth: u32) -> Result<(), String> {
+    let ip = Ipv6Slice::from_slice(packet).map_err(|e| format!("ipv6: {e}"))?;
+    let (src, dst) = (ip.header().source(), ip.header().destination());
+    let p = ip.payload();
+    if p.fragmented {
         return Ok(());
     }
-    verify_ipv4(&frame[14..], 0)
+    let payload = p.payload;
+    let check = |what: &str, got: u16, want: u16| {
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{what} checksum {got:#06x}, correct {want:#06x}"))
+        }
+    };
+    match p.ip_number {
+        etherparse::IpNumber::IPV6 if depth == 0 => verify_ipv6(payload, 1),
+        etherparse::IpNumber::TCP => {
+            let t = TcpHeaderSlice::from_slice(payload).map_err(|e| format!("tcp: {e}"))?;
+            let want = t
+                .calc_checksum_ipv6_raw(src, dst, &payload[t.slice().len()..])
+                .map_err(|e| format!("tcp checksum: {e}"))?;
+            check("tcp", t.checksum(), want)
+        }
+        etherparse::IpNumber::UDP => {
+            let u =
+                etherparse::UdpHeaderSlice::from_slice(payload).map_err(|e| format!("udp: {e}"))?;
+            let want = u
+                .to_header()
+                .calc_checksum_ipv6_raw(src, dst, &payload[8..])
+                .map_err(|e| format!("udp checksum: {e}"))?;
+            check("udp", u.checksum(), want)
+        }
+        etherparse::IpNumber::IPV6_ICMP => {
+            let (icmp, rest) = etherparse::Icmpv6Header::from_slice(payload)
+                .map_err(|e| format!("icmpv6: {e}"))?;
+            let want = etherparse::Icmpv6Header::with_checksum(icmp.icmp_type, src, dst, rest)
+                .map_err(|e| format!("icmpv6 checksum: {e}"))?
+                .checksum;
+            check("icmpv6", icmp.checksum, want)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn verify_ipv4(packet: &[u8], depth: u32) -> Result<(), String> {
@@ -339,9 +433,18 @@ pub mod frames {
         flags: Flags,
         payload: &[u8],
     ) -> Vec<u8> {
-        let mut b = PacketBuilder::ethernet2(smac, dmac)
+        let b = PacketBuilder::ethernet2(smac, dmac)
             .ipv4(src, dst, 64)
             .tcp(sport, dport, 1000, 64240);
+        tcp_frame(b, flags, payload)
+    }
+
+    /// A TCP frame from its builder: the flags set, the payload written.
+    fn tcp_frame(
+        mut b: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+        flags: Flags,
+        payload: &[u8],
+    ) -> Vec<u8> {
         if flags.syn {
             b = b.syn();
         }
@@ -375,6 +478,111 @@ pub mod frames {
         let mut out = Vec::with_capacity(b.size(payload.len()));
         b.write(&mut out, payload).expect("build udp frame");
         out
+    }
+
+    /// An Ethernet/IPv6/TCP frame.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tcp6(
+        smac: Mac,
+        dmac: Mac,
+        src: [u8; 16],
+        sport: u16,
+        dst: [u8; 16],
+        dport: u16,
+        flags: Flags,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(smac, dmac)
+            .ipv6(src, dst, 64)
+            .tcp(sport, dport, 1000, 64240);
+        tcp_frame(b, flags, payload)
+    }
+
+    /// An Ethernet/IPv6/UDP frame.
+    pub fn udp6(
+        smac: Mac,
+        dmac: Mac,
+        src: [u8; 16],
+        sport: u16,
+        dst: [u8; 16],
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(smac, dmac)
+            .ipv6(src, dst, 64)
+            .udp(sport, dport);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).expect("build udp6 frame");
+        out
+    }
+
+    /// An Ethernet/IPv6/ICMPv6 frame of type `kind` and code 0 (its bytes 4-7 zero), hop
+    /// limit 255 as neighbour discovery requires.
+    pub fn icmp6(
+        smac: Mac,
+        dmac: Mac,
+        src: [u8; 16],
+        dst: [u8; 16],
+        kind: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let t = match kind {
+            128 => {
+                etherparse::Icmpv6Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 })
+            }
+            _ => etherparse::Icmpv6Type::Unknown {
+                type_u8: kind,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            },
+        };
+        let b = PacketBuilder::ethernet2(smac, dmac)
+            .ipv6(src, dst, 255)
+            .icmpv6(t);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).expect("build icmpv6 frame");
+        out
+    }
+
+    /// An IPv6 frame with extension headers `exts` (type, whole header's bytes after the
+    /// next-header byte) put between its fixed header and its payload: lengths and next
+    /// headers are set, the payload (and its checksum, which they do not enter) unchanged.
+    pub fn with_ext6(frame: &[u8], exts: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut next = frame[20];
+        let mut chain = Vec::new();
+        for (kind, rest) in exts.iter().rev() {
+            let mut h = vec![next];
+            h.extend_from_slice(rest);
+            h.extend_from_slice(&chain);
+            chain = h;
+            next = *kind;
+        }
+        let mut out = frame[..54].to_vec();
+        out[20] = next;
+        out.extend_from_slice(&chain);
+        out.extend_from_slice(&frame[54..]);
+        let plen = (out.len() - 54) as u16;
+        out[18..20].copy_from_slice(&plen.to_be_bytes());
+        out
+    }
+
+    /// A destination-options (or hop-by-hop) header's bytes after its next header: `units`
+    /// 8-byte units in all, padded with a PadN option.
+    pub fn options6(units: usize) -> Vec<u8> {
+        let len = units * 8;
+        let mut h = vec![(units - 1) as u8, 1, (len - 4) as u8];
+        h.resize(len - 1, 0);
+        h
+    }
+
+    /// A fragment header's bytes after its next header: `offset` in 8-byte units, more
+    /// fragments or not.
+    pub fn fragment6(offset: u16, more: bool) -> Vec<u8> {
+        let field = (offset << 3) | more as u16;
+        let mut h = vec![0];
+        h.extend_from_slice(&field.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 7]);
+        h
     }
 
     /// A broadcast ARP request (IPv4 over Ethernet) from `sender` at `smac` for `target`.

@@ -64,12 +64,27 @@ impl Lab {
             Some(p) => NetNs::named(&format!("{p}-{label}")),
             None => NetNs::new(label),
         };
-        // The labs are IPv4 only: no router solicitations or MLD reports in the counters.
+        // IPv4 only unless a lab asks for IPv6 (`ipv6`): no router solicitations or MLD
+        // reports in the counters.
         ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
         ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
         self.spaces.push(ns);
         self.index.insert(label.to_string(), self.spaces.len() - 1);
         self.spaces.last().unwrap()
+    }
+
+    /// Turns IPv6 on in namespace `ns` (labs start IPv4 only) for the devices made after,
+    /// without router solicitations; add its addresses `nodad`, or they wait out DAD.
+    pub fn ipv6(&self, ns: &str) {
+        let space = self.ns(ns);
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.all.router_solicitations=0",
+            "net.ipv6.conf.default.router_solicitations=0",
+        ] {
+            space.exec_ok(&["sysctl", "-q", "-w", key]);
+        }
     }
 
     pub fn ns(&self, label: &str) -> &NetNs {

@@ -6,7 +6,7 @@
 //! headers edited byte by byte and every checksum recomputed from scratch by etherparse, so
 //! the program's incremental arithmetic is compared with a full computation.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use etherparse::{Icmpv4Header, Icmpv4Type, Ipv4Header, PacketBuilder, TcpHeaderSlice, icmpv4};
 use lb_common::{
@@ -15,7 +15,7 @@ use lb_common::{
 };
 use lb_daemon::dataplane::{Dataplane, ServerSpec, ServiceSpec, enable_fib_lookup, now_ns};
 use lb_tests::{
-    fixture::{Fixture, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, frames::*},
+    fixture::{Fixture, Rng, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, frames::*},
     lab::Lab,
 };
 
@@ -63,10 +63,17 @@ const STICKY: u32 = 4; // 192.0.2.101:80/tcp maglev, persistence 300 s, direct S
 const NATUDP: u32 = 5; // 192.0.2.100:5353/udp rr, nat N1:53 -> 12
 const DEAD: u32 = 6; // 192.0.2.102:80/tcp maglev, its one server down -> 13
 
+fn v4(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a} is not an IPv4 address"),
+    }
+}
+
 fn server(addr: [u8; 4], port: u16, weight: u32, method: Method) -> ServerSpec {
     ServerSpec {
         index: 0,
-        addr: Ipv4Addr::from(addr),
+        addr: Ipv4Addr::from(addr).into(),
         port,
         weight,
         method,
@@ -82,7 +89,7 @@ fn service(
     servers: Vec<ServerSpec>,
 ) -> ServiceSpec {
     ServiceSpec {
-        vip: Ipv4Addr::from(vip),
+        vip: Ipv4Addr::from(vip).into(),
         port,
         proto,
         sched,
@@ -275,7 +282,7 @@ impl Bench {
         for (_, first, spec) in &self.services {
             if index >= *first && index < first + spec.servers.len() as u32 {
                 let s = &spec.servers[(index - first) as usize];
-                return (s.addr.octets(), s.port);
+                return (v4(s.addr).octets(), s.port);
             }
         }
         panic!("no server {index}");
@@ -1624,21 +1631,6 @@ fn decap_fixtures() {
     assert_eq!(s, [4, 1, 2, 1]);
 }
 
-/// A deterministic generator, so a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Independently of the program: is this frame traffic the balancer may forward? A complete,
 /// unfragmented (or first-fragment) IPv4 packet with a correct header checksum, to a service
 /// (TCP/UDP with a whole header, or an ICMP error to a VIP), or to the NAT address.
@@ -1704,7 +1696,7 @@ fn a_hundred_thousand_random_and_mutated_frames() {
     let services: Vec<([u8; 4], u16, u8)> = b
         .services
         .iter()
-        .map(|(_, _, s)| (s.vip.octets(), s.port, s.proto))
+        .map(|(_, _, s)| (v4(s.vip).octets(), s.port, s.proto))
         .collect();
     let n_addr = b.server_addr(b.row(NATSVC)[0]);
     let seeds: Vec<Vec<u8>> = vec![
@@ -1740,7 +1732,7 @@ fn a_hundred_thousand_random_and_mutated_frames() {
                 // Pure noise.
                 0 => {
                     let len = 14 + rng.below(200);
-                    f = (0..len).map(|_| rng.next() as u8).collect();
+                    f = (0..len).map(|_| rng.next_u64() as u8).collect();
                     if rng.below(2) == 0 {
                         f[12..14].copy_from_slice(&[0x08, 0x00]);
                     }
@@ -1761,7 +1753,7 @@ fn a_hundred_thousand_random_and_mutated_frames() {
                 // the program has to look past it.
                 7 | 8 => {
                     let at = 14 + rng.below(f.len().min(60) - 14);
-                    f[at] = rng.next() as u8;
+                    f[at] = rng.next_u64() as u8;
                     if f.len() >= 34 && f[14] >> 4 == 4 && (f[14] & 0x0f) >= 5 {
                         let ihl = ((f[14] & 0x0f) as usize) * 4;
                         if f.len() >= 14 + ihl {
@@ -1775,7 +1767,7 @@ fn a_hundred_thousand_random_and_mutated_frames() {
                 // Valid traffic from a new client port.
                 _ => {
                     if f.len() >= 38 {
-                        let p = rng.next() as u16;
+                        let p = rng.next_u64() as u16;
                         f[34..36].copy_from_slice(&p.to_be_bytes());
                     }
                 }

@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
-use lb_common::{Connection, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
+use lb_common::{Addr, Connection, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -86,6 +86,9 @@ impl Daemon {
                 _ => 0,
             },
             peer_until_ns: peer.map_or(0, |(_, until)| until),
+            // No IPv6 address for an ATM in the config yet: v6 tunnel servers are not
+            // reached (the config takes no IPv6 service yet either).
+            local_addr6: Addr::default(),
         }
     }
 

@@ -177,7 +177,7 @@ pub fn row(spec: &ServiceSpec) -> Vec<u32> {
 pub struct ServerSpec {
     /// Its index in the `servers` map (one per service/server line).
     pub index: u32,
-    pub addr: std::net::Ipv4Addr,
+    pub addr: std::net::IpAddr,
     pub port: u16,
     pub weight: u32,
     pub method: Method,
@@ -188,7 +188,7 @@ pub struct ServerSpec {
 /// A service and its servers, as the control plane describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
-    pub vip: std::net::Ipv4Addr,
+    pub vip: std::net::IpAddr,
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,

@@ -1,0 +1,836 @@
+//! Tier 2: IPv6 packet fixtures through BPF_PROG_TEST_RUN.
+//!
+//! As in `fixtures.rs`: the program runs in a namespace of its own with permanent neighbours,
+//! expected frames are built independently (etherparse, byte edits), and every checksum of a
+//! forwarded frame is verified from scratch. One dataplane holds an IPv4 and IPv6 service
+//! side by side.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{
+    Addr, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings, Stat, hash,
+};
+use lb_daemon::dataplane::{Dataplane, ServerSpec, ServiceSpec, Stats, enable_fib_lookup};
+use lb_tests::{
+    fixture::{Fixture, Rng, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, frames::*},
+    lab::Lab,
+};
+
+const LB_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
+/// The ATM's own IPv6 address: the outer source of its tunnels.
+const LB6: &str = "2001:db8::1";
+const VIP6: &str = "2001:db8::100";
+const VIP4: [u8; 4] = [192, 0, 2, 100];
+const CLIENT6: &str = "2001:db8:c::7";
+/// Not a VIP, but in the VIP's `vip_filter` slot (the same last byte).
+const OTHER6: &str = "2001:db8::2:100";
+const S1: &str = "2001:db8::11";
+const S2: &str = "2001:db8::12";
+const S1_V4: [u8; 4] = [192, 0, 2, 11];
+
+// Service ids; their servers' indices follow one another from 0.
+const WEB: u32 = 0; // [VIP6]:80/tcp maglev, direct S1 S2 -> servers 0, 1
+const TUN: u32 = 1; // [VIP6]:81/tcp rr, tunnel S1 S2 -> 2, 3
+const DNS: u32 = 2; // [VIP6]:53/udp sh, direct S1 -> 4
+const WEB4: u32 = 3; // 192.0.2.100:80/tcp maglev, direct 192.0.2.11 -> 5
+
+fn v6(a: &str) -> [u8; 16] {
+    a.parse::<Ipv6Addr>().unwrap().octets()
+}
+
+fn mac_of(server: &str) -> Mac {
+    [0x02, 0, 0, 0, 0x06, v6(server)[15]]
+}
+
+fn mac_str(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn spec(vip: IpAddr, port: u16, proto: u8, sched: Sched, servers: Vec<ServerSpec>) -> ServiceSpec {
+    ServiceSpec {
+        vip,
+        port,
+        proto,
+        sched,
+        persistence_s: 0,
+        servers,
+    }
+}
+
+fn server(index: u32, addr: IpAddr, port: u16, method: Method) -> ServerSpec {
+    ServerSpec {
+        index,
+        addr,
+        port,
+        weight: 1,
+        method,
+        up: true,
+    }
+}
+
+fn ip6(a: &str) -> IpAddr {
+    IpAddr::V6(a.parse().unwrap())
+}
+
+struct Bench {
+    lab: Lab,
+    dp: Dataplane,
+    eth0: u32,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let mut lab = Lab::new();
+        lab.add_ns("fx6");
+        lab.ipv6("fx6");
+        lab.veth(("fx6", "eth0"), ("fx6", "peer0"));
+        lab.mac("fx6", "eth0", &mac_str(LB_MAC));
+        lab.ns("fx6").exec_ok(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{LB6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        lab.addr("fx6", "eth0", "192.0.2.1/24");
+        for s in [S1, S2] {
+            lab.neigh("fx6", "eth0", s, &mac_str(mac_of(s)));
+        }
+        lab.neigh(
+            "fx6",
+            "eth0",
+            &Ipv4Addr::from(S1_V4).to_string(),
+            &mac_str([0x02, 0, 0, 0, 0, 11]),
+        );
+        let eth0 = lab.ns("fx6").ifindex("eth0");
+        {
+            let _in = lab.ns("fx6").enter();
+            enable_fib_lookup().unwrap();
+        }
+        let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
+        let services = [
+            (
+                WEB,
+                spec(
+                    ip6(VIP6),
+                    80,
+                    IPPROTO_TCP,
+                    Sched::Maglev,
+                    vec![
+                        server(0, ip6(S1), 80, Method::Direct),
+                        server(1, ip6(S2), 80, Method::Direct),
+                    ],
+                ),
+            ),
+            (
+                TUN,
+                spec(
+                    ip6(VIP6),
+                    81,
+                    IPPROTO_TCP,
+                    Sched::Rr,
+                    vec![
+                        server(2, ip6(S1), 81, Method::Tunnel),
+                        server(3, ip6(S2), 81, Method::Tunnel),
+                    ],
+                ),
+            ),
+            (
+                DNS,
+                spec(
+                    ip6(VIP6),
+                    53,
+                    IPPROTO_UDP,
+                    Sched::Sh,
+                    vec![server(4, ip6(S1), 53, Method::Direct)],
+                ),
+            ),
+            (
+                WEB4,
+                spec(
+                    IpAddr::V4(VIP4.into()),
+                    80,
+                    IPPROTO_TCP,
+                    Sched::Maglev,
+                    vec![server(5, IpAddr::V4(S1_V4.into()), 80, Method::Direct)],
+                ),
+            ),
+        ];
+        for (id, s) in &services {
+            dp.install(*id, s).expect("install a service");
+        }
+        dp.set_settings(&settings()).unwrap();
+        Bench { lab, dp, eth0 }
+    }
+
+    /// The scheduler row of service `id`, as the program indexes it.
+    fn row(&self, id: u32) -> Vec<u32> {
+        let svc = self
+            .dp
+            .services()
+            .unwrap()
+            .into_iter()
+            .find(|(_, s)| s.id == id)
+            .unwrap()
+            .1;
+        self.dp.table(id, svc.table_len as usize).unwrap()
+    }
+
+    fn run(&self, fixtures: &[Fixture]) {
+        let _inside = self.lab.ns("fx6").enter();
+        let mut failures = Vec::new();
+        for fx in fixtures {
+            let (action, out) = self.dp.test_run(&fx.input, self.eth0).expect("test_run");
+            if let Err(e) = fx.check(action, &out) {
+                failures.push(e);
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} fixtures failed:\n{}",
+            failures.len(),
+            fixtures.len(),
+            failures.join("\n")
+        );
+    }
+
+    fn stats(&self) -> Stats {
+        self.dp.stats().unwrap()
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        timeout_ns: 100_000_000_000,
+        flags: SETTINGS_ACTIVE,
+        local_addr: Addr::from_v4_octets([192, 0, 2, 1]),
+        local_addr6: Addr::from(ip6(LB6)),
+        ..Default::default()
+    }
+}
+
+/// Round robin's per-CPU cursors need the test thread on one CPU.
+fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+fn key6(sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: Addr::from(ip6(CLIENT6)),
+        dst: Addr::from(ip6(dst)),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A client's TCP frame to `dst:dport`, as it arrives from the router.
+fn from_client(sport: u16, dst: &str, dport: u16, flags: Flags, payload: &[u8]) -> Vec<u8> {
+    tcp6(
+        ROUTER_MAC,
+        LB_MAC,
+        v6(CLIENT6),
+        sport,
+        v6(dst),
+        dport,
+        flags,
+        payload,
+    )
+}
+
+/// The frame with new MACs: what direct routing does.
+fn with_macs(frame: &[u8], smac: Mac, dmac: Mac) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&dmac);
+    out[6..12].copy_from_slice(&smac);
+    out
+}
+
+/// The frame in IPv6-in-IPv6 from the balancer to `server`, as tunnel mode sends it: the
+/// outer header's first word (version, class, flow label) is the inner one's.
+fn ip6ip6(frame: &[u8], server: &str) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut out = Vec::new();
+    out.extend_from_slice(&mac_of(server));
+    out.extend_from_slice(&LB_MAC);
+    out.extend_from_slice(&[0x86, 0xdd]);
+    out.extend_from_slice(&inner[0..4]);
+    out.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[41, 64]);
+    out.extend_from_slice(&v6(LB6));
+    out.extend_from_slice(&v6(server));
+    out.extend_from_slice(inner);
+    out
+}
+
+/// The address of server line `index`.
+fn server_of(index: u32) -> &'static str {
+    match index {
+        0 | 2 | 4 => S1,
+        1 | 3 => S2,
+        _ => panic!("no IPv6 server {index}"),
+    }
+}
+
+/// The frame's IPv6 payload length set to `len`, whatever it holds.
+fn payload_len(frame: &[u8], len: u16) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn counted(before: &Stats, after: &Stats, s: Stat) -> u64 {
+    after.get(s) - before.get(s)
+}
+
+#[test]
+fn ipv6_direct_tunnel_and_udp_are_forwarded_and_established_connections_stay() {
+    pin_to_cpu0();
+    let b = Bench::new();
+    let web = b.row(WEB);
+    let pick = |sport: u16| {
+        let k = key6(sport, VIP6, 80, IPPROTO_TCP);
+        web[(hash::flow(&k) % web.len() as u32) as usize]
+    };
+    let to = |frame: &[u8], index: u32| with_macs(frame, LB_MAC, mac_of(server_of(index)));
+    let syn = from_client(40001, VIP6, 80, SYN, b"");
+    let ack = from_client(40001, VIP6, 80, ACK, b"GET / HTTP/1.1\r\n\r\n");
+    let tun = b.row(TUN);
+    let tsyn = from_client(40002, VIP6, 81, SYN, b"");
+    let tack = from_client(40002, VIP6, 81, ACK, b"hello");
+    let t2 = from_client(40003, VIP6, 81, SYN, b"");
+    let dns = udp6(
+        ROUTER_MAC,
+        LB_MAC,
+        v6(CLIENT6),
+        5353,
+        v6(VIP6),
+        53,
+        b"query",
+    );
+    let syn4 = tcp(
+        ROUTER_MAC,
+        LB_MAC,
+        [198, 51, 100, 7],
+        40001,
+        VIP4,
+        80,
+        SYN,
+        b"",
+    );
+    let before = b.stats();
+    b.run(&[
+        Fixture::new(
+            "a SYN to the v6 VIP goes to Maglev's server, MACs rewritten",
+            syn.clone(),
+            XDP_TX,
+        )
+        .output(to(&syn, pick(40001))),
+        Fixture::new(
+            "the established connection's data follows it",
+            ack.clone(),
+            XDP_TX,
+        )
+        .output(to(&ack, pick(40001))),
+        Fixture::new(
+            "a tunnel service's SYN goes out in IPv6-in-IPv6 from the ATM's v6 address",
+            tsyn.clone(),
+            XDP_TX,
+        )
+        .output(ip6ip6(&tsyn, server_of(tun[0]))),
+        Fixture::new(
+            "round robin: the next connection to the other server",
+            t2.clone(),
+            XDP_TX,
+        )
+        .output(ip6ip6(&t2, server_of(tun[1]))),
+        Fixture::new(
+            "the tunnelled connection's data follows its server",
+            tack.clone(),
+            XDP_TX,
+        )
+        .output(ip6ip6(&tack, server_of(tun[0]))),
+        Fixture::new("UDP to the v6 VIP, source hash", dns.clone(), XDP_TX).output(to(&dns, 4)),
+        Fixture::new(
+            "the v4 service beside them is forwarded as ever",
+            syn4.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(&syn4, LB_MAC, [0x02, 0, 0, 0, 0, 11])),
+    ]);
+    let after = b.stats();
+    assert_eq!(counted(&before, &after, Stat::NewConns), 5);
+    assert_eq!(counted(&before, &after, Stat::Forwarded), 7);
+    assert_eq!(counted(&before, &after, Stat::VipPackets), 7);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_and_bad_ones_dropped_and_counted() {
+    let b = Bench::new();
+    let web = b.row(WEB);
+    let pick = |sport: u16| {
+        let k = key6(sport, VIP6, 80, IPPROTO_TCP);
+        web[(hash::flow(&k) % web.len() as u32) as usize]
+    };
+    let to = |frame: &[u8], index: u32| with_macs(frame, LB_MAC, mac_of(server_of(index)));
+    const HOP: u8 = 0;
+    const DEST: u8 = 60;
+    const FRAG: u8 = 44;
+    const AUTH: u8 = 51;
+    let hop_dest = with_ext6(
+        &from_client(41001, VIP6, 80, SYN, b""),
+        &[(HOP, options6(1)), (DEST, options6(2))],
+    );
+    let first_frag = with_ext6(
+        &from_client(41002, VIP6, 80, SYN, b"first"),
+        &[(FRAG, fragment6(0, true))],
+    );
+    let later_frag = with_ext6(
+        &from_client(41003, VIP6, 80, ACK, b"later"),
+        &[(FRAG, fragment6(3, false))],
+    );
+    let later_frag_other = with_ext6(
+        &from_client(41003, OTHER6, 80, ACK, b"later"),
+        &[(FRAG, fragment6(3, false))],
+    );
+    // Seven headers: one more than the walk's bound.
+    let too_many = with_ext6(
+        &from_client(41004, VIP6, 80, SYN, b""),
+        &vec![(DEST, options6(1)); 7],
+    );
+    // 26 units (208 bytes) of options: the L4 header would start beyond byte 255.
+    let too_long = with_ext6(
+        &from_client(41005, VIP6, 80, SYN, b""),
+        &[(DEST, options6(26))],
+    );
+    // A header that says it is longer than the packet.
+    let mut overlong = with_ext6(
+        &from_client(41006, VIP6, 80, SYN, b""),
+        &[(DEST, options6(1))],
+    );
+    overlong[55] = 20;
+    // An authentication header of 24 bytes (length field 4), and one whose length field
+    // says less than its fixed 12 bytes.
+    let mut ah = vec![4u8];
+    ah.resize(23, 0);
+    let with_ah = with_ext6(
+        &from_client(41008, VIP6, 80, SYN, b""),
+        &[(AUTH, ah.clone())],
+    );
+    ah[0] = 0;
+    ah.truncate(7);
+    let short_ah = with_ext6(&from_client(41009, VIP6, 80, SYN, b""), &[(AUTH, ah)]);
+    let late_hop = with_ext6(
+        &from_client(41010, VIP6, 80, SYN, b""),
+        &[(DEST, options6(1)), (HOP, options6(1))],
+    );
+    let syn = from_client(41007, VIP6, 80, SYN, b"");
+    let lying = payload_len(&syn, 200);
+    let mut cut = syn.clone();
+    cut.truncate(14 + 30);
+    let mut version4 = syn.clone();
+    version4[14] = 0x40;
+    let short_tcp = payload_len(&syn[..14 + 40 + 12], 12);
+    let before = b.stats();
+    b.run(&[
+        Fixture::new(
+            "hop-by-hop and destination options before TCP: forwarded",
+            hop_dest.clone(),
+            XDP_TX,
+        )
+        .output(to(&hop_dest, pick(41001))),
+        Fixture::new(
+            "a first fragment (offset 0) carries the ports: forwarded",
+            first_frag.clone(),
+            XDP_TX,
+        )
+        .output(to(&first_frag, pick(41002))),
+        Fixture::new(
+            "an authentication header before TCP: forwarded",
+            with_ah.clone(),
+            XDP_TX,
+        )
+        .output(to(&with_ah, pick(41008))),
+        Fixture::new(
+            "an authentication header shorter than its fixed part: dropped",
+            short_ah,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "hop-by-hop options after another header: dropped",
+            late_hop,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "a later fragment to the VIP has no ports: dropped",
+            later_frag,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "a later fragment to another address passes",
+            later_frag_other,
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "seven extension headers, beyond the walk's bound: dropped",
+            too_many,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "extension headers pushing TCP beyond byte 255: dropped",
+            too_long,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "an extension header longer than the packet: dropped",
+            overlong,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "a payload length beyond the frame: dropped",
+            lying,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "a TCP header cut short by the payload length: dropped",
+            short_tcp,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "a frame cut inside the fixed header: dropped",
+            cut,
+            XDP_DROP,
+        ),
+        Fixture::new(
+            "an IPv6 frame whose header says version 4: dropped",
+            version4,
+            XDP_DROP,
+        ),
+    ]);
+    let after = b.stats();
+    assert_eq!(counted(&before, &after, Stat::DropFragment), 1);
+    assert_eq!(counted(&before, &after, Stat::DropMalformed), 9);
+    assert_eq!(counted(&before, &after, Stat::Forwarded), 3);
+    assert_eq!(counted(&before, &after, Stat::Passed), 1);
+}
+
+#[test]
+fn neighbour_discovery_echo_and_other_traffic_pass_untouched() {
+    let b = Bench::new();
+    let vip = v6(VIP6);
+    // The solicited-node multicast address of the VIP, and its MAC.
+    let mut snm = [0u8; 16];
+    snm[..2].copy_from_slice(&[0xff, 0x02]);
+    snm[11..13].copy_from_slice(&[0x01, 0xff]);
+    snm[13..].copy_from_slice(&vip[13..]);
+    let snm_mac = [0x33, 0x33, 0xff, vip[13], vip[14], vip[15]];
+    let ns = |dst: [u8; 16], dmac: Mac| icmp6(ROUTER_MAC, dmac, v6(CLIENT6), dst, 135, &vip);
+    let before = b.stats();
+    let mut fixtures = vec![
+        Fixture::new(
+            "a neighbour solicitation for the VIP (multicast) passes",
+            ns(snm, snm_mac),
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "a neighbour solicitation to the VIP (unicast) passes",
+            ns(vip, LB_MAC),
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "an echo request to the VIP passes to the stack",
+            icmp6(ROUTER_MAC, LB_MAC, v6(CLIENT6), vip, 128, b"ping"),
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "TCP to a port of the VIP with no service passes",
+            from_client(42001, VIP6, 22, SYN, b""),
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "TCP to another address in the VIP's filter slot passes",
+            from_client(42002, OTHER6, 80, SYN, b""),
+            XDP_PASS,
+        ),
+    ];
+    for (kind, what) in [
+        (133, "router solicitation"),
+        (134, "router advertisement"),
+        (136, "neighbour advertisement"),
+        (137, "redirect"),
+    ] {
+        fixtures.push(Fixture::new(
+            format!("a {what} to the VIP passes"),
+            icmp6(ROUTER_MAC, LB_MAC, v6(CLIENT6), vip, kind, &vip),
+            XDP_PASS,
+        ));
+    }
+    b.run(&fixtures);
+    let after = b.stats();
+    assert_eq!(counted(&before, &after, Stat::Passed), 9);
+    assert_eq!(after.dropped(), before.dropped());
+}
+
+#[test]
+fn a_backup_passes_ipv6_and_an_orphan_drops_it() {
+    let mut b = Bench::new();
+    let syn = from_client(43001, VIP6, 80, SYN, b"");
+    let frag = with_ext6(
+        &from_client(43002, VIP6, 80, ACK, b"later"),
+        &[(44, fragment6(3, false))],
+    );
+    b.dp.set_settings(&Settings {
+        flags: 0,
+        ..settings()
+    })
+    .unwrap();
+    b.run(&[
+        Fixture::new("a backup passes a SYN to the v6 VIP", syn.clone(), XDP_PASS),
+        Fixture::new("and a later fragment", frag.clone(), XDP_PASS),
+    ]);
+    // A lease that ran out a second after boot: the daemon is gone.
+    b.dp.set_settings(&Settings {
+        lease_ns: 1_000_000_000,
+        ..settings()
+    })
+    .unwrap();
+    let before = b.stats();
+    b.run(&[
+        Fixture::new("an orphan drops a SYN to the v6 VIP", syn, XDP_DROP),
+        Fixture::new("and a later fragment to it", frag, XDP_DROP),
+        Fixture::new(
+            "but passes neighbour discovery",
+            icmp6(ROUTER_MAC, LB_MAC, v6(CLIENT6), v6(VIP6), 135, &v6(VIP6)),
+            XDP_PASS,
+        ),
+    ]);
+    let after = b.stats();
+    assert_eq!(counted(&before, &after, Stat::DropOrphaned), 2);
+}
+
+#[test]
+fn ipv6_in_ipv6_from_an_atm_is_decapsulated() {
+    let mut b = Bench::new();
+    b.dp.set_decap_sources(&[Addr::from(ip6(LB6))]).unwrap();
+    let inner = from_client(44001, VIP6, 81, SYN, b"hello");
+    let tunnelled = ip6ip6(&inner, S1);
+    let decapped = {
+        let mut f = tunnelled[..14].to_vec();
+        f.extend_from_slice(&inner[14..]);
+        f
+    };
+    let mut stranger = tunnelled.clone();
+    stranger[22 + 15] = 0x77;
+    let mut not_v6 = tunnelled.clone();
+    not_v6[54] = 0x45;
+    let _inside = b.lab.ns("fx6").enter();
+    let mut failures = Vec::new();
+    for fx in [
+        Fixture::new(
+            "IPv6-in-IPv6 from the ATM: the inner packet goes up",
+            tunnelled,
+            XDP_PASS,
+        )
+        .output(decapped),
+        Fixture::new(
+            "IPv6-in-IPv6 from an unknown source passes untouched",
+            stranger,
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "from the ATM, an inner packet that is not IPv6 is dropped",
+            not_v6,
+            XDP_DROP,
+        ),
+        Fixture::new("plain IPv6 TCP passes untouched", inner, XDP_PASS),
+    ] {
+        let (action, out) = b.dp.test_run_decap(&fx.input, b.eth0).expect("test_run");
+        if let Err(e) = fx.check(action, &out) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(b.dp.decap_stats().unwrap(), [4, 1, 2, 1]);
+}
+
+/// Independently of the program: may the balancer forward this IPv6 frame? etherparse reads
+/// its header and extension headers whole within the payload length, which lies within the
+/// frame; it is not a later fragment; its TCP header (or UDP with a sane length) is whole,
+/// to one of the services.
+fn forwardable6(frame: &[u8], services: &[([u8; 16], u16, u8)]) -> Result<(), String> {
+    if frame.len() < 54 || frame[12..14] != [0x86, 0xdd] {
+        return Err("not IPv6".into());
+    }
+    let ip = etherparse::Ipv6Slice::from_slice(&frame[14..]).map_err(|e| format!("ipv6: {e}"))?;
+    if ip.header().version() != 6 {
+        return Err("version".into());
+    }
+    if 54 + ip.header().payload_length() as usize > frame.len() {
+        return Err("payload length beyond the frame".into());
+    }
+    let p = ip.payload();
+    // etherparse before 0.20 read this header's bits in the wrong order (its issue #150).
+    let exts =
+        etherparse::Ipv6Extensions::from_slice(ip.header().next_header(), ip.extensions().slice())
+            .map_err(|e| format!("ipv6 extensions: {e}"))?;
+    let later = exts
+        .0
+        .fragment
+        .as_ref()
+        .is_some_and(|f| f.fragment_offset.value() != 0);
+    if later {
+        return Err("later fragment".into());
+    }
+    let dst = ip.header().destination();
+    let l4 = p.payload;
+    match p.ip_number {
+        etherparse::IpNumber::TCP => {
+            let t = etherparse::TcpHeaderSlice::from_slice(l4).map_err(|e| format!("tcp: {e}"))?;
+            if services.contains(&(dst, t.destination_port(), IPPROTO_TCP)) {
+                Ok(())
+            } else {
+                Err("tcp not to a service".into())
+            }
+        }
+        etherparse::IpNumber::UDP => {
+            let u = etherparse::UdpHeaderSlice::from_slice(l4).map_err(|e| format!("udp: {e}"))?;
+            if (u.length() as usize) < 8 || u.length() as usize > l4.len() {
+                return Err("bad udp length".into());
+            }
+            if services.contains(&(dst, u.destination_port(), IPPROTO_UDP)) {
+                Ok(())
+            } else {
+                Err("udp not to a service".into())
+            }
+        }
+        _ => Err("not service traffic".into()),
+    }
+}
+
+#[test]
+fn fifty_thousand_random_and_mutated_ipv6_frames() {
+    pin_to_cpu0();
+    let b = Bench::new();
+    let services = [
+        (v6(VIP6), 80, IPPROTO_TCP),
+        (v6(VIP6), 81, IPPROTO_TCP),
+        (v6(VIP6), 53, IPPROTO_UDP),
+    ];
+    let seeds: Vec<Vec<u8>> = vec![
+        from_client(45001, VIP6, 80, SYN, b"GET / HTTP/1.1\r\n\r\n"),
+        from_client(45002, VIP6, 81, ACK, b"x"),
+        udp6(
+            ROUTER_MAC,
+            LB_MAC,
+            v6(CLIENT6),
+            5000,
+            v6(VIP6),
+            53,
+            b"query",
+        ),
+        with_ext6(
+            &from_client(45003, VIP6, 80, SYN, b""),
+            &[(0, options6(1)), (60, options6(2))],
+        ),
+        with_ext6(
+            &from_client(45004, VIP6, 80, SYN, b"frag"),
+            &[(44, fragment6(0, true))],
+        ),
+        icmp6(ROUTER_MAC, LB_MAC, v6(CLIENT6), v6(VIP6), 135, &v6(VIP6)),
+        from_client(45005, OTHER6, 80, SYN, b""),
+    ];
+    let mut rng = Rng(0x0006_5eed_2026);
+    const FRAMES: usize = 50_000;
+    let mut forwarded = 0u64;
+    let mut failures = Vec::new();
+    {
+        let _inside = b.lab.ns("fx6").enter();
+        for i in 0..FRAMES {
+            let mut f = seeds[rng.below(seeds.len())].clone();
+            match rng.below(10) {
+                // Noise behind an IPv6 Ethernet type.
+                0 => {
+                    let len = 14 + rng.below(200);
+                    f = (0..len).map(|_| rng.next_u64() as u8).collect();
+                    f[12..14].copy_from_slice(&[0x86, 0xdd]);
+                }
+                // A few flipped bits in the headers.
+                1..=4 => {
+                    for _ in 0..1 + rng.below(4) {
+                        let at = 14 + rng.below(f.len().min(110) - 14);
+                        f[at] ^= 1 << rng.below(8);
+                    }
+                }
+                // Cut short.
+                5 | 6 => {
+                    let len = 14 + rng.below(f.len() - 13);
+                    f.truncate(len);
+                }
+                // A header byte (payload length, next header, an extension's length) set
+                // to anything.
+                7 | 8 => {
+                    let at = [18, 19, 20, 54, 55, 62, 63][rng.below(7)];
+                    if at < f.len() {
+                        f[at] = rng.next_u64() as u8;
+                    }
+                }
+                // Valid traffic from a new client port.
+                _ => {
+                    let p = rng.next_u64() as u16;
+                    let at = if f[20] == 6 || f[20] == 17 { 54 } else { 0 };
+                    if at != 0 && f.len() >= at + 2 {
+                        f[at..at + 2].copy_from_slice(&p.to_be_bytes());
+                    }
+                }
+            }
+            let (action, out) = b.dp.test_run(&f, b.eth0).expect("test_run");
+            if action == XDP_TX || action == XDP_REDIRECT {
+                forwarded += 1;
+                if let Err(why) = forwardable6(&f, &services) {
+                    failures.push(format!(
+                        "frame {i} forwarded but {why}:\n{}",
+                        lb_tests::fixture::decode(&f)
+                    ));
+                }
+                // What goes out is the frame itself, or it behind one outer IPv6 header.
+                let inner = if out.len() == f.len() {
+                    &out[14..]
+                } else {
+                    &out[54..]
+                };
+                if inner != &f[14..] {
+                    failures.push(format!("frame {i}: the packet changed on its way"));
+                }
+            } else if action != XDP_PASS && action != XDP_DROP {
+                failures.push(format!("frame {i}: action {action}"));
+            }
+            if failures.len() > 5 {
+                break;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let s = b.stats();
+    assert_eq!(s.get(Stat::Packets), FRAMES as u64, "{s:?}");
+    assert_eq!(
+        s.get(Stat::Passed) + s.get(Stat::Forwarded) + s.dropped(),
+        FRAMES as u64,
+        "{s:?}"
+    );
+    assert_eq!(s.get(Stat::Forwarded), forwarded, "{s:?}");
+    // The mix really exercised every outcome.
+    assert!(
+        forwarded > 5_000 && s.get(Stat::DropMalformed) > 5_000 && s.get(Stat::Passed) > 5_000,
+        "{s:?}"
+    );
+}
