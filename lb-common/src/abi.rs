@@ -502,8 +502,11 @@ pub struct Settings {
     /// The ATM's own IPv6 address: the outer source of IPv6-in-IPv6 packets; unset (all
     /// zero) when it has none, and then v6 tunnel servers cannot be reached.
     pub local_addr6: Addr,
+    /// NAT66: the source address used toward IPv6 NAT servers (the `[nat]` IPv6 gateway);
+    /// unset (all zero) when there is none, and then v6 NAT servers cannot be reached.
+    pub nat_addr6: Addr,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 192);
+const _: () = assert!(core::mem::size_of::<Settings>() == 208);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]

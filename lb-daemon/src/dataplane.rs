@@ -342,8 +342,10 @@ impl Dataplane {
             .iter()
             .map(|raw| Addr::v4_raw(*raw))
             .collect();
-        if !nat.contains(&s.nat_addr) && s.nat_addr != Addr::default() {
-            nat.push(s.nat_addr);
+        for a in [s.nat_addr, s.nat_addr6] {
+            if !nat.contains(&a) && a != Addr::default() {
+                nat.push(a);
+            }
         }
         self.nat_addrs = nat;
         self.sync_filter()

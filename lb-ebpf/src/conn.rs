@@ -51,6 +51,12 @@ fn report(settings: &Settings, kind: u8, key: &FlowKey, c: &Connection, peer_mac
     }
 }
 
+/// Whether `daddr` is the IPv6 NAT source address.
+#[inline(always)]
+pub fn is_nat_addr6(settings: &Settings, daddr: &Addr) -> bool {
+    settings.nat_addr6.w != [0; 4] && settings.nat_addr6 == *daddr
+}
+
 /// Whether `daddr` is one of the NAT source addresses (the gateway or the pool).
 #[inline(always)]
 pub fn is_nat_addr(settings: &Settings, daddr: u32) -> bool {
@@ -116,11 +122,8 @@ pub fn to_service(
         return Outcome::Drop(Stat::DropError);
     };
     if server.method == Method::Nat as u8 {
-        if ip.v6 {
-            // NAT66 is not there yet: no IPv6 NAT address to translate to.
-            return Outcome::Drop(Stat::DropNoRoute);
-        }
-        let Some((addr, port)) = nat_reserve(ctx, settings, &key, id, now, &mut sc.reply) else {
+        let Some((addr, port)) = nat_reserve(ctx, settings, &key, id, now, &mut sc.reply, ip.v6)
+        else {
             return Outcome::Drop(Stat::DropNatPorts);
         };
         nat_addr = addr;
@@ -141,8 +144,12 @@ pub fn to_service(
     zero_words(&mut conn.ifindex);
     if server.method == Method::Nat as u8 {
         conn.flags |= CONN_NAT;
-        conn.nat_addr.w[2] = lb_common::V4_MAPPED;
-        conn.nat_addr.w[3] = nat_addr;
+        if ip.v6 {
+            copy_addr(&mut conn.nat_addr, &settings.nat_addr6.w);
+        } else {
+            conn.nat_addr.w[2] = lb_common::V4_MAPPED;
+            conn.nat_addr.w[3] = nat_addr;
+        }
     }
     if CONNECTIONS.insert(key, &*conn, 0).is_err() {
         return Outcome::Drop(Stat::DropError);
@@ -167,7 +174,7 @@ pub fn to_service(
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
     let next = unsafe { &mut (*parsed).next };
     next.server = id;
-    next.nat_addr = nat_addr;
+    copy_addr(&mut next.nat_addr, &conn.nat_addr.w);
     next.nat_port = nat_port;
     Outcome::Action(FORWARD)
 }
@@ -299,7 +306,7 @@ pub fn established(
     let (id, service) = (c.server, server.service);
     count_traffic(&SERVICE_STATS, service, bytes);
     count_traffic(&SERVER_STATS, id, bytes);
-    Some(forward(ctx, settings, id, ip, c.nat_addr.w[3], c.nat_port))
+    Some(forward(ctx, settings, id, ip, &c.nat_addr, c.nat_port))
 }
 
 /// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the
@@ -342,7 +349,8 @@ pub fn server_ok(id: u32, service: u32) -> bool {
     matches!(SERVERS.get(id), Some(s) if s.flags & SERVER_UP != 0 && s.service == service)
 }
 
-/// Reserves a NAT source (address, port) toward `server` for the connection `key`: takes
+/// Reserves a NAT source (address, port) toward `server` for the connection `key` (an IPv6
+/// one, `v6`, from the one IPv6 NAT address, whose value is then not returned): takes
 /// the first free pair from the server's cursor on (see `lb_common::nat`) and installs the
 /// reply leg's entry (server -> NAT address:port) there. Returns the pair, or `None` when
 /// every pair is held: then further searches toward this server wait a little
@@ -355,10 +363,16 @@ fn nat_reserve(
     id: u32,
     now: u64,
     reply: &mut Connection,
+    v6: bool,
 ) -> Option<(u32, u16)> {
     let lo = settings.nat_port_min as u32;
     let hi = settings.nat_port_max as u32;
-    if settings.nat_addr.as_v4_raw().is_none() || hi < lo {
+    let no_addr = if v6 {
+        settings.nat_addr6.w == [0; 4]
+    } else {
+        settings.nat_addr.as_v4_raw().is_none()
+    };
+    if no_addr || hi < lo {
         return None;
     }
     if let Some(until) = NAT_FULL.get(id) {
@@ -367,7 +381,7 @@ fn nat_reserve(
         }
     }
     let span = hi - lo + 1;
-    let addrs = if settings.nat_pool_len == 0 {
+    let addrs = if settings.nat_pool_len == 0 || v6 {
         1
     } else {
         settings.nat_pool_len.min(NAT_POOL_MAX as u32)
@@ -404,6 +418,7 @@ fn nat_reserve(
         addrs,
         lo,
         found: 0,
+        v6: v6 as u32,
     };
     // SAFETY: the helper calls `nat_probe` with `probe`, which lives on this stack frame for
     // the whole call.
@@ -451,6 +466,8 @@ struct NatProbe {
     lo: u32,
     /// 1 + the index of the free pair found; 0 while none is.
     found: u32,
+    /// 1: the IPv6 NAT address, the only one.
+    v6: u32,
 }
 
 /// NAT address `slot` of the pool (the gateway is slot 0), as on the wire.
@@ -486,7 +503,11 @@ extern "C" fn nat_probe(i: u64, ctx: *mut c_void) -> i64 {
     }
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
     let key = unsafe { &mut (*keys)[1] };
-    key.dst = Addr::v4_raw(nat_pool_addr(settings, slot));
+    if p.v6 != 0 {
+        copy_addr(&mut key.dst, &settings.nat_addr6.w);
+    } else {
+        key.dst = Addr::v4_raw(nat_pool_addr(settings, slot));
+    }
     key.dport = ((p.lo + off) as u16).to_be();
     let Some(e) = CONNECTIONS.get_ptr_mut(&*key) else {
         // Never used, or gone: whoever inserts first has it.
@@ -568,7 +589,7 @@ fn forget_client_leg(reply: &Connection, key: &FlowKey) {
     if let Some(c) = CONNECTIONS.get_ptr(&*client) {
         // SAFETY: a map value, read only.
         let c = unsafe { &*c };
-        if c.nat_port == key.dport && c.nat_addr.w[3] == key.dst.w[3] {
+        if c.nat_port == key.dport && c.nat_addr == key.dst {
             let _ = CONNECTIONS.remove(&*client);
         }
     }

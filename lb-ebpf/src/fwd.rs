@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     csum, Addr, Connection, Method, Server, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
-    CONN_SERVER_CLOSED_FIRST, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP,
+    CONN_SERVER_CLOSED_FIRST, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{conn::*, finish, maps::*, net::*, parse::*, Outcome};
@@ -37,6 +38,10 @@ struct HopCache {
 #[map(name = "next_hops")]
 static NEXT_HOPS: LruPerCpuHashMap<u32, HopCache> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
+/// [`NEXT_HOPS`] for IPv6 destinations.
+#[map(name = "next_hops6")]
+static NEXT_HOPS6: LruPerCpuHashMap<Addr, HopCache> = LruPerCpuHashMap::with_max_entries(4096, 0);
+
 /// [`forward`] for a new connection, to the server `to_service_xdp` chose (`next`), as a
 /// BPF function of its own, its outcome finished: `to_service_xdp`'s frame and forward's
 /// do not fit the 512-byte stack together beside lb_xdp's.
@@ -50,27 +55,28 @@ pub fn forward_xdp(ctx: &XdpContext, ip: &Ip, next: &Next) -> u32 {
         settings,
         next.server,
         ip,
-        next.nat_addr,
+        &next.nat_addr,
         next.nat_port,
     ))
 }
 
-/// Sends the packet to server `id` by its method.
+/// Sends the packet to server `id` by its method; a NAT connection's source is `nat`:`nat_port`.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
     settings: &Settings,
     id: u32,
     ip: &Ip,
-    nat_addr: u32,
+    nat: &Addr,
     nat_port: u16,
 ) -> Outcome {
     let Some(server) = SERVERS.get(id) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
     if ip.v6 {
-        return forward6(ctx, settings, id, ip, server.method);
+        return forward6(ctx, settings, id, ip, nat, nat_port);
     }
+    let nat_addr = nat.w[3];
     let (method, server_port) = (server.method, server.port);
     let Some(server_addr) = server.addr.as_v4_raw() else {
         return Outcome::Drop(Stat::DropNoRoute);
@@ -114,11 +120,21 @@ pub fn forward(
     }
 }
 
-/// [`forward`] for an IPv6 packet: direct, or tunnel (IPv6-in-IPv6 from the ATM's IPv6
-/// address).
+/// [`forward`] for an IPv6 packet: direct, tunnel (IPv6-in-IPv6 from the ATM's IPv6
+/// address) or NAT66.
 #[inline(always)]
-fn forward6(ctx: &XdpContext, settings: &Settings, id: u32, ip: &Ip, method: u8) -> Outcome {
-    match Method::from_u8(method) {
+fn forward6(
+    ctx: &XdpContext,
+    settings: &Settings,
+    id: u32,
+    ip: &Ip,
+    nat: &Addr,
+    nat_port: u16,
+) -> Outcome {
+    let Some(server) = SERVERS.get(id) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
+    match Method::from_u8(server.method) {
         Some(Method::Direct) => match server_hop(ctx, id, Src::V6(&ip.saddr), ip.tot_len, ip.now) {
             Ok(hop) => send(ctx, &hop),
             Err(e) => too_big_or(ctx, ip, e, 0),
@@ -136,16 +152,22 @@ fn forward6(ctx: &XdpContext, settings: &Settings, id: u32, ip: &Ip, method: u8)
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, IPV6_HLEN as u16),
             };
-            let Some(server) = SERVERS.get(id) else {
-                return Outcome::Drop(Stat::DropNoServer);
-            };
             if encapsulate6(ctx, local, &server.addr, ip.tot_len).is_none() {
                 return Outcome::Drop(Stat::DropError);
             }
             send(ctx, &hop)
         }
-        // NAT66 is not there yet (`to_service` drops such connections before this).
-        _ => Outcome::Drop(Stat::DropNoRoute),
+        Some(Method::Nat) => {
+            let hop = match server_hop(ctx, id, Src::V6(nat), ip.tot_len, ip.now) {
+                Ok(h) => h,
+                Err(e) => return too_big_or(ctx, ip, e, 0),
+            };
+            if rewrite6(ctx, ip, nat, &server.addr, nat_port, server.port).is_none() {
+                return Outcome::Drop(Stat::DropError);
+            }
+            send(ctx, &hop)
+        }
+        None => Outcome::Drop(Stat::DropNoRoute),
     }
 }
 
@@ -239,11 +261,23 @@ fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
     }
 }
 
-/// See [`too_big_or`].
+/// See [`too_big_or`]. For IPv6 (whose routers never fragment), a packet-too-big, when
+/// the packet has no extension headers and the MTU to announce is at least IPv6's minimum
+/// of 1,280.
 #[inline(always)]
 fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
-    // IPv6's packet-too-big is not made yet.
-    if ip.v6 || !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
+    if ip.v6 {
+        if ip.l4() != ETH_HLEN + IPV6_HLEN || mtu < overhead + IPV6_MIN_MTU {
+            return Outcome::Drop(Stat::DropTooBig);
+        }
+        if packet_too_big(ctx, ip, mtu - overhead).is_some() {
+            count(Stat::IcmpSent, 1);
+            count(Stat::DropTooBig, 1);
+            return Outcome::Reply;
+        }
+        return Outcome::Drop(Stat::DropTooBig);
+    }
+    if !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
         return Outcome::Drop(Stat::DropTooBig);
     }
     if frag_needed(ctx, ip, mtu - overhead).is_some() {
@@ -326,6 +360,77 @@ fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
     Some(())
 }
 
+/// The least MTU of an IPv6 link (RFC 8200 section 5).
+const IPV6_MIN_MTU: u16 = 1280;
+
+/// Turns the packet (IPv6 without extension headers) into an ICMPv6 packet-too-big from
+/// its destination back to its source (RFC 4443 section 3.2): a new IPv6 and ICMPv6 header
+/// go in front of the original IPv6 header and the first 8 bytes of its payload (the
+/// ports, all the sender needs to find its socket), the rest is cut, the MACs swapped.
+#[inline(always)]
+fn packet_too_big(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+    // The first steps are `frag_needed`'s, written out again: shared as a function, inlined
+    // or not, they cost `established_xdp` 32 bytes of stack, more than the chain has left.
+    const QUOTE: usize = IPV6_HLEN + 8;
+    const GROW: usize = IPV6_HLEN + ICMP_HLEN;
+    const ICMP_LEN: usize = ICMP_HLEN + QUOTE;
+    const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    let len = frame_len(ctx);
+    if len < TOTAL {
+        return None;
+    }
+    // SAFETY: shrinks the tail to the ICMPv6 message; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - TOTAL) as i32)) } != 0 {
+        return None;
+    }
+    let new_eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    let h = ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ETH_HLEN + IPV6_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        (*new_eth).proto = ETH_P_IPV6_BE;
+        put_mac(&mut (*new_eth).dst, &eth.src);
+        put_mac(&mut (*new_eth).src, &eth.dst);
+        let h = &mut *h;
+        h.vtcfl = (6u32 << 28).to_be();
+        h.payload_len = (ICMP_LEN as u16).to_be();
+        h.nexthdr = IPPROTO_ICMPV6;
+        h.hop_limit = 64;
+        copy_words(&mut h.saddr, &ip.daddr.w);
+        copy_words(&mut h.daddr, &ip.saddr.w);
+        *icmp = IcmpHdr {
+            kind: ICMPV6_PKT_TOOBIG,
+            code: 0,
+            check: 0,
+            rest: (mtu as u32).to_be(),
+        };
+    }
+    // The checksum covers the pseudo-header (addresses, length, next header) and the whole
+    // message, read in one piece (see `frag_needed`).
+    let body = ptr_at::<[u16; ICMP_LEN / 2]>(ctx, ETH_HLEN + IPV6_HLEN)?;
+    let addrs = ptr_at::<[u16; 16]>(ctx, ETH_HLEN + 8)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (body, addrs) = unsafe { (*body, *addrs) };
+    let mut sum = (ICMP_LEN as u16).to_be() as u32 + (IPPROTO_ICMPV6 as u16).to_be() as u32;
+    for w in addrs {
+        sum += w as u32;
+    }
+    for w in body {
+        sum += w as u32;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { (*icmp).check = !csum::fold(sum) };
+    Some(())
+}
+
 /// A server's reply on a NAT connection: back to VIP -> client.
 #[inline(always)]
 pub fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -> Outcome {
@@ -342,24 +447,32 @@ pub fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u
         reply.flags |= CONN_SERVER_CLOSED_FIRST;
     }
     reply.flags |= ends;
-    let (Some(vip), Some(client)) = (server.vip.as_v4_raw(), reply.nat_addr.as_v4_raw()) else {
-        return Outcome::Drop(Stat::DropError);
-    };
     count_traffic(&SERVICE_STATS, server.service, bytes);
     count_traffic(&SERVER_STATS, reply.server, bytes);
-    if rewrite(ctx, ip, vip, client, server.vport, reply.nat_port).is_none() {
-        return Outcome::Drop(Stat::DropError);
-    }
     let fallback = Hop {
         ifindex: reply.ifindex,
         smac: reply.local_mac,
         dmac: reply.peer_mac,
     };
-    let hop = match next_hop(ctx, client, vip, ip.tot_len, fallback, ip.now) {
-        Ok(h) => h,
-        Err(e) => return e.outcome(),
+    let (vip, client) = (&server.vip, &reply.nat_addr);
+    let hop = if ip.v6 {
+        if rewrite6(ctx, ip, vip, client, server.vport, reply.nat_port).is_none() {
+            return Outcome::Drop(Stat::DropError);
+        }
+        next_hop6(ctx, client, vip, ip.tot_len, fallback, ip.now)
+    } else {
+        let (Some(vip), Some(client)) = (vip.as_v4_raw(), client.as_v4_raw()) else {
+            return Outcome::Drop(Stat::DropError);
+        };
+        if rewrite(ctx, ip, vip, client, server.vport, reply.nat_port).is_none() {
+            return Outcome::Drop(Stat::DropError);
+        }
+        next_hop(ctx, client, vip, ip.tot_len, fallback, ip.now)
     };
-    send(ctx, &hop)
+    match hop {
+        Ok(h) => send(ctx, &h),
+        Err(e) => e.outcome(),
+    }
 }
 
 /// Why there is no next hop.
@@ -414,17 +527,8 @@ fn next_hop(
     now: u64,
 ) -> Result<Hop, NoHop> {
     if let Some(c) = NEXT_HOPS.get_ptr(&dst) {
-        // SAFETY: a map value of this CPU, read only.
-        let c = unsafe { &*c };
-        if now < c.expires_ns {
-            if tot_len > c.mtu {
-                return Err(NoHop::TooBig(c.mtu));
-            }
-            return Ok(Hop {
-                ifindex: c.ifindex,
-                smac: c.smac,
-                dmac: c.dmac,
-            });
+        if let Some(found) = cached_hop(c, tot_len, now) {
+            return found;
         }
     }
     let hop = match fib(ctx, dst, src, 0) {
@@ -435,7 +539,59 @@ fn next_hop(
         _ => return Err(NoHop::Route),
     };
     let mtu = path_mtu(ctx, dst, src);
-    let entry = HopCache {
+    // A failed insert costs the next packet a lookup, nothing else.
+    let _ = NEXT_HOPS.insert(&dst, &hop_cache(&hop, mtu, now), 0);
+    fits(hop, mtu, tot_len)
+}
+
+/// [`next_hop`] toward an IPv6 destination, cached in `next_hops6`.
+#[inline(always)]
+fn next_hop6(
+    ctx: &XdpContext,
+    dst: &Addr,
+    src: &Addr,
+    tot_len: u16,
+    fallback: Hop,
+    now: u64,
+) -> Result<Hop, NoHop> {
+    if let Some(c) = NEXT_HOPS6.get_ptr(dst) {
+        if let Some(found) = cached_hop(c, tot_len, now) {
+            return found;
+        }
+    }
+    let hop = match fib6(ctx, dst, src, 0) {
+        (FIB_SUCCESS, Some(h), _) => h,
+        (FIB_NO_NEIGH, _, _) if fallback.ifindex != 0 && fallback.dmac != [0; 6] => {
+            return Ok(fallback)
+        }
+        _ => return Err(NoHop::Route),
+    };
+    let mtu = path_mtu6(ctx, dst, src);
+    let _ = NEXT_HOPS6.insert(dst, &hop_cache(&hop, mtu, now), 0);
+    fits(hop, mtu, tot_len)
+}
+
+/// A cached next hop, if still fresh: the hop, or too big for its path MTU.
+#[inline(always)]
+fn cached_hop(c: *const HopCache, tot_len: u16, now: u64) -> Option<Result<Hop, NoHop>> {
+    // SAFETY: a map value of this CPU, read only.
+    let c = unsafe { &*c };
+    if now >= c.expires_ns {
+        return None;
+    }
+    if tot_len > c.mtu {
+        return Some(Err(NoHop::TooBig(c.mtu)));
+    }
+    Some(Ok(Hop {
+        ifindex: c.ifindex,
+        smac: c.smac,
+        dmac: c.dmac,
+    }))
+}
+
+#[inline(always)]
+fn hop_cache(hop: &Hop, mtu: u16, now: u64) -> HopCache {
+    HopCache {
         expires_ns: now + HOP_TTL_NS,
         ifindex: hop.ifindex,
         mtu,
@@ -443,9 +599,11 @@ fn next_hop(
         smac: hop.smac,
         dmac: hop.dmac,
         _pad2: [0; 4],
-    };
-    // A failed insert costs the next packet a lookup, nothing else.
-    let _ = NEXT_HOPS.insert(&dst, &entry, 0);
+    }
+}
+
+#[inline(always)]
+fn fits(hop: Hop, mtu: u16, tot_len: u16) -> Result<Hop, NoHop> {
     if tot_len > mtu {
         return Err(NoHop::TooBig(mtu));
     }
@@ -616,6 +774,54 @@ pub fn rewrite(
             n = 0xffff;
         }
         *check = n;
+    }
+    Some(())
+}
+
+/// [`rewrite`] for IPv6 (NAT66): addresses word by word, ports, and the L4 checksum, whose
+/// pseudo-header holds the addresses, updated incrementally (IPv6 has no header checksum).
+#[inline(always)]
+pub fn rewrite6(
+    ctx: &XdpContext,
+    ip: &Ip,
+    saddr: &Addr,
+    daddr: &Addr,
+    sport: u16,
+    dport: u16,
+) -> Option<()> {
+    let h = ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4())?;
+    let at = if ip.proto == IPPROTO_TCP {
+        ip.l4() + 16
+    } else {
+        ip.l4() + 6
+    };
+    let check = ptr_at_mut::<u16>(ctx, at)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        let h = &mut *h;
+        let mut c = *check;
+        for i in 0..4 {
+            let new = core::ptr::read_volatile(&saddr.w[i]);
+            c = csum::replace4(c, h.saddr[i], new);
+            h.saddr[i] = new;
+            let new = core::ptr::read_volatile(&daddr.w[i]);
+            c = csum::replace4(c, h.daddr[i], new);
+            h.daddr[i] = new;
+        }
+        let p = &mut *ports;
+        c = csum::replace2(c, p[0], sport);
+        c = csum::replace2(c, p[1], dport);
+        p[0] = sport;
+        p[1] = dport;
+        // A UDP checksum of zero is not allowed over IPv6; one left so stays so.
+        if ip.proto == IPPROTO_UDP && *check == 0 {
+            return Some(());
+        }
+        if ip.proto == IPPROTO_UDP && c == 0 {
+            c = 0xffff;
+        }
+        *check = c;
     }
     Some(())
 }

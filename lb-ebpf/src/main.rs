@@ -109,12 +109,33 @@ fn nat_reply_xdp(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u
     finish(nat_reply(ctx, reply, ip, tcp_flags))
 }
 
+/// An ICMP error for a VIP: [`FORWARD`] if `next` names the server to send it to.
 #[inline(never)]
-fn icmp_to_vip_xdp(ctx: &XdpContext, ip: &Ip) -> u32 {
-    let Some(settings) = SETTINGS.get(0) else {
-        return finish(Outcome::Pass);
-    };
-    finish(icmp_to_vip(ctx, settings, ip))
+fn icmp_to_vip_xdp(ctx: &XdpContext, ip: &Ip, next: &mut Next) -> u32 {
+    finish(icmp_to_vip(ctx, ip, next))
+}
+
+/// [`icmp_to_vip_xdp`] for ICMPv6.
+#[inline(never)]
+fn icmp6_to_vip_xdp(ctx: &XdpContext, ip: &Ip, next: &mut Next) -> u32 {
+    finish(icmp6_to_vip(ctx, ip, next))
+}
+
+/// An ICMP(v6) error for a VIP, sent on by `to_server` (one of the two above), or to the
+/// server it names through `forward_xdp`.
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    ip: &Ip,
+    next: &mut Next,
+    to_server: fn(&XdpContext, &Ip, &mut Next) -> u32,
+) -> Outcome {
+    count_vip(ctx);
+    let action = to_server(ctx, ip, next);
+    if action != FORWARD {
+        return Outcome::Action(action);
+    }
+    Outcome::Action(forward_xdp(ctx, ip, next))
 }
 
 #[inline(always)]
@@ -242,8 +263,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {}
         IPPROTO_ICMP if to_vip => {
-            count_vip(ctx);
-            return Outcome::Action(icmp_to_vip_xdp(ctx, ip));
+            return icmp_error(ctx, ip, next, icmp_to_vip_xdp);
         }
         _ => return Outcome::Pass,
     }
@@ -316,12 +336,9 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
             }
         }
     }
-    // No NAT66 reply legs yet: a reply leg's key would name the NAT address.
-    if conn.is_some_and(is_reply) {
-        conn = None;
-    }
-    let to_vip = conn.is_some() || svc.is_some() || VIPS.get_ptr(&ip.daddr).is_some();
-    if !to_vip {
+    let to_vip =
+        conn.is_some_and(|c| !is_reply(c)) || svc.is_some() || VIPS.get_ptr(&ip.daddr).is_some();
+    if !to_vip && !is_nat_addr6(settings, &ip.daddr) {
         return Outcome::Pass;
     }
     // SAFETY: plain helper call.
@@ -340,21 +357,21 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     let ip: &Ip = ip;
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {}
-        IPPROTO_ICMPV6 => {
-            // Echo and errors alike reach the primary's stack for now.
-            count_vip(ctx);
-            return Outcome::Pass;
+        IPPROTO_ICMPV6 if to_vip => {
+            return icmp_error(ctx, ip, next, icmp6_to_vip_xdp);
         }
         _ => return Outcome::Pass,
     }
-    steer(ctx, settings, ip, l4, next, conn, svc, false)
+    // Worked out again rather than kept: lb_xdp's frame has no room for one more value.
+    let to_nat = is_nat_addr6(settings, &ip.daddr);
+    steer(ctx, settings, ip, l4, next, conn, svc, to_nat)
 }
 
 /// An IPv6 packet whose L4 header cannot be found: dropped as `reason` if it is for a VIP
-/// (as an orphan, as `drop_orphaned`), passed if not.
+/// or the NAT address (as an orphan, as `drop_orphaned`), passed if not.
 #[inline(always)]
 fn vip_or_pass(ctx: &XdpContext, settings: &Settings, ip: &Ip, reason: Stat) -> Outcome {
-    if VIPS.get_ptr(&ip.daddr).is_none() {
+    if VIPS.get_ptr(&ip.daddr).is_none() && !is_nat_addr6(settings, &ip.daddr) {
         return Outcome::Pass;
     }
     // SAFETY: plain helper call.

@@ -145,18 +145,25 @@ pub fn scratch_key<const SLOT: usize>(
     dport: u16,
     proto: u8,
 ) -> Option<&'static mut FlowKey> {
-    let keys = KEYS.get_ptr_mut(0)?;
-    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU. Each slot has one user at a
-    // time on a packet's path.
-    let k = unsafe { &mut (*keys)[SLOT] };
+    let k = key_slot::<SLOT>()?;
     k.src = src;
     k.dst = dst;
     Some(key_rest(k, sport, dport, proto))
 }
 
+/// Slot `SLOT` of the scratch flow keys, as it is: for a caller that writes the addresses
+/// itself (word by word, from the packet) and completes it with [`key_rest`].
+#[inline(always)]
+pub fn key_slot<const SLOT: usize>() -> Option<&'static mut FlowKey> {
+    let keys = KEYS.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU. Each slot has one user at a
+    // time on a packet's path.
+    Some(unsafe { &mut (*keys)[SLOT] })
+}
+
 /// A flow key's ports, protocol and padding.
 #[inline(always)]
-fn key_rest(k: &mut FlowKey, sport: u16, dport: u16, proto: u8) -> &mut FlowKey {
+pub fn key_rest(k: &mut FlowKey, sport: u16, dport: u16, proto: u8) -> &mut FlowKey {
     k.sport = sport;
     k.dport = dport;
     k.proto = proto;
@@ -176,9 +183,7 @@ pub fn packet_key(ip: &Ip, l4: &L4) -> Option<&'static mut FlowKey> {
 /// The flow key of a packet from `ip`'s addresses (slot 0), copied word by word.
 #[inline(always)]
 pub fn flow_key(ip: &Ip, sport: u16, dport: u16, proto: u8) -> Option<&'static mut FlowKey> {
-    let keys = KEYS.get_ptr_mut(0)?;
-    // SAFETY: as in `scratch_key`.
-    let k = unsafe { &mut (*keys)[0] };
+    let k = key_slot::<0>()?;
     copy_addr(&mut k.src, &ip.saddr.w);
     copy_addr(&mut k.dst, &ip.daddr.w);
     Some(key_rest(k, sport, dport, proto))

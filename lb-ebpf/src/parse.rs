@@ -62,7 +62,7 @@ pub struct Parsed {
 /// A new connection's server and NAT source, handed from `to_service_xdp` to `forward_xdp`.
 pub struct Next {
     pub server: u32,
-    pub nat_addr: u32,
+    pub nat_addr: Addr,
     pub nat_port: u16,
 }
 

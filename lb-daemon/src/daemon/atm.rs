@@ -89,6 +89,7 @@ impl Daemon {
             // No IPv6 address for an ATM in the config yet: v6 tunnel servers are not
             // reached (the config takes no IPv6 service yet either).
             local_addr6: Addr::default(),
+            nat_addr6: Addr::default(),
         }
     }
 
