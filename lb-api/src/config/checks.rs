@@ -1,7 +1,10 @@
 //! The checks on addresses and between tables: what no machine can hold, and what two tables
 //! that were each read without fault still get wrong together.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use super::{
     reader::Cx,
@@ -11,17 +14,38 @@ use super::{
 
 /// Why no machine can hold `a` (so it cannot be a VIP, a server, an ATM or the NAT
 /// gateway), if that is so.
-pub(super) fn unusable(a: Ipv4Addr) -> Option<&'static str> {
-    if a.is_unspecified() {
-        Some("the unspecified address")
-    } else if a.is_broadcast() {
-        Some("the broadcast address")
-    } else if a.is_loopback() {
-        Some("a loopback address")
-    } else if a.is_multicast() {
-        Some("a multicast address")
-    } else {
-        None
+pub(super) fn unusable(a: IpAddr) -> Option<&'static str> {
+    match a {
+        IpAddr::V4(a) => {
+            if a.is_unspecified() {
+                Some("the unspecified address")
+            } else if a.is_broadcast() {
+                Some("the broadcast address")
+            } else if a.is_loopback() {
+                Some("a loopback address")
+            } else if a.is_multicast() {
+                Some("a multicast address")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            if a.is_unspecified() {
+                Some("the unspecified address")
+            } else if a.is_loopback() {
+                Some("a loopback address")
+            } else if a.is_multicast() {
+                Some("a multicast address")
+            } else if a.is_unicast_link_local() {
+                // Its scope is one link: neither routed nor looked up without an interface.
+                Some("a link-local address")
+            } else if a.to_ipv4_mapped().is_some() {
+                // The dataplane keys IPv4 by exactly these addresses.
+                Some("an IPv4-mapped address (write the IPv4 address itself)")
+            } else {
+                None
+            }
+        }
     }
 }
 
@@ -51,7 +75,7 @@ pub(super) struct Across<'a> {
 /// later or offending value and names the other's line, so both can be found.
 pub(super) fn check_across(cx: &mut Cx, a: &Across) {
     let mut atm_names = HashMap::new();
-    let mut atm_addrs: HashMap<Ipv4Addr, &AtmRead> = HashMap::new();
+    let mut atm_addrs: HashMap<IpAddr, &AtmRead> = HashMap::new();
     for atm in &a.atms {
         if let Some(first) = atm_names.insert(atm.atm.name.as_str(), atm.line) {
             cx.err(
@@ -62,7 +86,7 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
                 ),
             );
         }
-        match atm_addrs.get(&atm.atm.address) {
+        match atm_addrs.get(&IpAddr::V4(atm.atm.address)) {
             Some(first) => cx.err(
                 atm.line,
                 format!(
@@ -71,7 +95,7 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
                 ),
             ),
             None => {
-                atm_addrs.insert(atm.atm.address, atm);
+                atm_addrs.insert(IpAddr::V4(atm.atm.address), atm);
             }
         }
     }
@@ -79,14 +103,14 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
     // The first server at each address, as (service, server) indices. A service with a
     // server at its own VIP was refused where it was read and is not here, so the server
     // found at a VIP is always another service's.
-    let mut servers_at: HashMap<Ipv4Addr, (usize, usize)> = HashMap::new();
+    let mut servers_at: HashMap<IpAddr, (usize, usize)> = HashMap::new();
     for (i, s) in a.services.iter().enumerate() {
         for (j, server) in s.service.servers.iter().enumerate() {
             servers_at.entry(server.address).or_insert((i, j));
         }
     }
 
-    let mut service_keys: HashMap<(Ipv4Addr, u16, u8), usize> = HashMap::new();
+    let mut service_keys: HashMap<(IpAddr, u16, u8), usize> = HashMap::new();
     let mut service_names = HashMap::new();
     let mut lines = 0usize;
     for s in &a.services {
@@ -194,7 +218,7 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
         }
     }
     if let Some(n) = a.nat
-        && let Some(atm) = n.nat.addresses().skip(1).find_map(|p| atm_addrs.get(&p))
+        && let Some(atm) = n.nat.addresses().skip(1).find_map(|p| atm_addrs.get(&IpAddr::V4(p)))
     {
         cx.err(
             n.pool_line,
@@ -205,7 +229,7 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
         );
     }
     if let Some(n) = a.nat
-        && let Some(atm) = atm_addrs.get(&n.nat.gateway)
+        && let Some(atm) = atm_addrs.get(&IpAddr::V4(n.nat.gateway))
     {
         cx.err(
             n.gateway_line,

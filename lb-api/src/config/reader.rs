@@ -3,7 +3,7 @@
 //! took reported as unknown.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     ops::{Range, RangeInclusive},
     path::Path,
 };
@@ -182,7 +182,7 @@ impl<'a> Tab<'a> {
         }
     }
 
-    /// A required address that some machine holds or answers as `role` ("a VIP", "the NAT
+    /// A required IPv4 address that some machine holds or answers as `role` ("the NAT
     /// gateway"...): not one of the addresses no host can own.
     pub(super) fn addr(
         &mut self,
@@ -198,13 +198,21 @@ impl<'a> Tab<'a> {
             );
             return None;
         };
-        if let Some(what) = unusable(a) {
+        usable(cx, key, IpAddr::V4(a), role, s.line)?;
+        Some(At { v: a, line: s.line })
+    }
+
+    /// [`Tab::addr`] of either family (a VIP, a server).
+    pub(super) fn ip(&mut self, cx: &mut Cx, key: &'static str, role: &str) -> Option<At<IpAddr>> {
+        let s = self.req_str(cx, key)?;
+        let Ok(a) = s.v.parse::<IpAddr>() else {
             cx.err(
                 s.line,
-                format!("`{key}` = {a} is {what}: it cannot be {role}"),
+                format!("`{key}` = {:?} is not an IPv4 or IPv6 address", s.v),
             );
             return None;
-        }
+        };
+        usable(cx, key, a, role, s.line)?;
         Some(At { v: a, line: s.line })
     }
 
@@ -347,4 +355,16 @@ pub(super) fn close(a: &str, b: &str) -> bool {
             .map(|(_, c)| c)
             .eq(short.iter())
     })
+}
+
+/// `a`, the value of `key` at `line`, refused (the error says why) if no host can hold it as
+/// `role`.
+fn usable(cx: &mut Cx, key: &str, a: IpAddr, role: &str, line: usize) -> Option<()> {
+    match unusable(a) {
+        Some(what) => {
+            cx.err(line, format!("`{key}` = {a} is {what}: it cannot be {role}"));
+            None
+        }
+        None => Some(()),
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
@@ -40,7 +40,7 @@ pub(super) fn read_service(
     let mut tab = Tab::new(t, "[[service]]", line);
     let mut bad = false;
     let name = tab.name(cx);
-    let vip = tab.addr(cx, "vip", "a VIP");
+    let vip = tab.ip(cx, "vip", "a VIP");
     let port = tab.int(cx, "port", 1..=65_535, "");
     if !t.contains_key("port") {
         tab.missing(cx, "port");
@@ -62,7 +62,7 @@ pub(super) fn read_service(
     let mut servers = Vec::new();
     let mut address_lines = Vec::new();
     let mut seen_names: HashMap<String, usize> = HashMap::new();
-    let mut seen_addrs: HashSet<(Ipv4Addr, u16)> = HashSet::new();
+    let mut seen_addrs: HashSet<(IpAddr, u16)> = HashSet::new();
     for (st, sline) in server_tables {
         match read_server(cx, st, sline, service_port, nat) {
             Some((s, address_line)) => {
@@ -79,7 +79,27 @@ pub(super) fn read_service(
                 if !seen_addrs.insert((s.address, s.port)) {
                     cx.err(
                         sline,
-                        format!("duplicate server {}:{} in this service", s.address, s.port),
+                        format!(
+                            "duplicate server {} in this service",
+                            SocketAddr::new(s.address, s.port)
+                        ),
+                    );
+                    bad = true;
+                }
+                if let Some(v) = &vip
+                    && v.v.is_ipv4() != s.address.is_ipv4()
+                {
+                    cx.err(
+                        address_line,
+                        format!(
+                            "server {} is {} but the VIP {} (line {}) is {}: a service and its \
+                             servers share a family",
+                            s.address,
+                            family(s.address),
+                            v.v,
+                            v.line,
+                            family(v.v)
+                        ),
                     );
                     bad = true;
                 }
@@ -125,7 +145,7 @@ fn read_server(
 ) -> Option<(ServerCfg, usize)> {
     let mut tab = Tab::new(t, "[[service.server]]", line);
     let name = tab.name(cx);
-    let address = tab.addr(cx, "address", "a server's address");
+    let address = tab.ip(cx, "address", "a server's address");
     let port = tab.int(cx, "port", 1..=65_535, "");
     let port_bad = t.contains_key("port") && port.is_none();
     let weight = tab.int(cx, "weight", WEIGHT_RANGE, "");
@@ -167,12 +187,27 @@ fn read_server(
                 );
                 return None;
             }
+            Some(_) if address.v.is_ipv6() => {
+                // The config has no IPv6 NAT subnet yet (issue 15's next step).
+                cx.err(
+                    address.line,
+                    format!(
+                        "NAT server {} is IPv6: NAT66 needs an IPv6 subnet in [nat], which \
+                         this version does not take yet",
+                        address.v
+                    ),
+                );
+                return None;
+            }
             Some(n) => {
+                let IpAddr::V4(a4) = address.v else {
+                    unreachable!("IPv6 refused above")
+                };
                 let net = n.net();
-                let problem = if !net.contains(&address.v) {
+                let problem = if !net.contains(&a4) {
                     Some(format!("is not in the NAT subnet {net}"))
                 } else {
-                    reserved_in(&net, address.v).map(|which| {
+                    reserved_in(&net, a4).map(|which| {
                         format!("is the NAT subnet {net}'s {which} address, which no host can have")
                     })
                 };
@@ -325,4 +360,9 @@ fn check_ms(cx: &mut Cx, tab: &mut Tab, key: &'static str) -> Option<At<u32>> {
         v: v.v as u32,
         line: v.line,
     })
+}
+
+/// "IPv4" or "IPv6".
+pub(super) fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
 }

@@ -1,4 +1,7 @@
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use lb_common::{IPPROTO_TCP, Method, Sched};
 
@@ -416,4 +419,74 @@ fn typos_are_close() {
     assert!(close("adress", "address"));
     assert!(close("portt", "port"));
     assert!(!close("colour", "timeout"));
+}
+
+#[test]
+fn ipv6_vips_and_servers_are_read_and_must_share_a_family() {
+    let v6 = GOOD
+        .replacen("vip = \"192.0.2.100\"", "vip = \"2001:db8::100\"", 1)
+        .replacen("address = \"192.0.2.11\"", "address = \"2001:db8::11\"", 1);
+    // web2 is a NAT server at an IPv4 address: a family of its own.
+    let problems = parse(&v6, Path::new("/")).unwrap_err();
+    assert_eq!(
+        problems,
+        vec![Problem {
+            line: 27,
+            message: "server 203.0.113.12 is IPv4 but the VIP 2001:db8::100 (line 17) is IPv6: \
+                      a service and its servers share a family"
+                .into()
+        }]
+    );
+    let only_v6 = v6.replace(
+        "[[service.server]]\nname = \"web2\"\naddress = \"203.0.113.12\"\nport = 8080\nmethod = \"nat\"\nweight = 2\n",
+        "",
+    );
+    let c = parse(&only_v6, Path::new("/")).unwrap();
+    assert_eq!(c.services[0].vip, "2001:db8::100".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        c.services[0].servers[0].address,
+        "2001:db8::11".parse::<IpAddr>().unwrap()
+    );
+    // The reverse: an IPv6 server under an IPv4 VIP, reported at its address line.
+    assert_eq!(
+        problems_with("address = \"192.0.2.11\"", "address = \"2001:db8::11\""),
+        vec![(
+            24,
+            "server 2001:db8::11 is IPv6 but the VIP 192.0.2.100 (line 17) is IPv4: a service \
+             and its servers share a family"
+                .into()
+        )]
+    );
+}
+
+#[test]
+fn ipv6_addresses_no_host_can_hold_are_refused() {
+    for (a, what) in [
+        ("::", "the unspecified address"),
+        ("::1", "a loopback address"),
+        ("ff02::1", "a multicast address"),
+        ("fe80::1", "a link-local address"),
+        (
+            "::ffff:192.0.2.100",
+            "an IPv4-mapped address (write the IPv4 address itself)",
+        ),
+    ] {
+        assert_eq!(
+            problems_with("vip = \"192.0.2.100\"", &format!("vip = \"{a}\"")),
+            vec![(17, format!("`vip` = {a} is {what}: it cannot be a VIP"))],
+        );
+    }
+    // Not an address at all.
+    assert_eq!(
+        problems_with("vip = \"192.0.2.100\"", "vip = \"2001:db8::g\""),
+        vec![(
+            17,
+            "`vip` = \"2001:db8::g\" is not an IPv4 or IPv6 address".into()
+        )],
+    );
+    // An ATM's address is IPv4 (heartbeats over IPv6 are to come).
+    assert_eq!(
+        problems_with("address = \"192.0.2.2\"", "address = \"2001:db8::2\""),
+        vec![(12, "`address` = \"2001:db8::2\" is not an IPv4 address".into())],
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
 };
@@ -98,8 +98,9 @@ impl Nat {
         Ipv4Net::new(self.subnet, self.prefix).expect("a NAT prefix is at most 32")
     }
 
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        self.net().contains(&a)
+    /// Whether `a` is in the (IPv4) NAT subnet.
+    pub fn contains(&self, a: IpAddr) -> bool {
+        matches!(a, IpAddr::V4(a) if self.net().contains(&a))
     }
 
     /// Every NAT source address: the gateway first, then the pool.
@@ -159,7 +160,8 @@ pub struct Atm {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceCfg {
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// IPv4 or IPv6; its servers share its family.
+    pub vip: IpAddr,
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
@@ -183,7 +185,7 @@ pub fn proto_name(proto: u8) -> &'static str {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerCfg {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub method: Method,
