@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -17,9 +17,9 @@ use crate::{
 };
 
 /// A service's identity: what a client addresses.
-pub type SvcKey = (Ipv4Addr, u16, u8);
+pub type SvcKey = (IpAddr, u16, u8);
 /// A server line's identity: the service and the server's address and port.
-pub type LineKey = (SvcKey, Ipv4Addr, u16);
+pub type LineKey = (SvcKey, IpAddr, u16);
 
 pub fn svc_key(s: &ServiceCfg) -> SvcKey {
     (s.vip, s.port, s.proto)
@@ -89,8 +89,8 @@ pub struct Plane {
 /// Each server index's server (address, port, method) and service (VIP, port).
 #[derive(Default)]
 pub struct Lines {
-    pub server: HashMap<u32, (Ipv4Addr, u16, Method)>,
-    pub vip: HashMap<u32, (Ipv4Addr, u16)>,
+    pub server: HashMap<u32, (IpAddr, u16, Method)>,
+    pub vip: HashMap<u32, (IpAddr, u16)>,
 }
 
 /// Where the plane programs its services: the dataplane's maps (and, in the unit tests, a

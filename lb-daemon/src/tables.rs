@@ -2,7 +2,10 @@
 //! surfaces"), and the parsing of writes. Pure functions over snapshots, shared by the FUSE
 //! files, the control socket and the metrics endpoint.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
 
 use lb_common::DecapStat;
 
@@ -149,7 +152,7 @@ pub fn parse_write(table: Table, text: &str) -> Result<Write, String> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceLine {
     pub proto: u8,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     /// At least one server can take connections.
     pub up: bool,
@@ -161,9 +164,9 @@ pub struct ServiceLine {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerLine {
     pub proto: u8,
-    pub server: Ipv4Addr,
+    pub server: IpAddr,
     pub port: u16,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub vport: u16,
     pub up: bool,
     pub weight: u32,
@@ -176,12 +179,12 @@ pub struct ServerLine {
 pub struct ConnLine {
     pub proto: u8,
     /// The client, or for the second line of a NAT connection our NAT-subnet source.
-    pub src: (Ipv4Addr, u16),
+    pub src: (IpAddr, u16),
     /// The service's VIP:port.
-    pub vip: (Ipv4Addr, u16),
+    pub vip: (IpAddr, u16),
     /// Seconds until it times out.
     pub timeout: u64,
-    pub server: (Ipv4Addr, u16),
+    pub server: (IpAddr, u16),
     pub packets: u64,
 }
 
@@ -233,10 +236,9 @@ pub fn render_services(lines: &[ServiceLine]) -> String {
     for l in lines {
         let _ = writeln!(
             out,
-            "{} {}:{} {} {} {}",
+            "{} {} {} {} {}",
             config::proto_name(l.proto),
-            l.vip,
-            l.port,
+            SocketAddr::new(l.vip, l.port),
             up_down(l.up),
             l.persistent as u8,
             l.packets
@@ -250,12 +252,10 @@ pub fn render_servers(lines: &[ServerLine]) -> String {
     for l in lines {
         let _ = writeln!(
             out,
-            "{} {}:{} {}:{} {} {} {} {}",
+            "{} {} {} {} {} {} {}",
             config::proto_name(l.proto),
-            l.server,
-            l.port,
-            l.vip,
-            l.vport,
+            SocketAddr::new(l.server, l.port),
+            SocketAddr::new(l.vip, l.vport),
             up_down(l.up),
             l.weight,
             l.method,
@@ -270,15 +270,12 @@ pub fn render_connections(lines: &[ConnLine]) -> String {
     for l in lines {
         let _ = writeln!(
             out,
-            "{} {}:{} {}:{} {} {}:{} {}",
+            "{} {} {} {} {} {}",
             config::proto_name(l.proto),
-            l.src.0,
-            l.src.1,
-            l.vip.0,
-            l.vip.1,
+            SocketAddr::from(l.src),
+            SocketAddr::from(l.vip),
             l.timeout,
-            l.server.0,
-            l.server.1,
+            SocketAddr::from(l.server),
             l.packets
         );
     }

@@ -588,7 +588,7 @@ impl ConnView {
                 // The ATM-to-server leg of a NAT connection: our NAT-subnet source.
                 ConnLine {
                     proto: k.proto,
-                    src: (v4(&k.dst), u16::from_be(k.dport)),
+                    src: (k.dst.to_ip(), u16::from_be(k.dport)),
                     vip: self
                         .lines
                         .vip
@@ -596,7 +596,7 @@ impl ConnView {
                         .copied()
                         .unwrap_or((Ipv4Addr::UNSPECIFIED, 0)),
                     timeout: left,
-                    server: (v4(&k.src), u16::from_be(k.sport)),
+                    server: (k.src.to_ip(), u16::from_be(k.sport)),
                     packets: c.packets,
                 }
             } else {
@@ -608,8 +608,8 @@ impl ConnView {
                     .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
                 ConnLine {
                     proto: k.proto,
-                    src: (v4(&k.src), u16::from_be(k.sport)),
-                    vip: (v4(&k.dst), u16::from_be(k.dport)),
+                    src: (k.src.to_ip(), u16::from_be(k.sport)),
+                    vip: (k.dst.to_ip(), u16::from_be(k.dport)),
                     timeout: left,
                     server: (sa, sp),
                     packets: c.packets,
