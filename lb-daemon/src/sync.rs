@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Server index -> (address, port), as the primary's plane has them.
-pub type ServerMap = HashMap<u32, (Ipv4Addr, u16, Method)>;
+pub type ServerMap = HashMap<u32, (IpAddr, u16, Method)>;
 
 fn ap(a: &Addr, port_be: u16) -> SocketAddr {
     SocketAddr::new(a.to_ip(), u16::from_be(port_be))
@@ -174,8 +174,8 @@ pub fn install(
             skipped += 1;
             continue;
         };
-        let svc = (vip.0, vip.1, r.proto);
-        let line = (svc, server.0, server.1);
+        let svc = (vip.0.into(), vip.1, r.proto);
+        let line = (svc, server.0.into(), server.1);
         let Some(index) = plane.index(&line) else {
             skipped += 1;
             continue;

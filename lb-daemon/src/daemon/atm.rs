@@ -197,7 +197,7 @@ impl Daemon {
         local
             .iter()
             .filter(|a| {
-                nat.contains(a.addr) && a.addr != nat.gateway && !a.label.ends_with(NAT_LABEL)
+                nat.contains(a.addr.into()) && a.addr != nat.gateway && !a.label.ends_with(NAT_LABEL)
             })
             .map(|a| a.interface().to_string())
             .next()

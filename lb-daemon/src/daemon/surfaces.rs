@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
 };
 
@@ -20,7 +20,7 @@ use crate::{
     dataplane::{self, Capacities, CounterTables, Counts},
     ha::Reject,
     metrics,
-    services::{Plane, line_key, svc_key, v4},
+    services::{Plane, line_key, svc_key},
     tables::{self, ConnLine, StatLine, Table, Write},
 };
 
@@ -594,7 +594,7 @@ impl ConnView {
                         .vip
                         .get(&c.server)
                         .copied()
-                        .unwrap_or((Ipv4Addr::UNSPECIFIED, 0)),
+                        .unwrap_or((Ipv4Addr::UNSPECIFIED.into(), 0)),
                     timeout: left,
                     server: (k.src.to_ip(), u16::from_be(k.sport)),
                     packets: c.packets,
@@ -605,7 +605,7 @@ impl ConnView {
                     .server
                     .get(&c.server)
                     .map(|(a, p, _)| (*a, *p))
-                    .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+                    .unwrap_or((Ipv4Addr::UNSPECIFIED.into(), 0));
                 ConnLine {
                     proto: k.proto,
                     src: (k.src.to_ip(), u16::from_be(k.sport)),
@@ -624,7 +624,7 @@ impl ConnView {
 
 /// `lb-cli list connections`.
 pub(super) fn connection_views(lines: &[ConnLine]) -> Vec<views::ConnectionLine> {
-    let at = |(a, p): (Ipv4Addr, u16)| SocketAddr::new(a.into(), p);
+    let at = |(a, p): (IpAddr, u16)| SocketAddr::new(a, p);
     lines
         .iter()
         .map(|l| views::ConnectionLine {
