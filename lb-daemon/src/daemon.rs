@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -196,7 +196,7 @@ struct Daemon {
     applying: Option<reload::Applying>,
     /// Every server address, once each (for neighbour resolution): kept, not recomputed
     /// from a config of up to 65,536 lines every sweep.
-    server_addrs: Arc<Vec<Ipv4Addr>>,
+    server_addrs: Arc<Vec<IpAddr>>,
 }
 
 /// A planned handover waiting for its table transfer to be sent.

@@ -1,7 +1,7 @@
 //! The balancer side of an ATM: its dataplane and settings, becoming primary (the VIP and
 //! NAT aliases, gratuitous ARPs) and backup, the periodic sweep, and stopping.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::{IpAddr, Ipv4Addr}, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::{Addr, Connection, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
@@ -205,11 +205,11 @@ impl Daemon {
     }
 
     /// Every server address of the config (kept from the last reload).
-    pub(super) fn server_addrs(&self) -> Arc<Vec<Ipv4Addr>> {
+    pub(super) fn server_addrs(&self) -> Arc<Vec<IpAddr>> {
         self.server_addrs.clone()
     }
 
-    pub(super) fn vips(&self) -> Vec<Ipv4Addr> {
+    pub(super) fn vips(&self) -> Vec<IpAddr> {
         self.config
             .services
             .iter()

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -223,7 +223,7 @@ pub(super) fn checks_for(
 }
 
 /// Every server address of `config`, once each.
-pub(super) fn server_addrs(config: &Config) -> Vec<Ipv4Addr> {
+pub(super) fn server_addrs(config: &Config) -> Vec<IpAddr> {
     config
         .services
         .iter()

@@ -606,7 +606,7 @@ impl Daemon {
 /// Pings the `track` addresses every second; reports when reaching all of them (two
 /// answers in a row) or not (two misses in a row) changes.
 pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
-    let client = match health::ping::client() {
+    let client = match health::ping::client(false) {
         Ok(c) => c,
         Err(e) => {
             error!("Cannot ping the track addresses: {e}");
@@ -617,7 +617,7 @@ pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
     let mut pingers = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
         let id = TRACK_PING_ID + i as u16;
-        pingers.push(health::ping::Pinger::new(&client, *a, id, TRACK_TIMEOUT).await);
+        pingers.push(health::ping::Pinger::new(&client, (*a).into(), id, TRACK_TIMEOUT).await);
     }
     // The first round decides (the election waits for it); after that it takes two in a
     // row to change the verdict, so one lost ping moves nothing.

@@ -11,7 +11,11 @@ pub(super) async fn check(
     body: Option<&str>,
 ) -> Option<String> {
     let scheme = if https { "https" } else { "http" };
-    let url = format!("{scheme}://{}:{}{path}", ctx.addr, ctx.port);
+    // An IPv6 literal goes in brackets (RFC 3986), as SocketAddr writes it.
+    let url = format!(
+        "{scheme}://{}{path}",
+        std::net::SocketAddr::new(ctx.addr, ctx.port)
+    );
     let resp = match client.get(&url).send().await {
         Ok(r) => r,
         Err(e) if e.is_timeout() => return Some(format!("{scheme} GET {path} timed out")),

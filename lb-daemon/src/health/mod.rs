@@ -4,7 +4,10 @@
 //! in a task of its own, so a hanging server never delays the others, with a little jitter so
 //! probes do not fire in lockstep.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
@@ -33,7 +36,7 @@ pub struct Outcome {
     /// toward the server, or `None` with no route at all. A backup ATM without an address of
     /// its own in the NAT subnet has no route to NAT servers, or one whose answers come back
     /// through the primary's gateway alias: either way it cannot judge them.
-    pub source: Option<Ipv4Addr>,
+    pub source: Option<IpAddr>,
 }
 
 impl Outcome {
@@ -50,16 +53,18 @@ impl Outcome {
 
 /// The source address this machine would use toward `addr`, `None` without a route.
 /// connect(2) on a UDP socket asks the routing table and sends nothing.
-fn source_toward(addr: Ipv4Addr) -> Option<Ipv4Addr> {
-    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+fn source_toward(addr: IpAddr) -> Option<IpAddr> {
+    let any: IpAddr = if addr.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let s = std::net::UdpSocket::bind((any, 0)).ok()?;
     match s.connect((addr, 9)) {
         Err(e) if e.kind() == std::io::ErrorKind::NetworkUnreachable => None,
         // Another error says nothing about routes: count the failure as usual.
-        Err(_) => Some(Ipv4Addr::UNSPECIFIED),
-        Ok(()) => match s.local_addr() {
-            Ok(std::net::SocketAddr::V4(a)) => Some(*a.ip()),
-            _ => Some(Ipv4Addr::UNSPECIFIED),
-        },
+        Err(_) => Some(any),
+        Ok(()) => Some(s.local_addr().map_or(any, |a| a.ip())),
     }
 }
 
@@ -67,7 +72,7 @@ fn source_toward(addr: Ipv4Addr) -> Option<Ipv4Addr> {
 /// counts every failure. A backup counts one that went out with a route (`source`), and for
 /// a NAT server (`nat`: its subnet) from an address of its own in the NAT subnet: from
 /// anywhere else the server's answers go to its gateway, the alias the primary holds.
-pub fn failure_counts(source: Option<Ipv4Addr>, primary: bool, nat: Option<&Nat>) -> bool {
+pub fn failure_counts(source: Option<IpAddr>, primary: bool, nat: Option<&Nat>) -> bool {
     primary
         || source.is_some_and(|src| {
             src.is_unspecified() || nat.is_none_or(|n| n.contains(src) && src != n.gateway)
@@ -237,14 +242,22 @@ impl Checks {
     pub fn start(config: &Config, tx: mpsc::Sender<Outcome>) -> (Checks, String) {
         let mut tasks = Vec::new();
         let (mut pings, mut checks) = (0, 0);
-        let ping_client = ping::client().ok();
+        // One ICMP socket per family, opened only if a server of that family is pinged.
+        let wants = |v6: bool| {
+            config
+                .services
+                .iter()
+                .flat_map(|s| &s.servers)
+                .any(|v| v.ping && v.address.is_ipv6() == v6)
+        };
+        let ping_clients = [false, true].map(|v6| wants(v6).then(|| ping::client(v6).ok()).flatten());
         for s in &config.services {
             for v in &s.servers {
                 let line = line_key(s, v);
                 let every = Duration::from_millis(s.check.interval_ms as u64);
                 let timeout = Duration::from_millis(s.check.timeout_ms as u64);
                 if v.ping
-                    && let Some(client) = ping_client.clone()
+                    && let Some(client) = ping_clients[v.address.is_ipv6() as usize].clone()
                 {
                     pings += 1;
                     let id = (tasks.len() as u16).wrapping_add(PING_ID);
@@ -276,7 +289,7 @@ impl Checks {
                 }
             }
         }
-        let note = if ping_client.is_none() && pings == 0 {
+        let note = if ping_clients.iter().all(Option::is_none) && pings == 0 {
             " (ICMP unavailable: no pings)"
         } else {
             ""
@@ -298,7 +311,14 @@ fn jitter(every: Duration, seed: u64) -> Duration {
 }
 
 fn seed(line: &LineKey, salt: u64) -> u64 {
-    u32::from(line.1) as u64 ^ ((line.2 as u64) << 32) ^ ((line.0.1 as u64) << 48) ^ salt
+    let addr = match line.1 {
+        IpAddr::V4(a) => u32::from(a) as u64,
+        IpAddr::V6(a) => {
+            let a = u128::from(a);
+            (a as u64) ^ ((a >> 64) as u64)
+        }
+    };
+    addr ^ ((line.2 as u64) << 32) ^ ((line.0.1 as u64) << 48) ^ salt
 }
 
 async fn run_ping(
@@ -327,7 +347,7 @@ async fn run_ping(
 #[derive(Clone, Debug)]
 pub(super) struct CheckCtx {
     service: String,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
 }
 

@@ -1,9 +1,7 @@
-//! ICMP echo: the health checks' `ping` of every server, and `track`'s of its addresses.
+//! ICMP and ICMPv6 echo: the health checks' `ping` of every server, and `track`'s of its
+//! addresses.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 pub use surge_ping::Client;
 
@@ -11,9 +9,14 @@ pub use surge_ping::Client;
 /// of each probe are its own, and apart from `track`'s.
 pub const PING_ID: u16 = 0x6c62;
 
-/// The ICMP socket all pingers of a kind share.
-pub fn client() -> std::io::Result<Client> {
-    Client::new(&surge_ping::Config::default())
+/// The ICMP socket (ICMPv6 for `v6`) all pingers of a kind and family share.
+pub fn client(v6: bool) -> std::io::Result<Client> {
+    let kind = if v6 {
+        surge_ping::ICMP::V6
+    } else {
+        surge_ping::ICMP::V4
+    };
+    Client::new(&surge_ping::Config::builder().kind(kind).build())
 }
 
 /// Echo requests to one address under one identifier, numbered in turn.
@@ -24,10 +27,9 @@ pub struct Pinger {
 }
 
 impl Pinger {
-    pub async fn new(client: &Client, addr: Ipv4Addr, id: u16, timeout: Duration) -> Pinger {
-        let mut inner = client
-            .pinger(IpAddr::V4(addr), surge_ping::PingIdentifier(id))
-            .await;
+    /// `client` must be of `addr`'s family.
+    pub async fn new(client: &Client, addr: IpAddr, id: u16, timeout: Duration) -> Pinger {
+        let mut inner = client.pinger(addr, surge_ping::PingIdentifier(id)).await;
         inner.timeout(timeout);
         Pinger {
             inner,
