@@ -218,7 +218,11 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
         }
     }
     if let Some(n) = a.nat
-        && let Some(atm) = n.nat.addresses().skip(1).find_map(|p| atm_addrs.get(&IpAddr::V4(p)))
+        && let Some(atm) = n
+            .nat
+            .addresses()
+            .skip(1)
+            .find_map(|p| atm_addrs.get(&IpAddr::V4(p)))
     {
         cx.err(
             n.pool_line,

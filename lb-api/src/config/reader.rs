@@ -362,7 +362,10 @@ pub(super) fn close(a: &str, b: &str) -> bool {
 fn usable(cx: &mut Cx, key: &str, a: IpAddr, role: &str, line: usize) -> Option<()> {
     match unusable(a) {
         Some(what) => {
-            cx.err(line, format!("`{key}` = {a} is {what}: it cannot be {role}"));
+            cx.err(
+                line,
+                format!("`{key}` = {a} is {what}: it cannot be {role}"),
+            );
             None
         }
         None => Some(()),

@@ -442,7 +442,10 @@ fn ipv6_vips_and_servers_are_read_and_must_share_a_family() {
         "",
     );
     let c = parse(&only_v6, Path::new("/")).unwrap();
-    assert_eq!(c.services[0].vip, "2001:db8::100".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        c.services[0].vip,
+        "2001:db8::100".parse::<IpAddr>().unwrap()
+    );
     assert_eq!(
         c.services[0].servers[0].address,
         "2001:db8::11".parse::<IpAddr>().unwrap()
@@ -487,6 +490,9 @@ fn ipv6_addresses_no_host_can_hold_are_refused() {
     // An ATM's address is IPv4 (heartbeats over IPv6 are to come).
     assert_eq!(
         problems_with("address = \"192.0.2.2\"", "address = \"2001:db8::2\""),
-        vec![(12, "`address` = \"2001:db8::2\" is not an IPv4 address".into())],
+        vec![(
+            12,
+            "`address` = \"2001:db8::2\" is not an IPv4 address".into()
+        )],
     );
 }

@@ -1,7 +1,12 @@
 //! The balancer side of an ATM: its dataplane and settings, becoming primary (the VIP and
 //! NAT aliases, gratuitous ARPs) and backup, the periodic sweep, and stopping.
 
-use std::{collections::BTreeSet, net::{IpAddr, Ipv4Addr}, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::{Addr, Connection, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
@@ -10,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::{ANNOUNCE_AT, Atm, AtmParts, Daemon, Grace, NAT_PORTS, Part, Role, SETTLE};
 use crate::{
-    addrs::{self, IfAddr, NAT_LABEL, VIP_LABEL},
+    addrs::{self, IfAddr, Mark, NAT_LABEL, VIP_LABEL},
     config,
     dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
     neighbours,
@@ -141,8 +146,8 @@ impl Daemon {
         if self.config.nat.is_some() {
             check_port_range();
         }
-        for suffix in [VIP_LABEL, NAT_LABEL] {
-            for a in self.net.remove_labelled(suffix).await? {
+        for mark in [Mark::Vip, Mark::Nat] {
+            for a in self.net.remove_marked(mark).await? {
                 info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
             }
         }
@@ -197,7 +202,9 @@ impl Daemon {
         local
             .iter()
             .filter(|a| {
-                nat.contains(a.addr.into()) && a.addr != nat.gateway && !a.label.ends_with(NAT_LABEL)
+                nat.contains(a.addr.into())
+                    && a.addr != nat.gateway
+                    && !a.label.ends_with(NAT_LABEL)
             })
             .map(|a| a.interface().to_string())
             .next()
@@ -249,10 +256,15 @@ impl Daemon {
         let atm = self.config.atms[i].clone();
         let ifindex =
             addrs::ifindex(&atm.interface).ok_or_else(|| anyhow!("{} is gone", atm.interface))?;
-        let label = format!("{}:{VIP_LABEL}", atm.interface);
         for vip in self.vips() {
-            self.net.add(ifindex, vip, 32, &label).await?;
-            info!("VIP {vip} configured on {label}");
+            let prefix = addrs::host_prefix(vip);
+            self.net
+                .add(ifindex, &atm.interface, vip, prefix, Mark::Vip)
+                .await?;
+            info!(
+                "VIP {vip} configured on {}",
+                alias_name(&atm.interface, vip, Mark::Vip)
+            );
         }
         if self.config.nat.is_some() {
             self.add_nat_aliases().await?;
@@ -278,14 +290,18 @@ impl Daemon {
         let nat_if = a.nat_interface.clone();
         let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
         let label = format!("{nat_if}:{NAT_LABEL}");
-        self.net.add(idx, nat.gateway, nat.prefix, &label).await?;
+        self.net
+            .add(idx, &nat_if, nat.gateway.into(), nat.prefix, Mark::Nat)
+            .await?;
         info!(
             "NAT gateway {}/{} configured on {label}",
             nat.gateway, nat.prefix
         );
         let pool: Vec<Ipv4Addr> = nat.addresses().skip(1).collect();
         for p in &pool {
-            self.net.add(idx, *p, 32, &label).await?;
+            self.net
+                .add(idx, &nat_if, (*p).into(), 32, Mark::Nat)
+                .await?;
         }
         if !pool.is_empty() {
             info!(
@@ -306,7 +322,7 @@ impl Daemon {
         let Some(mac) = self.part.ha().map(|h| h.local.mac) else {
             return;
         };
-        let mut addrs: Vec<(u32, [u8; 6], Ipv4Addr)> =
+        let mut addrs: Vec<(u32, [u8; 6], IpAddr)> =
             self.vips().into_iter().map(|v| (ifindex, mac, v)).collect();
         if let (Some(nat), Some(a)) = (self.config.nat, self.part.atm())
             && let Some(i) = addrs::ifindex(&a.nat_interface)
@@ -318,7 +334,7 @@ impl Daemon {
                 self.net.mac(i).await.ok().flatten()
             };
             match nat_mac {
-                Some(m) => addrs.extend(nat.addresses().map(|n| (i, m, n))),
+                Some(m) => addrs.extend(nat.addresses().map(|n| (i, m, n.into()))),
                 None => warn!(
                     "No MAC for {}: no gratuitous ARP for the NAT gateway",
                     a.nat_interface
@@ -328,10 +344,10 @@ impl Daemon {
         let task = tokio::spawn(async move {
             rounds_at(&ANNOUNCE_AT, |round| {
                 for (i, mac, ip) in &addrs {
-                    if let Err(e) = addrs::gratuitous_arp(*i, *mac, *ip)
+                    if let Err(e) = addrs::announce(*i, *mac, *ip)
                         && round == 0
                     {
-                        warn!("Gratuitous ARP for {ip}: {e}");
+                        warn!("Announcing {ip} (gratuitous ARP or neighbour advertisement): {e}");
                     }
                 }
             })
@@ -353,8 +369,8 @@ impl Daemon {
         if let Some(task) = self.part.atm_mut().and_then(|a| a.announcing.take()) {
             task.abort();
         }
-        for suffix in [VIP_LABEL, NAT_LABEL] {
-            for r in self.net.remove_labelled(suffix).await? {
+        for mark in [Mark::Vip, Mark::Nat] {
+            for r in self.net.remove_marked(mark).await? {
                 info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
             }
         }
@@ -504,17 +520,23 @@ impl Daemon {
         let ifindex = addrs::ifindex(&atm_if).ok_or_else(|| anyhow::anyhow!("{atm_if} is gone"))?;
         let plan = alias_plan(old_vips, &self.vips(), old_nat, self.config.nat);
         for vip in plan.remove {
-            self.net.del(ifindex, vip, 32).await?;
-            info!("VIP {vip} removed from {atm_if}:{VIP_LABEL}");
+            self.net.del(ifindex, vip, addrs::host_prefix(vip)).await?;
+            info!(
+                "VIP {vip} removed from {}",
+                alias_name(&atm_if, vip, Mark::Vip)
+            );
         }
         for vip in plan.add {
             self.net
-                .add(ifindex, vip, 32, &format!("{atm_if}:{VIP_LABEL}"))
+                .add(ifindex, &atm_if, vip, addrs::host_prefix(vip), Mark::Vip)
                 .await?;
-            info!("VIP {vip} configured on {atm_if}:{VIP_LABEL}");
+            info!(
+                "VIP {vip} configured on {}",
+                alias_name(&atm_if, vip, Mark::Vip)
+            );
         }
         if plan.nat_moves {
-            for r in self.net.remove_labelled(NAT_LABEL).await? {
+            for r in self.net.remove_marked(Mark::Nat).await? {
                 info!("Removed alias {}/{} ({})", r.addr, r.prefix, r.label);
             }
             self.add_nat_aliases().await?;
@@ -587,9 +609,9 @@ pub(super) fn load_dataplane(
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct AliasPlan {
     /// VIPs that left the config, to remove.
-    pub(super) remove: Vec<Ipv4Addr>,
+    pub(super) remove: Vec<IpAddr>,
     /// VIPs that came, to add.
-    pub(super) add: Vec<Ipv4Addr>,
+    pub(super) add: Vec<IpAddr>,
     /// `[nat]` changed: the gateway and pool aliases are replaced.
     pub(super) nat_moves: bool,
 }
@@ -597,8 +619,8 @@ pub(super) struct AliasPlan {
 /// From the VIPs and `[nat]` before and after a reload: VIPs that stay are not touched
 /// (removing one would cut its connections for a moment).
 pub(super) fn alias_plan(
-    old_vips: &[Ipv4Addr],
-    new_vips: &[Ipv4Addr],
+    old_vips: &[IpAddr],
+    new_vips: &[IpAddr],
     old_nat: Option<config::Nat>,
     new_nat: Option<config::Nat>,
 ) -> AliasPlan {
@@ -673,5 +695,14 @@ mod tests {
         task.abort();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+}
+
+/// How the log names an alias: `eth0:cs0` for IPv4, the interface for IPv6 (no labels).
+pub(super) fn alias_name(interface: &str, addr: IpAddr, mark: Mark) -> String {
+    if addr.is_ipv6() {
+        interface.to_string()
+    } else {
+        format!("{interface}:{}", mark.suffix())
     }
 }

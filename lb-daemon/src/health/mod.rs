@@ -250,7 +250,8 @@ impl Checks {
                 .flat_map(|s| &s.servers)
                 .any(|v| v.ping && v.address.is_ipv6() == v6)
         };
-        let ping_clients = [false, true].map(|v6| wants(v6).then(|| ping::client(v6).ok()).flatten());
+        let ping_clients =
+            [false, true].map(|v6| wants(v6).then(|| ping::client(v6).ok()).flatten());
         for s in &config.services {
             for v in &s.servers {
                 let line = line_key(s, v);
