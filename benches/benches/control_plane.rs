@@ -20,10 +20,13 @@ fn render(c: &mut Criterion) {
     let lines: Vec<tables::ConnLine> = (0..1_000_000u32)
         .map(|i| tables::ConnLine {
             proto: IPPROTO_TCP,
-            src: (Ipv4Addr::from(0xc633_6400 + (i >> 16)), (i & 0xffff) as u16),
-            vip: (Ipv4Addr::new(192, 0, 2, 100), 80),
+            src: (
+                Ipv4Addr::from(0xc633_6400 + (i >> 16)).into(),
+                (i & 0xffff) as u16,
+            ),
+            vip: (Ipv4Addr::new(192, 0, 2, 100).into(), 80),
             timeout: 99,
-            server: (Ipv4Addr::new(192, 0, 2, 11 + (i % 3) as u8), 80),
+            server: (Ipv4Addr::new(192, 0, 2, 11 + (i % 3) as u8).into(), 80),
             packets: i as u64,
         })
         .collect();

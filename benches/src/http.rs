@@ -135,7 +135,7 @@ fn two_arm(v: Variant) -> Result<Rig> {
             enable_fib_lookup()?;
             d.attach("eth0", AttachMode::Driver)?;
             d.attach("eth1", AttachMode::Driver)?;
-            let addrs: Vec<std::net::Ipv4Addr> = BACKENDS
+            let addrs: Vec<std::net::IpAddr> = BACKENDS
                 .iter()
                 .map(|b| b.parse().unwrap())
                 .chain(["192.0.2.50".parse().unwrap()])
@@ -194,7 +194,7 @@ fn one_arm() -> Result<Rig> {
         let _in = lab.ns(&lb).enter();
         enable_fib_lookup()?;
         d.attach("eth0", AttachMode::Driver)?;
-        let addrs: Vec<std::net::Ipv4Addr> = servers.iter().map(|b| b.parse().unwrap()).collect();
+        let addrs: Vec<std::net::IpAddr> = servers.iter().map(|b| b.parse().unwrap()).collect();
         neighbours::prime(&addrs, Duration::from_secs(3));
     }
     Ok(Rig {

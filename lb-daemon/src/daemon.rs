@@ -160,7 +160,7 @@ struct Node {
     /// lb_decap, when this server is in tunnel mode for some service.
     decap: Option<Dataplane>,
     /// The VIPs it holds on `lo`.
-    vips: Vec<Ipv4Addr>,
+    vips: Vec<IpAddr>,
     /// The interface whose ARP settings were made quiet for the VIPs, once done.
     arp_quiet: Option<String>,
 }
@@ -257,7 +257,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
-    let local_addrs: Vec<Ipv4Addr> = local.iter().map(|a| a.addr).collect();
+    let local_addrs: Vec<IpAddr> = local.iter().map(|a| a.addr).collect();
     let (config, role, name) = loop {
         match load(&opts, &local_addrs) {
             Ok(x) => break x,
@@ -533,7 +533,7 @@ impl Drop for Busy {
 }
 
 /// Reads the config and finds this machine in it, logging every problem.
-fn load(opts: &Options, local: &[Ipv4Addr]) -> std::result::Result<(Config, Role, String), ()> {
+fn load(opts: &Options, local: &[IpAddr]) -> std::result::Result<(Config, Role, String), ()> {
     match config::load(&opts.config) {
         Err(problems) => {
             for p in problems {

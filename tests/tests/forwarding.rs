@@ -113,13 +113,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
             .attach("eth0", AttachMode::Driver)
             .expect("attach lb_xdp");
         assert_eq!(mode, Attached::Driver);
-        let addrs: Vec<Ipv4Addr> = servers
-            .iter()
-            .filter_map(|s| match s.addr {
-                std::net::IpAddr::V4(a) => Some(a),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .collect();
+        let addrs: Vec<std::net::IpAddr> = servers.iter().map(|s| s.addr).collect();
         let missing = neighbours::prime(&addrs, Duration::from_secs(3));
         assert!(missing.is_empty(), "servers not resolved: {missing:?}");
     }

@@ -118,18 +118,22 @@ impl Daemon {
         match local
             .iter()
             .find(|a| a.index == ifindex && a.addr == atm.address)
-            .or_else(|| local.iter().find(|a| a.index == ifindex))
-        {
+            .or_else(|| {
+                local
+                    .iter()
+                    .find(|a| a.index == ifindex && a.addr.is_ipv4())
+            }) {
             Some(a) => {
-                // The kernel gives prefixes of 0 to 32.
-                let net = ipnet::Ipv4Net::new(a.addr, a.prefix).unwrap_or_default();
-                info!(
-                    "Network {}/{} (broadcast {}) on {}",
-                    net.network(),
-                    a.prefix,
-                    net.broadcast(),
-                    atm.interface
-                );
+                // The kernel gives prefixes within the family's length.
+                if let Ok(net) = ipnet::IpNet::new(a.addr, a.prefix) {
+                    info!(
+                        "Network {}/{} (broadcast {}) on {}",
+                        net.network(),
+                        a.prefix,
+                        net.broadcast(),
+                        atm.interface
+                    );
+                }
             }
             None => warn!("{} has no IPv4 address", atm.interface),
         }
@@ -507,7 +511,7 @@ impl Daemon {
     /// gateway moves if `[nat]` changed.
     pub(super) async fn follow_aliases(
         &mut self,
-        old_vips: &[Ipv4Addr],
+        old_vips: &[IpAddr],
         old_nat: Option<config::Nat>,
     ) -> anyhow::Result<()> {
         let Some(a) = self.part.atm() else {
@@ -645,7 +649,7 @@ mod tests {
 
     #[test]
     fn a_reload_moves_only_the_aliases_that_changed() {
-        let ip = |o: u8| Ipv4Addr::new(192, 0, 2, o);
+        let ip = |o: u8| IpAddr::from([192, 0, 2, o]);
         let nat = |g: u8| {
             Some(config::Nat::new(
                 "203.0.113.0".parse().unwrap(),

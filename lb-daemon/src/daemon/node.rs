@@ -4,21 +4,21 @@
 //! tunnel also: lb_decap on the interface, accepting IPIP from the config's ATMs. NAT-only
 //! servers need nothing. A reload brings the same in line with the new file.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::Method;
 use tracing::info;
 
-use super::{Daemon, Part, Role};
+use super::{Daemon, Part, Role, atm::alias_name};
 use crate::{
-    addrs::{self, VIP_LABEL},
+    addrs::{self, Mark},
     config::Config,
     dataplane::{AttachMode, Capacities, Dataplane},
 };
 
 /// The VIPs a node holds on `lo`, and whether it decapsulates IPIP.
-fn wants(config: &Config, addr: Ipv4Addr) -> (BTreeSet<Ipv4Addr>, bool) {
+fn wants(config: &Config, addr: IpAddr) -> (BTreeSet<IpAddr>, bool) {
     let mut vips = BTreeSet::new();
     let mut tunnel = false;
     for s in &config.services {
@@ -39,9 +39,9 @@ fn wants(config: &Config, addr: Ipv4Addr) -> (BTreeSet<Ipv4Addr>, bool) {
 }
 
 impl Daemon {
-    pub(super) async fn start_node(&mut self, addr: Ipv4Addr) -> Result<()> {
+    pub(super) async fn start_node(&mut self, addr: IpAddr) -> Result<()> {
         info!("Running as a real server (node role) for {addr}");
-        for a in self.net.remove_labelled(VIP_LABEL).await? {
+        for a in self.net.remove_marked(Mark::Vip).await? {
             info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
         }
         self.part = Part::Node(Box::default());
@@ -53,7 +53,7 @@ impl Daemon {
     }
 
     /// Brings the node in line with the config: returns what changed, each also logged.
-    pub(super) async fn apply_node(&mut self, addr: Ipv4Addr) -> Result<String> {
+    pub(super) async fn apply_node(&mut self, addr: IpAddr) -> Result<String> {
         let iface = self
             .net
             .addresses()
@@ -70,14 +70,20 @@ impl Daemon {
         let lo = addrs::ifindex("lo").ok_or_else(|| anyhow!("no lo interface"))?;
         let mut changed = Vec::new();
         for vip in node.vips.iter().filter(|v| !vips.contains(v)) {
-            self.net.del(lo, *vip, 32).await?;
-            changed.push(format!("VIP {vip} removed from lo:{VIP_LABEL}"));
+            self.net.del(lo, *vip, addrs::host_prefix(*vip)).await?;
+            changed.push(format!(
+                "VIP {vip} removed from {}",
+                alias_name("lo", *vip, Mark::Vip)
+            ));
         }
         for vip in vips.iter().filter(|v| !node.vips.contains(v)) {
             self.net
-                .add(lo, *vip, 32, &format!("lo:{VIP_LABEL}"))
+                .add(lo, "lo", *vip, addrs::host_prefix(*vip), Mark::Vip)
                 .await?;
-            changed.push(format!("VIP {vip} configured on lo:{VIP_LABEL}"));
+            changed.push(format!(
+                "VIP {vip} configured on {}",
+                alias_name("lo", *vip, Mark::Vip)
+            ));
         }
         node.vips = vips.iter().copied().collect();
         if !vips.is_empty() && node.arp_quiet.as_deref() != Some(iface.as_str()) {

@@ -12,7 +12,7 @@
 
 use std::{
     collections::VecDeque,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -50,7 +50,7 @@ pub(super) enum Job {
         health: std::collections::HashMap<crate::services::LineKey, crate::health::LineHealth>,
         checks: crate::health::Checks,
         note: String,
-        addrs: Vec<Ipv4Addr>,
+        addrs: Vec<IpAddr>,
     },
     /// The connection entries of server lines that left were dropped.
     Drained {
@@ -245,7 +245,7 @@ impl Daemon {
                 problems.len()
             )
         })?;
-        let local: Vec<Ipv4Addr> = self
+        let local: Vec<IpAddr> = self
             .net
             .addresses()
             .await

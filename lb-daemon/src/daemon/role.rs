@@ -1,7 +1,7 @@
 //! Who this machine is in the cluster (found in the config at start) and what it runs as
 //! that: an ATM's balancer, election and probes, or a real server's set-up.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::{Atm, Ha, Node};
 use crate::{config::Config, health::Checks};
@@ -12,14 +12,14 @@ pub enum Role {
     /// The ATM at this position of the config's [[atm]] list.
     Atm(usize),
     /// A real server with this address.
-    Node(Ipv4Addr),
+    Node(IpAddr),
 }
 
 /// Finds this machine in the config: `--node NAME` (an ATM or server name), else the first
 /// ATM whose address is local, else a server whose address is local.
 pub fn identify(
     config: &Config,
-    local: &[Ipv4Addr],
+    local: &[IpAddr],
     node: Option<&str>,
 ) -> Result<(Role, String), String> {
     if let Some(name) = node {
@@ -35,7 +35,11 @@ pub fn identify(
             "--node {name:?}: no [[atm]] or server of that name in the config"
         ));
     }
-    if let Some(i) = config.atms.iter().position(|a| local.contains(&a.address)) {
+    if let Some(i) = config
+        .atms
+        .iter()
+        .position(|a| local.contains(&a.address.into()))
+    {
         return Ok((Role::Atm(i), config.atms[i].name.clone()));
     }
     for s in &config.services {
@@ -159,8 +163,8 @@ name = "web1"
 address = "192.0.2.11"
 "#;
         let c = config::parse(text, std::path::Path::new("/")).unwrap();
-        let a2: Ipv4Addr = "192.0.2.3".parse().unwrap();
-        let s1: Ipv4Addr = "192.0.2.11".parse().unwrap();
+        let a2: IpAddr = "192.0.2.3".parse().unwrap();
+        let s1: IpAddr = "192.0.2.11".parse().unwrap();
         assert_eq!(
             identify(&c, &[a2], None).unwrap(),
             (Role::Atm(1), "atm2".into())

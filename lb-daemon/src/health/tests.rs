@@ -11,7 +11,7 @@ fn outcome(ping: bool, failure: Option<&str>) -> Outcome {
         ),
         ping,
         failure: failure.map(String::from),
-        source: Some(Ipv4Addr::UNSPECIFIED),
+        source: Some(Ipv4Addr::UNSPECIFIED.into()),
     }
 }
 
@@ -100,8 +100,8 @@ fn what_a_failure_seen_from_a_backup_says() {
         24,
         Ipv4Addr::new(203, 0, 113, 1),
     );
-    let own = Some(Ipv4Addr::new(203, 0, 113, 3));
-    let outside = Some(Ipv4Addr::new(192, 0, 2, 3));
+    let own = Some(IpAddr::from([203, 0, 113, 3]));
+    let outside = Some(IpAddr::from([192, 0, 2, 3]));
     // The primary counts everything.
     assert!(failure_counts(None, true, Some(&nat)));
     // A backup: no route says nothing.
@@ -115,7 +115,7 @@ fn what_a_failure_seen_from_a_backup_says() {
         !failure_counts(outside, false, Some(&nat)),
         "answers go to the primary"
     );
-    assert!(!failure_counts(Some(nat.gateway), false, Some(&nat)));
+    assert!(!failure_counts(Some(nat.gateway.into()), false, Some(&nat)));
 }
 
 #[test]

@@ -30,7 +30,7 @@ fn caps(services: u32, servers: u32) -> Capacities {
 fn line(port: u16, o: u8) -> LineKey {
     (
         ("192.0.2.100".parse().unwrap(), port, lb_common::IPPROTO_TCP),
-        Ipv4Addr::new(192, 0, 2, o),
+        Ipv4Addr::new(192, 0, 2, o).into(),
         port,
     )
 }
@@ -240,10 +240,10 @@ fn every_index_names_its_server_and_service_after_a_plan_and_a_compaction() {
         .unwrap()
         .plane;
     let l = p.lines();
-    let vip: Ipv4Addr = "192.0.2.100".parse().unwrap();
+    let vip: IpAddr = "192.0.2.100".parse().unwrap();
     assert_eq!(
         l.server[&2],
-        (Ipv4Addr::new(192, 0, 2, 13), 81, Method::Direct)
+        (Ipv4Addr::new(192, 0, 2, 13).into(), 81, Method::Direct)
     );
     assert_eq!(l.vip[&2], (vip, 81));
     let p = p
