@@ -373,7 +373,7 @@ impl Plane {
     /// Service `s` as it should be programmed now.
     pub fn spec(&self, s: &ServiceCfg) -> ServiceSpec {
         ServiceSpec {
-            vip: s.vip.into(),
+            vip: s.vip,
             port: s.port,
             proto: s.proto,
             sched: s.scheduler,
@@ -385,7 +385,7 @@ impl Plane {
                     let lk = line_key(s, v);
                     ServerSpec {
                         index: self.indices[&lk],
-                        addr: v.address.into(),
+                        addr: v.address,
                         port: v.port,
                         weight: self.weight(&lk, v.weight),
                         method: v.method,

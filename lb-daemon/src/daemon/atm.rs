@@ -206,9 +206,7 @@ impl Daemon {
         local
             .iter()
             .filter(|a| {
-                nat.contains(a.addr.into())
-                    && a.addr != nat.gateway
-                    && !a.label.ends_with(NAT_LABEL)
+                nat.contains(a.addr) && a.addr != nat.gateway && !a.label.ends_with(NAT_LABEL)
             })
             .map(|a| a.interface().to_string())
             .next()
@@ -643,6 +641,15 @@ pub(super) fn alias_plan(
     }
 }
 
+/// How the log names an alias: `eth0:cs0` for IPv4, the interface for IPv6 (no labels).
+pub(super) fn alias_name(interface: &str, addr: IpAddr, mark: Mark) -> String {
+    if addr.is_ipv6() {
+        interface.to_string()
+    } else {
+        format!("{interface}:{}", mark.suffix())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,14 +706,5 @@ mod tests {
         task.abort();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 4);
-    }
-}
-
-/// How the log names an alias: `eth0:cs0` for IPv4, the interface for IPv6 (no labels).
-pub(super) fn alias_name(interface: &str, addr: IpAddr, mark: Mark) -> String {
-    if addr.is_ipv6() {
-        interface.to_string()
-    } else {
-        format!("{interface}:{}", mark.suffix())
     }
 }

@@ -337,7 +337,7 @@ impl Daemon {
                 .map(|s| views::ServiceStatus {
                     name: s.name.clone(),
                     protocol: s.proto_name().into(),
-                    vip: s.vip.into(),
+                    vip: s.vip,
                     port: s.port,
                     servers: s
                         .servers
@@ -346,7 +346,7 @@ impl Daemon {
                             let lk = line_key(s, v);
                             views::ServerStatus {
                                 name: v.name.clone(),
-                                address: v.address.into(),
+                                address: v.address,
                                 port: v.port,
                                 method: v.method.name().into(),
                                 up: a.plane.up(&lk),
@@ -374,7 +374,7 @@ impl Daemon {
                     last_heard_ms: l.last_heard_ms,
                 })
                 .collect(),
-            vips: self.vips().iter().map(|&v| v.into()).collect(),
+            vips: self.vips(),
             term: self.part.ha().map(|h| h.election.term()),
             rejected: self.part.ha().map(|h| {
                 Reject::ALL
@@ -513,7 +513,7 @@ pub(super) fn service_views(plane: &Plane, counts: &impl Counts) -> Vec<views::S
         .map(|(s, l)| views::ServiceLine {
             name: s.name.clone(),
             protocol: s.proto_name().into(),
-            vip: s.vip.into(),
+            vip: s.vip,
             port: s.port,
             scheduler: s.scheduler.name().into(),
             persistence: s.persistence,
@@ -536,9 +536,9 @@ pub(super) fn server_views(plane: &Plane, counts: &impl Counts) -> Vec<views::Se
             service,
             name,
             protocol: config::proto_name(l.proto).into(),
-            address: l.server.into(),
+            address: l.server,
             port: l.port,
-            vip: l.vip.into(),
+            vip: l.vip,
             vport: l.vport,
             state: views::State::of(l.up),
             weight: l.weight,
