@@ -178,6 +178,19 @@ fn read_server(
         return None;
     }
     let address = address?;
+    if m == Method::Tunnel && address.v.is_ipv6() {
+        // IPv6-in-IPv6 goes out from the ATM's own IPv6 address, which [[atm]] does not take
+        // yet (issue 15's next step).
+        cx.err(
+            method_line,
+            format!(
+                "tunnel server {} is IPv6: its IPv6-in-IPv6 needs an IPv6 address for each \
+                 ATM, which this version does not take yet",
+                address.v
+            ),
+        );
+        return None;
+    }
     if m == Method::Nat {
         match nat {
             None => {

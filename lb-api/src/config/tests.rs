@@ -496,3 +496,35 @@ fn ipv6_addresses_no_host_can_hold_are_refused() {
         )],
     );
 }
+
+#[test]
+fn ipv6_tunnel_and_nat_servers_wait_for_their_atm_and_nat_addresses() {
+    let v6 = GOOD
+        .replacen("vip = \"192.0.2.100\"", "vip = \"2001:db8::100\"", 1)
+        .replacen(
+            "address = \"192.0.2.11\"",
+            "address = \"2001:db8::11\"\nmethod = \"tunnel\"",
+            1,
+        )
+        .replacen(
+            "address = \"203.0.113.12\"",
+            "address = \"2001:db8::12\"",
+            1,
+        );
+    let problems: Vec<String> = parse(&v6, Path::new("/"))
+        .unwrap_err()
+        .into_iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(
+        problems,
+        vec![
+            "line 25: tunnel server 2001:db8::11 is IPv6: its IPv6-in-IPv6 needs an IPv6 \
+             address for each ATM, which this version does not take yet"
+                .to_string(),
+            "line 28: NAT server 2001:db8::12 is IPv6: NAT66 needs an IPv6 subnet in [nat], \
+             which this version does not take yet"
+                .to_string(),
+        ]
+    );
+}
