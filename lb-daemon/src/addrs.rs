@@ -5,14 +5,14 @@
 //! IPv6 addresses carry no labels. Every address the daemon adds, of either family, also
 //! carries an address protocol (IFA_PROTO, Linux 5.18 on) of its own, [`Mark::proto`]: that
 //! is how a restarted daemon finds its stale IPv6 aliases, as it finds the IPv4 ones by
-//! label. IPv6 aliases are added with `nodad`: duplicate address detection would hold a
-//! VIP unusable for a second or more after a takeover.
+//! label. IPv6 aliases are added with `nodad` (duplicate address detection would hold a
+//! VIP unusable for a second or more after a takeover) and deprecated (see [`Net::add`]).
 
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressMessage, AddressProtocol,
+    AddressAttribute, AddressFlags, AddressMessage, AddressProtocol, CacheInfo,
 };
 
 /// An address on an interface.
@@ -118,6 +118,16 @@ impl Net {
         )));
         if addr.is_ipv6() {
             attrs.push(AddressAttribute::Flags(AddressFlags::Nodad));
+            // Deprecated from the start (preferred lifetime 0, valid for ever): it takes
+            // traffic and answers on its connections, but is never chosen as the source of
+            // the machine's own. A /128 matches more of a neighbour's address than the
+            // interface's /64 does (RFC 6724 rule 8, capped at the prefix length), so the
+            // stack would otherwise send health checks from the VIP, whose answers the
+            // servers keep (they hold it too).
+            let mut life = CacheInfo::default();
+            life.ifa_preferred = 0;
+            life.ifa_valid = u32::MAX;
+            attrs.push(AddressAttribute::CacheInfo(life));
         } else {
             attrs.push(AddressAttribute::Label(format!(
                 "{interface}:{}",

@@ -257,9 +257,21 @@ impl Lab {
         let dir = self.dir().join(format!("nginx-{ns}"));
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
+        // With IPv6 on in `ns` (see `ipv6`), on both families.
+        let v6 = self
+            .ns(ns)
+            .exec_ok(&["sysctl", "-n", "net.ipv6.conf.all.disable_ipv6"])
+            .trim()
+            == "0";
         let mut listens: String = ports
             .iter()
-            .map(|p| format!("listen {p} reuseport; "))
+            .map(|p| {
+                if v6 {
+                    format!("listen {p} reuseport; listen [::]:{p} reuseport; ")
+                } else {
+                    format!("listen {p} reuseport; ")
+                }
+            })
             .collect();
         if let Some((port, cert, key)) = tls {
             std::fs::write(dir.join("cert.pem"), cert).unwrap();

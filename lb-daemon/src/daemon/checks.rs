@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -83,12 +83,11 @@ impl Daemon {
             Verdict::Counted(None) | Verdict::Unjudged { first: false } => return,
             Verdict::Unjudged { first: true } => {
                 info!(
-                    "{} {}:{} not judged while backup: {}; this ATM has no route to it, or \
+                    "{} {} not judged while backup: {}; this ATM has no route to it, or \
                      (a NAT server) no address of its own in the NAT subnet for the answers \
                      to come back to, so it keeps its last state until this ATM is primary",
                     name(),
-                    o.line.1,
-                    o.line.2,
+                    SocketAddr::new(o.line.1, o.line.2),
                     o.failure.as_deref().unwrap_or_default()
                 );
                 return;
@@ -110,16 +109,19 @@ impl Daemon {
                 failed,
                 fall,
             } => warn!(
-                "{name} {}:{} down: {reason}, {failed} of {fall} failed",
-                o.line.1, o.line.2,
+                "{name} {} down: {reason}, {failed} of {fall} failed",
+                SocketAddr::new(o.line.1, o.line.2),
             ),
             Transition::Up { passed } => info!(
-                "{name} {}:{} up: {passed} checks in a row passed",
-                o.line.1, o.line.2
+                "{name} {} up: {passed} checks in a row passed",
+                SocketAddr::new(o.line.1, o.line.2)
             ),
         }
         if let Some(index) = to_drop {
-            self.drop_connections_of(index, format!("{name} {}:{}", o.line.1, o.line.2));
+            self.drop_connections_of(
+                index,
+                format!("{name} {}", SocketAddr::new(o.line.1, o.line.2)),
+            );
         }
     }
 
@@ -184,10 +186,11 @@ impl Daemon {
             .plane
             .set_state(&mut a.dp, &line, f, drop_conns)
             .map_err(|e| e.to_string())?;
-        let msg = format!("{service}/{server} {}:{} {what}", line.1, line.2);
+        let at = SocketAddr::new(line.1, line.2);
+        let msg = format!("{service}/{server} {at} {what}");
         info!("Server {msg} (by lb-cli)");
         if let Some(index) = to_drop {
-            self.drop_connections_of(index, format!("{service}/{server} {}:{}", line.1, line.2));
+            self.drop_connections_of(index, format!("{service}/{server} {at}"));
         }
         Ok(msg)
     }
