@@ -196,6 +196,16 @@ fn http_over_ipv6_and_ipv4_through_the_same_servers_with_checks_and_tables() {
         back |= get(&lab, VIP6).unwrap() == cluster::server(2);
     }
     assert!(back, "web2 takes requests again");
+    // Killed, the daemon leaves its IPv6 alias; the next start finds it by its address
+    // protocol (IPv6 addresses have no labels) and removes it before anything else.
+    d.kill();
+    let held = lab
+        .ns(&cluster::atm(1))
+        .exec_ok(&["ip", "-6", "addr", "show", "dev", "eth0"]);
+    assert!(held.contains(VIP6), "{held}");
+    let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    d.wait_log(&format!("Removed stale alias {VIP6}/128"), START);
+    d.wait_log("This ATM is primary", START);
     assert!(d.stop(), "the daemon stops cleanly");
     // Its IPv6 alias goes with it.
     let held = lab
