@@ -4,11 +4,11 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::Arc,
 };
 
-use lb_common::{Addr, Method};
+use lb_common::Method;
 
 use crate::{
     config::{Config, ServerCfg, ServiceCfg},
@@ -532,14 +532,6 @@ impl Plane {
 fn free(used: impl Iterator<Item = u32>, cap: u32) -> BTreeSet<u32> {
     let used: HashSet<u32> = used.collect();
     (0..cap).filter(|i| !used.contains(i)).collect()
-}
-
-/// Converts a dataplane address to IPv4 (the only family the config speaks today).
-pub fn v4(a: &Addr) -> Ipv4Addr {
-    match a.to_ip() {
-        std::net::IpAddr::V4(v) => v,
-        std::net::IpAddr::V6(v) => v.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
-    }
 }
 
 #[cfg(test)]

@@ -272,7 +272,15 @@ pub fn install(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config, services::v4};
+    use crate::config;
+
+    /// A dataplane address as IPv4 (these tests' records are IPv4).
+    fn v4(a: &Addr) -> Ipv4Addr {
+        match a.to_ip() {
+            std::net::IpAddr::V4(v) => v,
+            std::net::IpAddr::V6(v) => v.to_ipv4_mapped().expect("an IPv4-mapped address"),
+        }
+    }
 
     impl ConnStore for HashMap<FlowKey, Connection> {
         fn connection(&self, key: &FlowKey) -> Option<Connection> {

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config;
+use std::net::Ipv4Addr;
 
 /// A config with `services`: (port, [server last octets]), all on VIP 192.0.2.100, each
 /// server on the service's port.
