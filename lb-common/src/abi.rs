@@ -135,15 +135,20 @@ impl From<core::net::IpAddr> for Addr {
     fn from(a: core::net::IpAddr) -> Self {
         match a {
             core::net::IpAddr::V4(v4) => v4.into(),
-            core::net::IpAddr::V6(v6) => {
-                let o = v6.octets();
-                let mut w = [0u32; 4];
-                for (i, c) in o.chunks_exact(4).enumerate() {
-                    w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
-                }
-                Addr { w }
-            }
+            core::net::IpAddr::V6(v6) => v6.into(),
         }
+    }
+}
+
+#[cfg(feature = "std")]
+impl From<core::net::Ipv6Addr> for Addr {
+    fn from(a: core::net::Ipv6Addr) -> Self {
+        let o = a.octets();
+        let mut w = [0u32; 4];
+        for (i, c) in o.chunks_exact(4).enumerate() {
+            w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Addr { w }
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -123,7 +123,7 @@ struct Atm {
     grace: Option<Grace>,
     /// In a planned handover, the other ATM and the dataplane clock until which packets of
     /// connections this ATM does not know go to it (`Settings::peer_addr`).
-    peer: Option<(Ipv4Addr, u64)>,
+    peer: Option<(IpAddr, u64)>,
     /// A sweep of the connection table is running.
     sweeping: Arc<std::sync::atomic::AtomicBool>,
     /// Dataplane clock until which NAT packets of unknown connections are dropped, not

@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use lb_common::{
@@ -146,17 +146,20 @@ fn seen_later(r: &SyncRecord, c: &Connection, now: u64) -> bool {
             < now.saturating_sub(c.last_seen_ns)
 }
 
-/// The record's addresses as this dataplane keys IPv4 connections: `None` for IPv6, which
-/// it does not forward yet.
-fn v4_of(r: &SyncRecord) -> Option<[(Ipv4Addr, u16); 4]> {
-    let one = |a: SocketAddr| match a.ip() {
-        IpAddr::V4(ip) => Some((ip, a.port())),
-        IpAddr::V6(_) => None,
-    };
-    Some([one(r.client)?, one(r.vip)?, one(r.server)?, one(r.nat)?])
+/// The record's addresses and ports, when its client, VIP and server are of one family (as
+/// the dataplane keys a connection) and its NAT address is of that family or unset; `None`
+/// for a record no ATM would send.
+fn parts_of(r: &SyncRecord) -> Option<[(IpAddr, u16); 4]> {
+    let v6 = r.vip.is_ipv6();
+    let nat_unset = r.nat.ip().is_unspecified() || r.flags & CONN_NAT == 0;
+    let ok = r.client.is_ipv6() == v6
+        && r.server.is_ipv6() == v6
+        && (nat_unset || r.nat.is_ipv6() == v6);
+    ok.then(|| [r.client, r.vip, r.server, r.nat].map(|a| (a.ip(), a.port())))
 }
 
-/// Installs records on a backup; returns (installed, skipped: servers it does not have).
+/// Installs records on a backup; returns (installed, skipped: servers it does not have, or
+/// a record of mixed families).
 /// A record never replaces a live entry this dataplane made itself ([`own_and_live`]) for
 /// another connection (another server or translation), and a close marks only the entry
 /// of the same connection.
@@ -170,12 +173,12 @@ pub fn install(
     let now = dataplane::now_ns();
     let (mut installed, mut skipped) = (0, 0);
     for r in records {
-        let Some([client, vip, server, nat_at]) = v4_of(r) else {
+        let Some([client, vip, server, nat_at]) = parts_of(r) else {
             skipped += 1;
             continue;
         };
-        let svc = (vip.0.into(), vip.1, r.proto);
-        let line = (svc, server.0.into(), server.1);
+        let svc = (vip.0, vip.1, r.proto);
+        let line = (svc, server.0, server.1);
         let Some(index) = plane.index(&line) else {
             skipped += 1;
             continue;
@@ -271,6 +274,8 @@ pub fn install(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::config;
 
@@ -297,14 +302,19 @@ mod tests {
     }
 
     /// A backup's plane: one NAT service, 192.0.2.100:80, with web1 (203.0.113.11:8080)
-    /// and web2 (203.0.113.12:8080) at indices 0 and 1.
+    /// and web2 (203.0.113.12:8080) at indices 0 and 1; and a NAT66 one, [2001:db8::100]:80,
+    /// with web6 ([2001:db8:1::12]:8080) at index 2.
     fn plane() -> Plane {
         let text = "[cluster]\nname = \"c\"\n[[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\n\
                     interface = \"eth0\"\n[nat]\nsubnet = \"203.0.113.0/24\"\n\
-                    gateway = \"203.0.113.1\"\n[[service]]\nname = \"http\"\n\
+                    gateway = \"203.0.113.1\"\nsubnet6 = \"2001:db8:1::/64\"\n\
+                    gateway6 = \"2001:db8:1::1\"\n[[service]]\nname = \"http\"\n\
                     vip = \"192.0.2.100\"\nport = 80\n[[service.server]]\nname = \"web1\"\n\
                     address = \"203.0.113.11\"\nport = 8080\nmethod = \"nat\"\n\
                     [[service.server]]\nname = \"web2\"\naddress = \"203.0.113.12\"\n\
+                    port = 8080\nmethod = \"nat\"\n\
+                    [[service]]\nname = \"http6\"\nvip = \"2001:db8::100\"\nport = 80\n\
+                    [[service.server]]\nname = \"web6\"\naddress = \"2001:db8:1::12\"\n\
                     port = 8080\nmethod = \"nat\"\n";
         let c = config::parse(text, std::path::Path::new("/")).unwrap();
         let caps = dataplane::Capacities {
@@ -606,16 +616,55 @@ mod tests {
     }
 
     #[test]
-    fn an_ipv6_record_is_skipped_until_the_dataplane_forwards_ipv6() {
+    fn a_nat66_record_installs_both_legs_and_a_record_of_mixed_families_is_skipped() {
         let (plane, mut store) = (plane(), HashMap::new());
+        let v6 = |a: &str| Addr::from(a.parse::<IpAddr>().unwrap());
         let r = SyncRecord {
-            client: "[2001:db8:1::7]:40000".parse().unwrap(),
+            client: "[2001:db8:5::7]:40000".parse().unwrap(),
             vip: "[2001:db8::100]:80".parse().unwrap(),
-            server: "[2001:db8:2::12]:8080".parse().unwrap(),
-            nat: "[2001:db8:2::1]:1500".parse().unwrap(),
+            server: "[2001:db8:1::12]:8080".parse().unwrap(),
+            nat: "[2001:db8:1::1]:1500".parse().unwrap(),
             ..record(EVENT_OPEN, CONN_NAT)
         };
-        assert_eq!(put(&mut store, &plane, r), (0, 1));
+        assert_eq!(put(&mut store, &plane, r), (1, 0));
+        let key = FlowKey {
+            src: v6("2001:db8:5::7"),
+            dst: v6("2001:db8::100"),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let c = store[&key];
+        assert_eq!((c.server, c.nat_addr), (2, v6("2001:db8:1::1")));
+        let back = store[&FlowKey {
+            src: v6("2001:db8:1::12"),
+            dst: v6("2001:db8:1::1"),
+            sport: 8080u16.to_be(),
+            dport: 1500u16.to_be(),
+            proto: lb_common::IPPROTO_TCP,
+            _pad: [0; 3],
+        }];
+        assert_eq!(
+            (back.flags, back.nat_addr, u16::from_be(back.nat_port)),
+            (
+                CONN_NAT | CONN_REPLY | CONN_SYNCED,
+                v6("2001:db8:5::7"),
+                40000
+            )
+        );
+        // An IPv4 client of an IPv6 VIP is no connection the dataplane can have.
+        let mut store = HashMap::new();
+        let mixed = SyncRecord {
+            client: "198.51.100.7:40000".parse().unwrap(),
+            ..r
+        };
+        assert_eq!(put(&mut store, &plane, mixed), (0, 1));
+        let mixed = SyncRecord {
+            nat: "203.0.113.1:1500".parse().unwrap(),
+            ..r
+        };
+        assert_eq!(put(&mut store, &plane, mixed), (0, 1));
         assert!(store.is_empty());
     }
 }

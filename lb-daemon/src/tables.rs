@@ -4,7 +4,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use lb_common::DecapStat;
@@ -203,7 +203,7 @@ pub struct StatLine {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AtmLine {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// primary, backup or idle.
     pub role: &'static str,
     /// online or offline.
@@ -226,7 +226,10 @@ pub fn render_timeout(seconds: u32) -> String {
 
 pub fn render_nat(nat: Option<&config::Nat>) -> String {
     match nat {
-        Some(n) => format!("{} {}\n", n.subnet, n.prefix),
+        Some(n) => n
+            .nets()
+            .map(|net| format!("{} {}\n", net.network(), net.prefix_len()))
+            .collect(),
         None => String::new(),
     }
 }

@@ -6,6 +6,8 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
+use lb_common::Method;
+
 use super::{
     reader::Cx,
     sections::{AtmRead, NatRead, ServiceRead, TablesRead},
@@ -86,16 +88,38 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
                 ),
             );
         }
-        match atm_addrs.get(&IpAddr::V4(atm.atm.address)) {
-            Some(first) => cx.err(
-                atm.line,
-                format!(
-                    "duplicate ATM address {} (first on line {})",
-                    atm.atm.address, first.line
+        for addr in atm.atm.addresses() {
+            match atm_addrs.get(&addr) {
+                Some(first) => cx.err(
+                    atm.line_of(addr),
+                    format!(
+                        "duplicate ATM address {addr} (first on line {})",
+                        first.line_of(addr)
+                    ),
                 ),
-            ),
-            None => {
-                atm_addrs.insert(IpAddr::V4(atm.atm.address), atm);
+                None => {
+                    atm_addrs.insert(addr, atm);
+                }
+            }
+        }
+    }
+    // Heartbeats and sync go from one ATM's `address` to the others' on one socket.
+    if let Some(first) = a.atms.first() {
+        for atm in &a.atms[1..] {
+            if atm.atm.address.is_ipv6() != first.atm.address.is_ipv6() {
+                cx.err(
+                    atm.address_line,
+                    format!(
+                        "ATM {:?}'s address {} and ATM {:?}'s {} (line {}) are of two families: \
+                         heartbeats go between the ATMs' `address`es, which share one (a \
+                         dual-stack ATM takes its other family's address in `address6`)",
+                        atm.atm.name,
+                        atm.atm.address,
+                        first.atm.name,
+                        first.atm.address,
+                        first.address_line
+                    ),
+                );
             }
         }
     }
@@ -142,21 +166,25 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
         // The NAT subnet is the servers' side: the gateway answers there, and the dataplane
         // takes packets from it for NAT replies, not for a VIP's clients.
         if let Some(n) = a.nat {
-            if svc.vip == n.nat.gateway {
+            if n.nat.is_gateway(svc.vip) {
                 cx.err(
                     s.vip_line,
                     format!(
                         "the VIP {} is the NAT gateway (line {})",
-                        svc.vip, n.gateway_line
+                        svc.vip,
+                        n.gateway_line_for(svc.vip)
                     ),
                 );
             } else if n.nat.contains(svc.vip) {
+                let net = n.nat.nets().find(|net| net.contains(&svc.vip));
                 cx.err(
                     s.vip_line,
                     format!(
-                        "the VIP {} is inside the NAT subnet {}/{} (line {}), which is the NAT \
+                        "the VIP {} is inside the NAT subnet {} (line {}), which is the NAT \
                          servers' side",
-                        svc.vip, n.nat.subnet, n.nat.prefix, n.subnet_line
+                        svc.vip,
+                        net.expect("contains"),
+                        n.subnet_line_for(svc.vip)
                     ),
                 );
             }
@@ -178,7 +206,8 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
         }
         for (server, &address_line) in svc.servers.iter().zip(&s.address_lines) {
             if let Some(n) = a.nat
-                && n.nat.addresses().skip(1).any(|p| p == server.address)
+                && n.nat.addresses().any(|p| p == server.address)
+                && !n.nat.is_gateway(server.address)
             {
                 cx.err(
                     address_line,
@@ -190,14 +219,36 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
                 );
             }
             if let Some(n) = a.nat
-                && server.address == n.nat.gateway
+                && n.nat.is_gateway(server.address)
             {
                 cx.err(
                     address_line,
                     format!(
                         "server {} is the NAT gateway (line {}): the primary ATM holds that \
                          address",
-                        server.address, n.gateway_line
+                        server.address,
+                        n.gateway_line_for(server.address)
+                    ),
+                );
+            }
+            // A tunnel leaves from the primary's own address of the server's family.
+            if server.method == Method::Tunnel
+                && let Some(atm) = a
+                    .atms
+                    .iter()
+                    .find(|atm| atm.atm.address_for(server.address).is_none())
+            {
+                let (family, key) = if server.address.is_ipv6() {
+                    ("IPv6", "address6")
+                } else {
+                    ("IPv4", "address")
+                };
+                cx.err(
+                    address_line,
+                    format!(
+                        "tunnel server {} is {family}: its tunnel leaves from the primary ATM's \
+                         {family} address, and ATM {:?} (line {}) has none (give it `{key}`)",
+                        server.address, atm.atm.name, atm.line
                     ),
                 );
             }
@@ -211,37 +262,37 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
                         server.method.name(),
                         server.address,
                         atm.atm.name,
-                        atm.address_line
+                        atm.line_of(server.address)
                     ),
                 );
             }
         }
     }
-    if let Some(n) = a.nat
-        && let Some(atm) = n
-            .nat
-            .addresses()
-            .skip(1)
-            .find_map(|p| atm_addrs.get(&IpAddr::V4(p)))
-    {
-        cx.err(
-            n.pool_line,
-            format!(
-                "a NAT pool address is ATM {:?}'s own address (line {})",
-                atm.atm.name, atm.address_line
-            ),
-        );
-    }
-    if let Some(n) = a.nat
-        && let Some(atm) = atm_addrs.get(&IpAddr::V4(n.nat.gateway))
-    {
-        cx.err(
-            n.gateway_line,
-            format!(
-                "the NAT gateway {} is an ATM's own address (ATM {:?}, line {})",
-                n.nat.gateway, atm.atm.name, atm.address_line
-            ),
-        );
+    if let Some(n) = a.nat {
+        for p in n.nat.addresses() {
+            let Some(atm) = atm_addrs.get(&p) else {
+                continue;
+            };
+            if n.nat.is_gateway(p) {
+                cx.err(
+                    n.gateway_line_for(p),
+                    format!(
+                        "the NAT gateway {p} is an ATM's own address (ATM {:?}, line {})",
+                        atm.atm.name,
+                        atm.line_of(p)
+                    ),
+                );
+            } else {
+                cx.err(
+                    n.pool_line,
+                    format!(
+                        "a NAT pool address is ATM {:?}'s own address (line {})",
+                        atm.atm.name,
+                        atm.line_of(p)
+                    ),
+                );
+            }
+        }
     }
     if let Some(t) = a.tables {
         let n = a.services.len();

@@ -3,7 +3,7 @@
 //! took reported as unknown.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::{Range, RangeInclusive},
     path::Path,
 };
@@ -214,6 +214,29 @@ impl<'a> Tab<'a> {
         };
         usable(cx, key, a, role, s.line)?;
         Some(At { v: a, line: s.line })
+    }
+
+    /// An optional IPv6 address (`address6`, `gateway6`): `Ok(None)` when the key is absent,
+    /// `Err(())` when it is there but no usable IPv6 address (reported).
+    pub(super) fn ip6(
+        &mut self,
+        cx: &mut Cx,
+        key: &'static str,
+        role: &str,
+    ) -> Result<Option<At<Ipv6Addr>>, ()> {
+        if !self.t.contains_key(key) {
+            return Ok(None);
+        }
+        let s = self.req_str(cx, key).ok_or(())?;
+        let Ok(a) = s.v.parse::<Ipv6Addr>() else {
+            cx.err(
+                s.line,
+                format!("`{key}` = {:?} is not an IPv6 address", s.v),
+            );
+            return Err(());
+        };
+        usable(cx, key, IpAddr::V6(a), role, s.line).ok_or(())?;
+        Ok(Some(At { v: a, line: s.line }))
     }
 
     /// One of `choices` (given as `(word, value)`).

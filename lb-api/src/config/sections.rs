@@ -3,11 +3,11 @@
 //! across tables point at.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use ipnet::{Ipv4AddrRange, Ipv4Net};
+use ipnet::{Ipv4AddrRange, Ipv4Net, Ipv6Net};
 use toml_edit::TableLike;
 
 use super::{
@@ -16,8 +16,8 @@ use super::{
     services::read_service,
     types::{
         Atm, CONNECTIONS_RANGE, Cluster, Config, Control, DEFAULT_PORT_HOLD, DEFAULT_TIME_WAIT,
-        DEFAULT_TIMEOUT, Ha, NAT_POOL_MAX, Nat, SERVERS_RANGE, SERVICES_RANGE, ServiceCfg,
-        TIMEOUT_RANGE,
+        DEFAULT_TIMEOUT, Ha, NAT_POOL_MAX, NAT6_PREFIX_RANGE, Nat, Nat4, Nat6, SERVERS_RANGE,
+        SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE,
     },
 };
 use crate::Capacities;
@@ -37,6 +37,29 @@ pub(super) struct NatRead {
     pub(super) gateway_line: usize,
     /// The `pool` key's line (the table's header if there is none).
     pub(super) pool_line: usize,
+    /// `subnet6` and `gateway6` (the table's header when there is no NAT66).
+    pub(super) subnet6_line: usize,
+    pub(super) gateway6_line: usize,
+}
+
+impl NatRead {
+    /// The line of the gateway of `a`'s family.
+    pub(super) fn gateway_line_for(&self, a: IpAddr) -> usize {
+        if a.is_ipv6() {
+            self.gateway6_line
+        } else {
+            self.gateway_line
+        }
+    }
+
+    /// The line of the subnet of `a`'s family.
+    pub(super) fn subnet_line_for(&self, a: IpAddr) -> usize {
+        if a.is_ipv6() {
+            self.subnet6_line
+        } else {
+            self.subnet_line
+        }
+    }
 }
 
 /// An [[atm]] as read: its header line for duplicates, its address line for what collides
@@ -45,6 +68,19 @@ pub(super) struct AtmRead {
     pub(super) atm: Atm,
     pub(super) line: usize,
     pub(super) address_line: usize,
+    /// `address6`'s line (`address`'s when there is none).
+    pub(super) address6_line: usize,
+}
+
+impl AtmRead {
+    /// The line of its address `a`.
+    pub(super) fn line_of(&self, a: IpAddr) -> usize {
+        if a == self.atm.address {
+            self.address_line
+        } else {
+            self.address6_line
+        }
+    }
 }
 
 /// A [[service]] as read, with its header and `vip` lines and each server's `address` line
@@ -99,9 +135,14 @@ pub(super) fn read(cx: &mut Cx, root: &dyn TableLike) -> Option<Config> {
         .collect();
     let service_tables = top.tables(cx, "service");
     let nat_read = nat.as_ref().and_then(Option::as_ref);
+    // A [nat] that was refused has had its say: its NAT servers are not refused again.
+    let nat_arg = match &nat {
+        Some(n) => Ok(n.as_ref().map(|n| &n.nat)),
+        None => Err(()),
+    };
     let services: Vec<Option<ServiceRead>> = service_tables
         .into_iter()
-        .map(|(t, line)| read_service(cx, t, line, nat_read.map(|n| &n.nat)))
+        .map(|(t, line)| read_service(cx, t, line, nat_arg))
         .collect();
     top.finish(cx);
 
@@ -190,15 +231,83 @@ fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<TablesRead
 
 fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
     let mut tab = Tab::new(t, "[nat]", line);
-    let subnet = tab.req_str(cx, "subnet");
-    let gateway = tab.addr(cx, "gateway", "the NAT gateway");
+    let has4 = ["subnet", "gateway", "pool"]
+        .iter()
+        .any(|k| t.contains_key(k));
+    let has6 = ["subnet6", "gateway6"].iter().any(|k| t.contains_key(k));
+    if !has4 && !has6 {
+        cx.err(
+            line,
+            "[nat] needs `subnet` and `gateway` (NAT44), `subnet6` and `gateway6` (NAT66), or \
+             both",
+        );
+        tab.finish(cx);
+        return None;
+    }
+    let (subnet, gateway) = if has4 {
+        (
+            tab.req_str(cx, "subnet"),
+            tab.addr(cx, "gateway", "the NAT gateway"),
+        )
+    } else {
+        (None, None)
+    };
+    let (subnet6, gateway6) = if has6 {
+        let subnet6 = tab.req_str(cx, "subnet6");
+        let gateway6 = match tab.ip6(cx, "gateway6", "the NAT66 gateway") {
+            Ok(None) => {
+                tab.missing(cx, "gateway6");
+                None
+            }
+            Ok(g) => g,
+            Err(()) => None,
+        };
+        (subnet6, gateway6)
+    } else {
+        (None, None)
+    };
     let hold = tab.int(cx, "port_hold", 0..=600, " seconds");
     let time_wait = tab.int(cx, "time_wait", 0..=600, " seconds");
     let hold_bad = (t.contains_key("port_hold") && hold.is_none())
         || (t.contains_key("time_wait") && time_wait.is_none());
     let pool_item = tab.item(cx, "pool");
     tab.finish(cx);
-    let subnet = subnet?;
+    let v4 = if has4 {
+        Some(read_nat4(cx, subnet?, gateway?, pool_item, line)?)
+    } else {
+        None
+    };
+    let v6 = if has6 {
+        Some(read_nat6(cx, subnet6?, gateway6?)?)
+    } else {
+        None
+    };
+    if hold_bad {
+        return None;
+    }
+    Some(NatRead {
+        nat: Nat {
+            v4: v4.as_ref().map(|r| r.0),
+            v6: v6.as_ref().map(|r| r.0),
+            port_hold: hold.map(|h| h.v as u32).unwrap_or(DEFAULT_PORT_HOLD),
+            time_wait: time_wait.map(|h| h.v as u32).unwrap_or(DEFAULT_TIME_WAIT),
+        },
+        subnet_line: v4.as_ref().map_or(line, |r| r.1),
+        gateway_line: v4.as_ref().map_or(line, |r| r.2),
+        pool_line: v4.as_ref().map_or(line, |r| r.3),
+        subnet6_line: v6.as_ref().map_or(line, |r| r.1),
+        gateway6_line: v6.as_ref().map_or(line, |r| r.2),
+    })
+}
+
+/// `subnet`, `gateway` and `pool`, with their lines.
+fn read_nat4(
+    cx: &mut Cx,
+    subnet: At<String>,
+    gateway: At<Ipv4Addr>,
+    pool_item: Option<(&toml_edit::Item, usize)>,
+    line: usize,
+) -> Option<(Nat4, usize, usize, usize)> {
     let Some((addr, prefix)) = subnet.v.split_once('/') else {
         cx.err(
             subnet.line,
@@ -240,7 +349,6 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
         );
         return None;
     }
-    let gateway = gateway?;
     if !net.contains(&gateway.v) {
         cx.err(
             gateway.line,
@@ -346,25 +454,95 @@ fn read_nat(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<NatRead> {
             return None;
         }
     }
-    if hold_bad {
-        return None;
-    }
     let mut pool_arr = [Ipv4Addr::UNSPECIFIED; NAT_POOL_MAX - 1];
     pool_arr[..pool.len()].copy_from_slice(&pool);
-    Some(NatRead {
-        nat: Nat {
-            subnet: addr,
-            prefix,
-            gateway: gateway.v,
-            pool: pool_arr,
-            pool_len: pool.len() as u8,
-            port_hold: hold.map(|h| h.v as u32).unwrap_or(DEFAULT_PORT_HOLD),
-            time_wait: time_wait.map(|h| h.v as u32).unwrap_or(DEFAULT_TIME_WAIT),
-        },
-        subnet_line: subnet.line,
-        gateway_line: gateway.line,
-        pool_line,
-    })
+    let nat = Nat4 {
+        subnet: addr,
+        prefix,
+        gateway: gateway.v,
+        pool: pool_arr,
+        pool_len: pool.len() as u8,
+    };
+    Some((nat, subnet.line, gateway.line, pool_line))
+}
+
+/// `subnet6` and `gateway6`, with their lines. IPv6 has no broadcast address, but its
+/// subnet's first address is the subnet-router anycast address (RFC 4291), which no host
+/// may take.
+fn read_nat6(
+    cx: &mut Cx,
+    subnet: At<String>,
+    gateway: At<Ipv6Addr>,
+) -> Option<(Nat6, usize, usize)> {
+    let net = match subnet.v.parse::<Ipv6Net>() {
+        Ok(n) if NAT6_PREFIX_RANGE.contains(&n.prefix_len()) => n,
+        Ok(_) => {
+            cx.err(
+                subnet.line,
+                format!(
+                    "`subnet6` = {:?}: the prefix length must be {} to {}",
+                    subnet.v,
+                    NAT6_PREFIX_RANGE.start(),
+                    NAT6_PREFIX_RANGE.end()
+                ),
+            );
+            return None;
+        }
+        Err(_) => {
+            cx.err(
+                subnet.line,
+                format!(
+                    "`subnet6` = {:?} must be an IPv6 ADDRESS/PREFIX, e.g. 2001:db8:1::/64",
+                    subnet.v
+                ),
+            );
+            return None;
+        }
+    };
+    if net.trunc() != net {
+        cx.err(
+            subnet.line,
+            format!(
+                "`subnet6` = {:?} has host bits set: write the network address",
+                subnet.v
+            ),
+        );
+        return None;
+    }
+    if let Some(what) = super::checks::unusable(IpAddr::V6(net.network())) {
+        cx.err(
+            subnet.line,
+            format!(
+                "`subnet6` = {:?} is {what}: no server can be in it",
+                subnet.v
+            ),
+        );
+        return None;
+    }
+    if !net.contains(&gateway.v) {
+        cx.err(
+            gateway.line,
+            format!("`gateway6` {} is not in the NAT subnet {net}", gateway.v),
+        );
+        return None;
+    }
+    if gateway.v == net.network() {
+        cx.err(
+            gateway.line,
+            format!(
+                "`gateway6` {} is the NAT subnet {net}'s subnet-router anycast address, which \
+                 no host can have",
+                gateway.v
+            ),
+        );
+        return None;
+    }
+    let nat = Nat6 {
+        subnet: net.network(),
+        prefix: net.prefix_len(),
+        gateway: gateway.v,
+    };
+    Some((nat, subnet.line, gateway.line))
 }
 
 fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
@@ -486,7 +664,8 @@ fn read_control(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Control> 
 fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<AtmRead> {
     let mut tab = Tab::new(t, "[[atm]]", line);
     let name = tab.name(cx);
-    let address = tab.addr(cx, "address", "an ATM's address");
+    let address = tab.ip(cx, "address", "an ATM's address");
+    let address6 = tab.ip6(cx, "address6", "an ATM's address");
     let interface = tab.req_str(cx, "interface");
     tab.finish(cx);
     if let Some(i) = &interface
@@ -499,13 +678,29 @@ fn read_atm(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<AtmRead> {
         return None;
     }
     let address = address?;
+    let address6 = address6.ok()?;
+    if let Some(a6) = &address6
+        && address.v.is_ipv6()
+    {
+        cx.err(
+            a6.line,
+            format!(
+                "`address6` = {} beside an IPv6 `address` ({}, line {}): `address6` is the IPv6 \
+                 address of an ATM whose `address` is IPv4",
+                a6.v, address.v, address.line
+            ),
+        );
+        return None;
+    }
     Some(AtmRead {
         atm: Atm {
             name: name?.v,
             address: address.v,
+            address6: address6.as_ref().map(|a| a.v),
             interface: interface?.v,
         },
         line,
         address_line: address.line,
+        address6_line: address6.map_or(address.line, |a| a.line),
     })
 }

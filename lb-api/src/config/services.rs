@@ -35,7 +35,7 @@ pub(super) fn read_service(
     cx: &mut Cx,
     t: &dyn TableLike,
     line: usize,
-    nat: Option<&Nat>,
+    nat: Result<Option<&Nat>, ()>,
 ) -> Option<ServiceRead> {
     let mut tab = Tab::new(t, "[[service]]", line);
     let mut bad = false;
@@ -141,7 +141,7 @@ fn read_server(
     t: &dyn TableLike,
     line: usize,
     service_port: Option<u16>,
-    nat: Option<&Nat>,
+    nat: Result<Option<&Nat>, ()>,
 ) -> Option<(ServerCfg, usize)> {
     let mut tab = Tab::new(t, "[[service.server]]", line);
     let name = tab.name(cx);
@@ -178,57 +178,60 @@ fn read_server(
         return None;
     }
     let address = address?;
-    if m == Method::Tunnel && address.v.is_ipv6() {
-        // IPv6-in-IPv6 goes out from the ATM's own IPv6 address, which [[atm]] does not take
-        // yet (issue 15's next step).
-        cx.err(
-            method_line,
-            format!(
-                "tunnel server {} is IPv6: its IPv6-in-IPv6 needs an IPv6 address for each \
-                 ATM, which this version does not take yet",
-                address.v
-            ),
-        );
-        return None;
-    }
     if m == Method::Nat {
-        match nat {
-            None => {
+        let problem = match (nat, address.v) {
+            // [nat] is there but was refused, which was reported.
+            (Err(()), _) => return None,
+            (Ok(None), _) => {
                 cx.err(
                     method_line,
                     "method = \"nat\" needs a [nat] table with the NAT subnet and gateway",
                 );
                 return None;
             }
-            Some(_) if address.v.is_ipv6() => {
-                // The config has no IPv6 NAT subnet yet (issue 15's next step).
-                cx.err(
-                    address.line,
-                    format!(
-                        "NAT server {} is IPv6: NAT66 needs an IPv6 subnet in [nat], which \
-                         this version does not take yet",
-                        address.v
-                    ),
-                );
-                return None;
-            }
-            Some(n) => {
-                let IpAddr::V4(a4) = address.v else {
-                    unreachable!("IPv6 refused above")
-                };
-                let net = n.net();
-                let problem = if !net.contains(&a4) {
-                    Some(format!("is not in the NAT subnet {net}"))
-                } else {
-                    reserved_in(&net, a4).map(|which| {
-                        format!("is the NAT subnet {net}'s {which} address, which no host can have")
-                    })
-                };
-                if let Some(p) = problem {
-                    cx.err(address.line, format!("NAT server {} {p}", address.v));
-                    return None;
+            (Ok(Some(n)), IpAddr::V4(a4)) => match &n.v4 {
+                None => Some(
+                    "is IPv4, and [nat] has no IPv4 subnet: NAT44 needs `subnet` and `gateway`"
+                        .to_string(),
+                ),
+                Some(n4) => {
+                    let net = n4.net();
+                    if !net.contains(&a4) {
+                        Some(format!("is not in the NAT subnet {net}"))
+                    } else {
+                        reserved_in(&net, a4).map(|which| {
+                            format!(
+                                "is the NAT subnet {net}'s {which} address, which no host can \
+                                 have"
+                            )
+                        })
+                    }
                 }
-            }
+            },
+            (Ok(Some(n)), IpAddr::V6(a6)) => match &n.v6 {
+                None => Some(
+                    "is IPv6, and [nat] has no IPv6 subnet: NAT66 needs `subnet6` and \
+                     `gateway6`"
+                        .to_string(),
+                ),
+                Some(n6) => {
+                    let net = n6.net();
+                    if !net.contains(&a6) {
+                        Some(format!("is not in the NAT subnet {net}"))
+                    } else if a6 == net.network() {
+                        Some(format!(
+                            "is the NAT subnet {net}'s subnet-router anycast address, which no \
+                             host can have"
+                        ))
+                    } else {
+                        None
+                    }
+                }
+            },
+        };
+        if let Some(p) = problem {
+            cx.err(address.line, format!("NAT server {} {p}", address.v));
+            return None;
         }
     }
     Some((

@@ -487,44 +487,229 @@ fn ipv6_addresses_no_host_can_hold_are_refused() {
             "`vip` = \"2001:db8::g\" is not an IPv4 or IPv6 address".into()
         )],
     );
-    // An ATM's address is IPv4 (heartbeats over IPv6 are to come).
-    assert_eq!(
-        problems_with("address = \"192.0.2.2\"", "address = \"2001:db8::2\""),
-        vec![(
-            12,
-            "`address` = \"2001:db8::2\" is not an IPv4 address".into()
-        )],
-    );
+}
+
+/// Two dual-stack ATMs, NAT44 and NAT66, and an IPv6 service with a server of each method.
+const DUAL: &str = r#"
+[cluster]
+name = "web"
+auth_key_file = "/etc/lb/key"
+
+[nat]
+subnet = "203.0.113.0/24"
+gateway = "203.0.113.1"
+subnet6 = "2001:db8:1::/64"
+gateway6 = "2001:db8:1::1"
+
+[[atm]]
+name = "atm1"
+address = "192.0.2.2"
+address6 = "2001:db8::2"
+interface = "eth0"
+
+[[atm]]
+name = "atm2"
+address = "192.0.2.3"
+address6 = "2001:db8::3"
+interface = "eth0"
+
+[[service]]
+name = "http6"
+vip = "2001:db8::100"
+port = 80
+[[service.server]]
+name = "d"
+address = "2001:db8::11"
+[[service.server]]
+name = "t"
+address = "2001:db8::12"
+method = "tunnel"
+[[service.server]]
+name = "n"
+address = "2001:db8:1::13"
+port = 8080
+method = "nat"
+"#;
+
+fn dual_problems(from: &str, to: &str) -> Vec<String> {
+    assert!(DUAL.contains(from), "{from:?} is not in DUAL");
+    match parse(&DUAL.replacen(from, to, 1), Path::new("/")) {
+        Ok(_) => Vec::new(),
+        Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
+    }
 }
 
 #[test]
-fn ipv6_tunnel_and_nat_servers_wait_for_their_atm_and_nat_addresses() {
-    let v6 = GOOD
-        .replacen("vip = \"192.0.2.100\"", "vip = \"2001:db8::100\"", 1)
-        .replacen(
-            "address = \"192.0.2.11\"",
-            "address = \"2001:db8::11\"\nmethod = \"tunnel\"",
-            1,
-        )
-        .replacen(
-            "address = \"203.0.113.12\"",
-            "address = \"2001:db8::12\"",
-            1,
-        );
-    let problems: Vec<String> = parse(&v6, Path::new("/"))
-        .unwrap_err()
-        .into_iter()
-        .map(|p| p.to_string())
-        .collect();
+fn dual_stack_atms_and_nat66_are_read() {
+    let c = parse(DUAL, Path::new("/")).unwrap();
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    assert_eq!(c.atms[0].v6(), Some(v6("2001:db8::2")));
+    assert_eq!(c.atms[0].v4(), Some("192.0.2.2".parse().unwrap()));
+    let nat = c.nat.unwrap();
+    let n6 = nat.v6.unwrap();
     assert_eq!(
-        problems,
-        vec![
-            "line 25: tunnel server 2001:db8::11 is IPv6: its IPv6-in-IPv6 needs an IPv6 \
-             address for each ATM, which this version does not take yet"
-                .to_string(),
-            "line 28: NAT server 2001:db8::12 is IPv6: NAT66 needs an IPv6 subnet in [nat], \
-             which this version does not take yet"
-                .to_string(),
+        (n6.subnet, n6.prefix, n6.gateway),
+        (v6("2001:db8:1::"), 64, v6("2001:db8:1::1"))
+    );
+    assert!(nat.contains("2001:db8:1::13".parse().unwrap()));
+    assert!(nat.is_gateway("2001:db8:1::1".parse().unwrap()));
+    assert_eq!(
+        nat.addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
+        ["203.0.113.1", "2001:db8:1::1"]
+    );
+    // IPv6 alone: ATMs whose address is IPv6 (heartbeats over IPv6), NAT66 without NAT44.
+    let v6_only = DUAL
+        .replace(
+            "subnet = \"203.0.113.0/24\"\ngateway = \"203.0.113.1\"\n",
+            "",
+        )
+        .replace("address = \"192.0.2.2\"\naddress6", "address")
+        .replace("address = \"192.0.2.3\"\naddress6", "address");
+    let c = parse(&v6_only, Path::new("/")).unwrap();
+    assert_eq!(c.atms[1].address, "2001:db8::3".parse::<IpAddr>().unwrap());
+    assert_eq!((c.atms[1].v4(), c.atms[1].address6), (None, None));
+    assert!(c.nat.unwrap().v4.is_none());
+}
+
+#[test]
+fn dual_stack_mistakes_are_refused_at_their_line() {
+    // A tunnel leaves from the ATM's own address of the server's family.
+    assert_eq!(
+        dual_problems("address6 = \"2001:db8::3\"\n", ""),
+        [
+            "line 32: tunnel server 2001:db8::12 is IPv6: its tunnel leaves from the primary \
+          ATM's IPv6 address, and ATM \"atm2\" (line 18) has none (give it `address6`)"
+        ]
+    );
+    // Heartbeats go between `address`es of one family.
+    assert_eq!(
+        dual_problems(
+            "address = \"192.0.2.3\"\naddress6 = \"2001:db8::3\"",
+            "address = \"2001:db8::3\""
+        ),
+        [
+            "line 20: ATM \"atm2\"'s address 2001:db8::3 and ATM \"atm1\"'s 192.0.2.2 (line 14) are \
+          of two families: heartbeats go between the ATMs' `address`es, which share one (a \
+          dual-stack ATM takes its other family's address in `address6`)"
+        ]
+    );
+    assert_eq!(
+        dual_problems("address = \"192.0.2.3\"", "address = \"2001:db8::4\""),
+        [
+            "line 21: `address6` = 2001:db8::3 beside an IPv6 `address` (2001:db8::4, line 20): \
+          `address6` is the IPv6 address of an ATM whose `address` is IPv4"
+        ]
+    );
+    assert_eq!(
+        dual_problems("address6 = \"2001:db8::3\"", "address6 = \"192.0.2.9\""),
+        ["line 21: `address6` = \"192.0.2.9\" is not an IPv6 address"]
+    );
+    assert_eq!(
+        dual_problems("address6 = \"2001:db8::3\"", "address6 = \"2001:db8::2\""),
+        ["line 21: duplicate ATM address 2001:db8::2 (first on line 15)"]
+    );
+    // NAT66: the server in the IPv6 subnet, which is there.
+    assert_eq!(
+        dual_problems(
+            "address = \"2001:db8:1::13\"",
+            "address = \"2001:db8:2::13\""
+        ),
+        ["line 37: NAT server 2001:db8:2::13 is not in the NAT subnet 2001:db8:1::/64"]
+    );
+    assert_eq!(
+        dual_problems("address = \"2001:db8:1::13\"", "address = \"2001:db8:1::\""),
+        [
+            "line 37: NAT server 2001:db8:1:: is the NAT subnet 2001:db8:1::/64's subnet-router \
+          anycast address, which no host can have"
+        ]
+    );
+    assert_eq!(
+        dual_problems(
+            "subnet6 = \"2001:db8:1::/64\"\ngateway6 = \"2001:db8:1::1\"\n",
+            ""
+        ),
+        [
+            "line 35: NAT server 2001:db8:1::13 is IPv6, and [nat] has no IPv6 subnet: NAT66 needs \
+          `subnet6` and `gateway6`"
+        ]
+    );
+    assert_eq!(
+        dual_problems("gateway6 = \"2001:db8:1::1\"\n", ""),
+        ["line 6: [nat] needs `gateway6`"]
+    );
+    assert_eq!(
+        dual_problems(
+            "gateway6 = \"2001:db8:1::1\"",
+            "gateway6 = \"2001:db8:2::1\""
+        ),
+        ["line 10: `gateway6` 2001:db8:2::1 is not in the NAT subnet 2001:db8:1::/64"]
+    );
+    assert_eq!(
+        dual_problems(
+            "gateway6 = \"2001:db8:1::1\"",
+            "gateway6 = \"2001:db8:1::\""
+        ),
+        [
+            "line 10: `gateway6` 2001:db8:1:: is the NAT subnet 2001:db8:1::/64's subnet-router \
+          anycast address, which no host can have"
+        ]
+    );
+    for (subnet, why) in [
+        ("2001:db8:1::/127", "the prefix length must be 16 to 126"),
+        (
+            "2001:db8:1::1/64",
+            "has host bits set: write the network address",
+        ),
+        (
+            "203.0.113.0/24",
+            "must be an IPv6 ADDRESS/PREFIX, e.g. 2001:db8:1::/64",
+        ),
+    ] {
+        let sep = if why.starts_with("the") { ": " } else { " " };
+        assert_eq!(
+            dual_problems(
+                "subnet6 = \"2001:db8:1::/64\"",
+                &format!("subnet6 = \"{subnet}\"")
+            ),
+            [format!("line 9: `subnet6` = {subnet:?}{sep}{why}")]
+        );
+    }
+    assert_eq!(
+        dual_problems("subnet6 = \"2001:db8:1::/64\"", "subnet6 = \"fe80::/64\""),
+        ["line 9: `subnet6` = \"fe80::/64\" is a link-local address: no server can be in it"]
+    );
+    // The VIP and the NAT66 side.
+    assert_eq!(
+        dual_problems("vip = \"2001:db8::100\"", "vip = \"2001:db8:1::1\""),
+        ["line 26: the VIP 2001:db8:1::1 is the NAT gateway (line 10)"]
+    );
+    assert_eq!(
+        dual_problems("vip = \"2001:db8::100\"", "vip = \"2001:db8:1::100\""),
+        [
+            "line 26: the VIP 2001:db8:1::100 is inside the NAT subnet 2001:db8:1::/64 (line 9), \
+          which is the NAT servers' side"
+        ]
+    );
+    assert_eq!(
+        dual_problems("vip = \"2001:db8::100\"", "vip = \"2001:db8::3\""),
+        ["line 24: the VIP 2001:db8::3 is an ATM's own address"]
+    );
+    assert_eq!(
+        dual_problems("address = \"2001:db8::11\"", "address = \"2001:db8::2\""),
+        [
+            "line 30: direct server 2001:db8::2 is the address of ATM \"atm1\" (line 15): an ATM \
+          cannot balance to itself"
+        ]
+    );
+    // [nat] with neither family.
+    assert_eq!(
+        dual_problems(
+            "subnet = \"203.0.113.0/24\"\ngateway = \"203.0.113.1\"\nsubnet6 = \"2001:db8:1::/64\"\ngateway6 = \"2001:db8:1::1\"\n",
+            ""
+        ),
+        [
+            "line 6: [nat] needs `subnet` and `gateway` (NAT44), `subnet6` and `gateway6` (NAT66), \
+          or both"
         ]
     );
 }

@@ -4,12 +4,12 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use lb_common::{IPPROTO_UDP, Method, Sched};
 
 use crate::Capacities;
@@ -53,8 +53,24 @@ pub struct Cluster {
     pub auth_key_file: Option<PathBuf>,
 }
 
+/// `[nat]`: the servers' side of NAT, in IPv4 (NAT44), IPv6 (NAT66) or both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Nat {
+    /// `subnet`, `gateway` and `pool`.
+    pub v4: Option<Nat4>,
+    /// `subnet6` and `gateway6`.
+    pub v6: Option<Nat6>,
+    /// Seconds a NAT source port stays held after its connection closed (a RST, or a FIN
+    /// each way with the client's first) before another connection may take it.
+    pub port_hold: u32,
+    /// Seconds it stays held when the server closed first: the server's TIME_WAIT (60 s on
+    /// Linux), during which it may refuse a new connection on the same ports.
+    pub time_wait: u32,
+}
+
+/// The IPv4 NAT subnet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat4 {
     pub subnet: Ipv4Addr,
     pub prefix: u8,
     /// Alias held by the primary; also the first source address of NAT-ed packets.
@@ -63,12 +79,15 @@ pub struct Nat {
     /// the source ports toward every server. `pool[..pool_len]`.
     pub pool: [Ipv4Addr; NAT_POOL_MAX - 1],
     pub pool_len: u8,
-    /// Seconds a NAT source port stays held after its connection closed (a RST, or a FIN
-    /// each way with the client's first) before another connection may take it.
-    pub port_hold: u32,
-    /// Seconds it stays held when the server closed first: the server's TIME_WAIT (60 s on
-    /// Linux), during which it may refuse a new connection on the same ports.
-    pub time_wait: u32,
+}
+
+/// The IPv6 NAT subnet: its gateway is the one source address of NAT66 (no pool: see
+/// DAEMON.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat6 {
+    pub subnet: Ipv6Addr,
+    pub prefix: u8,
+    pub gateway: Ipv6Addr,
 }
 
 /// Source addresses of NAT-ed packets, the gateway included (the dataplane's settings hold
@@ -78,34 +97,78 @@ pub const NAT_POOL_MAX: usize = lb_common::NAT_POOL_MAX;
 pub const DEFAULT_PORT_HOLD: u32 = 2;
 /// The default `[nat] time_wait`, seconds: Linux's TIME_WAIT.
 pub const DEFAULT_TIME_WAIT: u32 = 60;
+/// The prefix lengths `subnet6` takes: a /127 or /128 leaves no room for servers.
+pub const NAT6_PREFIX_RANGE: RangeInclusive<u8> = 16..=126;
 
 impl Nat {
-    /// A NAT subnet with its gateway, no pool and the default hold.
+    /// An IPv4 NAT subnet with its gateway, no pool, no IPv6 and the default hold.
     pub fn new(subnet: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Nat {
         Nat {
-            subnet,
-            prefix,
-            gateway,
-            pool: [Ipv4Addr::UNSPECIFIED; NAT_POOL_MAX - 1],
-            pool_len: 0,
+            v4: Some(Nat4 {
+                subnet,
+                prefix,
+                gateway,
+                pool: [Ipv4Addr::UNSPECIFIED; NAT_POOL_MAX - 1],
+                pool_len: 0,
+            }),
+            v6: None,
             port_hold: DEFAULT_PORT_HOLD,
             time_wait: DEFAULT_TIME_WAIT,
         }
     }
 
+    /// Whether `a` is in the NAT subnet of its family.
+    pub fn contains(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.v4.is_some_and(|n| n.net().contains(&a)),
+            IpAddr::V6(a) => self.v6.is_some_and(|n| n.net().contains(&a)),
+        }
+    }
+
+    /// The gateway of `a`'s family, if there is a NAT subnet of that family.
+    pub fn gateway_for(&self, a: IpAddr) -> Option<IpAddr> {
+        match a {
+            IpAddr::V4(_) => self.v4.map(|n| n.gateway.into()),
+            IpAddr::V6(_) => self.v6.map(|n| n.gateway.into()),
+        }
+    }
+
+    /// Whether `a` is a gateway (of either family).
+    pub fn is_gateway(&self, a: IpAddr) -> bool {
+        self.gateway_for(a) == Some(a)
+    }
+
+    /// Every NAT subnet, IPv4 first.
+    pub fn nets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let v4 = self.v4.map(|n| IpNet::V4(n.net()));
+        let v6 = self.v6.map(|n| IpNet::V6(n.net()));
+        v4.into_iter().chain(v6)
+    }
+
+    /// Every NAT source address: the IPv4 gateway and its pool, then the IPv6 gateway.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = self.v4.iter().flat_map(|n| n.addresses().map(IpAddr::V4));
+        let v6 = self.v6.iter().map(|n| IpAddr::V6(n.gateway));
+        v4.chain(v6)
+    }
+}
+
+impl Nat4 {
     /// The NAT subnet, `subnet/prefix`.
     pub fn net(&self) -> Ipv4Net {
         Ipv4Net::new(self.subnet, self.prefix).expect("a NAT prefix is at most 32")
     }
 
-    /// Whether `a` is in the (IPv4) NAT subnet.
-    pub fn contains(&self, a: IpAddr) -> bool {
-        matches!(a, IpAddr::V4(a) if self.net().contains(&a))
-    }
-
-    /// Every NAT source address: the gateway first, then the pool.
+    /// Every IPv4 NAT source address: the gateway first, then the pool.
     pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         std::iter::once(self.gateway).chain(self.pool[..self.pool_len as usize].iter().copied())
+    }
+}
+
+impl Nat6 {
+    /// The NAT subnet, `subnet6`.
+    pub fn net(&self) -> Ipv6Net {
+        Ipv6Net::new(self.subnet, self.prefix).expect("a NAT prefix is at most 128")
     }
 }
 
@@ -153,8 +216,43 @@ impl Default for Control {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Atm {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// Where the other ATMs send heartbeats and sync: every ATM's is of one family.
+    pub address: IpAddr,
+    /// An IPv6 address of an ATM whose `address` is IPv4 (a dual-stack ATM).
+    pub address6: Option<Ipv6Addr>,
     pub interface: String,
+}
+
+impl Atm {
+    /// The ATM's IPv4 address: the outer source of its IPv4-in-IPv4 tunnels.
+    pub fn v4(&self) -> Option<Ipv4Addr> {
+        match self.address {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// The ATM's IPv6 address (`address`, else `address6`): the outer source of its
+    /// IPv6-in-IPv6 tunnels.
+    pub fn v6(&self) -> Option<Ipv6Addr> {
+        match self.address {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => self.address6,
+        }
+    }
+
+    /// Its address of `a`'s family.
+    pub fn address_for(&self, a: IpAddr) -> Option<IpAddr> {
+        match a {
+            IpAddr::V4(_) => self.v4().map(IpAddr::V4),
+            IpAddr::V6(_) => self.v6().map(IpAddr::V6),
+        }
+    }
+
+    /// Every address of the ATM.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(self.address).chain(self.address6.map(IpAddr::V6))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -28,20 +28,39 @@ const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
 
 impl Daemon {
     pub(super) fn settings(&self, active: bool) -> Settings {
-        let (local, nat) = match &self.role {
-            Role::Atm(i) => (
-                self.config.atms[*i].address.into(),
-                self.config
-                    .nat
-                    .map(|n| n.gateway.into())
-                    .unwrap_or_default(),
+        // Each family's own address (the tunnels' outer source) and NAT gateway.
+        let (local, local6, nat, nat6) = match &self.role {
+            Role::Atm(i) => {
+                let atm = &self.config.atms[*i];
+                let nat = self.config.nat;
+                (
+                    atm.v4().map(Addr::from).unwrap_or_default(),
+                    atm.v6().map(Addr::from).unwrap_or_default(),
+                    nat.and_then(|n| n.v4)
+                        .map(|n| n.gateway.into())
+                        .unwrap_or_default(),
+                    nat.and_then(|n| n.v6)
+                        .map(|n| n.gateway.into())
+                        .unwrap_or_default(),
+                )
+            }
+            Role::Node(IpAddr::V4(a)) => (
+                (*a).into(),
+                Addr::default(),
+                Addr::default(),
+                Addr::default(),
             ),
-            Role::Node(a) => ((*a).into(), Default::default()),
+            Role::Node(a @ IpAddr::V6(_)) => (
+                Addr::default(),
+                (*a).into(),
+                Addr::default(),
+                Addr::default(),
+            ),
         };
         let peer = self.part.atm().and_then(|a| a.peer);
         let mut nat_pool = [0u32; lb_common::NAT_POOL_MAX];
         let mut nat_pool_len = 0;
-        if let (Role::Atm(_), Some(n)) = (&self.role, self.config.nat) {
+        if let (Role::Atm(_), Some(n)) = (&self.role, self.config.nat.and_then(|n| n.v4)) {
             for (slot, a) in nat_pool.iter_mut().zip(n.addresses()) {
                 *slot = u32::from_ne_bytes(a.octets());
                 nat_pool_len += 1;
@@ -78,7 +97,12 @@ impl Daemon {
             nat_pool,
             nat_pool_len,
             nat_cursor_base: self.part.atm().map_or(0, |a| a.nat_cursor_base),
-            peer_addr: peer.map_or(0, |(addr, _)| u32::from_ne_bytes(addr.octets())),
+            // Found by an IPv4 route lookup: between ATMs whose `address` is IPv6 the packets
+            // of unknown connections are not passed on during a handover (DAEMON.md).
+            peer_addr: match peer {
+                Some((IpAddr::V4(addr), _)) => u32::from_ne_bytes(addr.octets()),
+                _ => 0,
+            },
             // The old primary the even NAT ports, the new one the odd (while both forward).
             nat_stripe: match self.part.atm() {
                 Some(a) if a.peer.is_some() => {
@@ -91,10 +115,8 @@ impl Daemon {
                 _ => 0,
             },
             peer_until_ns: peer.map_or(0, |(_, until)| until),
-            // No IPv6 address for an ATM in the config yet: v6 tunnel servers are not
-            // reached (the config takes no IPv6 service yet either).
-            local_addr6: Addr::default(),
-            nat_addr6: Addr::default(),
+            local_addr6: local6,
+            nat_addr6: nat6,
         }
     }
 
@@ -205,9 +227,7 @@ impl Daemon {
         };
         local
             .iter()
-            .filter(|a| {
-                nat.contains(a.addr) && a.addr != nat.gateway && !a.label.ends_with(NAT_LABEL)
-            })
+            .filter(|a| nat.contains(a.addr) && !nat.is_gateway(a.addr) && !a.is(Mark::Nat))
             .map(|a| a.interface().to_string())
             .next()
             .unwrap_or_else(|| main.to_string())
@@ -283,23 +303,29 @@ impl Daemon {
         Ok(())
     }
 
-    /// The NAT gateway (with the subnet's prefix) and the pool addresses (/32) as aliases on
-    /// the NAT interface, labelled `<if>:natg`.
+    /// The NAT gateways (with their subnet's prefix) and the pool addresses (/32) as aliases
+    /// on the NAT interface: IPv4 ones labelled `<if>:natg`, all with IFA_PROTO `Mark::Nat`.
     pub(super) async fn add_nat_aliases(&self) -> Result<()> {
         let (Some(nat), Some(a)) = (self.config.nat, self.part.atm()) else {
             return Ok(());
         };
         let nat_if = a.nat_interface.clone();
         let idx = addrs::ifindex(&nat_if).ok_or_else(|| anyhow!("{nat_if} is gone"))?;
-        let label = format!("{nat_if}:{NAT_LABEL}");
-        self.net
-            .add(idx, &nat_if, nat.gateway.into(), nat.prefix, Mark::Nat)
-            .await?;
-        info!(
-            "NAT gateway {}/{} configured on {label}",
-            nat.gateway, nat.prefix
-        );
-        let pool: Vec<Ipv4Addr> = nat.addresses().skip(1).collect();
+        let gateways = nat
+            .v4
+            .map(|n| (IpAddr::from(n.gateway), n.prefix))
+            .into_iter()
+            .chain(nat.v6.map(|n| (IpAddr::from(n.gateway), n.prefix)));
+        for (gateway, prefix) in gateways {
+            self.net
+                .add(idx, &nat_if, gateway, prefix, Mark::Nat)
+                .await?;
+            info!(
+                "NAT gateway {gateway}/{prefix} configured on {}",
+                alias_name(&nat_if, gateway, Mark::Nat)
+            );
+        }
+        let pool: Vec<Ipv4Addr> = nat.v4.iter().flat_map(|n| n.addresses().skip(1)).collect();
         for p in &pool {
             self.net
                 .add(idx, &nat_if, (*p).into(), 32, Mark::Nat)
@@ -307,7 +333,7 @@ impl Daemon {
         }
         if !pool.is_empty() {
             info!(
-                "NAT pool {} configured on {label}",
+                "NAT pool {} configured on {nat_if}:{NAT_LABEL}",
                 pool.iter()
                     .map(|p| p.to_string())
                     .collect::<Vec<_>>()
@@ -336,7 +362,7 @@ impl Daemon {
                 self.net.mac(i).await.ok().flatten()
             };
             match nat_mac {
-                Some(m) => addrs.extend(nat.addresses().map(|n| (i, m, n.into()))),
+                Some(m) => addrs.extend(nat.addresses().map(|n| (i, m, n))),
                 None => warn!(
                     "No MAC for {}: no gratuitous ARP for the NAT gateway",
                     a.nat_interface

@@ -64,8 +64,14 @@ impl Daemon {
             .map(|a| a.interface().to_string())
             .ok_or_else(|| anyhow!("no interface holds {addr}"))?;
         let (vips, tunnel) = wants(&self.config, addr);
-        let atms: Vec<lb_common::Addr> =
-            self.config.atms.iter().map(|a| a.address.into()).collect();
+        // Both families: IPIP comes from an ATM's IPv4 address, IPv6-in-IPv6 from its IPv6.
+        let atms: Vec<lb_common::Addr> = self
+            .config
+            .atms
+            .iter()
+            .flat_map(|a| a.addresses())
+            .map(Into::into)
+            .collect();
         let node = self.part.node_mut().ok_or_else(|| anyhow!("not a node"))?;
         let lo = addrs::ifindex("lo").ok_or_else(|| anyhow!("no lo interface"))?;
         let mut changed = Vec::new();
@@ -112,7 +118,7 @@ impl Daemon {
                 dp.set_decap_sources(&atms)?;
                 let mode = dp.attach_decap(&iface, AttachMode::Auto)?;
                 changed.push(format!(
-                    "lb_decap attached to {iface} in {} mode for IPIP from {} ATMs",
+                    "lb_decap attached to {iface} in {} mode for tunnels from {} ATM addresses",
                     mode.name(),
                     atms.len()
                 ));

@@ -35,11 +35,7 @@ pub fn identify(
             "--node {name:?}: no [[atm]] or server of that name in the config"
         ));
     }
-    if let Some(i) = config
-        .atms
-        .iter()
-        .position(|a| local.contains(&a.address.into()))
-    {
+    if let Some(i) = config.atms.iter().position(|a| local.contains(&a.address)) {
         return Ok((Role::Atm(i), config.atms[i].name.clone()));
     }
     for s in &config.services {

@@ -368,7 +368,7 @@ impl Daemon {
                 .into_iter()
                 .map(|l| views::AtmStatus {
                     name: l.name,
-                    address: l.address.into(),
+                    address: l.address,
                     role: l.role.into(),
                     state: l.state.into(),
                     last_heard_ms: l.last_heard_ms,
@@ -386,7 +386,7 @@ impl Daemon {
                     .collect()
             }),
             nat: self.config.nat.map(|n| views::NatStatus {
-                addresses: n.addresses().map(Into::into).collect(),
+                addresses: n.addresses().collect(),
                 ports: format!("{}-{}", NAT_PORTS.0, NAT_PORTS.1),
                 port_hold: n.port_hold,
                 time_wait: n.time_wait,

@@ -75,7 +75,7 @@ fn source_toward(addr: IpAddr) -> Option<IpAddr> {
 pub fn failure_counts(source: Option<IpAddr>, primary: bool, nat: Option<&Nat>) -> bool {
     primary
         || source.is_some_and(|src| {
-            src.is_unspecified() || nat.is_none_or(|n| n.contains(src) && src != n.gateway)
+            src.is_unspecified() || nat.is_none_or(|n| n.contains(src) && !n.is_gateway(src))
         })
 }
 

@@ -95,11 +95,16 @@ fn failures_that_say_nothing_of_the_server_are_not_counted() {
 
 #[test]
 fn what_a_failure_seen_from_a_backup_says() {
-    let nat = Nat::new(
+    let mut nat = Nat::new(
         Ipv4Addr::new(203, 0, 113, 0),
         24,
         Ipv4Addr::new(203, 0, 113, 1),
     );
+    nat.v6 = Some(lb_api::config::Nat6 {
+        subnet: "2001:db8:1::".parse().unwrap(),
+        prefix: 64,
+        gateway: "2001:db8:1::1".parse().unwrap(),
+    });
     let own = Some(IpAddr::from([203, 0, 113, 3]));
     let outside = Some(IpAddr::from([192, 0, 2, 3]));
     // The primary counts everything.
@@ -115,7 +120,16 @@ fn what_a_failure_seen_from_a_backup_says() {
         !failure_counts(outside, false, Some(&nat)),
         "answers go to the primary"
     );
-    assert!(!failure_counts(Some(nat.gateway.into()), false, Some(&nat)));
+    assert!(!failure_counts(
+        Some([203, 0, 113, 1].into()),
+        false,
+        Some(&nat)
+    ));
+    // NAT66 alike.
+    let v6 = |a: &str| Some(a.parse::<IpAddr>().unwrap());
+    assert!(failure_counts(v6("2001:db8:1::3"), false, Some(&nat)));
+    assert!(!failure_counts(v6("2001:db8::3"), false, Some(&nat)));
+    assert!(!failure_counts(v6("2001:db8:1::1"), false, Some(&nat)));
 }
 
 #[test]
