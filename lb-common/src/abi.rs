@@ -510,8 +510,11 @@ pub struct Settings {
     /// NAT66: the source address used toward IPv6 NAT servers (the `[nat]` IPv6 gateway);
     /// unset (all zero) when there is none, and then v6 NAT servers cannot be reached.
     pub nat_addr6: Addr,
+    /// `peer_addr` when the ATMs' `[[atm]] address`es are IPv6 (`peer_addr` is then 0):
+    /// the other ATM of a planned handover, found by an IPv6 route lookup.
+    pub peer_addr6: Addr,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 208);
+const _: () = assert!(core::mem::size_of::<Settings>() == 224);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]

@@ -196,7 +196,7 @@ pub fn no_connection(ctx: &XdpContext, settings: &Settings, now: u64) -> Outcome
     Outcome::Pass
 }
 
-/// During a planned handover (`Settings::peer_addr`), sends a packet of no known connection
+/// During a planned handover (`Settings::peer_addr`, or `peer_addr6`), sends a packet of no known connection
 /// unchanged to the other ATM, which may have made the connection in the last moments (its
 /// record not here yet): the new primary receives the servers' replies, and clients, for
 /// connections the old one made; the old one, for connections the new one made, until the
@@ -211,12 +211,18 @@ fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
     let (Some(settings), Some(sc)) = (SETTINGS.get(0), scratch()) else {
         return NOT_TO_PEER;
     };
-    if settings.peer_addr == 0 || now >= settings.peer_until_ns {
+    let v6 = settings.peer_addr == 0;
+    if (v6 && settings.peer_addr6.w == [0; 4]) || now >= settings.peer_until_ns {
         return NOT_TO_PEER;
     }
-    let src = settings.local_addr.as_v4_raw().unwrap_or(0);
     let p = &mut sc.fib;
-    if fib_query(ctx, p, settings.peer_addr, src, 0) != FIB_SUCCESS {
+    let rc = if v6 {
+        fib_query6(ctx, p, &settings.peer_addr6, &settings.local_addr6, 0)
+    } else {
+        let src = settings.local_addr.as_v4_raw().unwrap_or(0);
+        fib_query(ctx, p, settings.peer_addr, src, 0)
+    };
+    if rc != FIB_SUCCESS {
         return NOT_TO_PEER;
     }
     let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
@@ -227,8 +233,8 @@ fn to_peer_xdp(ctx: &XdpContext, now: u64) -> u32 {
         if (*eth).src == p.dmac {
             return NOT_TO_PEER;
         }
-        (*eth).dst = p.dmac;
-        (*eth).src = p.smac;
+        put_mac(&mut (*eth).dst, &p.dmac);
+        put_mac(&mut (*eth).src, &p.smac);
     }
     count(Stat::ToPeer, 1);
     finish(if p.ifindex == ctx.ingress_ifindex() as u32 {

@@ -670,25 +670,38 @@ pub fn fib6(ctx: &XdpContext, dst: &Addr, src: &Addr, tot_len: u16) -> (i64, Opt
         return (-1, None, 0);
     };
     let p = &mut sc.fib;
+    let rc = fib_query6(ctx, p, dst, src, tot_len);
+    fib_answer(rc, p)
+}
+
+/// [`fib_query`] for IPv6.
+#[inline(always)]
+pub fn fib_query6(
+    ctx: &XdpContext,
+    p: &mut FibParams,
+    dst: &Addr,
+    src: &Addr,
+    tot_len: u16,
+) -> i64 {
     zero_words(p);
     p.family = AF_INET6;
     p.ifindex = LOOPBACK_IFINDEX;
     p.__bindgen_anon_1.tot_len = tot_len;
-    let mut a = Addr::default();
-    copy_addr(&mut a, &src.w);
-    p.__bindgen_anon_3.ipv6_src = a.w;
-    copy_addr(&mut a, &dst.w);
-    p.__bindgen_anon_4.ipv6_dst = a.w;
+    // Word by word (see `copy_addr`): a plain 16-byte store may become a call to memmove.
+    // SAFETY: both fields are plain words of the query's unions, set for AF_INET6.
+    unsafe {
+        copy_words(&mut p.__bindgen_anon_3.ipv6_src, &src.w);
+        copy_words(&mut p.__bindgen_anon_4.ipv6_dst, &dst.w);
+    }
     // SAFETY: the helper writes only into `p`.
-    let rc = unsafe {
+    unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
             p as *mut FibParams,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
-    };
-    fib_answer(rc, p)
+    }
 }
 
 #[inline(always)]
@@ -705,7 +718,7 @@ fn set_macs(ctx: &XdpContext, hop: &Hop) {
 /// Writes a MAC byte by byte, with volatile stores: a plain copy of a hop held on the stack
 /// becomes a call to BPF's byte-looping memmove.
 #[inline(always)]
-fn put_mac(dst: &mut [u8; 6], mac: &[u8; 6]) {
+pub fn put_mac(dst: &mut [u8; 6], mac: &[u8; 6]) {
     for (d, m) in dst.iter_mut().zip(mac) {
         // SAFETY: a valid, exclusive reference.
         unsafe { core::ptr::write_volatile(d, *m) };

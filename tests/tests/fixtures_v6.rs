@@ -12,7 +12,7 @@ use etherparse::{Icmpv6Type, PacketBuilder};
 use lb_common::{
     Addr, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings, Stat, hash,
 };
-use lb_daemon::dataplane::{Dataplane, ServerSpec, ServiceSpec, Stats, enable_fib_lookup};
+use lb_daemon::dataplane::{Dataplane, ServerSpec, ServiceSpec, Stats, enable_fib_lookup, now_ns};
 use lb_tests::{
     fixture::{Fixture, Rng, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, frames::*},
     lab::Lab,
@@ -698,12 +698,17 @@ fn nat_bench() -> Bench {
     );
     b.dp.install(NAT_SVC, &nat)
         .expect("install the NAT66 service");
+    b.dp.set_settings(&nat_settings()).unwrap();
+    b
+}
+
+/// [`settings`] with the NAT66 address and a port range.
+fn nat_settings() -> Settings {
     let mut s = settings();
     s.nat_addr6 = Addr::from(ip6(NAT6));
     s.nat_port_min = NAT_PORT_MIN;
     s.nat_port_max = NAT_PORT_MIN + 99;
-    b.dp.set_settings(&s).unwrap();
-    b
+    s
 }
 
 /// What the NAT server sees (or sends, `back`): NAT6:`port` <-> S3:8080.
@@ -824,6 +829,50 @@ fn nat66_translates_both_ways_and_keeps_its_connections() {
         .expect("the reply leg");
     assert_eq!(reply.1.nat_addr, Addr::from(ip6(CLIENT6)));
     assert_eq!(reply.1.nat_port, 42001u16.to_be());
+}
+
+/// A planned handover between ATMs whose `[[atm]] address`es are IPv6: a packet of no known
+/// NAT66 connection goes unchanged to the other ATM, found by an IPv6 route lookup; never
+/// back to it.
+#[test]
+fn in_a_planned_handover_between_ipv6_atms_unknown_packets_go_to_the_other_atm() {
+    pin_to_cpu0();
+    let mut b = nat_bench();
+    const PEER6: &str = "2001:db8::3";
+    let peer_mac: Mac = [0x02, 0, 0, 0, 0, 0x03];
+    b.lab.neigh("fx6", "eth0", PEER6, &mac_str(peer_mac));
+    let mut s = nat_settings();
+    s.settle_until_ns = now_ns() + 60_000_000_000;
+    s.peer_addr6 = Addr::from(ip6(PEER6));
+    s.peer_until_ns = s.settle_until_ns;
+    b.dp.set_settings(&s).unwrap();
+    let ack = from_client(46000, VIP6, 82, ACK, b"data");
+    let reply = at_server(NAT_PORT_MIN + 7, ACK, b"response", true);
+    let from_peer = with_macs(&reply, peer_mac, LB_MAC);
+    let before = b.stats();
+    b.run(&[
+        Fixture::new(
+            "handover: a client's ACK of no connection goes to the other ATM",
+            ack.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(&ack, LB_MAC, peer_mac)),
+        Fixture::new(
+            "handover: a server's reply to a NAT66 port of no connection goes to it too",
+            reply.clone(),
+            XDP_TX,
+        )
+        .output(with_macs(&reply, LB_MAC, peer_mac)),
+        Fixture::new(
+            "handover: from the other ATM, unknown there too: not sent back",
+            from_peer,
+            XDP_DROP,
+        ),
+    ]);
+    let after = b.stats();
+    assert_eq!(counted(&before, &after, Stat::ToPeer), 2);
+    assert_eq!(counted(&before, &after, Stat::DropNoConnection), 1);
+    assert_eq!(counted(&before, &after, Stat::NewConns), 0);
 }
 
 #[test]

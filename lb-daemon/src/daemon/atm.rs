@@ -97,11 +97,13 @@ impl Daemon {
             nat_pool,
             nat_pool_len,
             nat_cursor_base: self.part.atm().map_or(0, |a| a.nat_cursor_base),
-            // Found by an IPv4 route lookup: between ATMs whose `address` is IPv6 the packets
-            // of unknown connections are not passed on during a handover (DAEMON.md).
             peer_addr: match peer {
                 Some((IpAddr::V4(addr), _)) => u32::from_ne_bytes(addr.octets()),
                 _ => 0,
+            },
+            peer_addr6: match peer {
+                Some((addr @ IpAddr::V6(_), _)) => addr.into(),
+                _ => Addr::default(),
             },
             // The old primary the even NAT ports, the new one the odd (while both forward).
             nat_stripe: match self.part.atm() {
