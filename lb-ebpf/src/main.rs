@@ -317,6 +317,9 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
         };
         // SAFETY: bounds checked by ptr_at.
         let t = unsafe { (*t)[0] };
+        if t == NDISC_NEIGHBOUR_SOLICITATION && settings.lease_ns != 0 {
+            return neighbour_solicitation(ctx, settings, l4_at);
+        }
         if (NDISC_ROUTER_SOLICITATION..=NDISC_REDIRECT).contains(&t) {
             return Outcome::Pass;
         }
@@ -365,6 +368,27 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     // Worked out again rather than kept: lb_xdp's frame has no room for one more value.
     let to_nat = is_nat_addr6(settings, &ip.daddr);
     steer(ctx, settings, ip, l4, next, conn, svc, to_nat)
+}
+
+/// A neighbour solicitation on an ATM whose daemon renews a lease: IPv6's ARP request, and
+/// fenced as [`arp`] fences: an orphan drops one for a VIP or the NAT66 address, which its
+/// kernel would still answer. Everything else passes.
+#[inline(always)]
+fn neighbour_solicitation(ctx: &XdpContext, settings: &Settings, l4_at: usize) -> Outcome {
+    // SAFETY: plain helper call.
+    if !lease_over(settings, unsafe { bpf_ktime_get_coarse_ns() }) {
+        return Outcome::Pass;
+    }
+    // Type, code, checksum, reserved, then the target address (RFC 4861, 4.3).
+    let Some(ns) = ptr_at_var::<[u32; 6]>(ctx, l4_at) else {
+        return Outcome::Pass;
+    };
+    // SAFETY: bounds checked by ptr_at; an Addr is four words, as the target is.
+    let target = unsafe { &*((ns as *const u32).add(2) as *const Addr) };
+    if is_nat_addr6(settings, target) || VIPS.get_ptr(target).is_some() {
+        return Outcome::Drop(Stat::DropFenced);
+    }
+    Outcome::Pass
 }
 
 /// An IPv6 packet whose L4 header cannot be found: dropped as `reason` if it is for a VIP

@@ -50,6 +50,7 @@ pub const ICMPV6_PKT_TOOBIG: u8 = 2;
 pub const ICMPV6_TIME_EXCEED: u8 = 3;
 pub const ICMPV6_PARAMPROB: u8 = 4;
 pub const NDISC_ROUTER_SOLICITATION: u8 = 133;
+pub const NDISC_NEIGHBOUR_SOLICITATION: u8 = 135;
 pub const NDISC_REDIRECT: u8 = 137;
 
 pub const AF_INET: u8 = 2;

@@ -606,18 +606,46 @@ fn a_backup_passes_ipv6_and_an_orphan_drops_it() {
         ..settings()
     })
     .unwrap();
+    // Neighbour solicitations, to the target's solicited-node multicast address.
+    let solicit = |target: &str| {
+        let t = v6(target);
+        let mut group = v6("ff02::1:ff00:0");
+        group[13..].copy_from_slice(&t[13..]);
+        let mac = [0x33, 0x33, 0xff, t[13], t[14], t[15]];
+        icmp6(ROUTER_MAC, mac, v6(ROUTER6), group, 135, &t)
+    };
     let before = b.stats();
     b.run(&[
         Fixture::new("an orphan drops a SYN to the v6 VIP", syn, XDP_DROP),
         Fixture::new("and a later fragment to it", frag, XDP_DROP),
+        // Its kernel still holds the VIP and would answer for it: the clients and routers
+        // would come back to it from the ATM that took over.
         Fixture::new(
-            "but passes neighbour discovery",
-            icmp6(ROUTER_MAC, LB_MAC, v6(CLIENT6), v6(VIP6), 135, &v6(VIP6)),
+            "and fences the v6 VIP: no neighbour solicitation for it reaches the stack",
+            solicit(VIP6),
+            XDP_DROP,
+        ),
+        Fixture::new("but passes one for its own address", solicit(LB6), XDP_PASS),
+        Fixture::new(
+            "and the rest of neighbour discovery",
+            icmp6(ROUTER_MAC, LB_MAC, v6(ROUTER6), v6(VIP6), 136, &v6(ROUTER6)),
             XDP_PASS,
         ),
     ]);
     let after = b.stats();
     assert_eq!(counted(&before, &after, Stat::DropOrphaned), 2);
+    assert_eq!(counted(&before, &after, Stat::DropFenced), 1);
+    // While the daemon renews its lease, a solicitation for the VIP is the stack's.
+    b.dp.set_settings(&Settings {
+        lease_ns: now_ns() + 60_000_000_000,
+        ..settings()
+    })
+    .unwrap();
+    b.run(&[Fixture::new(
+        "a live ATM's stack answers for its v6 VIP",
+        solicit(VIP6),
+        XDP_PASS,
+    )]);
 }
 
 #[test]

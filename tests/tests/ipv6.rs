@@ -1,12 +1,18 @@
-//! Tier 3: IPv6 through the real daemon in a dual-stack lab. A VIP of each family in front
-//! of the same three nginx servers by direct routing: real HTTP over both, the tables in
-//! ipvsadm's `[addr]:port` form, and a health check taking an IPv6 server down and up.
+//! Tier 3: IPv6 through the real daemon. A dual-stack lab: a VIP of each family in front of
+//! the same three nginx servers by direct routing, real HTTP over both, the tables in
+//! ipvsadm's `[addr]:port` form, and a health check taking an IPv6 server down and up. And
+//! an IPv6-only cluster of two ATMs (heartbeats and sync over IPv6) with a service in each
+//! method: long transfers across a SIGKILL failover, and drills under load.
 
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use lb_tests::{cluster, lab::Lab, procs::Daemon};
@@ -212,4 +218,343 @@ fn http_over_ipv6_and_ipv4_through_the_same_servers_with_checks_and_tables() {
         .ns(&cluster::atm(1))
         .exec_ok(&["ip", "-6", "addr", "show", "dev", "eth0"]);
     assert!(!held.contains(VIP6), "{held}");
+}
+
+/// The NAT66 subnet of the HA lab, on the same segment: gateway `::1`, ATMs `::2` and `::3`
+/// (each ATM's own, so a backup checks NAT servers from inside), servers `::11` to `::13`.
+const NAT6_GATEWAY: &str = "2001:db8:1::1";
+/// The ports of the HA lab's three IPv6 services on [`VIP6`]: direct, tunnel, NAT66.
+const PORTS: [(u16, &str); 3] = [(80, "direct"), (81, "tunnel"), (82, "nat")];
+
+fn nat6_addr(host: usize) -> String {
+    format!("2001:db8:1::{host}")
+}
+
+/// A cluster over IPv6 alone: two ATMs whose `address`es are IPv6 (heartbeats and sync over
+/// IPv6), three servers running lb-daemon in node role, and one IPv6 VIP with a service in
+/// each method. The lab, the daemons (atm1 primary, atm2 backup) and the nodes.
+struct Ha6 {
+    atms: Vec<Option<Daemon>>,
+    _nodes: Vec<Daemon>,
+    path: PathBuf,
+    lab: Lab,
+}
+
+impl Ha6 {
+    fn new() -> Ha6 {
+        let mut lab = Lab::new();
+        lab.switch("sw");
+        let mut hosts = vec![("client".to_string(), vec![CLIENT6.to_string()])];
+        for i in 1..=2 {
+            hosts.push((cluster::atm(i), vec![atm6(i), nat6_addr(1 + i)]));
+        }
+        for i in 1..=3 {
+            hosts.push((cluster::server(i), vec![server6(i), nat6_addr(10 + i)]));
+        }
+        for (ns, addrs) in &hosts {
+            lab.add_ns(ns);
+            lab.ipv6(ns);
+            lab.plug(ns, "eth0", "sw");
+            for a in addrs {
+                lab.ns(ns).exec_ok(&[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{a}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+            }
+        }
+        let dir = lab.dir();
+        let key = dir.join("authkey");
+        std::fs::write(&key, b"lab-secret-0123456789").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let mut c = format!(
+            "[cluster]\nname = \"lab6\"\nauth_key_file = \"{}\"\n\n[ha]\nheartbeat_ms = 100\n\
+             dead_after = 3\n\n[nat]\nsubnet6 = \"2001:db8:1::/64\"\ngateway6 = \"{NAT6_GATEWAY}\"\n",
+            key.display()
+        );
+        for i in 1..=2 {
+            c += &format!(
+                "\n[[atm]]\nname = \"{}\"\naddress = \"{}\"\ninterface = \"eth0\"\n",
+                cluster::atm(i),
+                atm6(i)
+            );
+        }
+        for (port, method) in PORTS {
+            c += &format!(
+                "\n[[service]]\nname = \"{method}6\"\nvip = \"{VIP6}\"\nport = {port}\n\
+                 [service.check]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 300\n\
+                 timeout_ms = 250\nrise = 2\nfall = 2\n"
+            );
+            for i in 1..=3 {
+                let (addr, server_port) = if method == "nat" {
+                    (nat6_addr(10 + i), 8080)
+                } else {
+                    (server6(i), port)
+                };
+                c += &format!(
+                    "[[service.server]]\nname = \"s{i}\"\naddress = \"{addr}\"\nport = {server_port}\n\
+                     method = \"{method}\"\n"
+                );
+            }
+        }
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, c).unwrap();
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            let ns = cluster::server(i);
+            lab.nginx(&ns, &ns, &[80, 81, 8080]);
+            let mut d = Daemon::start(&mut lab, &ns, &path, &["--node", &ns]);
+            d.wait_log("Control socket", START);
+            nodes.push(d);
+        }
+        let mut atm1 = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+        atm1.wait_log("This ATM is primary", START);
+        let mut atm2 = Daemon::start(&mut lab, &cluster::atm(2), &path, &[]);
+        atm2.wait_log(&format!("ATM atm1 ({}) is primary", atm6(1)), START);
+        Ha6 {
+            atms: vec![Some(atm1), Some(atm2)],
+            _nodes: nodes,
+            path,
+            lab,
+        }
+    }
+
+    fn atm(&self, i: usize) -> &Daemon {
+        self.atms[i - 1].as_ref().unwrap()
+    }
+
+    /// Which ATMs hold the IPv6 VIP on their interface.
+    fn vip_holders(&self) -> Vec<usize> {
+        (1..=2)
+            .filter(|i| {
+                self.lab
+                    .ns(&cluster::atm(*i))
+                    .exec_ok(&["ip", "-6", "-o", "addr", "show", "dev", "eth0"])
+                    .contains(&format!("{VIP6}/128"))
+            })
+            .collect()
+    }
+}
+
+/// One HTTP/1.0 GET of `path` from [`VIP6`]`:port` on a new connection, from the namespace
+/// the thread is in, each step allowed `timeout`: the body.
+fn get6(port: u16, path: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    let to = SocketAddr::new(VIP6.parse().unwrap(), port);
+    let mut s =
+        TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect to {to}: {e}"))?;
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .map_err(|e| format!("send to {to}: {e}"))?;
+    let mut answer = Vec::new();
+    let r = s.read_to_end(&mut answer);
+    r.map_err(|e| format!("{to}{path}: after {} bytes: {e}", answer.len()))?;
+    let head = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("{to}{path}: no header end"))?;
+    if !answer.starts_with(b"HTTP/1.1 200") {
+        return Err(format!(
+            "{to}{path}: {:?}",
+            String::from_utf8_lossy(&answer[..head])
+        ));
+    }
+    Ok(answer[head + 4..].to_vec())
+}
+
+/// The legs in ATM `i`'s connections table, `proto client vip server`, of at least
+/// `packets` packets there.
+fn legs(c: &Ha6, i: usize, packets: u64) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .atm(i)
+        .cat("connections")
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[5].parse::<u64>().unwrap() >= packets)
+                .then(|| format!("{} {} {} {}", f[0], f[1], f[2], f[4]))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Heartbeats and sync over IPv6, and every method over IPv6 across a failover: a long
+/// download through each of the three services survives a SIGKILL of the primary, then
+/// promote/demote drills move the role back and forth under load with no failed request.
+#[test]
+fn an_ipv6_cluster_keeps_long_transfers_in_every_method_across_a_sigkill_and_drills() {
+    let mut c = Ha6::new();
+    c.lab
+        .wait_for("every server up", Duration::from_secs(15), || {
+            c.atm(1).cat("servers").matches(" up ").count() == 9
+        });
+    // The backup hears the primary over IPv6.
+    let atms = c.atm(2).cat("atms");
+    assert!(
+        atms.contains(&format!("atm1 {} primary online", atm6(1))),
+        "{atms}"
+    );
+    // What node role set up on a server: the v6 VIP on lo, lb_decap for IPv6-in-IPv6.
+    let s1 = c.lab.ns(&cluster::server(1));
+    let lo = s1.exec_ok(&["ip", "-6", "-o", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains(&format!("{VIP6}/128")), "{lo}");
+    let link = s1.exec_ok(&["ip", "-d", "link", "show", "dev", "eth0"]);
+    assert!(link.contains("prog/xdp"), "{link}");
+    let nat = c.atm(1).cat("nat");
+    assert_eq!(nat, "2001:db8:1:: 64\n");
+
+    // Each service answers, from every server.
+    let client = c.lab.ns("client").name().to_string();
+    {
+        let _in = c.lab.ns("client").enter();
+        for (port, method) in PORTS {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..24 {
+                let body = get6(port, "/", Duration::from_secs(2))
+                    .unwrap_or_else(|e| panic!("{method}: {e}\n{}", c.atm(1).log()));
+                seen.insert(String::from_utf8(body).unwrap());
+            }
+            assert_eq!(seen.len(), 3, "{method}: {seen:?}");
+        }
+    }
+
+    // A /big download (2 MB at 160 kB/s) through each service; the primary dies 3 s in.
+    let transfers: Vec<_> = PORTS
+        .iter()
+        .map(|&(port, method)| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                let ns = lb_tests::netns::NetNs::attach(&client);
+                let _in = ns.enter();
+                let started = Instant::now();
+                let body = get6(port, "/big", Duration::from_secs(10))
+                    .map_err(|e| format!("{method}: {e}"))?;
+                Ok::<_, String>((method, body, started.elapsed()))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // The backup holds each transfer's connection with the same server (and translation).
+    // (The backup counts no packets of them: they went through the primary.)
+    let busy = legs(&c, 1, 10);
+    assert_eq!(
+        busy.len(),
+        4,
+        "three client legs, one NAT66 reply leg: {busy:?}"
+    );
+    let on_backup = legs(&c, 2, 0);
+    for leg in &busy {
+        assert!(
+            on_backup.contains(leg),
+            "{leg} is not synced to the backup: {on_backup:?}"
+        );
+    }
+    c.atms[0].as_mut().unwrap().kill();
+    c.atms[1]
+        .as_mut()
+        .unwrap()
+        .wait_log("This ATM is primary", Duration::from_secs(5));
+    for t in transfers {
+        let (method, body, took) = t
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a transfer broke: {e}\n{}", c.atm(2).log()));
+        assert_eq!(body.len(), lb_tests::lab::BIG_BYTES, "{method}");
+        assert!(
+            body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+            "{method}: corrupted"
+        );
+        assert!(took >= Duration::from_secs(10), "{method}: {took:?}");
+    }
+    // The killed primary's kernel still holds the VIP, but its orphaned dataplane fences it
+    // (drops neighbour solicitations for it): the client reaches the VIP at atm2's MAC.
+    let mac_of = |ns: &str| {
+        c.lab
+            .ns(ns)
+            .exec_ok(&["cat", "/sys/class/net/eth0/address"])
+            .trim()
+            .to_string()
+    };
+    let atm2_mac = mac_of(&cluster::atm(2));
+    let neigh = c
+        .lab
+        .ns("client")
+        .exec_ok(&["ip", "-6", "neigh", "show", VIP6, "dev", "eth0"]);
+    assert!(neigh.contains(&atm2_mac), "{neigh} (atm2 is {atm2_mac})");
+
+    // atm1 comes back as backup; drills move the role to it and back under load.
+    let d = Daemon::start(&mut c.lab, &cluster::atm(1), &c.path, &[]);
+    c.atms[0] = Some(d);
+    c.atms[0]
+        .as_mut()
+        .unwrap()
+        .wait_log(&format!("ATM atm2 ({}) is primary", atm6(2)), START);
+    c.lab
+        .wait_for("atm1 sees every server up", Duration::from_secs(10), || {
+            c.atm(1).cat("servers").matches(" up ").count() == 9
+        });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = PORTS
+        .iter()
+        .map(|&(port, method)| {
+            let (stop, client) = (stop.clone(), client.clone());
+            std::thread::spawn(move || {
+                let ns = lb_tests::netns::NetNs::attach(&client);
+                let _in = ns.enter();
+                let start = Instant::now();
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(Ordering::SeqCst)
+                    && start.elapsed() < Duration::from_secs(30)
+                    && ok + failed.len() < 20_000
+                {
+                    let at = start.elapsed();
+                    match get6(port, "/", Duration::from_secs(5)) {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(format!("{method} at {at:?}: {e}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..2 {
+        let out = c.atm(1).cli_ok(&["promote"]);
+        assert!(out.contains("atm1 is primary"), "{out}");
+        assert_eq!(c.vip_holders(), vec![1]);
+        std::thread::sleep(Duration::from_millis(500));
+        let out = c.atm(1).cli_ok(&["demote"]);
+        assert!(out.contains("handed over to atm2"), "{out}");
+        c.lab
+            .wait_for("atm2 to hold the VIP", Duration::from_secs(2), || {
+                c.vip_holders() == vec![2]
+            });
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in load {
+        let (o, f) = t.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    eprintln!(
+        "IPv6 drills: 4 handovers, {ok} requests, {} failed",
+        failed.len()
+    );
+    assert!(ok >= 100, "{ok} requests");
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}\n=== atm1\n{}\n=== atm2\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        c.atm(1).log(),
+        c.atm(2).log()
+    );
 }
