@@ -405,20 +405,19 @@ fn print_status(d: &Status) {
     println!("Services:");
     for s in &d.services {
         let up = s.servers.iter().filter(|v| v.up).count();
+        // Addresses as ipvsadm writes them: an IPv6 one in brackets before its port.
         println!(
-            "  {} {} {}:{}  {up}/{} servers up",
+            "  {} {} {}  {up}/{} servers up",
             s.name,
             s.protocol,
-            s.vip,
-            s.port,
+            std::net::SocketAddr::new(s.vip, s.port),
             s.servers.len()
         );
         for v in &s.servers {
             println!(
-                "    {:<10} {:>15}:{:<5} {:<6} {:<4} weight {}",
+                "    {:<10} {:>21} {:<6} {:<4} weight {}",
                 v.name,
-                v.address.to_string(),
-                v.port,
+                std::net::SocketAddr::new(v.address, v.port).to_string(),
                 v.method,
                 if v.up { "up" } else { "down" },
                 v.weight

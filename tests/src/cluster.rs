@@ -40,26 +40,82 @@ pub fn server(i: usize) -> String {
     format!("s{i}")
 }
 
+/// IPv6 beside it (see [`build_dual_stack`]): the segment is 2001:db8::/64, the NAT66 subnet
+/// 2001:db8:1::/64 on the same segment.
+pub const CLIENT6: &str = "2001:db8::50";
+/// The IPv6 VIP.
+pub const VIP6: &str = "2001:db8::100";
+/// The NAT66 gateway.
+pub const NAT6_GATEWAY: &str = "2001:db8:1::1";
+
+/// IPv6 address of ATM `i` (1-based): 2001:db8::(1+i).
+pub fn atm6(i: usize) -> String {
+    format!("2001:db8::{}", 1 + i)
+}
+
+/// IPv6 address of server `i` (1-based): 2001:db8::(10+i).
+pub fn server6(i: usize) -> String {
+    format!("2001:db8::{}", 10 + i)
+}
+
+/// Address `host` in the NAT66 subnet: 2001:db8:1::`host` (ATM `i` has 1+i, server `i` 10+i).
+pub fn nat6(host: usize) -> String {
+    format!("2001:db8:1::{host}")
+}
+
 /// Builds the segment with `client`, `atms` ATMs and `servers` servers, each with `eth0`
 /// on the segment. Servers also hold their NAT-subnet address; nothing else is configured
 /// (no VIPs, no programs).
 pub fn build(lab: &mut Lab, atms: usize, servers: usize) {
+    build_with(lab, atms, servers, false);
+}
+
+/// [`build`] with IPv6 beside IPv4 on every machine (`nodad`): the client [`CLIENT6`], ATM
+/// `i` [`atm6`] and NAT66 address `nat6(1 + i)` (its own, so a backup checks NAT66 servers
+/// from inside the subnet), server `i` [`server6`] and `nat6(10 + i)`.
+pub fn build_dual_stack(lab: &mut Lab, atms: usize, servers: usize) {
+    build_with(lab, atms, servers, true);
+}
+
+fn build_with(lab: &mut Lab, atms: usize, servers: usize, v6: bool) {
     lab.switch("sw");
-    lab.add_ns("client");
-    lab.plug("client", "eth0", "sw");
-    lab.addr("client", "eth0", &format!("{CLIENT}/{PREFIX}"));
+    // (namespace, IPv4 addresses, IPv6 addresses), each with its prefix.
+    let mut hosts = vec![(
+        "client".to_string(),
+        vec![format!("{CLIENT}/{PREFIX}")],
+        vec![format!("{CLIENT6}/64")],
+    )];
     for i in 1..=atms {
-        let ns = atm(i);
-        lab.add_ns(&ns);
-        lab.plug(&ns, "eth0", "sw");
-        lab.addr(&ns, "eth0", &format!("{}/{PREFIX}", atm_addr(i)));
+        hosts.push((
+            atm(i),
+            vec![format!("{}/{PREFIX}", atm_addr(i))],
+            vec![format!("{}/64", atm6(i)), format!("{}/64", nat6(1 + i))],
+        ));
     }
     for i in 1..=servers {
-        let ns = server(i);
-        lab.add_ns(&ns);
-        lab.plug(&ns, "eth0", "sw");
-        lab.addr(&ns, "eth0", &format!("{}/{PREFIX}", server_addr(i)));
-        lab.addr(&ns, "eth0", &format!("{}/24", server_nat_addr(i)));
+        hosts.push((
+            server(i),
+            vec![
+                format!("{}/{PREFIX}", server_addr(i)),
+                format!("{}/24", server_nat_addr(i)),
+            ],
+            vec![format!("{}/64", server6(i)), format!("{}/64", nat6(10 + i))],
+        ));
+    }
+    for (ns, v4_addrs, v6_addrs) in &hosts {
+        lab.add_ns(ns);
+        if v6 {
+            lab.ipv6(ns);
+        }
+        lab.plug(ns, "eth0", "sw");
+        for a in v4_addrs {
+            lab.addr(ns, "eth0", a);
+        }
+        if v6 {
+            for a in v6_addrs {
+                lab.addr6(ns, "eth0", a);
+            }
+        }
     }
 }
 

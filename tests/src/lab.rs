@@ -144,6 +144,12 @@ impl Lab {
             .exec_ok(&["ip", "addr", "add", cidr, "dev", dev]);
     }
 
+    /// Adds an IPv6 `cidr` to `dev` without duplicate address detection (usable at once).
+    pub fn addr6(&self, ns: &str, dev: &str, cidr: &str) {
+        self.ns(ns)
+            .exec_ok(&["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"]);
+    }
+
     pub fn mac(&self, ns: &str, dev: &str, mac: &str) {
         self.ns(ns)
             .exec_ok(&["ip", "link", "set", dev, "address", mac]);

@@ -15,64 +15,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{cluster, lab::Lab, procs::Daemon};
+use lb_tests::{
+    cluster::{self, CLIENT6, VIP6, atm6, nat6, server6},
+    lab::Lab,
+    procs::Daemon,
+};
 
 const START: Duration = Duration::from_secs(20);
-const VIP6: &str = "2001:db8::100";
-const CLIENT6: &str = "2001:db8::50";
 
-fn server6(i: usize) -> String {
-    format!("2001:db8::{}", 10 + i)
-}
-
-fn atm6(i: usize) -> String {
-    format!("2001:db8::{}", 1 + i)
-}
-
-/// The standard segment with IPv6 beside IPv4 in every namespace (2001:db8::/64, `nodad`).
+/// The standard segment with IPv6 beside IPv4 ([`cluster::build_dual_stack`]), one ATM, and
+/// the servers holding both VIPs on `lo` and running nginx; a config with a VIP of each
+/// family, direct routing to the same three servers.
 fn dual_stack_lab() -> (Lab, PathBuf) {
     let mut lab = Lab::new();
-    lab.switch("sw");
-    let mut hosts = vec![(
-        "client".to_string(),
-        cluster::CLIENT.to_string(),
-        CLIENT6.to_string(),
-    )];
-    hosts.push((cluster::atm(1), cluster::atm_addr(1), atm6(1)));
-    for i in 1..=3 {
-        hosts.push((cluster::server(i), cluster::server_addr(i), server6(i)));
-    }
-    for (ns, v4, v6) in &hosts {
-        lab.add_ns(ns);
-        lab.ipv6(ns);
-        lab.plug(ns, "eth0", "sw");
-        lab.addr(ns, "eth0", &format!("{v4}/{}", cluster::PREFIX));
-        lab.ns(ns).exec_ok(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-    }
+    cluster::build_dual_stack(&mut lab, 1, 3);
     for i in 1..=3 {
         let ns = cluster::server(i);
         cluster::hold_vip_on_lo(&lab, &ns, cluster::VIP);
         // Linux answers neighbour solicitations only for addresses on the interface asked:
         // the VIP on `lo` stays silent, as arp_ignore makes IPv4's.
-        lab.ns(&ns).exec_ok(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{VIP6}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ]);
+        lab.addr6(&ns, "lo", &format!("{VIP6}/128"));
         lab.nginx(&ns, &ns, &[80]);
     }
     let mut c = format!(
@@ -220,15 +182,8 @@ fn http_over_ipv6_and_ipv4_through_the_same_servers_with_checks_and_tables() {
     assert!(!held.contains(VIP6), "{held}");
 }
 
-/// The NAT66 subnet of the HA lab, on the same segment: gateway `::1`, ATMs `::2` and `::3`
-/// (each ATM's own, so a backup checks NAT servers from inside), servers `::11` to `::13`.
-const NAT6_GATEWAY: &str = "2001:db8:1::1";
 /// The ports of the HA lab's three IPv6 services on [`VIP6`]: direct, tunnel, NAT66.
 const PORTS: [(u16, &str); 3] = [(80, "direct"), (81, "tunnel"), (82, "nat")];
-
-fn nat6_addr(host: usize) -> String {
-    format!("2001:db8:1::{host}")
-}
 
 /// A cluster over IPv6 alone: two ATMs whose `address`es are IPv6 (heartbeats and sync over
 /// IPv6), three servers running lb-daemon in node role, and one IPv6 VIP with a service in
@@ -242,32 +197,9 @@ struct Ha6 {
 
 impl Ha6 {
     fn new() -> Ha6 {
+        // IPv4 is there too, but nothing in this cluster uses it.
         let mut lab = Lab::new();
-        lab.switch("sw");
-        let mut hosts = vec![("client".to_string(), vec![CLIENT6.to_string()])];
-        for i in 1..=2 {
-            hosts.push((cluster::atm(i), vec![atm6(i), nat6_addr(1 + i)]));
-        }
-        for i in 1..=3 {
-            hosts.push((cluster::server(i), vec![server6(i), nat6_addr(10 + i)]));
-        }
-        for (ns, addrs) in &hosts {
-            lab.add_ns(ns);
-            lab.ipv6(ns);
-            lab.plug(ns, "eth0", "sw");
-            for a in addrs {
-                lab.ns(ns).exec_ok(&[
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{a}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ]);
-            }
-        }
+        cluster::build_dual_stack(&mut lab, 2, 3);
         let dir = lab.dir();
         let key = dir.join("authkey");
         std::fs::write(&key, b"lab-secret-0123456789").unwrap();
@@ -275,8 +207,9 @@ impl Ha6 {
             .unwrap();
         let mut c = format!(
             "[cluster]\nname = \"lab6\"\nauth_key_file = \"{}\"\n\n[ha]\nheartbeat_ms = 100\n\
-             dead_after = 3\n\n[nat]\nsubnet6 = \"2001:db8:1::/64\"\ngateway6 = \"{NAT6_GATEWAY}\"\n",
-            key.display()
+             dead_after = 3\n\n[nat]\nsubnet6 = \"2001:db8:1::/64\"\ngateway6 = \"{}\"\n",
+            key.display(),
+            cluster::NAT6_GATEWAY
         );
         for i in 1..=2 {
             c += &format!(
@@ -293,7 +226,7 @@ impl Ha6 {
             );
             for i in 1..=3 {
                 let (addr, server_port) = if method == "nat" {
-                    (nat6_addr(10 + i), 8080)
+                    (nat6(10 + i), 8080)
                 } else {
                     (server6(i), port)
                 };

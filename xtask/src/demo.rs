@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the whole product in a lab, shown to a new user. A client, two ATMs
 //! and three real servers on one Ethernet segment (network namespaces joined by a bridge);
-//! nginx on each server; one VIP served by direct routing, IP-in-IP tunnel and NAT at once;
-//! lb-daemon on every machine from one config; requests, tables, and a failover drill.
+//! nginx on each server; one IPv4 and one IPv6 VIP, each served by direct routing, IP-in-IP
+//! (IPv6-in-IPv6) tunnel and NAT (NAT66) at once; lb-daemon on every machine from one config;
+//! requests over both families, tables, and a failover drill.
 //! Everything is torn down at the end, on failure and on Ctrl-C, unless `--keep`.
 
 use std::{
@@ -47,11 +48,11 @@ pub fn run(keep: bool) -> Result<()> {
 
     let dir = PathBuf::from(DIR);
     util::step(&format!(
-        "lab: network namespaces {PREFIX}-client, -atm1, -atm2, -s1, -s2, -s3 on one segment \
-         (a bridge in {PREFIX}-sw); files in {DIR}"
+        "lab: network namespaces {PREFIX}-client, -atm1, -atm2, -s1, -s2, -s3 on one dual-stack \
+         segment (a bridge in {PREFIX}-sw); files in {DIR}"
     ));
     let mut lab = Lab::named(PREFIX, &dir);
-    cluster::build(&mut lab, 2, 3);
+    cluster::build_dual_stack(&mut lab, 2, 3);
     println!(
         "  client {}   atm1 {}   atm2 {}   s1 {}   s2 {}   s3 {} (and {} on the NAT subnet)",
         cluster::CLIENT,
@@ -61,6 +62,16 @@ pub fn run(keep: bool) -> Result<()> {
         cluster::server_addr(2),
         cluster::server_addr(3),
         cluster::server_nat_addr(3)
+    );
+    println!(
+        "  client {}   atm1 {}   atm2 {}   s1 {}   s2 {}   s3 {} (and {} on the NAT66 subnet)",
+        cluster::CLIENT6,
+        cluster::atm6(1),
+        cluster::atm6(2),
+        cluster::server6(1),
+        cluster::server6(2),
+        cluster::server6(3),
+        cluster::nat6(13)
     );
     for (i, method) in [(1, "direct"), (2, "tunnel"), (3, "nat")] {
         let ns = cluster::server(i);
@@ -90,8 +101,8 @@ pub fn run(keep: bool) -> Result<()> {
         let mut d = Daemon::start(&mut lab, &ns, &config_path, &["--node", &ns]);
         d.wait_log("Control socket", Duration::from_secs(20));
         let what = match i {
-            1 => "VIP on lo, ARP for it silenced",
-            2 => "VIP on lo, ARP silenced, lb_decap attached for IPIP",
+            1 => "VIPs on lo, ARP for them silenced",
+            2 => "VIPs on lo, ARP silenced, lb_decap attached for IPIP and IPv6-in-IPv6",
             _ => "NAT server: nothing to configure",
         };
         println!("  {ns}: {what}");
@@ -116,30 +127,32 @@ pub fn run(keep: bool) -> Result<()> {
     util::step(&format!("lb-cli --socket {} status", atm1.socket.display()));
     indent(&atm1.cli_ok(&["status"]));
 
-    util::step(&format!(
-        "{REQUESTS} requests from the client: curl http://{}/",
-        cluster::VIP
-    ));
-    let mut tally = std::collections::BTreeMap::<String, usize>::new();
-    let mut row = Vec::new();
-    for i in 1..=REQUESTS {
-        let body = curl(&lab, Duration::from_secs(5))?;
-        *tally.entry(body.clone()).or_default() += 1;
-        row.push(format!("{i:>2} {body:<10}"));
-        if row.len() == 5 {
-            println!("  {}", row.join("  "));
-            row.clear();
+    for url in [
+        format!("http://{}/", cluster::VIP),
+        format!("http://[{}]/", cluster::VIP6),
+    ] {
+        util::step(&format!("{REQUESTS} requests from the client: curl {url}"));
+        let mut tally = std::collections::BTreeMap::<String, usize>::new();
+        let mut row = Vec::new();
+        for i in 1..=REQUESTS {
+            let body = curl(&lab, &url, Duration::from_secs(5))?;
+            *tally.entry(body.clone()).or_default() += 1;
+            row.push(format!("{i:>2} {body:<10}"));
+            if row.len() == 5 {
+                println!("  {}", row.join("  "));
+                row.clear();
+            }
         }
+        println!(
+            "  answered by: {}",
+            tally
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        check_interrupt()?;
     }
-    println!(
-        "  answered by: {}",
-        tally
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    check_interrupt()?;
 
     let mount = atm1.mount.clone();
     for table in ["connections", "servers", "services", "stat"] {
@@ -148,7 +161,20 @@ pub fn run(keep: bool) -> Result<()> {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         let lines: Vec<&str> = text.lines().collect();
-        for l in lines.iter().take(8) {
+        // Some of each family: the table lists IPv4 first.
+        let shown: Vec<&&str> = if lines.len() > 8 {
+            let v6 = lines
+                .iter()
+                .position(|l| l.contains('['))
+                .unwrap_or(lines.len());
+            lines[..v6.min(4)]
+                .iter()
+                .chain(lines[v6..].iter().take(4))
+                .collect()
+        } else {
+            lines.iter().collect()
+        };
+        for l in shown {
             println!("  {l}");
         }
         if lines.len() > 8 {
@@ -163,15 +189,25 @@ pub fn run(keep: bool) -> Result<()> {
     );
     check_interrupt()?;
 
-    util::step("failover drill: kill -9 atm1's lb-daemon while the client keeps requesting");
+    util::step(
+        "failover drill: kill -9 atm1's lb-daemon while the client keeps requesting (both VIPs)",
+    );
     let results: Arc<Mutex<Vec<bool>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let client = lab.ns("client").name().to_string();
     let load = {
         let (results, stop) = (results.clone(), stop.clone());
         thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let ok = curl_in(&client, Duration::from_secs(3)).is_ok();
+            // Both families, in turn.
+            let urls = [
+                format!("http://{}/", cluster::VIP),
+                format!("http://[{}]/", cluster::VIP6),
+            ];
+            for url in urls.iter().cycle() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let ok = curl_in(&client, url, Duration::from_secs(3)).is_ok();
                 results.lock().unwrap().push(ok);
                 thread::sleep(Duration::from_millis(20));
             }
@@ -209,13 +245,23 @@ pub fn run(keep: bool) -> Result<()> {
     util::step(&format!("cat {}", atm1.mount.join("atms").display()));
     indent(&atm1.cat("atms"));
     println!("  (name address role state last-heard-ms)");
-    let body = curl(&lab, Duration::from_secs(5))?;
-    println!("  and the VIP still answers: {body}");
+    let body = curl(
+        &lab,
+        &format!("http://{}/", cluster::VIP),
+        Duration::from_secs(5),
+    )?;
+    let body6 = curl(
+        &lab,
+        &format!("http://[{}]/", cluster::VIP6),
+        Duration::from_secs(5),
+    )?;
+    println!("  and the VIPs still answer: {body} (IPv4), {body6} (IPv6)");
 
     if keep {
         util::step("--keep: the lab stays up; explore it with");
         let c = lab.ns("client").name().to_string();
         println!("  ip netns exec {c} curl http://{}/", cluster::VIP);
+        println!("  ip netns exec {c} curl http://[{}]/", cluster::VIP6);
         println!("  cat {}", atm2.mount.join("connections").display());
         println!(
             "  target/debug/lb-cli --socket {} status",
@@ -279,20 +325,20 @@ fn indent(text: &str) {
     }
 }
 
-/// `curl` from the client namespace on a new connection; the page's text.
-fn curl(lab: &Lab, timeout: Duration) -> Result<String> {
-    curl_in(lab.ns("client").name(), timeout)
+/// `curl url` from the client namespace on a new connection; the page's text.
+fn curl(lab: &Lab, url: &str, timeout: Duration) -> Result<String> {
+    curl_in(lab.ns("client").name(), url, timeout)
 }
 
-fn curl_in(ns: &str, timeout: Duration) -> Result<String> {
+fn curl_in(ns: &str, url: &str, timeout: Duration) -> Result<String> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "curl", "-s", "--max-time"])
         .arg(format!("{}", timeout.as_secs_f64()))
-        .arg(format!("http://{}/", cluster::VIP))
+        .arg(url)
         .stdin(Stdio::null())
         .output()?;
     if !out.status.success() {
-        bail!("curl through the VIP failed ({})", out.status);
+        bail!("curl {url} failed ({})", out.status);
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -304,7 +350,8 @@ fn random_key() -> Result<Vec<u8>> {
     Ok(key)
 }
 
-/// The cluster's one config file: two ATMs, one VIP served three ways.
+/// The cluster's one config file: two dual-stack ATMs, a VIP of each family served three
+/// ways.
 fn config(key: &Path) -> String {
     format!(
         r#"[cluster]
@@ -315,6 +362,8 @@ auth_key_file = "{key}"
 [nat]
 subnet = "203.0.113.0/24"
 gateway = "{gw}"
+subnet6 = "2001:db8:1::/64"
+gateway6 = "{gw6}"
 
 [ha]
 heartbeat_ms = 100
@@ -323,11 +372,13 @@ dead_after = 3
 [[atm]]
 name = "atm1"
 address = "{a1}"
+address6 = "{a1_6}"
 interface = "eth0"
 
 [[atm]]
 name = "atm2"
 address = "{a2}"
+address6 = "{a2_6}"
 interface = "eth0"
 
 [[service]]
@@ -355,6 +406,32 @@ name = "s3"
 address = "{s3}"
 port = 8080
 method = "nat"
+
+[[service]]
+name = "http6"
+vip = "{vip6}"
+port = 80
+scheduler = "wrr"
+[service.check]
+kind = "http"
+path = "/"
+interval_ms = 1000
+
+[[service.server]]
+name = "s1"
+address = "{s1_6}"
+method = "direct"
+
+[[service.server]]
+name = "s2"
+address = "{s2_6}"
+method = "tunnel"
+
+[[service.server]]
+name = "s3"
+address = "{s3_6}"
+port = 8080
+method = "nat"
 "#,
         key = key.display(),
         gw = cluster::NAT_GATEWAY,
@@ -364,5 +441,12 @@ method = "nat"
         s1 = cluster::server_addr(1),
         s2 = cluster::server_addr(2),
         s3 = cluster::server_nat_addr(3),
+        gw6 = cluster::NAT6_GATEWAY,
+        a1_6 = cluster::atm6(1),
+        a2_6 = cluster::atm6(2),
+        vip6 = cluster::VIP6,
+        s1_6 = cluster::server6(1),
+        s2_6 = cluster::server6(2),
+        s3_6 = cluster::nat6(13),
     )
 }

@@ -17,12 +17,13 @@ use crate::{
     dataplane::{AttachMode, Capacities, Dataplane},
 };
 
-/// The VIPs a node holds on `lo`, and whether it decapsulates IPIP.
-fn wants(config: &Config, addr: IpAddr) -> (BTreeSet<IpAddr>, bool) {
+/// The VIPs a node holds on `lo`, and whether it decapsulates tunnels: for every server line
+/// at one of its addresses `mine` (a dual-stack server is on IPv4 lines and IPv6 ones).
+fn wants(config: &Config, mine: &[IpAddr]) -> (BTreeSet<IpAddr>, bool) {
     let mut vips = BTreeSet::new();
     let mut tunnel = false;
     for s in &config.services {
-        for v in s.servers.iter().filter(|v| v.address == addr) {
+        for v in s.servers.iter().filter(|v| mine.contains(&v.address)) {
             match v.method {
                 Method::Direct => {
                     vips.insert(s.vip);
@@ -54,16 +55,23 @@ impl Daemon {
 
     /// Brings the node in line with the config: returns what changed, each also logged.
     pub(super) async fn apply_node(&mut self, addr: IpAddr) -> Result<String> {
-        let iface = self
+        let local = self
             .net
             .addresses()
             .await
-            .context("listing local addresses")?
+            .context("listing local addresses")?;
+        let iface = local
             .iter()
             .find(|a| a.addr == addr)
             .map(|a| a.interface().to_string())
             .ok_or_else(|| anyhow!("no interface holds {addr}"))?;
-        let (vips, tunnel) = wants(&self.config, addr);
+        // Not the VIPs this node put on `lo` itself: only its own addresses.
+        let mine: Vec<IpAddr> = local
+            .iter()
+            .filter(|a| !a.is(Mark::Vip))
+            .map(|a| a.addr)
+            .collect();
+        let (vips, tunnel) = wants(&self.config, &mine);
         // Both families: IPIP comes from an ATM's IPv4 address, IPv6-in-IPv6 from its IPv6.
         let atms: Vec<lb_common::Addr> = self
             .config
@@ -165,5 +173,32 @@ impl Daemon {
                 Err(format!("Reload failed: {e:#}"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dual_stack_node_serves_the_vips_of_both_its_addresses() {
+        let text = "[cluster]\nname = \"c\"\n[[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\n\
+                    address6 = \"2001:db8::2\"\ninterface = \"eth0\"\n\
+                    [[service]]\nname = \"http\"\nvip = \"192.0.2.100\"\nport = 80\n\
+                    [[service.server]]\nname = \"s1\"\naddress = \"192.0.2.11\"\n\
+                    [[service]]\nname = \"http6\"\nvip = \"2001:db8::100\"\nport = 80\n\
+                    [[service.server]]\nname = \"s1\"\naddress = \"2001:db8::11\"\n\
+                    method = \"tunnel\"\n";
+        let c = crate::config::parse(text, std::path::Path::new("/")).unwrap();
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        let (vips, tunnel) = wants(&c, &[ip("192.0.2.11"), ip("2001:db8::11")]);
+        assert_eq!(
+            vips.into_iter().collect::<Vec<_>>(),
+            [ip("192.0.2.100"), ip("2001:db8::100")]
+        );
+        assert!(tunnel);
+        let (vips, tunnel) = wants(&c, &[ip("192.0.2.11")]);
+        assert_eq!(vips.into_iter().collect::<Vec<_>>(), [ip("192.0.2.100")]);
+        assert!(!tunnel);
     }
 }
