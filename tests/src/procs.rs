@@ -211,3 +211,41 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// `promtool check metrics` on a scrape, as operators' Prometheus would take it: it parses
+/// the body and lints it (HELP and TYPE on every family, `_total` on counters), and prints
+/// nothing and exits 0 only for a clean exposition. Panics with what it said otherwise.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "promtool is not installed: run `cargo xtask setup` (it installs Debian's \
+             prometheus package)"
+        ),
+        Err(e) => panic!("cannot run promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.is_empty(),
+        "promtool check metrics: {}\n{said}\non:\n{text}",
+        out.status
+    );
+}

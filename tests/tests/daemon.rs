@@ -5,7 +5,6 @@ use std::{
     io::{Read, Write},
     net::{TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -549,37 +548,7 @@ fn metrics_pass_promtool_check_in_the_format_they_name() {
     );
     assert!(text.contains("lb_server_packets_total{"), "{text}");
 
-    let mut child = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "promtool is not installed: run `cargo xtask setup` (it installs Debian's \
-             prometheus package)"
-        ),
-        Err(e) => panic!("cannot run promtool: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.is_empty(),
-        "promtool check metrics: {}\n{said}\non:\n{text}",
-        out.status
-    );
+    lb_tests::procs::promtool_check(&text);
     // 0.0.4 parsers take OpenMetrics' end marker for a comment: promtool cannot see it.
     assert!(
         !text.contains("# EOF"),

@@ -142,6 +142,36 @@ fn http_over_ipv6_and_ipv4_through_the_same_servers_with_checks_and_tables() {
         d.cat("connections")
     };
     assert!(conns.contains(&format!("tcp [{CLIENT6}]:")), "{conns}");
+    // lb-cli's listings and JSON, and /metrics, carry the IPv6 addresses as such.
+    let servers_json: serde_json::Value =
+        serde_json::from_str(&d.cli_ok(&["list", "servers", "--json"])).unwrap();
+    let v6_line = servers_json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["address"] == server6(1))
+        .unwrap_or_else(|| panic!("no {} in {servers_json}", server6(1)));
+    assert_eq!(v6_line["vip"], VIP6, "{v6_line}");
+    let listed = d.cli_ok(&["list", "connections"]);
+    assert!(listed.contains(&format!("[{CLIENT6}]:")), "{listed}");
+    let metrics = {
+        let _in = lab.ns(&cluster::atm(1)).enter();
+        ureq::get(&format!("http://{}/metrics", d.metrics))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    for want in [
+        format!("lb_service_up{{port=\"80\",protocol=\"tcp\",service=\"http6\",vip=\"{VIP6}\"}} 1"),
+        format!(
+            "lb_server_up{{address=\"{}\",port=\"80\",server=\"web1\",service=\"http6\"}} 1",
+            server6(1)
+        ),
+    ] {
+        assert!(metrics.contains(&want), "no {want} in:\n{metrics}");
+    }
+    lb_tests::procs::promtool_check(&metrics);
 
     // A failed check takes the v6 line of s2 down (its v4 line too: the same nginx), and
     // no request goes there; back up, it takes requests again.
