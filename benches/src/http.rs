@@ -89,6 +89,7 @@ fn two_arm(v: Variant) -> Result<Rig> {
             crate::nft_dnat(
                 &lab,
                 "lb",
+                "ip",
                 "ip daddr 192.0.2.100 tcp dport 80 dnat to numgen inc mod 3 map { 0 : 203.0.113.11, 1 : 203.0.113.12, 2 : 203.0.113.13 }",
             );
             "http://192.0.2.100/".into()

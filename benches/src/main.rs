@@ -80,15 +80,16 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// nftables DNAT in namespace `ns` of `lab`: a nat table, a prerouting chain, and `rule`.
-pub fn nft_dnat(lab: &lb_tests::lab::Lab, ns: &str, rule: &str) {
+/// nftables DNAT in namespace `ns` of `lab`: a nat table of `family` (`ip` or `ip6`), a
+/// prerouting chain, and `rule`.
+pub fn nft_dnat(lab: &lb_tests::lab::Lab, ns: &str, family: &str, rule: &str) {
     let ns = lab.ns(ns);
-    ns.exec_ok(&["nft", "add table ip nat"]);
+    ns.exec_ok(&["nft", &format!("add table {family} nat")]);
     ns.exec_ok(&[
         "nft",
-        "add chain ip nat pre { type nat hook prerouting priority -100 ; }",
+        &format!("add chain {family} nat pre {{ type nat hook prerouting priority -100 ; }}"),
     ]);
-    ns.exec_ok(&["nft", &format!("add rule ip nat pre {rule}")]);
+    ns.exec_ok(&["nft", &format!("add rule {family} nat pre {rule}")]);
 }
 
 /// Prints a result line.

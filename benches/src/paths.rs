@@ -9,7 +9,7 @@
 //! slowest 1% (interrupts, preemption) is left out of the mean. Each round uses flows of its
 //! own (a client address per round).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use aya::{EbpfLoader, maps::Array, programs::Xdp};
@@ -22,7 +22,7 @@ use lb_daemon::dataplane::{
     run_xdp,
 };
 use lb_tests::{
-    fixture::frames::{ACK, Flags, Mac, SYN, tcp},
+    fixture::frames::{ACK, Flags, Mac, SYN, tcp, tcp6},
     lab::Lab,
 };
 
@@ -34,6 +34,9 @@ const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0xfe];
 const VIP: [u8; 4] = [192, 0, 2, 100];
 const NAT: [u8; 4] = [203, 0, 113, 1];
 const OTHER: [u8; 4] = [192, 0, 2, 50];
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+const NAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
 
 fn server_mac(i: usize) -> Mac {
     [0x02, 0, 0, 0x10, (i >> 8) as u8, i as u8]
@@ -58,6 +61,7 @@ impl Bed {
     fn new(servers: usize) -> Result<Bed> {
         let mut lab = Lab::new();
         lab.add_ns("bench");
+        lab.ipv6("bench");
         lab.veth(("bench", "eth0"), ("bench", "peer0"));
         lab.veth(("bench", "eth1"), ("bench", "peer1"));
         lab.mac("bench", "eth0", &mac_str(LB_MAC));
@@ -66,10 +70,27 @@ impl Bed {
         lab.addr("bench", "eth0", "198.18.0.1/15");
         lab.addr("bench", "eth1", "203.0.113.1/24");
         lab.route("bench", &["198.51.100.0/24", "via", "192.0.2.254"]);
+        // IPv6: the clients behind 2001:db8::fe, the IPv6 direct and tunnel servers in
+        // 2001:db8:18::/64, the NAT66 ones in 2001:db8:1::/64 on eth1.
+        lab.addr6("bench", "eth0", "2001:db8::1/64");
+        lab.addr6("bench", "eth0", "2001:db8:18::1/64");
+        lab.addr6("bench", "eth1", "2001:db8:1::1/64");
         let mut batch = format!(
-            "neigh replace 192.0.2.254 lladdr {} dev eth0 nud permanent\n",
+            "neigh replace 192.0.2.254 lladdr {} dev eth0 nud permanent\n\
+             neigh replace 2001:db8::fe lladdr {} dev eth0 nud permanent\n",
+            mac_str(ROUTER_MAC),
             mac_str(ROUTER_MAC)
         );
+        for i in 0..3 {
+            batch += &format!(
+                "neigh replace {} lladdr {} dev eth0 nud permanent\n\
+                 neigh replace 2001:db8:1::{} lladdr {} dev eth1 nud permanent\n",
+                direct_server6(i),
+                mac_str(server_mac(0x600 + i)),
+                21 + i,
+                mac_str(server_mac(0x900 + i))
+            );
+        }
         for i in 0..servers {
             batch += &format!(
                 "neigh replace {} lladdr {} dev eth0 nud permanent\n",
@@ -88,6 +109,7 @@ impl Bed {
         std::fs::write(&file, batch)?;
         lab.ns("bench")
             .exec_ok(&["ip", "-batch", file.to_str().unwrap()]);
+        lab.route("bench", &["2001:db8:c::/48", "via", "2001:db8::fe"]);
         let ns = lab.ns("bench");
         let (eth0, eth1) = (ns.ifindex("eth0"), ns.ifindex("eth1"));
         {
@@ -102,16 +124,37 @@ fn direct_server(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 0)) + i as u32)
 }
 
+/// IPv6 direct (and tunnel) server `i`: 2001:db8:18::(100+i).
+fn direct_server6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x100)) + i as u128)
+}
+
 fn settings() -> Settings {
     Settings {
         timeout_ns: 100_000_000_000,
         flags: SETTINGS_ACTIVE,
         local_addr: Addr::from_v4_octets([192, 0, 2, 1]),
+        local_addr6: Addr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+        nat_addr6: Addr::from(NAT6),
         nat_addr: Addr::from_v4_octets(NAT),
         nat_port_min: 20_000,
         nat_port_max: 59_999,
         ..Default::default()
     }
+}
+
+/// [`spec`]'s IPv6 twin, on [`VIP6`]: NAT66 servers 2001:db8:1::21-23, direct and tunnel
+/// ones [`direct_server6`].
+fn spec6(port: u16, method: Method, first_index: u32) -> ServiceSpec {
+    let mut s = spec(port, Sched::Maglev, method, 3, first_index);
+    s.vip = VIP6.into();
+    for (i, v) in s.servers.iter_mut().enumerate() {
+        v.addr = match method {
+            Method::Nat => Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x21 + i as u16).into(),
+            _ => direct_server6(i).into(),
+        };
+    }
+    s
 }
 
 fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u32) -> ServiceSpec {
@@ -164,6 +207,20 @@ fn client(host: u8, sport: u16, dst: [u8; 4], dport: u16, flags: Flags) -> Vec<u
         [198, 51, 100, host],
         sport,
         dst,
+        dport,
+        flags,
+        b"",
+    )
+}
+
+/// [`client`] over IPv6: from 2001:db8:c::`host`.
+fn client6(host: u8, sport: u16, dst: Ipv6Addr, dport: u16, flags: Flags) -> Vec<u8> {
+    tcp6(
+        ROUTER_MAC,
+        LB_MAC,
+        Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, host as u16).octets(),
+        sport,
+        dst.octets(),
         dport,
         flags,
         b"",
@@ -251,7 +308,7 @@ fn warm(bed: &Bed, dp: &Dataplane, frames: &[Vec<u8>]) -> Result<()> {
 pub fn paths(packets: usize, rounds: usize) -> Result<()> {
     let bed = Bed::new(3)?;
     let mut dp = Dataplane::load(Capacities {
-        services: 8,
+        services: 16,
         servers: 64,
         connections: 1 << 21,
     })?;
@@ -266,12 +323,23 @@ pub fn paths(packets: usize, rounds: usize) -> Result<()> {
     for (id, (port, sched, method)) in ports.iter().enumerate() {
         dp.install(id as u32, &spec(*port, *sched, *method, 3, id as u32 * 3))?;
     }
+    // The same three methods over IPv6, on VIP6 with the same ports.
+    let ports6: [(u16, Method); 3] = [
+        (80, Method::Direct),
+        (84, Method::Tunnel),
+        (85, Method::Nat),
+    ];
+    for (k, (port, method)) in ports6.iter().enumerate() {
+        let id = (ports.len() + k) as u32;
+        dp.install(id, &spec6(*port, *method, id * 3))?;
+    }
     dp.set_settings(&settings())?;
 
     let refs = Refs::load()?;
 
     let n = packets.min(60_000);
     let mut results: Vec<(&str, Vec<f64>)> = Vec::new();
+    let mut results6: Vec<(&str, Vec<f64>)> = Vec::new();
     let mut push = |name: &'static str, v: f64| match results.iter_mut().find(|r| r.0 == name) {
         Some(r) => r.1.push(v),
         None => results.push((name, vec![v])),
@@ -360,10 +428,96 @@ pub fn paths(packets: usize, rounds: usize) -> Result<()> {
             "nat reply (server -> client)",
             time_frames(&bed, &replies, lb_run(&dp))?,
         );
+        paths6(&bed, &dp, &refs, host, n, &mut results6)?;
     }
-    for (name, v) in results {
+    for (name, v) in results.into_iter().chain(results6) {
         report("path", name, "ns/packet", v);
     }
+    Ok(())
+}
+
+/// One round of the IPv6 paths, each beside its IPv4 twin in the report: the bare
+/// forwarder over IPv6 frames (lb's own reference for IPv6), new and established
+/// connections in each method, and NAT66 replies. The test run's overhead is timed over
+/// IPv6 frames.
+fn paths6(
+    bed: &Bed,
+    dp: &Dataplane,
+    refs: &Refs,
+    host: u8,
+    n: usize,
+    results: &mut Vec<(&'static str, Vec<f64>)>,
+) -> Result<()> {
+    let sports = || (0..n).map(|i| (1024 + i) as u16);
+    let eth0 = bed.eth0;
+    let frames: Vec<(Vec<u8>, u32)> = sports()
+        .map(|p| (client6(host, p, OTHER6, 80, ACK), eth0))
+        .collect();
+    let overhead = refs.overhead(bed, &frames)?;
+    let mut push = |name: &'static str, v: f64| match results.iter_mut().find(|r| r.0 == name) {
+        Some(r) => r.1.push(v - overhead),
+        None => results.push((name, vec![v - overhead])),
+    };
+    push(
+        "IPv6: bare forwarder (MAC rewrite, XDP_TX)",
+        time_frames(bed, &frames, refs.run(programs::BARE_FWD))?,
+    );
+    push(
+        "IPv6: pass: not for a service",
+        time_frames(bed, &frames, lb_run(dp))?,
+    );
+    let frames: Vec<(Vec<u8>, u32)> = sports()
+        .map(|p| (client6(host, p, VIP6, 80, SYN), eth0))
+        .collect();
+    push("IPv6: new: maglev", time_frames(bed, &frames, lb_run(dp))?);
+    for (name, port) in [
+        ("IPv6: established: direct", 80u16),
+        ("IPv6: established: tunnel", 84),
+        ("IPv6: established: nat", 85),
+    ] {
+        if port != 80 {
+            let syns: Vec<Vec<u8>> = sports()
+                .map(|p| client6(host, p, VIP6, port, SYN))
+                .collect();
+            warm(bed, dp, &syns)?;
+        }
+        let frames: Vec<(Vec<u8>, u32)> = sports()
+            .map(|p| (client6(host, p, VIP6, port, ACK), eth0))
+            .collect();
+        push(name, time_frames(bed, &frames, lb_run(dp))?);
+    }
+    let mut replies = Vec::with_capacity(n);
+    for p in sports() {
+        let key = FlowKey {
+            src: Addr::from(Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, host as u16)),
+            dst: Addr::from(VIP6),
+            sport: p.to_be(),
+            dport: 85u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let Some(c): Option<Connection> = dp.connection(&key) else {
+            continue;
+        };
+        let srv = dp.server(c.server)?;
+        replies.push((
+            tcp6(
+                server_mac(0x900),
+                LB_NAT_MAC,
+                srv.addr.octets(),
+                u16::from_be(srv.port),
+                NAT6.octets(),
+                u16::from_be(c.nat_port),
+                ACK,
+                b"",
+            ),
+            bed.eth1,
+        ));
+    }
+    push(
+        "IPv6: nat reply (server -> client)",
+        time_frames(bed, &replies, lb_run(dp))?,
+    );
     Ok(())
 }
 

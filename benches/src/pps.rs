@@ -2,10 +2,14 @@
 //! generator for every variant. The generator is an XDP program run by BPF_PROG_TEST_RUN
 //! with live frames (each run transmits its frame; trafgen tops out near 1 Mpps here); the
 //! sink counts and drops in XDP. Variants: plain routing, nftables DNAT with conntrack, a bare
-//! XDP forwarder, and lb by direct routing, tunnel and NAT. A fresh lab for every variant and
-//! round, rounds alternating variants.
+//! XDP forwarder, and lb by direct routing, tunnel and NAT; each over IPv4 and over IPv6 (IPv6
+//! DNAT, IPv6-in-IPv6, NAT66). A fresh lab for every variant and round, rounds alternating
+//! variants.
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -22,7 +26,10 @@ use lb_daemon::dataplane::{
     AttachMode, BENCH_OBJECT, Capacities, Dataplane, RunMode, ServerSpec, ServiceSpec,
     enable_fib_lookup, run_xdp,
 };
-use lb_tests::{fixture::frames::udp, lab::Lab};
+use lb_tests::{
+    fixture::frames::{udp, udp6},
+    lab::Lab,
+};
 use std::os::fd::{AsFd, AsRawFd};
 
 use crate::report;
@@ -33,6 +40,11 @@ const LB1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
 const SINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x02];
 const VIP: [u8; 4] = [192, 0, 2, 100];
 const SINK: [u8; 4] = [198, 51, 100, 2];
+/// IPv6: the generator's segment 2001:db8:a::/64, the sink's 2001:db8:b::/64.
+const GEN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+const LB1_6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 1);
+const SINK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 2);
 
 fn mac(m: [u8; 6]) -> String {
     m.iter()
@@ -52,6 +64,15 @@ enum Variant {
 }
 
 impl Variant {
+    /// Its name in the report; over IPv6, with " (IPv6)".
+    fn label(self, v6: bool) -> String {
+        if v6 {
+            format!("{} (IPv6)", self.name())
+        } else {
+            self.name()
+        }
+    }
+
     fn name(self) -> String {
         match self {
             Variant::Generator => "generator alone (one veth hop)".into(),
@@ -94,10 +115,13 @@ fn attach(lab: &Lab, ns: &str, dev: &str, ebpf: &Ebpf, name: &'static str) -> Re
     Ok(())
 }
 
-fn rig(v: Variant) -> Result<Rig> {
+fn rig(v: Variant, v6: bool) -> Result<Rig> {
     let mut lab = Lab::new();
     for ns in ["gen", "lb", "sink"] {
         lab.add_ns(ns);
+        if v6 {
+            lab.ipv6(ns);
+        }
     }
     lab.veth(("gen", "eth0"), ("lb", "eth0"));
     lab.veth(("lb", "eth1"), ("sink", "eth0"));
@@ -112,6 +136,15 @@ fn rig(v: Variant) -> Result<Rig> {
     lab.addr("sink", "eth0", "198.51.100.2/24");
     lab.neigh("lb", "eth1", "198.51.100.2", &mac(SINK_MAC));
     lab.neigh("lb", "eth0", "192.0.2.1", &mac(GEN_MAC));
+    if v6 {
+        lab.addr6("gen", "eth0", &format!("{GEN6}/64"));
+        lab.addr6("lb", "eth0", "2001:db8:a::2/64");
+        lab.addr6("lb", "eth0", &format!("{VIP6}/128"));
+        lab.addr6("lb", "eth1", &format!("{LB1_6}/64"));
+        lab.addr6("sink", "eth0", &format!("{SINK6}/64"));
+        lab.neigh("lb", "eth1", &SINK6.to_string(), &mac(SINK_MAC));
+        lab.neigh("lb", "eth0", &GEN6.to_string(), &mac(GEN_MAC));
+    }
 
     let mut programs = Vec::new();
     let sink_ebpf = load_program(programs::SINK_COUNT)?;
@@ -130,16 +163,27 @@ fn rig(v: Variant) -> Result<Rig> {
         Variant::Generator => {}
         Variant::Routing | Variant::Nftables => {
             lab.sysctl("lb", "net.ipv4.ip_forward", "1");
+            if v6 {
+                lab.sysctl("lb", "net.ipv6.conf.all.forwarding", "1");
+            }
             // The generator's frames reach the balancer's veth only if it runs XDP (see
             // lb_tests::xdp_pass); the pass program costs the kernel paths a few ns.
             let ifindex = lab.ns("lb").ifindex("eth0");
             let _in = lab.ns("lb").enter();
             lb_tests::xdp_pass::attach(ifindex)?;
             drop(_in);
-            if v == Variant::Nftables {
+            if v == Variant::Nftables && v6 {
                 crate::nft_dnat(
                     &lab,
                     "lb",
+                    "ip6",
+                    &format!("ip6 daddr {VIP6} udp dport 9000 dnat to {SINK6}"),
+                );
+            } else if v == Variant::Nftables {
+                crate::nft_dnat(
+                    &lab,
+                    "lb",
+                    "ip",
                     "ip daddr 192.0.2.100 udp dport 9000 dnat to 198.51.100.2",
                 );
             }
@@ -170,14 +214,14 @@ fn rig(v: Variant) -> Result<Rig> {
             d.install(
                 0,
                 &ServiceSpec {
-                    vip: VIP.into(),
+                    vip: if v6 { VIP6.into() } else { VIP.into() },
                     port: 9000,
                     proto: IPPROTO_UDP,
                     sched: Sched::Maglev,
                     persistence_s: 0,
                     servers: vec![ServerSpec {
                         index: 0,
-                        addr: SINK.into(),
+                        addr: if v6 { SINK6.into() } else { SINK.into() },
                         port: 9000,
                         weight: 1,
                         method,
@@ -190,6 +234,8 @@ fn rig(v: Variant) -> Result<Rig> {
                 flags: SETTINGS_ACTIVE,
                 local_addr: Addr::from(Ipv4Addr::new(198, 51, 100, 1)),
                 nat_addr: Addr::from(Ipv4Addr::new(198, 51, 100, 1)),
+                local_addr6: Addr::from(LB1_6),
+                nat_addr6: Addr::from(LB1_6),
                 nat_port_min: 20_000,
                 nat_port_max: 59_999,
                 ..Default::default()
@@ -201,7 +247,11 @@ fn rig(v: Variant) -> Result<Rig> {
             dp = Some(d);
         }
     }
-    let gen_ebpf = load_program(programs::GEN_TX)?;
+    let gen_ebpf = load_program(if v6 {
+        programs::GEN_TX6
+    } else {
+        programs::GEN_TX
+    })?;
     let gen_ifindex = lab.ns("gen").ifindex("eth0");
     Ok(Rig {
         lab,
@@ -218,33 +268,52 @@ fn delivered(sink: &PerCpuArray<aya::maps::MapData, u64>) -> Result<u64> {
 }
 
 /// One measurement: `packets` frames from the generator; the rate the sink saw them at.
-fn measure(v: Variant, packets: u32) -> Result<(f64, f64)> {
-    let mut rig = rig(v)?;
-    let dst = match v {
-        Variant::Routing | Variant::BareXdp | Variant::Generator => SINK,
-        _ => VIP,
+fn measure(v: Variant, v6: bool, packets: u32) -> Result<(f64, f64)> {
+    let mut rig = rig(v, v6)?;
+    let to_sink = matches!(v, Variant::Routing | Variant::BareXdp | Variant::Generator);
+    let (frame, gen_prog) = if v6 {
+        let dst = if to_sink { SINK6 } else { VIP6 };
+        let frame = udp6(
+            GEN_MAC,
+            LB0_MAC,
+            GEN6.octets(),
+            10_000,
+            dst.octets(),
+            9000,
+            &[0u8; 18],
+        );
+        let mut template = Array::<_, [u8; 62]>::try_from(
+            rig.gen_ebpf
+                .map_mut(maps::GEN_TEMPLATE6)
+                .context("gen_template6")?,
+        )?;
+        template.set(0, <[u8; 62]>::try_from(&frame[..62])?, 0)?;
+        (frame, programs::GEN_TX6)
+    } else {
+        let dst = if to_sink { SINK } else { VIP };
+        let mut frame = udp(
+            GEN_MAC,
+            LB0_MAC,
+            [192, 0, 2, 1],
+            10_000,
+            dst,
+            9000,
+            &[0u8; 18],
+        );
+        // No UDP checksum: the generator steps the source port.
+        frame[40..42].copy_from_slice(&[0, 0]);
+        let mut template = Array::<_, [u8; 42]>::try_from(
+            rig.gen_ebpf
+                .map_mut(maps::GEN_TEMPLATE)
+                .context("gen_template")?,
+        )?;
+        template.set(0, <[u8; 42]>::try_from(&frame[..42])?, 0)?;
+        (frame, programs::GEN_TX)
     };
-    let mut frame = udp(
-        GEN_MAC,
-        LB0_MAC,
-        [192, 0, 2, 1],
-        10_000,
-        dst,
-        9000,
-        &[0u8; 18],
-    );
-    // No UDP checksum: the generator steps the source port.
-    frame[40..42].copy_from_slice(&[0, 0]);
-    let mut template = Array::<_, [u8; 42]>::try_from(
-        rig.gen_ebpf
-            .map_mut(maps::GEN_TEMPLATE)
-            .context("gen_template")?,
-    )?;
-    template.set(0, <[u8; 42]>::try_from(&frame[..42])?, 0)?;
     let generator: &Xdp = rig
         .gen_ebpf
-        .program(programs::GEN_TX)
-        .context("gen_tx")?
+        .program(gen_prog)
+        .context(gen_prog)?
         .try_into()?;
     let _in = rig.lab.ns("gen").enter();
     // Warm up: connections, conntrack entries and neighbour lookups are made outside the timing.
@@ -295,24 +364,26 @@ pub fn run(packets: u32, rounds: usize, only: Option<&str>) -> Result<()> {
         Variant::Lb(Method::Tunnel),
         Variant::Lb(Method::Nat),
     ];
-    let variants: Vec<Variant> = variants
+    let cases: Vec<(Variant, bool)> = [false, true]
         .into_iter()
-        .filter(|v| only.is_none_or(|o| v.name().contains(o)))
+        .flat_map(|v6| variants.iter().map(move |v| (*v, v6)))
+        .filter(|(v, v6)| only.is_none_or(|o| v.label(*v6).contains(o)))
         .collect();
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    let mut delivery: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut delivery: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
-        for (i, v) in variants.iter().enumerate() {
-            let (pps, frac) = measure(*v, packets).with_context(|| v.name())?;
+        for (i, (v, v6)) in cases.iter().enumerate() {
+            let (pps, frac) = measure(*v, *v6, packets).with_context(|| v.label(*v6))?;
             rates[i].push(pps);
             delivery[i].push(frac);
         }
     }
-    for (i, v) in variants.iter().enumerate() {
-        report("pps", &v.name(), "packets/s", rates[i].clone());
+    for (i, (v, v6)) in cases.iter().enumerate() {
+        let name = v.label(*v6);
+        report("pps", &name, "packets/s", rates[i].clone());
         report(
             "pps",
-            &format!("{}: share delivered", v.name()),
+            &format!("{name}: share delivered"),
             "fraction",
             delivery[i].clone(),
         );

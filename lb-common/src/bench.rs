@@ -8,6 +8,8 @@ pub mod maps {
     pub const BARE_FWD: &str = "bare_fwd_cfg";
     /// The 42 header bytes (Ethernet, IPv4, UDP) `gen_tx` writes on every frame.
     pub const GEN_TEMPLATE: &str = "gen_template";
+    /// The 62 header bytes (Ethernet, IPv6, UDP) `gen_tx6` writes on every frame.
+    pub const GEN_TEMPLATE6: &str = "gen_template6";
     /// Per-CPU packets counted (and dropped) by `sink_count`.
     pub const SINK_COUNT: &str = "sink_count_stat";
 }
@@ -18,6 +20,8 @@ pub mod programs {
     pub const BARE_FWD: &str = "bare_fwd";
     /// Traffic generator under BPF_PROG_TEST_RUN live frames.
     pub const GEN_TX: &str = "gen_tx";
+    /// [`GEN_TX`] for IPv6 frames.
+    pub const GEN_TX6: &str = "gen_tx6";
     /// An empty program (the cost of a test run itself).
     pub const BENCH_NOP: &str = "bench_nop";
     /// A sink: counts and drops.

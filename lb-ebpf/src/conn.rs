@@ -14,7 +14,7 @@ use lb_common::{
     EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SETTINGS_SYNC,
 };
 
-use crate::{finish, fwd::*, maps::*, net::*, parse::*, sched::*, Outcome};
+use crate::{finish, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
 
 /// Reports a connection event when backups are to be kept in step.
 #[inline(always)]

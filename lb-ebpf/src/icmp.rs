@@ -1,10 +1,18 @@
 //! ICMP and ICMPv6 to a VIP: echo to the stack, errors about a connection steered to its
-//! server (and translated for NAT).
+//! server (and translated for NAT). And the ICMP lb_xdp sends itself: fragmentation needed
+//! (IPv4) or packet too big (IPv6) to a client whose packet no longer fits its path once
+//! encapsulated.
 
-use aya_ebpf::programs::XdpContext;
-use lb_common::{csum, Addr, Connection, FlowKey, Method, Server, Stat, IPPROTO_TCP, IPPROTO_UDP};
+use aya_ebpf::{
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    csum, Addr, Connection, FlowKey, Method, Server, Stat, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
 
-use crate::{conn::FORWARD, fwd::*, maps::*, net::*, parse::*, Outcome};
+use crate::{conn::*, finish, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
 
 /// ICMP to a VIP: echo goes to the stack (the primary answers); an error about one of our
 /// connections (fragmentation needed, say) goes to that connection's server, found by the
@@ -217,5 +225,187 @@ fn nat_icmp6(ctx: &XdpContext, server: &Server, conn: &Connection) -> Option<()>
         p[1] = conn.nat_port;
         (*icmp).check = c;
     }
+    Some(())
+}
+
+/// The outcome of a failed next-hop lookup. A packet too big for the path to the server
+/// (`overhead` = what forwarding adds) that forbids fragmentation is answered with an ICMP
+/// fragmentation-needed, so the client's path MTU discovery shrinks its packets; it is
+/// still counted as dropped.
+#[inline(always)]
+pub fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome {
+    match e {
+        NoHop::TooBig(mtu) => too_big(ctx, ip, mtu, overhead),
+        NoHop::Route => e.outcome(),
+    }
+}
+
+/// See [`too_big_or`]. For IPv6 (whose routers never fragment), a packet-too-big, when
+/// the packet has no extension headers and the MTU to announce is at least IPv6's minimum
+/// of 1,280.
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
+    if ip.v6 {
+        if ip.l4() != ETH_HLEN + IPV6_HLEN || mtu < overhead + IPV6_MIN_MTU {
+            return Outcome::Drop(Stat::DropTooBig);
+        }
+        if packet_too_big(ctx, ip, mtu - overhead).is_some() {
+            count(Stat::IcmpSent, 1);
+            count(Stat::DropTooBig, 1);
+            return Outcome::Reply;
+        }
+        return Outcome::Drop(Stat::DropTooBig);
+    }
+    if !ip.df || ip.l4() != ETH_HLEN + IPV4_HLEN || mtu <= overhead + 68 {
+        return Outcome::Drop(Stat::DropTooBig);
+    }
+    if frag_needed(ctx, ip, mtu - overhead).is_some() {
+        count(Stat::IcmpSent, 1);
+        count(Stat::DropTooBig, 1);
+        // Counted as a drop above; the action itself is sending the ICMP back.
+        return Outcome::Reply;
+    }
+    Outcome::Drop(Stat::DropTooBig)
+}
+
+/// Turns the packet (IPv4 without options) into an ICMP fragmentation-needed from its
+/// destination back to its source: a new IPv4 and ICMP header go in front of the original
+/// IPv4 header and first 8 bytes of its payload, the rest is cut, the MACs are swapped.
+#[inline(always)]
+pub fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+    const QUOTE: usize = IPV4_HLEN + 8;
+    const GROW: usize = IPV4_HLEN + ICMP_HLEN;
+    const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    // The quote must be whole before anything changes.
+    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    let len = frame_len(ctx);
+    if len < TOTAL {
+        return None;
+    }
+    // SAFETY: shrinks the tail to the ICMP message; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - TOTAL) as i32)) } != 0 {
+        return None;
+    }
+    let new_eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    let new_ip = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ETH_HLEN + IPV4_HLEN)?;
+    let mut h = Ipv4Hdr {
+        vihl: 0x45,
+        tos: 0,
+        tot_len: ((GROW + QUOTE) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        check: 0,
+        saddr: ip.daddr.w[3],
+        daddr: ip.saddr.w[3],
+    };
+    h.check = ipv4_checksum(&h);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        *new_eth = EthHdr {
+            dst: eth.src,
+            src: eth.dst,
+            proto: ETH_P_IP_BE,
+        };
+        *new_ip = h;
+        *icmp = IcmpHdr {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            check: 0,
+            // Bytes 4-5 unused, 6-7 the next-hop MTU (RFC 1191).
+            rest: u32::from_ne_bytes([0, 0, (mtu >> 8) as u8, mtu as u8]),
+        };
+    }
+    // The ICMP checksum covers its header and the quote: 36 bytes, read in one piece (a
+    // loop of small bounds checks gets folded into arithmetic the verifier rejects).
+    let body = ptr_at::<[u16; (ICMP_HLEN + QUOTE) / 2]>(ctx, ETH_HLEN + IPV4_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let body = unsafe { *body };
+    let mut sum = 0u32;
+    for w in body {
+        sum += w as u32;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { (*icmp).check = !csum::fold(sum) };
+    Some(())
+}
+
+/// The least MTU of an IPv6 link (RFC 8200 section 5).
+pub const IPV6_MIN_MTU: u16 = 1280;
+
+/// Turns the packet (IPv6 without extension headers) into an ICMPv6 packet-too-big from
+/// its destination back to its source (RFC 4443 section 3.2): a new IPv6 and ICMPv6 header
+/// go in front of the original IPv6 header and the first 8 bytes of its payload (the
+/// ports, all the sender needs to find its socket), the rest is cut, the MACs swapped.
+#[inline(always)]
+pub fn packet_too_big(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+    // The first steps are `frag_needed`'s, written out again: shared as a function, inlined
+    // or not, they cost `established_xdp` 32 bytes of stack, more than the chain has left.
+    const QUOTE: usize = IPV6_HLEN + 8;
+    const GROW: usize = IPV6_HLEN + ICMP_HLEN;
+    const ICMP_LEN: usize = ICMP_HLEN + QUOTE;
+    const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
+    // SAFETY: grows the headroom; every pointer is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    let len = frame_len(ctx);
+    if len < TOTAL {
+        return None;
+    }
+    // SAFETY: shrinks the tail to the ICMPv6 message; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - TOTAL) as i32)) } != 0 {
+        return None;
+    }
+    let new_eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
+    let h = ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, ETH_HLEN + IPV6_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        (*new_eth).proto = ETH_P_IPV6_BE;
+        put_mac(&mut (*new_eth).dst, &eth.src);
+        put_mac(&mut (*new_eth).src, &eth.dst);
+        let h = &mut *h;
+        h.vtcfl = (6u32 << 28).to_be();
+        h.payload_len = (ICMP_LEN as u16).to_be();
+        h.nexthdr = IPPROTO_ICMPV6;
+        h.hop_limit = 64;
+        copy_words(&mut h.saddr, &ip.daddr.w);
+        copy_words(&mut h.daddr, &ip.saddr.w);
+        *icmp = IcmpHdr {
+            kind: ICMPV6_PKT_TOOBIG,
+            code: 0,
+            check: 0,
+            rest: (mtu as u32).to_be(),
+        };
+    }
+    // The checksum covers the pseudo-header (addresses, length, next header) and the whole
+    // message, read in one piece (see `frag_needed`).
+    let body = ptr_at::<[u16; ICMP_LEN / 2]>(ctx, ETH_HLEN + IPV6_HLEN)?;
+    let addrs = ptr_at::<[u16; 16]>(ctx, ETH_HLEN + 8)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (body, addrs) = unsafe { (*body, *addrs) };
+    let mut sum = (ICMP_LEN as u16).to_be() as u32 + (IPPROTO_ICMPV6 as u16).to_be() as u32;
+    for w in addrs {
+        sum += w as u32;
+    }
+    for w in body {
+        sum += w as u32;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { (*icmp).check = !csum::fold(sum) };
     Some(())
 }

@@ -2002,6 +2002,7 @@ fn the_production_object_holds_only_lb_xdp_and_lb_decap() {
     let bench_map_names = [
         bench::maps::BARE_FWD,
         bench::maps::GEN_TEMPLATE,
+        bench::maps::GEN_TEMPLATE6,
         bench::maps::SINK_COUNT,
     ];
     let (prod_programs, prod_maps) = names(OBJECT);
@@ -2019,6 +2020,7 @@ fn the_production_object_holds_only_lb_xdp_and_lb_decap() {
             bench::programs::BARE_FWD,
             bench::programs::BENCH_NOP,
             bench::programs::GEN_TX,
+            bench::programs::GEN_TX6,
             bench::programs::SINK_COUNT,
         ]
     );

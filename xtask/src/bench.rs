@@ -300,6 +300,36 @@ fn targets(all: &[Measured]) -> Vec<Target> {
         |v| v <= 1.5,
         "x",
     );
+    // IPv6 (issue 15): each path at most 1.2x its IPv4 twin, measured in the same run.
+    for (v6, v4) in [
+        ("IPv6: established: direct", "established: direct"),
+        ("IPv6: established: tunnel", "established: tunnel"),
+        ("IPv6: established: nat", "established: nat"),
+        (
+            "IPv6: nat reply (server -> client)",
+            "nat reply (server -> client)",
+        ),
+        ("IPv6: new: maglev", "new: maglev"),
+    ] {
+        push(
+            &mut t,
+            &format!("{v6} <= 1.2x IPv4 (ns/packet)"),
+            ratio("path", v6, v4),
+            |v| v <= 1.2,
+            "x",
+        );
+    }
+    push(
+        &mut t,
+        "lb direct (IPv6) >= 5x nftables IPv6 DNAT (packets/s)",
+        ratio(
+            "pps",
+            "lb direct (IPv6)",
+            "nftables DNAT + conntrack (IPv6)",
+        ),
+        |v| v >= 5.0,
+        "x",
+    );
     for lb in ["lb nat", "lb direct"] {
         let conns = |v: &str| format!("{v}: new connections");
         let own = |v: &str| format!("{v}: own CPU per connection");

@@ -559,12 +559,12 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
         match item.as_array() {
             Some(a) => {
                 for v in a.iter() {
-                    match v.as_str().map(|s| s.parse::<Ipv4Addr>()) {
+                    match v.as_str().map(|s| s.parse::<IpAddr>()) {
                         Some(Ok(addr)) => track.push(addr),
                         _ => {
                             cx.err(
                                 line,
-                                format!("`track` holds {v}, which is not an IPv4 address"),
+                                format!("`track` holds {v}, which is not an IPv4 or IPv6 address"),
                             );
                             bad = true;
                         }

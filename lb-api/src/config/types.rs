@@ -178,8 +178,8 @@ pub struct Ha {
     pub heartbeat_ms: u32,
     /// Missed heartbeats before a peer counts as down.
     pub dead_after: u32,
-    /// Addresses an ATM must reach to be allowed to become primary.
-    pub track: Vec<Ipv4Addr>,
+    /// Addresses an ATM must reach to be allowed to become primary (either family).
+    pub track: Vec<IpAddr>,
 }
 
 /// `[ha]` without a key takes it from here; no `[ha]` at all is all of it.

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -605,19 +605,30 @@ impl Daemon {
 
 /// Pings the `track` addresses every second; reports when reaching all of them (two
 /// answers in a row) or not (two misses in a row) changes.
-pub(super) async fn track(addrs: Vec<Ipv4Addr>, tx: mpsc::Sender<bool>) {
-    let client = match health::ping::client(false) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("Cannot ping the track addresses: {e}");
-            let _ = tx.send(false).await;
-            return;
+pub(super) async fn track(addrs: Vec<IpAddr>, tx: mpsc::Sender<bool>) {
+    // One ICMP socket per family that is tracked.
+    let mut clients = Vec::new();
+    for v6 in [false, true] {
+        if !addrs.iter().any(|a| a.is_ipv6() == v6) {
+            continue;
         }
-    };
+        match health::ping::client(v6) {
+            Ok(c) => clients.push((v6, c)),
+            Err(e) => {
+                error!("Cannot ping the track addresses: {e}");
+                let _ = tx.send(false).await;
+                return;
+            }
+        }
+    }
     let mut pingers = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
         let id = TRACK_PING_ID + i as u16;
-        pingers.push(health::ping::Pinger::new(&client, (*a).into(), id, TRACK_TIMEOUT).await);
+        let (_, client) = clients
+            .iter()
+            .find(|(v6, _)| *v6 == a.is_ipv6())
+            .expect("a client for each family tracked");
+        pingers.push(health::ping::Pinger::new(client, *a, id, TRACK_TIMEOUT).await);
     }
     // The first round decides (the election waits for it); after that it takes two in a
     // row to change the verdict, so one lost ping moves nothing.
