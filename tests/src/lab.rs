@@ -286,6 +286,9 @@ impl Lab {
                 "listen {port} ssl reuseport; ssl_certificate {d}/cert.pem; \
                  ssl_certificate_key {d}/key.pem; "
             );
+            if v6 {
+                listens += &format!("listen [::]:{port} ssl reuseport; ");
+            }
         }
         // /big: a 2 MB download served at 160 kB/s (about 12 s), for long-lived transfers.
         let big: Vec<u8> = (0..BIG_BYTES).map(|i| (i % 251) as u8).collect();

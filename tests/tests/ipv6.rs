@@ -2,7 +2,8 @@
 //! the same three nginx servers by direct routing, real HTTP over both, the tables in
 //! ipvsadm's `[addr]:port` form, and a health check taking an IPv6 server down and up. And
 //! an IPv6-only cluster of two ATMs (heartbeats and sync over IPv6) with a service in each
-//! method: long transfers across a SIGKILL failover, and drills under load.
+//! method: long transfers across a SIGKILL failover, and drills under load. And every check
+//! kind (ICMPv6 ping, tcp, https, script) against servers at their IPv6 addresses.
 
 use std::{
     io::{Read, Write},
@@ -519,5 +520,117 @@ fn an_ipv6_cluster_keeps_long_transfers_in_every_method_across_a_sigkill_and_dri
         &failed[..failed.len().min(5)],
         c.atm(1).log(),
         c.atm(2).log()
+    );
+}
+
+/// Every check kind over IPv6, against real servers at their IPv6 addresses: a server that
+/// drops ICMPv6 echo goes down on its ping, tcp and https (with the address literal) keep
+/// the others up, and a script sees the IPv6 address in `LB_SERVER`.
+#[test]
+fn every_check_kind_runs_over_ipv6() {
+    let mut lab = Lab::new();
+    cluster::build_dual_stack(&mut lab, 1, 3);
+    for i in 1..=3 {
+        let ns = cluster::server(i);
+        if i == 1 {
+            let cert = rcgen::generate_simple_self_signed(vec![server6(1)]).unwrap();
+            lab.nginx_tls(
+                &ns,
+                &ns,
+                &[80, 8080],
+                Some((443, &cert.cert.pem(), &cert.signing_key.serialize_pem())),
+            );
+        } else {
+            lab.nginx(&ns, &ns, &[80, 8080]);
+        }
+    }
+    lab.ns("s2")
+        .nft_filter("noping", "input", "icmpv6 type echo-request drop");
+    let seen = lab.dir().join("seen");
+    let script = lab.dir().join("check.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$LB_SERVER $LB_PORT\" >> {}\n[ \"$LB_SERVER\" = {} ]\n",
+            seen.display(),
+            server6(1)
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = format!(
+        "[cluster]\nname = \"checks6\"\n\n[[atm]]\nname = \"atm1\"\naddress = \"{}\"\n\
+         interface = \"eth0\"\n",
+        atm6(1)
+    );
+    for (name, port, check, servers) in [
+        ("tcp6", 80, "kind = \"tcp\"".to_string(), &[1, 2, 3][..]),
+        (
+            "https6",
+            443,
+            "kind = \"https\"\npath = \"/\"\nverify = false".to_string(),
+            &[1][..],
+        ),
+        (
+            "script6",
+            8080,
+            format!("kind = \"script\"\nscript = \"{}\"", script.display()),
+            &[1, 3][..],
+        ),
+    ] {
+        c += &format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{VIP6}\"\nport = {port}\n\
+             [service.check]\n{check}\ninterval_ms = 200\ntimeout_ms = 250\nrise = 2\nfall = 2\n"
+        );
+        for i in servers {
+            c += &format!(
+                "[[service.server]]\nname = \"s{i}\"\naddress = \"{}\"\n",
+                server6(*i)
+            );
+        }
+    }
+    let path = lab.dir().join("lb.toml");
+    std::fs::write(&path, c).unwrap();
+    let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    d.wait_log("This ATM is primary", START);
+    let line = |i: usize, port: u16| format!("tcp [{}]:{port} [{VIP6}]:{port} ", server6(i));
+    lab.wait_for(
+        "s2 down on its ping, s3 on its script",
+        Duration::from_secs(10),
+        || {
+            let t = d.cat("servers");
+            t.contains(&(line(2, 80) + "down")) && t.contains(&(line(3, 8080) + "down"))
+        },
+    );
+    let log = d.log();
+    assert!(
+        log.contains(&format!(
+            "s2 [{}]:80 down: no answer to ping within 250 ms",
+            server6(2)
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "s3 [{}]:8080 down: script exited with exit status: 1",
+            server6(3)
+        )),
+        "{log}"
+    );
+    // The others stay up well past fall intervals: tcp, https and the script's exit 0.
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = d.cat("servers");
+    for want in [line(1, 80), line(3, 80), line(1, 443), line(1, 8080)] {
+        assert!(
+            t.contains(&(want.clone() + "up")),
+            "{want}up in:\n{t}\n{}",
+            d.log()
+        );
+    }
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    assert!(
+        seen.lines().any(|l| l == format!("{} 8080", server6(1)))
+            && seen.lines().any(|l| l == format!("{} 8080", server6(3))),
+        "LB_SERVER and LB_PORT as the script saw them:\n{seen}"
     );
 }
