@@ -268,9 +268,12 @@ fn delivered(sink: &PerCpuArray<aya::maps::MapData, u64>) -> Result<u64> {
 }
 
 /// One measurement: `packets` frames from the generator; the rate the sink saw them at.
-fn measure(v: Variant, v6: bool, packets: u32) -> Result<(f64, f64)> {
+fn measure(v: Variant, v6: bool, packets: u32, generator: Generator) -> Result<(f64, f64)> {
     let mut rig = rig(v, v6)?;
     let to_sink = matches!(v, Variant::Routing | Variant::BareXdp | Variant::Generator);
+    if generator == Generator::Trafgen {
+        return measure_trafgen(&mut rig, v6, to_sink, packets);
+    }
     let (frame, gen_prog) = if v6 {
         let dst = if to_sink { SINK6 } else { VIP6 };
         let frame = udp6(
@@ -354,7 +357,115 @@ fn measure(v: Variant, v6: bool, packets: u32) -> Result<(f64, f64)> {
     Ok((got as f64 / secs, got as f64 / packets as f64))
 }
 
+/// What sends the frames. Live frames unless the kernel refuses them (see `Generator::pick`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Generator {
+    /// `gen_tx` / `gen_tx6` by BPF_PROG_TEST_RUN with live frames: about 4 Mpps here.
+    Live,
+    /// netsniff-ng's trafgen on a packet socket: near 1 Mpps here, below lb's rate, so lb's
+    /// figures are then the generator's and their ratios to the peers lower bounds.
+    Trafgen,
+}
+
+impl Generator {
+    /// Live frames if a live test run of the empty program is allowed, else trafgen (the same
+    /// for every variant of the run).
+    fn pick() -> Result<Generator> {
+        let ebpf = load_program(programs::BENCH_NOP)?;
+        let nop: &Xdp = ebpf
+            .program(programs::BENCH_NOP)
+            .context("bench_nop")?
+            .try_into()?;
+        let frame = udp(GEN_MAC, LB0_MAC, [192, 0, 2, 1], 1, VIP, 9, &[0u8; 18]);
+        match run_xdp(nop, &frame, 1, RunMode::Live { n: 1, batch: 1 }) {
+            Ok(_) => Ok(Generator::Live),
+            Err(e) => {
+                eprintln!(
+                    "pps: this kernel refuses live-frame test runs ({e}): trafgen sends the \
+                     frames instead"
+                );
+                Ok(Generator::Trafgen)
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Generator::Live => "live frames (gen_tx)",
+            Generator::Trafgen => "trafgen",
+        }
+    }
+}
+
+/// [`measure`] with trafgen: `packets` UDP frames of the same shape from the generator's
+/// namespace (source port stepped through 1024 values, checksums computed by trafgen), after
+/// 20,000 untimed ones; the rate the sink saw them at over trafgen's run.
+fn measure_trafgen(rig: &mut Rig, v6: bool, to_sink: bool, packets: u32) -> Result<(f64, f64)> {
+    let (l3, ethertype) = if v6 {
+        let dst = if to_sink { SINK6 } else { VIP6 };
+        (format!("ipv6(saddr={GEN6}, daddr={dst}, hl=64)"), "0x86dd")
+    } else {
+        let dst = Ipv4Addr::from(if to_sink { SINK } else { VIP });
+        (
+            format!("ipv4(saddr=192.0.2.1, daddr={dst}, ttl=64)"),
+            "0x0800",
+        )
+    };
+    let cfg = format!(
+        "{{ eth(da={}, sa={}, type={ethertype}), {l3}, udp(sp=dinc(10000, 11023), dp=9000), \
+         fill(0x00, 18) }}\n",
+        mac(LB0_MAC),
+        mac(GEN_MAC)
+    );
+    let dir = rig.lab.dir().join("trafgen.cfg");
+    std::fs::write(&dir, cfg)?;
+    let gen_ns = rig.lab.ns("gen");
+    // A veth has no queue of its own (noqueue): give it one, so that a full ring holds
+    // trafgen back instead of failing its send.
+    gen_ns.exec_ok(&["ip", "link", "set", "eth0", "txqueuelen", "10000"]);
+    gen_ns.exec_ok(&[
+        "tc", "qdisc", "replace", "dev", "eth0", "root", "pfifo", "limit", "10000",
+    ]);
+    let send = |n: u32| -> Result<f64> {
+        let start = Instant::now();
+        let out = gen_ns.exec(&[
+            "trafgen",
+            "--dev",
+            "eth0",
+            "--conf",
+            dir.to_str().unwrap(),
+            "--num",
+            &n.to_string(),
+            "--cpus",
+            "1",
+            "--no-cpu-stats",
+            // Through the qdisc, one blocking send per frame (`--gap 0`): a veth whose peer
+            // is slower than trafgen fills its ring, and trafgen's mmap ring then fails its
+            // flush (EAGAIN) instead of waiting.
+            "--qdisc-path",
+            "--gap",
+            "0",
+        ]);
+        let secs = start.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            out.status.success(),
+            "trafgen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(secs)
+    };
+    send(20_000)?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = delivered(&rig.sink)?;
+    let secs = send(packets)?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let got = delivered(&rig.sink)? - before;
+    Ok((got as f64 / secs, got as f64 / packets as f64))
+}
+
 pub fn run(packets: u32, rounds: usize, only: Option<&str>) -> Result<()> {
+    let generator = Generator::pick()?;
+    eprintln!("pps: the generator is {}", generator.name());
     let variants = [
         Variant::Generator,
         Variant::Routing,
@@ -373,7 +484,7 @@ pub fn run(packets: u32, rounds: usize, only: Option<&str>) -> Result<()> {
     let mut delivery: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
         for (i, (v, v6)) in cases.iter().enumerate() {
-            let (pps, frac) = measure(*v, *v6, packets).with_context(|| v.label(*v6))?;
+            let (pps, frac) = measure(*v, *v6, packets, generator).with_context(|| v.label(*v6))?;
             rates[i].push(pps);
             delivery[i].push(frac);
         }

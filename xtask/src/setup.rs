@@ -71,6 +71,10 @@ const BENCH_PACKAGES: &[Package] = &[
         name: "keepalived",
         why: "the failover benchmark's peer (VRRP)",
     },
+    Package {
+        name: "netsniff-ng",
+        why: "trafgen, the packets-per-second generator where the kernel refuses live-frame test runs",
+    },
 ];
 
 /// bpf-linker's version, pinned with the LLVM it is built against (docs/TOOLCHAIN.md).
