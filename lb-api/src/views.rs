@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,9 @@ impl Status {
 pub struct AtmStatus {
     pub name: String,
     pub address: IpAddr,
+    /// A dual-stack ATM's IPv6 address (`[[atm]] address6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// primary, backup or idle.
     pub role: String,
     /// online or offline.

@@ -345,14 +345,26 @@ fn print_status(d: &Status) {
     );
     println!("This is {} ({})", d.name, d.role);
     println!("ATMs:");
+    // As wide as the longest address (an IPv6 one is up to 39 characters).
+    let width = d
+        .atms
+        .iter()
+        .map(|a| a.address.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max(15);
     for a in &d.atms {
         let heard = match a.last_heard_ms {
             _ if a.name == d.name => "this ATM".to_string(),
             Some(ms) => format!("heard {ms} ms ago"),
             None => "never heard".to_string(),
         };
+        let v6 = a
+            .address6
+            .map(|v6| format!(" (IPv6 {v6})"))
+            .unwrap_or_default();
         println!(
-            "  {:<10} {:<15} {:<8} {:<8} {heard}",
+            "  {:<10} {:<width$} {:<8} {:<8} {heard}{v6}",
             a.name,
             a.address.to_string(),
             a.role,

@@ -366,9 +366,11 @@ impl Daemon {
             atms: self
                 .atm_lines()
                 .into_iter()
-                .map(|l| views::AtmStatus {
+                .zip(&self.config.atms)
+                .map(|(l, a)| views::AtmStatus {
                     name: l.name,
                     address: l.address,
+                    address6: a.address6,
                     role: l.role.into(),
                     state: l.state.into(),
                     last_heard_ms: l.last_heard_ms,
