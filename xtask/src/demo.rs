@@ -353,7 +353,7 @@ fn random_key() -> Result<Vec<u8>> {
 /// The cluster's one config file: two dual-stack ATMs, a VIP of each family served three
 /// ways.
 fn config(key: &Path) -> String {
-    format!(
+    let mut c = format!(
         r#"[cluster]
 name = "demo"
 timeout = 100
@@ -368,85 +368,49 @@ gateway6 = "{gw6}"
 [ha]
 heartbeat_ms = 100
 dead_after = 3
-
-[[atm]]
-name = "atm1"
-address = "{a1}"
-address6 = "{a1_6}"
-interface = "eth0"
-
-[[atm]]
-name = "atm2"
-address = "{a2}"
-address6 = "{a2_6}"
-interface = "eth0"
-
-[[service]]
-name = "http"
-vip = "{vip}"
-port = 80
-scheduler = "wrr"
-[service.check]
-kind = "http"
-path = "/"
-interval_ms = 1000
-
-[[service.server]]
-name = "s1"
-address = "{s1}"
-method = "direct"
-
-[[service.server]]
-name = "s2"
-address = "{s2}"
-method = "tunnel"
-
-[[service.server]]
-name = "s3"
-address = "{s3}"
-port = 8080
-method = "nat"
-
-[[service]]
-name = "http6"
-vip = "{vip6}"
-port = 80
-scheduler = "wrr"
-[service.check]
-kind = "http"
-path = "/"
-interval_ms = 1000
-
-[[service.server]]
-name = "s1"
-address = "{s1_6}"
-method = "direct"
-
-[[service.server]]
-name = "s2"
-address = "{s2_6}"
-method = "tunnel"
-
-[[service.server]]
-name = "s3"
-address = "{s3_6}"
-port = 8080
-method = "nat"
 "#,
         key = key.display(),
         gw = cluster::NAT_GATEWAY,
-        a1 = cluster::atm_addr(1),
-        a2 = cluster::atm_addr(2),
-        vip = cluster::VIP,
-        s1 = cluster::server_addr(1),
-        s2 = cluster::server_addr(2),
-        s3 = cluster::server_nat_addr(3),
         gw6 = cluster::NAT6_GATEWAY,
-        a1_6 = cluster::atm6(1),
-        a2_6 = cluster::atm6(2),
-        vip6 = cluster::VIP6,
-        s1_6 = cluster::server6(1),
-        s2_6 = cluster::server6(2),
-        s3_6 = cluster::nat6(13),
-    )
+    );
+    for i in 1..=2 {
+        c += &format!(
+            "\n[[atm]]\nname = \"atm{i}\"\naddress = \"{}\"\naddress6 = \"{}\"\n\
+             interface = \"eth0\"\n",
+            cluster::atm_addr(i),
+            cluster::atm6(i)
+        );
+    }
+    // The same three servers behind each VIP: s1 by direct routing, s2 by tunnel, s3 by NAT
+    // at its address in the NAT subnet of the family.
+    for (name, vip, servers) in [
+        (
+            "http",
+            cluster::VIP.to_string(),
+            [
+                cluster::server_addr(1),
+                cluster::server_addr(2),
+                cluster::server_nat_addr(3),
+            ],
+        ),
+        (
+            "http6",
+            cluster::VIP6.to_string(),
+            [cluster::server6(1), cluster::server6(2), cluster::nat6(13)],
+        ),
+    ] {
+        c += &format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nscheduler = \"wrr\"\n\
+             [service.check]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 1000\n"
+        );
+        for (i, (addr, method)) in servers.iter().zip(["direct", "tunnel", "nat"]).enumerate() {
+            let port = if method == "nat" { "port = 8080\n" } else { "" };
+            c += &format!(
+                "\n[[service.server]]\nname = \"s{}\"\naddress = \"{addr}\"\n{port}\
+                 method = \"{method}\"\n",
+                i + 1
+            );
+        }
+    }
+    c
 }
