@@ -2,18 +2,10 @@
 //! tunnel, NAT rewrite), and NAT replies translated back. The next hop is `hop`'s, the ICMP
 //! answer to a packet too big for its path `icmp`'s.
 
-use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibParams,
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    macros::map,
-    maps::LruPerCpuHashMap,
-    programs::XdpContext,
-    EbpfContext,
-};
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    csum, Addr, Connection, Method, Server, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
-    CONN_SERVER_CLOSED_FIRST, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
-    IPPROTO_TCP, IPPROTO_UDP,
+    csum, Addr, Connection, Method, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
+    CONN_SERVER_CLOSED_FIRST, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{conn::*, finish, hop::*, icmp::*, maps::*, net::*, parse::*, Outcome};
@@ -46,12 +38,12 @@ pub fn forward(
     nat: &Addr,
     nat_port: u16,
 ) -> Outcome {
-    let Some(server) = SERVERS.get(id) else {
-        return Outcome::Drop(Stat::DropNoServer);
-    };
     if ip.v6 {
         return forward6(ctx, settings, id, ip, nat, nat_port);
     }
+    let Some(server) = SERVERS.get(id) else {
+        return Outcome::Drop(Stat::DropNoServer);
+    };
     let nat_addr = nat.w[3];
     let (method, server_port) = (server.method, server.port);
     let Some(server_addr) = server.addr.as_v4_raw() else {

@@ -2,23 +2,15 @@
 //! daemon's resolution of a server as the fallback, and the path MTU.
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibParams,
-    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    macros::map,
-    maps::LruPerCpuHashMap,
-    programs::XdpContext,
-    EbpfContext,
+    bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup, macros::map,
+    maps::LruPerCpuHashMap, programs::XdpContext, EbpfContext,
 };
-use lb_common::{
-    csum, Addr, Connection, Method, Server, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
-    CONN_SERVER_CLOSED_FIRST, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
-    IPPROTO_TCP, IPPROTO_UDP,
-};
+use lb_common::{Addr, Server, Stat};
 
-use crate::{conn::*, finish, maps::*, net::*, parse::*, Outcome};
+use crate::{maps::*, net::*, Outcome};
 
 /// How long a cached FIB answer is used.
-pub const HOP_TTL_NS: u64 = 1_000_000_000;
+const HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// A cached FIB answer for one destination.
 #[repr(C)]
@@ -103,7 +95,7 @@ pub fn server_hop(
 
 /// The IPv6 path MTU toward `dst`, as [`path_mtu`].
 #[inline(always)]
-pub fn path_mtu6(ctx: &XdpContext, dst: &Addr, src: &Addr) -> u16 {
+fn path_mtu6(ctx: &XdpContext, dst: &Addr, src: &Addr) -> u16 {
     match fib6(ctx, dst, src, u16::MAX) {
         (FIB_FRAG_NEEDED, _, mtu) => mtu,
         _ => u16::MAX,
@@ -112,7 +104,7 @@ pub fn path_mtu6(ctx: &XdpContext, dst: &Addr, src: &Addr) -> u16 {
 
 /// The path MTU toward `dst`: the FIB refuses the largest length and names its MTU.
 #[inline(always)]
-pub fn path_mtu(ctx: &XdpContext, dst: u32, src: u32) -> u16 {
+fn path_mtu(ctx: &XdpContext, dst: u32, src: u32) -> u16 {
     match fib(ctx, dst, src, u16::MAX) {
         (FIB_FRAG_NEEDED, _, mtu) => mtu,
         _ => u16::MAX,
@@ -217,7 +209,7 @@ pub fn next_hop6(
 
 /// A cached next hop, if still fresh: the hop, or too big for its path MTU.
 #[inline(always)]
-pub fn cached_hop(c: *const HopCache, tot_len: u16, now: u64) -> Option<Result<Hop, NoHop>> {
+fn cached_hop(c: *const HopCache, tot_len: u16, now: u64) -> Option<Result<Hop, NoHop>> {
     // SAFETY: a map value of this CPU, read only.
     let c = unsafe { &*c };
     if now >= c.expires_ns {
@@ -234,7 +226,7 @@ pub fn cached_hop(c: *const HopCache, tot_len: u16, now: u64) -> Option<Result<H
 }
 
 #[inline(always)]
-pub fn hop_cache(hop: &Hop, mtu: u16, now: u64) -> HopCache {
+fn hop_cache(hop: &Hop, mtu: u16, now: u64) -> HopCache {
     HopCache {
         expires_ns: now + HOP_TTL_NS,
         ifindex: hop.ifindex,
@@ -247,7 +239,7 @@ pub fn hop_cache(hop: &Hop, mtu: u16, now: u64) -> HopCache {
 }
 
 #[inline(always)]
-pub fn fits(hop: Hop, mtu: u16, tot_len: u16) -> Result<Hop, NoHop> {
+fn fits(hop: Hop, mtu: u16, tot_len: u16) -> Result<Hop, NoHop> {
     if tot_len > mtu {
         return Err(NoHop::TooBig(mtu));
     }
@@ -258,7 +250,7 @@ pub fn fits(hop: Hop, mtu: u16, tot_len: u16) -> Result<Hop, NoHop> {
 /// too big. Its 64-byte query lives in the per-CPU scratch area, and it is a function of its
 /// own: inlined into every caller, its copies would not fit the 512-byte BPF stack.
 #[inline(never)]
-pub fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<Hop>, u16) {
+fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<Hop>, u16) {
     let Some(sc) = scratch() else {
         return (-1, None, 0);
     };
@@ -269,7 +261,7 @@ pub fn fib(ctx: &XdpContext, dst: u32, src: u32, tot_len: u16) -> (i64, Option<H
 
 /// What a FIB lookup's result code and answer in `p` come to.
 #[inline(always)]
-pub fn fib_answer(rc: i64, p: &FibParams) -> (i64, Option<Hop>, u16) {
+fn fib_answer(rc: i64, p: &FibParams) -> (i64, Option<Hop>, u16) {
     match rc {
         FIB_SUCCESS => (
             rc,
@@ -309,7 +301,7 @@ pub fn fib_query(ctx: &XdpContext, p: &mut FibParams, dst: u32, src: u32, tot_le
 
 /// [`fib`] for IPv6.
 #[inline(never)]
-pub fn fib6(ctx: &XdpContext, dst: &Addr, src: &Addr, tot_len: u16) -> (i64, Option<Hop>, u16) {
+fn fib6(ctx: &XdpContext, dst: &Addr, src: &Addr, tot_len: u16) -> (i64, Option<Hop>, u16) {
     let Some(sc) = scratch() else {
         return (-1, None, 0);
     };
@@ -349,7 +341,7 @@ pub fn fib_query6(
 }
 
 #[inline(always)]
-pub fn set_macs(ctx: &XdpContext, hop: &Hop) {
+fn set_macs(ctx: &XdpContext, hop: &Hop) {
     if let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) {
         // SAFETY: bounds checked by ptr_at_mut.
         unsafe {

@@ -12,7 +12,7 @@ use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{conn::*, finish, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
+use crate::{conn::*, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
 
 /// ICMP to a VIP: echo goes to the stack (the primary answers); an error about one of our
 /// connections (fragmentation needed, say) goes to that connection's server, found by the
@@ -244,7 +244,7 @@ pub fn too_big_or(ctx: &XdpContext, ip: &Ip, e: NoHop, overhead: u16) -> Outcome
 /// the packet has no extension headers and the MTU to announce is at least IPv6's minimum
 /// of 1,280.
 #[inline(always)]
-pub fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
+fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
     if ip.v6 {
         if ip.l4() != ETH_HLEN + IPV6_HLEN || mtu < overhead + IPV6_MIN_MTU {
             return Outcome::Drop(Stat::DropTooBig);
@@ -272,7 +272,7 @@ pub fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
 /// destination back to its source: a new IPv4 and ICMP header go in front of the original
 /// IPv4 header and first 8 bytes of its payload, the rest is cut, the MACs are swapped.
 #[inline(always)]
-pub fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
     const QUOTE: usize = IPV4_HLEN + 8;
     const GROW: usize = IPV4_HLEN + ICMP_HLEN;
     const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
@@ -340,14 +340,14 @@ pub fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
 }
 
 /// The least MTU of an IPv6 link (RFC 8200 section 5).
-pub const IPV6_MIN_MTU: u16 = 1280;
+const IPV6_MIN_MTU: u16 = 1280;
 
 /// Turns the packet (IPv6 without extension headers) into an ICMPv6 packet-too-big from
 /// its destination back to its source (RFC 4443 section 3.2): a new IPv6 and ICMPv6 header
 /// go in front of the original IPv6 header and the first 8 bytes of its payload (the
 /// ports, all the sender needs to find its socket), the rest is cut, the MACs swapped.
 #[inline(always)]
-pub fn packet_too_big(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
+fn packet_too_big(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
     // The first steps are `frag_needed`'s, written out again: shared as a function, inlined
     // or not, they cost `established_xdp` 32 bytes of stack, more than the chain has left.
     const QUOTE: usize = IPV6_HLEN + 8;

@@ -43,7 +43,7 @@ use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, SETTINGS_ACTIVE,
 };
 
-use crate::{conn::*, decap::*, fwd::*, hop::*, icmp::*, maps::*, net::*, parse::*};
+use crate::{conn::*, decap::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
 
 /// What happens to a packet; each maps to one XDP action and one outcome counter.
 enum Outcome {
