@@ -375,55 +375,14 @@ pub fn paths(packets: usize, rounds: usize) -> Result<()> {
                 .collect();
             push(name, time_frames(&bed, &frames, lb_run(&dp))?);
         }
-        // Established, per method: connections made untimed, then one ACK per flow.
         for (name, port) in [
             ("established: direct", 80u16),
             ("established: tunnel", 84),
             ("established: nat", 85),
         ] {
-            if port != 80 {
-                let syns: Vec<Vec<u8>> =
-                    sports().map(|p| client(host, p, VIP, port, SYN)).collect();
-                warm(&bed, &dp, &syns)?;
-            }
-            let frames: Vec<(Vec<u8>, u32)> = sports()
-                .map(|p| (client(host, p, VIP, port, ACK), eth0))
-                .collect();
-            push(name, time_frames(&bed, &frames, lb_run(&dp))?);
+            push(name, time_established(&bed, &dp, host, n, false, port)?);
         }
-        // NAT replies, to the ports the forward leg chose.
-        let mut replies = Vec::with_capacity(n);
-        for p in sports() {
-            let key = FlowKey {
-                src: Addr::from_v4_octets([198, 51, 100, host]),
-                dst: Addr::from_v4_octets(VIP),
-                sport: p.to_be(),
-                dport: 85u16.to_be(),
-                proto: IPPROTO_TCP,
-                _pad: [0; 3],
-            };
-            let Some(c): Option<Connection> = dp.connection(&key) else {
-                continue;
-            };
-            let srv = dp.server(c.server)?;
-            let (sa, sp) = (
-                srv.addr.as_v4_raw().unwrap().to_ne_bytes(),
-                u16::from_be(srv.port),
-            );
-            replies.push((
-                tcp(
-                    server_mac(0x800),
-                    LB_NAT_MAC,
-                    sa,
-                    sp,
-                    NAT,
-                    u16::from_be(c.nat_port),
-                    ACK,
-                    b"",
-                ),
-                bed.eth1,
-            ));
-        }
+        let replies = nat_replies(&bed, &dp, host, n, false)?;
         push(
             "nat reply (server -> client)",
             time_frames(&bed, &replies, lb_run(&dp))?,
@@ -475,22 +434,71 @@ fn paths6(
         ("IPv6: established: tunnel", 84),
         ("IPv6: established: nat", 85),
     ] {
-        if port != 80 {
-            let syns: Vec<Vec<u8>> = sports()
-                .map(|p| client6(host, p, VIP6, port, SYN))
-                .collect();
-            warm(bed, dp, &syns)?;
-        }
-        let frames: Vec<(Vec<u8>, u32)> = sports()
-            .map(|p| (client6(host, p, VIP6, port, ACK), eth0))
-            .collect();
-        push(name, time_frames(bed, &frames, lb_run(dp))?);
+        push(name, time_established(bed, dp, host, n, true, port)?);
     }
+    let replies = nat_replies(bed, dp, host, n, true)?;
+    push(
+        "IPv6: nat reply (server -> client)",
+        time_frames(bed, &replies, lb_run(dp))?,
+    );
+    Ok(())
+}
+
+/// A client's frame to the VIP of its family (`v6`).
+fn to_vip(v6: bool, host: u8, sport: u16, dport: u16, flags: Flags) -> Vec<u8> {
+    if v6 {
+        client6(host, sport, VIP6, dport, flags)
+    } else {
+        client(host, sport, VIP, dport, flags)
+    }
+}
+
+/// An established connection's packet to `port` of the VIP of a family, one per flow: the
+/// connections are made untimed first (on port 80 the round's timed SYNs made them).
+fn time_established(
+    bed: &Bed,
+    dp: &Dataplane,
+    host: u8,
+    n: usize,
+    v6: bool,
+    port: u16,
+) -> Result<f64> {
+    let sports = || (0..n).map(|i| (1024 + i) as u16);
+    if port != 80 {
+        let syns: Vec<Vec<u8>> = sports().map(|p| to_vip(v6, host, p, port, SYN)).collect();
+        warm(bed, dp, &syns)?;
+    }
+    let frames: Vec<(Vec<u8>, u32)> = sports()
+        .map(|p| (to_vip(v6, host, p, port, ACK), bed.eth0))
+        .collect();
+    time_frames(bed, &frames, lb_run(dp))
+}
+
+/// The NAT servers' replies, on `eth1`, to the ports the forward legs of the NAT service
+/// (port 85) of a family chose.
+fn nat_replies(
+    bed: &Bed,
+    dp: &Dataplane,
+    host: u8,
+    n: usize,
+    v6: bool,
+) -> Result<Vec<(Vec<u8>, u32)>> {
     let mut replies = Vec::with_capacity(n);
-    for p in sports() {
+    for p in (0..n).map(|i| (1024 + i) as u16) {
+        let (src, dst) = if v6 {
+            (
+                Addr::from(Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, host as u16)),
+                Addr::from(VIP6),
+            )
+        } else {
+            (
+                Addr::from_v4_octets([198, 51, 100, host]),
+                Addr::from_v4_octets(VIP),
+            )
+        };
         let key = FlowKey {
-            src: Addr::from(Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, host as u16)),
-            dst: Addr::from(VIP6),
+            src,
+            dst,
             sport: p.to_be(),
             dport: 85u16.to_be(),
             proto: IPPROTO_TCP,
@@ -500,25 +508,35 @@ fn paths6(
             continue;
         };
         let srv = dp.server(c.server)?;
-        replies.push((
+        let (sport, dport) = (u16::from_be(srv.port), u16::from_be(c.nat_port));
+        let frame = if v6 {
+            let sa = srv.addr.octets();
             tcp6(
                 server_mac(0x900),
                 LB_NAT_MAC,
-                srv.addr.octets(),
-                u16::from_be(srv.port),
+                sa,
+                sport,
                 NAT6.octets(),
-                u16::from_be(c.nat_port),
+                dport,
                 ACK,
                 b"",
-            ),
-            bed.eth1,
-        ));
+            )
+        } else {
+            let sa = srv.addr.as_v4_raw().unwrap().to_ne_bytes();
+            tcp(
+                server_mac(0x800),
+                LB_NAT_MAC,
+                sa,
+                sport,
+                NAT,
+                dport,
+                ACK,
+                b"",
+            )
+        };
+        replies.push((frame, bed.eth1));
     }
-    push(
-        "IPv6: nat reply (server -> client)",
-        time_frames(bed, &replies, lb_run(dp))?,
-    );
-    Ok(())
+    Ok(replies)
 }
 
 pub fn growth(packets: usize, rounds: usize) -> Result<()> {
