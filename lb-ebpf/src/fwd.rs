@@ -5,7 +5,7 @@
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     csum, Addr, Connection, Method, Settings, Stat, CONN_FIN, CONN_PEER_FIN,
-    CONN_SERVER_CLOSED_FIRST, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP,
+    CONN_SERVER_CLOSED_FIRST, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP,
 };
 
 use crate::{conn::*, finish, hop::*, icmp::*, maps::*, net::*, parse::*, Outcome};
@@ -213,12 +213,7 @@ pub fn rewrite(
         p[1] = dport;
         old
     };
-    let at = if ip.proto == IPPROTO_TCP {
-        ip.l4() + 16
-    } else {
-        ip.l4() + 6
-    };
-    let check = ptr_at_mut::<u16>(ctx, at)?;
+    let check = ptr_at_mut::<u16>(ctx, ip.l4_check_at())?;
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
         let c = *check;
@@ -251,12 +246,7 @@ pub fn rewrite6(
 ) -> Option<()> {
     let h = ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
     let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4())?;
-    let at = if ip.proto == IPPROTO_TCP {
-        ip.l4() + 16
-    } else {
-        ip.l4() + 6
-    };
-    let check = ptr_at_mut::<u16>(ctx, at)?;
+    let check = ptr_at_mut::<u16>(ctx, ip.l4_check_at())?;
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
         let h = &mut *h;

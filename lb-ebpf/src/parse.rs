@@ -48,6 +48,16 @@ impl Ip {
     pub fn l4(&self) -> usize {
         (self.l4_at & 0xff) as usize
     }
+
+    /// Offset of the TCP or UDP checksum.
+    #[inline(always)]
+    pub fn l4_check_at(&self) -> usize {
+        if self.proto == IPPROTO_TCP {
+            self.l4() + 16
+        } else {
+            self.l4() + 6
+        }
+    }
 }
 
 /// The headers of the packet being handled, in a per-CPU map rather than on lb_xdp's stack:
