@@ -28,39 +28,20 @@ const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;
 
 impl Daemon {
     pub(super) fn settings(&self, active: bool) -> Settings {
-        // Each family's own address (the tunnels' outer source) and NAT gateway.
-        let (local, local6, nat, nat6) = match &self.role {
+        // Each family's own address (the tunnels' outer source), and on an ATM the NAT
+        // subnets.
+        let (v4, v6, nat) = match &self.role {
             Role::Atm(i) => {
                 let atm = &self.config.atms[*i];
-                let nat = self.config.nat;
-                (
-                    atm.v4().map(Addr::from).unwrap_or_default(),
-                    atm.v6().map(Addr::from).unwrap_or_default(),
-                    nat.and_then(|n| n.v4)
-                        .map(|n| n.gateway.into())
-                        .unwrap_or_default(),
-                    nat.and_then(|n| n.v6)
-                        .map(|n| n.gateway.into())
-                        .unwrap_or_default(),
-                )
+                (atm.v4(), atm.v6(), self.config.nat)
             }
-            Role::Node(IpAddr::V4(a)) => (
-                (*a).into(),
-                Addr::default(),
-                Addr::default(),
-                Addr::default(),
-            ),
-            Role::Node(a @ IpAddr::V6(_)) => (
-                Addr::default(),
-                (*a).into(),
-                Addr::default(),
-                Addr::default(),
-            ),
+            Role::Node(IpAddr::V4(a)) => (Some(*a), None, None),
+            Role::Node(IpAddr::V6(a)) => (None, Some(*a), None),
         };
         let peer = self.part.atm().and_then(|a| a.peer);
         let mut nat_pool = [0u32; lb_common::NAT_POOL_MAX];
         let mut nat_pool_len = 0;
-        if let (Role::Atm(_), Some(n)) = (&self.role, self.config.nat.and_then(|n| n.v4)) {
+        if let Some(n) = nat.and_then(|n| n.v4) {
             for (slot, a) in nat_pool.iter_mut().zip(n.addresses()) {
                 *slot = u32::from_ne_bytes(a.octets());
                 nat_pool_len += 1;
@@ -79,8 +60,11 @@ impl Daemon {
             } else {
                 0
             },
-            local_addr: local,
-            nat_addr: nat,
+            local_addr: v4.map(Addr::from).unwrap_or_default(),
+            nat_addr: nat
+                .and_then(|n| n.v4)
+                .map(|n| n.gateway.into())
+                .unwrap_or_default(),
             nat_port_min: NAT_PORTS.0,
             nat_port_max: NAT_PORTS.1,
             _pad: 0,
@@ -117,8 +101,11 @@ impl Daemon {
                 _ => 0,
             },
             peer_until_ns: peer.map_or(0, |(_, until)| until),
-            local_addr6: local6,
-            nat_addr6: nat6,
+            local_addr6: v6.map(Addr::from).unwrap_or_default(),
+            nat_addr6: nat
+                .and_then(|n| n.v6)
+                .map(|n| n.gateway.into())
+                .unwrap_or_default(),
         }
     }
 
