@@ -459,9 +459,12 @@ fn an_ipv6_cluster_keeps_long_transfers_in_every_method_across_a_sigkill_and_dri
         .as_mut()
         .unwrap()
         .wait_log(&format!("ATM atm2 ({}) is primary", atm6(2)), START);
+    // Start-up joins the election before it mounts the tables (and first detaches the
+    // killed daemon's dead mount), so it may name the primary before they are readable.
     c.lab
         .wait_for("atm1 sees every server up", Duration::from_secs(10), || {
-            c.atm(1).cat("servers").matches(" up ").count() == 9
+            std::fs::read_to_string(c.atm(1).mount.join("servers"))
+                .is_ok_and(|t| t.matches(" up ").count() == 9)
         });
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = PORTS
