@@ -89,7 +89,7 @@ pub fn to_service(
     ip: &Ip,
     l4: &L4,
 ) -> Outcome {
-    let bytes = frame_len(ctx) as u64;
+    let bytes = ip.frame_len as u64;
     let Some(key) = packet_key(ip, l4) else {
         return Outcome::Drop(Stat::DropError);
     };
@@ -294,8 +294,8 @@ pub fn established(
     {
         return None;
     }
-    count_vip(ctx);
-    let bytes = frame_len(ctx) as u64;
+    let bytes = ip.frame_len as u64;
+    count_vip(ip.frame_len);
     c.last_seen_ns = now;
     c.packets += 1;
     c.bytes += bytes;

@@ -131,7 +131,7 @@ fn icmp_error(
     next: &mut Next,
     to_server: fn(&XdpContext, &Ip, &mut Next) -> u32,
 ) -> Outcome {
-    count_vip(ctx);
+    count_vip(ip.frame_len);
     let action = to_server(ctx, ip, next);
     if action != FORWARD {
         return Outcome::Action(action);
@@ -234,7 +234,8 @@ fn balance(ctx: &XdpContext) -> Outcome {
 
     // From here the packet is ours: it must be well formed.
     let tot_len = u16::from_be(iph.tot_len);
-    if (tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > frame_len(ctx) {
+    let flen = frame_len(ctx);
+    if (tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > flen {
         return Outcome::Drop(Stat::DropMalformed);
     }
     if !ipv4_header_ok(ctx, ihl) {
@@ -258,6 +259,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         df: iph.frag_off & IP_DF_BE != 0,
         l4_at: (ETH_HLEN + ihl) as u16,
         tot_len,
+        frame_len: flen as u32,
         now,
     };
     let ip: &Ip = ip;
@@ -352,9 +354,11 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     }
     // From here the packet is ours: it must be well formed. The walk kept the extension
     // headers within the payload length; the payload length must lie within the frame.
-    if ETH_HLEN + tot_len > frame_len(ctx) {
+    let flen = frame_len(ctx);
+    if ETH_HLEN + tot_len > flen {
         return Outcome::Drop(Stat::DropMalformed);
     }
+    ip.frame_len = flen as u32;
     ip.l4_at = l4_at as u16;
     ip.tot_len = tot_len as u16;
     ip.now = now;
@@ -403,7 +407,7 @@ fn vip_or_pass(ctx: &XdpContext, settings: &Settings, ip: &Ip, reason: Stat) -> 
     if lease_over(settings, unsafe { bpf_ktime_get_coarse_ns() }) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
-    count_vip(ctx);
+    count_vip(frame_len(ctx) as u32);
     Outcome::Drop(reason)
 }
 
@@ -434,7 +438,7 @@ fn steer(
                 // A reply leg's key names the NAT address; this is not (any more) ours.
                 return Outcome::Pass;
             }
-            count_vip(ctx);
+            count_vip(ip.frame_len);
             return Outcome::Action(nat_reply_xdp(ctx, c, ip, l4.flags));
         }
         let action = established_xdp(ctx, c, ip, l4);
@@ -459,7 +463,7 @@ fn steer(
         }
         return Outcome::Pass;
     };
-    count_vip(ctx);
+    count_vip(ip.frame_len);
     // SAFETY: a map value, read only.
     let svc = unsafe { svc.as_ref() };
     let action = to_service_xdp(ctx, svc, ip, l4);

@@ -6,7 +6,6 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_F_MMAPABLE},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::XdpContext,
 };
 use core::ptr::NonNull;
 use lb_common::{
@@ -197,11 +196,11 @@ pub fn count(s: Stat, n: u64) {
     }
 }
 
-/// Counts a packet (and its bytes) for a VIP or the NAT address.
+/// Counts a packet of `bytes` for a VIP or the NAT address.
 #[inline(always)]
-pub fn count_vip(ctx: &XdpContext) {
+pub fn count_vip(bytes: u32) {
     count(Stat::VipPackets, 1);
-    count(Stat::VipBytes, frame_len(ctx) as u64);
+    count(Stat::VipBytes, bytes as u64);
 }
 
 #[inline(always)]
