@@ -32,6 +32,16 @@ const fn fmix(mut h: u32) -> u32 {
 /// Hash of an address (the `sh` scheduler and persistence fallback).
 #[inline(always)]
 pub const fn addr(a: &Addr) -> u32 {
+    // An IPv4 address's first three words are constants (IPv4-mapped): given as such, the
+    // compiler folds their rounds away. The same value either way.
+    match a.as_v4_raw() {
+        Some(v4) => addr_words(&Addr::v4_raw(v4)),
+        None => addr_words(a),
+    }
+}
+
+#[inline(always)]
+const fn addr_words(a: &Addr) -> u32 {
     let mut h = SEED;
     h = mix(h, a.w[0]);
     h = mix(h, a.w[1]);
@@ -43,15 +53,25 @@ pub const fn addr(a: &Addr) -> u32 {
 /// Hash of a 5-tuple (the `maglev` scheduler). Every ATM computes the same value.
 #[inline(always)]
 pub const fn flow(k: &FlowKey) -> u32 {
+    // As in `addr`: an IPv4 key's constant words folded (about 40 BPF instructions less on
+    // every new connection), the same value.
+    match (k.src.as_v4_raw(), k.dst.as_v4_raw()) {
+        (Some(s), Some(d)) => flow_words(&Addr::v4_raw(s), &Addr::v4_raw(d), k),
+        _ => flow_words(&k.src, &k.dst, k),
+    }
+}
+
+#[inline(always)]
+const fn flow_words(src: &Addr, dst: &Addr, k: &FlowKey) -> u32 {
     let mut h = SEED;
-    h = mix(h, k.src.w[0]);
-    h = mix(h, k.src.w[1]);
-    h = mix(h, k.src.w[2]);
-    h = mix(h, k.src.w[3]);
-    h = mix(h, k.dst.w[0]);
-    h = mix(h, k.dst.w[1]);
-    h = mix(h, k.dst.w[2]);
-    h = mix(h, k.dst.w[3]);
+    h = mix(h, src.w[0]);
+    h = mix(h, src.w[1]);
+    h = mix(h, src.w[2]);
+    h = mix(h, src.w[3]);
+    h = mix(h, dst.w[0]);
+    h = mix(h, dst.w[1]);
+    h = mix(h, dst.w[2]);
+    h = mix(h, dst.w[3]);
     h = mix(h, ((k.sport as u32) << 16) | k.dport as u32);
     h = mix(h, k.proto as u32);
     fmix(h ^ 37)
@@ -87,5 +107,37 @@ mod tests {
         let mut b = a;
         b.w[0] = 1;
         assert_ne!(addr(&a), addr(&b));
+    }
+
+    const PINNED_FLOW: u32 = 0x5eb6_b4c4;
+    const PINNED_ADDR: u32 = 0x6c0a_4dbe;
+
+    #[test]
+    fn ipv4_keys_hash_as_every_word_says() {
+        // The folded IPv4 branch must give what the plain rounds give: ATMs of different
+        // versions choose the same server for a flow.
+        for i in 0..1000u32 {
+            let k = FlowKey {
+                src: Ipv4Addr::from(0xc633_6400 | (i & 0xff)).into(),
+                dst: Ipv4Addr::new(203, 0, 113, (i % 7) as u8).into(),
+                sport: (i as u16).wrapping_mul(7919).to_be(),
+                dport: 443u16.to_be(),
+                proto: if i % 2 == 0 { 6 } else { 17 },
+                ..Default::default()
+            };
+            assert_eq!(flow(&k), flow_words(&k.src, &k.dst, &k));
+            assert_eq!(addr(&k.src), addr_words(&k.src));
+        }
+        // And the function itself stays what it was (these values came from the rounds
+        // above before the IPv4 branch existed).
+        let k = FlowKey {
+            src: Ipv4Addr::new(198, 51, 100, 7).into(),
+            dst: Ipv4Addr::new(203, 0, 113, 10).into(),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
+        assert_eq!((flow(&k), addr(&k.src)), (PINNED_FLOW, PINNED_ADDR));
     }
 }
