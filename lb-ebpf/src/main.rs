@@ -292,6 +292,12 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     {
         return Outcome::Pass;
     }
+    // An IPv4-mapped destination is no IPv6 VIP's (the config refuses them), and it would
+    // find IPv4's connections and services, which are keyed by exactly those addresses: a
+    // forged IPv6 RST could close an IPv4 connection. Not ours.
+    if h.daddr[0] == 0 && h.daddr[1] == 0 && h.daddr[2] == lb_common::V4_MAPPED {
+        return Outcome::Pass;
+    }
     let Some(parsed) = PARSED.get_ptr_mut(0) else {
         return Outcome::Drop(Stat::DropError);
     };

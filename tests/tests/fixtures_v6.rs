@@ -583,6 +583,92 @@ fn neighbour_discovery_echo_and_other_traffic_pass_untouched() {
     assert_eq!(after.dropped(), before.dropped());
 }
 
+/// IPv4's connections are keyed by IPv4-mapped addresses. An IPv6 frame forged with the
+/// mapped forms of an IPv4 connection's addresses and ports must not reach it: before this
+/// was checked, such a RST was counted as the connection's and marked it closed.
+#[test]
+fn ipv6_frames_to_ipv4_mapped_addresses_never_touch_ipv4_connections() {
+    pin_to_cpu0();
+    let b = Bench::new();
+    let client4 = [198, 51, 100, 9];
+    let syn4 = tcp(ROUTER_MAC, LB_MAC, client4, 40009, VIP4, 80, SYN, b"");
+    b.run(&[
+        Fixture::new("an IPv4 connection opens", syn4.clone(), XDP_TX).output(with_macs(
+            &syn4,
+            LB_MAC,
+            [0x02, 0, 0, 0, 0, 11],
+        )),
+    ]);
+    let key4 = FlowKey {
+        src: Addr::from_v4_octets(client4),
+        dst: Addr::from_v4_octets(VIP4),
+        sport: 40009u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let entry = |b: &Bench| {
+        b.dp.connections()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| *k == key4)
+            .expect("the IPv4 connection")
+            .1
+    };
+    let opened = entry(&b);
+    let mapped = |a: [u8; 4]| {
+        let mut m = [0u8; 16];
+        m[10] = 0xff;
+        m[11] = 0xff;
+        m[12..].copy_from_slice(&a);
+        m
+    };
+    let rst = Flags { rst: true, ..ACK };
+    let forged = tcp6(
+        ROUTER_MAC,
+        LB_MAC,
+        mapped(client4),
+        40009,
+        mapped(VIP4),
+        80,
+        rst,
+        b"",
+    );
+    let forged_syn = tcp6(
+        ROUTER_MAC,
+        LB_MAC,
+        mapped(client4),
+        40010,
+        mapped(VIP4),
+        80,
+        SYN,
+        b"",
+    );
+    let before = b.stats();
+    b.run(&[
+        Fixture::new(
+            "an IPv6 RST to the mapped VIP, as the IPv4 connection's, is not ours",
+            forged,
+            XDP_PASS,
+        ),
+        Fixture::new(
+            "an IPv6 SYN to the mapped VIP opens nothing",
+            forged_syn,
+            XDP_PASS,
+        ),
+    ]);
+    let after = b.stats();
+    let still = entry(&b);
+    assert_eq!(still.flags, opened.flags, "the connection's flags changed");
+    assert_eq!(
+        still.packets, opened.packets,
+        "the packet was counted as the connection's"
+    );
+    assert_eq!(counted(&before, &after, Stat::NewConns), 0);
+    assert_eq!(counted(&before, &after, Stat::VipPackets), 0);
+    assert_eq!(counted(&before, &after, Stat::Passed), 2);
+}
+
 #[test]
 fn a_backup_passes_ipv6_and_an_orphan_drops_it() {
     let mut b = Bench::new();
