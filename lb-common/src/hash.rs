@@ -35,7 +35,7 @@ pub const fn addr(a: &Addr) -> u32 {
     // An IPv4 address's first three words are constants (IPv4-mapped): given as such, the
     // compiler folds their rounds away. The same value either way.
     match a.as_v4_raw() {
-        Some(v4) => addr_words(&Addr::v4_raw(v4)),
+        Some(_) => addr_v4(a),
         None => addr_words(a),
     }
 }
@@ -53,12 +53,25 @@ const fn addr_words(a: &Addr) -> u32 {
 /// Hash of a 5-tuple (the `maglev` scheduler). Every ATM computes the same value.
 #[inline(always)]
 pub const fn flow(k: &FlowKey) -> u32 {
-    // As in `addr`: an IPv4 key's constant words folded (about 40 BPF instructions less on
-    // every new connection), the same value.
     match (k.src.as_v4_raw(), k.dst.as_v4_raw()) {
-        (Some(s), Some(d)) => flow_words(&Addr::v4_raw(s), &Addr::v4_raw(d), k),
+        (Some(_), Some(_)) => flow_v4(k),
         _ => flow_words(&k.src, &k.dst, k),
     }
+}
+
+/// [`flow`] of a key its caller knows to be IPv4 (both addresses IPv4-mapped, as the
+/// dataplane makes every IPv4 packet's): the same value, with the mapping's constant words
+/// given as constants so that the rounds over them fold away (about 50 BPF instructions
+/// less on every new connection).
+#[inline(always)]
+pub const fn flow_v4(k: &FlowKey) -> u32 {
+    flow_words(&Addr::v4_raw(k.src.w[3]), &Addr::v4_raw(k.dst.w[3]), k)
+}
+
+/// [`addr`] of an IPv4-mapped address, folded as [`flow_v4`].
+#[inline(always)]
+pub const fn addr_v4(a: &Addr) -> u32 {
+    addr_words(&Addr::v4_raw(a.w[3]))
 }
 
 #[inline(always)]
@@ -126,7 +139,9 @@ mod tests {
                 ..Default::default()
             };
             assert_eq!(flow(&k), flow_words(&k.src, &k.dst, &k));
+            assert_eq!(flow_v4(&k), flow_words(&k.src, &k.dst, &k));
             assert_eq!(addr(&k.src), addr_words(&k.src));
+            assert_eq!(addr_v4(&k.src), addr_words(&k.src));
         }
         // And the function itself stays what it was (these values came from the rounds
         // above before the IPv4 branch existed).

@@ -60,7 +60,9 @@ pub fn is_nat_addr6(settings: &Settings, daddr: &Addr) -> bool {
 /// Whether `daddr` is one of the NAT source addresses (the gateway or the pool).
 #[inline(always)]
 pub fn is_nat_addr(settings: &Settings, daddr: u32) -> bool {
-    if settings.nat_addr.as_v4_raw() == Some(daddr) {
+    // `nat_addr` is IPv4-mapped or unset (NAT66's is `nat_addr6`): its last word and the
+    // mapping's are enough, two compares where `as_v4_raw` makes four.
+    if settings.nat_addr.w[3] == daddr && settings.nat_addr.w[2] == lb_common::V4_MAPPED {
         return true;
     }
     let n = settings.nat_pool_len as usize;
@@ -90,7 +92,7 @@ pub fn to_service(
     l4: &L4,
 ) -> Outcome {
     let bytes = ip.frame_len as u64;
-    let Some(key) = packet_key(ip, l4) else {
+    let Some(key) = packet_key() else {
         return Outcome::Drop(Stat::DropError);
     };
     let key: &FlowKey = key;
@@ -98,7 +100,7 @@ pub fn to_service(
     let fin_rst = tcp_end_flags(l4.flags);
     let mut nat_addr = 0u32;
     let mut nat_port = 0u16;
-    let Some(id) = pick_server(svc, &key, now) else {
+    let Some(id) = pick_server(svc, &key, ip.v6, now) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
     let Some(server) = SERVERS.get(id) else {
@@ -139,8 +141,7 @@ pub fn to_service(
     // Volatile zeroing and a non-overlapping copy: plain stores would be merged into
     // calls to BPF's byte-looping memset and memmove on every new connection.
     zero_words(&mut conn.nat_addr);
-    zero_bytes(&mut conn.peer_mac);
-    zero_bytes(&mut conn.local_mac);
+    zero_macs(conn);
     zero_words(&mut conn.ifindex);
     if server.method == Method::Nat as u8 {
         conn.flags |= CONN_NAT;
@@ -174,7 +175,10 @@ pub fn to_service(
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
     let next = unsafe { &mut (*parsed).next };
     next.server = id;
-    copy_addr(&mut next.nat_addr, &conn.nat_addr.w);
+    // Only NAT's forward reads the source it translates to.
+    if conn.flags & CONN_NAT != 0 {
+        copy_addr(&mut next.nat_addr, &conn.nat_addr.w);
+    }
     next.nat_port = nat_port;
     Outcome::Action(FORWARD)
 }
@@ -302,7 +306,7 @@ pub fn established(
     let fin_rst = tcp_end_flags(l4.flags);
     if fin_rst != 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
         c.flags |= fin_rst;
-        let key = packet_key(ip, l4)?;
+        let key = packet_key()?;
         report(settings, EVENT_CLOSE, key, c, [0; 6]);
     }
     if fin_rst != 0 && c.flags & CONN_NAT != 0 {
@@ -641,4 +645,22 @@ fn log_new(ctx: &XdpContext, ip: &Ip, l4: &L4, server: &Server) {
         u16::from_be(server.port),
         method
     );
+}
+
+/// Zeroes a new connection's two MACs (12 bytes from a 4-aligned offset) as three words:
+/// volatile, as `zero_words`, and not byte by byte.
+#[inline(always)]
+fn zero_macs(conn: &mut Connection) {
+    const {
+        let at = core::mem::offset_of!(Connection, peer_mac);
+        assert!(at % 4 == 0 && core::mem::offset_of!(Connection, local_mac) == at + 6);
+    }
+    let w = conn.peer_mac.as_mut_ptr() as *mut u32;
+    // SAFETY: the two MACs are 12 contiguous bytes of `conn` at a 4-aligned offset of a
+    // 8-aligned struct (asserted above).
+    unsafe {
+        w.write_volatile(0);
+        w.add(1).write_volatile(0);
+        w.add(2).write_volatile(0);
+    }
 }

@@ -46,9 +46,9 @@ pub fn forward(
     };
     let nat_addr = nat.w[3];
     let (method, server_port) = (server.method, server.port);
-    let Some(server_addr) = server.addr.as_v4_raw() else {
-        return Outcome::Drop(Stat::DropNoRoute);
-    };
+    // Only tunnel and NAT write the server's address into the packet (direct does not
+    // read it: the checks cost nine instructions a packet).
+    let server_v4 = || server.addr.as_v4_raw();
     match Method::from_u8(method) {
         Some(Method::Direct) => {
             match server_hop(ctx, id, Src::V4(ip.saddr.w[3]), ip.tot_len, ip.now) {
@@ -68,12 +68,18 @@ pub fn forward(
                 Ok(h) => h,
                 Err(e) => return too_big_or(ctx, ip, e, IPV4_HLEN as u16),
             };
+            let Some(server_addr) = server_v4() else {
+                return Outcome::Drop(Stat::DropNoRoute);
+            };
             if encapsulate(ctx, local, server_addr, ip.tot_len).is_none() {
                 return Outcome::Drop(Stat::DropError);
             }
             send(ctx, &hop)
         }
         Some(Method::Nat) => {
+            let Some(server_addr) = server_v4() else {
+                return Outcome::Drop(Stat::DropNoRoute);
+            };
             // Route first: a packet too big for the path is answered as the client sent it.
             let hop = match server_hop(ctx, id, Src::V4(nat_addr), ip.tot_len, ip.now) {
                 Ok(h) => h,

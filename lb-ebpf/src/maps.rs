@@ -173,10 +173,13 @@ pub fn key_rest(k: &mut FlowKey, sport: u16, dport: u16, proto: u8) -> &mut Flow
     k
 }
 
-/// The packet's own flow key, as on the wire (slot 0).
+/// The packet's own flow key, as on the wire: slot 0, as lb_xdp left it when it looked the
+/// packet's connection up (`balance`, `balance6`). Every TCP or UDP packet that reaches a
+/// connection or a service was looked up by it, and nothing on that path writes slot 0
+/// again (the ICMP paths, which do, never get there): not built twice per packet.
 #[inline(always)]
-pub fn packet_key(ip: &Ip, l4: &L4) -> Option<&'static mut FlowKey> {
-    flow_key(ip, l4.sport, l4.dport, ip.proto)
+pub fn packet_key() -> Option<&'static mut FlowKey> {
+    key_slot::<0>()
 }
 
 /// The flow key of a packet from `ip`'s addresses (slot 0), copied word by word.

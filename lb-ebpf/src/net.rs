@@ -201,12 +201,3 @@ pub fn copy_words(dst: &mut [u32; 4], src: *const [u32; 4]) {
         *d = unsafe { core::ptr::read_volatile(src.add(i)) };
     }
 }
-
-/// Zeroes a byte array with volatile stores, for the same reason as [`zero_words`].
-#[inline(always)]
-pub fn zero_bytes<const N: usize>(p: &mut [u8; N]) {
-    for b in p.iter_mut() {
-        // SAFETY: a valid, exclusive reference.
-        unsafe { core::ptr::write_volatile(b, 0) };
-    }
-}

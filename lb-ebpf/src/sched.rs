@@ -6,11 +6,12 @@ use lb_common::{hash, FlowKey, Persist, PersistKey, Sched, Service, RING_SIZE};
 use crate::{conn::*, maps::*};
 
 /// The server for a new connection: the client's persistence entry if the service is sticky
-/// and it is still valid, else the scheduler's choice.
+/// and it is still valid, else the scheduler's choice. `v6`: the key's family (an IPv4
+/// key's addresses are IPv4-mapped, which the hashes fold).
 #[inline(always)]
-pub fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
+pub fn pick_server(svc: &Service, key: &FlowKey, v6: bool, now: u64) -> Option<u32> {
     if svc.persistence_s == 0 {
-        return schedule(svc, key);
+        return schedule(svc, key, v6);
     }
     let pkey = PersistKey {
         client: key.src,
@@ -25,7 +26,7 @@ pub fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
             return Some(p.server);
         }
     }
-    let id = schedule(svc, key)?;
+    let id = schedule(svc, key, v6)?;
     let entry = Persist {
         last_seen_ns: now,
         server: id,
@@ -38,14 +39,16 @@ pub fn pick_server(svc: &Service, key: &FlowKey, now: u64) -> Option<u32> {
 
 /// Indexes the service's scheduler row.
 #[inline(always)]
-fn schedule(svc: &Service, key: &FlowKey) -> Option<u32> {
+fn schedule(svc: &Service, key: &FlowKey, v6: bool) -> Option<u32> {
     let len = svc.table_len;
     if len == 0 || len > RING_SIZE {
         return None;
     }
     let slot = match Sched::from_u8(svc.sched) {
-        Some(Sched::Maglev) => hash::flow(key) % len,
-        Some(Sched::Sh) => hash::addr(&key.src) % len,
+        Some(Sched::Maglev) if v6 => hash::flow(key) % len,
+        Some(Sched::Maglev) => hash::flow_v4(key) % len,
+        Some(Sched::Sh) if v6 => hash::addr(&key.src) % len,
+        Some(Sched::Sh) => hash::addr_v4(&key.src) % len,
         Some(Sched::Rr) | Some(Sched::Wrr) => {
             let cursor = RR_CURSOR.get_ptr_mut(svc.id)?;
             // SAFETY: a per-CPU slot.
