@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::{setup, util};
 
 /// How long the whole run is, through the measurements' sizes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Size {
     /// Rounds per measurement (the median is reported).
     pub rounds: usize,
@@ -23,6 +23,8 @@ pub struct Size {
     pub http_seconds: u32,
     /// Failover drills per balancer.
     pub drills: usize,
+    /// Another commit whose per-path costs are measured beside this tree's, alternately.
+    pub against: Option<String>,
 }
 
 /// One result line of `lb-bench` or criterion.
@@ -45,6 +47,10 @@ pub fn run(size: Size) -> Result<()> {
     let bench_bin = root.join("target/release/lb-bench");
     let rounds = size.rounds.to_string();
     let mut all = Vec::new();
+    let other = match &size.against {
+        Some(rev) => Some(build_against(&root, rev)?),
+        None => None,
+    };
     let runs: [(&str, Vec<String>); 5] = [
         (
             "per-path cost through BPF_PROG_TEST_RUN",
@@ -77,19 +83,11 @@ pub fn run(size: Size) -> Result<()> {
     ];
     for (what, args) in runs {
         util::step(&format!("bench: {what}"));
-        let out = Command::new(&bench_bin)
-            .args(["--rounds", &rounds])
-            .args(&args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("failed to run {}", bench_bin.display()))?;
-        if !out.status.success() {
-            bail!("lb-bench {} failed ({})", args.join(" "), out.status);
+        if let (Some((sha, other_bin)), true) = (&other, args[0] == "paths") {
+            all.extend(paths_beside(&bench_bin, other_bin, sha, size.rounds)?);
+            continue;
         }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            all.push(parse_line(line)?);
-        }
+        all.extend(lb_bench(&bench_bin, &rounds, &args)?);
     }
     util::step("bench: control plane (criterion)");
     util::cargo(&[
@@ -121,6 +119,127 @@ pub fn run(size: Size) -> Result<()> {
     }
 
     write(&root.join("target/bench"), &all, &machine())
+}
+
+/// One `lb-bench --rounds ROUNDS ARGS` run: its result lines.
+fn lb_bench(bin: &Path, rounds: &str, args: &[String]) -> Result<Vec<Measured>> {
+    let out = Command::new(bin)
+        .args(["--rounds", rounds])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("failed to run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({})",
+            bin.display(),
+            args.join(" "),
+            out.status
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(parse_line)
+        .collect()
+}
+
+/// `--against REV`: REV checked out in a worktree under target/bench and its lb-bench built
+/// there in release mode (its own target directory, kept for the next run). Returns REV's
+/// short hash and the binary.
+fn build_against(root: &Path, rev: &str) -> Result<(String, std::path::PathBuf)> {
+    let git = |args: &[&str]| -> Result<String> {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .output()
+            .context("failed to run git")?;
+        if !out.status.success() {
+            bail!(
+                "git {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let sha = git(&["rev-parse", "--short", &format!("{rev}^{{commit}}")])
+        .with_context(|| format!("--against {rev}: not a commit of this repository"))?;
+    let dir = root.join("target/bench/against").join(&sha);
+    if !dir.join("Cargo.toml").exists() {
+        util::step(&format!("bench: a worktree of {sha} in {}", dir.display()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = git(&["worktree", "prune"]);
+        git(&["worktree", "add", "--detach", &dir.to_string_lossy(), &sha])?;
+    }
+    util::step(&format!(
+        "build: lb-bench of {sha} in release mode (the first time takes minutes)"
+    ));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    util::run(
+        Command::new(&cargo)
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "lb-benches",
+                "--bins",
+            ])
+            .env("CARGO_TARGET_DIR", root.join("target/bench/against-target"))
+            .current_dir(&dir),
+    )?;
+    Ok((
+        sha,
+        root.join("target/bench/against-target/release/lb-bench"),
+    ))
+}
+
+/// The per-path costs of this tree and of commit `sha` (`other`), one round of each in
+/// turn, so that both see the same machine: this tree's results as `path`, the other's as
+/// `path @SHA`.
+fn paths_beside(this: &Path, other: &Path, sha: &str, rounds: usize) -> Result<Vec<Measured>> {
+    let mut mine: Vec<Measured> = Vec::new();
+    let mut theirs: Vec<Measured> = Vec::new();
+    let args = ["paths".to_string()];
+    for _ in 0..rounds {
+        for (bin, into) in [(this, &mut mine), (other, &mut theirs)] {
+            for m in lb_bench(bin, "1", &args)? {
+                match into.iter_mut().find(|a| a.name == m.name) {
+                    Some(a) => a.rounds.extend(m.rounds),
+                    None => into.push(m),
+                }
+            }
+        }
+    }
+    for m in &mut theirs {
+        m.group = format!("path @{sha}");
+    }
+    let mut all = mine;
+    all.extend(theirs);
+    for m in &mut all {
+        m.median = median(&m.rounds);
+    }
+    Ok(all)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The first and third quartiles of `v`.
+fn quartiles(v: &[f64]) -> (f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.25), at(0.75))
 }
 
 /// `--report`: the tables and targets of the last run again, from its results.json (after a
@@ -424,6 +543,42 @@ fn targets(all: &[Measured]) -> Vec<Target> {
         |v| v <= 1.0,
         "x",
     );
+    // `--against REV`: no path of this tree slower than at REV, measured alternately in
+    // the same run (issue 15: IPv4 no worse than before IPv6). A median above REV's but
+    // inside REV's middle half of rounds is not told from noise.
+    let groups: Vec<&str> = all
+        .iter()
+        .filter_map(|m| m.group.strip_prefix("path @"))
+        .fold(Vec::new(), |mut g, s| {
+            if !g.contains(&s) {
+                g.push(s);
+            }
+            g
+        });
+    for sha in groups {
+        let group = format!("path @{sha}");
+        for theirs in all.iter().filter(|m| m.group == group) {
+            if theirs.name.starts_with("test-run") || theirs.name.starts_with("bare") {
+                continue;
+            }
+            let Some(mine) = find(all, "path", &theirs.name) else {
+                continue;
+            };
+            let ratio = mine.median / theirs.median;
+            let (q1, q3) = quartiles(&theirs.rounds);
+            t.push(Target {
+                what: format!("{} no slower than at {sha} (ns/packet)", theirs.name),
+                measured: format!("{ratio:.2}x"),
+                met: if ratio <= 1.0 {
+                    Some(true)
+                } else if (q1..=q3).contains(&mine.median) {
+                    None
+                } else {
+                    Some(false)
+                },
+            });
+        }
+    }
     t.append(&mut cpu);
     t
 }

@@ -52,6 +52,11 @@ enum Cmd {
         /// rewrite the tables.
         #[arg(long)]
         report: bool,
+        /// Also build commit REV's lb-bench (in a worktree under target/bench/against) and
+        /// time its per-path costs alternately with this tree's, round by round: the
+        /// results show both, and a target says whether any path got slower.
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
     },
 }
 
@@ -77,10 +82,12 @@ fn run(cli: Cli) -> Result<()> {
             http_seconds,
             drills,
             report: false,
+            against,
         } => bench::run(bench::Size {
             rounds,
             http_seconds,
             drills,
+            against,
         }),
     }
 }
