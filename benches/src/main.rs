@@ -50,6 +50,10 @@ enum Cmd {
     },
     /// The timer overhead of one-shot runs, against repeated runs of idempotent paths.
     Calibrate,
+    /// Keeps calibrate's dataplane loaded for SECONDS, one direct connection made, with its
+    /// frames (syn.bin, ack.bin) and the ingress ifindex in /tmp/lb-hold: for
+    /// benches/tools/bpf_path_count.py, which counts a path's instructions.
+    Hold { seconds: u64 },
     /// Failover time over drills: lb against keepalived's VRRP at equal timers.
     Failover {
         #[arg(long, default_value_t = 10)]
@@ -131,5 +135,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Http { seconds } => http::run(seconds, cli.rounds),
         Cmd::Failover { drills } => failover::run(drills),
         Cmd::Calibrate => paths::calibrate(),
+        Cmd::Hold { seconds } => paths::hold(seconds),
     }
 }

@@ -618,6 +618,28 @@ pub fn growth(packets: usize, rounds: usize) -> Result<()> {
     Ok(())
 }
 
+/// `lb-bench hold`: calibrate's dataplane and connection, kept loaded.
+pub fn hold(seconds: u64) -> Result<()> {
+    let bed = Bed::new(3)?;
+    let dp = direct_dataplane(64, 3)?;
+    let _in = bed.lab.ns("bench").enter();
+    let dir = std::path::Path::new("/tmp/lb-hold");
+    std::fs::create_dir_all(dir)?;
+    let (syn, ack) = (client(1, 5000, VIP, 80, SYN), client(1, 5000, VIP, 80, ACK));
+    dp.test_run(&syn, bed.eth0)?;
+    dp.test_run(&ack, bed.eth0)?;
+    // Another client port: a new connection when counted.
+    std::fs::write(dir.join("syn.bin"), client(1, 6000, VIP, 80, SYN))?;
+    std::fs::write(dir.join("ack.bin"), &ack)?;
+    std::fs::write(dir.join("ifindex"), bed.eth0.to_string())?;
+    eprintln!(
+        "lb_xdp loaded, one connection made; frames in {}; holding {seconds} s",
+        dir.display()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(seconds));
+    Ok(())
+}
+
 /// Idempotent paths timed with repeats (no per-run overhead at all), beside one-shot runs
 /// net of the empty program's: a check of the subtraction, printed, not reported.
 pub fn calibrate() -> Result<()> {

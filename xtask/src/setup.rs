@@ -75,6 +75,10 @@ const BENCH_PACKAGES: &[Package] = &[
         name: "netsniff-ng",
         why: "trafgen, the packets-per-second generator where the kernel refuses live-frame test runs",
     },
+    Package {
+        name: "bpftool",
+        why: "dumps a loaded dataplane's maps for benches/tools/bpf_path_count.py, which counts a path's instructions",
+    },
 ];
 
 /// bpf-linker's version, pinned with the LLVM it is built against (docs/TOOLCHAIN.md).
