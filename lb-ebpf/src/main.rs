@@ -21,6 +21,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod clock;
 mod conn;
 mod decap;
 mod fwd;
@@ -32,10 +33,7 @@ mod parse;
 mod sched;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_redirect},
-    macros::xdp,
-    programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
 use core::ptr::NonNull;
 use lb_common::{
@@ -226,8 +224,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // A daemon that stopped renewing its lease is gone (crashed, killed): the program is
     // still attached and the VIP alias still up, so what reached the stack would be answered
     // with resets. Drop instead: clients retransmit to the ATM that takes over.
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now();
     if lease_over(settings, now) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
@@ -353,8 +350,7 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     if !to_vip && !is_nat_addr6(settings, &ip.daddr) {
         return Outcome::Pass;
     }
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now();
     if lease_over(settings, now) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
@@ -386,8 +382,7 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
 /// kernel would still answer. Everything else passes.
 #[inline(always)]
 fn neighbour_solicitation(ctx: &XdpContext, settings: &Settings, l4_at: usize) -> Outcome {
-    // SAFETY: plain helper call.
-    if !lease_over(settings, unsafe { bpf_ktime_get_coarse_ns() }) {
+    if !lease_over(settings, clock::now()) {
         return Outcome::Pass;
     }
     // Type, code, checksum, reserved, then the target address (RFC 4861, 4.3).
@@ -409,8 +404,7 @@ fn vip_or_pass(ctx: &XdpContext, settings: &Settings, ip: &Ip, reason: Stat) -> 
     if VIPS.get_ptr(&ip.daddr).is_none() && !is_nat_addr6(settings, &ip.daddr) {
         return Outcome::Pass;
     }
-    // SAFETY: plain helper call.
-    if lease_over(settings, unsafe { bpf_ktime_get_coarse_ns() }) {
+    if lease_over(settings, clock::now()) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
     count_vip(frame_len(ctx) as u32);
@@ -490,14 +484,13 @@ fn lease_over(settings: &Settings, now: u64) -> bool {
 /// kernel still holds their aliases and would answer requests for them, and a client that
 /// takes its answer over that of the ATM which took over (it may well come first) sends its
 /// traffic into the orphan's `drop_orphaned`. Everything else passes, and while the lease
-/// holds an ARP frame costs one coarse clock read more than any other non-IPv4 frame.
+/// holds an ARP frame costs one clock read more than any other non-IPv4 frame.
 #[inline(always)]
 fn arp(ctx: &XdpContext, settings: &Settings) -> Outcome {
     if settings.lease_ns == 0 {
         return Outcome::Pass;
     }
-    // SAFETY: plain helper call.
-    if !lease_over(settings, unsafe { bpf_ktime_get_coarse_ns() }) {
+    if !lease_over(settings, clock::now()) {
         return Outcome::Pass;
     }
     // Anything but a well-formed IPv4-over-Ethernet request is the stack's to judge: it

@@ -36,9 +36,9 @@ pub struct Ip {
     /// The whole frame's length as it arrived ([`frame_len`]): read once per packet, since
     /// the helper is a real call.
     pub frame_len: u32,
-    /// The monotonic clock at arrival, coarse (a few ms): read once per packet. A precise
-    /// read costs as much as a map lookup, and every time the dataplane keeps (idle timeouts,
-    /// the lease, the next-hop cache) is in seconds.
+    /// The monotonic clock at arrival, coarse (a tick: `clock::now`): read once per packet.
+    /// Every time the dataplane keeps (idle timeouts, the lease, the next-hop cache) is in
+    /// seconds.
     pub now: u64,
 }
 
