@@ -231,8 +231,8 @@ fn balance(ctx: &XdpContext) -> Outcome {
 
     // From here the packet is ours: it must be well formed.
     let tot_len = u16::from_be(iph.tot_len);
-    let flen = frame_len(ctx);
-    if (tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > flen {
+    let flen = ETH_HLEN + tot_len as usize;
+    if (tot_len as usize) < ihl || !within_frame(ctx, flen) {
         return Outcome::Drop(Stat::DropMalformed);
     }
     if !ipv4_header_ok(ctx, ihl) {
@@ -356,8 +356,8 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     }
     // From here the packet is ours: it must be well formed. The walk kept the extension
     // headers within the payload length; the payload length must lie within the frame.
-    let flen = frame_len(ctx);
-    if ETH_HLEN + tot_len > flen {
+    let flen = ETH_HLEN + tot_len;
+    if !within_frame(ctx, flen) {
         return Outcome::Drop(Stat::DropMalformed);
     }
     ip.frame_len = flen as u32;

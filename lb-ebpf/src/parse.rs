@@ -9,6 +9,14 @@ use lb_common::{csum, Addr, IPPROTO_TCP};
 
 use crate::net::*;
 
+/// Whether a packet of `len` bytes from the frame's start lies within the frame. The first
+/// buffer's bounds answer for nearly every packet; only one that runs past them (a
+/// multi-buffer frame, or a lying length) costs the helper call of [`frame_len`].
+#[inline(always)]
+pub fn within_frame(ctx: &XdpContext, len: usize) -> bool {
+    len <= ctx.data_end() - ctx.data() || len <= frame_len(ctx)
+}
+
 /// The whole frame's length, fragments included (`data_end - data` covers the first buffer
 /// only).
 #[inline(always)]
@@ -33,8 +41,8 @@ pub struct Ip {
     /// The IP packet's length: IPv4's total length, IPv6's payload length plus its fixed
     /// header.
     pub tot_len: u16,
-    /// The whole frame's length as it arrived ([`frame_len`]): read once per packet, since
-    /// the helper is a real call.
+    /// The packet's bytes as counted: the IP packet with its Ethernet header (a frame's
+    /// trailing padding is not counted). Checked to lie within the frame (`within_frame`).
     pub frame_len: u32,
     /// The monotonic clock at arrival, coarse (a tick: `clock::now`): read once per packet.
     /// Every time the dataplane keeps (idle timeouts, the lease, the next-hop cache) is in
