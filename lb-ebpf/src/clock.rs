@@ -29,9 +29,10 @@ pub struct Clock {
 static CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
 
 /// The shortest span the nanoseconds per jiffy are measured over: a tick of error in the
-/// coarse clock is then at most 1/32 of one jiffy's worth, well inside the margin between
-/// the nominal rates (`nominal`).
-const CALIBRATE_JIFFIES: u64 = 32;
+/// coarse clock is then at most 1/16 of one jiffy's worth (6%), inside the margin between
+/// the nominal rates (250 and 300 Hz are 20% apart: `nominal`). Short, so that a CPU's
+/// clock stops calling the helper within 16-160 ms of its first packet.
+const CALIBRATE_JIFFIES: u64 = 16;
 /// How many jiffies an answer is worked out from one base (1 s to 10 s, by HZ): the coarse
 /// clock is read again after that, and the rate measured again over the whole span.
 const REBASE_JIFFIES: u64 = 1000;
@@ -68,7 +69,7 @@ pub fn now() -> u64 {
 /// built with (100, 250, 300, 1000), if it is within a fifth of it; else `measured`. A
 /// measurement is off by up to a tick over its span (the coarse clock and jiffies move at
 /// ticks that need not be where the span starts and ends): extrapolated over a thousand
-/// jiffies, 1/32 of a tick per jiffy would be 30 ticks. The nominal rate is exact.
+/// jiffies, 1/16 of a tick per jiffy would be 60 ticks. The nominal rate is exact.
 #[inline(always)]
 fn nominal(measured: u64) -> u64 {
     let mut best = measured;
