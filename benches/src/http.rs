@@ -235,6 +235,7 @@ fn settings(local: [u8; 4], nat: [u8; 4]) -> Settings {
         nat_addr: Addr::from_v4_octets(nat),
         nat_port_min: 20_000,
         nat_port_max: 59_999,
+        tick_ns: lb_daemon::dataplane::tick_ns(),
         ..Default::default()
     }
 }

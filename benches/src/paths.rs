@@ -139,6 +139,8 @@ fn settings() -> Settings {
         nat_addr: Addr::from_v4_octets(NAT),
         nat_port_min: 20_000,
         nat_port_max: 59_999,
+        // As the daemon sets it: lb_xdp's clock runs from jiffies from the second packet.
+        tick_ns: lb_daemon::dataplane::tick_ns(),
         ..Default::default()
     }
 }

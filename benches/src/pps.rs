@@ -238,6 +238,7 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                 nat_addr6: Addr::from(LB1_6),
                 nat_port_min: 20_000,
                 nat_port_max: 59_999,
+                tick_ns: lb_daemon::dataplane::tick_ns(),
                 ..Default::default()
             })?;
             let _in = lab.ns("lb").enter();

@@ -513,8 +513,11 @@ pub struct Settings {
     /// `peer_addr` when the ATMs' `[[atm]] address`es are IPv6 (`peer_addr` is then 0):
     /// the other ATM of a planned handover, found by an IPv6 route lookup.
     pub peer_addr6: Addr,
+    /// Nanoseconds per jiffy (1e9 / HZ: the coarse clock's resolution), with which lb_xdp
+    /// works its clock out from jiffies; 0: it measures the rate itself.
+    pub tick_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 224);
+const _: () = assert!(core::mem::size_of::<Settings>() == 232);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]

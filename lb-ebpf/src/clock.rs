@@ -37,9 +37,11 @@ const CALIBRATE_JIFFIES: u64 = 16;
 /// clock is read again after that, and the rate measured again over the whole span.
 const REBASE_JIFFIES: u64 = 1000;
 
-/// The time now, as `bpf_ktime_get_coarse_ns` would say within a tick.
+/// The time now, as `bpf_ktime_get_coarse_ns` would say within a tick. `tick_ns`: the
+/// nanoseconds per jiffy as the daemon read them (`Settings::tick_ns`, the coarse clock's
+/// resolution), or 0, and then each CPU measures them over its first 16 jiffies.
 #[inline(always)]
-pub fn now() -> u64 {
+pub fn now(tick_ns: u64) -> u64 {
     // SAFETY: plain helper call (inlined by the verifier).
     let j = unsafe { bpf_jiffies64() };
     let Some(c) = CLOCK.get_ptr_mut(0) else {
@@ -48,12 +50,18 @@ pub fn now() -> u64 {
     // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
     let c = unsafe { &mut *c };
     let since = j.wrapping_sub(c.base_jiffies);
-    if c.ns_per_jiffy != 0 && since < REBASE_JIFFIES {
-        return c.base_ns + since * c.ns_per_jiffy;
+    let rate = if tick_ns != 0 {
+        tick_ns
+    } else {
+        c.ns_per_jiffy
+    };
+    if rate != 0 && c.base_jiffies != 0 && since < REBASE_JIFFIES {
+        return c.base_ns + since * rate;
     }
     let ns = coarse();
-    if c.base_jiffies == 0 || since > (u64::MAX >> 1) {
-        // First use on this CPU (or jiffies behind the base, which they never are).
+    if c.base_jiffies == 0 || since > (u64::MAX >> 1) || tick_ns != 0 {
+        // First use on this CPU, a new base at the daemon's rate (or jiffies behind the
+        // base, which they never are).
         c.base_jiffies = j;
         c.base_ns = ns;
     } else if since >= CALIBRATE_JIFFIES {

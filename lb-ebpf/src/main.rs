@@ -224,7 +224,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // A daemon that stopped renewing its lease is gone (crashed, killed): the program is
     // still attached and the VIP alias still up, so what reached the stack would be answered
     // with resets. Drop instead: clients retransmit to the ATM that takes over.
-    let now = clock::now();
+    let now = clock::now(settings.tick_ns);
     if lease_over(settings, now) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
@@ -350,7 +350,7 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     if !to_vip && !is_nat_addr6(settings, &ip.daddr) {
         return Outcome::Pass;
     }
-    let now = clock::now();
+    let now = clock::now(settings.tick_ns);
     if lease_over(settings, now) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
@@ -382,7 +382,7 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
 /// kernel would still answer. Everything else passes.
 #[inline(always)]
 fn neighbour_solicitation(ctx: &XdpContext, settings: &Settings, l4_at: usize) -> Outcome {
-    if !lease_over(settings, clock::now()) {
+    if !lease_over(settings, clock::now(settings.tick_ns)) {
         return Outcome::Pass;
     }
     // Type, code, checksum, reserved, then the target address (RFC 4861, 4.3).
@@ -404,7 +404,7 @@ fn vip_or_pass(ctx: &XdpContext, settings: &Settings, ip: &Ip, reason: Stat) -> 
     if VIPS.get_ptr(&ip.daddr).is_none() && !is_nat_addr6(settings, &ip.daddr) {
         return Outcome::Pass;
     }
-    if lease_over(settings, clock::now()) {
+    if lease_over(settings, clock::now(settings.tick_ns)) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
     count_vip(frame_len(ctx) as u32);
@@ -490,7 +490,7 @@ fn arp(ctx: &XdpContext, settings: &Settings) -> Outcome {
     if settings.lease_ns == 0 {
         return Outcome::Pass;
     }
-    if !lease_over(settings, clock::now()) {
+    if !lease_over(settings, clock::now(settings.tick_ns)) {
         return Outcome::Pass;
     }
     // Anything but a well-formed IPv4-over-Ethernet request is the stack's to judge: it

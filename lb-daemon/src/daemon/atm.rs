@@ -89,6 +89,7 @@ impl Daemon {
                 Some((addr @ IpAddr::V6(_), _)) => addr.into(),
                 _ => Addr::default(),
             },
+            tick_ns: dataplane::tick_ns(),
             // The old primary the even NAT ports, the new one the odd (while both forward).
             nat_stripe: match self.part.atm() {
                 Some(a) if a.peer.is_some() => {
