@@ -268,6 +268,32 @@ fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
     Outcome::Drop(Stat::DropTooBig)
 }
 
+/// The frame made room for an ICMP(v6) answer quoting its first `QUOTE` bytes after the
+/// Ethernet header: `GROW` bytes of new headers in front, the rest of the packet cut.
+/// Returns the Ethernet header as it was; every packet pointer must be derived again.
+#[inline(always)]
+fn reshape<const QUOTE: usize, const GROW: usize>(ctx: &XdpContext) -> Option<EthHdr> {
+    let total = ETH_HLEN + GROW + QUOTE;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { *eth };
+    // The quote must be whole before anything changes.
+    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
+    // SAFETY: grows the headroom; the caller derives every pointer again.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    let len = frame_len(ctx);
+    if len < total {
+        return None;
+    }
+    // SAFETY: shrinks the tail to the ICMP message; no pointer is used afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - total) as i32)) } != 0 {
+        return None;
+    }
+    Some(eth)
+}
+
 /// Turns the packet (IPv4 without options) into an ICMP fragmentation-needed from its
 /// destination back to its source: a new IPv4 and ICMP header go in front of the original
 /// IPv4 header and first 8 bytes of its payload, the rest is cut, the MACs are swapped.
@@ -275,24 +301,7 @@ fn too_big(ctx: &XdpContext, ip: &Ip, mtu: u16, overhead: u16) -> Outcome {
 fn frag_needed(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
     const QUOTE: usize = IPV4_HLEN + 8;
     const GROW: usize = IPV4_HLEN + ICMP_HLEN;
-    const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let eth = unsafe { *eth };
-    // The quote must be whole before anything changes.
-    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
-    // SAFETY: grows the headroom; every pointer is derived again below.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
-        return None;
-    }
-    let len = frame_len(ctx);
-    if len < TOTAL {
-        return None;
-    }
-    // SAFETY: shrinks the tail to the ICMP message; no pointer is used afterwards.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - TOTAL) as i32)) } != 0 {
-        return None;
-    }
+    let eth = reshape::<QUOTE, GROW>(ctx)?;
     let new_eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
     let new_ip = ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, ETH_HLEN + IPV4_HLEN)?;
@@ -348,28 +357,10 @@ const IPV6_MIN_MTU: u16 = 1280;
 /// ports, all the sender needs to find its socket), the rest is cut, the MACs swapped.
 #[inline(always)]
 fn packet_too_big(ctx: &XdpContext, ip: &Ip, mtu: u16) -> Option<()> {
-    // The first steps are `frag_needed`'s, written out again: shared as a function, inlined
-    // or not, they cost `established_xdp` 32 bytes of stack, more than the chain has left.
     const QUOTE: usize = IPV6_HLEN + 8;
     const GROW: usize = IPV6_HLEN + ICMP_HLEN;
     const ICMP_LEN: usize = ICMP_HLEN + QUOTE;
-    const TOTAL: usize = ETH_HLEN + GROW + QUOTE;
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let eth = unsafe { *eth };
-    ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN)?;
-    // SAFETY: grows the headroom; every pointer is derived again below.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
-        return None;
-    }
-    let len = frame_len(ctx);
-    if len < TOTAL {
-        return None;
-    }
-    // SAFETY: shrinks the tail to the ICMPv6 message; no pointer is used afterwards.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - TOTAL) as i32)) } != 0 {
-        return None;
-    }
+    let eth = reshape::<QUOTE, GROW>(ctx)?;
     let new_eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
     let h = ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, ETH_HLEN + IPV6_HLEN)?;
