@@ -649,13 +649,7 @@ impl log::Log for GlobalLog {
 /// One tick of the coarse clock in nanoseconds (1e9 / HZ, its resolution): the rate at
 /// which lb_xdp works its clock out from jiffies (`Settings::tick_ns`).
 pub fn tick_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_getres writes into ts.
-    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    coarse_clock(libc::clock_getres)
 }
 
 /// The dataplane's clock as userspace sees it: CLOCK_MONOTONIC_COARSE, which is what
@@ -663,12 +657,17 @@ pub fn tick_ns() -> u64 {
 /// fine clock runs up to a tick ahead of it: an entry installed with its time looked 2^64
 /// ns old to the dataplane for that tick.)
 pub fn now_ns() -> u64 {
+    coarse_clock(libc::clock_gettime)
+}
+
+/// `call` (clock_gettime or clock_getres) on CLOCK_MONOTONIC_COARSE, in nanoseconds.
+fn coarse_clock(call: unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> i32) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes into ts.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    // SAFETY: both calls only write into ts.
+    unsafe { call(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
