@@ -286,12 +286,7 @@ fn measure(v: Variant, v6: bool, packets: u32, generator: Generator) -> Result<(
             9000,
             &[0u8; 18],
         );
-        let mut template = Array::<_, [u8; 62]>::try_from(
-            rig.gen_ebpf
-                .map_mut(maps::GEN_TEMPLATE6)
-                .context("gen_template6")?,
-        )?;
-        template.set(0, <[u8; 62]>::try_from(&frame[..62])?, 0)?;
+        set_template::<62>(&mut rig.gen_ebpf, maps::GEN_TEMPLATE6, &frame)?;
         (frame, programs::GEN_TX6)
     } else {
         let dst = if to_sink { SINK } else { VIP };
@@ -306,12 +301,7 @@ fn measure(v: Variant, v6: bool, packets: u32, generator: Generator) -> Result<(
         );
         // No UDP checksum: the generator steps the source port.
         frame[40..42].copy_from_slice(&[0, 0]);
-        let mut template = Array::<_, [u8; 42]>::try_from(
-            rig.gen_ebpf
-                .map_mut(maps::GEN_TEMPLATE)
-                .context("gen_template")?,
-        )?;
-        template.set(0, <[u8; 42]>::try_from(&frame[..42])?, 0)?;
+        set_template::<42>(&mut rig.gen_ebpf, maps::GEN_TEMPLATE, &frame)?;
         (frame, programs::GEN_TX)
     };
     let generator: &Xdp = rig
@@ -356,6 +346,13 @@ fn measure(v: Variant, v6: bool, packets: u32, generator: Generator) -> Result<(
         }
     }
     Ok((got as f64 / secs, got as f64 / packets as f64))
+}
+
+/// The generator's header template: the first `N` bytes of `frame`, into its map `map`.
+fn set_template<const N: usize>(ebpf: &mut Ebpf, map: &'static str, frame: &[u8]) -> Result<()> {
+    let mut template = Array::<_, [u8; N]>::try_from(ebpf.map_mut(map).context(map)?)?;
+    template.set(0, <[u8; N]>::try_from(&frame[..N])?, 0)?;
+    Ok(())
 }
 
 /// What sends the frames. Live frames unless the kernel refuses them (see `Generator::pick`).
