@@ -2,8 +2,9 @@
 //! as `bpf_ktime_get_coarse_ns` gives it, without calling it on every packet. That helper is
 //! a real call (about 23 ns here, with the return-thunk mitigations); `bpf_jiffies64` is
 //! inlined by the verifier into a load. Each CPU keeps a base (jiffies and nanoseconds read
-//! together) and the nanoseconds per jiffy it measured, and works the time out from the
-//! jiffies; it reads the coarse clock again only to measure, and every `REBASE_JIFFIES`.
+//! together) and works the time out from the jiffies at the kernel's HZ, which the daemon
+//! gives (`Settings::tick_ns`) or, without it, the CPU measures; it reads the coarse clock
+//! again only to take its first base, to measure, and every `REBASE_JIFFIES`.
 //!
 //! Every time the dataplane keeps is in seconds (idle timeouts, the lease, the next-hop
 //! cache, NAT port holds), and the coarse clock itself moves a tick at a time: an answer
@@ -34,7 +35,7 @@ static CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
 /// clock stops calling the helper within 16-160 ms of its first packet.
 const CALIBRATE_JIFFIES: u64 = 16;
 /// How many jiffies an answer is worked out from one base (1 s to 10 s, by HZ): the coarse
-/// clock is read again after that, and the rate measured again over the whole span.
+/// clock is read again after that (and a measured rate measured again over the span).
 const REBASE_JIFFIES: u64 = 1000;
 
 /// The time now, as `bpf_ktime_get_coarse_ns` would say within a tick. `tick_ns`: the

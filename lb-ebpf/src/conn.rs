@@ -91,7 +91,7 @@ pub fn to_service(
     ip: &Ip,
     l4: &L4,
 ) -> Outcome {
-    let bytes = ip.frame_len as u64;
+    let bytes = ip.bytes as u64;
     let Some(key) = packet_key() else {
         return Outcome::Drop(Stat::DropError);
     };
@@ -298,8 +298,8 @@ pub fn established(
     {
         return None;
     }
-    let bytes = ip.frame_len as u64;
-    count_vip(ip.frame_len);
+    let bytes = ip.bytes as u64;
+    count_vip(ip.bytes);
     c.last_seen_ns = now;
     c.packets += 1;
     c.bytes += bytes;

@@ -148,7 +148,7 @@ fn forward6(
 /// A server's reply on a NAT connection: back to VIP -> client.
 #[inline(always)]
 pub fn nat_reply(ctx: &XdpContext, reply: &mut Connection, ip: &Ip, tcp_flags: u8) -> Outcome {
-    let bytes = ip.frame_len as u64;
+    let bytes = ip.bytes as u64;
     let Some(server) = SERVERS.get(reply.server) else {
         return Outcome::Drop(Stat::DropNoServer);
     };

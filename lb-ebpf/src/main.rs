@@ -57,8 +57,8 @@ enum Outcome {
 
 // `frags`: frames bigger than a page (jumbo MTUs, GRO-merged segments in generic mode) come
 // as a first buffer holding the headers and fragments holding the rest. Headers are parsed
-// in the first buffer (`ptr_at` checks its bounds); lengths are the whole frame's
-// (`frame_len`); payload is never touched, so it goes on as it came.
+// in the first buffer (`ptr_at` checks its bounds); a packet's length is checked against
+// the whole frame (`within_frame`); payload is never touched, so it goes on as it came.
 #[xdp(frags)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     count(Stat::Packets, 1);
@@ -129,7 +129,7 @@ fn icmp_error(
     next: &mut Next,
     to_server: fn(&XdpContext, &Ip, &mut Next) -> u32,
 ) -> Outcome {
-    count_vip(ip.frame_len);
+    count_vip(ip.bytes);
     let action = to_server(ctx, ip, next);
     if action != FORWARD {
         return Outcome::Action(action);
@@ -231,8 +231,8 @@ fn balance(ctx: &XdpContext) -> Outcome {
 
     // From here the packet is ours: it must be well formed.
     let tot_len = u16::from_be(iph.tot_len);
-    let flen = ETH_HLEN + tot_len as usize;
-    if (tot_len as usize) < ihl || !within_frame(ctx, flen) {
+    let len = ETH_HLEN + tot_len as usize;
+    if (tot_len as usize) < ihl || !within_frame(ctx, len) {
         return Outcome::Drop(Stat::DropMalformed);
     }
     if !ipv4_header_ok(ctx, ihl) {
@@ -256,7 +256,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         df: iph.frag_off & IP_DF_BE != 0,
         l4_at: (ETH_HLEN + ihl) as u16,
         tot_len,
-        frame_len: flen as u32,
+        bytes: len as u32,
         now,
     };
     let ip: &Ip = ip;
@@ -356,11 +356,11 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     }
     // From here the packet is ours: it must be well formed. The walk kept the extension
     // headers within the payload length; the payload length must lie within the frame.
-    let flen = ETH_HLEN + tot_len;
-    if !within_frame(ctx, flen) {
+    let len = ETH_HLEN + tot_len;
+    if !within_frame(ctx, len) {
         return Outcome::Drop(Stat::DropMalformed);
     }
-    ip.frame_len = flen as u32;
+    ip.bytes = len as u32;
     ip.l4_at = l4_at as u16;
     ip.tot_len = tot_len as u16;
     ip.now = now;
@@ -438,7 +438,7 @@ fn steer(
                 // A reply leg's key names the NAT address; this is not (any more) ours.
                 return Outcome::Pass;
             }
-            count_vip(ip.frame_len);
+            count_vip(ip.bytes);
             return Outcome::Action(nat_reply_xdp(ctx, c, ip, l4.flags));
         }
         let action = established_xdp(ctx, c, ip, l4);
@@ -463,7 +463,7 @@ fn steer(
         }
         return Outcome::Pass;
     };
-    count_vip(ip.frame_len);
+    count_vip(ip.bytes);
     // SAFETY: a map value, read only.
     let svc = unsafe { svc.as_ref() };
     let action = to_service_xdp(ctx, svc, ip, l4);

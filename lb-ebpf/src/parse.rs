@@ -43,7 +43,7 @@ pub struct Ip {
     pub tot_len: u16,
     /// The packet's bytes as counted: the IP packet with its Ethernet header (a frame's
     /// trailing padding is not counted). Checked to lie within the frame (`within_frame`).
-    pub frame_len: u32,
+    pub bytes: u32,
     /// The monotonic clock at arrival, coarse (a tick: `clock::now`): read once per packet.
     /// Every time the dataplane keeps (idle timeouts, the lease, the next-hop cache) is in
     /// seconds.
