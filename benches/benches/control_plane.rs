@@ -4,7 +4,7 @@
 use std::{hint::black_box, net::Ipv4Addr, path::Path};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lb_common::{IPPROTO_TCP, RING_SIZE, sched};
+use lb_common::{IPPROTO_TCP, RING_MAX, sched};
 use lb_daemon::{config, tables};
 
 fn maglev(c: &mut Criterion) {
@@ -12,7 +12,7 @@ fn maglev(c: &mut Criterion) {
         .map(|i| sched::Backend::new(i, Ipv4Addr::from(0xc000_0200 + i).into(), 80, 1 + i % 4))
         .collect();
     c.bench_function("maglev_ring_1000_servers", |b| {
-        b.iter(|| sched::maglev(black_box(&backends), RING_SIZE as usize))
+        b.iter(|| sched::maglev(black_box(&backends), RING_MAX as usize))
     });
 }
 
@@ -40,10 +40,9 @@ fn render(c: &mut Criterion) {
 
 fn parse(c: &mut Criterion) {
     let mut text = String::from(
-        "[cluster]\nname = \"big\"\n[tables]\nservices = 256\nservers = 65536\n\
+        "[cluster]\nname = \"big\"\n[tables]\nservices = 1024\nservers = 65536\n\
          [[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\ninterface = \"eth0\"\n",
     );
-    // 1000 services do not fit one ATM's tables (256); the parser reads and checks them all.
     for i in 0..1000u32 {
         text += &format!(
             "[[service]]\nname = \"svc{i}\"\nvip = \"{}\"\nport = {}\n[service.check]\nkind = \"tcp\"\n\

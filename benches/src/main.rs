@@ -54,6 +54,13 @@ enum Cmd {
     /// frames (syn.bin, ack.bin) and the ingress ifindex in /tmp/lb-hold: for
     /// benches/tools/bpf_path_count.py, which counts a path's instructions.
     Hold { seconds: u64 },
+    /// Map memory (bpftool) of a dataplane holding SERVICES services of PER servers each.
+    Capacity {
+        #[arg(long, default_value_t = 4096)]
+        services: u32,
+        #[arg(long, default_value_t = 10)]
+        per: u32,
+    },
     /// Failover time over drills: lb against keepalived's VRRP at equal timers.
     Failover {
         #[arg(long, default_value_t = 10)]
@@ -136,5 +143,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Failover { drills } => failover::run(drills),
         Cmd::Calibrate => paths::calibrate(),
         Cmd::Hold { seconds } => paths::hold(seconds),
+        Cmd::Capacity { services, per } => paths::capacity(services, per),
     }
 }

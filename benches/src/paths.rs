@@ -687,3 +687,85 @@ pub fn calibrate() -> Result<()> {
     }
     Ok(())
 }
+
+/// The map memory of a dataplane holding `services` services of `per` servers each (the
+/// issue's 4,096 of 10), as `bpftool map show` reports it: the scheduler rows' pool, and
+/// every map of lb_xdp together. One round: the figures do not vary.
+pub fn capacity(services: u32, per: u32) -> Result<()> {
+    let caps = Capacities {
+        services,
+        servers: services * per,
+        connections: lb_common::DEFAULT_CONNECTIONS,
+    };
+    let mut dp = Dataplane::load(caps).context("loading the dataplane")?;
+    for id in 0..services {
+        let spec = ServiceSpec {
+            vip: Ipv4Addr::from(VIP).into(),
+            port: 1 + id as u16,
+            proto: IPPROTO_TCP,
+            sched: Sched::Maglev,
+            persistence_s: 0,
+            servers: (0..per)
+                .map(|j| ServerSpec {
+                    index: id * per + j,
+                    addr: Ipv4Addr::new(192, 0, 2, 10 + (j % 200) as u8).into(),
+                    port: 1 + id as u16,
+                    weight: 1,
+                    method: Method::Direct,
+                    up: true,
+                })
+                .collect(),
+        };
+        dp.install(id, &spec)
+            .with_context(|| format!("installing service {id}"))?;
+    }
+    let (pages, free) = dp.ring_pages();
+    let mut maps = Vec::new();
+    for id in dp.map_ids()? {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "id", &id.to_string()])
+            .output()
+            .context("running bpftool (cargo xtask setup installs it)")?;
+        anyhow::ensure!(out.status.success(), "bpftool map show id {id} failed");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let name = v["name"].as_str().unwrap_or("?").to_string();
+        let bytes = v["bytes_memlock"].as_u64().unwrap_or(0);
+        maps.push((name, bytes));
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.1));
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for (name, bytes) in &maps {
+        eprintln!("  {name:<16} {:>10.2} MiB", mib(*bytes));
+    }
+    eprintln!(
+        "  sched_table: {} of {pages} pages of 4 KiB in use",
+        pages - free
+    );
+    let what = format!("{services} services x {per} servers");
+    let ring = maps
+        .iter()
+        .find(|(n, _)| n == lb_common::maps::SCHED_TABLE)
+        .context("no sched_table among lb_xdp's maps")?;
+    report(
+        "capacity",
+        &format!("ring memory (sched_table), {what}"),
+        "MiB",
+        vec![mib(ring.1)],
+    );
+    report(
+        "capacity",
+        &format!("rings in use, {what}"),
+        "MiB",
+        vec![mib(((pages - free) * 4096) as u64)],
+    );
+    report(
+        "capacity",
+        &format!(
+            "every map of lb_xdp, {what} and {} connections",
+            caps.connections
+        ),
+        "MiB",
+        vec![mib(maps.iter().map(|m| m.1).sum())],
+    );
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! Maglev ring, a smooth weighted round-robin sequence and a plain round-robin sequence.
 //! Each table is a list of server indices that becomes one service's row of `sched_table`.
 
-use crate::abi::{Addr, RING_SIZE, Sched};
+use crate::abi::{Addr, Sched};
 use std::vec;
 use std::vec::Vec;
 
@@ -48,13 +48,15 @@ fn remix(key: u64, seed: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The table for `sched` over `backends` (servers that are up; weight 0 ones get no slots).
-/// Empty when no backend has a weight: the service then refuses new connections.
-pub fn table(sched: Sched, backends: &[Backend]) -> Vec<u32> {
+/// The table for `sched` over `backends` (servers that are up; weight 0 ones get no slots)
+/// in a row of `slots` (a prime, `abi::ring_slots`): a Maglev ring of that size, a weighted
+/// sequence of at most that length. Empty when no backend has a weight: the service then
+/// refuses new connections.
+pub fn table(sched: Sched, backends: &[Backend], slots: u32) -> Vec<u32> {
     match sched {
         Sched::Rr => rr(backends),
-        Sched::Wrr | Sched::Sh => wrr(backends, RING_SIZE as usize),
-        Sched::Maglev => maglev(backends, RING_SIZE as usize),
+        Sched::Wrr | Sched::Sh => wrr(backends, slots as usize),
+        Sched::Maglev => maglev(backends, slots as usize),
     }
 }
 
@@ -258,6 +260,7 @@ fn inverse_mod(a: u64, m: &Barrett) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::abi::RING_MAX;
     use core::net::Ipv4Addr;
     use std::collections::HashMap;
 
@@ -357,8 +360,8 @@ mod tests {
             vec![100, 1, 50, 7, 3],
         ] {
             let b = backends(&weights);
-            let ring = maglev(&b, RING_SIZE as usize);
-            assert_eq!(ring.len(), RING_SIZE as usize);
+            let ring = maglev(&b, RING_MAX as usize);
+            assert_eq!(ring.len(), RING_MAX as usize);
             let total_w: u32 = weights.iter().sum();
             let s = shares(&ring);
             for (i, w) in weights.iter().enumerate() {
@@ -376,11 +379,11 @@ mod tests {
     fn maglev_removal_moves_about_one_nth() {
         for n in [3usize, 5, 10, 50] {
             let b = backends(&vec![1; n]);
-            let before = maglev(&b, RING_SIZE as usize);
+            let before = maglev(&b, RING_MAX as usize);
             for gone in [0, n / 2, n - 1] {
                 let rest: Vec<Backend> =
                     b.iter().copied().filter(|x| x.id != gone as u32).collect();
-                let after = maglev(&rest, RING_SIZE as usize);
+                let after = maglev(&rest, RING_MAX as usize);
                 let moved = before
                     .iter()
                     .zip(&after)
@@ -388,7 +391,7 @@ mod tests {
                     .count();
                 let freed = before.iter().filter(|x| **x == gone as u32).count();
                 let changed = moved + freed;
-                let bound = RING_SIZE as f64 * (1.0 / n as f64 + 0.01);
+                let bound = RING_MAX as f64 * (1.0 / n as f64 + 0.01);
                 assert!(
                     (changed as f64) <= bound,
                     "n={n}, removing {gone}: {changed} slots changed, bound {bound:.0}"
@@ -409,10 +412,10 @@ mod tests {
     fn weight_zero_gets_no_slots_and_all_zero_gives_empty_tables() {
         let b = backends(&[1, 0, 1]);
         for s in [Sched::Rr, Sched::Wrr, Sched::Sh, Sched::Maglev] {
-            let t = table(s, &b);
+            let t = table(s, &b, 1021);
             assert!(!t.is_empty());
             assert!(!t.contains(&1), "{s:?}");
-            assert!(table(s, &backends(&[0, 0])).is_empty(), "{s:?}");
+            assert!(table(s, &backends(&[0, 0]), 1021).is_empty(), "{s:?}");
         }
     }
 

@@ -15,8 +15,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use lb_common::{
-    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, RING_SIZE, Server, Service,
-    ServiceKey, Settings, Stat, VIP_FILTER_SLOTS, maps, programs, vip_filter_slot, xdp_link,
+    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Server, Service, ServiceKey,
+    Settings, Stat, VIP_FILTER_SLOTS, maps, programs, ring_pool_pages, vip_filter_slot, xdp_link,
 };
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
@@ -201,15 +201,12 @@ impl Dataplane {
                 "capacities must be at least 1: {caps:?}"
             )));
         }
-        let sched_entries = caps
-            .services
-            .checked_mul(RING_SIZE)
-            .ok_or_else(|| Error::Invalid(format!("{} services is too many", caps.services)))?;
+        let sched_pages = ring_pool_pages(caps.services, caps.servers);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SERVICES, caps.services)
             .map_max_entries(maps::VIPS, caps.services)
             .map_max_entries(maps::SERVERS, caps.servers)
-            .map_max_entries(maps::SCHED_TABLE, sched_entries)
+            .map_max_entries(maps::SCHED_TABLE, sched_pages)
             .map_max_entries(maps::RR_CURSOR, caps.services)
             .map_max_entries(maps::CONNECTIONS, caps.connections)
             .map_max_entries(maps::PERSISTENCE, caps.connections)
@@ -225,7 +222,7 @@ impl Dataplane {
         }
         let sched = SchedTable::new(
             take_map(&mut ebpf, maps::SCHED_TABLE)?,
-            sched_entries as usize,
+            sched_pages as usize,
         )?;
         let mut dp = Dataplane {
             services: typed_map!(&mut ebpf, HashMap, maps::SERVICES),
@@ -260,6 +257,17 @@ impl Dataplane {
 
     pub fn capacities(&self) -> Capacities {
         self.caps
+    }
+
+    /// The kernel's ids of lb_xdp's maps (for `bpftool map show id N`).
+    pub fn map_ids(&self) -> Result<Vec<u32>, Error> {
+        let name = programs::LB_XDP;
+        let prog: &Xdp = as_xdp(self.ebpf.program(name), name)?;
+        let ids = prog
+            .info()
+            .and_then(|i| i.map_ids())
+            .map_err(prog_err(name))?;
+        Ok(ids.unwrap_or_default())
     }
 
     /// Attaches `lb_xdp` to `interface` (of the calling thread's network namespace), through
@@ -449,28 +457,16 @@ impl Dataplane {
         self.servers.get(&index, 0).map_err(map_err(maps::SERVERS))
     }
 
-    /// Writes the scheduler row of service `id` (server indices, at most `RING_SIZE`). The
-    /// caller then sets the service's `table_len` to `table.len()`.
-    pub fn set_table(&mut self, service: u32, table: &[u32]) -> Result<(), Error> {
-        if table.len() > RING_SIZE as usize {
-            return Err(Error::Invalid(format!(
-                "a scheduler row holds at most {RING_SIZE} slots, not {}",
-                table.len()
-            )));
-        }
-        if !self.sched.write_row(service, table) {
-            return Err(Error::Invalid(format!(
-                "service id {service} is beyond the capacity of {} services",
-                self.caps.services
-            )));
-        }
-        Ok(())
-    }
-
     /// The first `len` slots of the scheduler row of service `id` (for the fixture tests).
     #[cfg(feature = "testing")]
     pub fn table(&self, service: u32, len: usize) -> Option<Vec<u32>> {
-        self.sched.read_row(service, len)
+        self.sched
+            .read_row(&self.installed.get(&service)?.pages, len)
+    }
+
+    /// Pages of the scheduler rows' pool (4 KiB each), and how many no row holds.
+    pub fn ring_pages(&self) -> (usize, usize) {
+        self.sched.pages()
     }
 
     /// Sets the ATM addresses `lb_decap` accepts IPIP packets from.

@@ -106,7 +106,9 @@ pub fn to_service(
     let Some(server) = SERVERS.get(id) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
-    if server.flags & SERVER_UP == 0 {
+    // Of this service: a row's pages are reused once a newer row is published, and a packet
+    // that read the old record just before may index them after.
+    if server.flags & SERVER_UP == 0 || server.service != svc.id {
         return Outcome::Drop(Stat::DropNoServer);
     }
     // Direct and tunnel servers take up a connection midway (after a failover without its

@@ -11,7 +11,7 @@ use core::ptr::NonNull;
 use lb_common::{
     Addr, Connection, Counters, FlowKey, Persist, PersistKey, Server, Service, ServiceKey,
     Settings, Stat, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES,
-    RING_SIZE, VIP_FILTER_SLOTS,
+    RING_PAGE, VIP_FILTER_SLOTS,
 };
 
 use crate::{net::*, parse::*};
@@ -33,11 +33,12 @@ pub static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_SLOTS, 0)
 #[map(name = "servers")]
 pub static SERVERS: Array<Server> = Array::with_max_entries(DEFAULT_SERVERS, 0);
 
-/// Scheduler rows, `RING_SIZE` slots per service: slot -> server index. Mappable, so the
-/// daemon rewrites a row with one copy.
+/// The scheduler rows' pool: pages of `RING_PAGE` server indices, named by each service's
+/// record (`Service::pages`). Mappable, so the daemon writes a row with one copy. The daemon
+/// sizes it (`ring_pool_pages`); this default is never loaded.
 #[map(name = "sched_table")]
-pub static SCHED_TABLE: Array<u32> =
-    Array::with_max_entries(DEFAULT_SERVICES * RING_SIZE, BPF_F_MMAPABLE as u32);
+pub static SCHED_TABLE: Array<[u32; RING_PAGE as usize]> =
+    Array::with_max_entries(DEFAULT_SERVICES, BPF_F_MMAPABLE as u32);
 
 /// Per-CPU round-robin cursor per service.
 #[map(name = "rr_cursor")]

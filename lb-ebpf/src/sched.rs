@@ -1,7 +1,9 @@
 //! Choosing a server for a new connection: the persistence entry of a sticky service, else
 //! the service's scheduler row (filled by the daemon; this only indexes it).
 
-use lb_common::{hash, FlowKey, Persist, PersistKey, Sched, Service, RING_SIZE};
+use lb_common::{
+    hash, FlowKey, Persist, PersistKey, Sched, Service, RING_MAX, RING_PAGE, RING_PAGES_MAX,
+};
 
 use crate::{conn::*, maps::*};
 
@@ -37,11 +39,11 @@ pub fn pick_server(svc: &Service, key: &FlowKey, v6: bool, now: u64) -> Option<u
     Some(id)
 }
 
-/// Indexes the service's scheduler row.
+/// Indexes the service's scheduler row (in the pages its record names).
 #[inline(always)]
 fn schedule(svc: &Service, key: &FlowKey, v6: bool) -> Option<u32> {
     let len = svc.table_len;
-    if len == 0 || len > RING_SIZE {
+    if len == 0 || len > RING_MAX {
         return None;
     }
     let slot = match Sched::from_u8(svc.sched) {
@@ -60,5 +62,13 @@ fn schedule(svc: &Service, key: &FlowKey, v6: bool) -> Option<u32> {
         }
         None => return None,
     };
-    SCHED_TABLE.get(svc.id * RING_SIZE + slot).copied()
+    // The mask tells the verifier what `slot < len <= RING_MAX` already says: it keeps no
+    // bound through a remainder. Read through a volatile load, or LLVM, which knows the
+    // bound, drops the mask.
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
+    let page = svc.pages[(slot / RING_PAGE) as usize & (RING_PAGES_MAX - 1)];
+    SCHED_TABLE
+        .get(page as u32)
+        .map(|p| p[(slot % RING_PAGE) as usize])
 }

@@ -13,7 +13,9 @@ use lb_common::{
     Addr, Connection, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Method, SETTINGS_ACTIVE, Sched, Settings,
     Stat, hash,
 };
-use lb_daemon::dataplane::{Dataplane, ServerSpec, ServiceSpec, enable_fib_lookup, now_ns};
+use lb_daemon::dataplane::{
+    Capacities, Dataplane, ServerSpec, ServiceSpec, enable_fib_lookup, now_ns,
+};
 use lb_tests::{
     fixture::{Fixture, Rng, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, frames::*},
     lab::Lab,
@@ -110,6 +112,10 @@ struct Bench {
 
 impl Bench {
     fn new() -> Bench {
+        Bench::with_caps(Capacities::default())
+    }
+
+    fn with_caps(caps: Capacities) -> Bench {
         let mut lab = Lab::new();
         lab.add_ns("fx");
         lab.veth(("fx", "eth0"), ("fx", "peer0"));
@@ -144,7 +150,7 @@ impl Bench {
             enable_fib_lookup().unwrap();
         }
 
-        let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
+        let mut dp = Dataplane::load(caps).expect("load the dataplane");
         let mut sticky = service(
             VIP_STICKY,
             80,
@@ -1659,6 +1665,89 @@ fn connections_of_a_removed_service_pass_and_the_vip_filter_follows_the_services
         from_client(41002, VIP_DEAD, 80, SYN, b""),
         XDP_PASS,
     )]);
+}
+
+/// The capacity: 4,096 services of 10 servers in one dataplane, each row in a page
+/// of the shared pool, and a rebuilt row published whole in fresh pages.
+#[test]
+fn four_thousand_services_share_the_ring_pool_and_rows_are_replaced_whole() {
+    const MANY: u32 = 4096;
+    const FIRST_ID: u32 = 7;
+    const FIRST_INDEX: u32 = 14;
+    let caps = Capacities {
+        services: FIRST_ID + MANY,
+        servers: FIRST_INDEX + MANY * 10,
+        connections: 1024,
+    };
+    let mut b = Bench::with_caps(caps);
+    let (pages, free) = b.dp.ring_pages();
+    assert_eq!(
+        pages,
+        lb_common::ring_pool_pages(caps.services, caps.servers) as usize
+    );
+    for i in 0..MANY {
+        let id = FIRST_ID + i;
+        let first = FIRST_INDEX + i * 10;
+        let mut spec = service(
+            VIP,
+            10_000 + i as u16,
+            IPPROTO_TCP,
+            Sched::Maglev,
+            (0..10u16)
+                .map(|j| server([S1, S2, S3][j as usize % 3], 10_000 + j, 1, Method::Direct))
+                .collect(),
+        );
+        for (j, s) in spec.servers.iter_mut().enumerate() {
+            s.index = first + j as u32;
+        }
+        b.dp.install(id, &spec).expect("install a service");
+        b.services.push((id, first, spec));
+    }
+    // One page each: a ring of 10 lines has 1021 slots.
+    let (_, left) = b.dp.ring_pages();
+    assert_eq!(free - left, MANY as usize);
+    let last = FIRST_ID + MANY - 1;
+    let row = b.row(last);
+    assert_eq!(row.len(), 1021);
+    let first = FIRST_INDEX + (MANY - 1) * 10;
+    assert!(row.iter().all(|s| (first..first + 10).contains(s)));
+    assert_eq!(b.dp.services().unwrap().len(), (FIRST_ID + MANY) as usize);
+
+    let port = 10_000 + (MANY - 1) as u16;
+    let k = key(CLIENT, 47000, VIP, port, IPPROTO_TCP);
+    let chosen = b.maglev(last, &k);
+    let syn = from_client(47000, VIP, port, SYN, b"");
+    b.run(&[
+        Fixture::new("SYN to the last of 4,103 services", syn.clone(), XDP_TX).output(with_macs(
+            &syn,
+            LB_MAC,
+            mac_of(b.server_addr(chosen).0),
+        )),
+    ]);
+
+    // Its server goes down: the row is rebuilt in a fresh page and the old one comes back
+    // to the pool; a new flow that hashed to it now goes elsewhere.
+    b.dp.set_server_state(last, chosen, false, 1).unwrap();
+    assert_eq!(b.dp.ring_pages().1, left);
+    let row = b.row(last);
+    assert_eq!(row.len(), 1021);
+    assert!(!row.contains(&chosen));
+    let k2 = key(CLIENT, 47001, VIP, port, IPPROTO_TCP);
+    let syn = from_client(47001, VIP, port, SYN, b"");
+    let now = b.maglev(last, &k2);
+    b.run(&[
+        Fixture::new("SYN after the row was replaced", syn.clone(), XDP_TX).output(with_macs(
+            &syn,
+            LB_MAC,
+            mac_of(b.server_addr(now).0),
+        )),
+    ]);
+
+    // Removing services gives their pages back.
+    for id in FIRST_ID..FIRST_ID + 100 {
+        b.dp.uninstall(id).unwrap();
+    }
+    assert_eq!(b.dp.ring_pages().1, left + 100);
 }
 
 #[test]

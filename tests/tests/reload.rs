@@ -383,9 +383,9 @@ fn heartbeats_keep_their_interval_through_the_largest_resize_and_a_10_mb_reload(
     let mut d = start(&mut lab, &path);
 
     let mut marks = BTreeMap::new();
-    // The largest allowed resize: 256 services, 65,536 servers, 16,777,216 connections.
+    // The largest allowed resize: 16,384 services, 65,536 servers, 16,777,216 connections.
     marks.insert("resize starts", Instant::now());
-    let out = d.cli(&["write", "config", "256 65536 16777216"]);
+    let out = d.cli(&["write", "config", "16384 65536 16777216"]);
     marks.insert("resize answered", Instant::now());
     assert!(
         out.status.success(),
@@ -393,7 +393,7 @@ fn heartbeats_keep_their_interval_through_the_largest_resize_and_a_10_mb_reload(
         String::from_utf8_lossy(&out.stderr),
         d.log()
     );
-    assert_eq!(d.cat("config"), "256 65536 16777216\n");
+    assert_eq!(d.cat("config"), "16384 65536 16777216\n");
 
     // A 10 MB file that is refused (its last line is bad), then a good one.
     let big = big_config(&key_path, 1);

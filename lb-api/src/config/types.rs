@@ -343,8 +343,10 @@ pub const DEFAULT_MOUNT: &str = "/run/lb/cluster";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9780";
 pub const DEFAULT_HA_PORT: u16 = 5780;
 
-/// Limits. Each scheduler row takes 65,537 slots of 8 bytes (512 KiB), hence few services.
-pub const SERVICES_RANGE: RangeInclusive<i64> = 1..=256;
+/// Limits. The scheduler rows' pool grows with services and servers
+/// (`lb_common::ring_pool_pages`): at the largest, 16,384 services and 65,536 lines, about
+/// 114 MiB; a service record names its row's pages by 16-bit numbers.
+pub const SERVICES_RANGE: RangeInclusive<i64> = 1..=16_384;
 pub const SERVERS_RANGE: RangeInclusive<i64> = 1..=65_536;
 pub const CONNECTIONS_RANGE: RangeInclusive<i64> = 1024..=16_777_216;
 pub const TIMEOUT_RANGE: RangeInclusive<i64> = 1..=86_400;

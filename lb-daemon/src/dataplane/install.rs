@@ -2,7 +2,7 @@
 //! record published last, so lb_xdp never sees a half-written service.
 
 use lb_common::{
-    Method, SERVER_UP, Sched, Server, Service, ServiceKey,
+    Method, SERVER_UP, Sched, Server, Service, ServiceKey, ring_slots,
     sched::{self, Backend},
 };
 
@@ -72,7 +72,11 @@ impl Dataplane {
 
     /// The last part of installing service `id`: its row (from [`row`]), then its record.
     pub fn publish_row(&mut self, id: u32, spec: &ServiceSpec, row: &[u32]) -> Result<(), Error> {
-        self.installed.insert(id, Installed { spec: spec.clone() });
+        let inst = self.installed.entry(id).or_insert_with(|| Installed {
+            spec: spec.clone(),
+            pages: Vec::new(),
+        });
+        inst.spec = spec.clone();
         self.publish(id, row)
     }
 
@@ -125,20 +129,34 @@ impl Dataplane {
         self.publish(id, &row)
     }
 
-    /// Writes service `id`'s row, then republishes its record with the row's length.
+    /// Writes service `id`'s row into fresh pages of the pool, then republishes its record
+    /// naming them, and gives the old row's pages back. On an error the record and the old
+    /// row are left as they were.
     pub(super) fn publish(&mut self, id: u32, row: &[u32]) -> Result<(), Error> {
         let spec = &self.installed[&id].spec;
         let key = spec.key();
-        let record = Service {
+        let mut record = Service {
             id,
             table_len: row.len() as u32,
             persistence_s: spec.persistence_s,
             sched: spec.sched as u8,
-            flags: 0,
-            _pad: [0; 2],
+            ..Default::default()
         };
-        self.set_table(id, row)?;
-        self.set_service(key, record)
+        let pages = self
+            .sched
+            .write(row)
+            .map_err(|e| Error::Invalid(format!("service id {id}: {e}")))?;
+        for (slot, page) in record.pages.iter_mut().zip(&pages) {
+            *slot = *page;
+        }
+        if let Err(e) = self.set_service(key, record) {
+            self.sched.release(&pages);
+            return Err(e);
+        }
+        let inst = self.installed.get_mut(&id).expect("installed above");
+        let old = std::mem::replace(&mut inst.pages, pages);
+        self.sched.release(&old);
+        Ok(())
     }
 
     /// Removes service `id` installed with [`Dataplane::install`], and marks its servers
@@ -147,7 +165,11 @@ impl Dataplane {
     /// already given to another service is left alone.)
     pub fn uninstall(&mut self, id: u32) -> Result<(), Error> {
         if let Some(inst) = self.installed.remove(&id) {
-            self.remove_service(&inst.spec.key())?;
+            if let Err(e) = self.remove_service(&inst.spec.key()) {
+                self.installed.insert(id, inst);
+                return Err(e);
+            }
+            self.sched.release(&inst.pages);
             for s in &inst.spec.servers {
                 let mut record = self.server(s.index)?;
                 if record.service == id && record.flags & SERVER_UP != 0 {
@@ -169,7 +191,7 @@ pub fn row(spec: &ServiceSpec) -> Vec<u32> {
         .filter(|s| s.up)
         .map(|s| Backend::new(s.index, s.addr.into(), s.port, s.weight))
         .collect();
-    sched::table(spec.sched, &backends)
+    sched::table(spec.sched, &backends, ring_slots(spec.servers.len()))
 }
 
 /// A real server of a service, as the control plane describes it.
@@ -211,4 +233,6 @@ impl ServiceSpec {
 
 pub(super) struct Installed {
     spec: ServiceSpec,
+    /// The pool pages its published row is in.
+    pub(super) pages: super::sched_table::Pages,
 }

@@ -1,42 +1,56 @@
-//! The scheduler rows: one memory-mapped BPF array shared with lb_xdp, a row of
-//! `SCHED_STRIDE`-aligned slots per service, written in place.
+//! The scheduler rows' pool: one memory-mapped BPF array shared with lb_xdp, of 4 KiB
+//! pages of `RING_PAGE` server indices. Each service's row lives in the pages its record
+//! names (`Service::pages`); a new row is written into free pages and the record that names
+//! them published after, so lb_xdp reads the old row or the new one, never a mix.
 
 use std::{
+    collections::VecDeque,
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
 };
 
 use aya::maps::{Map, MapData};
-use lb_common::{RING_SIZE, maps};
+use lb_common::{RING_PAGE, RING_PAGES_MAX, maps};
 
 use super::Error;
 
-/// The scheduler table, mapped into our memory (the map is created BPF_F_MMAPABLE), so that
-/// rewriting a 65,537-slot Maglev row is a copy rather than 65,537 system calls. An array
-/// map stores each value in an 8-byte element (value sizes are rounded up to 8), value first.
+/// The pool, mapped into our memory (the map is created BPF_F_MMAPABLE), so that writing a
+/// 65,521-slot Maglev row is a copy rather than 64 system calls. A page is one element of
+/// the array map, and elements of 4,096 bytes lie back to back.
 pub(super) struct SchedTable {
     ptr: NonNull<u32>,
-    entries: usize,
+    pages: usize,
+    /// Pages no row holds, the longest free first: a page a row just left is taken last,
+    /// after any packet that read the old record has long finished with it.
+    free: VecDeque<u16>,
     /// Keeps the map (and so the mapping's backing) alive.
     _map: MapData,
 }
 
-/// Bytes per element of a BPF array map whose values are 4 bytes.
-pub(super) const SCHED_STRIDE: usize = 8;
+/// Bytes of one page (an element of the map: 4-byte slots, no padding).
+const PAGE_BYTES: usize = RING_PAGE as usize * 4;
+
+/// A row's pages, as a service record holds them.
+pub(super) type Pages = Vec<u16>;
 
 impl SchedTable {
-    pub(super) fn new(map: Map, entries: usize) -> Result<Self, Error> {
+    pub(super) fn new(map: Map, pages: usize) -> Result<Self, Error> {
         let Map::Array(data) = map else {
             return Err(Error::Invalid(format!(
                 "map {} is not an array",
                 maps::SCHED_TABLE
             )));
         };
+        if pages > u16::MAX as usize + 1 {
+            return Err(Error::Invalid(format!(
+                "{pages} pages of scheduler rows is more than the 65,536 a service record can name"
+            )));
+        }
         // SAFETY: mapping a BPF array map fd as the kernel documents for BPF_F_MMAPABLE.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                Self::bytes(entries),
+                Self::bytes(pages),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 data.fd().as_fd().as_raw_fd(),
@@ -51,51 +65,75 @@ impl SchedTable {
         }
         Ok(SchedTable {
             ptr: NonNull::new(ptr.cast()).expect("mmap returned a non-null address"),
-            entries,
+            pages,
+            free: (0..pages).map(|p| p as u16).collect(),
             _map: data,
         })
     }
 
-    fn bytes(entries: usize) -> usize {
-        (entries * SCHED_STRIDE).next_multiple_of(page_size())
+    fn bytes(pages: usize) -> usize {
+        (pages * PAGE_BYTES).next_multiple_of(page_size())
     }
 
-    /// The u32 holding element `i`.
-    fn slot(&self, i: usize) -> *mut u32 {
-        debug_assert!(i < self.entries);
-        // SAFETY: in bounds of the mapping (callers check i < entries).
-        unsafe { self.ptr.as_ptr().add(i * SCHED_STRIDE / 4) }
+    /// Pages of the pool, and pages no row holds.
+    pub(super) fn pages(&self) -> (usize, usize) {
+        (self.pages, self.free.len())
     }
 
-    pub(super) fn write_row(&mut self, service: u32, table: &[u32]) -> bool {
-        let start = service as usize * RING_SIZE as usize;
-        if table.len() > RING_SIZE as usize || start + RING_SIZE as usize > self.entries {
-            return false;
+    /// Writes `row` into free pages and returns them; none are taken if too few are free.
+    pub(super) fn write(&mut self, row: &[u32]) -> Result<Pages, Error> {
+        let n = row.len().div_ceil(RING_PAGE as usize);
+        if n > RING_PAGES_MAX {
+            return Err(Error::Invalid(format!(
+                "a scheduler row holds at most {} slots, not {}",
+                RING_PAGES_MAX * RING_PAGE as usize,
+                row.len()
+            )));
         }
-        for (i, v) in table.iter().enumerate() {
-            // SAFETY: in bounds, checked above; the kernel reads these words concurrently,
-            // which is fine for aligned 4-byte stores.
-            unsafe { std::ptr::write_volatile(self.slot(start + i), *v) };
+        if n > self.free.len() {
+            return Err(Error::Invalid(format!(
+                "the scheduler rows' pool has {} free pages of {} and this row needs {n}",
+                self.free.len(),
+                self.pages
+            )));
         }
-        true
+        let pages: Pages = self.free.drain(..n).collect();
+        for (chunk, &page) in row.chunks(RING_PAGE as usize).zip(&pages) {
+            let base = page as usize * RING_PAGE as usize;
+            for (i, v) in chunk.iter().enumerate() {
+                // SAFETY: in bounds: page < self.pages, i < RING_PAGE. No packet reads these
+                // words until a record names the page.
+                unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(base + i), *v) };
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Gives pages back to the pool (a row that was replaced or removed).
+    pub(super) fn release(&mut self, pages: &[u16]) {
+        debug_assert!(pages.iter().all(|p| !self.free.contains(p)));
+        self.free.extend(pages);
     }
 
     #[cfg(feature = "testing")]
-    pub(super) fn read_row(&self, service: u32, len: usize) -> Option<Vec<u32>> {
-        let start = service as usize * RING_SIZE as usize;
-        if len > RING_SIZE as usize || start + RING_SIZE as usize > self.entries {
+    pub(super) fn read_row(&self, pages: &[u16], len: usize) -> Option<Vec<u32>> {
+        if len > pages.len() * RING_PAGE as usize || pages.iter().any(|p| *p as usize >= self.pages)
+        {
             return None;
         }
+        let at = |i: usize| {
+            pages[i / RING_PAGE as usize] as usize * RING_PAGE as usize + i % RING_PAGE as usize
+        };
         // SAFETY: in bounds, checked above.
         Some(
             (0..len)
-                .map(|i| unsafe { std::ptr::read_volatile(self.slot(start + i)) })
+                .map(|i| unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(at(i))) })
                 .collect(),
         )
     }
 }
 
-pub(super) fn page_size() -> usize {
+fn page_size() -> usize {
     // SAFETY: plain libc call.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
@@ -103,6 +141,6 @@ pub(super) fn page_size() -> usize {
 impl Drop for SchedTable {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::bytes(self.entries)) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::bytes(self.pages)) };
     }
 }
