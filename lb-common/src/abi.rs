@@ -38,6 +38,9 @@ pub mod maps {
     /// Ring buffer of [`super::ConnEvent`]: new and closed connections, streamed to backups.
     pub const CONN_EVENTS: &str = "conn_events";
     pub const NAT_FULL: &str = "nat_full";
+    /// Per-CPU [`super::CachedFlow`]s: the established IPv4 flows this CPU forwarded last,
+    /// forwarded again without a `connections` lookup.
+    pub const FLOW_CACHE: &str = "flow_cache";
     /// lb_decap: ATM address -> 1 for every ATM whose IPIP packets are accepted.
     pub const DECAP_SOURCES: &str = "decap_sources";
     /// lb_decap: per-CPU counters indexed by [`super::DecapStat`].
@@ -453,6 +456,76 @@ pub struct Connection {
 }
 const _: () = assert!(core::mem::size_of::<Connection>() == 64);
 
+/// Slots of each CPU's flow cache (`flow_cache`), a power of two.
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
+
+/// How long a cached flow is forwarded from the cache: its next packet after that takes
+/// the full path, which brings the shared entry up to date (and so the `connections` table
+/// lags by at most this much), refreshes its place in the LRU, and caches it again.
+pub const FLOW_SYNC_NS: u64 = 1_000_000_000;
+
+/// The flow cache slot of an IPv4 flow, from its addresses and ports as on the wire.
+#[inline(always)]
+pub const fn flow_cache_slot(saddr: u32, daddr: u32, sport: u16, dport: u16) -> u32 {
+    let ports = sport as u32 | (dport as u32) << 16;
+    let h = (saddr ^ daddr.rotate_left(11) ^ ports.rotate_left(21)).wrapping_mul(0x9e37_79b1);
+    h >> (32 - FLOW_CACHE_SLOTS.trailing_zeros())
+}
+
+/// Value of `flow_cache`: an established IPv4 flow (the client's leg) as the full path
+/// last forwarded it on this CPU, and what the cache forwarded of it since. A slot whose
+/// `daddr` is 0 is empty (no VIP is 0.0.0.0).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct CachedFlow {
+    /// The flow's addresses and ports, as on the wire.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    /// The connection's NAT source port (nat), as on the wire.
+    pub nat_port: u16,
+    /// Server index.
+    pub server: u32,
+    /// The connection's NAT source address (nat), as on the wire.
+    pub nat_addr: u32,
+    /// When the full path last brought the shared entry up to date.
+    pub synced_ns: u64,
+    /// The last packet's time.
+    pub last_ns: u64,
+    /// Packets and bytes forwarded from the cache, not yet in the shared entry.
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<CachedFlow>() == 56);
+
+impl CachedFlow {
+    /// The flow's `connections` key.
+    #[inline(always)]
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            src: Addr::v4_raw(self.saddr),
+            dst: Addr::v4_raw(self.daddr),
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Adds what the cache forwarded to the shared entry `c`.
+    #[inline(always)]
+    pub fn merge_into(&self, c: &mut Connection) {
+        c.packets += self.packets;
+        c.bytes += self.bytes;
+        if self.last_ns > c.last_seen_ns {
+            c.last_seen_ns = self.last_ns;
+        }
+    }
+}
+
 /// Key of `persistence`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq, Hash)]
@@ -753,6 +826,7 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::CachedFlow {}
 }
 
 #[cfg(all(test, feature = "std"))]

@@ -6,11 +6,12 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use lb_common::{Connection, FlowKey};
+use lb_common::{CachedFlow, Connection, FlowKey};
+use std::collections::HashMap as StdHashMap;
 
 /// Entries per batch.
 const BATCH: usize = 4096;
@@ -31,54 +32,62 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// The connection table, through a file descriptor of its own.
+/// The connection table, through a file descriptor of its own, with the CPUs' flow caches
+/// (whose counts of recent packets the entries take in when read).
 pub struct ConnTable {
     map: HashMap<MapData, FlowKey, Connection>,
+    cache: OwnedFd,
 }
 
 impl ConnTable {
-    /// A second handle on the map behind `fd`.
-    pub fn open(fd: BorrowedFd<'_>) -> Result<ConnTable, MapError> {
-        let own = fd.try_clone_to_owned().map_err(|io_error| {
-            MapError::SyscallError(aya::sys::SyscallError {
-                call: "dup",
-                io_error,
+    /// Second handles on the connection table behind `fd` and the flow cache behind
+    /// `cache`.
+    pub fn open(fd: BorrowedFd<'_>, cache: BorrowedFd<'_>) -> Result<ConnTable, MapError> {
+        let dup = |fd: BorrowedFd<'_>| {
+            fd.try_clone_to_owned().map_err(|io_error| {
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                })
             })
-        })?;
-        let data = MapData::from_fd(own)?;
+        };
+        let data = MapData::from_fd(dup(fd)?)?;
         Ok(ConnTable {
             map: HashMap::try_from(Map::LruHashMap(data))?,
+            cache: dup(cache)?,
         })
     }
 
-    /// Every entry (both legs of NAT connections).
+    /// Every entry (both legs of NAT connections), with what the flow caches forwarded of
+    /// it taken in.
     pub fn entries(&self) -> Result<Vec<(FlowKey, Connection)>, MapError> {
-        entries(&self.map)
+        let mut all = entries(&self.map)?;
+        let pending = pending(self.cache.as_raw_fd()).map_err(|io_error| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error,
+            })
+        })?;
+        merge_pending(&mut all, &pending);
+        Ok(all)
     }
 
-    /// See [`remove_where`].
+    /// Removes every entry that `pick` picks, as read with the flow caches' counts (an
+    /// entry whose latest packets went by the cache is as fresh as they are), and looked up
+    /// again first (a packet may have changed it since); returns how many went.
     pub fn remove_where(&mut self, pick: impl Fn(&Connection) -> bool) -> Result<usize, MapError> {
-        remove_where(&mut self.map, pick)
-    }
-}
-
-/// Removes every entry of `map` that `pick` picks, looking each up again first (a packet may
-/// have changed it since the table was read); returns how many went.
-pub fn remove_where(
-    map: &mut HashMap<MapData, FlowKey, Connection>,
-    pick: impl Fn(&Connection) -> bool,
-) -> Result<usize, MapError> {
-    let mut removed = 0;
-    for (k, c) in entries(map)? {
-        if pick(&c) && map.get(&k, 0).is_ok_and(|c| pick(&c)) {
-            match map.remove(&k) {
-                Ok(()) => removed += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e),
+        let mut removed = 0;
+        for (k, c) in self.entries()? {
+            if pick(&c) && self.map.get(&k, 0).is_ok_and(|c| pick(&c)) {
+                match self.map.remove(&k) {
+                    Ok(()) => removed += 1,
+                    Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
+        Ok(removed)
     }
-    Ok(removed)
 }
 
 /// Every entry of `map`, in batches where the kernel can, else key by key.
@@ -106,11 +115,23 @@ pub fn entries(
 }
 
 fn lookup_batch(fd: RawFd) -> io::Result<Vec<(FlowKey, Connection)>> {
-    let mut keys = vec![FlowKey::default(); BATCH];
-    let mut values = vec![Connection::default(); BATCH];
-    // The kernel's resume point: opaque (a bucket number for hash maps).
+    let (keys, values) = lookup_batch_of::<FlowKey, Connection>(fd, 1)?;
+    Ok(keys.into_iter().zip(values).collect())
+}
+
+/// Every key of the map behind `fd` with its `per_key` values (a per-CPU map: one per
+/// possible CPU, each of a size that is a multiple of 8, as the kernel lays them out), a
+/// batch of `BATCH` keys per system call.
+fn lookup_batch_of<K: Copy + Default, V: Copy + Default>(
+    fd: RawFd,
+    per_key: usize,
+) -> io::Result<(Vec<K>, Vec<V>)> {
+    const { assert!(std::mem::size_of::<V>().is_multiple_of(8)) };
+    let mut keys = vec![K::default(); BATCH];
+    let mut values = vec![V::default(); BATCH * per_key];
+    // The kernel's resume point: opaque (a bucket number for hash maps, an index for arrays).
     let (mut token, mut next) = (0u64, 0u64);
-    let mut out = Vec::new();
+    let (mut out_keys, mut out_values) = (Vec::new(), Vec::new());
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
@@ -126,8 +147,9 @@ fn lookup_batch(fd: RawFd) -> io::Result<Vec<(FlowKey, Connection)>> {
             map_fd: fd as u32,
             ..Default::default()
         };
-        // SAFETY: bpf(2) with an attr that points at buffers of BATCH keys and values of
-        // the map's own types, and at the two resume tokens; all outlive the call.
+        // SAFETY: bpf(2) with an attr that points at buffers of BATCH keys and of BATCH
+        // times `per_key` values of the map's own types, and at the two resume tokens; all
+        // outlive the call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -147,11 +169,42 @@ fn lookup_batch(fd: RawFd) -> io::Result<Vec<(FlowKey, Connection)>> {
         };
         // The kernel writes the count back even with ENOENT (the last, partial batch).
         let n = (attr.count as usize).min(BATCH);
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        out_keys.extend_from_slice(&keys[..n]);
+        out_values.extend_from_slice(&values[..n * per_key]);
         if done {
-            return Ok(out);
+            return Ok((out_keys, out_values));
         }
         token = next;
         first = false;
+    }
+}
+
+/// What the CPUs' flow caches (`flow_cache`) forwarded that the shared entries have not
+/// seen yet, by flow: packets and bytes summed over the CPUs, the latest packet's time.
+pub fn pending(fd: RawFd) -> io::Result<StdHashMap<FlowKey, CachedFlow>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let (_, values) = lookup_batch_of::<u32, CachedFlow>(fd, cpus)?;
+    let mut out: StdHashMap<FlowKey, CachedFlow> = StdHashMap::new();
+    for f in values.iter().filter(|f| f.daddr != 0 && f.packets != 0) {
+        let e = out.entry(f.key()).or_default();
+        e.packets += f.packets;
+        e.bytes += f.bytes;
+        e.last_ns = e.last_ns.max(f.last_ns);
+    }
+    Ok(out)
+}
+
+/// `entries` with what the flow caches hold of each connection taken in (see [`pending`]).
+pub fn merge_pending(
+    entries: &mut [(FlowKey, Connection)],
+    pending: &StdHashMap<FlowKey, CachedFlow>,
+) {
+    if pending.is_empty() {
+        return;
+    }
+    for (k, c) in entries.iter_mut() {
+        if let Some(f) = pending.get(k) {
+            f.merge_into(c);
+        }
     }
 }

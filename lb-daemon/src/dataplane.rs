@@ -147,6 +147,7 @@ pub struct Dataplane {
     servers: Array<MapData, Server>,
     sched: SchedTable,
     connections: HashMap<MapData, FlowKey, Connection>,
+    flow_cache: PerCpuArray<MapData, lb_common::CachedFlow>,
     stat: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     server_stats: PerCpuArray<MapData, Counters>,
@@ -232,6 +233,7 @@ impl Dataplane {
             nat_addrs: Vec::new(),
             servers: typed_map!(&mut ebpf, Array, maps::SERVERS),
             connections: typed_map!(&mut ebpf, HashMap, maps::CONNECTIONS),
+            flow_cache: typed_map!(&mut ebpf, PerCpuArray, maps::FLOW_CACHE),
             stat: typed_map!(&mut ebpf, PerCpuArray, maps::STAT),
             service_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVICE_STATS),
             server_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVER_STATS),
@@ -487,19 +489,57 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every entry of the connection table (both legs of NAT connections).
+    /// Every entry of the connection table (both legs of NAT connections), with what the
+    /// CPUs' flow caches forwarded of it taken in.
     pub fn connections(&self) -> Result<Vec<(FlowKey, Connection)>, Error> {
-        crate::conntable::entries(&self.connections).map_err(map_err(maps::CONNECTIONS))
+        let mut all =
+            crate::conntable::entries(&self.connections).map_err(map_err(maps::CONNECTIONS))?;
+        crate::conntable::merge_pending(&mut all, &self.pending()?);
+        Ok(all)
+    }
+
+    /// What the CPUs' flow caches forwarded that the connection table has not seen yet.
+    fn pending(&self) -> Result<StdHashMap<FlowKey, lb_common::CachedFlow>, Error> {
+        use aya::maps::IterableMap;
+        crate::conntable::pending(self.flow_cache.map().fd().as_fd().as_raw_fd()).map_err(|e| {
+            Error::Io {
+                what: format!("reading map {}", maps::FLOW_CACHE),
+                source: e,
+            }
+        })
     }
 
     /// A handle on the connection table for another thread (see [`crate::conntable`]).
     pub fn conn_table(&self) -> Result<crate::conntable::ConnTable, Error> {
         use aya::maps::IterableMap;
-        crate::conntable::ConnTable::open(self.connections.map().fd().as_fd())
-            .map_err(map_err(maps::CONNECTIONS))
+        crate::conntable::ConnTable::open(
+            self.connections.map().fd().as_fd(),
+            self.flow_cache.map().fd().as_fd(),
+        )
+        .map_err(map_err(maps::CONNECTIONS))
     }
 
+    /// Connection `key`, with what the CPUs' flow caches forwarded of it taken in: one
+    /// lookup of its slot, which holds it on any CPU that cached it.
     pub fn connection(&self, key: &FlowKey) -> Option<Connection> {
+        let mut c = self.connections.get(key, 0).ok()?;
+        if let (Some(saddr), Some(daddr)) = (key.src.as_v4_raw(), key.dst.as_v4_raw()) {
+            let slot = lb_common::flow_cache_slot(saddr, daddr, key.sport, key.dport);
+            if let Ok(per_cpu) = self.flow_cache.get(&slot, 0) {
+                for f in per_cpu.iter() {
+                    if f.daddr != 0 && f.key() == *key {
+                        f.merge_into(&mut c);
+                    }
+                }
+            }
+        }
+        Some(c)
+    }
+
+    /// Connection `key` as the shared entry has it, without what the flow caches
+    /// forwarded since (for the fixture tests).
+    #[cfg(feature = "testing")]
+    pub fn connection_entry(&self, key: &FlowKey) -> Option<Connection> {
         self.connections.get(key, 0).ok()
     }
 

@@ -3,15 +3,20 @@
 //! and the NAT source port search (`nat_reserve`, `nat_full`).
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop, macros::map, maps::Array,
+    bindings::BPF_NOEXIST,
+    cty::c_void,
+    helpers::generated::{bpf_loop, bpf_map_lookup_percpu_elem},
+    macros::map,
+    maps::Array,
     programs::XdpContext,
 };
 use aya_log_ebpf::info;
 use core::ptr::NonNull;
 use lb_common::{
-    nat, Addr, ConnEvent, Connection, FlowKey, Method, Server, Service, Settings, Stat, CONN_FIN,
-    CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS, EVENT_CLOSE,
-    EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SETTINGS_SYNC,
+    flow_cache_slot, nat, Addr, CachedFlow, ConnEvent, Connection, FlowKey, Method, Server,
+    Service, Settings, Stat, CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY,
+    CONN_RST, DEFAULT_SERVERS, EVENT_CLOSE, EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP,
+    SETTINGS_SYNC,
 };
 
 use crate::{finish, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
@@ -282,6 +287,28 @@ pub fn established(
 ) -> Option<Outcome> {
     let now = ip.now;
     let syn_only = l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // What this CPU forwarded of the flow from its cache goes into the shared entry first:
+    // its last packet may be newer than the entry's. The slot is emptied, and filled again
+    // below if the connection goes on. A SYN (the tuple starts another connection), FIN or
+    // RST changes the connection for every CPU: the flow leaves every CPU's cache, whose
+    // packets of it go into the entry.
+    let slot = if ip.v6 {
+        None
+    } else {
+        flow_slot(ip.saddr.w[3], ip.daddr.w[3], l4.sport, l4.dport)
+    };
+    if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        forget_everywhere(c, ip, l4);
+    } else if let Some(mut f) = slot {
+        // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
+        let f = unsafe { f.as_mut() };
+        if cached_is(f, ip, l4) {
+            f.merge_into(c);
+            f.daddr = 0;
+            f.packets = 0;
+            f.bytes = 0;
+        }
+    }
     // Saturating: an entry the daemon installed (a synced one) may carry a time a little
     // ahead of this coarse clock, and is then as fresh as can be, not 2^64 ns old.
     if now.saturating_sub(c.last_seen_ns) > settings.timeout_ns
@@ -298,6 +325,9 @@ pub fn established(
         || server.vport != l4.dport
         || server.proto != ip.proto
     {
+        // The connection moves to another server: no CPU may send it to this one again,
+        // should it come back up within the cache's second.
+        forget_everywhere(c, ip, l4);
         return None;
     }
     let bytes = ip.bytes as u64;
@@ -318,7 +348,152 @@ pub fn established(
     let (id, service) = (c.server, server.service);
     count_traffic(&SERVICE_STATS, service, bytes);
     count_traffic(&SERVER_STATS, id, bytes);
+    // Not a closing connection: its NAT port may soon be another's, and a late packet of it
+    // must then find no entry, as without the cache.
+    if let Some(mut f) = slot {
+        if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
+            // SAFETY: a per-CPU slot.
+            cache_flow(unsafe { f.as_mut() }, ip, l4, c);
+        }
+    }
     Some(forward(ctx, settings, id, ip, &c.nat_addr, c.nat_port))
+}
+
+/// Whether cache slot `f` holds the IPv4 flow of packet `ip`, `l4`.
+#[inline(always)]
+fn cached_is(f: &CachedFlow, ip: &Ip, l4: &L4) -> bool {
+    f.daddr == ip.daddr.w[3]
+        && f.saddr == ip.saddr.w[3]
+        && f.sport == l4.sport
+        && f.dport == l4.dport
+        && f.proto == ip.proto
+}
+
+/// The most CPUs [`forget_everywhere`] visits; it stops at the first that does not exist.
+const CPUS_MAX: u32 = 4096;
+
+/// The flow [`forget_on_cpu`] removes from each CPU's cache, and what it found there.
+#[repr(C)]
+struct Forget {
+    slot: u32,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u32,
+    last_ns: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+/// Removes the IPv4 flow of packet `ip`, `l4` from the cache of every CPU (its slot on each,
+/// through `bpf_map_lookup_percpu_elem`), and adds what they forwarded of it into its
+/// connection `c`. For a change that every CPU must see at once: a cached flow on another
+/// CPU would otherwise go on to the old server or NAT port for up to `FLOW_SYNC_NS`.
+#[inline(always)]
+fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
+    if ip.v6 {
+        return;
+    }
+    let (saddr, daddr) = (ip.saddr.w[3], ip.daddr.w[3]);
+    let mut f = Forget {
+        slot: flow_cache_slot(saddr, daddr, l4.sport, l4.dport),
+        saddr,
+        daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto as u32,
+        last_ns: 0,
+        packets: 0,
+        bytes: 0,
+    };
+    // SAFETY: the helper calls `forget_on_cpu` with `f`, which lives on this stack frame
+    // for the whole call.
+    unsafe {
+        bpf_loop(
+            CPUS_MAX,
+            forget_on_cpu as *mut c_void,
+            &mut f as *mut Forget as *mut c_void,
+            0,
+        );
+    }
+    c.packets += f.packets;
+    c.bytes += f.bytes;
+    if f.last_ns > c.last_seen_ns {
+        c.last_seen_ns = f.last_ns;
+    }
+}
+
+/// One CPU of [`forget_everywhere`] (a `bpf_loop` callback): 1 to stop (no such CPU).
+#[inline(never)]
+extern "C" fn forget_on_cpu(cpu: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `forget_everywhere` passes its Forget.
+    let p = unsafe { &mut *(ctx as *mut Forget) };
+    // SAFETY: a lookup in the flow cache map by its own key type; the answer is that CPU's
+    // value or null.
+    let f = unsafe {
+        bpf_map_lookup_percpu_elem(
+            core::ptr::addr_of!(FLOW_CACHE) as *mut c_void,
+            &p.slot as *const u32 as *const c_void,
+            cpu as u32,
+        )
+    } as *mut CachedFlow;
+    if f.is_null() {
+        return 1;
+    }
+    // SAFETY: a map value of another CPU, which may be forwarding a packet of the flow
+    // right now: that packet's counts may be lost, nothing worse.
+    let f = unsafe { &mut *f };
+    if f.daddr == p.daddr
+        && f.saddr == p.saddr
+        && f.sport == p.sport
+        && f.dport == p.dport
+        && f.proto as u32 == p.proto
+    {
+        f.daddr = 0;
+        p.packets += f.packets;
+        p.bytes += f.bytes;
+        if f.last_ns > p.last_ns {
+            p.last_ns = f.last_ns;
+        }
+        f.packets = 0;
+        f.bytes = 0;
+    }
+    0
+}
+
+/// Caches the IPv4 flow of packet `ip`, `l4` on connection `c` (just brought up to date)
+/// in its slot `f`. Another flow's packets in the slot that its shared entry has not seen
+/// yet go there first.
+#[inline(always)]
+fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection) {
+    if f.daddr != 0 && f.packets != 0 {
+        if let Some(k) = scratch_key::<1>(
+            Addr::v4_raw(f.saddr),
+            Addr::v4_raw(f.daddr),
+            f.sport,
+            f.dport,
+            f.proto,
+        ) {
+            if let Some(v) = CONNECTIONS.get_ptr_mut(&*k) {
+                // SAFETY: a map value; racing updates of counters only blur them.
+                f.merge_into(unsafe { &mut *v });
+            }
+        }
+    }
+    f.saddr = ip.saddr.w[3];
+    f.daddr = ip.daddr.w[3];
+    f.sport = l4.sport;
+    f.dport = l4.dport;
+    f.proto = ip.proto;
+    f._pad = 0;
+    f.nat_port = c.nat_port;
+    f.server = c.server;
+    f.nat_addr = c.nat_addr.w[3];
+    f.synced_ns = ip.now;
+    f.last_ns = ip.now;
+    f.packets = 0;
+    f.bytes = 0;
 }
 
 /// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the

@@ -37,11 +37,12 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, Connection, DecapStat, Service, Settings, Stat, CONN_REPLY, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, SETTINGS_ACTIVE,
+    Addr, CachedFlow, Connection, DecapStat, Method, Service, Settings, Stat, CONN_REPLY,
+    FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVER_UP,
+    SETTINGS_ACTIVE,
 };
 
-use crate::{conn::*, decap::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
+use crate::{conn::*, decap::*, fwd::*, hop::*, icmp::*, maps::*, net::*, parse::*};
 
 /// What happens to a packet; each maps to one XDP action and one outcome counter.
 enum Outcome {
@@ -189,24 +190,41 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // validated; a packet found this way is validated below like any other of ours.
     // NonNull, not raw pointers: an Option of one is a word, and lb_xdp's stack frame must
     // stay small (it and the BPF function it calls share 512 bytes).
+    let now = clock::now(settings.tick_ns);
     let mut conn: Option<NonNull<Connection>> = None;
     let mut svc: Option<NonNull<Service>> = None;
+    let mut cached: Option<NonNull<CachedFlow>> = None;
     if iph.proto == IPPROTO_TCP || iph.proto == IPPROTO_UDP {
         if let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) {
             // SAFETY: bounds checked by ptr_at.
             let (sport, dport) = unsafe { ((*ports)[0], (*ports)[1]) };
-            let Some(key) = scratch_key::<0>(
-                Addr::v4_raw(iph.saddr),
-                Addr::v4_raw(daddr),
-                sport,
-                dport,
-                iph.proto,
-            ) else {
-                return Outcome::Drop(Stat::DropError);
-            };
-            conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
-            if conn.is_none() {
-                svc = find_service_v4(daddr, dport, iph.proto);
+            // An established flow this CPU forwarded within the last second needs no
+            // lookup: `steer` forwards it from the cache (or, for a SYN, FIN or RST, looks
+            // it up after all).
+            cached = flow_slot(iph.saddr, daddr, sport, dport).filter(|f| {
+                // SAFETY: a per-CPU slot.
+                let f = unsafe { f.as_ref() };
+                f.daddr == daddr
+                    && f.saddr == iph.saddr
+                    && f.sport == sport
+                    && f.dport == dport
+                    && f.proto == iph.proto
+                    && now.wrapping_sub(f.synced_ns) < FLOW_SYNC_NS
+            });
+            if cached.is_none() {
+                let Some(key) = scratch_key::<0>(
+                    Addr::v4_raw(iph.saddr),
+                    Addr::v4_raw(daddr),
+                    sport,
+                    dport,
+                    iph.proto,
+                ) else {
+                    return Outcome::Drop(Stat::DropError);
+                };
+                conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
+                if conn.is_none() {
+                    svc = find_service_v4(daddr, dport, iph.proto);
+                }
             }
         }
     }
@@ -214,7 +232,8 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // A connection's key names the VIP it was made for (or, a reply leg's, the NAT
     // address); whether its service is still there is checked before it is forwarded
     // (`established`).
-    let to_vip = conn.is_some_and(|c| !is_reply(c))
+    let to_vip = cached.is_some()
+        || conn.is_some_and(|c| !is_reply(c))
         || svc.is_some()
         || VIPS.get_ptr(&Addr::v4_raw(daddr)).is_some();
     if !to_vip && !to_nat {
@@ -224,7 +243,6 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // A daemon that stopped renewing its lease is gone (crashed, killed): the program is
     // still attached and the VIP alias still up, so what reached the stack would be answered
     // with resets. Drop instead: clients retransmit to the ATM that takes over.
-    let now = clock::now(settings.tick_ns);
     if lease_over(settings, now) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
@@ -267,7 +285,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
         }
         _ => return Outcome::Pass,
     }
-    steer(ctx, settings, ip, l4, next, conn, svc, to_nat)
+    steer(ctx, settings, ip, l4, next, cached, conn, svc, to_nat)
 }
 
 /// An IPv6 packet on an active ATM. The same path as IPv4's, with the extension headers
@@ -374,7 +392,7 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     }
     // Worked out again rather than kept: lb_xdp's frame has no room for one more value.
     let to_nat = is_nat_addr6(settings, &ip.daddr);
-    steer(ctx, settings, ip, l4, next, conn, svc, to_nat)
+    steer(ctx, settings, ip, l4, next, None, conn, svc, to_nat)
 }
 
 /// A neighbour solicitation on an ATM whose daemon renews a lease: IPv6's ARP request, and
@@ -412,16 +430,17 @@ fn vip_or_pass(ctx: &XdpContext, settings: &Settings, ip: &Ip, reason: Stat) -> 
 }
 
 /// A TCP or UDP packet to a VIP or the NAT address, its headers in `ip`, with the
-/// connection and service found for it: a NAT reply translated back, an established
-/// connection forwarded, or a new one made.
+/// connection and service found for it: a cached flow forwarded, a NAT reply translated
+/// back, an established connection forwarded, or a new one made.
 #[inline(always)]
 fn steer(
     ctx: &XdpContext,
     settings: &Settings,
     ip: &Ip,
     l4_slot: &mut L4,
-    next: &Next,
-    conn: Option<NonNull<Connection>>,
+    next: &mut Next,
+    cached: Option<NonNull<CachedFlow>>,
+    mut conn: Option<NonNull<Connection>>,
     mut svc: Option<NonNull<Service>>,
     to_nat: bool,
 ) -> Outcome {
@@ -430,6 +449,23 @@ fn steer(
     };
     *l4_slot = l4;
     let l4: &L4 = l4_slot;
+    if let Some(f) = cached {
+        // A SYN (a reused tuple), FIN or RST changes the connection: the full path's. So
+        // does a server that is no longer the flow's.
+        if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+            if let Some(outcome) = cached_forward(ctx, f, ip, l4, next) {
+                return outcome;
+            }
+        }
+        // The lookup `balance` skipped.
+        let Some(key) = flow_key(ip, l4.sport, l4.dport, ip.proto) else {
+            return Outcome::Drop(Stat::DropError);
+        };
+        conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
+        if conn.is_none() {
+            svc = find_service(&ip.daddr, l4.dport, ip.proto);
+        }
+    }
     if let Some(mut c) = conn {
         // SAFETY: a map value; concurrent updates of counters may race, which only blurs them.
         let c = unsafe { c.as_mut() };
@@ -471,6 +507,53 @@ fn steer(
         return Outcome::Action(action);
     }
     Outcome::Action(forward_xdp(ctx, ip, next))
+}
+
+/// A packet of cached flow `f` (no SYN, FIN or RST): forwarded to the flow's server, and
+/// counted everywhere but in the shared entry, which the full path brings up to date
+/// within `FLOW_SYNC_NS`. `None` if the server no longer serves the flow (down, or given
+/// to another service): the full path decides.
+#[inline(always)]
+fn cached_forward(
+    ctx: &XdpContext,
+    mut f: NonNull<CachedFlow>,
+    ip: &Ip,
+    l4: &L4,
+    next: &mut Next,
+) -> Option<Outcome> {
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
+    let f = unsafe { f.as_mut() };
+    let server = SERVERS.get(f.server)?;
+    // As `established` checks, the VIP as IPv4-mapped words.
+    if server.flags & SERVER_UP == 0
+        || server.vport != l4.dport
+        || server.proto != ip.proto
+        || server.vip.w[3] != ip.daddr.w[3]
+        || server.vip.w[2] != lb_common::V4_MAPPED
+    {
+        return None;
+    }
+    let bytes = ip.bytes as u64;
+    count_vip(ip.bytes);
+    count_traffic(&SERVICE_STATS, server.service, bytes);
+    count_traffic(&SERVER_STATS, f.server, bytes);
+    f.packets += 1;
+    f.bytes += bytes;
+    f.last_ns = ip.now;
+    // Direct, with the server's next hop fresh and the packet within its path MTU: a MAC
+    // rewrite, here, without a call. Anything else as the full path forwards it.
+    if server.method == Method::Direct as u8 && ip.now < server.hop_until_ns {
+        if ip.tot_len <= server.mtu {
+            return Some(send(ctx, &Hop::of_server(server)));
+        }
+    }
+    next.server = f.server;
+    if server.method == Method::Nat as u8 {
+        next.nat_addr.w[2] = lb_common::V4_MAPPED;
+        next.nat_addr.w[3] = f.nat_addr;
+    }
+    next.nat_port = f.nat_port;
+    Some(Outcome::Action(forward_xdp(ctx, ip, next)))
 }
 
 /// Whether the daemon stopped renewing the settings' lease by `now`: it is gone (crashed,

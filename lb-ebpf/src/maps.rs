@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, Connection, Counters, FlowKey, Persist, PersistKey, Server, Service, ServiceKey,
-    Settings, Stat, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES,
-    RING_PAGE, VIP_FILTER_SLOTS,
+    flow_cache_slot, Addr, CachedFlow, Connection, Counters, FlowKey, Persist, PersistKey, Server,
+    Service, ServiceKey, Settings, Stat, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
+    DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE, VIP_FILTER_SLOTS,
 };
 
 use crate::{net::*, parse::*};
@@ -66,6 +66,20 @@ pub static SERVICE_STATS: PerCpuArray<Counters> =
 /// Per-CPU packets and bytes per server index.
 #[map(name = "server_stats")]
 pub static SERVER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// Per CPU, the established IPv4 flows forwarded last (`CachedFlow`): a packet of one is
+/// forwarded without the `connections` lookup (`steer`), and the full path takes its counts
+/// into the shared entry at least once a second (`FLOW_SYNC_NS`).
+#[map(name = "flow_cache")]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// This CPU's flow cache slot for an IPv4 flow (addresses and ports as on the wire).
+#[inline(always)]
+pub fn flow_slot(saddr: u32, daddr: u32, sport: u16, dport: u16) -> Option<NonNull<CachedFlow>> {
+    FLOW_CACHE
+        .get_ptr_mut(flow_cache_slot(saddr, daddr, sport, dport))
+        .and_then(NonNull::new)
+}
 
 /// The one settings record.
 #[map(name = "settings")]

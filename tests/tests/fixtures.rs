@@ -321,6 +321,12 @@ impl Bench {
         );
     }
 
+    /// One run of `frame` from the client's side: the action and the frame that left.
+    fn once(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let _inside = self.lab.ns("fx").enter();
+        self.dp.test_run(frame, self.eth0).expect("test_run")
+    }
+
     fn run_decap(&self, fixtures: &[Fixture]) {
         let _inside = self.lab.ns("fx").enter();
         let mut failures = Vec::new();
@@ -355,8 +361,12 @@ fn settings() -> Settings {
 
 /// Round robin and the per-CPU cursors need the test thread on one CPU.
 fn pin_to_cpu0() {
+    pin_to_cpu(0);
+}
+
+fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
-    set.set(0).unwrap();
+    set.set(cpu).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
 }
 
@@ -1748,6 +1758,180 @@ fn four_thousand_services_share_the_ring_pool_and_rows_are_replaced_whole() {
         b.dp.uninstall(id).unwrap();
     }
     assert_eq!(b.dp.ring_pages().1, left + 100);
+}
+
+/// The bytes the dataplane counts for a frame: its IP length and the Ethernet header.
+fn counted(frame: &[u8]) -> u64 {
+    u16::from_be_bytes([frame[16], frame[17]]) as u64 + 14
+}
+
+/// Established packets after the first go by the CPU's flow cache, in each method, with
+/// the same output as the full path; the table (and `connection`) still counts every
+/// packet, a down server, a FIN and a colliding flow take the full path, and after a
+/// second the full path brings the shared entry up to date.
+#[test]
+fn established_flows_go_by_the_flow_cache_and_every_packet_is_still_counted() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    let mut flows = Vec::new();
+    for (svc, port, sport) in [
+        (HTTP, 80u16, 46000u16),
+        (TUN, 81, 46001),
+        (NATSVC, 82, 46002),
+    ] {
+        let syn = from_client(sport, VIP, port, SYN, b"");
+        let (action, _) = b.once(&syn);
+        assert!(
+            action == XDP_TX || action == XDP_REDIRECT,
+            "{svc}: {action}"
+        );
+        let k = key(CLIENT, sport, VIP, port, IPPROTO_TCP);
+        let c = b.dp.connection(&k).unwrap();
+        let (server, _) = b.server_addr(c.server);
+        let ack = from_client(sport, VIP, port, ACK, b"cached");
+        let expected = match svc {
+            HTTP => with_macs(&ack, LB_MAC, mac_of(server)),
+            TUN => ipip(&ack, server),
+            _ => nat_expected(
+                &ack,
+                (LB_NAT_MAC, mac_of(server)),
+                (NAT, u16::from_be(c.nat_port)),
+                (server, 8080),
+            ),
+        };
+        // The first by the full path, which caches the flow; four from the cache.
+        for i in 0..5 {
+            let (action, out) = b.once(&ack);
+            assert!(
+                action == XDP_TX || action == XDP_REDIRECT,
+                "{svc} #{i}: {action}"
+            );
+            assert_eq!(out, expected, "service {svc}, ACK #{i}");
+        }
+        let raw = b.dp.connection_entry(&k).unwrap();
+        assert_eq!(
+            raw.packets, 2,
+            "service {svc}: the shared entry saw SYN and one ACK"
+        );
+        let c = b.dp.connection(&k).unwrap();
+        assert_eq!(c.packets, 6, "service {svc}");
+        assert_eq!(c.bytes, counted(&syn) + 5 * counted(&ack), "service {svc}");
+        let listed = b.dp.connections().unwrap();
+        assert!(listed.iter().any(|(lk, lc)| *lk == k && lc.packets == 6));
+        flows.push((svc, port, sport, k, ack));
+    }
+
+    // The direct flow's server goes down: its next packet takes the full path, which
+    // counts the cached packets in and moves the connection to a server that is up.
+    let (_, port, sport, k, ack) = flows[0].clone();
+    let old = b.dp.connection(&k).unwrap().server;
+    b.dp.set_server_state(HTTP, old, false, 1).unwrap();
+    let (action, _) = b.once(&ack);
+    assert_eq!(action, XDP_TX);
+    let raw = b.dp.connection_entry(&k).unwrap();
+    assert_ne!(raw.server, old);
+    assert_eq!(raw.packets, 1, "a new connection on the server that is up");
+    b.dp.set_server_state(HTTP, old, true, 1).unwrap();
+
+    // A FIN on the tunnel flow: the full path, which takes the cached packets in and
+    // leaves the flow uncached.
+    let (_, port1, sport1, k1, ack1) = flows[1].clone();
+    let fin = from_client(sport1, VIP, port1, FIN, b"");
+    b.once(&fin);
+    let raw = b.dp.connection_entry(&k1).unwrap();
+    assert_eq!(raw.packets, 7);
+    assert_ne!(raw.flags & lb_common::CONN_FIN, 0);
+    b.once(&ack1);
+    assert_eq!(b.dp.connection_entry(&k1).unwrap().packets, 8);
+
+    // A flow in the same slot as the direct one takes its place; the direct one's cached
+    // packets go into its shared entry then.
+    let slot = |sport: u16| {
+        lb_common::flow_cache_slot(
+            u32::from_ne_bytes(CLIENT),
+            u32::from_ne_bytes(VIP),
+            sport.to_be(),
+            port.to_be(),
+        )
+    };
+    for _ in 0..3 {
+        b.once(&ack); // the first caches it again, two from the cache
+    }
+    let before = b.dp.connection_entry(&k).unwrap().packets;
+    let other = (1u16..)
+        .map(|p| sport.wrapping_add(p))
+        .find(|p| slot(*p) == slot(sport))
+        .unwrap();
+    b.once(&from_client(other, VIP, port, SYN, b""));
+    b.once(&from_client(other, VIP, port, ACK, b""));
+    let after = b.dp.connection_entry(&k).unwrap().packets;
+    assert_eq!(
+        after,
+        before + 2,
+        "the evicted flow's cached packets reached its entry"
+    );
+
+    // After FLOW_SYNC_NS the cache no longer answers: the full path brings the entry up
+    // to date. The NAT flow has 4 packets cached.
+    let (_, _, _, k2, ack2) = flows[2].clone();
+    assert_eq!(b.dp.connection_entry(&k2).unwrap().packets, 2);
+    std::thread::sleep(std::time::Duration::from_nanos(
+        lb_common::FLOW_SYNC_NS + 100_000_000,
+    ));
+    b.once(&ack2);
+    let raw = b.dp.connection_entry(&k2).unwrap();
+    assert_eq!(raw.packets, 7);
+    assert_eq!(b.dp.connection(&k2).unwrap().packets, 7);
+
+    // A flow cached on CPU 0 is reset on CPU 1, and its tuple starts another connection
+    // there, to another server: CPU 0 must not send the new connection's packets to the
+    // old one (every CPU's slot of a flow empties on a SYN, FIN or RST).
+    // Not available_parallelism: it counts this thread's CPUs, and it is pinned to one.
+    // SAFETY: plain libc call.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
+        return;
+    }
+    let row = b.row(TUN);
+    let k3 = key(CLIENT, 46100, VIP, 81, IPPROTO_TCP);
+    let ack3 = from_client(46100, VIP, 81, ACK, b"");
+    b.once(&from_client(46100, VIP, 81, SYN, b""));
+    let first = b.dp.connection(&k3).unwrap().server;
+    b.once(&ack3);
+    b.once(&ack3);
+    assert_eq!(
+        b.dp.connection_entry(&k3).unwrap().packets,
+        2,
+        "one ACK from the cache"
+    );
+    pin_to_cpu(1);
+    let rst = Flags {
+        rst: true,
+        ack: true,
+        ..Default::default()
+    };
+    b.once(&from_client(46100, VIP, 81, rst, b""));
+    assert_eq!(
+        b.dp.connection_entry(&k3).unwrap().packets,
+        4,
+        "CPU 0's cached packet counted in"
+    );
+    // CPU 1's round-robin cursor starts at the row's start: connections of other tuples
+    // first, so that the reused tuple gets another server than on CPU 0.
+    let at = row.iter().position(|s| *s == first).unwrap();
+    for i in 0..=at {
+        b.once(&from_client(46200 + i as u16, VIP, 81, SYN, b""));
+    }
+    b.once(&from_client(46100, VIP, 81, SYN, b""));
+    let second = b.dp.connection(&k3).unwrap().server;
+    assert_ne!(second, first);
+    pin_to_cpu(0);
+    let (action, out) = b.once(&ack3);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(
+        out,
+        ipip(&ack3, b.server_addr(second).0),
+        "CPU 0 follows the new connection"
+    );
 }
 
 #[test]
