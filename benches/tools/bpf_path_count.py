@@ -272,6 +272,10 @@ def run(mem, secs, funcs, maps, rodata, frame, ifindex, now, entry=('xdp.frags',
                     v = mapaddr[reloc]
                 elif reloc in ro:
                     v = ro[reloc] + (imm & 0xffffffff)
+                elif reloc == '.text':
+                    # A function's address (a bpf_loop callback), loaded whether or not
+                    # the path calls the helper: a marker, not followed.
+                    v = 0x7e47_0000_0000 + (imm & 0xffffffff)
                 else:
                     raise Exception('reloc ' + reloc)
             regs[dst] = v

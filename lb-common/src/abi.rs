@@ -487,6 +487,9 @@ pub struct CachedFlow {
     pub _pad: u8,
     /// The connection's NAT source port (nat), as on the wire.
     pub nat_port: u16,
+    /// `Settings::flow_gen` when the full path wrote the slot.
+    pub generation: u32,
+    pub _pad2: u32,
     /// Server index.
     pub server: u32,
     /// The connection's NAT source address (nat), as on the wire.
@@ -499,7 +502,7 @@ pub struct CachedFlow {
     pub packets: u64,
     pub bytes: u64,
 }
-const _: () = assert!(core::mem::size_of::<CachedFlow>() == 56);
+const _: () = assert!(core::mem::size_of::<CachedFlow>() == 64);
 
 impl CachedFlow {
     /// The flow's `connections` key.
@@ -599,7 +602,11 @@ pub struct Settings {
     pub nat_port_min: u16,
     /// NAT: last source port to hand out (host order).
     pub nat_port_max: u16,
-    pub _pad: u32,
+    /// The flow caches' generation, set by the daemon's `Dataplane` (whatever the caller
+    /// writes): a cached flow of another generation is not used. It moves on each time the
+    /// ATM starts forwarding, so a flow cached while it last did (its connection may have
+    /// changed on the other ATM since) is looked up afresh.
+    pub flow_gen: u32,
     /// `bpf_ktime_get_ns()` until which the daemon vouches for this record; 0 = always.
     /// The daemon renews it every heartbeat. If the daemon dies (the program stays attached),
     /// an active ATM past its lease drops service traffic instead of handing it to the stack,

@@ -115,20 +115,17 @@ pub fn entries(
 }
 
 fn lookup_batch(fd: RawFd) -> io::Result<Vec<(FlowKey, Connection)>> {
-    let (keys, values) = lookup_batch_of::<FlowKey, Connection>(fd, 1)?;
+    let (keys, values) = lookup_batch_of::<FlowKey, Connection>(fd)?;
     Ok(keys.into_iter().zip(values).collect())
 }
 
-/// Every key of the map behind `fd` with its `per_key` values (a per-CPU map: one per
-/// possible CPU, each of a size that is a multiple of 8, as the kernel lays them out), a
-/// batch of `BATCH` keys per system call.
+/// Every key of the map behind `fd` with its value, a batch of `BATCH` keys per system
+/// call.
 fn lookup_batch_of<K: Copy + Default, V: Copy + Default>(
     fd: RawFd,
-    per_key: usize,
 ) -> io::Result<(Vec<K>, Vec<V>)> {
-    const { assert!(std::mem::size_of::<V>().is_multiple_of(8)) };
     let mut keys = vec![K::default(); BATCH];
-    let mut values = vec![V::default(); BATCH * per_key];
+    let mut values = vec![V::default(); BATCH];
     // The kernel's resume point: opaque (a bucket number for hash maps, an index for arrays).
     let (mut token, mut next) = (0u64, 0u64);
     let (mut out_keys, mut out_values) = (Vec::new(), Vec::new());
@@ -147,9 +144,8 @@ fn lookup_batch_of<K: Copy + Default, V: Copy + Default>(
             map_fd: fd as u32,
             ..Default::default()
         };
-        // SAFETY: bpf(2) with an attr that points at buffers of BATCH keys and of BATCH
-        // times `per_key` values of the map's own types, and at the two resume tokens; all
-        // outlive the call.
+        // SAFETY: bpf(2) with an attr that points at buffers of BATCH keys and values of
+        // the map's own types, and at the two resume tokens; all outlive the call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -170,7 +166,7 @@ fn lookup_batch_of<K: Copy + Default, V: Copy + Default>(
         // The kernel writes the count back even with ENOENT (the last, partial batch).
         let n = (attr.count as usize).min(BATCH);
         out_keys.extend_from_slice(&keys[..n]);
-        out_values.extend_from_slice(&values[..n * per_key]);
+        out_values.extend_from_slice(&values[..n]);
         if done {
             return Ok((out_keys, out_values));
         }
@@ -179,11 +175,11 @@ fn lookup_batch_of<K: Copy + Default, V: Copy + Default>(
     }
 }
 
-/// What the CPUs' flow caches (`flow_cache`) forwarded that the shared entries have not
-/// seen yet, by flow: packets and bytes summed over the CPUs, the latest packet's time.
+/// What the CPUs' flow caches (`flow_cache`, every CPU's slots in one array) forwarded that
+/// the shared entries have not seen yet, by flow: packets and bytes summed over the CPUs,
+/// the latest packet's time.
 pub fn pending(fd: RawFd) -> io::Result<StdHashMap<FlowKey, CachedFlow>> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-    let (_, values) = lookup_batch_of::<u32, CachedFlow>(fd, cpus)?;
+    let (_, values) = lookup_batch_of::<u32, CachedFlow>(fd)?;
     let mut out: StdHashMap<FlowKey, CachedFlow> = StdHashMap::new();
     for f in values.iter().filter(|f| f.daddr != 0 && f.packets != 0) {
         let e = out.entry(f.key()).or_default();

@@ -147,7 +147,11 @@ pub struct Dataplane {
     servers: Array<MapData, Server>,
     sched: SchedTable,
     connections: HashMap<MapData, FlowKey, Connection>,
-    flow_cache: PerCpuArray<MapData, lb_common::CachedFlow>,
+    flow_cache: Array<MapData, lb_common::CachedFlow>,
+    /// The flow caches' generation (`Settings::flow_gen`), and whether the last settings
+    /// written had lb_xdp forward.
+    flow_gen: u32,
+    active: bool,
     stat: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     server_stats: PerCpuArray<MapData, Counters>,
@@ -203,11 +207,17 @@ impl Dataplane {
             )));
         }
         let sched_pages = ring_pool_pages(caps.services, caps.servers);
+        // Each CPU's flow cache slots in one array.
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| Error::Io {
+            what: what.to_string(),
+            source,
+        })? as u32;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::SERVICES, caps.services)
             .map_max_entries(maps::VIPS, caps.services)
             .map_max_entries(maps::SERVERS, caps.servers)
             .map_max_entries(maps::SCHED_TABLE, sched_pages)
+            .map_max_entries(maps::FLOW_CACHE, cpus * lb_common::FLOW_CACHE_SLOTS)
             .map_max_entries(maps::RR_CURSOR, caps.services)
             .map_max_entries(maps::CONNECTIONS, caps.connections)
             .map_max_entries(maps::PERSISTENCE, caps.connections)
@@ -233,7 +243,9 @@ impl Dataplane {
             nat_addrs: Vec::new(),
             servers: typed_map!(&mut ebpf, Array, maps::SERVERS),
             connections: typed_map!(&mut ebpf, HashMap, maps::CONNECTIONS),
-            flow_cache: typed_map!(&mut ebpf, PerCpuArray, maps::FLOW_CACHE),
+            flow_cache: typed_map!(&mut ebpf, Array, maps::FLOW_CACHE),
+            flow_gen: 0,
+            active: false,
             stat: typed_map!(&mut ebpf, PerCpuArray, maps::STAT),
             service_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVICE_STATS),
             server_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVER_STATS),
@@ -345,9 +357,22 @@ impl Dataplane {
 
     /// Replaces the settings record (timeout, debug, active flag, local and NAT addresses).
     pub fn set_settings(&mut self, s: &Settings) -> Result<(), Error> {
+        // The flow caches start a generation whenever lb_xdp starts forwarding: what they
+        // hold from an earlier time as primary may no longer be so.
+        let active = s.flags & lb_common::SETTINGS_ACTIVE != 0;
+        let generation = if active && !self.active {
+            self.flow_gen.wrapping_add(1)
+        } else {
+            self.flow_gen
+        };
+        let s = &Settings {
+            flow_gen: generation,
+            ..*s
+        };
         self.settings
             .set(0, s, 0)
             .map_err(map_err(maps::SETTINGS))?;
+        (self.flow_gen, self.active) = (generation, active);
         let mut nat: Vec<Addr> = s.nat_pool[..(s.nat_pool_len as usize).min(s.nat_pool.len())]
             .iter()
             .map(|raw| Addr::v4_raw(*raw))
@@ -525,11 +550,15 @@ impl Dataplane {
         let mut c = self.connections.get(key, 0).ok()?;
         if let (Some(saddr), Some(daddr)) = (key.src.as_v4_raw(), key.dst.as_v4_raw()) {
             let slot = lb_common::flow_cache_slot(saddr, daddr, key.sport, key.dport);
-            if let Ok(per_cpu) = self.flow_cache.get(&slot, 0) {
-                for f in per_cpu.iter() {
-                    if f.daddr != 0 && f.key() == *key {
-                        f.merge_into(&mut c);
-                    }
+            for cpu in 0.. {
+                let Ok(f) = self
+                    .flow_cache
+                    .get(&(cpu * lb_common::FLOW_CACHE_SLOTS + slot), 0)
+                else {
+                    break;
+                };
+                if f.daddr != 0 && f.key() == *key {
+                    f.merge_into(&mut c);
                 }
             }
         }

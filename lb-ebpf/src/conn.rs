@@ -3,20 +3,15 @@
 //! and the NAT source port search (`nat_reserve`, `nat_full`).
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    cty::c_void,
-    helpers::generated::{bpf_loop, bpf_map_lookup_percpu_elem},
-    macros::map,
-    maps::Array,
+    bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop, macros::map, maps::Array,
     programs::XdpContext,
 };
 use aya_log_ebpf::info;
 use core::ptr::NonNull;
 use lb_common::{
-    flow_cache_slot, nat, Addr, CachedFlow, ConnEvent, Connection, FlowKey, Method, Server,
-    Service, Settings, Stat, CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY,
-    CONN_RST, DEFAULT_SERVERS, EVENT_CLOSE, EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP,
-    SETTINGS_SYNC,
+    nat, Addr, CachedFlow, ConnEvent, Connection, FlowKey, Method, Server, Service, Settings, Stat,
+    CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS,
+    EVENT_CLOSE, EVENT_OPEN, FLOW_CACHE_SLOTS, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SETTINGS_SYNC,
 };
 
 use crate::{finish, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
@@ -292,21 +287,16 @@ pub fn established(
     // below if the connection goes on. A SYN (the tuple starts another connection), FIN or
     // RST changes the connection for every CPU: the flow leaves every CPU's cache, whose
     // packets of it go into the entry.
-    let slot = if ip.v6 {
-        None
-    } else {
-        flow_slot(ip.saddr.w[3], ip.daddr.w[3], l4.sport, l4.dport)
-    };
     if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         forget_everywhere(c, ip, l4);
-    } else if let Some(mut f) = slot {
-        // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
-        let f = unsafe { f.as_mut() };
-        if cached_is(f, ip, l4) {
+    } else if ip.slot_holds {
+        if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
+            // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
+            let f = unsafe { &mut *f };
             f.merge_into(c);
             f.daddr = 0;
-            f.packets = 0;
-            f.bytes = 0;
+            zero_u64(&mut f.packets);
+            zero_u64(&mut f.bytes);
         }
     }
     // Saturating: an entry the daemon installed (a synced one) may carry a time a little
@@ -350,23 +340,19 @@ pub fn established(
     count_traffic(&SERVER_STATS, id, bytes);
     // Not a closing connection: its NAT port may soon be another's, and a late packet of it
     // must then find no entry, as without the cache.
-    if let Some(mut f) = slot {
-        if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
-            // SAFETY: a per-CPU slot.
-            cache_flow(unsafe { f.as_mut() }, ip, l4, c);
+    // Nor a connection of fewer than 3 packets yet: most of the shortest flows would fill
+    // a slot for nothing (and the cost shows when every flow is new); a long one is cached
+    // from its third packet on.
+    if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+        && c.flags & (CONN_FIN | CONN_RST) == 0
+        && c.packets >= CACHE_AFTER
+    {
+        if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
+            // SAFETY: this CPU's slot.
+            cache_flow(unsafe { &mut *f }, ip, l4, c, settings.flow_gen);
         }
     }
     Some(forward(ctx, settings, id, ip, &c.nat_addr, c.nat_port))
-}
-
-/// Whether cache slot `f` holds the IPv4 flow of packet `ip`, `l4`.
-#[inline(always)]
-fn cached_is(f: &CachedFlow, ip: &Ip, l4: &L4) -> bool {
-    f.daddr == ip.daddr.w[3]
-        && f.saddr == ip.saddr.w[3]
-        && f.sport == l4.sport
-        && f.dport == l4.dport
-        && f.proto == ip.proto
 }
 
 /// The most CPUs [`forget_everywhere`] visits; it stops at the first that does not exist.
@@ -392,12 +378,12 @@ struct Forget {
 /// CPU would otherwise go on to the old server or NAT port for up to `FLOW_SYNC_NS`.
 #[inline(always)]
 fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
-    if ip.v6 {
+    if ip.slot == NO_SLOT {
         return;
     }
     let (saddr, daddr) = (ip.saddr.w[3], ip.daddr.w[3]);
     let mut f = Forget {
-        slot: flow_cache_slot(saddr, daddr, l4.sport, l4.dport),
+        slot: ip.slot % FLOW_CACHE_SLOTS,
         saddr,
         daddr,
         sport: l4.sport,
@@ -407,6 +393,9 @@ fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
         packets: 0,
         bytes: 0,
     };
+    zero_u64(&mut f.last_ns);
+    zero_u64(&mut f.packets);
+    zero_u64(&mut f.bytes);
     // SAFETY: the helper calls `forget_on_cpu` with `f`, which lives on this stack frame
     // for the whole call.
     unsafe {
@@ -429,20 +418,12 @@ fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
 extern "C" fn forget_on_cpu(cpu: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `forget_everywhere` passes its Forget.
     let p = unsafe { &mut *(ctx as *mut Forget) };
-    // SAFETY: a lookup in the flow cache map by its own key type; the answer is that CPU's
-    // value or null.
-    let f = unsafe {
-        bpf_map_lookup_percpu_elem(
-            core::ptr::addr_of!(FLOW_CACHE) as *mut c_void,
-            &p.slot as *const u32 as *const c_void,
-            cpu as u32,
-        )
-    } as *mut CachedFlow;
-    if f.is_null() {
+    // Past the last CPU's slots: done.
+    let Some(f) = FLOW_CACHE.get_ptr_mut(cpu as u32 * FLOW_CACHE_SLOTS + p.slot) else {
         return 1;
-    }
-    // SAFETY: a map value of another CPU, which may be forwarding a packet of the flow
-    // right now: that packet's counts may be lost, nothing worse.
+    };
+    // SAFETY: a slot of another CPU, which may be forwarding a packet of the flow right
+    // now: that packet's counts may be lost, nothing worse.
     let f = unsafe { &mut *f };
     if f.daddr == p.daddr
         && f.saddr == p.saddr
@@ -456,17 +437,20 @@ extern "C" fn forget_on_cpu(cpu: u64, ctx: *mut c_void) -> i64 {
         if f.last_ns > p.last_ns {
             p.last_ns = f.last_ns;
         }
-        f.packets = 0;
-        f.bytes = 0;
+        zero_u64(&mut f.packets);
+        zero_u64(&mut f.bytes);
     }
     0
 }
+
+/// The packets a connection has seen (this one counted) before the full path caches it.
+const CACHE_AFTER: u64 = 3;
 
 /// Caches the IPv4 flow of packet `ip`, `l4` on connection `c` (just brought up to date)
 /// in its slot `f`. Another flow's packets in the slot that its shared entry has not seen
 /// yet go there first.
 #[inline(always)]
-fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection) {
+fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection, generation: u32) {
     if f.daddr != 0 && f.packets != 0 {
         if let Some(k) = scratch_key::<1>(
             Addr::v4_raw(f.saddr),
@@ -488,12 +472,14 @@ fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection) {
     f.proto = ip.proto;
     f._pad = 0;
     f.nat_port = c.nat_port;
+    f.generation = generation;
+    f._pad2 = 0;
     f.server = c.server;
     f.nat_addr = c.nat_addr.w[3];
     f.synced_ns = ip.now;
     f.last_ns = ip.now;
-    f.packets = 0;
-    f.bytes = 0;
+    zero_u64(&mut f.packets);
+    zero_u64(&mut f.bytes);
 }
 
 /// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the

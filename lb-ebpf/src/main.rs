@@ -37,8 +37,8 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, CachedFlow, Connection, DecapStat, Method, Service, Settings, Stat, CONN_REPLY,
-    FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVER_UP,
+    flow_cache_slot, Addr, CachedFlow, Connection, DecapStat, Method, Service, Settings, Stat,
+    CONN_REPLY, FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVER_UP,
     SETTINGS_ACTIVE,
 };
 
@@ -194,6 +194,9 @@ fn balance(ctx: &XdpContext) -> Outcome {
     let mut conn: Option<NonNull<Connection>> = None;
     let mut svc: Option<NonNull<Service>> = None;
     let mut cached: Option<NonNull<CachedFlow>> = None;
+    let (mut slot, mut slot_holds) = (NO_SLOT, false);
+    // A server's reply to the NAT address is never cached: no probe for it.
+    let to_nat = is_nat_addr(settings, daddr);
     if iph.proto == IPPROTO_TCP || iph.proto == IPPROTO_UDP {
         if let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) {
             // SAFETY: bounds checked by ptr_at.
@@ -201,16 +204,24 @@ fn balance(ctx: &XdpContext) -> Outcome {
             // An established flow this CPU forwarded within the last second needs no
             // lookup: `steer` forwards it from the cache (or, for a SYN, FIN or RST, looks
             // it up after all).
-            cached = flow_slot(iph.saddr, daddr, sport, dport).filter(|f| {
+            if !to_nat {
+                slot = flow_index(flow_cache_slot(iph.saddr, daddr, sport, dport));
+            }
+            if let Some(f) = FLOW_CACHE.get_ptr_mut(slot).and_then(NonNull::new) {
                 // SAFETY: a per-CPU slot.
-                let f = unsafe { f.as_ref() };
-                f.daddr == daddr
-                    && f.saddr == iph.saddr
-                    && f.sport == sport
-                    && f.dport == dport
-                    && f.proto == iph.proto
-                    && now.wrapping_sub(f.synced_ns) < FLOW_SYNC_NS
-            });
+                let r = unsafe { f.as_ref() };
+                slot_holds = r.daddr == daddr
+                    && r.saddr == iph.saddr
+                    && r.sport == sport
+                    && r.dport == dport
+                    && r.proto == iph.proto;
+                if slot_holds
+                    && now.wrapping_sub(r.synced_ns) < FLOW_SYNC_NS
+                    && r.generation == settings.flow_gen
+                {
+                    cached = Some(f);
+                }
+            }
             if cached.is_none() {
                 let Some(key) = scratch_key::<0>(
                     Addr::v4_raw(iph.saddr),
@@ -228,7 +239,6 @@ fn balance(ctx: &XdpContext) -> Outcome {
             }
         }
     }
-    let to_nat = is_nat_addr(settings, daddr);
     // A connection's key names the VIP it was made for (or, a reply leg's, the NAT
     // address); whether its service is still there is checked before it is forwarded
     // (`established`).
@@ -276,6 +286,8 @@ fn balance(ctx: &XdpContext) -> Outcome {
         tot_len,
         bytes: len as u32,
         now,
+        slot,
+        slot_holds,
     };
     let ip: &Ip = ip;
     match ip.proto {
@@ -379,6 +391,8 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
         return Outcome::Drop(Stat::DropMalformed);
     }
     ip.bytes = len as u32;
+    ip.slot = NO_SLOT;
+    ip.slot_holds = false;
     ip.l4_at = l4_at as u16;
     ip.tot_len = tot_len as u16;
     ip.now = now;

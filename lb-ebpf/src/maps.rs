@@ -4,13 +4,14 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_F_MMAPABLE},
+    helpers::generated::bpf_get_smp_processor_id,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use core::ptr::NonNull;
 use lb_common::{
-    flow_cache_slot, Addr, CachedFlow, Connection, Counters, FlowKey, Persist, PersistKey, Server,
-    Service, ServiceKey, Settings, Stat, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
+    Addr, CachedFlow, Connection, Counters, FlowKey, Persist, PersistKey, Server, Service,
+    ServiceKey, Settings, Stat, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
     DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE, VIP_FILTER_SLOTS,
 };
 
@@ -69,16 +70,19 @@ pub static SERVER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(D
 
 /// Per CPU, the established IPv4 flows forwarded last (`CachedFlow`): a packet of one is
 /// forwarded without the `connections` lookup (`steer`), and the full path takes its counts
-/// into the shared entry at least once a second (`FLOW_SYNC_NS`).
+/// into the shared entry at least once a second (`FLOW_SYNC_NS`). A plain array, CPU `c`'s
+/// slots from `c * FLOW_CACHE_SLOTS` ([`flow_index`]), rather than a per-CPU one: a probe
+/// is one memory access, not two (a per-CPU array reaches each value through a table of
+/// pointers), and a CPU can reach another's slots. The daemon sizes it for its CPUs.
 #[map(name = "flow_cache")]
-pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+pub static FLOW_CACHE: Array<CachedFlow> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
-/// This CPU's flow cache slot for an IPv4 flow (addresses and ports as on the wire).
+/// The index in `flow_cache` of slot `slot` (`flow_cache_slot`) of this CPU.
 #[inline(always)]
-pub fn flow_slot(saddr: u32, daddr: u32, sport: u16, dport: u16) -> Option<NonNull<CachedFlow>> {
-    FLOW_CACHE
-        .get_ptr_mut(flow_cache_slot(saddr, daddr, sport, dport))
-        .and_then(NonNull::new)
+pub fn flow_index(slot: u32) -> u32 {
+    // SAFETY: plain helper call (inlined by the verifier).
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    cpu * FLOW_CACHE_SLOTS + slot
 }
 
 /// The one settings record.

@@ -185,6 +185,14 @@ pub fn zero_words<T>(p: &mut T) {
     }
 }
 
+/// Zeroes a u64 with one volatile store: plain stores of zero to neighbouring fields are
+/// merged into a call to BPF's byte-looping memset.
+#[inline(always)]
+pub fn zero_u64(p: &mut u64) {
+    // SAFETY: a valid, aligned u64.
+    unsafe { (p as *mut u64).write_volatile(0) };
+}
+
 /// Copies a 16-byte address word by word, with volatile reads: a plain copy becomes a call
 /// to BPF's byte-looping memmove. `src` may point into the packet.
 #[inline(always)]

@@ -48,7 +48,15 @@ pub struct Ip {
     /// Every time the dataplane keeps (idle timeouts, the lease, the next-hop cache) is in
     /// seconds.
     pub now: u64,
+    /// The packet's flow cache slot (`flow_cache`, an IPv4 TCP or UDP packet's; else
+    /// [`NO_SLOT`]), found by `balance`, and whether it holds this flow (fresh or not):
+    /// the full path takes its counts in and fills it without looking again.
+    pub slot: u32,
+    pub slot_holds: bool,
 }
+
+/// [`Ip::slot`] of a packet that has none.
+pub const NO_SLOT: u32 = u32::MAX;
 
 impl Ip {
     /// Offset of the L4 header. It is at most 14 + 60 for IPv4, [`L4_AT_MAX`] for IPv6

@@ -100,7 +100,6 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         nat_addr: Addr::from(cluster::NAT_GATEWAY.parse::<Ipv4Addr>().unwrap()),
         nat_port_min: 20_000,
         nat_port_max: 59_999,
-        _pad: 0,
         lease_ns: 0,
         settle_until_ns: 0,
         ..Default::default()

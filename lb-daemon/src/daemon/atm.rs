@@ -67,7 +67,7 @@ impl Daemon {
                 .unwrap_or_default(),
             nat_port_min: NAT_PORTS.0,
             nat_port_max: NAT_PORTS.1,
-            _pad: 0,
+            flow_gen: 0,
             lease_ns: dataplane::now_ns() + self.lease().as_nanos() as u64,
             settle_until_ns: self.part.atm().map_or(0, |a| a.settle_until_ns),
             port_hold_ns: self
