@@ -724,15 +724,17 @@ extern "C" fn nat_probe(i: u64, ctx: *mut c_void) -> i64 {
         // The old connection's client leg still names this pair: it goes too, or a late
         // packet of it would be translated onto the new connection.
         forget_client_leg(&*e, key);
+        // Word by word, volatile: plain stores and copies here became five calls of BPF's
+        // byte-looping memset and memmove on every step of the search that reused a pair.
         let r = &sc.reply;
-        (*e).packets = 0;
-        (*e).bytes = 0;
+        zero_u64(&mut (*e).packets);
+        zero_u64(&mut (*e).bytes);
         (*e).server = r.server;
         (*e).flags = r.flags;
         (*e).nat_port = r.nat_port;
-        core::ptr::copy_nonoverlapping(&r.nat_addr, core::ptr::addr_of_mut!((*e).nat_addr), 1);
-        (*e).peer_mac = r.peer_mac;
-        (*e).local_mac = r.local_mac;
+        copy_addr(&mut (*e).nat_addr, &r.nat_addr.w);
+        put_mac(&mut (*e).peer_mac, &r.peer_mac);
+        put_mac(&mut (*e).local_mac, &r.local_mac);
         (*e).ifindex = r.ifindex;
     }
     p.found = i as u32 + 1;
@@ -751,8 +753,8 @@ fn forget_client_leg(reply: &Connection, key: &FlowKey) {
     };
     // SAFETY: a per-CPU slot; slot 2 is only used here.
     let client = unsafe { &mut (*keys)[2] };
-    client.src = reply.nat_addr;
-    client.dst = server.vip;
+    copy_addr(&mut client.src, &reply.nat_addr.w);
+    copy_addr(&mut client.dst, &server.vip.w);
     client.sport = reply.nat_port;
     client.dport = server.vport;
     client.proto = key.proto;
