@@ -12,9 +12,11 @@ pub mod bench;
 pub mod csum;
 pub mod hash;
 pub mod nat;
+pub mod ring;
 #[cfg(feature = "std")]
 pub mod sched;
 #[cfg(feature = "netlink")]
 pub mod xdp_link;
 
 pub use abi::*;
+pub use ring::*;

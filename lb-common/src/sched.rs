@@ -260,7 +260,7 @@ fn inverse_mod(a: u64, m: &Barrett) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::RING_MAX;
+    use crate::ring::RING_MAX;
     use core::net::Ipv4Addr;
     use std::collections::HashMap;
 

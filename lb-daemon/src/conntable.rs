@@ -182,10 +182,7 @@ pub fn pending(fd: RawFd) -> io::Result<StdHashMap<FlowKey, CachedFlow>> {
     let (_, values) = lookup_batch_of::<u32, CachedFlow>(fd)?;
     let mut out: StdHashMap<FlowKey, CachedFlow> = StdHashMap::new();
     for f in values.iter().filter(|f| f.daddr != 0 && f.packets != 0) {
-        let e = out.entry(f.key()).or_default();
-        e.packets += f.packets;
-        e.bytes += f.bytes;
-        e.last_ns = e.last_ns.max(f.last_ns);
+        out.entry(f.key()).or_default().absorb(f);
     }
     Ok(out)
 }

@@ -9,12 +9,12 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use core::ptr::NonNull;
 use lb_common::{
-    nat, Addr, CachedFlow, ConnEvent, Connection, FlowKey, Method, Server, Service, Settings, Stat,
-    CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS,
-    EVENT_CLOSE, EVENT_OPEN, FLOW_CACHE_SLOTS, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SETTINGS_SYNC,
+    nat, Addr, ConnEvent, Connection, FlowKey, Method, Server, Service, Settings, Stat, CONN_FIN,
+    CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS, EVENT_CLOSE,
+    EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SETTINGS_SYNC,
 };
 
-use crate::{finish, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
+use crate::{finish, flows::*, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
 
 /// Reports a connection event when backups are to be kept in step.
 #[inline(always)]
@@ -289,15 +289,8 @@ pub fn established(
     // packets of it go into the entry.
     if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         forget_everywhere(c, ip, l4);
-    } else if ip.slot_holds {
-        if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
-            // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
-            let f = unsafe { &mut *f };
-            f.merge_into(c);
-            f.daddr = 0;
-            zero_u64(&mut f.packets);
-            zero_u64(&mut f.bytes);
-        }
+    } else {
+        take_cached(c, ip);
     }
     // Saturating: an entry the daemon installed (a synced one) may carry a time a little
     // ahead of this coarse clock, and is then as fresh as can be, not 2^64 ns old.
@@ -310,11 +303,7 @@ pub fn established(
     // made for: a server taken out, a service removed (its servers are marked down) or a
     // server index given to another service loses the connection, as `services` would.
     let server = SERVERS.get(c.server)?;
-    if server.flags & SERVER_UP == 0
-        || server.vip != ip.daddr
-        || server.vport != l4.dport
-        || server.proto != ip.proto
-    {
+    if !serves(server, ip, l4) {
         // The connection moves to another server: no CPU may send it to this one again,
         // should it come back up within the cache's second.
         forget_everywhere(c, ip, l4);
@@ -338,148 +327,20 @@ pub fn established(
     let (id, service) = (c.server, server.service);
     count_traffic(&SERVICE_STATS, service, bytes);
     count_traffic(&SERVER_STATS, id, bytes);
-    // Not a closing connection: its NAT port may soon be another's, and a late packet of it
-    // must then find no entry, as without the cache.
-    // Nor a connection of fewer than 3 packets yet: most of the shortest flows would fill
-    // a slot for nothing (and the cost shows when every flow is new); a long one is cached
-    // from its third packet on.
-    if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
-        && c.flags & (CONN_FIN | CONN_RST) == 0
-        && c.packets >= CACHE_AFTER
-    {
-        if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
-            // SAFETY: this CPU's slot.
-            cache_flow(unsafe { &mut *f }, ip, l4, c, settings.flow_gen);
-        }
-    }
+    cache_if_due(c, ip, l4, settings.flow_gen);
     Some(forward(ctx, settings, id, ip, &c.nat_addr, c.nat_port))
 }
 
-/// The most CPUs [`forget_everywhere`] visits; it stops at the first that does not exist.
-const CPUS_MAX: u32 = 4096;
-
-/// The flow [`forget_on_cpu`] removes from each CPU's cache, and what it found there.
-#[repr(C)]
-struct Forget {
-    slot: u32,
-    saddr: u32,
-    daddr: u32,
-    sport: u16,
-    dport: u16,
-    proto: u32,
-    last_ns: u64,
-    packets: u64,
-    bytes: u64,
-}
-
-/// Removes the IPv4 flow of packet `ip`, `l4` from the cache of every CPU (its slot on each,
-/// through `bpf_map_lookup_percpu_elem`), and adds what they forwarded of it into its
-/// connection `c`. For a change that every CPU must see at once: a cached flow on another
-/// CPU would otherwise go on to the old server or NAT port for up to `FLOW_SYNC_NS`.
+/// Whether `server` still serves a packet of a connection made to it: up, and the VIP,
+/// port and protocol of its service are the packet's. A server taken out, a service
+/// removed (its servers are marked down) or a server index given to another service loses
+/// the connection, as `services` would.
 #[inline(always)]
-fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
-    if ip.slot == NO_SLOT {
-        return;
-    }
-    let (saddr, daddr) = (ip.saddr.w[3], ip.daddr.w[3]);
-    let mut f = Forget {
-        slot: ip.slot % FLOW_CACHE_SLOTS,
-        saddr,
-        daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: ip.proto as u32,
-        last_ns: 0,
-        packets: 0,
-        bytes: 0,
-    };
-    zero_u64(&mut f.last_ns);
-    zero_u64(&mut f.packets);
-    zero_u64(&mut f.bytes);
-    // SAFETY: the helper calls `forget_on_cpu` with `f`, which lives on this stack frame
-    // for the whole call.
-    unsafe {
-        bpf_loop(
-            CPUS_MAX,
-            forget_on_cpu as *mut c_void,
-            &mut f as *mut Forget as *mut c_void,
-            0,
-        );
-    }
-    c.packets += f.packets;
-    c.bytes += f.bytes;
-    if f.last_ns > c.last_seen_ns {
-        c.last_seen_ns = f.last_ns;
-    }
-}
-
-/// One CPU of [`forget_everywhere`] (a `bpf_loop` callback): 1 to stop (no such CPU).
-#[inline(never)]
-extern "C" fn forget_on_cpu(cpu: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `forget_everywhere` passes its Forget.
-    let p = unsafe { &mut *(ctx as *mut Forget) };
-    // Past the last CPU's slots: done.
-    let Some(f) = FLOW_CACHE.get_ptr_mut(cpu as u32 * FLOW_CACHE_SLOTS + p.slot) else {
-        return 1;
-    };
-    // SAFETY: a slot of another CPU, which may be forwarding a packet of the flow right
-    // now: that packet's counts may be lost, nothing worse.
-    let f = unsafe { &mut *f };
-    if f.daddr == p.daddr
-        && f.saddr == p.saddr
-        && f.sport == p.sport
-        && f.dport == p.dport
-        && f.proto as u32 == p.proto
-    {
-        f.daddr = 0;
-        p.packets += f.packets;
-        p.bytes += f.bytes;
-        if f.last_ns > p.last_ns {
-            p.last_ns = f.last_ns;
-        }
-        zero_u64(&mut f.packets);
-        zero_u64(&mut f.bytes);
-    }
-    0
-}
-
-/// The packets a connection has seen (this one counted) before the full path caches it.
-const CACHE_AFTER: u64 = 3;
-
-/// Caches the IPv4 flow of packet `ip`, `l4` on connection `c` (just brought up to date)
-/// in its slot `f`. Another flow's packets in the slot that its shared entry has not seen
-/// yet go there first.
-#[inline(always)]
-fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection, generation: u32) {
-    if f.daddr != 0 && f.packets != 0 {
-        if let Some(k) = scratch_key::<1>(
-            Addr::v4_raw(f.saddr),
-            Addr::v4_raw(f.daddr),
-            f.sport,
-            f.dport,
-            f.proto,
-        ) {
-            if let Some(v) = CONNECTIONS.get_ptr_mut(&*k) {
-                // SAFETY: a map value; racing updates of counters only blur them.
-                f.merge_into(unsafe { &mut *v });
-            }
-        }
-    }
-    f.saddr = ip.saddr.w[3];
-    f.daddr = ip.daddr.w[3];
-    f.sport = l4.sport;
-    f.dport = l4.dport;
-    f.proto = ip.proto;
-    f._pad = 0;
-    f.nat_port = c.nat_port;
-    f.generation = generation;
-    f._pad2 = 0;
-    f.server = c.server;
-    f.nat_addr = c.nat_addr.w[3];
-    f.synced_ns = ip.now;
-    f.last_ns = ip.now;
-    zero_u64(&mut f.packets);
-    zero_u64(&mut f.bytes);
+pub fn serves(server: &Server, ip: &Ip, l4: &L4) -> bool {
+    server.flags & SERVER_UP != 0
+        && server.vip == ip.daddr
+        && server.vport == l4.dport
+        && server.proto == ip.proto
 }
 
 /// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the

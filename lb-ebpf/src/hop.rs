@@ -55,11 +55,11 @@ pub fn server_hop(
     };
     // SAFETY: a map value; two CPUs refreshing it at once write the same answer.
     let s = unsafe { &mut *s };
-    if now < s.hop_until_ns {
+    if let Some(hop) = fresh_hop(s, now) {
         if tot_len > s.mtu {
             return Err(NoHop::TooBig(s.mtu));
         }
-        return Ok(Hop::of_server(s));
+        return Ok(hop);
     }
     let found = match (s.addr.as_v4_raw(), src) {
         (Some(dst), Src::V4(src)) => match fib(ctx, dst, src, 0) {
@@ -91,6 +91,12 @@ pub fn server_hop(
         None if s.ifindex != 0 && s.mac != [0; 6] => Ok(Hop::of_server(s)),
         None => Err(NoHop::Route),
     }
+}
+
+/// The next hop the server record caches, while it is fresh ([`HOP_TTL_NS`]).
+#[inline(always)]
+pub fn fresh_hop(s: &Server, now: u64) -> Option<Hop> {
+    (now < s.hop_until_ns).then(|| Hop::of_server(s))
 }
 
 /// The IPv6 path MTU toward `dst`, as [`path_mtu`].

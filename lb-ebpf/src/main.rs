@@ -12,8 +12,8 @@
 //! IPv6-in-IPv6 packets from configured ATMs and passes the inner packet to the stack.
 //!
 //! This file holds the entry points and reads as a packet's path; the work is in `parse`
-//! (headers), `conn` (connections, NAT ports), `sched` (server choice), `fwd` (rewriting,
-//! next hop), `icmp` and `decap`, over the maps of `maps`.
+//! (headers), `conn` (connections, NAT ports), `flows` (the per-CPU flow cache), `sched`
+//! (server choice), `fwd` (rewriting, next hop), `icmp` and `decap`, over the maps of `maps`.
 #![no_std]
 #![no_main]
 // A compare-and-swap on map memory (claiming a NAT port): the BPF target's atomics have no
@@ -24,6 +24,7 @@
 mod clock;
 mod conn;
 mod decap;
+mod flows;
 mod fwd;
 mod hop;
 mod icmp;
@@ -37,12 +38,11 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    flow_cache_slot, Addr, CachedFlow, Connection, DecapStat, Method, Service, Settings, Stat,
-    CONN_REPLY, FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVER_UP,
-    SETTINGS_ACTIVE,
+    flow_cache_slot, Addr, CachedFlow, Connection, DecapStat, Service, Settings, Stat, CONN_REPLY,
+    FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SETTINGS_ACTIVE,
 };
 
-use crate::{conn::*, decap::*, fwd::*, hop::*, icmp::*, maps::*, net::*, parse::*};
+use crate::{conn::*, decap::*, flows::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
 
 /// What happens to a packet; each maps to one XDP action and one outcome counter.
 enum Outcome {
@@ -210,11 +210,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
             if let Some(f) = FLOW_CACHE.get_ptr_mut(slot).and_then(NonNull::new) {
                 // SAFETY: a per-CPU slot.
                 let r = unsafe { f.as_ref() };
-                slot_holds = r.daddr == daddr
-                    && r.saddr == iph.saddr
-                    && r.sport == sport
-                    && r.dport == dport
-                    && r.proto == iph.proto;
+                slot_holds = r.is(iph.saddr, daddr, sport, dport, iph.proto);
                 if slot_holds
                     && now.wrapping_sub(r.synced_ns) < FLOW_SYNC_NS
                     && r.generation == settings.flow_gen
@@ -521,53 +517,6 @@ fn steer(
         return Outcome::Action(action);
     }
     Outcome::Action(forward_xdp(ctx, ip, next))
-}
-
-/// A packet of cached flow `f` (no SYN, FIN or RST): forwarded to the flow's server, and
-/// counted everywhere but in the shared entry, which the full path brings up to date
-/// within `FLOW_SYNC_NS`. `None` if the server no longer serves the flow (down, or given
-/// to another service): the full path decides.
-#[inline(always)]
-fn cached_forward(
-    ctx: &XdpContext,
-    mut f: NonNull<CachedFlow>,
-    ip: &Ip,
-    l4: &L4,
-    next: &mut Next,
-) -> Option<Outcome> {
-    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
-    let f = unsafe { f.as_mut() };
-    let server = SERVERS.get(f.server)?;
-    // As `established` checks, the VIP as IPv4-mapped words.
-    if server.flags & SERVER_UP == 0
-        || server.vport != l4.dport
-        || server.proto != ip.proto
-        || server.vip.w[3] != ip.daddr.w[3]
-        || server.vip.w[2] != lb_common::V4_MAPPED
-    {
-        return None;
-    }
-    let bytes = ip.bytes as u64;
-    count_vip(ip.bytes);
-    count_traffic(&SERVICE_STATS, server.service, bytes);
-    count_traffic(&SERVER_STATS, f.server, bytes);
-    f.packets += 1;
-    f.bytes += bytes;
-    f.last_ns = ip.now;
-    // Direct, with the server's next hop fresh and the packet within its path MTU: a MAC
-    // rewrite, here, without a call. Anything else as the full path forwards it.
-    if server.method == Method::Direct as u8 && ip.now < server.hop_until_ns {
-        if ip.tot_len <= server.mtu {
-            return Some(send(ctx, &Hop::of_server(server)));
-        }
-    }
-    next.server = f.server;
-    if server.method == Method::Nat as u8 {
-        next.nat_addr.w[2] = lb_common::V4_MAPPED;
-        next.nat_addr.w[3] = f.nat_addr;
-    }
-    next.nat_port = f.nat_port;
-    Some(Outcome::Action(forward_xdp(ctx, ip, next)))
 }
 
 /// Whether the daemon stopped renewing the settings' lease by `now`: it is gone (crashed,

@@ -1,0 +1,213 @@
+//! The flow cache (`flow_cache`, docs/DATAPLANE.md, "The flow cache"): an established IPv4
+//! flow's packets forwarded from this CPU's slot (`cached_forward`), and the full path's
+//! side of it: taking a slot's counts into the shared entry (`take_cached`), filling the
+//! slot (`cache_if_due`), and emptying the flow's slot on every CPU (`forget_everywhere`).
+
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, programs::XdpContext};
+use core::ptr::NonNull;
+use lb_common::{Addr, CachedFlow, Connection, Method, CONN_FIN, CONN_RST, FLOW_CACHE_SLOTS};
+
+use crate::{conn::*, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
+
+/// A packet of cached flow `f` (no SYN, FIN or RST): forwarded to the flow's server, and
+/// counted everywhere but in the shared entry, which the full path brings up to date
+/// within `FLOW_SYNC_NS`. `None` if the server no longer serves the flow (down, or given
+/// to another service): the full path decides.
+#[inline(always)]
+pub fn cached_forward(
+    ctx: &XdpContext,
+    mut f: NonNull<CachedFlow>,
+    ip: &Ip,
+    l4: &L4,
+    next: &mut Next,
+) -> Option<Outcome> {
+    // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
+    let f = unsafe { f.as_mut() };
+    let server = SERVERS.get(f.server)?;
+    if !serves(server, ip, l4) {
+        return None;
+    }
+    let bytes = ip.bytes as u64;
+    count_vip(ip.bytes);
+    count_traffic(&SERVICE_STATS, server.service, bytes);
+    count_traffic(&SERVER_STATS, f.server, bytes);
+    f.packets += 1;
+    f.bytes += bytes;
+    f.last_ns = ip.now;
+    // Direct, with the server's next hop fresh and the packet within its path MTU: a MAC
+    // rewrite, here, without a call. Anything else as the full path forwards it.
+    if server.method == Method::Direct as u8 {
+        if let Some(hop) = fresh_hop(server, ip.now) {
+            if ip.tot_len <= server.mtu {
+                return Some(send(ctx, &hop));
+            }
+        }
+    }
+    next.server = f.server;
+    if server.method == Method::Nat as u8 {
+        next.nat_addr.w[2] = lb_common::V4_MAPPED;
+        next.nat_addr.w[3] = f.nat_addr;
+    }
+    next.nat_port = f.nat_port;
+    Some(Outcome::Action(forward_xdp(ctx, ip, next)))
+}
+
+/// What this CPU forwarded of the packet's flow from its cache goes into the shared entry
+/// `c`: its last packet may be newer than the entry's. The slot is emptied, and filled again
+/// by [`cache_if_due`] if the connection goes on.
+#[inline(always)]
+pub fn take_cached(c: &mut Connection, ip: &Ip) {
+    if !ip.slot_holds {
+        return;
+    }
+    if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
+        // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
+        let f = unsafe { &mut *f };
+        f.merge_into(c);
+        f.daddr = 0;
+        zero_u64(&mut f.packets);
+        zero_u64(&mut f.bytes);
+    }
+}
+
+/// The packets a connection has seen (this one counted) before the full path caches it.
+const CACHE_AFTER: u64 = 3;
+
+/// Caches the packet's flow on connection `c`, just brought up to date, in generation
+/// `generation`, unless the packet or the connection says not to. Not a SYN, FIN or RST,
+/// nor a closing connection: its NAT port may soon be another's, and a late packet of it
+/// must then find no entry, as without the cache. Nor a connection of fewer than
+/// [`CACHE_AFTER`] packets yet: most of the shortest flows would fill a slot for nothing
+/// (and the cost shows when every flow is new); a long one is cached from its third packet.
+#[inline(always)]
+pub fn cache_if_due(c: &Connection, ip: &Ip, l4: &L4, generation: u32) {
+    if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+        || c.flags & (CONN_FIN | CONN_RST) != 0
+        || c.packets < CACHE_AFTER
+    {
+        return;
+    }
+    if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
+        // SAFETY: this CPU's slot.
+        cache_flow(unsafe { &mut *f }, ip, l4, c, generation);
+    }
+}
+
+/// Caches the IPv4 flow of packet `ip`, `l4` on connection `c` in its slot `f`. Another
+/// flow's packets in the slot that its shared entry has not seen yet go there first.
+#[inline(always)]
+fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection, generation: u32) {
+    if f.daddr != 0 && f.packets != 0 {
+        if let Some(k) = scratch_key::<1>(
+            Addr::v4_raw(f.saddr),
+            Addr::v4_raw(f.daddr),
+            f.sport,
+            f.dport,
+            f.proto,
+        ) {
+            if let Some(v) = CONNECTIONS.get_ptr_mut(&*k) {
+                // SAFETY: a map value; racing updates of counters only blur them.
+                f.merge_into(unsafe { &mut *v });
+            }
+        }
+    }
+    f.saddr = ip.saddr.w[3];
+    f.daddr = ip.daddr.w[3];
+    f.sport = l4.sport;
+    f.dport = l4.dport;
+    f.proto = ip.proto;
+    f._pad = 0;
+    f.nat_port = c.nat_port;
+    f.generation = generation;
+    f._pad2 = 0;
+    f.server = c.server;
+    f.nat_addr = c.nat_addr.w[3];
+    f.synced_ns = ip.now;
+    f.last_ns = ip.now;
+    zero_u64(&mut f.packets);
+    zero_u64(&mut f.bytes);
+}
+
+/// The most CPUs [`forget_everywhere`] visits; it stops at the first that does not exist.
+const CPUS_MAX: u32 = 4096;
+
+/// The flow [`forget_on_cpu`] removes from each CPU's cache, and what the CPUs had
+/// forwarded of it. Fields of its own rather than a `CachedFlow`: a zeroed one is built by
+/// a call of BPF's byte-looping memset, and takes a bigger stack frame.
+#[repr(C)]
+struct Forget {
+    slot: u32,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    last_ns: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+/// Removes the IPv4 flow of packet `ip`, `l4` from the cache of every CPU (its slot in each
+/// CPU's part of `flow_cache`), and adds what they forwarded of it into its connection `c`.
+/// For a change that every CPU must see at once: a cached flow on another CPU would
+/// otherwise go on to the old server or NAT port for up to `FLOW_SYNC_NS`.
+#[inline(always)]
+pub fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
+    if ip.slot == NO_SLOT {
+        return;
+    }
+    let mut f = Forget {
+        slot: ip.slot % FLOW_CACHE_SLOTS,
+        saddr: ip.saddr.w[3],
+        daddr: ip.daddr.w[3],
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: ip.proto,
+        last_ns: 0,
+        packets: 0,
+        bytes: 0,
+    };
+    zero_u64(&mut f.last_ns);
+    zero_u64(&mut f.packets);
+    zero_u64(&mut f.bytes);
+    // SAFETY: the helper calls `forget_on_cpu` with `f`, which lives on this stack frame
+    // for the whole call.
+    unsafe {
+        bpf_loop(
+            CPUS_MAX,
+            forget_on_cpu as *mut c_void,
+            &mut f as *mut Forget as *mut c_void,
+            0,
+        );
+    }
+    c.packets += f.packets;
+    c.bytes += f.bytes;
+    if f.last_ns > c.last_seen_ns {
+        c.last_seen_ns = f.last_ns;
+    }
+}
+
+/// One CPU of [`forget_everywhere`] (a `bpf_loop` callback): 1 to stop (no such CPU).
+#[inline(never)]
+extern "C" fn forget_on_cpu(cpu: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `forget_everywhere` passes its Forget.
+    let p = unsafe { &mut *(ctx as *mut Forget) };
+    // Past the last CPU's slots: done.
+    let Some(f) = FLOW_CACHE.get_ptr_mut(cpu as u32 * FLOW_CACHE_SLOTS + p.slot) else {
+        return 1;
+    };
+    // SAFETY: a slot of another CPU, which may be forwarding a packet of the flow right
+    // now: that packet's counts may be lost, nothing worse.
+    let f = unsafe { &mut *f };
+    if f.is(p.saddr, p.daddr, p.sport, p.dport, p.proto) {
+        f.daddr = 0;
+        p.packets += f.packets;
+        p.bytes += f.bytes;
+        if f.last_ns > p.last_ns {
+            p.last_ns = f.last_ns;
+        }
+        zero_u64(&mut f.packets);
+        zero_u64(&mut f.bytes);
+    }
+    0
+}
