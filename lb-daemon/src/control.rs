@@ -100,7 +100,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
 /// Writes one response line. The JSON is written on a blocking thread: a listing of 65,536
 /// servers takes a while to write, and the runtime's workers carry the heartbeats.
 async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, r: Response) -> std::io::Result<()> {
-    let out = tokio::task::spawn_blocking(move || {
+    let out = crate::background(move || {
         let mut out = serde_json::to_string(&r).unwrap_or_default();
         out.push('\n');
         out

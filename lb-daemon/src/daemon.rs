@@ -467,7 +467,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     d.server_addrs = Arc::new(addrs);
                     // New servers must be resolved before XDP can reach them.
                     let addrs = d.server_addrs();
-                    tokio::task::spawn_blocking(move || neighbours::request(&addrs));
+                    crate::background(move || neighbours::request(&addrs));
                 }
             }},
             // Always ready while a reload's writes remain: one bounded step per turn, with
@@ -500,21 +500,31 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 /// Warns when one turn of the event loop held it for longer than [`BUSY_LIMIT`], naming what
-/// it did: the loop sends the heartbeats, so a long turn delays them.
+/// it did: the loop sends the heartbeats, so a long turn delays them. The warning says how
+/// much of that time the thread ran: the rest it waited, for a CPU or a lock.
 struct Busy {
     what: &'static str,
     since: Instant,
+    cpu: Duration,
 }
 
 /// A turn of the event loop longer than this is logged (a heartbeat interval is 100 ms by
 /// default).
 const BUSY_LIMIT: Duration = Duration::from_millis(50);
 
+/// The CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
 impl Busy {
     fn new(what: &'static str) -> Self {
         Busy {
             what,
             since: Instant::now(),
+            cpu: thread_cpu(),
         }
     }
 }
@@ -523,10 +533,13 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let took = self.since.elapsed();
         if took > BUSY_LIMIT {
+            let ran = thread_cpu().saturating_sub(self.cpu);
             warn!(
-                "The event loop was busy for {} ms with {} (heartbeats wait meanwhile)",
+                "The event loop was busy for {} ms with {} ({} ms of it running; heartbeats \
+                 wait meanwhile)",
                 took.as_millis(),
-                self.what
+                self.what,
+                ran.as_millis()
             );
         }
     }

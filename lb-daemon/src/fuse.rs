@@ -113,6 +113,7 @@ struct Tables {
 
 impl Filesystem for Tables {
     fn lookup(&self, _req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        crate::background_thread();
         // The ATM's tables only: a real server's (decap) is not mounted.
         let t = name
             .to_str()
@@ -125,6 +126,7 @@ impl Filesystem for Tables {
     }
 
     fn getattr(&self, _req: &FuseRequest, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        crate::background_thread();
         let ino = u64::from(ino);
         if ino == ROOT || table_of(ino).is_some() {
             reply.attr(&Duration::ZERO, &attr(ino));
@@ -157,6 +159,7 @@ impl Filesystem for Tables {
     }
 
     fn open(&self, _req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        crate::background_thread();
         let Some(t) = table_of(u64::from(ino)) else {
             reply.error(Errno::EISDIR);
             return;

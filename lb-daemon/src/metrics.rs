@@ -212,6 +212,7 @@ pub fn serve(addr: SocketAddr, tx: mpsc::Sender<Call>) -> std::io::Result<()> {
     thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            crate::background_thread();
             for req in server.incoming_requests() {
                 let response = if req.url() == "/metrics" && *req.method() == tiny_http::Method::Get
                 {

@@ -472,7 +472,7 @@ impl Daemon {
         self.watch_nat_ports();
         if self.part.atm().is_some() {
             let addrs = self.server_addrs();
-            tokio::task::spawn_blocking(move || neighbours::request(&addrs));
+            crate::background(move || neighbours::request(&addrs));
         }
         let Some(a) = self.part.atm_mut() else { return };
         // Beside the event loop (the table may be huge), one sweep at a time.
@@ -488,7 +488,7 @@ impl Daemon {
         }
         let done = Done(a.sweeping.clone());
         let table = a.dp.conn_table();
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let _done = done;
             let idle =
                 |c: &Connection| dataplane::now_ns().saturating_sub(c.last_seen_ns) > timeout_ns;

@@ -44,7 +44,7 @@ impl Daemon {
         let config = self.config.clone();
         let tx = self.checks_tx.clone();
         let jobs = self.jobs_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             drop(old);
             let (health, checks, note) = checks_for(&config, health, &tx);
             let addrs = server_addrs(&config);
@@ -136,7 +136,7 @@ impl Daemon {
                 return;
             }
         };
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let mut t = table;
             match t.remove_where(|c| c.server == index) {
                 Ok(0) => {}

@@ -508,7 +508,7 @@ impl Daemon {
         ha.next_mark += 1;
         let mark = ha.next_mark;
         ha.transfers += 1;
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let whole = match table.entries() {
                 Ok(all) => {
                     let records =

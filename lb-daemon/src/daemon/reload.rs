@@ -170,7 +170,7 @@ impl Daemon {
         self.busy_span = info_span!("reload");
         let path = self.opts.config.clone();
         let jobs = self.jobs_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let config = config::load(&path);
             let _ = jobs.send(Job::Parsed {
                 config: Box::new(config),
@@ -210,7 +210,7 @@ impl Daemon {
         a.plane.start_journal();
         let running_caps = a.caps;
         let jobs = self.jobs_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let result = prepare(running, running_caps, Some(new), caps).map_err(|why| {
                 let sizes = if written {
                     format!(
@@ -329,7 +329,7 @@ impl Daemon {
         a.plane.start_journal();
         let running_caps = a.caps;
         let jobs = self.jobs_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let result = prepare(running, running_caps, None, caps);
             let _ = jobs.send(Job::Prepared {
                 result: result.map(Box::new),
@@ -478,7 +478,7 @@ impl Daemon {
         self.carry_over(&mut plane);
         let Some(a) = self.part.atm_mut() else { return };
         let old = std::mem::replace(&mut a.plane, plane);
-        tokio::task::spawn_blocking(move || drop(old));
+        crate::background(move || drop(old));
         if !removed_lines.is_empty() {
             self.drain(removed_lines);
         }
@@ -522,7 +522,7 @@ impl Daemon {
         let generation = a.generation;
         let table = a.dp.conn_table();
         let jobs = self.jobs_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let gone: std::collections::HashSet<u32> = indices.iter().copied().collect();
             let dropped = table.map_err(|e| e.to_string()).and_then(|mut t| {
                 t.remove_where(|c| gone.contains(&c.server))
@@ -585,7 +585,7 @@ impl Daemon {
                     }
                 }
                 dp.disown_attachments();
-                tokio::task::spawn_blocking(move || drop(dp));
+                crate::background(move || drop(dp));
                 return Err(format!(
                     "attaching the new dataplane to {iface}: {e}; the running dataplane was kept"
                 ));
@@ -598,13 +598,13 @@ impl Daemon {
         a.caps = a.dp.capacities();
         a.generation += 1;
         // Freeing big maps takes a while: not on the loop.
-        tokio::task::spawn_blocking(move || drop(old));
+        crate::background(move || drop(old));
         self.carry_over(&mut plane);
         let Some(a) = self.part.atm_mut() else {
             return Err("this is not an ATM".into());
         };
         let old_plane = std::mem::replace(&mut a.plane, plane);
-        tokio::task::spawn_blocking(move || drop(old_plane));
+        crate::background(move || drop(old_plane));
         let caps = a.caps;
         let resized = format!(
             "Table sizes set to {} {} {}: the maps were resized and all connections dropped",
@@ -628,7 +628,7 @@ impl Daemon {
         let old_vips = self.vips();
         let old_nat = self.config.nat;
         let old = std::mem::replace(&mut self.config, new);
-        tokio::task::spawn_blocking(move || drop(old));
+        crate::background(move || drop(old));
         self.timeout = self.config.cluster.timeout;
         self.debug = self.config.cluster.debug;
         self.restart_checks();

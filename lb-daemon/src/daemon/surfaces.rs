@@ -562,7 +562,7 @@ pub(super) struct TableJob(Box<dyn FnOnce() -> Response + Send>);
 impl TableJob {
     /// Works the answer out and sends it to `reply`, on a blocking thread.
     pub(super) fn run(self, reply: oneshot::Sender<Response>) {
-        tokio::task::spawn_blocking(move || {
+        crate::background(move || {
             let _ = reply.send((self.0)());
         });
     }
