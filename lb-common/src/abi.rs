@@ -441,7 +441,9 @@ pub struct CachedFlow {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// The server's [`Method`] when the slot was filled: lb_xdp's shortest path is for
+    /// direct flows (the server's record has the last word).
+    pub method: u8,
     /// The connection's NAT source port (nat), as on the wire.
     pub nat_port: u16,
     /// `Settings::flow_gen` when the full path wrote the slot.
@@ -649,8 +651,26 @@ pub struct Counters {
 }
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 
-/// Indices of the per-CPU `stat` array. Every packet lands in exactly one of the outcome
-/// counters (`Passed`, `Forwarded`, `Drop*`), so they add up to `Packets`.
+/// Slots of a [`StatBlock`]: [`Stat::COUNT`] rounded up to a power of two, so that lb_xdp
+/// indexes it under a mask the verifier can check.
+pub const STAT_SLOTS: usize = 32;
+const _: () = assert!(Stat::COUNT as usize <= STAT_SLOTS && STAT_SLOTS.is_power_of_two());
+
+/// Value of `stat`'s one entry (per CPU): every global counter, indexed by [`Stat`]. One
+/// lookup reaches all of them, so a packet's several counts (the packet, its VIP traffic,
+/// its outcome) cost one lookup or two, not one each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatBlock(pub [u64; STAT_SLOTS]);
+
+impl Default for StatBlock {
+    fn default() -> Self {
+        StatBlock([0; STAT_SLOTS])
+    }
+}
+
+/// Indices into a [`StatBlock`]. Every packet lands in exactly one of the outcome counters
+/// (`Passed`, `Forwarded`, `Drop*`), so they add up to `Packets`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -810,6 +830,7 @@ mod pod {
     unsafe impl aya::Pod for super::Persist {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::StatBlock {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::CachedFlow {}
 }

@@ -16,7 +16,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use lb_common::{
     Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Server, Service, ServiceKey,
-    Settings, Stat, VIP_FILTER_SLOTS, maps, programs, ring_pool_pages, vip_filter_slot, xdp_link,
+    Settings, Stat, StatBlock, VIP_FILTER_SLOTS, maps, programs, ring_pool_pages, vip_filter_slot,
+    xdp_link,
 };
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
@@ -152,7 +153,7 @@ pub struct Dataplane {
     /// written had lb_xdp forward.
     flow_gen: u32,
     active: bool,
-    stat: PerCpuArray<MapData, u64>,
+    stat: PerCpuArray<MapData, StatBlock>,
     service_stats: PerCpuArray<MapData, Counters>,
     server_stats: PerCpuArray<MapData, Counters>,
     settings: Array<MapData, Settings>,
@@ -582,9 +583,11 @@ impl Dataplane {
     /// The global counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats, Error> {
         let mut out = Stats::default();
-        for (i, slot) in out.0.iter_mut().enumerate() {
-            let per_cpu = self.stat.get(&(i as u32), 0).map_err(map_err(maps::STAT))?;
-            *slot = per_cpu.iter().sum();
+        let per_cpu = self.stat.get(&0, 0).map_err(map_err(maps::STAT))?;
+        for block in per_cpu.iter() {
+            for (sum, n) in out.0.iter_mut().zip(block.0) {
+                *sum += n;
+            }
         }
         Ok(out)
     }

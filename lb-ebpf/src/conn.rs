@@ -324,10 +324,10 @@ pub fn established(
         mark_reply_leg(c, server, fin_rst, ip.proto);
     }
     c.flags |= fin_rst;
-    let (id, service) = (c.server, server.service);
+    let (id, service, method) = (c.server, server.service, server.method);
     count_traffic(&SERVICE_STATS, service, bytes);
     count_traffic(&SERVER_STATS, id, bytes);
-    cache_if_due(c, ip, l4, settings.flow_gen);
+    cache_if_due(c, ip, l4, method, settings.flow_gen);
     Some(forward(ctx, settings, id, ip, &c.nat_addr, c.nat_port))
 }
 
@@ -337,10 +337,16 @@ pub fn established(
 /// the connection, as `services` would.
 #[inline(always)]
 pub fn serves(server: &Server, ip: &Ip, l4: &L4) -> bool {
+    serves_at(server, &ip.daddr, l4.dport, ip.proto)
+}
+
+/// [`serves`], for a packet to `daddr`, port `dport` (as on the wire), protocol `proto`.
+#[inline(always)]
+pub fn serves_at(server: &Server, daddr: &Addr, dport: u16, proto: u8) -> bool {
     server.flags & SERVER_UP != 0
-        && server.vip == ip.daddr
-        && server.vport == l4.dport
-        && server.proto == ip.proto
+        && server.vip == *daddr
+        && server.vport == dport
+        && server.proto == proto
 }
 
 /// The client's leg of NAT connection `c` saw a FIN or RST (`fin_rst`): says so on the

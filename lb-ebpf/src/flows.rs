@@ -5,7 +5,9 @@
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, programs::XdpContext};
 use core::ptr::NonNull;
-use lb_common::{Addr, CachedFlow, Connection, Method, CONN_FIN, CONN_RST, FLOW_CACHE_SLOTS};
+use lb_common::{
+    Addr, CachedFlow, Connection, Method, Server, CONN_FIN, CONN_RST, FLOW_CACHE_SLOTS,
+};
 
 use crate::{conn::*, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
 
@@ -27,13 +29,7 @@ pub fn cached_forward(
     if !serves(server, ip, l4) {
         return None;
     }
-    let bytes = ip.bytes as u64;
-    count_vip(ip.bytes);
-    count_traffic(&SERVICE_STATS, server.service, bytes);
-    count_traffic(&SERVER_STATS, f.server, bytes);
-    f.packets += 1;
-    f.bytes += bytes;
-    f.last_ns = ip.now;
+    take_packet(f, server, ip.bytes, ip.now);
     // Direct, with the server's next hop fresh and the packet within its path MTU: a MAC
     // rewrite, here, without a call. Anything else as the full path forwards it.
     if server.method == Method::Direct as u8 {
@@ -50,6 +46,55 @@ pub fn cached_forward(
     }
     next.nat_port = f.nat_port;
     Some(Outcome::Action(forward_xdp(ctx, ip, next)))
+}
+
+/// A packet of cached direct flow `f`, before `balance` writes the parsed packet down: its
+/// IPv4 header checked, its L4 header (`proto`) at `l4_at`, `tot_len` and `bytes` as in
+/// `Ip`. Sent on with a MAC rewrite, as [`cached_forward`] would; `None`, having changed
+/// nothing, leaves it to the rest of lb_xdp: not direct, a SYN, FIN or RST, a server that no
+/// longer serves the flow, a stale next hop, a packet too big for the path.
+#[inline(always)]
+pub fn cached_direct(
+    ctx: &XdpContext,
+    mut f: NonNull<CachedFlow>,
+    proto: u8,
+    l4_at: usize,
+    tot_len: u16,
+    bytes: u32,
+    now: u64,
+) -> Option<Outcome> {
+    // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
+    let f = unsafe { f.as_mut() };
+    if f.method != Method::Direct as u8 {
+        return None;
+    }
+    let l4 = parse_l4_at(ctx, proto, l4_at, tot_len)?;
+    if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
+    let server = SERVERS.get(f.server)?;
+    // The slot holds the packet's flow: its key is the packet's.
+    if server.method != Method::Direct as u8
+        || !serves_at(server, &Addr::v4_raw(f.daddr), f.dport, f.proto)
+        || tot_len > server.mtu
+    {
+        return None;
+    }
+    let hop = fresh_hop(server, now)?;
+    take_packet(f, server, bytes, now);
+    Some(send(ctx, &hop))
+}
+
+/// Counts a packet of `bytes` forwarded from cached flow `f` to `server`: everywhere but in
+/// the shared entry, which the full path brings up to date within `FLOW_SYNC_NS`.
+#[inline(always)]
+fn take_packet(f: &mut CachedFlow, server: &Server, bytes: u32, now: u64) {
+    count_vip(bytes);
+    count_traffic(&SERVICE_STATS, server.service, bytes as u64);
+    count_traffic(&SERVER_STATS, f.server, bytes as u64);
+    f.packets += 1;
+    f.bytes += bytes as u64;
+    f.last_ns = now;
 }
 
 /// What this CPU forwarded of the packet's flow from its cache goes into the shared entry
@@ -73,14 +118,15 @@ pub fn take_cached(c: &mut Connection, ip: &Ip) {
 /// The packets a connection has seen (this one counted) before the full path caches it.
 const CACHE_AFTER: u64 = 3;
 
-/// Caches the packet's flow on connection `c`, just brought up to date, in generation
-/// `generation`, unless the packet or the connection says not to. Not a SYN, FIN or RST,
-/// nor a closing connection: its NAT port may soon be another's, and a late packet of it
-/// must then find no entry, as without the cache. Nor a connection of fewer than
-/// [`CACHE_AFTER`] packets yet: most of the shortest flows would fill a slot for nothing
-/// (and the cost shows when every flow is new); a long one is cached from its third packet.
+/// Caches the packet's flow on connection `c` (its server's method `method`), just brought
+/// up to date, in generation `generation`, unless the packet or the connection says not to.
+/// Not a SYN, FIN or RST, nor a closing connection: its NAT port may soon be another's, and
+/// a late packet of it must then find no entry, as without the cache. Nor a connection of
+/// fewer than [`CACHE_AFTER`] packets yet: most of the shortest flows would fill a slot for
+/// nothing (and the cost shows when every flow is new); a long one is cached from its third
+/// packet.
 #[inline(always)]
-pub fn cache_if_due(c: &Connection, ip: &Ip, l4: &L4, generation: u32) {
+pub fn cache_if_due(c: &Connection, ip: &Ip, l4: &L4, method: u8, generation: u32) {
     if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
         || c.flags & (CONN_FIN | CONN_RST) != 0
         || c.packets < CACHE_AFTER
@@ -89,14 +135,14 @@ pub fn cache_if_due(c: &Connection, ip: &Ip, l4: &L4, generation: u32) {
     }
     if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
         // SAFETY: this CPU's slot.
-        cache_flow(unsafe { &mut *f }, ip, l4, c, generation);
+        cache_flow(unsafe { &mut *f }, ip, l4, c, method, generation);
     }
 }
 
 /// Caches the IPv4 flow of packet `ip`, `l4` on connection `c` in its slot `f`. Another
 /// flow's packets in the slot that its shared entry has not seen yet go there first.
 #[inline(always)]
-fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection, generation: u32) {
+fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection, method: u8, generation: u32) {
     if f.daddr != 0 && f.packets != 0 {
         if let Some(k) = scratch_key::<1>(
             Addr::v4_raw(f.saddr),
@@ -116,7 +162,7 @@ fn cache_flow(f: &mut CachedFlow, ip: &Ip, l4: &L4, c: &Connection, generation: 
     f.sport = l4.sport;
     f.dport = l4.dport;
     f.proto = ip.proto;
-    f._pad = 0;
+    f.method = method;
     f.nat_port = c.nat_port;
     f.generation = generation;
     f._pad2 = 0;

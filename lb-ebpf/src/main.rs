@@ -62,34 +62,42 @@ enum Outcome {
 // the whole frame (`within_frame`); payload is never touched, so it goes on as it came.
 #[xdp(frags)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    count(Stat::Packets, 1);
-    finish(balance(&ctx))
+    settle(balance(&ctx), true)
 }
 
 /// Counts an outcome and turns it into an XDP action.
 #[inline(always)]
 fn finish(outcome: Outcome) -> u32 {
-    match outcome {
-        Outcome::Pass => {
-            count(Stat::Passed, 1);
-            xdp_action::XDP_PASS
+    settle(outcome, false)
+}
+
+/// Counts an outcome (and, `packet`, the packet itself: lb_xdp's last step) in one lookup
+/// of the counters, and turns it into an XDP action.
+#[inline(always)]
+fn settle(outcome: Outcome, packet: bool) -> u32 {
+    let (stat, action) = match outcome {
+        Outcome::Pass => (Some(Stat::Passed), xdp_action::XDP_PASS),
+        Outcome::Tx => (Some(Stat::Forwarded), xdp_action::XDP_TX),
+        // SAFETY: plain helper call.
+        Outcome::Redirect(ifindex) => (Some(Stat::Forwarded), unsafe {
+            bpf_redirect(ifindex, 0) as u32
+        }),
+        Outcome::Drop(reason) => (Some(reason), xdp_action::XDP_DROP),
+        Outcome::Reply => (None, xdp_action::XDP_TX),
+        Outcome::Action(action) => (None, action),
+    };
+    // An outcome a called function counted already, in a call of that function: nothing.
+    if packet || stat.is_some() {
+        if let Some(b) = stat_block() {
+            if packet {
+                add(b, Stat::Packets, 1);
+            }
+            if let Some(s) = stat {
+                add(b, s, 1);
+            }
         }
-        Outcome::Tx => {
-            count(Stat::Forwarded, 1);
-            xdp_action::XDP_TX
-        }
-        Outcome::Redirect(ifindex) => {
-            count(Stat::Forwarded, 1);
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect(ifindex, 0) as u32 }
-        }
-        Outcome::Drop(reason) => {
-            count(reason, 1);
-            xdp_action::XDP_DROP
-        }
-        Outcome::Reply => xdp_action::XDP_TX,
-        Outcome::Action(action) => action,
     }
+    action
 }
 
 // The three paths below are separate BPF functions, each with its own stack frame: inlined
@@ -265,6 +273,13 @@ fn balance(ctx: &XdpContext) -> Outcome {
     if u16::from_be(iph.frag_off) & IP_OFFMASK != 0 {
         // No ports in a non-first fragment, so no way to find its connection (yet).
         return Outcome::Drop(Stat::DropFragment);
+    }
+    // A cached direct flow's packet goes before the parsed packet is even written down.
+    if let Some(f) = cached {
+        let at = ETH_HLEN + ihl;
+        if let Some(outcome) = cached_direct(ctx, f, iph.proto, at, tot_len, len as u32, now) {
+            return outcome;
+        }
     }
     let Some(parsed) = PARSED.get_ptr_mut(0) else {
         return Outcome::Drop(Stat::DropError);

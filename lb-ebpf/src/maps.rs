@@ -11,8 +11,8 @@ use aya_ebpf::{
 use core::ptr::NonNull;
 use lb_common::{
     Addr, CachedFlow, Connection, Counters, FlowKey, Persist, PersistKey, Server, Service,
-    ServiceKey, Settings, Stat, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
-    DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE, VIP_FILTER_SLOTS,
+    ServiceKey, Settings, Stat, StatBlock, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
+    DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE, STAT_SLOTS, VIP_FILTER_SLOTS,
 };
 
 use crate::{net::*, parse::*};
@@ -55,9 +55,9 @@ pub static CONNECTIONS: LruHashMap<FlowKey, Connection> =
 pub static PERSISTENCE: LruHashMap<PersistKey, Persist> =
     LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
 
-/// Global per-CPU counters, indexed by `Stat`.
+/// Global per-CPU counters: one `StatBlock`, indexed by `Stat`.
 #[map(name = "stat")]
-static STAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+static STAT: PerCpuArray<StatBlock> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU packets and bytes per service id.
 #[map(name = "service_stats")]
@@ -210,19 +210,33 @@ pub fn flow_key(ip: &Ip, sport: u16, dport: u16, proto: u8) -> Option<&'static m
     Some(key_rest(k, sport, dport, proto))
 }
 
+/// This CPU's global counters.
+#[inline(always)]
+pub fn stat_block() -> Option<&'static mut [u64; STAT_SLOTS]> {
+    // SAFETY: a per-CPU value: no other writer while this program runs on this CPU.
+    STAT.get_ptr_mut(0).map(|p| unsafe { &mut (*p).0 })
+}
+
+/// Adds `n` to counter `s` of block `b`.
+#[inline(always)]
+pub fn add(b: &mut [u64; STAT_SLOTS], s: Stat, n: u64) {
+    b[s as usize & (STAT_SLOTS - 1)] += n;
+}
+
 #[inline(always)]
 pub fn count(s: Stat, n: u64) {
-    if let Some(p) = STAT.get_ptr_mut(s as u32) {
-        // SAFETY: a per-CPU slot: no other writer while this program runs on this CPU.
-        unsafe { *p += n };
+    if let Some(b) = stat_block() {
+        add(b, s, n);
     }
 }
 
 /// Counts a packet of `bytes` for a VIP or the NAT address.
 #[inline(always)]
 pub fn count_vip(bytes: u32) {
-    count(Stat::VipPackets, 1);
-    count(Stat::VipBytes, bytes as u64);
+    if let Some(b) = stat_block() {
+        add(b, Stat::VipPackets, 1);
+        add(b, Stat::VipBytes, bytes as u64);
+    }
 }
 
 #[inline(always)]

@@ -205,12 +205,19 @@ pub fn ipv4_header_ok(ctx: &XdpContext, ihl: usize) -> bool {
 
 #[inline(always)]
 pub fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
-    if ip.proto == IPPROTO_TCP {
-        let tcp = ptr_at::<TcpHdr>(ctx, ip.l4())?;
+    parse_l4_at(ctx, ip.proto, ip.l4(), ip.tot_len)
+}
+
+/// The TCP (`proto`) or UDP header at `at` in the frame, checked to fit the IP packet of
+/// `tot_len` bytes.
+#[inline(always)]
+pub fn parse_l4_at(ctx: &XdpContext, proto: u8, at: usize, tot_len: u16) -> Option<L4> {
+    if proto == IPPROTO_TCP {
+        let tcp = ptr_at::<TcpHdr>(ctx, at)?;
         // SAFETY: bounds checked by ptr_at.
         let tcp = unsafe { &*tcp };
         let doff = ((tcp.doff_res >> 4) as usize) * 4;
-        if doff < 20 || ip.l4() - ETH_HLEN + doff > ip.tot_len as usize {
+        if doff < 20 || at - ETH_HLEN + doff > tot_len as usize {
             return None;
         }
         Some(L4 {
@@ -219,11 +226,11 @@ pub fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
             flags: tcp.flags,
         })
     } else {
-        let udp = ptr_at::<UdpHdr>(ctx, ip.l4())?;
+        let udp = ptr_at::<UdpHdr>(ctx, at)?;
         // SAFETY: bounds checked by ptr_at.
         let udp = unsafe { &*udp };
         let len = u16::from_be(udp.len) as usize;
-        if len < 8 || ip.l4() - ETH_HLEN + len > ip.tot_len as usize {
+        if len < 8 || at - ETH_HLEN + len > tot_len as usize {
             return None;
         }
         Some(L4 {
