@@ -43,6 +43,8 @@ pub mod maps {
     /// Per-CPU [`super::CachedFlow`]s: the established IPv4 flows this CPU forwarded last,
     /// forwarded again without a `connections` lookup.
     pub const FLOW_CACHE: &str = "flow_cache";
+    /// Per-CPU [`super::CachedFlow6`]s: the same for IPv6 flows.
+    pub const FLOW_CACHE6: &str = "flow_cache6";
     /// lb_decap: ATM address -> 1 for every ATM whose IPIP packets are accepted.
     pub const DECAP_SOURCES: &str = "decap_sources";
     /// lb_decap: per-CPU counters indexed by [`super::DecapStat`].
@@ -487,25 +489,84 @@ impl CachedFlow {
             && self.dport == dport
             && self.proto == proto
     }
+}
 
-    /// Adds what the cache forwarded to the shared entry `c`.
-    #[inline(always)]
-    pub fn merge_into(&self, c: &mut Connection) {
-        c.packets += self.packets;
-        c.bytes += self.bytes;
-        if self.last_ns > c.last_seen_ns {
-            c.last_seen_ns = self.last_ns;
-        }
-    }
+/// The counts a flow cache slot keeps for its flow, the same in both families' slots.
+macro_rules! slot_counts {
+    ($t:ty) => {
+        impl $t {
+            /// Adds what the cache forwarded to the shared entry `c`.
+            #[inline(always)]
+            pub fn merge_into(&self, c: &mut Connection) {
+                c.packets += self.packets;
+                c.bytes += self.bytes;
+                if self.last_ns > c.last_seen_ns {
+                    c.last_seen_ns = self.last_ns;
+                }
+            }
 
-    /// Adds what another CPU's slot forwarded of the same flow to this one's counts.
-    #[inline(always)]
-    pub fn absorb(&mut self, other: &CachedFlow) {
-        self.packets += other.packets;
-        self.bytes += other.bytes;
-        if other.last_ns > self.last_ns {
-            self.last_ns = other.last_ns;
+            /// Adds what another CPU's slot forwarded of the same flow to this one's counts.
+            #[inline(always)]
+            pub fn absorb(&mut self, packets: u64, bytes: u64, last_ns: u64) {
+                self.packets += packets;
+                self.bytes += bytes;
+                if last_ns > self.last_ns {
+                    self.last_ns = last_ns;
+                }
+            }
         }
+    };
+}
+slot_counts!(CachedFlow);
+slot_counts!(CachedFlow6);
+
+/// The flow cache slot (`flow_cache6`) of an IPv6 flow's `connections` key.
+#[inline(always)]
+pub const fn flow_cache_slot6(k: &FlowKey) -> u32 {
+    let (s, d) = (&k.src.w, &k.dst.w);
+    let saddr = s[0] ^ s[1].rotate_left(7) ^ s[2].rotate_left(13) ^ s[3].rotate_left(19);
+    let daddr = d[0] ^ d[1].rotate_left(5) ^ d[2].rotate_left(17) ^ d[3].rotate_left(23);
+    flow_cache_slot(saddr, daddr, k.sport, k.dport)
+}
+
+/// Value of `flow_cache6`: [`CachedFlow`] for an IPv6 flow, which it names by its whole
+/// `connections` key. A slot whose key's protocol is 0 is empty.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct CachedFlow6 {
+    pub key: FlowKey,
+    /// The server's [`Method`] when the slot was filled.
+    pub method: u8,
+    pub _pad: u8,
+    /// The connection's NAT source port (nat), as on the wire.
+    pub nat_port: u16,
+    /// `Settings::flow_gen` when the full path wrote the slot.
+    pub generation: u32,
+    /// Server index.
+    pub server: u32,
+    pub _pad2: u32,
+    /// The connection's NAT source address (nat).
+    pub nat_addr: Addr,
+    /// When the full path last brought the shared entry up to date.
+    pub synced_ns: u64,
+    /// The last packet's time.
+    pub last_ns: u64,
+    /// Packets and bytes forwarded from the cache, not yet in the shared entry.
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<CachedFlow6>() == 104);
+
+impl FlowKey {
+    /// Whether this is key `k`, compared word by word (a derived compare of 40 bytes can
+    /// become a call of BPF's byte-looping memcmp).
+    #[inline(always)]
+    pub fn same(&self, k: &FlowKey) -> bool {
+        self.dst.w == k.dst.w
+            && self.src.w == k.src.w
+            && self.sport == k.sport
+            && self.dport == k.dport
+            && self.proto == k.proto
     }
 }
 
@@ -833,6 +894,7 @@ mod pod {
     unsafe impl aya::Pod for super::StatBlock {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::CachedFlow {}
+    unsafe impl aya::Pod for super::CachedFlow6 {}
 }
 
 #[cfg(all(test, feature = "std"))]

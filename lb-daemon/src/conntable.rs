@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use lb_common::{CachedFlow, Connection, FlowKey};
+use lb_common::{CachedFlow, CachedFlow6, Connection, FlowKey};
 use std::collections::HashMap as StdHashMap;
 
 /// Entries per batch.
@@ -37,12 +37,17 @@ struct BatchAttr {
 pub struct ConnTable {
     map: HashMap<MapData, FlowKey, Connection>,
     cache: OwnedFd,
+    cache6: OwnedFd,
 }
 
 impl ConnTable {
-    /// Second handles on the connection table behind `fd` and the flow cache behind
-    /// `cache`.
-    pub fn open(fd: BorrowedFd<'_>, cache: BorrowedFd<'_>) -> Result<ConnTable, MapError> {
+    /// Second handles on the connection table behind `fd` and the flow caches behind
+    /// `cache` (IPv4) and `cache6` (IPv6).
+    pub fn open(
+        fd: BorrowedFd<'_>,
+        cache: BorrowedFd<'_>,
+        cache6: BorrowedFd<'_>,
+    ) -> Result<ConnTable, MapError> {
         let dup = |fd: BorrowedFd<'_>| {
             fd.try_clone_to_owned().map_err(|io_error| {
                 MapError::SyscallError(aya::sys::SyscallError {
@@ -55,6 +60,7 @@ impl ConnTable {
         Ok(ConnTable {
             map: HashMap::try_from(Map::LruHashMap(data))?,
             cache: dup(cache)?,
+            cache6: dup(cache6)?,
         })
     }
 
@@ -62,12 +68,13 @@ impl ConnTable {
     /// it taken in.
     pub fn entries(&self) -> Result<Vec<(FlowKey, Connection)>, MapError> {
         let mut all = entries(&self.map)?;
-        let pending = pending(self.cache.as_raw_fd()).map_err(|io_error| {
-            MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_lookup_batch",
-                io_error,
-            })
-        })?;
+        let pending =
+            pending(self.cache.as_raw_fd(), self.cache6.as_raw_fd()).map_err(|io_error| {
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error,
+                })
+            })?;
         merge_pending(&mut all, &pending);
         Ok(all)
     }
@@ -175,14 +182,23 @@ fn lookup_batch_of<K: Copy + Default, V: Copy + Default>(
     }
 }
 
-/// What the CPUs' flow caches (`flow_cache`, every CPU's slots in one array) forwarded that
-/// the shared entries have not seen yet, by flow: packets and bytes summed over the CPUs,
-/// the latest packet's time.
-pub fn pending(fd: RawFd) -> io::Result<StdHashMap<FlowKey, CachedFlow>> {
+/// What the CPUs' flow caches (`flow_cache` behind `fd`, `flow_cache6` behind `fd6`, every
+/// CPU's slots in one array each) forwarded that the shared entries have not seen yet, by
+/// flow: packets and bytes summed over the CPUs, the latest packet's time (in a
+/// `CachedFlow6`, whose counts are all that is used).
+pub fn pending(fd: RawFd, fd6: RawFd) -> io::Result<StdHashMap<FlowKey, CachedFlow6>> {
+    let mut out: StdHashMap<FlowKey, CachedFlow6> = StdHashMap::new();
     let (_, values) = lookup_batch_of::<u32, CachedFlow>(fd)?;
-    let mut out: StdHashMap<FlowKey, CachedFlow> = StdHashMap::new();
     for f in values.iter().filter(|f| f.daddr != 0 && f.packets != 0) {
-        out.entry(f.key()).or_default().absorb(f);
+        out.entry(f.key())
+            .or_default()
+            .absorb(f.packets, f.bytes, f.last_ns);
+    }
+    let (_, values) = lookup_batch_of::<u32, CachedFlow6>(fd6)?;
+    for f in values.iter().filter(|f| f.key.proto != 0 && f.packets != 0) {
+        out.entry(f.key)
+            .or_default()
+            .absorb(f.packets, f.bytes, f.last_ns);
     }
     Ok(out)
 }
@@ -190,7 +206,7 @@ pub fn pending(fd: RawFd) -> io::Result<StdHashMap<FlowKey, CachedFlow>> {
 /// `entries` with what the flow caches hold of each connection taken in (see [`pending`]).
 pub fn merge_pending(
     entries: &mut [(FlowKey, Connection)],
-    pending: &StdHashMap<FlowKey, CachedFlow>,
+    pending: &StdHashMap<FlowKey, CachedFlow6>,
 ) {
     if pending.is_empty() {
         return;

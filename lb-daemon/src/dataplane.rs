@@ -149,6 +149,7 @@ pub struct Dataplane {
     sched: SchedTable,
     connections: HashMap<MapData, FlowKey, Connection>,
     flow_cache: Array<MapData, lb_common::CachedFlow>,
+    flow_cache6: Array<MapData, lb_common::CachedFlow6>,
     /// The flow caches' generation (`Settings::flow_gen`), and whether the last settings
     /// written had lb_xdp forward.
     flow_gen: u32,
@@ -219,6 +220,7 @@ impl Dataplane {
             .map_max_entries(maps::SERVERS, caps.servers)
             .map_max_entries(maps::SCHED_TABLE, sched_pages)
             .map_max_entries(maps::FLOW_CACHE, cpus * lb_common::FLOW_CACHE_SLOTS)
+            .map_max_entries(maps::FLOW_CACHE6, cpus * lb_common::FLOW_CACHE_SLOTS)
             .map_max_entries(maps::RR_CURSOR, caps.services)
             .map_max_entries(maps::CONNECTIONS, caps.connections)
             .map_max_entries(maps::PERSISTENCE, caps.connections)
@@ -245,6 +247,7 @@ impl Dataplane {
             servers: typed_map!(&mut ebpf, Array, maps::SERVERS),
             connections: typed_map!(&mut ebpf, HashMap, maps::CONNECTIONS),
             flow_cache: typed_map!(&mut ebpf, Array, maps::FLOW_CACHE),
+            flow_cache6: typed_map!(&mut ebpf, Array, maps::FLOW_CACHE6),
             flow_gen: 0,
             active: false,
             stat: typed_map!(&mut ebpf, PerCpuArray, maps::STAT),
@@ -525,13 +528,19 @@ impl Dataplane {
     }
 
     /// What the CPUs' flow caches forwarded that the connection table has not seen yet.
-    fn pending(&self) -> Result<StdHashMap<FlowKey, lb_common::CachedFlow>, Error> {
+    fn pending(&self) -> Result<StdHashMap<FlowKey, lb_common::CachedFlow6>, Error> {
         use aya::maps::IterableMap;
-        crate::conntable::pending(self.flow_cache.map().fd().as_fd().as_raw_fd()).map_err(|e| {
-            Error::Io {
-                what: format!("reading map {}", maps::FLOW_CACHE),
-                source: e,
-            }
+        crate::conntable::pending(
+            self.flow_cache.map().fd().as_fd().as_raw_fd(),
+            self.flow_cache6.map().fd().as_fd().as_raw_fd(),
+        )
+        .map_err(|e| Error::Io {
+            what: format!(
+                "reading maps {} and {}",
+                maps::FLOW_CACHE,
+                maps::FLOW_CACHE6
+            ),
+            source: e,
         })
     }
 
@@ -541,6 +550,7 @@ impl Dataplane {
         crate::conntable::ConnTable::open(
             self.connections.map().fd().as_fd(),
             self.flow_cache.map().fd().as_fd(),
+            self.flow_cache6.map().fd().as_fd(),
         )
         .map_err(map_err(maps::CONNECTIONS))
     }
@@ -551,14 +561,14 @@ impl Dataplane {
         let mut c = self.connections.get(key, 0).ok()?;
         if let (Some(saddr), Some(daddr)) = (key.src.as_v4_raw(), key.dst.as_v4_raw()) {
             let slot = lb_common::flow_cache_slot(saddr, daddr, key.sport, key.dport);
-            for cpu in 0.. {
-                let Ok(f) = self
-                    .flow_cache
-                    .get(&(cpu * lb_common::FLOW_CACHE_SLOTS + slot), 0)
-                else {
-                    break;
-                };
+            for f in on_every_cpu(&self.flow_cache, slot) {
                 if f.daddr != 0 && f.key() == *key {
+                    f.merge_into(&mut c);
+                }
+            }
+        } else {
+            for f in on_every_cpu(&self.flow_cache6, lb_common::flow_cache_slot6(key)) {
+                if f.key.proto != 0 && f.key.same(key) {
                     f.merge_into(&mut c);
                 }
             }
@@ -794,4 +804,11 @@ impl Drop for Dataplane {
             let _ = xdp_link::set(&a.socket, a.ifindex, None, a.flags);
         }
     }
+}
+
+/// Flow cache slot `slot` of each CPU, from `cache` (every CPU's slots in one array).
+fn on_every_cpu<T: aya::Pod>(cache: &Array<MapData, T>, slot: u32) -> impl Iterator<Item = T> + '_ {
+    (0..)
+        .map(move |cpu| cache.get(&(cpu * lb_common::FLOW_CACHE_SLOTS + slot), 0))
+        .map_while(Result::ok)
 }

@@ -1,12 +1,14 @@
-//! The flow cache (`flow_cache`, docs/DATAPLANE.md, "The flow cache"): an established IPv4
-//! flow's packets forwarded from this CPU's slot (`cached_forward`), and the full path's
-//! side of it: taking a slot's counts into the shared entry (`take_cached`), filling the
-//! slot (`cache_if_due`), and emptying the flow's slot on every CPU (`forget_everywhere`).
+//! The flow cache (`flow_cache` for IPv4, `flow_cache6` for IPv6; docs/DATAPLANE.md, "The
+//! flow cache"): an established flow's packets forwarded from this CPU's slot
+//! (`cached_forward`), and the full path's side of it: taking a slot's counts into the
+//! shared entry (`take_cached`), filling the slot (`cache_if_due`), and emptying the flow's
+//! slot on every CPU (`forget_everywhere`).
 
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, programs::XdpContext};
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, CachedFlow, Connection, Method, Server, CONN_FIN, CONN_RST, FLOW_CACHE_SLOTS,
+    Addr, CachedFlow, CachedFlow6, Connection, FlowKey, Method, Server, CONN_FIN, CONN_RST,
+    FLOW_CACHE_SLOTS,
 };
 
 use crate::{conn::*, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
@@ -16,16 +18,16 @@ use crate::{conn::*, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
 /// within `FLOW_SYNC_NS`. `None` if the server no longer serves the flow (down, or given
 /// to another service): the full path decides.
 #[inline(always)]
-pub fn cached_forward(
+pub fn cached_forward<S: Slot>(
     ctx: &XdpContext,
-    mut f: NonNull<CachedFlow>,
+    mut f: NonNull<S>,
     ip: &Ip,
     l4: &L4,
     next: &mut Next,
 ) -> Option<Outcome> {
     // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
     let f = unsafe { f.as_mut() };
-    let server = SERVERS.get(f.server)?;
+    let server = SERVERS.get(f.server())?;
     if !serves(server, ip, l4) {
         return None;
     }
@@ -39,14 +41,71 @@ pub fn cached_forward(
             }
         }
     }
-    next.server = f.server;
+    next.server = f.server();
     if server.method == Method::Nat as u8 {
-        next.nat_addr.w[2] = lb_common::V4_MAPPED;
-        next.nat_addr.w[3] = f.nat_addr;
+        f.nat_addr(&mut next.nat_addr);
     }
-    next.nat_port = f.nat_port;
+    next.nat_port = f.nat_port();
     Some(Outcome::Action(forward_xdp(ctx, ip, next)))
 }
+
+/// What [`cached_forward`] needs of a slot, of either family.
+pub trait Slot {
+    /// The server index.
+    fn server(&self) -> u32;
+    /// The NAT source port, as on the wire.
+    fn nat_port(&self) -> u16;
+    /// Writes the NAT source address into `out`.
+    fn nat_addr(&self, out: &mut Addr);
+    /// Counts a packet of `bytes` at `now`.
+    fn take(&mut self, bytes: u64, now: u64);
+    /// Moves what the slot forwarded into `into`, leaving it none.
+    fn drain(&mut self, into: &mut Drained);
+}
+
+/// [`Slot`] for a slot type whose NAT source address `$s` writes into `$out` as `$nat`.
+macro_rules! slot {
+    ($t:ty, |$s:ident, $out:ident| $nat:block) => {
+        impl Slot for $t {
+            #[inline(always)]
+            fn server(&self) -> u32 {
+                self.server
+            }
+            #[inline(always)]
+            fn nat_port(&self) -> u16 {
+                self.nat_port
+            }
+            #[inline(always)]
+            fn nat_addr(&self, $out: &mut Addr) {
+                let $s = self;
+                $nat
+            }
+            #[inline(always)]
+            fn take(&mut self, bytes: u64, now: u64) {
+                self.packets += 1;
+                self.bytes += bytes;
+                self.last_ns = now;
+            }
+            #[inline(always)]
+            fn drain(&mut self, into: &mut Drained) {
+                into.packets += self.packets;
+                into.bytes += self.bytes;
+                if self.last_ns > into.last_ns {
+                    into.last_ns = self.last_ns;
+                }
+                zero_u64(&mut self.packets);
+                zero_u64(&mut self.bytes);
+            }
+        }
+    };
+}
+slot!(CachedFlow, |f, out| {
+    out.w[2] = lb_common::V4_MAPPED;
+    out.w[3] = f.nat_addr;
+});
+slot!(CachedFlow6, |f, out| {
+    copy_addr(out, &f.nat_addr.w);
+});
 
 /// A packet of cached direct flow `f`, before `balance` writes the parsed packet down: its
 /// IPv4 header checked, its L4 header (`proto`) at `l4_at`, `tot_len` and `bytes` as in
@@ -88,13 +147,11 @@ pub fn cached_direct(
 /// Counts a packet of `bytes` forwarded from cached flow `f` to `server`: everywhere but in
 /// the shared entry, which the full path brings up to date within `FLOW_SYNC_NS`.
 #[inline(always)]
-fn take_packet(f: &mut CachedFlow, server: &Server, bytes: u32, now: u64) {
+fn take_packet<S: Slot>(f: &mut S, server: &Server, bytes: u32, now: u64) {
     count_vip(bytes);
     count_traffic(&SERVICE_STATS, server.service, bytes as u64);
-    count_traffic(&SERVER_STATS, f.server, bytes as u64);
-    f.packets += 1;
-    f.bytes += bytes as u64;
-    f.last_ns = now;
+    count_traffic(&SERVER_STATS, f.server(), bytes as u64);
+    f.take(bytes as u64, now);
 }
 
 /// What this CPU forwarded of the packet's flow from its cache goes into the shared entry
@@ -103,6 +160,17 @@ fn take_packet(f: &mut CachedFlow, server: &Server, bytes: u32, now: u64) {
 #[inline(always)]
 pub fn take_cached(c: &mut Connection, ip: &Ip) {
     if !ip.slot_holds {
+        return;
+    }
+    if ip.v6 {
+        if let Some(f) = FLOW_CACHE6.get_ptr_mut(ip.slot) {
+            // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
+            let f = unsafe { &mut *f };
+            f.merge_into(c);
+            f.key.proto = 0;
+            zero_u64(&mut f.packets);
+            zero_u64(&mut f.bytes);
+        }
         return;
     }
     if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
@@ -133,10 +201,48 @@ pub fn cache_if_due(c: &Connection, ip: &Ip, l4: &L4, method: u8, generation: u3
     {
         return;
     }
+    if ip.v6 {
+        if let Some(f) = FLOW_CACHE6.get_ptr_mut(ip.slot) {
+            // SAFETY: this CPU's slot.
+            cache_flow6(unsafe { &mut *f }, ip, l4, c, method, generation);
+        }
+        return;
+    }
     if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
         // SAFETY: this CPU's slot.
         cache_flow(unsafe { &mut *f }, ip, l4, c, method, generation);
     }
+}
+
+/// [`cache_flow`] for an IPv6 flow, in its slot of `flow_cache6`.
+#[inline(always)]
+fn cache_flow6(f: &mut CachedFlow6, ip: &Ip, l4: &L4, c: &Connection, method: u8, generation: u32) {
+    if f.key.proto != 0 && f.packets != 0 {
+        // The slot's own key, a map value, names the entry.
+        if let Some(v) = CONNECTIONS.get_ptr_mut(&f.key) {
+            // SAFETY: a map value; racing updates of counters only blur them.
+            f.merge_into(unsafe { &mut *v });
+        }
+    }
+    copy_addr(&mut f.key.src, &ip.saddr.w);
+    copy_addr(&mut f.key.dst, &ip.daddr.w);
+    f.key.sport = l4.sport;
+    f.key.dport = l4.dport;
+    f.key.proto = ip.proto;
+    f.key._pad[0] = 0;
+    f.key._pad[1] = 0;
+    f.key._pad[2] = 0;
+    f.method = method;
+    f._pad = 0;
+    f.nat_port = c.nat_port;
+    f.generation = generation;
+    f.server = c.server;
+    f._pad2 = 0;
+    copy_addr(&mut f.nat_addr, &c.nat_addr.w);
+    f.synced_ns = ip.now;
+    f.last_ns = ip.now;
+    zero_u64(&mut f.packets);
+    zero_u64(&mut f.bytes);
 }
 
 /// Caches the IPv4 flow of packet `ip`, `l4` on connection `c` in its slot `f`. Another
@@ -188,9 +294,35 @@ struct Forget {
     sport: u16,
     dport: u16,
     proto: u8,
+    counts: Drained,
+}
+
+/// What the CPUs' slots of one flow had forwarded, gathered by a `bpf_loop` callback.
+#[repr(C)]
+pub struct Drained {
     last_ns: u64,
     packets: u64,
     bytes: u64,
+}
+
+impl Drained {
+    /// Nothing yet (word by word: see `zero_u64`).
+    #[inline(always)]
+    fn clear(&mut self) {
+        zero_u64(&mut self.last_ns);
+        zero_u64(&mut self.packets);
+        zero_u64(&mut self.bytes);
+    }
+
+    /// Adds what was gathered into connection `c`.
+    #[inline(always)]
+    fn add_to(&self, c: &mut Connection) {
+        c.packets += self.packets;
+        c.bytes += self.bytes;
+        if self.last_ns > c.last_seen_ns {
+            c.last_seen_ns = self.last_ns;
+        }
+    }
 }
 
 /// Removes the IPv4 flow of packet `ip`, `l4` from the cache of every CPU (its slot in each
@@ -202,6 +334,10 @@ pub fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
     if ip.slot == NO_SLOT {
         return;
     }
+    if ip.v6 {
+        forget6_everywhere(c, ip, l4);
+        return;
+    }
     let mut f = Forget {
         slot: ip.slot % FLOW_CACHE_SLOTS,
         saddr: ip.saddr.w[3],
@@ -209,13 +345,13 @@ pub fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
         sport: l4.sport,
         dport: l4.dport,
         proto: ip.proto,
-        last_ns: 0,
-        packets: 0,
-        bytes: 0,
+        counts: Drained {
+            last_ns: 0,
+            packets: 0,
+            bytes: 0,
+        },
     };
-    zero_u64(&mut f.last_ns);
-    zero_u64(&mut f.packets);
-    zero_u64(&mut f.bytes);
+    f.counts.clear();
     // SAFETY: the helper calls `forget_on_cpu` with `f`, which lives on this stack frame
     // for the whole call.
     unsafe {
@@ -226,11 +362,7 @@ pub fn forget_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
             0,
         );
     }
-    c.packets += f.packets;
-    c.bytes += f.bytes;
-    if f.last_ns > c.last_seen_ns {
-        c.last_seen_ns = f.last_ns;
-    }
+    f.counts.add_to(c);
 }
 
 /// One CPU of [`forget_everywhere`] (a `bpf_loop` callback): 1 to stop (no such CPU).
@@ -247,13 +379,70 @@ extern "C" fn forget_on_cpu(cpu: u64, ctx: *mut c_void) -> i64 {
     let f = unsafe { &mut *f };
     if f.is(p.saddr, p.daddr, p.sport, p.dport, p.proto) {
         f.daddr = 0;
-        p.packets += f.packets;
-        p.bytes += f.bytes;
-        if f.last_ns > p.last_ns {
-            p.last_ns = f.last_ns;
-        }
-        zero_u64(&mut f.packets);
-        zero_u64(&mut f.bytes);
+        f.drain(&mut p.counts);
+    }
+    0
+}
+
+/// The IPv6 flow [`forget6_on_cpu`] removes, and what the CPUs had forwarded of it: in a
+/// per-CPU map value, not on the stack, which has no room for a key of 40 bytes here
+/// (`bpf_loop` runs its callback on this CPU, so the value is this packet's).
+#[repr(C)]
+pub struct Forget6 {
+    key: FlowKey,
+    slot: u32,
+    _pad: u32,
+    counts: Drained,
+}
+
+#[aya_ebpf::macros::map(name = "forget6")]
+static FORGET6: aya_ebpf::maps::PerCpuArray<Forget6> =
+    aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+
+/// [`forget_everywhere`] for an IPv6 flow, from `flow_cache6`.
+#[inline(always)]
+fn forget6_everywhere(c: &mut Connection, ip: &Ip, l4: &L4) {
+    let Some(p) = FORGET6.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU value; XDP runs to completion on its CPU.
+    let p = unsafe { &mut *p };
+    copy_addr(&mut p.key.src, &ip.saddr.w);
+    copy_addr(&mut p.key.dst, &ip.daddr.w);
+    p.key.sport = l4.sport;
+    p.key.dport = l4.dport;
+    p.key.proto = ip.proto;
+    p.slot = ip.slot % FLOW_CACHE_SLOTS;
+    p.counts.clear();
+    // SAFETY: the callback takes no context: it reads FORGET6.
+    unsafe {
+        bpf_loop(
+            CPUS_MAX,
+            forget6_on_cpu as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+    }
+    p.counts.add_to(c);
+}
+
+/// One CPU of [`forget6_everywhere`] (a `bpf_loop` callback): 1 to stop (no such CPU).
+#[inline(never)]
+extern "C" fn forget6_on_cpu(cpu: u64, _ctx: *mut c_void) -> i64 {
+    let Some(p) = FORGET6.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's value, filled by forget6_everywhere.
+    let p = unsafe { &mut *p };
+    let Some(f) = FLOW_CACHE6.get_ptr_mut(cpu as u32 * FLOW_CACHE_SLOTS + p.slot) else {
+        return 1;
+    };
+    // SAFETY: a slot of another CPU, which may be forwarding a packet of the flow right
+    // now: that packet's counts may be lost, nothing worse.
+    let f = unsafe { &mut *f };
+    if f.key.same(&p.key) {
+        f.key.proto = 0;
+        f.drain(&mut p.counts);
     }
     0
 }

@@ -38,8 +38,9 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    flow_cache_slot, Addr, CachedFlow, Connection, DecapStat, Service, Settings, Stat, CONN_REPLY,
-    FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SETTINGS_ACTIVE,
+    flow_cache_slot, flow_cache_slot6, Addr, CachedFlow, CachedFlow6, Connection, DecapStat,
+    Service, Settings, Stat, CONN_REPLY, FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, SETTINGS_ACTIVE,
 };
 
 use crate::{conn::*, decap::*, flows::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
@@ -373,6 +374,9 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     }
     let mut conn: Option<NonNull<Connection>> = None;
     let mut svc: Option<NonNull<Service>> = None;
+    let mut cached: Option<NonNull<CachedFlow6>> = None;
+    let (mut slot, mut slot_holds) = (NO_SLOT, false);
+    let now = clock::now(settings.tick_ns);
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
         if let Some(ports) = ptr_at_var::<[u16; 2]>(ctx, l4_at) {
             // SAFETY: bounds checked by ptr_at.
@@ -380,18 +384,37 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
             let Some(key) = flow_key(ip, sport, dport, proto) else {
                 return Outcome::Drop(Stat::DropError);
             };
-            conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
-            if conn.is_none() {
-                svc = find_service(&ip.daddr, dport, proto);
+            // As for IPv4: an established flow this CPU forwarded within the last second
+            // needs no lookup. A server's reply to the NAT address is never cached.
+            if !is_nat_addr6(settings, &ip.daddr) {
+                slot = flow_index(flow_cache_slot6(key));
+            }
+            if let Some(f) = FLOW_CACHE6.get_ptr_mut(slot).and_then(NonNull::new) {
+                // SAFETY: a per-CPU slot.
+                let r = unsafe { f.as_ref() };
+                slot_holds = r.key.same(key);
+                if slot_holds
+                    && now.wrapping_sub(r.synced_ns) < FLOW_SYNC_NS
+                    && r.generation == settings.flow_gen
+                {
+                    cached = Some(f);
+                }
+            }
+            if cached.is_none() {
+                conn = CONNECTIONS.get_ptr_mut(&*key).and_then(NonNull::new);
+                if conn.is_none() {
+                    svc = find_service(&ip.daddr, dport, proto);
+                }
             }
         }
     }
-    let to_vip =
-        conn.is_some_and(|c| !is_reply(c)) || svc.is_some() || VIPS.get_ptr(&ip.daddr).is_some();
+    let to_vip = cached.is_some()
+        || conn.is_some_and(|c| !is_reply(c))
+        || svc.is_some()
+        || VIPS.get_ptr(&ip.daddr).is_some();
     if !to_vip && !is_nat_addr6(settings, &ip.daddr) {
         return Outcome::Pass;
     }
-    let now = clock::now(settings.tick_ns);
     if lease_over(settings, now) {
         return Outcome::Drop(Stat::DropOrphaned);
     }
@@ -402,8 +425,8 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
         return Outcome::Drop(Stat::DropMalformed);
     }
     ip.bytes = len as u32;
-    ip.slot = NO_SLOT;
-    ip.slot_holds = false;
+    ip.slot = slot;
+    ip.slot_holds = slot_holds;
     ip.l4_at = l4_at as u16;
     ip.tot_len = tot_len as u16;
     ip.now = now;
@@ -417,7 +440,7 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     }
     // Worked out again rather than kept: lb_xdp's frame has no room for one more value.
     let to_nat = is_nat_addr6(settings, &ip.daddr);
-    steer(ctx, settings, ip, l4, next, None, conn, svc, to_nat)
+    steer(ctx, settings, ip, l4, next, cached, conn, svc, to_nat)
 }
 
 /// A neighbour solicitation on an ATM whose daemon renews a lease: IPv6's ARP request, and
@@ -458,13 +481,13 @@ fn vip_or_pass(ctx: &XdpContext, settings: &Settings, ip: &Ip, reason: Stat) -> 
 /// connection and service found for it: a cached flow forwarded, a NAT reply translated
 /// back, an established connection forwarded, or a new one made.
 #[inline(always)]
-fn steer(
+fn steer<S: Slot>(
     ctx: &XdpContext,
     settings: &Settings,
     ip: &Ip,
     l4_slot: &mut L4,
     next: &mut Next,
-    cached: Option<NonNull<CachedFlow>>,
+    cached: Option<NonNull<S>>,
     mut conn: Option<NonNull<Connection>>,
     mut svc: Option<NonNull<Service>>,
     to_nat: bool,

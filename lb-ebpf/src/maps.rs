@@ -10,9 +10,9 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, CachedFlow, Connection, Counters, FlowKey, Persist, PersistKey, Server, Service,
-    ServiceKey, Settings, Stat, StatBlock, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS,
-    DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE, STAT_SLOTS, VIP_FILTER_SLOTS,
+    Addr, CachedFlow, CachedFlow6, Connection, Counters, FlowKey, Persist, PersistKey, Server,
+    Service, ServiceKey, Settings, Stat, StatBlock, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS,
+    DEFAULT_SERVERS, DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE, STAT_SLOTS, VIP_FILTER_SLOTS,
 };
 
 use crate::{net::*, parse::*};
@@ -77,7 +77,12 @@ pub static SERVER_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(D
 #[map(name = "flow_cache")]
 pub static FLOW_CACHE: Array<CachedFlow> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
-/// The index in `flow_cache` of slot `slot` (`flow_cache_slot`) of this CPU.
+/// `flow_cache` for IPv6 flows (`CachedFlow6`), laid out the same way.
+#[map(name = "flow_cache6")]
+pub static FLOW_CACHE6: Array<CachedFlow6> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// The index in `flow_cache` (or `flow_cache6`) of slot `slot` (`flow_cache_slot`, or
+/// `flow_cache_slot6`) of this CPU.
 #[inline(always)]
 pub fn flow_index(slot: u32) -> u32 {
     // SAFETY: plain helper call (inlined by the verifier).

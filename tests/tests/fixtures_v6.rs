@@ -206,6 +206,12 @@ impl Bench {
     fn stats(&self) -> Stats {
         self.dp.stats().unwrap()
     }
+
+    /// Runs one frame through lb_xdp: its action and output.
+    fn once(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let _inside = self.lab.ns("fx6").enter();
+        self.dp.test_run(frame, self.eth0).expect("test_run")
+    }
 }
 
 fn settings() -> Settings {
@@ -1292,5 +1298,76 @@ fn fifty_thousand_random_and_mutated_ipv6_frames() {
     assert!(
         forwarded > 5_000 && s.get(Stat::DropMalformed) > 5_000 && s.get(Stat::Passed) > 5_000,
         "{s:?}"
+    );
+}
+
+#[test]
+fn established_ipv6_flows_go_by_the_flow_cache_and_every_packet_is_still_counted() {
+    pin_to_cpu0();
+    let mut b = Bench::new();
+    let web = b.row(WEB);
+    let tun = b.row(TUN);
+    let mut flows = Vec::new();
+    for (svc, port, sport) in [(WEB, 80u16, 46000u16), (TUN, 81, 46001)] {
+        let k = key6(sport, VIP6, port, IPPROTO_TCP);
+        let syn = from_client(sport, VIP6, port, SYN, b"");
+        let ack = from_client(sport, VIP6, port, ACK, b"cached");
+        let expected = if svc == WEB {
+            let server = web[(hash::flow(&k) % web.len() as u32) as usize];
+            with_macs(&ack, LB_MAC, mac_of(server_of(server)))
+        } else {
+            ip6ip6(&ack, server_of(tun[0]))
+        };
+        assert_eq!(b.once(&syn).0, XDP_TX, "service {svc}: the SYN");
+        // The first two by the full path, the second (the connection's third packet)
+        // caching the flow; three from the cache.
+        for i in 0..5 {
+            let (action, out) = b.once(&ack);
+            assert_eq!(action, XDP_TX, "service {svc}, ACK #{i}");
+            assert_eq!(out, expected, "service {svc}, ACK #{i}");
+        }
+        let raw = b.dp.connection_entry(&k).unwrap();
+        assert_eq!(
+            raw.packets, 3,
+            "service {svc}: the shared entry saw the SYN and two ACKs"
+        );
+        let c = b.dp.connection(&k).unwrap();
+        assert_eq!(c.packets, 6, "service {svc}");
+        assert_eq!(c.bytes, (syn.len() + 5 * ack.len()) as u64, "service {svc}");
+        let listed = b.dp.connections().unwrap();
+        assert!(listed.iter().any(|(lk, lc)| *lk == k && lc.packets == 6));
+        flows.push((k, ack));
+    }
+
+    // A FIN on the tunnel flow: the full path, which empties the flow's slot on every CPU
+    // and takes its three cached packets in.
+    let (k, _) = &flows[1];
+    let fin = from_client(46001, VIP6, 81, FIN, b"");
+    assert_eq!(b.once(&fin).0, XDP_TX);
+    let raw = b.dp.connection_entry(k).unwrap();
+    assert_eq!(
+        raw.packets, 7,
+        "SYN, five ACKs and the FIN, in the shared entry"
+    );
+    assert_eq!(
+        b.dp.connection(k).unwrap().packets,
+        7,
+        "nothing left cached"
+    );
+
+    // The direct flow's server goes down: its next packet takes the full path, which
+    // counts the cached packets in and moves the connection to a server that is up.
+    let (k, ack) = &flows[0];
+    let old = b.dp.connection(k).unwrap().server;
+    b.dp.set_server_state(WEB, old, false, 1).unwrap();
+    let (action, out) = b.once(ack);
+    assert_eq!(action, XDP_TX);
+    let raw = b.dp.connection_entry(k).unwrap();
+    assert_ne!(raw.server, old, "moved to the server that is up");
+    assert_eq!(raw.packets, 1, "a new connection on the server that is up");
+    assert_eq!(
+        out,
+        with_macs(ack, LB_MAC, mac_of(server_of(raw.server))),
+        "sent to it"
     );
 }
