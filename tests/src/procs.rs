@@ -165,6 +165,23 @@ impl Daemon {
         std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cat {}: {e}", p.display()))
     }
 
+    /// A scrape of the daemon's `/metrics`, from inside its namespace (`lab`'s), read
+    /// whole however long it is.
+    pub fn scrape(&self, lab: &Lab) -> String {
+        let _in = lab.ns(&self.ns).enter();
+        let url = format!("http://{}/metrics", self.metrics);
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut ureq::get(&url)
+                .call()
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+                .into_reader(),
+            &mut text,
+        )
+        .unwrap_or_else(|e| panic!("reading {url}: {e}"));
+        text
+    }
+
     /// Sends a signal (by number).
     pub fn signal(&self, sig: i32) {
         // SAFETY: plain kill(2).

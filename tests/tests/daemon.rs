@@ -467,14 +467,7 @@ fn metrics_parse_as_prometheus_text_and_agree_with_stat() {
     for _ in 0..10 {
         Conn::open(&lab).get();
     }
-    let text = {
-        let _in = lab.ns(&cluster::atm(1)).enter();
-        ureq::get(&format!("http://{}/metrics", d.metrics))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
+    let text = d.scrape(&lab);
     let stat = stat(&d);
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("Prometheus text");

@@ -445,14 +445,7 @@ fn tunnel_nodes_show_their_decap_counters_in_a_table_and_in_metrics() {
         assert_eq!(f.len(), 4, "s{}: {line:?}", i + 1);
         assert!(f[0] >= f[1] && f[3] == 0, "s{}: {line:?}", i + 1);
         decapsulated += f[1];
-        let text = {
-            let _in = c.lab.ns(&cluster::server(i + 1)).enter();
-            ureq::get(&format!("http://{}/metrics", node.metrics))
-                .call()
-                .unwrap()
-                .into_string()
-                .unwrap()
-        };
+        let text = node.scrape(&c.lab);
         let sample = format!(
             "lb_decap_packets_total{{counter=\"decapsulated\",node=\"s{}\"}} {}",
             i + 1,

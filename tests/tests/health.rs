@@ -574,14 +574,7 @@ fn drain_lets_an_open_connection_finish_while_new_ones_go_elsewhere() {
     let s3 = format!("{}:80", cluster::server_addr(3));
     assert_eq!(state(&d, &s3, &vip).as_deref(), Some("down"));
     assert!(d.cli_ok(&["status"]).contains("s3") && d.cli_ok(&["status"]).contains("down"));
-    let metrics = {
-        let _in = lab.ns(&cluster::atm(1)).enter();
-        ureq::get(&format!("http://{}/metrics", d.metrics))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
+    let metrics = d.scrape(&lab);
     assert!(
         metrics.contains(&format!(
             "lb_server_up{{address=\"{}\",port=\"80\",server=\"s3\",service=\"http\"}} 0",

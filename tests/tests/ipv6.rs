@@ -155,14 +155,7 @@ fn http_over_ipv6_and_ipv4_through_the_same_servers_with_checks_and_tables() {
     assert_eq!(v6_line["vip"], VIP6, "{v6_line}");
     let listed = d.cli_ok(&["list", "connections"]);
     assert!(listed.contains(&format!("[{CLIENT6}]:")), "{listed}");
-    let metrics = {
-        let _in = lab.ns(&cluster::atm(1)).enter();
-        ureq::get(&format!("http://{}/metrics", d.metrics))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
+    let metrics = d.scrape(&lab);
     for want in [
         format!("lb_service_up{{port=\"80\",protocol=\"tcp\",service=\"http6\",vip=\"{VIP6}\"}} 1"),
         format!(

@@ -211,14 +211,7 @@ fn jumbo_frames_attach_natively_and_flow_in_every_method() {
 
 /// The dataplane's packets and bytes for services (vip_packets, vip_bytes), from /metrics.
 fn vip_traffic(lab: &Lab, d: &Daemon) -> (u64, u64) {
-    let text = {
-        let _in = lab.ns(&cluster::atm(1)).enter();
-        ureq::get(&format!("http://{}/metrics", d.metrics))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    };
+    let text = d.scrape(lab);
     let value = |counter: &str| -> u64 {
         let prefix = format!("lb_dataplane_packets_total{{counter=\"{counter}\"");
         text.lines()

@@ -438,19 +438,7 @@ fn heartbeats_keep_their_interval_through_the_largest_resize_and_a_10_mb_reload(
     let listed: serde_json::Value =
         serde_json::from_str(&d.cli_ok(&["list", "servers", "--json"])).unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(65_536));
-    let scrape = {
-        let _in = lab.ns(&cluster::atm(1)).enter();
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut ureq::get(&format!("http://{}/metrics", d.metrics))
-                .call()
-                .unwrap()
-                .into_reader(),
-            &mut text,
-        )
-        .unwrap();
-        text
-    };
+    let scrape = d.scrape(&lab);
     let server_up = scrape
         .lines()
         .filter(|l| l.starts_with("lb_server_up{"))

@@ -185,14 +185,7 @@ fn tagged_syns_received(fd: &OwnedFd) -> usize {
 
 /// The dataplane's `tagged` counter, from the daemon's /metrics.
 fn tagged_counter(lab: &Lab, d: &Daemon) -> u64 {
-    let text = {
-        let _in = lab.ns(&d.ns).enter();
-        ureq::get(&format!("http://{}/metrics", d.metrics))
-            .call()
-            .expect("GET /metrics")
-            .into_string()
-            .unwrap()
-    };
+    let text = d.scrape(lab);
     let line = r#"lb_dataplane_packets_total{counter="tagged",node="atm1"} "#;
     text.lines()
         .find_map(|l| l.strip_prefix(line))
