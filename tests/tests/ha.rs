@@ -179,8 +179,12 @@ impl Cluster {
         self.atms[i - 1].as_ref().unwrap()
     }
 
+    /// Starts ATM `i` again, and waits until its tables are mounted: start-up joins the
+    /// election before it mounts them (after detaching a killed daemon's dead mount), so
+    /// its log may name the primary before they are readable (as in ipv6.rs).
     fn restart(&mut self, i: usize) {
-        let d = Daemon::start(&mut self.lab, &cluster::atm(i), &self.path, &[]);
+        let mut d = Daemon::start(&mut self.lab, &cluster::atm(i), &self.path, &[]);
+        d.wait_log("Tables mounted at", START);
         self.atms[i - 1] = Some(d);
     }
 
