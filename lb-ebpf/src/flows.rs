@@ -8,7 +8,7 @@ use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, programs::XdpContext};
 use core::ptr::NonNull;
 use lb_common::{
     Addr, CachedFlow, CachedFlow6, Connection, FlowKey, Method, Server, CONN_FIN, CONN_RST,
-    FLOW_CACHE_SLOTS,
+    FLOW_CACHE_SLOTS, FLOW_SYNC_NS,
 };
 
 use crate::{conn::*, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
@@ -34,12 +34,8 @@ pub fn cached_forward<S: Slot>(
     take_packet(f, server, ip.bytes, ip.now);
     // Direct, with the server's next hop fresh and the packet within its path MTU: a MAC
     // rewrite, here, without a call. Anything else as the full path forwards it.
-    if server.method == Method::Direct as u8 {
-        if let Some(hop) = fresh_hop(server, ip.now) {
-            if ip.tot_len <= server.mtu {
-                return Some(send(ctx, &hop));
-            }
-        }
+    if let Some(hop) = direct_hop(server, ip.tot_len, ip.now) {
+        return Some(send(ctx, &hop));
     }
     next.server = f.server();
     if server.method == Method::Nat as u8 {
@@ -61,11 +57,18 @@ pub trait Slot {
     fn take(&mut self, bytes: u64, now: u64);
     /// Moves what the slot forwarded into `into`, leaving it none.
     fn drain(&mut self, into: &mut Drained);
+    /// Moves what the slot forwarded into the shared entry `c`, leaving it none.
+    fn give_to(&mut self, c: &mut Connection);
+    /// Whether the slot, holding the packet's flow, may forward it at `now`: written by the
+    /// full path within `FLOW_SYNC_NS`, in generation `generation`.
+    fn answers(&self, now: u64, generation: u32) -> bool;
+    /// Marks the slot empty.
+    fn empty(&mut self);
 }
 
 /// [`Slot`] for a slot type whose NAT source address `$s` writes into `$out` as `$nat`.
 macro_rules! slot {
-    ($t:ty, |$s:ident, $out:ident| $nat:block) => {
+    ($t:ty, |$s:ident, $out:ident| $nat:block, |$e:ident| $empty:block) => {
         impl Slot for $t {
             #[inline(always)]
             fn server(&self) -> u32 {
@@ -96,16 +99,38 @@ macro_rules! slot {
                 zero_u64(&mut self.packets);
                 zero_u64(&mut self.bytes);
             }
+            #[inline(always)]
+            fn give_to(&mut self, c: &mut Connection) {
+                self.merge_into(c);
+                zero_u64(&mut self.packets);
+                zero_u64(&mut self.bytes);
+            }
+            #[inline(always)]
+            fn answers(&self, now: u64, generation: u32) -> bool {
+                now.wrapping_sub(self.synced_ns) < FLOW_SYNC_NS && self.generation == generation
+            }
+            #[inline(always)]
+            fn empty(&mut self) {
+                let $e = self;
+                $empty
+            }
         }
     };
 }
-slot!(CachedFlow, |f, out| {
-    out.w[2] = lb_common::V4_MAPPED;
-    out.w[3] = f.nat_addr;
-});
-slot!(CachedFlow6, |f, out| {
-    copy_addr(out, &f.nat_addr.w);
-});
+// An IPv4 slot is empty when its VIP is 0.0.0.0, an IPv6 one when its key's protocol is 0.
+slot!(
+    CachedFlow,
+    |f, out| {
+        out.w[2] = lb_common::V4_MAPPED;
+        out.w[3] = f.nat_addr;
+    },
+    |f| { f.daddr = 0 }
+);
+slot!(
+    CachedFlow6,
+    |f, out| { copy_addr(out, &f.nat_addr.w) },
+    |f| { f.key.proto = 0 }
+);
 
 /// A packet of cached direct flow `f`, before `balance` writes the parsed packet down: its
 /// IPv4 header checked, its L4 header (`proto`) at `l4_at`, `tot_len` and `bytes` as in
@@ -133,15 +158,22 @@ pub fn cached_direct(
     }
     let server = SERVERS.get(f.server)?;
     // The slot holds the packet's flow: its key is the packet's.
-    if server.method != Method::Direct as u8
-        || !serves_at(server, &Addr::v4_raw(f.daddr), f.dport, f.proto)
-        || tot_len > server.mtu
-    {
+    if !serves_at(server, &Addr::v4_raw(f.daddr), f.dport, f.proto) {
         return None;
     }
-    let hop = fresh_hop(server, now)?;
+    let hop = direct_hop(server, tot_len, now)?;
     take_packet(f, server, bytes, now);
     Some(send(ctx, &hop))
+}
+
+/// The next hop for a packet of `tot_len` bytes to `server` by a MAC rewrite alone: if the
+/// server is direct, its cached next hop fresh and the packet within its path MTU.
+#[inline(always)]
+fn direct_hop(server: &Server, tot_len: u16, now: u64) -> Option<Hop> {
+    if server.method != Method::Direct as u8 || tot_len > server.mtu {
+        return None;
+    }
+    fresh_hop(server, now)
 }
 
 /// Counts a packet of `bytes` forwarded from cached flow `f` to `server`: everywhere but in
@@ -162,24 +194,20 @@ pub fn take_cached(c: &mut Connection, ip: &Ip) {
     if !ip.slot_holds {
         return;
     }
-    if ip.v6 {
-        if let Some(f) = FLOW_CACHE6.get_ptr_mut(ip.slot) {
-            // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
-            let f = unsafe { &mut *f };
-            f.merge_into(c);
-            f.key.proto = 0;
-            zero_u64(&mut f.packets);
-            zero_u64(&mut f.bytes);
-        }
-        return;
-    }
-    if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
+    /// The slot's counts into `c`, and the slot emptied.
+    #[inline(always)]
+    fn hand_in<S: Slot>(f: *mut S, c: &mut Connection) {
         // SAFETY: this CPU's slot; XDP runs to completion on its CPU.
         let f = unsafe { &mut *f };
-        f.merge_into(c);
-        f.daddr = 0;
-        zero_u64(&mut f.packets);
-        zero_u64(&mut f.bytes);
+        f.give_to(c);
+        f.empty();
+    }
+    if ip.v6 {
+        if let Some(f) = FLOW_CACHE6.get_ptr_mut(ip.slot) {
+            hand_in(f, c);
+        }
+    } else if let Some(f) = FLOW_CACHE.get_ptr_mut(ip.slot) {
+        hand_in(f, c);
     }
 }
 
@@ -378,7 +406,7 @@ extern "C" fn forget_on_cpu(cpu: u64, ctx: *mut c_void) -> i64 {
     // now: that packet's counts may be lost, nothing worse.
     let f = unsafe { &mut *f };
     if f.is(p.saddr, p.daddr, p.sport, p.dport, p.proto) {
-        f.daddr = 0;
+        f.empty();
         f.drain(&mut p.counts);
     }
     0
@@ -441,7 +469,7 @@ extern "C" fn forget6_on_cpu(cpu: u64, _ctx: *mut c_void) -> i64 {
     // now: that packet's counts may be lost, nothing worse.
     let f = unsafe { &mut *f };
     if f.key.same(&p.key) {
-        f.key.proto = 0;
+        f.empty();
         f.drain(&mut p.counts);
     }
     0

@@ -39,8 +39,8 @@ use aya_ebpf::{
 use core::ptr::NonNull;
 use lb_common::{
     flow_cache_slot, flow_cache_slot6, Addr, CachedFlow, CachedFlow6, Connection, DecapStat,
-    Service, Settings, Stat, CONN_REPLY, FLOW_SYNC_NS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, SETTINGS_ACTIVE,
+    Service, Settings, Stat, CONN_REPLY, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    SETTINGS_ACTIVE,
 };
 
 use crate::{conn::*, decap::*, flows::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
@@ -220,10 +220,7 @@ fn balance(ctx: &XdpContext) -> Outcome {
                 // SAFETY: a per-CPU slot.
                 let r = unsafe { f.as_ref() };
                 slot_holds = r.is(iph.saddr, daddr, sport, dport, iph.proto);
-                if slot_holds
-                    && now.wrapping_sub(r.synced_ns) < FLOW_SYNC_NS
-                    && r.generation == settings.flow_gen
-                {
+                if slot_holds && r.answers(now, settings.flow_gen) {
                     cached = Some(f);
                 }
             }
@@ -393,10 +390,7 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
                 // SAFETY: a per-CPU slot.
                 let r = unsafe { f.as_ref() };
                 slot_holds = r.key.same(key);
-                if slot_holds
-                    && now.wrapping_sub(r.synced_ns) < FLOW_SYNC_NS
-                    && r.generation == settings.flow_gen
-                {
+                if slot_holds && r.answers(now, settings.flow_gen) {
                     cached = Some(f);
                 }
             }

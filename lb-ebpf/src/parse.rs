@@ -48,9 +48,10 @@ pub struct Ip {
     /// Every time the dataplane keeps (idle timeouts, the lease, the next-hop cache) is in
     /// seconds.
     pub now: u64,
-    /// The packet's flow cache slot (`flow_cache`, an IPv4 TCP or UDP packet's; else
-    /// [`NO_SLOT`]), found by `balance`, and whether it holds this flow (fresh or not):
-    /// the full path takes its counts in and fills it without looking again.
+    /// The packet's flow cache slot (in `flow_cache` for IPv4, `flow_cache6` for IPv6: a
+    /// TCP or UDP packet's not to the NAT address; else [`NO_SLOT`]), found by `balance`
+    /// or `balance6`, and whether it holds this flow (fresh or not): the full path takes
+    /// its counts in and fills it without looking again.
     pub slot: u32,
     pub slot_holds: bool,
 }
