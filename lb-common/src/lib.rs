@@ -10,6 +10,7 @@ extern crate std;
 pub mod abi;
 pub mod bench;
 pub mod csum;
+pub mod flow_cache;
 pub mod hash;
 pub mod nat;
 pub mod ring;
@@ -19,4 +20,5 @@ pub mod sched;
 pub mod xdp_link;
 
 pub use abi::*;
+pub use flow_cache::*;
 pub use ring::*;
