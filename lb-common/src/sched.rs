@@ -129,91 +129,133 @@ pub fn maglev(backends: &[Backend], m: usize) -> Vec<u32> {
     }
     // Probing adds in u32 (a position and a skip are both below m).
     assert!(m < 1 << 31, "a Maglev ring of {m} slots is too large");
-    let m64 = m as u64;
+    let (m64, m32) = (m as u64, m as u32);
     // Each backend's place in its permutation, offset + n * skip (mod m), kept as a running
     // position: one addition per probe instead of a division.
-    let mut pos: Vec<u64> = Vec::with_capacity(live.len());
-    let mut skips: Vec<u64> = Vec::with_capacity(live.len());
+    let mut pos: Vec<u32> = Vec::with_capacity(live.len());
+    let mut skips: Vec<u32> = Vec::with_capacity(live.len());
     for b in &live {
-        pos.push(remix(b.key, 0x5851_f42d_4c95_7f2d) % m64);
-        skips.push(remix(b.key, 0x1405_7b7e_f767_814f) % (m64 - 1) + 1);
+        pos.push((remix(b.key, 0x5851_f42d_4c95_7f2d) % m64) as u32);
+        skips.push((remix(b.key, 0x1405_7b7e_f767_814f) % (m64 - 1) + 1) as u32);
     }
-    let wmax = live
-        .iter()
-        .map(|b| b.weight as u64)
-        .max()
-        .expect("non-empty");
     // Contiguous copies of what each round reads, rather than a pointer per backend.
     let weights: Vec<u64> = live.iter().map(|b| b.weight as u64).collect();
+    let wmax = *weights.iter().max().expect("non-empty");
     let ids: Vec<u32> = live.iter().map(|b| b.id).collect();
     let mut credit = vec![0u64; live.len()];
-    let mut ring = vec![0u32; m];
-    let mut taken = vec![0u64; m.div_ceil(64)];
-    let mut filled = 0usize;
-    // Probing costs m / free probes per claim, so the last slots cost the most (half of all
-    // probes go to the last ~sqrt(m)). Once few are free, a claim instead takes the free slot
-    // the fewest skips ahead, (slot - position) / skip (mod m): one multiplication per free
-    // slot. Same ring, fewer steps.
-    let tail = ((m as f64).sqrt() as usize).max(1);
-    let mut tail_free: Option<(Vec<u64>, Vec<u64>)> = None; // (free slots, inverse skips)
-    let reduce = Barrett::new(m64);
     // Backends claiming a slot this round, in order. A weight is at most `wmax`, so a backend
     // claims at most once per round; listing the claimants without a branch first spares the
     // round loop a mispredicted branch for every backend whose credit is not yet full.
     let mut claimants = vec![0usize; live.len()];
-    loop {
+    let mut round = |claimants: &mut [usize]| {
         let mut n = 0;
-        for i in 0..live.len() {
+        for i in 0..credit.len() {
             let c = credit[i] + weights[i];
             let claims = c >= wmax;
             credit[i] = c - wmax * u64::from(claims);
             claimants[n] = i;
             n += usize::from(claims);
         }
-        for &i in &claimants[..n] {
-            let skip = skips[i];
-            let c = if let Some((free, inverse)) = tail_free.as_mut() {
-                let (p, inv) = (pos[i], inverse[i]);
-                let nearest = free
-                    .iter()
-                    .enumerate()
-                    .min_by_key(|(_, c)| reduce.rem((**c + m64 - p) * inv))
-                    .map(|(k, _)| k)
-                    .expect("a free slot while the ring is not full");
-                let c = free.swap_remove(nearest);
-                pos[i] = (c + skip) % m64;
-                c as usize
-            } else {
-                // Probing in u32: positions and skips are below m.
-                let (mut at, skip, m32) = (pos[i] as u32, skip as u32, m as u32);
-                loop {
-                    let c = at as usize;
-                    let p = at + skip;
-                    // A conditional move, not a branch: whether it wraps is a coin toss.
-                    at = if p >= m32 { p - m32 } else { p };
-                    // Most probes find the slot taken: ask a bitmap that stays in L1 cache
-                    // (8 KiB for 65,537 slots) rather than the ring (256 KiB).
-                    let (word, bit) = (c / 64, 1u64 << (c % 64));
-                    if taken[word] & bit == 0 {
-                        taken[word] |= bit;
-                        pos[i] = at as u64;
-                        break c;
-                    }
+        n
+    };
+    let mut ring = vec![0u32; m];
+    // Most probes find the slot taken: ask a bitmap that stays in L1 cache (8 KiB for 65,537
+    // slots) rather than the ring (256 KiB).
+    let mut taken = Bitmap(vec![0u64; m.div_ceil(64)]);
+    // Probing costs m / free probes per claim, so the last slots cost the most (half of all
+    // probes go to the last ~sqrt(m)). The last `tail` claims instead take the free slot the
+    // fewest skips ahead (below). Same ring, fewer steps.
+    let tail = ((m as f64).sqrt() as usize).clamp(1, m);
+    let (mut filled, mut n, mut next) = (0, 0, 0);
+    'probing: while filled < m - tail {
+        n = round(&mut claimants);
+        next = 0;
+        while next < n {
+            let i = claimants[next];
+            next += 1;
+            let (mut at, skip) = (pos[i], skips[i]);
+            let c = loop {
+                let c = at;
+                let p = at + skip;
+                // A conditional move, not a branch: whether it wraps is a coin toss.
+                at = if p >= m32 { p - m32 } else { p };
+                if taken.take(c) {
+                    break c;
                 }
             };
-            ring[c] = ids[i];
+            pos[i] = at;
+            ring[c as usize] = ids[i];
+            filled += 1;
+            if filled == m - tail {
+                break 'probing;
+            }
+        }
+    }
+    // The tail: the free slot the fewest skips ahead of a backend's position p is the one
+    // with the least (slot - p) / skip (mod m), one multiplication per free slot. The inverse
+    // skips are worked out for the backends that claim here only, which few of 1000 do.
+    let reduce = Barrett::new(m64);
+    let mut free = taken.clear_ones(m);
+    let mut inverse = vec![0u64; live.len()]; // 0: not worked out yet (no inverse is 0)
+    loop {
+        while next < n {
+            let i = claimants[next];
+            next += 1;
+            if inverse[i] == 0 {
+                inverse[i] = inverse_mod(u64::from(skips[i]), &reduce);
+            }
+            let (p, inv) = (u64::from(pos[i]), inverse[i]);
+            let nearest = free
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, c)| reduce.rem((**c + m64 - p) * inv))
+                .map(|(k, _)| k)
+                .expect("a free slot while the ring is not full");
+            let c = free.swap_remove(nearest);
+            pos[i] = ((c + u64::from(skips[i])) % m64) as u32;
+            ring[c as usize] = ids[i];
             filled += 1;
             if filled == m {
                 return ring;
             }
-            if tail_free.is_none() && m - filled == tail {
-                let free = (0..m64)
-                    .filter(|c| taken[*c as usize / 64] & (1 << (c % 64)) == 0)
-                    .collect();
-                let inverse = skips.iter().map(|s| inverse_mod(*s, &reduce)).collect();
-                tail_free = Some((free, inverse));
+        }
+        n = round(&mut claimants);
+        next = 0;
+    }
+}
+
+/// One bit per ring slot: taken or free.
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    /// Takes slot `c` if it is free, and says whether it was.
+    #[inline(always)]
+    fn take(&mut self, c: u32) -> bool {
+        let (word, bit) = (&mut self.0[c as usize / 64], 1u64 << (c % 64));
+        // Set only when free: a store on every probe would make the next probe of the same
+        // word wait for it.
+        let free = *word & bit == 0;
+        if free {
+            *word |= bit;
+        }
+        free
+    }
+
+    /// The free slots below `m`, in order.
+    fn clear_ones(&self, m: usize) -> Vec<u64> {
+        let mut free = Vec::new();
+        for (w, bits) in self.0.iter().enumerate() {
+            let mut f = !bits;
+            while f != 0 {
+                let c = w * 64 + f.trailing_zeros() as usize;
+                if c >= m {
+                    break;
+                }
+                free.push(c as u64);
+                f &= f - 1;
             }
         }
+        free
     }
 }
 
