@@ -25,6 +25,9 @@ pub struct Status {
     pub term: Option<u64>,
     /// Refused ATM messages by reason; none without `[ha]`.
     pub rejected: Option<BTreeMap<String, u64>>,
+    /// Votes heard, as `corosync-quorumtool -s` shows them; none without `[ha]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<QuorumStatus>,
     /// The NAT pool's state; none without `[nat]`.
     pub nat: Option<NatStatus>,
     /// Where lb_xdp is attached; none on a real server.
@@ -36,6 +39,24 @@ impl Status {
     /// The ATM that is primary now, as this daemon sees it.
     pub fn primary(&self) -> Option<&AtmStatus> {
         self.atms.iter().find(|a| a.role == "primary")
+    }
+}
+
+/// The election's quorum as this ATM counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumStatus {
+    /// This ATM and the ATMs heard within the dead interval.
+    pub heard: usize,
+    /// The ATMs listed in the config.
+    pub expected: usize,
+    /// The votes a primary needs: none when quorum is not enforced (`[ha] quorum = "none"`,
+    /// or two ATMs).
+    pub needed: Option<usize>,
+}
+
+impl QuorumStatus {
+    pub fn quorate(&self) -> bool {
+        self.needed.is_none_or(|n| self.heard >= n)
     }
 }
 

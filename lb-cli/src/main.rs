@@ -381,6 +381,25 @@ fn print_status(d: &Status) {
     if !refused.is_empty() {
         println!("Refused ATM messages: {}", refused.join(", "));
     }
+    if let Some(q) = &d.quorum {
+        // As corosync-quorumtool -s: votes heard out of expected, and whether they suffice.
+        match q.needed {
+            Some(needed) => println!(
+                "Quorum: {} of {} votes, {needed} needed: {}",
+                q.heard,
+                q.expected,
+                if q.quorate() {
+                    "quorate"
+                } else {
+                    "NOT quorate (this ATM may not be primary)"
+                }
+            ),
+            None => println!(
+                "Quorum: {} of {} votes heard, not enforced",
+                q.heard, q.expected
+            ),
+        }
+    }
     let vips: Vec<String> = d.vips.iter().map(|v| v.to_string()).collect();
     println!(
         "VIPs: {}",

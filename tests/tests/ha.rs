@@ -536,6 +536,141 @@ fn after_a_cut_heartbeat_path_heals_exactly_one_primary_holds_the_vip() {
     );
 }
 
+/// `[ha] quorum = "majority"` with three ATMs: an ATM that hears fewer than two of the three
+/// (itself included) never holds the VIP, and a primary cut off from the other two steps
+/// down, while those two elect one of them. Heartbeats are cut with nftables in the cut-off
+/// ATM's namespace, both ways.
+#[test]
+fn with_majority_quorum_a_partition_of_one_against_two_leaves_one_primary_on_the_two_side() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 3, 3);
+    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 3, 0o600);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "dead_after = 3\n",
+            "dead_after = 3\nquorum = \"majority\"\n",
+        ),
+    )
+    .unwrap();
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let ns = cluster::server(i);
+        lab.nginx(&ns, &ns, &[80]);
+        let mut d = Daemon::start(&mut lab, &ns, &path, &["--node", &format!("s{i}")]);
+        d.wait_log("Control socket", START);
+        nodes.push(d);
+    }
+    let mut c = Cluster {
+        atms: vec![None, None, None],
+        _nodes: nodes,
+        path,
+        lab,
+    };
+
+    // Alone, atm1 looks for a primary and then waits: one vote of three is no quorum.
+    let mut d = Daemon::start(&mut c.lab, &cluster::atm(1), &c.path, &[]);
+    d.wait_log("Tables mounted at", START);
+    c.atms[0] = Some(d);
+    thread::sleep(Duration::from_millis(10 * HEARTBEAT_MS));
+    assert_eq!(c.vip_holders(), Vec::<usize>::new(), "1 of 3 holds no VIP");
+    let status = c.atm(1).cli_ok(&["status"]);
+    assert!(
+        status.contains("Quorum: 1 of 3 votes, 2 needed: NOT quorate"),
+        "{status}"
+    );
+    let refused = c.atm(1).cli(&["promote"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("2 needed for quorum"),
+        "lb-cli promote without quorum: {said}"
+    );
+    assert_eq!(c.vip_holders(), Vec::<usize>::new());
+
+    // A second ATM makes a majority: atm1, the higher-listed, becomes primary.
+    let mut d = Daemon::start(&mut c.lab, &cluster::atm(2), &c.path, &[]);
+    d.wait_log("ATM atm1 (", START);
+    c.atms[1] = Some(d);
+    c.atms[0]
+        .as_mut()
+        .unwrap()
+        .wait_log("This ATM is primary", START);
+    c.restart(3);
+    c.atms[2].as_mut().unwrap().wait_log("ATM atm1 (", START);
+    assert_eq!(c.vip_holders(), vec![1]);
+    assert!(
+        c.atm(3)
+            .cli_ok(&["status"])
+            .contains("Quorum: 3 of 3 votes, 2 needed: quorate")
+    );
+
+    let cut = |c: &Cluster, i: usize| {
+        let ns = c.lab.ns(&cluster::atm(i));
+        ns.nft_filter("lbcut", "input", "udp dport 5780 drop");
+        ns.nft_filter("lbcut", "output", "udp dport 5780 drop");
+    };
+    let heal = |c: &Cluster, i: usize| {
+        c.lab
+            .ns(&cluster::atm(i))
+            .exec_ok(&["nft", "delete table inet lbcut"]);
+    };
+    // Until `until`, the VIP holders must only ever be `allowed` (checked every 20 ms); at
+    // the end they must be `then`.
+    let watch =
+        |c: &Cluster, allowed: &[Vec<usize>], then: Vec<usize>, until: Duration, what: &str| {
+            let t = Instant::now();
+            while t.elapsed() < until {
+                let h = c.vip_holders();
+                assert!(allowed.contains(&h), "{what}: VIP held by {h:?}");
+                thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(c.vip_holders(), then, "{what}");
+        };
+
+    // A backup cut off from the other two never takes the VIP, however long.
+    cut(&c, 3);
+    watch(
+        &c,
+        &[vec![1]],
+        vec![1],
+        Duration::from_secs(3),
+        "atm3 cut off",
+    );
+    assert!(
+        c.atm(3)
+            .cli_ok(&["status"])
+            .contains("Quorum: 1 of 3 votes, 2 needed: NOT quorate")
+    );
+    heal(&c, 3);
+    watch(&c, &[vec![1]], vec![1], Duration::from_secs(1), "atm3 back");
+
+    // The primary cut off from the other two steps down; they elect atm2.
+    cut(&c, 1);
+    c.atms[0]
+        .as_mut()
+        .unwrap()
+        .wait_log("quorum lost: this ATM hears 1 of 3 ATMs", START);
+    c.atms[1]
+        .as_mut()
+        .unwrap()
+        .wait_log("This ATM is primary", START);
+    watch(
+        &c,
+        &[vec![2]],
+        vec![2],
+        Duration::from_secs(3),
+        "atm1 cut off",
+    );
+
+    // Healed: exactly one primary, the one the majority elected.
+    heal(&c, 1);
+    watch(&c, &[vec![2]], vec![2], Duration::from_secs(2), "healed");
+    let status = c.atm(1).cli_ok(&["status"]);
+    assert!(status.contains("atm2 is primary"), "{status}");
+    assert!(status.contains("Quorum: 3 of 3 votes"), "{status}");
+}
+
 /// Like corosync with its authkey: a key file others may read is refused, before the ATM
 /// touches its interface.
 #[test]

@@ -16,8 +16,8 @@ use super::{
     services::read_service,
     types::{
         Atm, CONNECTIONS_RANGE, Cluster, Config, Control, DEFAULT_PORT_HOLD, DEFAULT_TIME_WAIT,
-        DEFAULT_TIMEOUT, Ha, NAT_POOL_MAX, NAT6_PREFIX_RANGE, Nat, Nat4, Nat6, SERVERS_RANGE,
-        SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE,
+        DEFAULT_TIMEOUT, Ha, NAT_POOL_MAX, NAT6_PREFIX_RANGE, Nat, Nat4, Nat6, Quorum,
+        SERVERS_RANGE, SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE,
     },
 };
 use crate::Capacities;
@@ -554,6 +554,12 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
     bad |= t.contains_key("heartbeat_ms") && hb.is_none();
     let dead = tab.int(cx, "dead_after", 1..=100, " heartbeats");
     bad |= t.contains_key("dead_after") && dead.is_none();
+    let quorum = tab.choice(
+        cx,
+        "quorum",
+        &[("none", Quorum::None), ("majority", Quorum::Majority)],
+    );
+    bad |= t.contains_key("quorum") && quorum.is_none();
     let mut track = Vec::new();
     if let Some((item, line)) = tab.item(cx, "track") {
         match item.as_array() {
@@ -590,6 +596,7 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
         heartbeat_ms: hb.map(|h| h.v as u32).unwrap_or(defaults.heartbeat_ms),
         dead_after: dead.map(|d| d.v as u32).unwrap_or(defaults.dead_after),
         track,
+        quorum: quorum.map(|q| q.v).unwrap_or(defaults.quorum),
     })
 }
 

@@ -180,6 +180,19 @@ pub struct Ha {
     pub dead_after: u32,
     /// Addresses an ATM must reach to be allowed to become primary (either family).
     pub track: Vec<IpAddr>,
+    /// `quorum`: whether an ATM must hear a majority of the listed ATMs to be primary.
+    pub quorum: Quorum,
+}
+
+/// `[ha] quorum`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Quorum {
+    /// Any ATM may lead alone (TCL's election).
+    #[default]
+    None,
+    /// With three ATMs or more, only one that hears a majority of them (itself included);
+    /// two ATMs keep the election without quorum, as corosync's `two_node` does.
+    Majority,
 }
 
 /// `[ha]` without a key takes it from here; no `[ha]` at all is all of it.
@@ -190,6 +203,7 @@ impl Default for Ha {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             dead_after: DEFAULT_DEAD_AFTER,
             track: Vec::new(),
+            quorum: Quorum::None,
         }
     }
 }

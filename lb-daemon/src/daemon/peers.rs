@@ -19,6 +19,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{Daemon, HANDOVER_LIMIT, Ha, Handover, PROMOTE_WAIT, Role, SETTLE};
 use crate::{
+    config,
     control::Response,
     dataplane,
     ha::{self, Action, Body, Election, Reject, Replay},
@@ -105,6 +106,20 @@ impl Daemon {
                     ha_cfg.dead_after,
                     Instant::now(),
                 );
+                let e = match ha_cfg.quorum {
+                    config::Quorum::Majority if n >= 3 => {
+                        info!(
+                            "Quorum: this ATM may be primary only while it hears {} of the {n} ATMs (itself included)",
+                            n / 2 + 1
+                        );
+                        e.majority_quorum()
+                    }
+                    config::Quorum::Majority => {
+                        info!("Quorum: not enforced between two ATMs (either may lead alone)");
+                        e.majority_quorum()
+                    }
+                    config::Quorum::None => e,
+                };
                 if ha_cfg.track.is_empty() {
                     e
                 } else {
@@ -552,6 +567,16 @@ impl Daemon {
             let _ = reply.send(Response::error(
                 "this ATM may not become primary (it does not reach its track addresses)",
             ));
+            return;
+        }
+        let votes = ha.election.votes(now);
+        if !votes.quorate() {
+            let _ = reply.send(Response::error(format!(
+                "this ATM may not become primary: it hears {} of {} ATMs (itself included), {} needed for quorum",
+                votes.heard,
+                votes.expected,
+                votes.needed.unwrap_or(0)
+            )));
             return;
         }
         info!("Promotion requested by lb-cli");

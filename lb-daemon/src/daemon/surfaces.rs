@@ -378,6 +378,7 @@ impl Daemon {
                 .collect(),
             vips: self.vips(),
             term: self.part.ha().map(|h| h.election.term()),
+            quorum: self.part.ha().map(|h| h.election.votes(Instant::now())),
             rejected: self.part.ha().map(|h| {
                 Reject::ALL
                     .iter()

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use lb_api::views::QuorumStatus as Votes;
+
 use super::wire::{Heartbeat, Role};
 
 /// What the election asks the daemon to do.
@@ -34,7 +36,11 @@ pub struct Election {
     me: usize,
     /// A peer unheard for this long is down.
     dead: Duration,
-    started: Instant,
+    /// A backup looks for a primary until then before it may stand: `dead` after start-up,
+    /// and after regaining quorum (a primary on the other side of a healed partition is
+    /// heard within that time; promoting on the first heartbeat heard would make a second
+    /// primary of the same term, which the higher-listed wins).
+    looking_until: Instant,
     role: Role,
     /// The highest term seen (ours when primary).
     term: u64,
@@ -45,6 +51,9 @@ pub struct Election {
     stand_aside_until: Option<Instant>,
     /// During a planned handover: who is to take over.
     yield_to: Option<usize>,
+    /// `[ha] quorum = "majority"` among three ATMs or more: only an ATM that hears a
+    /// majority of the listed ATMs (itself included) may be or become primary.
+    majority: bool,
 }
 
 impl Election {
@@ -59,7 +68,7 @@ impl Election {
         Election {
             me,
             dead: heartbeat * dead_after,
-            started: now,
+            looking_until: now + heartbeat * dead_after,
             role: Role::Backup,
             term: 0,
             eligible: true,
@@ -72,6 +81,26 @@ impl Election {
             ],
             stand_aside_until: None,
             yield_to: None,
+            majority: false,
+        }
+    }
+
+    /// `[ha] quorum = "majority"`: enforced with three ATMs or more; two keep the election
+    /// without quorum, as corosync's `two_node` does (either may lead alone, or a failover
+    /// could never happen).
+    pub fn majority_quorum(mut self) -> Election {
+        self.majority = self.peers.len() >= 3;
+        self
+    }
+
+    /// This ATM and the peers heard within the dead interval, out of all listed, and the
+    /// majority needed when quorum is enforced.
+    pub fn votes(&self, now: Instant) -> Votes {
+        let n = self.peers.len();
+        Votes {
+            heard: 1 + (0..n).filter(|i| self.alive(*i, now)).count(),
+            expected: n,
+            needed: self.majority.then_some(n / 2 + 1),
         }
     }
 
@@ -116,7 +145,9 @@ impl Election {
     }
 
     fn candidate(&self, now: Instant) -> bool {
-        self.eligible && self.stand_aside_until.is_none_or(|t| now >= t)
+        self.eligible
+            && self.stand_aside_until.is_none_or(|t| now >= t)
+            && self.votes(now).quorate()
     }
 
     /// What to announce now.
@@ -151,10 +182,14 @@ impl Election {
         if from == self.me || from >= self.peers.len() {
             return None;
         }
+        let was_quorate = self.votes(now).quorate();
         self.peers[from] = Peer {
             last_heard: Some(now),
             heartbeat: Some(hb),
         };
+        if !was_quorate && self.votes(now).quorate() {
+            self.looking_until = self.looking_until.max(now + self.dead);
+        }
         if hb.role == Role::Primary {
             // Someone else leads now: a handover is over, and nobody needs to stand aside.
             self.stand_aside_until = None;
@@ -179,7 +214,11 @@ impl Election {
             self.term = self.term.max(hb.term);
             return None;
         }
-        if hb.yield_to == Some(self.me as u16) && self.role == Role::Backup && self.eligible {
+        if hb.yield_to == Some(self.me as u16)
+            && self.role == Role::Backup
+            && self.eligible
+            && self.votes(now).quorate()
+        {
             return self.promote(
                 now,
                 format!("ATM {from} hands over to this ATM"),
@@ -198,7 +237,8 @@ impl Election {
     /// stand-aside ending. The daemon wakes at it, so a dead primary is replaced exactly
     /// `dead_after × heartbeat_ms` after it was last heard, not at the next heartbeat tick.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        if self.role == Role::Primary {
+        // A primary under quorum wakes when a peer's dead interval runs out, to count again.
+        if self.role == Role::Primary && !self.majority {
             return None;
         }
         // `alive` counts a peer heard exactly `dead` ago as alive: the deadline is just after.
@@ -206,7 +246,7 @@ impl Election {
         self.peers
             .iter()
             .filter_map(|p| p.last_heard.map(after))
-            .chain([self.started + self.dead])
+            .chain([self.looking_until])
             .chain(self.stand_aside_until)
             .filter(|t| *t > now)
             .min()
@@ -233,9 +273,22 @@ impl Election {
                     to: None,
                 });
             }
+            let votes = self.votes(now);
+            if !votes.quorate() {
+                self.role = Role::Backup;
+                return Some(Action::BecomeBackup {
+                    reason: format!(
+                        "quorum lost: this ATM hears {} of {} ATMs (itself included), {} needed",
+                        votes.heard,
+                        votes.expected,
+                        votes.needed.unwrap_or(0)
+                    ),
+                    to: None,
+                });
+            }
             return None;
         }
-        if now.duration_since(self.started) < self.dead {
+        if now < self.looking_until {
             return None; // still looking for a primary
         }
         if self.primary_peer(now).is_some() || !self.candidate(now) {
@@ -287,7 +340,7 @@ impl Election {
 
     /// `lb-cli promote` when no primary is alive: take over at once.
     pub fn force_promote(&mut self, now: Instant) -> Option<Action> {
-        if self.role == Role::Primary || !self.eligible {
+        if self.role == Role::Primary || !self.eligible || !self.votes(now).quorate() {
             return None;
         }
         self.promote(now, "promoted by lb-cli".into(), None)
@@ -313,21 +366,46 @@ mod tests {
         atms: Vec<Option<Election>>,
         cut: Vec<(usize, usize)>,
         log: Vec<(usize, Action)>,
+        majority: bool,
     }
 
     impl Net {
         fn new(n: usize) -> Net {
-            Net {
-                atms: (0..n)
-                    .map(|i| Some(Election::new(i, n, HB, 3, Instant::now())))
-                    .collect(),
+            let mut net = Net {
+                atms: Vec::new(),
                 cut: Vec::new(),
                 log: Vec::new(),
+                majority: false,
+            };
+            net.atms = (0..n).map(|i| Some(net.election(i, n))).collect();
+            net
+        }
+        /// With `[ha] quorum = "majority"`.
+        fn majority(n: usize) -> Net {
+            let mut net = Net::new(n);
+            net.majority = true;
+            net.atms = (0..n).map(|i| Some(net.election(i, n))).collect();
+            net
+        }
+        fn election(&self, i: usize, n: usize) -> Election {
+            let e = Election::new(i, n, HB, 3, Instant::now());
+            if self.majority {
+                e.majority_quorum()
+            } else {
+                e
             }
         }
         fn start(&mut self, i: usize) {
             let n = self.atms.len();
-            self.atms[i] = Some(Election::new(i, n, HB, 3, Instant::now()));
+            self.atms[i] = Some(self.election(i, n));
+        }
+        /// Cuts `a` off from every other ATM.
+        fn isolate(&mut self, a: usize) {
+            for b in 0..self.atms.len() {
+                if b != a {
+                    self.cut.push((a, b));
+                }
+            }
         }
         fn kill(&mut self, i: usize) {
             self.atms[i] = None;
@@ -582,5 +660,125 @@ mod tests {
         assert!(matches!(act, Some(Action::BecomeBackup { .. })));
         net.steps(10).await;
         assert!(net.primaries().is_empty(), "nobody may lead");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_majority_quorum_an_atm_alone_never_promotes() {
+        let mut net = Net::majority(3);
+        net.kill(1);
+        net.kill(2);
+        net.steps(50).await;
+        assert!(net.primaries().is_empty(), "1 of 3 is no majority");
+        let now = Instant::now();
+        let a = net.atms[0].as_mut().unwrap();
+        assert_eq!(
+            a.votes(now),
+            Votes {
+                heard: 1,
+                expected: 3,
+                needed: Some(2)
+            }
+        );
+        assert_eq!(a.force_promote(now), None, "lb-cli promote is refused too");
+        net.start(2);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0], "2 of 3 elect one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_majority_quorum_a_cut_off_primary_demotes_and_the_majority_elects_one() {
+        let mut net = Net::majority(3);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.isolate(0);
+        // The dead interval is 3 heartbeats: by then the minority's primary has counted
+        // itself alone and the two others have elected the higher-listed of them.
+        net.steps(4).await;
+        assert_eq!(net.primaries(), vec![1], "{:?}", net.log);
+        assert!(
+            net.log.iter().any(|(i, a)| *i == 0
+                && matches!(a, Action::BecomeBackup { reason, .. } if reason.starts_with("quorum lost"))),
+            "{:?}",
+            net.log
+        );
+        // Never two primaries while cut off, however long.
+        for _ in 0..50 {
+            net.step().await;
+            assert_eq!(net.primaries(), vec![1]);
+        }
+        net.cut.clear();
+        for _ in 0..30 {
+            net.step().await;
+            assert_eq!(net.primaries(), vec![1], "healed: exactly one primary");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_majority_quorum_a_primary_wakes_to_count_its_votes() {
+        let t0 = Instant::now();
+        let mut p = Election::new(0, 3, HB, 3, t0).majority_quorum();
+        let beat = Heartbeat {
+            role: Role::Backup,
+            term: 0,
+            candidate: true,
+            yield_to: None,
+        };
+        let at = t0 + Duration::from_millis(300);
+        // Quorum gained: it looks for a primary for a dead interval first.
+        assert_eq!(p.on_heartbeat(1, beat, at), None);
+        let beat_at = at + Duration::from_millis(200);
+        assert_eq!(p.on_heartbeat(1, beat, beat_at), None);
+        assert!(matches!(
+            p.tick(at + Duration::from_millis(300)),
+            Some(Action::BecomePrimary { .. })
+        ));
+        assert_eq!(
+            p.next_deadline(at + Duration::from_millis(310)),
+            Some(beat_at + Duration::from_millis(301)),
+            "the backup's dead interval"
+        );
+        assert!(matches!(
+            p.tick(beat_at + Duration::from_millis(301)),
+            Some(Action::BecomeBackup { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_atms_keep_their_election_with_majority_quorum() {
+        let mut net = Net::majority(2);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0]);
+        net.kill(0);
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![1], "as corosync's two_node");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_majority_quorum_regaining_it_means_looking_for_the_primary_first() {
+        let t0 = Instant::now();
+        let mut a = Election::new(0, 3, HB, 3, t0).majority_quorum();
+        let backup = Heartbeat {
+            role: Role::Backup,
+            term: 2,
+            candidate: true,
+            yield_to: None,
+        };
+        let primary = Heartbeat {
+            role: Role::Primary,
+            ..backup
+        };
+        // Long cut off: no quorum.
+        let healed = t0 + Duration::from_secs(10);
+        assert_eq!(a.tick(healed), None);
+        // The healed partition's backup is heard before its primary: no promotion on it,
+        // although this ATM is the highest-listed and now hears a majority.
+        assert_eq!(a.on_heartbeat(2, backup, healed), None);
+        assert_eq!(a.tick(healed + Duration::from_millis(50)), None);
+        assert_eq!(
+            a.on_heartbeat(1, primary, healed + Duration::from_millis(90)),
+            None
+        );
+        assert_eq!(a.tick(healed + Duration::from_millis(400)), None);
+        assert_eq!(a.role(), Role::Backup);
     }
 }
