@@ -34,7 +34,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Who is primary, which ATMs are online, the VIPs, servers up and down.
-    Status,
+    Status {
+        /// The whole status as JSON, as the daemon sends it.
+        #[arg(long)]
+        json: bool,
+    },
+    /// This daemon's role, one word: primary, backup, idle or node (for scripts, such as
+    /// the OCF agent dist/ocf/lb).
+    Role,
     /// Print a table as the mounted file shows it: config, connections, debug, nat,
     /// servers, services, stat, timeout, atms; on a real server, decap.
     Cat { table: String },
@@ -132,7 +139,18 @@ fn ask(socket: &Path, req: Request) -> Result<Response, String> {
 fn run(cli: Cli) -> Result<(), String> {
     let s = &cli.socket;
     match cli.cmd {
-        Cmd::Status => print_status(&ask(s, Request::Status)?.into_view()?),
+        Cmd::Status { json: false } => print_status(&ask(s, Request::Status)?.into_view()?),
+        Cmd::Status { json: true } => {
+            let d: Status = ask(s, Request::Status)?.into_view()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&d).map_err(|e| e.to_string())?
+            );
+        }
+        Cmd::Role => {
+            let d: Status = ask(s, Request::Status)?.into_view()?;
+            println!("{}", d.role);
+        }
         Cmd::Cat { table } => print!(
             "{}",
             ask(s, Request::Cat { table })?.text.unwrap_or_default()

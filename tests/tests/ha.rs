@@ -10,7 +10,7 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,7 +23,7 @@ use lb_common::Method;
 use lb_tests::{
     cluster,
     lab::{BIG_BYTES, Lab},
-    procs::Daemon,
+    procs::{Daemon, bin},
 };
 
 const KEY: &[u8] = b"lab-secret-0123456789";
@@ -669,6 +669,64 @@ fn with_majority_quorum_a_partition_of_one_against_two_leaves_one_primary_on_the
     let status = c.atm(1).cli_ok(&["status"]);
     assert!(status.contains("atm2 is primary"), "{status}");
     assert!(status.contains("Quorum: 3 of 3 votes"), "{status}");
+}
+
+/// The OCF agent passes Debian's `ocf-tester` (resource-agents) with a real daemon: atm1 of
+/// a two-ATM cluster under `manager = "pacemaker"`, in its namespace. ocf-tester runs every
+/// action, checks each exit code (start, monitor running and not running, promote to
+/// "running promoted", demote, stop twice, validate-all) and the meta-data against the DTD.
+#[test]
+fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 2, 1);
+    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 2, 0o600);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "dead_after = 3\n",
+            "dead_after = 3\nmanager = \"pacemaker\"\n",
+        ),
+    )
+    .unwrap();
+    let dir = lab.dir();
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/ocf/lb");
+    let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
+    let out = lab
+        .ns(&cluster::atm(1))
+        .command("ocf-tester")
+        .args(["-v", "-n", "lb"])
+        .args(["-o", &opt("config", &path)])
+        .args(["-o", "node=atm1"])
+        .args(["-o", &opt("socket", &dir.join("ocf.sock"))])
+        .args(["-o", &opt("mount", &dir.join("ocf-tables"))])
+        .args(["-o", "metrics=off"])
+        .args(["-o", &opt("daemon", &bin("lb-daemon"))])
+        .args(["-o", &opt("cli", &bin("lb-cli"))])
+        .args(["-o", &opt("log", &dir.join("ocf-daemon.log"))])
+        .arg(&agent)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(dir.join("ocf-daemon.log")).unwrap_or_default();
+    assert!(
+        out.status.success() && said.contains("passed all tests"),
+        "ocf-tester:\n{said}\ndaemon log:\n{log}"
+    );
+    for (what, line) in [
+        (
+            "promote",
+            "Elected primary (term 1): promoted by the cluster manager",
+        ),
+        ("demote", "Becoming backup: demoted by the cluster manager"),
+        ("managed", "The primary role is Pacemaker's to give"),
+    ] {
+        assert!(log.contains(line), "{what}: no {line:?} in\n{log}");
+    }
 }
 
 /// Like corosync with its authkey: a key file others may read is refused, before the ATM

@@ -55,6 +55,14 @@ const PACKAGES: &[Package] = &[
         name: "prometheus",
         why: "promtool, with which the tests check that /metrics is valid, linted Prometheus text",
     },
+    Package {
+        name: "resource-agents",
+        why: "ocf-tester and ocf-shellfuncs, with which the tests check the OCF agent dist/ocf/lb",
+    },
+    Package {
+        name: "libxml2-utils",
+        why: "xmllint, with which ocf-tester checks the OCF agent's meta-data against its DTD",
+    },
 ];
 
 /// The peers `cargo xtask bench` measures lb against (nftables is in [`PACKAGES`]).

@@ -16,7 +16,7 @@ use super::{
     services::read_service,
     types::{
         Atm, CONNECTIONS_RANGE, Cluster, Config, Control, DEFAULT_PORT_HOLD, DEFAULT_TIME_WAIT,
-        DEFAULT_TIMEOUT, Ha, NAT_POOL_MAX, NAT6_PREFIX_RANGE, Nat, Nat4, Nat6, Quorum,
+        DEFAULT_TIMEOUT, Ha, Manager, NAT_POOL_MAX, NAT6_PREFIX_RANGE, Nat, Nat4, Nat6, Quorum,
         SERVERS_RANGE, SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE,
     },
 };
@@ -560,6 +560,24 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
         &[("none", Quorum::None), ("majority", Quorum::Majority)],
     );
     bad |= t.contains_key("quorum") && quorum.is_none();
+    let manager = tab.choice(
+        cx,
+        "manager",
+        &[("lb", Manager::Lb), ("pacemaker", Manager::Pacemaker)],
+    );
+    bad |= t.contains_key("manager") && manager.is_none();
+    if let (Some(q), Some(m)) = (&quorum, &manager)
+        && q.v == Quorum::Majority
+        && m.v == Manager::Pacemaker
+    {
+        cx.err(
+            q.line,
+            "`quorum` = \"majority\" is lb's own election's; with `manager` = \"pacemaker\" \
+             quorum is corosync's (no-quorum-policy)"
+                .to_string(),
+        );
+        bad = true;
+    }
     let mut track = Vec::new();
     if let Some((item, line)) = tab.item(cx, "track") {
         match item.as_array() {
@@ -597,6 +615,7 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
         dead_after: dead.map(|d| d.v as u32).unwrap_or(defaults.dead_after),
         track,
         quorum: quorum.map(|q| q.v).unwrap_or(defaults.quorum),
+        manager: manager.map(|m| m.v).unwrap_or(defaults.manager),
     })
 }
 

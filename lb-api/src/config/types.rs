@@ -182,6 +182,19 @@ pub struct Ha {
     pub track: Vec<IpAddr>,
     /// `quorum`: whether an ATM must hear a majority of the listed ATMs to be primary.
     pub quorum: Quorum,
+    /// `manager`: who decides which ATM is primary.
+    pub manager: Manager,
+}
+
+/// `[ha] manager`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Manager {
+    /// lb's own election (TCL's).
+    #[default]
+    Lb,
+    /// A cluster manager through the OCF agent (`dist/ocf/lb`): the election never promotes
+    /// or demotes by itself; `lb-cli promote` and `demote` do, at once.
+    Pacemaker,
 }
 
 /// `[ha] quorum`.
@@ -204,6 +217,7 @@ impl Default for Ha {
             dead_after: DEFAULT_DEAD_AFTER,
             track: Vec::new(),
             quorum: Quorum::None,
+            manager: Manager::Lb,
         }
     }
 }

@@ -120,6 +120,15 @@ impl Daemon {
                     }
                     config::Quorum::None => e,
                 };
+                let e = if ha_cfg.manager == config::Manager::Pacemaker {
+                    info!(
+                        "The primary role is Pacemaker's to give (manager = \"pacemaker\"): \
+                         this ATM promotes and demotes only when its OCF agent asks"
+                    );
+                    e.managed()
+                } else {
+                    e
+                };
                 if ha_cfg.track.is_empty() {
                     e
                 } else {
@@ -580,7 +589,12 @@ impl Daemon {
             return;
         }
         info!("Promotion requested by lb-cli");
-        match ha.election.primary_peer(now) {
+        // Under a cluster manager the old primary has been demoted (or is gone): no yield.
+        let primary = ha
+            .election
+            .primary_peer(now)
+            .filter(|_| !ha.election.is_managed());
+        match primary {
             Some(p) => {
                 ha.pending_promote = Some((reply, now));
                 self.ha_send(Some(p), Body::Yield);
@@ -610,6 +624,15 @@ impl Daemon {
             return;
         }
         info!("Demotion requested by lb-cli");
+        if ha.election.is_managed() {
+            // No handover: the manager promotes the next primary once this demote is done,
+            // and that ATM has the connections from the sync stream.
+            if let Some(a) = self.part.ha_mut().and_then(|h| h.election.step_down()) {
+                self.act(a).await;
+            }
+            let _ = reply.send(Response::text(format!("{} is backup", self.name)));
+            return;
+        }
         // On success the answer comes when the table has gone and the role has moved.
         let (tx, rx) = oneshot::channel();
         match self.hand_over(None, Some(tx)) {

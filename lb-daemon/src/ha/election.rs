@@ -54,6 +54,9 @@ pub struct Election {
     /// `[ha] quorum = "majority"` among three ATMs or more: only an ATM that hears a
     /// majority of the listed ATMs (itself included) may be or become primary.
     majority: bool,
+    /// `[ha] manager = "pacemaker"`: the role changes only when asked ([`Election::force_promote`],
+    /// [`Election::step_down`]); heartbeats are still sent and heard, for the view of peers.
+    managed: bool,
 }
 
 impl Election {
@@ -82,7 +85,19 @@ impl Election {
             stand_aside_until: None,
             yield_to: None,
             majority: false,
+            managed: false,
         }
+    }
+
+    /// `[ha] manager = "pacemaker"`: a cluster manager decides the role (module docs).
+    pub fn managed(mut self) -> Election {
+        self.managed = true;
+        self.majority = false;
+        self
+    }
+
+    pub fn is_managed(&self) -> bool {
+        self.managed
     }
 
     /// `[ha] quorum = "majority"`: enforced with three ATMs or more; two keep the election
@@ -190,6 +205,11 @@ impl Election {
         if !was_quorate && self.votes(now).quorate() {
             self.looking_until = self.looking_until.max(now + self.dead);
         }
+        if self.managed {
+            // Two primaries, a peer's yield: the cluster manager's to resolve, not ours.
+            self.term = self.term.max(hb.term);
+            return None;
+        }
         if hb.role == Role::Primary {
             // Someone else leads now: a handover is over, and nobody needs to stand aside.
             self.stand_aside_until = None;
@@ -265,6 +285,9 @@ impl Election {
     }
 
     fn evaluate(&mut self, now: Instant) -> Option<Action> {
+        if self.managed {
+            return None;
+        }
         if self.role == Role::Primary {
             if !self.eligible {
                 self.role = Role::Backup;
@@ -338,12 +361,30 @@ impl Election {
         })
     }
 
-    /// `lb-cli promote` when no primary is alive: take over at once.
+    /// Under a cluster manager, `lb-cli demote` (the OCF agent's demote): backup at once.
+    pub fn step_down(&mut self) -> Option<Action> {
+        if self.role != Role::Primary {
+            return None;
+        }
+        self.role = Role::Backup;
+        Some(Action::BecomeBackup {
+            reason: "demoted by the cluster manager".into(),
+            to: None,
+        })
+    }
+
+    /// `lb-cli promote` when no primary is alive, or under a cluster manager: take over at
+    /// once.
     pub fn force_promote(&mut self, now: Instant) -> Option<Action> {
         if self.role == Role::Primary || !self.eligible || !self.votes(now).quorate() {
             return None;
         }
-        self.promote(now, "promoted by lb-cli".into(), None)
+        let by = if self.managed {
+            "promoted by the cluster manager"
+        } else {
+            "promoted by lb-cli"
+        };
+        self.promote(now, by.into(), None)
     }
 
     /// Milliseconds since peer `i` was last heard.
@@ -780,5 +821,34 @@ mod tests {
         );
         assert_eq!(a.tick(healed + Duration::from_millis(400)), None);
         assert_eq!(a.role(), Role::Backup);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_a_cluster_manager_the_role_changes_only_when_asked() {
+        let mut net = Net::new(3);
+        for a in net.atms.iter_mut() {
+            *a = Some(a.take().unwrap().managed());
+        }
+        net.steps(20).await;
+        assert!(net.primaries().is_empty(), "nobody promotes itself");
+        let now = Instant::now();
+        assert!(matches!(
+            net.atms[2].as_mut().unwrap().force_promote(now),
+            Some(Action::BecomePrimary { .. })
+        ));
+        net.steps(5).await;
+        assert_eq!(
+            net.primaries(),
+            vec![2],
+            "no preemption by the higher-listed"
+        );
+        // Another promoted while the first still is: the manager's to sort out.
+        net.atms[0].as_mut().unwrap().force_promote(Instant::now());
+        net.steps(5).await;
+        assert_eq!(net.primaries(), vec![0, 2]);
+        assert!(net.atms[2].as_mut().unwrap().step_down().is_some());
+        net.kill(0);
+        net.steps(20).await;
+        assert!(net.primaries().is_empty(), "no failover of its own");
     }
 }
