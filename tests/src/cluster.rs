@@ -2,7 +2,17 @@
 //! switch namespace), addressed from the documentation ranges. Tests, the demo and the
 //! benchmarks build on it.
 
-use crate::lab::Lab;
+use std::{
+    io::Read,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{lab::Lab, netns::NetNs};
 
 /// The segment: 192.0.2.0/24.
 pub const PREFIX: u8 = 24;
@@ -158,4 +168,53 @@ pub fn build_two_arm(lab: &mut Lab, atms: usize, servers: usize) {
         lab.plug(&ns, "eth0", "inside");
         lab.addr(&ns, "eth0", &format!("{}/24", server_nat_addr(i)));
     }
+}
+
+/// One HTTP request to the VIP on a new connection, from the calling thread's namespace,
+/// all of it within `timeout`; the body, or why it failed.
+pub fn request(timeout: Duration) -> Result<String, String> {
+    let agent = ureq::AgentBuilder::new()
+        .max_idle_connections(0)
+        .timeout(timeout)
+        // Else connecting may take ureq's own 30 s, whatever `timeout` says: a SYN into a
+        // black hole would hold up the test that long.
+        .timeout_connect(timeout)
+        .build();
+    agent
+        .get(&format!("http://{VIP}/"))
+        .call()
+        .map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|e| e.to_string())
+}
+
+/// Downloads `/big` (the lab nginx's throttled 2 MB, about 12 s) through the VIP from the
+/// namespace named `client`, on a thread, setting `done` when the download ends either
+/// way: its length, whether every byte is as served, and how long it took.
+pub fn big_download(
+    client: String,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<(usize, bool, Duration), String>> {
+    thread::spawn(move || {
+        let ns = NetNs::attach(&client);
+        let _in = ns.enter();
+        let agent = ureq::AgentBuilder::new()
+            .timeout_read(Duration::from_secs(10))
+            .build();
+        let started = Instant::now();
+        let resp = agent
+            .get(&format!("http://{VIP}/big"))
+            .call()
+            .map_err(|e| e.to_string());
+        let mut body = Vec::new();
+        let r = resp.and_then(|r| {
+            r.into_reader()
+                .read_to_end(&mut body)
+                .map_err(|e| format!("after {} bytes: {e}", body.len()))
+        });
+        done.store(true, Ordering::SeqCst);
+        r?;
+        let intact = body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
+        Ok((body.len(), intact, started.elapsed()))
+    })
 }

@@ -143,6 +143,22 @@ impl Drop for NetNs {
         if !self.owned {
             return;
         }
+        // Whatever still runs in it goes first: a daemon a failed test left behind, or one
+        // that a program under test started on its own (the OCF agent's lb-daemon, a
+        // Pacemaker node's corosync), which would otherwise outlive the test.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>()
+                    && pid as u32 != std::process::id()
+                {
+                    // SAFETY: kill(2) on a process of a namespace this value made.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         // Deleting the namespace also deletes the veths inside it.
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])

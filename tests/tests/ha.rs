@@ -211,31 +211,17 @@ impl Cluster {
     }
 }
 
-/// One HTTP request on a new connection from the client, all of it within `timeout`; the
-/// body, or why it failed.
-fn request(timeout: Duration) -> Result<String, String> {
-    let agent = ureq::AgentBuilder::new()
-        .max_idle_connections(0)
-        .timeout(timeout)
-        // Else connecting may take ureq's own 30 s, whatever `timeout` says: a SYN into a
-        // black hole would hold up the test that long.
-        .timeout_connect(timeout)
-        .build();
-    agent
-        .get(&format!("http://{}/", cluster::VIP))
-        .call()
-        .map_err(|e| e.to_string())?
-        .into_string()
-        .map_err(|e| e.to_string())
-}
-
 #[test]
 fn sigkill_of_the_primary_fails_over_and_the_old_primary_stays_backup() {
     let mut c = Cluster::new(Method::Direct);
     assert_eq!(c.vip_holders(), vec![1]);
     {
         let _in = c.lab.ns("client").enter();
-        assert!(request(Duration::from_secs(5)).unwrap().starts_with('s'));
+        assert!(
+            cluster::request(Duration::from_secs(5))
+                .unwrap()
+                .starts_with('s')
+        );
     }
     let status = c.atm(2).cli_ok(&["status"]);
     assert!(
@@ -263,7 +249,7 @@ fn sigkill_of_the_primary_fails_over_and_the_old_primary_stays_backup() {
         let _in = c.lab.ns("client").enter();
         loop {
             attempts += 1;
-            if request(Duration::from_millis(250)).is_err() {
+            if cluster::request(Duration::from_millis(250)).is_err() {
                 failed += 1;
             } else if new_on_atm2(&c) > before {
                 break killed.elapsed();
@@ -346,26 +332,7 @@ fn long_transfer_survives_failover(method: Method, check: &str) {
     assert_node_role(&c, method);
     let done = Arc::new(AtomicBool::new(false));
     let client = c.lab.ns("client").name().to_string();
-    let transfer = {
-        let done = done.clone();
-        thread::spawn(move || {
-            let ns = lb_tests::netns::NetNs::attach(&client);
-            let _in = ns.enter();
-            let agent = ureq::AgentBuilder::new()
-                .timeout_read(Duration::from_secs(10))
-                .build();
-            let started = Instant::now();
-            let resp = agent
-                .get(&format!("http://{}/big", cluster::VIP))
-                .call()
-                .map_err(|e| e.to_string())?;
-            let mut body = Vec::new();
-            let r = resp.into_reader().read_to_end(&mut body);
-            done.store(true, Ordering::SeqCst);
-            r.map_err(|e| format!("after {} bytes: {e}", body.len()))?;
-            Ok::<(usize, Vec<u8>, Duration), String>((body.len(), body, started.elapsed()))
-        })
-    };
+    let transfer = cluster::big_download(client, done.clone());
     thread::sleep(Duration::from_secs(3));
     assert!(
         !done.load(Ordering::SeqCst),
@@ -399,15 +366,12 @@ fn long_transfer_survives_failover(method: Method, check: &str) {
         .as_mut()
         .unwrap()
         .wait_log("This ATM is primary", Duration::from_secs(5));
-    let (len, body, took) = transfer
+    let (len, intact, took) = transfer
         .join()
         .unwrap()
         .unwrap_or_else(|e| panic!("{method:?}: the transfer broke: {e}"));
     assert_eq!(len, BIG_BYTES, "{method:?}");
-    assert!(
-        body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
-        "{method:?}: corrupted"
-    );
+    assert!(intact, "{method:?}: corrupted");
     assert!(
         took >= Duration::from_secs(10),
         "{method:?}: the transfer lasted {took:?}"
@@ -436,7 +400,7 @@ fn tunnel_nodes_show_their_decap_counters_in_a_table_and_in_metrics() {
     {
         let _in = c.lab.ns("client").enter();
         for i in 0..6 {
-            request(Duration::from_secs(5)).unwrap_or_else(|e| panic!("request {i}: {e}"));
+            cluster::request(Duration::from_secs(5)).unwrap_or_else(|e| panic!("request {i}: {e}"));
         }
     }
     let mut decapsulated = 0;
@@ -1117,36 +1081,6 @@ fn paced_load(
     })
 }
 
-/// The `/big` download from the client: its length, whether every byte is right, and how
-/// long it took; `done` is set when it ends.
-fn big_download(
-    client: String,
-    done: Arc<AtomicBool>,
-) -> thread::JoinHandle<Result<(usize, bool, Duration), String>> {
-    thread::spawn(move || {
-        let ns = lb_tests::netns::NetNs::attach(&client);
-        let _in = ns.enter();
-        let agent = ureq::AgentBuilder::new()
-            .timeout_read(Duration::from_secs(10))
-            .build();
-        let started = Instant::now();
-        let resp = agent
-            .get(&format!("http://{}/big", cluster::VIP))
-            .call()
-            .map_err(|e| e.to_string());
-        let mut body = Vec::new();
-        let r = resp.and_then(|r| {
-            r.into_reader()
-                .read_to_end(&mut body)
-                .map_err(|e| format!("after {} bytes: {e}", body.len()))
-        });
-        done.store(true, Ordering::SeqCst);
-        r?;
-        let intact = body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
-        Ok((body.len(), intact, started.elapsed()))
-    })
-}
-
 /// ATM `i`'s /metrics page.
 fn metrics(c: &Cluster, i: usize) -> Result<String, String> {
     let _in = c.lab.ns(&cluster::atm(i)).enter();
@@ -1193,7 +1127,7 @@ fn planned_handovers_cost_no_retransmission(c: Cluster, what: &str) {
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),
     );
-    let transfer = big_download(client.clone(), done.clone());
+    let transfer = cluster::big_download(client.clone(), done.clone());
     let load = paced_load(client, t0, stop.clone());
     let settle = Duration::from_millis(700);
     thread::sleep(Duration::from_secs(1));
@@ -1428,7 +1362,7 @@ fn a_killed_primary_gives_up_the_vip(n: usize) {
     let client = c.lab.ns("client");
     let get = |timeout: Duration| {
         let _in = client.enter();
-        request(timeout)
+        cluster::request(timeout)
     };
     for _ in 0..3 {
         get(Duration::from_secs(5)).unwrap();

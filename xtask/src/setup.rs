@@ -63,6 +63,18 @@ const PACKAGES: &[Package] = &[
         name: "libxml2-utils",
         why: "xmllint, with which ocf-tester checks the OCF agent's meta-data against its DTD",
     },
+    Package {
+        name: "corosync",
+        why: "the membership and quorum layer of the Pacemaker test's three-node cluster",
+    },
+    Package {
+        name: "pacemaker",
+        why: "the cluster manager that runs lb as a promotable clone in the Pacemaker test",
+    },
+    Package {
+        name: "crmsh",
+        why: "crm configure, with which the Pacemaker test loads docs/HA.md's snippet",
+    },
 ];
 
 /// The peers `cargo xtask bench` measures lb against (nftables is in [`PACKAGES`]).
@@ -197,11 +209,21 @@ impl Apt {
         if !is_installed(name) {
             bail!("apt-get reported success but {name} is not installed");
         }
-        if name == "prometheus" && Path::new("/run/systemd/system").exists() {
-            // Only promtool is wanted; the package also enables a Prometheus server.
-            println!("stopping and disabling prometheus.service: only promtool is needed");
+        // Only the tools are wanted; these packages also enable a service on the host (the
+        // tests run their own corosync and Pacemaker, in network namespaces).
+        let unit = match name {
+            "prometheus" => Some("prometheus.service: only promtool is needed"),
+            "corosync" => Some("corosync.service: the Pacemaker test runs its own nodes"),
+            "pacemaker" => Some("pacemaker.service: the Pacemaker test runs its own nodes"),
+            _ => None,
+        };
+        if let Some(unit) = unit
+            && Path::new("/run/systemd/system").exists()
+        {
+            println!("stopping and disabling {unit}");
+            let service = unit.split(':').next().expect("a unit name");
             let _ = Command::new("systemctl")
-                .args(["disable", "--now", "prometheus.service"])
+                .args(["disable", "--now", service])
                 .status();
         }
         Ok(true)

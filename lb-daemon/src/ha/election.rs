@@ -55,7 +55,8 @@ pub struct Election {
     /// majority of the listed ATMs (itself included) may be or become primary.
     majority: bool,
     /// `[ha] manager = "pacemaker"`: the role changes only when asked ([`Election::force_promote`],
-    /// [`Election::step_down`]); heartbeats are still sent and heard, for the view of peers.
+    /// [`Election::step_down`]), and when another ATM was promoted later (two primaries: a
+    /// node the manager lost, unfenced, keeps its role until it hears the new one).
     managed: bool,
 }
 
@@ -205,11 +206,6 @@ impl Election {
         if !was_quorate && self.votes(now).quorate() {
             self.looking_until = self.looking_until.max(now + self.dead);
         }
-        if self.managed {
-            // Two primaries, a peer's yield: the cluster manager's to resolve, not ours.
-            self.term = self.term.max(hb.term);
-            return None;
-        }
         if hb.role == Role::Primary {
             // Someone else leads now: a handover is over, and nobody needs to stand aside.
             self.stand_aside_until = None;
@@ -232,6 +228,10 @@ impl Election {
                 return None;
             }
             self.term = self.term.max(hb.term);
+            return None;
+        }
+        if self.managed {
+            // A peer's yield, a dead primary: the cluster manager's to act on, not ours.
             return None;
         }
         if hb.yield_to == Some(self.me as u16)
@@ -842,12 +842,22 @@ mod tests {
             vec![2],
             "no preemption by the higher-listed"
         );
-        // Another promoted while the first still is: the manager's to sort out.
+        // Another promoted while the first still is (a node cut off from the cluster manager
+        // is not fenced): the later promotion wins, as in lb's own election.
         net.atms[0].as_mut().unwrap().force_promote(Instant::now());
         net.steps(5).await;
-        assert_eq!(net.primaries(), vec![0, 2]);
-        assert!(net.atms[2].as_mut().unwrap().step_down().is_some());
-        net.kill(0);
+        assert_eq!(net.primaries(), vec![0]);
+        assert!(net.atms[0].as_mut().unwrap().step_down().is_some());
+        assert!(
+            net.atms[2]
+                .as_mut()
+                .unwrap()
+                .force_promote(Instant::now())
+                .is_some()
+        );
+        net.steps(3).await;
+        assert_eq!(net.primaries(), vec![2]);
+        net.kill(2);
         net.steps(20).await;
         assert!(net.primaries().is_empty(), "no failover of its own");
     }
