@@ -655,22 +655,23 @@ fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
     .unwrap();
     let dir = lab.dir();
     let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/ocf/lb");
-    let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
-    let out = lab
-        .ns(&cluster::atm(1))
-        .command("ocf-tester")
-        .args(["-v", "-n", "lb"])
-        .args(["-o", &opt("config", &path)])
-        .args(["-o", "node=atm1"])
-        .args(["-o", &opt("socket", &dir.join("ocf.sock"))])
-        .args(["-o", &opt("mount", &dir.join("ocf-tables"))])
-        .args(["-o", "metrics=off"])
-        .args(["-o", &opt("daemon", &bin("lb-daemon"))])
-        .args(["-o", &opt("cli", &bin("lb-cli"))])
-        .args(["-o", &opt("log", &dir.join("ocf-daemon.log"))])
-        .arg(&agent)
-        .output()
-        .unwrap();
+    let params = [
+        ("config", path.display().to_string()),
+        ("node", "atm1".to_string()),
+        ("socket", dir.join("ocf.sock").display().to_string()),
+        ("mount", dir.join("ocf-tables").display().to_string()),
+        ("metrics", "off".to_string()),
+        ("daemon", bin("lb-daemon").display().to_string()),
+        ("cli", bin("lb-cli").display().to_string()),
+        ("log", dir.join("ocf-daemon.log").display().to_string()),
+    ];
+    let ns = lab.ns(&cluster::atm(1));
+    let mut tester = ns.command("ocf-tester");
+    tester.args(["-v", "-n", "lb"]);
+    for (k, v) in &params {
+        tester.args(["-o", &format!("{k}={v}")]);
+    }
+    let out = tester.arg(&agent).output().unwrap();
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -681,6 +682,45 @@ fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
         out.status.success() && said.contains("passed all tests"),
         "ocf-tester:\n{said}\ndaemon log:\n{log}"
     );
+    // What ocf-tester does not try: a daemon that stops answering fails as promoted (9)
+    // when it was, as unpromoted (1) when not.
+    let action = |a: &str| -> i32 {
+        let mut cmd = ns.command(&agent);
+        cmd.arg(a)
+            .env("OCF_ROOT", "/usr/lib/ocf")
+            .env("OCF_RESOURCE_INSTANCE", "lb")
+            .env("HA_RSCTMP", dir.join("rsctmp"));
+        for (k, v) in &params {
+            cmd.env(format!("OCF_RESKEY_{k}"), v);
+        }
+        cmd.output().unwrap().status.code().unwrap_or(-1)
+    };
+    assert_eq!(action("monitor"), 7, "not running");
+    assert_eq!(action("start"), 0);
+    let pid: i32 = std::fs::read_to_string(dir.join("rsctmp/lb-lb.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for (promoted, want) in [(false, 1), (true, 9)] {
+        if promoted {
+            assert_eq!(action("promote"), 0);
+            assert_eq!(action("monitor"), 8, "running promoted");
+        }
+        // SAFETY: kill(2) on the daemon this test's agent started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let rc = action("monitor");
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        assert_eq!(
+            rc, want,
+            "monitor of a daemon that does not answer, promoted: {promoted}"
+        );
+    }
+    assert_eq!(action("monitor"), 8);
+    assert_eq!(action("demote"), 0);
+    assert_eq!(action("monitor"), 0);
+    assert_eq!(action("stop"), 0);
+    assert_eq!(action("monitor"), 7);
     for (what, line) in [
         (
             "promote",

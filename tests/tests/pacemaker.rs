@@ -387,6 +387,14 @@ impl Cluster {
 #[test]
 fn pacemaker_promotes_one_atm_moves_it_on_purpose_and_on_a_node_failure() {
     let c = Cluster::start();
+    // Pacemaker runs the agent's validate-all with the resource's parameters.
+    let out = c.on(1, &["crm_resource", "--validate", "--resource", "lb"]);
+    assert!(
+        out.status.success(),
+        "crm_resource --validate: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let first = c.wait_promoted(Duration::from_secs(60));
     let mon = c.crm_mon();
     assert!(mon.contains("Unpromoted: ["), "{mon}");
