@@ -4,7 +4,9 @@
 //! failover in each method (NAT also with real checks), how a backup judges NAT servers,
 //! heals after a cut heartbeat path, forged and replayed heartbeats, promote/demote drills
 //! under client load, and planned handovers (direct, and two-arm NAT with the servers on a
-//! segment of their own) that must cost no connection a retransmission.
+//! segment of their own) that must cost no connection a retransmission. Then majority quorum
+//! among three ATMs, and the OCF agent under ocf-tester (`manager = "pacemaker"`; the
+//! Pacemaker cluster itself is in pacemaker.rs).
 
 use std::{
     io::{Read, Write},
