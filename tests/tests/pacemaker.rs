@@ -466,6 +466,16 @@ fn pacemaker_promotes_one_atm_moves_it_on_purpose_and_on_a_node_failure() {
     let transfer = cluster::big_download(client, done.clone());
     thread::sleep(Duration::from_secs(3));
     assert!(!done.load(Ordering::SeqCst), "the transfer must still run");
+    // The other ATMs hold the transfer's connection, from the promoted one's sync stream.
+    let cli = bin("lb-cli").display().to_string();
+    for i in (1..=3).filter(|i| *i != target) {
+        let conns = c.on(i, &[&cli, "cat", "connections"]);
+        let text = String::from_utf8_lossy(&conns.stdout);
+        assert!(
+            text.lines().any(|l| l.contains(cluster::CLIENT)),
+            "atm{i} has no connection of the client's: {text}"
+        );
+    }
     let pid = c
         .pid_of(target, "corosync")
         .expect("corosync runs on the promoted node");
