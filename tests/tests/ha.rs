@@ -669,7 +669,10 @@ fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
     ];
     let ns = lab.ns(&cluster::atm(1));
     let mut tester = ns.command("ocf-tester");
-    tester.args(["-v", "-n", "lb"]);
+    // The agent's pid file goes under HA_RSCTMP: this test's, not the host's.
+    tester
+        .args(["-v", "-n", "lb"])
+        .env("HA_RSCTMP", dir.join("rsctmp"));
     for (k, v) in &params {
         tester.args(["-o", &format!("{k}={v}")]);
     }
@@ -686,7 +689,7 @@ fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
     );
     // What ocf-tester does not try: a daemon that stops answering fails as promoted (9)
     // when it was, as unpromoted (1) when not.
-    let action = |a: &str| -> i32 {
+    let run = |a: &str, socket: &str| -> (i32, String) {
         let mut cmd = ns.command(&agent);
         cmd.arg(a)
             .env("OCF_ROOT", "/usr/lib/ocf")
@@ -695,8 +698,14 @@ fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
         for (k, v) in &params {
             cmd.env(format!("OCF_RESKEY_{k}"), v);
         }
-        cmd.output().unwrap().status.code().unwrap_or(-1)
+        if !socket.is_empty() {
+            cmd.env("OCF_RESKEY_socket", socket);
+        }
+        let out = cmd.output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code().unwrap_or(-1), said)
     };
+    let action = |a: &str| run(a, "").0;
     assert_eq!(action("monitor"), 7, "not running");
     assert_eq!(action("start"), 0);
     let pid: i32 = std::fs::read_to_string(dir.join("rsctmp/lb-lb.pid"))
@@ -723,6 +732,11 @@ fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
     assert_eq!(action("monitor"), 0);
     assert_eq!(action("stop"), 0);
     assert_eq!(action("monitor"), 7);
+    // A daemon that exits at start (its control socket cannot be made under a file) fails
+    // the start at once, with the reason, rather than after the start timeout.
+    let (rc, said) = run("start", "/etc/hostname/lb.sock");
+    assert_eq!(rc, 1, "{said}");
+    assert!(said.contains("lb-daemon exited at start"), "{said}");
     for (what, line) in [
         (
             "promote",
