@@ -3,8 +3,11 @@
 //! as they are, listings with a header and aligned columns.
 
 use std::{
+    fmt::Write as _,
+    io::{IsTerminal, Write as _},
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -36,16 +39,26 @@ enum Cmd {
     /// Who is primary, which ATMs are online, the VIPs, servers up and down.
     Status {
         /// The whole status as JSON, as the daemon sends it.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw the status in place every --interval seconds, as crm_mon does, until
+        /// Ctrl-C (or --count redraws).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: seconds between redraws.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600), requires = "watch")]
+        interval: u64,
+        /// With --watch: stop after this many redraws.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
     /// This daemon's role, one word: primary, backup, idle or node (for scripts, such as
     /// the OCF agent dist/ocf/lb).
     Role,
     /// Print a table as the mounted file shows it: config, connections, debug, nat,
-    /// servers, services, stat, timeout, atms; on a real server, decap.
+    /// servers, services, stat, timeout, atms, loglevel; on a real server, decap.
     Cat { table: String },
-    /// Write a table: config (3 numbers), debug (0/1), timeout (seconds).
+    /// Write a table: config (3 numbers), debug (0/1), timeout (seconds), loglevel.
     Write {
         table: String,
         #[arg(required = true, num_args = 1..)]
@@ -80,6 +93,12 @@ enum Cmd {
     },
     /// Check a config file offline; prints every problem with its line; exit 1 if any.
     CheckConfig { file: PathBuf },
+    /// Show the daemon's log level, or set it until the next restart: error, warn, info,
+    /// debug, trace, or LB_LOG's directives (info,lb_daemon::ha=debug). The loglevel table.
+    LogLevel { level: Option<String> },
+    /// Write a new random auth key (32 bytes, mode 0600) for [cluster] auth_key_file, as
+    /// corosync-keygen does; refuses to overwrite a file. Copy it to every ATM.
+    Keygen { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -139,8 +158,20 @@ fn ask(socket: &Path, req: Request) -> Result<Response, String> {
 fn run(cli: Cli) -> Result<(), String> {
     let s = &cli.socket;
     match cli.cmd {
-        Cmd::Status { json: false } => print_status(&ask(s, Request::Status)?.into_view()?),
-        Cmd::Status { json: true } => {
+        Cmd::Status {
+            json: false,
+            watch: false,
+            ..
+        } => {
+            print!("{}", render_status(&ask(s, Request::Status)?.into_view()?))
+        }
+        Cmd::Status {
+            json: false,
+            watch: true,
+            interval,
+            count,
+        } => watch_status(s, interval, count)?,
+        Cmd::Status { json: true, .. } => {
             let d: Status = ask(s, Request::Status)?.into_view()?;
             println!(
                 "{}",
@@ -236,6 +267,37 @@ fn run(cli: Cli) -> Result<(), String> {
                 .unwrap_or_default()
             );
         }
+        Cmd::LogLevel { level: None } => print!(
+            "{}",
+            ask(
+                s,
+                Request::Cat {
+                    table: "loglevel".into()
+                }
+            )?
+            .text
+            .unwrap_or_default()
+        ),
+        Cmd::LogLevel { level: Some(level) } => println!(
+            "{}",
+            ask(
+                s,
+                Request::Write {
+                    table: "loglevel".into(),
+                    value: level
+                }
+            )?
+            .text
+            .unwrap_or_default()
+        ),
+        Cmd::Keygen { file } => {
+            keygen(&file)?;
+            println!(
+                "{}: {KEY_BYTES} random bytes, mode 0600: copy it to every ATM and name it in \
+                 [cluster] auth_key_file",
+                file.display()
+            );
+        }
         Cmd::CheckConfig { file } => {
             return match config::load(&file) {
                 Ok(c) => {
@@ -259,6 +321,110 @@ fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The length of a key `keygen` writes: HMAC-SHA256's block is 64 bytes, its output 32;
+/// 32 random bytes are as strong as the MAC.
+const KEY_BYTES: usize = 32;
+
+/// Writes a new random key to `file`, mode 0600, never over an existing file (nor through
+/// a symlink). A failure leaves no partial key behind.
+fn keygen(file: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; KEY_BYTES];
+    getrandom::fill(&mut key).map_err(|e| format!("no random bytes from the kernel: {e}"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "{} exists: keygen does not overwrite a key (every ATM must hold the same \
+                 one); remove it first to replace it",
+                file.display()
+            ),
+            _ => format!("cannot create {}: {e}", file.display()),
+        })?;
+    if let Err(e) = f.write_all(&key).and_then(|_| f.sync_all()) {
+        let _ = std::fs::remove_file(file);
+        return Err(format!("cannot write {}: {e}", file.display()));
+    }
+    Ok(())
+}
+
+/// Set by SIGINT or SIGTERM while `status --watch` runs.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: nix::libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// `status --watch`: the status redrawn in place (on a terminal; appended, separated by a
+/// blank line, when piped), until Ctrl-C or `count` redraws. A daemon that stops answering
+/// is shown as such and asked again, as crm_mon does; Ctrl-C ends with status 0.
+fn watch_status(socket: &Path, interval: u64, count: Option<u64>) -> Result<(), String> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { signal(sig, SigHandler::Handler(on_stop)) }
+            .map_err(|e| format!("cannot catch {sig}: {e}"))?;
+    }
+    let tty = std::io::stdout().is_terminal();
+    let mut stdout = std::io::stdout().lock();
+    let mut drawn = 0u64;
+    let result = loop {
+        let screen = match ask(socket, Request::Status).and_then(|r| r.into_view()) {
+            Ok(d) => render_status(&d),
+            Err(e) => format!("lb-cli: {e}\n"),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let header = format!(
+            "Every {interval} s, {:02}:{:02}:{:02} UTC (Ctrl-C to stop)\n\n",
+            now / 3600 % 24,
+            now / 60 % 60,
+            now % 60
+        );
+        // Home, the new screen, then clear what the old one left below it.
+        let frame = if tty {
+            let clear = if drawn == 0 { "\x1b[2J" } else { "" };
+            format!(
+                "{clear}\x1b[H{}\x1b[J",
+                (header + &screen).replace('\n', "\x1b[K\n")
+            )
+        } else if drawn == 0 {
+            header + &screen
+        } else {
+            format!("\n{header}{screen}")
+        };
+        if stdout
+            .write_all(frame.as_bytes())
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
+            break Ok(());
+        }
+        drawn += 1;
+        if count.is_some_and(|c| drawn >= c) {
+            break Ok(());
+        }
+        // Sleep in short steps so that Ctrl-C ends the watch at once.
+        let until = std::time::Instant::now() + Duration::from_secs(interval);
+        while !STOP.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if STOP.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+    };
+    if tty {
+        let _ = stdout.write_all(b"\n");
+    }
+    let _ = stdout.flush();
+    result
 }
 
 /// Rows with a header, each column as wide as its widest cell.
@@ -352,8 +518,11 @@ fn list_table(what: &str, r: Response) -> Result<String, String> {
     Ok(aligned(header, &rows))
 }
 
-fn print_status(d: &Status) {
-    println!(
+/// The status as `lb-cli status` prints it.
+fn render_status(d: &Status) -> String {
+    let mut out = String::new();
+    _ = writeln!(
+        out,
         "Cluster {}: {}",
         d.cluster,
         match d.primary() {
@@ -361,8 +530,8 @@ fn print_status(d: &Status) {
             None => "no primary ATM".into(),
         }
     );
-    println!("This is {} ({})", d.name, d.role);
-    println!("ATMs:");
+    _ = writeln!(out, "This is {} ({})", d.name, d.role);
+    _ = writeln!(out, "ATMs:");
     // As wide as the longest address (an IPv6 one is up to 39 characters).
     let width = d
         .atms
@@ -381,7 +550,8 @@ fn print_status(d: &Status) {
             .address6
             .map(|v6| format!(" (IPv6 {v6})"))
             .unwrap_or_default();
-        println!(
+        _ = writeln!(
+            out,
             "  {:<10} {:<width$} {:<8} {:<8} {heard}{v6}",
             a.name,
             a.address.to_string(),
@@ -397,29 +567,36 @@ fn print_status(d: &Status) {
         .map(|(why, n)| format!("{why} {n}"))
         .collect();
     if !refused.is_empty() {
-        println!("Refused ATM messages: {}", refused.join(", "));
+        _ = writeln!(out, "Refused ATM messages: {}", refused.join(", "));
     }
     if let Some(q) = &d.quorum {
         // As corosync-quorumtool -s: votes heard out of expected, and whether they suffice.
         match q.needed {
-            Some(needed) => println!(
-                "Quorum: {} of {} votes, {needed} needed: {}",
-                q.heard,
-                q.expected,
-                if q.quorate() {
-                    "quorate"
-                } else {
-                    "NOT quorate (this ATM may not be primary)"
-                }
-            ),
-            None => println!(
-                "Quorum: {} of {} votes heard, not enforced",
-                q.heard, q.expected
-            ),
+            Some(needed) => {
+                _ = writeln!(
+                    out,
+                    "Quorum: {} of {} votes, {needed} needed: {}",
+                    q.heard,
+                    q.expected,
+                    if q.quorate() {
+                        "quorate"
+                    } else {
+                        "NOT quorate (this ATM may not be primary)"
+                    }
+                )
+            }
+            None => {
+                _ = writeln!(
+                    out,
+                    "Quorum: {} of {} votes heard, not enforced",
+                    q.heard, q.expected
+                )
+            }
         }
     }
     let vips: Vec<String> = d.vips.iter().map(|v| v.to_string()).collect();
-    println!(
+    _ = writeln!(
+        out,
         "VIPs: {}",
         if vips.is_empty() {
             "none".into()
@@ -432,11 +609,12 @@ fn print_status(d: &Status) {
             .iter()
             .map(|x| format!("{} ({})", x.interface, x.mode))
             .collect();
-        println!("Dataplane: lb_xdp on {}", a.join(", "));
+        _ = writeln!(out, "Dataplane: lb_xdp on {}", a.join(", "));
     }
     if let Some(n) = &d.nat {
         let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
-        println!(
+        _ = writeln!(
+            out,
             "NAT: {} ports {} per server and address, held {} s after close ({} s when the \
              server closes first); {} new connections refused for want of a port{}",
             addrs.join(", "),
@@ -451,11 +629,12 @@ fn print_status(d: &Status) {
             }
         );
     }
-    println!("Services:");
+    _ = writeln!(out, "Services:");
     for s in &d.services {
         let up = s.servers.iter().filter(|v| v.up).count();
         // Addresses as ipvsadm writes them: an IPv6 one in brackets before its port.
-        println!(
+        _ = writeln!(
+            out,
             "  {} {} {}  {up}/{} servers up",
             s.name,
             s.protocol,
@@ -463,7 +642,8 @@ fn print_status(d: &Status) {
             s.servers.len()
         );
         for v in &s.servers {
-            println!(
+            _ = writeln!(
+                out,
                 "    {:<10} {:>21} {:<6} {:<4} weight {}",
                 v.name,
                 std::net::SocketAddr::new(v.address, v.port).to_string(),
@@ -473,4 +653,5 @@ fn print_status(d: &Status) {
             );
         }
     }
+    out
 }

@@ -60,6 +60,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Call>) {
                 }
                 let resp = match serde_json::from_slice::<Request>(&line) {
                     Ok(req) => {
+                        tracing::debug!("Control socket: {req:?}");
                         let (rtx, mut rrx) = oneshot::channel();
                         if tx.send((req, rtx)).await.is_err() {
                             return;

@@ -23,12 +23,14 @@ pub enum Table {
     Stat,
     Timeout,
     Atms,
+    /// The log's filter, changed while the daemon runs.
+    LogLevel,
     /// A real server's: lb_decap's counters.
     Decap,
 }
 
 impl Table {
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Config,
         Table::Connections,
         Table::Debug,
@@ -38,6 +40,7 @@ impl Table {
         Table::Stat,
         Table::Timeout,
         Table::Atms,
+        Table::LogLevel,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +54,7 @@ impl Table {
             Table::Stat => "stat",
             Table::Timeout => "timeout",
             Table::Atms => "atms",
+            Table::LogLevel => "loglevel",
             Table::Decap => "decap",
         }
     }
@@ -66,18 +70,23 @@ impl Table {
     }
 
     pub fn writable(self) -> bool {
-        matches!(self, Table::Config | Table::Debug | Table::Timeout)
+        matches!(
+            self,
+            Table::Config | Table::Debug | Table::Timeout | Table::LogLevel
+        )
     }
 }
 
 /// A write to a table, parsed and range-checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     /// Resize the maps (drops every connection).
     Config(Capacities),
     Debug(bool),
     /// Idle timeout in seconds, at once and not saved.
     Timeout(u32),
+    /// The log's filter directives (checked), at once and not saved.
+    LogLevel(String),
 }
 
 /// The most a write to a table may carry: three numbers fit many times over, and a value
@@ -143,6 +152,17 @@ pub fn parse_write(table: Table, text: &str) -> Result<Write, String> {
                 config::TIMEOUT_RANGE,
                 "timeout",
             )?))
+        }
+        Table::LogLevel => {
+            let [d] = fields[..] else {
+                return Err(format!(
+                    "loglevel takes one word (error, warn, info, debug, trace, or LB_LOG's \
+                     directives such as info,lb_daemon::ha=debug), not {}",
+                    fields.len()
+                ));
+            };
+            crate::logging::parse(d).map_err(|e| format!("loglevel: {d:?}: {e}"))?;
+            Ok(Write::LogLevel(d.to_string()))
         }
         t => Err(format!("{} is read-only", t.name())),
     }
@@ -218,6 +238,10 @@ pub fn render_config(c: &Capacities) -> String {
 
 pub fn render_debug(on: bool) -> String {
     format!("{}\n", on as u8)
+}
+
+pub fn render_loglevel(asked: &str) -> String {
+    format!("{asked}\n")
 }
 
 pub fn render_timeout(seconds: u32) -> String {

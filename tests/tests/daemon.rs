@@ -548,3 +548,102 @@ fn metrics_pass_promtool_check_in_the_format_they_name() {
         "OpenMetrics in a 0.0.4 body:\n{text}"
     );
 }
+
+/// `lb-cli log-level` (the `loglevel` table) changes what the running daemon logs, and
+/// refuses what is not a level; `lb-cli status --watch` redraws until Ctrl-C, as crm_mon.
+#[test]
+fn the_log_level_changes_at_run_time_and_status_watch_redraws_until_ctrl_c() {
+    let (mut lab, path) = lab(1);
+    let mut d = start(&mut lab, &path);
+    assert_eq!(d.cli_ok(&["log-level"]), "info\n");
+    assert_eq!(d.cat("loglevel"), "info\n");
+    let debug_lines = |d: &Daemon| {
+        d.log()
+            .lines()
+            .filter(|l| l.contains(" DEBUG Control socket: Cat"))
+            .count()
+    };
+    d.cli_ok(&["cat", "stat"]);
+    assert_eq!(debug_lines(&d), 0, "info hides debug lines");
+
+    // Refused, and nothing changes.
+    let out = d.cli(&["log-level", "loud"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("loglevel: \"loud\""), "{e}");
+    let e = std::fs::write(d.mount.join("loglevel"), "debug info\n").expect_err("two words");
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    assert_eq!(d.cat("loglevel"), "info\n");
+
+    let said = d.cli_ok(&["log-level", "debug"]);
+    assert!(
+        said.starts_with("Log level set to debug (was info)"),
+        "{said}"
+    );
+    d.wait_log("INFO  Log level set to debug (was info)", START);
+    assert_eq!(d.cat("loglevel"), "debug\n");
+    d.cli_ok(&["cat", "stat"]);
+    assert!(debug_lines(&d) >= 1, "{}", d.log());
+    // Back through the file, as TCL's tables are written.
+    std::fs::write(d.mount.join("loglevel"), "info\n").unwrap();
+    assert_eq!(d.cli_ok(&["log-level"]), "info\n");
+    let n = debug_lines(&d);
+    d.cli_ok(&["cat", "stat"]);
+    assert_eq!(debug_lines(&d), n, "info again");
+
+    // Piped: one status after another, with the time of each.
+    let out = d.cli_ok(&["status", "--watch", "--interval", "1", "--count", "2"]);
+    assert_eq!(
+        out.matches("Cluster lab: atm1 is primary").count(),
+        2,
+        "{out}"
+    );
+    assert!(out.starts_with("Every 1 s, "), "{out}");
+    assert!(!out.contains('\x1b'), "no escapes into a pipe: {out:?}");
+    // On a terminal (script(1) gives it one): cleared once, then redrawn from the top.
+    let cmd = format!(
+        "{} --socket {} status --watch --interval 1 --count 2",
+        lb_tests::procs::bin("lb-cli").display(),
+        d.socket.display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(tty.status.success(), "{tty:?}");
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert_eq!(screen.matches("\x1b[2J").count(), 1, "{screen:?}");
+    assert_eq!(screen.matches("\x1b[H").count(), 2, "{screen:?}");
+    assert_eq!(screen.matches("atm1 is primary").count(), 2, "{screen:?}");
+    // Ctrl-C ends it at once, with status 0.
+    let mut watch = std::process::Command::new(lb_tests::procs::bin("lb-cli"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["status", "--watch", "--interval", "30"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut out = watch.stdout.take().unwrap();
+    let mut buf = [0u8; 4096];
+    while !first.contains("Services:") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "the watch ended before its first status: {first}");
+        first += &String::from_utf8_lossy(&buf[..n]);
+    }
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGINT) };
+    let sent = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = watch.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "status --watch still runs 2 s after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+}

@@ -749,6 +749,63 @@ fn the_ocf_agent_passes_ocf_tester_with_a_real_daemon() {
     }
 }
 
+/// `lb-cli keygen`, as corosync-keygen: a random key of mode 0600 that two ATMs accept
+/// (the backup hears the primary's authenticated heartbeats), and never written over.
+#[test]
+fn a_key_from_lb_cli_keygen_authenticates_two_atms_and_is_never_overwritten() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 2, 0);
+    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 2, 0o600);
+    let key = lab.dir().join("authkey");
+    std::fs::remove_file(&key).unwrap();
+    let keygen = |file: &Path| {
+        std::process::Command::new(bin("lb-cli"))
+            .arg("keygen")
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let out = keygen(&key);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("32 random bytes, mode 0600"), "{said}");
+    let meta = std::fs::metadata(&key).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let bytes = std::fs::read(&key).unwrap();
+    assert_eq!(bytes.len(), 32);
+    assert_ne!(bytes, vec![0u8; 32]);
+    // Never over an existing key, and the key stays as it was.
+    let again = keygen(&key);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    let e = String::from_utf8_lossy(&again.stderr);
+    assert!(e.contains("exists: keygen does not overwrite a key"), "{e}");
+    assert_eq!(std::fs::read(&key).unwrap(), bytes);
+    // A second key differs from the first.
+    let other = lab.dir().join("authkey2");
+    assert!(keygen(&other).status.success());
+    assert_ne!(std::fs::read(&other).unwrap(), bytes);
+    // A directory that is not there: an error that names the file, and nothing written.
+    let missing = lab.dir().join("no-such-dir/authkey");
+    let out = keygen(&missing);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot create"));
+
+    let mut d1 = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    d1.wait_log("This ATM is primary", START);
+    let mut d2 = Daemon::start(&mut lab, &cluster::atm(2), &path, &[]);
+    d2.wait_log(
+        &format!(
+            "ATM {} ({}) is primary",
+            cluster::atm(1),
+            cluster::atm_addr(1)
+        ),
+        START,
+    );
+    let status = d2.cli_ok(&["status"]);
+    assert!(status.contains("atm1 is primary"), "{status}");
+    assert!(!status.contains("Refused ATM messages"), "{status}");
+}
+
 /// Like corosync with its authkey: a key file others may read is refused, before the ATM
 /// touches its interface.
 #[test]

@@ -9,7 +9,7 @@ use std::{
 
 use lb_common::Method;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Daemon, reload};
 use crate::{
@@ -72,6 +72,15 @@ impl Daemon {
             .flat_map(|s| s.servers.iter())
             .find(|v| v.address == o.line.1 && v.port == o.line.2);
         let name = || server.map(|v| v.name.clone()).unwrap_or_default();
+        debug!(
+            "Check of {} {}: {}",
+            name(),
+            SocketAddr::new(o.line.1, o.line.2),
+            match &o.failure {
+                Some(why) => format!("failed: {why}"),
+                None => "passed".into(),
+            }
+        );
         let nat = self
             .config
             .nat

@@ -252,6 +252,7 @@ impl Daemon {
             ),
             Table::Debug => tables::render_debug(self.debug),
             Table::Timeout => tables::render_timeout(self.timeout),
+            Table::LogLevel => tables::render_loglevel(&crate::logging::level()),
             Table::Nat => tables::render_nat(self.config.nat.as_ref()),
             Table::Atms => tables::render_atms(&self.atm_lines()),
             Table::Stat => tables::render_stat(&self.stat_line()?),
@@ -287,6 +288,14 @@ impl Daemon {
     pub(super) fn write(&mut self, t: Table, value: &str) -> std::result::Result<String, String> {
         let w = tables::parse_write(t, value)
             .inspect_err(|e| warn!("Refused write to {}: {e}", t.name()))?;
+        if let Write::LogLevel(d) = &w {
+            // Any daemon's, an ATM's or a real server's.
+            let was = crate::logging::set_level(d)
+                .inspect_err(|e| warn!("Refused write to loglevel: {e}"))?;
+            let msg = format!("Log level set to {d} (was {was}); a restart goes back to LB_LOG's");
+            info!("{msg}");
+            return Ok(msg);
+        }
         if self.part.atm().is_none() {
             return Err("this is not an ATM: it has no tables to write".into());
         }
@@ -308,6 +317,7 @@ impl Daemon {
                     }
                 )
             }
+            Write::LogLevel(_) => unreachable!("answered above"),
             Write::Config(_) => unreachable!("a write to config answers asynchronously"),
         };
         info!("{msg}");
