@@ -74,6 +74,13 @@ pub struct AtmStatus {
     pub state: String,
     /// Milliseconds since last heard; 0 for this ATM, none if never heard.
     pub last_heard_ms: Option<u64>,
+    /// The fingerprint of its config (16 hex digits): this ATM's own, or the last another
+    /// sent; none if not heard yet (or a lone ATM's peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// Its config differs from this ATM's (its services, servers or rings may differ).
+    #[serde(default)]
+    pub config_differs: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -550,13 +550,42 @@ fn render_status(d: &Status) -> String {
             .address6
             .map(|v6| format!(" (IPv6 {v6})"))
             .unwrap_or_default();
+        let drift = match &a.config {
+            Some(fp) if a.config_differs => format!(", CONFIG DIFFERS (fingerprint {fp})"),
+            _ => String::new(),
+        };
         _ = writeln!(
             out,
-            "  {:<10} {:<width$} {:<8} {:<8} {heard}{v6}",
+            "  {:<10} {:<width$} {:<8} {:<8} {heard}{v6}{drift}",
             a.name,
             a.address.to_string(),
             a.role,
             a.state
+        );
+    }
+    if let Some(mine) = d
+        .atms
+        .iter()
+        .find(|a| a.name == d.name)
+        .and_then(|a| a.config.as_ref())
+    {
+        let differ: Vec<&str> = d
+            .atms
+            .iter()
+            .filter(|a| a.config_differs)
+            .map(|a| a.name.as_str())
+            .collect();
+        _ = writeln!(
+            out,
+            "Config: fingerprint {mine}{}",
+            if differ.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} runs another config (their services, servers or rings may differ)",
+                    differ.join(", ")
+                )
+            }
         );
     }
     let refused: Vec<String> = d

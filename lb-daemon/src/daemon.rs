@@ -234,6 +234,11 @@ struct Ha {
     pending_promote: Option<(oneshot::Sender<Response>, Instant)>,
     /// Our interface's MAC and index, for NAT reply legs installed from sync records.
     local: sync::Local,
+    /// Config fingerprints: ours, and the last each other ATM sent (by index).
+    fingerprint: u64,
+    configs: Vec<Option<u64>>,
+    /// Heartbeat ticks so far: the fingerprint goes out about once a second.
+    ticks: u64,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

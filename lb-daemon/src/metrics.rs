@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub servers: Vec<ServerMetrics>,
     /// ATM messages refused, by reason.
     pub ha_rejected: Vec<(&'static str, u64)>,
+    /// Each other ATM heard from: whether its config differs from this ATM's.
+    pub config_differs: Vec<(String, bool)>,
     /// A real server's lb_decap counters by name (`DecapStat::NAMES`).
     pub decap: Vec<(&'static str, u64)>,
 }
@@ -190,6 +192,16 @@ pub fn render(s: &Snapshot) -> String {
         rej.with_label_values(&[node, reason]).inc_by(*v);
     }
 
+    let drift = gauges(
+        &r,
+        "ha_config_differs",
+        "1 if the other ATM's config (its fingerprint) differs from this ATM's, 0 if the same",
+        &["node", "atm"],
+    );
+    for (atm, differs) in &s.config_differs {
+        drift.with_label_values(&[node, atm]).set(*differs as i64);
+    }
+
     let decap = counters(
         &r,
         "decap_packets_total",
@@ -273,6 +285,7 @@ mod tests {
                 active: 3,
             }],
             ha_rejected: vec![("replay", 2)],
+            config_differs: vec![("atm2".into(), true)],
         }
     }
 
@@ -313,7 +326,8 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("lb_ha_rejected_messages_total{node=\"atm1\",reason=\"replay\"} 2\n"),
+            t.contains("lb_ha_rejected_messages_total{node=\"atm1\",reason=\"replay\"} 2\n")
+                && t.contains("lb_ha_config_differs{atm=\"atm2\",node=\"atm1\"} 1\n"),
             "{t}"
         );
         assert!(
@@ -334,7 +348,7 @@ mod tests {
                 families.push(name);
             }
         }
-        assert_eq!(families.len(), 14, "{t}");
+        assert_eq!(families.len(), 15, "{t}");
         for name in families {
             assert!(
                 t.contains(&format!("# HELP {name} ")),

@@ -806,6 +806,75 @@ fn a_key_from_lb_cli_keygen_authenticates_two_atms_and_is_never_overwritten() {
     assert!(!status.contains("Refused ATM messages"), "{status}");
 }
 
+/// Config drift: each ATM sends its config's fingerprint; a comment does not count, a value
+/// does. `lb-cli status` marks the ATM whose config differs, the daemon logs it once, and
+/// again when they agree.
+#[test]
+fn an_atm_whose_config_differs_is_marked_in_status_and_logged_once() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 2, 0);
+    let path = write_config(&mut lab, Method::Direct, NO_CHECK, 2, 0o600);
+    let text = std::fs::read_to_string(&path).unwrap();
+    // atm2 reads its own copy, which differs only by a comment and a blank line.
+    let path2 = lab.dir().join("lb2.toml");
+    std::fs::write(&path2, format!("# atm2's copy\n\n{text}")).unwrap();
+    let mut d1 = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    d1.wait_log("This ATM is primary", START);
+    let mut d2 = Daemon::start(&mut lab, &cluster::atm(2), &path2, &[]);
+    d2.wait_log("ATM atm1 (", START);
+    let same = |d: &Daemon| {
+        let s = d.cli_ok(&["status"]);
+        let json: serde_json::Value =
+            serde_json::from_str(&d.cli_ok(&["status", "--json"])).unwrap();
+        (s, json)
+    };
+    lab.wait_for("atm1 to hear atm2's fingerprint", START, || {
+        same(&d1).1["atms"][1]["config"].is_string()
+    });
+    let (s1, j1) = same(&d1);
+    assert!(s1.contains("Config: fingerprint "), "{s1}");
+    assert!(
+        !s1.contains("DIFFERS") && !s1.contains("runs another"),
+        "{s1}"
+    );
+    assert_eq!(j1["atms"][0]["config"], j1["atms"][1]["config"], "{j1}");
+
+    // A value differs: atm2 reloads a longer idle timeout.
+    std::fs::write(&path2, text.replace("timeout = 100", "timeout = 120")).unwrap();
+    d2.cli_ok(&["reload"]);
+    d1.wait_log("ATM atm2 runs another config than this ATM", START);
+    d2.wait_log("ATM atm1 runs another config than this ATM now", START);
+    let (s1, j1) = same(&d1);
+    assert!(
+        s1.lines()
+            .any(|l| l.contains("atm2") && l.contains("CONFIG DIFFERS (fingerprint ")),
+        "{s1}"
+    );
+    assert!(s1.contains("; atm2 runs another config"), "{s1}");
+    assert_eq!(j1["atms"][1]["config_differs"], true, "{j1}");
+    let (s2, _) = same(&d2);
+    assert!(
+        s2.lines()
+            .any(|l| l.contains("atm1") && l.contains("CONFIG DIFFERS")),
+        "{s2}"
+    );
+    // Logged once, though the fingerprint comes every second.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        d1.log().matches("ATM atm2 runs another config").count(),
+        1,
+        "{}",
+        d1.log()
+    );
+
+    // Back as it was: the same again, said once, and no mark left.
+    std::fs::write(&path2, &text).unwrap();
+    d2.cli_ok(&["reload"]);
+    d1.wait_log("ATM atm2 runs the same config as this ATM again", START);
+    let (s1, _) = same(&d1);
+    assert!(!s1.contains("DIFFERS"), "{s1}");
+}
+
 /// Like corosync with its authkey: a key file others may read is refused, before the ATM
 /// touches its interface.
 #[test]

@@ -157,6 +157,9 @@ impl Daemon {
             known_primary: None,
             pending_promote: None,
             local: sync::Local { mac, ifindex },
+            fingerprint: ha::config_fingerprint(&self.config),
+            configs: vec![None; n],
+            ticks: 0,
         })
     }
 
@@ -226,6 +229,44 @@ impl Daemon {
         }
         self.look_at_election().await;
         self.send_heartbeat().await;
+        let every = (1000 / self.config.ha.heartbeat_ms.max(1)).max(1) as u64;
+        if let Some(ha) = self.part.ha_mut() {
+            ha.ticks += 1;
+            if ha.ticks % every == 1 || every == 1 {
+                let fp = ha.fingerprint;
+                self.ha_send(None, Body::Config(fp));
+            }
+        }
+    }
+
+    /// After a reload: the new config's fingerprint, compared with the other ATMs' and sent
+    /// to them at once.
+    pub(super) fn config_changed(&mut self) {
+        let fp = ha::config_fingerprint(&self.config);
+        let Some(ha) = self.part.ha_mut() else { return };
+        if ha.fingerprint == fp {
+            return;
+        }
+        ha.fingerprint = fp;
+        for (i, theirs) in ha.configs.iter().enumerate() {
+            let name = &self
+                .config
+                .atms
+                .get(i)
+                .map(|a| a.name.as_str())
+                .unwrap_or("?");
+            match theirs {
+                Some(t) if *t == fp => {
+                    info!("ATM {name} runs the same config as this ATM now (fingerprint {fp:016x})")
+                }
+                Some(t) => warn!(
+                    "ATM {name} runs another config than this ATM now (fingerprint {t:016x}, \
+                     this ATM's {fp:016x}): its services, servers or rings may differ"
+                ),
+                None => {}
+            }
+        }
+        self.ha_send(None, Body::Config(fp));
     }
 
     /// A peer's dead interval ran out between ticks: let the election look at once, and
@@ -358,6 +399,22 @@ impl Daemon {
             Body::SyncRequest => {
                 if ha.election.role() == ha::Role::Primary {
                     self.full_sync(Some(from_atm));
+                }
+            }
+            Body::Config(theirs) => {
+                let mine = ha.fingerprint;
+                let was = ha.configs[from_atm].replace(theirs);
+                if was != Some(theirs) {
+                    let name = &self.config.atms[from_atm].name;
+                    if theirs != mine {
+                        warn!(
+                            "ATM {name} runs another config than this ATM (fingerprint \
+                             {theirs:016x}, this ATM's {mine:016x}): its services, servers or \
+                             rings may differ; lb-cli status marks it"
+                        );
+                    } else if was.is_some() {
+                        info!("ATM {name} runs the same config as this ATM again");
+                    }
                 }
             }
             Body::Yield => {

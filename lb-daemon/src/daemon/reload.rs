@@ -651,6 +651,7 @@ impl Daemon {
             }
         );
         info!("{msg}");
+        self.config_changed();
         Ok(msg)
     }
 }

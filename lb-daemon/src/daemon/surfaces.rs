@@ -241,6 +241,19 @@ impl Daemon {
         }
     }
 
+    /// ATM `i`'s config fingerprint as known here (this ATM's own, or the last it sent),
+    /// and whether it differs from this ATM's.
+    pub(super) fn config_of(&self, i: usize) -> (Option<u64>, bool) {
+        let Some(ha) = self.part.ha() else {
+            return (None, false);
+        };
+        if i == self.role_index() {
+            return (Some(ha.fingerprint), false);
+        }
+        let theirs = ha.configs.get(i).copied().flatten();
+        (theirs, theirs.is_some_and(|t| t != ha.fingerprint))
+    }
+
     pub(super) fn cat(&self, t: Table) -> std::result::Result<String, dataplane::Error> {
         Ok(match t {
             Table::Config => tables::render_config(
@@ -377,13 +390,19 @@ impl Daemon {
                 .atm_lines()
                 .into_iter()
                 .zip(&self.config.atms)
-                .map(|(l, a)| views::AtmStatus {
-                    name: l.name,
-                    address: l.address,
-                    address6: a.address6,
-                    role: l.role.into(),
-                    state: l.state.into(),
-                    last_heard_ms: l.last_heard_ms,
+                .enumerate()
+                .map(|(i, (l, a))| {
+                    let (config, config_differs) = self.config_of(i);
+                    views::AtmStatus {
+                        name: l.name,
+                        address: l.address,
+                        address6: a.address6,
+                        role: l.role.into(),
+                        state: l.state.into(),
+                        last_heard_ms: l.last_heard_ms,
+                        config: config.map(|fp| format!("{fp:016x}")),
+                        config_differs,
+                    }
                 })
                 .collect(),
             vips: self.vips(),
@@ -458,6 +477,12 @@ impl Daemon {
             snap.ha_rejected = Reject::ALL
                 .iter()
                 .map(|r| (r.name(), ha.rejects.get(r).copied().unwrap_or(0)))
+                .collect();
+            snap.config_differs = ha
+                .configs
+                .iter()
+                .zip(&self.config.atms)
+                .filter_map(|(c, a)| c.map(|fp| (a.name.clone(), fp != ha.fingerprint)))
                 .collect();
         }
         if let Some(Ok(c)) = self.decap_counters() {

@@ -100,6 +100,7 @@ const SYNC_V1: u8 = 2;
 const SYNC_REQUEST: u8 = 3;
 const YIELD: u8 = 4;
 const SYNC: u8 = 5;
+const CONFIG: u8 = 6;
 
 /// The record format of `SYNC` messages, their first byte. A receiver refuses a format,
 /// message kind or address family it does not know as [`Reject::Unsupported`], and never
@@ -145,6 +146,10 @@ pub enum Body {
     SyncRequest,
     /// A backup asks the primary to hand over to it (`lb-cli promote`).
     Yield,
+    /// The fingerprint of the sender's config (see `config_fingerprint`), sent about once a
+    /// second and after each reload, beside the heartbeats: a kind of its own, so that an
+    /// ATM of the version before, which refuses it as unsupported, still reads heartbeats.
+    Config(u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,6 +208,7 @@ pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
         Body::Sync(_) => SYNC,
         Body::SyncRequest => SYNC_REQUEST,
         Body::Yield => YIELD,
+        Body::Config(_) => CONFIG,
     };
     b.push(kind);
     b.push(name.len().min(255) as u8);
@@ -244,12 +250,22 @@ pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
                 b.extend_from_slice(&r.idle_ms.to_be_bytes());
             }
         }
+        Body::Config(fp) => b.extend_from_slice(&fp.to_be_bytes()),
         Body::SyncRequest | Body::Yield => {}
     }
     let mut h = mac(key);
     h.update(&b);
     b.extend_from_slice(&h.finalize().into_bytes());
     b
+}
+
+/// A config's fingerprint, as ATMs compare them: the first 8 bytes of SHA-256 over the
+/// config as this version reads it (its parsed form), so that comments, blank lines and the
+/// order of keys within a table do not count, but every value does.
+pub fn config_fingerprint(c: &crate::config::Config) -> u64 {
+    use sha2::Digest;
+    let digest = Sha256::digest(format!("{c:?}").as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 fn v6_of(ip: IpAddr) -> Ipv6Addr {
@@ -384,6 +400,7 @@ pub fn decode(cluster: &str, key: &[u8], datagram: &[u8]) -> Result<Message, Rej
         SYNC_V1 => Body::Sync(r.records_v1()?),
         SYNC_REQUEST => Body::SyncRequest,
         YIELD => Body::Yield,
+        CONFIG => Body::Config(r.u64()?),
         _ => return Err(Reject::Unsupported),
     };
     if !r.0.is_empty() {
@@ -463,6 +480,20 @@ mod tests {
             body: Body::Sync(vec![v4_record(), v6_record()]),
         };
         assert_eq!(decode("web", key, &encode("web", key, &sync)), Ok(sync));
+        let config = Message {
+            sender: 0,
+            epoch: 1,
+            seq: 2,
+            body: Body::Config(0x0123_4567_89ab_cdef),
+        };
+        let wire = encode("web", key, &config);
+        assert_eq!(decode("web", key, &wire), Ok(config));
+        // A config message cut short (and signed so) is malformed, not misread.
+        let short = &wire[..wire.len() - TAG - 1];
+        let mut h = mac(key);
+        h.update(short);
+        let resigned = [short, &h.finalize().into_bytes()[..]].concat();
+        assert_eq!(decode("web", key, &resigned), Err(Reject::Malformed));
 
         let mut r = Replay::new(2);
         assert_eq!(r.check(&m), Ok(()));
