@@ -25,6 +25,7 @@ use tracing::{Instrument, Span, error, info, warn};
 mod atm;
 mod checks;
 mod node;
+mod notify;
 mod peers;
 mod reload;
 mod role;
@@ -197,6 +198,11 @@ struct Daemon {
     /// Every server address, once each (for neighbour resolution): kept, not recomputed
     /// from a config of up to 65,536 lines every sweep.
     server_addrs: Arc<Vec<IpAddr>>,
+    /// The queue to the hook runner.
+    hooks: crate::hooks::Hooks,
+    /// This ATM cannot be primary (its track addresses do not answer, or it lost quorum):
+    /// why, as last told to `notify_fault`.
+    fault: Option<String>,
 }
 
 /// A planned handover waiting for its table transfer to be sent.
@@ -310,6 +316,8 @@ pub async fn run(opts: Options) -> Result<()> {
         reload_again: false,
         applying: None,
         server_addrs: Arc::default(),
+        hooks: crate::hooks::Hooks::start(),
+        fault: None,
     };
     match d.role.clone() {
         Role::Atm(i) => {
@@ -446,7 +454,11 @@ pub async fn run(opts: Options) -> Result<()> {
                 } else {
                     warn!("A track address does not answer: this ATM may not be primary");
                 }
-                if let Some(a) = d.part.ha_mut().and_then(|h| h.election.set_eligible(ok, Instant::now())) {
+                let act = d.part.ha_mut().and_then(|h| h.election.set_eligible(ok, Instant::now()));
+                // The fault's hook first, as keepalived's MASTER -> FAULT -> BACKUP and
+                // FAULT -> BACKUP -> MASTER: then the role's.
+                d.look_at_fault();
+                if let Some(a) = act {
                     d.act(a).await;
                 }
             }

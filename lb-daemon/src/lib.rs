@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod fuse;
 pub mod ha;
 pub mod health;
+pub mod hooks;
 pub mod logging;
 pub mod metrics;
 pub mod neighbours;

@@ -162,6 +162,14 @@ impl Plane {
         s.healthy && !s.admin.disabled
     }
 
+    /// Whether a service takes new connections: one of its servers is up with a weight.
+    pub fn service_up(&self, s: &ServiceCfg) -> bool {
+        s.servers.iter().any(|v| {
+            let lk = line_key(s, v);
+            self.up(&lk) && self.weight(&lk, v.weight) > 0
+        })
+    }
+
     /// The weight in force for a line.
     pub fn weight(&self, line: &LineKey, configured: u32) -> u32 {
         self.state(line).admin.weight.unwrap_or(configured)
@@ -472,10 +480,7 @@ impl Plane {
                     proto: s.proto,
                     vip: s.vip,
                     port: s.port,
-                    up: s.servers.iter().any(|v| {
-                        let lk = line_key(s, v);
-                        self.up(&lk) && self.weight(&lk, v.weight) > 0
-                    }),
+                    up: self.service_up(s),
                     persistent: s.persistence > 0,
                     packets,
                 }

@@ -647,3 +647,146 @@ fn the_log_level_changes_at_run_time_and_status_watch_redraws_until_ctrl_c() {
     };
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+/// Hooks, as keepalived's notify scripts: each runs with the event in its environment, one
+/// at a time in order; one that hangs is killed at `notify_timeout` with what it started.
+#[test]
+fn hooks_run_with_the_event_in_their_environment_and_a_hanging_one_is_killed() {
+    let (mut lab, path) = lab(1);
+    let dir = lab.dir();
+    let log = dir.join("hooks.log");
+    let hook = dir.join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            // One write of the whole block, so the test never reads half of one.
+            "#!/bin/sh\nb=$(env | grep '^LB_' | sort)\nprintf '== %s\\n%s\\n' \"$LB_HOOK\" \"$b\" >> {}\necho told\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let hang = dir.join("hang.sh");
+    std::fs::write(&hang, "#!/bin/sh\nsleep 987 &\nsleep 987\n").unwrap();
+    for f in [&hook, &hang] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let track = "192.0.2.99";
+    lab.addr("client", "eth0", &format!("{track}/24"));
+    let h = hook.display();
+    let text = config(
+        1,
+        &format!(
+            "notify_timeout = 1\n\n[ha]\ntrack = [\"{track}\"]\nnotify_primary = \"{h}\"\n\
+             notify_backup = \"{h}\"\nnotify_fault = \"{}\"\n",
+            hang.display()
+        ),
+    )
+    .replacen(
+        "scheduler = \"rr\"\n",
+        &format!("scheduler = \"rr\"\nnotify_up = \"{h}\"\nnotify_down = \"{h}\"\n"),
+        1,
+    )
+    .replacen(
+        "name = \"web1\"\n",
+        &format!("name = \"web1\"\nnotify_up = \"{h}\"\nnotify_down = \"{h}\"\n"),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut d = start(&mut lab, &path);
+    let blocks = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .split("== ")
+            .filter(|b| !b.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let wait_blocks = |n: usize, what: &str| {
+        lab.wait_for(what, START, || blocks().len() >= n);
+        blocks()
+    };
+    // Start-up: backup, then primary (term 1).
+    let b = wait_blocks(2, "notify_backup and notify_primary at start");
+    assert!(b[0].starts_with("notify_backup\n"), "{b:?}");
+    for line in [
+        "LB_EVENT=backup",
+        "LB_REASON=start",
+        "LB_CLUSTER=lab",
+        "LB_ATM=atm1",
+        "LB_ROLE=backup",
+    ] {
+        assert!(b[0].contains(&format!("{line}\n")), "{line} in {}", b[0]);
+    }
+    assert!(b[1].starts_with("notify_primary\n"), "{b:?}");
+    for line in ["LB_EVENT=primary", "LB_ROLE=primary", "LB_TERM=1"] {
+        assert!(b[1].contains(&format!("{line}\n")), "{line} in {}", b[1]);
+    }
+    d.wait_log("Hook notify_primary (", START);
+    assert!(d.log().contains("said: told"), "{}", d.log());
+
+    // A server taken out: its notify_down, then its service's (no server left up).
+    d.cli_ok(&["server", "disable", "http", "web1"]);
+    let b = wait_blocks(4, "notify_down of web1 and of http");
+    assert!(b[2].starts_with("notify_down\n"), "{b:?}");
+    for line in [
+        "LB_EVENT=down",
+        "LB_SERVICE=http",
+        "LB_SERVER_NAME=web1",
+        &format!("LB_SERVER={}", cluster::server_addr(1)),
+        "LB_PORT=80",
+        &format!("LB_VIP={}", cluster::VIP),
+        "LB_VPORT=80",
+        "LB_PROTOCOL=tcp",
+        "LB_METHOD=direct",
+        "LB_REASON=lb-cli server: disabled: out of the tables, its connections dropped",
+    ] {
+        assert!(b[2].contains(&format!("{line}\n")), "{line} in {}", b[2]);
+    }
+    assert!(b[3].starts_with("notify_down\n"), "{b:?}");
+    assert!(b[3].contains("LB_SERVERS_UP=0\n"), "{}", b[3]);
+    assert!(
+        !b[3].contains("LB_SERVER_NAME="),
+        "a service's hook: {}",
+        b[3]
+    );
+    d.cli_ok(&["server", "enable", "http", "web1"]);
+    let b = wait_blocks(6, "notify_up of web1 and of http");
+    assert!(b[4].starts_with("notify_up\n") && b[4].contains("LB_SERVER_NAME=web1\n"));
+    assert!(b[5].starts_with("notify_up\n") && b[5].contains("LB_SERVERS_UP=1\n"));
+
+    // The track address goes: backup, and a fault hook that hangs, killed at 1 s with the
+    // sleep it started.
+    lab.ns("client")
+        .exec_ok(&["ip", "addr", "del", &format!("{track}/24"), "dev", "eth0"]);
+    d.wait_log(
+        "Fault: this ATM may not be primary (a track address does not answer)",
+        START,
+    );
+    d.wait_log("Hook notify_fault (", Duration::from_secs(5));
+    d.wait_log(
+        "was still running after 1 s (notify_timeout): killed",
+        START,
+    );
+    let b = blocks();
+    assert!(b[6].starts_with("notify_backup\n"), "{b:?}");
+    lab.wait_for(
+        "the fault hook's child to be gone",
+        Duration::from_secs(3),
+        || {
+            !std::process::Command::new("pgrep")
+                .args(["-f", "sleep 987"])
+                .status()
+                .unwrap()
+                .success()
+        },
+    );
+    // It answers again: the fault clears (notify_backup), and the ATM leads (notify_primary).
+    lab.addr("client", "eth0", &format!("{track}/24"));
+    let b = wait_blocks(9, "notify_backup and notify_primary after the fault");
+    assert!(b[7].starts_with("notify_backup\n"), "{b:?}");
+    assert!(b[7].contains("LB_REASON=fault cleared (a track address does not answer)\n"));
+    assert!(
+        b[8].starts_with("notify_primary\n") && b[8].contains("LB_TERM=2\n"),
+        "{b:?}"
+    );
+}

@@ -565,11 +565,12 @@ fn with_majority_quorum_a_partition_of_one_against_two_leaves_one_primary_on_the
     c.restart(3);
     c.atms[2].as_mut().unwrap().wait_log("ATM atm1 (", START);
     assert_eq!(c.vip_holders(), vec![1]);
-    assert!(
+    // atm1's heartbeat was heard; atm2's comes within one interval.
+    c.lab.wait_for("atm3 to hear all three", START, || {
         c.atm(3)
             .cli_ok(&["status"])
             .contains("Quorum: 3 of 3 votes, 2 needed: quorate")
-    );
+    });
 
     let cut = |c: &Cluster, i: usize| {
         let ns = c.lab.ns(&cluster::atm(i));
@@ -828,8 +829,8 @@ fn an_atm_whose_config_differs_is_marked_in_status_and_logged_once() {
             serde_json::from_str(&d.cli_ok(&["status", "--json"])).unwrap();
         (s, json)
     };
-    lab.wait_for("atm1 to hear atm2's fingerprint", START, || {
-        same(&d1).1["atms"][1]["config"].is_string()
+    lab.wait_for("each ATM to hear the other's fingerprint", START, || {
+        same(&d1).1["atms"][1]["config"].is_string() && same(&d2).1["atms"][0]["config"].is_string()
     });
     let (s1, j1) = same(&d1);
     assert!(s1.contains("Config: fingerprint "), "{s1}");

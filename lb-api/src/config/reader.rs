@@ -5,7 +5,8 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::{Range, RangeInclusive},
-    path::Path,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
 };
 
 use toml_edit::{Item, Key, TableLike};
@@ -91,6 +92,47 @@ impl<'a> Tab<'a> {
                 );
                 None
             }
+        }
+    }
+
+    /// `key`: a program lb runs (a check script, a hook), an executable file named by an
+    /// absolute path or one relative to the config file's directory; `what` names it in
+    /// the error. `Err` when it is given but unusable (reported).
+    pub(super) fn program(
+        &mut self,
+        cx: &mut Cx,
+        key: &'static str,
+        what: &str,
+    ) -> Result<Option<At<PathBuf>>, ()> {
+        let Some(s) = self.str(cx, key) else {
+            return if self.t.contains_key(key) {
+                Err(())
+            } else {
+                Ok(None)
+            };
+        };
+        if s.v.trim().is_empty() {
+            cx.err(s.line, format!("`{key}` must not be empty"));
+            return Err(());
+        }
+        let p = if Path::new(&s.v).is_absolute() {
+            PathBuf::from(&s.v)
+        } else {
+            cx.base.join(&s.v)
+        };
+        match std::fs::metadata(&p) {
+            Err(e) => {
+                cx.err(s.line, format!("{what} {}: {e}", p.display()));
+                Err(())
+            }
+            Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+                cx.err(
+                    s.line,
+                    format!("{what} {} is not an executable file", p.display()),
+                );
+                Err(())
+            }
+            Ok(_) => Ok(Some(At { v: p, line: s.line })),
         }
     }
 

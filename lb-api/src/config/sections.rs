@@ -15,9 +15,10 @@ use super::{
     reader::{At, Cx, Tab, kind},
     services::read_service,
     types::{
-        Atm, CONNECTIONS_RANGE, Cluster, Config, Control, DEFAULT_PORT_HOLD, DEFAULT_TIME_WAIT,
-        DEFAULT_TIMEOUT, Ha, Manager, NAT_POOL_MAX, NAT6_PREFIX_RANGE, Nat, Nat4, Nat6, Quorum,
-        SERVERS_RANGE, SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE,
+        Atm, CONNECTIONS_RANGE, Cluster, Config, Control, DEFAULT_NOTIFY_TIMEOUT,
+        DEFAULT_PORT_HOLD, DEFAULT_TIME_WAIT, DEFAULT_TIMEOUT, Ha, Manager, NAT_POOL_MAX,
+        NAT6_PREFIX_RANGE, NOTIFY_TIMEOUT_RANGE, Nat, Nat4, Nat6, Quorum, SERVERS_RANGE,
+        SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE,
     },
 };
 use crate::Capacities;
@@ -182,8 +183,10 @@ fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> 
     let debug = tab.bool(cx, "debug");
     let debug_bad = t.contains_key("debug") && debug.is_none();
     let key = tab.str(cx, "auth_key_file");
+    let notify = tab.int(cx, "notify_timeout", NOTIFY_TIMEOUT_RANGE, " seconds");
+    let notify_bad = t.contains_key("notify_timeout") && notify.is_none();
     tab.finish(cx);
-    if timeout_bad || debug_bad {
+    if timeout_bad || debug_bad || notify_bad {
         return None;
     }
     Some(Cluster {
@@ -191,6 +194,7 @@ fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> 
         timeout: timeout.map(|t| t.v as u32).unwrap_or(DEFAULT_TIMEOUT),
         debug: debug.map(|d| d.v).unwrap_or(false),
         auth_key_file: key.map(|k| PathBuf::from(k.v)),
+        notify_timeout: notify.map(|n| n.v as u32).unwrap_or(DEFAULT_NOTIFY_TIMEOUT),
     })
 }
 
@@ -578,6 +582,17 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
         );
         bad = true;
     }
+    let mut hooks = [None, None, None];
+    for (slot, key) in hooks
+        .iter_mut()
+        .zip(["notify_primary", "notify_backup", "notify_fault"])
+    {
+        match tab.program(cx, key, "hook") {
+            Ok(p) => *slot = p.map(|p| p.v),
+            Err(()) => bad = true,
+        }
+    }
+    let [notify_primary, notify_backup, notify_fault] = hooks;
     let mut track = Vec::new();
     if let Some((item, line)) = tab.item(cx, "track") {
         match item.as_array() {
@@ -616,6 +631,9 @@ fn read_ha(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Ha> {
         track,
         quorum: quorum.map(|q| q.v).unwrap_or(defaults.quorum),
         manager: manager.map(|m| m.v).unwrap_or(defaults.manager),
+        notify_primary,
+        notify_backup,
+        notify_fault,
     })
 }
 

@@ -4,8 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
 };
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Method, Sched};
@@ -51,6 +49,9 @@ pub(super) fn read_service(
     bad |= t.contains_key("scheduler") && sched.is_none();
     let persistence = tab.int(cx, "persistence", 0..=86_400, " seconds");
     bad |= t.contains_key("persistence") && persistence.is_none();
+    let notify_up = tab.program(cx, "notify_up", "hook");
+    let notify_down = tab.program(cx, "notify_down", "hook");
+    bad |= notify_up.is_err() || notify_down.is_err();
     let check = match tab.table(cx, "check") {
         Some((c, cline)) => read_check(cx, c, cline, proto.as_ref().map(|p| p.v)),
         None if t.contains_key("check") => None,
@@ -129,6 +130,8 @@ pub(super) fn read_service(
             persistence: persistence.map(|p| p.v as u32).unwrap_or(0),
             check: check?,
             servers,
+            notify_up: notify_up.ok().flatten().map(|p| p.v),
+            notify_down: notify_down.ok().flatten().map(|p| p.v),
         },
         line,
         vip_line: vip.line,
@@ -154,10 +157,15 @@ fn read_server(
     let method_bad = t.contains_key("method") && method.is_none();
     let ping = tab.bool(cx, "ping");
     let ping_bad = t.contains_key("ping") && ping.is_none();
+    let notify_up = tab.program(cx, "notify_up", "hook");
+    let notify_down = tab.program(cx, "notify_down", "hook");
     tab.finish(cx);
     if port_bad || weight_bad || method_bad || ping_bad {
         return None;
     }
+    let (Ok(notify_up), Ok(notify_down)) = (notify_up, notify_down) else {
+        return None;
+    };
     let m = method.as_ref().map(|m| m.v).unwrap_or(Method::Direct);
     let method_line = method.as_ref().map(|m| m.line).unwrap_or(line);
     let port_v = port.as_ref().map(|p| p.v as u16).or(service_port)?;
@@ -242,6 +250,8 @@ fn read_server(
             weight: weight.map(|w| w.v as u32).unwrap_or(1),
             method: m,
             ping: ping.map(|p| p.v).unwrap_or(true),
+            notify_up: notify_up.map(|p| p.v),
+            notify_down: notify_down.map(|p| p.v),
         },
         address.line,
     ))
@@ -267,7 +277,9 @@ fn read_check(cx: &mut Cx, t: &dyn TableLike, line: usize, proto: Option<u8>) ->
     let body = tab.str(cx, "body");
     let verify = tab.bool(cx, "verify");
     bad |= t.contains_key("verify") && verify.is_none();
-    let script = tab.str(cx, "script");
+    let script = tab.program(cx, "script", "check script");
+    bad |= script.is_err();
+    let script = script.ok().flatten();
     let interval = check_ms(cx, &mut tab, "interval_ms");
     let timeout = check_ms(cx, &mut tab, "timeout_ms");
     bad |= t.contains_key("interval_ms") && interval.is_none();
@@ -322,33 +334,14 @@ fn read_check(cx: &mut Cx, t: &dyn TableLike, line: usize, proto: Option<u8>) ->
             verify: verify.map(|v| v.v).unwrap_or(true),
         },
         _ => match script {
+            Some(s) => CheckKind::Script(s.v),
+            None if bad => return None,
             None => {
                 cx.err(
                     line,
                     "a check of kind \"script\" needs `script`, the program to run",
                 );
                 return None;
-            }
-            Some(s) => {
-                let p = if Path::new(&s.v).is_absolute() {
-                    PathBuf::from(&s.v)
-                } else {
-                    cx.base.join(&s.v)
-                };
-                match std::fs::metadata(&p) {
-                    Err(e) => {
-                        cx.err(s.line, format!("check script {}: {e}", p.display()));
-                        return None;
-                    }
-                    Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
-                        cx.err(
-                            s.line,
-                            format!("check script {} is not an executable file", p.display()),
-                        );
-                        return None;
-                    }
-                    Ok(_) => CheckKind::Script(p),
-                }
             }
         },
     };

@@ -51,6 +51,8 @@ pub struct Cluster {
     pub debug: bool,
     /// Shared secret for ATM messages (required when there is more than one ATM).
     pub auth_key_file: Option<PathBuf>,
+    /// Seconds a hook may run before it is killed.
+    pub notify_timeout: u32,
 }
 
 /// `[nat]`: the servers' side of NAT, in IPv4 (NAT44), IPv6 (NAT66) or both.
@@ -184,6 +186,11 @@ pub struct Ha {
     pub quorum: Quorum,
     /// `manager`: who decides which ATM is primary.
     pub manager: Manager,
+    /// Hooks run when this ATM becomes primary, becomes backup, or can no longer be primary
+    /// (keepalived's notify_master, notify_backup, notify_fault).
+    pub notify_primary: Option<PathBuf>,
+    pub notify_backup: Option<PathBuf>,
+    pub notify_fault: Option<PathBuf>,
 }
 
 /// `[ha] manager`.
@@ -218,6 +225,9 @@ impl Default for Ha {
             track: Vec::new(),
             quorum: Quorum::None,
             manager: Manager::Lb,
+            notify_primary: None,
+            notify_backup: None,
+            notify_fault: None,
         }
     }
 }
@@ -296,6 +306,9 @@ pub struct ServiceCfg {
     pub persistence: u32,
     pub check: Check,
     pub servers: Vec<ServerCfg>,
+    /// Hooks run when the service goes up (a server can take connections again) or down.
+    pub notify_up: Option<PathBuf>,
+    pub notify_down: Option<PathBuf>,
 }
 
 impl ServiceCfg {
@@ -317,6 +330,9 @@ pub struct ServerCfg {
     pub method: Method,
     /// false is TCL's `noping`.
     pub ping: bool,
+    /// Hooks run when the server goes up or down (its checks, or lb-cli server).
+    pub notify_up: Option<PathBuf>,
+    pub notify_down: Option<PathBuf>,
 }
 
 /// The service check (TCL's ASA), run against every server of the service.
@@ -358,6 +374,9 @@ pub enum CheckKind {
 
 /// Defaults, as DESIGN.md's example shows them.
 pub const DEFAULT_TIMEOUT: u32 = 100;
+/// `[cluster] notify_timeout`: seconds a hook may run.
+pub const DEFAULT_NOTIFY_TIMEOUT: u32 = 10;
+pub const NOTIFY_TIMEOUT_RANGE: RangeInclusive<i64> = 1..=3_600;
 pub const DEFAULT_SOCKET: &str = "/run/lb/control.sock";
 /// `[ha]` without `heartbeat_ms` / `dead_after`, or no `[ha]` at all.
 pub const DEFAULT_HEARTBEAT_MS: u32 = 100;

@@ -196,6 +196,7 @@ impl Daemon {
             checks: None,
         }));
         info!("Starting as backup ATM");
+        self.notify_role(false, "start", None);
         info!("Looking for a primary ATM");
         Ok(())
     }

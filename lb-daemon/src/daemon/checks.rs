@@ -103,6 +103,7 @@ impl Daemon {
             }
         };
         let name = name();
+        let before = self.before(&o.line);
         let Some(a) = self.part.atm_mut() else { return };
         let healthy = matches!(t, Transition::Up { .. });
         let to_drop = a
@@ -112,20 +113,23 @@ impl Daemon {
                 error!("Applying the health of {name}: {e}");
                 None
             });
-        match t {
+        let why = match t {
             Transition::Down {
                 reason,
                 failed,
                 fall,
-            } => warn!(
-                "{name} {} down: {reason}, {failed} of {fall} failed",
-                SocketAddr::new(o.line.1, o.line.2),
-            ),
-            Transition::Up { passed } => info!(
-                "{name} {} up: {passed} checks in a row passed",
-                SocketAddr::new(o.line.1, o.line.2)
-            ),
-        }
+            } => {
+                let why = format!("{reason}, {failed} of {fall} failed");
+                warn!("{name} {} down: {why}", SocketAddr::new(o.line.1, o.line.2));
+                why
+            }
+            Transition::Up { passed } => {
+                let why = format!("{passed} checks in a row passed");
+                info!("{name} {} up: {why}", SocketAddr::new(o.line.1, o.line.2));
+                why
+            }
+        };
+        self.notify_line(&o.line, before, &why);
         if let Some(index) = to_drop {
             self.drop_connections_of(
                 index,
@@ -161,8 +165,14 @@ impl Daemon {
         service: &str,
         server: &str,
     ) -> std::result::Result<String, String> {
+        let line = self
+            .part
+            .atm()
+            .ok_or("this is not an ATM")?
+            .plane
+            .find_line(service, server)?;
+        let before = self.before(&line);
         let a = self.part.atm_mut().ok_or("this is not an ATM")?;
-        let line = a.plane.find_line(service, server)?;
         type Change = Box<dyn FnOnce(&mut crate::services::LineState)>;
         let (f, drop_conns, what): (Change, bool, String) = match action {
             ServerAction::Enable => (
@@ -198,6 +208,7 @@ impl Daemon {
         let at = SocketAddr::new(line.1, line.2);
         let msg = format!("{service}/{server} {at} {what}");
         info!("Server {msg} (by lb-cli)");
+        self.notify_line(&line, before, &format!("lb-cli server: {what}"));
         if let Some(index) = to_drop {
             self.drop_connections_of(index, format!("{service}/{server} {at}"));
         }

@@ -227,6 +227,8 @@ impl Daemon {
                 ));
             }
         }
+        // A fault's hook before the role's (see the track outcome in daemon.rs).
+        self.look_at_fault();
         self.look_at_election().await;
         self.send_heartbeat().await;
         let every = (1000 / self.config.ha.heartbeat_ms.max(1)).max(1) as u64;
@@ -522,6 +524,7 @@ impl Daemon {
         match a {
             Action::BecomePrimary { term, reason, from } => {
                 info!("Elected primary (term {term}): {reason}");
+                self.notify_role(true, &reason, Some(term));
                 let span = info_span!("primary", term);
                 if let Err(e) = self.become_primary(from).instrument(span).await {
                     error!("Becoming primary: {e:#}");
@@ -535,6 +538,7 @@ impl Daemon {
             }
             Action::BecomeBackup { reason, to } => {
                 info!("Becoming backup: {reason}");
+                self.notify_role(false, &reason, None);
                 if let Err(e) = self
                     .become_backup(to)
                     .instrument(info_span!("backup"))
