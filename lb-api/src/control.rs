@@ -37,6 +37,9 @@ pub enum Request {
     Demote,
     /// The Prometheus text of /metrics.
     Metrics,
+    /// What a support bundle (`lb-cli collect`) needs from the daemon: its version and
+    /// files ([`crate::views::Support`]).
+    Support,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

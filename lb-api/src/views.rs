@@ -10,6 +10,18 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// What `lb-cli collect` asks of the daemon: what runs, and where its files are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Support {
+    pub version: String,
+    pub built: String,
+    pub pid: u32,
+    /// The config file it read (absolute).
+    pub config: std::path::PathBuf,
+    /// `--log-file`, or none when it logs to standard error (the journal under systemd).
+    pub log_file: Option<std::path::PathBuf>,
+}
+
 /// `lb-cli status`: who is primary, which ATMs are online, the VIPs, servers up and down.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

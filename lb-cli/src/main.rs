@@ -11,6 +11,8 @@ use std::{
     time::Duration,
 };
 
+mod collect;
+
 use clap::{Parser, Subcommand};
 use lb_api::{
     config,
@@ -96,6 +98,17 @@ enum Cmd {
     /// Show the daemon's log level, or set it until the next restart: error, warn, info,
     /// debug, trace, or LB_LOG's directives (info,lb_daemon::ha=debug). The loglevel table.
     LogLevel { level: Option<String> },
+    /// Make a support bundle: a tar.gz of the status, every table, /metrics, the daemon's
+    /// log and config (never the auth key), and the machine's addresses, links, routes,
+    /// drivers, kernel and BPF programs. Prints its path.
+    Collect {
+        /// Where to write it (default /var/tmp/lb-HOST-DATE.tar.gz).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// The config file, when the daemon does not answer to say which it read.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Write a new random auth key (32 bytes, mode 0600) for [cluster] auth_key_file, as
     /// corosync-keygen does; refuses to overwrite a file. Copy it to every ATM.
     Keygen { file: PathBuf },
@@ -290,6 +303,15 @@ fn run(cli: Cli) -> Result<(), String> {
             .text
             .unwrap_or_default()
         ),
+        Cmd::Collect { output, config } => {
+            let (path, failed) = collect::collect(s, output, config, |req| ask(s, req))?;
+            if failed > 0 {
+                eprintln!(
+                    "lb-cli: {failed} parts could not be taken: MANIFEST.txt in the bundle says why"
+                );
+            }
+            println!("{}", path.display());
+        }
         Cmd::Keygen { file } => {
             keygen(&file)?;
             println!(

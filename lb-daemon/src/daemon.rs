@@ -61,6 +61,8 @@ pub struct Options {
     pub metrics: Option<String>,
     /// How lb_xdp is attached: driver mode where the driver has it (auto), or forced.
     pub xdp_mode: AttachMode,
+    /// `--log-file`, for `lb-cli collect`.
+    pub log_file: Option<PathBuf>,
 }
 
 /// How long a handover may take to send the connection table (paced at about 150,000

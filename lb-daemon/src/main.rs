@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         socket: args.socket,
         mount: args.mount,
         metrics: args.metrics,
+        log_file: args.log_file.clone(),
         xdp_mode: match args.xdp_mode.as_str() {
             "driver" => lb_daemon::dataplane::AttachMode::Driver,
             "generic" => lb_daemon::dataplane::AttachMode::Generic,

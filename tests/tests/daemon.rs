@@ -790,3 +790,146 @@ fn hooks_run_with_the_event_in_their_environment_and_a_hanging_one_is_killed() {
         "{b:?}"
     );
 }
+
+/// `lb-cli collect`, run on the ATM: a tar.gz support bundle with the daemon's view and the
+/// machine's, mode 0600, that never holds the auth key's bytes.
+#[test]
+fn collect_makes_a_bundle_of_the_listed_files_and_no_key_material() {
+    let (mut lab, path) = lab(2);
+    let dir = lab.dir();
+    let key = dir.join("authkey");
+    let secret = "collect-test-key-0123456789abcdef";
+    std::fs::write(&key, secret).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "timeout = 100\n",
+        &format!("timeout = 100\nauth_key_file = \"{}\"\n", key.display()),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let d = start(&mut lab, &path);
+    // Traffic, so that the connections table has a line to show.
+    let mut c = Conn::open(&lab);
+    c.get();
+    let out_path = dir.join("bundle.tar.gz");
+    let out = lab
+        .ns(&cluster::atm(1))
+        .command(lb_tests::procs::bin("lb-cli"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["collect", "--output"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        out_path.display().to_string()
+    );
+    let meta = std::fs::metadata(&out_path).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    let x = dir.join("bundle");
+    std::fs::create_dir(&x).unwrap();
+    let untar = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&out_path)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(untar.success());
+    let top = std::fs::read_dir(&x)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(
+        top.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("lb-"),
+        "{top:?}"
+    );
+    let read = |f: &str| {
+        std::fs::read_to_string(top.join(f)).unwrap_or_else(|e| panic!("{f} in the bundle: {e}"))
+    };
+    let manifest = read("MANIFEST.txt");
+    for f in [
+        "lb/daemon.txt",
+        "lb/status.txt",
+        "lb/status.json",
+        "lb/dataplane.txt",
+        "lb/fill.txt",
+        "lb/metrics.txt",
+        "lb/config.toml",
+        "lb/daemon.log",
+        "lb/tables/connections",
+        "lb/tables/stat",
+        "lb/tables/atms",
+        "lb/tables/loglevel",
+        "system/uname.txt",
+        "system/ip-addr.txt",
+        "system/ip-link.txt",
+        "system/ip-route.txt",
+        "system/bpftool-prog.txt",
+        "system/bpftool-map.txt",
+        "system/ethtool-i-eth0.txt",
+    ] {
+        assert!(top.join(f).is_file(), "{f} missing; MANIFEST:\n{manifest}");
+        assert!(manifest.contains(f), "{f} not in MANIFEST:\n{manifest}");
+    }
+    assert!(read("lb/status.txt").contains("atm1 is primary"));
+    assert!(read("lb/daemon.txt").contains(&format!("config {}", path.display())));
+    assert!(read("lb/dataplane.txt").contains("lb_xdp on eth0"));
+    assert!(read("lb/daemon.log").contains("Configuration OK"));
+    assert!(read("lb/config.toml").contains("auth_key_file"));
+    assert!(read("lb/fill.txt").starts_with("services "));
+    assert!(
+        read("lb/tables/connections").contains(&format!("{}:{}", cluster::CLIENT, c.port())),
+        "the client's connection"
+    );
+    assert!(read("lb/metrics.txt").contains("lb_active_connections"));
+    assert!(
+        read("system/ip-link.txt").contains("prog/xdp"),
+        "the ATM's namespace"
+    );
+    assert!(read("system/bpftool-prog.txt").contains("lb_xdp"));
+    // The key's bytes are nowhere, in the archive or in any file of it.
+    let raw = std::fs::read(&out_path).unwrap();
+    let gz = std::process::Command::new("gzip")
+        .args(["-dc"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    for blob in [&raw, &gz.stdout] {
+        assert!(
+            !blob.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the key is in the bundle"
+        );
+    }
+    let grep = std::process::Command::new("grep")
+        .args(["-r", "-l", secret])
+        .arg(&x)
+        .output()
+        .unwrap();
+    assert!(
+        grep.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+    // A place that cannot be written is an error, and no partial file is left.
+    let bad = lab
+        .ns(&cluster::atm(1))
+        .command(lb_tests::procs::bin("lb-cli"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["collect", "--output", "/proc/no-such-dir/b.tar.gz"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot create"));
+}

@@ -75,6 +75,10 @@ const PACKAGES: &[Package] = &[
         name: "crmsh",
         why: "crm configure, with which the Pacemaker test loads docs/HA.md's snippet",
     },
+    Package {
+        name: "bpftool",
+        why: "the BPF programs and maps that lb-cli collect puts in its bundle (and the bench's path counter dumps maps with it)",
+    },
 ];
 
 /// The peers `cargo xtask bench` measures lb against (nftables is in [`PACKAGES`]).
@@ -94,10 +98,6 @@ const BENCH_PACKAGES: &[Package] = &[
     Package {
         name: "netsniff-ng",
         why: "trafgen, the packets-per-second generator where the kernel refuses live-frame test runs",
-    },
-    Package {
-        name: "bpftool",
-        why: "dumps a loaded dataplane's maps for benches/tools/bpf_path_count.py, which counts a path's instructions",
     },
 ];
 

@@ -65,6 +65,16 @@ impl Daemon {
             Request::Promote => unreachable!("promote answers asynchronously"),
             Request::Demote => unreachable!("demote answers asynchronously"),
             Request::Metrics => Response::text(metrics::render(&self.snapshot())),
+            Request::Support => {
+                let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_path_buf());
+                Response::view(&views::Support {
+                    version: super::VERSION.to_string(),
+                    built: super::BUILD_DATE.to_string(),
+                    pid: std::process::id(),
+                    config: abs(&self.opts.config),
+                    log_file: self.opts.log_file.as_deref().map(abs),
+                })
+            }
         }
     }
 
