@@ -125,6 +125,20 @@ pub struct ServiceStatus {
     pub vip: IpAddr,
     pub port: u16,
     pub servers: Vec<ServerStatus>,
+    /// Up or down, as the `services` table says: with its quorum of servers or not.
+    #[serde(default = "up")]
+    pub up: bool,
+    /// Servers it needs to be up (`quorum`, 1 by default).
+    #[serde(default = "one")]
+    pub quorum: u32,
+}
+
+fn up() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

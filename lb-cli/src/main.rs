@@ -684,9 +684,20 @@ fn render_status(d: &Status) -> String {
     for s in &d.services {
         let up = s.servers.iter().filter(|v| v.up).count();
         // Addresses as ipvsadm writes them: an IPv6 one in brackets before its port.
+        let quorum = if s.quorum > 1 {
+            format!(
+                ", quorum {}: {}",
+                s.quorum,
+                if s.up { "up" } else { "DOWN" }
+            )
+        } else if !s.up {
+            ": DOWN".into()
+        } else {
+            String::new()
+        };
         _ = writeln!(
             out,
-            "  {} {} {}  {up}/{} servers up",
+            "  {} {} {}  {up}/{} servers up{quorum}",
             s.name,
             s.protocol,
             std::net::SocketAddr::new(s.vip, s.port),

@@ -81,6 +81,9 @@ pub struct Plane {
     draining: HashSet<u32>,
     /// Lines whose state changed while a reload or resize is worked out from a copy.
     journal: Option<Vec<LineKey>>,
+    /// Each service's up or down as last judged with its quorum and hysteresis (which
+    /// remember); a service not judged yet is up with `quorum` servers up.
+    quorate: HashMap<SvcKey, bool>,
     /// What each server index is, worked out once per numbering (where the plane is made,
     /// beside the event loop): sync and the connections table read it on every turn.
     lines: Arc<Lines>,
@@ -162,12 +165,25 @@ impl Plane {
         s.healthy && !s.admin.disabled
     }
 
-    /// Whether a service takes new connections: one of its servers is up with a weight.
+    /// How many of a service's servers take new connections: up, with a weight.
+    pub fn servers_up(&self, s: &ServiceCfg) -> u32 {
+        s.servers
+            .iter()
+            .filter(|v| {
+                let lk = line_key(s, v);
+                self.up(&lk) && self.weight(&lk, v.weight) > 0
+            })
+            .count() as u32
+    }
+
+    /// Whether a service is up: it has its `quorum` of servers taking connections (one by
+    /// default), judged with its hysteresis.
     pub fn service_up(&self, s: &ServiceCfg) -> bool {
-        s.servers.iter().any(|v| {
-            let lk = line_key(s, v);
-            self.up(&lk) && self.weight(&lk, v.weight) > 0
-        })
+        let up = self.servers_up(s);
+        match self.quorate.get(&svc_key(s)) {
+            Some(was) => s.quorate(up, *was),
+            None => up >= s.quorum,
+        }
     }
 
     /// The weight in force for a line.
@@ -460,8 +476,16 @@ impl Plane {
             Err(dataplane::Error::Invalid(_)) if self.journal.is_some() => {}
             r => r?,
         }
-        // Taken only once programmed: a failed write leaves the line as it was.
+        // Taken only once programmed: a failed write leaves the line as it was. The
+        // service's up or down is judged before and after, so hysteresis remembers.
+        let pos = self.services.iter().position(|s| svc_key(s) == line.0);
+        let was = pos.map(|i| self.service_up(&self.services[i]));
         self.states.insert(*line, state);
+        if let (Some(i), Some(was)) = (pos, was) {
+            let s = &self.services[i];
+            let now = s.quorate(self.servers_up(s), was);
+            self.quorate.insert(line.0, now);
+        }
         if let Some(j) = self.journal.as_mut() {
             j.push(*line);
         }

@@ -933,3 +933,62 @@ fn collect_makes_a_bundle_of_the_listed_files_and_no_key_material() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot create"));
 }
+
+/// A service's `quorum`: with fewer servers up it is down (the `services` table, status and
+/// its hooks say so), and the servers still up go on serving.
+#[test]
+fn quorum_takes_the_service_down_and_runs_its_hook() {
+    let (mut lab, path) = lab(3);
+    let dir = lab.dir();
+    let log = dir.join("hooks.log");
+    let hook = dir.join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nprintf '%s %s %s\\n' \"$LB_EVENT\" \"$LB_SERVICE\" \"$LB_SERVERS_UP\" >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let h = hook.display();
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "scheduler = \"rr\"\n",
+        &format!("scheduler = \"rr\"\nquorum = 2\nnotify_up = \"{h}\"\nnotify_down = \"{h}\"\n"),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut d = start(&mut lab, &path);
+    let http_line = |d: &Daemon| {
+        d.cat("services")
+            .lines()
+            .find(|l| l.contains(":80 "))
+            .unwrap()
+            .to_string()
+    };
+    assert!(http_line(&d).contains(" up "), "{}", http_line(&d));
+    d.cli_ok(&["server", "disable", "http", "web1"]);
+    assert!(http_line(&d).contains(" up "), "2 of 3: {}", http_line(&d));
+    d.cli_ok(&["server", "disable", "http", "web2"]);
+    assert!(
+        http_line(&d).contains(" down "),
+        "1 of 3: {}",
+        http_line(&d)
+    );
+    let status = d.cli_ok(&["status"]);
+    assert!(
+        status.contains("1/3 servers up, quorum 2: DOWN"),
+        "{status}"
+    );
+    d.wait_log("Service http 192.0.2.100:80 is down", START);
+    lab.wait_for("the service's notify_down", START, || {
+        std::fs::read_to_string(&log).unwrap_or_default() == "down http 1\n"
+    });
+    // web3 still serves.
+    assert_eq!(Conn::open(&lab).get(), "s3");
+    d.cli_ok(&["server", "enable", "http", "web2"]);
+    assert!(http_line(&d).contains(" up "), "{}", http_line(&d));
+    lab.wait_for("the service's notify_up", START, || {
+        std::fs::read_to_string(&log).unwrap_or_default() == "down http 1\nup http 2\n"
+    });
+}

@@ -52,6 +52,10 @@ pub(super) fn read_service(
     let notify_up = tab.program(cx, "notify_up", "hook");
     let notify_down = tab.program(cx, "notify_down", "hook");
     bad |= notify_up.is_err() || notify_down.is_err();
+    let quorum = tab.int(cx, "quorum", 1..=65_536, " servers");
+    bad |= t.contains_key("quorum") && quorum.is_none();
+    let hysteresis = tab.int(cx, "hysteresis", 0..=65_535, " servers");
+    bad |= t.contains_key("hysteresis") && hysteresis.is_none();
     let check = match tab.table(cx, "check") {
         Some((c, cline)) => read_check(cx, c, cline, proto.as_ref().map(|p| p.v)),
         None if t.contains_key("check") => None,
@@ -116,6 +120,34 @@ pub(super) fn read_service(
             None => bad = true,
         }
     }
+    if let Some(q) = &quorum
+        && !bad
+        && q.v as usize > servers.len()
+    {
+        cx.err(
+            q.line,
+            format!(
+                "`quorum` = {} but the service has {} servers: it could never be up",
+                q.v,
+                servers.len()
+            ),
+        );
+        bad = true;
+    }
+    if let Some(h) = &hysteresis
+        && h.v >= quorum.as_ref().map_or(1, |q| q.v)
+    {
+        cx.err(
+            h.line,
+            format!(
+                "`hysteresis` = {} must be less than `quorum` ({}): the service would never \
+                 go down",
+                h.v,
+                quorum.as_ref().map_or(1, |q| q.v)
+            ),
+        );
+        bad = true;
+    }
     if bad {
         return None;
     }
@@ -132,6 +164,8 @@ pub(super) fn read_service(
             servers,
             notify_up: notify_up.ok().flatten().map(|p| p.v),
             notify_down: notify_down.ok().flatten().map(|p| p.v),
+            quorum: quorum.as_ref().map(|q| q.v as u32).unwrap_or(1),
+            hysteresis: hysteresis.as_ref().map(|h| h.v as u32).unwrap_or(0),
         },
         line,
         vip_line: vip.line,

@@ -309,6 +309,23 @@ pub struct ServiceCfg {
     /// Hooks run when the service goes up (a server can take connections again) or down.
     pub notify_up: Option<PathBuf>,
     pub notify_down: Option<PathBuf>,
+    /// Servers that must take connections for the service to be up (keepalived's `quorum`,
+    /// counted in servers): 1 by default.
+    pub quorum: u32,
+    /// Below `quorum - hysteresis` it goes down, at `quorum + hysteresis` up again.
+    pub hysteresis: u32,
+}
+
+impl ServiceCfg {
+    /// Whether the service is up with `up` servers taking connections, given whether it was:
+    /// `quorum` with `hysteresis` (keepalived's rule).
+    pub fn quorate(&self, up: u32, was: bool) -> bool {
+        if was {
+            up + self.hysteresis >= self.quorum
+        } else {
+            up >= self.quorum + self.hysteresis
+        }
+    }
 }
 
 impl ServiceCfg {

@@ -368,6 +368,8 @@ impl Daemon {
                 .services()
                 .iter()
                 .map(|s| views::ServiceStatus {
+                    up: a.plane.service_up(s),
+                    quorum: s.quorum,
                     name: s.name.clone(),
                     protocol: s.proto_name().into(),
                     vip: s.vip,
@@ -540,10 +542,7 @@ pub(super) fn fill_lines(
             vip: s.vip.to_string(),
             port: s.port,
             proto: s.proto_name(),
-            up: s.servers.iter().any(|v| {
-                let lk = line_key(s, v);
-                plane.up(&lk) && plane.weight(&lk, v.weight) > 0
-            }),
+            up: plane.service_up(s),
             packets: c.packets,
             bytes: c.bytes,
             active: 0,

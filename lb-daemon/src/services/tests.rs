@@ -256,3 +256,40 @@ fn every_index_names_its_server_and_service_after_a_plan_and_a_compaction() {
     assert_eq!(p.lines().vip[&0], (vip, 81));
     assert_eq!(p.lines().server.len(), 1);
 }
+
+/// `quorum` with `hysteresis`, as keepalived judges it: with quorum 2 and hysteresis 1 of
+/// three servers, the service goes down only below 1 server up, and up again only with 3.
+#[test]
+fn a_service_is_up_with_its_quorum_of_servers_and_hysteresis_remembers() {
+    let text = "[cluster]\nname = \"c\"\n[[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\n\
+                interface = \"eth0\"\n[[service]]\nname = \"s80\"\nvip = \"192.0.2.100\"\n\
+                port = 80\nquorum = 2\nhysteresis = 1\n";
+    let mut text = text.to_string();
+    for o in [11, 12, 13] {
+        text += &format!("[[service.server]]\nname = \"web{o}\"\naddress = \"192.0.2.{o}\"\n");
+    }
+    let c = config::parse(&text, std::path::Path::new("/")).unwrap();
+    let mut p = Plane::new().plan(&c, &caps(4, 8)).unwrap().plane;
+    let mut dp = Record::default();
+    p.reinstall(&mut dp).unwrap();
+    let s = p.services()[0].clone();
+    let mut set = |p: &mut Plane, o: u8, healthy: bool| {
+        p.set_state(&mut dp, &line(80, o), |st| st.healthy = healthy, true)
+            .unwrap();
+        p.service_up(&s)
+    };
+    assert!(p.service_up(&s), "3 of 3");
+    assert!(set(&mut p, 11, false), "2 of 3: at quorum");
+    assert!(set(&mut p, 12, false), "1 of 3: within the hysteresis");
+    assert!(!set(&mut p, 13, false), "0 of 3: down");
+    assert!(!set(&mut p, 11, true), "1 of 3: still down");
+    assert!(
+        !set(&mut p, 12, true),
+        "2 of 3: quorum, not quorum + hysteresis"
+    );
+    assert!(set(&mut p, 13, true), "3 of 3: up again");
+    // Without hysteresis: down below the quorum, up at it.
+    let mut q = s.clone();
+    q.hysteresis = 0;
+    assert!(!q.quorate(1, true) && q.quorate(2, false));
+}
