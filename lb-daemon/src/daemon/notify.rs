@@ -155,10 +155,14 @@ impl Daemon {
             } else {
                 ("notify_down", "down", &s.notify_down)
             };
-            let what = if service_up {
-                "a server takes connections again"
-            } else {
-                "no server takes connections"
+            let n = a.plane.servers_up(s);
+            let what = match (service_up, s.quorum) {
+                (true, 1) => "a server takes connections again".to_string(),
+                (false, 1) => "no server takes connections".to_string(),
+                (_, q) => format!(
+                    "{n} of {} servers take connections, quorum {q}",
+                    s.servers.len()
+                ),
             };
             let at = SocketAddr::new(s.vip, s.port);
             if service_up {
@@ -167,14 +171,7 @@ impl Daemon {
                 warn!("Service {} {at} is down: {what}", s.name);
             }
             let mut env = service_env(event);
-            env.push(("LB_SERVERS_UP", {
-                let up = s
-                    .servers
-                    .iter()
-                    .filter(|v| a.plane.up(&crate::services::line_key(s, v)))
-                    .count();
-                up.to_string()
-            }));
+            env.push(("LB_SERVERS_UP", n.to_string()));
             self.notify(hook, program.as_ref(), env);
         }
     }
