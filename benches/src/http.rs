@@ -222,6 +222,7 @@ fn service(method: Method, backends: &[&str]) -> ServiceSpec {
                 weight: 1,
                 method,
                 up: true,
+                sorry: false,
             })
             .collect(),
     }

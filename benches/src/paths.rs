@@ -182,6 +182,7 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
                     weight: 1 + (i % 3) as u32,
                     method,
                     up: true,
+                    sorry: false,
                 }
             })
             .collect(),
@@ -752,6 +753,7 @@ pub fn capacity(services: u32, per: u32) -> Result<()> {
                     weight: 1,
                     method: Method::Direct,
                     up: true,
+                    sorry: false,
                 })
                 .collect(),
         };

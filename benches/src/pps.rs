@@ -226,6 +226,7 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                         weight: 1,
                         method,
                         up: true,
+                        sorry: false,
                     }],
                 },
             )?;

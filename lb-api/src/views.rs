@@ -151,6 +151,9 @@ pub struct ServerStatus {
     pub up: bool,
     /// The weight in force: the configured one, or the operator's.
     pub weight: u32,
+    /// A sorry server (serves only while no other server of the service is up).
+    #[serde(default)]
+    pub sorry: bool,
 }
 
 /// `up` or `down`, as the listings write a state.

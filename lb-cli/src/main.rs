@@ -682,7 +682,9 @@ fn render_status(d: &Status) -> String {
     }
     _ = writeln!(out, "Services:");
     for s in &d.services {
-        let up = s.servers.iter().filter(|v| v.up).count();
+        // Sorry servers stand in for the others: not counted among them.
+        let up = s.servers.iter().filter(|v| v.up && !v.sorry).count();
+        let real = s.servers.iter().filter(|v| !v.sorry).count();
         // Addresses as ipvsadm writes them: an IPv6 one in brackets before its port.
         let quorum = if s.quorum > 1 {
             format!(
@@ -697,16 +699,21 @@ fn render_status(d: &Status) -> String {
         };
         _ = writeln!(
             out,
-            "  {} {} {}  {up}/{} servers up{quorum}",
+            "  {} {} {}  {up}/{real} servers up{quorum}",
             s.name,
             s.protocol,
             std::net::SocketAddr::new(s.vip, s.port),
-            s.servers.len()
         );
+        let serving = s.servers.iter().any(|v| v.up && !v.sorry && v.weight > 0);
         for v in &s.servers {
+            let sorry = match (v.sorry, serving) {
+                (false, _) => "",
+                (true, true) => "  sorry server, standing by",
+                (true, false) => "  sorry server, SERVING",
+            };
             _ = writeln!(
                 out,
-                "    {:<10} {:>21} {:<6} {:<4} weight {}",
+                "    {:<10} {:>21} {:<6} {:<4} weight {}{sorry}",
                 v.name,
                 std::net::SocketAddr::new(v.address, v.port).to_string(),
                 v.method,

@@ -171,7 +171,7 @@ impl Plane {
             .iter()
             .filter(|v| {
                 let lk = line_key(s, v);
-                self.up(&lk) && self.weight(&lk, v.weight) > 0
+                !v.sorry && self.up(&lk) && self.weight(&lk, v.weight) > 0
             })
             .count() as u32
     }
@@ -414,6 +414,7 @@ impl Plane {
                         weight: self.weight(&lk, v.weight),
                         method: v.method,
                         up: self.up(&lk),
+                        sorry: v.sorry,
                     }
                 })
                 .collect(),

@@ -992,3 +992,52 @@ fn quorum_takes_the_service_down_and_runs_its_hook() {
         std::fs::read_to_string(&log).unwrap_or_default() == "down http 1\nup http 2\n"
     });
 }
+
+/// `sorry_server = true`: a server that takes new connections only while no other server
+/// of its service is up, and hands them back on the first one's return; its own open
+/// connections go on.
+#[test]
+fn the_sorry_server_answers_when_every_server_is_down_and_hands_back() {
+    let (mut lab, path) = lab(3);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        &format!(
+            "name = \"web3\"\naddress = \"{}\"\n",
+            cluster::server_addr(3)
+        ),
+        &format!(
+            "name = \"web3\"\naddress = \"{}\"\nsorry_server = true\n",
+            cluster::server_addr(3)
+        ),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let d = start(&mut lab, &path);
+    let served = |n: usize| -> Vec<String> {
+        let mut v: Vec<String> = (0..n).map(|_| Conn::open(&lab).get()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(served(8), vec!["s1", "s2"], "the sorry server stands by");
+    let status = d.cli_ok(&["status"]);
+    assert!(status.contains("2/2 servers up"), "{status}");
+    assert!(status.contains("sorry server, standing by"), "{status}");
+    d.cli_ok(&["server", "disable", "http", "web1"]);
+    assert_eq!(served(4), vec!["s2"]);
+    d.cli_ok(&["server", "disable", "http", "web2"]);
+    assert_eq!(served(4), vec!["s3"], "no server up: the sorry server");
+    let status = d.cli_ok(&["status"]);
+    assert!(status.contains("0/2 servers up: DOWN"), "{status}");
+    assert!(status.contains("sorry server, SERVING"), "{status}");
+    assert!(
+        d.cat("services").contains(":80 down "),
+        "the service is down"
+    );
+    // A keep-alive connection to the sorry server, open when web1 returns, goes on there;
+    // new ones go to web1.
+    let mut open = Conn::open(&lab);
+    assert_eq!(open.get(), "s3");
+    d.cli_ok(&["server", "enable", "http", "web1"]);
+    assert_eq!(served(4), vec!["s1"], "handed back");
+    assert_eq!(open.get(), "s3", "its open connection stays");
+}

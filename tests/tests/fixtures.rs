@@ -80,6 +80,7 @@ fn server(addr: [u8; 4], port: u16, weight: u32, method: Method) -> ServerSpec {
         weight,
         method,
         up: true,
+        sorry: false,
     }
 }
 

@@ -71,6 +71,7 @@ fn server(index: u32, addr: IpAddr, port: u16, method: Method) -> ServerSpec {
         weight: 1,
         method,
         up: true,
+        sorry: false,
     }
 }
 

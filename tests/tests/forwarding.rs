@@ -80,6 +80,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
             weight: case.weights[i - 1],
             method: case.method,
             up: true,
+            sorry: false,
         })
         .collect();
     let spec = ServiceSpec {

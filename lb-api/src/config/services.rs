@@ -120,16 +120,25 @@ pub(super) fn read_service(
             None => bad = true,
         }
     }
+    let real = servers.iter().filter(|s| !s.sorry).count();
+    if !bad && !servers.is_empty() && real == 0 {
+        cx.err(
+            line,
+            "every server of the service is a sorry server: a sorry server stands in only \
+             while the others are down",
+        );
+        bad = true;
+    }
     if let Some(q) = &quorum
         && !bad
-        && q.v as usize > servers.len()
+        && q.v as usize > real
     {
         cx.err(
             q.line,
             format!(
-                "`quorum` = {} but the service has {} servers: it could never be up",
+                "`quorum` = {} but the service has {real} servers (sorry servers not \
+                 counted): it could never be up",
                 q.v,
-                servers.len()
             ),
         );
         bad = true;
@@ -193,8 +202,10 @@ fn read_server(
     let ping_bad = t.contains_key("ping") && ping.is_none();
     let notify_up = tab.program(cx, "notify_up", "hook");
     let notify_down = tab.program(cx, "notify_down", "hook");
+    let sorry = tab.bool(cx, "sorry_server");
+    let sorry_bad = t.contains_key("sorry_server") && sorry.is_none();
     tab.finish(cx);
-    if port_bad || weight_bad || method_bad || ping_bad {
+    if port_bad || weight_bad || method_bad || ping_bad || sorry_bad {
         return None;
     }
     let (Ok(notify_up), Ok(notify_down)) = (notify_up, notify_down) else {
@@ -286,6 +297,7 @@ fn read_server(
             ping: ping.map(|p| p.v).unwrap_or(true),
             notify_up: notify_up.map(|p| p.v),
             notify_down: notify_down.map(|p| p.v),
+            sorry: sorry.map(|s| s.v).unwrap_or(false),
         },
         address.line,
     ))

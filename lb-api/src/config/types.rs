@@ -350,6 +350,9 @@ pub struct ServerCfg {
     /// Hooks run when the server goes up or down (its checks, or lb-cli server).
     pub notify_up: Option<PathBuf>,
     pub notify_down: Option<PathBuf>,
+    /// `sorry_server = true`: it takes the service's new connections only while none of
+    /// its other servers is up (keepalived's `sorry_server`).
+    pub sorry: bool,
 }
 
 /// The service check (TCL's ASA), run against every server of the service.

@@ -386,6 +386,7 @@ impl Daemon {
                                 method: v.method.name().into(),
                                 up: a.plane.up(&lk),
                                 weight: a.plane.weight(&lk, v.weight),
+                                sorry: v.sorry,
                             }
                         })
                         .collect(),

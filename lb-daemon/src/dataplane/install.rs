@@ -182,13 +182,17 @@ impl Dataplane {
     }
 }
 
-/// The scheduler row of a service: its up servers by the service's scheduler. Pure, so it
-/// can be computed beside the event loop.
+/// The scheduler row of a service: its up servers by the service's scheduler, or, while
+/// none is up, its up sorry servers. Pure, so it can be computed beside the event loop.
 pub fn row(spec: &ServiceSpec) -> Vec<u32> {
+    let real = spec
+        .servers
+        .iter()
+        .any(|s| s.up && !s.sorry && s.weight > 0);
     let backends: Vec<Backend> = spec
         .servers
         .iter()
-        .filter(|s| s.up)
+        .filter(|s| s.up && s.sorry != real)
         .map(|s| Backend::new(s.index, s.addr.into(), s.port, s.weight))
         .collect();
     sched::table(spec.sched, &backends, ring_slots(spec.servers.len()))
@@ -205,6 +209,8 @@ pub struct ServerSpec {
     pub method: Method,
     /// Passed its checks and is enabled.
     pub up: bool,
+    /// A sorry server: in the row only while no other server of the service is up.
+    pub sorry: bool,
 }
 
 /// A service and its servers, as the control plane describes it.
@@ -235,4 +241,61 @@ pub(super) struct Installed {
     spec: ServiceSpec,
     /// The pool pages its published row is in.
     pub(super) pages: super::sched_table::Pages,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(index: u32, up: bool, weight: u32, sorry: bool) -> ServerSpec {
+        ServerSpec {
+            index,
+            addr: std::net::Ipv4Addr::new(192, 0, 2, 11 + index as u8).into(),
+            port: 80,
+            weight,
+            method: Method::Direct,
+            up,
+            sorry,
+        }
+    }
+
+    fn spec(servers: Vec<ServerSpec>) -> ServiceSpec {
+        ServiceSpec {
+            vip: std::net::Ipv4Addr::new(192, 0, 2, 100).into(),
+            port: 80,
+            proto: lb_common::IPPROTO_TCP,
+            sched: Sched::Rr,
+            persistence_s: 0,
+            servers,
+        }
+    }
+
+    fn members(row: &[u32]) -> Vec<u32> {
+        let mut m = row.to_vec();
+        m.sort_unstable();
+        m.dedup();
+        m
+    }
+
+    #[test]
+    fn the_sorry_server_is_in_the_row_only_while_no_other_server_takes_connections() {
+        let up = spec(vec![
+            server(0, true, 1, false),
+            server(1, false, 1, false),
+            server(2, true, 1, true),
+        ]);
+        assert_eq!(members(&row(&up)), vec![0]);
+        let down = spec(vec![
+            server(0, false, 1, false),
+            server(1, false, 1, false),
+            server(2, true, 1, true),
+        ]);
+        assert_eq!(members(&row(&down)), vec![2]);
+        // Drained servers take no new connections either.
+        let drained = spec(vec![server(0, true, 0, false), server(2, true, 1, true)]);
+        assert_eq!(members(&row(&drained)), vec![2]);
+        // A sorry server that is down itself leaves the row empty.
+        let none = spec(vec![server(0, false, 1, false), server(2, false, 1, true)]);
+        assert!(row(&none).is_empty());
+    }
 }
