@@ -212,6 +212,7 @@ fn service(method: Method, backends: &[&str]) -> ServiceSpec {
         proto: IPPROTO_TCP,
         sched: Sched::Maglev,
         persistence_s: 0,
+        one_packet: false,
         servers: backends
             .iter()
             .enumerate()

@@ -166,6 +166,7 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
         proto: IPPROTO_TCP,
         sched,
         persistence_s: 0,
+        one_packet: false,
         servers: (0..servers)
             .map(|i| {
                 let (addr, sport) = match method {
@@ -745,6 +746,7 @@ pub fn capacity(services: u32, per: u32) -> Result<()> {
             proto: IPPROTO_TCP,
             sched: Sched::Maglev,
             persistence_s: 0,
+            one_packet: false,
             servers: (0..per)
                 .map(|j| ServerSpec {
                     index: id * per + j,

@@ -219,6 +219,7 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                     proto: IPPROTO_UDP,
                     sched: Sched::Maglev,
                     persistence_s: 0,
+                    one_packet: false,
                     servers: vec![ServerSpec {
                         index: 0,
                         addr: if v6 { SINK6.into() } else { SINK.into() },

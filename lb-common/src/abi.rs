@@ -277,6 +277,7 @@ pub struct Service {
     pub persistence_s: u32,
     /// A [`Sched`] value.
     pub sched: u8,
+    /// `SERVICE_*` bits.
     pub flags: u8,
     pub _pad: [u8; 2],
     /// The pages of `sched_table` that hold the row, in order; the first
@@ -285,6 +286,10 @@ pub struct Service {
     pub pages: [u16; RING_PAGES_MAX],
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 16 + 2 * RING_PAGES_MAX);
+
+/// [`Service::flags`]: UDP one-packet scheduling: every datagram is scheduled alone and
+/// leaves no connection entry (IPVS's `--ops`).
+pub const SERVICE_ONE_PACKET: u8 = 1;
 
 impl Default for Service {
     fn default() -> Self {

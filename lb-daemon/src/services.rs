@@ -402,6 +402,7 @@ impl Plane {
             proto: s.proto,
             sched: s.scheduler,
             persistence_s: s.persistence,
+            one_packet: s.one_packet,
             servers: s
                 .servers
                 .iter()

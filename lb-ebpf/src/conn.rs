@@ -11,7 +11,7 @@ use core::ptr::NonNull;
 use lb_common::{
     nat, Addr, ConnEvent, Connection, FlowKey, Method, Server, Service, Settings, Stat, CONN_FIN,
     CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS, EVENT_CLOSE,
-    EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SETTINGS_SYNC,
+    EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SERVICE_ONE_PACKET, SETTINGS_SYNC,
 };
 
 use crate::{finish, flows::*, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
@@ -154,15 +154,19 @@ pub fn to_service(
             conn.nat_addr.w[3] = nat_addr;
         }
     }
-    if CONNECTIONS.insert(key, &*conn, 0).is_err() {
-        return Outcome::Drop(Stat::DropError);
+    // One-packet scheduling (UDP, direct or tunnel servers: the config says so): the
+    // datagram goes alone, leaving no entry for the next to find, and nothing to sync.
+    if svc.flags & SERVICE_ONE_PACKET == 0 {
+        if CONNECTIONS.insert(key, &*conn, 0).is_err() {
+            return Outcome::Drop(Stat::DropError);
+        }
+        let peer_mac = if conn.flags & CONN_NAT != 0 {
+            sc.reply.peer_mac
+        } else {
+            [0; 6]
+        };
+        report(settings, EVENT_OPEN, &key, conn, peer_mac);
     }
-    let peer_mac = if conn.flags & CONN_NAT != 0 {
-        sc.reply.peer_mac
-    } else {
-        [0; 6]
-    };
-    report(settings, EVENT_OPEN, &key, conn, peer_mac);
     count(Stat::NewConns, 1);
     if settings.debug != 0 {
         log_new(ctx, ip, l4, server);

@@ -1041,3 +1041,71 @@ fn the_sorry_server_answers_when_every_server_is_down_and_hands_back() {
     assert_eq!(served(4), vec!["s1"], "handed back");
     assert_eq!(open.get(), "s3", "its open connection stays");
 }
+
+/// `one_packet = true` on a UDP service: each datagram is scheduled alone, so one client
+/// port's datagrams spread over every server (rr), and none leaves a connection entry.
+#[test]
+fn a_one_packet_udp_service_spreads_one_client_ports_datagrams_over_every_server() {
+    let (mut lab, path) = lab(1);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "protocol = \"udp\"\n",
+        "protocol = \"udp\"\nscheduler = \"rr\"\none_packet = true\n",
+        1,
+    ) + &format!(
+        "[[service.server]]\nname = \"dns2\"\naddress = \"{}\"\n\
+         [[service.server]]\nname = \"dns3\"\naddress = \"{}\"\n",
+        cluster::server_addr(2),
+        cluster::server_addr(3)
+    );
+    std::fs::write(&path, text).unwrap();
+    let d = start(&mut lab, &path);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let answers = std::thread::scope(|scope| {
+        // A UDP server on the VIP (held on lo) in each server's namespace: it answers with
+        // its name.
+        for i in 1..=3 {
+            let (lab, stop) = (&lab, &stop);
+            scope.spawn(move || {
+                let _in = lab.ns(&cluster::server(i)).enter();
+                let sock = UdpSocket::bind((cluster::VIP, 53)).unwrap();
+                sock.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut buf = [0u8; 64];
+                let start = std::time::Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && start.elapsed() < Duration::from_secs(30)
+                {
+                    if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(format!("s{i}").as_bytes(), from);
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let _in = lab.ns("client").enter();
+        let sock = UdpSocket::bind((cluster::CLIENT, 5353)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut got = Vec::new();
+        for i in 0..9u32 {
+            sock.send_to(&i.to_be_bytes(), (cluster::VIP, 53)).unwrap();
+            let mut buf = [0u8; 64];
+            let (n, _) = sock.recv_from(&mut buf).expect("an answer");
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        got
+    });
+    let mut names = answers.clone();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names,
+        vec!["s1", "s2", "s3"],
+        "from one client port: {answers:?}"
+    );
+    assert!(
+        !d.cat("connections").contains(":53 "),
+        "no entry: {}",
+        d.cat("connections")
+    );
+}

@@ -97,6 +97,7 @@ fn service(
         proto,
         sched,
         persistence_s: 0,
+        one_packet: false,
         servers,
     }
 }

@@ -59,6 +59,7 @@ fn spec(vip: IpAddr, port: u16, proto: u8, sched: Sched, servers: Vec<ServerSpec
         proto,
         sched,
         persistence_s: 0,
+        one_packet: false,
         servers,
     }
 }

@@ -89,6 +89,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         proto: IPPROTO_TCP,
         sched: case.sched,
         persistence_s: 0,
+        one_packet: false,
         servers: servers.clone(),
     };
     let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");

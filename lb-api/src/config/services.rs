@@ -52,6 +52,19 @@ pub(super) fn read_service(
     let notify_up = tab.program(cx, "notify_up", "hook");
     let notify_down = tab.program(cx, "notify_down", "hook");
     bad |= notify_up.is_err() || notify_down.is_err();
+    let one_packet = tab.bool(cx, "one_packet");
+    bad |= t.contains_key("one_packet") && one_packet.is_none();
+    if let Some(o) = &one_packet
+        && o.v
+        && proto.as_ref().map(|p| p.v) != Some(IPPROTO_UDP)
+    {
+        cx.err(
+            o.line,
+            "`one_packet` is for udp services (each datagram scheduled alone): a tcp \
+             connection needs its entry",
+        );
+        bad = true;
+    }
     let quorum = tab.int(cx, "quorum", 1..=65_536, " servers");
     bad |= t.contains_key("quorum") && quorum.is_none();
     let hysteresis = tab.int(cx, "hysteresis", 0..=65_535, " servers");
@@ -120,6 +133,17 @@ pub(super) fn read_service(
             None => bad = true,
         }
     }
+    if let Some(o) = &one_packet
+        && o.v
+        && servers.iter().any(|s| s.method == Method::Nat)
+    {
+        cx.err(
+            o.line,
+            "`one_packet` works with direct and tunnel servers: a NAT server's reply needs \
+             the connection entry to be translated back",
+        );
+        bad = true;
+    }
     let real = servers.iter().filter(|s| !s.sorry).count();
     if !bad && !servers.is_empty() && real == 0 {
         cx.err(
@@ -173,6 +197,7 @@ pub(super) fn read_service(
             servers,
             notify_up: notify_up.ok().flatten().map(|p| p.v),
             notify_down: notify_down.ok().flatten().map(|p| p.v),
+            one_packet: one_packet.is_some_and(|o| o.v),
             quorum: quorum.as_ref().map(|q| q.v as u32).unwrap_or(1),
             hysteresis: hysteresis.as_ref().map(|h| h.v as u32).unwrap_or(0),
         },

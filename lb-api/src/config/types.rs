@@ -309,6 +309,9 @@ pub struct ServiceCfg {
     /// Hooks run when the service goes up (a server can take connections again) or down.
     pub notify_up: Option<PathBuf>,
     pub notify_down: Option<PathBuf>,
+    /// `one_packet = true` (UDP only): each datagram is scheduled alone, with no connection
+    /// entry (IPVS's one-packet scheduling, for DNS and syslog).
+    pub one_packet: bool,
     /// Servers that must take connections for the service to be up (keepalived's `quorum`,
     /// counted in servers): 1 by default.
     pub quorum: u32,

@@ -140,6 +140,11 @@ impl Dataplane {
             table_len: row.len() as u32,
             persistence_s: spec.persistence_s,
             sched: spec.sched as u8,
+            flags: if spec.one_packet {
+                lb_common::SERVICE_ONE_PACKET
+            } else {
+                0
+            },
             ..Default::default()
         };
         let pages = self
@@ -223,6 +228,8 @@ pub struct ServiceSpec {
     pub sched: Sched,
     /// Seconds a client sticks to its server; 0 = off.
     pub persistence_s: u32,
+    /// UDP one-packet scheduling: each datagram scheduled alone, no connection entry.
+    pub one_packet: bool,
     pub servers: Vec<ServerSpec>,
 }
 
@@ -266,6 +273,7 @@ mod tests {
             proto: lb_common::IPPROTO_TCP,
             sched: Sched::Rr,
             persistence_s: 0,
+            one_packet: false,
             servers,
         }
     }
