@@ -205,6 +205,8 @@ struct Daemon {
     /// This ATM cannot be primary (its track addresses do not answer, or it lost quorum):
     /// why, as last told to `notify_fault`.
     fault: Option<String>,
+    /// The fingerprint of the config a reload is taking, worked out beside the loop.
+    next_fingerprint: Option<u64>,
 }
 
 /// A planned handover waiting for its table transfer to be sent.
@@ -320,6 +322,7 @@ pub async fn run(opts: Options) -> Result<()> {
         server_addrs: Arc::default(),
         hooks: crate::hooks::Hooks::start(),
         fault: None,
+        next_fingerprint: None,
     };
     match d.role.clone() {
         Role::Atm(i) => {
@@ -472,7 +475,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 let _b = Busy::new(job.what());
                 let span = d.busy_span.clone();
                 match job {
-                reload::Job::Parsed { config, reply } => d.on_parsed(config, reply).instrument(span).await,
+                reload::Job::Parsed { config, fingerprint, reply } => d.on_parsed(config, fingerprint, reply).instrument(span).await,
                 reload::Job::Prepared { result, reply } => d.on_prepared(result, reply).instrument(span).await,
                 reload::Job::Drained { generation, indices, dropped } => {
                     d.on_drained(generation, indices, dropped)

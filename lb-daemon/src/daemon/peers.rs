@@ -241,10 +241,12 @@ impl Daemon {
         }
     }
 
-    /// After a reload: the new config's fingerprint, compared with the other ATMs' and sent
-    /// to them at once.
+    /// After a reload: the new config's fingerprint (worked out beside the loop when the
+    /// file was read), compared with the other ATMs' and sent to them at once.
     pub(super) fn config_changed(&mut self) {
-        let fp = ha::config_fingerprint(&self.config);
+        let Some(fp) = self.next_fingerprint.take() else {
+            return;
+        };
         let Some(ha) = self.part.ha_mut() else { return };
         if ha.fingerprint == fp {
             return;

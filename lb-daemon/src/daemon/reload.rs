@@ -38,6 +38,9 @@ pub(super) enum Job {
     /// The config file, read and checked.
     Parsed {
         config: Box<Result<Config, Vec<config::Problem>>>,
+        /// Its fingerprint (`ha::config_fingerprint`), worked out here too: on a config of
+        /// 65,536 lines it takes longer than a heartbeat interval.
+        fingerprint: Option<u64>,
         reply: Option<oneshot::Sender<Response>>,
     },
     /// A reload worked out: what to write, or a new dataplane to take over.
@@ -172,8 +175,10 @@ impl Daemon {
         let jobs = self.jobs_tx.clone();
         crate::background(move || {
             let config = config::load(&path);
+            let fingerprint = config.as_ref().ok().map(crate::ha::config_fingerprint);
             let _ = jobs.send(Job::Parsed {
                 config: Box::new(config),
+                fingerprint,
                 reply,
             });
         });
@@ -184,8 +189,10 @@ impl Daemon {
     pub(super) async fn on_parsed(
         &mut self,
         parsed: Box<Result<Config, Vec<config::Problem>>>,
+        fingerprint: Option<u64>,
         reply: Option<oneshot::Sender<Response>>,
     ) {
+        self.next_fingerprint = fingerprint;
         let new = match self.check_reload(*parsed).await {
             Ok(new) => new,
             Err(msg) => {
