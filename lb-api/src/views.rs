@@ -204,6 +204,13 @@ pub struct ServerLine {
     pub weight: u32,
     pub method: String,
     pub packets: u64,
+    /// Its live connections that have seen no FIN or RST (IPVS's ActiveConn).
+    #[serde(default)]
+    pub active: u64,
+    /// Its live connections that are closing: FIN or RST seen, kept until they time out
+    /// (IPVS's InActConn).
+    #[serde(default)]
+    pub inactive: u64,
 }
 
 /// A line of `lb-cli list connections`: for NAT, the client's leg and the server's leg are

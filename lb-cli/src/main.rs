@@ -498,8 +498,19 @@ fn list_table(what: &str, r: Response) -> Result<String, String> {
         ),
         "servers" => (
             &[
-                "SERVICE", "NAME", "PROT", "ADDRESS", "PORT", "VIP", "VPORT", "STATE", "WEIGHT",
-                "METHOD", "PACKETS",
+                "SERVICE",
+                "NAME",
+                "PROT",
+                "ADDRESS",
+                "PORT",
+                "VIP",
+                "VPORT",
+                "STATE",
+                "WEIGHT",
+                "METHOD",
+                "ACTIVECONN",
+                "INACTCONN",
+                "PACKETS",
             ],
             r.into_view::<Vec<ServerLine>>()?
                 .into_iter()
@@ -515,6 +526,8 @@ fn list_table(what: &str, r: Response) -> Result<String, String> {
                         l.state.name().into(),
                         l.weight.to_string(),
                         l.method,
+                        l.active.to_string(),
+                        l.inactive.to_string(),
                         l.packets.to_string(),
                     ]
                 })

@@ -251,6 +251,21 @@ fn tables_show_live_traffic_and_writes_take_effect() {
     assert!(status.contains("atm1 is primary"), "{status}");
     let list = d.cli_ok(&["list", "servers"]);
     assert!(list.starts_with("SERVICE  NAME  PROT  ADDRESS"), "{list}");
+    // IPVS's ActiveConn and InActConn: the open connection is its server's.
+    let json: serde_json::Value =
+        serde_json::from_str(&d.cli_ok(&["list", "servers", "--json"])).unwrap();
+    let line = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == format!("web{}", server.trim_start_matches('s')))
+        .unwrap_or_else(|| panic!("{server} in {json}"));
+    assert_eq!(
+        (line["active"].as_u64(), line["inactive"].as_u64()),
+        (Some(1), Some(0)),
+        "{json}"
+    );
+    assert!(list.contains("ACTIVECONN  INACTCONN"), "{list}");
     let json: serde_json::Value =
         serde_json::from_str(&d.cli_ok(&["list", "connections", "--json"])).unwrap();
     assert!(json.as_array().is_some_and(|a| !a.is_empty()));

@@ -226,9 +226,21 @@ impl Daemon {
                 "services" => with_counters(Box::new(|plane, counts| {
                     Response::view(&service_views(plane, counts))
                 })),
-                "servers" => with_counters(Box::new(|plane, counts| {
-                    Response::view(&server_views(plane, counts))
-                })),
+                "servers" => {
+                    // The counters, and the table for each server's open and closing
+                    // connections.
+                    let table = a.dp.conn_table().ok()?;
+                    let counts = a.dp.counter_tables().ok()?;
+                    let plane = a.plane.clone();
+                    Some(TableJob(Box::new(move || match table.entries() {
+                        Ok(all) => Response::view(&server_views(
+                            &plane,
+                            &counts,
+                            &conns_by_server(&all, timeout_ns),
+                        )),
+                        Err(e) => Response::error(format!("reading the connection table: {e}")),
+                    })))
+                }
                 _ => None,
             },
             Request::Metrics => {
@@ -457,7 +469,14 @@ impl Daemon {
         let a = self.part.atm().ok_or("this is not an ATM")?;
         match what {
             "services" => Ok(Response::view(&service_views(&a.plane, &a.dp))),
-            "servers" => Ok(Response::view(&server_views(&a.plane, &a.dp))),
+            "servers" => {
+                let all = a.dp.connections().map_err(|e| e.to_string())?;
+                Ok(Response::view(&server_views(
+                    &a.plane,
+                    &a.dp,
+                    &conns_by_server(&all, self.timeout_ns()),
+                )))
+            }
             "connections" => Ok(Response::view(&connection_views(
                 &self.connection_lines().map_err(|e| e.to_string())?,
             ))),
@@ -572,28 +591,65 @@ pub(super) fn service_views(plane: &Plane, counts: &impl Counts) -> Vec<views::S
 }
 
 /// `lb-cli list servers`.
-pub(super) fn server_views(plane: &Plane, counts: &impl Counts) -> Vec<views::ServerLine> {
+pub(super) fn server_views(
+    plane: &Plane,
+    counts: &impl Counts,
+    conns: &HashMap<u32, (u64, u64)>,
+) -> Vec<views::ServerLine> {
     let names = plane.services().iter().flat_map(|s| {
         s.servers
             .iter()
             .map(move |v| (s.name.clone(), v.name.clone()))
     });
+    let indices = plane
+        .services()
+        .iter()
+        .flat_map(|s| s.servers.iter().map(move |v| plane.index(&line_key(s, v))));
     names
+        .zip(indices)
         .zip(plane.server_lines(counts))
-        .map(|((service, name), l)| views::ServerLine {
-            service,
-            name,
-            protocol: config::proto_name(l.proto).into(),
-            address: l.server,
-            port: l.port,
-            vip: l.vip,
-            vport: l.vport,
-            state: views::State::of(l.up),
-            weight: l.weight,
-            method: l.method.into(),
-            packets: l.packets,
+        .map(|(((service, name), index), l)| {
+            let (active, inactive) = index
+                .and_then(|i| conns.get(&i).copied())
+                .unwrap_or_default();
+            views::ServerLine {
+                service,
+                name,
+                protocol: config::proto_name(l.proto).into(),
+                address: l.server,
+                port: l.port,
+                vip: l.vip,
+                vport: l.vport,
+                state: views::State::of(l.up),
+                weight: l.weight,
+                method: l.method.into(),
+                packets: l.packets,
+                active,
+                inactive,
+            }
         })
         .collect()
+}
+
+/// Per server index: its live connections, (active, closing), client legs only.
+pub(super) fn conns_by_server(
+    all: &[(FlowKey, Connection)],
+    timeout_ns: u64,
+) -> HashMap<u32, (u64, u64)> {
+    let now = dataplane::now_ns();
+    let mut by: HashMap<u32, (u64, u64)> = HashMap::new();
+    for (_, c) in all {
+        if c.flags & CONN_REPLY != 0 || now.saturating_sub(c.last_seen_ns) > timeout_ns {
+            continue;
+        }
+        let e = by.entry(c.server).or_default();
+        if c.flags & (CONN_FIN | CONN_RST) == 0 {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    by
 }
 
 /// What to answer from the connection table's entries.
