@@ -19,6 +19,12 @@ pub mod maps {
     pub const VIP_FILTER: &str = "vip_filter";
     /// Server index -> [`super::Server`]; one entry per (service, server) line.
     pub const SERVERS: &str = "servers";
+    /// Server index -> [`super::ServerLoad`]: connections opened and closed (by FIN or RST),
+    /// counted by lb_xdp for the least-connection schedulers.
+    pub const SERVER_LOAD: &str = "server_load";
+    /// Server index -> connections that ended without a FIN or RST (idle timeout, evicted,
+    /// dropped), as the daemon reckons them at each sweep.
+    pub const SERVER_GONE: &str = "server_gone";
     /// The scheduler rows' pool: page -> [`crate::RING_PAGE`] server indices. A service's
     /// row is in the pages its [`super::Service::pages`] names, slot `s` at index `s %
     /// RING_PAGE` of page `pages[s / RING_PAGE]`.
@@ -200,6 +206,12 @@ pub enum Sched {
     Sh = 3,
     /// Maglev: the 5-tuple hashed into a Maglev ring of [`crate::ring_slots`] slots.
     Maglev = 4,
+    /// Least connections: the up server with the fewest active connections.
+    Lc = 5,
+    /// Weighted least connections: the fewest active connections per unit of weight.
+    Wlc = 6,
+    /// Shortest expected delay: the least (active connections + 1) per unit of weight.
+    Sed = 7,
 }
 
 impl Sched {
@@ -209,6 +221,9 @@ impl Sched {
             2 => Some(Sched::Wrr),
             3 => Some(Sched::Sh),
             4 => Some(Sched::Maglev),
+            5 => Some(Sched::Lc),
+            6 => Some(Sched::Wlc),
+            7 => Some(Sched::Sed),
             _ => None,
         }
     }
@@ -218,6 +233,9 @@ impl Sched {
             Sched::Wrr => "wrr",
             Sched::Sh => "sh",
             Sched::Maglev => "maglev",
+            Sched::Lc => "lc",
+            Sched::Wlc => "wlc",
+            Sched::Sed => "sed",
         }
     }
 }
@@ -307,6 +325,38 @@ impl Default for Service {
 
 /// [`Server::flags`]: the server is up (passed its checks and is enabled).
 pub const SERVER_UP: u8 = 1;
+
+/// The most servers a least-connection service (`lc`, `wlc`, `sed`) may have: lb_xdp
+/// compares them all for each new connection.
+pub const LEAST_MAX: u32 = 1024;
+
+/// Value of `server_load`: what lb_xdp counted of a server's connections. Only ever added
+/// to (atomically: every CPU shares the record).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct ServerLoad {
+    /// Connections opened (client legs entered in `connections`).
+    pub opens: u64,
+    /// Of those, closed by a FIN or RST.
+    pub closes: u64,
+}
+
+impl ServerLoad {
+    /// Active connections: opened, not closed, and not gone otherwise. `gone` is the
+    /// daemon's correction (see [`ServerLoad::gone`]), a two's-complement i64: negative
+    /// when the table holds more than this ATM opened (synced entries a new primary
+    /// inherited). Never below 0.
+    #[inline(always)]
+    pub fn active(&self, gone: u64) -> u64 {
+        let a = self.opens.wrapping_sub(self.closes).wrapping_sub(gone) as i64;
+        if a < 0 { 0 } else { a as u64 }
+    }
+
+    /// The correction that makes [`ServerLoad::active`] say `live`.
+    pub fn gone(&self, live: u64) -> u64 {
+        self.opens.wrapping_sub(self.closes).wrapping_sub(live)
+    }
+}
 
 /// Value of `servers` (an array indexed by server index).
 #[repr(C)]
@@ -735,6 +785,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Server {}
+    unsafe impl aya::Pod for super::ServerLoad {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Connection {}
     unsafe impl aya::Pod for super::PersistKey {}
@@ -792,5 +843,30 @@ mod tests {
         }
         assert_eq!(Sched::from_u8(0), None);
         assert_eq!(Method::from_u8(9), None);
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::ServerLoad;
+
+    #[test]
+    fn active_connections_follow_the_daemons_correction_either_way() {
+        let l = ServerLoad {
+            opens: 10,
+            closes: 4,
+        };
+        assert_eq!(l.active(0), 6);
+        // Two idled out: the sweep finds 4 live.
+        assert_eq!(l.active(l.gone(4)), 4);
+        // A new primary that opened 10 and closed 4 holds 9 (5 synced to it).
+        assert_eq!(l.active(l.gone(9)), 9);
+        // More closed than opened (synced ones closing) and nothing live: 0, not a wrap.
+        let l = ServerLoad {
+            opens: 2,
+            closes: 5,
+        };
+        assert_eq!(l.active(0), 0);
+        assert_eq!(l.active(l.gone(1)), 1);
     }
 }

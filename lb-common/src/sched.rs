@@ -54,7 +54,9 @@ fn remix(key: u64, seed: u64) -> u64 {
 /// refuses new connections.
 pub fn table(sched: Sched, backends: &[Backend], slots: u32) -> Vec<u32> {
     match sched {
-        Sched::Rr => rr(backends),
+        // The least-connection schedulers compare every up server: their row lists each
+        // once, as rr's does.
+        Sched::Rr | Sched::Lc | Sched::Wlc | Sched::Sed => rr(backends),
         Sched::Wrr | Sched::Sh => wrr(backends, slots as usize),
         Sched::Maglev => maglev(backends, slots as usize),
     }

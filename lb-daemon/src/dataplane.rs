@@ -15,9 +15,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use lb_common::{
-    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Server, Service, ServiceKey,
-    Settings, Stat, StatBlock, VIP_FILTER_SLOTS, maps, programs, ring_pool_pages, vip_filter_slot,
-    xdp_link,
+    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Server, ServerLoad, Service,
+    ServiceKey, Settings, Stat, StatBlock, VIP_FILTER_SLOTS, maps, programs, ring_pool_pages,
+    vip_filter_slot, xdp_link,
 };
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
@@ -157,6 +157,10 @@ pub struct Dataplane {
     stat: PerCpuArray<MapData, StatBlock>,
     service_stats: PerCpuArray<MapData, Counters>,
     server_stats: PerCpuArray<MapData, Counters>,
+    /// Connections opened and closed per server, and those gone otherwise (see
+    /// [`LoadTables`]).
+    server_load: Array<MapData, ServerLoad>,
+    server_gone: Array<MapData, u64>,
     settings: Array<MapData, Settings>,
     decap_sources: HashMap<MapData, Addr, u32>,
     decap_stat: PerCpuArray<MapData, u64>,
@@ -226,6 +230,8 @@ impl Dataplane {
             .map_max_entries(maps::PERSISTENCE, caps.connections)
             .map_max_entries(maps::SERVICE_STATS, caps.services)
             .map_max_entries(maps::SERVER_STATS, caps.servers)
+            .map_max_entries(maps::SERVER_LOAD, caps.servers)
+            .map_max_entries(maps::SERVER_GONE, caps.servers)
             .map_max_entries(maps::NAT_FULL, caps.servers)
             .load(OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
@@ -253,6 +259,8 @@ impl Dataplane {
             stat: typed_map!(&mut ebpf, PerCpuArray, maps::STAT),
             service_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVICE_STATS),
             server_stats: typed_map!(&mut ebpf, PerCpuArray, maps::SERVER_STATS),
+            server_load: typed_map!(&mut ebpf, Array, maps::SERVER_LOAD),
+            server_gone: typed_map!(&mut ebpf, Array, maps::SERVER_GONE),
             settings: typed_map!(&mut ebpf, Array, maps::SETTINGS),
             decap_sources: typed_map!(&mut ebpf, HashMap, maps::DECAP_SOURCES),
             decap_stat: typed_map!(&mut ebpf, PerCpuArray, maps::DECAP_STAT),
@@ -630,16 +638,25 @@ impl Dataplane {
     pub fn counter_tables(&self) -> Result<CounterTables, Error> {
         use aya::maps::IterableMap;
         let open = |m: &MapData, name: &'static str| {
-            let own = m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::Io {
-                what: format!("dup of map {name}"),
-                source: e,
-            })?;
-            let data = MapData::from_fd(own).map_err(map_err(name))?;
-            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))
+            PerCpuArray::try_from(Map::PerCpuArray(dup_map(m, name)?)).map_err(map_err(name))
         };
         Ok(CounterTables {
             services: open(self.service_stats.map(), maps::SERVICE_STATS)?,
             servers: open(self.server_stats.map(), maps::SERVER_STATS)?,
+        })
+    }
+
+    /// The servers' connection counts through handles of their own, for the sweep beside
+    /// the event loop (see [`LoadTables`]).
+    pub fn load_tables(&self) -> Result<LoadTables, Error> {
+        use aya::maps::IterableMap;
+        let dup = dup_map;
+        Ok(LoadTables {
+            load: Array::try_from(Map::Array(dup(self.server_load.map(), maps::SERVER_LOAD)?))
+                .map_err(map_err(maps::SERVER_LOAD))?,
+            gone: Array::try_from(Map::Array(dup(self.server_gone.map(), maps::SERVER_GONE)?))
+                .map_err(map_err(maps::SERVER_GONE))?,
+            servers: self.caps.servers,
         })
     }
 
@@ -690,6 +707,56 @@ impl Counts for Dataplane {
     }
     fn server(&self, index: u32) -> Counters {
         self.server_counters(index).unwrap_or_default()
+    }
+}
+
+/// A second handle on map `m` (named `name` in errors), which may leave the event loop.
+fn dup_map(m: &MapData, name: &'static str) -> Result<MapData, Error> {
+    let own = m.fd().as_fd().try_clone_to_owned().map_err(|e| Error::Io {
+        what: format!("dup of map {name}"),
+        source: e,
+    })?;
+    MapData::from_fd(own).map_err(map_err(name))
+}
+
+/// The servers' connection counts, as the least-connection schedulers read them: lb_xdp
+/// counts the connections each server opened and those closed by FIN or RST
+/// (`server_load`); the others end unseen by it (idle past the timeout, evicted, dropped
+/// by the daemon), so at each sweep the daemon writes how many those are (`server_gone`):
+/// opened - closed - the live ones it counted in the table. It reads the counts before it
+/// walks the table, so a connection opened meanwhile is counted live and not opened, and
+/// the server looks one busier until the next sweep; never less busy than it is.
+pub struct LoadTables {
+    load: Array<MapData, ServerLoad>,
+    gone: Array<MapData, u64>,
+    servers: u32,
+}
+
+impl LoadTables {
+    /// Every server's counts, to be read before the table is walked.
+    pub fn read(&self) -> Vec<ServerLoad> {
+        (0..self.servers)
+            .map(|i| self.load.get(&i, 0).unwrap_or_default())
+            .collect()
+    }
+
+    /// Writes each server's gone count from `loads` (read before the walk) and `live`, its
+    /// live open connections found by the walk; only those that changed.
+    pub fn settle(
+        &mut self,
+        loads: &[ServerLoad],
+        live: &StdHashMap<u32, u64>,
+    ) -> Result<(), Error> {
+        for (i, l) in loads.iter().enumerate() {
+            let i = i as u32;
+            let gone = l.gone(live.get(&i).copied().unwrap_or(0));
+            if self.gone.get(&i, 0).ok() != Some(gone) {
+                self.gone
+                    .set(i, gone, 0)
+                    .map_err(map_err(maps::SERVER_GONE))?;
+            }
+        }
+        Ok(())
     }
 }
 

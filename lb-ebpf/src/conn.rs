@@ -160,6 +160,10 @@ pub fn to_service(
         if CONNECTIONS.insert(key, &*conn, 0).is_err() {
             return Outcome::Drop(Stat::DropError);
         }
+        count_load(id, false);
+        if fin_rst != 0 {
+            count_load(id, true);
+        }
         let peer_mac = if conn.flags & CONN_NAT != 0 {
             sc.reply.peer_mac
         } else {
@@ -320,6 +324,9 @@ pub fn established(
     c.bytes += bytes;
     let fin_rst = tcp_end_flags(l4.flags);
     if fin_rst != 0 && c.flags & (CONN_FIN | CONN_RST) == 0 {
+        if c.flags & CONN_REPLY == 0 {
+            count_load(c.server, true);
+        }
         c.flags |= fin_rst;
         let key = packet_key()?;
         report(settings, EVENT_CLOSE, key, c, [0; 6]);

@@ -11,8 +11,9 @@ use aya_ebpf::{
 use core::ptr::NonNull;
 use lb_common::{
     Addr, CachedFlow, CachedFlow6, Connection, Counters, FlowKey, Persist, PersistKey, Server,
-    Service, ServiceKey, Settings, Stat, StatBlock, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS,
-    DEFAULT_SERVERS, DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE, STAT_SLOTS, VIP_FILTER_SLOTS,
+    ServerLoad, Service, ServiceKey, Settings, Stat, StatBlock, CONN_EVENTS_BYTES,
+    DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE,
+    STAT_SLOTS, VIP_FILTER_SLOTS,
 };
 
 use crate::{net::*, parse::*};
@@ -33,6 +34,43 @@ pub static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_SLOTS, 0)
 /// Server index -> server record (one per service/server line).
 #[map(name = "servers")]
 pub static SERVERS: Array<Server> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// Server index -> connections opened and closed (atomic adds: every CPU shares it).
+#[map(name = "server_load")]
+pub static SERVER_LOAD: Array<ServerLoad> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// Server index -> connections gone without FIN or RST, written by the daemon alone.
+#[map(name = "server_gone")]
+pub static SERVER_GONE: Array<u64> = Array::with_max_entries(DEFAULT_SERVERS, 0);
+
+/// A server's active connections, for the least-connection schedulers.
+#[inline(always)]
+pub fn active_of(index: u32) -> u64 {
+    let gone = SERVER_GONE.get(index).copied().unwrap_or(0);
+    match SERVER_LOAD.get_ptr(index) {
+        // SAFETY: a map value; a torn read of one counter costs one connection's worth of
+        // accuracy for one decision.
+        Some(l) => unsafe { core::ptr::read_volatile(l) }.active(gone),
+        None => 0,
+    }
+}
+
+/// Counts a connection opened (`closed` false) or closed by FIN or RST on server `index`.
+#[inline(always)]
+pub fn count_load(index: u32, closed: bool) {
+    if let Some(l) = SERVER_LOAD.get_ptr_mut(index) {
+        // SAFETY: an aligned u64 in map memory, added to atomically.
+        unsafe {
+            let field = if closed {
+                core::ptr::addr_of_mut!((*l).closes)
+            } else {
+                core::ptr::addr_of_mut!((*l).opens)
+            };
+            use core::intrinsics::AtomicOrdering::Relaxed;
+            core::intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(field, 1);
+        }
+    }
+}
 
 /// The scheduler rows' pool: pages of `RING_PAGE` server indices, named by each service's
 /// record (`Service::pages`). Mappable, so the daemon writes a row with one copy. The daemon

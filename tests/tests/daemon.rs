@@ -1124,3 +1124,127 @@ fn a_one_packet_udp_service_spreads_one_client_ports_datagrams_over_every_server
         d.cat("connections")
     );
 }
+
+/// `lc`, IPVS's least-connection scheduler: new connections go to the servers with the
+/// fewest active ones, away from a server that holds long connections; closed ones no
+/// longer count.
+#[test]
+fn lc_sends_new_connections_away_from_a_server_holding_long_connections() {
+    let (mut lab, path) = lab(3);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "scheduler = \"rr\"\n",
+        "scheduler = \"lc\"\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let d = start(&mut lab, &path);
+    // Three long (keep-alive) connections, all to web1 while the others are out.
+    d.cli_ok(&["server", "disable", "http", "web2"]);
+    d.cli_ok(&["server", "disable", "http", "web3"]);
+    let mut long: Vec<Conn> = (0..3).map(|_| Conn::open(&lab)).collect();
+    for c in &mut long {
+        assert_eq!(c.get(), "s1");
+    }
+    d.cli_ok(&["server", "enable", "http", "web2"]);
+    d.cli_ok(&["server", "enable", "http", "web3"]);
+    // Short connections, one after the other: each closes before the next opens, so web2
+    // and web3 stay below web1's three.
+    let mut got = Vec::new();
+    for _ in 0..12 {
+        got.push(Conn::open(&lab).get());
+    }
+    assert!(!got.contains(&"s1".to_string()), "{got:?}");
+    // Held open, new ones fill web2 and web3 up to web1's three, then spread evenly.
+    let mut held: Vec<Conn> = Vec::new();
+    let mut to = Vec::new();
+    for _ in 0..6 {
+        let mut c = Conn::open(&lab);
+        to.push(c.get());
+        held.push(c);
+    }
+    to.sort();
+    assert_eq!(to, vec!["s2", "s2", "s2", "s3", "s3", "s3"], "{to:?}");
+    let list = d.cli_ok(&["list", "servers", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&list).unwrap();
+    for l in json
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["service"] == "http")
+    {
+        assert_eq!(l["active"], 3, "{json}");
+    }
+    for c in &mut long {
+        assert_eq!(c.get(), "s1", "long connections stay");
+    }
+}
+
+/// `wlc` and `sed`: least connections per unit of weight. With web1 at weight 3 and web2 at
+/// 1, eight held connections split 6 to 2 under wlc; sed counts the new one too, (active +
+/// 1) / weight, and splits them 6 to 2 as well, but starts on the heavy server twice.
+#[test]
+fn wlc_and_sed_share_held_connections_by_weight() {
+    for (sched, first) in [
+        ("wlc", ["s1", "s2", "s1", "s1"]),
+        ("sed", ["s1", "s1", "s1", "s2"]),
+    ] {
+        let (mut lab, path) = lab(3);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen(
+                "scheduler = \"rr\"\n",
+                &format!("scheduler = \"{sched}\"\n"),
+                1,
+            )
+            .replacen(
+                &format!(
+                    "name = \"web1\"\naddress = \"{}\"\n",
+                    cluster::server_addr(1)
+                ),
+                &format!(
+                    "name = \"web1\"\naddress = \"{}\"\nweight = 3\n",
+                    cluster::server_addr(1)
+                ),
+                1,
+            );
+        std::fs::write(&path, text).unwrap();
+        let d = start(&mut lab, &path);
+        d.cli_ok(&["server", "disable", "http", "web3"]);
+        let mut held = Vec::new();
+        let mut to = Vec::new();
+        for _ in 0..8 {
+            let mut c = Conn::open(&lab);
+            to.push(c.get());
+            held.push(c);
+        }
+        assert_eq!(&to[..4], &first, "{sched}: {to:?}");
+        let n = |s: &str| to.iter().filter(|t| *t == s).count();
+        assert_eq!((n("s1"), n("s2")), (6, 2), "{sched}: {to:?}");
+    }
+}
+
+/// A connection that ends without FIN or RST (idle past the timeout) stops counting for
+/// `lc` once the sweep has found it gone.
+#[test]
+fn lc_forgets_a_connection_that_idled_out() {
+    let (mut lab, path) = lab(3);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("scheduler = \"rr\"\n", "scheduler = \"lc\"\n", 1)
+        .replacen("timeout = 100\n", "timeout = 3\n", 1);
+    std::fs::write(&path, text).unwrap();
+    let d = start(&mut lab, &path);
+    d.cli_ok(&["server", "disable", "http", "web2"]);
+    let mut idle = Conn::open(&lab);
+    assert_eq!(idle.get(), "s1");
+    d.cli_ok(&["server", "enable", "http", "web2"]);
+    d.cli_ok(&["server", "disable", "http", "web3"]);
+    assert_eq!(Conn::open(&lab).get(), "s2", "web1 holds one");
+    // Idle past the 3 s timeout and swept (every 2 s): web1 is free again, and first.
+    lab.wait_for(
+        "web1's idle connection to be forgotten",
+        Duration::from_secs(15),
+        || Conn::open(&lab).get() == "s1",
+    );
+    drop(idle);
+}

@@ -21,6 +21,9 @@ const SCHEDULERS: &[(&str, Sched)] = &[
     ("wrr", Sched::Wrr),
     ("sh", Sched::Sh),
     ("maglev", Sched::Maglev),
+    ("lc", Sched::Lc),
+    ("wlc", Sched::Wlc),
+    ("sed", Sched::Sed),
 ];
 const METHODS: &[(&str, Method)] = &[
     ("nat", Method::Nat),
@@ -141,6 +144,22 @@ pub(super) fn read_service(
             o.line,
             "`one_packet` works with direct and tunnel servers: a NAT server's reply needs \
              the connection entry to be translated back",
+        );
+        bad = true;
+    }
+    if let Some(sc) = &sched
+        && matches!(sc.v, Sched::Lc | Sched::Wlc | Sched::Sed)
+        && servers.len() > lb_common::LEAST_MAX as usize
+    {
+        cx.err(
+            sc.line,
+            format!(
+                "scheduler {:?} compares every server for each new connection: at most {} \
+                 servers, not {} (use maglev or wrr)",
+                sc.v.name(),
+                lb_common::LEAST_MAX,
+                servers.len()
+            ),
         );
         bad = true;
     }

@@ -489,16 +489,33 @@ impl Daemon {
         }
         let done = Done(a.sweeping.clone());
         let table = a.dp.conn_table();
+        let loads = a.dp.load_tables();
         crate::background(move || {
             let _done = done;
             let idle =
                 |c: &Connection| dataplane::now_ns().saturating_sub(c.last_seen_ns) > timeout_ns;
+            // The servers' counts before the walk (see `LoadTables`).
+            let before = loads.as_ref().ok().map(|l| l.read());
+            // Each server's live open connections, counted in the same walk.
+            let mut live: std::collections::HashMap<u32, u64> = Default::default();
             let swept = table.and_then(|mut t| {
-                t.remove_where(idle)
-                    .map_err(|e| dataplane::Error::Invalid(e.to_string()))
+                use lb_common::{CONN_FIN, CONN_REPLY, CONN_RST};
+                t.remove_where_seeing(idle, |c| {
+                    if c.flags & (CONN_REPLY | CONN_FIN | CONN_RST) == 0 {
+                        *live.entry(c.server).or_default() += 1;
+                    }
+                })
+                .map_err(|e| dataplane::Error::Invalid(e.to_string()))
             });
-            if let Err(e) = swept {
-                warn!("Sweeping connections: {e}");
+            match (swept, loads, before) {
+                (Ok(_), Ok(mut loads), Some(before)) => {
+                    if let Err(e) = loads.settle(&before, &live) {
+                        warn!("Counting the servers' connections: {e}");
+                    }
+                }
+                (Err(e), ..) => warn!("Sweeping connections: {e}"),
+                (_, Err(e), _) => warn!("Counting the servers' connections: {e}"),
+                _ => {}
             }
         });
     }
