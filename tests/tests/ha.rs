@@ -1099,8 +1099,15 @@ fn drills(method: Method) {
         assert!(out.contains("atm2 is primary"), "{out}");
         assert_eq!(c.vip_holders(), vec![2]);
         thread::sleep(Duration::from_millis(500));
-        let out = c.atm(2).cli_ok(&["demote"]);
-        assert!(out.contains("handed over to atm1"), "{out}");
+        let out = c.atm(2).cli(&["demote"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("handed over to atm1"),
+            "lb-cli demote: {said}{}\n=== atm1\n{}\n=== atm2\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            c.atm(1).log(),
+            c.atm(2).log()
+        );
         let t = Instant::now();
         while c.vip_holders() != vec![1] {
             assert!(
