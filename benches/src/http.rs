@@ -213,6 +213,7 @@ fn service(method: Method, backends: &[&str]) -> ServiceSpec {
         sched: Sched::Maglev,
         persistence_s: 0,
         one_packet: false,
+        persistence_prefix: 0,
         servers: backends
             .iter()
             .enumerate()

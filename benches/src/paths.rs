@@ -167,6 +167,7 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
         sched,
         persistence_s: 0,
         one_packet: false,
+        persistence_prefix: 0,
         servers: (0..servers)
             .map(|i| {
                 let (addr, sport) = match method {
@@ -747,6 +748,7 @@ pub fn capacity(services: u32, per: u32) -> Result<()> {
             sched: Sched::Maglev,
             persistence_s: 0,
             one_packet: false,
+            persistence_prefix: 0,
             servers: (0..per)
                 .map(|j| ServerSpec {
                     index: id * per + j,

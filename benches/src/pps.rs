@@ -220,6 +220,7 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                     sched: Sched::Maglev,
                     persistence_s: 0,
                     one_packet: false,
+                    persistence_prefix: 0,
                     servers: vec![ServerSpec {
                         index: 0,
                         addr: if v6 { SINK6.into() } else { SINK.into() },

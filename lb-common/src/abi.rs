@@ -97,6 +97,33 @@ pub struct Addr {
 }
 const _: () = assert!(core::mem::size_of::<Addr>() == 16);
 
+impl Addr {
+    /// This address with only its first `prefix` bits kept (of the IPv4 address in the
+    /// last word for an IPv4-mapped one, `v6` false); 0 keeps it whole.
+    #[inline(always)]
+    pub fn masked(&self, prefix: u8, v6: bool) -> Addr {
+        let mut a = *self;
+        if prefix == 0 {
+            return a;
+        }
+        let keep = |bits: u32| -> u32 {
+            match bits {
+                0 => 0,
+                32.. => u32::MAX,
+                b => !(u32::MAX >> b),
+            }
+        };
+        if v6 {
+            for (i, w) in a.w.iter_mut().enumerate() {
+                *w &= keep((prefix as u32).saturating_sub(32 * i as u32)).to_be();
+            }
+        } else {
+            a.w[3] &= keep(prefix as u32).to_be();
+        }
+        a
+    }
+}
+
 /// `0x0000ffff` in network byte order: the third word of an IPv4-mapped address.
 pub const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -297,7 +324,10 @@ pub struct Service {
     pub sched: u8,
     /// `SERVICE_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Persistence by client prefix: the bits of the client address that name its entry
+    /// (of the IPv4 address for an IPv4 service); 0 = the whole address.
+    pub persist_prefix: u8,
+    pub _pad: u8,
     /// The pages of `sched_table` that hold the row, in order; the first
     /// `table_len.div_ceil(RING_PAGE)` are used. A new row goes into fresh pages and is
     /// published with this record, in one update: lb_xdp sees the old row or the new one.
@@ -317,7 +347,8 @@ impl Default for Service {
             persistence_s: 0,
             sched: 0,
             flags: 0,
-            _pad: [0; 2],
+            persist_prefix: 0,
+            _pad: 0,
             pages: [0; RING_PAGES_MAX],
         }
     }
@@ -868,5 +899,47 @@ mod load_tests {
         };
         assert_eq!(l.active(0), 0);
         assert_eq!(l.active(l.gone(1)), 1);
+    }
+}
+
+#[cfg(test)]
+mod mask_tests {
+    use super::Addr;
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn addr(ip: IpAddr) -> Addr {
+        let v6 = match ip {
+            IpAddr::V4(v) => v.to_ipv6_mapped(),
+            IpAddr::V6(v) => v,
+        };
+        let o = v6.octets();
+        let mut a = Addr::default();
+        for (i, w) in a.w.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+        }
+        a
+    }
+
+    #[test]
+    fn a_client_address_masked_to_its_prefix() {
+        let v4 = |s: &str| addr(IpAddr::V4(s.parse::<Ipv4Addr>().unwrap()));
+        let v6 = |s: &str| addr(IpAddr::V6(s.parse::<Ipv6Addr>().unwrap()));
+        assert_eq!(v4("192.0.2.77").masked(24, false), v4("192.0.2.0"));
+        assert_eq!(v4("192.0.2.77").masked(25, false), v4("192.0.2.0"));
+        assert_eq!(v4("192.0.2.200").masked(25, false), v4("192.0.2.128"));
+        assert_eq!(v4("192.0.2.77").masked(32, false), v4("192.0.2.77"));
+        assert_eq!(v4("192.0.2.77").masked(0, false), v4("192.0.2.77"));
+        assert_eq!(
+            v6("2001:db8:1:2:3:4:5:6").masked(64, true),
+            v6("2001:db8:1:2::")
+        );
+        assert_eq!(
+            v6("2001:db8:1:2:3:4:5:6").masked(36, true),
+            v6("2001:db8::")
+        );
+        assert_eq!(
+            v6("2001:db8:1:2:3:4:5:6").masked(128, true),
+            v6("2001:db8:1:2:3:4:5:6")
+        );
     }
 }

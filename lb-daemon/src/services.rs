@@ -403,6 +403,7 @@ impl Plane {
             sched: s.scheduler,
             persistence_s: s.persistence,
             one_packet: s.one_packet,
+            persistence_prefix: s.persistence_netmask,
             servers: s
                 .servers
                 .iter()

@@ -19,7 +19,7 @@ pub fn pick_server(svc: &Service, key: &FlowKey, v6: bool, now: u64) -> Option<u
         return schedule(svc, key, v6);
     }
     let pkey = PersistKey {
-        client: key.src,
+        client: key.src.masked(svc.persist_prefix, v6),
         service: svc.id,
     };
     let ttl = svc.persistence_s as u64 * 1_000_000_000;

@@ -1248,3 +1248,44 @@ fn lc_forgets_a_connection_that_idled_out() {
     );
     drop(idle);
 }
+
+/// `persistence_netmask`: clients of one prefix stick to one server together, where rr
+/// would spread them (each new client address gets the next server of its CPU's cursor).
+#[test]
+fn netmask_persistence_holds_across_clients_of_one_prefix() {
+    let (mut lab, path) = lab(3);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "scheduler = \"rr\"\n",
+        "scheduler = \"rr\"\npersistence = 60\npersistence_netmask = 26\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let _d = start(&mut lab, &path);
+    // Six more client addresses in the client's /26 (192.0.2.0/26).
+    let others: Vec<String> = (51..57).map(|i| format!("192.0.2.{i}")).collect();
+    for a in &others {
+        lab.addr("client", "eth0", &format!("{a}/24"));
+    }
+    let from = |src: &str| -> String {
+        let _in = lab.ns("client").enter();
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&std::net::SocketAddr::new(src.parse().unwrap(), 0).into())
+            .unwrap();
+        let vip = std::net::SocketAddr::new(cluster::VIP.parse().unwrap(), 80);
+        sock.connect_timeout(&vip.into(), Duration::from_secs(5))
+            .unwrap();
+        let stream: TcpStream = sock.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut c = Conn { stream };
+        c.get()
+    };
+    let first = from(cluster::CLIENT);
+    for _ in 0..2 {
+        for a in &others {
+            assert_eq!(from(a), first, "{a}: the same /26 sticks together");
+        }
+    }
+}

@@ -98,6 +98,7 @@ fn service(
         sched,
         persistence_s: 0,
         one_packet: false,
+        persistence_prefix: 0,
         servers,
     }
 }

@@ -60,6 +60,7 @@ fn spec(vip: IpAddr, port: u16, proto: u8, sched: Sched, servers: Vec<ServerSpec
         sched,
         persistence_s: 0,
         one_packet: false,
+        persistence_prefix: 0,
         servers,
     }
 }

@@ -90,6 +90,7 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         sched: case.sched,
         persistence_s: 0,
         one_packet: false,
+        persistence_prefix: 0,
         servers: servers.clone(),
     };
     let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");

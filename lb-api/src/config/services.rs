@@ -55,6 +55,8 @@ pub(super) fn read_service(
     let notify_up = tab.program(cx, "notify_up", "hook");
     let notify_down = tab.program(cx, "notify_down", "hook");
     bad |= notify_up.is_err() || notify_down.is_err();
+    let netmask = tab.int(cx, "persistence_netmask", 1..=128, " bits");
+    bad |= t.contains_key("persistence_netmask") && netmask.is_none();
     let one_packet = tab.bool(cx, "one_packet");
     bad |= t.contains_key("one_packet") && one_packet.is_none();
     if let Some(o) = &one_packet
@@ -163,6 +165,28 @@ pub(super) fn read_service(
         );
         bad = true;
     }
+    if let Some(n) = &netmask {
+        if persistence.as_ref().is_none_or(|p| p.v == 0) {
+            cx.err(
+                n.line,
+                "`persistence_netmask` needs `persistence` (seconds a client prefix sticks to \
+                 its server)",
+            );
+            bad = true;
+        } else if let Some(v) = &vip
+            && v.v.is_ipv4()
+            && n.v > 32
+        {
+            cx.err(
+                n.line,
+                format!(
+                    "`persistence_netmask` = {} is longer than an IPv4 address (1 to 32 bits)",
+                    n.v
+                ),
+            );
+            bad = true;
+        }
+    }
     let real = servers.iter().filter(|s| !s.sorry).count();
     if !bad && !servers.is_empty() && real == 0 {
         cx.err(
@@ -217,6 +241,7 @@ pub(super) fn read_service(
             notify_up: notify_up.ok().flatten().map(|p| p.v),
             notify_down: notify_down.ok().flatten().map(|p| p.v),
             one_packet: one_packet.is_some_and(|o| o.v),
+            persistence_netmask: netmask.as_ref().map_or(0, |n| n.v as u8),
             quorum: quorum.as_ref().map(|q| q.v as u32).unwrap_or(1),
             hysteresis: hysteresis.as_ref().map(|h| h.v as u32).unwrap_or(0),
         },

@@ -309,6 +309,9 @@ pub struct ServiceCfg {
     /// Hooks run when the service goes up (a server can take connections again) or down.
     pub notify_up: Option<PathBuf>,
     pub notify_down: Option<PathBuf>,
+    /// `persistence_netmask`: the client prefix length that persistence sticks together
+    /// (IPVS's `-M`); 0 = each client address alone.
+    pub persistence_netmask: u8,
     /// `one_packet = true` (UDP only): each datagram is scheduled alone, with no connection
     /// entry (IPVS's one-packet scheduling, for DNS and syslog).
     pub one_packet: bool,

@@ -140,6 +140,7 @@ impl Dataplane {
             table_len: row.len() as u32,
             persistence_s: spec.persistence_s,
             sched: spec.sched as u8,
+            persist_prefix: spec.persistence_prefix,
             flags: if spec.one_packet {
                 lb_common::SERVICE_ONE_PACKET
             } else {
@@ -230,6 +231,8 @@ pub struct ServiceSpec {
     pub persistence_s: u32,
     /// UDP one-packet scheduling: each datagram scheduled alone, no connection entry.
     pub one_packet: bool,
+    /// Persistence by client prefix (`persistence_netmask`); 0 = the whole address.
+    pub persistence_prefix: u8,
     pub servers: Vec<ServerSpec>,
 }
 
@@ -274,6 +277,7 @@ mod tests {
             sched: Sched::Rr,
             persistence_s: 0,
             one_packet: false,
+            persistence_prefix: 0,
             servers,
         }
     }
