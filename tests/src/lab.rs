@@ -394,3 +394,11 @@ fn rand_suffix() -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Writes `text` to `path` as a program the daemon may run (mode 0755): a check script or
+/// a hook.
+pub fn write_executable(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{cluster, lab::Lab, procs::Daemon};
+use lb_tests::{
+    cluster,
+    lab::{Lab, write_executable},
+    procs::Daemon,
+};
 
 const START: Duration = Duration::from_secs(20);
 
@@ -671,20 +675,16 @@ fn hooks_run_with_the_event_in_their_environment_and_a_hanging_one_is_killed() {
     let dir = lab.dir();
     let log = dir.join("hooks.log");
     let hook = dir.join("hook.sh");
-    std::fs::write(
+    write_executable(
         &hook,
-        format!(
+        &format!(
             // One write of the whole block, so the test never reads half of one.
             "#!/bin/sh\nb=$(env | grep '^LB_' | sort)\nprintf '== %s\\n%s\\n' \"$LB_HOOK\" \"$b\" >> {}\necho told\n",
             log.display()
         ),
-    )
-    .unwrap();
+    );
     let hang = dir.join("hang.sh");
-    std::fs::write(&hang, "#!/bin/sh\nsleep 987 &\nsleep 987\n").unwrap();
-    for f in [&hook, &hang] {
-        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
+    write_executable(&hang, "#!/bin/sh\nsleep 987 &\nsleep 987\n");
     let track = "192.0.2.99";
     lab.addr("client", "eth0", &format!("{track}/24"));
     let h = hook.display();
@@ -782,7 +782,8 @@ fn hooks_run_with_the_event_in_their_environment_and_a_hanging_one_is_killed() {
         "was still running after 1 s (notify_timeout): killed",
         START,
     );
-    let b = blocks();
+    // notify_backup runs after the fault's hook, once that one was killed.
+    let b = wait_blocks(7, "notify_backup after the fault's hook");
     assert!(b[6].starts_with("notify_backup\n"), "{b:?}");
     lab.wait_for(
         "the fault hook's child to be gone",
@@ -957,15 +958,13 @@ fn quorum_takes_the_service_down_and_runs_its_hook() {
     let dir = lab.dir();
     let log = dir.join("hooks.log");
     let hook = dir.join("hook.sh");
-    std::fs::write(
+    write_executable(
         &hook,
-        format!(
+        &format!(
             "#!/bin/sh\nprintf '%s %s %s\\n' \"$LB_EVENT\" \"$LB_SERVICE\" \"$LB_SERVERS_UP\" >> {}\n",
             log.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let h = hook.display();
     let text = std::fs::read_to_string(&path).unwrap().replacen(
         "scheduler = \"rr\"\n",

@@ -7,7 +7,6 @@
 
 use std::{
     io::Read,
-    os::unix::fs::PermissionsExt,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -349,15 +348,13 @@ fn https_checks_with_and_without_certificate_verification() {
 fn a_hanging_script_is_killed_at_its_timeout_and_counts_as_a_failure() {
     let mut lab = lab(&[cluster::VIP]);
     let script = lab.dir().join("hang.sh");
-    std::fs::write(
+    lb_tests::lab::write_executable(
         &script,
         "#!/bin/sh\n# The environment names the target: hang for s2, fail for s3.\n\
          [ \"$LB_PORT\" = 80 ] && [ \"$LB_SERVICE\" = http ] || exit 2\n\
          [ \"$LB_SERVER\" = 192.0.2.12 ] && sleep 31.25\n\
          [ \"$LB_SERVER\" = 192.0.2.13 ] && exit 1\nexit 0\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let config = header()
         + &service(
             "http",

@@ -544,16 +544,14 @@ fn every_check_kind_runs_over_ipv6() {
         .nft_filter("noping", "input", "icmpv6 type echo-request drop");
     let seen = lab.dir().join("seen");
     let script = lab.dir().join("check.sh");
-    std::fs::write(
+    lb_tests::lab::write_executable(
         &script,
-        format!(
+        &format!(
             "#!/bin/sh\necho \"$LB_SERVER $LB_PORT\" >> {}\n[ \"$LB_SERVER\" = {} ]\n",
             seen.display(),
             server6(1)
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let mut c = format!(
         "[cluster]\nname = \"checks6\"\n\n[[atm]]\nname = \"atm1\"\naddress = \"{}\"\n\
          interface = \"eth0\"\n",
