@@ -459,17 +459,17 @@ impl Plane {
         };
         let mut state = self.state(line);
         f(&mut state);
-        let (Some(id), Some(configured)) = (
+        let pos = self.services.iter().position(|s| svc_key(s) == line.0);
+        let (Some(id), Some(pos), Some(configured)) = (
             self.id(&line.0),
-            self.services
-                .iter()
-                .find(|s| svc_key(s) == line.0)
-                .and_then(|s| {
-                    s.servers
-                        .iter()
-                        .find(|v| (v.address, v.port) == (line.1, line.2))
-                })
-                .map(|v| v.weight),
+            pos,
+            pos.and_then(|i| {
+                self.services[i]
+                    .servers
+                    .iter()
+                    .find(|v| (v.address, v.port) == (line.1, line.2))
+            })
+            .map(|v| v.weight),
         ) else {
             return Ok(None);
         };
@@ -481,14 +481,11 @@ impl Plane {
         }
         // Taken only once programmed: a failed write leaves the line as it was. The
         // service's up or down is judged before and after, so hysteresis remembers.
-        let pos = self.services.iter().position(|s| svc_key(s) == line.0);
-        let was = pos.map(|i| self.service_up(&self.services[i]));
+        let was = self.service_up(&self.services[pos]);
         self.states.insert(*line, state);
-        if let (Some(i), Some(was)) = (pos, was) {
-            let s = &self.services[i];
-            let now = s.quorate(self.servers_up(s), was);
-            self.quorate.insert(line.0, now);
-        }
+        let s = &self.services[pos];
+        let now = s.quorate(self.servers_up(s), was);
+        self.quorate.insert(line.0, now);
         if let Some(j) = self.journal.as_mut() {
             j.push(*line);
         }

@@ -499,9 +499,8 @@ impl Daemon {
             // Each server's live open connections, counted in the same walk.
             let mut live: std::collections::HashMap<u32, u64> = Default::default();
             let swept = table.and_then(|mut t| {
-                use lb_common::{CONN_FIN, CONN_REPLY, CONN_RST};
                 t.remove_where_seeing(idle, |c| {
-                    if c.flags & (CONN_REPLY | CONN_FIN | CONN_RST) == 0 {
+                    if super::surfaces::open_leg(c) {
                         *live.entry(c.server).or_default() += 1;
                     }
                 })

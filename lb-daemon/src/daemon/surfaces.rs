@@ -775,8 +775,12 @@ pub(super) fn fill_active(
 /// leg), live, and not closing. Closing ones (FIN or RST seen) stay in `connections` until
 /// they time out, as TCL lists them.
 pub(super) fn active(c: &lb_common::Connection, now: u64, timeout_ns: u64) -> bool {
+    open_leg(c) && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+}
+
+/// A client's leg (not a NAT reply leg) that has seen no FIN or RST, live or not.
+pub(super) fn open_leg(c: &lb_common::Connection) -> bool {
     c.flags & (CONN_REPLY | CONN_FIN | CONN_RST) == 0
-        && now.saturating_sub(c.last_seen_ns) <= timeout_ns
 }
 
 pub(super) fn unknown_table(name: &str) -> String {
