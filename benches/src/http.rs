@@ -214,6 +214,8 @@ fn service(method: Method, backends: &[&str]) -> ServiceSpec {
         persistence_s: 0,
         one_packet: false,
         persistence_prefix: 0,
+        timeout_s: 0,
+        fin_timeout_s: 0,
         servers: backends
             .iter()
             .enumerate()
@@ -232,7 +234,7 @@ fn service(method: Method, backends: &[&str]) -> ServiceSpec {
 
 fn settings(local: [u8; 4], nat: [u8; 4]) -> Settings {
     Settings {
-        timeout_ns: 100_000_000_000,
+        timeouts: lb_common::Timeouts::same(100_000_000_000),
         flags: SETTINGS_ACTIVE,
         local_addr: Addr::from_v4_octets(local),
         nat_addr: Addr::from_v4_octets(nat),

@@ -131,7 +131,7 @@ fn direct_server6(i: usize) -> Ipv6Addr {
 
 fn settings() -> Settings {
     Settings {
-        timeout_ns: 100_000_000_000,
+        timeouts: lb_common::Timeouts::same(100_000_000_000),
         flags: SETTINGS_ACTIVE,
         local_addr: Addr::from_v4_octets([192, 0, 2, 1]),
         local_addr6: Addr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
@@ -168,6 +168,8 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
         persistence_s: 0,
         one_packet: false,
         persistence_prefix: 0,
+        timeout_s: 0,
+        fin_timeout_s: 0,
         servers: (0..servers)
             .map(|i| {
                 let (addr, sport) = match method {
@@ -749,6 +751,8 @@ pub fn capacity(services: u32, per: u32) -> Result<()> {
             persistence_s: 0,
             one_packet: false,
             persistence_prefix: 0,
+            timeout_s: 0,
+            fin_timeout_s: 0,
             servers: (0..per)
                 .map(|j| ServerSpec {
                     index: id * per + j,

@@ -221,6 +221,8 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                     persistence_s: 0,
                     one_packet: false,
                     persistence_prefix: 0,
+                    timeout_s: 0,
+                    fin_timeout_s: 0,
                     servers: vec![ServerSpec {
                         index: 0,
                         addr: if v6 { SINK6.into() } else { SINK.into() },
@@ -233,7 +235,7 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                 },
             )?;
             d.set_settings(&Settings {
-                timeout_ns: 100_000_000_000,
+                timeouts: lb_common::Timeouts::same(100_000_000_000),
                 flags: SETTINGS_ACTIVE,
                 local_addr: Addr::from(Ipv4Addr::new(198, 51, 100, 1)),
                 nat_addr: Addr::from(Ipv4Addr::new(198, 51, 100, 1)),

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod control;
+pub mod tables;
 pub mod views;
 
 /// Capacities of the maps: the `config` table.

@@ -18,20 +18,6 @@ use lb_api::{
     views::{Status, Support},
 };
 
-/// The daemon's tables, as `lb-cli cat` names them.
-const TABLES: [&str; 10] = [
-    "config",
-    "connections",
-    "debug",
-    "nat",
-    "servers",
-    "services",
-    "stat",
-    "timeout",
-    "atms",
-    "loglevel",
-];
-
 /// The log's tail that goes in: the recent past is what explains a problem, and a bundle
 /// must stay small enough to mail.
 const LOG_TAIL: u64 = 16 << 20;
@@ -120,7 +106,7 @@ pub fn collect(
     });
     add("lb/dataplane.txt", "the dataplane's attach mode", attach);
     let mut table_text = std::collections::HashMap::new();
-    for t in TABLES {
+    for t in lb_api::tables::Table::ALL.map(|t| t.name()) {
         let text = ask(Request::Cat {
             table: t.to_string(),
         })

@@ -58,9 +58,10 @@ enum Cmd {
     /// the OCF agent dist/ocf/lb).
     Role,
     /// Print a table as the mounted file shows it: config, connections, debug, nat,
-    /// servers, services, stat, timeout, atms, loglevel; on a real server, decap.
+    /// servers, services, stat, timeout, timeouts, atms, loglevel; on a real server, decap.
     Cat { table: String },
-    /// Write a table: config (3 numbers), debug (0/1), timeout (seconds), loglevel.
+    /// Write a table: config (3 numbers), debug (0/1), timeout (seconds), timeouts (tcp
+    /// tcpfin udp in seconds, 0 keeps one), loglevel.
     Write {
         table: String,
         #[arg(required = true, num_args = 1..)]

@@ -4,7 +4,7 @@
 //! left uninitialised) and a compile-time size assertion. Addresses are 16 bytes wide so IPv6
 //! needs no ABI change; ports and addresses are kept in network byte order, as on the wire.
 
-use crate::ring::RING_PAGES_MAX;
+use crate::{ring::RING_PAGES_MAX, timeouts::Timeouts};
 
 /// Map names, as they appear in the eBPF object (and in `bpftool map`); the benchmarks' are
 /// in [`crate::bench`].
@@ -430,8 +430,23 @@ pub struct Server {
     /// moves on with every port handed out, so ports are taken in turn, the one free
     /// longest first.
     pub nat_cursor: u32,
+    /// The service's own idle timeout in seconds (`[service.timeouts]` `tcp`, or `udp` for
+    /// a UDP service); 0: the cluster's, in [`Settings::timeouts`].
+    pub timeout_s: u32,
+    /// The service's own timeout for a TCP connection that has seen a FIN or RST
+    /// (`tcp_fin`); 0: the cluster's.
+    pub fin_timeout_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<Server>() == 80);
+const _: () = assert!(core::mem::size_of::<Server>() == 88);
+
+impl Server {
+    /// How long a connection to this server with `CONN_*` bits `flags` may be idle (see
+    /// [`Timeouts::limit_ns`]).
+    #[inline(always)]
+    pub fn idle_limit_ns(&self, t: &Timeouts, flags: u16) -> u64 {
+        t.limit_ns(self.proto, flags, self.timeout_s, self.fin_timeout_s)
+    }
+}
 
 /// Key of `connections`: a 5-tuple as seen on the wire.
 #[repr(C)]
@@ -560,8 +575,9 @@ const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// Idle time after which a connection counts as new.
-    pub timeout_ns: u64,
+    /// Idle time after which a connection counts as new, by protocol and state (a
+    /// service's server records may override it).
+    pub timeouts: Timeouts,
     /// 1: one log record per new connection.
     pub debug: u32,
     /// `SETTINGS_*` bits.
@@ -632,7 +648,7 @@ pub struct Settings {
     /// works its clock out from jiffies; 0: it measures the rate itself.
     pub tick_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 232);
+const _: () = assert!(core::mem::size_of::<Settings>() == 248);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]

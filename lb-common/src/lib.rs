@@ -16,9 +16,11 @@ pub mod nat;
 pub mod ring;
 #[cfg(feature = "std")]
 pub mod sched;
+pub mod timeouts;
 #[cfg(feature = "netlink")]
 pub mod xdp_link;
 
 pub use abi::*;
 pub use flow_cache::*;
 pub use ring::*;
+pub use timeouts::Timeouts;

@@ -18,7 +18,10 @@ use crate::{CONN_FIN, CONN_PEER_FIN, CONN_PEER_RST, CONN_RST, CONN_SERVER_CLOSED
 /// would be lost, and the client would send it again only a second later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Holds {
+    /// The idle timeout of an open connection (`Timeouts::limit_ns`).
     pub timeout_ns: u64,
+    /// The idle timeout of one that has seen a FIN or RST.
+    pub fin_timeout_ns: u64,
     pub hold_ns: u64,
     pub time_wait_ns: u64,
 }
@@ -45,12 +48,19 @@ pub fn in_stripe(off: u32, stripe: u32) -> bool {
 }
 
 /// Whether a reply leg's (address, port) may be handed out again: its connection has been
-/// idle past the idle timeout, or it closed (a RST either way, or a FIN each way) and has
+/// idle past its idle timeout (the closing one once it saw a FIN or RST), or it closed (a RST either way, or a FIN each way) and has
 /// been quiet since for the hold that applies (see [`Holds`]).
 #[inline(always)]
 pub fn port_free(flags: u16, last_seen_ns: u64, now_ns: u64, h: &Holds) -> bool {
     let idle = now_ns.saturating_sub(last_seen_ns);
-    if idle > h.timeout_ns {
+    let closing = flags & (CONN_FIN | CONN_RST | CONN_PEER_FIN | CONN_PEER_RST) != 0;
+    if idle
+        > if closing {
+            h.fin_timeout_ns
+        } else {
+            h.timeout_ns
+        }
+    {
         return true;
     }
     if flags & (CONN_RST | CONN_PEER_RST) != 0 {
@@ -89,15 +99,18 @@ mod tests {
     fn a_closed_port_is_free_after_the_hold_an_open_one_after_the_timeout() {
         let h = Holds {
             timeout_ns: 100 * S,
+            fin_timeout_ns: 80 * S,
             hold_ns: 2 * S,
             time_wait_ns: 60 * S,
         };
         // Open: only the idle timeout frees it.
         assert!(!port_free(0, 0, 50 * S, &h));
         assert!(port_free(0, 0, 101 * S, &h));
-        // Half closed (one FIN): data may still flow the other way.
+        // Half closed (one FIN): data may still flow the other way, until the closing
+        // timeout.
         assert!(!port_free(CONN_FIN, 0, 50 * S, &h));
         assert!(!port_free(CONN_PEER_FIN, 0, 50 * S, &h));
+        assert!(port_free(CONN_PEER_FIN, 0, 81 * S, &h));
         // Closed both ways (the client first), or reset: free once quiet for the hold.
         let server_first = CONN_FIN | CONN_PEER_FIN | CONN_SERVER_CLOSED_FIRST;
         for f in [
@@ -141,6 +154,7 @@ mod tests {
         fn take(&mut self, now: u64, timeout: u64, hold: u64) -> Option<(u32, u32)> {
             let h = Holds {
                 timeout_ns: timeout,
+                fin_timeout_ns: timeout,
                 hold_ns: hold,
                 time_wait_ns: 60 * S,
             };

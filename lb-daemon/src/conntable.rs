@@ -83,22 +83,23 @@ impl ConnTable {
     /// entry whose latest packets went by the cache is as fresh as they are), and looked up
     /// again first (a packet may have changed it since); returns how many went.
     pub fn remove_where(&mut self, pick: impl Fn(&Connection) -> bool) -> Result<usize, MapError> {
-        self.remove_where_seeing(pick, |_| {})
+        self.remove_where_seeing(|_, c| pick(c), |_| {})
     }
 
-    /// [`ConnTable::remove_where`], showing `kept` every entry it leaves, in the same walk.
+    /// [`ConnTable::remove_where`], with the key to judge by too, showing `kept` every
+    /// entry it leaves, in the same walk.
     pub fn remove_where_seeing(
         &mut self,
-        pick: impl Fn(&Connection) -> bool,
+        pick: impl Fn(&FlowKey, &Connection) -> bool,
         mut kept: impl FnMut(&Connection),
     ) -> Result<usize, MapError> {
         let mut removed = 0;
         for (k, c) in self.entries()? {
-            if !pick(&c) {
+            if !pick(&k, &c) {
                 kept(&c);
                 continue;
             }
-            if self.map.get(&k, 0).is_ok_and(|c| pick(&c)) {
+            if self.map.get(&k, 0).is_ok_and(|c| pick(&k, &c)) {
                 match self.map.remove(&k) {
                     Ok(()) => removed += 1,
                     Err(MapError::KeyNotFound) => {}

@@ -177,8 +177,9 @@ struct Daemon {
     role: Role,
     /// What it runs as that.
     part: Part,
-    /// In force now (a write to `timeout`/`debug` changes them until the next reload).
-    timeout: u32,
+    /// In force now (a write to `timeout`, `timeouts` or `debug` changes them until the next
+    /// reload).
+    timeouts: config::Timeouts,
     debug: bool,
     /// Where probe outcomes go.
     checks_tx: mpsc::Sender<health::Outcome>,
@@ -303,7 +304,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let (marks_tx, mut marks_rx) = mpsc::unbounded_channel::<(u64, bool)>();
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<reload::Job>();
     let mut d = Daemon {
-        timeout: config.cluster.timeout,
+        timeouts: config.cluster.timeouts,
         debug: config.cluster.debug,
         opts,
         config,
@@ -379,9 +380,10 @@ pub async fn run(opts: Options) -> Result<()> {
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sync_events = interval(SYNC_EVERY);
     sync_events.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Backups must see live connections refreshed well within the timeout.
+    // Backups must see live connections refreshed well within the shortest idle timeout
+    // (closing ones may expire there first: they are ending).
     let mut full_sync = interval(Duration::from_secs(
-        (d.config.cluster.timeout as u64 / 3).clamp(2, 60),
+        (d.config.shortest_idle_timeout() as u64 / 3).clamp(2, 60),
     ));
     full_sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (udp_tx, mut udp_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(1024);

@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::Method;
+use lb_common::{Connection, FlowKey, Method};
 
 use crate::{
     config::{Config, ServerCfg, ServiceCfg},
@@ -94,6 +94,40 @@ pub struct Plane {
 pub struct Lines {
     pub server: HashMap<u32, (IpAddr, u16, Method)>,
     pub vip: HashMap<u32, (IpAddr, u16)>,
+    /// The lines of services with timeouts of their own: (idle, closing) in seconds, 0
+    /// for the cluster's (as in their server records).
+    pub timeouts: HashMap<u32, (u32, u32)>,
+}
+
+/// When a connection entry is dead, for everything that judges entries beside the
+/// dataplane (the sweep, the tables, sync): by the same rule as the dataplane
+/// (`lb_common::Timeouts::limit_ns`), from the cluster's timeouts and the server lines'.
+#[derive(Clone)]
+pub struct Expiry {
+    base: lb_common::Timeouts,
+    lines: Arc<Lines>,
+}
+
+impl Expiry {
+    pub fn new(base: lb_common::Timeouts, lines: Arc<Lines>) -> Self {
+        Expiry { base, lines }
+    }
+
+    /// How long entry `c` (keyed `key`) may be idle.
+    pub fn limit_ns(&self, key: &FlowKey, c: &Connection) -> u64 {
+        let (idle, fin) = self
+            .lines
+            .timeouts
+            .get(&c.server)
+            .copied()
+            .unwrap_or((0, 0));
+        self.base.limit_ns(key.proto, c.flags, idle, fin)
+    }
+
+    /// Whether entry `c` has been idle at most its limit at `now` (ns, the dataplane's clock).
+    pub fn live(&self, key: &FlowKey, c: &Connection, now: u64) -> bool {
+        now.saturating_sub(c.last_seen_ns) <= self.limit_ns(key, c)
+    }
 }
 
 /// Where the plane programs its services: the dataplane's maps (and, in the unit tests, a
@@ -332,6 +366,12 @@ impl Plane {
                 if let Some(i) = self.index(&line_key(s, v)) {
                     lines.server.insert(i, (v.address, v.port, v.method));
                     lines.vip.insert(i, (s.vip, s.port));
+                    let t = &s.timeouts;
+                    if t.idle.is_some() || t.fin.is_some() {
+                        lines
+                            .timeouts
+                            .insert(i, (t.idle.unwrap_or(0), t.fin.unwrap_or(0)));
+                    }
                 }
             }
         }
@@ -404,6 +444,8 @@ impl Plane {
             persistence_s: s.persistence,
             one_packet: s.one_packet,
             persistence_prefix: s.persistence_netmask,
+            timeout_s: s.timeouts.idle.unwrap_or(0),
+            fin_timeout_s: s.timeouts.fin.unwrap_or(0),
             servers: s
                 .servers
                 .iter()

@@ -16,7 +16,7 @@ use lb_common::{
 use crate::{
     dataplane::{self, Dataplane},
     ha::{IDLE_UNKNOWN, SyncRecord},
-    services::Plane,
+    services::{Expiry, Plane},
 };
 
 /// Server index -> (address, port), as the primary's plane has them.
@@ -54,7 +54,7 @@ pub fn from_event(e: &ConnEvent, servers: &ServerMap) -> Option<SyncRecord> {
 pub fn full_table(
     all: &[(FlowKey, Connection)],
     servers: &ServerMap,
-    timeout_ns: u64,
+    expiry: &Expiry,
     now_ns: u64,
 ) -> Vec<SyncRecord> {
     let replies: HashMap<FlowKey, Connection> = all
@@ -64,7 +64,7 @@ pub fn full_table(
         .collect();
     let mut out = Vec::new();
     for (k, c) in all {
-        if c.flags & CONN_REPLY != 0 || now_ns.saturating_sub(c.last_seen_ns) > timeout_ns {
+        if c.flags & CONN_REPLY != 0 || !expiry.live(k, c, now_ns) {
             continue;
         }
         let Some((addr, port, _)) = servers.get(&c.server) else {
@@ -122,12 +122,11 @@ impl ConnStore for Dataplane {
 }
 
 /// Whether entry `c` is this dataplane's own (made from a packet it saw, not synced) and
-/// live (neither closed nor idle past `timeout_ns`): a sync record does not replace it. It
+/// live (neither closed nor idle past its timeout): a sync record does not replace it. It
 /// may be another connection on the same addresses and ports than the record's: a client
 /// that reused its port just after a close, on the other ATM, during a handover.
-fn own_and_live(c: &Connection, now: u64, timeout_ns: u64) -> bool {
-    c.flags & (CONN_SYNCED | CONN_FIN | CONN_RST) == 0
-        && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+fn own_and_live(k: &FlowKey, c: &Connection, now: u64, expiry: &Expiry) -> bool {
+    c.flags & (CONN_SYNCED | CONN_FIN | CONN_RST) == 0 && expiry.live(k, c, now)
 }
 
 /// How much later than an entry of this ATM a record's connection must have been seen to
@@ -168,7 +167,7 @@ pub fn install(
     plane: &Plane,
     records: &[SyncRecord],
     local: Local,
-    timeout_ns: u64,
+    expiry: &Expiry,
 ) -> Result<(usize, usize), dataplane::Error> {
     let now = dataplane::now_ns();
     let (mut installed, mut skipped) = (0, 0);
@@ -216,7 +215,7 @@ pub fn install(
         // leg. (The same connection is refreshed, so the entry lives on as long as the other
         // ATM sees it.) The record's reply leg goes in all the same: its NAT pair is taken.
         if !existing.is_some_and(|c| {
-            own_and_live(&c, now, timeout_ns) && !same(&c) && !seen_later(r, &c, now)
+            own_and_live(&key, &c, now, expiry) && !same(&c) && !seen_later(r, &c, now)
         }) {
             // A full table read before a close record arrived must not undo the close mark
             // (the same connection: same server and translation).
@@ -248,8 +247,8 @@ pub fn install(
         let ended = r.flags & (CONN_FIN | CONN_RST) != 0;
         let pair_taken = dp.connection(&reply_key).is_some_and(|c| {
             (c.nat_addr != client_addr || c.nat_port != client.1.to_be())
-                && ((own_and_live(&c, now, timeout_ns) && !seen_later(r, &c, now))
-                    || (ended && now.saturating_sub(c.last_seen_ns) <= timeout_ns))
+                && ((own_and_live(&reply_key, &c, now, expiry) && !seen_later(r, &c, now))
+                    || (ended && expiry.live(&reply_key, &c, now)))
         });
         if nat && !pair_taken {
             dp.set_connection(
@@ -278,6 +277,7 @@ mod tests {
 
     use super::*;
     use crate::config;
+    use lb_common::Timeouts;
 
     /// A dataplane address as IPv4 (these tests' records are IPv4).
     fn v4(a: &Addr) -> Ipv4Addr {
@@ -358,7 +358,14 @@ mod tests {
         plane: &Plane,
         r: SyncRecord,
     ) -> (usize, usize) {
-        install(store, plane, &[r], LOCAL, TIMEOUT).unwrap()
+        install(
+            store,
+            plane,
+            &[r],
+            LOCAL,
+            &Expiry::new(Timeouts::same(TIMEOUT), plane.lines()),
+        )
+        .unwrap()
     }
 
     /// The cluster's timeout: 100 s.

@@ -11,71 +11,7 @@ use lb_common::DecapStat;
 
 use crate::{config, dataplane::Capacities};
 
-/// A table, as a file name under the mount and a word for `lb-cli cat/write`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Table {
-    Config,
-    Connections,
-    Debug,
-    Nat,
-    Servers,
-    Services,
-    Stat,
-    Timeout,
-    Atms,
-    /// The log's filter, changed while the daemon runs.
-    LogLevel,
-    /// A real server's: lb_decap's counters.
-    Decap,
-}
-
-impl Table {
-    pub const ALL: [Table; 10] = [
-        Table::Config,
-        Table::Connections,
-        Table::Debug,
-        Table::Nat,
-        Table::Servers,
-        Table::Services,
-        Table::Stat,
-        Table::Timeout,
-        Table::Atms,
-        Table::LogLevel,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::Config => "config",
-            Table::Connections => "connections",
-            Table::Debug => "debug",
-            Table::Nat => "nat",
-            Table::Servers => "servers",
-            Table::Services => "services",
-            Table::Stat => "stat",
-            Table::Timeout => "timeout",
-            Table::Atms => "atms",
-            Table::LogLevel => "loglevel",
-            Table::Decap => "decap",
-        }
-    }
-
-    /// A real server's tables (the ATM's mount does not list them).
-    pub const NODE: [Table; 1] = [Table::Decap];
-
-    pub fn from_name(name: &str) -> Option<Table> {
-        Table::ALL
-            .into_iter()
-            .chain(Table::NODE)
-            .find(|t| t.name() == name)
-    }
-
-    pub fn writable(self) -> bool {
-        matches!(
-            self,
-            Table::Config | Table::Debug | Table::Timeout | Table::LogLevel
-        )
-    }
-}
+pub use lb_api::tables::Table;
 
 /// A write to a table, parsed and range-checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,8 +19,11 @@ pub enum Write {
     /// Resize the maps (drops every connection).
     Config(Capacities),
     Debug(bool),
-    /// Idle timeout in seconds, at once and not saved.
+    /// The TCP idle timeout in seconds, at once and not saved.
     Timeout(u32),
+    /// `tcp tcpfin udp` in seconds, 0 leaving one as it is (`ipvsadm --set`), at once and
+    /// not saved.
+    Timeouts([u32; 3]),
     /// The log's filter directives (checked), at once and not saved.
     LogLevel(String),
 }
@@ -152,6 +91,31 @@ pub fn parse_write(table: Table, text: &str) -> Result<Write, String> {
                 config::TIMEOUT_RANGE,
                 "timeout",
             )?))
+        }
+        Table::Timeouts => {
+            let [tcp, fin, udp] = fields[..] else {
+                return Err(format!(
+                    "timeouts takes three numbers of seconds (tcp tcpfin udp, 0 to leave one \
+                     as it is), not {}",
+                    fields.len()
+                ));
+            };
+            let mut out = [0; 3];
+            for (o, (v, what)) in out
+                .iter_mut()
+                .zip([(tcp, "tcp"), (fin, "tcpfin"), (udp, "udp")])
+            {
+                let n = number(v, what)?;
+                *o = if n == 0 {
+                    0
+                } else {
+                    in_range(n, config::TIMEOUT_RANGE, what)?
+                };
+            }
+            if out == [0; 3] {
+                return Err("timeouts: 0 0 0 changes nothing".into());
+            }
+            Ok(Write::Timeouts(out))
         }
         Table::LogLevel => {
             let [d] = fields[..] else {
@@ -246,6 +210,11 @@ pub fn render_loglevel(asked: &str) -> String {
 
 pub fn render_timeout(seconds: u32) -> String {
     format!("{seconds}\n")
+}
+
+/// `tcp tcpfin udp`, as `ipvsadm -L --timeout` lists them.
+pub fn render_timeouts(t: &config::Timeouts) -> String {
+    format!("{} {} {}\n", t.tcp, t.tcp_fin(), t.udp())
 }
 
 pub fn render_nat(nat: Option<&config::Nat>) -> String {
@@ -478,6 +447,10 @@ mod tests {
         assert_eq!(render_nat(Some(&nat)), "203.0.113.0 24\n");
         assert_eq!(render_nat(None), "");
         assert_eq!(render_debug(true), "1\n");
+        let mut t = config::Timeouts::new(900);
+        assert_eq!(render_timeouts(&t), "900 900 900\n");
+        t.udp = Some(300);
+        assert_eq!(render_timeouts(&t), "900 900 300\n");
         assert_eq!(render_config(&Capacities::default()), "64 256 262144\n");
         let a = AtmLine {
             name: "atm1".into(),
@@ -492,6 +465,10 @@ mod tests {
     #[test]
     fn writes_are_checked() {
         assert_eq!(parse_write(Table::Timeout, "5\n"), Ok(Write::Timeout(5)));
+        assert_eq!(
+            parse_write(Table::Timeouts, "900 0 300\n"),
+            Ok(Write::Timeouts([900, 0, 300]))
+        );
         assert_eq!(parse_write(Table::Debug, "1"), Ok(Write::Debug(true)));
         assert_eq!(
             parse_write(Table::Config, "25 10 5000"),
@@ -505,6 +482,10 @@ mod tests {
             (Table::Timeout, "abc", "not a number"),
             (Table::Timeout, "0", "out of range"),
             (Table::Timeout, "5 6", "one number"),
+            (Table::Timeouts, "5 6", "three numbers"),
+            (Table::Timeouts, "5 6 x", "udp: \"x\" is not a number"),
+            (Table::Timeouts, "5 -1 6", "tcpfin: -1 is out of range"),
+            (Table::Timeouts, "0 0 0", "changes nothing"),
             (Table::Debug, "2", "0 or 1"),
             (Table::Config, "25 10", "three numbers"),
             (Table::Config, "25 10 x", "not a number"),

@@ -300,9 +300,10 @@ pub fn established(
     } else {
         take_cached(c, ip);
     }
+    let server = SERVERS.get(c.server)?;
     // Saturating: an entry the daemon installed (a synced one) may carry a time a little
     // ahead of this coarse clock, and is then as fresh as can be, not 2^64 ns old.
-    if now.saturating_sub(c.last_seen_ns) > settings.timeout_ns
+    if now.saturating_sub(c.last_seen_ns) > server.idle_limit_ns(&settings.timeouts, c.flags)
         || (syn_only && c.flags & (CONN_FIN | CONN_RST) != 0)
     {
         return None;
@@ -310,7 +311,6 @@ pub fn established(
     // Its server must be up and still serve the VIP, port and protocol the connection was
     // made for: a server taken out, a service removed (its servers are marked down) or a
     // server index given to another service loses the connection, as `services` would.
-    let server = SERVERS.get(c.server)?;
     if !serves(server, ip, l4) {
         // The connection moves to another server: no CPU may send it to this one again,
         // should it come back up within the cache's second.
@@ -463,7 +463,17 @@ fn nat_reserve(
     reply.peer_mac = smac;
     reply.local_mac = dmac;
     reply.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: a map value.
+    let t = &settings.timeouts;
+    let (timeout_ns, fin_timeout_ns) = unsafe {
+        (
+            (*server).idle_limit_ns(t, 0),
+            (*server).idle_limit_ns(t, CONN_FIN),
+        )
+    };
     let mut probe = NatProbe {
+        timeout_ns,
+        fin_timeout_ns,
         start,
         span,
         addrs,
@@ -511,6 +521,10 @@ static NAT_FULL: Array<u64> = Array::with_max_entries(DEFAULT_SERVERS, 0);
 /// What `nat_probe` needs besides the maps: where the search started and how far it goes.
 #[repr(C)]
 struct NatProbe {
+    /// The idle timeouts, open and closing, of a connection toward this server (a pair held
+    /// by another server line of the same address and port is judged by these too).
+    timeout_ns: u64,
+    fin_timeout_ns: u64,
     start: u32,
     span: u32,
     addrs: u32,
@@ -576,7 +590,8 @@ extern "C" fn nat_probe(i: u64, ctx: *mut c_void) -> i64 {
     // (removing it and inserting afresh would let a second CPU remove the first one's).
     let (flags, seen) = unsafe { ((*e).flags, (*e).last_seen_ns) };
     let holds = nat::Holds {
-        timeout_ns: settings.timeout_ns,
+        timeout_ns: p.timeout_ns,
+        fin_timeout_ns: p.fin_timeout_ns,
         hold_ns: settings.port_hold_ns,
         time_wait_ns: settings.time_wait_ns,
     };

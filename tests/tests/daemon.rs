@@ -1288,3 +1288,105 @@ fn netmask_persistence_holds_across_clients_of_one_prefix() {
         }
     }
 }
+
+/// Idle timeouts by protocol and TCP state (`[cluster.timeouts]`, as `ipvsadm --set`) and
+/// a service's own (`[service.timeouts]`): the connections table counts each connection
+/// down from its own, the dataplane starts a new connection past it, and `timeouts` is
+/// read and written as `tcp tcpfin udp`.
+#[test]
+fn each_protocol_and_tcp_state_times_out_by_its_own_timeout_and_a_service_may_override_it() {
+    let (mut lab, path) = lab(3);
+    let text = config(3, "[cluster.timeouts]\ntcp_fin = 3\nudp = 60\n").replacen(
+        "protocol = \"udp\"\n",
+        "protocol = \"udp\"\n[service.timeouts]\nudp = 3\n",
+        1,
+    ) + &format!(
+        "\n[[service]]\nname = \"syslog\"\nvip = \"{vip}\"\nport = 514\nprotocol = \"udp\"\n\
+         [service.check]\nkind = \"none\"\n[[service.server]]\nname = \"log1\"\n\
+         address = \"{s2}\"\n",
+        vip = cluster::VIP,
+        s2 = cluster::server_addr(2)
+    );
+    std::fs::write(&path, text).unwrap();
+    let d = start(&mut lab, &path);
+    assert_eq!(d.cat("timeouts"), "100 3 60\n");
+    assert_eq!(d.cat("timeout"), "100\n", "TCL's table: the TCP timeout");
+    // Seconds left of the client's connection from `port` to `vport`.
+    let left = |port: u16, vport: u16| -> Option<u64> {
+        let (client, vip) = (
+            format!("{}:{port}", cluster::CLIENT),
+            format!("{}:{vport}", cluster::VIP),
+        );
+        d.cat("connections").lines().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(1) == Some(&client.as_str()) && f.get(2) == Some(&vip.as_str()))
+                .then(|| f[3].parse().unwrap())
+        })
+    };
+
+    // An open TCP connection counts down from tcp; once the client has sent its FIN, from
+    // tcp_fin, and it is gone soon after.
+    let mut c = Conn::open(&lab);
+    c.get();
+    let open = left(c.port(), 80).expect("the connection's line");
+    assert!((90..=100).contains(&open), "{open} s left");
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    lab.wait_for("the closing connection's timeout", START, || {
+        left(c.port(), 80).is_some_and(|s| s <= 3)
+    });
+    lab.wait_for("the closed connection to time out", START, || {
+        left(c.port(), 80).is_none()
+    });
+
+    // UDP from one client port to both services: dns has its own 3 s, syslog the
+    // cluster's 60 s. A datagram past 3 s starts a new dns connection in the dataplane, and
+    // none for syslog.
+    let _in = lab.ns("client").enter();
+    let sock = UdpSocket::bind((cluster::CLIENT, 5353)).unwrap();
+    let send = |port: u16| {
+        sock.send_to(b"x", (cluster::VIP, port)).unwrap();
+    };
+    let new = || stat(&d)[5];
+    send(53);
+    send(514);
+    lab.wait_for("the two UDP entries", START, || {
+        left(5353, 53).is_some() && left(5353, 514).is_some()
+    });
+    assert!(left(5353, 53).unwrap() <= 3);
+    assert!((50..=60).contains(&left(5353, 514).unwrap()));
+    let before = new();
+    send(53);
+    send(514);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(new(), before, "within their timeouts: the same connections");
+    std::thread::sleep(Duration::from_millis(3800));
+    assert_eq!(left(5353, 53), None, "past dns's 3 s");
+    send(53);
+    send(514);
+    lab.wait_for("dns's new connection", START, || new() == before + 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(new(), before + 1, "syslog's connection lives on");
+
+    // Writes, as ipvsadm --set: 0 keeps a value; `timeout` is tcp's.
+    d.cli_ok(&["write", "timeouts", "200", "0", "0"]);
+    assert_eq!(d.cat("timeouts"), "200 3 60\n");
+    d.cli_ok(&["write", "timeout", "150"]);
+    assert_eq!(d.cat("timeouts"), "150 3 60\n");
+    assert_eq!(d.cat("timeout"), "150\n");
+    let bad = d.cli(&["write", "timeouts", "1", "2"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("three numbers"),
+        "{bad:?}"
+    );
+    assert_eq!(
+        d.cat("timeouts"),
+        "150 3 60\n",
+        "a bad write changes nothing"
+    );
+    // The new tcp timeout applies to connections at once.
+    let mut c = Conn::open(&lab);
+    c.get();
+    let open = left(c.port(), 80).expect("the connection's line");
+    assert!((140..=150).contains(&open), "{open} s left");
+}

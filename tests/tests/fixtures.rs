@@ -99,6 +99,8 @@ fn service(
         persistence_s: 0,
         one_packet: false,
         persistence_prefix: 0,
+        timeout_s: 0,
+        fin_timeout_s: 0,
         servers,
     }
 }
@@ -348,7 +350,7 @@ impl Bench {
 
 fn settings() -> Settings {
     Settings {
-        timeout_ns: 100_000_000_000,
+        timeouts: lb_common::Timeouts::same(100_000_000_000),
         debug: 0,
         flags: SETTINGS_ACTIVE,
         local_addr: Addr::from_v4_octets(LB),

@@ -61,6 +61,8 @@ fn spec(vip: IpAddr, port: u16, proto: u8, sched: Sched, servers: Vec<ServerSpec
         persistence_s: 0,
         one_packet: false,
         persistence_prefix: 0,
+        timeout_s: 0,
+        fin_timeout_s: 0,
         servers,
     }
 }
@@ -219,7 +221,7 @@ impl Bench {
 
 fn settings() -> Settings {
     Settings {
-        timeout_ns: 100_000_000_000,
+        timeouts: lb_common::Timeouts::same(100_000_000_000),
         flags: SETTINGS_ACTIVE,
         local_addr: Addr::from_v4_octets([192, 0, 2, 1]),
         local_addr6: Addr::from(ip6(LB6)),

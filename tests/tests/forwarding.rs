@@ -91,12 +91,14 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         persistence_s: 0,
         one_packet: false,
         persistence_prefix: 0,
+        timeout_s: 0,
+        fin_timeout_s: 0,
         servers: servers.clone(),
     };
     let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
     dp.install(0, &spec).unwrap();
     dp.set_settings(&Settings {
-        timeout_ns: 100_000_000_000,
+        timeouts: lb_common::Timeouts::same(100_000_000_000),
         debug: 0,
         flags: SETTINGS_ACTIVE,
         local_addr: Addr::from(cluster::atm_addr(1).parse::<Ipv4Addr>().unwrap()),

@@ -28,7 +28,7 @@ pub use types::{
     DEFAULT_HA_PORT, DEFAULT_HEARTBEAT_MS, DEFAULT_METRICS, DEFAULT_MOUNT, DEFAULT_PORT_HOLD,
     DEFAULT_SOCKET, DEFAULT_TIME_WAIT, DEFAULT_TIMEOUT, Ha, Manager, NAME_MAX, NAT_POOL_MAX,
     NAT6_PREFIX_RANGE, Nat, Nat4, Nat6, Problem, Quorum, SERVERS_RANGE, SERVICES_RANGE, ServerCfg,
-    ServiceCfg, TIMEOUT_RANGE, WEIGHT_RANGE, proto_name,
+    ServiceCfg, ServiceTimeouts, TIMEOUT_RANGE, Timeouts, WEIGHT_RANGE, proto_name,
 };
 
 /// The largest config file read. 65,536 server lines, the most the tables hold, take about

@@ -8,6 +8,7 @@ use std::{
 };
 
 use ipnet::{Ipv4AddrRange, Ipv4Net, Ipv6Net};
+use lb_common::IPPROTO_UDP;
 use toml_edit::TableLike;
 
 use super::{
@@ -18,7 +19,7 @@ use super::{
         Atm, CONNECTIONS_RANGE, Cluster, Config, Control, DEFAULT_NOTIFY_TIMEOUT,
         DEFAULT_PORT_HOLD, DEFAULT_TIME_WAIT, DEFAULT_TIMEOUT, Ha, Manager, NAT_POOL_MAX,
         NAT6_PREFIX_RANGE, NOTIFY_TIMEOUT_RANGE, Nat, Nat4, Nat6, Quorum, SERVERS_RANGE,
-        SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE,
+        SERVICES_RANGE, ServiceCfg, TIMEOUT_RANGE, Timeouts, proto_name,
     },
 };
 use crate::Capacities;
@@ -185,17 +186,102 @@ fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> 
     let key = tab.str(cx, "auth_key_file");
     let notify = tab.int(cx, "notify_timeout", NOTIFY_TIMEOUT_RANGE, " seconds");
     let notify_bad = t.contains_key("notify_timeout") && notify.is_none();
+    let timeouts = match tab.table(cx, "timeouts") {
+        Some((tt, tline)) => read_timeouts(cx, tt, tline, "[cluster.timeouts]", None),
+        None if t.contains_key("timeouts") => None,
+        None => Some(TimeoutsRead::default()),
+    };
     tab.finish(cx);
+    let timeouts = timeouts?;
+    if let (Some(old), Some(new)) = (&timeout, &timeouts.tcp) {
+        cx.err(
+            new.line,
+            format!(
+                "`tcp` sets the same timeout as [cluster] `timeout` on line {}: keep one of \
+                 them",
+                old.line
+            ),
+        );
+        return None;
+    }
     if timeout_bad || debug_bad || notify_bad {
         return None;
     }
+    let tcp = timeouts
+        .tcp
+        .or(timeout)
+        .map_or(DEFAULT_TIMEOUT, |t| t.v as u32);
     Some(Cluster {
         name: name?.v,
-        timeout: timeout.map(|t| t.v as u32).unwrap_or(DEFAULT_TIMEOUT),
+        timeouts: Timeouts {
+            tcp,
+            tcp_fin: timeouts.tcp_fin.map(|t| t.v as u32),
+            udp: timeouts.udp.map(|t| t.v as u32),
+        },
         debug: debug.map(|d| d.v).unwrap_or(false),
         auth_key_file: key.map(|k| PathBuf::from(k.v)),
         notify_timeout: notify.map(|n| n.v as u32).unwrap_or(DEFAULT_NOTIFY_TIMEOUT),
     })
+}
+
+/// `[cluster.timeouts]` or `[service.timeouts]` as read: each in seconds, with its line.
+#[derive(Default)]
+pub(super) struct TimeoutsRead {
+    pub(super) tcp: Option<At<i64>>,
+    pub(super) tcp_fin: Option<At<i64>>,
+    pub(super) udp: Option<At<i64>>,
+}
+
+/// Reads a `timeouts` table, `name` in messages. `proto`: a service's protocol, whose
+/// connections only its own keys apply to (`tcp` and `tcp_fin`, or `udp`); `None`: the
+/// cluster's, where all three do.
+pub(super) fn read_timeouts(
+    cx: &mut Cx,
+    t: &dyn TableLike,
+    line: usize,
+    name: &str,
+    proto: Option<u8>,
+) -> Option<TimeoutsRead> {
+    let mut tab = Tab::new(t, name, line);
+    let mut bad = false;
+    let mut get = |tab: &mut Tab, cx: &mut Cx, key| {
+        let v = tab.int(cx, key, TIMEOUT_RANGE, " seconds");
+        bad |= t.contains_key(key) && v.is_none();
+        v
+    };
+    let read = TimeoutsRead {
+        tcp: get(&mut tab, cx, "tcp"),
+        tcp_fin: get(&mut tab, cx, "tcp_fin"),
+        udp: get(&mut tab, cx, "udp"),
+    };
+    tab.finish(cx);
+    if let Some(p) = proto {
+        let own = if p == IPPROTO_UDP {
+            "`udp`"
+        } else {
+            "`tcp` and `tcp_fin`"
+        };
+        let keys = [
+            ("tcp", &read.tcp),
+            ("tcp_fin", &read.tcp_fin),
+            ("udp", &read.udp),
+        ];
+        for (key, v) in keys {
+            if let Some(v) = v
+                && (key == "udp") != (p == IPPROTO_UDP)
+            {
+                cx.err(
+                    v.line,
+                    format!(
+                        "`{key}` does not apply to a {} service: its connections take {own}",
+                        proto_name(p)
+                    ),
+                );
+                bad = true;
+            }
+        }
+    }
+    (!bad).then_some(read)
 }
 
 fn read_tables(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<TablesRead> {

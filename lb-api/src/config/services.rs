@@ -12,8 +12,8 @@ use toml_edit::TableLike;
 use super::{
     checks::reserved_in,
     reader::{At, Cx, Tab},
-    sections::ServiceRead,
-    types::{Check, CheckKind, Nat, ServerCfg, ServiceCfg, WEIGHT_RANGE},
+    sections::{ServiceRead, TimeoutsRead, read_timeouts},
+    types::{Check, CheckKind, Nat, ServerCfg, ServiceCfg, ServiceTimeouts, WEIGHT_RANGE},
 };
 
 const SCHEDULERS: &[(&str, Sched)] = &[
@@ -74,6 +74,18 @@ pub(super) fn read_service(
     bad |= t.contains_key("quorum") && quorum.is_none();
     let hysteresis = tab.int(cx, "hysteresis", 0..=65_535, " servers");
     bad |= t.contains_key("hysteresis") && hysteresis.is_none();
+    let timeouts = match tab.table(cx, "timeouts") {
+        Some((tt, tline)) => read_timeouts(
+            cx,
+            tt,
+            tline,
+            "[service.timeouts]",
+            Some(proto.as_ref().map_or(IPPROTO_TCP, |p| p.v)),
+        ),
+        None if t.contains_key("timeouts") => None,
+        None => Some(TimeoutsRead::default()),
+    };
+    bad |= timeouts.is_none();
     let check = match tab.table(cx, "check") {
         Some((c, cline)) => read_check(cx, c, cline, proto.as_ref().map(|p| p.v)),
         None if t.contains_key("check") => None,
@@ -244,6 +256,10 @@ pub(super) fn read_service(
             persistence_netmask: netmask.as_ref().map_or(0, |n| n.v as u8),
             quorum: quorum.as_ref().map(|q| q.v as u32).unwrap_or(1),
             hysteresis: hysteresis.as_ref().map(|h| h.v as u32).unwrap_or(0),
+            timeouts: timeouts.map_or_else(ServiceTimeouts::default, |t| ServiceTimeouts {
+                idle: t.tcp.or(t.udp).map(|v| v.v as u32),
+                fin: t.tcp_fin.map(|v| v.v as u32),
+            }),
         },
         line,
         vip_line: vip.line,

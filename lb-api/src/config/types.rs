@@ -43,16 +43,76 @@ pub struct Config {
     pub services: Vec<ServiceCfg>,
 }
 
+impl Config {
+    /// The shortest idle timeout of an open connection of any service, in seconds: the
+    /// service's own, or the cluster's for its protocol. (The cluster's `tcp` when there is
+    /// no service.) Backups must hear of live connections more often than this.
+    pub fn shortest_idle_timeout(&self) -> u32 {
+        let t = &self.cluster.timeouts;
+        self.services
+            .iter()
+            .map(|s| {
+                s.timeouts
+                    .idle
+                    .unwrap_or(if s.proto == lb_common::IPPROTO_UDP {
+                        t.udp()
+                    } else {
+                        t.tcp
+                    })
+            })
+            .min()
+            .unwrap_or(t.tcp)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cluster {
     pub name: String,
-    /// Idle connection timeout, seconds.
-    pub timeout: u32,
+    /// Idle connection timeouts (`timeout`, `[cluster.timeouts]`).
+    pub timeouts: Timeouts,
     pub debug: bool,
     /// Shared secret for ATM messages (required when there is more than one ATM).
     pub auth_key_file: Option<PathBuf>,
     /// Seconds a hook may run before it is killed.
     pub notify_timeout: u32,
+}
+
+/// The cluster's idle connection timeouts in seconds, as `ipvsadm --set tcp tcpfin udp`:
+/// `tcp` is TCL's one `timeout`; `tcp_fin` and `udp` follow it unless set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A TCP connection that has seen no FIN or RST.
+    pub tcp: u32,
+    /// One that has seen a FIN or RST, either way; `None`: `tcp`.
+    pub tcp_fin: Option<u32>,
+    /// A UDP flow; `None`: `tcp`.
+    pub udp: Option<u32>,
+}
+
+impl Timeouts {
+    pub fn new(tcp: u32) -> Self {
+        Timeouts {
+            tcp,
+            tcp_fin: None,
+            udp: None,
+        }
+    }
+
+    pub fn tcp_fin(&self) -> u32 {
+        self.tcp_fin.unwrap_or(self.tcp)
+    }
+
+    pub fn udp(&self) -> u32 {
+        self.udp.unwrap_or(self.tcp)
+    }
+}
+
+/// A service's own timeouts in seconds (`[service.timeouts]`): `idle` is `tcp` or `udp`,
+/// by the service's protocol, `fin` is `tcp_fin`; `None`: the cluster's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTimeouts {
+    pub idle: Option<u32>,
+    pub fin: Option<u32>,
 }
 
 /// `[nat]`: the servers' side of NAT, in IPv4 (NAT44), IPv6 (NAT66) or both.
@@ -320,6 +380,8 @@ pub struct ServiceCfg {
     pub quorum: u32,
     /// Below `quorum - hysteresis` it goes down, at `quorum + hysteresis` up again.
     pub hysteresis: u32,
+    /// Its own idle timeouts, if any.
+    pub timeouts: ServiceTimeouts,
 }
 
 impl ServiceCfg {

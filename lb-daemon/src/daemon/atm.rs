@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
-use lb_common::{Addr, Connection, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
+use lb_common::{Addr, Connection, FlowKey, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -48,7 +48,7 @@ impl Daemon {
             }
         }
         Settings {
-            timeout_ns: self.timeout_ns(),
+            timeouts: self.dataplane_timeouts(),
             debug: self.debug as u32,
             flags: if active {
                 SETTINGS_ACTIVE
@@ -469,7 +469,7 @@ impl Daemon {
     /// when full), and asks the kernel to resolve servers it has no MAC for (new ones after
     /// a reload, or entries it dropped): the dataplane cannot start that itself.
     pub(super) fn sweep(&mut self) {
-        let timeout_ns = self.timeout_ns();
+        let expiry = self.expiry();
         self.watch_nat_ports();
         if self.part.atm().is_some() {
             let addrs = self.server_addrs();
@@ -492,8 +492,11 @@ impl Daemon {
         let loads = a.dp.load_tables();
         crate::background(move || {
             let _done = done;
-            let idle =
-                |c: &Connection| dataplane::now_ns().saturating_sub(c.last_seen_ns) > timeout_ns;
+            let idle = |k: &FlowKey, c: &Connection| {
+                expiry
+                    .as_ref()
+                    .is_some_and(|e| !e.live(k, c, dataplane::now_ns()))
+            };
             // The servers' counts before the walk (see `LoadTables`).
             let before = loads.as_ref().ok().map(|l| l.read());
             // Each server's live open connections, counted in the same walk.

@@ -155,7 +155,7 @@ impl Daemon {
             return Err("this is not a node".into());
         };
         let old = std::mem::replace(&mut self.config, new);
-        self.timeout = self.config.cluster.timeout;
+        self.timeouts = self.config.cluster.timeouts;
         self.debug = self.config.cluster.debug;
         match self.apply_node(addr).await {
             Ok(changed) if changed.is_empty() => {

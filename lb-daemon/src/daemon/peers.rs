@@ -387,9 +387,12 @@ impl Daemon {
                     .is_some_and(|h| h.role == ha::Role::Primary);
                 let accept = ha.election.role() == ha::Role::Backup || !sender_primary;
                 let local = ha.local;
-                let timeout_ns = self.timeout_ns();
-                if accept && let Some(a) = self.part.atm_mut() {
-                    match sync::install(&mut a.dp, &a.plane, &records, local, timeout_ns) {
+                let expiry = self.expiry();
+                if accept
+                    && let Some(expiry) = expiry
+                    && let Some(a) = self.part.atm_mut()
+                {
+                    match sync::install(&mut a.dp, &a.plane, &records, local, &expiry) {
                         Ok((_, skipped)) if skipped > 0 => {
                             warn!(
                                 "Connection sync: {skipped} records name servers this ATM does not have (configs differ?)"
@@ -578,7 +581,7 @@ impl Daemon {
     /// after it (returned). The table is read and turned into records on a blocking thread:
     /// with millions of connections that takes long enough to starve the heartbeats.
     pub(super) fn full_sync(&mut self, to: Option<usize>) -> Option<u64> {
-        let timeout_ns = self.timeout_ns();
+        let expiry = self.expiry()?;
         let (a, ha) = self.part.atm_and_ha()?;
         if ha.election.role() != ha::Role::Primary {
             return None;
@@ -599,7 +602,7 @@ impl Daemon {
             let whole = match table.entries() {
                 Ok(all) => {
                     let records =
-                        sync::full_table(&all, &lines.server, timeout_ns, dataplane::now_ns());
+                        sync::full_table(&all, &lines.server, &expiry, dataplane::now_ns());
                     for batch in ha::batches(&records) {
                         out.send_bulk(to, Body::Sync(batch.to_vec()));
                     }

@@ -636,7 +636,7 @@ impl Daemon {
         let old_nat = self.config.nat;
         let old = std::mem::replace(&mut self.config, new);
         crate::background(move || drop(old));
-        self.timeout = self.config.cluster.timeout;
+        self.timeouts = self.config.cluster.timeouts;
         self.debug = self.config.cluster.debug;
         self.restart_checks();
         if let Err(e) = self.push_settings() {

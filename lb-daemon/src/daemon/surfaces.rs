@@ -20,7 +20,7 @@ use crate::{
     dataplane::{self, Capacities, CounterTables, Counts},
     ha::Reject,
     metrics,
-    services::{Plane, line_key, svc_key},
+    services::{Expiry, Plane, line_key, svc_key},
     tables::{self, ConnLine, StatLine, Table, Write},
 };
 
@@ -134,16 +134,17 @@ impl Daemon {
     /// What turning table entries into lines needs, owned (for a blocking thread).
     pub(super) fn conn_view(&self) -> Option<ConnView> {
         let a = self.part.atm()?;
+        let lines = a.plane.lines();
         Some(ConnView {
-            timeout_ns: self.timeout_ns(),
-            lines: a.plane.lines(),
+            expiry: Expiry::new(self.dataplane_timeouts(), lines.clone()),
+            lines,
         })
     }
 
     pub(super) fn stat_line(&self) -> std::result::Result<StatLine, dataplane::Error> {
         let mut line = self.stat_base()?;
-        if let Some(a) = self.part.atm() {
-            line.active = count_active(&a.dp.connections()?, self.timeout_ns());
+        if let (Some(a), Some(e)) = (self.part.atm(), self.expiry()) {
+            line.active = count_active(&a.dp.connections()?, &e);
         }
         Ok(line)
     }
@@ -169,8 +170,23 @@ impl Daemon {
         })
     }
 
-    pub(super) fn timeout_ns(&self) -> u64 {
-        self.timeout as u64 * 1_000_000_000
+    /// The cluster's timeouts in force, for `Settings`.
+    pub(super) fn dataplane_timeouts(&self) -> lb_common::Timeouts {
+        const S: u64 = 1_000_000_000;
+        let t = &self.timeouts;
+        lb_common::Timeouts {
+            tcp_ns: t.tcp as u64 * S,
+            tcp_fin_ns: t.tcp_fin() as u64 * S,
+            udp_ns: t.udp() as u64 * S,
+        }
+    }
+
+    /// How entries are judged dead now (an ATM's).
+    pub(super) fn expiry(&self) -> Option<Expiry> {
+        Some(Expiry::new(
+            self.dataplane_timeouts(),
+            self.part.atm()?.plane.lines(),
+        ))
     }
 
     /// A request whose answer grows with the connection table or the server lines, as work
@@ -179,7 +195,7 @@ impl Daemon {
     /// heartbeats. `None`: handle it on the loop (it needs neither, or this is not an ATM).
     pub(super) fn table_job(&self, req: &Request) -> Option<TableJob> {
         let a = self.part.atm()?;
-        let timeout_ns = self.timeout_ns();
+        let expiry = self.expiry()?;
         let with_connections = |finish: TableFinish| {
             let table = a.dp.conn_table().ok()?;
             Some(TableJob(Box::new(move || match table.entries() {
@@ -204,7 +220,7 @@ impl Daemon {
                 Table::Stat => {
                     let mut line = self.stat_base().ok()?;
                     with_connections(Box::new(move |all| {
-                        line.active = count_active(all, timeout_ns);
+                        line.active = count_active(all, &expiry);
                         Response::text(tables::render_stat(&line))
                     }))
                 }
@@ -236,7 +252,7 @@ impl Daemon {
                         Ok(all) => Response::view(&server_views(
                             &plane,
                             &counts,
-                            &conns_by_server(&all, timeout_ns),
+                            &conns_by_server(&all, &expiry),
                         )),
                         Err(e) => Response::error(format!("reading the connection table: {e}")),
                     })))
@@ -252,7 +268,7 @@ impl Daemon {
                     let lines = fill_lines(&mut snap, &plane, &counts);
                     match table.entries() {
                         Ok(all) => {
-                            fill_active(&mut snap, &lines, &all, timeout_ns);
+                            fill_active(&mut snap, &lines, &all, &expiry);
                             Response::text(metrics::render(&snap))
                         }
                         Err(e) => Response::error(format!("reading the connection table: {e}")),
@@ -286,7 +302,8 @@ impl Daemon {
                     .unwrap_or(self.config.tables),
             ),
             Table::Debug => tables::render_debug(self.debug),
-            Table::Timeout => tables::render_timeout(self.timeout),
+            Table::Timeout => tables::render_timeout(self.timeouts.tcp),
+            Table::Timeouts => tables::render_timeouts(&self.timeouts),
             Table::LogLevel => tables::render_loglevel(&crate::logging::level()),
             Table::Nat => tables::render_nat(self.config.nat.as_ref()),
             Table::Atms => tables::render_atms(&self.atm_lines()),
@@ -336,9 +353,26 @@ impl Daemon {
         }
         let msg = match w {
             Write::Timeout(s) => {
-                self.timeout = s;
+                self.timeouts.tcp = s;
                 self.push_settings()?;
                 format!("Timeout set to {s} s (until the next reload; not saved to the file)")
+            }
+            Write::Timeouts([tcp, fin, udp]) => {
+                let t = &mut self.timeouts;
+                // tcp_fin and udp that follow tcp keep to their own value from now on.
+                let (was_fin, was_udp) = (t.tcp_fin(), t.udp());
+                if tcp != 0 {
+                    t.tcp = tcp;
+                }
+                t.tcp_fin = Some(if fin != 0 { fin } else { was_fin });
+                t.udp = Some(if udp != 0 { udp } else { was_udp });
+                let now = tables::render_timeouts(t);
+                self.push_settings()?;
+                format!(
+                    "Timeouts set to tcp tcpfin udp = {} s (until the next reload; not saved to \
+                     the file)",
+                    now.trim()
+                )
             }
             Write::Debug(on) => {
                 self.debug = on;
@@ -471,10 +505,11 @@ impl Daemon {
             "services" => Ok(Response::view(&service_views(&a.plane, &a.dp))),
             "servers" => {
                 let all = a.dp.connections().map_err(|e| e.to_string())?;
+                let expiry = self.expiry().ok_or("this is not an ATM")?;
                 Ok(Response::view(&server_views(
                     &a.plane,
                     &a.dp,
-                    &conns_by_server(&all, self.timeout_ns()),
+                    &conns_by_server(&all, &expiry),
                 )))
             }
             "connections" => Ok(Response::view(&connection_views(
@@ -490,8 +525,8 @@ impl Daemon {
         let mut snap = self.snapshot_base();
         if let Some(a) = self.part.atm() {
             let lines = fill_lines(&mut snap, &a.plane, &a.dp);
-            if let Ok(all) = a.dp.connections() {
-                fill_active(&mut snap, &lines, &all, self.timeout_ns());
+            if let (Ok(all), Some(e)) = (a.dp.connections(), self.expiry()) {
+                fill_active(&mut snap, &lines, &all, &e);
             }
         }
         snap
@@ -634,12 +669,12 @@ pub(super) fn server_views(
 /// Per server index: its live connections, (active, closing), client legs only.
 pub(super) fn conns_by_server(
     all: &[(FlowKey, Connection)],
-    timeout_ns: u64,
+    expiry: &Expiry,
 ) -> HashMap<u32, (u64, u64)> {
     let now = dataplane::now_ns();
     let mut by: HashMap<u32, (u64, u64)> = HashMap::new();
-    for (_, c) in all {
-        if c.flags & CONN_REPLY != 0 || now.saturating_sub(c.last_seen_ns) > timeout_ns {
+    for (k, c) in all {
+        if c.flags & CONN_REPLY != 0 || !expiry.live(k, c, now) {
             continue;
         }
         let e = by.entry(c.server).or_default();
@@ -672,7 +707,7 @@ impl TableJob {
 
 /// What turning connection entries into table lines needs (see `Daemon::conn_view`).
 pub(super) struct ConnView {
-    timeout_ns: u64,
+    expiry: Expiry,
     /// Server index -> its server, and the VIP and port it serves.
     lines: Arc<crate::services::Lines>,
 }
@@ -684,10 +719,11 @@ impl ConnView {
         let mut out = Vec::new();
         for (k, c) in all {
             let idle = now.saturating_sub(c.last_seen_ns);
-            if idle > self.timeout_ns {
+            let limit = self.expiry.limit_ns(k, c);
+            if idle > limit {
                 continue;
             }
-            let left = (self.timeout_ns - idle) / 1_000_000_000;
+            let left = (limit - idle) / 1_000_000_000;
             let line = if c.flags & CONN_REPLY != 0 {
                 // The ATM-to-server leg of a NAT connection: our NAT-subnet source.
                 ConnLine {
@@ -742,10 +778,10 @@ pub(super) fn connection_views(lines: &[ConnLine]) -> Vec<views::ConnectionLine>
         .collect()
 }
 
-pub(super) fn count_active(all: &[(FlowKey, Connection)], timeout_ns: u64) -> u64 {
+pub(super) fn count_active(all: &[(FlowKey, Connection)], expiry: &Expiry) -> u64 {
     let now = dataplane::now_ns();
     all.iter()
-        .filter(|(_, c)| active(c, now, timeout_ns))
+        .filter(|(k, c)| active(k, c, now, expiry))
         .count() as u64
 }
 
@@ -755,11 +791,11 @@ pub(super) fn fill_active(
     snap: &mut metrics::Snapshot,
     lines: &[(usize, u32)],
     all: &[(FlowKey, Connection)],
-    timeout_ns: u64,
+    expiry: &Expiry,
 ) {
     let now = dataplane::now_ns();
     let mut by_index: HashMap<u32, u64> = HashMap::new();
-    for (_, c) in all.iter().filter(|(_, c)| active(c, now, timeout_ns)) {
+    for (_, c) in all.iter().filter(|(k, c)| active(k, c, now, expiry)) {
         *by_index.entry(c.server).or_default() += 1;
     }
     snap.active_connections = by_index.values().sum();
@@ -774,8 +810,8 @@ pub(super) fn fill_active(
 /// An active connection, for `stat` and the metrics alike: a client's leg (not a NAT reply
 /// leg), live, and not closing. Closing ones (FIN or RST seen) stay in `connections` until
 /// they time out, as TCL lists them.
-pub(super) fn active(c: &lb_common::Connection, now: u64, timeout_ns: u64) -> bool {
-    open_leg(c) && now.saturating_sub(c.last_seen_ns) <= timeout_ns
+pub(super) fn active(k: &FlowKey, c: &Connection, now: u64, expiry: &Expiry) -> bool {
+    open_leg(c) && expiry.live(k, c, now)
 }
 
 /// A client's leg (not a NAT reply leg) that has seen no FIN or RST, live or not.

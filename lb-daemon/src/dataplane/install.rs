@@ -63,6 +63,8 @@ impl Dataplane {
                 proto: spec.proto,
                 weight: s.weight,
                 service: id,
+                timeout_s: spec.timeout_s,
+                fin_timeout_s: spec.fin_timeout_s,
                 ..Default::default()
             };
             self.set_server(s.index, &record)?;
@@ -233,6 +235,10 @@ pub struct ServiceSpec {
     pub one_packet: bool,
     /// Persistence by client prefix (`persistence_netmask`); 0 = the whole address.
     pub persistence_prefix: u8,
+    /// The service's own idle timeouts in seconds (`Server::timeout_s`, `fin_timeout_s`);
+    /// 0: the cluster's.
+    pub timeout_s: u32,
+    pub fin_timeout_s: u32,
     pub servers: Vec<ServerSpec>,
 }
 
@@ -278,6 +284,8 @@ mod tests {
             persistence_s: 0,
             one_packet: false,
             persistence_prefix: 0,
+            timeout_s: 0,
+            fin_timeout_s: 0,
             servers,
         }
     }
