@@ -277,6 +277,9 @@ pub enum Method {
     Tunnel = 2,
     /// Destination and source rewritten; replies translated back on the ATM.
     Nat = 3,
+    /// TCL's `local`: the primary ATM serves it itself; its packets go up its own stack
+    /// (`XDP_PASS`), which holds the VIP.
+    Local = 4,
 }
 
 impl Method {
@@ -285,6 +288,7 @@ impl Method {
             1 => Some(Method::Direct),
             2 => Some(Method::Tunnel),
             3 => Some(Method::Nat),
+            4 => Some(Method::Local),
             _ => None,
         }
     }
@@ -293,6 +297,7 @@ impl Method {
             Method::Direct => "direct",
             Method::Tunnel => "tunnel",
             Method::Nat => "nat",
+            Method::Local => "local",
         }
     }
 }

@@ -15,9 +15,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use lb_common::{
-    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Server, ServerLoad, Service,
-    ServiceKey, Settings, Stat, StatBlock, VIP_FILTER_SLOTS, maps, programs, ring_pool_pages,
-    vip_filter_slot, xdp_link,
+    Addr, ConnEvent, Connection, Counters, DecapStat, FlowKey, Persist, PersistKey, Server,
+    ServerLoad, Service, ServiceKey, Settings, Stat, StatBlock, VIP_FILTER_SLOTS, maps, programs,
+    ring_pool_pages, vip_filter_slot, xdp_link,
 };
 
 /// The eBPF object built by build.rs from the `lb-ebpf` crate.
@@ -148,6 +148,7 @@ pub struct Dataplane {
     servers: Array<MapData, Server>,
     sched: SchedTable,
     connections: HashMap<MapData, FlowKey, Connection>,
+    persistence: HashMap<MapData, PersistKey, Persist>,
     flow_cache: Array<MapData, lb_common::CachedFlow>,
     flow_cache6: Array<MapData, lb_common::CachedFlow6>,
     /// The flow caches' generation (`Settings::flow_gen`), and whether the last settings
@@ -252,6 +253,7 @@ impl Dataplane {
             nat_addrs: Vec::new(),
             servers: typed_map!(&mut ebpf, Array, maps::SERVERS),
             connections: typed_map!(&mut ebpf, HashMap, maps::CONNECTIONS),
+            persistence: typed_map!(&mut ebpf, HashMap, maps::PERSISTENCE),
             flow_cache: typed_map!(&mut ebpf, Array, maps::FLOW_CACHE),
             flow_cache6: typed_map!(&mut ebpf, Array, maps::FLOW_CACHE6),
             flow_gen: 0,
@@ -596,6 +598,18 @@ impl Dataplane {
         self.connections
             .insert(key, conn, 0)
             .map_err(map_err(maps::CONNECTIONS))
+    }
+
+    /// A persistence entry: which server a client (or client prefix) sticks to.
+    pub fn persist(&self, key: &PersistKey) -> Option<Persist> {
+        self.persistence.get(key, 0).ok()
+    }
+
+    /// Installs a persistence entry (connection sync on a backup).
+    pub fn set_persist(&mut self, key: &PersistKey, p: &Persist) -> Result<(), Error> {
+        self.persistence
+            .insert(key, p, 0)
+            .map_err(map_err(maps::PERSISTENCE))
     }
 
     /// The global counters, summed over CPUs.

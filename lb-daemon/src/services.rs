@@ -97,6 +97,10 @@ pub struct Lines {
     /// The lines of services with timeouts of their own: (idle, closing) in seconds, 0
     /// for the cluster's (as in their server records).
     pub timeouts: HashMap<u32, (u32, u32)>,
+    /// The lines of sticky services (`persistence`): the service's id and its
+    /// `persistence_netmask` (0: the whole client address), which name its clients'
+    /// persistence entries.
+    pub persist: HashMap<u32, (u32, u8)>,
 }
 
 /// When a connection entry is dead, for everything that judges entries beside the
@@ -366,6 +370,11 @@ impl Plane {
                 if let Some(i) = self.index(&line_key(s, v)) {
                     lines.server.insert(i, (v.address, v.port, v.method));
                     lines.vip.insert(i, (s.vip, s.port));
+                    if s.persistence > 0
+                        && let Some(id) = self.ids.get(&svc_key(s))
+                    {
+                        lines.persist.insert(i, (*id, s.persistence_netmask));
+                    }
                     let t = &s.timeouts;
                     if t.idle.is_some() || t.fin.is_some() {
                         lines

@@ -10,7 +10,7 @@ use std::{
 
 use lb_common::{
     Addr, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, CONN_SYNCED, ConnEvent, Connection,
-    EVENT_CLOSE, EVENT_OPEN, FlowKey, Method,
+    EVENT_CLOSE, EVENT_OPEN, FlowKey, Method, Persist, PersistKey,
 };
 
 use crate::{
@@ -269,6 +269,76 @@ pub fn install(
         installed += 1;
     }
     Ok((installed, skipped))
+}
+
+/// Where a backup keeps persistence entries: the dataplane's `persistence` map (and, in the
+/// unit tests, a plain map).
+pub trait PersistStore {
+    fn persist(&self, key: &PersistKey) -> Option<Persist>;
+    fn set_persist(&mut self, key: &PersistKey, p: &Persist) -> Result<(), dataplane::Error>;
+}
+
+impl PersistStore for Dataplane {
+    fn persist(&self, key: &PersistKey) -> Option<Persist> {
+        Dataplane::persist(self, key)
+    }
+    fn set_persist(&mut self, key: &PersistKey, p: &Persist) -> Result<(), dataplane::Error> {
+        Dataplane::set_persist(self, key, p)
+    }
+}
+
+/// Installs on a backup the persistence entries that records of sticky services' connections
+/// imply: the client (or its `persistence_netmask` prefix) sticks to the record's server,
+/// as last seen when the record's connection was. The primary's entries are not sent as
+/// such: each of its connections carries its client's choice, and its full table renews
+/// them, so a client keeps its server after a failover for `persistence` seconds after its
+/// last connection's last packet. An entry seen later (this ATM's own, or a later record's)
+/// is kept. Returns how many were written.
+pub fn install_persistence(
+    store: &mut impl PersistStore,
+    plane: &Plane,
+    records: &[SyncRecord],
+    now: u64,
+) -> Result<usize, dataplane::Error> {
+    let lines = plane.lines();
+    let mut written = 0;
+    for r in records.iter().filter(|r| r.kind == EVENT_OPEN) {
+        let Some([client, vip, server, _]) = parts_of(r) else {
+            continue;
+        };
+        let line = ((vip.0, vip.1, r.proto), server.0, server.1);
+        let Some(index) = plane.index(&line) else {
+            continue;
+        };
+        let Some(&(service, prefix)) = lines.persist.get(&index) else {
+            continue;
+        };
+        let key = PersistKey {
+            client: Addr::from(client.0).masked(prefix, client.0.is_ipv6()),
+            service,
+        };
+        let last_seen_ns = if r.idle_ms == IDLE_UNKNOWN {
+            now
+        } else {
+            now.saturating_sub(r.idle_ms as u64 * 1_000_000)
+        };
+        if store
+            .persist(&key)
+            .is_some_and(|p| p.last_seen_ns >= last_seen_ns)
+        {
+            continue;
+        }
+        store.set_persist(
+            &key,
+            &Persist {
+                last_seen_ns,
+                server: index,
+                _pad: 0,
+            },
+        )?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -673,5 +743,74 @@ mod tests {
         };
         assert_eq!(put(&mut store, &plane, mixed), (0, 1));
         assert!(store.is_empty());
+    }
+
+    impl PersistStore for HashMap<PersistKey, Persist> {
+        fn persist(&self, key: &PersistKey) -> Option<Persist> {
+            self.get(key).copied()
+        }
+        fn set_persist(&mut self, key: &PersistKey, p: &Persist) -> Result<(), dataplane::Error> {
+            self.insert(*key, *p);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_of_a_sticky_services_connections_make_its_persistence_entries() {
+        // `plane()`'s, with http sticky by /24.
+        let text = "[cluster]\nname = \"c\"\n[[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\n\
+                    interface = \"eth0\"\n[nat]\nsubnet = \"203.0.113.0/24\"\n\
+                    gateway = \"203.0.113.1\"\n[[service]]\nname = \"other\"\n\
+                    vip = \"192.0.2.101\"\nport = 80\n[[service.server]]\nname = \"o1\"\n\
+                    address = \"203.0.113.20\"\nport = 80\nmethod = \"nat\"\n\
+                    [[service]]\nname = \"http\"\n\
+                    vip = \"192.0.2.100\"\nport = 80\npersistence = 60\npersistence_netmask = 24\n\
+                    [[service.server]]\nname = \"web1\"\naddress = \"203.0.113.11\"\n\
+                    port = 8080\nmethod = \"nat\"\n[[service.server]]\nname = \"web2\"\n\
+                    address = \"203.0.113.12\"\nport = 8080\nmethod = \"nat\"\n";
+        let c = config::parse(text, std::path::Path::new("/")).unwrap();
+        let caps = dataplane::Capacities {
+            services: 4,
+            servers: 4,
+            connections: 64,
+        };
+        let plane = Plane::new().plan(&c, &caps).unwrap().plane;
+        let web2 = plane
+            .index(&(
+                ("192.0.2.100".parse().unwrap(), 80, lb_common::IPPROTO_TCP),
+                "203.0.113.12".parse().unwrap(),
+                8080,
+            ))
+            .unwrap();
+        let mut store: HashMap<PersistKey, Persist> = HashMap::new();
+        let now = 1_000_000_000_000;
+        let mut r = record(EVENT_OPEN, CONN_NAT);
+        r.idle_ms = 2_000;
+        assert_eq!(
+            install_persistence(&mut store, &plane, &[r], now).unwrap(),
+            1
+        );
+        let (&key, &p) = store.iter().next().unwrap();
+        assert_eq!(v4(&key.client), Ipv4Addr::new(198, 51, 100, 0), "the /24");
+        assert_eq!((p.server, p.last_seen_ns), (web2, now - 2_000_000_000));
+        // An older record, a close, or one of a service that is not sticky changes nothing.
+        r.idle_ms = 5_000;
+        let close = record(EVENT_CLOSE, CONN_NAT | CONN_FIN);
+        let mut other = record(EVENT_OPEN, CONN_NAT);
+        other.vip = "192.0.2.101:80".parse().unwrap();
+        other.server = "203.0.113.20:80".parse().unwrap();
+        assert_eq!(
+            install_persistence(&mut store, &plane, &[r, close, other], now).unwrap(),
+            0
+        );
+        assert_eq!(store.len(), 1);
+        // A later one of another client of the /24 renews it.
+        let mut later = record(EVENT_OPEN, CONN_NAT);
+        later.client = "198.51.100.200:5000".parse().unwrap();
+        assert_eq!(
+            install_persistence(&mut store, &plane, &[later], now).unwrap(),
+            1
+        );
+        assert_eq!(store[&key].last_seen_ns, now);
     }
 }

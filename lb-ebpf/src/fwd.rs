@@ -90,6 +90,7 @@ pub fn forward(
             }
             send(ctx, &hop)
         }
+        Some(Method::Local) => Outcome::Local,
         None => Outcome::Drop(Stat::DropNoRoute),
     }
 }
@@ -141,6 +142,7 @@ fn forward6(
             }
             send(ctx, &hop)
         }
+        Some(Method::Local) => Outcome::Local,
         None => Outcome::Drop(Stat::DropNoRoute),
     }
 }

@@ -48,6 +48,8 @@ use crate::{conn::*, decap::*, flows::*, fwd::*, icmp::*, maps::*, net::*, parse
 /// What happens to a packet; each maps to one XDP action and one outcome counter.
 enum Outcome {
     Pass,
+    /// To a `local` server: up this ATM's own stack, counted as forwarded.
+    Local,
     Tx,
     Redirect(u32),
     Drop(Stat),
@@ -78,6 +80,7 @@ fn finish(outcome: Outcome) -> u32 {
 fn settle(outcome: Outcome, packet: bool) -> u32 {
     let (stat, action) = match outcome {
         Outcome::Pass => (Some(Stat::Passed), xdp_action::XDP_PASS),
+        Outcome::Local => (Some(Stat::Forwarded), xdp_action::XDP_PASS),
         Outcome::Tx => (Some(Stat::Forwarded), xdp_action::XDP_TX),
         // SAFETY: plain helper call.
         Outcome::Redirect(ifindex) => (Some(Stat::Forwarded), unsafe {

@@ -188,6 +188,34 @@ pub fn request(timeout: Duration) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// One HTTP/1.0 request to the VIP's port 80 from source address `src` (held by the calling
+/// thread's namespace), all of it within `timeout`: the body, trimmed (a lab server's
+/// name), or why it failed.
+pub fn request_from(src: &str, timeout: Duration) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let fail = |what: &str, e: std::io::Error| format!("{what} from {src}: {e}");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| fail("socket", e))?;
+    let from: std::net::IpAddr = src.parse().map_err(|e| format!("{src:?}: {e}"))?;
+    sock.bind(&std::net::SocketAddr::new(from, 0).into())
+        .map_err(|e| fail("bind", e))?;
+    let vip = std::net::SocketAddr::new(VIP.parse().unwrap(), 80);
+    sock.connect_timeout(&vip.into(), timeout)
+        .map_err(|e| fail("connect", e))?;
+    let mut stream: std::net::TcpStream = sock.into();
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")
+        .map_err(|e| fail("send", e))?;
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).map_err(|e| fail("read", e))?;
+    let text = String::from_utf8_lossy(&got);
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        _ => Err(format!("from {src}: not a 200 answer: {text:?}")),
+    }
+}
+
 /// Downloads `/big` (the lab nginx's throttled 2 MB, about 12 s) through the VIP from the
 /// namespace named `client`, on a thread, setting `done` when the download ends either
 /// way: its length, whether every byte is as served, and how long it took.

@@ -1267,19 +1267,7 @@ fn netmask_persistence_holds_across_clients_of_one_prefix() {
     }
     let from = |src: &str| -> String {
         let _in = lab.ns("client").enter();
-        let sock =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        sock.bind(&std::net::SocketAddr::new(src.parse().unwrap(), 0).into())
-            .unwrap();
-        let vip = std::net::SocketAddr::new(cluster::VIP.parse().unwrap(), 80);
-        sock.connect_timeout(&vip.into(), Duration::from_secs(5))
-            .unwrap();
-        let stream: TcpStream = sock.into();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut c = Conn { stream };
-        c.get()
+        cluster::request_from(src, Duration::from_secs(5)).unwrap()
     };
     let first = from(cluster::CLIENT);
     for _ in 0..2 {
@@ -1389,4 +1377,58 @@ fn each_protocol_and_tcp_state_times_out_by_its_own_timeout_and_a_service_may_ov
     c.get();
     let open = left(c.port(), 80).expect("the connection's line");
     assert!((140..=150).contains(&open), "{open} s left");
+}
+
+/// TCL's `local` method: the primary ATM serves the service itself, its packets going up
+/// its own stack (which holds the VIP); `servers` shows it as `local`, at the VIP; its
+/// check goes to loopback.
+#[test]
+fn a_local_server_is_served_by_the_atm_itself() {
+    let (mut lab, path) = lab(1);
+    let atm = cluster::atm(1);
+    lab.nginx(&atm, &atm, &[80]);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[service.check]\nkind = \"none\"\n",
+        "[service.check]\nkind = \"tcp\"\ninterval_ms = 200\n\
+         [[service.server]]\nname = \"self\"\nmethod = \"local\"\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let d = start(&mut lab, &path);
+    let vip = format!("{}:80", cluster::VIP);
+    let local_line = || -> String {
+        d.cat("servers")
+            .lines()
+            .find(|l| l.contains(" local "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    lab.wait_for("the local server up by its check", START, || {
+        local_line().starts_with(&format!("tcp {vip} {vip} up 1 local "))
+    });
+    let served = |n: usize| -> Vec<String> {
+        let mut v: Vec<String> = (0..n).map(|_| Conn::open(&lab).get()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(
+        served(6),
+        vec![atm.clone(), "s1".to_string()],
+        "rr over both"
+    );
+    let list = d.cli_ok(&["list", "servers"]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains("self") && l.contains("local")),
+        "{list}"
+    );
+    // Its connections are counted like any server's.
+    let packets: u64 = local_line().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(packets > 0, "{}", local_line());
+    d.cli_ok(&["server", "disable", "http", "self"]);
+    assert_eq!(served(4), vec!["s1"]);
+    d.cli_ok(&["server", "enable", "http", "self"]);
+    d.cli_ok(&["server", "disable", "http", "web1"]);
+    assert_eq!(served(4), vec![atm.clone()], "the ATM alone");
 }

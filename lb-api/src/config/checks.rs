@@ -126,11 +126,14 @@ pub(super) fn check_across(cx: &mut Cx, a: &Across) {
 
     // The first server at each address, as (service, server) indices. A service with a
     // server at its own VIP was refused where it was read and is not here, so the server
-    // found at a VIP is always another service's.
+    // found at a VIP is always another service's. A local server (the ATM itself, at its
+    // service's VIP) is not at an address of its own.
     let mut servers_at: HashMap<IpAddr, (usize, usize)> = HashMap::new();
     for (i, s) in a.services.iter().enumerate() {
         for (j, server) in s.service.servers.iter().enumerate() {
-            servers_at.entry(server.address).or_insert((i, j));
+            if server.method != Method::Local {
+                servers_at.entry(server.address).or_insert((i, j));
+            }
         }
     }
 

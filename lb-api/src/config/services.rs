@@ -29,6 +29,7 @@ const METHODS: &[(&str, Method)] = &[
     ("nat", Method::Nat),
     ("direct", Method::Direct),
     ("tunnel", Method::Tunnel),
+    ("local", Method::Local),
 ];
 const PROTOCOLS: &[(&str, u8)] = &[("tcp", IPPROTO_TCP), ("udp", IPPROTO_UDP)];
 
@@ -99,7 +100,7 @@ pub(super) fn read_service(
     let mut seen_names: HashMap<String, usize> = HashMap::new();
     let mut seen_addrs: HashSet<(IpAddr, u16)> = HashSet::new();
     for (st, sline) in server_tables {
-        match read_server(cx, st, sline, service_port, nat) {
+        match read_server(cx, st, sline, service_port, vip.as_ref().map(|v| v.v), nat) {
             Some((s, address_line)) => {
                 if let Some(first) = seen_names.insert(s.name.clone(), sline) {
                     cx.err(
@@ -112,13 +113,16 @@ pub(super) fn read_service(
                     bad = true;
                 }
                 if !seen_addrs.insert((s.address, s.port)) {
-                    cx.err(
-                        sline,
+                    let what = if s.method == Method::Local {
+                        "a second local server: a service has one at most (the primary ATM)"
+                            .to_string()
+                    } else {
                         format!(
                             "duplicate server {} in this service",
                             SocketAddr::new(s.address, s.port)
-                        ),
-                    );
+                        )
+                    };
+                    cx.err(sline, what);
                     bad = true;
                 }
                 if let Some(v) = &vip
@@ -140,6 +144,7 @@ pub(super) fn read_service(
                 }
                 if let Some(v) = &vip
                     && v.v == s.address
+                    && s.method != Method::Local
                 {
                     cx.err(sline, format!("server {} is the VIP itself", s.address));
                     bad = true;
@@ -272,18 +277,38 @@ fn read_server(
     t: &dyn TableLike,
     line: usize,
     service_port: Option<u16>,
+    vip: Option<IpAddr>,
     nat: Result<Option<&Nat>, ()>,
 ) -> Option<(ServerCfg, usize)> {
     let mut tab = Tab::new(t, "[[service.server]]", line);
     let name = tab.name(cx);
-    let address = tab.ip(cx, "address", "a server's address");
+    let method = tab.choice(cx, "method", METHODS);
+    let method_bad = t.contains_key("method") && method.is_none();
+    let local = method.as_ref().is_some_and(|m| m.v == Method::Local);
+    // A local server is the primary ATM: it serves at the VIP, and is checked on loopback.
+    let address = if local {
+        for key in ["address", "ping"] {
+            if let Some((_, kline)) = tab.item(cx, key) {
+                cx.err(
+                    kline,
+                    format!(
+                        "`{key}` does not apply to a local server: it is the primary ATM \
+                         itself, serving at the VIP (its check goes to loopback)"
+                    ),
+                );
+                tab.finish(cx);
+                return None;
+            }
+        }
+        vip.map(|v| At { v, line })
+    } else {
+        tab.ip(cx, "address", "a server's address")
+    };
     let port = tab.int(cx, "port", 1..=65_535, "");
     let port_bad = t.contains_key("port") && port.is_none();
     let weight = tab.int(cx, "weight", WEIGHT_RANGE, "");
     let weight_bad = t.contains_key("weight") && weight.is_none();
-    let method = tab.choice(cx, "method", METHODS);
-    let method_bad = t.contains_key("method") && method.is_none();
-    let ping = tab.bool(cx, "ping");
+    let ping = if local { None } else { tab.bool(cx, "ping") };
     let ping_bad = t.contains_key("ping") && ping.is_none();
     let notify_up = tab.program(cx, "notify_up", "hook");
     let notify_down = tab.program(cx, "notify_down", "hook");
@@ -379,7 +404,7 @@ fn read_server(
             port: port_v,
             weight: weight.map(|w| w.v as u32).unwrap_or(1),
             method: m,
-            ping: ping.map(|p| p.v).unwrap_or(true),
+            ping: ping.map(|p| p.v).unwrap_or(!local),
             notify_up: notify_up.map(|p| p.v),
             notify_down: notify_down.map(|p| p.v),
             sorry: sorry.map(|s| s.v).unwrap_or(false),

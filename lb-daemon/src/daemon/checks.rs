@@ -245,12 +245,18 @@ pub(super) fn checks_for(
     (keep, checks, note)
 }
 
-/// Every server address of `config`, once each.
+/// Every server address of `config`, once each, whose neighbours the dataplane needs (not a
+/// local server's: its packets go up this ATM's own stack).
 pub(super) fn server_addrs(config: &Config) -> Vec<IpAddr> {
     config
         .services
         .iter()
-        .flat_map(|s| s.servers.iter().map(|v| v.address))
+        .flat_map(|s| {
+            s.servers
+                .iter()
+                .filter(|v| v.method != lb_common::Method::Local)
+                .map(|v| v.address)
+        })
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()

@@ -32,7 +32,7 @@ fn wants(config: &Config, mine: &[IpAddr]) -> (BTreeSet<IpAddr>, bool) {
                     vips.insert(s.vip);
                     tunnel = true;
                 }
-                Method::Nat => {}
+                Method::Nat | Method::Local => {}
             }
         }
     }

@@ -401,6 +401,10 @@ impl Daemon {
                         Ok(_) => {}
                         Err(e) => warn!("Connection sync: {e}"),
                     }
+                    let now = dataplane::now_ns();
+                    if let Err(e) = sync::install_persistence(&mut a.dp, &a.plane, &records, now) {
+                        warn!("Connection sync, persistence: {e}");
+                    }
                 }
             }
             Body::SyncRequest => {

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use lb_common::Method;
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::{
@@ -274,9 +275,16 @@ impl Checks {
                 if s.check.kind != CheckKind::None {
                     checks += 1;
                     let kind = s.check.kind.clone();
+                    // A local server (this ATM) on loopback: it holds the VIP only while
+                    // primary, and a backup's check of the VIP would reach the primary.
+                    let addr = match (v.method, v.address) {
+                        (Method::Local, IpAddr::V4(_)) => Ipv4Addr::LOCALHOST.into(),
+                        (Method::Local, IpAddr::V6(_)) => Ipv6Addr::LOCALHOST.into(),
+                        (_, a) => a,
+                    };
                     let ctx = CheckCtx {
                         service: s.name.clone(),
-                        addr: v.address,
+                        addr,
                         port: v.port,
                     };
                     tasks.push(tokio::spawn(run_check(
