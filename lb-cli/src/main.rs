@@ -113,6 +113,13 @@ enum Cmd {
     /// Write a new random auth key (32 bytes, mode 0600) for [cluster] auth_key_file, as
     /// corosync-keygen does; refuses to overwrite a file. Copy it to every ATM.
     Keygen { file: PathBuf },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell); the
+    /// Debian package installs bash's, zsh's and fish's.
+    Completions { shell: clap_complete::Shell },
+    /// Write lb-cli's manual pages (roff) into DIR: lb-cli.1 and one lb-cli-COMMAND.1 per
+    /// command, as the Debian package installs them.
+    #[command(hide = true)]
+    Manpage { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +156,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// lb-cli.1, and lb-cli-COMMAND.1 for each command that is not hidden.
+fn write_manpages(dir: &Path) -> Result<(), String> {
+    use clap::CommandFactory;
+    let write = |name: &str, cmd: clap::Command| -> Result<(), String> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = std::fs::File::create(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        clap_mangen::Man::new(cmd)
+            .render(&mut out)
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    };
+    let cli = Cli::command();
+    for sub in cli.get_subcommands().filter(|c| !c.is_hide_set()) {
+        // clap names commands with &'static str; these few live until lb-cli exits.
+        let name: &'static str = Box::leak(format!("lb-cli-{}", sub.get_name()).into_boxed_str());
+        write(name, sub.clone().name(name))?;
+    }
+    write("lb-cli", cli)
 }
 
 fn ask(socket: &Path, req: Request) -> Result<Response, String> {
@@ -313,6 +340,11 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             println!("{}", path.display());
         }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "lb-cli", &mut std::io::stdout());
+        }
+        Cmd::Manpage { dir } => write_manpages(&dir)?,
         Cmd::Keygen { file } => {
             keygen(&file)?;
             println!(

@@ -38,10 +38,20 @@ struct Args {
     /// native XDP misbehaves).
     #[arg(long, default_value = "auto", value_parser = ["auto", "driver", "generic"])]
     xdp_mode: String,
+    /// Print this manual page (roff) and exit, as the Debian package installs it.
+    #[arg(long, hide = true)]
+    manpage: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.manpage {
+        use clap::CommandFactory;
+        clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut std::io::stdout())?;
+        return Ok(());
+    }
     lb_daemon::logging::init(args.log_file.as_deref()).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

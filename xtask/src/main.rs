@@ -1,9 +1,11 @@
 //! `cargo xtask`: what cargo alone cannot do. `setup` installs the eBPF toolchain and the
 //! tools the labs use; `test` runs every test tier; `demo` shows the lab to a new user;
-//! `bench` measures lb against its peers (docs/BENCHMARKS.md).
+//! `package` builds the Debian package; `bench` measures lb against its peers
+//! (docs/BENCHMARKS.md).
 
 mod bench;
 mod demo;
+mod package;
 mod setup;
 mod util;
 
@@ -38,6 +40,17 @@ enum Cmd {
     /// Set up if needed (plus the peers: HAProxy, wrk, keepalived), then measure lb against
     /// them: per-path cost, growth, packets per second, HTTP, failover, control plane. Writes
     /// target/bench/results.{json,md} and prints the table. Needs root; about fifteen minutes.
+    /// Set up if needed, then build the Debian package: lb-daemon, lb-cli, the systemd unit,
+    /// the OCF agent, example configs, docs, man pages and shell completions. Writes
+    /// target/package/lb_VERSION_ARCH.deb (install with `apt-get install ./lb_*.deb`).
+    Package {
+        /// Package the debug build instead of a release build (the tests do, to save one).
+        #[arg(long)]
+        debug: bool,
+        /// The directory to write the .deb into.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
     Bench {
         /// Rounds per measurement (medians are reported).
         #[arg(long, default_value_t = 5)]
@@ -76,6 +89,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo { clean: true, .. } => demo::clean(),
         Cmd::Demo { keep, .. } => demo::run(keep),
+        Cmd::Package { debug, output } => package::run(&package::Opts { debug, output }).map(drop),
         Cmd::Bench { report: true, .. } => bench::report(),
         Cmd::Bench {
             rounds,

@@ -48,6 +48,14 @@ const PACKAGES: &[Package] = &[
         why: "the HTTP client the demo shows requests with",
     },
     Package {
+        name: "dpkg-dev",
+        why: "dpkg-shlibdeps, which works out the Debian package's library dependencies (cargo xtask package)",
+    },
+    Package {
+        name: "man-db",
+        why: "man, with which the package test reads the installed manual pages",
+    },
+    Package {
         name: "systemd",
         why: "systemd-analyze, with which the tests verify and rate dist/lb-daemon.service",
     },
