@@ -44,12 +44,23 @@ impl Daemon {
     /// Starts `lb-daemon --config CONFIG` in namespace `ns` with its log, socket and mount
     /// under the lab's directory, named after `ns`.
     pub fn start(lab: &mut Lab, ns: &str, config: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_program(lab, ns, &bin("lb-daemon"), config, extra)
+    }
+
+    /// [`Daemon::start`] with another lb-daemon than the one built here (an installed one).
+    pub fn start_program(
+        lab: &mut Lab,
+        ns: &str,
+        program: &Path,
+        config: &Path,
+        extra: &[&str],
+    ) -> Daemon {
         let dir = lab.dir();
         let log = dir.join(format!("{ns}.log"));
         let socket = dir.join(format!("{ns}.sock"));
         let mount = dir.join(format!("{ns}-tables"));
         let metrics = "127.0.0.1:9780".to_string();
-        let mut cmd = lab.ns(ns).command(bin("lb-daemon"));
+        let mut cmd = lab.ns(ns).command(program);
         cmd.arg("--config")
             .arg(config)
             .arg("--log-file")

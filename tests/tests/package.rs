@@ -9,7 +9,9 @@ use std::{
     process::{Command, Output},
 };
 
-use lb_tests::netns::unique_name;
+use std::time::Duration;
+
+use lb_tests::{cluster, lab::Lab, netns::unique_name, procs::Daemon};
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -138,6 +140,15 @@ fn the_package_installs_with_apt_and_brings_man_pages_completions_and_a_valid_un
         ours.join("\n")
     );
 
+    // The unit's program starts as an ATM and forwards (with a lab's config: the unit's
+    // own, /etc/lb/lb.toml, is the host's to write).
+    let program = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .and_then(|c| c.split(' ').next())
+        .unwrap();
+    served_by(Path::new(program));
+
     // The OCF agent where docs/HA.md says Pacemaker looks for ocf:lb:atm.
     let meta = stdout(
         Command::new("/usr/lib/ocf/resource.d/lb/atm")
@@ -150,4 +161,32 @@ fn the_package_installs_with_apt_and_brings_man_pages_completions_and_a_valid_un
     drop(installed);
     assert!(!Path::new("/usr/sbin/lb-daemon").exists());
     assert!(!unit.exists());
+}
+
+/// `program` runs as the ATM of a lab with one nginx server (direct routing), and a request
+/// to the VIP is answered through it.
+fn served_by(program: &Path) {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 1, 1);
+    let ns = cluster::server(1);
+    lab.nginx(&ns, &ns, &[80]);
+    cluster::hold_vip_on_lo(&lab, &ns, cluster::VIP);
+    let config = lab.dir().join("lb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nname = \"lab\"\n\n[[atm]]\nname = \"atm1\"\naddress = \"{}\"\n\
+             interface = \"eth0\"\n\n[[service]]\nname = \"http\"\nvip = \"{}\"\nport = 80\n\
+             [[service.server]]\nname = \"web1\"\naddress = \"{}\"\n",
+            cluster::atm_addr(1),
+            cluster::VIP,
+            cluster::server_addr(1)
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start_program(&mut lab, &cluster::atm(1), program, &config, &[]);
+    d.wait_log("This ATM is primary", Duration::from_secs(20));
+    let _in = lab.ns("client").enter();
+    let body = cluster::request(Duration::from_secs(5)).unwrap();
+    assert_eq!(body.trim(), ns, "answered through {}", program.display());
 }
