@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub config_differs: Vec<(String, bool)>,
     /// A real server's lb_decap counters by name (`DecapStat::NAMES`).
     pub decap: Vec<(&'static str, u64)>,
+    /// An ATM's idle timeouts in force, in seconds, by state (`tcp`, `tcp_fin`, `udp`).
+    pub timeouts: Vec<(&'static str, u32)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -52,9 +54,13 @@ pub struct ServerMetrics {
     pub port: u16,
     pub up: bool,
     pub weight: u32,
+    /// direct, tunnel, nat or local.
+    pub method: &'static str,
     pub packets: u64,
     pub bytes: u64,
     pub active: u64,
+    /// Live connections that have seen a FIN or RST (IPVS's InActConn).
+    pub inactive: u64,
 }
 
 /// A counter family `lb_NAME` (NAME ends in `_total`) with HELP `help`, registered in `r`.
@@ -172,6 +178,20 @@ pub fn render(s: &Snapshot) -> String {
         "Live connections on a server",
         SERVER,
     );
+    let vi = gauges(
+        &r,
+        "server_inactive_connections",
+        "Live connections on a server that have seen a FIN or RST (IPVS's InActConn)",
+        SERVER,
+    );
+    let mut info_labels = SERVER.to_vec();
+    info_labels.push("method");
+    let vinfo = gauges(
+        &r,
+        "server_info",
+        "1 for each server line, with its forwarding method",
+        &info_labels,
+    );
     for v in &s.servers {
         let port = v.port.to_string();
         let l = [v.service.as_str(), &v.server, &v.address, &port];
@@ -180,6 +200,21 @@ pub fn render(s: &Snapshot) -> String {
         vu.with_label_values(&l).set(v.up as i64);
         vw.with_label_values(&l).set(v.weight as i64);
         va.with_label_values(&l).set(v.active as i64);
+        vi.with_label_values(&l).set(v.inactive as i64);
+        vinfo
+            .with_label_values(&[l[0], l[1], l[2], l[3], v.method])
+            .set(1);
+    }
+
+    let timeouts = gauges(
+        &r,
+        "connection_timeout_seconds",
+        "The cluster's idle timeout in force by state (the timeouts table; a service may \
+         have its own)",
+        &["node", "state"],
+    );
+    for (state, v) in &s.timeouts {
+        timeouts.with_label_values(&[node, state]).set(*v as i64);
     }
 
     let rej = counters(
@@ -280,12 +315,15 @@ mod tests {
                 port: 80,
                 up: true,
                 weight: 2,
+                method: "local",
                 packets: 10,
                 bytes: 1000,
                 active: 3,
+                inactive: 1,
             }],
             ha_rejected: vec![("replay", 2)],
             config_differs: vec![("atm2".into(), true)],
+            timeouts: vec![("tcp", 900), ("tcp_fin", 120), ("udp", 300)],
         }
     }
 
@@ -311,6 +349,22 @@ mod tests {
         );
         assert!(
             t.contains("lb_active_connections{node=\"atm1\"} 3\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lb_connection_timeout_seconds{node=\"atm1\",state=\"tcp_fin\"} 120\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "lb_server_info{address=\"192.0.2.11\",method=\"local\",port=\"80\",server=\"web1\",service=\"http\"} 1\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "lb_server_inactive_connections{address=\"192.0.2.11\",port=\"80\",server=\"web1\",service=\"http\"} 1\n"
+            ),
             "{t}"
         );
         assert!(
@@ -348,7 +402,7 @@ mod tests {
                 families.push(name);
             }
         }
-        assert_eq!(families.len(), 15, "{t}");
+        assert_eq!(families.len(), 18, "{t}");
         for name in families {
             assert!(
                 t.contains(&format!("# HELP {name} ")),

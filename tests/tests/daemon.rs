@@ -1372,6 +1372,12 @@ fn each_protocol_and_tcp_state_times_out_by_its_own_timeout_and_a_service_may_ov
         "150 3 60\n",
         "a bad write changes nothing"
     );
+    let m = d.scrape(&lab);
+    assert!(
+        m.contains("lb_connection_timeout_seconds{node=\"atm1\",state=\"tcp\"} 150\n")
+            && m.contains("lb_connection_timeout_seconds{node=\"atm1\",state=\"tcp_fin\"} 3\n"),
+        "{m}"
+    );
     // The new tcp timeout applies to connections at once.
     let mut c = Conn::open(&lab);
     c.get();
@@ -1422,6 +1428,13 @@ fn a_local_server_is_served_by_the_atm_itself() {
         list.lines()
             .any(|l| l.contains("self") && l.contains("local")),
         "{list}"
+    );
+    let m = d.scrape(&lab);
+    assert!(
+        m.lines().any(|l| l.starts_with("lb_server_info{")
+            && l.contains("method=\"local\"")
+            && l.contains("server=\"self\"")),
+        "{m}"
     );
     // Its connections are counted like any server's.
     let packets: u64 = local_line().rsplit(' ').next().unwrap().parse().unwrap();

@@ -555,10 +555,12 @@ impl Daemon {
         if let Some(Ok(c)) = self.decap_counters() {
             snap.decap = DecapStat::NAMES.iter().copied().zip(c).collect();
         }
-        if let Some(a) = self.part.atm()
-            && let Ok(s) = a.dp.stats()
-        {
-            snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
+        if let Some(a) = self.part.atm() {
+            if let Ok(s) = a.dp.stats() {
+                snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
+            }
+            let t = &self.timeouts;
+            snap.timeouts = vec![("tcp", t.tcp), ("tcp_fin", t.tcp_fin()), ("udp", t.udp())];
         }
         snap
     }
@@ -587,9 +589,11 @@ pub(super) fn fill_lines(
                 port: v.port,
                 up: plane.up(&lk),
                 weight: plane.weight(&lk, v.weight),
+                method: v.method.name(),
                 packets: sc.packets,
                 bytes: sc.bytes,
                 active: 0,
+                inactive: 0,
             });
         }
         snap.services.push(metrics::ServiceMetrics {
@@ -793,14 +797,10 @@ pub(super) fn fill_active(
     all: &[(FlowKey, Connection)],
     expiry: &Expiry,
 ) {
-    let now = dataplane::now_ns();
-    let mut by_index: HashMap<u32, u64> = HashMap::new();
-    for (_, c) in all.iter().filter(|(k, c)| active(k, c, now, expiry)) {
-        *by_index.entry(c.server).or_default() += 1;
-    }
-    snap.active_connections = by_index.values().sum();
+    let by_index = conns_by_server(all, expiry);
+    snap.active_connections = by_index.values().map(|c| c.0).sum();
     for (m, (service, index)) in snap.servers.iter_mut().zip(lines) {
-        m.active = by_index.get(index).copied().unwrap_or(0);
+        (m.active, m.inactive) = by_index.get(index).copied().unwrap_or_default();
         if let Some(svc) = snap.services.get_mut(*service) {
             svc.active += m.active;
         }
