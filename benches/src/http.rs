@@ -216,6 +216,9 @@ fn service(method: Method, backends: &[&str]) -> ServiceSpec {
         persistence_prefix: 0,
         timeout_s: 0,
         fin_timeout_s: 0,
+        max_new_per_sec: 0,
+        max_new_per_src: 0,
+        limit_prefix: 0,
         servers: backends
             .iter()
             .enumerate()

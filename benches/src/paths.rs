@@ -170,6 +170,9 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
         persistence_prefix: 0,
         timeout_s: 0,
         fin_timeout_s: 0,
+        max_new_per_sec: 0,
+        max_new_per_src: 0,
+        limit_prefix: 0,
         servers: (0..servers)
             .map(|i| {
                 let (addr, sport) = match method {
@@ -753,6 +756,9 @@ pub fn capacity(services: u32, per: u32) -> Result<()> {
             persistence_prefix: 0,
             timeout_s: 0,
             fin_timeout_s: 0,
+            max_new_per_sec: 0,
+            max_new_per_src: 0,
+            limit_prefix: 0,
             servers: (0..per)
                 .map(|j| ServerSpec {
                     index: id * per + j,

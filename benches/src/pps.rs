@@ -223,6 +223,9 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                     persistence_prefix: 0,
                     timeout_s: 0,
                     fin_timeout_s: 0,
+                    max_new_per_sec: 0,
+                    max_new_per_src: 0,
+                    limit_prefix: 0,
                     servers: vec![ServerSpec {
                         index: 0,
                         addr: if v6 { SINK6.into() } else { SINK.into() },

@@ -35,6 +35,12 @@ pub mod maps {
     pub const CONNECTIONS: &str = "connections";
     /// LRU: [`super::PersistKey`] -> [`super::Persist`].
     pub const PERSISTENCE: &str = "persistence";
+    /// Per service id: the theoretical arrival time of its next new connection under
+    /// `max_new_per_sec` (see `crate::rate`).
+    pub const NEW_RATE: &str = "new_rate";
+    /// LRU: [`super::PersistKey`] (the client prefix, the service) -> the same per client
+    /// prefix, under `max_new_per_sec_per_source`.
+    pub const SOURCE_RATE: &str = "source_rate";
     /// Per-CPU global counters indexed by [`super::Stat`].
     pub const STAT: &str = "stat";
     /// Per-CPU [`super::Counters`] per service id.
@@ -325,6 +331,11 @@ pub struct Service {
     pub table_len: u32,
     /// Seconds a client sticks to its server; 0 = not sticky.
     pub persistence_s: u32,
+    /// `max_new_per_sec` as the time between two new connections, in ns (a burst of one
+    /// second's worth allowed: see `lb_common::rate`); 0 = no limit.
+    pub new_interval_ns: u32,
+    /// The same per client prefix (`max_new_per_sec_per_source`); 0 = no limit.
+    pub src_interval_ns: u32,
     /// A [`Sched`] value.
     pub sched: u8,
     /// `SERVICE_*` bits.
@@ -332,13 +343,15 @@ pub struct Service {
     /// Persistence by client prefix: the bits of the client address that name its entry
     /// (of the IPv4 address for an IPv4 service); 0 = the whole address.
     pub persist_prefix: u8,
-    pub _pad: u8,
+    /// The client prefix that `src_interval_ns` limits together (`rate_limit_prefix`; of
+    /// the IPv4 address for an IPv4 service).
+    pub limit_prefix: u8,
     /// The pages of `sched_table` that hold the row, in order; the first
     /// `table_len.div_ceil(RING_PAGE)` are used. A new row goes into fresh pages and is
     /// published with this record, in one update: lb_xdp sees the old row or the new one.
     pub pages: [u16; RING_PAGES_MAX],
 }
-const _: () = assert!(core::mem::size_of::<Service>() == 16 + 2 * RING_PAGES_MAX);
+const _: () = assert!(core::mem::size_of::<Service>() == 24 + 2 * RING_PAGES_MAX);
 
 /// [`Service::flags`]: UDP one-packet scheduling: every datagram is scheduled alone and
 /// leaves no connection entry (IPVS's `--ops`).
@@ -350,10 +363,12 @@ impl Default for Service {
             id: 0,
             table_len: 0,
             persistence_s: 0,
+            new_interval_ns: 0,
+            src_interval_ns: 0,
             sched: 0,
             flags: 0,
             persist_prefix: 0,
-            _pad: 0,
+            limit_prefix: 0,
             pages: [0; RING_PAGES_MAX],
         }
     }
@@ -741,10 +756,14 @@ pub enum Stat {
     /// Packets of no known connection sent on to the other ATM of a planned handover
     /// (`Settings::peer_addr`), which made the connection (also counted as forwarded).
     ToPeer,
+    /// Outcome: the first packet of a new connection over its service's
+    /// `max_new_per_sec` or `max_new_per_sec_per_source` (established ones are never
+    /// limited).
+    DropRateLimited,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::ToPeer as u32 + 1;
+    pub const COUNT: u32 = Stat::DropRateLimited as u32 + 1;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Packets,
         Stat::VipPackets,
@@ -767,6 +786,7 @@ impl Stat {
         Stat::Tagged,
         Stat::DropFenced,
         Stat::ToPeer,
+        Stat::DropRateLimited,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -791,10 +811,11 @@ impl Stat {
             Stat::Tagged => "tagged",
             Stat::DropFenced => "drop_fenced",
             Stat::ToPeer => "to_peer",
+            Stat::DropRateLimited => "drop_rate_limited",
         }
     }
     /// The drop outcomes, whose sum is the `stat` table's "dropped".
-    pub const DROPS: [Stat; 10] = [
+    pub const DROPS: [Stat; 11] = [
         Stat::DropMalformed,
         Stat::DropFragment,
         Stat::DropNoServer,
@@ -805,6 +826,7 @@ impl Stat {
         Stat::DropOrphaned,
         Stat::DropNoConnection,
         Stat::DropFenced,
+        Stat::DropRateLimited,
     ];
 }
 

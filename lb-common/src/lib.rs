@@ -13,6 +13,7 @@ pub mod csum;
 pub mod flow_cache;
 pub mod hash;
 pub mod nat;
+pub mod rate;
 pub mod ring;
 #[cfg(feature = "std")]
 pub mod sched;

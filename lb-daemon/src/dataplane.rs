@@ -229,6 +229,8 @@ impl Dataplane {
             .map_max_entries(maps::RR_CURSOR, caps.services)
             .map_max_entries(maps::CONNECTIONS, caps.connections)
             .map_max_entries(maps::PERSISTENCE, caps.connections)
+            .map_max_entries(maps::NEW_RATE, caps.services)
+            .map_max_entries(maps::SOURCE_RATE, caps.connections)
             .map_max_entries(maps::SERVICE_STATS, caps.services)
             .map_max_entries(maps::SERVER_STATS, caps.servers)
             .map_max_entries(maps::SERVER_LOAD, caps.servers)

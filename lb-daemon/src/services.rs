@@ -455,6 +455,9 @@ impl Plane {
             persistence_prefix: s.persistence_netmask,
             timeout_s: s.timeouts.idle.unwrap_or(0),
             fin_timeout_s: s.timeouts.fin.unwrap_or(0),
+            max_new_per_sec: s.max_new_per_sec,
+            max_new_per_src: s.max_new_per_sec_per_source,
+            limit_prefix: s.rate_limit_prefix,
             servers: s
                 .servers
                 .iter()

@@ -9,9 +9,10 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use core::ptr::NonNull;
 use lb_common::{
-    nat, Addr, ConnEvent, Connection, FlowKey, Method, Server, Service, Settings, Stat, CONN_FIN,
-    CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS, EVENT_CLOSE,
-    EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SERVICE_ONE_PACKET, SETTINGS_SYNC,
+    nat, Addr, ConnEvent, Connection, FlowKey, Method, PersistKey, Server, Service, Settings, Stat,
+    CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS,
+    EVENT_CLOSE, EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SERVICE_ONE_PACKET,
+    SETTINGS_SYNC,
 };
 
 use crate::{finish, flows::*, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
@@ -100,6 +101,9 @@ pub fn to_service(
     let fin_rst = tcp_end_flags(l4.flags);
     let mut nat_addr = 0u32;
     let mut nat_port = 0u16;
+    if (svc.new_interval_ns | svc.src_interval_ns) != 0 && !within_limits(svc, key, ip.v6, now) {
+        return Outcome::Drop(Stat::DropRateLimited);
+    }
     let Some(id) = pick_server(svc, &key, ip.v6, now) else {
         return Outcome::Drop(Stat::DropNoServer);
     };
@@ -191,6 +195,60 @@ pub fn to_service(
     }
     next.nat_port = nat_port;
     Outcome::Action(FORWARD)
+}
+
+/// Whether a new connection of `svc` from `key`'s client is within the service's limits:
+/// its client prefix's (`max_new_per_sec_per_source`) first, so a flood from one prefix is
+/// turned away before it spends the whole service's (`max_new_per_sec`). A BPF function
+/// of its own: its key and its buckets stay off to_service's frame.
+#[inline(never)]
+fn within_limits(svc: &Service, key: &FlowKey, v6: bool, now: u64) -> bool {
+    if svc.src_interval_ns != 0 {
+        let Some(pkey) = LIMIT_KEY.get_ptr_mut(0) else {
+            return true;
+        };
+        // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
+        let pkey = unsafe { &mut *pkey };
+        pkey.client = key.src.masked(svc.limit_prefix, v6);
+        pkey.service = svc.id;
+        let pkey: &PersistKey = pkey;
+        let interval = svc.src_interval_ns as u64;
+        match SOURCE_RATE.get_ptr_mut(pkey) {
+            Some(tat) => {
+                if !take(tat, now, interval) {
+                    return false;
+                }
+            }
+            None => {
+                // A prefix not seen lately starts with a full burst (racing CPUs may both
+                // insert: one more connection let through, not fewer).
+                let _ = SOURCE_RATE.insert(pkey, &(now + interval), 0);
+            }
+        }
+    }
+    if svc.new_interval_ns != 0 {
+        if let Some(tat) = NEW_RATE.get_ptr_mut(svc.id) {
+            return take(tat, now, svc.new_interval_ns as u64);
+        }
+    }
+    true
+}
+
+/// Takes one connection from the bucket whose TAT is at `tat` (a map value): one
+/// compare-and-swap; a CPU that loses the race to another one is let through.
+#[inline(always)]
+fn take(tat: *mut u64, now: u64, interval: u64) -> bool {
+    // SAFETY: an aligned u64 in map memory.
+    let seen = unsafe { core::ptr::read_volatile(tat) };
+    let Some(next) = lb_common::rate::admit(seen, now, interval) else {
+        return false;
+    };
+    // SAFETY: as above.
+    unsafe {
+        use core::intrinsics::AtomicOrdering::SeqCst;
+        core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(tat, seen, next);
+    }
+    true
 }
 
 /// What becomes of a packet that belongs to no known connection and cannot open one (a NAT

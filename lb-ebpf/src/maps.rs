@@ -93,6 +93,16 @@ pub static CONNECTIONS: LruHashMap<FlowKey, Connection> =
 pub static PERSISTENCE: LruHashMap<PersistKey, Persist> =
     LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
 
+/// Service id -> the TAT of its next new connection under `max_new_per_sec`
+/// (`lb_common::rate`).
+#[map(name = "new_rate")]
+pub static NEW_RATE: Array<u64> = Array::with_max_entries(DEFAULT_SERVICES, 0);
+
+/// (client prefix, service) -> the same under `max_new_per_sec_per_source`.
+#[map(name = "source_rate")]
+pub static SOURCE_RATE: LruHashMap<PersistKey, u64> =
+    LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
+
 /// Global per-CPU counters: one `StatBlock`, indexed by `Stat`.
 #[map(name = "stat")]
 static STAT: PerCpuArray<StatBlock> = PerCpuArray::with_max_entries(1, 0);
@@ -153,6 +163,10 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// and the scratch area can be borrowed at once.
 #[map(name = "flow_keys")]
 pub static KEYS: PerCpuArray<[FlowKey; 3]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The key of a `source_rate` lookup being made (the stack has no room for it).
+#[map(name = "limit_key")]
+pub static LIMIT_KEY: PerCpuArray<PersistKey> = PerCpuArray::with_max_entries(1, 0);
 
 /// The key of a `services` lookup being made, here rather than on the stack: `lb_xdp`'s
 /// frame and that of the BPF function it calls must fit 512 bytes together.

@@ -188,6 +188,33 @@ pub fn request(timeout: Duration) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// One HTTP/1.1 request on a keep-alive connection `s`: the body, trimmed (a lab server's
+/// name). Panics if the connection was closed or the answer does not come.
+pub fn get_on(s: &mut std::net::TcpStream) -> String {
+    use std::io::{Read, Write};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = s.read(&mut chunk).expect("read a response");
+        assert!(n > 0, "the keep-alive connection was closed");
+        buf.extend_from_slice(&chunk[..n]);
+        let t = String::from_utf8_lossy(&buf).to_string();
+        if let Some(end) = t.find("\r\n\r\n") {
+            let len: usize = t[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            if buf.len() >= end + 4 + len {
+                return t[end + 4..end + 4 + len].trim().to_string();
+            }
+        }
+    }
+}
+
 /// One HTTP/1.0 request to the VIP's port 80 from source address `src` (held by the calling
 /// thread's namespace), all of it within `timeout`: the body, trimmed (a lab server's
 /// name), or why it failed.

@@ -6,4 +6,5 @@ pub mod fixture;
 pub mod lab;
 pub mod netns;
 pub mod procs;
+pub mod raw;
 pub mod xdp_pass;

@@ -2,7 +2,7 @@
 //! FUSE mount and lb-cli, writes to them, reloads, idle mode, and /metrics.
 
 use std::{
-    io::{Read, Write},
+    io::Read,
     net::{TcpStream, UdpSocket},
     path::{Path, PathBuf},
     time::Duration,
@@ -111,29 +111,7 @@ impl Conn {
     }
     /// One request; the body (the server's name).
     fn get(&mut self) -> String {
-        self.stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")
-            .unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 512];
-        loop {
-            let n = self.stream.read(&mut chunk).expect("read a response");
-            assert!(n > 0, "connection closed");
-            buf.extend_from_slice(&chunk[..n]);
-            let t = String::from_utf8_lossy(&buf).to_string();
-            if let Some(end) = t.find("\r\n\r\n") {
-                let len: usize = t[..end]
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Content-Length: "))
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap();
-                if buf.len() >= end + 4 + len {
-                    return t[end + 4..end + 4 + len].trim().to_string();
-                }
-            }
-        }
+        cluster::get_on(&mut self.stream)
     }
 }
 

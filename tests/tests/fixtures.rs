@@ -17,7 +17,9 @@ use lb_daemon::dataplane::{
     Capacities, Dataplane, ServerSpec, ServiceSpec, enable_fib_lookup, now_ns,
 };
 use lb_tests::{
-    fixture::{Fixture, Rng, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, frames::*},
+    fixture::{
+        Fixture, Rng, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, action_name, decode, frames::*,
+    },
     lab::Lab,
 };
 
@@ -101,6 +103,9 @@ fn service(
         persistence_prefix: 0,
         timeout_s: 0,
         fin_timeout_s: 0,
+        max_new_per_sec: 0,
+        max_new_per_src: 0,
+        limit_prefix: 0,
         servers,
     }
 }
@@ -1262,6 +1267,62 @@ fn idle_connections_count_as_new_and_down_servers_lose_theirs() {
             .output(ipip(&f, b.server_addr(row[0]).0)),
     ]);
     assert_eq!(b.dp.stats().unwrap().get(Stat::NewConns), 3);
+}
+
+/// `max_new_per_sec_per_source` and `max_new_per_sec`: a client prefix's new connections
+/// past its burst are dropped and counted, then the service's past its own; packets of the
+/// connections let in go on.
+#[test]
+fn new_connections_over_a_services_limits_are_dropped_and_established_ones_go_on() {
+    pin_to_cpu0();
+    let b = Bench::new();
+    let mut spec = b.spec(HTTP).1.clone();
+    // Bursts of one second's worth: 2 per /24, 3 for the service.
+    spec.max_new_per_sec = 3;
+    spec.max_new_per_src = 2;
+    spec.limit_prefix = 24;
+    let mut b = b;
+    b.dp.install(HTTP, &spec).unwrap();
+    let syn = |src: [u8; 4], sport: u16| tcp(ROUTER_MAC, LB_MAC, src, sport, VIP, 80, SYN, b"");
+    let other = |last: u8| [192, 0, 2, last];
+    let steps = [
+        ("the /24's first", syn(CLIENT, 41001), XDP_TX),
+        ("the /24's second", syn(CLIENT, 41002), XDP_TX),
+        (
+            "another of the /24: over its limit",
+            syn([198, 51, 100, 8], 41003),
+            XDP_DROP,
+        ),
+        (
+            "the first connection's next packet",
+            from_client(41001, VIP, 80, ACK, b"data"),
+            XDP_TX,
+        ),
+        ("another /24's first", syn(other(77), 41004), XDP_TX),
+        (
+            "that /24's second: over the service's limit",
+            syn(other(78), 41005),
+            XDP_DROP,
+        ),
+        (
+            "a retransmitted SYN of a connection let in",
+            syn(CLIENT, 41002),
+            XDP_TX,
+        ),
+    ];
+    for (what, frame, want) in steps {
+        let (got, _) = b.once(&frame);
+        assert_eq!(
+            action_name(got),
+            action_name(want),
+            "{what}: {}",
+            decode(&frame)
+        );
+    }
+    let st = b.dp.stats().unwrap();
+    assert_eq!(st.get(Stat::DropRateLimited), 2);
+    assert_eq!(st.get(Stat::NewConns), 3);
+    assert_eq!(st.dropped(), 2, "counted among the drops");
 }
 
 #[test]

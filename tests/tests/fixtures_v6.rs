@@ -63,6 +63,9 @@ fn spec(vip: IpAddr, port: u16, proto: u8, sched: Sched, servers: Vec<ServerSpec
         persistence_prefix: 0,
         timeout_s: 0,
         fin_timeout_s: 0,
+        max_new_per_sec: 0,
+        max_new_per_src: 0,
+        limit_prefix: 0,
         servers,
     }
 }

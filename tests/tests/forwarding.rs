@@ -94,6 +94,9 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
         persistence_prefix: 0,
         timeout_s: 0,
         fin_timeout_s: 0,
+        max_new_per_sec: 0,
+        max_new_per_src: 0,
+        limit_prefix: 0,
         servers: servers.clone(),
     };
     let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");

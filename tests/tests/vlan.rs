@@ -18,7 +18,12 @@ use lb_tests::{
     fixture::frames::{self, Mac},
     lab::Lab,
     procs::Daemon,
+    raw::{FrameSender, mac_of},
 };
+
+fn mac(lab: &Lab, ns: &str) -> Mac {
+    mac_of(lab, ns, "eth0")
+}
 
 const START: Duration = Duration::from_secs(20);
 /// 802.1Q-tagged SYNs sent, then 802.1ad-tagged ones.
@@ -82,15 +87,6 @@ fn get(lab: &Lab) -> String {
     s.read_to_string(&mut text).expect("read the response");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     text.rsplit("\r\n\r\n").next().unwrap().trim().to_string()
-}
-
-fn mac(lab: &Lab, ns: &str) -> Mac {
-    let text = lab.ns(ns).exec_ok(&["cat", "/sys/class/net/eth0/address"]);
-    let mut m = [0u8; 6];
-    for (b, h) in m.iter_mut().zip(text.trim().split(':')) {
-        *b = u8::from_str_radix(h, 16).unwrap();
-    }
-    m
 }
 
 /// `frame` with a VLAN tag (`tpid`, VLAN `vid`) after its MAC addresses.
@@ -199,17 +195,7 @@ fn tagged_counter(lab: &Lab, d: &Daemon) -> u64 {
 /// (VLAN 100), then [`DOT1AD`] with an 802.1ad one (VLAN 200).
 fn send_tagged_syns(lab: &Lab) {
     let (client, atm) = (mac(lab, "client"), mac(lab, &cluster::atm(1)));
-    let ifindex = lab.ns("client").ifindex("eth0");
-    let _in = lab.ns("client").enter();
-    // SAFETY: plain socket(2); protocol 0: it only sends.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    assert!(
-        fd >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let out = FrameSender::open(lab, "client", "eth0");
     let src: Ipv4Addr = cluster::CLIENT.parse().unwrap();
     let vip: Ipv4Addr = cluster::VIP.parse().unwrap();
     for i in 0..DOT1Q + DOT1AD {
@@ -228,29 +214,7 @@ fn send_tagged_syns(lab: &Lab) {
         } else {
             tagged(&syn, 0x88a8, 200)
         };
-        // SAFETY: as above.
-        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_ifindex = ifindex as i32;
-        to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&atm);
-        // SAFETY: frame and to are valid for the sizes given.
-        let sent = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            sent,
-            frame.len() as isize,
-            "send: {}",
-            std::io::Error::last_os_error()
-        );
+        out.send(&frame);
     }
 }
 

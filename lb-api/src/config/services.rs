@@ -31,6 +31,8 @@ const METHODS: &[(&str, Method)] = &[
     ("tunnel", Method::Tunnel),
     ("local", Method::Local),
 ];
+/// New connections a second a service or a client prefix may open.
+const RATE_RANGE: std::ops::RangeInclusive<i64> = 1..=100_000_000;
 const PROTOCOLS: &[(&str, u8)] = &[("tcp", IPPROTO_TCP), ("udp", IPPROTO_UDP)];
 
 pub(super) fn read_service(
@@ -60,6 +62,17 @@ pub(super) fn read_service(
     bad |= t.contains_key("persistence_netmask") && netmask.is_none();
     let one_packet = tab.bool(cx, "one_packet");
     bad |= t.contains_key("one_packet") && one_packet.is_none();
+    let max_new = tab.int(cx, "max_new_per_sec", RATE_RANGE, " connections a second");
+    bad |= t.contains_key("max_new_per_sec") && max_new.is_none();
+    let max_new_src = tab.int(
+        cx,
+        "max_new_per_sec_per_source",
+        RATE_RANGE,
+        " connections a second",
+    );
+    bad |= t.contains_key("max_new_per_sec_per_source") && max_new_src.is_none();
+    let limit_prefix = tab.int(cx, "rate_limit_prefix", 1..=128, " bits");
+    bad |= t.contains_key("rate_limit_prefix") && limit_prefix.is_none();
     if let Some(o) = &one_packet
         && o.v
         && proto.as_ref().map(|p| p.v) != Some(IPPROTO_UDP)
@@ -204,6 +217,41 @@ pub(super) fn read_service(
             bad = true;
         }
     }
+    if let Some(p) = &limit_prefix {
+        if max_new_src.is_none() {
+            cx.err(
+                p.line,
+                "`rate_limit_prefix` needs `max_new_per_sec_per_source` (the new connections a \
+                 client prefix may open a second)",
+            );
+            bad = true;
+        } else if let Some(v) = &vip
+            && v.v.is_ipv4()
+            && p.v > 32
+        {
+            cx.err(
+                p.line,
+                format!(
+                    "`rate_limit_prefix` = {} is longer than an IPv4 address (1 to 32 bits)",
+                    p.v
+                ),
+            );
+            bad = true;
+        }
+    }
+    if let (Some(all), Some(one)) = (&max_new, &max_new_src)
+        && one.v > all.v
+    {
+        cx.err(
+            one.line,
+            format!(
+                "`max_new_per_sec_per_source` = {} is above the service's `max_new_per_sec` = {} \
+                 (line {}): a client prefix could never reach it",
+                one.v, all.v, all.line
+            ),
+        );
+        bad = true;
+    }
     let real = servers.iter().filter(|s| !s.sorry).count();
     if !bad && !servers.is_empty() && real == 0 {
         cx.err(
@@ -259,6 +307,11 @@ pub(super) fn read_service(
             notify_down: notify_down.ok().flatten().map(|p| p.v),
             one_packet: one_packet.is_some_and(|o| o.v),
             persistence_netmask: netmask.as_ref().map_or(0, |n| n.v as u8),
+            max_new_per_sec: max_new.as_ref().map_or(0, |m| m.v as u32),
+            max_new_per_sec_per_source: max_new_src.as_ref().map_or(0, |m| m.v as u32),
+            rate_limit_prefix: limit_prefix
+                .as_ref()
+                .map_or(if vip.v.is_ipv4() { 24 } else { 64 }, |p| p.v as u8),
             quorum: quorum.as_ref().map(|q| q.v as u32).unwrap_or(1),
             hysteresis: hysteresis.as_ref().map(|h| h.v as u32).unwrap_or(0),
             timeouts: timeouts.map_or_else(ServiceTimeouts::default, |t| ServiceTimeouts {

@@ -382,6 +382,13 @@ pub struct ServiceCfg {
     pub hysteresis: u32,
     /// Its own idle timeouts, if any.
     pub timeouts: ServiceTimeouts,
+    /// New connections a second the whole service accepts (`max_new_per_sec`); 0 = no limit.
+    pub max_new_per_sec: u32,
+    /// The same per client prefix (`max_new_per_sec_per_source`); 0 = no limit.
+    pub max_new_per_sec_per_source: u32,
+    /// The client prefix that limit counts together (`rate_limit_prefix`): 24 for an IPv4
+    /// service, 64 for IPv6, unless set.
+    pub rate_limit_prefix: u8,
 }
 
 impl ServiceCfg {

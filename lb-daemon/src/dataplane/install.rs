@@ -143,6 +143,9 @@ impl Dataplane {
             persistence_s: spec.persistence_s,
             sched: spec.sched as u8,
             persist_prefix: spec.persistence_prefix,
+            new_interval_ns: lb_common::rate::interval_ns(spec.max_new_per_sec),
+            src_interval_ns: lb_common::rate::interval_ns(spec.max_new_per_src),
+            limit_prefix: spec.limit_prefix,
             flags: if spec.one_packet {
                 lb_common::SERVICE_ONE_PACKET
             } else {
@@ -239,6 +242,11 @@ pub struct ServiceSpec {
     /// 0: the cluster's.
     pub timeout_s: u32,
     pub fin_timeout_s: u32,
+    /// New-connection limits a second (`max_new_per_sec`, `..._per_source`); 0 = none.
+    pub max_new_per_sec: u32,
+    pub max_new_per_src: u32,
+    /// The client prefix the per-source limit counts together.
+    pub limit_prefix: u8,
     pub servers: Vec<ServerSpec>,
 }
 
@@ -286,6 +294,9 @@ mod tests {
             persistence_prefix: 0,
             timeout_s: 0,
             fin_timeout_s: 0,
+            max_new_per_sec: 0,
+            max_new_per_src: 0,
+            limit_prefix: 0,
             servers,
         }
     }
