@@ -28,6 +28,7 @@ fn render(c: &mut Criterion) {
             timeout: 99,
             server: (Ipv4Addr::new(192, 0, 2, 11 + (i % 3) as u8).into(), 80),
             packets: i as u64,
+            state: "ESTABLISHED",
         })
         .collect();
     let mut g = c.benchmark_group("tables");

@@ -207,8 +207,8 @@ pub struct ServerLine {
     /// Its live connections that have seen no FIN or RST (IPVS's ActiveConn).
     #[serde(default)]
     pub active: u64,
-    /// Its live connections that are closing: FIN or RST seen, kept until they time out
-    /// (IPVS's InActConn).
+    /// Its live connections that are half-open (only SYNs from the client yet) or closing
+    /// (FIN or RST seen, kept until they time out): IPVS's InActConn.
     #[serde(default)]
     pub inactive: u64,
 }
@@ -224,6 +224,9 @@ pub struct ConnectionLine {
     pub timeout: u64,
     pub server: SocketAddr,
     pub packets: u64,
+    /// SYN_RECV (half-open), ESTABLISHED, FIN_WAIT, CLOSE or UDP, as ipvsadm -Lc says.
+    #[serde(default)]
+    pub state: String,
 }
 
 #[cfg(test)]
@@ -239,6 +242,7 @@ mod tests {
             timeout: 899,
             server: "192.0.2.11:80".parse().unwrap(),
             packets: 5,
+            state: "ESTABLISHED".into(),
         };
         let v = serde_json::to_value(&line).unwrap();
         assert_eq!(v["client"], "198.51.100.7:40000");

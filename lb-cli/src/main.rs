@@ -75,7 +75,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// The stat table's six numbers with their names; --watch repeats every second.
+    /// The stat table's numbers with their names (TCL's six, then the half-open
+    /// connections); --watch repeats every second.
     Stat {
         #[arg(long)]
         watch: bool,
@@ -249,8 +250,16 @@ fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Stat { watch, count } => {
-            let names = ["services", "servers", "active", "packets", "dropped", "new"];
-            let widths = [8, 8, 8, 12, 10, 10];
+            let names = [
+                "services",
+                "servers",
+                "active",
+                "packets",
+                "dropped",
+                "new",
+                "half-open",
+            ];
+            let widths = [8, 8, 8, 12, 10, 10, 9];
             let header: Vec<String> = names
                 .iter()
                 .zip(widths)
@@ -567,7 +576,9 @@ fn list_table(what: &str, r: Response) -> Result<String, String> {
                 .collect(),
         ),
         _ => (
-            &["PROT", "CLIENT", "VIP", "TIMEOUT", "SERVER", "PACKETS"],
+            &[
+                "PROT", "CLIENT", "VIP", "TIMEOUT", "SERVER", "PACKETS", "STATE",
+            ],
             r.into_view::<Vec<ConnectionLine>>()?
                 .into_iter()
                 .map(|l| {
@@ -578,6 +589,7 @@ fn list_table(what: &str, r: Response) -> Result<String, String> {
                         l.timeout.to_string(),
                         l.server.to_string(),
                         l.packets.to_string(),
+                        l.state,
                     ]
                 })
                 .collect(),

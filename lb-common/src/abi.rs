@@ -505,6 +505,10 @@ pub const CONN_SERVER_CLOSED_FIRST: u16 = 64;
 /// while live, is its own and stays (a client that reused its port moments after a close
 /// would otherwise have its new connection replaced by the old one).
 pub const CONN_SYNCED: u16 = 128;
+/// [`Connection::flags`]: half-open: the client has sent only SYNs (IPVS's SYN_RECV). Its
+/// first packet without SYN (the handshake's ACK) clears it. Its own short timeout
+/// (`Timeouts::tcp_syn_ns`) lets a flood's entries go first. Client legs only.
+pub const CONN_HALF_OPEN: u16 = 256;
 
 /// NAT source addresses the dataplane takes: the gateway and up to 15 more (`[nat] pool`).
 pub const NAT_POOL_MAX: usize = 16;
@@ -668,7 +672,7 @@ pub struct Settings {
     /// works its clock out from jiffies; 0: it measures the rate itself.
     pub tick_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 248);
+const _: () = assert!(core::mem::size_of::<Settings>() == 256);
 
 /// Per-service and per-server traffic counters (per CPU).
 #[repr(C)]

@@ -2,7 +2,7 @@
 //! pure, so the XDP program and the daemon (the sweep, the tables, sync) judge a
 //! connection's life alike.
 
-use crate::{CONN_FIN, CONN_PEER_FIN, CONN_PEER_RST, CONN_RST, IPPROTO_TCP};
+use crate::{CONN_FIN, CONN_HALF_OPEN, CONN_PEER_FIN, CONN_PEER_RST, CONN_RST, IPPROTO_TCP};
 
 /// Idle timeouts by protocol and TCP state, as `ipvsadm --set tcp tcpfin udp`: how long a
 /// connection may be quiet before its entry is dead (a packet of its tuple then starts a
@@ -16,6 +16,9 @@ pub struct Timeouts {
     pub tcp_fin_ns: u64,
     /// A UDP flow (and any protocol but TCP).
     pub udp_ns: u64,
+    /// A half-open TCP connection (`CONN_HALF_OPEN`: only SYNs from the client yet); never
+    /// longer than an open one of its service.
+    pub tcp_syn_ns: u64,
 }
 
 impl Timeouts {
@@ -25,6 +28,7 @@ impl Timeouts {
             tcp_ns: ns,
             tcp_fin_ns: ns,
             udp_ns: ns,
+            tcp_syn_ns: ns,
         }
     }
 
@@ -41,7 +45,15 @@ impl Timeouts {
         } else {
             (idle_s, self.tcp_ns)
         };
-        if own != 0 { own as u64 * S } else { base }
+        let limit = if own != 0 { own as u64 * S } else { base };
+        if proto == IPPROTO_TCP
+            && flags & CONN_HALF_OPEN != 0
+            && flags & (CONN_FIN | CONN_RST) == 0
+            && self.tcp_syn_ns < limit
+        {
+            return self.tcp_syn_ns;
+        }
+        limit
     }
 }
 
@@ -57,6 +69,7 @@ mod tests {
             tcp_ns: 900 * S,
             tcp_fin_ns: 120 * S,
             udp_ns: 300 * S,
+            tcp_syn_ns: 60 * S,
         };
         assert_eq!(t.limit_ns(IPPROTO_TCP, 0, 0, 0), 900 * S);
         for f in [CONN_FIN, CONN_RST, CONN_PEER_FIN, CONN_PEER_RST] {
@@ -69,5 +82,17 @@ mod tests {
         // A UDP flow has no FIN: its flags never pick tcp_fin.
         assert_eq!(t.limit_ns(crate::IPPROTO_UDP, CONN_FIN, 0, 5), 300 * S);
         assert_eq!(t.limit_ns(crate::IPPROTO_UDP, 0, 30, 5), 30 * S);
+        // Half-open: tcp_syn, never longer than the service's open timeout; a RST or FIN
+        // makes it closing.
+        assert_eq!(t.limit_ns(IPPROTO_TCP, CONN_HALF_OPEN, 0, 0), 60 * S);
+        assert_eq!(t.limit_ns(IPPROTO_TCP, CONN_HALF_OPEN, 20, 0), 20 * S);
+        assert_eq!(
+            t.limit_ns(IPPROTO_TCP, CONN_HALF_OPEN | CONN_RST, 0, 5),
+            5 * S
+        );
+        assert_eq!(
+            t.limit_ns(crate::IPPROTO_UDP, CONN_HALF_OPEN, 0, 0),
+            300 * S
+        );
     }
 }

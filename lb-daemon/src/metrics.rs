@@ -22,6 +22,8 @@ pub struct Snapshot {
     /// The dataplane's global counters by name (`Stat::name`).
     pub stat: Vec<(&'static str, u64)>,
     pub active_connections: u64,
+    /// Live connections whose client has sent only SYNs (the stat table's seventh number).
+    pub half_open_connections: u64,
     pub services: Vec<ServiceMetrics>,
     pub servers: Vec<ServerMetrics>,
     /// ATM messages refused, by reason.
@@ -119,6 +121,14 @@ pub fn render(s: &Snapshot) -> String {
     )
     .with_label_values(&[node])
     .set(s.active_connections as i64);
+    gauges(
+        &r,
+        "half_open_connections",
+        "Live connections whose client has sent only SYNs (the stat table's seventh number)",
+        &["node"],
+    )
+    .with_label_values(&[node])
+    .set(s.half_open_connections as i64);
 
     let sp = counters(
         &r,
@@ -298,6 +308,7 @@ mod tests {
             stat: vec![("vip_packets", 10), ("drop_malformed", 2)],
             decap: vec![("decapsulated", 4), ("dropped", 1)],
             active_connections: 3,
+            half_open_connections: 2,
             services: vec![ServiceMetrics {
                 name: "http".into(),
                 vip: "192.0.2.100".into(),
@@ -402,7 +413,7 @@ mod tests {
                 families.push(name);
             }
         }
-        assert_eq!(families.len(), 18, "{t}");
+        assert_eq!(families.len(), 19, "{t}");
         for name in families {
             assert!(
                 t.contains(&format!("# HELP {name} ")),

@@ -170,9 +170,12 @@ pub struct ConnLine {
     pub timeout: u64,
     pub server: (IpAddr, u16),
     pub packets: u64,
+    /// As ipvsadm -Lc names it: SYN_RECV (half-open), ESTABLISHED, FIN_WAIT (a FIN seen),
+    /// CLOSE (a RST seen), UDP.
+    pub state: &'static str,
 }
 
-/// The six numbers of `stat`.
+/// The numbers of `stat`: TCL's six, then the half-open connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatLine {
     pub services: u64,
@@ -181,6 +184,8 @@ pub struct StatLine {
     pub packets: u64,
     pub dropped: u64,
     pub new: u64,
+    /// Live connections whose client has sent only SYNs (not in `active`).
+    pub half_open: u64,
 }
 
 /// A line of `atms`.
@@ -280,6 +285,8 @@ pub fn render_connections(lines: &[ConnLine]) -> String {
         push_socket(&mut out, l.server, &mut num);
         out.push(' ');
         out.push_str(num.format(l.packets));
+        out.push(' ');
+        out.push_str(l.state);
         out.push('\n');
     }
     out
@@ -308,8 +315,8 @@ fn push_socket(out: &mut String, (ip, port): (IpAddr, u16), num: &mut itoa::Buff
 
 pub fn render_stat(s: &StatLine) -> String {
     format!(
-        "{} {} {} {} {} {}\n",
-        s.services, s.server_lines, s.active, s.packets, s.dropped, s.new
+        "{} {} {} {} {} {} {}\n",
+        s.services, s.server_lines, s.active, s.packets, s.dropped, s.new, s.half_open
     )
 }
 
@@ -373,19 +380,21 @@ mod tests {
                 timeout: r % 100_000,
                 server: (ip(r.rotate_left(41)), (r >> 48) as u16),
                 packets: next() >> (r % 64),
+                state: ["SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE", "UDP"][(r % 5) as usize],
             });
         }
         let mut by_fmt = String::new();
         for l in &lines {
             let _ = writeln!(
                 by_fmt,
-                "{} {} {} {} {} {}",
+                "{} {} {} {} {} {} {}",
                 config::proto_name(l.proto),
                 SocketAddr::from(l.src),
                 SocketAddr::from(l.vip),
                 l.timeout,
                 SocketAddr::from(l.server),
-                l.packets
+                l.packets,
+                l.state
             );
         }
         assert_eq!(render_connections(&lines), by_fmt);
@@ -400,11 +409,12 @@ mod tests {
             timeout: 98,
             server: ("203.0.113.4".parse().unwrap(), 80),
             packets: 113,
+            state: "ESTABLISHED",
         };
-        // The example line of TCL's documentation.
+        // The example line of TCL's documentation, and the state after it.
         assert_eq!(
             render_connections(&[c]),
-            "tcp 198.51.100.7:9645 192.0.2.100:80 98 203.0.113.4:80 113\n"
+            "tcp 198.51.100.7:9645 192.0.2.100:80 98 203.0.113.4:80 113 ESTABLISHED\n"
         );
         let s = ServerLine {
             proto: IPPROTO_TCP,
@@ -437,8 +447,9 @@ mod tests {
             packets: 100,
             dropped: 4,
             new: 9,
+            half_open: 5,
         };
-        assert_eq!(render_stat(&st), "1 3 2 100 4 9\n");
+        assert_eq!(render_stat(&st), "1 3 2 100 4 9 5\n");
         let nat = config::Nat::new(
             "203.0.113.0".parse().unwrap(),
             24,

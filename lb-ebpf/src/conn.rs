@@ -10,9 +10,9 @@ use aya_log_ebpf::info;
 use core::ptr::NonNull;
 use lb_common::{
     nat, Addr, ConnEvent, Connection, FlowKey, Method, PersistKey, Server, Service, Settings, Stat,
-    CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST, DEFAULT_SERVERS,
-    EVENT_CLOSE, EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP, SERVICE_ONE_PACKET,
-    SETTINGS_SYNC,
+    CONN_FIN, CONN_HALF_OPEN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST,
+    DEFAULT_SERVERS, EVENT_CLOSE, EVENT_OPEN, IPPROTO_TCP, NAT_POOL_MAX, SERVER_UP,
+    SERVICE_ONE_PACKET, SETTINGS_SYNC,
 };
 
 use crate::{finish, flows::*, fwd::*, hop::*, maps::*, net::*, parse::*, sched::*, Outcome};
@@ -143,6 +143,10 @@ pub fn to_service(
     conn.bytes = bytes;
     conn.server = id;
     conn.flags = fin_rst;
+    // Half-open until the client's first packet without SYN (the handshake's ACK).
+    if ip.proto == IPPROTO_TCP && l4.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        conn.flags |= CONN_HALF_OPEN;
+    }
     conn.nat_port = nat_port;
     // Volatile zeroing and a non-overlapping copy: plain stores would be merged into
     // calls to BPF's byte-looping memset and memmove on every new connection.
@@ -199,9 +203,10 @@ pub fn to_service(
 
 /// Whether a new connection of `svc` from `key`'s client is within the service's limits:
 /// its client prefix's (`max_new_per_sec_per_source`) first, so a flood from one prefix is
-/// turned away before it spends the whole service's (`max_new_per_sec`). A BPF function
-/// of its own: its key and its buckets stay off to_service's frame.
-#[inline(never)]
+/// turned away before it spends the whole service's (`max_new_per_sec`).
+/// Inlined: as a BPF function of its own, its frame, rounded up to 32 bytes, would push
+/// the chain lb_xdp -> to_service_xdp -> it past the 512 bytes of stack.
+#[inline(always)]
 fn within_limits(svc: &Service, key: &FlowKey, v6: bool, now: u64) -> bool {
     if svc.src_interval_ns != 0 {
         let Some(pkey) = LIMIT_KEY.get_ptr_mut(0) else {
@@ -393,6 +398,9 @@ pub fn established(
         mark_reply_leg(c, server, fin_rst, ip.proto);
     }
     c.flags |= fin_rst;
+    if l4.flags & TCP_SYN == 0 {
+        c.flags &= !CONN_HALF_OPEN;
+    }
     let (id, service, method) = (c.server, server.service, server.method);
     count_traffic(&SERVICE_STATS, service, bytes);
     count_traffic(&SERVER_STATS, id, bytes);

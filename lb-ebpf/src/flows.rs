@@ -7,8 +7,8 @@
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, programs::XdpContext};
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, CachedFlow, CachedFlow6, Connection, FlowKey, Method, Server, CONN_FIN, CONN_RST,
-    FLOW_CACHE_SLOTS, FLOW_SYNC_NS,
+    Addr, CachedFlow, CachedFlow6, Connection, FlowKey, Method, Server, CONN_FIN, CONN_HALF_OPEN,
+    CONN_RST, FLOW_CACHE_SLOTS, FLOW_SYNC_NS,
 };
 
 use crate::{conn::*, fwd::*, hop::*, maps::*, net::*, parse::*, Outcome};
@@ -224,7 +224,7 @@ const CACHE_AFTER: u64 = 3;
 #[inline(always)]
 pub fn cache_if_due(c: &Connection, ip: &Ip, l4: &L4, method: u8, generation: u32) {
     if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
-        || c.flags & (CONN_FIN | CONN_RST) != 0
+        || c.flags & (CONN_FIN | CONN_RST | CONN_HALF_OPEN) != 0
         || c.packets < CACHE_AFTER
     {
         return;

@@ -141,8 +141,9 @@ fn tables_show_live_traffic_and_writes_take_effect() {
     let server = c.get();
     let t1 = d.cat("connections");
     let l1 = conn_line(&t1, c.port()).unwrap_or_else(|| panic!("no line for the client:\n{t1}"));
-    assert_eq!(l1.len(), 6, "{l1:?}");
+    assert_eq!(l1.len(), 7, "{l1:?}");
     assert_eq!(l1[0], "tcp");
+    assert_eq!(l1[6], "ESTABLISHED", "after TCL's six fields, the state");
     assert_eq!(l1[2], format!("{}:80", cluster::VIP));
     let n = server.trim_start_matches('s');
     assert_eq!(
@@ -168,9 +169,11 @@ fn tables_show_live_traffic_and_writes_take_effect() {
         "traffic refreshes the timeout: {l3:?}"
     );
 
-    // stat: six numbers that follow the traffic sent.
+    // stat: TCL's six numbers that follow the traffic sent, then the half-open
+    // connections.
     let before = stat(&d);
-    assert_eq!(before.len(), 6);
+    assert_eq!(before.len(), 7);
+    assert_eq!(before[6], 0, "no half-open connection");
     assert_eq!((before[0], before[1]), (2, 4), "2 services, 4 server lines");
     assert_eq!(before[2], 1, "one live connection");
     {

@@ -27,12 +27,16 @@ const FLOOD: usize = 20_000;
 const TABLE: u32 = 4096;
 /// Each /24 may open this many a second (and a burst of as many).
 const PER_SOURCE: u32 = 50;
+/// Seconds a half-open connection lives.
+const TCP_SYN: u64 = 4;
 
 fn config() -> String {
     let mut c = format!(
         r#"[cluster]
 name = "lab"
 timeout = 100
+[cluster.timeouts]
+tcp_syn = {TCP_SYN}
 
 [tables]
 connections = {TABLE}
@@ -177,6 +181,39 @@ fn a_spoofed_syn_flood_is_rate_limited_and_established_and_legitimate_connection
     assert!(
         after[4] - before[4] >= limited,
         "the stat table's dropped counts them: {before:?} -> {after:?}"
+    );
+
+    // The flood's SYNs let in are half-open (SYN_RECV), apart from the active connections
+    // in `stat`, the connections table and lb-cli; they go after tcp_syn, the others stay.
+    let table = d.cat("connections");
+    let syn_recv = table
+        .lines()
+        .filter(|l| l.contains(" 198.51.100.") && l.ends_with(" SYN_RECV"))
+        .count() as u64;
+    assert!(
+        syn_recv > 0 && syn_recv <= let_in,
+        "{syn_recv} of {let_in}:\n{table}"
+    );
+    let now = stat(&d);
+    assert_eq!(now.len(), 7, "{now:?}");
+    assert!(now[6] >= syn_recv, "half-open in stat: {now:?}");
+    assert!(now[2] >= 1, "the keep-alive connection is active: {now:?}");
+    let listed = d.cli_ok(&["list", "connections"]);
+    assert!(
+        listed.lines().next().unwrap().ends_with("STATE")
+            && listed.lines().any(|l| l.ends_with("SYN_RECV"))
+            && listed.lines().any(|l| l.ends_with("ESTABLISHED")),
+        "{listed}"
+    );
+    lab.wait_for(
+        "the half-open connections to time out",
+        Duration::from_secs(TCP_SYN + 5),
+        || stat(&d)[6] == 0,
+    );
+    assert!(
+        !d.cat("connections").contains(" SYN_RECV"),
+        "{}",
+        d.cat("connections")
     );
 
     // The idle keep-alive connection and the transfer went on.

@@ -217,6 +217,7 @@ fn read_cluster(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Option<Cluster> 
             tcp,
             tcp_fin: timeouts.tcp_fin.map(|t| t.v as u32),
             udp: timeouts.udp.map(|t| t.v as u32),
+            tcp_syn: timeouts.tcp_syn.map(|t| t.v as u32),
         },
         debug: debug.map(|d| d.v).unwrap_or(false),
         auth_key_file: key.map(|k| PathBuf::from(k.v)),
@@ -230,6 +231,7 @@ pub(super) struct TimeoutsRead {
     pub(super) tcp: Option<At<i64>>,
     pub(super) tcp_fin: Option<At<i64>>,
     pub(super) udp: Option<At<i64>>,
+    pub(super) tcp_syn: Option<At<i64>>,
 }
 
 /// Reads a `timeouts` table, `name` in messages. `proto`: a service's protocol, whose
@@ -253,6 +255,11 @@ pub(super) fn read_timeouts(
         tcp: get(&mut tab, cx, "tcp"),
         tcp_fin: get(&mut tab, cx, "tcp_fin"),
         udp: get(&mut tab, cx, "udp"),
+        tcp_syn: if proto.is_none() {
+            get(&mut tab, cx, "tcp_syn")
+        } else {
+            None
+        },
     };
     tab.finish(cx);
     if let Some(p) = proto {

@@ -52,13 +52,20 @@ impl Config {
         self.services
             .iter()
             .map(|s| {
-                s.timeouts
+                let idle = s
+                    .timeouts
                     .idle
                     .unwrap_or(if s.proto == lb_common::IPPROTO_UDP {
                         t.udp()
                     } else {
                         t.tcp
-                    })
+                    });
+                // A half-open connection's entry too: it lives tcp_syn.
+                if s.proto == lb_common::IPPROTO_TCP {
+                    idle.min(t.tcp_syn())
+                } else {
+                    idle
+                }
             })
             .min()
             .unwrap_or(t.tcp)
@@ -87,6 +94,9 @@ pub struct Timeouts {
     pub tcp_fin: Option<u32>,
     /// A UDP flow; `None`: `tcp`.
     pub udp: Option<u32>,
+    /// A half-open TCP connection (only SYNs from the client yet); `None`: IPVS's 60 s, or
+    /// `tcp` if shorter.
+    pub tcp_syn: Option<u32>,
 }
 
 impl Timeouts {
@@ -95,7 +105,12 @@ impl Timeouts {
             tcp,
             tcp_fin: None,
             udp: None,
+            tcp_syn: None,
         }
+    }
+
+    pub fn tcp_syn(&self) -> u32 {
+        self.tcp_syn.unwrap_or(DEFAULT_TCP_SYN.min(self.tcp))
     }
 
     pub fn tcp_fin(&self) -> u32 {
@@ -469,6 +484,8 @@ pub enum CheckKind {
 
 /// Defaults, as DESIGN.md's example shows them.
 pub const DEFAULT_TIMEOUT: u32 = 100;
+/// A half-open connection's timeout unless set: IPVS's SYN_RECV.
+pub const DEFAULT_TCP_SYN: u32 = 60;
 /// `[cluster] notify_timeout`: seconds a hook may run.
 pub const DEFAULT_NOTIFY_TIMEOUT: u32 = 10;
 pub const NOTIFY_TIMEOUT_RANGE: RangeInclusive<i64> = 1..=3_600;

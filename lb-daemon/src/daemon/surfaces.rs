@@ -9,7 +9,9 @@ use std::{
 
 use anyhow::{Result, anyhow};
 use lb_api::views;
-use lb_common::{CONN_FIN, CONN_REPLY, CONN_RST, Connection, DecapStat, FlowKey, Stat};
+use lb_common::{
+    CONN_FIN, CONN_HALF_OPEN, CONN_REPLY, CONN_RST, Connection, DecapStat, FlowKey, Stat,
+};
 use tokio::{sync::oneshot, time::Instant};
 use tracing::{info, warn};
 
@@ -144,7 +146,7 @@ impl Daemon {
     pub(super) fn stat_line(&self) -> std::result::Result<StatLine, dataplane::Error> {
         let mut line = self.stat_base()?;
         if let (Some(a), Some(e)) = (self.part.atm(), self.expiry()) {
-            line.active = count_active(&a.dp.connections()?, &e);
+            (line.active, line.half_open) = count_active(&a.dp.connections()?, &e);
         }
         Ok(line)
     }
@@ -167,6 +169,7 @@ impl Daemon {
             packets: s.get(Stat::VipPackets),
             dropped: s.dropped(),
             new: s.get(Stat::NewConns),
+            half_open: 0,
         })
     }
 
@@ -178,6 +181,7 @@ impl Daemon {
             tcp_ns: t.tcp as u64 * S,
             tcp_fin_ns: t.tcp_fin() as u64 * S,
             udp_ns: t.udp() as u64 * S,
+            tcp_syn_ns: t.tcp_syn() as u64 * S,
         }
     }
 
@@ -220,7 +224,7 @@ impl Daemon {
                 Table::Stat => {
                     let mut line = self.stat_base().ok()?;
                     with_connections(Box::new(move |all| {
-                        line.active = count_active(all, &expiry);
+                        (line.active, line.half_open) = count_active(all, &expiry);
                         Response::text(tables::render_stat(&line))
                     }))
                 }
@@ -560,7 +564,12 @@ impl Daemon {
                 snap.stat = Stat::ALL.iter().map(|x| (x.name(), s.get(*x))).collect();
             }
             let t = &self.timeouts;
-            snap.timeouts = vec![("tcp", t.tcp), ("tcp_fin", t.tcp_fin()), ("udp", t.udp())];
+            snap.timeouts = vec![
+                ("tcp", t.tcp),
+                ("tcp_fin", t.tcp_fin()),
+                ("udp", t.udp()),
+                ("tcp_syn", t.tcp_syn()),
+            ];
         }
         snap
     }
@@ -670,7 +679,8 @@ pub(super) fn server_views(
         .collect()
 }
 
-/// Per server index: its live connections, (active, closing), client legs only.
+/// Per server index: its live connections, (active, inactive: half-open or closing, as
+/// IPVS's InActConn), client legs only.
 pub(super) fn conns_by_server(
     all: &[(FlowKey, Connection)],
     expiry: &Expiry,
@@ -682,7 +692,7 @@ pub(super) fn conns_by_server(
             continue;
         }
         let e = by.entry(c.server).or_default();
-        if c.flags & (CONN_FIN | CONN_RST) == 0 {
+        if c.flags & (CONN_FIN | CONN_RST | CONN_HALF_OPEN) == 0 {
             e.0 += 1;
         } else {
             e.1 += 1;
@@ -742,6 +752,7 @@ impl ConnView {
                     timeout: left,
                     server: (k.src.to_ip(), u16::from_be(k.sport)),
                     packets: c.packets,
+                    state: conn_state(k, c),
                 }
             } else {
                 let (sa, sp) = self
@@ -757,12 +768,28 @@ impl ConnView {
                     timeout: left,
                     server: (sa, sp),
                     packets: c.packets,
+                    state: conn_state(k, c),
                 }
             };
             out.push(line);
         }
         out.sort();
         out
+    }
+}
+
+/// A connection's state as ipvsadm -Lc names it.
+fn conn_state(k: &FlowKey, c: &Connection) -> &'static str {
+    if k.proto != lb_common::IPPROTO_TCP {
+        "UDP"
+    } else if c.flags & (CONN_RST | lb_common::CONN_PEER_RST) != 0 {
+        "CLOSE"
+    } else if c.flags & (CONN_FIN | lb_common::CONN_PEER_FIN) != 0 {
+        "FIN_WAIT"
+    } else if c.flags & CONN_HALF_OPEN != 0 {
+        "SYN_RECV"
+    } else {
+        "ESTABLISHED"
     }
 }
 
@@ -778,15 +805,25 @@ pub(super) fn connection_views(lines: &[ConnLine]) -> Vec<views::ConnectionLine>
             timeout: l.timeout,
             server: at(l.server),
             packets: l.packets,
+            state: l.state.into(),
         })
         .collect()
 }
 
-pub(super) fn count_active(all: &[(FlowKey, Connection)], expiry: &Expiry) -> u64 {
+/// The live client legs: (active, half-open).
+pub(super) fn count_active(all: &[(FlowKey, Connection)], expiry: &Expiry) -> (u64, u64) {
     let now = dataplane::now_ns();
-    all.iter()
-        .filter(|(k, c)| active(k, c, now, expiry))
-        .count() as u64
+    let (mut active, mut half_open) = (0, 0);
+    for (k, c) in all {
+        if open_leg(c) && expiry.live(k, c, now) {
+            if c.flags & CONN_HALF_OPEN != 0 {
+                half_open += 1;
+            } else {
+                active += 1;
+            }
+        }
+    }
+    (active, half_open)
 }
 
 /// Fills the active connections into metrics made by `Daemon::snapshot_base`; `lines`: for
@@ -798,20 +835,13 @@ pub(super) fn fill_active(
     expiry: &Expiry,
 ) {
     let by_index = conns_by_server(all, expiry);
-    snap.active_connections = by_index.values().map(|c| c.0).sum();
+    (snap.active_connections, snap.half_open_connections) = count_active(all, expiry);
     for (m, (service, index)) in snap.servers.iter_mut().zip(lines) {
         (m.active, m.inactive) = by_index.get(index).copied().unwrap_or_default();
         if let Some(svc) = snap.services.get_mut(*service) {
             svc.active += m.active;
         }
     }
-}
-
-/// An active connection, for `stat` and the metrics alike: a client's leg (not a NAT reply
-/// leg), live, and not closing. Closing ones (FIN or RST seen) stay in `connections` until
-/// they time out, as TCL lists them.
-pub(super) fn active(k: &FlowKey, c: &Connection, now: u64, expiry: &Expiry) -> bool {
-    open_leg(c) && expiry.live(k, c, now)
 }
 
 /// A client's leg (not a NAT reply leg) that has seen no FIN or RST, live or not.
