@@ -335,23 +335,25 @@ fn fill(tables: &std::collections::HashMap<&str, String>) -> Result<Vec<u8>, Str
     };
     let caps = nums("config")?;
     let stat = nums("stat")?;
-    if caps.len() != 3 || stat.len() != 6 {
+    // TCL's six numbers of stat, then (lb's) the half-open connections.
+    if caps.len() != 3 || !(6..=7).contains(&stat.len()) {
         return Err("the config or stat table has an unexpected form".into());
     }
+    let live = stat[2] + stat.get(6).copied().unwrap_or(0);
     let pct = |used: u64, cap: u64| used as f64 * 100.0 / cap.max(1) as f64;
     Ok(format!(
         "services      {:>10} of {:>10} ({:.1} %)\n\
          server lines  {:>10} of {:>10} ({:.1} %)\n\
-         connections   {:>10} of {:>10} ({:.1} %, live ones; the LRU evicts the least recently used when full)\n",
+         connections   {:>10} of {:>10} ({:.1} %, live ones, half-open included; the LRU evicts the least recently used when full)\n",
         stat[0],
         caps[0],
         pct(stat[0], caps[0]),
         stat[1],
         caps[1],
         pct(stat[1], caps[1]),
-        stat[2],
+        live,
         caps[2],
-        pct(stat[2], caps[2]),
+        pct(live, caps[2]),
     )
     .into_bytes())
 }

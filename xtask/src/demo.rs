@@ -185,7 +185,8 @@ pub fn run(keep: bool) -> Result<()> {
         }
     }
     println!(
-        "  (stat: services, server lines, active connections, packets, dropped, new connections)"
+        "  (stat: services, server lines, active connections, packets, dropped, new connections, \
+         half-open connections)"
     );
     check_interrupt()?;
 
