@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod package;
 mod setup;
 mod util;
@@ -25,7 +26,8 @@ enum Cmd {
     /// skips whatever is already there.
     Setup,
     /// Set up if needed, then run every test tier: lints, host unit tests, packet fixtures
-    /// through BPF_PROG_TEST_RUN, and network-namespace labs. Needs root.
+    /// through BPF_PROG_TEST_RUN, network-namespace labs, and each fuzz target for 30 s.
+    /// Needs root.
     Test,
     /// Set up if needed, then build a lab in network namespaces (a client, two ATMs, three
     /// servers) and show lb working in it: requests, tables, a failover drill. Needs root.
@@ -40,6 +42,15 @@ enum Cmd {
     /// Set up if needed (plus the peers: HAProxy, wrk, keepalived), then measure lb against
     /// them: per-path cost, growth, packets per second, HTTP, failover, control plane. Writes
     /// target/bench/results.{json,md} and prints the table. Needs root; about fifteen minutes.
+    /// Set up if needed, then run each fuzz target of fuzz/ (cargo fuzz, nightly) for a
+    /// bounded time from the corpus in the repository; a crash fails it (docs/FUZZING.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// One target only: config, control, table_write or wire.
+        target: Option<String>,
+    },
     /// Set up if needed, then build the Debian package: lb-daemon, lb-cli, the systemd unit,
     /// the OCF agent, example configs, docs, man pages and shell completions. Writes
     /// target/package/lb_VERSION_ARCH.deb (install with `apt-get install ./lb_*.deb`).
@@ -89,6 +100,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo { clean: true, .. } => demo::clean(),
         Cmd::Demo { keep, .. } => demo::run(keep),
+        Cmd::Fuzz { seconds, target } => {
+            setup::run()?;
+            fuzz::run(seconds, target.as_deref())
+        }
         Cmd::Package { debug, output } => package::run(&package::Opts { debug, output }).map(drop),
         Cmd::Bench { report: true, .. } => bench::report(),
         Cmd::Bench {
@@ -132,8 +147,15 @@ fn test() -> Result<()> {
     util::step("build: lb-cli alone, with bpf-linker out of reach");
     cli_builds_without_bpf_linker()?;
     util::step("tests: host unit tests, packet fixtures, network-namespace labs");
-    util::cargo(&["nextest", "run", "--no-fail-fast", "--profile", "ci"])
+    let tests = util::cargo(&["nextest", "run", "--no-fail-fast", "--profile", "ci"]);
+    // The fuzz targets, each for a bounded time, whatever the tests said: a crash they find
+    // is news either way.
+    let fuzzed = fuzz::run(FUZZ_SECONDS, None);
+    tests.and(fuzzed)
 }
+
+/// Seconds each fuzz target runs in the test tier.
+const FUZZ_SECONDS: u64 = 30;
 
 /// lb-cli must build where the eBPF toolchain is absent (it needs lb-api only, not
 /// lb-daemon, whose build.rs fails without bpf-linker). The build runs in its own target

@@ -151,6 +151,15 @@ pub fn run() -> Result<()> {
             .context("installing cargo-nextest failed")?;
         installed += 1;
     }
+    if !util::succeeds(Command::new(cargo()).args(["fuzz", "--version"])) {
+        println!(
+            "installing cargo-fuzz: builds the fuzz targets in fuzz/ with libFuzzer, which the \
+             test tier runs for a bounded time"
+        );
+        util::run(Command::new(cargo()).args(["install", "--locked", "--quiet", "cargo-fuzz"]))
+            .context("installing cargo-fuzz failed")?;
+        installed += 1;
+    }
     if installed == 0 {
         println!("setup: everything is already installed");
     }
