@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use crate::util;
 
 /// The targets, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 4] = ["config", "control", "table_write", "wire"];
+pub const TARGETS: [&str; 5] = ["config", "control", "table_write", "wire", "packet"];
 
 /// Runs `only` (or every target) for `seconds` each.
 pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {

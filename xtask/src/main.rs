@@ -48,7 +48,7 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
-        /// One target only: config, control, table_write or wire.
+        /// One target only: config, control, table_write, wire or packet.
         target: Option<String>,
     },
     /// Set up if needed, then build the Debian package: lb-daemon, lb-cli, the systemd unit,
