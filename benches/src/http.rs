@@ -206,20 +206,12 @@ fn one_arm() -> Result<Rig> {
 }
 
 fn service(method: Method, backends: &[&str]) -> ServiceSpec {
-    ServiceSpec {
-        vip: cluster::VIP.parse().unwrap(),
-        port: 80,
-        proto: IPPROTO_TCP,
-        sched: Sched::Maglev,
-        persistence_s: 0,
-        one_packet: false,
-        persistence_prefix: 0,
-        timeout_s: 0,
-        fin_timeout_s: 0,
-        max_new_per_sec: 0,
-        max_new_per_src: 0,
-        limit_prefix: 0,
-        servers: backends
+    ServiceSpec::new(
+        cluster::VIP.parse().unwrap(),
+        80,
+        IPPROTO_TCP,
+        Sched::Maglev,
+        backends
             .iter()
             .enumerate()
             .map(|(i, b)| ServerSpec {
@@ -232,7 +224,7 @@ fn service(method: Method, backends: &[&str]) -> ServiceSpec {
                 sorry: false,
             })
             .collect(),
-    }
+    )
 }
 
 fn settings(local: [u8; 4], nat: [u8; 4]) -> Settings {

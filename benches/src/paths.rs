@@ -160,20 +160,12 @@ fn spec6(port: u16, method: Method, first_index: u32) -> ServiceSpec {
 }
 
 fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u32) -> ServiceSpec {
-    ServiceSpec {
-        vip: VIP.into(),
+    ServiceSpec::new(
+        VIP.into(),
         port,
-        proto: IPPROTO_TCP,
+        IPPROTO_TCP,
         sched,
-        persistence_s: 0,
-        one_packet: false,
-        persistence_prefix: 0,
-        timeout_s: 0,
-        fin_timeout_s: 0,
-        max_new_per_sec: 0,
-        max_new_per_src: 0,
-        limit_prefix: 0,
-        servers: (0..servers)
+        (0..servers)
             .map(|i| {
                 let (addr, sport) = match method {
                     Method::Nat => (
@@ -193,7 +185,7 @@ fn spec(port: u16, sched: Sched, method: Method, servers: usize, first_index: u3
                 }
             })
             .collect(),
-    }
+    )
 }
 
 /// A dataplane with room for `servers`, one direct maglev service of `count` servers on
@@ -746,20 +738,12 @@ pub fn capacity(services: u32, per: u32) -> Result<()> {
     };
     let mut dp = Dataplane::load(caps).context("loading the dataplane")?;
     for id in 0..services {
-        let spec = ServiceSpec {
-            vip: Ipv4Addr::from(VIP).into(),
-            port: 1 + id as u16,
-            proto: IPPROTO_TCP,
-            sched: Sched::Maglev,
-            persistence_s: 0,
-            one_packet: false,
-            persistence_prefix: 0,
-            timeout_s: 0,
-            fin_timeout_s: 0,
-            max_new_per_sec: 0,
-            max_new_per_src: 0,
-            limit_prefix: 0,
-            servers: (0..per)
+        let spec = ServiceSpec::new(
+            Ipv4Addr::from(VIP).into(),
+            1 + id as u16,
+            IPPROTO_TCP,
+            Sched::Maglev,
+            (0..per)
                 .map(|j| ServerSpec {
                     index: id * per + j,
                     addr: Ipv4Addr::new(192, 0, 2, 10 + (j % 200) as u8).into(),
@@ -770,7 +754,7 @@ pub fn capacity(services: u32, per: u32) -> Result<()> {
                     sorry: false,
                 })
                 .collect(),
-        };
+        );
         dp.install(id, &spec)
             .with_context(|| format!("installing service {id}"))?;
     }

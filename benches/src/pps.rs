@@ -213,20 +213,12 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
             })?;
             d.install(
                 0,
-                &ServiceSpec {
-                    vip: if v6 { VIP6.into() } else { VIP.into() },
-                    port: 9000,
-                    proto: IPPROTO_UDP,
-                    sched: Sched::Maglev,
-                    persistence_s: 0,
-                    one_packet: false,
-                    persistence_prefix: 0,
-                    timeout_s: 0,
-                    fin_timeout_s: 0,
-                    max_new_per_sec: 0,
-                    max_new_per_src: 0,
-                    limit_prefix: 0,
-                    servers: vec![ServerSpec {
+                &ServiceSpec::new(
+                    if v6 { VIP6.into() } else { VIP.into() },
+                    9000,
+                    IPPROTO_UDP,
+                    Sched::Maglev,
+                    vec![ServerSpec {
                         index: 0,
                         addr: if v6 { SINK6.into() } else { SINK.into() },
                         port: 9000,
@@ -235,7 +227,7 @@ fn rig(v: Variant, v6: bool) -> Result<Rig> {
                         up: true,
                         sorry: false,
                     }],
-                },
+                ),
             )?;
             d.set_settings(&Settings {
                 timeouts: lb_common::Timeouts::same(100_000_000_000),

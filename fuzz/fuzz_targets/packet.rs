@@ -72,21 +72,7 @@ fn server(index: u32, addr: [u8; 4], port: u16, method: Method) -> ServerSpec {
 }
 
 fn service(port: u16, proto: u8, sched: Sched, servers: Vec<ServerSpec>) -> ServiceSpec {
-    ServiceSpec {
-        vip: Ipv4Addr::from(VIP).into(),
-        port,
-        proto,
-        sched,
-        persistence_s: 0,
-        one_packet: false,
-        persistence_prefix: 0,
-        timeout_s: 0,
-        fin_timeout_s: 0,
-        max_new_per_sec: 0,
-        max_new_per_src: 0,
-        limit_prefix: 0,
-        servers,
-    }
+    ServiceSpec::new(Ipv4Addr::from(VIP).into(), port, proto, sched, servers)
 }
 
 /// A network namespace of this thread's own (gone with the process, whatever ends it),

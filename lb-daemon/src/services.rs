@@ -117,6 +117,11 @@ impl Expiry {
         Expiry { base, lines }
     }
 
+    /// What each server index is.
+    pub fn lines(&self) -> &Lines {
+        &self.lines
+    }
+
     /// How long entry `c` (keyed `key`) may be idle.
     pub fn limit_ns(&self, key: &FlowKey, c: &Connection) -> u64 {
         let (idle, fin) = self

@@ -93,21 +93,7 @@ fn service(
     sched: Sched,
     servers: Vec<ServerSpec>,
 ) -> ServiceSpec {
-    ServiceSpec {
-        vip: Ipv4Addr::from(vip).into(),
-        port,
-        proto,
-        sched,
-        persistence_s: 0,
-        one_packet: false,
-        persistence_prefix: 0,
-        timeout_s: 0,
-        fin_timeout_s: 0,
-        max_new_per_sec: 0,
-        max_new_per_src: 0,
-        limit_prefix: 0,
-        servers,
-    }
+    ServiceSpec::new(Ipv4Addr::from(vip).into(), port, proto, sched, servers)
 }
 
 /// The namespace, the loaded dataplane and its interfaces.

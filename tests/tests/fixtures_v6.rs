@@ -53,21 +53,7 @@ fn mac_str(m: Mac) -> String {
 }
 
 fn spec(vip: IpAddr, port: u16, proto: u8, sched: Sched, servers: Vec<ServerSpec>) -> ServiceSpec {
-    ServiceSpec {
-        vip,
-        port,
-        proto,
-        sched,
-        persistence_s: 0,
-        one_packet: false,
-        persistence_prefix: 0,
-        timeout_s: 0,
-        fin_timeout_s: 0,
-        max_new_per_sec: 0,
-        max_new_per_src: 0,
-        limit_prefix: 0,
-        servers,
-    }
+    ServiceSpec::new(vip, port, proto, sched, servers)
 }
 
 fn server(index: u32, addr: IpAddr, port: u16, method: Method) -> ServerSpec {

@@ -84,21 +84,13 @@ fn setup(case: &Case) -> (Lab, Dataplane, Vec<Dataplane>) {
             sorry: false,
         })
         .collect();
-    let spec = ServiceSpec {
-        vip: cluster::VIP.parse().unwrap(),
-        port: 80,
-        proto: IPPROTO_TCP,
-        sched: case.sched,
-        persistence_s: 0,
-        one_packet: false,
-        persistence_prefix: 0,
-        timeout_s: 0,
-        fin_timeout_s: 0,
-        max_new_per_sec: 0,
-        max_new_per_src: 0,
-        limit_prefix: 0,
-        servers: servers.clone(),
-    };
+    let spec = ServiceSpec::new(
+        cluster::VIP.parse().unwrap(),
+        80,
+        IPPROTO_TCP,
+        case.sched,
+        servers.clone(),
+    );
     let mut dp = Dataplane::load(Default::default()).expect("load the dataplane");
     dp.install(0, &spec).unwrap();
     dp.set_settings(&Settings {

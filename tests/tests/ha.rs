@@ -193,6 +193,17 @@ impl Cluster {
         self.atms[i - 1].as_ref().unwrap()
     }
 
+    /// The new connections ATM `i` has made (the `stat` table's sixth number).
+    fn new_connections(&self, i: usize) -> u64 {
+        self.atm(i)
+            .cat("stat")
+            .split_whitespace()
+            .nth(5)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     /// Starts ATM `i` again, and waits until its tables are mounted: start-up joins the
     /// election before it mounts them (after detaching a killed daemon's dead mount), so
     /// its log may name the primary before they are readable (as in ipv6.rs).
@@ -246,16 +257,7 @@ fn sigkill_of_the_primary_fails_over_and_the_old_primary_stays_backup() {
     // 1. SIGKILL: time from the kill to the first new connection served through the backup.
     // (The killed daemon's program stays attached and keeps forwarding until its lease runs
     // out, so requests may succeed before that; none should fail for long.)
-    let new_on_atm2 = |c: &Cluster| -> u64 {
-        c.atm(2)
-            .cat("stat")
-            .split_whitespace()
-            .nth(5)
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let before = new_on_atm2(&c);
+    let before = c.new_connections(2);
     c.atms[0].as_mut().unwrap().kill();
     let killed = Instant::now();
     let (mut attempts, mut failed) = (0, 0);
@@ -265,7 +267,7 @@ fn sigkill_of_the_primary_fails_over_and_the_old_primary_stays_backup() {
             attempts += 1;
             if cluster::request(Duration::from_millis(250)).is_err() {
                 failed += 1;
-            } else if new_on_atm2(&c) > before {
+            } else if c.new_connections(2) > before {
                 break killed.elapsed();
             }
             assert!(
@@ -1696,25 +1698,16 @@ fn netmask_persistence_holds_across_a_failover() {
         .as_mut()
         .unwrap()
         .wait_log("This ATM is primary", START);
-    let new_on_atm2 = |c: &Cluster| -> u64 {
-        c.atm(2)
-            .cat("stat")
-            .split_whitespace()
-            .nth(5)
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
     // The killed daemon's program forwards until its lease runs out: wait until atm2
     // takes the new connections (each request then makes one there).
-    let before = new_on_atm2(&c);
+    let before = c.new_connections(2);
     c.lab.wait_for("new connections through atm2", START, || {
         let _in = c.lab.ns("client").enter();
         let _ = cluster::request_from(&addr(prefixes[0], 1), Duration::from_secs(1));
-        new_on_atm2(&c) > before
+        c.new_connections(2) > before
     });
     for (p, was) in prefixes.iter().zip(&chosen) {
-        let seen = new_on_atm2(&c);
+        let seen = c.new_connections(2);
         for k in [2, 0] {
             assert_eq!(
                 &from(&c, &addr(*p, k)),
@@ -1723,6 +1716,6 @@ fn netmask_persistence_holds_across_a_failover() {
                 p + 2 + k
             );
         }
-        assert_eq!(new_on_atm2(&c), seen + 2, "both through atm2");
+        assert_eq!(c.new_connections(2), seen + 2, "both through atm2");
     }
 }

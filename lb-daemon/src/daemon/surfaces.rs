@@ -4,7 +4,6 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
 };
 
 use anyhow::{Result, anyhow};
@@ -136,10 +135,8 @@ impl Daemon {
     /// What turning table entries into lines needs, owned (for a blocking thread).
     pub(super) fn conn_view(&self) -> Option<ConnView> {
         let a = self.part.atm()?;
-        let lines = a.plane.lines();
         Some(ConnView {
-            expiry: Expiry::new(self.dataplane_timeouts(), lines.clone()),
-            lines,
+            expiry: Expiry::new(self.dataplane_timeouts(), a.plane.lines()),
         })
     }
 
@@ -642,7 +639,7 @@ pub(super) fn service_views(plane: &Plane, counts: &impl Counts) -> Vec<views::S
 pub(super) fn server_views(
     plane: &Plane,
     counts: &impl Counts,
-    conns: &HashMap<u32, (u64, u64)>,
+    conns: &HashMap<u32, LiveConns>,
 ) -> Vec<views::ServerLine> {
     let names = plane.services().iter().flat_map(|s| {
         s.servers
@@ -657,7 +654,7 @@ pub(super) fn server_views(
         .zip(indices)
         .zip(plane.server_lines(counts))
         .map(|(((service, name), index), l)| {
-            let (active, inactive) = index
+            let c = index
                 .and_then(|i| conns.get(&i).copied())
                 .unwrap_or_default();
             views::ServerLine {
@@ -672,33 +669,57 @@ pub(super) fn server_views(
                 weight: l.weight,
                 method: l.method.into(),
                 packets: l.packets,
-                active,
-                inactive,
+                active: c.active,
+                inactive: c.inactive(),
             }
         })
         .collect()
 }
 
-/// Per server index: its live connections, (active, inactive: half-open or closing, as
-/// IPVS's InActConn), client legs only.
+/// A server's live connections (client legs), by state.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct LiveConns {
+    pub(super) active: u64,
+    /// Only SYNs from the client yet.
+    pub(super) half_open: u64,
+    /// A FIN or RST seen.
+    pub(super) closing: u64,
+}
+
+impl LiveConns {
+    /// IPVS's InActConn: half-open or closing.
+    pub(super) fn inactive(&self) -> u64 {
+        self.half_open + self.closing
+    }
+}
+
+/// Per server index: its live connections by state, in one walk of the table.
 pub(super) fn conns_by_server(
     all: &[(FlowKey, Connection)],
     expiry: &Expiry,
-) -> HashMap<u32, (u64, u64)> {
+) -> HashMap<u32, LiveConns> {
     let now = dataplane::now_ns();
-    let mut by: HashMap<u32, (u64, u64)> = HashMap::new();
+    let mut by: HashMap<u32, LiveConns> = HashMap::new();
     for (k, c) in all {
         if c.flags & CONN_REPLY != 0 || !expiry.live(k, c, now) {
             continue;
         }
         let e = by.entry(c.server).or_default();
-        if c.flags & (CONN_FIN | CONN_RST | CONN_HALF_OPEN) == 0 {
-            e.0 += 1;
+        if c.flags & (CONN_FIN | CONN_RST) != 0 {
+            e.closing += 1;
+        } else if c.flags & CONN_HALF_OPEN != 0 {
+            e.half_open += 1;
         } else {
-            e.1 += 1;
+            e.active += 1;
         }
     }
     by
+}
+
+/// The totals of [`conns_by_server`]: (active, half-open).
+fn totals(by: &HashMap<u32, LiveConns>) -> (u64, u64) {
+    by.values()
+        .fold((0, 0), |(a, h), c| (a + c.active, h + c.half_open))
 }
 
 /// What to answer from the connection table's entries.
@@ -721,9 +742,8 @@ impl TableJob {
 
 /// What turning connection entries into table lines needs (see `Daemon::conn_view`).
 pub(super) struct ConnView {
+    /// The timeouts, and each server index's server and the VIP and port it serves.
     expiry: Expiry,
-    /// Server index -> its server, and the VIP and port it serves.
-    lines: Arc<crate::services::Lines>,
 }
 
 impl ConnView {
@@ -744,7 +764,8 @@ impl ConnView {
                     proto: k.proto,
                     src: (k.dst.to_ip(), u16::from_be(k.dport)),
                     vip: self
-                        .lines
+                        .expiry
+                        .lines()
                         .vip
                         .get(&c.server)
                         .copied()
@@ -756,7 +777,8 @@ impl ConnView {
                 }
             } else {
                 let (sa, sp) = self
-                    .lines
+                    .expiry
+                    .lines()
                     .server
                     .get(&c.server)
                     .map(|(a, p, _)| (*a, *p))
@@ -812,18 +834,7 @@ pub(super) fn connection_views(lines: &[ConnLine]) -> Vec<views::ConnectionLine>
 
 /// The live client legs: (active, half-open).
 pub(super) fn count_active(all: &[(FlowKey, Connection)], expiry: &Expiry) -> (u64, u64) {
-    let now = dataplane::now_ns();
-    let (mut active, mut half_open) = (0, 0);
-    for (k, c) in all {
-        if open_leg(c) && expiry.live(k, c, now) {
-            if c.flags & CONN_HALF_OPEN != 0 {
-                half_open += 1;
-            } else {
-                active += 1;
-            }
-        }
-    }
-    (active, half_open)
+    totals(&conns_by_server(all, expiry))
 }
 
 /// Fills the active connections into metrics made by `Daemon::snapshot_base`; `lines`: for
@@ -835,9 +846,10 @@ pub(super) fn fill_active(
     expiry: &Expiry,
 ) {
     let by_index = conns_by_server(all, expiry);
-    (snap.active_connections, snap.half_open_connections) = count_active(all, expiry);
+    (snap.active_connections, snap.half_open_connections) = totals(&by_index);
     for (m, (service, index)) in snap.servers.iter_mut().zip(lines) {
-        (m.active, m.inactive) = by_index.get(index).copied().unwrap_or_default();
+        let c = by_index.get(index).copied().unwrap_or_default();
+        (m.active, m.inactive) = (c.active, c.inactive());
         if let Some(svc) = snap.services.get_mut(*service) {
             svc.active += m.active;
         }

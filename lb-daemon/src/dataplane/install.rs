@@ -251,6 +251,32 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// A service with none of the options (persistence, one-packet, its own timeouts,
+    /// limits): what the tests and benchmarks start from.
+    pub fn new(
+        vip: std::net::IpAddr,
+        port: u16,
+        proto: u8,
+        sched: Sched,
+        servers: Vec<ServerSpec>,
+    ) -> ServiceSpec {
+        ServiceSpec {
+            vip,
+            port,
+            proto,
+            sched,
+            persistence_s: 0,
+            one_packet: false,
+            persistence_prefix: 0,
+            timeout_s: 0,
+            fin_timeout_s: 0,
+            max_new_per_sec: 0,
+            max_new_per_src: 0,
+            limit_prefix: 0,
+            servers,
+        }
+    }
+
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
             vip: self.vip.into(),
@@ -284,21 +310,13 @@ mod tests {
     }
 
     fn spec(servers: Vec<ServerSpec>) -> ServiceSpec {
-        ServiceSpec {
-            vip: std::net::Ipv4Addr::new(192, 0, 2, 100).into(),
-            port: 80,
-            proto: lb_common::IPPROTO_TCP,
-            sched: Sched::Rr,
-            persistence_s: 0,
-            one_packet: false,
-            persistence_prefix: 0,
-            timeout_s: 0,
-            fin_timeout_s: 0,
-            max_new_per_sec: 0,
-            max_new_per_src: 0,
-            limit_prefix: 0,
+        ServiceSpec::new(
+            std::net::Ipv4Addr::new(192, 0, 2, 100).into(),
+            80,
+            lb_common::IPPROTO_TCP,
+            Sched::Rr,
             servers,
-        }
+        )
     }
 
     fn members(row: &[u32]) -> Vec<u32> {
