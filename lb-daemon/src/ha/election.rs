@@ -36,6 +36,8 @@ pub struct Election {
     me: usize,
     /// A peer unheard for this long is down.
     dead: Duration,
+    /// One heartbeat interval.
+    heartbeat: Duration,
     /// A backup looks for a primary until then before it may stand: `dead` after start-up,
     /// and after regaining quorum (a primary on the other side of a healed partition is
     /// heard within that time; promoting on the first heartbeat heard would make a second
@@ -72,6 +74,7 @@ impl Election {
         Election {
             me,
             dead: heartbeat * dead_after,
+            heartbeat,
             looking_until: now + heartbeat * dead_after,
             role: Role::Backup,
             term: 0,
@@ -150,14 +153,32 @@ impl Election {
         (0..self.peers.len()).find(|i| self.can_take_over(*i, now))
     }
 
-    /// The live peer announcing itself primary, if any.
+    /// The peer announcing itself primary, if any, heard within [`Election::primary_lease`].
     pub fn primary_peer(&self, now: Instant) -> Option<usize> {
+        let lease = self.primary_lease();
         (0..self.peers.len()).find(|i| {
-            self.alive(*i, now)
+            *i != self.me
+                && self.peers[*i]
+                    .last_heard
+                    .is_some_and(|t| now.duration_since(t) <= lease)
                 && self.peers[*i]
                     .heartbeat
                     .is_some_and(|h| h.role == Role::Primary)
         })
+    }
+
+    /// How long a backup counts a silent primary as primary. Without quorum, the dead
+    /// interval. Under majority quorum, two heartbeat intervals more: a primary cut off from
+    /// the majority steps down once it has heard none of it for the dead interval, and its
+    /// last heartbeat heard by the others may be up to one interval older than the last one
+    /// it heard from them; the second interval is the margin for it to remove its addresses.
+    /// So the two sides of a partition never hold the VIP at the same moment.
+    pub fn primary_lease(&self) -> Duration {
+        if self.majority {
+            self.dead + self.heartbeat * 2
+        } else {
+            self.dead
+        }
     }
 
     fn candidate(&self, now: Instant) -> bool {
@@ -263,9 +284,18 @@ impl Election {
         }
         // `alive` counts a peer heard exactly `dead` ago as alive: the deadline is just after.
         let after = |t: Instant| t + self.dead + Duration::from_millis(1);
+        // A silent primary's lease, which may run out later than its dead interval.
+        let lease = self.primary_lease();
+        let lease_end = self.peers.iter().filter_map(|p| {
+            p.heartbeat
+                .is_some_and(|h| h.role == Role::Primary)
+                .then_some(p.last_heard?)
+                .map(|t| t + lease + Duration::from_millis(1))
+        });
         self.peers
             .iter()
             .filter_map(|p| p.last_heard.map(after))
+            .chain(lease_end)
             .chain([self.looking_until])
             .chain(self.stand_aside_until)
             .filter(|t| *t > now)
@@ -733,8 +763,10 @@ mod tests {
         assert_eq!(net.primaries(), vec![0]);
         net.isolate(0);
         // The dead interval is 3 heartbeats: by then the minority's primary has counted
-        // itself alone and the two others have elected the higher-listed of them.
+        // itself alone; two intervals later the two others elect the higher-listed of them.
         net.steps(4).await;
+        assert_eq!(net.primaries(), Vec::<usize>::new(), "{:?}", net.log);
+        net.steps(2).await;
         assert_eq!(net.primaries(), vec![1], "{:?}", net.log);
         assert!(
             net.log.iter().any(|(i, a)| *i == 0
@@ -752,6 +784,68 @@ mod tests {
             net.step().await;
             assert_eq!(net.primaries(), vec![1], "healed: exactly one primary");
         }
+    }
+
+    /// The worst case of a partition's timing: the primary's last heartbeat reaches the
+    /// others one interval (less a millisecond) before their last ones reach it. Each ATM
+    /// acts at its own deadlines; at no instant are two primary.
+    #[tokio::test(start_paused = true)]
+    async fn with_majority_quorum_a_cut_off_primary_steps_down_before_another_takes_over() {
+        let t0 = Instant::now();
+        let mut atms: Vec<Election> = (0..3)
+            .map(|i| Election::new(i, 3, HB, 3, t0).majority_quorum())
+            .collect();
+        // `from`'s heartbeat of `sent`, heard by each of `to` at `heard`.
+        let send = |atms: &mut Vec<Election>, from: usize, to: &[usize], sent, heard| {
+            let hb = atms[from].heartbeat(sent);
+            for t in to {
+                atms[*t].on_heartbeat(from, hb, heard);
+            }
+        };
+        // Everyone hears everyone until atm0 is primary.
+        let mut now = t0;
+        for _ in 0..6 {
+            now += HB;
+            for from in 0..3 {
+                let others: Vec<usize> = (0..3).filter(|t| *t != from).collect();
+                send(&mut atms, from, &others, now, now);
+            }
+            for a in atms.iter_mut() {
+                a.tick(now);
+            }
+        }
+        assert_eq!(atms[0].role(), Role::Primary);
+        // The cut at `c`: atm0 was last heard at c - HB + 1 ms, the others at c.
+        let c = now + HB;
+        send(&mut atms, 0, &[1, 2], c, c - HB + Duration::from_millis(1));
+        send(&mut atms, 1, &[0, 2], c, c);
+        send(&mut atms, 2, &[0, 1], c, c);
+        // Then atm1 and atm2 still hear each other every interval; atm0 hears nobody.
+        // Step a millisecond at a time, each acting at its deadlines.
+        let mut stepped_down = None;
+        let mut took_over = None;
+        let mut t = c;
+        while t < c + HB * 10 {
+            t += Duration::from_millis(1);
+            if (t - c).as_millis().is_multiple_of(HB.as_millis()) {
+                send(&mut atms, 1, &[2], t, t);
+                send(&mut atms, 2, &[1], t, t);
+            }
+            for (i, a) in atms.iter_mut().enumerate() {
+                match a.tick(t) {
+                    Some(Action::BecomeBackup { .. }) if i == 0 => stepped_down = Some(t),
+                    Some(Action::BecomePrimary { .. }) if i == 1 => took_over = Some(t),
+                    _ => {}
+                }
+            }
+            let primaries = atms.iter().filter(|a| a.role() == Role::Primary).count();
+            assert!(primaries <= 1, "two primaries at {:?}", t - c);
+        }
+        let (down, up) = (stepped_down.unwrap(), took_over.unwrap());
+        assert!(
+            up - down >= HB - Duration::from_millis(2),
+            "a margin of an interval: {down:?} {up:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
