@@ -201,6 +201,45 @@ impl Lab {
         panic!("no TcpExt {name} in /proc/net/netstat of {ns}:\n{text}");
     }
 
+    /// Packets the lab's own links lost, summed over every device of every namespace: the
+    /// drops of `ip -s link` (a full veth ring, a full backlog) and the XDP transmit errors
+    /// of `ethtool -S` (a frame XDP_TX or XDP_REDIRECT could not queue), with the devices
+    /// that lost any. An XDP program's own XDP_DROP is not among them (`xdp_drops`), so
+    /// a test can tell a packet lb dropped from one a loaded machine's veths did.
+    pub fn losses(&self) -> (u64, String) {
+        let mut total = 0;
+        let mut detail = String::new();
+        for ns in &self.spaces {
+            let json = ns.exec_ok(&["ip", "-s", "-j", "link", "show"]);
+            let links: Vec<serde_json::Value> = serde_json::from_str(&json)
+                .unwrap_or_else(|e| panic!("ip -s -j link in {}: {e}", ns.name()));
+            for link in links {
+                let dev = link["ifname"].as_str().unwrap_or("?").to_string();
+                let stats = &link["stats64"];
+                let mut lost = ["rx", "tx"]
+                    .iter()
+                    .map(|d| stats[d]["dropped"].as_u64().unwrap_or(0))
+                    .sum::<u64>();
+                if link["link_type"] == "ether" {
+                    let out = ns.exec(&["ethtool", "-S", &dev]);
+                    for line in String::from_utf8_lossy(&out.stdout).lines() {
+                        if let Some((name, v)) = line.trim().split_once(": ")
+                            && (name.ends_with("xdp_tx_errors")
+                                || name.ends_with("xdp_xmit_errors"))
+                        {
+                            lost += v.trim().parse::<u64>().unwrap_or(0);
+                        }
+                    }
+                }
+                if lost > 0 {
+                    total += lost;
+                    detail += &format!("{}/{dev}: {lost}; ", ns.name());
+                }
+            }
+        }
+        (total, detail)
+    }
+
     /// Starts a long-running process in `ns`; it is killed when the lab drops.
     pub fn spawn(&mut self, ns: &str, args: &[&str]) {
         let child = self.ns(ns).spawn(args);
