@@ -868,6 +868,8 @@ mod pod {
     unsafe impl aya::Pod for super::Connection {}
     unsafe impl aya::Pod for super::PersistKey {}
     unsafe impl aya::Pod for super::Persist {}
+    unsafe impl aya::Pod for crate::frag::FragKey {}
+    unsafe impl aya::Pod for crate::frag::FragRoute {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::StatBlock {}

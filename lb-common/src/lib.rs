@@ -11,6 +11,7 @@ pub mod abi;
 pub mod bench;
 pub mod csum;
 pub mod flow_cache;
+pub mod frag;
 pub mod hash;
 pub mod nat;
 pub mod rate;
@@ -23,5 +24,6 @@ pub mod xdp_link;
 
 pub use abi::*;
 pub use flow_cache::*;
+pub use frag::{FragKey, FragRoute};
 pub use ring::*;
 pub use timeouts::Timeouts;

@@ -152,7 +152,7 @@ pub fn cached_direct(
     if f.method != Method::Direct as u8 {
         return None;
     }
-    let l4 = parse_l4_at(ctx, proto, l4_at, tot_len)?;
+    let l4 = parse_l4_at(ctx, proto, l4_at, tot_len, tot_len)?;
     if l4.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return None;
     }

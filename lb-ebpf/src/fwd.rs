@@ -15,6 +15,11 @@ use crate::{conn::*, finish, hop::*, icmp::*, maps::*, net::*, parse::*, Outcome
 /// do not fit the 512-byte stack together beside lb_xdp's.
 #[inline(never)]
 pub fn forward_xdp(ctx: &XdpContext, ip: &Ip, next: &Next) -> u32 {
+    // A new connection's first fragment: the server chosen is where those after it go if
+    // no connection entry names it (a one-packet service's).
+    if ip.frag == FRAG_FIRST {
+        crate::frag::remember_server(next.server);
+    }
     let Some(settings) = SETTINGS.get(0) else {
         return finish(Outcome::Pass);
     };
@@ -212,6 +217,10 @@ pub fn rewrite(
         h.daddr = daddr;
         (old_s, old_d)
     };
+    // A fragment after the first has no L4 header: its first fragment's checksum covers it.
+    if ip.frag == FRAG_LATER {
+        return Some(());
+    }
     let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4())?;
     // SAFETY: bounds checked by ptr_at_mut.
     let (old_sp, old_dp) = unsafe {
@@ -253,6 +262,18 @@ pub fn rewrite6(
     dport: u16,
 ) -> Option<()> {
     let h = ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    // A fragment after the first: the addresses alone (no L4 header, as in `rewrite`).
+    if ip.frag == FRAG_LATER {
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe {
+            let h = &mut *h;
+            for i in 0..4 {
+                h.saddr[i] = core::ptr::read_volatile(&saddr.w[i]);
+                h.daddr[i] = core::ptr::read_volatile(&daddr.w[i]);
+            }
+        }
+        return Some(());
+    }
     let ports = ptr_at_mut::<[u16; 2]>(ctx, ip.l4())?;
     let check = ptr_at_mut::<u16>(ctx, ip.l4_check_at())?;
     // SAFETY: bounds checked by ptr_at_mut.

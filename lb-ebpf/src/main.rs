@@ -25,6 +25,7 @@ mod clock;
 mod conn;
 mod decap;
 mod flows;
+mod frag;
 mod fwd;
 mod hop;
 mod icmp;
@@ -43,7 +44,7 @@ use lb_common::{
     SETTINGS_ACTIVE,
 };
 
-use crate::{conn::*, decap::*, flows::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
+use crate::{conn::*, decap::*, flows::*, frag::*, fwd::*, icmp::*, maps::*, net::*, parse::*};
 
 /// What happens to a packet; each maps to one XDP action and one outcome counter.
 enum Outcome {
@@ -110,6 +111,8 @@ fn settle(outcome: Outcome, packet: bool) -> u32 {
 
 #[inline(never)]
 fn to_service_xdp(ctx: &XdpContext, svc: &Service, ip: &Ip, l4: &L4) -> u32 {
+    // A fragment after the first whose connection is gone, or never was: not a new
+    // connection. Only a one-packet service's goes on, to its first fragment's server.
     let Some(settings) = SETTINGS.get(0) else {
         return finish(Outcome::Pass);
     };
@@ -210,9 +213,16 @@ fn balance(ctx: &XdpContext) -> Outcome {
     // A server's reply to the NAT address is never cached: no probe for it.
     let to_nat = is_nat_addr(settings, daddr);
     if iph.proto == IPPROTO_TCP || iph.proto == IPPROTO_UDP {
-        if let Some(ports) = ptr_at::<[u16; 2]>(ctx, ETH_HLEN + ihl) {
-            // SAFETY: bounds checked by ptr_at.
-            let (sport, dport) = unsafe { ((*ports)[0], (*ports)[1]) };
+        // A fragment after the first has no ports: its first fragment's stand in (0 if
+        // none was seen), and it goes that flow's way.
+        let ports = if iph.frag_off & IP_OFFMASK_BE != 0 {
+            Some(route_ports4(iph.saddr, daddr, iph.id, iph.proto, now))
+        } else {
+            // SAFETY: bounds checked by ptr_at; the two ports, as on the wire.
+            ptr_at::<u32>(ctx, ETH_HLEN + ihl).map(|p| unsafe { *p })
+        };
+        if let Some(ports) = ports {
+            let (sport, dport) = (ports as u16, (ports >> 16) as u16);
             // An established flow this CPU forwarded within the last second needs no
             // lookup: `steer` forwards it from the cache (or, for a SYN, FIN or RST, looks
             // it up after all).
@@ -271,12 +281,9 @@ fn balance(ctx: &XdpContext) -> Outcome {
     if !ipv4_header_ok(ctx, ihl) {
         return Outcome::Drop(Stat::DropMalformed);
     }
-    if u16::from_be(iph.frag_off) & IP_OFFMASK != 0 {
-        // No ports in a non-first fragment, so no way to find its connection (yet).
-        return Outcome::Drop(Stat::DropFragment);
-    }
-    // A cached direct flow's packet goes before the parsed packet is even written down.
-    if let Some(f) = cached {
+    // A cached direct flow's packet goes before the parsed packet is even written down
+    // (not a fragment: a first one is written down for those after it, in `steer`).
+    if let (Some(f), 0) = (cached, iph.frag_off & IP_FRAGMENT_BE) {
         let at = ETH_HLEN + ihl;
         if let Some(outcome) = cached_direct(ctx, f, iph.proto, at, tot_len, len as u32, now) {
             return outcome;
@@ -300,15 +307,18 @@ fn balance(ctx: &XdpContext) -> Outcome {
         now,
         slot,
         slot_holds,
+        frag: frag_kind(iph.frag_off),
+        frag_id: iph.id as u32,
     };
-    let ip: &Ip = ip;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {}
-        IPPROTO_ICMP if to_vip => {
+        IPPROTO_ICMP if to_vip && ip.frag != FRAG_LATER => {
             return icmp_error(ctx, ip, next, icmp_to_vip_xdp);
         }
+        // Another protocol's fragments follow their first to the stack.
         _ => return Outcome::Pass,
     }
+    let ip: &Ip = ip;
     steer(ctx, settings, ip, l4, next, cached, conn, svc, to_nat)
 }
 
@@ -348,12 +358,16 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     ip.v6 = true;
     ip.df = true;
     let tot_len = u16::from_be(h.payload_len) as usize + IPV6_HLEN;
-    let (proto, l4_at) = match walk_ipv6(ctx, h.nexthdr, tot_len) {
-        Walk::L4(proto, at) => (proto, at),
-        // No L4 header to find a connection by: judged as the VIP's, or passed.
-        Walk::NonFirstFragment => return vip_or_pass(ctx, settings, ip, Stat::DropFragment),
-        Walk::Malformed => return vip_or_pass(ctx, settings, ip, Stat::DropMalformed),
-    };
+    let walked = walk_ipv6_xdp(ctx, h.nexthdr, tot_len as u32);
+    if walked == WALK_MALFORMED {
+        return vip_or_pass(ctx, settings, ip, Stat::DropMalformed);
+    }
+    let (proto, l4_at) = (walked as u8, (walked >> 8) as usize & L4_AT_MAX);
+    // A fragment after the first has no L4 header: a TCP or UDP one takes its first
+    // fragment's ports (below); any other follows its first to the stack.
+    if ip.frag == FRAG_LATER && proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Outcome::Pass;
+    }
     ip.proto = proto;
     if proto == IPPROTO_ICMPV6 {
         // Neighbour discovery is the stack's, whatever it is for: an ATM answers for the
@@ -378,9 +392,14 @@ fn balance6(ctx: &XdpContext, settings: &Settings) -> Outcome {
     let (mut slot, mut slot_holds) = (NO_SLOT, false);
     let now = clock::now(settings.tick_ns);
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-        if let Some(ports) = ptr_at_var::<[u16; 2]>(ctx, l4_at) {
-            // SAFETY: bounds checked by ptr_at.
-            let (sport, dport) = unsafe { ((*ports)[0], (*ports)[1]) };
+        let ports = if ip.frag == FRAG_LATER {
+            Some(route_ports6(now))
+        } else {
+            // SAFETY: bounds checked by ptr_at; the two ports, as on the wire.
+            ptr_at_var::<u32>(ctx, l4_at).map(|p| unsafe { *p })
+        };
+        if let Some(ports) = ports {
+            let (sport, dport) = (ports as u16, (ports >> 16) as u16);
             let Some(key) = flow_key(ip, sport, dport, proto) else {
                 return Outcome::Drop(Stat::DropError);
             };
@@ -489,10 +508,22 @@ fn steer<S: Slot>(
     mut svc: Option<NonNull<Service>>,
     to_nat: bool,
 ) -> Outcome {
-    let Some(l4) = parse_l4(ctx, ip) else {
-        return Outcome::Drop(Stat::DropMalformed);
-    };
-    *l4_slot = l4;
+    if ip.frag == FRAG_LATER {
+        // Its first fragment's ports are in `l4_slot` already (`route_ports4`, `6`).
+        if l4_slot.dport == 0 {
+            count_vip(ip.bytes);
+            return Outcome::Drop(Stat::DropFragment);
+        }
+    } else {
+        let Some(l4) = parse_l4(ctx, ip) else {
+            return Outcome::Drop(Stat::DropMalformed);
+        };
+        // A first fragment: those after it will look for the connection it finds or makes.
+        if ip.frag == FRAG_FIRST {
+            remember(ip, l4.sport, l4.dport);
+        }
+        *l4_slot = l4;
+    }
     let l4: &L4 = l4_slot;
     if let Some(f) = cached {
         // A SYN (a reused tuple), FIN or RST changes the connection: the full path's. So
@@ -547,7 +578,13 @@ fn steer<S: Slot>(
     count_vip(ip.bytes);
     // SAFETY: a map value, read only.
     let svc = unsafe { svc.as_ref() };
-    let action = to_service_xdp(ctx, svc, ip, l4);
+    // A fragment after the first whose connection is gone, or never was: not a new
+    // connection. Only a one-packet service's goes on, to its first fragment's server.
+    let action = if ip.frag == FRAG_LATER {
+        later_fragment_xdp(svc.id, svc.flags, ip.bytes)
+    } else {
+        to_service_xdp(ctx, svc, ip, l4)
+    };
     if action != FORWARD {
         return Outcome::Action(action);
     }

@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use core::ptr::NonNull;
 use lb_common::{
-    Addr, CachedFlow, CachedFlow6, Connection, Counters, FlowKey, Persist, PersistKey, Server,
-    ServerLoad, Service, ServiceKey, Settings, Stat, StatBlock, CONN_EVENTS_BYTES,
-    DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES, FLOW_CACHE_SLOTS, RING_PAGE,
-    STAT_SLOTS, VIP_FILTER_SLOTS,
+    frag::FRAG_ROUTES, Addr, CachedFlow, CachedFlow6, Connection, Counters, FlowKey, FragKey,
+    FragRoute, Persist, PersistKey, Server, ServerLoad, Service, ServiceKey, Settings, Stat,
+    StatBlock, CONN_EVENTS_BYTES, DEFAULT_CONNECTIONS, DEFAULT_SERVERS, DEFAULT_SERVICES,
+    FLOW_CACHE_SLOTS, RING_PAGE, STAT_SLOTS, VIP_FILTER_SLOTS,
 };
 
 use crate::{net::*, parse::*};
@@ -88,6 +88,11 @@ pub static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_S
 pub static CONNECTIONS: LruHashMap<FlowKey, Connection> =
     LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
 
+/// (source, destination, IP identification, protocol) -> where the fragments of a
+/// datagram whose first fragment was ours go (`lb_common::frag`).
+#[map(name = "fragments")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragRoute> = LruHashMap::with_max_entries(FRAG_ROUTES, 0);
+
 /// (client, service) -> server, for sticky services.
 #[map(name = "persistence")]
 pub static PERSISTENCE: LruHashMap<PersistKey, Persist> =
@@ -153,6 +158,9 @@ pub struct Scratch {
     pub fib: FibParams,
     pub conn: Connection,
     pub reply: Connection,
+    /// A fragment's key in `fragments`, and a first fragment's route being written.
+    pub frag_key: FragKey,
+    pub frag_route: FragRoute,
 }
 
 #[map(name = "scratch")]

@@ -16,6 +16,11 @@ pub const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
 pub const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
 pub const IP_MF: u16 = 0x2000;
 pub const IP_OFFMASK: u16 = 0x1fff;
+/// The more-fragments bit and the fragment offset as they sit in the frame: zero in a
+/// packet that is no fragment.
+pub const IP_FRAGMENT_BE: u16 = (IP_MF | IP_OFFMASK).to_be();
+/// The fragment offset as it sits in the frame: non-zero in a fragment after the first.
+pub const IP_OFFMASK_BE: u16 = IP_OFFMASK.to_be();
 /// The don't-fragment bit as it sits in the frame.
 pub const IP_DF_BE: u16 = 0x4000u16.to_be();
 /// 0x0806 as it sits in the frame.
@@ -42,6 +47,8 @@ pub const NEXTHDR_DEST: u8 = 60;
 /// The fragment header's offset field (in 8-byte units, shifted left by 3), as read in host
 /// order: zero in a first fragment.
 pub const IP6_OFFMASK: u16 = 0xfff8;
+/// The fragment header's more-fragments flag (host order of the offset field).
+pub const IP6_MF: u16 = 0x0001;
 
 /// ICMPv6 types: the errors steered to a connection's server, and neighbour discovery's
 /// (router solicitation 133 to redirect 137), which always passes.

@@ -54,7 +54,33 @@ pub struct Ip {
     /// its counts in and fills it without looking again.
     pub slot: u32,
     pub slot_holds: bool,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
+    pub frag: u8,
+    /// A fragment's IP identification, as on the wire (IPv4's in the low 16 bits).
+    pub frag_id: u32,
 }
+
+/// [`Ip::frag`] of an IPv4 packet whose flags and fragment offset are `frag_off` (as on the
+/// wire).
+#[inline(always)]
+pub fn frag_kind(frag_off: u16) -> u8 {
+    let f = u16::from_be(frag_off);
+    if f & IP_OFFMASK != 0 {
+        FRAG_LATER
+    } else if f & IP_MF != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    }
+}
+
+/// [`Ip::frag`]: a whole packet.
+pub const FRAG_NONE: u8 = 0;
+/// [`Ip::frag`]: a datagram's first fragment (offset 0, more to come): it has the ports.
+pub const FRAG_FIRST: u8 = 1;
+/// [`Ip::frag`]: a fragment after the first: no L4 header, it follows its first
+/// (`frag::follow`).
+pub const FRAG_LATER: u8 = 2;
 
 /// [`Ip::slot`] of a packet that has none.
 pub const NO_SLOT: u32 = u32::MAX;
@@ -110,8 +136,9 @@ pub const IPV6_EXT_MAX: usize = 6;
 pub enum Walk {
     /// At the L4 header: its protocol and offset in the frame.
     L4(u8, usize),
-    /// At a fragment header of a non-first fragment: no L4 header follows.
-    NonFirstFragment,
+    /// At a fragment header of a non-first fragment: no L4 header follows. The protocol of
+    /// the datagram's payload (the fragment header's next header).
+    NonFirstFragment(u8),
     /// Truncated, beyond the packet's length, or longer than the bound.
     Malformed,
 }
@@ -119,9 +146,11 @@ pub enum Walk {
 /// Walks an IPv6 packet's extension headers (hop-by-hop, routing, destination options,
 /// fragment, authentication) from the fixed header's next header `first`, within the
 /// packet's `tot_len` bytes. A chain RFC 8200 forbids (hop-by-hop options anywhere but
-/// first) or an authentication header too short to be one is malformed.
+/// first) or an authentication header too short to be one is malformed. A fragment
+/// header's kind and identification go into `ip` (`frag`, `frag_id`).
 #[inline(always)]
-pub fn walk_ipv6(ctx: &XdpContext, first: u8, tot_len: usize) -> Walk {
+pub fn walk_ipv6(ctx: &XdpContext, first: u8, tot_len: usize, ip: &mut Ip) -> Walk {
+    ip.frag = FRAG_NONE;
     let mut next = first;
     let mut off = ETH_HLEN + IPV6_HLEN;
     for _ in 0..IPV6_EXT_MAX {
@@ -129,16 +158,23 @@ pub fn walk_ipv6(ctx: &XdpContext, first: u8, tot_len: usize) -> Walk {
             return Walk::L4(next, off);
         }
         // Every extension header starts with its next header and length; a fragment
-        // header's offset follows.
-        let Some(h) = ptr_at_var::<[u8; 4]>(ctx, off) else {
+        // header's offset and identification follow. Each is at least 8 bytes long.
+        let Some(h) = ptr_at_var::<[u8; 8]>(ctx, off) else {
             return Walk::Malformed;
         };
         // SAFETY: bounds checked by ptr_at.
         let h = unsafe { *h };
         let len = match next {
             NEXTHDR_FRAGMENT => {
-                if u16::from_be_bytes([h[2], h[3]]) & IP6_OFFMASK != 0 {
-                    return Walk::NonFirstFragment;
+                // The identification: the header's second word, as on the wire.
+                ip.frag_id = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+                let offset = u16::from_be_bytes([h[2], h[3]]);
+                if offset & IP6_OFFMASK != 0 {
+                    ip.frag = FRAG_LATER;
+                    return Walk::NonFirstFragment(h[0]);
+                }
+                if offset & IP6_MF != 0 {
+                    ip.frag = FRAG_FIRST;
                 }
                 8
             }
@@ -161,6 +197,27 @@ pub fn walk_ipv6(ctx: &XdpContext, first: u8, tot_len: usize) -> Walk {
         return Walk::Malformed;
     }
     Walk::L4(next, off)
+}
+
+/// [`walk_ipv6_xdp`]'s answer for a malformed chain.
+pub const WALK_MALFORMED: u32 = u32::MAX;
+
+/// [`walk_ipv6`] as a BPF function of its own (its loop's registers would otherwise grow
+/// lb_xdp's frame), on the packet in `parsed`: the L4 protocol in the low byte and the L4
+/// header's offset in the next ([`L4_AT_MAX`] for a fragment after the first, which has
+/// none), or [`WALK_MALFORMED`]. The fragment kind and identification go into `parsed`'s `ip`.
+#[inline(never)]
+pub fn walk_ipv6_xdp(ctx: &XdpContext, first: u8, tot_len: u32) -> u32 {
+    let Some(p) = PARSED.get_ptr_mut(0) else {
+        return WALK_MALFORMED;
+    };
+    // SAFETY: a per-CPU slot; XDP runs to completion on its CPU.
+    let ip = unsafe { &mut (*p).ip };
+    match walk_ipv6(ctx, first, tot_len as usize, ip) {
+        Walk::L4(proto, at) => proto as u32 | (at as u32) << 8,
+        Walk::NonFirstFragment(proto) => proto as u32 | (L4_AT_MAX as u32) << 8,
+        Walk::Malformed => WALK_MALFORMED,
+    }
 }
 
 #[inline(always)]
@@ -204,15 +261,28 @@ pub fn ipv4_header_ok(ctx: &XdpContext, ihl: usize) -> bool {
     csum::fold(sum) == 0xffff
 }
 
+/// The packet's TCP or UDP header. A first fragment's UDP length is the whole datagram's,
+/// more than the fragment holds: it is checked against the largest IP packet instead.
 #[inline(always)]
 pub fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Option<L4> {
-    parse_l4_at(ctx, ip.proto, ip.l4(), ip.tot_len)
+    let udp_limit = if ip.frag == FRAG_FIRST {
+        u16::MAX
+    } else {
+        ip.tot_len
+    };
+    parse_l4_at(ctx, ip.proto, ip.l4(), ip.tot_len, udp_limit)
 }
 
 /// The TCP (`proto`) or UDP header at `at` in the frame, checked to fit the IP packet of
-/// `tot_len` bytes.
+/// `tot_len` bytes (a UDP datagram: of `udp_limit` bytes).
 #[inline(always)]
-pub fn parse_l4_at(ctx: &XdpContext, proto: u8, at: usize, tot_len: u16) -> Option<L4> {
+pub fn parse_l4_at(
+    ctx: &XdpContext,
+    proto: u8,
+    at: usize,
+    tot_len: u16,
+    udp_limit: u16,
+) -> Option<L4> {
     if proto == IPPROTO_TCP {
         let tcp = ptr_at::<TcpHdr>(ctx, at)?;
         // SAFETY: bounds checked by ptr_at.
@@ -231,7 +301,7 @@ pub fn parse_l4_at(ctx: &XdpContext, proto: u8, at: usize, tot_len: u16) -> Opti
         // SAFETY: bounds checked by ptr_at.
         let udp = unsafe { &*udp };
         let len = u16::from_be(udp.len) as usize;
-        if len < 8 || at - ETH_HLEN + len > tot_len as usize {
+        if len < 8 || at - ETH_HLEN + len > udp_limit as usize {
             return None;
         }
         Some(L4 {

@@ -2040,10 +2040,30 @@ fn decap_fixtures() {
     assert_eq!(s, [4, 1, 2, 1]);
 }
 
+/// A fragment's (source, destination, identification, protocol): what all fragments of
+/// one datagram share.
+type FragId = ([u8; 4], [u8; 4], u16, u8);
+
+/// The [`FragId`] of an IPv4 first fragment (more fragments, offset 0) with a correct
+/// header checksum, if `frame` is one.
+fn first_fragment(frame: &[u8]) -> Option<FragId> {
+    let (ip, _) = Ipv4Header::from_slice(frame.get(14..)?).ok()?;
+    (frame[12..14] == [0x08, 0x00]
+        && raw_ipv4_checksum_ok(&frame[14..14 + ip.header_len()])
+        && ip.more_fragments
+        && ip.fragment_offset.value() == 0)
+        .then_some((ip.source, ip.destination, ip.identification, ip.protocol.0))
+}
+
 /// Independently of the program: is this frame traffic the balancer may forward? A complete,
 /// unfragmented (or first-fragment) IPv4 packet with a correct header checksum, to a service
-/// (TCP/UDP with a whole header, or an ICMP error to a VIP), or to the NAT address.
-fn forwardable(frame: &[u8], services: &[([u8; 4], u16, u8)]) -> Result<(), String> {
+/// (TCP/UDP with a whole header, or an ICMP error to a VIP), or to the NAT address; or a
+/// later fragment of a datagram whose first fragment (`firsts`) the program was given.
+fn forwardable(
+    frame: &[u8],
+    services: &[([u8; 4], u16, u8)],
+    firsts: &std::collections::HashSet<FragId>,
+) -> Result<(), String> {
     if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
         return Err("not IPv4".into());
     }
@@ -2056,7 +2076,11 @@ fn forwardable(frame: &[u8], services: &[([u8; 4], u16, u8)]) -> Result<(), Stri
         return Err("total length beyond the frame".into());
     }
     if ip.fragment_offset.value() != 0 {
-        return Err("non-first fragment".into());
+        let id = (ip.source, ip.destination, ip.identification, ip.protocol.0);
+        if firsts.contains(&id) {
+            return Ok(());
+        }
+        return Err("non-first fragment with no first seen".into());
     }
     let l4 = &frame[14 + ip.header_len()..14 + ip.total_len as usize];
     let dst = ip.destination;
@@ -2072,7 +2096,8 @@ fn forwardable(frame: &[u8], services: &[([u8; 4], u16, u8)]) -> Result<(), Stri
         }
         etherparse::IpNumber::UDP => {
             let u = etherparse::UdpHeaderSlice::from_slice(l4).map_err(|e| format!("udp: {e}"))?;
-            if (u.length() as usize) < 8 || u.length() as usize > l4.len() {
+            // A first fragment's UDP length is the whole datagram's.
+            if (u.length() as usize) < 8 || (u.length() as usize > l4.len() && !ip.more_fragments) {
                 return Err("bad udp length".into());
             }
             if dst == NAT || services.contains(&(dst, u.destination_port(), IPPROTO_UDP)) {
@@ -2133,6 +2158,7 @@ fn a_hundred_thousand_random_and_mutated_frames() {
     const FRAMES: usize = 100_000;
     let mut forwarded = 0u64;
     let mut failures = Vec::new();
+    let mut firsts = std::collections::HashSet::new();
     {
         let _inside = b.lab.ns("fx").enter();
         for i in 0..FRAMES {
@@ -2181,10 +2207,13 @@ fn a_hundred_thousand_random_and_mutated_frames() {
                     }
                 }
             }
+            if let Some(id) = first_fragment(&f) {
+                firsts.insert(id);
+            }
             let (action, out) = b.dp.test_run(&f, b.eth0).expect("test_run");
             if action == XDP_TX || action == XDP_REDIRECT {
                 forwarded += 1;
-                if let Err(why) = forwardable(&f, &services) {
+                if let Err(why) = forwardable(&f, &services, &firsts) {
                     failures.push(format!(
                         "frame {i} forwarded but {why}:\n{}",
                         lb_tests::fixture::decode(&f)
@@ -2436,4 +2465,158 @@ fn the_production_object_holds_only_lb_xdp_and_lb_decap() {
     for map in bench_map_names {
         assert!(bench_maps.iter().any(|m| m == map), "{map} is missing");
     }
+}
+
+/// A UDP datagram from `src`:`sport` to `dst`:`dport` carrying `data`, with a correct UDP
+/// checksum, in two IPv4 fragments of identification `id` between `smac` and `dmac`: the
+/// first with the UDP header and `data[..cut]` (`cut` + 8 a multiple of 8), the last with
+/// the rest.
+#[allow(clippy::too_many_arguments)]
+fn udp_in_two_fragments(
+    (smac, dmac): (Mac, Mac),
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+    data: &[u8],
+    id: u16,
+    cut: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!((8 + cut) % 8, 0);
+    let whole = udp(smac, dmac, src, sport, dst, dport, data);
+    let l4 = whole[34..].to_vec();
+    let frame = |part: &[u8], offset: usize, more: bool| {
+        let mut f = whole[..34].to_vec();
+        f.extend_from_slice(part);
+        f[16..18].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+        f[18..20].copy_from_slice(&id.to_be_bytes());
+        let field = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        f[20..22].copy_from_slice(&field.to_be_bytes());
+        fix_ipv4_checksum(&mut f);
+        f
+    };
+    (
+        frame(&l4[..8 + cut], 0, true),
+        frame(&l4[8 + cut..], 8 + cut, false),
+    )
+}
+
+/// Whether the UDP datagram whose header and first bytes are in fragment frame `first` and
+/// the rest in `last` has a correct checksum for the addresses in `first`.
+fn reassembled_udp_checksum_ok(first: &[u8], last: &[u8]) -> bool {
+    let ip = Ipv4Header::from_slice(&first[14..]).unwrap().0;
+    let mut datagram = first[34..14 + ip.total_len as usize].to_vec();
+    let last_len = u16::from_be_bytes([last[16], last[17]]) as usize;
+    datagram.extend_from_slice(&last[34..14 + last_len]);
+    let mut sum: u32 = 0;
+    for w in [&first[26..30], &first[30..34]] {
+        sum += u16::from_be_bytes([w[0], w[1]]) as u32 + u16::from_be_bytes([w[2], w[3]]) as u32;
+    }
+    sum += 17 + datagram.len() as u32;
+    for c in datagram.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// Fragments follow their first (docs/DATAPLANE.md, "Fragments"). A datagram in two
+/// fragments to the NAT service: the first is translated as any packet, the last gets the
+/// same addresses and nothing else, so the datagram's checksum holds whole; the server's
+/// answer in two fragments comes back to the client the same way. A last fragment whose
+/// first was never seen is dropped and counted; one of another protocol passes.
+#[test]
+fn fragments_follow_their_first_through_nat_both_ways() {
+    let b = Bench::new();
+    let udp_server = b.row(NATUDP)[0];
+    let (n_addr, n_port) = b.server_addr(udp_server);
+    let data: Vec<u8> = (0..200u16).map(|i| (i * 13) as u8).collect();
+    let (first, last) = udp_in_two_fragments(
+        (ROUTER_MAC, LB_MAC),
+        (CLIENT, 47001),
+        (VIP, 5353),
+        &data,
+        0x4242,
+        96,
+    );
+    let _inside = b.lab.ns("fx").enter();
+    let before = b.dp.stats().unwrap();
+    let (action, out_first) = b.dp.test_run(&first, b.eth0).unwrap();
+    assert_eq!(action_name(action), action_name(XDP_REDIRECT));
+    let (action, out_last) = b.dp.test_run(&last, b.eth0).unwrap();
+    assert_eq!(
+        action_name(action),
+        action_name(XDP_REDIRECT),
+        "the last fragment follows its first:\n{}",
+        decode(&last)
+    );
+    // The first: addresses and ports translated; the last: the same addresses, its bytes
+    // otherwise as they came.
+    assert_eq!(out_first[26..30], NAT);
+    assert_eq!(out_first[30..34], n_addr);
+    assert_eq!(u16::from_be_bytes([out_first[36], out_first[37]]), n_port);
+    let nat_port = u16::from_be_bytes([out_first[34], out_first[35]]);
+    assert_eq!(out_last[26..30], NAT);
+    assert_eq!(out_last[30..34], n_addr);
+    assert_eq!(out_last[34..], last[34..], "the last fragment's payload");
+    assert_eq!(out_last[18..22], last[18..22], "identification and offset");
+    for out in [&out_first, &out_last] {
+        assert!(raw_ipv4_checksum_ok(&out[14..34]));
+        assert_eq!(out[0..6], mac_of(n_addr));
+    }
+    assert!(
+        reassembled_udp_checksum_ok(&out_first, &out_last),
+        "the datagram's checksum, translated in the first fragment, holds for the whole"
+    );
+
+    // The answer, in two fragments from the server to the NAT address and port.
+    let answer: Vec<u8> = (0..300u16).map(|i| (i * 7) as u8).collect();
+    let (first, last) = udp_in_two_fragments(
+        (mac_of(n_addr), LB_NAT_MAC),
+        (n_addr, n_port),
+        (NAT, nat_port),
+        &answer,
+        0x0707,
+        152,
+    );
+    let (action, back_first) = b.dp.test_run(&first, b.eth1).unwrap();
+    assert_eq!(action_name(action), action_name(XDP_REDIRECT));
+    let (action, back_last) = b.dp.test_run(&last, b.eth1).unwrap();
+    assert_eq!(action_name(action), action_name(XDP_REDIRECT));
+    for back in [&back_first, &back_last] {
+        assert_eq!(back[26..30], VIP);
+        assert_eq!(back[30..34], CLIENT);
+        assert!(raw_ipv4_checksum_ok(&back[14..34]));
+    }
+    assert_eq!(u16::from_be_bytes([back_first[34], back_first[35]]), 5353);
+    assert_eq!(u16::from_be_bytes([back_first[36], back_first[37]]), 47001);
+    assert_eq!(back_last[34..], last[34..]);
+    assert!(reassembled_udp_checksum_ok(&back_first, &back_last));
+
+    // A last fragment of a datagram whose first never came: dropped, counted.
+    let (_, stray) = udp_in_two_fragments(
+        (ROUTER_MAC, LB_MAC),
+        (CLIENT, 47001),
+        (VIP, 5353),
+        &data,
+        0x4343,
+        96,
+    );
+    let (action, _) = b.dp.test_run(&stray, b.eth0).unwrap();
+    assert_eq!(action_name(action), action_name(XDP_DROP));
+    // A later fragment of an ICMP datagram to the VIP (a big echo request): its first went
+    // to the stack, and so does it.
+    let mut icmp_later = stray.clone();
+    icmp_later[23] = 1;
+    fix_ipv4_checksum(&mut icmp_later);
+    let (action, out) = b.dp.test_run(&icmp_later, b.eth0).unwrap();
+    assert_eq!(action_name(action), action_name(XDP_PASS));
+    assert_eq!(out, icmp_later);
+
+    let after = b.dp.stats().unwrap();
+    let d = |s: Stat| after.get(s) - before.get(s);
+    assert_eq!(d(Stat::DropFragment), 1);
+    assert_eq!(d(Stat::Forwarded), 4);
+    assert_eq!(d(Stat::Passed), 1);
+    assert_eq!(d(Stat::NewConns), 1, "one connection, not one per fragment");
 }

@@ -401,6 +401,9 @@ fn ipv6_extension_headers_are_walked_and_bad_ones_dropped_and_counted() {
         &from_client(41003, VIP6, 80, ACK, b"later"),
         &[(FRAG, fragment6(3, false))],
     );
+    // Another identification (the fragment header's last byte).
+    let mut later_frag_unknown = later_frag.clone();
+    later_frag_unknown[14 + 40 + 7] ^= 1;
     let later_frag_other = with_ext6(
         &from_client(41003, OTHER6, 80, ACK, b"later"),
         &[(FRAG, fragment6(3, false))],
@@ -474,8 +477,14 @@ fn ipv6_extension_headers_are_walked_and_bad_ones_dropped_and_counted() {
             XDP_DROP,
         ),
         Fixture::new(
-            "a later fragment to the VIP has no ports: dropped",
-            later_frag,
+            "a later fragment of that datagram has no ports: it follows its first",
+            later_frag.clone(),
+            XDP_TX,
+        )
+        .output(to(&later_frag, pick(41002))),
+        Fixture::new(
+            "a later fragment of a datagram whose first was not seen: dropped",
+            later_frag_unknown,
             XDP_DROP,
         ),
         Fixture::new(
@@ -522,7 +531,7 @@ fn ipv6_extension_headers_are_walked_and_bad_ones_dropped_and_counted() {
     let after = b.stats();
     assert_eq!(counted(&before, &after, Stat::DropFragment), 1);
     assert_eq!(counted(&before, &after, Stat::DropMalformed), 9);
-    assert_eq!(counted(&before, &after, Stat::Forwarded), 3);
+    assert_eq!(counted(&before, &after, Stat::Forwarded), 4);
     assert_eq!(counted(&before, &after, Stat::Passed), 1);
 }
 
@@ -1125,9 +1134,13 @@ fn a_packet_too_big_for_the_tunnel_gets_an_icmpv6_packet_too_big() {
 
 /// Independently of the program: may the balancer forward this IPv6 frame? etherparse reads
 /// its header and extension headers whole within the payload length, which lies within the
-/// frame; it is not a later fragment; its TCP header (or UDP with a sane length) is whole,
-/// to one of the services.
-fn forwardable6(frame: &[u8], services: &[([u8; 16], u16, u8)]) -> Result<(), String> {
+/// frame; it is not a later fragment unless the program was given its first (`firsts`); its
+/// TCP header (or UDP with a sane length) is whole, to one of the services.
+fn forwardable6(
+    frame: &[u8],
+    services: &[([u8; 16], u16, u8)],
+    firsts: &std::collections::HashSet<FragId6>,
+) -> Result<(), String> {
     if frame.len() < 54 || frame[12..14] != [0x86, 0xdd] {
         return Err("not IPv6".into());
     }
@@ -1143,14 +1156,21 @@ fn forwardable6(frame: &[u8], services: &[([u8; 16], u16, u8)]) -> Result<(), St
     let exts =
         etherparse::Ipv6Extensions::from_slice(ip.header().next_header(), ip.extensions().slice())
             .map_err(|e| format!("ipv6 extensions: {e}"))?;
-    let later = exts
-        .0
-        .fragment
-        .as_ref()
-        .is_some_and(|f| f.fragment_offset.value() != 0);
-    if later {
-        return Err("later fragment".into());
+    if let Some(f) = exts.0.fragment.as_ref()
+        && f.fragment_offset.value() != 0
+    {
+        let id = (
+            ip.header().source(),
+            ip.header().destination(),
+            f.identification,
+            f.next_header.0,
+        );
+        if firsts.contains(&id) {
+            return Ok(());
+        }
+        return Err("later fragment with no first seen".into());
     }
+    let first = exts.0.fragment.as_ref().is_some_and(|f| f.more_fragments);
     let dst = ip.header().destination();
     let l4 = p.payload;
     match p.ip_number {
@@ -1164,7 +1184,8 @@ fn forwardable6(frame: &[u8], services: &[([u8; 16], u16, u8)]) -> Result<(), St
         }
         etherparse::IpNumber::UDP => {
             let u = etherparse::UdpHeaderSlice::from_slice(l4).map_err(|e| format!("udp: {e}"))?;
-            if (u.length() as usize) < 8 || u.length() as usize > l4.len() {
+            // A first fragment's UDP length is the whole datagram's.
+            if (u.length() as usize) < 8 || (u.length() as usize > l4.len() && !first) {
                 return Err("bad udp length".into());
             }
             if services.contains(&(dst, u.destination_port(), IPPROTO_UDP)) {
@@ -1175,6 +1196,26 @@ fn forwardable6(frame: &[u8], services: &[([u8; 16], u16, u8)]) -> Result<(), St
         }
         _ => Err("not service traffic".into()),
     }
+}
+
+/// An IPv6 fragment's (source, destination, identification, protocol).
+type FragId6 = ([u8; 16], [u8; 16], u32, u8);
+
+/// The [`FragId6`] of a well-formed IPv6 first fragment (more fragments, offset 0).
+fn first_fragment6(frame: &[u8]) -> Option<FragId6> {
+    let ip = etherparse::Ipv6Slice::from_slice(frame.get(14..)?).ok()?;
+    let exts =
+        etherparse::Ipv6Extensions::from_slice(ip.header().next_header(), ip.extensions().slice())
+            .ok()?;
+    let f = exts.0.fragment?;
+    (frame[12..14] == [0x86, 0xdd] && f.more_fragments && f.fragment_offset.value() == 0).then_some(
+        (
+            ip.header().source(),
+            ip.header().destination(),
+            f.identification,
+            f.next_header.0,
+        ),
+    )
 }
 
 #[test]
@@ -1213,6 +1254,7 @@ fn fifty_thousand_random_and_mutated_ipv6_frames() {
     const FRAMES: usize = 50_000;
     let mut forwarded = 0u64;
     let mut failures = Vec::new();
+    let mut firsts = std::collections::HashSet::new();
     {
         let _inside = b.lab.ns("fx6").enter();
         for i in 0..FRAMES {
@@ -1253,10 +1295,13 @@ fn fifty_thousand_random_and_mutated_ipv6_frames() {
                     }
                 }
             }
+            if let Some(id) = first_fragment6(&f) {
+                firsts.insert(id);
+            }
             let (action, out) = b.dp.test_run(&f, b.eth0).expect("test_run");
             if action == XDP_TX || action == XDP_REDIRECT {
                 forwarded += 1;
-                if let Err(why) = forwardable6(&f, &services) {
+                if let Err(why) = forwardable6(&f, &services, &firsts) {
                     failures.push(format!(
                         "frame {i} forwarded but {why}:\n{}",
                         lb_tests::fixture::decode(&f)
