@@ -344,7 +344,7 @@ fn curl_in(ns: &str, url: &str, timeout: Duration) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn random_key() -> Result<Vec<u8>> {
+pub(crate) fn random_key() -> Result<Vec<u8>> {
     let mut key = vec![0u8; 32];
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
@@ -353,7 +353,7 @@ fn random_key() -> Result<Vec<u8>> {
 
 /// The cluster's one config file: two dual-stack ATMs, a VIP of each family served three
 /// ways.
-fn config(key: &Path) -> String {
+pub(crate) fn config(key: &Path) -> String {
     let mut c = format!(
         r#"[cluster]
 name = "demo"

@@ -1,13 +1,14 @@
 //! `cargo xtask`: what cargo alone cannot do. `setup` installs the eBPF toolchain and the
 //! tools the labs use; `test` runs every test tier; `demo` shows the lab to a new user;
 //! `package` builds the Debian package; `bench` measures lb against its peers
-//! (docs/BENCHMARKS.md).
+//! (docs/BENCHMARKS.md); `soak` watches it for leaks under hours of work (docs/SOAK.md).
 
 mod bench;
 mod demo;
 mod fuzz;
 mod package;
 mod setup;
+mod soak;
 mod util;
 
 use anyhow::Result;
@@ -39,9 +40,6 @@ enum Cmd {
         #[arg(long)]
         clean: bool,
     },
-    /// Set up if needed (plus the peers: HAProxy, wrk, keepalived), then measure lb against
-    /// them: per-path cost, growth, packets per second, HTTP, failover, control plane. Writes
-    /// target/bench/results.{json,md} and prints the table. Needs root; about fifteen minutes.
     /// Set up if needed, then run each fuzz target of fuzz/ (cargo fuzz, nightly) for a
     /// bounded time from the corpus in the repository; a crash fails it (docs/FUZZING.md).
     Fuzz {
@@ -62,6 +60,9 @@ enum Cmd {
         #[arg(long)]
         output: Option<std::path::PathBuf>,
     },
+    /// Set up if needed (plus the peers: HAProxy, wrk, keepalived), then measure lb against
+    /// them: per-path cost, growth, packets per second, HTTP, failover, control plane. Writes
+    /// target/bench/results.{json,md} and prints the table. Needs root; about fifteen minutes.
     Bench {
         /// Rounds per measurement (medians are reported).
         #[arg(long, default_value_t = 5)]
@@ -81,6 +82,18 @@ enum Cmd {
         /// results show both, and a target says whether any path got slower.
         #[arg(long, value_name = "REV")]
         against: Option<String>,
+    },
+    /// Set up if needed (plus gnuplot), then run the demo's lab under steady load, reloads
+    /// and drills for MINUTES, sampling each ATM daemon's memory, descriptors and threads.
+    /// Writes report.md, samples.csv and soak.png to target/soak (or --output); fails if any
+    /// of them grew after warm-up or requests failed (docs/SOAK.md). Needs root.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// The directory for the report.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
     },
 }
 
@@ -105,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
             fuzz::run(seconds, target.as_deref())
         }
         Cmd::Package { debug, output } => package::run(&package::Opts { debug, output }).map(drop),
+        Cmd::Soak { minutes, output } => soak::run(minutes, output),
         Cmd::Bench { report: true, .. } => bench::report(),
         Cmd::Bench {
             rounds,

@@ -175,6 +175,15 @@ pub fn bench() -> Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask soak` needs beyond [`run`]: gnuplot, for its plot.
+pub fn soak() -> Result<()> {
+    Apt::default().ensure(
+        "gnuplot-nox",
+        "draws the soak report's plot of memory, descriptors and threads over time",
+    )?;
+    Ok(())
+}
+
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }

@@ -1,0 +1,398 @@
+//! `cargo xtask soak`: lb at steady work for a long time, watched for leaks. The demo's lab
+//! (a client, two ATMs, three servers; a VIP of each family served by direct routing,
+//! tunnel and NAT) under a bounded load of new HTTP connections, while the primary is
+//! reloaded every minute and the role moves by a drill every two and a half. Every ten
+//! seconds each ATM daemon's resident memory, open descriptors and threads are sampled.
+//! The samples go to `samples.csv`, a plot to `soak.png` (gnuplot), and a summary to
+//! `report.md` in the output directory; the run fails if a daemon's memory, descriptors or
+//! threads kept growing after warm-up, or requests failed.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use lb_tests::{cluster, lab::Lab, netns::NetNs, procs::Daemon};
+
+use crate::{demo, setup, util};
+
+/// Seconds between samples.
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// Seconds between reloads of both ATMs.
+const RELOAD_EVERY: Duration = Duration::from_secs(60);
+/// Seconds between drills (the primary demoted: the role moves to the other ATM).
+const DRILL_EVERY: Duration = Duration::from_secs(150);
+/// Client threads, each with a new connection every `PAUSE` at most.
+const CLIENTS: usize = 2;
+const PAUSE: Duration = Duration::from_millis(20);
+
+/// One sample of one daemon.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    seconds: u64,
+    rss_kib: u64,
+    fds: u64,
+    threads: u64,
+}
+
+pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
+    util::require_root("cargo xtask soak")?;
+    if minutes == 0 {
+        bail!("--minutes must be at least 1");
+    }
+    setup::run()?;
+    setup::soak()?;
+    util::step("build: lb-daemon (with the eBPF object) and lb-cli");
+    util::cargo(&["build", "--bins", "--quiet"])?;
+    let out = output.unwrap_or_else(|| util::workspace().join("target/soak"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+
+    util::step("lab: the demo's (a client, atm1 and atm2, s1-s3; dual stack), in lbt namespaces");
+    let mut lab = Lab::new();
+    cluster::build_dual_stack(&mut lab, 2, 3);
+    for (i, method) in [(1, "direct"), (2, "tunnel"), (3, "nat")] {
+        let ns = cluster::server(i);
+        lab.nginx(&ns, &format!("{ns} {method}"), &[80, 8080]);
+    }
+    let dir = lab.dir();
+    let key = dir.join("authkey");
+    std::fs::write(&key, demo::random_key()?)?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let config = dir.join("lb.toml");
+    std::fs::write(&config, demo::config(&key))?;
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let ns = cluster::server(i);
+        let mut d = Daemon::start(&mut lab, &ns, &config, &["--node", &ns]);
+        d.wait_log("Control socket", Duration::from_secs(20));
+        nodes.push(d);
+    }
+    let mut atms = Vec::new();
+    for i in 1..=2 {
+        let mut d = Daemon::start(&mut lab, &cluster::atm(i), &config, &[]);
+        d.wait_log("Tables mounted at", Duration::from_secs(20));
+        atms.push(d);
+    }
+    lab.wait_for("a primary", Duration::from_secs(20), || {
+        atms.iter().any(|d| d.cli_ok(&["role"]).contains("primary"))
+    });
+
+    let duration = Duration::from_secs(minutes * 60);
+    util::step(&format!(
+        "soak: {minutes} min of new HTTP connections to both VIPs ({CLIENTS} clients, at most \
+         one each per {} ms), a reload every {} s, a drill every {} s; a sample every {} s",
+        PAUSE.as_millis(),
+        RELOAD_EVERY.as_secs(),
+        DRILL_EVERY.as_secs(),
+        SAMPLE_EVERY.as_secs()
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let client = lab.ns("client").name().to_string();
+    let loaders: Vec<_> = (0..CLIENTS)
+        .map(|n| {
+            let (stop, ok, failed, client) =
+                (stop.clone(), ok.clone(), failed.clone(), client.clone());
+            thread::spawn(move || {
+                let _in = NetNs::attach(&client).enter();
+                let vips: [SocketAddr; 2] = [
+                    SocketAddr::new(cluster::VIP.parse().unwrap(), 80),
+                    SocketAddr::new(cluster::VIP6.parse().unwrap(), 80),
+                ];
+                let mut i = n;
+                // Bounded in time by `stop`, set at the end of the run (or on an error).
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match get(vips[i % 2]) {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    i += 1;
+                    thread::sleep(PAUSE.saturating_sub(t.elapsed()));
+                }
+            })
+        })
+        .collect();
+    let result = watch(&atms, duration, &lab);
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        let _ = l.join();
+    }
+    let samples = result?;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let logs: Vec<String> = atms.iter().map(|d| d.log()).collect();
+    drop(atms);
+    drop(nodes);
+    report(&out, minutes, &samples, ok, failed, &logs)
+}
+
+/// One GET on a new connection; an error unless the answer is a 200.
+fn get(to: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    if !answer.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other("not a 200"));
+    }
+    Ok(())
+}
+
+/// Runs the reloads and drills for `duration`, sampling both ATMs; the samples, by ATM.
+fn watch(atms: &[Daemon], duration: Duration, lab: &Lab) -> Result<Vec<Vec<Sample>>> {
+    let start = Instant::now();
+    let (mut next_sample, mut next_reload, mut next_drill) =
+        (Duration::ZERO, RELOAD_EVERY, DRILL_EVERY);
+    let mut samples = vec![Vec::new(); atms.len()];
+    while start.elapsed() < duration {
+        let now = start.elapsed();
+        if now >= next_sample {
+            for (d, s) in atms.iter().zip(samples.iter_mut()) {
+                s.push(sample(d.pid(), now.as_secs())?);
+                // The control surfaces at work too: status and the biggest table.
+                d.cli_ok(&["status"]);
+                d.cat("connections");
+            }
+            let last: Vec<String> = samples
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let s = s.last().unwrap();
+                    format!(
+                        "atm{} {} KiB {} fds {} threads",
+                        i + 1,
+                        s.rss_kib,
+                        s.fds,
+                        s.threads
+                    )
+                })
+                .collect();
+            println!("  {:>5} s  {}", now.as_secs(), last.join("   "));
+            next_sample += SAMPLE_EVERY;
+        }
+        if now >= next_reload {
+            for d in atms {
+                d.cli_ok(&["reload"]);
+            }
+            next_reload += RELOAD_EVERY;
+        }
+        if now >= next_drill {
+            let primary = atms
+                .iter()
+                .find(|d| d.cli_ok(&["role"]).contains("primary"))
+                .context("no ATM is primary")?;
+            primary.cli_ok(&["demote"]);
+            lab.wait_for(
+                "the other ATM to take over",
+                Duration::from_secs(10),
+                || {
+                    atms.iter().any(|d| {
+                        d.pid() != primary.pid() && d.cli_ok(&["role"]).contains("primary")
+                    })
+                },
+            );
+            next_drill += DRILL_EVERY;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    Ok(samples)
+}
+
+/// Resident memory, descriptors and threads of process `pid`.
+fn sample(pid: u32, seconds: u64) -> Result<Sample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("the daemon {pid} is gone"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+    Ok(Sample {
+        seconds,
+        rss_kib: field("VmRSS:"),
+        fds,
+        threads: field("Threads:"),
+    })
+}
+
+/// The median of `values`.
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+/// Growth after warm-up: the median of the last fifth of the samples against that of the
+/// samples from a fifth to two fifths in (the daemon's caches, tables and the allocator's
+/// arenas have filled by then).
+fn growth(samples: &[Sample], of: fn(&Sample) -> u64) -> (u64, u64) {
+    let n = samples.len();
+    let warm: Vec<u64> = samples[n / 5..(2 * n / 5).max(n / 5 + 1)]
+        .iter()
+        .map(of)
+        .collect();
+    let end: Vec<u64> = samples[n - (n / 5).max(1)..].iter().map(of).collect();
+    (median(warm), median(end))
+}
+
+fn report(
+    out: &Path,
+    minutes: u64,
+    samples: &[Vec<Sample>],
+    ok: u64,
+    failed: u64,
+    logs: &[String],
+) -> Result<()> {
+    let mut csv = String::from("seconds,atm,rss_kib,fds,threads\n");
+    for (i, s) in samples.iter().enumerate() {
+        for x in s {
+            csv += &format!(
+                "{},atm{},{},{},{}\n",
+                x.seconds,
+                i + 1,
+                x.rss_kib,
+                x.fds,
+                x.threads
+            );
+        }
+    }
+    std::fs::write(out.join("samples.csv"), &csv)?;
+    plot(out, samples)?;
+
+    let mut problems = Vec::new();
+    let mut rows = String::new();
+    for (i, s) in samples.iter().enumerate() {
+        if s.len() < 5 {
+            bail!("too few samples ({}) to judge: soak for longer", s.len());
+        }
+        let (rss_warm, rss_end) = growth(s, |x| x.rss_kib);
+        let (fds_warm, fds_end) = growth(s, |x| x.fds);
+        let (thr_warm, thr_end) = growth(s, |x| x.threads);
+        let peak = s.iter().map(|x| x.rss_kib).max().unwrap_or(0);
+        rows += &format!(
+            "| atm{} | {} | {rss_warm} | {rss_end} | {peak} | {fds_warm} | {fds_end} | {thr_warm} | {thr_end} |\n",
+            i + 1,
+            s[0].rss_kib,
+        );
+        // Allowed: a tenth more memory and 4 MiB (the allocator's arenas settle slowly),
+        // two descriptors (a check or hook running at the sample) and four threads (tokio's
+        // blocking pool keeps an idle thread ten seconds).
+        if rss_end > rss_warm + rss_warm / 10 + 4096 {
+            problems.push(format!(
+                "atm{}: resident memory grew from {rss_warm} KiB to {rss_end} KiB after warm-up",
+                i + 1
+            ));
+        }
+        if fds_end > fds_warm + 2 {
+            problems.push(format!(
+                "atm{}: open descriptors grew from {fds_warm} to {fds_end}",
+                i + 1
+            ));
+        }
+        if thr_end > thr_warm + 4 {
+            problems.push(format!(
+                "atm{}: threads grew from {thr_warm} to {thr_end}",
+                i + 1
+            ));
+        }
+    }
+    let total = ok + failed;
+    if failed * 1000 > total {
+        problems.push(format!("{failed} of {total} requests failed (over 0.1%)"));
+    }
+    let errors: usize = logs
+        .iter()
+        .map(|l| l.lines().filter(|l| l.contains(" ERROR ")).count())
+        .sum();
+    let machine = machine();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(util::workspace())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let verdict = if problems.is_empty() {
+        "no growth after warm-up".to_string()
+    } else {
+        problems.join("; ")
+    };
+    let md = format!(
+        "# Soak: {minutes} min at {commit}\n\n\
+         Machine: {machine}.\n\n\
+         Load: {total} HTTP requests on new connections ({failed} failed), both families, \
+         every method; {} reloads of both ATMs; {} drills. Daemon log lines at ERROR: {errors}.\n\n\
+         | ATM | RSS at start (KiB) | RSS warm (KiB) | RSS at end (KiB) | RSS peak (KiB) | fds warm | fds end | threads warm | threads end |\n\
+         |---|---|---|---|---|---|---|---|---|\n{rows}\n\
+         Warm: the median of the samples from a fifth to two fifths of the run; end: the \
+         median of its last fifth. Verdict: {verdict}.\n\n![memory, descriptors and threads](soak.png)\n",
+        minutes * 60 / RELOAD_EVERY.as_secs(),
+        minutes * 60 / DRILL_EVERY.as_secs(),
+    );
+    std::fs::write(out.join("report.md"), &md)?;
+    println!("{md}");
+    println!(
+        "wrote {}, samples.csv and soak.png",
+        out.join("report.md").display()
+    );
+    if !problems.is_empty() {
+        bail!("the soak found growth or failures: {verdict}");
+    }
+    Ok(())
+}
+
+/// This machine, as a report names it: CPUs, memory, kernel.
+fn machine() -> String {
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(String::new(), |kib| format!("{} GiB", kib / 1024 / 1024));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} CPUs, {mem}, Linux {}", kernel.trim())
+}
+
+/// soak.png: each ATM's resident memory (left axis) and descriptors and threads (right)
+/// over the run, drawn by gnuplot from samples.csv.
+fn plot(out: &Path, samples: &[Vec<Sample>]) -> Result<()> {
+    let mut script = String::from(
+        "set terminal pngcairo size 1000,560\nset output 'soak.png'\nset datafile separator ','\n\
+         set key outside bottom center horizontal\nset xlabel 'minutes'\n\
+         set ylabel 'resident memory (MiB)'\nset y2label 'descriptors, threads'\n\
+         set ytics nomirror\nset y2tics\nset yrange [0:*]\nset y2range [0:*]\nset grid\n\
+         set title 'lb-daemon on each ATM during the soak'\nplot ",
+    );
+    let mut lines = Vec::new();
+    for i in 1..=samples.len() {
+        let only = format!("(strcol(2) eq 'atm{i}' ? ");
+        lines.push(format!(
+            "'samples.csv' skip 1 using ($1/60):{only}$3/1024 : 1/0) with lines lw 2 title 'atm{i} memory'"
+        ));
+        lines.push(format!(
+            "'' skip 1 using ($1/60):{only}$4 : 1/0) axes x1y2 with lines dt 2 title 'atm{i} descriptors'"
+        ));
+        lines.push(format!(
+            "'' skip 1 using ($1/60):{only}$5 : 1/0) axes x1y2 with lines dt 3 title 'atm{i} threads'"
+        ));
+    }
+    script += &lines.join(", \\\n  ");
+    script += "\n";
+    std::fs::write(out.join("soak.gp"), &script)?;
+    util::run(Command::new("gnuplot").arg("soak.gp").current_dir(out))
+        .context("gnuplot could not draw soak.png")
+}
