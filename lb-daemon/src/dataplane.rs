@@ -6,6 +6,7 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     os::fd::{AsFd, AsRawFd},
+    path::Path,
 };
 
 use aya::{
@@ -70,10 +71,22 @@ pub enum Error {
     },
 }
 
+/// What [`Dataplane::load_kept`] found in its directory.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// Nothing pinned: new maps, pinned there now.
+    Fresh,
+    /// The pinned maps, holding this many connection entries (NAT reply legs included).
+    Adopted { connections: usize },
+    /// Pinned maps that could not be taken (why): replaced by new ones.
+    Replaced(String),
+}
+
 /// Capacities of the maps: the `config` table (defined with the config, which reads it).
 pub use lb_api::Capacities;
 
 mod install;
+pub mod kept;
 mod sched_table;
 #[cfg(feature = "testing")]
 mod test_run;
@@ -208,6 +221,35 @@ impl Dataplane {
     /// Loads the object with the given capacities; the programs' log records (the debug
     /// log) go to `log` whenever [`Dataplane::flush_log`] is called.
     pub fn load_with_logger(caps: Capacities, log: Box<dyn log::Log>) -> Result<Self, Error> {
+        Self::load_inner(caps, log, None)
+    }
+
+    /// Loads the object with the given capacities, keeping its connection state pinned in
+    /// `dir` ([`kept`]): the maps pinned there are taken if they fit this build and `caps`,
+    /// and otherwise replaced (the answer says why).
+    pub fn load_kept(caps: Capacities, dir: &Path) -> Result<(Self, Kept), Error> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        let found = kept::check(dir, caps);
+        let adopt = found == kept::Pinned::Adoptable;
+        let dp = Self::load_inner(caps, Box::new(GlobalLog), Some((dir, adopt)))?;
+        let kept = match found {
+            kept::Pinned::Adoptable => Kept::Adopted {
+                connections: dp.connections.keys().count(),
+            },
+            kept::Pinned::Unusable(why) => Kept::Replaced(why),
+            kept::Pinned::Nothing => Kept::Fresh,
+        };
+        Ok((dp, kept))
+    }
+
+    fn load_inner(
+        caps: Capacities,
+        log: Box<dyn log::Log>,
+        pins: Option<(&Path, bool)>,
+    ) -> Result<Self, Error> {
         if caps.services == 0 || caps.servers == 0 || caps.connections == 0 {
             return Err(Error::Invalid(format!(
                 "capacities must be at least 1: {caps:?}"
@@ -219,7 +261,8 @@ impl Dataplane {
             what: what.to_string(),
             source,
         })? as u32;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(maps::SERVICES, caps.services)
             .map_max_entries(maps::VIPS, caps.services)
             .map_max_entries(maps::SERVERS, caps.servers)
@@ -235,9 +278,25 @@ impl Dataplane {
             .map_max_entries(maps::SERVER_STATS, caps.servers)
             .map_max_entries(maps::SERVER_LOAD, caps.servers)
             .map_max_entries(maps::SERVER_GONE, caps.servers)
-            .map_max_entries(maps::NAT_FULL, caps.servers)
-            .load(OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+            .map_max_entries(maps::NAT_FULL, caps.servers);
+        if let Some((dir, true)) = pins {
+            for (name, ..) in kept::KEPT {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        // New maps: pinned in place of whatever was there.
+        if let Some((dir, false)) = pins {
+            for (name, ..) in kept::KEPT {
+                let path = dir.join(name);
+                let _ = std::fs::remove_file(&path);
+                let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+                map.pin(&path).map_err(|e| Error::Io {
+                    what: format!("pinning {name} at {}", path.display()),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            }
+        }
         // The logger must exist before the programs load: it owns the ring buffer they use.
         let logger = EbpfLogger::init_with_logger(&mut ebpf, log).ok();
         for name in [programs::LB_XDP, programs::LB_DECAP] {
