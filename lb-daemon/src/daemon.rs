@@ -144,6 +144,8 @@ struct Atm {
     /// The gratuitous ARPs of the last promotion, while they go out (`ANNOUNCE_AT`): stopped
     /// when this ATM stops being primary, lest a backup draw clients back to itself.
     announcing: Option<tokio::task::AbortHandle>,
+    /// Where the dataplane keeps its connection state across restarts (`dataplane::kept`).
+    kept: Option<std::path::PathBuf>,
 }
 
 /// A former primary's forwarding after a planned handover: clients and servers still reach it

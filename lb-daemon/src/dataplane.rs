@@ -285,18 +285,6 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
-        // New maps: pinned in place of whatever was there.
-        if let Some((dir, false)) = pins {
-            for (name, ..) in kept::KEPT {
-                let path = dir.join(name);
-                let _ = std::fs::remove_file(&path);
-                let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
-                map.pin(&path).map_err(|e| Error::Io {
-                    what: format!("pinning {name} at {}", path.display()),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-            }
-        }
         // The logger must exist before the programs load: it owns the ring buffer they use.
         let logger = EbpfLogger::init_with_logger(&mut ebpf, log).ok();
         for name in [programs::LB_XDP, programs::LB_DECAP] {
@@ -341,7 +329,39 @@ impl Dataplane {
         };
         // Inactive until told otherwise: a fresh ATM passes everything.
         dp.set_settings(&Settings::default())?;
+        // New maps: pinned in place of whatever was there.
+        if let Some((dir, false)) = pins {
+            dp.pin_kept(dir)?;
+        }
         Ok(dp)
+    }
+
+    /// Pins this dataplane's kept maps ([`kept::KEPT`]) in `dir`, in place of whatever is
+    /// pinned there: after a resize, the new maps are the ones a restart is to find.
+    pub fn pin_kept(&self, dir: &Path) -> Result<(), Error> {
+        let io = |what: String| {
+            move |e: MapError| Error::Io {
+                what,
+                source: std::io::Error::other(e.to_string()),
+            }
+        };
+        for id in self.map_ids()? {
+            let map = MapData::from_id(id).map_err(io(format!("opening map {id}")))?;
+            let info = map.info().map_err(io(format!("reading map {id}")))?;
+            let Some(name) = info.name_as_str() else {
+                continue;
+            };
+            if !kept::KEPT.iter().any(|(k, ..)| *k == name) {
+                continue;
+            }
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            map.pin(&path).map_err(|e| Error::Io {
+                what: format!("pinning {name} at {}", path.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok(())
     }
 
     pub fn capacities(&self) -> Capacities {

@@ -416,10 +416,35 @@ impl Drop for Lab {
         for (_, child) in self.children.iter_mut() {
             stop(child);
         }
+        // The connection state a daemon of the lab kept in the BPF filesystem (a daemon
+        // killed, not stopped, leaves it): named for the namespace's inode.
+        for ns in &self.spaces {
+            forget_kept_state(ns.name());
+        }
         // NetNs::drop deletes each namespace (and the veths in it).
         self.spaces.clear();
         if let Some(d) = self.dir.take() {
             let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Removes what lb-daemons in namespace `name` kept under /sys/fs/bpf/lb
+/// (`lb_daemon::dataplane::kept`): the directories `<its inode>-<interface>`.
+pub fn forget_kept_state(name: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ino) = std::fs::metadata(format!("/run/netns/{name}")).map(|m| m.ino()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/lb") else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{ino}-"))
+        {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -259,6 +259,28 @@ fn clean_leftovers() {
             }
         }
     }
+    // Connection state kept in the BPF filesystem by lb-daemons of namespaces that are gone
+    // (a killed test's): `/sys/fs/bpf/lb/<namespace inode>-<interface>`.
+    use std::os::unix::fs::MetadataExt;
+    let mut inodes: Vec<u64> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.ino())
+                .collect()
+        })
+        .unwrap_or_default();
+    inodes.extend(std::fs::metadata("/proc/1/ns/net").map(|m| m.ino()));
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/lb") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ino = name.split('-').next().and_then(|i| i.parse::<u64>().ok());
+            if ino.is_some_and(|i| !inodes.contains(&i)) {
+                let _ = std::fs::remove_dir_all(e.path());
+                removed += 1;
+            }
+        }
+    }
     if removed > 0 {
         println!("removed {removed} leftovers of interrupted test runs");
     }

@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -17,7 +18,7 @@ use super::{ANNOUNCE_AT, Atm, AtmParts, Daemon, Grace, NAT_PORTS, Part, Role, SE
 use crate::{
     addrs::{self, IfAddr, Mark, NAT_LABEL, VIP_LABEL},
     config,
-    dataplane::{self, AttachMode, Attached, Capacities, Dataplane},
+    dataplane::{self, AttachMode, Attached, Capacities, Dataplane, Kept, kept},
     neighbours,
     services::Plane,
 };
@@ -152,20 +153,25 @@ impl Daemon {
         // Read (and a bad key refused) before anything is attached or aliased.
         let key = self.cluster_key()?;
         dataplane::enable_fib_lookup()?;
-        let caps = self.config.tables;
-        let (dp, attached) = load_dataplane(
-            caps,
-            &self.interfaces(&atm.interface, local),
-            self.opts.xdp_mode,
-        )?;
-        let nat_interface = self.nat_interface(&atm.interface, local);
-        if self.config.nat.is_some() {
-            check_port_range();
-        }
+        // The aliases a daemon that died left go before this one's program is attached: it
+        // passes everything until this ATM is primary, and a stack still holding a VIP
+        // would answer the connections this dataplane may adopt with resets.
         for mark in [Mark::Vip, Mark::Nat] {
             for a in self.net.remove_marked(mark).await? {
                 info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
             }
+        }
+        let caps = self.config.tables;
+        let kept = kept_dir(&atm.interface);
+        let (dp, attached) = load_dataplane(
+            caps,
+            &self.interfaces(&atm.interface, local),
+            self.opts.xdp_mode,
+            kept.as_deref(),
+        )?;
+        let nat_interface = self.nat_interface(&atm.interface, local);
+        if self.config.nat.is_some() {
+            check_port_range();
         }
         let mut plane = Plane::new();
         let mut dp = dp;
@@ -188,6 +194,7 @@ impl Daemon {
             nat_burst: None,
             nat_cursor_base: 0,
             announcing: None,
+            kept,
         };
         let ha = self.start_ha(index, ifindex, key).await?;
         self.part = Part::Atm(Box::new(AtmParts {
@@ -418,6 +425,16 @@ impl Daemon {
                 for (i, _) in &p.atm.attached {
                     info!("Detaching lb_xdp from {i}");
                 }
+                // A plain stop ends the connections (the VIPs went above): nothing is kept
+                // for a next start.
+                let kept = p.atm.kept.clone();
+                drop(p);
+                if let Some(dir) = kept {
+                    match kept::unpin(&dir) {
+                        Ok(()) => info!("Removed the connection state kept at {}", dir.display()),
+                        Err(e) => warn!("{e}"),
+                    }
+                }
             }
             Part::Node(n) => {
                 // A node keeps its VIP aliases (as TCL does): the servers stay reachable.
@@ -616,14 +633,62 @@ pub(super) fn check_port_range() {
     }
 }
 
-/// Loads the dataplane and attaches lb_xdp to each interface (driver mode where the driver
-/// supports it, generic otherwise), logging how.
+/// Where the BPF filesystem is (mounted there if it is not).
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Where this ATM's dataplane keeps its connections across restarts (`dataplane::kept`):
+/// `None`, with a warning, if no BPF filesystem can be had. Another version's kept state
+/// beside it is removed, and said so.
+fn kept_dir(interface: &str) -> Option<PathBuf> {
+    let root = Path::new(BPFFS);
+    match kept::ensure_bpffs(root).and_then(|()| kept::kept_dir(root, interface)) {
+        Ok(dir) => {
+            for other in kept::other_versions(&dir) {
+                warn!(
+                    "Removed the connection state kept at {} by another version of lb-daemon: \
+                     this one cannot read it (it keeps {})",
+                    other.display(),
+                    dir.display()
+                );
+                let _ = kept::unpin(&other);
+            }
+            Some(dir)
+        }
+        Err(e) => {
+            warn!("Connections will not be kept across a restart of this daemon: {e}");
+            None
+        }
+    }
+}
+
+/// Loads the dataplane (keeping its connection state in `kept`, adopting what a daemon
+/// before this one left there) and attaches lb_xdp to each interface (driver mode where the
+/// driver supports it, generic otherwise), logging how.
 pub(super) fn load_dataplane(
     caps: Capacities,
     interfaces: &[String],
     mode: AttachMode,
+    kept: Option<&Path>,
 ) -> Result<(Dataplane, Vec<(String, Attached)>)> {
-    let mut dp = Dataplane::load(caps).context("loading the dataplane")?;
+    let mut dp = match kept {
+        None => Dataplane::load(caps).context("loading the dataplane")?,
+        Some(dir) => {
+            let (dp, found) = Dataplane::load_kept(caps, dir).context("loading the dataplane")?;
+            match found {
+                Kept::Fresh => info!("Connection state kept at {}", dir.display()),
+                Kept::Adopted { connections } => info!(
+                    "Adopted the dataplane state kept at {}: {connections} connection entries",
+                    dir.display()
+                ),
+                Kept::Replaced(why) => warn!(
+                    "Did not adopt the connection state kept at {} ({why}): starting with \
+                     none",
+                    dir.display()
+                ),
+            }
+            dp
+        }
+    };
     let mut attached = Vec::new();
     for i in interfaces {
         crate::vlan::expose_tags(i);

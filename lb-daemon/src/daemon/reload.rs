@@ -599,9 +599,17 @@ impl Daemon {
             }
             swapped.push((iface, mode));
         }
-        // From here the new dataplane forwards.
+        // From here the new dataplane forwards, and its maps are the ones to keep.
         let mut old = std::mem::replace(&mut a.dp, *dp);
         old.disown_attachments();
+        if let Some(dir) = &a.kept
+            && let Err(e) = a.dp.pin_kept(dir)
+        {
+            warn!(
+                "Keeping the resized connection table at {}: {e}",
+                dir.display()
+            );
+        }
         a.caps = a.dp.capacities();
         a.generation += 1;
         // Freeing big maps takes a while: not on the loop.

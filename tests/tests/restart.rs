@@ -1,0 +1,134 @@
+//! Tier 3: a daemon started again after it was killed adopts the connection state its
+//! dataplane kept in the BPF filesystem (docs/DATAPLANE.md, "Kept across restarts"). A NAT
+//! download through a single ATM goes on whole across a SIGKILL of its daemon and a new
+//! start: the new daemon takes the connection's two legs (client to server, and the NAT
+//! port the server answers to) from the kept maps, where a new, empty table would have
+//! the ATM's stack reset the server's answers. A plain stop then removes the kept state.
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use lb_tests::{
+    cluster,
+    lab::{BIG_BYTES, Lab},
+    procs::Daemon,
+};
+
+const START: Duration = Duration::from_secs(20);
+
+fn config() -> String {
+    format!(
+        r#"[cluster]
+name = "restart"
+
+[ha]
+heartbeat_ms = 100
+dead_after = 3
+
+[nat]
+subnet = "203.0.113.0/24"
+gateway = "{gw}"
+
+[[atm]]
+name = "atm1"
+address = "{atm}"
+interface = "eth0"
+
+[[service]]
+name = "web"
+vip = "{vip}"
+port = 80
+[service.check]
+kind = "none"
+[[service.server]]
+name = "s1"
+address = "{server}"
+port = 8080
+method = "nat"
+"#,
+        gw = cluster::NAT_GATEWAY,
+        atm = cluster::atm_addr(1),
+        vip = cluster::VIP,
+        server = cluster::server_nat_addr(1),
+    )
+}
+
+/// Where atm1's daemon keeps its dataplane's state: named for its namespace's inode.
+fn kept_dir(lab: &Lab) -> PathBuf {
+    let ino = std::fs::metadata(format!("/run/netns/{}", lab.ns(&cluster::atm(1)).name()))
+        .unwrap()
+        .ino();
+    PathBuf::from(format!(
+        "/sys/fs/bpf/lb/{ino}-eth0/abi{}",
+        lb_daemon::dataplane::kept::KEPT_ABI
+    ))
+}
+
+#[test]
+fn a_nat_download_goes_on_across_a_sigkill_and_a_new_start_of_the_daemon() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 1, 1);
+    lab.nginx(&cluster::server(1), "s1", &[8080]);
+    let path = lab.dir().join("lb.toml");
+    std::fs::write(&path, config()).unwrap();
+    let atm = cluster::atm(1);
+    let mut d = Daemon::start(&mut lab, &atm, &path, &[]);
+    d.wait_log("This ATM is primary", START);
+    let dir = kept_dir(&lab);
+    assert!(
+        d.log()
+            .contains(&format!("Connection state kept at {}", dir.display())),
+        "{}",
+        d.log()
+    );
+    assert!(dir.join("connections").exists());
+
+    // /big comes at 160 kB/s: about 12 s.
+    let done = Arc::new(AtomicBool::new(false));
+    let download = cluster::big_download(lab.ns("client").name().to_string(), done);
+    lab.wait_for("the download's connection", Duration::from_secs(5), || {
+        d.cat("connections").lines().count() >= 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    d.kill();
+
+    let mut d = Daemon::start(&mut lab, &atm, &path, &[]);
+    d.wait_log("Adopted the dataplane state kept at", START);
+    d.wait_log("This ATM is primary", START);
+    // The connection's two legs at least.
+    let adopted = d
+        .log()
+        .lines()
+        .find(|l| l.contains("Adopted the dataplane state kept at"))
+        .unwrap()
+        .to_string();
+    let entries: usize = adopted
+        .rsplit(": ")
+        .next()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(entries >= 2, "{adopted}");
+    let (len, intact, took) = download
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the download failed: {e}\n{}", d.log()));
+    assert_eq!(len, BIG_BYTES, "{}", d.log());
+    assert!(intact, "the bytes came whole and in order");
+    eprintln!("the download took {took:?} across the restart");
+
+    // A plain stop ends the connections: the VIP goes, and so does the kept state.
+    assert!(d.stop(), "{}", d.log());
+    assert!(!dir.exists(), "{} left after a stop", dir.display());
+    assert!(
+        d.log().contains(&format!(
+            "Removed the connection state kept at {}",
+            dir.display()
+        )),
+        "{}",
+        d.log()
+    );
+}
