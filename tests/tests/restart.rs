@@ -3,12 +3,17 @@
 //! download through a single ATM goes on whole across a SIGKILL of its daemon and a new
 //! start: the new daemon takes the connection's two legs (client to server, and the NAT
 //! port the server answers to) from the kept maps, where a new, empty table would have
-//! the ATM's stack reset the server's answers. A plain stop then removes the kept state.
+//! the ATM's stack reset the server's answers; new connections made all along, one after
+//! another, all succeed (a SYN lost in the stall is sent again). A plain stop then removes
+//! the kept state.
 
 use std::{
     os::unix::fs::MetadataExt,
     path::PathBuf,
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -89,7 +94,28 @@ fn a_nat_download_goes_on_across_a_sigkill_and_a_new_start_of_the_daemon() {
 
     // /big comes at 160 kB/s: about 12 s.
     let done = Arc::new(AtomicBool::new(false));
-    let download = cluster::big_download(lab.ns("client").name().to_string(), done);
+    let download = cluster::big_download(lab.ns("client").name().to_string(), done.clone());
+    // And new connections all along, one at a time, until the download is over: a SYN the
+    // stall loses is sent again (1 s, then 3 s on), so each may take up to 10 s.
+    let client = lab.ns("client").name().to_string();
+    let requests = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let _in = lb_tests::netns::NetNs::attach(&client).enter();
+            let (mut ok, mut failed) = (0, Vec::new());
+            let started = std::time::Instant::now();
+            // Bounded by the download's end, and by a minute.
+            while !done.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
+                match cluster::request(Duration::from_secs(10)) {
+                    Ok(body) if body.trim() == "s1" => ok += 1,
+                    Ok(body) => failed.push(format!("answered {body:?}")),
+                    Err(e) => failed.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, failed)
+        })
+    };
     lab.wait_for("the download's connection", Duration::from_secs(5), || {
         d.cat("connections").lines().count() >= 2
     });
@@ -119,6 +145,14 @@ fn a_nat_download_goes_on_across_a_sigkill_and_a_new_start_of_the_daemon() {
     assert_eq!(len, BIG_BYTES, "{}", d.log());
     assert!(intact, "the bytes came whole and in order");
     eprintln!("the download took {took:?} across the restart");
+    let (ok, failed) = requests.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 10, "only {ok} requests in the download's time");
 
     // A plain stop ends the connections: the VIP goes, and so does the kept state.
     assert!(d.stop(), "{}", d.log());
