@@ -161,7 +161,8 @@ fn setup() -> Bench {
     Bench { dp, eth0 }
 }
 
-/// The valid frames mutations start from: to each service, and a server's NAT reply.
+/// The valid frames mutations start from: to each service, a server's NAT reply, and a
+/// datagram's first and last fragments.
 fn template(k: u8) -> Vec<u8> {
     let tcp = |dport, flags| {
         frames::tcp(
@@ -175,7 +176,21 @@ fn template(k: u8) -> Vec<u8> {
             b"GET / HTTP/1.1\r\n\r\n",
         )
     };
-    match k % 6 {
+    // A datagram to the UDP service in two fragments (identification 0x4242): the first,
+    // with the UDP header and a length of the whole, and the last, 8 bytes in.
+    let fragment = |offset: u16, more: bool| {
+        let mut f = frames::udp(ROUTER_MAC, LB_MAC, CLIENT, 5354, VIP, 53, &[7; 40]);
+        if more {
+            f[38..40].copy_from_slice(&100u16.to_be_bytes());
+        }
+        f[18..20].copy_from_slice(&0x4242u16.to_be_bytes());
+        f[20..22].copy_from_slice(&(offset | if more { 0x2000 } else { 0 }).to_be_bytes());
+        frames::fix_ipv4_checksum(&mut f);
+        f
+    };
+    match k % 8 {
+        6 => fragment(0, true),
+        7 => fragment(1, false),
         0 => tcp(80, frames::SYN),
         1 => tcp(81, frames::ACK),
         2 => tcp(82, frames::SYN),

@@ -53,6 +53,13 @@ pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
     setup::soak()?;
     util::step("build: lb-daemon (with the eBPF object) and lb-cli");
     util::cargo(&["build", "--bins", "--quiet"])?;
+    // The tree measured: the commit at the start (the run takes long enough for another).
+    let commit = Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(util::workspace())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let out = output.unwrap_or_else(|| util::workspace().join("target/soak"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
@@ -132,7 +139,7 @@ pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
     let logs: Vec<String> = atms.iter().map(|d| d.log()).collect();
     drop(atms);
     drop(nodes);
-    report(&out, minutes, &samples, ok, failed, &logs)
+    report(&out, (minutes, &commit), &samples, ok, failed, &logs)
 }
 
 /// One GET on a new connection; an error unless the answer is a 200.
@@ -249,7 +256,7 @@ fn growth(samples: &[Sample], of: fn(&Sample) -> u64) -> (u64, u64) {
 
 fn report(
     out: &Path,
-    minutes: u64,
+    (minutes, commit): (u64, &str),
     samples: &[Vec<Sample>],
     ok: u64,
     failed: u64,
@@ -317,12 +324,6 @@ fn report(
         .map(|l| l.lines().filter(|l| l.contains(" ERROR ")).count())
         .sum();
     let machine = machine();
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(util::workspace())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
     let verdict = if problems.is_empty() {
         "no growth after warm-up".to_string()
     } else {
