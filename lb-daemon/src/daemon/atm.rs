@@ -169,6 +169,8 @@ impl Daemon {
             self.opts.xdp_mode,
             kept.as_deref(),
         )?;
+        // Kept only if the maps could be pinned there (else the load said why not).
+        let kept = kept.filter(|d| d.join(lb_common::maps::CONNECTIONS).exists());
         let nat_interface = self.nat_interface(&atm.interface, local);
         if self.config.nat.is_some() {
             check_port_range();
@@ -670,10 +672,20 @@ pub(super) fn load_dataplane(
     mode: AttachMode,
     kept: Option<&Path>,
 ) -> Result<(Dataplane, Vec<(String, Attached)>)> {
-    let mut dp = match kept {
+    let loaded = kept.map(|dir| (dir, Dataplane::load_kept(caps, dir)));
+    let mut dp = match loaded {
         None => Dataplane::load(caps).context("loading the dataplane")?,
-        Some(dir) => {
-            let (dp, found) = Dataplane::load_kept(caps, dir).context("loading the dataplane")?;
+        // The directory could not be made or the maps pinned there (a read-only /sys, say):
+        // the dataplane runs all the same, keeping nothing.
+        Some((dir, Err(e @ dataplane::Error::Io { .. }))) => {
+            warn!(
+                "Connections will not be kept across a restart of this daemon ({}): {e}",
+                dir.display()
+            );
+            Dataplane::load(caps).context("loading the dataplane")?
+        }
+        Some((_, Err(e))) => return Err(e).context("loading the dataplane"),
+        Some((dir, Ok((dp, found)))) => {
             match found {
                 Kept::Fresh => info!("Connection state kept at {}", dir.display()),
                 Kept::Adopted { connections } => info!(
