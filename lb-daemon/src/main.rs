@@ -43,21 +43,6 @@ struct Args {
     manpage: bool,
 }
 
-/// glibc gives each thread that allocates its own arena (up to eight per CPU) and keeps
-/// what is freed there for that arena's next use. The sweep, a full sync and a table read
-/// build buffers the size of the connection table on whichever thread of tokio's blocking
-/// pool runs them, so each arena settled at its own high-water mark: in a 30-minute soak
-/// the daemon grew from 38 to 102 MiB in steps. With two arenas the same 15 minutes ended
-/// some 25 MiB lower, and flat (docs/SOAK.md). `MALLOC_ARENA_MAX`, if set, still decides.
-fn cap_malloc_arenas() {
-    #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt changes a malloc parameter under malloc's own lock; it touches no
-        // memory of ours.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.manpage {
@@ -68,7 +53,6 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     lb_daemon::logging::init(args.log_file.as_deref()).map_err(anyhow::Error::msg)?;
-    cap_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
