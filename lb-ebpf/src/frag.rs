@@ -14,7 +14,7 @@ use crate::{conn::*, finish, maps::*, net::*, parse::*, Outcome};
 
 /// The fields of a `fragments` key after the addresses.
 #[inline(always)]
-fn key_rest(k: &mut FragKey, id: u32, proto: u8) {
+fn frag_key_rest(k: &mut FragKey, id: u32, proto: u8) {
     k.id = id;
     k.proto = proto;
     k._pad[0] = 0;
@@ -34,11 +34,11 @@ pub fn remember(ip: &Ip, sport: u16, dport: u16) -> u32 {
     let k = &mut sc.frag_key;
     copy_addr(&mut k.src, &ip.saddr.w);
     copy_addr(&mut k.dst, &ip.daddr.w);
-    key_rest(k, ip.frag_id, ip.proto);
+    frag_key_rest(k, ip.frag_id, ip.proto);
     let r = &mut sc.frag_route;
     copy_addr(&mut r.conn.src, &ip.saddr.w);
     copy_addr(&mut r.conn.dst, &ip.daddr.w);
-    crate::maps::key_rest(&mut r.conn, sport, dport, ip.proto);
+    key_rest(&mut r.conn, sport, dport, ip.proto);
     r.server = NO_SERVER;
     r._pad = 0;
     r.seen_ns = ip.now;
@@ -72,7 +72,7 @@ pub fn route_ports4(saddr: u32, daddr: u32, id: u16, proto: u8, now: u64) -> u32
     let k = &mut sc.frag_key;
     k.src = Addr::v4_raw(saddr);
     k.dst = Addr::v4_raw(daddr);
-    key_rest(k, id as u32, proto);
+    frag_key_rest(k, id as u32, proto);
     ports_of(now)
 }
 
@@ -88,7 +88,7 @@ pub fn route_ports6(now: u64) -> u32 {
     let k = &mut sc.frag_key;
     copy_addr(&mut k.src, &ip.saddr.w);
     copy_addr(&mut k.dst, &ip.daddr.w);
-    key_rest(k, ip.frag_id, ip.proto);
+    frag_key_rest(k, ip.frag_id, ip.proto);
     ports_of(now)
 }
 

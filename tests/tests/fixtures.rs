@@ -2506,18 +2506,12 @@ fn reassembled_udp_checksum_ok(first: &[u8], last: &[u8]) -> bool {
     let mut datagram = first[34..14 + ip.total_len as usize].to_vec();
     let last_len = u16::from_be_bytes([last[16], last[17]]) as usize;
     datagram.extend_from_slice(&last[34..14 + last_len]);
-    let mut sum: u32 = 0;
-    for w in [&first[26..30], &first[30..34]] {
-        sum += u16::from_be_bytes([w[0], w[1]]) as u32 + u16::from_be_bytes([w[2], w[3]]) as u32;
-    }
-    sum += 17 + datagram.len() as u32;
-    for c in datagram.chunks(2) {
-        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
+    // The pseudo-header: the addresses, a zero, the protocol, the UDP length.
+    let mut pseudo = first[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(datagram.len() as u16).to_be_bytes());
+    use lb_common::csum::{fold, sum_be};
+    fold(sum_be(&pseudo) + sum_be(&datagram)) == 0xffff
 }
 
 /// Fragments follow their first (docs/DATAPLANE.md, "Fragments"). A datagram in two

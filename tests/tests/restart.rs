@@ -8,8 +8,7 @@
 //! the kept state.
 
 use std::{
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -62,15 +61,10 @@ method = "nat"
     )
 }
 
-/// Where atm1's daemon keeps its dataplane's state: named for its namespace's inode.
+/// Where atm1's daemon keeps its dataplane's state: asked of `kept_dir` inside its namespace.
 fn kept_dir(lab: &Lab) -> PathBuf {
-    let ino = std::fs::metadata(format!("/run/netns/{}", lab.ns(&cluster::atm(1)).name()))
-        .unwrap()
-        .ino();
-    PathBuf::from(format!(
-        "/sys/fs/bpf/lb/{ino}-eth0/abi{}",
-        lb_daemon::dataplane::kept::KEPT_ABI
-    ))
+    let _in = lab.ns(&cluster::atm(1)).enter();
+    lb_daemon::dataplane::kept::kept_dir(Path::new("/sys/fs/bpf"), "eth0").unwrap()
 }
 
 #[test]
