@@ -35,6 +35,9 @@ pub enum Request {
     Promote,
     /// Hand the primary role to a backup (run on the primary).
     Demote,
+    /// Re-execute the daemon's binary from disk (an upgrade), keeping the dataplane, its
+    /// connections and, on a primary, the VIPs (`lb-cli restart`).
+    Restart,
     /// The Prometheus text of /metrics.
     Metrics,
     /// What a support bundle (`lb-cli collect`) needs from the daemon: its version and

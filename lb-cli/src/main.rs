@@ -90,6 +90,12 @@ enum Cmd {
     Demote,
     /// Re-read the config file, as SIGHUP does.
     Reload,
+    /// Re-execute lb-daemon from its binary on disk (after an upgrade), keeping the XDP
+    /// program forwarding, its connections and, on a primary, the VIPs; waits until the new
+    /// daemon answers. Refused (nothing changes) if the new binary cannot adopt the
+    /// connections, the config file would not start the same ATM, or this is a primary
+    /// while another ATM runs (demote it first).
+    Restart,
     /// Enable, disable, drain or re-weight a server of a service.
     Server {
         #[command(subcommand)]
@@ -292,6 +298,34 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Promote => println!("{}", ask(s, Request::Promote)?.text.unwrap_or_default()),
         Cmd::Demote => println!("{}", ask(s, Request::Demote)?.text.unwrap_or_default()),
         Cmd::Reload => println!("{}", ask(s, Request::Reload)?.text.unwrap_or_default()),
+        Cmd::Restart => {
+            println!("{}", ask(s, Request::Restart)?.text.unwrap_or_default());
+            // The old daemon removed its socket before answering: whoever answers there
+            // now is the new one.
+            let limit = Duration::from_secs(60);
+            let started = std::time::Instant::now();
+            let status: Status = loop {
+                match control::call(s, &Request::Status, Duration::from_secs(5), |_| {}) {
+                    Ok(r) if r.ok => break r.into_view()?,
+                    _ if started.elapsed() < limit => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    Ok(r) => return Err(r.error.unwrap_or_default()),
+                    Err(e) => {
+                        return Err(format!(
+                            "the new lb-daemon did not answer within {} s: {e} (see its log)",
+                            limit.as_secs()
+                        ));
+                    }
+                }
+            };
+            println!(
+                "lb-daemon is back after {:.1} s: {} is {}",
+                started.elapsed().as_secs_f64(),
+                status.name,
+                status.role
+            );
+        }
         Cmd::Server { action } => {
             let (action, service, server) = match action {
                 ServerCmd::Enable { service, server } => (ServerAction::Enable, service, server),

@@ -28,10 +28,12 @@ mod node;
 mod notify;
 mod peers;
 mod reload;
+mod restart;
 mod role;
 mod surfaces;
 
 use peers::track;
+pub use restart::Restarted;
 use role::{AtmParts, Part};
 pub use role::{Role, identify};
 
@@ -63,6 +65,8 @@ pub struct Options {
     pub xdp_mode: AttachMode,
     /// `--log-file`, for `lb-cli collect`.
     pub log_file: Option<PathBuf>,
+    /// `--restarted`: this process is a daemon that re-executed itself (`lb-cli restart`).
+    pub restarted: Option<Restarted>,
 }
 
 /// How long a handover may take to send the connection table (paced at about 150,000
@@ -104,6 +108,8 @@ pub const NAT_PORTS: (u16, u16) = (1024, 32_767);
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 const LOG_FLUSH_EVERY: Duration = Duration::from_millis(100);
 const SYNC_EVERY: Duration = Duration::from_millis(20);
+/// How often freed heap memory is handed back to the kernel (see [`trim_heap`]).
+const TRIM_EVERY: Duration = Duration::from_secs(30);
 
 /// Build identity for the start-up log.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -399,10 +405,19 @@ pub async fn run(opts: Options) -> Result<()> {
             }
         });
     }
+    tokio::spawn(async {
+        let mut every = interval(TRIM_EVERY);
+        every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let _ = crate::background(trim_heap).await;
+        }
+    });
     let (track_tx, mut track_rx) = mpsc::channel::<bool>(4);
     if d.part.atm().is_some() && !d.config.ha.track.is_empty() {
         tokio::spawn(track(d.config.ha.track.clone(), track_tx));
     }
+    let mut restart = None;
     loop {
         // Wake when the election's clock runs out (a peer's dead interval), not only at ticks.
         let deadline = d
@@ -420,6 +435,8 @@ pub async fn run(opts: Options) -> Result<()> {
                     d.promote(reply).await;
                 } else if req == Request::Demote {
                     d.demote(reply).await;
+                } else if req == Request::Restart {
+                    d.begin_restart(reply).await;
                 } else if req == Request::Reload {
                     d.begin_reload(Some(reply));
                 } else if let Some(caps) = d.config_write(&req) {
@@ -481,6 +498,12 @@ pub async fn run(opts: Options) -> Result<()> {
                 match job {
                 reload::Job::Parsed { config, fingerprint, reply } => d.on_parsed(config, fingerprint, reply).instrument(span).await,
                 reload::Job::Prepared { result, reply } => d.on_prepared(result, reply).instrument(span).await,
+                reload::Job::Restart { checked, reply } => {
+                    if let Some(plan) = d.on_restart_checked(*checked, reply) {
+                        restart = Some(plan);
+                        break;
+                    }
+                }
                 reload::Job::Drained { generation, indices, dropped } => {
                     d.on_drained(generation, indices, dropped)
                 }
@@ -516,6 +539,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
         }
+    }
+    if let Some(plan) = restart {
+        // Returns only if the binary could not be executed.
+        return Err(d.re_exec(plan, &socket, _mount));
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     d.stop().await;
@@ -587,5 +614,18 @@ fn load(opts: &Options, local: &[IpAddr]) -> std::result::Result<(Config, Role, 
                 Err(())
             }
         },
+    }
+}
+
+/// Hands the heap's free pages back to the kernel. The daemon's background work (full
+/// syncs, listings, sweeps, reloads) builds table-sized buffers on tokio's blocking pool;
+/// glibc gives each of those threads an arena of its own, and an arena keeps the pages of
+/// freed buffers, so resident memory would settle at every arena's high-water mark. Run on
+/// the blocking pool: it walks every arena.
+fn trim_heap() {
+    // SAFETY: malloc_trim only takes an integer and works on the allocator's own state.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

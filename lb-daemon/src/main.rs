@@ -41,6 +41,14 @@ struct Args {
     /// Print this manual page (roff) and exit, as the Debian package installs it.
     #[arg(long, hide = true)]
     manpage: bool,
+    /// Print the version of the kept maps this build adopts, and its own version, and
+    /// exit: a running daemon asks its successor before `lb-cli restart` executes it.
+    #[arg(long, hide = true)]
+    kept_abi: bool,
+    /// Set by a daemon that re-executes itself (`lb-cli restart`): what it was
+    /// (primary:TERM or backup).
+    #[arg(long, hide = true, value_parser = daemon::Restarted::parse)]
+    restarted: Option<daemon::Restarted>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +58,14 @@ fn main() -> anyhow::Result<()> {
         clap_mangen::Man::new(Args::command())
             .section("8")
             .render(&mut std::io::stdout())?;
+        return Ok(());
+    }
+    if args.kept_abi {
+        println!(
+            "{} {}",
+            lb_daemon::dataplane::kept::KEPT_ABI,
+            env!("CARGO_PKG_VERSION")
+        );
         return Ok(());
     }
     lb_daemon::logging::init(args.log_file.as_deref()).map_err(anyhow::Error::msg)?;
@@ -64,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         mount: args.mount,
         metrics: args.metrics,
         log_file: args.log_file.clone(),
+        restarted: args.restarted,
         xdp_mode: match args.xdp_mode.as_str() {
             "driver" => lb_daemon::dataplane::AttachMode::Driver,
             "generic" => lb_daemon::dataplane::AttachMode::Generic,

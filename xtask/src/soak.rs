@@ -1,11 +1,14 @@
 //! `cargo xtask soak`: lb at steady work for a long time, watched for leaks. The demo's lab
 //! (a client, two ATMs, three servers; a VIP of each family served by direct routing,
-//! tunnel and NAT) under a bounded load of new HTTP connections, while the primary is
-//! reloaded every minute and the role moves by a drill every two and a half. Every ten
-//! seconds each ATM daemon's resident memory, open descriptors and threads are sampled.
-//! The samples go to `samples.csv`, a plot to `soak.png` (gnuplot), and a summary to
-//! `report.md` in the output directory; the run fails if a daemon's memory, descriptors or
-//! threads kept growing after warm-up, or requests failed.
+//! tunnel and NAT; each service limiting new connections per client /24) under a bounded
+//! load of new HTTP connections, while both ATMs are reloaded every minute, the role moves
+//! by a drill every two and a half, a burst of spoofed SYNs hits the VIP every half
+//! minute, and the tables are written to (timeout, debug, a server's weight) every 45 s.
+//! Every ten seconds each ATM daemon's resident memory (and its anonymous part), open
+//! descriptors and threads are sampled. The samples go to `samples.csv`, a plot to
+//! `soak.png` (gnuplot), and a summary with every role change to `report.md` in the output
+//! directory; the run fails if a daemon's memory, descriptors or threads kept growing after
+//! warm-up, or requests failed.
 
 use std::{
     io::{Read, Write},
@@ -21,7 +24,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_tests::{cluster, lab::Lab, netns::NetNs, procs::Daemon};
+use lb_tests::{
+    cluster,
+    fixture::frames::{self, Mac},
+    lab::Lab,
+    netns::NetNs,
+    procs::Daemon,
+    raw::{FrameSender, mac_of},
+};
 
 use crate::{demo, setup, util};
 
@@ -34,12 +44,20 @@ const DRILL_EVERY: Duration = Duration::from_secs(150);
 /// Client threads, each with a new connection every `PAUSE` at most.
 const CLIENTS: usize = 2;
 const PAUSE: Duration = Duration::from_millis(20);
+/// Seconds between bursts of spoofed SYNs, and the SYNs in a burst (from random addresses
+/// of 198.51.100.0/24, a /24 that may open `PER_SOURCE` connections a second).
+const FLOOD_EVERY: Duration = Duration::from_secs(30);
+const FLOOD_BURST: usize = 5_000;
+const PER_SOURCE: u32 = 300;
+/// Seconds between rounds of table writes.
+const WRITE_EVERY: Duration = Duration::from_secs(45);
 
 /// One sample of one daemon.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     seconds: u64,
     rss_kib: u64,
+    anon_kib: u64,
     fds: u64,
     threads: u64,
 }
@@ -75,7 +93,13 @@ pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
     std::fs::write(&key, demo::random_key()?)?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let config = dir.join("lb.toml");
-    std::fs::write(&config, demo::config(&key))?;
+    // As a site under attack would: new connections limited per client /24 (the soak's
+    // clients make at most 100 a second, all from one /24).
+    let text = demo::config(&key).replace(
+        "scheduler = \"wrr\"\n",
+        &format!("scheduler = \"wrr\"\nmax_new_per_sec_per_source = {PER_SOURCE}\n"),
+    );
+    std::fs::write(&config, text)?;
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let ns = cluster::server(i);
@@ -96,10 +120,13 @@ pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
     let duration = Duration::from_secs(minutes * 60);
     util::step(&format!(
         "soak: {minutes} min of new HTTP connections to both VIPs ({CLIENTS} clients, at most \
-         one each per {} ms), a reload every {} s, a drill every {} s; a sample every {} s",
+         one each per {} ms), a reload every {} s, a drill every {} s, {FLOOD_BURST} spoofed \
+         SYNs every {} s, table writes every {} s; a sample every {} s",
         PAUSE.as_millis(),
         RELOAD_EVERY.as_secs(),
         DRILL_EVERY.as_secs(),
+        FLOOD_EVERY.as_secs(),
+        WRITE_EVERY.as_secs(),
         SAMPLE_EVERY.as_secs()
     ));
     let stop = Arc::new(AtomicBool::new(false));
@@ -129,17 +156,71 @@ pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
             })
         })
         .collect();
+    let flooder = {
+        let stop = stop.clone();
+        let out = FrameSender::open(&lab, "client", "eth0");
+        let from = mac_of(&lab, "client", "eth0");
+        let to: Vec<_> = (1..=2)
+            .map(|i| mac_of(&lab, &cluster::atm(i), "eth0"))
+            .collect();
+        thread::spawn(move || flood(&out, from, &to, &stop))
+    };
     let result = watch(&atms, duration, &lab);
     stop.store(true, Ordering::Relaxed);
     for l in loaders {
         let _ = l.join();
     }
+    let syns = flooder.join().unwrap_or(0);
     let samples = result?;
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     let logs: Vec<String> = atms.iter().map(|d| d.log()).collect();
     drop(atms);
     drop(nodes);
-    report(&out, (minutes, &commit), &samples, ok, failed, &logs)
+    report(
+        &out,
+        (minutes, &commit),
+        &samples,
+        (ok, failed, syns),
+        &logs,
+    )
+}
+
+/// Every `FLOOD_EVERY` until `stop`, a burst of `FLOOD_BURST` spoofed SYNs at the IPv4
+/// VIP, to both ATMs' MACs (whichever is primary takes them); the SYNs sent.
+fn flood(out: &FrameSender, from: Mac, to: &[Mac], stop: &AtomicBool) -> u64 {
+    let vip: std::net::Ipv4Addr = cluster::VIP.parse().unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut sent, mut next) = (0, Instant::now() + FLOOD_EVERY);
+    while !stop.load(Ordering::Relaxed) {
+        if Instant::now() < next {
+            thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        for n in 0..FLOOD_BURST {
+            let r = random();
+            let src = [198, 51, 100, 1 + (r % 254) as u8];
+            let sport = 1024 + (r >> 8) as u16 % 60_000;
+            out.send(&frames::tcp(
+                from,
+                to[n % to.len()],
+                src,
+                sport,
+                vip.octets(),
+                80,
+                frames::SYN,
+                &[],
+            ));
+            sent += 1;
+        }
+        next += FLOOD_EVERY;
+    }
+    sent
 }
 
 /// One GET on a new connection; an error unless the answer is a 200.
@@ -158,8 +239,9 @@ fn get(to: SocketAddr) -> std::io::Result<()> {
 /// Runs the reloads and drills for `duration`, sampling both ATMs; the samples, by ATM.
 fn watch(atms: &[Daemon], duration: Duration, lab: &Lab) -> Result<Vec<Vec<Sample>>> {
     let start = Instant::now();
-    let (mut next_sample, mut next_reload, mut next_drill) =
-        (Duration::ZERO, RELOAD_EVERY, DRILL_EVERY);
+    let (mut next_sample, mut next_reload, mut next_drill, mut next_write) =
+        (Duration::ZERO, RELOAD_EVERY, DRILL_EVERY, WRITE_EVERY);
+    let mut round = 0;
     let mut samples = vec![Vec::new(); atms.len()];
     while start.elapsed() < duration {
         let now = start.elapsed();
@@ -210,6 +292,25 @@ fn watch(atms: &[Daemon], duration: Duration, lab: &Lab) -> Result<Vec<Vec<Sampl
             );
             next_drill += DRILL_EVERY;
         }
+        if now >= next_write {
+            // Through the mount and lb-cli, on both ATMs: values that change nothing a
+            // client notices (a reload puts the file's back).
+            round += 1;
+            for d in atms {
+                let write = |table: &str, value: &str| {
+                    std::fs::write(d.mount.join(table), format!("{value}\n"))
+                        .with_context(|| format!("writing {value} to {table}"))
+                };
+                write("timeout", if round % 2 == 0 { "100" } else { "120" })?;
+                write("debug", if round % 2 == 0 { "0" } else { "1" })?;
+                if round % 2 == 0 {
+                    d.cli_ok(&["server", "enable", "http", "s1"]);
+                } else {
+                    d.cli_ok(&["server", "weight", "2", "http", "s1"]);
+                }
+            }
+            next_write += WRITE_EVERY;
+        }
         thread::sleep(Duration::from_millis(200));
     }
     Ok(samples)
@@ -230,6 +331,7 @@ fn sample(pid: u32, seconds: u64) -> Result<Sample> {
     Ok(Sample {
         seconds,
         rss_kib: field("VmRSS:"),
+        anon_kib: field("RssAnon:"),
         fds,
         threads: field("Threads:"),
     })
@@ -258,18 +360,18 @@ fn report(
     out: &Path,
     (minutes, commit): (u64, &str),
     samples: &[Vec<Sample>],
-    ok: u64,
-    failed: u64,
+    (ok, failed, syns): (u64, u64, u64),
     logs: &[String],
 ) -> Result<()> {
-    let mut csv = String::from("seconds,atm,rss_kib,fds,threads\n");
+    let mut csv = String::from("seconds,atm,rss_kib,anon_kib,fds,threads\n");
     for (i, s) in samples.iter().enumerate() {
         for x in s {
             csv += &format!(
-                "{},atm{},{},{},{}\n",
+                "{},atm{},{},{},{},{}\n",
                 x.seconds,
                 i + 1,
                 x.rss_kib,
+                x.anon_kib,
                 x.fds,
                 x.threads
             );
@@ -285,11 +387,12 @@ fn report(
             bail!("too few samples ({}) to judge: soak for longer", s.len());
         }
         let (rss_warm, rss_end) = growth(s, |x| x.rss_kib);
+        let (anon_warm, anon_end) = growth(s, |x| x.anon_kib);
         let (fds_warm, fds_end) = growth(s, |x| x.fds);
         let (thr_warm, thr_end) = growth(s, |x| x.threads);
         let peak = s.iter().map(|x| x.rss_kib).max().unwrap_or(0);
         rows += &format!(
-            "| atm{} | {} | {rss_warm} | {rss_end} | {peak} | {fds_warm} | {fds_end} | {thr_warm} | {thr_end} |\n",
+            "| atm{} | {} | {rss_warm} | {rss_end} | {peak} | {anon_warm} | {anon_end} | {fds_warm} | {fds_end} | {thr_warm} | {thr_end} |\n",
             i + 1,
             s[0].rss_kib,
         );
@@ -323,6 +426,16 @@ fn report(
         .iter()
         .map(|l| l.lines().filter(|l| l.contains(" ERROR ")).count())
         .sum();
+    // Every role change, from the daemons' logs.
+    let mut roles = String::new();
+    for (i, log) in logs.iter().enumerate() {
+        for line in log
+            .lines()
+            .filter(|l| l.contains("This ATM is primary") || l.contains("Becoming backup"))
+        {
+            roles += &format!("| atm{} | `{}` |\n", i + 1, line.trim());
+        }
+    }
     let machine = machine();
     let verdict = if problems.is_empty() {
         "no growth after warm-up".to_string()
@@ -333,13 +446,16 @@ fn report(
         "# Soak: {minutes} min at {commit}\n\n\
          Machine: {machine}.\n\n\
          Load: {total} HTTP requests on new connections ({failed} failed), both families, \
-         every method; {} reloads of both ATMs; {} drills. Daemon log lines at ERROR: {errors}.\n\n\
-         | ATM | RSS at start (KiB) | RSS warm (KiB) | RSS at end (KiB) | RSS peak (KiB) | fds warm | fds end | threads warm | threads end |\n\
-         |---|---|---|---|---|---|---|---|---|\n{rows}\n\
+         every method; {syns} spoofed SYNs in bursts of {FLOOD_BURST}; {} reloads of both \
+         ATMs; {} drills; {} rounds of table writes. Daemon log lines at ERROR: {errors}.\n\n\
+         | ATM | RSS at start (KiB) | RSS warm (KiB) | RSS at end (KiB) | RSS peak (KiB) | anonymous warm (KiB) | anonymous end (KiB) | fds warm | fds end | threads warm | threads end |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
          Warm: the median of the samples from a fifth to two fifths of the run; end: the \
-         median of its last fifth. Verdict: {verdict}.\n\n![memory, descriptors and threads](soak.png)\n",
+         median of its last fifth. Verdict: {verdict}.\n\n![memory, descriptors and threads](soak.png)\n\n\
+         Role changes:\n\n| ATM | log line |\n|---|---|\n{roles}",
         minutes * 60 / RELOAD_EVERY.as_secs(),
         minutes * 60 / DRILL_EVERY.as_secs(),
+        minutes * 60 / WRITE_EVERY.as_secs(),
     );
     std::fs::write(out.join("report.md"), &md)?;
     println!("{md}");
@@ -385,10 +501,13 @@ fn plot(out: &Path, samples: &[Vec<Sample>]) -> Result<()> {
             "'samples.csv' skip 1 using ($1/60):{only}$3/1024 : 1/0) with lines lw 2 title 'atm{i} memory'"
         ));
         lines.push(format!(
-            "'' skip 1 using ($1/60):{only}$4 : 1/0) axes x1y2 with lines dt 2 title 'atm{i} descriptors'"
+            "'' skip 1 using ($1/60):{only}$4/1024 : 1/0) with lines lw 1 title 'atm{i} anonymous'"
         ));
         lines.push(format!(
-            "'' skip 1 using ($1/60):{only}$5 : 1/0) axes x1y2 with lines dt 3 title 'atm{i} threads'"
+            "'' skip 1 using ($1/60):{only}$5 : 1/0) axes x1y2 with lines dt 2 title 'atm{i} descriptors'"
+        ));
+        lines.push(format!(
+            "'' skip 1 using ($1/60):{only}$6 : 1/0) axes x1y2 with lines dt 3 title 'atm{i} threads'"
         ));
     }
     script += &lines.join(", \\\n  ");

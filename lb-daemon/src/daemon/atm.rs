@@ -12,9 +12,9 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use lb_common::{Addr, Connection, FlowKey, SETTINGS_ACTIVE, SETTINGS_SYNC, Settings, Stat};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
-use super::{ANNOUNCE_AT, Atm, AtmParts, Daemon, Grace, NAT_PORTS, Part, Role, SETTLE};
+use super::{ANNOUNCE_AT, Atm, AtmParts, Daemon, Grace, NAT_PORTS, Part, Restarted, Role, SETTLE};
 use crate::{
     addrs::{self, IfAddr, Mark, NAT_LABEL, VIP_LABEL},
     config,
@@ -155,30 +155,38 @@ impl Daemon {
         dataplane::enable_fib_lookup()?;
         // The aliases a daemon that died left go before this one's program is attached: it
         // passes everything until this ATM is primary, and a stack still holding a VIP
-        // would answer the connections this dataplane may adopt with resets.
-        for mark in [Mark::Vip, Mark::Nat] {
-            for a in self.net.remove_marked(mark).await? {
-                info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
+        // would answer the connections this dataplane may adopt with resets. A primary that
+        // re-executed itself keeps them: its program forwards from the first packet.
+        let resumed = match self.opts.restarted {
+            Some(Restarted::Primary { term }) => Some(term),
+            _ => None,
+        };
+        if resumed.is_none() {
+            for mark in [Mark::Vip, Mark::Nat] {
+                for a in self.net.remove_marked(mark).await? {
+                    info!("Removed stale alias {}/{} ({})", a.addr, a.prefix, a.label);
+                }
             }
         }
         let caps = self.config.tables;
         let kept = kept_dir(&atm.interface);
-        let (dp, attached) = load_dataplane(
-            caps,
-            &self.interfaces(&atm.interface, local),
-            self.opts.xdp_mode,
-            kept.as_deref(),
-        )?;
+        let mut dp = load_dataplane(caps, kept.as_deref())?;
         // Kept only if the maps could be pinned there (else the load said why not).
         let kept = kept.filter(|d| d.join(lb_common::maps::CONNECTIONS).exists());
         let nat_interface = self.nat_interface(&atm.interface, local);
         if self.config.nat.is_some() {
             check_port_range();
         }
+        // The services and settings are written before the program is attached: its first
+        // packet already meets them (after `lb-cli restart`, the first of a primary's).
         let mut plane = Plane::new();
-        let mut dp = dp;
         plane.apply(&mut dp, &self.config)?;
-        dp.set_settings(&self.settings(false))?;
+        dp.set_settings(&self.settings(resumed.is_some()))?;
+        let attached = attach_dataplane(
+            &mut dp,
+            &self.interfaces(&atm.interface, local),
+            self.opts.xdp_mode,
+        )?;
         let atm = Atm {
             index,
             dp,
@@ -198,12 +206,23 @@ impl Daemon {
             announcing: None,
             kept,
         };
-        let ha = self.start_ha(index, ifindex, key).await?;
+        let mut ha = self.start_ha(index, ifindex, key).await?;
+        if let Some(term) = resumed {
+            ha.election.resume_primary(term, Instant::now());
+        }
         self.part = Part::Atm(Box::new(AtmParts {
             atm,
             ha,
             checks: None,
         }));
+        if let Some(term) = resumed {
+            // The role did not change: no hook runs.
+            info!("Resuming as primary ATM (term {term}) after lb-cli restart");
+            return self
+                .become_primary(None)
+                .instrument(info_span!("primary", term))
+                .await;
+        }
         info!("Starting as backup ATM");
         self.notify_role(false, "start", None);
         info!("Looking for a primary ATM");
@@ -666,14 +685,9 @@ fn kept_dir(interface: &str) -> Option<PathBuf> {
 /// Loads the dataplane (keeping its connection state in `kept`, adopting what a daemon
 /// before this one left there) and attaches lb_xdp to each interface (driver mode where the
 /// driver supports it, generic otherwise), logging how.
-pub(super) fn load_dataplane(
-    caps: Capacities,
-    interfaces: &[String],
-    mode: AttachMode,
-    kept: Option<&Path>,
-) -> Result<(Dataplane, Vec<(String, Attached)>)> {
+pub(super) fn load_dataplane(caps: Capacities, kept: Option<&Path>) -> Result<Dataplane> {
     let loaded = kept.map(|dir| (dir, Dataplane::load_kept(caps, dir)));
-    let mut dp = match loaded {
+    Ok(match loaded {
         None => Dataplane::load(caps).context("loading the dataplane")?,
         // The directory could not be made or the maps pinned there (a read-only /sys, say):
         // the dataplane runs all the same, keeping nothing.
@@ -700,7 +714,16 @@ pub(super) fn load_dataplane(
             }
             dp
         }
-    };
+    })
+}
+
+/// Attaches `dp`'s lb_xdp to each of `interfaces`, in place of whatever XDP program is
+/// there: the kernel swaps the programs between two packets.
+pub(super) fn attach_dataplane(
+    dp: &mut Dataplane,
+    interfaces: &[String],
+    mode: AttachMode,
+) -> Result<Vec<(String, Attached)>> {
     let mut attached = Vec::new();
     for i in interfaces {
         crate::vlan::expose_tags(i);
@@ -717,7 +740,7 @@ pub(super) fn load_dataplane(
         }
         attached.push((i.clone(), mode));
     }
-    Ok((dp, attached))
+    Ok(attached)
 }
 
 /// What a primary's aliases do when the config changes (see `follow_aliases`).

@@ -55,6 +55,11 @@ pub(super) enum Job {
         note: String,
         addrs: Vec<IpAddr>,
     },
+    /// `lb-cli restart`'s checks of the binary and the file (see `restart`).
+    Restart {
+        checked: Box<Result<super::restart::Checked, String>>,
+        reply: oneshot::Sender<Response>,
+    },
     /// The connection entries of server lines that left were dropped.
     Drained {
         generation: u64,
@@ -71,6 +76,7 @@ impl Job {
             Job::Prepared { .. } => "a prepared reload",
             Job::Checks { .. } => "a reload's new probes",
             Job::Drained { .. } => "drained connections",
+            Job::Restart { .. } => "a restart's checks",
         }
     }
 }
@@ -147,7 +153,7 @@ fn attach_mode(m: Attached) -> AttachMode {
 
 impl Daemon {
     /// Refuses a second reload or resize while one is under way.
-    fn refuse_if_busy(&self, reply: &mut Option<oneshot::Sender<Response>>) -> bool {
+    pub(super) fn refuse_if_busy(&self, reply: &mut Option<oneshot::Sender<Response>>) -> bool {
         let Some(what) = self.busy else {
             return false;
         };

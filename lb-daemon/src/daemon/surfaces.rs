@@ -65,6 +65,7 @@ impl Daemon {
             },
             Request::Promote => unreachable!("promote answers asynchronously"),
             Request::Demote => unreachable!("demote answers asynchronously"),
+            Request::Restart => unreachable!("restart answers asynchronously"),
             Request::Metrics => Response::text(metrics::render(&self.snapshot())),
             Request::Support => {
                 let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_path_buf());

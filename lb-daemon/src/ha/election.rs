@@ -403,6 +403,16 @@ impl Election {
         })
     }
 
+    /// A primary's daemon re-executed itself (`lb-cli restart`): primary of `term` again
+    /// at once, eligible until its track addresses say otherwise (the old program found
+    /// them answering), not looking for another.
+    pub fn resume_primary(&mut self, term: u64, now: Instant) {
+        self.role = Role::Primary;
+        self.term = term;
+        self.eligible = true;
+        self.looking_until = now;
+    }
+
     /// `lb-cli promote` when no primary is alive, or under a cluster manager: take over at
     /// once.
     pub fn force_promote(&mut self, now: Instant) -> Option<Action> {
