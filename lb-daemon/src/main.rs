@@ -51,6 +51,26 @@ struct Args {
     restarted: Option<daemon::Restarted>,
 }
 
+/// Allocations of this size or more get pages of their own (mmap), given back whole when
+/// they are freed.
+const MMAP_THRESHOLD: i32 = 64 * 1024;
+
+/// glibc puts a large allocation in pages of its own only until the first such block is
+/// freed: from then on its threshold follows the largest block freed (up to 32 MiB), and
+/// blocks below it come from the thread's arena, which keeps their pages when they are
+/// freed. The sweep, a full sync and a table read build buffers the size of the connection
+/// table on whichever thread of tokio's blocking pool runs them, so each arena settled at
+/// the high-water mark of what it built (docs/SOAK.md). A fixed threshold keeps every such
+/// buffer in its own pages: freed, they go back to the kernel at once.
+fn fix_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt changes a malloc parameter under malloc's own lock; it touches no
+        // memory of ours.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.manpage {
@@ -68,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    fix_mmap_threshold();
     lb_daemon::logging::init(args.log_file.as_deref()).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -83,10 +83,11 @@ enum Cmd {
         #[arg(long, value_name = "REV")]
         against: Option<String>,
     },
-    /// Set up if needed (plus gnuplot), then run the demo's lab under steady load, reloads
-    /// and drills for MINUTES, sampling each ATM daemon's memory, descriptors and threads.
-    /// Writes report.md, samples.csv and soak.png to target/soak (or --output); fails if any
-    /// of them grew after warm-up or requests failed (docs/SOAK.md). Needs root.
+    /// Set up if needed (plus gnuplot), then run the demo's lab under steady load, SYN
+    /// bursts, table writes, reloads and drills for MINUTES, sampling each ATM daemon's
+    /// memory, descriptors and threads. Writes report.md, samples.csv, soak.png and the ATMs'
+    /// logs to target/soak (or --output); fails if any of them grew after warm-up or
+    /// requests failed (docs/SOAK.md). Needs root.
     Soak {
         /// How long to run.
         #[arg(long, default_value_t = 30)]
@@ -94,6 +95,11 @@ enum Cmd {
         /// The directory for the report.
         #[arg(long)]
         output: Option<std::path::PathBuf>,
+        /// Run the ATM daemons under heaptrack (installed if missing) and write what each
+        /// still held at the end, and its peak, by call stack, to heaptrack-atmN.txt: to
+        /// find what grows. Slows the daemons' allocations down.
+        #[arg(long)]
+        heaptrack: bool,
     },
 }
 
@@ -118,7 +124,11 @@ fn run(cli: Cli) -> Result<()> {
             fuzz::run(seconds, target.as_deref())
         }
         Cmd::Package { debug, output } => package::run(&package::Opts { debug, output }).map(drop),
-        Cmd::Soak { minutes, output } => soak::run(minutes, output),
+        Cmd::Soak {
+            minutes,
+            output,
+            heaptrack,
+        } => soak::run(minutes, output, heaptrack),
         Cmd::Bench { report: true, .. } => bench::report(),
         Cmd::Bench {
             rounds,

@@ -176,11 +176,18 @@ pub fn bench() -> Result<()> {
 }
 
 /// What `cargo xtask soak` needs beyond [`run`]: gnuplot, for its plot.
-pub fn soak() -> Result<()> {
-    Apt::default().ensure(
+pub fn soak(heaptrack: bool) -> Result<()> {
+    let mut apt = Apt::default();
+    apt.ensure(
         "gnuplot-nox",
         "draws the soak report's plot of memory, descriptors and threads over time",
     )?;
+    if heaptrack {
+        apt.ensure(
+            "heaptrack",
+            "records the soaked daemons' allocations by call stack (soak --heaptrack)",
+        )?;
+    }
     Ok(())
 }
 

@@ -6,8 +6,8 @@
 //! minute, and the tables are written to (timeout, debug, a server's weight) every 45 s.
 //! Every ten seconds each ATM daemon's resident memory (and its anonymous part), open
 //! descriptors and threads are sampled. The samples go to `samples.csv`, a plot to
-//! `soak.png` (gnuplot), and a summary with every role change to `report.md` in the output
-//! directory; the run fails if a daemon's memory, descriptors or threads kept growing after
+//! `soak.png` (gnuplot), a summary with every role change to `report.md`, and the daemons'
+//! logs to `atm1.log` and `atm2.log` in the output directory; the run fails if a daemon's memory, descriptors or threads kept growing after
 //! warm-up, or requests failed.
 
 use std::{
@@ -62,13 +62,13 @@ struct Sample {
     threads: u64,
 }
 
-pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
+pub fn run(minutes: u64, output: Option<PathBuf>, heaptrack: bool) -> Result<()> {
     util::require_root("cargo xtask soak")?;
     if minutes == 0 {
         bail!("--minutes must be at least 1");
     }
     setup::run()?;
-    setup::soak()?;
+    setup::soak(heaptrack)?;
     util::step("build: lb-daemon (with the eBPF object) and lb-cli");
     util::cargo(&["build", "--bins", "--quiet"])?;
     // The tree measured: the commit at the start (the run takes long enough for another).
@@ -109,7 +109,32 @@ pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
     }
     let mut atms = Vec::new();
     for i in 1..=2 {
-        let mut d = Daemon::start(&mut lab, &cluster::atm(i), &config, &[]);
+        let mut d = if heaptrack {
+            // What the heaptrack script does, but with the daemon in the wrapper's process
+            // (signals and samples reach it): its allocations go down a pipe to the
+            // interpreter, whose record is compressed into the output directory.
+            let wrapper = dir.join(format!("heaptrack-atm{i}"));
+            let lib = "/usr/lib/heaptrack";
+            std::fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh\npipe={pipe}\nrm -f $pipe; mkfifo $pipe\n\
+                     {lib}/libexec/heaptrack_interpret < $pipe | gzip > {record} &\n\
+                     LD_PRELOAD={lib}/libheaptrack_preload.so DUMP_HEAPTRACK_OUTPUT=$pipe \
+                     exec {daemon} \"$@\"\n",
+                    pipe = dir.join(format!("heaptrack-atm{i}.fifo")).display(),
+                    record = out.join(format!("heaptrack-atm{i}.gz")).display(),
+                    daemon = lb_tests::procs::bin("lb-daemon").display()
+                ),
+            )?;
+            std::fs::set_permissions(
+                &wrapper,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )?;
+            Daemon::start_program(&mut lab, &cluster::atm(i), &wrapper, &config, &[])
+        } else {
+            Daemon::start(&mut lab, &cluster::atm(i), &config, &[])
+        };
         d.wait_log("Tables mounted at", Duration::from_secs(20));
         atms.push(d);
     }
@@ -173,16 +198,79 @@ pub fn run(minutes: u64, output: Option<PathBuf>) -> Result<()> {
     let syns = flooder.join().unwrap_or(0);
     let samples = result?;
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    // What the lab's links lost, and the heartbeats' sockets: an unplanned role change
+    // is explained by these or by the daemons' logs.
+    let (lost, where_lost) = lab.losses();
+    let mut network = format!("packets the lab's links lost: {lost} {where_lost}");
+    for i in 1..=2 {
+        let ns = cluster::atm(i);
+        let nstat = lab
+            .ns(&ns)
+            .exec_ok(&["nstat", "-az", "UdpRcvbufErrors", "UdpInErrors"]);
+        let counts: Vec<String> = nstat
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some(format!("{} {}", w.next()?, w.next()?))
+            })
+            .filter(|l| l.starts_with("Udp"))
+            .collect();
+        network += &format!("; atm{i}: {}", counts.join(", "));
+    }
     let logs: Vec<String> = atms.iter().map(|d| d.log()).collect();
+    for (i, log) in logs.iter().enumerate() {
+        std::fs::write(out.join(format!("atm{}.log", i + 1)), log)?;
+    }
     drop(atms);
     drop(nodes);
+    if heaptrack {
+        summarize_heaptrack(&out)?;
+    }
     report(
         &out,
         (minutes, &commit),
         &samples,
         (ok, failed, syns),
         &logs,
+        &network,
     )
+}
+
+/// heaptrack's record of each ATM daemon, printed: what was still allocated at the end
+/// ("leaked") and the peak, by call stack.
+fn summarize_heaptrack(out: &Path) -> Result<()> {
+    // The interpreters finish their records once the daemons have gone.
+    let interpreting = || {
+        Command::new("pgrep")
+            .arg("heaptrack_interp")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let since = Instant::now();
+    while interpreting() && since.elapsed() < Duration::from_secs(120) {
+        thread::sleep(Duration::from_millis(500));
+    }
+    for i in 1..=2 {
+        let record = out.join(format!("heaptrack-atm{i}.gz"));
+        let text = Command::new("heaptrack_print")
+            .args([
+                "--print-leaks",
+                "1",
+                "--print-peaks",
+                "1",
+                "--print-allocators",
+                "0",
+            ])
+            .args(["--print-temporary", "0", "--peak-limit", "15"])
+            .arg("-f")
+            .arg(&record)
+            .output()
+            .context("running heaptrack_print")?;
+        let to = out.join(format!("heaptrack-atm{i}.txt"));
+        std::fs::write(&to, &text.stdout)?;
+        println!("wrote {}", to.display());
+    }
+    Ok(())
 }
 
 /// Every `FLOOD_EVERY` until `stop`, a burst of `FLOOD_BURST` spoofed SYNs at the IPv4
@@ -362,6 +450,7 @@ fn report(
     samples: &[Vec<Sample>],
     (ok, failed, syns): (u64, u64, u64),
     logs: &[String],
+    network: &str,
 ) -> Result<()> {
     let mut csv = String::from("seconds,atm,rss_kib,anon_kib,fds,threads\n");
     for (i, s) in samples.iter().enumerate() {
@@ -452,7 +541,8 @@ fn report(
          |---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\
          Warm: the median of the samples from a fifth to two fifths of the run; end: the \
          median of its last fifth. Verdict: {verdict}.\n\n![memory, descriptors and threads](soak.png)\n\n\
-         Role changes:\n\n| ATM | log line |\n|---|---|\n{roles}",
+         Role changes:\n\n| ATM | log line |\n|---|---|\n{roles}\n\
+         The network at the end: {network}.\n",
         minutes * 60 / RELOAD_EVERY.as_secs(),
         minutes * 60 / DRILL_EVERY.as_secs(),
         minutes * 60 / WRITE_EVERY.as_secs(),
