@@ -108,6 +108,9 @@ pub const NAT_PORTS: (u16, u16) = (1024, 32_767);
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 const LOG_FLUSH_EVERY: Duration = Duration::from_millis(100);
 const SYNC_EVERY: Duration = Duration::from_millis(20);
+/// At most this many received messages are taken in before an election deadline is acted
+/// on (see the loop).
+const DRAIN_BEFORE_DEADLINE: usize = 1024;
 /// How often freed heap memory is handed back to the kernel (see [`trim_heap`]).
 const TRIM_EVERY: Duration = Duration::from_secs(30);
 
@@ -427,6 +430,12 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 let _b = Busy::new("the election's deadline");
+                // What has come in already counts first: after a turn that held the loop,
+                // the heartbeat that keeps a peer alive may be waiting behind the deadline.
+                for _ in 0..DRAIN_BEFORE_DEADLINE {
+                    let Ok((bytes, from)) = udp_rx.try_recv() else { break };
+                    d.on_datagram(&bytes, from).await;
+                }
                 d.on_election_deadline().await;
             }
             Some((req, reply)) = rx.recv() => {

@@ -470,6 +470,70 @@ fn heartbeats_keep_their_interval_through_the_largest_resize_and_a_10_mb_reload(
     );
 }
 
+/// Every reload restarts the health checks. Each HTTP check used to build its own HTTP
+/// client, which loads and parses the system's CA certificates, on tokio's two worker
+/// threads: the threads that also send and receive the heartbeats. In the soak, after
+/// reloads of both ATMs, the primary sent no heartbeat for 214 ms and the backup read none
+/// for 380 ms, took the primary for dead, and a second primary stood up. The checks now
+/// share one client per process; a reload must not stretch the heartbeats' interval.
+#[test]
+fn heartbeats_keep_their_interval_while_reloads_restart_the_http_checks() {
+    let mut lab = Lab::new();
+    cluster::build(&mut lab, 2, 3);
+    for i in 1..=3 {
+        lab.nginx(&cluster::server(i), "web", &[80]);
+    }
+    let key_path = write_key(&mut lab);
+    let key = std::fs::read(&key_path).unwrap();
+    let vips: Vec<String> = (0..8).map(|i| format!("192.0.2.{}", 100 + i)).collect();
+    let names: Vec<String> = (0..8).map(|i| format!("web{i}")).collect();
+    let services: Vec<(&str, &str)> = names
+        .iter()
+        .zip(&vips)
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    // 24 checks, a third of them https (which fail: the servers speak plain HTTP), some
+    // verifying certificates, some not.
+    let base = pair_config("lab", &key_path, &services);
+    let parts: Vec<&str> = base.split("kind = \"none\"\n").collect();
+    let mut config = parts[0].to_string();
+    for (n, part) in parts[1..].iter().enumerate() {
+        let kind = match n % 3 {
+            0 => "kind = \"https\"\nverify = false\n",
+            1 => "kind = \"https\"\n",
+            _ => "kind = \"http\"\n",
+        };
+        config += &format!("{kind}path = \"/\"\ninterval_ms = 500\n{part}");
+    }
+    let path = lab.dir().join("lb.toml");
+    std::fs::write(&path, &config).unwrap();
+    let listener = Listener::start(&lab, key);
+    let mut d = start(&mut lab, &path);
+    d.wait_log("Checks started: 24 server pings, 24 service checks", START);
+    let from = Instant::now();
+    for round in 2..=6 {
+        d.cli_ok(&["reload"]);
+        lab.wait_for("the checks to start again", START, || {
+            d.log().matches("Checks started").count() >= round
+        });
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let beats = listener.finish();
+    let during: Vec<Instant> = beats.into_iter().filter(|b| *b >= from).collect();
+    assert!(
+        during.len() > 20,
+        "{} heartbeats in the reloads",
+        during.len()
+    );
+    let (gap, at) = longest_gap(&during);
+    assert!(
+        gap <= Duration::from_millis(200),
+        "a gap of {gap:?} between heartbeats (heartbeat_ms = 100), {:?} into the reloads\n{}",
+        during[at] - from,
+        d.log()
+    );
+}
+
 /// The config for two ATMs and servers 1-3 in direct mode, under cluster `name`, with the
 /// services `extra` adds.
 fn pair_config(name: &str, key: &Path, services: &[(&str, &str)]) -> String {

@@ -275,6 +275,10 @@ impl Checks {
                 if s.check.kind != CheckKind::None {
                     checks += 1;
                     let kind = s.check.kind.clone();
+                    let http = match &kind {
+                        CheckKind::Http { https, verify, .. } => http_client(*https && !*verify),
+                        _ => None,
+                    };
                     // A local server (this ATM) on loopback: it holds the VIP only while
                     // primary, and a backup's check of the VIP would reach the primary.
                     let addr = match (v.method, v.address) {
@@ -289,6 +293,7 @@ impl Checks {
                     };
                     tasks.push(tokio::spawn(run_check(
                         kind,
+                        http,
                         ctx,
                         line,
                         every,
@@ -360,25 +365,37 @@ pub(super) struct CheckCtx {
     port: u16,
 }
 
+/// The HTTP client of the `http` and `https` checks (`accept_invalid`: one that takes any
+/// certificate, for `verify = false`), built once per process and shared by every check,
+/// from one reload to the next. Building one loads and parses the system's CA certificates:
+/// tens of milliseconds of CPU each, which, done by every check task on tokio's two worker
+/// threads after each reload, held up the heartbeats that the same threads send and
+/// receive, for long enough that a backup took the primary for dead.
+fn http_client(accept_invalid: bool) -> Option<reqwest::Client> {
+    static CLIENTS: [std::sync::OnceLock<Option<reqwest::Client>>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    CLIENTS[accept_invalid as usize]
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(accept_invalid)
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(0)
+                .build()
+                .ok()
+        })
+        .clone()
+}
+
 async fn run_check(
     kind: CheckKind,
+    http: Option<reqwest::Client>,
     ctx: CheckCtx,
     line: LineKey,
     every: Duration,
     timeout: Duration,
     tx: mpsc::Sender<Outcome>,
 ) {
-    let http = match &kind {
-        CheckKind::Http { https, verify, .. } => reqwest::Client::builder()
-            .timeout(timeout)
-            .danger_accept_invalid_certs(*https && !*verify)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(0)
-            .build()
-            .ok(),
-        _ => None,
-    };
     let mut n = 0u64;
     loop {
         tokio::time::sleep(jitter(every, seed(&line, 1 << 20 | n))).await;
@@ -394,7 +411,12 @@ async fn run_check(
                 ..
             } => match &http {
                 Some(client) => {
-                    http::check(client, &ctx, *https, path, *expect, body.as_deref()).await
+                    let want = http::Want {
+                        path,
+                        status: *expect,
+                        body: body.as_deref(),
+                    };
+                    http::check(client, &ctx, *https, &want, timeout).await
                 }
                 None => Some("cannot build an HTTP client".into()),
             },
