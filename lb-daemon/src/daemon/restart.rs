@@ -217,6 +217,12 @@ impl Daemon {
         if a.grace.is_some() || ha.handover.is_some() {
             return Err("a handover is under way: try again when it is done".into());
         }
+        if a.kept.is_none() {
+            return Err("this daemon keeps no connection state (the BPF filesystem could not \
+                        be written, as its start-up log says): a restart would drop every \
+                        connection. Stop and start it instead"
+                .into());
+        }
         if ha.election.role() != ha::Role::Primary {
             return Ok(Restarted::Backup);
         }
