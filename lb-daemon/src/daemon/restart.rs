@@ -218,10 +218,12 @@ impl Daemon {
             return Err("a handover is under way: try again when it is done".into());
         }
         if a.kept.is_none() {
-            return Err("this daemon keeps no connection state (the BPF filesystem could not \
+            return Err(
+                "this daemon keeps no connection state (the BPF filesystem could not \
                         be written, as its start-up log says): a restart would drop every \
                         connection. Stop and start it instead"
-                .into());
+                    .into(),
+            );
         }
         if ha.election.role() != ha::Role::Primary {
             return Ok(Restarted::Backup);
