@@ -686,6 +686,16 @@ impl Dataplane {
         self.persistence.get(key, 0).ok()
     }
 
+    /// Every persistence entry, read through a handle of its own (`entries` on a blocking
+    /// thread: a full sync sends them).
+    pub fn persist_table(&self) -> Result<PersistTable, Error> {
+        use aya::maps::IterableMap;
+        let map = dup_map(self.persistence.map(), maps::PERSISTENCE)?;
+        Ok(PersistTable(
+            HashMap::try_from(Map::LruHashMap(map)).map_err(map_err(maps::PERSISTENCE))?,
+        ))
+    }
+
     /// Installs a persistence entry (connection sync on a backup).
     pub fn set_persist(&mut self, key: &PersistKey, p: &Persist) -> Result<(), Error> {
         self.persistence
@@ -812,6 +822,16 @@ fn dup_map(m: &MapData, name: &'static str) -> Result<MapData, Error> {
         source: e,
     })?;
     MapData::from_fd(own).map_err(map_err(name))
+}
+
+/// The persistence map through a handle of its own ([`Dataplane::persist_table`]).
+pub struct PersistTable(HashMap<MapData, PersistKey, Persist>);
+
+impl PersistTable {
+    /// Every entry; one that goes while the map is walked is skipped.
+    pub fn entries(&self) -> Vec<(PersistKey, Persist)> {
+        self.0.iter().filter_map(Result::ok).collect()
+    }
 }
 
 /// The servers' connection counts, as the least-connection schedulers read them: lb_xdp

@@ -93,7 +93,8 @@ pub struct Plane {
 #[derive(Default)]
 pub struct Lines {
     pub server: HashMap<u32, (IpAddr, u16, Method)>,
-    pub vip: HashMap<u32, (IpAddr, u16)>,
+    /// The service of each server line.
+    pub vip: HashMap<u32, SvcKey>,
     /// The lines of services with timeouts of their own: (idle, closing) in seconds, 0
     /// for the cluster's (as in their server records).
     pub timeouts: HashMap<u32, (u32, u32)>,
@@ -374,7 +375,7 @@ impl Plane {
             for v in &s.servers {
                 if let Some(i) = self.index(&line_key(s, v)) {
                     lines.server.insert(i, (v.address, v.port, v.method));
-                    lines.vip.insert(i, (s.vip, s.port));
+                    lines.vip.insert(i, svc_key(s));
                     if s.persistence > 0
                         && let Some(id) = self.ids.get(&svc_key(s))
                     {

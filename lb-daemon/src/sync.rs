@@ -16,7 +16,7 @@ use lb_common::{
 use crate::{
     dataplane::{self, Dataplane},
     ha::{IDLE_UNKNOWN, SyncRecord},
-    services::{Expiry, Plane},
+    services::{Expiry, Lines, Plane},
 };
 
 /// Server index -> (address, port), as the primary's plane has them.
@@ -30,6 +30,45 @@ fn ap(a: &Addr, port_be: u16) -> SocketAddr {
 /// been idle at `now_ns`.
 fn idle_ms(last_seen_ns: u64, now_ns: u64) -> u32 {
     (now_ns.saturating_sub(last_seen_ns) / 1_000_000).min(u32::MAX as u64 - 1) as u32
+}
+
+/// The primary's persistence entries as records for backups ([`crate::ha::Body::Persist`]):
+/// the client or client prefix the entry names (port 0), its service and the server of its
+/// line, and how long the entry has been idle. Entries of lines this plane no longer has,
+/// or no longer sticky, are left out.
+pub fn persist_records(
+    entries: &[(PersistKey, Persist)],
+    lines: &Lines,
+    now_ns: u64,
+) -> Vec<SyncRecord> {
+    entries
+        .iter()
+        .filter_map(|(k, p)| {
+            let &(vip, port, proto) = lines.vip.get(&p.server)?;
+            let &(addr, server_port, _) = lines.server.get(&p.server)?;
+            let &(service, _) = lines.persist.get(&p.server)?;
+            if service != k.service {
+                return None;
+            }
+            let client = ap(&k.client, 0);
+            let unset = if vip.is_ipv6() {
+                IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+            };
+            Some(SyncRecord {
+                kind: EVENT_OPEN,
+                proto,
+                flags: 0,
+                client,
+                vip: SocketAddr::new(vip, port),
+                server: SocketAddr::new(addr, server_port),
+                nat: SocketAddr::new(unset, 0),
+                peer_mac: [0; 6],
+                idle_ms: idle_ms(p.last_seen_ns, now_ns),
+            })
+        })
+        .collect()
 }
 
 /// A record from a dataplane event; `None` for a server index the plane no longer has.
@@ -287,13 +326,14 @@ impl PersistStore for Dataplane {
     }
 }
 
-/// Installs on a backup the persistence entries that records of sticky services' connections
-/// imply: the client (or its `persistence_netmask` prefix) sticks to the record's server,
-/// as last seen when the record's connection was. The primary's entries are not sent as
-/// such: each of its connections carries its client's choice, and its full table renews
-/// them, so a client keeps its server after a failover for `persistence` seconds after its
-/// last connection's last packet. An entry seen later (this ATM's own, or a later record's)
-/// is kept. Returns how many were written.
+/// Installs on a backup the persistence entries that records imply: the client (or its
+/// `persistence_netmask` prefix) sticks to the record's server, as last seen when the
+/// record's connection was (or, for a record of [`persist_records`], the entry itself). Each
+/// connection record carries its client's choice, and each whole table the primary sends
+/// is followed by its persistence entries, so a client keeps its server after a failover
+/// for `persistence` seconds after it was last seen, even where the backup started after
+/// the client's last connection ended. An entry seen later (this ATM's own, or a later
+/// record's) is kept. Returns how many were written.
 pub fn install_persistence(
     store: &mut impl PersistStore,
     plane: &Plane,
@@ -812,5 +852,32 @@ mod tests {
             1
         );
         assert_eq!(store[&key].last_seen_ns, now);
+
+        // The primary's entries, sent as records of their own, make the same entries on a
+        // backup that has seen no connection; an entry of a service that is not sticky (a
+        // stale one) is not sent.
+        let entries: Vec<(PersistKey, Persist)> = store.iter().map(|(k, p)| (*k, *p)).collect();
+        let stale = (
+            PersistKey {
+                client: key.client,
+                service: key.service + 1,
+            },
+            Persist {
+                last_seen_ns: now,
+                server: web2,
+                _pad: 0,
+            },
+        );
+        let sent = persist_records(&[entries[0], stale], &plane.lines(), now + 3_000_000_000);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].client, "198.51.100.0:0".parse().unwrap());
+        assert_eq!(sent[0].server, "203.0.113.12:8080".parse().unwrap());
+        assert_eq!(sent[0].idle_ms, 3_000);
+        let mut backup: HashMap<PersistKey, Persist> = HashMap::new();
+        assert_eq!(
+            install_persistence(&mut backup, &plane, &sent, now + 3_000_000_000).unwrap(),
+            1
+        );
+        assert_eq!(backup, store);
     }
 }

@@ -1651,6 +1651,88 @@ fn a_killed_primary_gives_up_the_vip_two_atms() {
 /// their server on the new primary, even from an address that never connected before. (With
 /// `rr` and five prefixes over three servers, a backup that scheduled afresh would keep all
 /// five by chance once in 243 runs.)
+/// A backup that starts after a client's connections have ended learns the client's
+/// persistence entry from the primary all the same: each whole table the primary sends is
+/// followed by its persistence entries (as IPVS syncs its persistence templates). The
+/// connections here close at once and their entries time out after a second (tcp_fin =
+/// 1), so only the entries themselves can carry the choice over.
+#[test]
+fn persistence_reaches_a_backup_started_after_the_clients_connections_ended() {
+    let mut c = Cluster::started_edited(Method::Direct, NO_CHECK, &[1, 2], false, &|t| {
+        t.replacen(
+            "scheduler = \"maglev\"\n",
+            "scheduler = \"rr\"\npersistence = 300\npersistence_netmask = 28\n",
+            1,
+        )
+        .replacen("\n[ha]\n", "\n[cluster.timeouts]\ntcp_fin = 1\n\n[ha]\n", 1)
+    });
+    c.atms[1].as_mut().unwrap().kill();
+    let prefixes = [48, 64, 80, 112, 128];
+    let addr = |p: u32, k: u32| format!("192.0.2.{}", p + 2 + k);
+    for p in prefixes {
+        for k in 0..2 {
+            let a = addr(p, k);
+            if a != cluster::CLIENT {
+                c.lab.addr("client", "eth0", &format!("{a}/24"));
+            }
+        }
+    }
+    let from = |c: &Cluster, a: &str| -> String {
+        let _in = c.lab.ns("client").enter();
+        cluster::request_from(a, Duration::from_secs(5)).unwrap()
+    };
+    let chosen: Vec<String> = prefixes.iter().map(|p| from(&c, &addr(*p, 0))).collect();
+    let mut servers = chosen.clone();
+    servers.sort();
+    servers.dedup();
+    assert!(servers.len() > 1, "rr spread the prefixes: {chosen:?}");
+    // The connections are over and their entries gone; the persistence entries remain.
+    let t = std::time::Instant::now();
+    while !c.atm(1).cat("connections").trim().is_empty() {
+        assert!(
+            t.elapsed() < START,
+            "the connections did not time out:\n{}\n{}",
+            c.atm(1).cat("connections"),
+            c.atm(1).cat("timeouts")
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    // atm2 starts now: it asks atm1 for its table, which brings the entries. (Its log
+    // file goes on from the killed daemon's.)
+    let seen = c.atm(2).log().len();
+    c.restart(2);
+    let primary_seen = format!("ATM atm1 ({}) is primary", cluster::atm_addr(1));
+    c.lab.wait_for("atm2 to hear atm1", START, || {
+        c.atm(2).log()[seen..].contains(&primary_seen)
+    });
+    thread::sleep(Duration::from_millis(500));
+    c.atms[0].as_mut().unwrap().kill();
+    c.atms[1]
+        .as_mut()
+        .unwrap()
+        .wait_log("This ATM is primary", START);
+    // Waiting for atm2 to take new connections, from a prefix of its own, moves its rr on
+    // by one; the prefixes then come in the other order: without the entries, rr alone
+    // would not give each its old server.
+    let other = "192.0.2.36";
+    c.lab.addr("client", "eth0", &format!("{other}/24"));
+    let before = c.new_connections(2);
+    c.lab.wait_for("new connections through atm2", START, || {
+        let _in = c.lab.ns("client").enter();
+        let _ = cluster::request_from(other, Duration::from_secs(1));
+        c.new_connections(2) > before
+    });
+    for (p, was) in prefixes.iter().zip(&chosen).rev() {
+        assert_eq!(
+            &from(&c, &addr(*p, 1)),
+            was,
+            "192.0.2.{}: its /28's server, learned by atm2 from atm1's persistence entry",
+            p + 3
+        );
+    }
+}
+
 #[test]
 fn netmask_persistence_holds_across_a_failover() {
     let mut c = Cluster::started_edited(Method::Direct, NO_CHECK, &[1, 2], false, &|t| {

@@ -317,7 +317,17 @@ impl Daemon {
         let p = ha.election.primary_peer(now);
         if p != ha.known_primary {
             match (p, ha.known_primary) {
-                (Some(i), _) => info!("ATM {} is primary", names[i]),
+                (Some(i), _) => {
+                    info!("ATM {} is primary", names[i]);
+                    // A backup that has just found its primary (at start-up, or after a
+                    // failover elsewhere) asks for the whole table at once rather than
+                    // wait for the next periodic one, up to a minute away.
+                    if ha.election.role() == ha::Role::Backup
+                        && let Some(out) = &ha.out
+                    {
+                        out.send(Some(i), Body::SyncRequest);
+                    }
+                }
                 (None, Some(old)) if !ha.election.alive(old, now) => {
                     warn!("Primary ATM {} stopped answering", names[old])
                 }
@@ -377,15 +387,7 @@ impl Daemon {
                 self.note_primary(now);
             }
             Body::Sync(records) => {
-                // From the primary, or (to a new primary) from a former one forwarding in its
-                // handover grace; not between two primaries of a split brain.
-                let sender_primary = ha
-                    .election
-                    .peers()
-                    .get(from_atm)
-                    .and_then(|p| p.heartbeat)
-                    .is_some_and(|h| h.role == ha::Role::Primary);
-                let accept = ha.election.role() == ha::Role::Backup || !sender_primary;
+                let accept = takes_sync_from(ha, from_atm);
                 let local = ha.local;
                 let expiry = self.expiry();
                 if accept
@@ -404,6 +406,16 @@ impl Daemon {
                     let now = dataplane::now_ns();
                     if let Err(e) = sync::install_persistence(&mut a.dp, &a.plane, &records, now) {
                         warn!("Connection sync, persistence: {e}");
+                    }
+                }
+            }
+            Body::Persist(records) => {
+                if takes_sync_from(ha, from_atm)
+                    && let Some(a) = self.part.atm_mut()
+                {
+                    let now = dataplane::now_ns();
+                    if let Err(e) = sync::install_persistence(&mut a.dp, &a.plane, &records, now) {
+                        warn!("Persistence sync: {e}");
                     }
                 }
             }
@@ -598,6 +610,14 @@ impl Daemon {
                 return None;
             }
         };
+        // Persistence entries go after the connections (sticky services only).
+        let persist = if a.plane.lines().persist.is_empty() {
+            None
+        } else {
+            a.dp.persist_table()
+                .inspect_err(|e| warn!("Reading the persistence entries for sync: {e}"))
+                .ok()
+        };
         let lines = a.plane.lines();
         ha.next_mark += 1;
         let mark = ha.next_mark;
@@ -617,6 +637,12 @@ impl Daemon {
                     false
                 }
             };
+            if let Some(p) = persist {
+                let records = sync::persist_records(&p.entries(), &lines, dataplane::now_ns());
+                for batch in ha::batches(&records) {
+                    out.send_bulk(to, Body::Persist(batch.to_vec()));
+                }
+            }
             out.mark(mark, whole);
         });
         Some(mark)
@@ -771,4 +797,17 @@ pub(super) async fn track(addrs: Vec<IpAddr>, tx: mpsc::Sender<bool>) {
         }
         tokio::time::sleep(TRACK_EVERY).await;
     }
+}
+
+/// Whether this ATM takes connection and persistence records from ATM `from`: from the
+/// primary, or (as a new primary) from a former one forwarding in its handover grace; not
+/// between two primaries of a split brain.
+fn takes_sync_from(ha: &Ha, from: usize) -> bool {
+    let sender_primary = ha
+        .election
+        .peers()
+        .get(from)
+        .and_then(|p| p.heartbeat)
+        .is_some_and(|h| h.role == ha::Role::Primary);
+    ha.election.role() == ha::Role::Backup || !sender_primary
 }

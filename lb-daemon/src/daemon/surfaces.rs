@@ -769,8 +769,7 @@ impl ConnView {
                         .lines()
                         .vip
                         .get(&c.server)
-                        .copied()
-                        .unwrap_or((Ipv4Addr::UNSPECIFIED.into(), 0)),
+                        .map_or((Ipv4Addr::UNSPECIFIED.into(), 0), |&(a, p, _)| (a, p)),
                     timeout: left,
                     server: (k.src.to_ip(), u16::from_be(k.sport)),
                     packets: c.packets,

@@ -101,6 +101,7 @@ const SYNC_REQUEST: u8 = 3;
 const YIELD: u8 = 4;
 const SYNC: u8 = 5;
 const CONFIG: u8 = 6;
+const PERSIST: u8 = 7;
 
 /// The record format of `SYNC` messages, their first byte. A receiver refuses a format,
 /// message kind or address family it does not know as [`Reject::Unsupported`], and never
@@ -150,6 +151,12 @@ pub enum Body {
     /// second and after each reload, beside the heartbeats: a kind of its own, so that an
     /// ATM of the version before, which refuses it as unsupported, still reads heartbeats.
     Config(u64),
+    /// The primary's persistence entries, with each whole table it sends: records of kind
+    /// open whose client is the client (or client prefix) the entry names, with port 0,
+    /// and whose idle time is the entry's. In records of the `Sync` format, under a kind of
+    /// their own, which an ATM of the version before refuses as unsupported (and so keeps
+    /// deriving the entries from the connections' records, as it did).
+    Persist(Vec<SyncRecord>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,6 +216,7 @@ pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
         Body::SyncRequest => SYNC_REQUEST,
         Body::Yield => YIELD,
         Body::Config(_) => CONFIG,
+        Body::Persist(_) => PERSIST,
     };
     b.push(kind);
     b.push(name.len().min(255) as u8);
@@ -223,7 +231,7 @@ pub fn encode(cluster: &str, key: &[u8], m: &Message) -> Vec<u8> {
             b.push(h.candidate as u8);
             b.extend_from_slice(&h.yield_to.unwrap_or(u16::MAX).to_be_bytes());
         }
-        Body::Sync(records) => {
+        Body::Sync(records) | Body::Persist(records) => {
             b.push(RECORD_FORMAT);
             b.extend_from_slice(&(records.len() as u16).to_be_bytes());
             for r in records {
@@ -401,6 +409,7 @@ pub fn decode(cluster: &str, key: &[u8], datagram: &[u8]) -> Result<Message, Rej
         SYNC_REQUEST => Body::SyncRequest,
         YIELD => Body::Yield,
         CONFIG => Body::Config(r.u64()?),
+        PERSIST => Body::Persist(r.records()?),
         _ => return Err(Reject::Unsupported),
     };
     if !r.0.is_empty() {
@@ -480,6 +489,15 @@ mod tests {
             body: Body::Sync(vec![v4_record(), v6_record()]),
         };
         assert_eq!(decode("web", key, &encode("web", key, &sync)), Ok(sync));
+        let persist = Message {
+            sender: 0,
+            epoch: 1,
+            seq: 2,
+            body: Body::Persist(vec![v4_record(), v6_record()]),
+        };
+        let wire = encode("web", key, &persist);
+        assert_eq!(wire[5], PERSIST, "a kind of its own");
+        assert_eq!(decode("web", key, &wire), Ok(persist));
         let config = Message {
             sender: 0,
             epoch: 1,

@@ -246,14 +246,14 @@ fn every_index_names_its_server_and_service_after_a_plan_and_a_compaction() {
         l.server[&2],
         (Ipv4Addr::new(192, 0, 2, 13).into(), 81, Method::Direct)
     );
-    assert_eq!(l.vip[&2], (vip, 81));
+    assert_eq!(l.vip[&2], (vip, 81, lb_common::IPPROTO_TCP));
     let p = p
         .plan(&config(&[(81, &[13])]), &caps(4, 8))
         .unwrap()
         .plane
         .compact();
     assert_eq!(p.index(&line(81, 13)), Some(0));
-    assert_eq!(p.lines().vip[&0], (vip, 81));
+    assert_eq!(p.lines().vip[&0], (vip, 81, lb_common::IPPROTO_TCP));
     assert_eq!(p.lines().server.len(), 1);
 }
 
