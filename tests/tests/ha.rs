@@ -1651,6 +1651,32 @@ fn a_killed_primary_gives_up_the_vip_two_atms() {
 /// their server on the new primary, even from an address that never connected before. (With
 /// `rr` and five prefixes over three servers, a backup that scheduled afresh would keep all
 /// five by chance once in 243 runs.)
+/// Five /28s of the client's segment, for the persistence tests.
+const PREFIXES: [u32; 5] = [48, 64, 80, 112, 128];
+
+/// Client address `k` of the /28 that starts at 192.0.2.`p`.
+fn prefix_addr(p: u32, k: u32) -> String {
+    format!("192.0.2.{}", p + 2 + k)
+}
+
+/// Gives the client the first `n` addresses of each of [`PREFIXES`].
+fn add_prefix_clients(c: &Cluster, n: u32) {
+    for p in PREFIXES {
+        for k in 0..n {
+            let a = prefix_addr(p, k);
+            if a != cluster::CLIENT {
+                c.lab.addr("client", "eth0", &format!("{a}/24"));
+            }
+        }
+    }
+}
+
+/// One request from the client's address `a`: the name of the server that answered.
+fn request_as(c: &Cluster, a: &str) -> String {
+    let _in = c.lab.ns("client").enter();
+    cluster::request_from(a, Duration::from_secs(5)).unwrap()
+}
+
 /// A backup that starts after a client's connections have ended learns the client's
 /// persistence entry from the primary all the same: each whole table the primary sends is
 /// followed by its persistence entries (as IPVS syncs its persistence templates). The
@@ -1667,20 +1693,9 @@ fn persistence_reaches_a_backup_started_after_the_clients_connections_ended() {
         .replacen("\n[ha]\n", "\n[cluster.timeouts]\ntcp_fin = 1\n\n[ha]\n", 1)
     });
     c.atms[1].as_mut().unwrap().kill();
-    let prefixes = [48, 64, 80, 112, 128];
-    let addr = |p: u32, k: u32| format!("192.0.2.{}", p + 2 + k);
-    for p in prefixes {
-        for k in 0..2 {
-            let a = addr(p, k);
-            if a != cluster::CLIENT {
-                c.lab.addr("client", "eth0", &format!("{a}/24"));
-            }
-        }
-    }
-    let from = |c: &Cluster, a: &str| -> String {
-        let _in = c.lab.ns("client").enter();
-        cluster::request_from(a, Duration::from_secs(5)).unwrap()
-    };
+    let (prefixes, addr) = (PREFIXES, prefix_addr);
+    add_prefix_clients(&c, 2);
+    let from = request_as;
     let chosen: Vec<String> = prefixes.iter().map(|p| from(&c, &addr(*p, 0))).collect();
     let mut servers = chosen.clone();
     servers.sort();
@@ -1744,20 +1759,9 @@ fn netmask_persistence_holds_across_a_failover() {
     });
     // Three client addresses in each of five /28s: the first two connect through atm1, the
     // third only after the failover.
-    let prefixes = [48, 64, 80, 112, 128];
-    let addr = |p: u32, k: u32| format!("192.0.2.{}", p + 2 + k);
-    for p in prefixes {
-        for k in 0..3 {
-            let a = addr(p, k);
-            if a != cluster::CLIENT {
-                c.lab.addr("client", "eth0", &format!("{a}/24"));
-            }
-        }
-    }
-    let from = |c: &Cluster, a: &str| -> String {
-        let _in = c.lab.ns("client").enter();
-        cluster::request_from(a, Duration::from_secs(5)).unwrap()
-    };
+    let (prefixes, addr) = (PREFIXES, prefix_addr);
+    add_prefix_clients(&c, 3);
+    let from = request_as;
     let mut chosen = Vec::new();
     for p in prefixes {
         let first = from(&c, &addr(p, 0));
