@@ -252,6 +252,10 @@ struct Ha {
     last_reject_log: Option<Instant>,
     /// The primary as last logged, to log changes once.
     known_primary: Option<usize>,
+    /// Whether this backup asks the next primary it finds for the whole table: at start-up
+    /// and after its primary stopped answering, not after this ATM handed over (it sent its
+    /// own table then) or stepped down (it asked as it did).
+    ask_table: bool,
     /// An `lb-cli promote` waiting for the primary to hand over.
     pending_promote: Option<(oneshot::Sender<Response>, Instant)>,
     /// Our interface's MAC and index, for NAT reply legs installed from sync records.

@@ -9,8 +9,9 @@ use std::{
 };
 
 use lb_common::{
-    Addr, CONN_FIN, CONN_NAT, CONN_REPLY, CONN_RST, CONN_SYNCED, ConnEvent, Connection,
-    EVENT_CLOSE, EVENT_OPEN, FlowKey, Method, Persist, PersistKey,
+    Addr, CONN_FIN, CONN_NAT, CONN_PEER_FIN, CONN_PEER_RST, CONN_REPLY, CONN_RST,
+    CONN_SERVER_CLOSED_FIRST, CONN_SYNCED, ConnEvent, Connection, EVENT_CLOSE, EVENT_OPEN, FlowKey,
+    Method, Persist, PersistKey,
 };
 
 use crate::{
@@ -88,6 +89,61 @@ pub fn from_event(e: &ConnEvent, servers: &ServerMap) -> Option<SyncRecord> {
     })
 }
 
+/// The key of the reply leg of NAT client leg `c` (keyed `k`) toward server `addr`:`port`.
+fn rk_of(k: &FlowKey, c: &Connection, addr: IpAddr, port: u16) -> FlowKey {
+    FlowKey {
+        src: addr.into(),
+        dst: c.nat_addr,
+        sport: port.to_be(),
+        dport: c.nat_port,
+        proto: k.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A record's flags are its client leg's, which never carries the `CONN_PEER_*` and
+/// `CONN_SERVER_CLOSED_FIRST` bits; in a record these say how the server's side closed, as
+/// its reply leg holds it (a FIN or RST from the server, and whether it closed first).
+/// Receivers of the version before take them as a closing connection's, which it is.
+fn server_close(reply_flags: u16) -> u16 {
+    let mut f = reply_flags & CONN_SERVER_CLOSED_FIRST;
+    if reply_flags & CONN_FIN != 0 {
+        f |= CONN_PEER_FIN;
+    }
+    if reply_flags & CONN_RST != 0 {
+        f |= CONN_PEER_RST;
+    }
+    f
+}
+
+/// The closing bits of a synced NAT reply leg, from its record: the client's FIN or RST
+/// (`CONN_PEER_*` on a reply leg) and the server's ([`server_close`]). With them the NAT
+/// pair is free again after the hold that applies (`lb_common::nat::port_free`), as on the
+/// ATM that made the connection; without them it stayed held as an open connection's until
+/// the idle timeout, and after a failover the new primary's ports ran out.
+fn reply_close(record_flags: u16) -> u16 {
+    let mut f = record_flags & CONN_SERVER_CLOSED_FIRST;
+    if record_flags & CONN_FIN != 0 {
+        f |= CONN_PEER_FIN;
+    }
+    if record_flags & CONN_RST != 0 {
+        f |= CONN_PEER_RST;
+    }
+    if record_flags & CONN_PEER_FIN != 0 {
+        f |= CONN_FIN;
+    }
+    if record_flags & CONN_PEER_RST != 0 {
+        f |= CONN_RST;
+    }
+    f
+}
+
+/// The record bits that describe the server's side, not the client leg.
+const SERVER_SIDE: u16 = CONN_PEER_FIN | CONN_PEER_RST | CONN_SERVER_CLOSED_FIRST;
+
+/// Every closing bit a reply leg may hold.
+const CLOSE_BITS: u16 = CONN_FIN | CONN_RST | SERVER_SIDE;
+
 /// Every live client leg of the table `all` (as read at `now_ns`), as records (NAT ones with
 /// the client-side MAC of their reply leg).
 pub fn full_table(
@@ -110,22 +166,24 @@ pub fn full_table(
             continue;
         };
         let peer_mac = if c.flags & CONN_NAT != 0 {
-            let rk = FlowKey {
-                src: (*addr).into(),
-                dst: c.nat_addr,
-                sport: port.to_be(),
-                dport: c.nat_port,
-                proto: k.proto,
-                _pad: [0; 3],
-            };
-            replies.get(&rk).map(|r| r.peer_mac).unwrap_or_default()
+            replies
+                .get(&rk_of(k, c, *addr, *port))
+                .map(|r| r.peer_mac)
+                .unwrap_or_default()
         } else {
             [0; 6]
+        };
+        let server_side = if c.flags & CONN_NAT != 0 {
+            replies
+                .get(&rk_of(k, c, *addr, *port))
+                .map_or(0, |r| server_close(r.flags))
+        } else {
+            0
         };
         out.push(SyncRecord {
             kind: EVENT_OPEN,
             proto: k.proto,
-            flags: c.flags,
+            flags: c.flags | server_side,
             client: ap(&k.src, k.sport),
             vip: ap(&k.dst, k.dport),
             server: SocketAddr::from((*addr, *port)),
@@ -240,12 +298,22 @@ pub fn install(
         };
         let existing = dp.connection(&key);
         let same = |c: &Connection| c.server == index && c.nat_port == nat_at.1.to_be();
+        let client_addr: Addr = client.0.into();
+        let names_client =
+            |c: &Connection| c.nat_addr == client_addr && c.nat_port == client.1.to_be();
         if r.kind == EVENT_CLOSE {
             // Marked, not removed: a half-closed connection still carries data one way, and
             // the entry ages out as the primary's does (a SYN on the tuple starts afresh).
             if let Some(mut c) = existing.filter(same) {
                 c.flags |= r.flags & (CONN_FIN | CONN_RST);
                 dp.set_connection(&key, &c)?;
+                // Its reply leg too, which holds the NAT pair.
+                if c.flags & CONN_NAT != 0
+                    && let Some(mut rl) = dp.connection(&reply_key).filter(names_client)
+                {
+                    rl.flags |= reply_close(r.flags);
+                    dp.set_connection(&reply_key, &rl)?;
+                }
             }
             installed += 1;
             continue;
@@ -266,7 +334,7 @@ pub fn install(
                 &Connection {
                     last_seen_ns: now,
                     server: index,
-                    flags: r.flags | closed | CONN_SYNCED,
+                    flags: (r.flags & !SERVER_SIDE) | closed | CONN_SYNCED,
                     nat_port: nat_at.1.to_be(),
                     nat_addr: if nat {
                         nat_at.0.into()
@@ -282,20 +350,29 @@ pub fn install(
         // records took to cross), or any not yet idle when the record's own connection has
         // ended. A closed connection's record (a full table read carries it until it ages
         // out) must not take replies away from the live connection that reused its pair.
-        let client_addr: Addr = client.0.into();
         let ended = r.flags & (CONN_FIN | CONN_RST) != 0;
         let pair_taken = dp.connection(&reply_key).is_some_and(|c| {
             (c.nat_addr != client_addr || c.nat_port != client.1.to_be())
                 && ((own_and_live(&reply_key, &c, now, expiry) && !seen_later(r, &c, now))
                     || (ended && expiry.live(&reply_key, &c, now)))
         });
+        // A close already marked on the reply leg stays (a whole table read before the
+        // close arrived carries the connection as open).
+        let reply_closed = dp
+            .connection(&reply_key)
+            .filter(names_client)
+            .map_or(0, |c| c.flags & CLOSE_BITS);
         if nat && !pair_taken {
             dp.set_connection(
                 &reply_key,
                 &Connection {
                     last_seen_ns: now,
                     server: index,
-                    flags: CONN_NAT | CONN_REPLY | CONN_SYNCED,
+                    flags: CONN_NAT
+                        | CONN_REPLY
+                        | CONN_SYNCED
+                        | reply_close(r.flags)
+                        | reply_closed,
                     nat_port: client.1.to_be(),
                     nat_addr: client_addr,
                     peer_mac: r.peer_mac,
@@ -517,6 +594,72 @@ mod tests {
             store[&client_key()].flags,
             CONN_NAT | CONN_FIN | CONN_SYNCED
         );
+    }
+
+    /// A synced NAT pair is freed as the primary frees it: the client's close and the
+    /// server's reach its reply leg, where before it stayed held as an open connection's
+    /// until the idle timeout, and a new primary's ports ran out after a failover.
+    #[test]
+    fn a_synced_reply_leg_learns_both_sides_close_and_frees_its_pair_as_the_primary_does() {
+        use lb_common::nat::{Holds, port_free};
+        const S: u64 = 1_000_000_000;
+        let holds = Holds {
+            timeout_ns: TIMEOUT,
+            fin_timeout_ns: TIMEOUT,
+            hold_ns: 2 * S,
+            time_wait_ns: 60 * S,
+        };
+        let (plane, mut store) = (plane(), HashMap::new());
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
+        let seen = store[&reply_key()].last_seen_ns;
+        assert!(!port_free(
+            store[&reply_key()].flags,
+            seen,
+            seen + 90 * S,
+            &holds
+        ));
+        // The client's FIN, from the dataplane's close event.
+        put(&mut store, &plane, record(EVENT_CLOSE, CONN_NAT | CONN_FIN));
+        assert_eq!(
+            store[&reply_key()].flags,
+            CONN_NAT | CONN_REPLY | CONN_SYNCED | CONN_PEER_FIN
+        );
+        // A whole table read before that close keeps it, and one read after says how the
+        // server closed: first, so the pair waits out its TIME_WAIT.
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
+        assert_eq!(store[&reply_key()].flags & CONN_PEER_FIN, CONN_PEER_FIN);
+        let server_first = CONN_NAT | CONN_FIN | CONN_PEER_FIN | CONN_SERVER_CLOSED_FIRST;
+        put(&mut store, &plane, record(EVENT_OPEN, server_first));
+        let back = store[&reply_key()];
+        assert_eq!(
+            back.flags,
+            CONN_NAT
+                | CONN_REPLY
+                | CONN_SYNCED
+                | CONN_FIN
+                | CONN_PEER_FIN
+                | CONN_SERVER_CLOSED_FIRST
+        );
+        assert_eq!(
+            store[&client_key()].flags,
+            CONN_NAT | CONN_FIN | CONN_SYNCED,
+            "the server's side stays off the client leg"
+        );
+        let seen = back.last_seen_ns;
+        assert!(!port_free(back.flags, seen, seen + 30 * S, &holds));
+        assert!(port_free(back.flags, seen, seen + 61 * S, &holds));
+        // And the primary's whole table says so, from its reply leg.
+        let lines = plane.lines();
+        let expiry = Expiry::new(Timeouts::same(TIMEOUT), lines.clone());
+        let mut own = store.clone();
+        for c in own.values_mut() {
+            c.flags &= !CONN_SYNCED;
+            c.last_seen_ns = 0;
+        }
+        let all: Vec<_> = own.into_iter().collect();
+        let records = full_table(&all, &lines.server, &expiry, 1);
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].flags, server_first);
     }
 
     #[test]

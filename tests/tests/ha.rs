@@ -42,9 +42,14 @@ const HTTP_CHECK: &str =
 /// The config of a cluster of `atms` ATMs (atm1 listed first) and three servers.
 fn config(method: Method, check: &str, atms: usize) -> String {
     let (nat, port) = match method {
+        // Three pool addresses beside the gateway: the drills' clients open thousands of
+        // connections a second, which the servers close first, and each pair then waits
+        // out the server's TIME_WAIT (60 s); during a handover's overlap each ATM hands
+        // out only half the ports. One address ran out of them on a fast machine.
         Method::Nat => (
             format!(
-                "[nat]\nsubnet = \"203.0.113.0/24\"\ngateway = \"{}\"\n",
+                "[nat]\nsubnet = \"203.0.113.0/24\"\ngateway = \"{}\"\n\
+                 pool = [\"203.0.113.2\", \"203.0.113.3\", \"203.0.113.4\"]\n",
                 cluster::NAT_GATEWAY
             ),
             8080,

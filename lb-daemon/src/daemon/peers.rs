@@ -155,6 +155,7 @@ impl Daemon {
             rejects: HashMap::new(),
             last_reject_log: None,
             known_primary: None,
+            ask_table: true,
             pending_promote: None,
             local: sync::Local { mac, ifindex },
             fingerprint: ha::config_fingerprint(&self.config),
@@ -323,13 +324,15 @@ impl Daemon {
                     // failover elsewhere) asks for the whole table at once rather than
                     // wait for the next periodic one, up to a minute away.
                     if ha.election.role() == ha::Role::Backup
+                        && std::mem::take(&mut ha.ask_table)
                         && let Some(out) = &ha.out
                     {
                         out.send(Some(i), Body::SyncRequest);
                     }
                 }
                 (None, Some(old)) if !ha.election.alive(old, now) => {
-                    warn!("Primary ATM {} stopped answering", names[old])
+                    warn!("Primary ATM {} stopped answering", names[old]);
+                    ha.ask_table = true;
                 }
                 (None, _) => {}
             }
@@ -567,8 +570,16 @@ impl Daemon {
                 {
                     error!("Becoming backup: {e:#}");
                 }
-                // A new primary wants our table only if we were primary; a backup asks.
-                self.ha_send(None, Body::SyncRequest);
+                // Displaced (two primaries met), this ATM asks the winner for its table now,
+                // and otherwise the next primary it finds. Handing over, it sent its own
+                // table just before: the other ATM has what this one has, and a second
+                // whole table back would only load both.
+                if to.is_none() {
+                    self.ha_send(None, Body::SyncRequest);
+                }
+                if let Some(ha) = self.part.ha_mut() {
+                    ha.ask_table = to.is_none();
+                }
             }
         }
     }
