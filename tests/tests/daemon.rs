@@ -988,6 +988,57 @@ fn quorum_takes_the_service_down_and_runs_its_hook() {
     });
 }
 
+/// `hysteresis`, as keepalived's: with quorum 2 and hysteresis 1 of three servers, an up
+/// service goes down only below 1 server up, and a down one comes back only at 3.
+#[test]
+fn hysteresis_keeps_a_quorum_service_from_flapping_both_ways() {
+    let (mut lab, path) = lab(3);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "scheduler = \"rr\"\n",
+        "scheduler = \"rr\"\nquorum = 2\nhysteresis = 1\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut d = start(&mut lab, &path);
+    let state = |d: &Daemon| {
+        let line = d
+            .cat("services")
+            .lines()
+            .find(|l| l.contains(":80 "))
+            .unwrap()
+            .to_string();
+        if line.contains(" up ") {
+            "up"
+        } else if line.contains(" down ") {
+            "down"
+        } else {
+            panic!("{line}")
+        }
+    };
+    assert_eq!(state(&d), "up");
+    let steps = [
+        ("disable", "web1", "up"),
+        // 1 of 3 is below the quorum, not below quorum - hysteresis.
+        ("disable", "web2", "up"),
+        ("disable", "web3", "down"),
+        ("enable", "web1", "down"),
+        // 2 of 3 is the quorum, not quorum + hysteresis.
+        ("enable", "web2", "down"),
+        ("enable", "web3", "up"),
+    ];
+    for (verb, server, want) in steps {
+        d.cli_ok(&["server", verb, "http", server]);
+        assert_eq!(
+            state(&d),
+            want,
+            "after {verb} {server}:\n{}",
+            d.cli_ok(&["status"])
+        );
+    }
+    d.wait_log("Service http 192.0.2.100:80 is down", START);
+    d.wait_log("Service http 192.0.2.100:80 is up", START);
+}
+
 /// `sorry_server = true`: a server that takes new connections only while no other server
 /// of its service is up, and hands them back on the first one's return; its own open
 /// connections go on.
