@@ -219,14 +219,24 @@ pub fn get_on(s: &mut std::net::TcpStream) -> String {
 /// thread's namespace), all of it within `timeout`: the body, trimmed (a lab server's
 /// name), or why it failed.
 pub fn request_from(src: &str, timeout: Duration) -> Result<String, String> {
+    request_from_to(src, VIP, timeout)
+}
+
+/// [`request_from`] to `vip`:80, of either family (the source's).
+pub fn request_from_to(src: &str, vip: &str, timeout: Duration) -> Result<String, String> {
     use std::io::{Read, Write};
     let fail = |what: &str, e: std::io::Error| format!("{what} from {src}: {e}");
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .map_err(|e| fail("socket", e))?;
     let from: std::net::IpAddr = src.parse().map_err(|e| format!("{src:?}: {e}"))?;
+    let domain = if from.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let sock =
+        socket2::Socket::new(domain, socket2::Type::STREAM, None).map_err(|e| fail("socket", e))?;
     sock.bind(&std::net::SocketAddr::new(from, 0).into())
         .map_err(|e| fail("bind", e))?;
-    let vip = std::net::SocketAddr::new(VIP.parse().unwrap(), 80);
+    let vip = std::net::SocketAddr::new(vip.parse().map_err(|e| format!("{vip:?}: {e}"))?, 80);
     sock.connect_timeout(&vip.into(), timeout)
         .map_err(|e| fail("connect", e))?;
     let mut stream: std::net::TcpStream = sock.into();

@@ -3,7 +3,8 @@
 //! ipvsadm's `[addr]:port` form, and a health check taking an IPv6 server down and up. And
 //! an IPv6-only cluster of two ATMs (heartbeats and sync over IPv6) with a service in each
 //! method: long transfers across a SIGKILL failover, and drills under load. And every check
-//! kind (ICMPv6 ping, tcp, https, script) against servers at their IPv6 addresses.
+//! kind (ICMPv6 ping, tcp, https, script) against servers at their IPv6 addresses. And
+//! persistence by an IPv6 client prefix.
 
 use std::{
     io::{Read, Write},
@@ -627,4 +628,43 @@ fn every_check_kind_runs_over_ipv6() {
             && seen.lines().any(|l| l == format!("{} 8080", server6(3))),
         "LB_SERVER and LB_PORT as the script saw them:\n{seen}"
     );
+}
+
+/// `persistence_netmask` of an IPv6 service: seven client addresses of one /120 stick to
+/// the first one's server, where rr would spread them.
+#[test]
+fn ipv6_netmask_persistence_holds_across_clients_of_one_prefix() {
+    let (mut lab, path) = dual_stack_lab();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let http6 = format!("name = \"http6\"\nvip = \"{VIP6}\"\nport = 80\nscheduler = \"rr\"\n");
+    assert!(text.contains(&http6), "{text}");
+    std::fs::write(
+        &path,
+        text.replacen(
+            &http6,
+            &format!("{http6}persistence = 60\npersistence_netmask = 120\n"),
+            1,
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&mut lab, &cluster::atm(1), &path, &[]);
+    d.wait_log("This ATM is primary", START);
+    lab.wait_for("the IPv6 servers' checks", START, || {
+        d.cat("servers").matches(" up").count() >= 6
+    });
+    // Six more addresses in the client's /120 (2001:db8::/120).
+    let others: Vec<String> = (0x51..0x57).map(|i| format!("2001:db8::{i:x}")).collect();
+    for a in &others {
+        lab.addr6("client", "eth0", &format!("{a}/64"));
+    }
+    let from = |src: &str| -> String {
+        let _in = lab.ns("client").enter();
+        cluster::request_from_to(src, VIP6, Duration::from_secs(5)).unwrap()
+    };
+    let first = from(CLIENT6);
+    for _ in 0..2 {
+        for a in &others {
+            assert_eq!(from(a), first, "{a}: the same /120 sticks together");
+        }
+    }
 }
