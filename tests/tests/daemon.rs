@@ -885,6 +885,34 @@ fn collect_makes_a_bundle_of_the_listed_files_and_no_key_material() {
     assert!(read("lb/daemon.log").contains("Configuration OK"));
     assert!(read("lb/config.toml").contains("auth_key_file"));
     assert!(read("lb/fill.txt").starts_with("services "));
+    // Every table the daemon mounts, and the map sizes against their use.
+    let mounted: Vec<String> = std::fs::read_dir(&d.mount)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(mounted.len() >= 10, "{mounted:?}");
+    for t in &mounted {
+        assert!(
+            top.join("lb/tables").join(t).is_file(),
+            "the {t} table is missing; MANIFEST:\n{manifest}"
+        );
+    }
+    let caps = read("lb/tables/config");
+    let conn_cap = caps.split_whitespace().nth(2).unwrap();
+    assert!(
+        read("lb/fill.txt")
+            .lines()
+            .any(|l| l.starts_with("connections") && l.contains(&format!("of {conn_cap:>10}"))),
+        "{}",
+        read("lb/fill.txt")
+    );
+    // The attach mode, as status says it.
+    let mode = d.cli_ok(&["status"]);
+    assert!(
+        read("lb/dataplane.txt").contains("lb_xdp on eth0 (driver)"),
+        "{}\n{mode}",
+        read("lb/dataplane.txt")
+    );
     assert!(
         read("lb/tables/connections").contains(&format!("{}:{}", cluster::CLIENT, c.port())),
         "the client's connection"
@@ -929,6 +957,49 @@ fn collect_makes_a_bundle_of_the_listed_files_and_no_key_material() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot create"));
+    // Without --output: /var/tmp/lb-HOST-DATE-TIME.tar.gz, its path printed.
+    let out = lab
+        .ns(&cluster::atm(1))
+        .command(lb_tests::procs::bin("lb-cli"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("collect")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let default = PathBuf::from(&printed);
+    let _gone = Removed(default.clone());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let name = default.file_name().unwrap().to_string_lossy().into_owned();
+    let stamp = name
+        .strip_prefix(&format!("lb-{}-", host.trim()))
+        .and_then(|r| r.strip_suffix(".tar.gz"))
+        .unwrap_or_else(|| panic!("{printed}"));
+    assert!(
+        default.parent() == Some(Path::new("/var/tmp"))
+            && stamp.len() == 15
+            && stamp.chars().enumerate().all(|(i, ch)| if i == 8 {
+                ch == '-'
+            } else {
+                ch.is_ascii_digit()
+            }),
+        "{printed}"
+    );
+    let meta = std::fs::metadata(&default).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+}
+
+/// Removes a file when dropped (the default bundle, outside the lab's directory).
+struct Removed(PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A service's `quorum`: with fewer servers up it is down (the `services` table, status and
