@@ -251,6 +251,43 @@ fn tables_show_live_traffic_and_writes_take_effect() {
         "{json}"
     );
     assert!(list.contains("ACTIVECONN  INACTCONN"), "{list}");
+    // A connection the client closed is InActConn until it ages out.
+    let mut closed = Conn::open(&lab);
+    closed.get();
+    drop(closed);
+    // (ActiveConn, InActConn) of the http service's servers.
+    let sums = |d: &Daemon| -> (u64, u64) {
+        let json: serde_json::Value =
+            serde_json::from_str(&d.cli_ok(&["list", "servers", "--json"])).unwrap();
+        let http = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["service"] == "http");
+        http.fold((0, 0), |(a, i), l| {
+            (
+                a + l["active"].as_u64().unwrap(),
+                i + l["inactive"].as_u64().unwrap(),
+            )
+        })
+    };
+    let t = std::time::Instant::now();
+    while sums(&d) != (1, 1) {
+        assert!(
+            t.elapsed() < START,
+            "{:?}\n{}\n{}",
+            sums(&d),
+            d.cat("connections"),
+            d.cli_ok(&["list", "servers"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = d.cli_ok(&["list", "servers"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("http ") && l.split_whitespace().nth(11) == Some("1")),
+        "INACTCONN 1:\n{list}"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&d.cli_ok(&["list", "connections", "--json"])).unwrap();
     assert!(json.as_array().is_some_and(|a| !a.is_empty()));
