@@ -795,6 +795,24 @@ fn hooks_run_with_the_event_in_their_environment_and_a_hanging_one_is_killed() {
         "Fault: this ATM may not be primary (a track address does not answer)",
         START,
     );
+    // The hook runs beside the event loop, never on it: while it hangs, lb-cli status and
+    // a table read (both answered by the loop) come back at once.
+    let hanging = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", "sleep 987"])
+            .status()
+            .unwrap()
+            .success()
+    };
+    lab.wait_for("the fault hook to hang", Duration::from_secs(3), hanging);
+    let asked = std::time::Instant::now();
+    let status = d.cli_ok(&["status"]);
+    let stat = d.cat("stat");
+    let took = asked.elapsed();
+    assert!(
+        hanging() && took < Duration::from_millis(500),
+        "status and stat took {took:?} while the hook hung:\n{status}\n{stat}"
+    );
     d.wait_log("Hook notify_fault (", Duration::from_secs(5));
     d.wait_log(
         "was still running after 1 s (notify_timeout): killed",
