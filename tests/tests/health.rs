@@ -75,13 +75,23 @@ fn lab(vips: &[&str]) -> Lab {
 /// with an http check of `/` on s1, s2 and s3. (The daemon drops before the lab.)
 fn http_lab() -> (Lab, Daemon) {
     let mut lab = lab(&[cluster::VIP]);
+    // s2's hooks write their event to s2-hooks.log.
+    let hook = lab.dir().join("s2-hook.sh");
+    lb_tests::lab::write_executable(
+        &hook,
+        &format!(
+            "#!/bin/sh\nprintf '%s %s %s\\n' \"$LB_EVENT\" \"$LB_SERVER_NAME\" \"$LB_REASON\" >> {}\n",
+            lab.dir().join("s2-hooks.log").display()
+        ),
+    );
+    let hooks = format!("notify_up = \"{0}\"\nnotify_down = \"{0}\"", hook.display());
     let config = header()
         + &service(
             "http",
             cluster::VIP,
             80,
             "kind = \"http\"\npath = \"/\"",
-            &[(1, ""), (2, ""), (3, "")],
+            &[(1, ""), (2, &hooks), (3, "")],
         );
     let d = start(&mut lab, &config);
     (lab, d)
@@ -251,6 +261,15 @@ fn a_stopped_server_leaves_within_fall_intervals_and_returns_after_rise() {
         log.matches(&format!("s2 {s2} down")).count(),
         1,
         "logged once"
+    );
+    // The server's own hooks ran on the checks' verdicts, with the reason.
+    let hooks = std::fs::read_to_string(lab.dir().join("s2-hooks.log")).unwrap_or_default();
+    let lines: Vec<&str> = hooks.lines().collect();
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with("down s2 http GET /: ")
+            && lines[1].starts_with(&format!("up s2 {RISE} checks in a row passed")),
+        "{hooks}"
     );
 }
 
