@@ -1541,6 +1541,28 @@ fn each_protocol_and_tcp_state_times_out_by_its_own_timeout_and_a_service_may_ov
     c.get();
     let open = left(c.port(), 80).expect("the connection's line");
     assert!((140..=150).contains(&open), "{open} s left");
+
+    // A service's own tcp and tcp_fin, brought in by a reload, beat the cluster's.
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "scheduler = \"rr\"\n",
+        "scheduler = \"rr\"\n[service.timeouts]\ntcp = 40\ntcp_fin = 2\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    d.cli_ok(&["reload"]);
+    let mut c = Conn::open(&lab);
+    c.get();
+    let open = left(c.port(), 80).expect("the connection's line");
+    assert!((30..=40).contains(&open), "{open} s left");
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    lab.wait_for("the service's closing timeout", START, || {
+        left(c.port(), 80).is_some_and(|s| s <= 2)
+    });
+    assert_eq!(
+        d.cat("timeouts"),
+        "100 3 60\n",
+        "the cluster's, from the file again: a write lasts until the next reload"
+    );
 }
 
 /// TCL's `local` method: the primary ATM serves the service itself, its packets going up
