@@ -1283,8 +1283,8 @@ fn a_one_packet_udp_service_spreads_one_client_ports_datagrams_over_every_server
 }
 
 /// `lc`, IPVS's least-connection scheduler: new connections go to the servers with the
-/// fewest active ones, away from a server that holds long connections; closed ones no
-/// longer count.
+/// fewest active ones, away from a server that holds long connections; closed ones (by FIN
+/// or by RST) no longer count.
 #[test]
 fn lc_sends_new_connections_away_from_a_server_holding_long_connections() {
     let (mut lab, path) = lab(3);
@@ -1334,6 +1334,20 @@ fn lc_sends_new_connections_away_from_a_server_holding_long_connections() {
     for c in &mut long {
         assert_eq!(c.get(), "s1", "long connections stay");
     }
+    // The long ones end by RST (SO_LINGER 0): web1 counts none at once, with no sweep, so
+    // the next three held connections are all its.
+    for c in long {
+        socket2::SockRef::from(&c.stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        let mut c = Conn::open(&lab);
+        again.push(c.get());
+        held.push(c);
+    }
+    assert_eq!(again, vec!["s1"; 3], "{again:?}");
 }
 
 /// `wlc` and `sed`: least connections per unit of weight. With web1 at weight 3 and web2 at
