@@ -288,9 +288,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
-    let local_addrs: Vec<IpAddr> = local.iter().map(|a| a.addr).collect();
     let (config, role, name) = loop {
-        match load(&opts, &local_addrs) {
+        match load(&opts, &local) {
             Ok(x) => break x,
             Err(()) => {
                 error!("Bad configuration file! Going to idle mode");
@@ -612,7 +611,11 @@ impl Drop for Busy {
 }
 
 /// Reads the config and finds this machine in it, logging every problem.
-fn load(opts: &Options, local: &[IpAddr]) -> std::result::Result<(Config, Role, String), ()> {
+fn load(
+    opts: &Options,
+    local: &[crate::addrs::IfAddr],
+) -> std::result::Result<(Config, Role, String), ()> {
+    let addrs: Vec<IpAddr> = local.iter().map(|a| a.addr).collect();
     match config::load(&opts.config) {
         Err(problems) => {
             for p in problems {
@@ -620,7 +623,9 @@ fn load(opts: &Options, local: &[IpAddr]) -> std::result::Result<(Config, Role, 
             }
             Err(())
         }
-        Ok(c) => match identify(&c, local, opts.node.as_deref()) {
+        Ok(c) => match identify(&c, &addrs, opts.node.as_deref())
+            .and_then(|(role, name)| role::foreign_claims(&c, &role, local).map(|()| (role, name)))
+        {
             Ok((role, name)) => Ok((c, role, name)),
             Err(e) => {
                 error!("{}: {e}", opts.config.display());

@@ -258,15 +258,14 @@ impl Daemon {
                 problems.len()
             )
         })?;
-        let local: Vec<IpAddr> = self
+        let listed = self
             .net
             .addresses()
             .await
-            .map_err(|e| format!("listing local addresses: {e}"))?
-            .iter()
-            .map(|a| a.addr)
-            .collect();
+            .map_err(|e| format!("listing local addresses: {e}"))?;
+        let local: Vec<IpAddr> = listed.iter().map(|a| a.addr).collect();
         let (role, name) = identify(&new, &local, self.opts.node.as_deref())?;
+        super::role::foreign_claims(&new, &role, &listed)?;
         if role != self.role || name != self.name {
             return Err(format!(
                 "Reload would make this machine {name} ({role:?}) instead of {}: restart the \

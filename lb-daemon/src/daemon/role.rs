@@ -53,6 +53,49 @@ pub fn identify(
     ))
 }
 
+/// On an ATM, the VIPs and NAT source addresses are the daemon's to add and remove: one that
+/// is already an IPv4 address of this machine, not added by lb-daemon (a labelled alias), is
+/// refused. Else the ATM answered for it as itself, with the kernel's stack (a server's
+/// SYN-ACK to a NAT pool address that is also the ATM's own address met a reset there), and
+/// a backup, which gives the address up, would take the machine's own address away.
+/// (IPv6 addresses carry no labels, and kernels before 5.18 no address protocol either: they
+/// are not checked.)
+pub fn foreign_claims(
+    config: &Config,
+    role: &Role,
+    local: &[crate::addrs::IfAddr],
+) -> Result<(), String> {
+    use crate::addrs::Mark;
+    if !matches!(role, Role::Atm(_)) {
+        return Ok(());
+    }
+    let nat = config.nat.iter().flat_map(|n| n.addresses());
+    let claims = nat
+        .map(|a| (a, "[nat] address"))
+        .chain(config.services.iter().map(|s| (s.vip, "VIP")));
+    let mut found = Vec::new();
+    for (addr, what) in claims {
+        if let Some(l) = local
+            .iter()
+            .find(|l| l.addr == addr && addr.is_ipv4() && !l.is(Mark::Nat) && !l.is(Mark::Vip))
+            && !found
+                .iter()
+                .any(|f: &String| f.contains(&format!(" {addr} ")))
+        {
+            found.push(format!("{what} {addr} is on {}", l.interface()));
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}, and lb-daemon did not add it: this ATM would answer for it as itself, and give \
+         it up as a backup. Use an address no machine of the cluster holds (or remove it from \
+         the interface)",
+        found.join("; ")
+    ))
+}
+
 /// What this machine runs in its role, in one value: an ATM never has half its parts, and
 /// a real server none of them.
 pub(super) enum Part {
@@ -135,6 +178,45 @@ impl Part {
 mod tests {
     use super::*;
     use crate::config;
+
+    /// A NAT pool address or VIP that is already this ATM's own address (unlabelled) is
+    /// refused, named with its interface; the daemon's own aliases, left by a killed
+    /// daemon, and a real server's VIP on `lo` are not.
+    #[test]
+    fn an_atm_refuses_a_nat_or_vip_address_it_already_holds_as_its_own() {
+        use crate::addrs::IfAddr;
+        let text = "[cluster]\nname = \"c\"\n[[atm]]\nname = \"atm1\"\naddress = \"192.0.2.2\"\n\
+                    interface = \"eth0\"\n[nat]\nsubnet = \"203.0.113.0/24\"\n\
+                    gateway = \"203.0.113.1\"\npool = [\"203.0.113.2\"]\n[[service]]\n\
+                    name = \"http\"\nvip = \"192.0.2.100\"\nport = 80\n[[service.server]]\n\
+                    name = \"web1\"\naddress = \"203.0.113.11\"\nmethod = \"nat\"\n";
+        let c = config::parse(text, std::path::Path::new("/")).unwrap();
+        let addr = |a: &str, label: &str| IfAddr {
+            index: 2,
+            addr: a.parse().unwrap(),
+            prefix: 24,
+            label: label.into(),
+            proto: 0,
+        };
+        let atm = Role::Atm(0);
+        let own = [addr("192.0.2.2", "eth0"), addr("203.0.113.2", "eth1")];
+        let e = foreign_claims(&c, &atm, &own).unwrap_err();
+        assert!(
+            e.starts_with("[nat] address 203.0.113.2 is on eth1, "),
+            "{e}"
+        );
+        let vip = [addr("192.0.2.100", "lo")];
+        let e = foreign_claims(&c, &atm, &vip).unwrap_err();
+        assert!(e.starts_with("VIP 192.0.2.100 is on lo, "), "{e}");
+        let ours = [
+            addr("192.0.2.2", "eth0"),
+            addr("203.0.113.2", "eth1:natg"),
+            addr("192.0.2.100", "eth0:cs0"),
+        ];
+        assert_eq!(foreign_claims(&c, &atm, &ours), Ok(()));
+        let server: IpAddr = "203.0.113.11".parse().unwrap();
+        assert_eq!(foreign_claims(&c, &Role::Node(server), &vip), Ok(()));
+    }
 
     #[test]
     fn identify_by_name_then_by_address() {
