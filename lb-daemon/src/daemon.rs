@@ -248,6 +248,8 @@ struct Ha {
     next_mark: u64,
     handover: Option<Handover>,
     replay: Replay,
+    /// Authentic heartbeats as the receiving task saw them arrive.
+    arrivals: crate::ha::Arrivals,
     rejects: HashMap<Reject, u64>,
     last_reject_log: Option<Instant>,
     /// The primary as last logged, to log changes once.
@@ -401,10 +403,17 @@ pub async fn run(opts: Options) -> Result<()> {
     ));
     full_sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (udp_tx, mut udp_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(1024);
-    if let Some(sock) = d.part.ha().and_then(|h| h.socket.clone()) {
+    if let Some((sock, key, arrivals)) = d
+        .part
+        .ha()
+        .and_then(|h| Some((h.socket.clone()?, h.key.clone()?, h.arrivals.clone())))
+    {
+        let (cluster, me) = (d.config.cluster.name.clone(), d.role_index());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                // Heartbeats count from here, however long the loop takes to read them.
+                arrivals.note(&cluster, &key, me, &buf[..n], Instant::now());
                 if udp_tx.send((buf[..n].to_vec(), from)).await.is_err() {
                     return;
                 }

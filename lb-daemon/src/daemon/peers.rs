@@ -152,6 +152,7 @@ impl Daemon {
             next_mark: 0,
             handover: None,
             replay: Replay::new(n),
+            arrivals: ha::Arrivals::new(n),
             rejects: HashMap::new(),
             last_reject_log: None,
             known_primary: None,
@@ -289,6 +290,7 @@ impl Daemon {
         let Some(ha) = self.part.ha_mut() else {
             return false;
         };
+        heard_on_arrival(ha);
         let act = ha.election.tick(now);
         self.note_primary(now);
         match act {
@@ -380,6 +382,9 @@ impl Daemon {
         let from_atm = msg.sender as usize;
         match msg.body {
             Body::Heartbeat(hb) => {
+                // The others' heartbeats that arrived since, still queued behind this one,
+                // keep them alive while this one's verdict is worked out.
+                heard_on_arrival(ha);
                 let act = ha.election.on_heartbeat(from_atm, hb, now);
                 if hb.role == ha::Role::Primary {
                     self.overlap(from_atm, now);
@@ -821,4 +826,15 @@ fn takes_sync_from(ha: &Ha, from: usize) -> bool {
         .and_then(|p| p.heartbeat)
         .is_some_and(|h| h.role == ha::Role::Primary);
     ha.election.role() == ha::Role::Backup || !sender_primary
+}
+
+/// Tells the election which peers' heartbeats have arrived (`ha::Arrivals`) that the loop
+/// has not read yet: a backup working through a whole table must not take a live primary
+/// for dead because its heartbeats wait behind the records.
+fn heard_on_arrival(ha: &mut Ha) {
+    for (i, at) in ha.arrivals.latest().into_iter().enumerate() {
+        if let Some(at) = at {
+            ha.election.heard_at(i, at);
+        }
+    }
 }

@@ -215,6 +215,26 @@ impl Election {
         self.evaluate(now)
     }
 
+    /// Peer `from`'s heartbeat arrived `at` (`Arrivals`), and the loop has not read it yet:
+    /// a peer alive until then stays alive from then on. What it said waits for
+    /// [`Election::on_heartbeat`], so this never brings back a peer that had gone silent
+    /// longer than the dead interval (or was never heard): its last heartbeat's role and
+    /// term are stale, and would count as its word (after a partition healed, a former
+    /// primary took its peers for the backups they had been and promoted itself).
+    pub fn heard_at(&mut self, from: usize, at: Instant) {
+        if from == self.me {
+            return;
+        }
+        let dead = self.dead;
+        if let Some(p) = self.peers.get_mut(from)
+            && p.heartbeat.is_some()
+            && p.last_heard
+                .is_some_and(|t| t < at && at.duration_since(t) <= dead)
+        {
+            p.last_heard = Some(at);
+        }
+    }
+
     pub fn on_heartbeat(&mut self, from: usize, hb: Heartbeat, now: Instant) -> Option<Action> {
         if from == self.me || from >= self.peers.len() {
             return None;
@@ -536,6 +556,41 @@ mod tests {
                 .map(|(i, _)| i)
                 .collect()
         }
+    }
+
+    /// A heartbeat that arrived but waits behind other work keeps its sender alive from its
+    /// arrival; a peer never heard from is not made alive by it.
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_counts_from_its_arrival_not_from_when_it_is_read() {
+        let mut e = Election::new(0, 3, HB, 3, Instant::now());
+        let hb = Heartbeat {
+            role: Role::Primary,
+            term: 1,
+            candidate: true,
+            yield_to: None,
+        };
+        assert_eq!(e.on_heartbeat(1, hb, Instant::now()), None);
+        advance(HB * 2).await;
+        let arrived = Instant::now();
+        e.heard_at(1, arrived);
+        e.heard_at(2, arrived);
+        advance(HB * 2).await;
+        // Four intervals since it was read, two since the next one arrived: alive.
+        assert!(e.alive(1, Instant::now()));
+        assert_eq!(e.primary_peer(Instant::now()), Some(1));
+        assert!(!e.alive(2, Instant::now()), "never heard: not alive");
+        // An older arrival does not move it back.
+        e.heard_at(1, arrived - HB);
+        advance(HB * 2).await;
+        assert!(
+            !e.alive(1, Instant::now()),
+            "four intervals since it arrived"
+        );
+        // Silent past the dead interval, it comes back only with what it says.
+        e.heard_at(1, Instant::now());
+        assert!(!e.alive(1, Instant::now()), "a stale word would count");
+        e.on_heartbeat(1, hb, Instant::now());
+        assert!(e.alive(1, Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -368,6 +368,65 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Where authentic heartbeats were last received, by sender, as the receiving task saw them
+/// arrive: ahead of the event loop, which may be working through a whole table of sync
+/// records queued before them. The election counts a peer alive from its heartbeat's
+/// arrival, not from the turn in which the loop got to it (see `Election::heard_at`).
+#[derive(Clone, Debug, Default)]
+pub struct Arrivals(std::sync::Arc<std::sync::Mutex<Vec<Option<Arrival>>>>);
+
+#[derive(Clone, Copy, Debug)]
+struct Arrival {
+    at: tokio::time::Instant,
+    /// (epoch, sequence number): only a newer heartbeat counts, so a replayed one does not.
+    stamp: (u64, u64),
+}
+
+impl Arrivals {
+    pub fn new(atms: usize) -> Arrivals {
+        Arrivals(std::sync::Arc::new(std::sync::Mutex::new(vec![None; atms])))
+    }
+
+    /// On the receiving task: if `datagram` is an authentic heartbeat of another ATM than
+    /// `me`, newer than the last one seen from it, notes that it arrived `at`.
+    pub fn note(
+        &self,
+        cluster: &str,
+        key: &[u8],
+        me: usize,
+        datagram: &[u8],
+        at: tokio::time::Instant,
+    ) {
+        // The kind byte follows the magic and the version: only heartbeats are authenticated
+        // here (a whole table's records are left to the loop).
+        if datagram.get(MAGIC.len() + 1) != Some(&HEARTBEAT) {
+            return;
+        }
+        let Ok(m) = decode(cluster, key, datagram) else {
+            return;
+        };
+        let sender = m.sender as usize;
+        if sender == me || !matches!(m.body, Body::Heartbeat(_)) {
+            return;
+        }
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = all.get_mut(sender)
+            && slot.is_none_or(|a| a.stamp < (m.epoch, m.seq))
+        {
+            *slot = Some(Arrival {
+                at,
+                stamp: (m.epoch, m.seq),
+            });
+        }
+    }
+
+    /// When each ATM's newest authentic heartbeat arrived, by index.
+    pub fn latest(&self) -> Vec<Option<tokio::time::Instant>> {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().map(|a| a.map(|a| a.at)).collect()
+    }
+}
+
 /// Checks and parses a datagram: our cluster's name, a valid HMAC with our key. Replays are
 /// the receiver's business (see [`Replay`]).
 pub fn decode(cluster: &str, key: &[u8], datagram: &[u8]) -> Result<Message, Reject> {
@@ -455,6 +514,50 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The receiving task notes authentic heartbeats of other ATMs, newest first; a forged
+    /// or replayed one, our own, and other kinds of message change nothing.
+    #[test]
+    fn arrivals_note_only_authentic_newer_heartbeats_of_other_atms() {
+        let key = b"0123456789abcdef0123";
+        let beat = |sender: u16, seq: u64| {
+            encode(
+                "web",
+                key,
+                &Message {
+                    sender,
+                    epoch: 42,
+                    seq,
+                    body: Body::Heartbeat(Heartbeat {
+                        role: Role::Primary,
+                        term: 3,
+                        candidate: true,
+                        yield_to: None,
+                    }),
+                },
+            )
+        };
+        let a = Arrivals::new(3);
+        let t0 = tokio::time::Instant::now();
+        let t1 = t0 + std::time::Duration::from_millis(100);
+        a.note("web", key, 0, &beat(1, 7), t0);
+        assert_eq!(a.latest(), vec![None, Some(t0), None]);
+        // The same heartbeat again (a replay), a forgery, our own, a stranger's cluster.
+        a.note("web", key, 0, &beat(1, 7), t1);
+        a.note("web", b"another key of 20b..", 0, &beat(1, 8), t1);
+        a.note("web", key, 0, &beat(0, 9), t1);
+        a.note("db", key, 0, &beat(2, 9), t1);
+        let sync = Message {
+            sender: 2,
+            epoch: 42,
+            seq: 10,
+            body: Body::Sync(vec![v4_record()]),
+        };
+        a.note("web", key, 0, &encode("web", key, &sync), t1);
+        assert_eq!(a.latest(), vec![None, Some(t0), None]);
+        a.note("web", key, 0, &beat(1, 8), t1);
+        assert_eq!(a.latest(), vec![None, Some(t1), None]);
+    }
 
     #[test]
     fn messages_round_trip_and_forgeries_replays_and_strangers_are_refused() {
