@@ -358,10 +358,15 @@ pub fn install(
         });
         // A close already marked on the reply leg stays (a whole table read before the
         // close arrived carries the connection as open).
-        let reply_closed = dp
-            .connection(&reply_key)
-            .filter(names_client)
-            .map_or(0, |c| c.flags & CLOSE_BITS);
+        let prior = dp.connection(&reply_key).filter(names_client);
+        let reply_closed = prior.map_or(0, |c| c.flags & CLOSE_BITS);
+        // A record without the client-side MAC (a whole table whose walk missed the reply
+        // leg while the map changed under it) keeps the one known: with none, a new primary
+        // that has no neighbour entry for the client drops the server's replies.
+        let peer_mac = match prior {
+            Some(c) if r.peer_mac == [0; 6] => c.peer_mac,
+            _ => r.peer_mac,
+        };
         if nat && !pair_taken {
             dp.set_connection(
                 &reply_key,
@@ -375,7 +380,7 @@ pub fn install(
                         | reply_closed,
                     nat_port: client.1.to_be(),
                     nat_addr: client_addr,
-                    peer_mac: r.peer_mac,
+                    peer_mac,
                     local_mac: local.mac,
                     ifindex: local.ifindex,
                     ..Default::default()
@@ -660,6 +665,18 @@ mod tests {
         let records = full_table(&all, &lines.server, &expiry, 1);
         assert_eq!(records.len(), 1, "{records:?}");
         assert_eq!(records[0].flags, server_first);
+    }
+
+    /// A whole table's record that lacks the client-side MAC (its walk missed the reply
+    /// leg) keeps the MAC the reply leg has: the new primary's fallback toward the client.
+    #[test]
+    fn a_record_without_the_client_side_mac_keeps_the_one_known() {
+        let (plane, mut store) = (plane(), HashMap::new());
+        put(&mut store, &plane, record(EVENT_OPEN, CONN_NAT));
+        let mut r = record(EVENT_OPEN, CONN_NAT);
+        r.peer_mac = [0; 6];
+        put(&mut store, &plane, r);
+        assert_eq!(store[&reply_key()].peer_mac, [2, 0, 0, 0, 0, 7]);
     }
 
     #[test]
