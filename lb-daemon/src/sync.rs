@@ -101,41 +101,40 @@ fn rk_of(k: &FlowKey, c: &Connection, addr: IpAddr, port: u16) -> FlowKey {
     }
 }
 
-/// A record's flags are its client leg's, which never carries the `CONN_PEER_*` and
-/// `CONN_SERVER_CLOSED_FIRST` bits; in a record these say how the server's side closed, as
-/// its reply leg holds it (a FIN or RST from the server, and whether it closed first).
-/// Receivers of the version before take them as a closing connection's, which it is.
-fn server_close(reply_flags: u16) -> u16 {
-    let mut f = reply_flags & CONN_SERVER_CLOSED_FIRST;
-    if reply_flags & CONN_FIN != 0 {
-        f |= CONN_PEER_FIN;
-    }
-    if reply_flags & CONN_RST != 0 {
-        f |= CONN_PEER_RST;
+/// Flags with the two sides' closing bits swapped: FIN and RST (the side a leg's own packets
+/// come from) for `CONN_PEER_FIN` and `CONN_PEER_RST` (the other side's), and back;
+/// `CONN_SERVER_CLOSED_FIRST` kept. A record's flags are its client leg's, which never
+/// carries the `CONN_PEER_*` and `CONN_SERVER_CLOSED_FIRST` bits: in a record these say how
+/// the server's side closed, as its reply leg holds it. So the whole table's record takes
+/// `swap_sides` of the reply leg's own bits ([`server_close`]), and a synced reply leg takes
+/// `swap_sides` of the record's ([`reply_close`]). Receivers of the version before take the
+/// extra bits as a closing connection's, which it is.
+fn swap_sides(flags: u16) -> u16 {
+    let mut f = flags & CONN_SERVER_CLOSED_FIRST;
+    for (own, other) in [(CONN_FIN, CONN_PEER_FIN), (CONN_RST, CONN_PEER_RST)] {
+        if flags & own != 0 {
+            f |= other;
+        }
+        if flags & other != 0 {
+            f |= own;
+        }
     }
     f
 }
 
+/// The server's side of a NAT connection, for its record, from its reply leg's flags (not
+/// the client's FIN or RST, which the reply leg holds as `CONN_PEER_*`).
+fn server_close(reply_flags: u16) -> u16 {
+    swap_sides(reply_flags & (CONN_FIN | CONN_RST | CONN_SERVER_CLOSED_FIRST))
+}
+
 /// The closing bits of a synced NAT reply leg, from its record: the client's FIN or RST
-/// (`CONN_PEER_*` on a reply leg) and the server's ([`server_close`]). With them the NAT
-/// pair is free again after the hold that applies (`lb_common::nat::port_free`), as on the
-/// ATM that made the connection; without them it stayed held as an open connection's until
-/// the idle timeout, and after a failover the new primary's ports ran out.
+/// (`CONN_PEER_*` on a reply leg) and the server's. With them the NAT pair is free again
+/// after the hold that applies (`lb_common::nat::port_free`), as on the ATM that made the
+/// connection; without them it stayed held as an open connection's until the idle timeout,
+/// and after a failover the new primary's ports ran out.
 fn reply_close(record_flags: u16) -> u16 {
-    let mut f = record_flags & CONN_SERVER_CLOSED_FIRST;
-    if record_flags & CONN_FIN != 0 {
-        f |= CONN_PEER_FIN;
-    }
-    if record_flags & CONN_RST != 0 {
-        f |= CONN_PEER_RST;
-    }
-    if record_flags & CONN_PEER_FIN != 0 {
-        f |= CONN_FIN;
-    }
-    if record_flags & CONN_PEER_RST != 0 {
-        f |= CONN_RST;
-    }
-    f
+    swap_sides(record_flags)
 }
 
 /// The record bits that describe the server's side, not the client leg.
