@@ -219,6 +219,15 @@ impl Cluster {
         self.atms[i - 1] = Some(d);
     }
 
+    /// SIGKILLs ATM `dead`'s daemon and waits until ATM `next` says it is primary.
+    fn kill_and_wait_for_primary(&mut self, dead: usize, next: usize, limit: Duration) {
+        self.atms[dead - 1].as_mut().unwrap().kill();
+        self.atms[next - 1]
+            .as_mut()
+            .unwrap()
+            .wait_log("This ATM is primary", limit);
+    }
+
     /// Which ATMs hold the VIP on their interface right now.
     fn vip_holders(&self) -> Vec<usize> {
         (1..=self.atms.len())
@@ -383,11 +392,7 @@ fn long_transfer_survives_failover(method: Method, check: &str) {
         "{on_primary:?}"
     );
     assert_eq!(legs(2), on_primary, "{method:?}: synced to the backup");
-    c.atms[0].as_mut().unwrap().kill();
-    c.atms[1]
-        .as_mut()
-        .unwrap()
-        .wait_log("This ATM is primary", Duration::from_secs(5));
+    c.kill_and_wait_for_primary(1, 2, Duration::from_secs(5));
     let (len, intact, took) = transfer
         .join()
         .unwrap()
@@ -1728,11 +1733,7 @@ fn persistence_reaches_a_backup_started_after_the_clients_connections_ended() {
         c.atm(2).log()[seen..].contains(&primary_seen)
     });
     thread::sleep(Duration::from_millis(500));
-    c.atms[0].as_mut().unwrap().kill();
-    c.atms[1]
-        .as_mut()
-        .unwrap()
-        .wait_log("This ATM is primary", START);
+    c.kill_and_wait_for_primary(1, 2, START);
     // Waiting for atm2 to take new connections, from a prefix of its own, moves its rr on
     // by one; the prefixes then come in the other order: without the entries, rr alone
     // would not give each its old server.
@@ -1785,11 +1786,7 @@ fn netmask_persistence_holds_across_a_failover() {
     // The records cross every 20 ms.
     thread::sleep(Duration::from_millis(500));
 
-    c.atms[0].as_mut().unwrap().kill();
-    c.atms[1]
-        .as_mut()
-        .unwrap()
-        .wait_log("This ATM is primary", START);
+    c.kill_and_wait_for_primary(1, 2, START);
     // The killed daemon's program forwards until its lease runs out: wait until atm2
     // takes the new connections (each request then makes one there).
     let before = c.new_connections(2);
